@@ -1,0 +1,46 @@
+//! # sallyport-tunnel: the wire protocol
+//!
+//! Many streams (one per app connection) multiplexed over one session, over any transport that
+//! carries whole messages in order (WebSocket today; an HTTP fallback fits behind the same
+//! trait). This crate knows nothing of sockets, proxies, TLS or configuration:
+//!
+//! | file | layer |
+//! |---|---|
+//! | [`frame`] | frame types and their encoding; pure |
+//! | [`transport`] | the transport traits, and an in-memory transport for tests |
+//! | [`session`] | the session: hello, stream table, flow control, liveness, reader/writer tasks |
+//! | [`stream`] | one stream: `AsyncRead`/`AsyncWrite` and the chunk API relays use |
+//! | [`ws`] | the WebSocket transport over any byte stream |
+//! | [`meta`] | well-known `OPEN` metadata keys (identity the DMZ stamps) |
+//!
+//! See `docs/protocol.md` for the wire format and the flow-control rules.
+
+pub mod frame;
+pub mod session;
+pub mod stream;
+pub mod transport;
+pub mod ws;
+
+pub use frame::{Dest, ErrorCode, Frame, Hello, Meta, Role, PROTOCOL_VERSION};
+pub use session::{Config, Incoming, Session, SessionError, SessionStats, StreamError};
+pub use stream::{OpenRequest, Stream};
+pub use transport::{memory_pair, MemoryTransport, Transport, TransportError};
+
+/// Well-known keys of `OPEN` metadata.
+pub mod meta {
+    /// Prefix of every identity key; the DMZ removes all of them from an agent's `OPEN` and
+    /// writes its own, so whatever an agent claims about itself is ignored.
+    pub const IDENTITY_PREFIX: &str = "sp-id-";
+    /// Token id of the authenticated agent.
+    pub const TOKEN_ID: &str = "sp-id-token";
+    /// Name of the authenticated agent's token (a user or machine name).
+    pub const NAME: &str = "sp-id-name";
+    /// Comma-separated groups of the authenticated agent.
+    pub const GROUPS: &str = "sp-id-groups";
+    /// Address the agent's session came from, as the DMZ saw it.
+    pub const CLIENT_ADDR: &str = "sp-id-client";
+    /// DMZ instance that switched the stream.
+    pub const DMZ_INSTANCE: &str = "sp-id-dmz";
+    /// Set by the agent: which local front end the stream came from (socks5, http, forward).
+    pub const FRONT: &str = "sp-front";
+}

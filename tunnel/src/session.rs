@@ -1,0 +1,852 @@
+//! A session: many streams multiplexed over one transport, with flow control and liveness.
+//!
+//! ## Shape
+//! A [`Session`] is a cheap handle (an `Arc`) to shared state guarded by one mutex. Three tasks
+//! drive it:
+//! - the **reader** decodes each incoming message and applies it to the state (queues data into
+//!   a stream's buffer, adds credit, wakes whoever waits);
+//! - the **writer** drains what the state has to send — control frames first, then one `DATA`
+//!   frame per ready stream in turn (round robin) — in batches, and flushes the transport;
+//! - the **pinger** sends `PING` every `ping_interval` and closes the session when nothing at all
+//!   arrived for `ping_interval + ping_timeout`.
+//!
+//! Application code never touches the transport: it reads and writes [`Stream`]s, whose
+//! `poll_*` methods lock the state briefly, move bytes, and register wakers.
+//!
+//! ## Flow control (hop by hop)
+//! Each side announces in its hello how much it will buffer per stream (`stream_window`) and per
+//! session (`session_window`). A sender spends credit for every `DATA` byte and stops at zero;
+//! `WINDOW` frames give credit back. Stream credit comes back when the application *consumes*
+//! the bytes, so a stalled reader holds at most one stream window. Session credit comes back as
+//! soon as the bytes are moved into the stream's buffer: it bounds what is in flight on the
+//! transport, and a stalled stream never holds credit that other streams need. A peer that sends
+//! beyond the stream credit gets `RST(flow-control)` and nothing beyond the grant is kept; beyond
+//! the session credit, `GOAWAY(flow-control)`.
+//!
+//! Memory per session is therefore bounded by `max_incoming_streams × stream_window` on the
+//! receive side and by the peer's windows on the send side.
+
+use crate::frame::{Dest, ErrorCode, Frame, Hello, Meta, Role, PROTOCOL_VERSION};
+use crate::stream::{OpenState, Out, Stream, StreamState};
+use crate::transport::{Transport, TransportError, TransportRx, TransportTx};
+use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// Settings of one side of a session. [`Config::new`] gives safe defaults.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Our role, announced in the hello.
+    pub role: Role,
+    /// True on the side that dialled the transport: it numbers its streams odd, the other side
+    /// even, so both may open streams without colliding.
+    pub initiator: bool,
+    /// Identifies this process in the peer's logs.
+    pub instance_id: String,
+    /// How much we buffer per stream (initial credit granted to the peer).
+    pub stream_window: u32,
+    /// How much may be in flight towards us on the whole session.
+    pub session_window: u32,
+    /// Largest `DATA` payload we accept (the transport's message limit must allow it).
+    pub max_frame: u32,
+    /// Whether the peer may open streams towards us.
+    pub accept_streams: bool,
+    /// Most streams the peer may have open towards us at once.
+    pub max_incoming_streams: usize,
+    /// Opened streams waiting for [`Incoming::accept`]; beyond that they are refused.
+    pub accept_backlog: usize,
+    /// How often we ping. Well under the 60 s idle timeout of common load balancers.
+    pub ping_interval: Duration,
+    /// How long past a ping interval we wait for *any* frame before declaring the peer dead.
+    pub ping_timeout: Duration,
+    /// How long we wait for the peer's hello.
+    pub hello_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(role: Role, initiator: bool) -> Config {
+        Config {
+            role,
+            initiator,
+            instance_id: String::new(),
+            stream_window: 512 * 1024,
+            session_window: 16 * 1024 * 1024,
+            max_frame: crate::frame::DEFAULT_MAX_FRAME,
+            accept_streams: true,
+            max_incoming_streams: 16_384,
+            accept_backlog: 1024,
+            ping_interval: Duration::from_secs(20),
+            ping_timeout: Duration::from_secs(20),
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a session ended (or could not start).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("transport failed: {0}")]
+    Transport(String),
+    #[error("peer closed the session")]
+    PeerClosed,
+    #[error("peer went away ({code}): {reason}")]
+    GoAway { code: ErrorCode, reason: String },
+    #[error("protocol violation by peer: {0}")]
+    Protocol(String),
+    #[error("peer speaks sallyport protocol v{theirs}, this build speaks v{ours}: upgrade the older side")]
+    Version { ours: u16, theirs: u16 },
+    #[error("no hello from peer within {0:?}")]
+    HelloTimeout(Duration),
+    #[error("peer unresponsive: nothing received for {0:?}")]
+    Unresponsive(Duration),
+    #[error("session closed: {0}")]
+    Local(String),
+}
+
+impl SessionError {
+    fn from_transport(e: TransportError) -> SessionError {
+        SessionError::Transport(e.to_string())
+    }
+}
+
+/// Why a stream failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// The far end refused the stream (`OPEN_ERR`): the reason is for the user.
+    #[error("{reason}")]
+    Refused { code: ErrorCode, reason: String },
+    #[error("stream reset by peer ({code}): {reason}")]
+    Reset { code: ErrorCode, reason: String },
+    #[error("stream reset locally ({code}): {reason}")]
+    LocalReset { code: ErrorCode, reason: String },
+    #[error("tunnel session lost: {0}")]
+    SessionLost(SessionError),
+    #[error("tunnel session is going away; retry on a new session")]
+    GoingAway,
+    #[error("stream ids exhausted on this session; retry on a new session")]
+    IdsExhausted,
+}
+
+impl StreamError {
+    /// The wire code that best describes this failure (used to answer SOCKS5 / HTTP clients).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StreamError::Refused { code, .. }
+            | StreamError::Reset { code, .. }
+            | StreamError::LocalReset { code, .. } => *code,
+            StreamError::SessionLost(_) | StreamError::GoingAway | StreamError::IdsExhausted => {
+                ErrorCode::SessionLost
+            }
+        }
+    }
+
+    pub(crate) fn to_io(&self) -> std::io::Error {
+        use std::io::ErrorKind;
+        let kind = match self {
+            StreamError::Refused { .. } => ErrorKind::ConnectionRefused,
+            StreamError::Reset { .. } | StreamError::LocalReset { .. } => {
+                ErrorKind::ConnectionReset
+            }
+            _ => ErrorKind::ConnectionAborted,
+        };
+        std::io::Error::new(kind, self.clone())
+    }
+}
+
+/// Counters of one session, for status pages and logs.
+#[derive(Clone, Debug, Default)]
+pub struct SessionStats {
+    pub streams: usize,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub rtt: Option<Duration>,
+}
+
+/// What one state change asks the writer to send, in order.
+pub(crate) enum Pending {
+    Control(Bytes),
+}
+
+pub(crate) struct State {
+    pub(crate) streams: HashMap<u32, StreamState>,
+    next_id: u32,
+    last_peer_id: u32,
+    /// Encoded control frames; sent before any data.
+    pub(crate) control: VecDeque<Pending>,
+    /// Streams with queued data, served round robin.
+    pub(crate) ready: VecDeque<u32>,
+    /// Credit the peer granted us for the whole session.
+    pub(crate) send_session_credit: u64,
+    /// Streams waiting for session credit.
+    pub(crate) session_waiters: Vec<Waker>,
+    /// Session credit we granted and the peer has not used.
+    recv_session_avail: u64,
+    /// Session credit to return in the next `WINDOW(0)`.
+    recv_session_unacked: u64,
+    incoming_live: usize,
+    incoming_tx: Option<mpsc::Sender<Stream>>,
+    pub(crate) closed: Option<SessionError>,
+    goaway: Option<(ErrorCode, String)>,
+    last_recv: Instant,
+    ping_sent: Option<(u64, Instant)>,
+    rtt: Option<Duration>,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+}
+
+pub(crate) struct Shared {
+    pub(crate) state: Mutex<State>,
+    pub(crate) writer_wake: Notify,
+    pub(crate) config: Config,
+    pub(crate) peer: Hello,
+    /// Largest DATA payload we send: the smaller of both sides' limits.
+    pub(crate) max_send: usize,
+    cancel: CancellationToken,
+    routes_tx: watch::Sender<Vec<String>>,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not wedge every stream of the session.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn push_control(&self, st: &mut State, frame: Frame) {
+        st.control.push_back(Pending::Control(frame.encode()));
+        self.writer_wake.notify_one();
+    }
+
+    /// Removes a stream's state once nobody can use it any more.
+    pub(crate) fn maybe_remove(&self, st: &mut State, id: u32) {
+        let done = match st.streams.get(&id) {
+            Some(s) => s.removable(),
+            None => return,
+        };
+        if done {
+            if let Some(s) = st.streams.remove(&id) {
+                if s.incoming {
+                    st.incoming_live -= 1;
+                }
+            }
+        }
+    }
+
+    /// Ends the session: every stream fails with `err`, `accept` returns `None`, the writer
+    /// sends `goaway` (if any) and closes the transport.
+    pub(crate) fn close(&self, err: SessionError, goaway: Option<(ErrorCode, String)>) {
+        let mut st = self.lock();
+        if st.closed.is_some() {
+            return;
+        }
+        match &err {
+            SessionError::PeerClosed | SessionError::Local(_) | SessionError::GoAway { .. } => {
+                debug!(error = %err, "session closed")
+            }
+            _ => warn!(error = %err, "session closed"),
+        }
+        st.closed = Some(err.clone());
+        st.incoming_tx = None;
+        for s in st.streams.values_mut() {
+            s.fail(StreamError::SessionLost(err.clone()));
+        }
+        st.streams.clear();
+        st.ready.clear();
+        st.control.clear();
+        for w in st.session_waiters.drain(..) {
+            w.wake();
+        }
+        if let Some((code, reason)) = goaway {
+            st.control
+                .push_back(Pending::Control(Frame::GoAway { code, reason }.encode()));
+        }
+        drop(st);
+        self.cancel.cancel();
+        self.writer_wake.notify_one();
+    }
+}
+
+/// A handle to a live session. Clone it freely; the session lives until it is closed or its
+/// transport fails, not until the handles are dropped.
+#[derive(Clone)]
+pub struct Session {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// Streams the peer opened towards us.
+#[derive(Debug)]
+pub struct Incoming {
+    rx: mpsc::Receiver<Stream>,
+}
+
+impl Incoming {
+    /// The next stream the peer opened, or `None` once the session is closed.
+    pub async fn accept(&mut self) -> Option<Stream> {
+        self.rx.recv().await
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("peer_role", &self.shared.peer.role)
+            .field("peer_instance", &self.shared.peer.instance_id)
+            .finish()
+    }
+}
+
+impl Session {
+    /// Exchanges hellos over `transport` and starts the session's tasks.
+    pub async fn start<T: Transport>(
+        transport: T,
+        config: Config,
+    ) -> Result<(Session, Incoming), SessionError> {
+        let (mut tx, mut rx) = transport.split();
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            role: config.role,
+            stream_window: config.stream_window,
+            session_window: config.session_window,
+            max_frame: config.max_frame,
+            instance_id: config.instance_id.clone(),
+        };
+        tx.send(Frame::Hello(hello).encode())
+            .await
+            .map_err(SessionError::from_transport)?;
+        tx.flush().await.map_err(SessionError::from_transport)?;
+
+        let first = match tokio::time::timeout(config.hello_timeout, rx.recv()).await {
+            Err(_) => return Err(SessionError::HelloTimeout(config.hello_timeout)),
+            Ok(Err(e)) => return Err(SessionError::from_transport(e)),
+            Ok(Ok(None)) => return Err(SessionError::PeerClosed),
+            Ok(Ok(Some(m))) => m,
+        };
+        let peer = match Frame::decode(first, config.max_frame as usize) {
+            Ok(Frame::Hello(h)) => h,
+            Ok(Frame::GoAway { code, reason }) => {
+                return Err(SessionError::GoAway { code, reason })
+            }
+            Ok(other) => {
+                return Err(SessionError::Protocol(format!(
+                    "expected a hello, got {}",
+                    frame_name(&other)
+                )))
+            }
+            Err(e) => return Err(SessionError::Protocol(format!("bad hello: {e}"))),
+        };
+        if peer.version != PROTOCOL_VERSION {
+            let err = SessionError::Version {
+                ours: PROTOCOL_VERSION,
+                theirs: peer.version,
+            };
+            let _ = tx
+                .send(
+                    Frame::GoAway {
+                        code: ErrorCode::Version,
+                        reason: err.to_string(),
+                    }
+                    .encode(),
+                )
+                .await;
+            let _ = tx.flush().await;
+            tx.close().await;
+            return Err(err);
+        }
+        if peer.max_frame < 1024 || peer.stream_window == 0 || peer.session_window == 0 {
+            return Err(SessionError::Protocol(format!(
+                "hello announces unusable limits (max_frame {}, stream_window {}, session_window {})",
+                peer.max_frame, peer.stream_window, peer.session_window
+            )));
+        }
+
+        let (incoming_tx, incoming_rx) = mpsc::channel(config.accept_backlog.max(1));
+        let now = Instant::now();
+        let state = State {
+            streams: HashMap::new(),
+            next_id: if config.initiator { 1 } else { 2 },
+            last_peer_id: 0,
+            control: VecDeque::new(),
+            ready: VecDeque::new(),
+            send_session_credit: peer.session_window as u64,
+            session_waiters: Vec::new(),
+            recv_session_avail: config.session_window as u64,
+            recv_session_unacked: 0,
+            incoming_live: 0,
+            incoming_tx: Some(incoming_tx),
+            closed: None,
+            goaway: None,
+            last_recv: now,
+            ping_sent: None,
+            rtt: None,
+            bytes_in: 0,
+            bytes_out: 0,
+        };
+        let max_send = (peer.max_frame.min(config.max_frame)) as usize;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            writer_wake: Notify::new(),
+            config,
+            peer,
+            max_send,
+            cancel: CancellationToken::new(),
+            routes_tx: watch::Sender::new(Vec::new()),
+        });
+        tokio::spawn(run_writer(shared.clone(), tx));
+        tokio::spawn(run_reader(shared.clone(), rx));
+        tokio::spawn(run_pinger(shared.clone()));
+        Ok((Session { shared }, Incoming { rx: incoming_rx }))
+    }
+
+    /// What the peer announced in its hello.
+    pub fn peer(&self) -> &Hello {
+        &self.shared.peer
+    }
+
+    /// Opens a stream to `dest`. Returns at once: data written now travels right after the
+    /// `OPEN` (no round trip). Call [`Stream::opened`] to wait for `OPEN_OK`/`OPEN_ERR`.
+    pub fn open(&self, dest: Dest, meta: Meta) -> Result<Stream, StreamError> {
+        let shared = &self.shared;
+        let mut st = shared.lock();
+        if let Some(e) = &st.closed {
+            return Err(StreamError::SessionLost(e.clone()));
+        }
+        if st.goaway.is_some() {
+            return Err(StreamError::GoingAway);
+        }
+        let id = st.next_id;
+        if id > u32::MAX - 2 {
+            return Err(StreamError::IdsExhausted);
+        }
+        st.next_id += 2;
+        st.streams.insert(
+            id,
+            StreamState::new(
+                shared.config.stream_window,
+                shared.peer.stream_window,
+                OpenState::Opening,
+                false,
+            ),
+        );
+        shared.push_control(
+            &mut st,
+            Frame::Open {
+                stream: id,
+                dest,
+                meta,
+            },
+        );
+        drop(st);
+        Ok(Stream::new(id, shared.clone(), None))
+    }
+
+    /// Tells the peer which routes we serve (connectors do this after every session start).
+    pub fn advertise_routes(&self, routes: Vec<String>) {
+        let mut st = self.shared.lock();
+        if st.closed.is_none() {
+            self.shared.push_control(&mut st, Frame::Routes(routes));
+        }
+    }
+
+    /// The routes the peer advertised; changes whenever it sends `ROUTES` again.
+    pub fn peer_routes(&self) -> watch::Receiver<Vec<String>> {
+        self.shared.routes_tx.subscribe()
+    }
+
+    /// Closes the session: sends `GOAWAY(code, reason)` and fails every stream.
+    pub fn close(&self, code: ErrorCode, reason: &str) {
+        self.shared.close(
+            SessionError::Local(reason.to_string()),
+            Some((code, reason.to_string())),
+        );
+    }
+
+    /// Waits until the session has ended and says why.
+    pub async fn closed(&self) -> SessionError {
+        self.shared.cancel.cancelled().await;
+        self.shared
+            .lock()
+            .closed
+            .clone()
+            .unwrap_or(SessionError::Local("closed".into()))
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.cancel.is_cancelled()
+    }
+
+    /// True once the peer said `GOAWAY`: no new streams should go here.
+    pub fn is_going_away(&self) -> bool {
+        let st = self.shared.lock();
+        st.goaway.is_some() || st.closed.is_some()
+    }
+
+    pub fn stats(&self) -> SessionStats {
+        let st = self.shared.lock();
+        SessionStats {
+            streams: st.streams.len(),
+            bytes_in: st.bytes_in,
+            bytes_out: st.bytes_out,
+            rtt: st.rtt,
+        }
+    }
+
+    /// Number of streams currently tracked by this session.
+    pub fn stream_count(&self) -> usize {
+        self.shared.lock().streams.len()
+    }
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello(_) => "HELLO",
+        Frame::Open { .. } => "OPEN",
+        Frame::OpenOk { .. } => "OPEN_OK",
+        Frame::OpenErr { .. } => "OPEN_ERR",
+        Frame::Data { .. } => "DATA",
+        Frame::Window { .. } => "WINDOW",
+        Frame::Fin { .. } => "FIN",
+        Frame::Rst { .. } => "RST",
+        Frame::Ping(_) => "PING",
+        Frame::Pong(_) => "PONG",
+        Frame::GoAway { .. } => "GOAWAY",
+        Frame::Routes(_) => "ROUTES",
+    }
+}
+
+/// Most bytes the writer moves between two flushes.
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+
+async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    loop {
+        let closing;
+        {
+            let mut st = shared.lock();
+            let mut bytes = 0;
+            // Control frames first: credit, opens and resets must not wait behind bulk data.
+            while let Some(Pending::Control(b)) = st.control.pop_front() {
+                bytes += b.len();
+                batch.push(b);
+            }
+            // Then one frame per ready stream in turn.
+            while bytes < WRITE_BATCH_BYTES {
+                let Some(id) = st.ready.pop_front() else {
+                    break;
+                };
+                let Some(s) = st.streams.get_mut(&id) else {
+                    continue;
+                };
+                match s.send_queue.pop_front() {
+                    Some(Out::Data(b)) => {
+                        bytes += b.len();
+                        batch.push(b);
+                    }
+                    Some(Out::Fin) => {
+                        s.fin_sent = true;
+                        batch.push(Frame::Fin { stream: id }.encode());
+                    }
+                    None => {}
+                }
+                if s.send_queue.is_empty() {
+                    s.in_ready = false;
+                    shared.maybe_remove(&mut st, id);
+                } else {
+                    st.ready.push_back(id);
+                }
+            }
+            closing = st.closed.is_some();
+        }
+        if !batch.is_empty() {
+            let mut failed = None;
+            for b in batch.drain(..) {
+                if let Err(e) = tx.send(b).await {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if failed.is_none() {
+                if let Err(e) = tx.flush().await {
+                    failed = Some(e);
+                }
+            }
+            batch.clear();
+            if let Some(e) = failed {
+                shared.close(SessionError::from_transport(e), None);
+                break;
+            }
+            continue;
+        }
+        if closing {
+            break;
+        }
+        shared.writer_wake.notified().await;
+    }
+    tx.close().await;
+}
+
+async fn run_reader<Rx: TransportRx>(shared: Arc<Shared>, mut rx: Rx) {
+    let max_frame = shared.config.max_frame as usize;
+    loop {
+        let msg = tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            m = rx.recv() => m,
+        };
+        let msg = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                let err = match shared.lock().goaway.clone() {
+                    Some((code, reason)) => SessionError::GoAway { code, reason },
+                    None => SessionError::PeerClosed,
+                };
+                shared.close(err, None);
+                return;
+            }
+            Err(e) => {
+                let err = match shared.lock().goaway.clone() {
+                    Some((code, reason)) => SessionError::GoAway { code, reason },
+                    None => SessionError::from_transport(e),
+                };
+                shared.close(err, None);
+                return;
+            }
+        };
+        let len = msg.len();
+        match Frame::decode(msg, max_frame) {
+            Ok(frame) => {
+                if let Err(reason) = handle_frame(&shared, frame, len) {
+                    shared.close(
+                        SessionError::Protocol(reason.clone()),
+                        Some((ErrorCode::Protocol, reason)),
+                    );
+                    return;
+                }
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                shared.close(
+                    SessionError::Protocol(reason.clone()),
+                    Some((ErrorCode::Protocol, reason)),
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// Applies one frame to the session state. An `Err` is a session-level protocol violation.
+fn handle_frame(shared: &Arc<Shared>, frame: Frame, wire_len: usize) -> Result<(), String> {
+    let mut st = shared.lock();
+    st.last_recv = Instant::now();
+    st.bytes_in += wire_len as u64;
+    match frame {
+        Frame::Data { stream, payload } => {
+            let n = payload.len() as u64;
+            if n > st.recv_session_avail {
+                return Err(format!(
+                    "sent {n} bytes with only {} bytes of session credit left",
+                    st.recv_session_avail
+                ));
+            }
+            st.recv_session_avail -= n;
+            st.recv_session_unacked += n;
+            // Session credit goes back as soon as the bytes sit in a stream buffer (which the
+            // stream window bounds): a stalled stream never holds the session's credit.
+            if st.recv_session_unacked >= (shared.config.session_window as u64 / 4).max(1) {
+                let credit = st.recv_session_unacked as u32;
+                st.recv_session_avail += st.recv_session_unacked;
+                st.recv_session_unacked = 0;
+                shared.push_control(&mut st, Frame::Window { stream: 0, credit });
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            let Some(s) = st.streams.get_mut(&stream) else {
+                // A stream we already closed: data in flight is dropped (its credit was
+                // returned to the session above).
+                return Ok(());
+            };
+            match s.on_data(payload) {
+                Ok(()) => {}
+                Err((code, reason)) => {
+                    debug!(stream, %reason, "resetting stream");
+                    shared.push_control(
+                        &mut st,
+                        Frame::Rst {
+                            stream,
+                            code,
+                            reason,
+                        },
+                    );
+                    shared.maybe_remove(&mut st, stream);
+                }
+            }
+        }
+        Frame::Window { stream: 0, credit } => {
+            st.send_session_credit += credit as u64;
+            if st.send_session_credit > (1u64 << 40) {
+                return Err("session window overflow".into());
+            }
+            for w in st.session_waiters.drain(..) {
+                w.wake();
+            }
+        }
+        Frame::Window { stream, credit } => {
+            if let Some(s) = st.streams.get_mut(&stream) {
+                if let Err(reason) = s.on_window(credit) {
+                    shared.push_control(
+                        &mut st,
+                        Frame::Rst {
+                            stream,
+                            code: ErrorCode::FlowControl,
+                            reason,
+                        },
+                    );
+                    shared.maybe_remove(&mut st, stream);
+                }
+            }
+        }
+        Frame::Open { stream, dest, meta } => {
+            let peer_parity = if shared.config.initiator { 0 } else { 1 };
+            if stream % 2 != peer_parity || stream <= st.last_peer_id {
+                return Err(format!(
+                    "OPEN for stream {stream}, which is not a new id of the peer's"
+                ));
+            }
+            st.last_peer_id = stream;
+            let refuse = |st: &mut State, code: ErrorCode, reason: String| {
+                debug!(stream, %dest, %reason, "refusing stream");
+                shared.push_control(
+                    st,
+                    Frame::OpenErr {
+                        stream,
+                        code,
+                        reason,
+                    },
+                );
+            };
+            if !shared.config.accept_streams {
+                refuse(
+                    &mut st,
+                    ErrorCode::NotAllowed,
+                    format!("a {} does not accept streams", shared.config.role),
+                );
+                return Ok(());
+            }
+            if st.incoming_live >= shared.config.max_incoming_streams {
+                let reason = format!(
+                    "too many open streams on this session (limit {})",
+                    shared.config.max_incoming_streams
+                );
+                refuse(&mut st, ErrorCode::Limit, reason);
+                return Ok(());
+            }
+            let Some(tx) = st.incoming_tx.clone() else {
+                return Ok(());
+            };
+            // Reserve the backlog slot before creating state, so a full backlog refuses the
+            // stream instead of buffering without bound.
+            let permit = match tx.try_reserve() {
+                Ok(p) => p,
+                Err(_) => {
+                    refuse(&mut st, ErrorCode::Limit, "accept backlog is full".into());
+                    return Ok(());
+                }
+            };
+            st.streams.insert(
+                stream,
+                StreamState::new(
+                    shared.config.stream_window,
+                    shared.peer.stream_window,
+                    OpenState::Incoming { answered: false },
+                    true,
+                ),
+            );
+            st.incoming_live += 1;
+            drop(st);
+            permit.send(Stream::new(
+                stream,
+                shared.clone(),
+                Some(Box::new(crate::stream::OpenRequest { dest, meta })),
+            ));
+        }
+        Frame::OpenOk { stream } => {
+            if let Some(s) = st.streams.get_mut(&stream) {
+                s.on_open_ok();
+            }
+        }
+        Frame::OpenErr {
+            stream,
+            code,
+            reason,
+        } => {
+            if let Some(s) = st.streams.get_mut(&stream) {
+                s.on_open_err(code, reason);
+                shared.maybe_remove(&mut st, stream);
+            }
+        }
+        Frame::Fin { stream } => {
+            if let Some(s) = st.streams.get_mut(&stream) {
+                s.on_fin();
+                shared.maybe_remove(&mut st, stream);
+            }
+        }
+        Frame::Rst {
+            stream,
+            code,
+            reason,
+        } => {
+            if let Some(s) = st.streams.get_mut(&stream) {
+                s.fail(StreamError::Reset { code, reason });
+                shared.maybe_remove(&mut st, stream);
+            }
+        }
+        Frame::Ping(v) => shared.push_control(&mut st, Frame::Pong(v)),
+        Frame::Pong(v) => {
+            if let Some((sent_v, at)) = st.ping_sent {
+                if sent_v == v {
+                    st.rtt = Some(at.elapsed());
+                    st.ping_sent = None;
+                }
+            }
+        }
+        Frame::GoAway { code, reason } => {
+            debug!(%code, %reason, "peer sent GOAWAY");
+            st.goaway = Some((code, reason));
+        }
+        Frame::Routes(routes) => {
+            drop(st);
+            shared.routes_tx.send_replace(routes);
+        }
+        Frame::Hello(_) => return Err("second hello".into()),
+    }
+    Ok(())
+}
+
+async fn run_pinger(shared: Arc<Shared>) {
+    let interval = shared.config.ping_interval;
+    let dead_after = interval + shared.config.ping_timeout;
+    let mut counter: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let mut st = shared.lock();
+        if st.last_recv.elapsed() > dead_after {
+            drop(st);
+            shared.close(
+                SessionError::Unresponsive(dead_after),
+                Some((ErrorCode::TimedOut, "no frames received".into())),
+            );
+            return;
+        }
+        counter += 1;
+        st.ping_sent = Some((counter, Instant::now()));
+        shared.push_control(&mut st, Frame::Ping(counter));
+    }
+}

@@ -1,0 +1,575 @@
+//! A stream: one app connection inside a session, with its own buffers and credit.
+//!
+//! [`Stream`] is the handle applications use: `AsyncRead`/`AsyncWrite` for copying to and from a
+//! socket, plus a chunk API ([`Stream::poll_recv_chunk`], [`Stream::poll_send_capacity`],
+//! [`Stream::send_chunk`]) that lets the DMZ relay move received payloads to another session
+//! without an intermediate buffer. [`StreamState`] is the per-stream part of the session state;
+//! its methods are the pure bookkeeping (credit, half-close, reset) the reader task applies.
+
+use crate::frame::{encode_data, Dest, ErrorCode, Frame, Meta};
+use crate::session::{Shared, StreamError};
+use bytes::{Buf, Bytes};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What the peer asked for when it opened a stream towards us.
+#[derive(Clone, Debug)]
+pub struct OpenRequest {
+    pub dest: Dest,
+    pub meta: Meta,
+}
+
+/// Queued output of a stream, in order.
+pub(crate) enum Out {
+    /// An encoded `DATA` frame.
+    Data(Bytes),
+    Fin,
+}
+
+#[derive(Debug)]
+pub(crate) enum OpenState {
+    /// We sent `OPEN` and wait for the answer.
+    Opening,
+    Open,
+    /// The peer opened it; `answered` once we sent `OPEN_OK` or `OPEN_ERR`.
+    Incoming {
+        answered: bool,
+    },
+}
+
+pub(crate) struct StreamState {
+    pub(crate) incoming: bool,
+    open: OpenState,
+    // Receive side.
+    recv_buf: VecDeque<Bytes>,
+    recv_window: u32,
+    /// Credit granted to the peer and not yet used.
+    recv_avail: u32,
+    /// Bytes the application consumed that we have not yet handed back as credit.
+    recv_unacked: u32,
+    recv_fin: bool,
+    // Send side.
+    send_credit: u64,
+    pub(crate) send_queue: VecDeque<Out>,
+    pub(crate) in_ready: bool,
+    fin_queued: bool,
+    pub(crate) fin_sent: bool,
+    // Lifecycle.
+    error: Option<StreamError>,
+    handle_alive: bool,
+    read_waker: Option<Waker>,
+    write_waker: Option<Waker>,
+    open_waker: Option<Waker>,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+}
+
+impl StreamState {
+    pub(crate) fn new(recv_window: u32, send_credit: u32, open: OpenState, incoming: bool) -> Self {
+        StreamState {
+            incoming,
+            open,
+            recv_buf: VecDeque::new(),
+            recv_window,
+            recv_avail: recv_window,
+            recv_unacked: 0,
+            recv_fin: false,
+            send_credit: send_credit as u64,
+            send_queue: VecDeque::new(),
+            in_ready: false,
+            fin_queued: false,
+            fin_sent: false,
+            error: None,
+            handle_alive: true,
+            read_waker: None,
+            write_waker: None,
+            open_waker: None,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+
+    fn wake_all(&mut self) {
+        for w in [
+            self.read_waker.take(),
+            self.write_waker.take(),
+            self.open_waker.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            w.wake();
+        }
+    }
+
+    /// The stream failed: drop buffers, wake everyone. The first error wins.
+    pub(crate) fn fail(&mut self, err: StreamError) {
+        if self.error.is_none() {
+            self.error = Some(err);
+        }
+        self.recv_buf.clear();
+        self.send_queue.clear();
+        self.wake_all();
+    }
+
+    /// Incoming `DATA`: `Err` asks the session to reset the stream with that code and reason.
+    pub(crate) fn on_data(&mut self, payload: Bytes) -> Result<(), (ErrorCode, String)> {
+        if self.error.is_some() {
+            return Ok(()); // we reset it already; in-flight data is dropped
+        }
+        let n = payload.len();
+        if self.recv_fin {
+            let reason = "DATA after FIN".to_string();
+            self.fail(StreamError::LocalReset {
+                code: ErrorCode::Protocol,
+                reason: reason.clone(),
+            });
+            return Err((ErrorCode::Protocol, reason));
+        }
+        if n > self.recv_avail as usize {
+            let reason = format!(
+                "peer sent {n} bytes with only {} bytes of stream credit",
+                self.recv_avail
+            );
+            self.fail(StreamError::LocalReset {
+                code: ErrorCode::FlowControl,
+                reason: reason.clone(),
+            });
+            return Err((ErrorCode::FlowControl, reason));
+        }
+        self.recv_avail -= n as u32;
+        self.bytes_in += n as u64;
+        self.recv_buf.push_back(payload);
+        if let Some(w) = self.read_waker.take() {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn on_window(&mut self, credit: u32) -> Result<(), String> {
+        self.send_credit += credit as u64;
+        if self.send_credit > u32::MAX as u64 {
+            let reason = "stream window overflow".to_string();
+            self.fail(StreamError::LocalReset {
+                code: ErrorCode::FlowControl,
+                reason: reason.clone(),
+            });
+            return Err(reason);
+        }
+        if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn on_fin(&mut self) {
+        self.recv_fin = true;
+        if let Some(w) = self.read_waker.take() {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn on_open_ok(&mut self) {
+        if matches!(self.open, OpenState::Opening) {
+            self.open = OpenState::Open;
+        }
+        if let Some(w) = self.open_waker.take() {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn on_open_err(&mut self, code: ErrorCode, reason: String) {
+        self.fail(StreamError::Refused { code, reason });
+    }
+
+    /// True when no handle and no queued frame needs this state any more.
+    pub(crate) fn removable(&self) -> bool {
+        !self.handle_alive
+            && self.send_queue.is_empty()
+            && (self.error.is_some() || (self.fin_sent && self.recv_fin))
+    }
+}
+
+/// One multiplexed stream. Reading yields what the peer sent; writing sends `DATA` within the
+/// credit the peer granted; `shutdown` sends `FIN`. Dropping a stream that is not finished both
+/// ways resets it (`RST(cancelled)`), so the peer never waits for a stream nobody holds.
+pub struct Stream {
+    id: u32,
+    shared: Arc<Shared>,
+    request: Option<Box<OpenRequest>>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("id", &self.id)
+            .field("request", &self.request)
+            .finish()
+    }
+}
+
+impl Stream {
+    pub(crate) fn new(id: u32, shared: Arc<Shared>, request: Option<Box<OpenRequest>>) -> Stream {
+        Stream {
+            id,
+            shared,
+            request,
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// For a stream the peer opened: where it wants to go and the metadata it sent.
+    pub fn request(&self) -> Option<&OpenRequest> {
+        self.request.as_deref()
+    }
+
+    /// The most bytes one `DATA` frame carries on this session.
+    pub fn max_frame(&self) -> usize {
+        self.shared.max_send
+    }
+
+    /// Bytes received and sent on this stream so far (payload only).
+    pub fn byte_counts(&self) -> (u64, u64) {
+        let st = self.shared.lock();
+        st.streams
+            .get(&self.id)
+            .map(|s| (s.bytes_in, s.bytes_out))
+            .unwrap_or((0, 0))
+    }
+
+    /// Waits for the answer to our `OPEN`: `Ok` on `OPEN_OK`, the peer's reason on `OPEN_ERR`,
+    /// or the session's failure.
+    pub async fn opened(&self) -> Result<(), StreamError> {
+        poll_fn(|cx| {
+            let mut st = self.shared.lock();
+            let closed = st.closed.clone();
+            let Some(s) = st.streams.get_mut(&self.id) else {
+                return Poll::Ready(Err(closed
+                    .map(StreamError::SessionLost)
+                    .unwrap_or(StreamError::GoingAway)));
+            };
+            if let Some(e) = &s.error {
+                return Poll::Ready(Err(e.clone()));
+            }
+            match s.open {
+                OpenState::Opening => {
+                    s.open_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                _ => Poll::Ready(Ok(())),
+            }
+        })
+        .await
+    }
+
+    /// Accepts a stream the peer opened (`OPEN_OK`).
+    pub fn accept(&self) {
+        self.answer(Frame::OpenOk { stream: self.id });
+    }
+
+    /// Refuses a stream the peer opened (`OPEN_ERR`) with a reason the user will read.
+    pub fn reject(self, code: ErrorCode, reason: &str) {
+        let mut st = self.shared.lock();
+        if let Some(s) = st.streams.get_mut(&self.id) {
+            if matches!(s.open, OpenState::Incoming { answered: false }) {
+                s.open = OpenState::Incoming { answered: true };
+                s.fail(StreamError::LocalReset {
+                    code,
+                    reason: reason.to_string(),
+                });
+                self.shared.push_control(
+                    &mut st,
+                    Frame::OpenErr {
+                        stream: self.id,
+                        code,
+                        reason: reason.to_string(),
+                    },
+                );
+            }
+        }
+        // Drop runs next and finds the stream failed: no RST follows the OPEN_ERR.
+    }
+
+    fn answer(&self, frame: Frame) {
+        let mut st = self.shared.lock();
+        if let Some(s) = st.streams.get_mut(&self.id) {
+            if matches!(s.open, OpenState::Incoming { answered: false }) && s.error.is_none() {
+                s.open = OpenState::Incoming { answered: true };
+                self.shared.push_control(&mut st, frame);
+            }
+        }
+    }
+
+    /// Resets the stream with a code and reason; both directions end at once.
+    pub fn reset(&self, code: ErrorCode, reason: &str) {
+        let mut st = self.shared.lock();
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return;
+        };
+        if s.error.is_some() {
+            return;
+        }
+        s.fail(StreamError::LocalReset {
+            code,
+            reason: reason.to_string(),
+        });
+        self.shared.push_control(
+            &mut st,
+            Frame::Rst {
+                stream: self.id,
+                code,
+                reason: reason.to_string(),
+            },
+        );
+    }
+
+    fn missing(&self, closed: Option<crate::session::SessionError>) -> StreamError {
+        closed
+            .map(StreamError::SessionLost)
+            .unwrap_or(StreamError::LocalReset {
+                code: ErrorCode::Internal,
+                reason: "stream state gone".into(),
+            })
+    }
+
+    /// Takes the next received chunk as it arrived (`None` at end of stream). Used by relays.
+    pub fn poll_recv_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Bytes>, StreamError>> {
+        let shared = &self.shared;
+        let mut st = shared.lock();
+        let closed = st.closed.clone();
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return Poll::Ready(Err(self.missing(closed)));
+        };
+        if let Some(chunk) = s.recv_buf.pop_front() {
+            let n = chunk.len() as u32;
+            consumed(shared, &mut st, self.id, n);
+            return Poll::Ready(Ok(Some(chunk)));
+        }
+        if let Some(e) = &s.error {
+            return Poll::Ready(Err(e.clone()));
+        }
+        if s.recv_fin {
+            return Poll::Ready(Ok(None));
+        }
+        s.read_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    pub async fn recv_chunk(&mut self) -> Result<Option<Bytes>, StreamError> {
+        poll_fn(|cx| self.poll_recv_chunk(cx)).await
+    }
+
+    /// Waits until at least one byte may be sent; returns how many (bounded by both windows and
+    /// the frame size).
+    pub fn poll_send_capacity(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, StreamError>> {
+        let mut st = self.shared.lock();
+        let closed = st.closed.clone();
+        let session_credit = st.send_session_credit;
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return Poll::Ready(Err(self.missing(closed)));
+        };
+        if let Some(e) = &s.error {
+            return Poll::Ready(Err(e.clone()));
+        }
+        if s.fin_queued {
+            return Poll::Ready(Err(StreamError::LocalReset {
+                code: ErrorCode::Protocol,
+                reason: "write after shutdown".into(),
+            }));
+        }
+        let cap = s
+            .send_credit
+            .min(session_credit)
+            .min(self.shared.max_send as u64) as usize;
+        if cap > 0 {
+            return Poll::Ready(Ok(cap));
+        }
+        s.write_waker = Some(cx.waker().clone());
+        if session_credit == 0 {
+            st.session_waiters.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Queues `data` (at most what [`Stream::poll_send_capacity`] returned) as `DATA` frames.
+    pub fn send_chunk(&mut self, data: &[u8]) -> Result<(), StreamError> {
+        let mut st = self.shared.lock();
+        let closed = st.closed.clone();
+        let session_credit = st.send_session_credit;
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return Err(self.missing(closed));
+        };
+        if let Some(e) = &s.error {
+            return Err(e.clone());
+        }
+        let n = data.len() as u64;
+        if n > s.send_credit.min(session_credit) {
+            return Err(StreamError::LocalReset {
+                code: ErrorCode::Internal,
+                reason: "send_chunk beyond capacity".into(),
+            });
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        for piece in data.chunks(self.shared.max_send) {
+            s.send_queue
+                .push_back(Out::Data(encode_data(self.id, piece)));
+        }
+        s.send_credit -= n;
+        s.bytes_out += n;
+        let newly_ready = !s.in_ready;
+        s.in_ready = true;
+        st.send_session_credit -= n;
+        st.bytes_out += n;
+        if newly_ready {
+            st.ready.push_back(self.id);
+            self.shared.writer_wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Half-closes our sending direction (`FIN` after everything queued).
+    pub fn finish(&mut self) {
+        let mut st = self.shared.lock();
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return;
+        };
+        if s.fin_queued || s.error.is_some() {
+            return;
+        }
+        s.fin_queued = true;
+        s.send_queue.push_back(Out::Fin);
+        if !s.in_ready {
+            s.in_ready = true;
+            st.ready.push_back(self.id);
+            self.shared.writer_wake.notify_one();
+        }
+    }
+}
+
+/// The application consumed `n` bytes of stream `id`: hand credit back once a quarter window
+/// has accumulated (fewer, larger `WINDOW` frames).
+fn consumed(shared: &Shared, st: &mut crate::session::State, id: u32, n: u32) {
+    let Some(s) = st.streams.get_mut(&id) else {
+        return;
+    };
+    s.recv_unacked += n;
+    if s.recv_fin || s.recv_unacked < (s.recv_window / 4).max(1) {
+        return;
+    }
+    let credit = s.recv_unacked;
+    s.recv_avail += credit;
+    s.recv_unacked = 0;
+    shared.push_control(st, Frame::Window { stream: id, credit });
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let shared = &this.shared;
+        let mut st = shared.lock();
+        let closed = st.closed.clone();
+        let Some(s) = st.streams.get_mut(&this.id) else {
+            return Poll::Ready(Err(this.missing(closed).to_io()));
+        };
+        if let Some(front) = s.recv_buf.front_mut() {
+            let n = front.len().min(buf.remaining());
+            buf.put_slice(&front[..n]);
+            front.advance(n);
+            if front.is_empty() {
+                s.recv_buf.pop_front();
+            }
+            consumed(shared, &mut st, this.id, n as u32);
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(e) = &s.error {
+            return Poll::Ready(Err(e.to_io()));
+        }
+        if s.recv_fin {
+            return Poll::Ready(Ok(()));
+        }
+        s.read_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let cap = match this.poll_send_capacity(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_io())),
+            Poll::Ready(Ok(c)) => c,
+        };
+        let n = cap.min(buf.len());
+        match this.send_chunk(&buf[..n]) {
+            Ok(()) => Poll::Ready(Ok(n)),
+            Err(e) => Poll::Ready(Err(e.to_io())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().finish();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return;
+        };
+        s.handle_alive = false;
+        let finished = s.fin_queued && s.recv_fin;
+        if s.error.is_none() && !finished {
+            let unanswered = matches!(s.open, OpenState::Incoming { answered: false });
+            s.fail(StreamError::LocalReset {
+                code: ErrorCode::Cancel,
+                reason: "stream dropped".into(),
+            });
+            let frame = if unanswered {
+                Frame::OpenErr {
+                    stream: self.id,
+                    code: ErrorCode::Internal,
+                    reason: "stream was dropped before it was answered".into(),
+                }
+            } else {
+                Frame::Rst {
+                    stream: self.id,
+                    code: ErrorCode::Cancel,
+                    reason: "stream dropped".into(),
+                }
+            };
+            self.shared.push_control(&mut st, frame);
+        }
+        self.shared.maybe_remove(&mut st, self.id);
+    }
+}

@@ -1,0 +1,174 @@
+//! WebSocket transport: one binary message per frame, over any byte stream.
+//!
+//! This module knows nothing of sockets or TLS: it takes an `AsyncRead + AsyncWrite` (a TLS
+//! stream to the gateway, or an upgraded HTTP connection on the gateway side) and speaks
+//! WebSocket on it. The message size limit matches the frame limit, so a peer cannot make us
+//! buffer tungstenite's default of 64 MiB per message.
+
+use crate::frame::HEADER_LEN;
+use crate::transport::{Transport, TransportError, TransportRx, TransportTx};
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+
+/// The WebSocket configuration for a session whose largest `DATA` payload is `max_frame`.
+pub fn config(max_frame: u32) -> WebSocketConfig {
+    // The largest control frame (an OPEN with metadata, ROUTES) is bounded well below this.
+    let limit =
+        (max_frame as usize + HEADER_LEN).max(crate::frame::MAX_CONTROL_PAYLOAD + HEADER_LEN);
+    WebSocketConfig::default()
+        .max_message_size(Some(limit))
+        .max_frame_size(Some(limit))
+        .write_buffer_size(128 * 1024)
+        .max_write_buffer_size(4 * 1024 * 1024)
+}
+
+/// A session transport over a WebSocket.
+pub struct WsTransport<S> {
+    inner: WebSocketStream<S>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
+    /// Wraps the server side of an upgraded connection; `leftover` holds bytes read past the
+    /// HTTP request head.
+    pub async fn server(io: S, leftover: Vec<u8>, max_frame: u32) -> Self {
+        let inner = WebSocketStream::from_partially_read(
+            io,
+            leftover,
+            WsRole::Server,
+            Some(config(max_frame)),
+        )
+        .await;
+        WsTransport { inner }
+    }
+}
+
+/// The HTTP answer of a gateway that refused the upgrade.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("gateway refused the upgrade with HTTP {status}: {body}")]
+    Refused { status: u16, body: String },
+    #[error("invalid gateway URL {url}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("WebSocket handshake failed: {0}")]
+    Other(String),
+}
+
+impl HandshakeError {
+    /// HTTP status of a refusal (401 for a bad token, 426 when a proxy stripped the upgrade).
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            HandshakeError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Performs the client side of the upgrade over `io` to `url` (a `ws://` or `wss://` URL; the
+/// scheme only shapes the request, TLS is already in `io` or not). `bearer` goes into
+/// `Authorization`.
+pub async fn client<S>(
+    io: S,
+    url: &str,
+    bearer: Option<&str>,
+    max_frame: u32,
+) -> Result<WsTransport<S>, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| HandshakeError::BadUrl {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
+    if let Some(token) = bearer {
+        let mut v = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+            HandshakeError::Other("token contains characters not allowed in a header".into())
+        })?;
+        v.set_sensitive(true);
+        req.headers_mut().insert("authorization", v);
+    }
+    req.headers_mut().insert(
+        "sallyport-protocol",
+        HeaderValue::from_static(concat!("1; ", env!("CARGO_PKG_VERSION"))),
+    );
+    match tokio_tungstenite::client_async_with_config(req, io, Some(config(max_frame))).await {
+        Ok((inner, _resp)) => Ok(WsTransport { inner }),
+        Err(tungstenite::Error::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| {
+                    String::from_utf8_lossy(&b[..b.len().min(300)])
+                        .trim()
+                        .to_string()
+                })
+                .unwrap_or_default();
+            Err(HandshakeError::Refused { status, body })
+        }
+        Err(e) => Err(HandshakeError::Other(e.to_string())),
+    }
+}
+
+pub struct WsTx<S>(SplitSink<WebSocketStream<S>, Message>);
+pub struct WsRx<S>(SplitStream<WebSocketStream<S>>);
+
+fn map_err(e: tungstenite::Error) -> TransportError {
+    match e {
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+            TransportError::Closed
+        }
+        tungstenite::Error::Capacity(c) => TransportError::Io(format!("message too large: {c}")),
+        other => TransportError::Io(other.to_string()),
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TransportTx for WsTx<S> {
+    async fn send(&mut self, msg: Bytes) -> Result<(), TransportError> {
+        self.0.feed(Message::Binary(msg)).await.map_err(map_err)
+    }
+    async fn flush(&mut self) -> Result<(), TransportError> {
+        self.0.flush().await.map_err(map_err)
+    }
+    async fn close(&mut self) {
+        let _ = self.0.close().await;
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TransportRx for WsRx<S> {
+    async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
+        loop {
+            match self.0.next().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(map_err(e)),
+                Some(Ok(Message::Binary(b))) => return Ok(Some(b)),
+                Some(Ok(Message::Close(_))) => return Ok(None),
+                // Transport-level pings are answered by tungstenite; liveness is ours (PING).
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Text(_))) => return Err(TransportError::NotBinary),
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTransport<S> {
+    type Tx = WsTx<S>;
+    type Rx = WsRx<S>;
+    fn split(self) -> (WsTx<S>, WsRx<S>) {
+        let (tx, rx) = self.inner.split();
+        (WsTx(tx), WsRx(rx))
+    }
+}
+
+/// The `Sec-WebSocket-Accept` value for a client's `Sec-WebSocket-Key`.
+pub fn accept_key(key: &[u8]) -> String {
+    tungstenite::handshake::derive_accept_key(key)
+}
