@@ -1,1 +1,159 @@
-fn main() {}
+//! `sallyport`: parse arguments, start tracing, validate config, call the library.
+//!
+//! Exit codes: 0 ok, 1 runtime failure, 64 bad configuration or usage.
+
+use agent::config::{self, AgentArgs, ConfigError};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "sallyport",
+    version,
+    about = "Sallyport agent: reach services inside a trusted network through the corporate egress"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (RUST_LOG syntax), e.g. info, debug.
+    #[arg(long, global = true, env = "SALLYPORT_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: local SOCKS5/HTTP proxy ports and forwards, tunnelled to the gateway.
+    Run(AgentArgs),
+    /// One tunnelled connection on stdin/stdout (ssh -o ProxyCommand='sallyport connect %h %p').
+    Connect {
+        host: String,
+        port: u16,
+        /// The running agent's SOCKS5 port [default: from the config, else 127.0.0.1:1080].
+        #[arg(long)]
+        socks: Option<SocketAddr>,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Bring up gateway, connector, an internal service and the agent on loopback, push traffic
+    /// through them, and run until Ctrl-C.
+    #[cfg(feature = "demo")]
+    Demo {
+        /// SOCKS5 port of the demo agent [default: 127.0.0.1:1080].
+        #[arg(long, default_value = "127.0.0.1:1080")]
+        socks: SocketAddr,
+        /// HTTP proxy port of the demo agent [default: 127.0.0.1:8118].
+        #[arg(long, default_value = "127.0.0.1:8118")]
+        http: SocketAddr,
+        /// Exit after the traffic went through (for scripts and CI).
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `connect` talks on stdout and the demo prints its own summary: keep their logs quiet.
+    #[cfg(feature = "demo")]
+    let quiet = matches!(cli.command, Command::Connect { .. } | Command::Demo { .. });
+    #[cfg(not(feature = "demo"))]
+    let quiet = matches!(cli.command, Command::Connect { .. });
+    let quiet_default = quiet && cli.log == "info";
+    init_tracing(if quiet_default { "warn" } else { &cli.log });
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let bad_config = e.downcast_ref::<ConfigError>().is_some();
+            eprintln!("sallyport: error: {e:#}");
+            ExitCode::from(if bad_config { 64 } else { 1 })
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn shutdown_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            } else {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        token.cancel();
+    });
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Run(args) => {
+            let cfg = config::agent_config(args)?;
+            rt.block_on(async {
+                let shutdown = CancellationToken::new();
+                shutdown_on_signal(shutdown.clone());
+                agent::run(cfg, shutdown).await?;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Connect {
+            host,
+            port,
+            socks,
+            agent: args,
+        } => rt.block_on(async {
+            let cfg = config::agent_config(args.clone());
+            let socks = socks
+                .or_else(|| cfg.as_ref().ok().and_then(|c| c.socks))
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1080)));
+            match agent::connect::via_agent(socks, &host, port).await {
+                Ok(s) => {
+                    agent::connect::pipe_stdio(s).await?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(agent::connect::ConnectError::Io(e))
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused =>
+                {
+                    // No agent running: open our own session if we know the gateway.
+                    let cfg = cfg.map_err(|c| agent::connect::ConnectError::NoAgent {
+                        agent: socks,
+                        why: c.to_string(),
+                    })?;
+                    let stream = agent::connect::direct(&cfg, &host, port)
+                        .await
+                        .map_err(|e| {
+                            anyhow::anyhow!("cannot reach {host}:{port} through the gateway: {e}")
+                        })?;
+                    agent::connect::pipe_stdio(stream).await?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }),
+        #[cfg(feature = "demo")]
+        Command::Demo { socks, http, once } => rt.block_on(async {
+            let shutdown = CancellationToken::new();
+            shutdown_on_signal(shutdown.clone());
+            agent::demo::run(agent::demo::DemoOptions { socks, http, once }, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }),
+    }
+}

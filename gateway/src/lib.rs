@@ -1,4 +1,11 @@
 //! Sallyport gateway library: the DMZ switch (`dmz`) and the trusted-network connector (`connector`).
 pub mod auth;
 pub mod certs;
+pub mod config;
+pub mod connector;
+pub mod dmz;
+pub mod http;
+pub mod limits;
 pub mod policy;
+pub mod relay;
+pub mod router;

@@ -1,1 +1,245 @@
-fn main() {}
+//! `sallyport-gateway`: parse arguments, start tracing, validate config, call the library.
+//!
+//! Exit codes: 0 ok, 1 runtime failure, 64 bad configuration or usage.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use gateway::auth::{self, TokenEntry};
+use gateway::config::{self, ConfigError, ConnectorArgs, DmzArgs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "sallyport-gateway",
+    version,
+    about = "Sallyport gateway: the DMZ switch and the trusted-network connector"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (RUST_LOG syntax), e.g. info, debug, gateway=debug.
+    #[arg(long, global = true, env = "SALLYPORT_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the DMZ gateway: the only listener of the system.
+    Dmz(DmzArgs),
+    /// Run a connector inside the trusted network (dials out; listens on nothing).
+    Connector(ConnectorArgs),
+    /// Manage tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Write a self-signed CA and a gateway certificate for trials.
+    Cert {
+        /// DNS name or IP address the gateway is reached at. Repeatable.
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Folder to write ca.crt, ca.key, gateway.crt, gateway.key into.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    Agent,
+    Connector,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token: its hash is appended to the token file, the token itself is printed once
+    /// (or written to --out with mode 0600).
+    New {
+        #[arg(long, value_enum)]
+        kind: Kind,
+        /// Token id: lowercase letters, digits and '-' (e.g. alice-laptop).
+        #[arg(long)]
+        id: String,
+        /// Display name (user or machine) [default: the id].
+        #[arg(long)]
+        name: Option<String>,
+        /// Comma-separated groups, used by connector allow rules.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Lifetime, e.g. 90d or 12h [default: no expiry].
+        #[arg(long)]
+        expires: Option<String>,
+        /// Connectors: a route this credential may advertise. Repeatable.
+        #[arg(long = "route")]
+        routes: Vec<String>,
+        /// The token file to append to.
+        #[arg(long)]
+        tokens: PathBuf,
+        /// Write the token to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log);
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let bad_config = e.downcast_ref::<ConfigError>().is_some();
+            eprintln!("sallyport-gateway: error: {e:#}");
+            ExitCode::from(if bad_config { 64 } else { 1 })
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Cancels the token on Ctrl-C or SIGTERM.
+fn shutdown_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = match signal(SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    token.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Dmz(args) => {
+            let rt = runtime()?;
+            rt.block_on(async {
+                // Token files are read inside the runtime (the reloader is a task).
+                let cfg = config::dmz_config(args)?;
+                let shutdown = CancellationToken::new();
+                shutdown_on_signal(shutdown.clone());
+                gateway::dmz::run(cfg, shutdown)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+        }
+        Command::Connector(args) => {
+            let cfg = config::connector_config(args)?;
+            let rt = runtime()?;
+            rt.block_on(async {
+                let shutdown = CancellationToken::new();
+                shutdown_on_signal(shutdown.clone());
+                gateway::connector::run(cfg, shutdown).await;
+                Ok(())
+            })
+        }
+        Command::Cert { names, out } => {
+            let pki = gateway::certs::trial_pki(&names)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            let written = gateway::certs::write_trial_pki(&pki, &out)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            for p in written {
+                println!("wrote {}", p.display());
+            }
+            println!("give ca.crt to agents and connectors (--ca); keep ca.key offline");
+            Ok(())
+        }
+        Command::Token(TokenCommand::New {
+            kind,
+            id,
+            name,
+            groups,
+            expires,
+            routes,
+            tokens,
+            out,
+        }) => {
+            let expires = match expires {
+                Some(s) => {
+                    let d: Duration = humantime::parse_duration(&s).map_err(|e| {
+                        ConfigError::Invalid(format!("--expires `{s}`: {e}; write e.g. 90d"))
+                    })?;
+                    Some(SystemTime::now() + d)
+                }
+                None => None,
+            };
+            for r in &routes {
+                r.parse::<gateway::policy::Route>()
+                    .map_err(|e| ConfigError::Invalid(format!("--route: {e}")))?;
+            }
+            if matches!(kind, Kind::Connector) && routes.is_empty() {
+                return Err(ConfigError::Invalid("a connector token needs at least one --route it may advertise, e.g. --route '*.internal:*'".into()).into());
+            }
+            let (secret, sha256) =
+                auth::generate(&id).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            let entry = TokenEntry {
+                id: id.clone(),
+                name: name.unwrap_or_else(|| id.clone()),
+                groups,
+                sha256,
+                expires,
+                routes,
+            };
+            auth::append_token(&tokens, &entry).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            match out {
+                Some(path) => {
+                    write_secret_file(&path, secret.expose())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!(
+                        "token `{id}` added to {}; token written to {}",
+                        tokens.display(),
+                        path.display()
+                    );
+                }
+                None => {
+                    eprintln!(
+                        "token `{id}` added to {}; it is shown once:",
+                        tokens.display()
+                    );
+                    println!("{}", secret.expose());
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn write_secret_file(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    writeln!(f, "{secret}")
+}

@@ -45,7 +45,7 @@ use tracing::debug;
 use crate::{BoxIo, DialError, DialErrorKind, Dialer, FrontError, LocalAuth, OpenMode, Target};
 
 /// How long a client may take to send a complete request head.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Upper bound on one request head (request line plus headers).
 const MAX_HEADER_BYTES: usize = 64 * 1024;

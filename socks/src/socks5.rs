@@ -33,7 +33,7 @@ use crate::{Dialer, FrontError, LocalAuth, OpenMode, RelayStats, Target};
 
 /// How long a client may take from connecting to having sent its command.
 /// Bounds the resources an idle or dribbling client can pin.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Relay buffer per direction.
 const RELAY_BUF: usize = 64 * 1024;

@@ -277,6 +277,12 @@ impl Stream {
 
     /// Refuses a stream the peer opened (`OPEN_ERR`) with a reason the user will read.
     pub fn reject(self, code: ErrorCode, reason: &str) {
+        self.refuse(code, reason);
+        // Drop runs next and finds the stream failed: no RST follows the OPEN_ERR.
+    }
+
+    /// Like [`Stream::reject`], for a caller that keeps the handle (a relay).
+    pub fn refuse(&self, code: ErrorCode, reason: &str) {
         let mut st = self.shared.lock();
         if let Some(s) = st.streams.get_mut(&self.id) {
             if matches!(s.open, OpenState::Incoming { answered: false }) {
@@ -295,7 +301,6 @@ impl Stream {
                 );
             }
         }
-        // Drop runs next and finds the stream failed: no RST follows the OPEN_ERR.
     }
 
     fn answer(&self, frame: Frame) {
@@ -342,7 +347,7 @@ impl Stream {
 
     /// Takes the next received chunk as it arrived (`None` at end of stream). Used by relays.
     pub fn poll_recv_chunk(
-        &mut self,
+        &self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<Bytes>, StreamError>> {
         let shared = &self.shared;
@@ -366,13 +371,13 @@ impl Stream {
         Poll::Pending
     }
 
-    pub async fn recv_chunk(&mut self) -> Result<Option<Bytes>, StreamError> {
+    pub async fn recv_chunk(&self) -> Result<Option<Bytes>, StreamError> {
         poll_fn(|cx| self.poll_recv_chunk(cx)).await
     }
 
     /// Waits until at least one byte may be sent; returns how many (bounded by both windows and
     /// the frame size).
-    pub fn poll_send_capacity(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, StreamError>> {
+    pub fn poll_send_capacity(&self, cx: &mut Context<'_>) -> Poll<Result<usize, StreamError>> {
         let mut st = self.shared.lock();
         let closed = st.closed.clone();
         let session_credit = st.send_session_credit;
@@ -403,7 +408,7 @@ impl Stream {
     }
 
     /// Queues `data` (at most what [`Stream::poll_send_capacity`] returned) as `DATA` frames.
-    pub fn send_chunk(&mut self, data: &[u8]) -> Result<(), StreamError> {
+    pub fn send_chunk(&self, data: &[u8]) -> Result<(), StreamError> {
         let mut st = self.shared.lock();
         let closed = st.closed.clone();
         let session_credit = st.send_session_credit;
@@ -441,7 +446,7 @@ impl Stream {
     }
 
     /// Half-closes our sending direction (`FIN` after everything queued).
-    pub fn finish(&mut self) {
+    pub fn finish(&self) {
         let mut st = self.shared.lock();
         let Some(s) = st.streams.get_mut(&self.id) else {
             return;

@@ -1,0 +1,455 @@
+//! Agent configuration: the TOML file (by default `agent.toml` in the per-user config folder),
+//! flags that override it, and validation into [`AgentConfig`] before any port is bound.
+
+use clap::Args;
+use egress::{GatewayUrl, TlsOptions};
+use serde::Deserialize;
+use socks::LocalAuth;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tunnel::Dest;
+
+/// A configuration problem; the binary exits with code 64 on it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(s: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(s.into())
+}
+
+/// A secret string whose `Debug` never shows it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.strip_prefix("sp_").and_then(|r| r.rsplit_once('_')) {
+            Some((id, _)) => write!(f, "sp_{id}_****"),
+            None => f.write_str("****"),
+        }
+    }
+}
+
+/// A static forward: a local port that always leads to one destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forward {
+    pub listen: SocketAddr,
+    pub dest: Dest,
+}
+
+impl std::str::FromStr for Forward {
+    type Err = String;
+    /// `127.0.0.1:15432=db.internal:5432` (or `15432=db.internal:5432` for loopback).
+    fn from_str(s: &str) -> Result<Forward, String> {
+        let (l, d) = s.split_once('=').ok_or_else(|| {
+            format!(
+                "forward `{s}`: expected LOCAL=HOST:PORT, e.g. 127.0.0.1:15432=db.internal:5432"
+            )
+        })?;
+        let listen: SocketAddr = match l.parse::<u16>() {
+            Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+            Err(_) => l.parse().map_err(|_| {
+                format!("forward `{s}`: `{l}` is not an address such as 127.0.0.1:15432")
+            })?,
+        };
+        let dest = parse_dest(d).map_err(|e| format!("forward `{s}`: {e}"))?;
+        Ok(Forward { listen, dest })
+    }
+}
+
+/// `host:port` or `[v6]:port`.
+pub fn parse_dest(d: &str) -> Result<Dest, String> {
+    let (host, port) = if let Some(rest) = d.strip_prefix('[') {
+        let (h, p) = rest
+            .split_once("]:")
+            .ok_or_else(|| format!("`{d}` is not HOST:PORT"))?;
+        (h, p)
+    } else {
+        d.rsplit_once(':')
+            .ok_or_else(|| format!("`{d}` is not HOST:PORT"))?
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("`{port}` in `{d}` is not a port"))?;
+    if host.is_empty() || port == 0 {
+        return Err(format!("`{d}` is not HOST:PORT"));
+    }
+    Ok(Dest::new(host, port))
+}
+
+/// `sallyport run` flags.
+#[derive(Args, Debug, Default, Clone)]
+pub struct AgentArgs {
+    /// TOML config file [default: agent.toml in the per-user config folder, if present].
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// The DMZ gateway, e.g. wss://gw.example.com/
+    #[arg(long)]
+    pub gateway: Option<String>,
+    /// File holding the agent token (or set SALLYPORT_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Extra CA certificate (PEM) to trust for the gateway, besides the OS store.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// SOCKS5 listen address, or `off` [default: 127.0.0.1:1080].
+    #[arg(long)]
+    pub socks: Option<String>,
+    /// HTTP proxy listen address, or `off` [default: 127.0.0.1:8118].
+    #[arg(long)]
+    pub http: Option<String>,
+    /// Static forward LOCAL=HOST:PORT, e.g. 127.0.0.1:15432=db.internal:5432. Repeatable.
+    #[arg(long = "forward")]
+    pub forwards: Vec<String>,
+    /// Allow listening on non-loopback addresses (requires local authentication).
+    #[arg(long)]
+    pub allow_remote_clients: bool,
+    /// Local proxy user (password from SALLYPORT_LOCAL_PASSWORD or local_auth in the config).
+    #[arg(long)]
+    pub local_user: Option<String>,
+    /// How long a SOCKS5/CONNECT client waits for the far end to accept [default: 30s].
+    #[arg(long)]
+    pub open_timeout: Option<String>,
+    /// Timeout for connecting to the gateway [default: 10s].
+    #[arg(long)]
+    pub connect_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    pub gateway: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub socks: Option<String>,
+    pub http: Option<String>,
+    #[serde(default)]
+    pub forwards: Vec<String>,
+    #[serde(default)]
+    pub allow_remote_clients: bool,
+    pub local_auth: Option<LocalAuthFile>,
+    pub open_timeout: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub instance_id: Option<String>,
+    #[serde(default)]
+    pub tunnel: TunnelFile,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct LocalAuthFile {
+    pub user: String,
+    /// A file holding the password (keep it mode 0600).
+    pub password_file: PathBuf,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelFile {
+    pub stream_window: Option<u32>,
+    pub session_window: Option<u32>,
+    pub ping_interval: Option<String>,
+}
+
+/// The validated agent configuration.
+#[derive(Clone)]
+pub struct AgentConfig {
+    pub gateway: GatewayUrl,
+    pub token: Secret,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub socks: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    pub forwards: Vec<Forward>,
+    pub allow_remote_clients: bool,
+    pub local_auth: Option<Arc<LocalAuth>>,
+    pub open_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// How long an app connection waits for a gateway session while reconnecting.
+    pub session_wait: Duration,
+    pub instance_id: String,
+    pub session: tunnel::Config,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("gateway", &self.gateway.to_string())
+            .field("token", &self.token)
+            .field("socks", &self.socks)
+            .field("http", &self.http)
+            .field("forwards", &self.forwards)
+            .field("local_auth", &self.local_auth)
+            .finish()
+    }
+}
+
+/// The per-user config file, e.g. `~/.config/sallyport/agent.toml`.
+pub fn default_config_path() -> Option<PathBuf> {
+    directories::ProjectDirs::from("", "", "sallyport").map(|d| d.config_dir().join("agent.toml"))
+}
+
+pub fn read_file(path: &Path) -> Result<AgentFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_file(&text, path)
+}
+
+pub fn parse_file(text: &str, path: &Path) -> Result<AgentFile, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+            .unwrap_or(0);
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line,
+            message: e.message().to_string(),
+        }
+    })
+}
+
+fn duration(s: &str, key: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s).map_err(|e| {
+        invalid(format!(
+            "{key}: `{s}` is not a duration ({e}); write e.g. 30s"
+        ))
+    })
+}
+
+fn listen_addr(
+    v: Option<&str>,
+    default: &str,
+    flag: &str,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    match v.unwrap_or(default) {
+        "off" | "none" | "" => Ok(None),
+        s => s.parse().map(Some).map_err(|_| {
+            invalid(format!(
+                "--{flag} `{s}` is not an address such as 127.0.0.1:1080 (or `off`)"
+            ))
+        }),
+    }
+}
+
+/// Reads the token from a file or `SALLYPORT_TOKEN`; never from a flag (argv is visible to
+/// every local user).
+pub fn read_token(file: Option<&Path>) -> Result<Secret, ConfigError> {
+    let text = match file {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| invalid(format!("cannot read token file {}: {e}", p.display())))?,
+        None => std::env::var("SALLYPORT_TOKEN")
+            .map_err(|_| invalid("no token: pass --token-file FILE or set SALLYPORT_TOKEN"))?,
+    };
+    let t = text.trim();
+    if !t.starts_with("sp_") || t.len() < 70 || t.contains(char::is_whitespace) {
+        return Err(invalid(format!(
+            "the token in {} does not look like a sallyport token (sp_<id>_<64 hex>)",
+            file.map(|p| p.display().to_string())
+                .unwrap_or_else(|| "SALLYPORT_TOKEN".into())
+        )));
+    }
+    Ok(Secret::new(t))
+}
+
+pub fn agent_config(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
+    let path = args
+        .config
+        .clone()
+        .or_else(|| default_config_path().filter(|p| p.exists()));
+    let file = match &path {
+        Some(p) => read_file(p)?,
+        None => AgentFile::default(),
+    };
+    let rel = |p: PathBuf| match path.as_deref().and_then(Path::parent) {
+        Some(dir) if p.is_relative() => dir.join(p),
+        _ => p,
+    };
+    let gateway = args
+        .gateway
+        .or(file.gateway)
+        .ok_or_else(|| invalid("--gateway URL is required, e.g. --gateway wss://gw.example.com/ (or run `sallyport demo` to try it locally)"))?;
+    let gateway = GatewayUrl::parse(&gateway).map_err(|e| invalid(e.to_string()))?;
+    let token = read_token(args.token_file.or(file.token_file.map(rel)).as_deref())?;
+    let ca = args.ca.or(file.ca.map(rel));
+    let tls = if gateway.tls {
+        Some(
+            egress::client_config(&TlsOptions { ca, pin: false })
+                .map_err(|e| invalid(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    let socks = listen_addr(
+        args.socks.as_deref().or(file.socks.as_deref()),
+        "127.0.0.1:1080",
+        "socks",
+    )?;
+    let http = listen_addr(
+        args.http.as_deref().or(file.http.as_deref()),
+        "127.0.0.1:8118",
+        "http",
+    )?;
+    let mut forwards = Vec::new();
+    for f in file.forwards.iter().chain(args.forwards.iter()) {
+        forwards.push(f.parse::<Forward>().map_err(invalid)?);
+    }
+    let allow_remote = args.allow_remote_clients || file.allow_remote_clients;
+    let local_auth = match (args.local_user, file.local_auth) {
+        (Some(user), file_auth) => {
+            let password = match std::env::var("SALLYPORT_LOCAL_PASSWORD") {
+                Ok(p) => p,
+                Err(_) => match file_auth {
+                    Some(a) => read_password(&a.password_file)?,
+                    None => return Err(invalid("--local-user needs a password in SALLYPORT_LOCAL_PASSWORD or local_auth.password_file")),
+                },
+            };
+            Some(Arc::new(LocalAuth::new(user, password)))
+        }
+        (None, Some(a)) => Some(Arc::new(LocalAuth::new(
+            a.user,
+            read_password(&a.password_file)?,
+        ))),
+        (None, None) => None,
+    };
+    let mut listens: Vec<(String, SocketAddr)> = forwards
+        .iter()
+        .map(|f| (format!("--forward {}", f.listen), f.listen))
+        .collect();
+    listens.extend(socks.map(|a| ("--socks".to_string(), a)));
+    listens.extend(http.map(|a| ("--http".to_string(), a)));
+    for (flag, addr) in &listens {
+        if !addr.ip().is_loopback() {
+            if !allow_remote {
+                return Err(invalid(format!(
+                    "{flag} {addr} would listen beyond this machine and make the agent an open proxy into the trusted network; use a loopback address, or add --allow-remote-clients with --local-user"
+                )));
+            }
+            if local_auth.is_none() {
+                return Err(invalid(format!("{flag} {addr} listens beyond this machine: --allow-remote-clients needs --local-user (local authentication)")));
+            }
+        }
+    }
+    let mut session = tunnel::Config::new(tunnel::Role::Agent, true);
+    if let Some(w) = file.tunnel.stream_window {
+        session.stream_window = w.clamp(16 * 1024, 64 * 1024 * 1024);
+    }
+    if let Some(w) = file.tunnel.session_window {
+        session.session_window = w.max(session.stream_window);
+    }
+    if let Some(p) = &file.tunnel.ping_interval {
+        session.ping_interval = duration(p, "tunnel.ping_interval")?;
+    }
+    Ok(AgentConfig {
+        gateway,
+        token,
+        tls,
+        socks,
+        http,
+        forwards,
+        allow_remote_clients: allow_remote,
+        local_auth,
+        open_timeout: duration(
+            args.open_timeout
+                .as_deref()
+                .or(file.open_timeout.as_deref())
+                .unwrap_or("30s"),
+            "open_timeout",
+        )?,
+        connect_timeout: duration(
+            args.connect_timeout
+                .as_deref()
+                .or(file.connect_timeout.as_deref())
+                .unwrap_or("10s"),
+            "connect_timeout",
+        )?,
+        session_wait: Duration::from_secs(10),
+        instance_id: file
+            .instance_id
+            .unwrap_or_else(|| format!("agent-{}", std::process::id())),
+        session,
+    })
+}
+
+fn read_password(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+        .map_err(|e| {
+            invalid(format!(
+                "cannot read local_auth.password_file {}: {e}",
+                path.display()
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwards_parse_with_and_without_an_address() {
+        let f: Forward = "127.0.0.1:15432=db.internal:5432".parse().unwrap();
+        assert_eq!(f.dest, Dest::new("db.internal", 5432));
+        let f: Forward = "2222=[fd00::1]:22".parse().unwrap();
+        assert_eq!(f.listen, "127.0.0.1:2222".parse().unwrap());
+        assert_eq!(f.dest, Dest::new("fd00::1", 22));
+        assert!("15432".parse::<Forward>().is_err());
+        assert!("1=host:0".parse::<Forward>().is_err());
+    }
+
+    #[test]
+    fn a_token_never_shows_in_debug() {
+        let s = Secret::new(format!("sp_alice_{}", "ab".repeat(32)));
+        assert_eq!(format!("{s:?}"), "sp_alice_****");
+    }
+
+    #[test]
+    fn the_shipped_example_config_parses() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agent.toml");
+        let f = read_file(&p).unwrap();
+        assert!(f.gateway.is_some());
+        for fw in &f.forwards {
+            fw.parse::<Forward>().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_typo_in_the_config_names_file_line_and_key() {
+        let e = parse_file(
+            "gateway = \"wss://x/\"\nsocks_port = 1\n",
+            Path::new("agent.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("agent.toml line 2") && e.contains("socks_port"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,266 @@
+//! `sallyport demo`: the whole system on loopback, no setup.
+//!
+//! Brings up, in this one process: a small "internal" HTTP service, the DMZ gateway (TLS with a
+//! throwaway CA), a connector (dialling out to the gateway, allowed to reach only that service,
+//! under the name `backend.internal`), and the agent. Then it pushes real requests through the
+//! agent's SOCKS5 and HTTP ports, prints the curl lines to try, and runs until Ctrl-C.
+
+use crate::config::{AgentConfig, Secret};
+use crate::connect::via_agent;
+use anyhow::{bail, Context};
+use gateway::auth::{self, ReloadingStore, TokenEntry};
+use gateway::connector::ConnectorConfig;
+use gateway::dmz::{Dmz, DmzConfig};
+use gateway::policy::{Policy, Route, Rule};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub const INTERNAL_NAME: &str = "backend.internal";
+
+/// Options of `sallyport demo`.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    pub socks: SocketAddr,
+    pub http: SocketAddr,
+    /// Push the traffic, print, and exit instead of running until Ctrl-C.
+    pub once: bool,
+}
+
+/// A tiny HTTP/1.1 service that answers every request with a greeting (keep-alive aware enough
+/// for curl).
+async fn internal_service(listener: TcpListener, shutdown: CancellationToken) {
+    loop {
+        let (mut s, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+        };
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                while let Some(end) = find_head_end(&buf) {
+                    buf.drain(..end);
+                    let body = format!("hello from {INTERNAL_NAME}, reached through sallyport\n");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                if buf.len() > 64 * 1024 {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+fn token_file(
+    dir: &Path,
+    name: &str,
+    id: &str,
+    routes: Vec<String>,
+) -> anyhow::Result<(PathBuf, String)> {
+    let path = dir.join(name);
+    let (secret, sha256) = auth::generate(id)?;
+    auth::append_token(
+        &path,
+        &TokenEntry {
+            id: id.into(),
+            name: id.into(),
+            groups: vec!["demo".into()],
+            sha256,
+            expires: None,
+            routes,
+        },
+    )?;
+    Ok((path, secret.expose().to_string()))
+}
+
+/// Runs the demo until `shutdown` (or, with `once`, until the traffic went through).
+pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("sallyport-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = run_in(&dir, opts, shutdown).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // 1. The internal service.
+    let svc = TcpListener::bind("127.0.0.1:0").await?;
+    let svc_port = svc.local_addr()?.port();
+    tokio::spawn(internal_service(svc, shutdown.clone()));
+
+    // 2. The DMZ gateway, TLS with a throwaway CA.
+    let pki = gateway::certs::trial_pki(&["localhost".into(), "127.0.0.1".into()])?;
+    let ca_path = dir.join("ca.crt");
+    std::fs::write(&ca_path, &pki.ca_cert_pem)?;
+    let route = format!("{INTERNAL_NAME}:{svc_port}");
+    let (agent_tokens, agent_token) = token_file(dir, "agents.toml", "demo-agent", vec![])?;
+    let (conn_tokens, conn_token) = token_file(
+        dir,
+        "connectors.toml",
+        "demo-connector",
+        vec![route.clone()],
+    )?;
+    let dmz_cfg = DmzConfig {
+        listen: "127.0.0.1:0".parse()?,
+        tls: Some(gateway::certs::server_config_from_pem(
+            pki.cert_pem.as_bytes(),
+            pki.key_pem.as_bytes(),
+        )?),
+        prefix: String::new(),
+        agent_tokens: Arc::new(ReloadingStore::open(&agent_tokens)?),
+        connector_tokens: Arc::new(ReloadingStore::open(&conn_tokens)?),
+        trusted_proxies: vec![],
+        instance_id: "demo-dmz".into(),
+        limits: Default::default(),
+        session: tunnel::Config::new(tunnel::Role::Dmz, false),
+        reload_every: Duration::from_secs(2),
+    };
+    let dmz = Dmz::bind(dmz_cfg).await?;
+    let gw = format!("wss://127.0.0.1:{}/", dmz.local_addr().port());
+    tokio::spawn(dmz.serve(shutdown.clone()));
+
+    // 3. The connector: dials out, allowed to reach only the internal service.
+    let gateway_url = egress::GatewayUrl::parse(&gw)?;
+    let rules: Vec<Rule> = vec![route.parse()?, format!("127.0.0.1/32:{svc_port}").parse()?];
+    let conn_cfg = ConnectorConfig {
+        gateway: gateway_url.clone(),
+        token: auth::TokenSecret::new(&conn_token),
+        tls: Some(gateway::connector::tls_config(Some(&ca_path))?),
+        policy: Arc::new(Policy::new(rules, gateway::policy::local_addresses())),
+        routes: vec![route.parse::<Route>()?],
+        hosts: HashMap::from([(INTERNAL_NAME.to_string(), vec!["127.0.0.1".parse()?])]),
+        sessions: 2,
+        connect_timeout: Duration::from_secs(5),
+        instance_id: "demo-connector".into(),
+        session: tunnel::Config::new(tunnel::Role::Connector, true),
+    };
+    tokio::spawn(gateway::connector::run(conn_cfg, shutdown.clone()));
+
+    // 4. The agent.
+    let agent_cfg = AgentConfig {
+        gateway: gateway_url,
+        token: Secret::new(agent_token),
+        tls: Some(egress::client_config(&egress::TlsOptions {
+            ca: Some(ca_path.clone()),
+            pin: false,
+        })?),
+        socks: Some(opts.socks),
+        http: Some(opts.http),
+        forwards: vec![],
+        allow_remote_clients: false,
+        local_auth: None,
+        open_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(5),
+        session_wait: Duration::from_secs(10),
+        instance_id: "demo-agent".into(),
+        session: tunnel::Config::new(tunnel::Role::Agent, true),
+    };
+    let agent = crate::Agent::bind(agent_cfg).await?;
+    let addrs = agent.addrs();
+    let socks = addrs
+        .iter()
+        .find(|(f, _)| *f == "socks5")
+        .map(|(_, a)| *a)
+        .context("no socks port")?;
+    let http = addrs
+        .iter()
+        .find(|(f, _)| *f == "http")
+        .map(|(_, a)| *a)
+        .context("no http port")?;
+    tokio::spawn(agent.serve(shutdown.clone()));
+
+    // 5. Real traffic through SOCKS5 and through the HTTP proxy port.
+    let url = format!("http://{INTERNAL_NAME}:{svc_port}/");
+    let via_socks = request_via_socks(socks, svc_port)
+        .await
+        .context("request through SOCKS5")?;
+    let via_http = request_via_http_proxy(http, &url)
+        .await
+        .context("request through the HTTP proxy port")?;
+    println!("sallyport demo: gateway {gw}, connector dialled out, agent on {socks} (SOCKS5) and {http} (HTTP)");
+    println!("through SOCKS5 -> {}", via_socks.trim());
+    println!("through HTTP   -> {}", via_http.trim());
+    println!();
+    println!("try it yourself:");
+    println!("  curl --socks5-hostname {socks} {url}");
+    println!("  curl -x http://{http} {url}");
+    println!("  curl --socks5-hostname {socks} http://{INTERNAL_NAME}:1/   # not in the allow-list: refused");
+    if opts.once {
+        shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        return Ok(());
+    }
+    println!("running until Ctrl-C");
+    shutdown.cancelled().await;
+    Ok(())
+}
+
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> anyhow::Result<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .context("response timed out")??;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = find_head_end(&buf) {
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + len {
+                let status = head.lines().next().unwrap_or("").to_string();
+                if !status.contains(" 200 ") {
+                    bail!(
+                        "answer was {status}: {}",
+                        String::from_utf8_lossy(&buf[end..])
+                    );
+                }
+                return Ok(String::from_utf8_lossy(&buf[end..end + len]).into_owned());
+            }
+        }
+    }
+    bail!("connection closed before a full response")
+}
+
+async fn request_via_socks(socks: SocketAddr, port: u16) -> anyhow::Result<String> {
+    let mut s = via_agent(socks, INTERNAL_NAME, port).await?;
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {INTERNAL_NAME}\r\n\r\n").as_bytes())
+        .await?;
+    read_response(&mut s).await
+}
+
+async fn request_via_http_proxy(http: SocketAddr, url: &str) -> anyhow::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(http).await?;
+    s.write_all(format!("GET {url} HTTP/1.1\r\nHost: {INTERNAL_NAME}\r\n\r\n").as_bytes())
+        .await?;
+    read_response(&mut s).await
+}

@@ -1,0 +1,174 @@
+//! The agent's local listeners: SOCKS5, HTTP proxy and static forwards.
+//!
+//! Each accept loop takes a permit before `accept` (bounded concurrency), checks that the
+//! connecting process belongs to the user running the agent, and hands the connection to its
+//! own task; nothing slow happens in the loop itself.
+
+use crate::dialer::TunnelDialer;
+use crate::peer;
+use socks::{Dialer, LocalAuth, OpenMode, Target};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+use tunnel::Dest;
+
+/// What a listener serves.
+#[derive(Clone)]
+pub enum Front {
+    Socks5,
+    Http,
+    Forward(Dest),
+}
+
+impl Front {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Front::Socks5 => "socks5",
+            Front::Http => "http",
+            Front::Forward(_) => "forward",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("{addr} is already in use by uid {uid}, another user's program; pick another port")]
+    HeldByOtherUser { addr: SocketAddr, uid: u32 },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Binds `addr`, explaining "address in use" when another user holds the port.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ListenError> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            match (peer::listener_owner(addr), my_uid()) {
+                (Some(uid), Some(me)) if uid != me => {
+                    Err(ListenError::HeldByOtherUser { addr, uid })
+                }
+                _ => Err(ListenError::Bind { addr, source: e }),
+            }
+        }
+        Err(source) => Err(ListenError::Bind { addr, source }),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn my_uid() -> Option<u32> {
+    peer::my_uid()
+}
+#[cfg(not(target_os = "linux"))]
+fn my_uid() -> Option<u32> {
+    None
+}
+
+pub struct Listener {
+    pub listener: TcpListener,
+    pub front: Front,
+}
+
+/// Serves one listener until `shutdown`.
+pub async fn serve(
+    l: Listener,
+    dialer: Arc<TunnelDialer>,
+    auth: Option<Arc<LocalAuth>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let local = match l.listener.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let permits = Arc::new(Semaphore::new(4096));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let (tcp, peer_addr) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = l.listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // Only the user running the agent may use it (loopback peers; remote peers must pass
+        // local authentication instead).
+        if peer_addr.ip().is_loopback() {
+            if let Err(why) = peer::check_same_user(peer_addr, local) {
+                warn!(peer = %peer_addr, front = l.front.name(), reason = %why, "refused a local connection from another user");
+                drop(tcp);
+                continue;
+            }
+        }
+        let _ = tcp.set_nodelay(true);
+        let front = l.front.clone();
+        let dialer = dialer.clone();
+        let auth = auth.clone();
+        tracker.spawn(
+            async move {
+                handle(tcp, front, dialer, auth).await;
+                drop(permit);
+            }
+            .instrument(info_span!("app", peer = %peer_addr)),
+        );
+    }
+}
+
+async fn handle(
+    tcp: TcpStream,
+    front: Front,
+    dialer: Arc<TunnelDialer>,
+    auth: Option<Arc<LocalAuth>>,
+) {
+    match front {
+        Front::Socks5 => match socks::serve_socks5(tcp, dialer, auth).await {
+            Ok(stats) => {
+                debug!(target = ?stats.target.map(|t| t.to_string()), up = stats.up, down = stats.down, "socks5 connection done")
+            }
+            Err(socks::FrontError::Dial { target, source }) => {
+                info!(%target, kind = %source.kind, reason = %source, "socks5 connection refused")
+            }
+            Err(e) => debug!(error = %e, "socks5 connection ended"),
+        },
+        Front::Http => {
+            if let Err(e) = socks::serve_http(tcp, dialer, auth).await {
+                debug!(error = %e, "http proxy connection ended");
+            }
+        }
+        Front::Forward(dest) => {
+            let target = Target::new(dest.host.clone(), dest.port);
+            // Forwards send data right after OPEN: no round trip before the app's first bytes.
+            match dialer.dial(target.clone(), OpenMode::Early).await {
+                Ok(mut stream) => {
+                    let mut tcp = tcp;
+                    match tokio::io::copy_bidirectional_with_sizes(
+                        &mut tcp,
+                        &mut stream,
+                        64 * 1024,
+                        64 * 1024,
+                    )
+                    .await
+                    {
+                        Ok((up, down)) => debug!(%target, up, down, "forward done"),
+                        Err(e) => info!(%target, error = %e, "forward ended with an error"),
+                    }
+                }
+                Err(e) => info!(%target, kind = %e.kind, reason = %e, "forward refused"),
+            }
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Who is on the other end of a local TCP connection.
+//!
+//! The agent's ports lead into the trusted network, so on a shared machine they must serve only
+//! the user who runs the agent. On Linux the kernel lists every TCP socket with its owner in
+//! `/proc/net/tcp` and `/proc/net/tcp6`; the client's socket is the one whose local address is
+//! our peer address and whose remote address is our listening address. Parsing is a plain
+//! function so it is tested on any OS; other systems skip the check (loopback-only binding still
+//! applies there).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// Parses a `/proc/net/tcp{,6}` address such as `0100007F:1F90`.
+fn parse_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = match ip.len() {
+        8 => {
+            let v = u32::from_str_radix(ip, 16).ok()?;
+            IpAddr::V4(Ipv4Addr::from(v.to_ne_bytes()))
+        }
+        32 => {
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                let v = u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok()?;
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+fn same(a: SocketAddr, b: SocketAddr) -> bool {
+    let canon = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    a.port() == b.port() && canon(a.ip()) == canon(b.ip())
+}
+
+/// Finds the owner uid of the socket `local → remote` (state `want_state`, e.g. `01`
+/// established or `0A` listening) in the text of `/proc/net/tcp`.
+pub fn find_owner(
+    table: &str,
+    local: SocketAddr,
+    remote: Option<SocketAddr>,
+    want_state: &str,
+) -> Option<u32> {
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 {
+            continue;
+        }
+        let (Some(l), Some(r)) = (parse_addr(f[1]), parse_addr(f[2])) else {
+            continue;
+        };
+        if f[3] != want_state || !same(l, local) {
+            continue;
+        }
+        if let Some(remote) = remote {
+            if !same(r, remote) {
+                continue;
+            }
+        }
+        return f[7].parse().ok();
+    }
+    None
+}
+
+#[cfg(target_os = "linux")]
+fn lookup(local: SocketAddr, remote: Option<SocketAddr>, state: &str) -> Option<u32> {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|p| {
+        let text = std::fs::read_to_string(p).ok()?;
+        find_owner(&text, local, remote, state)
+    })
+}
+
+/// Our effective uid (the owner of `/proc/self`).
+#[cfg(target_os = "linux")]
+pub fn my_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// Whether the process at `peer` (connected to our `local` listening address) belongs to us.
+/// `Err` carries the reason to log when it does not.
+#[cfg(target_os = "linux")]
+pub fn check_same_user(peer: SocketAddr, local: SocketAddr) -> Result<(), String> {
+    let me = my_uid().ok_or("cannot determine our own uid")?;
+    match lookup(peer, Some(local), "01") {
+        Some(uid) if uid == me => Ok(()),
+        Some(uid) => Err(format!(
+            "connection from uid {uid}, but this agent serves only uid {me}"
+        )),
+        None => Err("cannot find the connecting socket's owner".into()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn check_same_user(_peer: SocketAddr, _local: SocketAddr) -> Result<(), String> {
+    Ok(())
+}
+
+/// The uid listening on `addr`, if any (to explain an "address in use").
+#[cfg(target_os = "linux")]
+pub fn listener_owner(addr: SocketAddr) -> Option<u32> {
+    lookup(addr, None, "0A")
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn listener_owner(_addr: SocketAddr) -> Option<u32> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:0438 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:C350 0100007F:0438 01 00000000:00000000 00:00000000 00000000  1001        0 2 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:C351 0100007F:0438 01 00000000:00000000 00:00000000 00000000  1000        0 3 1 0000000000000000 20 4 30 10 -1
+";
+
+    #[test]
+    fn the_connecting_socket_owner_is_found_by_both_addresses() {
+        let listen: SocketAddr = "127.0.0.1:1080".parse().unwrap();
+        let other_user: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+        let same_user: SocketAddr = "127.0.0.1:50001".parse().unwrap();
+        assert_eq!(
+            find_owner(TABLE, other_user, Some(listen), "01"),
+            Some(1001)
+        );
+        assert_eq!(find_owner(TABLE, same_user, Some(listen), "01"), Some(1000));
+        assert_eq!(find_owner(TABLE, listen, None, "0A"), Some(1000));
+        assert_eq!(
+            find_owner(TABLE, "127.0.0.1:9".parse().unwrap(), None, "0A"),
+            None
+        );
+    }
+
+    #[test]
+    fn ipv6_entries_parse() {
+        let a = parse_addr("00000000000000000000000001000000:0050").unwrap();
+        assert_eq!(a, "[::1]:80".parse().unwrap());
+    }
+
+    #[test]
+    fn garbage_lines_are_skipped() {
+        assert_eq!(
+            find_owner(
+                "header\nnonsense\n1: zz:zz yy 01 a b c 5\n",
+                "127.0.0.1:1".parse().unwrap(),
+                None,
+                "01"
+            ),
+            None
+        );
+    }
+}

@@ -1,0 +1,140 @@
+//! The agent's session(s) to the DMZ gateway, kept up in the background.
+//!
+//! One long-lived WebSocket session carries every app connection as a stream, so a new app
+//! connection costs no TCP or TLS handshake. When the session drops, the pool reconnects with
+//! exponential backoff and jitter; app connections that arrive meanwhile wait (bounded) for the
+//! next session instead of failing at once.
+
+use crate::config::AgentConfig;
+use egress::EgressError;
+use rand::Rng;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use tunnel::{ErrorCode, Role, Session};
+
+/// Why a session to the gateway could not be set up; says which hop failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Egress(#[from] EgressError),
+    #[error("{0}")]
+    Handshake(#[from] tunnel::ws::HandshakeError),
+    #[error("tunnel hello with the gateway failed: {0}")]
+    Session(#[from] tunnel::SessionError),
+}
+
+/// Dials the gateway and starts a tunnel session as an agent.
+pub async fn connect(config: &AgentConfig) -> Result<Session, ConnectError> {
+    let io = egress::dial(&config.gateway, config.tls.as_ref(), config.connect_timeout).await?;
+    let url = config.gateway.endpoint("agent");
+    let transport = tunnel::ws::client(
+        io,
+        &url,
+        Some(config.token.expose()),
+        config.session.max_frame,
+    )
+    .await?;
+    let mut cfg = config.session.clone();
+    cfg.role = Role::Agent;
+    cfg.initiator = true;
+    cfg.accept_streams = false;
+    cfg.instance_id = config.instance_id.clone();
+    let (session, _incoming) = Session::start(transport, cfg).await?;
+    Ok(session)
+}
+
+pub struct Pool {
+    current: watch::Sender<Option<Session>>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Pool {
+    /// Starts keeping a session up until `shutdown`.
+    pub fn start(config: Arc<AgentConfig>, shutdown: CancellationToken) -> Arc<Pool> {
+        let pool = Arc::new(Pool {
+            current: watch::Sender::new(None),
+            last_error: Mutex::new(None),
+        });
+        tokio::spawn(keep(pool.clone(), config, shutdown));
+        pool
+    }
+
+    /// A live session, waiting up to `wait` for one; `Err` says why none is there.
+    pub async fn session(&self, wait: Duration) -> Result<Session, String> {
+        let mut rx = self.current.subscribe();
+        let found = tokio::time::timeout(wait, async {
+            loop {
+                if let Some(s) = rx.borrow_and_update().as_ref() {
+                    if !s.is_going_away() {
+                        return Some(s.clone());
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await;
+        match found {
+            Ok(Some(s)) => Ok(s),
+            _ => Err(self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_else(|| "no session to the gateway yet".into())),
+        }
+    }
+
+    /// The current session, if one is up (for status).
+    pub fn current(&self) -> Option<Session> {
+        self.current.borrow().clone()
+    }
+}
+
+async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(250);
+    while !shutdown.is_cancelled() {
+        let started = Instant::now();
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = connect(&config) => r,
+        };
+        match attempt {
+            Ok(session) => {
+                info!(gateway = %config.gateway, dmz = %session.peer().instance_id, "connected to the gateway");
+                *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                pool.current.send_replace(Some(session.clone()));
+                let why = tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        session.close(ErrorCode::Shutdown, "agent shutting down");
+                        break;
+                    }
+                    why = session.closed() => why,
+                };
+                pool.current.send_replace(None);
+                warn!(reason = %why, "gateway session lost; reconnecting");
+                *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(format!("gateway session lost: {why}"));
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot reach the gateway");
+                *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(format!("gateway unreachable: {e}"));
+            }
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            delay = Duration::from_millis(250);
+        }
+        let wait = delay.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
+        delay = (delay * 2).min(Duration::from_secs(15));
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    pool.current.send_replace(None);
+}

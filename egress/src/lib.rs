@@ -1,0 +1,385 @@
+//! # sallyport-egress: the way out to the gateway
+//!
+//! Used by the agent and by the connector to reach the DMZ gateway. Today it dials directly
+//! (TCP, then TLS for `wss://`); corporate HTTP/SOCKS proxies, PAC/WPAD and system settings
+//! plug in here (see DESIGN.md "Egress") without the callers changing: they get a byte stream to
+//! the gateway and speak WebSocket on it.
+//!
+//! | item | what |
+//! |---|---|
+//! | [`GatewayUrl`] | a parsed `wss://host:port/prefix` |
+//! | [`TlsOptions`], [`client_config`] | trust: the OS store plus `--ca`, or only a pinned CA |
+//! | [`dial`] | TCP (with timeout) + TLS, errors that say which hop failed |
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::RootCertStore;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// Why the gateway could not be reached. Each variant names the hop that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error("invalid gateway URL `{url}`: {reason} (expected wss://host[:port][/prefix])")]
+    BadUrl { url: String, reason: String },
+    #[error("cannot resolve gateway host {host}: {source}")]
+    Resolve { host: String, source: io::Error },
+    #[error("cannot connect to gateway {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("connecting to gateway {addr} timed out after {after:?}")]
+    ConnectTimeout { addr: String, after: Duration },
+    #[error("TLS handshake with gateway {host} failed: {reason}")]
+    Tls { host: String, reason: String },
+    #[error("cannot read CA file {path}: {reason}")]
+    CaFile { path: PathBuf, reason: String },
+}
+
+/// A gateway address: `wss://gw.example.com/` or `ws://127.0.0.1:8080/sallyport` (plain only
+/// for tests and for a gateway behind a TLS-terminating load balancer on a trusted hop).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash ("" for the root).
+    pub prefix: String,
+}
+
+impl GatewayUrl {
+    pub fn parse(url: &str) -> Result<GatewayUrl, EgressError> {
+        let bad = |reason: &str| EgressError::BadUrl {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        let (tls, rest) = if let Some(r) = url.strip_prefix("wss://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("ws://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else {
+            return Err(bad("the scheme must be wss:// (or ws:// for plain)"));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.is_empty() {
+            return Err(bad("no host"));
+        }
+        if authority.contains('@') {
+            return Err(bad(
+                "credentials do not belong in the URL; use --token-file",
+            ));
+        }
+        let default_port = if tls { 443 } else { 80 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let end = v6
+                .find(']')
+                .ok_or_else(|| bad("unclosed [ in IPv6 address"))?;
+            let host = &v6[..end];
+            let port = match &v6[end + 1..] {
+                "" => default_port,
+                p => p
+                    .strip_prefix(':')
+                    .and_then(|p| p.parse().ok())
+                    .ok_or_else(|| bad("bad port"))?,
+            };
+            (host.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().map_err(|_| bad("bad port"))?),
+                None => (authority.to_string(), default_port),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let prefix = path
+            .split(['?', '#'])
+            .next()
+            .unwrap_or("")
+            .trim_end_matches('/');
+        Ok(GatewayUrl {
+            tls,
+            host,
+            port,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// The WebSocket URL of one endpoint under the prefix, e.g. `agent` or `connector`.
+    pub fn endpoint(&self, name: &str) -> String {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!("{scheme}://{host}:{}{}/{name}", self.port, self.prefix)
+    }
+
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for GatewayUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        write!(f, "{scheme}://{}{}/", self.authority(), self.prefix)
+    }
+}
+
+/// Which certificates the client trusts for the gateway.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// An extra trust anchor (PEM), e.g. the CA of a trial deployment.
+    pub ca: Option<PathBuf>,
+    /// Trust only `ca` (pinning), not the OS store. Connectors pin the DMZ's CA by default.
+    pub pin: bool,
+}
+
+/// Reads every certificate in a PEM file.
+pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, EgressError> {
+    use rustls::pki_types::pem::PemObject;
+    let err = |reason: String| EgressError::CaFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(format!("not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(err("no CERTIFICATE block in it".into()));
+    }
+    Ok(certs)
+}
+
+/// The rustls client configuration for the gateway connection.
+pub fn client_config(opts: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, EgressError> {
+    let mut roots = RootCertStore::empty();
+    if !(opts.pin && opts.ca.is_some()) {
+        let native = rustls_native_certs::load_native_certs();
+        for e in &native.errors {
+            tracing::debug!(error = %e, "skipping part of the OS trust store");
+        }
+        let (_added, _ignored) = roots.add_parsable_certificates(native.certs);
+    }
+    if let Some(path) = &opts.ca {
+        for cert in read_pem_certs(path)? {
+            roots.add(cert).map_err(|e| EgressError::CaFile {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| EgressError::Tls {
+            host: String::new(),
+            reason: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A byte stream to the gateway: TLS, or plain for `ws://`.
+pub enum GatewayStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for GatewayStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            GatewayStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            GatewayStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for GatewayStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            GatewayStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            GatewayStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            GatewayStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            GatewayStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            GatewayStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            GatewayStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            GatewayStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            GatewayStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            GatewayStream::Plain(s) => s.is_write_vectored(),
+            GatewayStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Dials the gateway directly: resolve, TCP connect (each address in turn, within `timeout`),
+/// then TLS when the URL says `wss://`.
+pub async fn dial(
+    url: &GatewayUrl,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+) -> Result<GatewayStream, EgressError> {
+    let authority = url.authority();
+    let addrs: Vec<_> = tokio::net::lookup_host((url.host.as_str(), url.port))
+        .await
+        .map_err(|source| EgressError::Resolve {
+            host: url.host.clone(),
+            source,
+        })?
+        .collect();
+    let mut last = None;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut tcp = None;
+    for addr in addrs {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Err(_) => {
+                return Err(EgressError::ConnectTimeout {
+                    addr: authority,
+                    after: timeout,
+                })
+            }
+            Ok(Ok(s)) => {
+                tcp = Some(s);
+                break;
+            }
+            Ok(Err(e)) => last = Some((addr, e)),
+        }
+    }
+    let tcp = match tcp {
+        Some(t) => t,
+        None => {
+            let (addr, source) = last.unwrap_or_else(|| {
+                (
+                    ([0, 0, 0, 0], 0).into(),
+                    io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+                )
+            });
+            return Err(EgressError::Connect {
+                addr: format!("{authority} ({addr})"),
+                source,
+            });
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    if !url.tls {
+        return Ok(GatewayStream::Plain(tcp));
+    }
+    let Some(cfg) = tls else {
+        return Err(EgressError::Tls {
+            host: url.host.clone(),
+            reason: "no TLS configuration".into(),
+        });
+    };
+    let name = ServerName::try_from(url.host.clone()).map_err(|_| EgressError::BadUrl {
+        url: url.to_string(),
+        reason: "host is not a valid TLS server name".into(),
+    })?;
+    let connector = TlsConnector::from(cfg.clone());
+    match tokio::time::timeout_at(deadline, connector.connect(name, tcp)).await {
+        Err(_) => Err(EgressError::ConnectTimeout {
+            addr: authority,
+            after: timeout,
+        }),
+        Ok(Err(e)) => Err(EgressError::Tls {
+            host: url.host.clone(),
+            reason: explain_tls(&e),
+        }),
+        Ok(Ok(s)) => Ok(GatewayStream::Tls(Box::new(s))),
+    }
+}
+
+fn explain_tls(e: &io::Error) -> String {
+    let text = e.to_string();
+    if text.contains("UnknownIssuer") {
+        format!("{text}: the gateway's certificate is not signed by a CA this machine trusts (pass --ca FILE with the gateway's CA)")
+    } else if text.contains("NotValidForName") {
+        format!("{text}: the certificate does not name this host; use the name the certificate was issued for")
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_defaults_and_prefixes() {
+        let u = GatewayUrl::parse("wss://gw.example.com/").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.prefix.as_str()),
+            (true, "gw.example.com", 443, "")
+        );
+        assert_eq!(u.endpoint("agent"), "wss://gw.example.com:443/agent");
+        let u = GatewayUrl::parse("ws://127.0.0.1:8080/sp/v1/").unwrap();
+        assert_eq!((u.tls, u.port, u.prefix.as_str()), (false, 8080, "/sp/v1"));
+        assert_eq!(
+            u.endpoint("connector"),
+            "ws://127.0.0.1:8080/sp/v1/connector"
+        );
+        let u = GatewayUrl::parse("wss://[::1]:8443").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 8443));
+        assert_eq!(u.endpoint("agent"), "wss://[::1]:8443/agent");
+    }
+
+    #[test]
+    fn bad_urls_say_what_to_fix() {
+        for bad in [
+            "http://x/",
+            "wss://",
+            "wss://host:notaport/",
+            "wss://user:pw@host/",
+            "wss://[::1/",
+        ] {
+            let e = GatewayUrl::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("invalid gateway URL"), "{bad}: {e}");
+        }
+    }
+}

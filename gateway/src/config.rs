@@ -1,0 +1,521 @@
+//! Configuration of both gateway roles: TOML files, command-line flags that override them, and
+//! validation into the typed [`DmzConfig`] / [`ConnectorConfig`] before any port is bound.
+//!
+//! Every error names what to fix: the flag, or the file, line and key.
+
+use crate::auth::{ReloadingStore, TokenSecret};
+use crate::connector::ConnectorConfig;
+use crate::dmz::DmzConfig;
+use crate::limits::Limits;
+use crate::policy::{self, Policy, Route, Rule};
+use clap::Args;
+use egress::GatewayUrl;
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A configuration problem; the binaries exit with code 64 on it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(s: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(s.into())
+}
+
+/// Reads and deserializes a TOML file with errors that give file and line.
+pub fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_toml(&text, path)
+}
+
+pub fn parse_toml<T: for<'de> Deserialize<'de>>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+            .unwrap_or(0);
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line,
+            message: e.message().to_string(),
+        }
+    })
+}
+
+/// Resolves a path from a config file relative to the file's folder.
+fn relative_to(base: Option<&Path>, p: PathBuf) -> PathBuf {
+    match base.and_then(Path::parent) {
+        Some(dir) if p.is_relative() => dir.join(p),
+        _ => p,
+    }
+}
+
+fn duration(s: &str, key: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s).map_err(|e| {
+        invalid(format!(
+            "{key}: `{s}` is not a duration ({e}); write e.g. 10s or 2m"
+        ))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// DMZ
+
+/// `sallyport-gateway dmz` flags.
+#[derive(Args, Debug, Default, Clone)]
+pub struct DmzArgs {
+    /// TOML config file; flags override its values.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:443].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Certificate chain (PEM) for TLS on the listener.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for TLS on the listener.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP/WebSocket, for running behind a TLS-terminating load balancer.
+    #[arg(long)]
+    pub plain: bool,
+    /// Path prefix for the endpoints ({prefix}/agent, {prefix}/connector, {prefix}/healthz).
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Agent token file (TOML, reloaded on change).
+    #[arg(long)]
+    pub agent_tokens: Option<PathBuf>,
+    /// Connector token file (TOML, reloaded on change).
+    #[arg(long)]
+    pub connector_tokens: Option<PathBuf>,
+    /// A load balancer address or network whose X-Forwarded-For/Forwarded headers are believed.
+    #[arg(long = "trusted-proxy")]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Name of this instance in logs and hellos [default: host name].
+    #[arg(long)]
+    pub instance_id: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DmzFile {
+    pub listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    #[serde(default)]
+    pub plain: bool,
+    pub prefix: Option<String>,
+    pub agent_tokens: Option<PathBuf>,
+    pub connector_tokens: Option<PathBuf>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    pub instance_id: Option<String>,
+    #[serde(default)]
+    pub limits: LimitsFile,
+    #[serde(default)]
+    pub tunnel: TunnelFile,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub max_connections: Option<usize>,
+    pub handshake_timeout: Option<String>,
+    pub handshakes_per_ip: Option<f64>,
+    pub sessions_per_agent_token: Option<usize>,
+    pub sessions_per_connector_token: Option<usize>,
+    pub opens_per_token: Option<f64>,
+    pub streams_per_session: Option<usize>,
+    pub max_streams: Option<usize>,
+}
+
+/// Tunnel tuning shared by all roles.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelFile {
+    pub stream_window: Option<u32>,
+    pub session_window: Option<u32>,
+    pub ping_interval: Option<String>,
+    pub ping_timeout: Option<String>,
+}
+
+impl TunnelFile {
+    pub fn apply(&self, cfg: &mut tunnel::Config) -> Result<(), ConfigError> {
+        if let Some(w) = self.stream_window {
+            if !(16 * 1024..=64 * 1024 * 1024).contains(&w) {
+                return Err(invalid(
+                    "tunnel.stream_window must be between 16 KiB and 64 MiB",
+                ));
+            }
+            cfg.stream_window = w;
+        }
+        if let Some(w) = self.session_window {
+            if w < cfg.stream_window {
+                return Err(invalid(
+                    "tunnel.session_window must be at least tunnel.stream_window",
+                ));
+            }
+            cfg.session_window = w;
+        }
+        if let Some(s) = &self.ping_interval {
+            cfg.ping_interval = duration(s, "tunnel.ping_interval")?;
+        }
+        if let Some(s) = &self.ping_timeout {
+            cfg.ping_timeout = duration(s, "tunnel.ping_timeout")?;
+        }
+        Ok(())
+    }
+}
+
+pub fn default_instance_id() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .unwrap_or_else(|| "sallyport".to_string())
+}
+
+/// Normalises a path prefix: "" or "/x/y" (leading slash, no trailing slash).
+pub fn normalize_prefix(p: &str) -> Result<String, ConfigError> {
+    let t = p.trim().trim_end_matches('/');
+    if t.is_empty() {
+        return Ok(String::new());
+    }
+    if !t.starts_with('/') || t.contains(['?', '#', ' ']) {
+        return Err(invalid(format!(
+            "--prefix `{p}` must be a path such as /sallyport"
+        )));
+    }
+    Ok(t.to_string())
+}
+
+pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
+    let file: DmzFile = match &args.config {
+        Some(p) => read_toml(p)?,
+        None => DmzFile::default(),
+    };
+    let base = args.config.as_deref();
+    let rel = |p: PathBuf| relative_to(base, p);
+    let plain = args.plain || file.plain;
+    let cert = args.tls_cert.or(file.tls_cert.map(rel));
+    let key = args.tls_key.or(file.tls_key.map(|p| relative_to(base, p)));
+    let tls = match (plain, cert, key) {
+        (true, None, None) => None,
+        (true, _, _) => return Err(invalid("--plain and --tls-cert/--tls-key exclude each other: pick one")),
+        (false, Some(c), Some(k)) => Some(crate::certs::load_server_config(&c, &k).map_err(|e| invalid(e.to_string()))?),
+        (false, _, _) => {
+            return Err(invalid(
+                "TLS needs both --tls-cert and --tls-key (or tls_cert/tls_key in the config); use --plain behind a TLS-terminating load balancer",
+            ))
+        }
+    };
+    let agent_tokens = args
+        .agent_tokens
+        .or(file.agent_tokens.map(|p| relative_to(base, p)))
+        .ok_or_else(|| invalid("--agent-tokens FILE is required (create one with `sallyport-gateway token new --kind agent`)"))?;
+    let connector_tokens = args
+        .connector_tokens
+        .or(file.connector_tokens.map(|p| relative_to(base, p)))
+        .ok_or_else(|| invalid("--connector-tokens FILE is required (create one with `sallyport-gateway token new --kind connector`)"))?;
+    let agent_tokens =
+        Arc::new(ReloadingStore::open(&agent_tokens).map_err(|e| invalid(e.to_string()))?);
+    let connector_tokens =
+        Arc::new(ReloadingStore::open(&connector_tokens).map_err(|e| invalid(e.to_string()))?);
+    let mut limits = Limits::default();
+    let l = &file.limits;
+    if let Some(v) = l.max_connections {
+        limits.max_connections = v.max(1);
+    }
+    if let Some(v) = &l.handshake_timeout {
+        limits.handshake_timeout = duration(v, "limits.handshake_timeout")?;
+    }
+    if let Some(v) = l.handshakes_per_ip {
+        limits.handshakes_per_ip = v;
+    }
+    if let Some(v) = l.sessions_per_agent_token {
+        limits.sessions_per_agent_token = v;
+    }
+    if let Some(v) = l.sessions_per_connector_token {
+        limits.sessions_per_connector_token = v;
+    }
+    if let Some(v) = l.opens_per_token {
+        limits.opens_per_token = v;
+    }
+    if let Some(v) = l.streams_per_session {
+        limits.streams_per_session = v;
+    }
+    if let Some(v) = l.max_streams {
+        limits.max_streams = v;
+    }
+    let mut session = tunnel::Config::new(tunnel::Role::Dmz, false);
+    file.tunnel.apply(&mut session)?;
+    let mut trusted = file.trusted_proxies;
+    trusted.extend(args.trusted_proxies);
+    Ok(DmzConfig {
+        listen: args.listen.or(file.listen).unwrap_or_else(|| {
+            "0.0.0.0:443"
+                .parse()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 443)))
+        }),
+        tls,
+        prefix: normalize_prefix(
+            args.prefix
+                .as_deref()
+                .or(file.prefix.as_deref())
+                .unwrap_or(""),
+        )?,
+        agent_tokens,
+        connector_tokens,
+        trusted_proxies: trusted,
+        instance_id: args
+            .instance_id
+            .or(file.instance_id)
+            .unwrap_or_else(default_instance_id),
+        limits,
+        session,
+        reload_every: Duration::from_secs(2),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connector
+
+/// `sallyport-gateway connector` flags.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ConnectorArgs {
+    /// TOML config file; flags override its values.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// The DMZ gateway, e.g. wss://gw.example.com/
+    #[arg(long)]
+    pub gateway: Option<String>,
+    /// File holding the connector token (or set SALLYPORT_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// The DMZ's CA certificate (PEM); when given, only it is trusted (pinned).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Allow-list rule: `db.internal:5432`, `*.internal:22`, `10.20.0.0/16:443`, optionally
+    /// followed by ` users=a,b groups=c`. Repeatable.
+    #[arg(long = "allow")]
+    pub allow: Vec<String>,
+    /// Route to advertise to the DMZ (default: the routes of the allow-list). Repeatable.
+    #[arg(long = "advertise")]
+    pub advertise: Vec<String>,
+    /// Static host entry NAME=IP[,IP], consulted before DNS. Repeatable.
+    #[arg(long = "host")]
+    pub hosts: Vec<String>,
+    /// Sessions to keep up to the gateway [default: 2].
+    #[arg(long)]
+    pub sessions: Option<usize>,
+    /// Timeout for connecting to internal services and to the gateway [default: 10s].
+    #[arg(long)]
+    pub connect_timeout: Option<String>,
+    /// Name of this connector in logs [default: host name].
+    #[arg(long)]
+    pub instance_id: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorFile {
+    pub gateway: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    #[serde(default)]
+    pub allow: Vec<Rule>,
+    #[serde(default)]
+    pub advertise: Vec<Route>,
+    #[serde(default)]
+    pub hosts: HashMap<String, HostsValue>,
+    pub sessions: Option<usize>,
+    pub connect_timeout: Option<String>,
+    pub instance_id: Option<String>,
+    #[serde(default)]
+    pub tunnel: TunnelFile,
+}
+
+/// `hosts` values: one address or a list.
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum HostsValue {
+    One(IpAddr),
+    Many(Vec<IpAddr>),
+}
+
+/// Reads a token from a file or `SALLYPORT_TOKEN` (never from a flag: argv is visible to every
+/// local user).
+pub fn read_token(file: Option<&Path>) -> Result<TokenSecret, ConfigError> {
+    let text = match file {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| invalid(format!("cannot read token file {}: {e}", p.display())))?,
+        None => std::env::var("SALLYPORT_TOKEN")
+            .map_err(|_| invalid("no token: pass --token-file FILE or set SALLYPORT_TOKEN"))?,
+    };
+    let t = text.trim();
+    crate::auth::parse_token(t).map_err(|e| {
+        invalid(format!(
+            "the token in {} is malformed ({e}); tokens look like sp_<id>_<64 hex>",
+            file.map(|p| p.display().to_string())
+                .unwrap_or_else(|| "SALLYPORT_TOKEN".into())
+        ))
+    })?;
+    Ok(TokenSecret::new(t))
+}
+
+pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigError> {
+    let file: ConnectorFile = match &args.config {
+        Some(p) => read_toml(p)?,
+        None => ConnectorFile::default(),
+    };
+    let base = args.config.as_deref();
+    let gateway = args.gateway.or(file.gateway).ok_or_else(|| {
+        invalid("--gateway URL is required, e.g. --gateway wss://gw.example.com/")
+    })?;
+    let gateway = GatewayUrl::parse(&gateway).map_err(|e| invalid(e.to_string()))?;
+    let token_file = args
+        .token_file
+        .or(file.token_file.map(|p| relative_to(base, p)));
+    let token = read_token(token_file.as_deref())?;
+    let ca = args.ca.or(file.ca.map(|p| relative_to(base, p)));
+    let tls = if gateway.tls {
+        Some(crate::connector::tls_config(ca.as_deref()).map_err(|e| invalid(e.to_string()))?)
+    } else {
+        None
+    };
+    let mut rules = file.allow;
+    for a in &args.allow {
+        rules.push(
+            a.parse::<Rule>()
+                .map_err(|e| invalid(format!("--allow: {e}")))?,
+        );
+    }
+    if rules.is_empty() {
+        return Err(invalid("the allow-list is empty: add --allow 'db.internal:5432' (or allow = [...] in the config); a connector without rules serves nothing"));
+    }
+    let mut routes = file.advertise;
+    for a in &args.advertise {
+        routes.push(
+            a.parse::<Route>()
+                .map_err(|e| invalid(format!("--advertise: {e}")))?,
+        );
+    }
+    if routes.is_empty() {
+        routes = rules.iter().map(|r| r.route.clone()).collect();
+    }
+    let mut hosts: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    for (k, v) in file.hosts {
+        let name = normalize_host_key(&k)?;
+        hosts.insert(
+            name,
+            match v {
+                HostsValue::One(a) => vec![a],
+                HostsValue::Many(a) => a,
+            },
+        );
+    }
+    for h in &args.hosts {
+        let (name, ips) = h
+            .split_once('=')
+            .ok_or_else(|| invalid(format!("--host `{h}`: expected NAME=IP[,IP]")))?;
+        let ips = ips
+            .split(',')
+            .map(|s| s.trim().parse::<IpAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(format!("--host `{h}`: {e}")))?;
+        hosts.insert(normalize_host_key(name)?, ips);
+    }
+    let connect_timeout = match args.connect_timeout.or(file.connect_timeout) {
+        Some(s) => duration(&s, "connect_timeout")?,
+        None => Duration::from_secs(10),
+    };
+    let sessions = args.sessions.or(file.sessions).unwrap_or(2);
+    if sessions == 0 || sessions > 64 {
+        return Err(invalid("--sessions must be between 1 and 64"));
+    }
+    let mut session = tunnel::Config::new(tunnel::Role::Connector, true);
+    file.tunnel.apply(&mut session)?;
+    Ok(ConnectorConfig {
+        gateway,
+        token,
+        tls,
+        policy: Arc::new(Policy::new(rules, policy::local_addresses())),
+        routes,
+        hosts,
+        sessions,
+        connect_timeout,
+        instance_id: args
+            .instance_id
+            .or(file.instance_id)
+            .unwrap_or_else(default_instance_id),
+        session,
+    })
+}
+
+fn normalize_host_key(name: &str) -> Result<String, ConfigError> {
+    match policy::parse_host(name) {
+        Ok(policy::Host::Name(n)) => Ok(n),
+        Ok(policy::Host::Ip(_)) => Err(invalid(format!(
+            "hosts: `{name}` is an address, not a name"
+        ))),
+        Err(e) => Err(invalid(format!("hosts: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_normalised_or_refused() {
+        assert_eq!(normalize_prefix("/").unwrap(), "");
+        assert_eq!(normalize_prefix("/sp/").unwrap(), "/sp");
+        assert!(normalize_prefix("sp").is_err());
+    }
+
+    #[test]
+    fn a_toml_error_names_file_and_line() {
+        let e = parse_toml::<DmzFile>(
+            "listen = \"0.0.0.0:443\"\nbogus = 1\n",
+            Path::new("dmz.toml"),
+        )
+        .unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("dmz.toml line 2"), "{s}");
+        assert!(s.contains("bogus"), "{s}");
+    }
+
+    #[test]
+    fn the_shipped_example_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let dmz: DmzFile = read_toml(&dir.join("dmz.toml")).unwrap();
+        assert!(dmz.agent_tokens.is_some());
+        let conn: ConnectorFile = read_toml(&dir.join("connector.toml")).unwrap();
+        assert!(!conn.allow.is_empty());
+        for f in ["agents.toml", "connectors.toml"] {
+            crate::auth::TokenStore::load(&dir.join(f)).unwrap();
+        }
+    }
+}

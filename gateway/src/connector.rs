@@ -1,0 +1,351 @@
+//! The connector: inside the trusted network, it dials *out* to the DMZ and listens on nothing.
+//!
+//! It keeps `sessions` sessions up (reconnecting with exponential backoff and jitter, reset
+//! after a stable period), advertises its routes in-band, and for each stream the DMZ opens:
+//! checks the allow-list against the identity the DMZ stamped, resolves the name itself, checks
+//! every resolved address (loopback, link-local and its own addresses denied unless listed),
+//! connects with a timeout, answers `OPEN_OK`/`OPEN_ERR`, and copies bytes both ways.
+
+use crate::policy::{self, Host, Policy, Route, Who};
+use egress::{GatewayUrl, TlsOptions};
+use rand::Rng;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+use tunnel::{meta, ErrorCode, Role, Session, Stream};
+
+/// Everything the connector needs, validated before anything is dialled.
+#[derive(Clone)]
+pub struct ConnectorConfig {
+    pub gateway: GatewayUrl,
+    pub token: crate::auth::TokenSecret,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub policy: Arc<Policy>,
+    /// Routes advertised to the DMZ (by default, the allow-list's routes).
+    pub routes: Vec<Route>,
+    /// Static name → address entries consulted before DNS (like curl's `--resolve`).
+    pub hosts: HashMap<String, Vec<IpAddr>>,
+    /// Sessions kept up to the gateway.
+    pub sessions: usize,
+    pub connect_timeout: Duration,
+    pub instance_id: String,
+    pub session: tunnel::Config,
+}
+
+impl std::fmt::Debug for ConnectorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectorConfig")
+            .field("gateway", &self.gateway.to_string())
+            .field("token", &self.token)
+            .field(
+                "routes",
+                &self
+                    .routes
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .field("sessions", &self.sessions)
+            .finish()
+    }
+}
+
+/// Builds the TLS client configuration: with a CA file the connector pins it (trusts only it).
+pub fn tls_config(
+    ca: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ClientConfig>, egress::EgressError> {
+    egress::client_config(&TlsOptions {
+        ca: ca.map(|p| p.to_path_buf()),
+        pin: true,
+    })
+}
+
+/// Runs until `shutdown`.
+pub async fn run(config: ConnectorConfig, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    let config = Arc::new(config);
+    info!(gateway = %config.gateway, sessions = config.sessions, routes = %config.routes.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" "), "connector starting");
+    for n in 0..config.sessions.max(1) {
+        let config = config.clone();
+        let shutdown = shutdown.clone();
+        let tracker2 = tracker.clone();
+        tracker.spawn(
+            async move { keep_session(config, shutdown, tracker2).await }
+                .instrument(info_span!("session", n)),
+        );
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Exponential backoff with full jitter: 0.5 s doubling to 30 s, reset after a session that
+/// stayed up for a minute.
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Backoff {
+    pub const MAX: Duration = Duration::from_secs(30);
+    pub const STABLE: Duration = Duration::from_secs(60);
+
+    pub fn delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        let jitter = rand::thread_rng().gen_range(0.5..=1.0);
+        base.mul_f64(jitter)
+    }
+
+    pub fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+}
+
+async fn keep_session(
+    config: Arc<ConnectorConfig>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut backoff = Backoff::default();
+    while !shutdown.is_cancelled() {
+        let started = Instant::now();
+        match connect(&config).await {
+            Ok((session, incoming)) => {
+                info!(dmz = %session.peer().instance_id, "connected to the gateway");
+                session.advertise_routes(config.routes.iter().map(|r| r.to_string()).collect());
+                serve(&config, &session, incoming, &shutdown, &tracker).await;
+                let why = session.closed().await;
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                warn!(reason = %why, "gateway session ended; reconnecting");
+            }
+            Err(e) => warn!(error = %e, "cannot reach the gateway"),
+        }
+        if started.elapsed() > Backoff::STABLE {
+            backoff.reset();
+        }
+        let wait = backoff.delay();
+        debug!(?wait, "waiting before reconnecting");
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Why a session to the gateway could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Egress(#[from] egress::EgressError),
+    #[error("{0}")]
+    Handshake(#[from] tunnel::ws::HandshakeError),
+    #[error("tunnel hello failed: {0}")]
+    Session(#[from] tunnel::SessionError),
+}
+
+async fn connect(config: &ConnectorConfig) -> Result<(Session, tunnel::Incoming), ConnectError> {
+    let io = egress::dial(&config.gateway, config.tls.as_ref(), config.connect_timeout).await?;
+    let url = config.gateway.endpoint("connector");
+    let transport = tunnel::ws::client(
+        io,
+        &url,
+        Some(config.token.expose()),
+        config.session.max_frame,
+    )
+    .await?;
+    let mut cfg = config.session.clone();
+    cfg.role = Role::Connector;
+    cfg.initiator = true;
+    cfg.instance_id = config.instance_id.clone();
+    Ok(Session::start(transport, cfg).await?)
+}
+
+async fn serve(
+    config: &Arc<ConnectorConfig>,
+    session: &Session,
+    mut incoming: tunnel::Incoming,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => {
+                session.close(ErrorCode::Shutdown, "connector shutting down");
+                return;
+            }
+            s = incoming.accept() => match s { Some(s) => s, None => return },
+        };
+        let config = config.clone();
+        tracker.spawn(async move { handle_stream(config, stream).await });
+    }
+}
+
+/// A refusal: code for the wire, reason for the user.
+struct Refusal(ErrorCode, String);
+
+async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
+    let Some(req) = stream.request().cloned() else {
+        return;
+    };
+    let dest = req.dest.clone();
+    let user = req.meta.get(meta::NAME).unwrap_or("").to_string();
+    let token = req.meta.get(meta::TOKEN_ID).unwrap_or("").to_string();
+    let client = req.meta.get(meta::CLIENT_ADDR).unwrap_or("").to_string();
+    let groups: Vec<String> = req
+        .meta
+        .get(meta::GROUPS)
+        .unwrap_or("")
+        .split(',')
+        .filter(|g| !g.is_empty())
+        .map(str::to_string)
+        .collect();
+    let started = Instant::now();
+    let who = Who {
+        user: &user,
+        groups: &groups,
+    };
+    let tcp = match dial_checked(&config, &dest, &who).await {
+        Ok((tcp, addr)) => {
+            info!(target: "audit", event = "open", %token, %user, %client, %dest, %addr, "stream open");
+            tcp
+        }
+        Err(Refusal(code, reason)) => {
+            info!(target: "audit", event = "refused", %token, %user, %client, %dest, %code, %reason, "stream refused");
+            stream.reject(code, &reason);
+            return;
+        }
+    };
+    stream.accept();
+    let mut tcp = tcp;
+    let mut stream = stream;
+    let result =
+        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, 64 * 1024, 64 * 1024).await;
+    let (up, down) = stream.byte_counts();
+    let outcome = match &result {
+        Ok(_) => "closed".to_string(),
+        Err(e) => format!("reset: {e}"),
+    };
+    info!(
+        target: "audit", event = "close", %token, %user, %client, %dest, bytes_up = up, bytes_down = down,
+        duration_ms = started.elapsed().as_millis() as u64, %outcome, "stream closed"
+    );
+    if result.is_err() {
+        stream.reset(ErrorCode::Cancel, "connection to the service failed");
+    }
+}
+
+/// Policy check, resolution, per-address check, connect.
+async fn dial_checked(
+    config: &ConnectorConfig,
+    dest: &tunnel::Dest,
+    who: &Who<'_>,
+) -> Result<(TcpStream, SocketAddr), Refusal> {
+    let host = policy::parse_host(&dest.host)
+        .map_err(|e| Refusal(ErrorCode::NotAllowed, e.to_string()))?;
+    config
+        .policy
+        .check(&host, dest.port, who)
+        .map_err(|d| Refusal(ErrorCode::NotAllowed, d.reason))?;
+    let addrs: Vec<IpAddr> = match &host {
+        Host::Ip(ip) => vec![*ip],
+        Host::Name(name) => match config.hosts.get(name) {
+            Some(a) => a.clone(),
+            None => {
+                let lookup = tokio::net::lookup_host((name.as_str(), dest.port));
+                match tokio::time::timeout(config.connect_timeout, lookup).await {
+                    Ok(Ok(it)) => it.map(|sa| sa.ip()).collect(),
+                    Ok(Err(e)) => {
+                        return Err(Refusal(
+                            ErrorCode::HostNotFound,
+                            format!("cannot resolve {name} inside the trusted network: {e}"),
+                        ))
+                    }
+                    Err(_) => {
+                        return Err(Refusal(
+                            ErrorCode::TimedOut,
+                            format!("resolving {name} timed out"),
+                        ))
+                    }
+                }
+            }
+        },
+    };
+    let mut allowed = Vec::new();
+    let mut denial = None;
+    for a in addrs {
+        match config.policy.check_resolved(&host, dest.port, who, a) {
+            Ok(()) => allowed.push(a),
+            Err(d) => denial = denial.or(Some(d.reason)),
+        }
+    }
+    if allowed.is_empty() {
+        return Err(Refusal(
+            ErrorCode::NotAllowed,
+            denial.unwrap_or_else(|| format!("{} resolved to no address", dest.host)),
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    let mut last = None;
+    for ip in allowed {
+        let addr = SocketAddr::new(ip, dest.port);
+        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok((s, addr));
+            }
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {
+                return Err(Refusal(
+                    ErrorCode::TimedOut,
+                    format!(
+                        "connecting to {dest} timed out after {:?}",
+                        config.connect_timeout
+                    ),
+                ))
+            }
+        }
+    }
+    let e = last.unwrap_or_else(|| std::io::Error::other("no address"));
+    let code = match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => ErrorCode::Refused,
+        std::io::ErrorKind::TimedOut => ErrorCode::TimedOut,
+        _ => ErrorCode::Unreachable,
+    };
+    let what = match code {
+        ErrorCode::Refused => "connection refused by",
+        ErrorCode::TimedOut => "connection timed out to",
+        _ => "cannot reach",
+    };
+    Err(Refusal(code, format!("{what} {dest} ({e})")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::default();
+        let first = b.delay();
+        assert!(first <= Duration::from_millis(500) && first >= Duration::from_millis(250));
+        for _ in 0..20 {
+            assert!(b.delay() <= Backoff::MAX);
+        }
+        b.reset();
+        assert!(b.delay() <= Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,164 @@
+//! Rate and count limits of the DMZ: handshakes per source address, sessions per token, stream
+//! opens per second per token. Bounded maps, so a flood of distinct keys cannot grow memory
+//! without limit.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The DMZ's limits. Defaults are safe for a public-facing gateway.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Connections being served at once (TLS, HTTP head, or a live session).
+    pub max_connections: usize,
+    /// Deadline for TLS + HTTP upgrade + tunnel hello.
+    pub handshake_timeout: Duration,
+    /// Handshakes per second from one source address (burst: twice this).
+    pub handshakes_per_ip: f64,
+    /// Live sessions per agent token.
+    pub sessions_per_agent_token: usize,
+    /// Live sessions per connector token.
+    pub sessions_per_connector_token: usize,
+    /// Stream opens per second per agent token (burst: twice this).
+    pub opens_per_token: f64,
+    /// Streams one agent session may have open at once.
+    pub streams_per_session: usize,
+    /// Streams relayed at once by the whole gateway; with the per-stream windows this is the
+    /// memory budget (`max_streams × 2 × stream_window` at worst).
+    pub max_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 8192,
+            handshake_timeout: Duration::from_secs(10),
+            handshakes_per_ip: 20.0,
+            sessions_per_agent_token: 16,
+            sessions_per_connector_token: 32,
+            opens_per_token: 500.0,
+            streams_per_session: 16_384,
+            max_streams: 65_536,
+        }
+    }
+}
+
+/// Token buckets keyed by `K`, at most `cap` keys (full buckets are forgotten first).
+pub struct Buckets<K> {
+    rate: f64,
+    burst: f64,
+    cap: usize,
+    map: Mutex<HashMap<K, (f64, Instant)>>,
+}
+
+impl<K: Hash + Eq + Clone> Buckets<K> {
+    pub fn new(rate: f64, cap: usize) -> Self {
+        Buckets {
+            rate,
+            burst: (rate * 2.0).max(1.0),
+            cap,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token for `key`; false when the key is over its rate.
+    pub fn allow(&self, key: &K) -> bool {
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= self.cap && !map.contains_key(key) {
+            let (rate, burst) = (self.rate, self.burst);
+            map.retain(|_, (tokens, at)| *tokens + at.elapsed().as_secs_f64() * rate < burst);
+            if map.len() >= self.cap {
+                return false;
+            }
+        }
+        let entry = map.entry(key.clone()).or_insert((self.burst, now));
+        let refill = now.duration_since(entry.1).as_secs_f64() * self.rate;
+        entry.0 = (entry.0 + refill).min(self.burst);
+        entry.1 = now;
+        if entry.0 >= 1.0 {
+            entry.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Live counts keyed by `K` with a maximum each; [`Counts::acquire`] returns a guard.
+pub struct Counts<K: Hash + Eq + Clone> {
+    max: usize,
+    map: Mutex<HashMap<K, usize>>,
+}
+
+pub struct CountGuard<K: Hash + Eq + Clone> {
+    counts: std::sync::Arc<Counts<K>>,
+    key: K,
+}
+
+impl<K: Hash + Eq + Clone> Counts<K> {
+    pub fn new(max: usize) -> Self {
+        Counts {
+            max,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn acquire(self: &std::sync::Arc<Self>, key: &K) -> Option<CountGuard<K>> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(key.clone()).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(CountGuard {
+            counts: self.clone(),
+            key: key.clone(),
+        })
+    }
+}
+
+impl<K: Hash + Eq + Clone> Drop for CountGuard<K> {
+    fn drop(&mut self) {
+        let mut map = self.counts.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_refuses() {
+        let b = Buckets::new(5.0, 10);
+        let allowed = (0..20).filter(|_| b.allow(&"k")).count();
+        assert_eq!(allowed, 10);
+        assert!(b.allow(&"other"));
+    }
+
+    #[test]
+    fn a_flood_of_keys_does_not_grow_the_map_beyond_its_cap() {
+        let b = Buckets::new(1.0, 100);
+        for i in 0..10_000 {
+            b.allow(&i);
+        }
+        assert!(b.map.lock().unwrap().len() <= 100);
+    }
+
+    #[test]
+    fn counts_release_on_drop() {
+        let c = std::sync::Arc::new(Counts::new(2));
+        let a = c.acquire(&"t").unwrap();
+        let _b = c.acquire(&"t").unwrap();
+        assert!(c.acquire(&"t").is_none());
+        drop(a);
+        assert!(c.acquire(&"t").is_some());
+    }
+}

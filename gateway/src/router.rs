@@ -1,0 +1,77 @@
+//! The DMZ's table of connector sessions and the routes each may serve.
+//!
+//! A connector advertises routes in-band (`ROUTES`); the DMZ keeps only those its credential was
+//! issued for ([`crate::policy::Route::covers`]), so a stolen connector token cannot attract
+//! traffic for other destinations. A new stream goes to the least loaded live session whose
+//! routes match its destination, which spreads streams over connectors and their sessions.
+
+use crate::policy::{Host, Route};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use tunnel::Session;
+
+struct Entry {
+    id: u64,
+    connector: String,
+    session: Session,
+    routes: Vec<Route>,
+}
+
+/// A chosen connector session.
+pub struct Chosen {
+    pub connector: String,
+    pub session: Session,
+}
+
+#[derive(Default)]
+pub struct Router {
+    entries: Mutex<Vec<Entry>>,
+    next_id: AtomicU64,
+}
+
+impl Router {
+    /// Registers a connector session (with no routes until it advertises); returns its key.
+    pub fn add(&self, connector: &str, session: Session) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().push(Entry {
+            id,
+            connector: connector.to_string(),
+            session,
+            routes: Vec::new(),
+        });
+        id
+    }
+
+    pub fn set_routes(&self, id: u64, routes: Vec<Route>) {
+        if let Some(e) = self.lock().iter_mut().find(|e| e.id == id) {
+            e.routes = routes;
+        }
+    }
+
+    pub fn remove(&self, id: u64) {
+        self.lock().retain(|e| e.id != id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The least loaded live session that serves `host:port`.
+    pub fn pick(&self, host: &Host, port: u16) -> Option<Chosen> {
+        let entries = self.lock();
+        entries
+            .iter()
+            .filter(|e| !e.session.is_going_away())
+            .filter(|e| e.routes.iter().any(|r| r.matches(host, port)))
+            .min_by_key(|e| e.session.stream_count())
+            .map(|e| Chosen {
+                connector: e.connector.clone(),
+                session: e.session.clone(),
+            })
+    }
+
+    /// Number of registered connector sessions (for `/healthz` and logs).
+    pub fn sessions(&self) -> usize {
+        self.lock().len()
+    }
+}
