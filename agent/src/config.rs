@@ -268,7 +268,7 @@ pub fn read_token(file: Option<&Path>) -> Result<Secret, ConfigError> {
             .map_err(|_| invalid("no token: pass --token-file FILE or set SALLYPORT_TOKEN"))?,
     };
     let t = text.trim();
-    if !t.starts_with("sp_") || t.len() < 70 || t.contains(char::is_whitespace) {
+    if !t.starts_with("sp_") || t.len() < 69 || t.contains(char::is_whitespace) {
         return Err(invalid(format!(
             "the token in {} does not look like a sallyport token (sp_<id>_<64 hex>)",
             file.map(|p| p.display().to_string())

@@ -30,9 +30,9 @@ enum Command {
     Connect {
         host: String,
         port: u16,
-        /// The running agent's SOCKS5 port [default: from the config, else 127.0.0.1:1080].
-        #[arg(long)]
-        socks: Option<SocketAddr>,
+        /// (`--socks ADDR` names the running agent's SOCKS5 port [default: from the config,
+        /// else 127.0.0.1:1080]; without a running agent, the other flags let `connect` open its
+        /// own session.)
         #[command(flatten)]
         agent: AgentArgs,
     },
@@ -74,8 +74,10 @@ fn main() -> ExitCode {
 fn init_tracing(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
@@ -117,11 +119,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Connect {
             host,
             port,
-            socks,
             agent: args,
         } => rt.block_on(async {
             let cfg = config::agent_config(args.clone());
-            let socks = socks
+            let socks = args
+                .socks
+                .as_deref()
+                .and_then(|s| s.parse::<SocketAddr>().ok())
                 .or_else(|| cfg.as_ref().ok().and_then(|c| c.socks))
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1080)));
             match agent::connect::via_agent(socks, &host, port).await {

@@ -58,10 +58,8 @@ fn dest_failed(src: &Stream, e: StreamError) -> PumpEnd {
     PumpEnd::DestFailed(e)
 }
 
+/// The code a reset carries on to the other side: the same one, so "refused by the service"
+/// or "cancelled by the app" reaches the far end as such.
 fn relay_code(e: &StreamError) -> ErrorCode {
-    match e.code() {
-        // A peer's cancel is passed on as a cancel; anything else keeps its code.
-        ErrorCode::Cancel => ErrorCode::Cancel,
-        c => c,
-    }
+    e.code()
 }

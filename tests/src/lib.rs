@@ -1,1 +1,505 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: find the real binaries, run them as child processes on
+//! loopback (port 0 everywhere, addresses read back from their logs), small internal services,
+//! and a [`System`] that brings up gateway, connector and agent for one test.
+//!
+//! Every process is killed when its handle drops, so a failing test leaves nothing running.
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The folder holding the built binaries (`target/debug`), next to this test's `deps/`.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    for b in ["sallyport", "sallyport-gateway"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} is missing: build the binaries first (`cargo build --bins`; scripts/test.sh does it)",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// Fails (never skips) when a tool the test needs is missing.
+pub fn require_tool(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is required by this test: run scripts/test.sh, which installs it"
+    );
+}
+
+/// A unique scratch folder, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p =
+            std::env::temp_dir().join(format!("sallyport-e2e-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process whose stderr lines are collected; killed on drop.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
+        cmd.stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .stdin(Stdio::null());
+        let mut child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().context("stderr")?;
+        let sink = lines.clone();
+        let tag = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                if std::env::var_os("E2E_VERBOSE").is_some() {
+                    eprintln!("[{tag}] {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            lines,
+        })
+    }
+
+    /// Waits for a log line containing every one of `needles`; returns it.
+    pub fn wait_for(&self, needles: &[&str], timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return Ok(l.clone());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} never logged {:?}; its log:\n{}",
+                    self.name,
+                    needles,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// The `addr=` field of the first log line containing all `needles`.
+    pub fn addr(&self, needles: &[&str]) -> Result<SocketAddr> {
+        let line = self.wait_for(needles, Duration::from_secs(15))?;
+        field(&line, "addr")
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no addr= in `{line}`"))
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The value of `key=value` in a log line (quotes stripped).
+pub fn field(line: &str, key: &str) -> Option<String> {
+    let pat = format!("{key}=");
+    let start = line.find(&pat)? + pat.len();
+    let rest = &line[start..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"').to_string())
+}
+
+/// Runs a command to completion; returns (status code, stdout, stderr).
+pub fn run(cmd: &mut Command) -> Result<(i32, String, String)> {
+    let out = cmd.output().context("running command")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Deterministic pseudo-random bytes for payload checks.
+pub fn pattern(offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let x = (offset + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        *b = (x >> 56) as u8;
+    }
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// The sha256 of `len` pattern bytes.
+pub fn pattern_sha256(len: u64) -> String {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < len {
+        let n = ((len - off) as usize).min(buf.len());
+        pattern(off, &mut buf[..n]);
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    hex::encode(h.finalize())
+}
+
+/// An "internal" HTTP/1.1 service: `GET /` → hello, `GET /bytes/N` → N pattern bytes,
+/// `POST /sha256` → hex digest of the body (Content-Length bodies).
+pub fn http_service() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || {
+        for s in l.incoming().map_while(|s| s.ok()) {
+            std::thread::spawn(move || {
+                let _ = serve_http(s);
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn serve_http(s: TcpStream) -> std::io::Result<()> {
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut w = s;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("").to_string();
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h)? == 0 {
+                return Ok(());
+            }
+            if h == "\r\n" || h == "\n" {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        if method == "POST" && path == "/sha256" {
+            let mut h = Sha256::new();
+            let mut left = len;
+            let mut buf = vec![0u8; 64 * 1024];
+            while left > 0 {
+                let n = r.read(&mut buf[..left.min(64 * 1024)])?;
+                if n == 0 {
+                    return Ok(());
+                }
+                h.update(&buf[..n]);
+                left -= n;
+            }
+            let body = hex::encode(h.finalize());
+            write!(
+                w,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
+        } else if let Some(n) = path.strip_prefix("/bytes/") {
+            let n: u64 = n.parse().unwrap_or(0);
+            write!(w, "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {n}\r\n\r\n")?;
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut off = 0;
+            while off < n {
+                let k = ((n - off) as usize).min(buf.len());
+                pattern(off, &mut buf[..k]);
+                w.write_all(&buf[..k])?;
+                off += k as u64;
+            }
+        } else {
+            let body = "hello from backend.internal\n";
+            write!(
+                w,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
+        }
+        w.flush()?;
+    }
+}
+
+/// A TCP echo service.
+pub fn echo_service() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || {
+        for s in l.incoming().map_while(|s| s.ok()) {
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().expect("clone");
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Trial PKI and tokens for one test, made with the real `sallyport-gateway` subcommands.
+pub struct Pki {
+    pub dir: TempDir,
+}
+
+impl Pki {
+    pub fn new(tag: &str) -> Result<Pki> {
+        let dir = TempDir::new(tag);
+        let gw = bin("sallyport-gateway");
+        let (code, _, err) = run(Command::new(&gw)
+            .args([
+                "cert",
+                "--name",
+                "127.0.0.1",
+                "--name",
+                "localhost",
+                "--out",
+            ])
+            .arg(dir.path()))?;
+        if code != 0 {
+            bail!("cert failed: {err}");
+        }
+        Ok(Pki { dir })
+    }
+
+    pub fn p(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Creates a token with `token new` and writes it to `<id>.token`.
+    pub fn token(&self, kind: &str, id: &str, extra: &[&str]) -> Result<PathBuf> {
+        let file = if kind == "agent" {
+            "agents.toml"
+        } else {
+            "connectors.toml"
+        };
+        let out = self.p(&format!("{id}.token"));
+        let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
+            .args(["token", "new", "--kind", kind, "--id", id, "--tokens"])
+            .arg(self.p(file))
+            .arg("--out")
+            .arg(&out)
+            .args(extra))?;
+        if code != 0 {
+            bail!("token new failed: {err}");
+        }
+        Ok(out)
+    }
+}
+
+/// Gateway, connector and agent for one test, on loopback.
+pub struct System {
+    pub pki: Pki,
+    pub dmz: Proc,
+    pub connector: Proc,
+    pub agent: Proc,
+    pub gw_url: String,
+    pub socks: SocketAddr,
+    pub http: SocketAddr,
+    pub forwards: Vec<SocketAddr>,
+    pub connector_args: Vec<String>,
+}
+
+impl System {
+    /// `allow`: connector `--allow` rules; `forwards`: agent `--forward` specs with LOCAL=0.
+    pub fn start(
+        tag: &str,
+        allow: &[String],
+        hosts: &[&str],
+        forwards: &[String],
+    ) -> Result<System> {
+        let pki = Pki::new(tag)?;
+        pki.token(
+            "agent",
+            "alice-laptop",
+            &["--name", "alice", "--groups", "dev"],
+        )?;
+        pki.token("connector", "site-a", &["--route", "*.internal:*"])?;
+        let dmz = Proc::spawn(
+            "dmz",
+            Command::new(bin("sallyport-gateway"))
+                .args([
+                    "dmz",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--instance-id",
+                    "dmz-test",
+                    "--tls-cert",
+                ])
+                .arg(pki.p("gateway.crt"))
+                .arg("--tls-key")
+                .arg(pki.p("gateway.key"))
+                .arg("--agent-tokens")
+                .arg(pki.p("agents.toml"))
+                .arg("--connector-tokens")
+                .arg(pki.p("connectors.toml")),
+        )?;
+        let gw = dmz.addr(&["dmz gateway listening"])?;
+        let gw_url = format!("wss://127.0.0.1:{}/", gw.port());
+        let mut connector_args: Vec<String> = vec![
+            "connector".into(),
+            "--gateway".into(),
+            gw_url.clone(),
+            "--token-file".into(),
+            pki.p("site-a.token").display().to_string(),
+            "--ca".into(),
+            pki.p("ca.crt").display().to_string(),
+            "--advertise".into(),
+            "*.internal:*".into(),
+            "--instance-id".into(),
+            "connector-test".into(),
+        ];
+        for a in allow {
+            connector_args.push("--allow".into());
+            connector_args.push(a.clone());
+        }
+        for h in hosts {
+            connector_args.push("--host".into());
+            connector_args.push(h.to_string());
+        }
+        let connector = Proc::spawn(
+            "connector",
+            Command::new(bin("sallyport-gateway")).args(&connector_args),
+        )?;
+        dmz.wait_for(&["connector routes"], Duration::from_secs(15))?;
+        let mut cmd = Command::new(bin("sallyport"));
+        cmd.args([
+            "run",
+            "--gateway",
+            &gw_url,
+            "--socks",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--token-file",
+        ])
+        .arg(pki.p("alice-laptop.token"))
+        .arg("--ca")
+        .arg(pki.p("ca.crt"))
+        .env("HOME", pki.dir.path());
+        for f in forwards {
+            cmd.arg("--forward").arg(f);
+        }
+        let agent = Proc::spawn("agent", &mut cmd)?;
+        let socks = agent.addr(&["listening", "socks5"])?;
+        let http = agent.addr(&["listening", "http"])?;
+        let mut fw = Vec::new();
+        for (i, _) in forwards.iter().enumerate() {
+            let lines: Vec<String> = {
+                agent.wait_for(&["listening", "forward"], Duration::from_secs(10))?;
+                agent
+                    .log()
+                    .lines()
+                    .filter(|l| l.contains("listening") && l.contains("forward"))
+                    .map(str::to_string)
+                    .collect()
+            };
+            let a = lines
+                .get(i)
+                .and_then(|l| field(l, "addr"))
+                .and_then(|a| a.parse().ok())
+                .context("forward addr")?;
+            fw.push(a);
+        }
+        agent.wait_for(&["connected to the gateway"], Duration::from_secs(15))?;
+        Ok(System {
+            pki,
+            dmz,
+            connector,
+            agent,
+            gw_url,
+            socks,
+            http,
+            forwards: fw,
+            connector_args,
+        })
+    }
+
+    /// Restarts the connector process (same arguments).
+    pub fn restart_connector(&mut self) -> Result<()> {
+        self.connector.kill();
+        self.connector = Proc::spawn(
+            "connector",
+            Command::new(bin("sallyport-gateway")).args(&self.connector_args),
+        )?;
+        Ok(())
+    }
+}
+
+/// Allow rules for a service reached as `backend.internal` on 127.0.0.1.
+pub fn allow_backend(port: u16) -> Vec<String> {
+    vec![
+        format!("backend.internal:{port}"),
+        format!("127.0.0.1/32:{port}"),
+    ]
+}
