@@ -40,10 +40,10 @@ enum Command {
     /// through them, and run until Ctrl-C.
     #[cfg(feature = "demo")]
     Demo {
-        /// SOCKS5 port of the demo agent [default: 127.0.0.1:1080].
+        /// SOCKS5 port of the demo agent.
         #[arg(long, default_value = "127.0.0.1:1080")]
         socks: SocketAddr,
-        /// HTTP proxy port of the demo agent [default: 127.0.0.1:8118].
+        /// HTTP proxy port of the demo agent.
         #[arg(long, default_value = "127.0.0.1:8118")]
         http: SocketAddr,
         /// Exit after the traffic went through (for scripts and CI).
@@ -53,7 +53,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors are configuration errors: exit 64 like every other bad input (help and
+    // --version still exit 0).
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 64 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     // `connect` talks on stdout and the demo prints its own summary: keep their logs quiet.
     #[cfg(feature = "demo")]
     let quiet = matches!(cli.command, Command::Connect { .. } | Command::Demo { .. });

@@ -110,7 +110,7 @@ pub struct DmzArgs {
     #[arg(long)]
     pub connector_tokens: Option<PathBuf>,
     /// A load balancer address or network whose X-Forwarded-For/Forwarded headers are believed.
-    #[arg(long = "trusted-proxy")]
+    #[arg(long = "trusted-proxy", value_parser = parse_net)]
     pub trusted_proxies: Vec<IpNet>,
     /// Name of this instance in logs and hellos [default: host name].
     #[arg(long)]
@@ -128,8 +128,9 @@ pub struct DmzFile {
     pub prefix: Option<String>,
     pub agent_tokens: Option<PathBuf>,
     pub connector_tokens: Option<PathBuf>,
+    /// Addresses (`10.0.0.5`) or networks (`10.0.0.0/24`).
     #[serde(default)]
-    pub trusted_proxies: Vec<IpNet>,
+    pub trusted_proxies: Vec<String>,
     pub instance_id: Option<String>,
     #[serde(default)]
     pub limits: LimitsFile,
@@ -211,6 +212,14 @@ pub fn normalize_prefix(p: &str) -> Result<String, ConfigError> {
     Ok(t.to_string())
 }
 
+/// A network (`10.0.0.0/24`) or a single address (`10.0.0.5`, taken as /32 or /128).
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("`{s}` is not an address or network such as 10.0.0.5 or 10.0.0.0/24"))
+}
+
 pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     let file: DmzFile = match &args.config {
         Some(p) => read_toml(p)?,
@@ -271,7 +280,11 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     }
     let mut session = tunnel::Config::new(tunnel::Role::Dmz, false);
     file.tunnel.apply(&mut session)?;
-    let mut trusted = file.trusted_proxies;
+    let mut trusted = file
+        .trusted_proxies
+        .iter()
+        .map(|t| parse_net(t).map_err(|e| invalid(format!("trusted_proxies: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
     trusted.extend(args.trusted_proxies);
     Ok(DmzConfig {
         listen: args.listen.or(file.listen).unwrap_or_else(|| {

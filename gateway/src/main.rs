@@ -83,7 +83,16 @@ enum TokenCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors are configuration errors: exit 64 like every other bad input (help and
+    // --version still exit 0).
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 64 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     init_tracing(&cli.log);
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -255,7 +255,9 @@ impl Shared {
         for s in st.streams.values_mut() {
             s.fail(StreamError::SessionLost(err.clone()));
         }
-        st.streams.clear();
+        // States whose handle is gone go now; the others stay (failed, with their byte counts)
+        // until their handle drops.
+        st.streams.retain(|_, s| !s.removable());
         st.ready.clear();
         st.control.clear();
         for w in st.session_waiters.drain(..) {
@@ -618,11 +620,8 @@ async fn run_reader<Rx: TransportRx>(shared: Arc<Shared>, mut rx: Rx) {
         let len = msg.len();
         match Frame::decode(msg, max_frame) {
             Ok(frame) => {
-                if let Err(reason) = handle_frame(&shared, frame, len) {
-                    shared.close(
-                        SessionError::Protocol(reason.clone()),
-                        Some((ErrorCode::Protocol, reason)),
-                    );
+                if let Err((code, reason)) = handle_frame(&shared, frame, len) {
+                    shared.close(SessionError::Protocol(reason.clone()), Some((code, reason)));
                     return;
                 }
             }
@@ -639,7 +638,11 @@ async fn run_reader<Rx: TransportRx>(shared: Arc<Shared>, mut rx: Rx) {
 }
 
 /// Applies one frame to the session state. An `Err` is a session-level protocol violation.
-fn handle_frame(shared: &Arc<Shared>, frame: Frame, wire_len: usize) -> Result<(), String> {
+fn handle_frame(
+    shared: &Arc<Shared>,
+    frame: Frame,
+    wire_len: usize,
+) -> Result<(), (ErrorCode, String)> {
     let mut st = shared.lock();
     st.last_recv = Instant::now();
     st.bytes_in += wire_len as u64;
@@ -647,9 +650,12 @@ fn handle_frame(shared: &Arc<Shared>, frame: Frame, wire_len: usize) -> Result<(
         Frame::Data { stream, payload } => {
             let n = payload.len() as u64;
             if n > st.recv_session_avail {
-                return Err(format!(
-                    "sent {n} bytes with only {} bytes of session credit left",
-                    st.recv_session_avail
+                return Err((
+                    ErrorCode::FlowControl,
+                    format!(
+                        "sent {n} bytes with only {} bytes of session credit left",
+                        st.recv_session_avail
+                    ),
                 ));
             }
             st.recv_session_avail -= n;
@@ -689,7 +695,7 @@ fn handle_frame(shared: &Arc<Shared>, frame: Frame, wire_len: usize) -> Result<(
         Frame::Window { stream: 0, credit } => {
             st.send_session_credit += credit as u64;
             if st.send_session_credit > (1u64 << 40) {
-                return Err("session window overflow".into());
+                return Err((ErrorCode::FlowControl, "session window overflow".into()));
             }
             for w in st.session_waiters.drain(..) {
                 w.wake();
@@ -713,8 +719,9 @@ fn handle_frame(shared: &Arc<Shared>, frame: Frame, wire_len: usize) -> Result<(
         Frame::Open { stream, dest, meta } => {
             let peer_parity = if shared.config.initiator { 0 } else { 1 };
             if stream % 2 != peer_parity || stream <= st.last_peer_id {
-                return Err(format!(
-                    "OPEN for stream {stream}, which is not a new id of the peer's"
+                return Err((
+                    ErrorCode::Protocol,
+                    format!("OPEN for stream {stream}, which is not a new id of the peer's"),
                 ));
             }
             st.last_peer_id = stream;
@@ -822,7 +829,7 @@ fn handle_frame(shared: &Arc<Shared>, frame: Frame, wire_len: usize) -> Result<(
             drop(st);
             shared.routes_tx.send_replace(routes);
         }
-        Frame::Hello(_) => return Err("second hello".into()),
+        Frame::Hello(_) => return Err((ErrorCode::Protocol, "second hello".into())),
     }
     Ok(())
 }

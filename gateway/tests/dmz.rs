@@ -1,0 +1,414 @@
+//! The DMZ gateway in-process, on loopback, with agents and connectors played at the tunnel
+//! level: bad input at every layer, identity stamping, route limits, and the hop-by-hop credit
+//! that keeps a slow agent from stalling a connector session shared with others.
+
+use gateway::auth::{self, ReloadingStore, TokenEntry};
+use gateway::dmz::{Dmz, DmzConfig};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tunnel::{meta, Dest, ErrorCode, Frame, Incoming, Meta, Role, Session, SessionError};
+
+struct Gw {
+    addr: SocketAddr,
+    agent_token: String,
+    connector_token: String,
+    _dir: TempDir,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn token(path: &Path, id: &str, name: &str, routes: &[&str]) -> String {
+    let (secret, sha256) = auth::generate(id).unwrap();
+    auth::append_token(
+        path,
+        &TokenEntry {
+            id: id.into(),
+            name: name.into(),
+            groups: vec!["dev".into()],
+            sha256,
+            expires: None,
+            routes: routes.iter().map(|r| r.to_string()).collect(),
+        },
+    )
+    .unwrap();
+    secret.expose().to_string()
+}
+
+async fn gateway(connector_routes: &[&str], tweak: impl FnOnce(&mut DmzConfig)) -> Gw {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("sallyport-dmz-test-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let agent_token = token(&dir.join("agents.toml"), "alice-laptop", "alice", &[]);
+    let connector_token = token(
+        &dir.join("connectors.toml"),
+        "site-a",
+        "site-a",
+        connector_routes,
+    );
+    let mut cfg = DmzConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
+        prefix: "/sp".into(),
+        agent_tokens: Arc::new(ReloadingStore::open(&dir.join("agents.toml")).unwrap()),
+        connector_tokens: Arc::new(ReloadingStore::open(&dir.join("connectors.toml")).unwrap()),
+        trusted_proxies: vec![],
+        instance_id: "dmz-test".into(),
+        limits: Default::default(),
+        session: tunnel::Config::new(Role::Dmz, false),
+        reload_every: Duration::from_millis(200),
+    };
+    cfg.limits.handshake_timeout = Duration::from_millis(500);
+    tweak(&mut cfg);
+    let dmz = Dmz::bind(cfg).await.unwrap();
+    let addr = dmz.local_addr();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(dmz.serve(shutdown.clone()));
+    Gw {
+        addr,
+        agent_token,
+        connector_token,
+        _dir: TempDir(dir),
+        shutdown,
+    }
+}
+
+async fn session(
+    gw: &Gw,
+    path: &str,
+    token: &str,
+    role: Role,
+) -> Result<(Session, Incoming), String> {
+    let tcp = TcpStream::connect(gw.addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let url = format!("ws://{}/sp/{path}", gw.addr);
+    let t = tunnel::ws::client(tcp, &url, Some(token), 65536)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut cfg = tunnel::Config::new(role, true);
+    cfg.accept_streams = role == Role::Connector;
+    Session::start(t, cfg).await.map_err(|e| e.to_string())
+}
+
+async fn connector(gw: &Gw, routes: &[&str]) -> (Session, Incoming) {
+    let (s, inc) = session(gw, "connector", &gw.connector_token, Role::Connector)
+        .await
+        .unwrap();
+    s.advertise_routes(routes.iter().map(|r| r.to_string()).collect());
+    // Give the DMZ a moment to register the routes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (s, inc)
+}
+
+async fn raw_request(addr: SocketAddr, req: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(req).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn healthz_answers_under_the_prefix_and_unknown_paths_get_404() {
+    let gw = gateway(&["*:*"], |_| {}).await;
+    let r = raw_request(gw.addr, b"GET /sp/healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("instance dmz-test"),
+        "{r}"
+    );
+    let r = raw_request(gw.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+}
+
+#[tokio::test]
+async fn silent_clients_do_not_stall_the_accept_loop_and_are_dropped_at_the_deadline() {
+    let gw = gateway(&["*:*"], |c| c.limits.handshakes_per_ip = 1000.0).await;
+    let mut silent = Vec::new();
+    for _ in 0..50 {
+        silent.push(TcpStream::connect(gw.addr).await.unwrap());
+    }
+    // Served while fifty silent clients hold connections.
+    let r = raw_request(gw.addr, b"GET /sp/healthz HTTP/1.1\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // Each silent client is closed once the handshake deadline passes.
+    for mut s in silent {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+            .await
+            .expect("closed at the deadline");
+        assert!(matches!(n, Ok(0) | Err(_)));
+    }
+}
+
+#[tokio::test]
+async fn a_request_without_upgrade_gets_426_naming_the_likely_cause() {
+    let gw = gateway(&["*:*"], |_| {}).await;
+    let r = raw_request(
+        gw.addr,
+        b"GET /sp/agent HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 426") && r.contains("stripped"),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_head_gets_431_and_garbage_gets_400() {
+    let gw = gateway(&["*:*"], |_| {}).await;
+    let mut req = b"GET /sp/agent HTTP/1.1\r\n".to_vec();
+    for i in 0..1000 {
+        req.extend_from_slice(format!("X-Filler-{i}: aaaaaaaaaaaaaaaaaaaaaaaa\r\n").as_bytes());
+    }
+    let r = raw_request(gw.addr, &req).await;
+    assert!(
+        r.starts_with("HTTP/1.1 431") || r.starts_with("HTTP/1.1 400"),
+        "{r}"
+    );
+    let r = raw_request(gw.addr, b"\x16\x03\x01\x00\x05hello\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+}
+
+#[tokio::test]
+async fn a_bad_token_gets_401_and_never_reaches_a_connector() {
+    let gw = gateway(&["*:*"], |_| {}).await;
+    let (_c, mut incoming) = connector(&gw, &["*:*"]).await;
+    let bad = format!("sp_alice-laptop_{}", "0".repeat(64));
+    let err = session(&gw, "agent", &bad, Role::Agent).await.unwrap_err();
+    assert!(
+        err.contains("401") && err.contains("invalid token"),
+        "{err}"
+    );
+    // A connector token is not an agent token either.
+    let err = session(&gw, "agent", &gw.connector_token, Role::Agent)
+        .await
+        .unwrap_err();
+    assert!(err.contains("401"), "{err}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), incoming.accept())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn the_dmz_stamps_the_authenticated_identity_whatever_the_agent_claims() {
+    let gw = gateway(&["*.internal:*"], |_| {}).await;
+    let (_c, mut incoming) = connector(&gw, &["db.internal:5432"]).await;
+    let (agent, _) = session(&gw, "agent", &gw.agent_token, Role::Agent)
+        .await
+        .unwrap();
+    let mut claimed = Meta::default();
+    claimed.set(meta::NAME, "mallory");
+    claimed.set(meta::GROUPS, "admins");
+    claimed.set(meta::TOKEN_ID, "root");
+    let s = agent.open(Dest::new("db.internal", 5432), claimed).unwrap();
+    let got = incoming.accept().await.unwrap();
+    let m = &got.request().unwrap().meta;
+    assert_eq!(m.get(meta::NAME), Some("alice"));
+    assert_eq!(m.get(meta::GROUPS), Some("dev"));
+    assert_eq!(m.get(meta::TOKEN_ID), Some("alice-laptop"));
+    assert_eq!(m.get(meta::DMZ_INSTANCE), Some("dmz-test"));
+    got.accept();
+    s.opened().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_connector_cannot_attract_routes_its_credential_was_not_issued_for() {
+    let gw = gateway(&["db.internal:5432"], |_| {}).await;
+    let (_c, mut incoming) = connector(&gw, &["*:*", "db.internal:5432"]).await;
+    let (agent, _) = session(&gw, "agent", &gw.agent_token, Role::Agent)
+        .await
+        .unwrap();
+    let s = agent
+        .open(Dest::new("mail.example.com", 443), Meta::default())
+        .unwrap();
+    let err = s.opened().await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NoRoute);
+    assert!(
+        err.to_string()
+            .contains("no connector serves mail.example.com:443"),
+        "{err}"
+    );
+    let s = agent
+        .open(Dest::new("db.internal", 5432), Meta::default())
+        .unwrap();
+    let got = incoming.accept().await.unwrap();
+    got.accept();
+    s.opened().await.unwrap();
+}
+
+#[tokio::test]
+async fn numeric_tricks_in_a_destination_are_refused_at_the_dmz() {
+    let gw = gateway(&["*:*"], |_| {}).await;
+    let (_c, _incoming) = connector(&gw, &["*:*"]).await;
+    let (agent, _) = session(&gw, "agent", &gw.agent_token, Role::Agent)
+        .await
+        .unwrap();
+    for host in ["167772161", "0x7f.1", "127.1"] {
+        let s = agent.open(Dest::new(host, 80), Meta::default()).unwrap();
+        let err = s.opened().await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::NotAllowed, "{host}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn too_many_sessions_for_one_token_are_refused_in_band() {
+    let gw = gateway(&["*:*"], |c| c.limits.sessions_per_agent_token = 1).await;
+    let (first, _) = session(&gw, "agent", &gw.agent_token, Role::Agent)
+        .await
+        .unwrap();
+    match session(&gw, "agent", &gw.agent_token, Role::Agent).await {
+        Err(e) => assert!(e.contains("too many sessions"), "{e}"),
+        Ok((second, _)) => {
+            let why = second.closed().await;
+            assert!(
+                matches!(
+                    &why,
+                    SessionError::GoAway {
+                        code: ErrorCode::Limit,
+                        ..
+                    }
+                ),
+                "{why}"
+            );
+        }
+    }
+    assert!(!first.is_closed());
+}
+
+#[tokio::test]
+async fn a_wrong_protocol_version_is_closed_with_a_reason() {
+    let gw = gateway(&["*:*"], |_| {}).await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let url = format!("ws://{}/sp/agent", gw.addr);
+    let t = tunnel::ws::client(tcp, &url, Some(&gw.agent_token), 65536)
+        .await
+        .unwrap();
+    use tunnel::transport::{Transport, TransportRx, TransportTx};
+    let (mut tx, mut rx) = t.split();
+    let hello = Frame::Hello(tunnel::Hello {
+        version: 42,
+        role: Role::Agent,
+        stream_window: 65536,
+        session_window: 1 << 20,
+        max_frame: 65536,
+        instance_id: "old".into(),
+    });
+    tx.send(hello.encode()).await.unwrap();
+    tx.flush().await.unwrap();
+    let _their_hello = rx.recv().await.unwrap().unwrap();
+    let goaway = Frame::decode(rx.recv().await.unwrap().unwrap(), 1 << 20).unwrap();
+    match goaway {
+        Frame::GoAway { code, reason } => {
+            assert_eq!(code, ErrorCode::Version);
+            assert!(reason.contains("v42"), "{reason}");
+        }
+        other => panic!("expected GOAWAY, got {other:?}"),
+    }
+}
+
+/// The claim of hop-by-hop credit: agent A opens a stream whose service floods it and never
+/// reads; agent B's stream through the *same* connector session still moves 32 MiB.
+#[tokio::test]
+async fn a_slow_agent_never_stalls_a_connector_session_shared_with_others() {
+    let gw = gateway(&["*.internal:*"], |_| {}).await;
+    let (conn, mut incoming) = session(&gw, "connector", &gw.connector_token, Role::Connector)
+        .await
+        .unwrap();
+    conn.advertise_routes(vec!["*.internal:*".into()]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The connector side: "flood" writes forever, "fast" writes 32 MiB and finishes.
+    tokio::spawn(async move {
+        while let Some(mut s) = incoming.accept().await {
+            s.accept();
+            let host = s.request().unwrap().dest.host.clone();
+            tokio::spawn(async move {
+                let chunk = vec![5u8; 64 * 1024];
+                if host == "flood.internal" {
+                    while s.write_all(&chunk).await.is_ok() {}
+                } else {
+                    for _ in 0..512 {
+                        s.write_all(&chunk).await.unwrap();
+                    }
+                    s.shutdown().await.unwrap();
+                    let mut sink = Vec::new();
+                    let _ = s.read_to_end(&mut sink).await;
+                }
+            });
+        }
+    });
+    let (slow_agent, _) = session(&gw, "agent", &gw.agent_token, Role::Agent)
+        .await
+        .unwrap();
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let s = slow_agent
+            .open(Dest::new("flood.internal", 1), Meta::default())
+            .unwrap();
+        s.opened().await.unwrap();
+        stalled.push(s); // never read
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (fast_agent, _) = session(&gw, "agent", &gw.agent_token, Role::Agent)
+        .await
+        .unwrap();
+    let mut s = fast_agent
+        .open(Dest::new("fast.internal", 2), Meta::default())
+        .unwrap();
+    s.opened().await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+            .await
+            .expect("fast stream stalled")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert_eq!(got, 32 * 1024 * 1024);
+    // Each stalled stream holds at most its window at the slow agent: nothing ran away.
+    for st in &stalled {
+        assert!(st.byte_counts().0 <= 512 * 1024, "{}", st.byte_counts().0);
+    }
+}
+
+#[tokio::test]
+async fn handshakes_beyond_the_per_address_rate_are_closed_unanswered() {
+    let gw = gateway(&["*:*"], |c| c.limits.handshakes_per_ip = 5.0).await;
+    let mut answered = 0;
+    for _ in 0..30 {
+        if raw_request(gw.addr, b"GET /sp/healthz HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 200")
+        {
+            answered += 1;
+        }
+    }
+    // A burst of twice the rate, plus what refills while the loop runs.
+    assert!((10..30).contains(&answered), "{answered} of 30 answered");
+}
