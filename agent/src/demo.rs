@@ -118,7 +118,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         dir,
         "connectors.toml",
         "demo-connector",
-        vec![route.clone()],
+        vec!["*.internal:*".into()],
     )?;
     let dmz_cfg = DmzConfig {
         listen: "127.0.0.1:0".parse()?,
@@ -147,7 +147,8 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         token: auth::TokenSecret::new(&conn_token),
         tls: Some(gateway::connector::tls_config(Some(&ca_path))?),
         policy: Arc::new(Policy::new(rules, gateway::policy::local_addresses())),
-        routes: vec![route.parse::<Route>()?],
+        // Advertise the whole site; the allow-list decides (so :1 is refused with a reason).
+        routes: vec!["*.internal:*".parse::<Route>()?],
         hosts: HashMap::from([(INTERNAL_NAME.to_string(), vec!["127.0.0.1".parse()?])]),
         sessions: 2,
         connect_timeout: Duration::from_secs(5),

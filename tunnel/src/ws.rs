@@ -49,6 +49,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
     }
 }
 
+impl<S> WsTransport<S> {
+    /// Wraps an already established WebSocket.
+    pub fn from_stream(inner: WebSocketStream<S>) -> Self {
+        WsTransport { inner }
+    }
+}
+
 /// The HTTP answer of a gateway that refused the upgrade.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {

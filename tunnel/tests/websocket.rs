@@ -1,0 +1,90 @@
+//! Sessions over the real WebSocket transport on an in-memory byte pipe: the message size limit
+//! matches the frame limit, and oversize or non-binary messages end the session with a reason
+//! instead of being buffered.
+
+use futures_util::SinkExt;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tunnel::ws::WsTransport;
+use tunnel::{Config, Dest, Meta, Role, Session, SessionError};
+
+#[tokio::test]
+async fn a_session_runs_over_websocket_and_carries_a_stream() {
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    let server = tokio::spawn(async move {
+        let t = WsTransport::server(b, Vec::new(), 65536).await;
+        let (s, mut inc) = Session::start(t, Config::new(Role::Dmz, false))
+            .await
+            .unwrap();
+        let mut st = inc.accept().await.unwrap();
+        st.accept();
+        let mut buf = Vec::new();
+        st.read_to_end(&mut buf).await.unwrap();
+        st.write_all(&buf).await.unwrap();
+        st.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(s);
+    });
+    let raw =
+        WebSocketStream::from_raw_socket(a, WsRole::Client, Some(tunnel::ws::config(65536))).await;
+    let t = WsTransport::from_stream(raw);
+    let (c, _) = Session::start(t, Config::new(Role::Agent, true))
+        .await
+        .unwrap();
+    let mut st = c.open(Dest::new("x", 1), Meta::default()).unwrap();
+    let payload = vec![3u8; 300 * 1024];
+    st.write_all(&payload).await.unwrap();
+    st.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    st.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, payload);
+    server.await.unwrap();
+}
+
+async fn server_session_against_raw_client(msg: Message) -> SessionError {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let server = tokio::spawn(async move {
+        let t = WsTransport::server(b, Vec::new(), 65536).await;
+        let (s, _inc) = Session::start(t, Config::new(Role::Dmz, false))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.closed())
+            .await
+            .expect("session closed")
+    });
+    let mut raw = WebSocketStream::from_raw_socket(a, WsRole::Client, None).await;
+    let hello = tunnel::Frame::Hello(tunnel::Hello {
+        version: tunnel::PROTOCOL_VERSION,
+        role: Role::Agent,
+        stream_window: 65536,
+        session_window: 1 << 20,
+        max_frame: 65536,
+        instance_id: "raw".into(),
+    });
+    raw.send(Message::Binary(hello.encode())).await.unwrap();
+    let _ = raw.send(msg).await;
+    let err = server.await.unwrap();
+    drop(raw);
+    err
+}
+
+#[tokio::test]
+async fn an_oversize_message_ends_the_session_with_a_reason() {
+    let err = server_session_against_raw_client(Message::Binary(vec![4u8; 1 << 20].into())).await;
+    assert!(
+        matches!(&err, SessionError::Transport(r) if r.contains("too large") || r.contains("too long")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_text_message_ends_the_session_with_a_reason() {
+    let err = server_session_against_raw_client(Message::Text("hello".into())).await;
+    assert!(
+        matches!(&err, SessionError::Transport(r) if r.contains("non-binary")),
+        "{err}"
+    );
+}
