@@ -220,11 +220,11 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
     };
     let tcp = match dial_checked(&config, &dest, &who).await {
         Ok((tcp, addr)) => {
-            info!(target: "audit", event = "open", %token, %user, %client, %dest, %addr, "stream open");
+            info!(target: "audit", event = "open", %token, name = %user, %client, %dest, %addr, "stream open");
             tcp
         }
         Err(Refusal(code, reason)) => {
-            info!(target: "audit", event = "refused", %token, %user, %client, %dest, %code, %reason, "stream refused");
+            info!(target: "audit", event = "refused", %token, name = %user, %client, %dest, %code, %reason, "stream refused");
             stream.reject(code, &reason);
             return;
         }
@@ -240,7 +240,7 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
         Err(e) => format!("reset: {e}"),
     };
     info!(
-        target: "audit", event = "close", %token, %user, %client, %dest, bytes_up = up, bytes_down = down,
+        target: "audit", event = "close", %token, name = %user, %client, %dest, bytes_up = up, bytes_down = down,
         duration_ms = started.elapsed().as_millis() as u64, %outcome, "stream closed"
     );
     if result.is_err() {

@@ -566,47 +566,55 @@ async fn route_stream(
     };
     let dest = req.dest.clone();
     let started = Instant::now();
+    let client_ip = client.ip();
+    // Every refusal is audited with the same fields as an open, then answered with OPEN_ERR.
+    let refuse = |stream: Stream, code: ErrorCode, reason: String| {
+        info!(target: "audit", event = "refused", token = %id.token_id, name = %id.name, client = %client_ip, %agent, %dest, %code, %reason, "stream refused");
+        stream.reject(code, &reason);
+    };
     let host = match policy::parse_host(&dest.host) {
         Ok(h) => h,
-        Err(e) => {
-            stream.reject(ErrorCode::NotAllowed, &e.to_string());
-            return;
-        }
+        Err(e) => return refuse(stream, ErrorCode::NotAllowed, e.to_string()),
     };
     if !shared.opens.allow(&id.token_id) {
-        stream.reject(
+        return refuse(
+            stream,
             ErrorCode::Limit,
-            "too many new streams per second for this token",
+            "too many new streams per second for this token".into(),
         );
-        return;
     }
     let Ok(_permit) = shared.streams.clone().try_acquire_owned() else {
-        stream.reject(ErrorCode::Limit, "gateway is at its stream limit");
-        return;
+        return refuse(
+            stream,
+            ErrorCode::Limit,
+            "gateway is at its stream limit".into(),
+        );
     };
     let Some(chosen) = shared.router.pick(&host, dest.port) else {
-        info!(target: "audit", event = "refused", token = %id.token_id, name = %id.name, %client, %dest, outcome = "no-route");
-        stream.reject(ErrorCode::NoRoute, &format!("no connector serves {dest}"));
-        return;
+        return refuse(
+            stream,
+            ErrorCode::NoRoute,
+            format!("no connector serves {dest}"),
+        );
     };
     let mut m = req.meta.clone();
     m.remove_prefix(meta::IDENTITY_PREFIX);
     m.set(meta::TOKEN_ID, id.token_id.clone());
     m.set(meta::NAME, id.name.clone());
     m.set(meta::GROUPS, id.groups.join(","));
-    m.set(meta::CLIENT_ADDR, client.ip().to_string());
+    m.set(meta::CLIENT_ADDR, client_ip.to_string());
     m.set(meta::DMZ_INSTANCE, shared.config.instance_id.clone());
     let upstream = match chosen.session.open(dest.clone(), m) {
         Ok(s) => s,
         Err(e) => {
-            stream.reject(
+            return refuse(
+                stream,
                 ErrorCode::NoRoute,
-                &format!("connector session unavailable: {e}"),
-            );
-            return;
+                format!("connector session unavailable: {e}"),
+            )
         }
     };
-    info!(target: "audit", event = "open", token = %id.token_id, name = %id.name, %client, %agent, %dest, connector = %chosen.connector, "stream open");
+    info!(target: "audit", event = "open", token = %id.token_id, name = %id.name, client = %client_ip, %agent, %dest, connector = %chosen.connector, "stream open");
     // Early data from the agent flows at once (`up` starts now); data back flows only after
     // the connector's answer, which is relayed to the agent first.
     let up = pump(&stream, &upstream);
@@ -637,7 +645,7 @@ async fn route_stream(
         },
     };
     info!(
-        target: "audit", event = "close", token = %id.token_id, name = %id.name, %client, %agent, %dest,
+        target: "audit", event = "close", token = %id.token_id, name = %id.name, client = %client_ip, %agent, %dest,
         connector = %chosen.connector, bytes_up, bytes_down, duration_ms = started.elapsed().as_millis() as u64,
         %outcome, "stream closed"
     );
