@@ -17,6 +17,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 use tunnel::Dest;
 
+/// App connections served at once per listener (each is one tunnel stream; the gateway session
+/// allows 16,384).
+pub const MAX_LOCAL_CONNECTIONS: usize = 16_384;
+
 /// What a listener serves.
 #[derive(Clone)]
 pub enum Front {
@@ -88,7 +92,7 @@ pub async fn serve(
         Ok(a) => a,
         Err(_) => return,
     };
-    let permits = Arc::new(Semaphore::new(4096));
+    let permits = Arc::new(Semaphore::new(MAX_LOCAL_CONNECTIONS));
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -105,21 +109,20 @@ pub async fn serve(
                 }
             },
         };
-        // Only the user running the agent may use it (loopback peers; remote peers must pass
-        // local authentication instead).
-        if peer_addr.ip().is_loopback() {
-            if let Err(why) = peer::check_same_user(peer_addr, local) {
-                warn!(peer = %peer_addr, front = l.front.name(), reason = %why, "refused a local connection from another user");
-                drop(tcp);
-                continue;
-            }
-        }
         let _ = tcp.set_nodelay(true);
         let front = l.front.clone();
         let dialer = dialer.clone();
         let auth = auth.clone();
         tracker.spawn(
             async move {
+                // Only the user running the agent may use it (loopback peers; remote peers must
+                // pass local authentication instead). Checked here, not in the accept loop.
+                if peer_addr.ip().is_loopback() {
+                    if let Err(why) = peer::check_same_user(peer_addr, local) {
+                        warn!(peer = %peer_addr, front = front.name(), reason = %why, "refused a local connection from another user");
+                        return;
+                    }
+                }
                 handle(tcp, front, dialer, auth).await;
                 drop(permit);
             }

@@ -79,6 +79,58 @@ fn lookup(local: SocketAddr, remote: Option<SocketAddr>, state: &str) -> Option<
     })
 }
 
+/// Asks the kernel (sock_diag over netlink) for the owner of the TCP socket whose local address
+/// is `local` and remote address is `remote`: one hash lookup, however many sockets exist.
+#[cfg(target_os = "linux")]
+fn diag_owner(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Option<u32>> {
+    use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+    use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+    use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+    use netlink_packet_sock_diag::SockDiagMessage;
+    use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NlAddr};
+
+    let family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NlAddr::new(0, 0))?;
+    let mut hdr = NetlinkHeader::default();
+    hdr.flags = NLM_F_REQUEST;
+    let mut packet = NetlinkMessage::new(
+        hdr,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id: SocketId {
+                source_port: local.port(),
+                destination_port: remote.port(),
+                source_address: local.ip(),
+                destination_address: remote.ip(),
+                interface_id: 0,
+                cookie: [0xff; 8],
+            },
+        })
+        .into(),
+    );
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf[..]);
+    socket.send(&buf[..], 0)?;
+    let mut rx = vec![0u8; 8192];
+    let n = socket.recv(&mut &mut rx[..], 0)?;
+    match <NetlinkMessage<SockDiagMessage>>::deserialize(&rx[..n]) {
+        Ok(m) => match m.payload {
+            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                Ok(Some(r.header.uid))
+            }
+            // ENOENT: no such socket (it closed already).
+            _ => Ok(None),
+        },
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    }
+}
+
 /// Our effective uid (the owner of `/proc/self`).
 #[cfg(target_os = "linux")]
 pub fn my_uid() -> Option<u32> {
@@ -91,7 +143,12 @@ pub fn my_uid() -> Option<u32> {
 #[cfg(target_os = "linux")]
 pub fn check_same_user(peer: SocketAddr, local: SocketAddr) -> Result<(), String> {
     let me = my_uid().ok_or("cannot determine our own uid")?;
-    match lookup(peer, Some(local), "01") {
+    let owner = match diag_owner(peer, local) {
+        Ok(o) => o,
+        // No netlink (a locked-down container): the slower /proc scan gives the same answer.
+        Err(_) => lookup(peer, Some(local), "01"),
+    };
+    match owner {
         Some(uid) if uid == me => Ok(()),
         Some(uid) => Err(format!(
             "connection from uid {uid}, but this agent serves only uid {me}"
@@ -147,6 +204,17 @@ mod tests {
     fn ipv6_entries_parse() {
         let a = parse_addr("00000000000000000000000001000000:0050").unwrap();
         assert_eq!(a, "[::1]:80".parse().unwrap());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_kernel_names_the_owner_of_our_own_connection() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _s = l.accept().unwrap();
+        let owner = diag_owner(c.local_addr().unwrap(), l.local_addr().unwrap()).unwrap();
+        assert_eq!(owner, my_uid());
+        assert!(check_same_user(c.local_addr().unwrap(), l.local_addr().unwrap()).is_ok());
     }
 
     #[test]

@@ -80,7 +80,7 @@ impl Config {
             max_frame: crate::frame::DEFAULT_MAX_FRAME,
             accept_streams: true,
             max_incoming_streams: 16_384,
-            accept_backlog: 1024,
+            accept_backlog: 8192,
             ping_interval: Duration::from_secs(20),
             ping_timeout: Duration::from_secs(20),
             hello_timeout: Duration::from_secs(10),

@@ -1,0 +1,535 @@
+#!/usr/bin/env python3
+"""Sallyport benchmark: the full chain on loopback against the direct connection and the
+nginx `stream` TLS relay chain (the practical limit of a three-process TLS relay here), in the
+same run, interleaved rounds, medians.
+
+    bench/run.sh            # installs iperf3/nginx if missing, builds release, runs this
+
+Chains (TLS on both tunnel legs):
+  direct    client -> server
+  sallyport client -> agent (static forward / SOCKS5) -> DMZ gateway -> connector -> server
+  nginx     client -> nginx (plain->TLS) -> nginx (TLS->TLS) -> nginx (TLS->plain) -> server
+  rathole   (when `rathole` is on PATH) client -> rathole server <- rathole client -> server
+
+Writes the table to bench/results/latest.md and prints it.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REL = ROOT / "target" / "release"
+GW = REL / "sallyport-gateway"
+AGENT = REL / "sallyport"
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                pass
+    return out
+
+
+def status_of(pid, key):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+class Proc:
+    """A child process with its stderr in a file."""
+
+    def __init__(self, name, args, tmp, env=None):
+        self.name = name
+        self.log_path = Path(tmp) / f"{name}.log"
+        self.log = open(self.log_path, "w")
+        self.p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log, stdin=subprocess.DEVNULL,
+                                  env={**os.environ, **(env or {})})
+
+    def wait_for(self, pattern, timeout=20):
+        end = time.time() + timeout
+        rx = re.compile(pattern)
+        while time.time() < end:
+            text = self.log_path.read_text(errors="replace")
+            m = rx.search(text)
+            if m:
+                return m
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} never logged {pattern!r}:\n{self.log_path.read_text(errors='replace')[-3000:]}")
+
+    def cpu(self):
+        """utime+stime in seconds of the process and its children (nginx workers)."""
+        total = 0.0
+        for pid in [self.p.pid] + children(self.p.pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / CLK
+            except FileNotFoundError:
+                pass
+        return total
+
+    def status(self, key):
+        with open(f"/proc/{self.p.pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])  # kB
+        return 0
+
+    def rss_mib(self):
+        return sum(status_of(pid, "VmRSS") for pid in [self.p.pid] + children(self.p.pid)) / 1024
+
+    def hwm_mib(self):
+        return sum(status_of(pid, "VmHWM") for pid in [self.p.pid] + children(self.p.pid)) / 1024
+
+    def ctx_switches(self):
+        total = 0
+        for t in os.listdir(f"/proc/{self.p.pid}/task"):
+            try:
+                with open(f"/proc/{self.p.pid}/task/{t}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                            total += int(line.split()[1])
+            except FileNotFoundError:
+                pass
+        return total
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(3)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+        self.log.close()
+
+
+def run(args, **kw):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Services
+
+def echo_server_thread(port):
+    """A threaded 1-byte echo server for latency (plain sockets, like the peers' numbers)."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(1024)
+
+    def serve(c):
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                b = c.recv(65536)
+                if not b:
+                    break
+                c.sendall(b)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def loop():
+        while True:
+            c, _ = srv.accept()
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+# ----------------------------------------------------------------------------------------------
+# Chains
+
+class Sallyport:
+    def __init__(self, tmp, iperf_port, echo_port, echo10k_port):
+        self.tmp = Path(tmp)
+        t = self.tmp
+        run([str(GW), "cert", "--name", "127.0.0.1", "--out", str(t)])
+        run([str(GW), "token", "new", "--kind", "agent", "--id", "bench", "--tokens", str(t / "agents.toml"), "--out", str(t / "agent.token")])
+        run([str(GW), "token", "new", "--kind", "connector", "--id", "site", "--route", "127.0.0.1/32:*", "--route", "*.internal:*",
+             "--tokens", str(t / "connectors.toml"), "--out", str(t / "connector.token")])
+        (t / "dmz.toml").write_text(f"""
+listen = "127.0.0.1:0"
+tls_cert = "gateway.crt"
+tls_key = "gateway.key"
+agent_tokens = "agents.toml"
+connector_tokens = "connectors.toml"
+[limits]
+opens_per_token = 1000000.0
+handshakes_per_ip = 1000.0
+""")
+        self.dmz = Proc("dmz", [str(GW), "dmz", "-c", str(t / "dmz.toml"), "--log", "warn,gateway::dmz=info"], t)
+        port = int(self.dmz.wait_for(r"dmz gateway listening addr=127\.0\.0\.1:(\d+)").group(1))
+        url = f"wss://127.0.0.1:{port}/"
+        allow = []
+        for p in (iperf_port, echo_port, echo10k_port):
+            allow += ["--allow", f"127.0.0.1/32:{p}"]
+        self.connector = Proc("connector", [str(GW), "connector", "--gateway", url, "--token-file", str(t / "connector.token"),
+                                            "--ca", str(t / "ca.crt"), "--log", "warn,gateway::connector=info"] + allow, t)
+        self.connector.wait_for("connected to the gateway")
+        self.fwd_iperf, self.fwd_echo, self.fwd_10k = free_port(), free_port(), free_port()
+        self.agent = Proc("agent", [str(AGENT), "run", "--gateway", url, "--token-file", str(t / "agent.token"), "--ca", str(t / "ca.crt"),
+                                    "--socks", "127.0.0.1:0", "--http", "off",
+                                    "--forward", f"127.0.0.1:{self.fwd_iperf}=127.0.0.1:{iperf_port}",
+                                    "--forward", f"127.0.0.1:{self.fwd_echo}=127.0.0.1:{echo_port}",
+                                    "--forward", f"127.0.0.1:{self.fwd_10k}=127.0.0.1:{echo10k_port}",
+                                    "--log", "warn,agent=info"], t, env={"HOME": str(t)})
+        self.socks = int(self.agent.wait_for(r'front="socks5" addr=127\.0\.0\.1:(\d+)').group(1))
+        self.agent.wait_for("connected to the gateway")
+        time.sleep(0.3)
+        self.procs = [self.agent, self.dmz, self.connector]
+
+    def stop(self):
+        for p in self.procs:
+            p.stop()
+
+
+class NginxChain:
+    """Three nginx processes: plain -> TLS -> TLS -> plain, each `worker_processes 1`."""
+
+    def __init__(self, tmp, target_port, name="nginx"):
+        t = Path(tmp) / name
+        t.mkdir()
+        run([str(GW), "cert", "--name", "127.0.0.1", "--out", str(t)])
+        self.port = free_port()
+        b, c = free_port(), free_port()
+        mod = "/usr/lib/nginx/modules/ngx_stream_module.so"
+        load = f"load_module {mod};" if os.path.exists(mod) else ""
+        confs = [
+            (self.port, False, b, True),
+            (b, True, c, True),
+            (c, True, target_port, False),
+        ]
+        self.procs = []
+        for i, (listen, ssl_in, up, ssl_out) in enumerate(confs):
+            d = t / f"n{i}"
+            d.mkdir()
+            conf = f"""{load}
+worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/error.log warn;
+events {{ worker_connections 20000; }}
+stream {{
+  server {{
+    listen 127.0.0.1:{listen}{' ssl' if ssl_in else ''};
+    {f'ssl_certificate {t}/gateway.crt; ssl_certificate_key {t}/gateway.key;' if ssl_in else ''}
+    proxy_pass 127.0.0.1:{up};
+    {'proxy_ssl on;' if ssl_out else ''}
+    tcp_nodelay on;
+  }}
+}}
+"""
+            (d / "nginx.conf").write_text(conf)
+            self.procs.append(Proc(f"{name}{i}", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")], t))
+        time.sleep(0.5)
+        for p in self.procs:
+            if p.p.poll() is not None:
+                raise RuntimeError(f"{p.name} failed: {p.log_path.read_text()}")
+
+    def stop(self):
+        for p in self.procs:
+            p.stop()
+
+
+class Rathole:
+    def __init__(self, tmp, target_port):
+        t = Path(tmp) / "rathole"
+        t.mkdir()
+        ctl, self.port = free_port(), free_port()
+        (t / "s.toml").write_text(f"""[server]
+bind_addr = "127.0.0.1:{ctl}"
+default_token = "bench"
+[server.transport]
+type = "websocket"
+[server.transport.websocket]
+tls = false
+[server.services.iperf]
+bind_addr = "127.0.0.1:{self.port}"
+""")
+        (t / "c.toml").write_text(f"""[client]
+remote_addr = "127.0.0.1:{ctl}"
+default_token = "bench"
+[client.transport]
+type = "websocket"
+[client.transport.websocket]
+tls = false
+[client.services.iperf]
+local_addr = "127.0.0.1:{target_port}"
+""")
+        self.procs = [Proc("rathole-s", ["rathole", "--server", str(t / "s.toml")], t),
+                      Proc("rathole-c", ["rathole", "--client", str(t / "c.toml")], t)]
+        time.sleep(1.5)
+
+    def stop(self):
+        for p in self.procs:
+            p.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements
+
+def iperf(port, seconds, reverse=False, parallel=1):
+    args = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J", "-P", str(parallel)]
+    if reverse:
+        args.append("-R")
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30)
+    if out.returncode != 0:
+        raise RuntimeError(f"iperf3 failed: {out.stdout[-500:]} {out.stderr[-500:]}")
+    j = json.loads(out.stdout)
+    s = j["end"]["sum_received"]
+    return s["bits_per_second"] / 1e9, s["bytes"]
+
+
+def latency(port, n, socks_target=None):
+    """connect + 1-byte echo + close, n times; returns (median ms, p99 ms)."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if socks_target:
+            host, tport = socks_target
+            s.sendall(b"\x05\x01\x00")
+            s.recv(2)
+            hb = host.encode()
+            s.sendall(b"\x05\x01\x00\x03" + bytes([len(hb)]) + hb + tport.to_bytes(2, "big"))
+            r = b""
+            while len(r) < 10:
+                chunk = s.recv(10 - len(r))
+                if not chunk:
+                    raise RuntimeError("socks closed")
+                r += chunk
+            if r[1] != 0:
+                raise RuntimeError(f"socks reply {r[1]}")
+        s.sendall(b"x")
+        if s.recv(1) != b"x":
+            raise RuntimeError("echo failed")
+        s.close()
+        times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
+
+
+async def open_many(port, n, measure):
+    """Opens n connections through a forward, echoes 1 byte on each, calls `measure()` while
+    all are open, then closes them."""
+    conns, ok = [], 0
+    sem = asyncio.Semaphore(512)
+
+    async def one():
+        nonlocal ok
+        async with sem:
+            try:
+                r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 30)
+                w.write(b"x")
+                await w.drain()
+                if await asyncio.wait_for(r.readexactly(1), 60) == b"x":
+                    ok += 1
+                conns.append(w)
+            except Exception:
+                pass
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(n)))
+    took = time.perf_counter() - t0
+    await asyncio.sleep(1)
+    measured = measure()
+    for w in conns:
+        w.close()
+    await asyncio.sleep(1)
+    return ok, took, measured
+
+
+async def echo10k_server(port, ready):
+    async def handle(r, w):
+        try:
+            while True:
+                b = await r.read(65536)
+                if not b:
+                    break
+                w.write(b)
+                await w.drain()
+        except Exception:
+            pass
+        w.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
+    ready.set()
+    async with srv:
+        await srv.serve_forever()
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=int, default=4)
+    ap.add_argument("--latency-n", type=int, default=300)
+    ap.add_argument("--streams", type=int, default=10000)
+    ap.add_argument("--idle-seconds", type=int, default=60)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.md"))
+    a = ap.parse_args()
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 200000), hard))
+
+    tmp = tempfile.mkdtemp(prefix="sallyport-bench-")
+    iperf_port, echo_port, echo10k_port = free_port(), free_port(), free_port()
+    iperf_srv = Proc("iperf3", ["iperf3", "-s", "-p", str(iperf_port), "-B", "127.0.0.1"], tmp)
+    echo_server_thread(echo_port)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    threading.Thread(target=lambda: loop.run_until_complete(echo10k_server(echo10k_port, ready)), daemon=True).start()
+    ready.wait(5)
+    time.sleep(0.3)
+
+    sp = Sallyport(tmp, iperf_port, echo_port, echo10k_port)
+    idle_rss = sp.agent.rss_mib()
+    nginx = NginxChain(tmp, iperf_port)
+    rathole = None
+    if subprocess.run(["sh", "-c", "command -v rathole"], capture_output=True).returncode == 0:
+        rathole = Rathole(tmp, iperf_port)
+
+    chains = {"direct": iperf_port, "sallyport": sp.fwd_iperf, "nginx chain": nginx.port}
+    if rathole:
+        chains["rathole ws (2 hops)"] = rathole.port
+    procs = {"sallyport": sp.procs, "nginx chain": nginx.procs}
+    if rathole:
+        procs["rathole ws (2 hops)"] = rathole.procs
+    res = {c: {"up": [], "down": [], "p8": [], "cpu_gb": []} for c in chains}
+
+    print(f"running {a.rounds} interleaved rounds of {a.seconds}s tests...", file=sys.stderr)
+    for rnd in range(a.rounds):
+        for name, port in chains.items():
+            ps = procs.get(name, [])
+            c0 = sum(p.cpu() for p in ps)
+            gbps, nbytes = iperf(port, a.seconds)
+            c1 = sum(p.cpu() for p in ps)
+            res[name]["up"].append(gbps)
+            if ps:
+                res[name]["cpu_gb"].append((c1 - c0) / (nbytes / 1e9))
+            res[name]["down"].append(iperf(port, a.seconds, reverse=True)[0])
+            res[name]["p8"].append(iperf(port, a.seconds, parallel=8)[0])
+        print(f"  round {rnd + 1}: " + ", ".join(f"{n} {res[n]['up'][-1]:.2f}" for n in chains), file=sys.stderr)
+    load_mem = sum(p.hwm_mib() for p in sp.procs)
+    per_proc_cpu = {}
+    for p in sp.procs:
+        c0 = p.cpu()
+        per_proc_cpu[p.name] = c0
+    _, nb = iperf(sp.fwd_iperf, a.seconds)
+    for p in sp.procs:
+        per_proc_cpu[p.name] = (p.cpu() - per_proc_cpu[p.name]) / (nb / 1e9)
+
+    # Latency, interleaved in blocks.
+    lat = {"direct": [], "sallyport forward": [], "sallyport socks5": [], "nginx chain": []}
+    nginx_echo = NginxChain(tmp, echo_port, "nginx-echo")
+    for _ in range(3):
+        lat["direct"].append(latency(echo_port, a.latency_n // 3))
+        lat["sallyport forward"].append(latency(sp.fwd_echo, a.latency_n // 3))
+        lat["sallyport socks5"].append(latency(sp.socks, a.latency_n // 3, socks_target=("127.0.0.1", echo_port)))
+        lat["nginx chain"].append(latency(nginx_echo.port, a.latency_n // 3))
+    nginx_echo.stop()
+    lat = {k: (med([x[0] for x in v]), med([x[1] for x in v])) for k, v in lat.items() if v}
+
+    # 10,000 concurrent streams through one agent session.
+    before = {p.name: p.rss_mib() for p in sp.procs}
+    ok, took, after = asyncio.run(open_many(sp.fwd_10k, a.streams, lambda: {p.name: p.rss_mib() for p in sp.procs}))
+    time.sleep(2)
+
+    # Idle agent.
+    sw0 = sp.agent.ctx_switches()
+    c0 = sp.agent.cpu()
+    time.sleep(a.idle_seconds)
+    wake_per_min = (sp.agent.ctx_switches() - sw0) * 60 / a.idle_seconds
+    idle_cpu = sp.agent.cpu() - c0
+
+    for x in ([sp, nginx] + ([rathole] if rathole else [])):
+        x.stop()
+    iperf_srv.stop()
+
+    d = res["direct"]
+    lines = []
+    lines.append(f"Machine: {os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+                 f"{a.rounds} interleaved rounds of {a.seconds} s, medians.")
+    lines.append("")
+    lines.append("| chain | 1 stream up Gbit/s | 1 stream down | 8 streams | CPU s/GB (all processes) |")
+    lines.append("|---|---:|---:|---:|---:|")
+    for n in chains:
+        r = res[n]
+        ratio = lambda k: f"{med(r[k]):.2f} ({med(r[k]) / med(d[k]):.2f}× direct)"
+        cpu = f"{med(r['cpu_gb']):.2f}" if r["cpu_gb"] else "–"
+        lines.append(f"| {n} | {ratio('up')} | {ratio('down')} | {ratio('p8')} | {cpu} |")
+    ng = res["nginx chain"]
+    s = res["sallyport"]
+    lines.append("")
+    lines.append(f"sallyport vs nginx chain: up {med(s['up']) / med(ng['up']):.2f}×, down {med(s['down']) / med(ng['down']):.2f}×, "
+                 f"8 streams {med(s['p8']) / med(ng['p8']):.2f}×; CPU per GB by process: "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in per_proc_cpu.items()))
+    lines.append("")
+    lines.append("| new connection (connect + 1-byte echo + close) | median ms | p99 ms | median vs direct |")
+    lines.append("|---|---:|---:|---:|")
+    for k, (m, p) in lat.items():
+        lines.append(f"| {k} | {m:.3f} | {p:.3f} | {m / lat['direct'][0]:.1f}× |")
+    lines.append("")
+    per_stream = {k: (after[k] - before[k]) * 1024 / max(ok, 1) for k in after}
+    lines.append(f"| {a.streams} concurrent streams, one agent session | value |")
+    lines.append("|---|---:|")
+    lines.append(f"| success | {ok}/{a.streams} ({100.0 * ok / a.streams:.1f} %) |")
+    lines.append(f"| time to open all (each with a 1-byte echo) | {took:.2f} s |")
+    for k in after:
+        lines.append(f"| {k} resident with all open | {after[k]:.1f} MiB ({per_stream[k]:.1f} KiB per stream) |")
+    lines.append("")
+    lines.append("| other | value |")
+    lines.append("|---|---:|")
+    lines.append(f"| memory under the 8-stream load, three processes (peak RSS) | {load_mem:.1f} MiB |")
+    lines.append(f"| idle agent resident (fresh, one session) | {idle_rss:.1f} MiB |")
+    lines.append(f"| idle agent wake-ups (context switches) per minute | {wake_per_min:.0f} |")
+    lines.append(f"| idle agent CPU over {a.idle_seconds} s | {idle_cpu:.3f} s |")
+    table = "\n".join(lines)
+    print(table)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(table + "\n")
+    print(f"\nwritten to {a.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One command for the benchmark: installs iperf3 and nginx's stream module when missing,
+# builds the release binaries, raises the open-file limit, runs bench/run.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# Debian's nginx package starts a system nginx on port 80; the benchmark runs its own.
+cargo build --release --bins
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+exec python3 bench/run.py "$@"
