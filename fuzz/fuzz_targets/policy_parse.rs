@@ -8,11 +8,13 @@
 //!   dot, IPv4-mapped IPv6 folded to IPv4) and parses back to itself;
 //! * when `parse_host` succeeds on a route's host text, the route matches that host on its ports,
 //!   and the route survives Display → parse unchanged (the form the DMZ receives in `ROUTES`);
-//! * every parsed route and rule survives Display → parse (see `ROUND_TRIP_ALL_ROUTES`);
+//! * every parsed route and rule survives Display → parse (one known exception, see
+//!   `check_known_issues`);
 //! * a route covers itself.
 #![no_main]
 
 use std::net::IpAddr;
+use std::sync::OnceLock;
 
 use gateway::policy::{parse_host, Host, HostPattern, Route, Rule};
 use libfuzzer_sys::fuzz_target;
@@ -27,11 +29,16 @@ fn route_host_text(s: &str) -> Option<&str> {
     }
 }
 
-/// Networks written in IPv4-mapped IPv6 form (`[::ffff:10.0.0.1/128]`) are kept as IPv6 networks
-/// by `HostPattern::from_str` but print like a single address, which parses back folded to IPv4.
-/// See the report in docs/fuzzing.md; the check below skips them so that the target keeps looking
-/// for other problems. Set to `true` once that is settled one way or the other.
-const ROUND_TRIP_ALL_ROUTES: bool = true;
+/// Known issue (docs/fuzzing.md, regressions/policy_parse/): a single-address network written in
+/// IPv4-mapped IPv6 form (`[::ffff:10.0.0.1/128]:22`) is kept by `HostPattern::from_str` as an IPv6
+/// /128 but prints as `[::ffff:10.0.0.1]:22`, which parses back folded to `10.0.0.1/32`. By default
+/// such routes are left out of the unconditional round-trip check so that a fuzzing run keeps
+/// looking for other problems; `FUZZ_KNOWN_ISSUES=1` checks them too (use it to confirm a fix,
+/// then drop the exception).
+fn check_known_issues() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("FUZZ_KNOWN_ISSUES").is_some_and(|v| v != "0"))
+}
 
 fn is_mapped_v6_net(r: &Route) -> bool {
     match &r.host {
@@ -84,7 +91,7 @@ fuzz_target!(|data: &[u8]| {
                 "{s:?} does not match its own host {h:?}"
             );
             check_route_round_trip(&route, s);
-        } else if ROUND_TRIP_ALL_ROUTES || !is_mapped_v6_net(&route) {
+        } else if check_known_issues() || !is_mapped_v6_net(&route) {
             check_route_round_trip(&route, s);
         }
     }
@@ -92,7 +99,7 @@ fuzz_target!(|data: &[u8]| {
     // Rules.
     if let Ok(rule) = s.parse::<Rule>() {
         let text = rule.to_string();
-        if ROUND_TRIP_ALL_ROUTES || !is_mapped_v6_net(&rule.route) {
+        if check_known_issues() || !is_mapped_v6_net(&rule.route) {
             match text.parse::<Rule>() {
                 Ok(again) => assert_eq!(again, rule, "{s:?} → {text:?} parses back differently"),
                 Err(e) => panic!("{s:?} parsed as a rule that prints as {text:?}, which fails: {e}"),
