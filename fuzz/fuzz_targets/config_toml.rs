@@ -66,7 +66,10 @@ fuzz_target!(|data: &[u8]| {
             let _ = file.tunnel.apply(&mut cfg);
         }
         Err(GwConfigError::Parse { line, .. }) => {
-            assert!(line <= lines, "connector.toml error on line {line} of {lines}");
+            assert!(
+                line <= lines,
+                "connector.toml error on line {line} of {lines}"
+            );
         }
         Err(_) => {}
     }

@@ -50,7 +50,10 @@ fuzz_target!(|data: &[u8]| {
 
     if let Ok(u) = GatewayUrl::parse(s) {
         assert!(!u.host.is_empty(), "{s:?} → {u:?}");
-        assert!(u.prefix.is_empty() || u.prefix.starts_with('/'), "{s:?} → {u:?}");
+        assert!(
+            u.prefix.is_empty() || u.prefix.starts_with('/'),
+            "{s:?} → {u:?}"
+        );
         assert!(!u.prefix.ends_with('/'), "{s:?} → {u:?}");
         let _ = u.endpoint("agent");
         let _ = u.endpoint("connector");

@@ -8,15 +8,13 @@
 //!   dot, IPv4-mapped IPv6 folded to IPv4) and parses back to itself;
 //! * when `parse_host` succeeds on a route's host text, the route matches that host on its ports,
 //!   and the route survives Display → parse unchanged (the form the DMZ receives in `ROUTES`);
-//! * every parsed route and rule survives Display → parse (one known exception, see
-//!   `check_known_issues`);
+//! * every parsed route and rule survives Display → parse (IPv4-mapped networks included: see
+//!   `regressions/policy_parse/`);
 //! * a route covers itself.
 #![no_main]
 
-use std::net::IpAddr;
-use std::sync::OnceLock;
 
-use gateway::policy::{parse_host, Host, HostPattern, Route, Rule};
+use gateway::policy::{parse_host, Host, Route, Rule};
 use libfuzzer_sys::fuzz_target;
 
 /// The host part of a route's text, split the way `Route::from_str` splits it.
@@ -29,26 +27,6 @@ fn route_host_text(s: &str) -> Option<&str> {
     }
 }
 
-/// Known issue (docs/fuzzing.md, regressions/policy_parse/): a single-address network written in
-/// IPv4-mapped IPv6 form (`[::ffff:10.0.0.1/128]:22`) is kept by `HostPattern::from_str` as an IPv6
-/// /128 but prints as `[::ffff:10.0.0.1]:22`, which parses back folded to `10.0.0.1/32`. By default
-/// such routes are left out of the unconditional round-trip check so that a fuzzing run keeps
-/// looking for other problems; `FUZZ_KNOWN_ISSUES=1` checks them too (use it to confirm a fix,
-/// then drop the exception).
-fn check_known_issues() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("FUZZ_KNOWN_ISSUES").is_some_and(|v| v != "0"))
-}
-
-fn is_mapped_v6_net(r: &Route) -> bool {
-    match &r.host {
-        HostPattern::Net(net) if net.prefix_len() == net.max_prefix_len() => match net.addr() {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some(),
-            IpAddr::V4(_) => false,
-        },
-        _ => false,
-    }
-}
 
 fn check_route_round_trip(route: &Route, src: &str) {
     let text = route.to_string();
@@ -91,7 +69,7 @@ fuzz_target!(|data: &[u8]| {
                 "{s:?} does not match its own host {h:?}"
             );
             check_route_round_trip(&route, s);
-        } else if check_known_issues() || !is_mapped_v6_net(&route) {
+        } else {
             check_route_round_trip(&route, s);
         }
     }
@@ -99,11 +77,9 @@ fuzz_target!(|data: &[u8]| {
     // Rules.
     if let Ok(rule) = s.parse::<Rule>() {
         let text = rule.to_string();
-        if check_known_issues() || !is_mapped_v6_net(&rule.route) {
-            match text.parse::<Rule>() {
-                Ok(again) => assert_eq!(again, rule, "{s:?} → {text:?} parses back differently"),
-                Err(e) => panic!("{s:?} parsed as a rule that prints as {text:?}, which fails: {e}"),
-            }
+        match text.parse::<Rule>() {
+            Ok(again) => assert_eq!(again, rule, "{s:?} → {text:?} parses back differently"),
+            Err(e) => panic!("{s:?} parsed as a rule that prints as {text:?}, which fails: {e}"),
         }
     }
 });

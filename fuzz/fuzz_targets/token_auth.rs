@@ -20,7 +20,8 @@ use libfuzzer_sys::fuzz_target;
 
 /// A fixed, known token, and a store that holds its hash (plus an expired token with the same
 /// secret under another id).
-const TOKEN: &str = "sp_alice-laptop_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const TOKEN: &str =
+    "sp_alice-laptop_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 // SHA-256 of the 64 ASCII hex characters of TOKEN's secret part.
 // (`printf %s 0123…cdef | sha256sum`)
 const TOKEN_SHA256: &str = "a8ae6e6ee929abea3afcfc5258c8ccd6f85273e0d4626d26c7279f3250f77c8e";
@@ -43,7 +44,9 @@ fn store() -> &'static TokenStore {
 }
 
 fn is_lower_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn valid_id(id: &str) -> bool {
@@ -79,7 +82,10 @@ fuzz_target!(|data: &[u8]| {
     let shown = format!("{wrapped} {wrapped:?}");
     if let Ok((id, secret)) = parsed {
         assert_eq!(wrapped.id(), Some(id));
-        assert!(!shown.contains(secret), "TokenSecret shows its secret: {shown}");
+        assert!(
+            !shown.contains(secret),
+            "TokenSecret shows its secret: {shown}"
+        );
     } else {
         assert_eq!(shown, "sp_**** sp_****");
     }

@@ -93,6 +93,22 @@ pub fn fmt_dest(host: &Host, port: u16) -> String {
 }
 
 /// Folds an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) into its IPv4 form; other addresses unchanged.
+/// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network it means
+/// (`10.0.0.0/8`): hosts are folded to IPv4 before matching, so the mapped form would match
+/// nothing, and its text would not survive the trip to the DMZ in `ROUTES`.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net {
+        if v6.prefix_len() >= 96 {
+            if let Some(v4) = v6.addr().to_ipv4_mapped() {
+                if let Ok(n) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96) {
+                    return IpNet::V4(n.trunc());
+                }
+            }
+        }
+    }
+    net
+}
+
 pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -308,7 +324,7 @@ impl FromStr for HostPattern {
                     "not a valid network (expected like 10.20.0.0/16 or [fd00::/8])",
                 )
             })?;
-            return Ok(HostPattern::Net(net.trunc()));
+            return Ok(HostPattern::Net(canonical_net(net.trunc())));
         }
         match parse_host(s).map_err(|e| route_err(s, inner_why(&e)))? {
             Host::Name(n) => Ok(HostPattern::Name(n)),
@@ -764,6 +780,23 @@ pub fn local_addresses() -> Vec<IpAddr> {
             tracing::warn!("could not list this machine's interface addresses ({e}); only special ranges are refused");
             Vec::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod mapped_tests {
+    use super::*;
+
+    /// Found by the `policy_parse` fuzz target: `[::ffff:10.0.0.1/128]:22` printed as
+    /// `[::ffff:10.0.0.1]:22`, which parses back as 10.0.0.1/32.
+    #[test]
+    fn ipv4_mapped_networks_read_as_ipv4_and_round_trip() {
+        let r: Route = "[::ffff:10.0.0.1/128]:22".parse().unwrap();
+        assert_eq!(r.to_string(), "10.0.0.1:22");
+        assert_eq!(r.to_string().parse::<Route>().unwrap(), r);
+        let r: Route = "[::ffff:10.0.0.0/104]:22".parse().unwrap();
+        assert_eq!(r.to_string(), "10.0.0.0/8:22");
+        assert!(r.matches(&parse_host("10.1.2.3").unwrap(), 22));
     }
 }
 
