@@ -36,6 +36,10 @@ REL = ROOT / "target" / "release"
 GW = REL / "sallyport-gateway"
 AGENT = REL / "sallyport"
 CLK = os.sysconf("SC_CLK_TCK")
+# Worker threads per gateway process. Three processes and iperf3 share this machine's two cores,
+# so one worker each (like `worker_processes 1` for the nginx chain) is the fair setting; on a
+# real DMZ host the default (one per core) applies. The agent defaults to one.
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 
 
 def free_port():
@@ -196,14 +200,14 @@ connector_tokens = "connectors.toml"
 opens_per_token = 1000000.0
 handshakes_per_ip = 1000.0
 """)
-        self.dmz = Proc("dmz", [str(GW), "dmz", "-c", str(t / "dmz.toml"), "--log", "warn,gateway::dmz=info"], t)
+        self.dmz = Proc("dmz", [str(GW), "dmz", "-c", str(t / "dmz.toml"), "--threads", str(THREADS), "--log", "warn,gateway::dmz=info"], t)
         port = int(self.dmz.wait_for(r"dmz gateway listening addr=127\.0\.0\.1:(\d+)").group(1))
         url = f"wss://127.0.0.1:{port}/"
         allow = []
         for p in (iperf_port, echo_port, echo10k_port):
             allow += ["--allow", f"127.0.0.1/32:{p}"]
         self.connector = Proc("connector", [str(GW), "connector", "--gateway", url, "--token-file", str(t / "connector.token"),
-                                            "--ca", str(t / "ca.crt"), "--log", "warn,gateway::connector=info"] + allow, t)
+                                            "--ca", str(t / "ca.crt"), "--threads", str(THREADS), "--log", "warn,gateway::connector=info"] + allow, t)
         self.connector.wait_for("connected to the gateway")
         self.fwd_iperf, self.fwd_echo, self.fwd_10k = free_port(), free_port(), free_port()
         self.agent = Proc("agent", [str(AGENT), "run", "--gateway", url, "--token-file", str(t / "agent.token"), "--ca", str(t / "ca.crt"),

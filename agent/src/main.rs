@@ -20,6 +20,10 @@ struct Cli {
     /// Log filter (RUST_LOG syntax), e.g. info, debug.
     #[arg(long, global = true, env = "SALLYPORT_LOG", default_value = "info")]
     log: String,
+    /// Worker threads. One is plenty for a desktop (it moves several Gbit/s) and keeps the
+    /// agent small and quiet; raise it for a shared jump host.
+    #[arg(long, global = true, env = "SALLYPORT_THREADS", default_value_t = 1)]
+    threads: usize,
 }
 
 #[derive(Subcommand)]
@@ -113,6 +117,7 @@ fn shutdown_on_signal(token: CancellationToken) {
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.threads.clamp(1, 64))
         .enable_all()
         .build()?;
     match cli.command {

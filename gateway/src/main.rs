@@ -23,6 +23,9 @@ struct Cli {
     /// Log filter (RUST_LOG syntax), e.g. info, debug, gateway=debug.
     #[arg(long, global = true, env = "SALLYPORT_LOG", default_value = "info")]
     log: String,
+    /// Worker threads [default: one per core].
+    #[arg(long, global = true, env = "SALLYPORT_THREADS")]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -115,10 +118,12 @@ fn init_tracing(filter: &str) {
         .init();
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n.clamp(1, 256));
+    }
+    Ok(b.enable_all().build()?)
 }
 
 /// Cancels the token on Ctrl-C or SIGTERM.
@@ -150,7 +155,7 @@ fn shutdown_on_signal(token: CancellationToken) {
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dmz(args) => {
-            let rt = runtime()?;
+            let rt = runtime(cli.threads)?;
             rt.block_on(async {
                 // Token files are read inside the runtime (the reloader is a task).
                 let cfg = config::dmz_config(args)?;
@@ -163,7 +168,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Connector(args) => {
             let cfg = config::connector_config(args)?;
-            let rt = runtime()?;
+            let rt = runtime(cli.threads)?;
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 shutdown_on_signal(shutdown.clone());
