@@ -194,6 +194,8 @@ async fn handle_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr
     match &shared.tls {
         Some(acceptor) => {
             let acceptor = acceptor.clone();
+            // rustls reads at most 4 KiB per call: buffer under it (one syscall per 64 KiB).
+            let tcp = tokio::io::BufReader::with_capacity(egress::TLS_READ_BUFFER, tcp);
             let tls = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {

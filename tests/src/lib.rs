@@ -139,6 +139,10 @@ impl Proc {
             .with_context(|| format!("no addr= in `{line}`"))
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -502,4 +506,31 @@ pub fn allow_backend(port: u16) -> Vec<String> {
         format!("backend.internal:{port}"),
         format!("127.0.0.1/32:{port}"),
     ]
+}
+
+/// The TCP sockets a process holds, as (state, local address) from `/proc/net/tcp{,6}`
+/// (state `0A` is LISTEN, `01` ESTABLISHED).
+pub fn tcp_sockets_of(pid: u32) -> Vec<(String, String)> {
+    let mut inodes = std::collections::HashSet::new();
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy().to_string();
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inodes.insert(inode.to_string());
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && inodes.contains(f[9]) {
+                out.push((f[3].to_string(), f[1].to_string()));
+            }
+        }
+    }
+    out
 }

@@ -263,6 +263,25 @@ fn new_connections_work_again_after_a_connector_restart() {
 }
 
 #[test]
+fn the_connector_listens_on_nothing_and_only_dials_out() {
+    let (_, sys) = backend();
+    let sockets = tcp_sockets_of(sys.connector.pid());
+    assert!(
+        sockets.iter().all(|(state, _)| state != "0A"),
+        "the connector listens: {sockets:?}"
+    );
+    let established = sockets.iter().filter(|(state, _)| state == "01").count();
+    assert!(
+        established >= 2,
+        "expected its two sessions to the gateway: {sockets:?}"
+    );
+    // The DMZ is the only listener of the system.
+    assert!(tcp_sockets_of(sys.dmz.pid())
+        .iter()
+        .any(|(state, _)| state == "0A"));
+}
+
+#[test]
 fn a_static_forward_carries_a_tcp_conversation() {
     let echo = echo_service().unwrap();
     let sys = System::start(
@@ -439,6 +458,43 @@ fn another_users_process_is_refused_by_the_agent() {
         .arg(&url))
     .unwrap();
     assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn the_agent_refuses_to_start_when_another_user_holds_its_port() {
+    require_tool("setpriv");
+    require_tool("perl");
+    // perl from Debian's perl-base: readable by any user (unlike a per-user Python install).
+    let mut holder = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "perl", "-MIO::Socket::INET", "-e"])
+        .arg(r#"$|=1; $s=IO::Socket::INET->new(Listen=>5,LocalAddr=>"127.0.0.1",LocalPort=>0) or die "bind: $!"; print $s->sockport,"\n"; sleep 30"#)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port: u16 = line.trim().parse().unwrap();
+    let (code, _, err) = run(Command::new(bin("sallyport"))
+        .args([
+            "run",
+            "--gateway",
+            "wss://127.0.0.1:9/",
+            "--http",
+            "off",
+            "--socks",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("SALLYPORT_TOKEN", format!("sp_x_{}", "a".repeat(64)))
+        .env("HOME", "/nonexistent"))
+    .unwrap();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("in use by uid 65534"), "{err}");
 }
 
 #[test]
