@@ -30,13 +30,21 @@ pub enum ConnectError {
 pub async fn connect(config: &AgentConfig) -> Result<Session, ConnectError> {
     let io = egress::dial(&config.gateway, config.tls.as_ref(), config.connect_timeout).await?;
     let url = config.gateway.endpoint("agent");
-    let transport = tunnel::ws::client(
+    // A load balancer that accepts TLS and then stalls the upgrade must not hang us.
+    let upgrade = tunnel::ws::client(
         io,
         &url,
         Some(config.token.expose()),
         config.session.max_frame,
-    )
-    .await?;
+    );
+    let transport = tokio::time::timeout(config.connect_timeout, upgrade)
+        .await
+        .map_err(|_| {
+            tunnel::ws::HandshakeError::Other(format!(
+                "no answer to the WebSocket upgrade within {:?}",
+                config.connect_timeout
+            ))
+        })??;
     let mut cfg = config.session.clone();
     cfg.role = Role::Agent;
     cfg.initiator = true;

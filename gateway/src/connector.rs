@@ -160,13 +160,21 @@ pub enum ConnectError {
 async fn connect(config: &ConnectorConfig) -> Result<(Session, tunnel::Incoming), ConnectError> {
     let io = egress::dial(&config.gateway, config.tls.as_ref(), config.connect_timeout).await?;
     let url = config.gateway.endpoint("connector");
-    let transport = tunnel::ws::client(
+    // A load balancer that accepts TLS and then stalls the upgrade must not hang us.
+    let upgrade = tunnel::ws::client(
         io,
         &url,
         Some(config.token.expose()),
         config.session.max_frame,
-    )
-    .await?;
+    );
+    let transport = tokio::time::timeout(config.connect_timeout, upgrade)
+        .await
+        .map_err(|_| {
+            tunnel::ws::HandshakeError::Other(format!(
+                "no answer to the WebSocket upgrade within {:?}",
+                config.connect_timeout
+            ))
+        })??;
     let mut cfg = config.session.clone();
     cfg.role = Role::Connector;
     cfg.initiator = true;
@@ -232,8 +240,13 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
     stream.accept();
     let mut tcp = tcp;
     let mut stream = stream;
-    let result =
-        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, 64 * 1024, 64 * 1024).await;
+    // A reset from the agent side must end the copy even while the service is not reading
+    // (the copy would not poll the tunnel again until the service made room).
+    let failure = stream.failure();
+    let result = tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, 64 * 1024, 64 * 1024) => r,
+        e = failure => Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, e)),
+    };
     let (up, down) = stream.byte_counts();
     let outcome = match &result {
         Ok(_) => "closed".to_string(),
@@ -298,23 +311,23 @@ async fn dial_checked(
             denial.unwrap_or_else(|| format!("{} resolved to no address", dest.host)),
         ));
     }
-    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    // Each address gets its own share of the timeout (at least a second), so a silently dropped
+    // IPv6 path does not eat the time of the IPv4 address behind it.
+    let per_address =
+        (config.connect_timeout / allowed.len() as u32).max(std::time::Duration::from_secs(1));
     let mut last = None;
     for ip in allowed {
         let addr = SocketAddr::new(ip, dest.port);
-        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+        match tokio::time::timeout(per_address, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
                 return Ok((s, addr));
             }
             Ok(Err(e)) => last = Some(e),
             Err(_) => {
-                return Err(Refusal(
-                    ErrorCode::TimedOut,
-                    format!(
-                        "connecting to {dest} timed out after {:?}",
-                        config.connect_timeout
-                    ),
+                last = Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {per_address:?}"),
                 ))
             }
         }

@@ -2,12 +2,15 @@
 //!
 //! The DMZ is a switch, not a terminator: it moves each received `DATA` payload to the other
 //! session as it came, without an intermediate socket buffer. Credit is hop by hop: a payload
-//! leaves the source stream's buffer (returning credit to its sender) only once the destination
-//! stream has credit for it, so the DMZ holds at most one stream window per direction, and a
-//! slow agent slows only its own stream, never the connector session it shares with others.
+//! leaves the source stream's buffer (returning credit to its sender) when the pump takes it, and
+//! the pump takes the next one only once the destination accepted the last, so per direction the
+//! DMZ holds at most one stream window in the source buffer plus one frame in the pump plus what
+//! the destination's own queue limit allows. A slow agent slows only its own stream, never the
+//! connector session it shares with others.
 
 use bytes::{Buf, Bytes};
 use std::future::poll_fn;
+use std::task::Poll;
 use tunnel::{ErrorCode, Stream, StreamError};
 
 /// How a pump ended.
@@ -36,15 +39,24 @@ pub async fn pump(src: &Stream, dst: &Stream) -> PumpEnd {
         };
         let mut chunk = chunk;
         while !chunk.is_empty() {
-            let cap = match poll_fn(|cx| dst.poll_send_capacity(cx)).await {
-                Ok(c) => c,
-                Err(e) => return dest_failed(src, e),
-            };
-            let n = cap.min(chunk.len());
-            if let Err(e) = dst.send_chunk(&chunk[..n]) {
-                return dest_failed(src, e);
+            // Wait for room on the destination, but notice a source that dies meanwhile (an app
+            // that gave up while the service stopped reading): otherwise both streams, the
+            // relay task and its permit would stay until the service moved.
+            let sent = poll_fn(|cx| {
+                if let Poll::Ready(e) = src.poll_failed(cx) {
+                    return Poll::Ready(Err((true, e)));
+                }
+                dst.poll_send(cx, &chunk).map_err(|e| (false, e))
+            })
+            .await;
+            match sent {
+                Ok(n) => chunk.advance(n),
+                Err((true, e)) => {
+                    dst.reset(relay_code(&e), &e.to_string());
+                    return PumpEnd::SourceFailed(e);
+                }
+                Err((false, e)) => return dest_failed(src, e),
             }
-            chunk.advance(n);
         }
     }
 }

@@ -412,3 +412,43 @@ async fn handshakes_beyond_the_per_address_rate_are_closed_unanswered() {
     // A burst of twice the rate, plus what refills while the loop runs.
     assert!((10..30).contains(&answered), "{answered} of 30 answered");
 }
+
+/// Pinned by review: an agent that gives up on an upload while the service is not reading must
+/// not leave the relay (and the connector's stream to the service) waiting forever.
+#[tokio::test]
+async fn an_agent_reset_reaches_a_connector_stream_whose_service_is_not_reading() {
+    let gw = gateway(&["*.internal:*"], |_| {}).await;
+    let (conn, mut incoming) = session(&gw, "connector", &gw.connector_token, Role::Connector)
+        .await
+        .unwrap();
+    conn.advertise_routes(vec!["*.internal:*".into()]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (agent, _) = session(&gw, "agent", &gw.agent_token, Role::Agent)
+        .await
+        .unwrap();
+    let s = agent
+        .open(Dest::new("sink.internal", 9), Meta::default())
+        .unwrap();
+    let upstream = incoming.accept().await.unwrap();
+    upstream.accept(); // ...and never reads
+    s.opened().await.unwrap();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        let mut s = s;
+        for _ in 0..64 {
+            if tokio::time::timeout(Duration::from_millis(500), s.write_all(&chunk))
+                .await
+                .is_err()
+            {
+                break; // blocked: every window on the way is full
+            }
+        }
+        s // dropped by the caller: RST
+    });
+    let s = writer.await.unwrap();
+    drop(s);
+    let err = tokio::time::timeout(Duration::from_secs(5), upstream.failure())
+        .await
+        .expect("the reset never reached the connector side");
+    assert_eq!(err.code(), ErrorCode::Cancel, "{err}");
+}

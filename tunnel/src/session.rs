@@ -183,8 +183,10 @@ pub(crate) struct State {
     pub(crate) ready: VecDeque<u32>,
     /// Credit the peer granted us for the whole session.
     pub(crate) send_session_credit: u64,
-    /// Streams waiting for session credit.
+    /// Streams waiting for session credit (or for room in our own send queue).
     pub(crate) session_waiters: Vec<Waker>,
+    /// Payload bytes queued on all streams and not yet handed to the transport.
+    pub(crate) queued_total: u64,
     /// Session credit we granted and the peer has not used.
     recv_session_avail: u64,
     /// Session credit to return in the next `WINDOW(0)`.
@@ -224,10 +226,19 @@ impl Shared {
 
     /// Removes a stream's state once nobody can use it any more.
     pub(crate) fn maybe_remove(&self, st: &mut State, id: u32) {
-        let done = match st.streams.get(&id) {
-            Some(s) => s.removable(),
+        let (done, refund) = match st.streams.get_mut(&id) {
+            Some(s) => (s.removable(), std::mem::take(&mut s.refund)),
             None => return,
         };
+        if refund > 0 {
+            // Queued payload dropped by a reset never reaches the peer, so the peer will never
+            // return its credit: return it ourselves, or the session slowly starves.
+            st.send_session_credit += refund;
+            st.queued_total = st.queued_total.saturating_sub(refund);
+            for w in st.session_waiters.drain(..) {
+                w.wake();
+            }
+        }
         if done {
             if let Some(s) = st.streams.remove(&id) {
                 if s.incoming {
@@ -376,6 +387,7 @@ impl Session {
             ready: VecDeque::new(),
             send_session_credit: peer.session_window as u64,
             session_waiters: Vec::new(),
+            queued_total: 0,
             recv_session_avail: config.session_window as u64,
             recv_session_unacked: 0,
             incoming_live: 0,
@@ -523,13 +535,19 @@ fn frame_name(f: &Frame) -> &'static str {
 /// Most bytes the writer moves between two flushes.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
+/// After the session is closed, how long the writer may still spend sending (a GOAWAY) and
+/// closing before it drops the transport: a peer that stopped reading must not pin it forever.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(64);
     loop {
         let closing;
         {
-            let mut st = shared.lock();
+            let mut guard = shared.lock();
+            let st: &mut State = &mut guard;
             let mut bytes = 0;
+            let mut sent_payload = 0u64;
             // Control frames first: credit, opens and resets must not wait behind bulk data.
             while let Some(Pending::Control(b)) = st.control.pop_front() {
                 bytes += b.len();
@@ -545,6 +563,9 @@ async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
                 };
                 match s.send_queue.pop_front() {
                     Some(Out::Data(b)) => {
+                        let payload = (b.len() - crate::frame::HEADER_LEN) as u64;
+                        s.on_sent(payload);
+                        sent_payload += payload;
                         bytes += b.len();
                         batch.push(b);
                     }
@@ -556,28 +577,37 @@ async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
                 }
                 if s.send_queue.is_empty() {
                     s.in_ready = false;
-                    shared.maybe_remove(&mut st, id);
+                    shared.maybe_remove(st, id);
                 } else {
                     st.ready.push_back(id);
+                }
+            }
+            if sent_payload > 0 {
+                st.queued_total = st.queued_total.saturating_sub(sent_payload);
+                // Streams held back by our own session queue limit may go on.
+                for w in st.session_waiters.drain(..) {
+                    w.wake();
                 }
             }
             closing = st.closed.is_some();
         }
         if !batch.is_empty() {
-            let mut failed = None;
-            for b in batch.drain(..) {
-                if let Err(e) = tx.send(b).await {
-                    failed = Some(e);
-                    break;
+            let send = async {
+                for b in batch.drain(..) {
+                    tx.send(b).await?;
                 }
-            }
-            if failed.is_none() {
-                if let Err(e) = tx.flush().await {
-                    failed = Some(e);
-                }
-            }
+                tx.flush().await
+            };
+            let grace = async {
+                shared.cancel.cancelled().await;
+                tokio::time::sleep(CLOSE_GRACE).await;
+            };
+            let result = tokio::select! {
+                r = send => r,
+                _ = grace => Err(TransportError::Closed),
+            };
             batch.clear();
-            if let Some(e) = failed {
+            if let Err(e) = result {
                 shared.close(SessionError::from_transport(e), None);
                 break;
             }
@@ -588,7 +618,7 @@ async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
         }
         shared.writer_wake.notified().await;
     }
-    tx.close().await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, tx.close()).await;
 }
 
 async fn run_reader<Rx: TransportRx>(shared: Arc<Shared>, mut rx: Rx) {

@@ -1,8 +1,8 @@
 //! A stream: one app connection inside a session, with its own buffers and credit.
 //!
 //! [`Stream`] is the handle applications use: `AsyncRead`/`AsyncWrite` for copying to and from a
-//! socket, plus a chunk API ([`Stream::poll_recv_chunk`], [`Stream::poll_send_capacity`],
-//! [`Stream::send_chunk`]) that lets the DMZ relay move received payloads to another session
+//! socket, plus a chunk API ([`Stream::poll_recv_chunk`], [`Stream::poll_send`],
+//! [`Stream::poll_failed`]) that lets the DMZ relay move received payloads to another session
 //! without an intermediate buffer. [`StreamState`] is the per-stream part of the session state;
 //! its methods are the pure bookkeeping (credit, half-close, reset) the reader task applies.
 
@@ -59,12 +59,18 @@ pub(crate) struct StreamState {
     pub(crate) in_ready: bool,
     fin_queued: bool,
     pub(crate) fin_sent: bool,
+    /// Payload bytes queued and not yet handed to the transport.
+    pub(crate) queued_payload: u64,
+    /// Session credit to give back: payload that was queued (and paid for) but dropped by a
+    /// reset, so it never reached the peer and will never be returned by it.
+    pub(crate) refund: u64,
     // Lifecycle.
     error: Option<StreamError>,
     handle_alive: bool,
     read_waker: Option<Waker>,
     write_waker: Option<Waker>,
     open_waker: Option<Waker>,
+    fail_waker: Option<Waker>,
     pub(crate) bytes_in: u64,
     pub(crate) bytes_out: u64,
 }
@@ -84,11 +90,14 @@ impl StreamState {
             in_ready: false,
             fin_queued: false,
             fin_sent: false,
+            queued_payload: 0,
+            refund: 0,
             error: None,
             handle_alive: true,
             read_waker: None,
             write_waker: None,
             open_waker: None,
+            fail_waker: None,
             bytes_in: 0,
             bytes_out: 0,
         }
@@ -99,6 +108,7 @@ impl StreamState {
             self.read_waker.take(),
             self.write_waker.take(),
             self.open_waker.take(),
+            self.fail_waker.take(),
         ]
         .into_iter()
         .flatten()
@@ -114,6 +124,7 @@ impl StreamState {
         }
         self.recv_buf.clear();
         self.send_queue.clear();
+        self.refund += std::mem::take(&mut self.queued_payload);
         self.wake_all();
     }
 
@@ -165,6 +176,15 @@ impl StreamState {
             w.wake();
         }
         Ok(())
+    }
+
+    /// The writer handed `n` payload bytes of this stream to the transport: they no longer
+    /// count against our own queue limit.
+    pub(crate) fn on_sent(&mut self, n: u64) {
+        self.queued_payload = self.queued_payload.saturating_sub(n);
+        if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
     }
 
     pub(crate) fn on_fin(&mut self) {
@@ -375,12 +395,24 @@ impl Stream {
         poll_fn(|cx| self.poll_recv_chunk(cx)).await
     }
 
-    /// Waits until at least one byte may be sent; returns how many (bounded by both windows and
-    /// the frame size).
-    pub fn poll_send_capacity(&self, cx: &mut Context<'_>) -> Poll<Result<usize, StreamError>> {
-        let mut st = self.shared.lock();
+    /// Queues as much of `data` as may be sent now (at least one byte, at most one frame) and
+    /// returns how much; pending until something may be sent. The check and the queueing happen
+    /// under one lock, so concurrent writers on other streams cannot take the credit between
+    /// them.
+    ///
+    /// What may be sent is bounded by the peer's credit (stream and session) *and* by our own
+    /// windows for bytes queued but not yet written: a peer that announces huge windows and then
+    /// stops reading cannot make us buffer more than we would grant it.
+    pub fn poll_send(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<Result<usize, StreamError>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let shared = &self.shared;
+        let mut st = shared.lock();
         let closed = st.closed.clone();
-        let session_credit = st.send_session_credit;
+        let session_room = st
+            .send_session_credit
+            .min((shared.config.session_window as u64).saturating_sub(st.queued_total));
         let Some(s) = st.streams.get_mut(&self.id) else {
             return Poll::Ready(Err(self.missing(closed)));
         };
@@ -393,56 +425,70 @@ impl Stream {
                 reason: "write after shutdown".into(),
             }));
         }
-        let cap = s
+        let stream_room = s
             .send_credit
-            .min(session_credit)
-            .min(self.shared.max_send as u64) as usize;
-        if cap > 0 {
-            return Poll::Ready(Ok(cap));
+            .min((shared.config.stream_window as u64).saturating_sub(s.queued_payload));
+        let cap = stream_room.min(session_room).min(shared.max_send as u64) as usize;
+        if cap == 0 {
+            s.write_waker = Some(cx.waker().clone());
+            if session_room == 0 && !st.session_waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                st.session_waiters.push(cx.waker().clone());
+            }
+            return Poll::Pending;
         }
-        s.write_waker = Some(cx.waker().clone());
-        if session_credit == 0 {
-            st.session_waiters.push(cx.waker().clone());
-        }
-        Poll::Pending
-    }
-
-    /// Queues `data` (at most what [`Stream::poll_send_capacity`] returned) as `DATA` frames.
-    pub fn send_chunk(&self, data: &[u8]) -> Result<(), StreamError> {
-        let mut st = self.shared.lock();
-        let closed = st.closed.clone();
-        let session_credit = st.send_session_credit;
-        let Some(s) = st.streams.get_mut(&self.id) else {
-            return Err(self.missing(closed));
-        };
-        if let Some(e) = &s.error {
-            return Err(e.clone());
-        }
-        let n = data.len() as u64;
-        if n > s.send_credit.min(session_credit) {
-            return Err(StreamError::LocalReset {
-                code: ErrorCode::Internal,
-                reason: "send_chunk beyond capacity".into(),
-            });
-        }
-        if n == 0 {
-            return Ok(());
-        }
-        for piece in data.chunks(self.shared.max_send) {
-            s.send_queue
-                .push_back(Out::Data(encode_data(self.id, piece)));
-        }
-        s.send_credit -= n;
-        s.bytes_out += n;
+        let n = cap.min(data.len());
+        s.send_queue
+            .push_back(Out::Data(encode_data(self.id, &data[..n])));
+        let n64 = n as u64;
+        s.send_credit -= n64;
+        s.queued_payload += n64;
+        s.bytes_out += n64;
         let newly_ready = !s.in_ready;
         s.in_ready = true;
-        st.send_session_credit -= n;
-        st.bytes_out += n;
+        st.send_session_credit -= n64;
+        st.queued_total += n64;
+        st.bytes_out += n64;
         if newly_ready {
             st.ready.push_back(self.id);
-            self.shared.writer_wake.notify_one();
+            shared.writer_wake.notify_one();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Sends all of `data`, waiting for credit as needed.
+    pub async fn send_all(&self, mut data: &[u8]) -> Result<(), StreamError> {
+        while !data.is_empty() {
+            let n = poll_fn(|cx| self.poll_send(cx, data)).await?;
+            data = &data[n..];
         }
         Ok(())
+    }
+
+    /// Ready with the error once the stream has failed (reset by either side, refused, or its
+    /// session lost); pending otherwise. Lets a relay notice a dead source while it waits for
+    /// credit on the destination.
+    pub fn poll_failed(&self, cx: &mut Context<'_>) -> Poll<StreamError> {
+        let mut st = self.shared.lock();
+        let closed = st.closed.clone();
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return Poll::Ready(self.missing(closed));
+        };
+        match &s.error {
+            Some(e) => Poll::Ready(e.clone()),
+            None => {
+                s.fail_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    /// A future that resolves when the stream fails, usable while the stream itself is
+    /// borrowed by a copy loop.
+    pub fn failure(&self) -> Failure {
+        Failure {
+            shared: self.shared.clone(),
+            id: self.id,
+        }
     }
 
     /// Half-closes our sending direction (`FIN` after everything queued).
@@ -460,6 +506,34 @@ impl Stream {
             s.in_ready = true;
             st.ready.push_back(self.id);
             self.shared.writer_wake.notify_one();
+        }
+    }
+}
+
+/// Resolves with the error once its stream has failed (see [`Stream::failure`]).
+pub struct Failure {
+    shared: Arc<Shared>,
+    id: u32,
+}
+
+impl std::future::Future for Failure {
+    type Output = StreamError;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<StreamError> {
+        let mut st = self.shared.lock();
+        let closed = st.closed.clone();
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return Poll::Ready(
+                closed
+                    .map(StreamError::SessionLost)
+                    .unwrap_or(StreamError::GoingAway),
+            );
+        };
+        match &s.error {
+            Some(e) => Poll::Ready(e.clone()),
+            None => {
+                s.fail_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
         }
     }
 }
@@ -520,20 +594,7 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let cap = match this.poll_send_capacity(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_io())),
-            Poll::Ready(Ok(c)) => c,
-        };
-        let n = cap.min(buf.len());
-        match this.send_chunk(&buf[..n]) {
-            Ok(()) => Poll::Ready(Ok(n)),
-            Err(e) => Poll::Ready(Err(e.to_io())),
-        }
+        self.get_mut().poll_send(cx, buf).map_err(|e| e.to_io())
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

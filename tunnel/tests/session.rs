@@ -526,3 +526,74 @@ async fn dropping_an_unfinished_stream_resets_it_at_the_peer() {
     let err = peer.read(&mut buf).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
 }
+
+/// Pinned by review: payload queued on a stream that is then reset never reaches the peer, so
+/// the peer never returns its session credit. Before the fix the session starved once such
+/// losses added up to one session window; now the sender refunds the credit itself.
+#[tokio::test]
+async fn session_credit_of_data_dropped_by_a_reset_is_not_lost() {
+    // The peer is played by hand: it grants a 256 KiB session window and reads nothing at first,
+    // so our writer blocks on the (tiny) transport and data piles up in the stream's queue.
+    let (a, mut raw) = memory_pair(2);
+    let hello = Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Dmz,
+        stream_window: 256 * 1024,
+        session_window: 256 * 1024,
+        max_frame: 16 * 1024,
+        instance_id: "raw".into(),
+    });
+    raw.send_raw(hello.encode()).await.unwrap();
+    let (session, _) = Session::start(a, Config::new(Role::Agent, true))
+        .await
+        .unwrap();
+    let _their_hello = raw.recv_raw().await.unwrap().unwrap();
+    let mut s = session.open(Dest::new("x", 1), Meta::default()).unwrap();
+    // Queue one full session window; the transport holds two messages, the rest stays queued.
+    let chunk = vec![1u8; 16 * 1024];
+    for _ in 0..16 {
+        s.write_all(&chunk).await.unwrap();
+    }
+    drop(s); // RST: the queued data is dropped
+             // Now the peer reads, answering every DATA with credit, as a real peer would.
+    let peer = tokio::spawn(async move {
+        let mut got_b = 0usize;
+        while let Ok(Some(m)) = raw.recv_raw().await {
+            if let Ok(Frame::Data { stream, payload }) = Frame::decode(m, 1 << 20) {
+                let n = payload.len() as u32;
+                let _ = raw
+                    .send_raw(
+                        Frame::Window {
+                            stream: 0,
+                            credit: n,
+                        }
+                        .encode(),
+                    )
+                    .await;
+                let _ = raw
+                    .send_raw(Frame::Window { stream, credit: n }.encode())
+                    .await;
+                if stream == 3 {
+                    got_b += n as usize;
+                    if got_b == 1024 * 1024 {
+                        return got_b;
+                    }
+                }
+            }
+        }
+        got_b
+    });
+    let mut b = session.open(Dest::new("y", 2), Meta::default()).unwrap();
+    let big = vec![2u8; 1024 * 1024];
+    tokio::time::timeout(Duration::from_secs(10), b.write_all(&big))
+        .await
+        .expect("the session starved: credit of the dropped data was lost")
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), peer)
+            .await
+            .unwrap()
+            .unwrap(),
+        1024 * 1024
+    );
+}
