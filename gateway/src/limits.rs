@@ -25,7 +25,9 @@ pub struct Limits {
     /// Streams one agent session may have open at once.
     pub streams_per_session: usize,
     /// Streams relayed at once by the whole gateway; with the per-stream windows this is the
-    /// memory budget (`max_streams × 2 × stream_window` at worst).
+    /// memory budget: per stream and direction at most the source buffer (one stream window), one
+    /// frame in the relay and the destination's send queue (one stream window), so
+    /// `max_streams × 2 × (2 × stream_window + 64 KiB)` at worst.
     pub max_streams: usize,
 }
 
