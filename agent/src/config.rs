@@ -117,6 +117,11 @@ pub struct AgentArgs {
     /// Extra CA certificate (PEM) to trust for the gateway, besides the OS store.
     #[arg(long)]
     pub ca: Option<PathBuf>,
+    /// The way out: `http://[USER@]HOST:PORT`, `socks5://…`, `socks5h://…`, `direct`, or `auto`
+    /// (default: HTTPS_PROXY/ALL_PROXY/NO_PROXY as curl reads them, else direct). The password
+    /// comes from SALLYPORT_PROXY_PASSWORD, never from a flag.
+    #[arg(long)]
+    pub proxy: Option<String>,
     /// SOCKS5 listen address, or `off` [default: 127.0.0.1:1080].
     #[arg(long)]
     pub socks: Option<String>,
@@ -146,6 +151,7 @@ pub struct AgentFile {
     pub gateway: Option<String>,
     pub token_file: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    pub proxy: Option<String>,
     pub socks: Option<String>,
     pub http: Option<String>,
     #[serde(default)]
@@ -182,6 +188,8 @@ pub struct AgentConfig {
     pub gateway: GatewayUrl,
     pub token: Secret,
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// How to leave the network (proxy or direct).
+    pub egress: egress::Egress,
     pub socks: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
     pub forwards: Vec<Forward>,
@@ -306,6 +314,7 @@ pub fn agent_config(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
     } else {
         None
     };
+    let egress = parse_egress(args.proxy.as_deref().or(file.proxy.as_deref()))?;
     let socks = listen_addr(
         args.socks.as_deref().or(file.socks.as_deref()),
         "127.0.0.1:1080",
@@ -370,6 +379,7 @@ pub fn agent_config(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
         gateway,
         token,
         tls,
+        egress,
         socks,
         http,
         forwards,
@@ -395,6 +405,22 @@ pub fn agent_config(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
             .unwrap_or_else(|| format!("agent-{}", std::process::id())),
         session,
     })
+}
+
+/// `--proxy` / `proxy =`: `auto` (or nothing) reads the environment; anything else is explicit.
+pub fn parse_egress(proxy: Option<&str>) -> Result<egress::Egress, ConfigError> {
+    let proxy = match proxy.map(str::trim) {
+        None | Some("auto") | Some("") => None,
+        Some(p) => Some(
+            p.parse::<egress::Proxy>()
+                .map_err(|e| invalid(format!("--proxy: {e}")))?,
+        ),
+    };
+    Ok(egress::Egress {
+        proxy,
+        password: None,
+    }
+    .with_env_password())
 }
 
 fn read_password(path: &Path) -> Result<String, ConfigError> {

@@ -149,6 +149,10 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         policy: Arc::new(Policy::new(rules, gateway::policy::local_addresses())),
         // Advertise the whole site; the allow-list decides (so :1 is refused with a reason).
         routes: vec!["*.internal:*".parse::<Route>()?],
+        egress: egress::Egress {
+            proxy: Some(egress::Proxy::Direct),
+            password: None,
+        },
         hosts: HashMap::from([(INTERNAL_NAME.to_string(), vec!["127.0.0.1".parse()?])]),
         sessions: 2,
         connect_timeout: Duration::from_secs(5),
@@ -165,6 +169,10 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
             ca: Some(ca_path.clone()),
             pin: false,
         })?),
+        egress: egress::Egress {
+            proxy: Some(egress::Proxy::Direct),
+            password: None,
+        },
         socks: Some(opts.socks),
         http: Some(opts.http),
         forwards: vec![],

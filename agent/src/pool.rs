@@ -28,7 +28,13 @@ pub enum ConnectError {
 
 /// Dials the gateway and starts a tunnel session as an agent.
 pub async fn connect(config: &AgentConfig) -> Result<Session, ConnectError> {
-    let io = egress::dial(&config.gateway, config.tls.as_ref(), config.connect_timeout).await?;
+    let io = egress::dial(
+        &config.gateway,
+        config.tls.as_ref(),
+        config.connect_timeout,
+        &config.egress,
+    )
+    .await?;
     let url = config.gateway.endpoint("agent");
     // A load balancer that accepts TLS and then stalls the upgrade must not hang us.
     let upgrade = tunnel::ws::client(
@@ -132,6 +138,12 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
                 warn!(error = %e, "cannot reach the gateway");
                 *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(format!("gateway unreachable: {e}"));
+                if credentials_rejected(&e) {
+                    // Never retry a credential that got 407: domain accounts lock.
+                    tracing::error!("not retrying with rejected proxy credentials; fix the password and restart the agent");
+                    shutdown.cancelled().await;
+                    break;
+                }
             }
         }
         if started.elapsed() > Duration::from_secs(60) {
@@ -145,4 +157,12 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
         }
     }
     pool.current.send_replace(None);
+}
+
+/// True when a proxy rejected our credentials (retrying would risk locking the account).
+pub fn credentials_rejected(e: &ConnectError) -> bool {
+    matches!(
+        e,
+        ConnectError::Egress(EgressError::Proxy(egress::ProxyError::AuthRejected { .. }))
+    ) || matches!(e, ConnectError::Egress(EgressError::Proxy(egress::ProxyError::Socks { why, .. })) if why.contains("rejected the credentials"))
 }

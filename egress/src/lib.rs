@@ -11,6 +11,9 @@
 //! | [`TlsOptions`], [`client_config`] | trust: the OS store plus `--ca`, or only a pinned CA |
 //! | [`dial`] | TCP (with timeout) + TLS, errors that say which hop failed |
 
+pub mod proxy;
+
+pub use proxy::{Password, Proxy, ProxyError};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::RootCertStore;
 use std::io;
@@ -39,6 +42,41 @@ pub enum EgressError {
     Tls { host: String, reason: String },
     #[error("cannot read CA file {path}: {reason}")]
     CaFile { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    #[error("{0}")]
+    BadProxy(String),
+}
+
+/// How to leave the network: an explicit proxy (`--proxy`), or `None` for automatic (the
+/// environment with curl's semantics, else direct). PAC/WPAD and system settings come later.
+#[derive(Clone, Debug, Default)]
+pub struct Egress {
+    pub proxy: Option<Proxy>,
+    /// Password for the proxy user (from `SALLYPORT_PROXY_PASSWORD`).
+    pub password: Option<Password>,
+}
+
+impl Egress {
+    /// Reads the password from `SALLYPORT_PROXY_PASSWORD` when present.
+    pub fn with_env_password(mut self) -> Egress {
+        if let Ok(p) = std::env::var("SALLYPORT_PROXY_PASSWORD") {
+            self.password = Some(Password::new(p));
+        }
+        self
+    }
+
+    /// The proxy to use for `host`: the explicit one, else the environment's, else direct.
+    pub fn resolve(&self, host: &str) -> Result<Proxy, EgressError> {
+        if let Some(p) = &self.proxy {
+            return Ok(p.clone());
+        }
+        match proxy::from_env(|k| std::env::var(k).ok(), host) {
+            Some(Ok(p)) => Ok(p),
+            Some(Err(e)) => Err(EgressError::BadProxy(format!("{e} (from the environment)"))),
+            None => Ok(Proxy::Direct),
+        }
+    }
 }
 
 /// A gateway address: `wss://gw.example.com/` or `ws://127.0.0.1:8080/sallyport` (plain only
@@ -262,24 +300,106 @@ impl AsyncWrite for GatewayStream {
 /// Read buffer under TLS (see [`dial`]).
 pub const TLS_READ_BUFFER: usize = 64 * 1024;
 
-/// Dials the gateway directly: resolve, TCP connect (each address in turn, within `timeout`),
-/// then TLS when the URL says `wss://`.
+/// Dials the gateway: through the proxy `egress` names (HTTP `CONNECT` or SOCKS5) or directly,
+/// TCP connect within `timeout`, then TLS when the URL says `wss://`.
 pub async fn dial(
     url: &GatewayUrl,
     tls: Option<&Arc<rustls::ClientConfig>>,
     timeout: Duration,
+    egress: &Egress,
 ) -> Result<GatewayStream, EgressError> {
     let authority = url.authority();
-    let addrs: Vec<_> = tokio::net::lookup_host((url.host.as_str(), url.port))
+    let deadline = tokio::time::Instant::now() + timeout;
+    let proxy = egress.resolve(&url.host)?;
+    let tcp = match &proxy {
+        Proxy::Direct => connect_tcp(&url.host, url.port, deadline, timeout).await?,
+        Proxy::Http { host, port, user } => {
+            let mut tcp = connect_tcp(host, *port, deadline, timeout).await?;
+            let name = proxy.to_string();
+            let creds = user.as_deref().zip(egress.password.as_ref());
+            if user.is_some() && creds.is_none() {
+                return Err(EgressError::BadProxy(format!(
+                    "proxy {name} names a user but SALLYPORT_PROXY_PASSWORD is not set"
+                )));
+            }
+            tokio::time::timeout_at(
+                deadline,
+                proxy::http_connect(&mut tcp, &name, &authority, creds),
+            )
+            .await
+            .map_err(|_| ProxyError::Timeout {
+                proxy: name.clone(),
+                after: timeout,
+            })??;
+            tracing::debug!(proxy = %name, "tunnel through HTTP proxy established");
+            tcp
+        }
+        Proxy::Socks5 {
+            host,
+            port,
+            user,
+            remote_dns,
+        } => {
+            let mut tcp = connect_tcp(host, *port, deadline, timeout).await?;
+            let name = proxy.to_string();
+            let creds = user.as_deref().zip(egress.password.as_ref());
+            if user.is_some() && creds.is_none() {
+                return Err(EgressError::BadProxy(format!(
+                    "proxy {name} names a user but SALLYPORT_PROXY_PASSWORD is not set"
+                )));
+            }
+            // socks5:// resolves the gateway here; socks5h:// lets the proxy resolve it.
+            let target = if *remote_dns {
+                url.host.clone()
+            } else {
+                tokio::net::lookup_host((url.host.as_str(), url.port))
+                    .await
+                    .map_err(|source| EgressError::Resolve {
+                        host: url.host.clone(),
+                        source,
+                    })?
+                    .next()
+                    .map(|a| a.ip().to_string())
+                    .ok_or_else(|| EgressError::Resolve {
+                        host: url.host.clone(),
+                        source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+                    })?
+            };
+            tokio::time::timeout_at(
+                deadline,
+                proxy::socks5_connect(&mut tcp, &name, &target, url.port, creds),
+            )
+            .await
+            .map_err(|_| ProxyError::Timeout {
+                proxy: name.clone(),
+                after: timeout,
+            })??;
+            tcp
+        }
+    };
+    finish_dial(url, tls, timeout, deadline, tcp, &authority).await
+}
+
+/// Resolves `host` and connects to each address in turn within the deadline.
+async fn connect_tcp(
+    host: &str,
+    port: u16,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<TcpStream, EgressError> {
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
         .await
         .map_err(|source| EgressError::Resolve {
-            host: url.host.clone(),
+            host: host.to_string(),
             source,
         })?
         .collect();
     let mut last = None;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut tcp = None;
     for addr in addrs {
         match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
             Err(_) => {
@@ -289,27 +409,33 @@ pub async fn dial(
                 })
             }
             Ok(Ok(s)) => {
-                tcp = Some(s);
-                break;
+                let _ = s.set_nodelay(true);
+                return Ok(s);
             }
             Ok(Err(e)) => last = Some((addr, e)),
         }
     }
-    let tcp = match tcp {
-        Some(t) => t,
-        None => {
-            let (addr, source) = last.unwrap_or_else(|| {
-                (
-                    ([0, 0, 0, 0], 0).into(),
-                    io::Error::new(io::ErrorKind::NotFound, "no addresses"),
-                )
-            });
-            return Err(EgressError::Connect {
-                addr: format!("{authority} ({addr})"),
-                source,
-            });
-        }
-    };
+    let (addr, source) = last.unwrap_or_else(|| {
+        (
+            ([0, 0, 0, 0], 0).into(),
+            io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+        )
+    });
+    Err(EgressError::Connect {
+        addr: format!("{authority} ({addr})"),
+        source,
+    })
+}
+
+async fn finish_dial(
+    url: &GatewayUrl,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+    tcp: TcpStream,
+    authority: &str,
+) -> Result<GatewayStream, EgressError> {
+    let authority = authority.to_string();
     let _ = tcp.set_nodelay(true);
     if !url.tls {
         return Ok(GatewayStream::Plain(tcp));

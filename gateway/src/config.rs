@@ -330,6 +330,11 @@ pub struct ConnectorArgs {
     /// The DMZ's CA certificate (PEM); when given, only it is trusted (pinned).
     #[arg(long)]
     pub ca: Option<PathBuf>,
+    /// The way out to the DMZ: `http://[USER@]HOST:PORT`, `socks5://…`, `socks5h://…`,
+    /// `direct`, or `auto` (default: HTTPS_PROXY/ALL_PROXY/NO_PROXY, else direct). Password from
+    /// SALLYPORT_PROXY_PASSWORD.
+    #[arg(long)]
+    pub proxy: Option<String>,
     /// Allow-list rule: `db.internal:5432`, `*.internal:22`, `10.20.0.0/16:443`, optionally
     /// followed by ` users=a,b groups=c`. Repeatable.
     #[arg(long = "allow")]
@@ -357,6 +362,7 @@ pub struct ConnectorFile {
     pub gateway: Option<String>,
     pub token_file: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    pub proxy: Option<String>,
     #[serde(default)]
     pub allow: Vec<Rule>,
     #[serde(default)]
@@ -470,8 +476,26 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
     }
     let mut session = tunnel::Config::new(tunnel::Role::Connector, true);
     file.tunnel.apply(&mut session)?;
+    let egress = match args
+        .proxy
+        .as_deref()
+        .or(file.proxy.as_deref())
+        .map(str::trim)
+    {
+        None | Some("auto") | Some("") => None,
+        Some(p) => Some(
+            p.parse::<egress::Proxy>()
+                .map_err(|e| invalid(format!("--proxy: {e}")))?,
+        ),
+    };
+    let egress = egress::Egress {
+        proxy: egress,
+        password: None,
+    }
+    .with_env_password();
     Ok(ConnectorConfig {
         gateway,
+        egress,
         token,
         tls,
         policy: Arc::new(Policy::new(rules, policy::local_addresses())),

@@ -28,6 +28,8 @@ pub struct ConnectorConfig {
     pub policy: Arc<Policy>,
     /// Routes advertised to the DMZ (by default, the allow-list's routes).
     pub routes: Vec<Route>,
+    /// How to reach the DMZ (a trusted network may force its own proxy too).
+    pub egress: egress::Egress,
     /// Static name → address entries consulted before DNS (like curl's `--resolve`).
     pub hosts: HashMap<String, Vec<IpAddr>>,
     /// Sessions kept up to the gateway.
@@ -132,7 +134,18 @@ async fn keep_session(
                 }
                 warn!(reason = %why, "gateway session ended; reconnecting");
             }
-            Err(e) => warn!(error = %e, "cannot reach the gateway"),
+            Err(e) => {
+                warn!(error = %e, "cannot reach the gateway");
+                if let ConnectError::Egress(egress::EgressError::Proxy(
+                    egress::ProxyError::AuthRejected { .. },
+                )) = &e
+                {
+                    // Never retry a credential that got 407: domain accounts lock.
+                    tracing::error!("not retrying with rejected proxy credentials; fix the password and restart the connector");
+                    shutdown.cancelled().await;
+                    break;
+                }
+            }
         }
         if started.elapsed() > Backoff::STABLE {
             backoff.reset();
@@ -158,7 +171,13 @@ pub enum ConnectError {
 }
 
 async fn connect(config: &ConnectorConfig) -> Result<(Session, tunnel::Incoming), ConnectError> {
-    let io = egress::dial(&config.gateway, config.tls.as_ref(), config.connect_timeout).await?;
+    let io = egress::dial(
+        &config.gateway,
+        config.tls.as_ref(),
+        config.connect_timeout,
+        &config.egress,
+    )
+    .await?;
     let url = config.gateway.endpoint("connector");
     // A load balancer that accepts TLS and then stalls the upgrade must not hang us.
     let upgrade = tunnel::ws::client(

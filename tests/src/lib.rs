@@ -382,6 +382,18 @@ impl System {
         hosts: &[&str],
         forwards: &[String],
     ) -> Result<System> {
+        System::start_with(tag, allow, hosts, forwards, &[], &[])
+    }
+
+    /// Like [`System::start`], with extra agent arguments and environment.
+    pub fn start_with(
+        tag: &str,
+        allow: &[String],
+        hosts: &[&str],
+        forwards: &[String],
+        agent_args: &[String],
+        agent_env: &[(&str, &str)],
+    ) -> Result<System> {
         let pki = Pki::new(tag)?;
         pki.token(
             "agent",
@@ -453,6 +465,10 @@ impl System {
         .env("HOME", pki.dir.path());
         for f in forwards {
             cmd.arg("--forward").arg(f);
+        }
+        cmd.args(agent_args);
+        for (k, v) in agent_env {
+            cmd.env(k, v);
         }
         let agent = Proc::spawn("agent", &mut cmd)?;
         let socks = agent.addr(&["listening", "socks5"])?;
@@ -533,4 +549,74 @@ pub fn tcp_sockets_of(pid: u32) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// A real squid on loopback for one test, with Basic authentication (`basic_ncsa_auth`) when
+/// `basic_user` is given. Its access log proves what went through it.
+pub struct Squid {
+    pub port: u16,
+    pub dir: TempDir,
+    _proc: Proc,
+}
+
+impl Squid {
+    pub fn start(tag: &str, basic_user: Option<(&str, &str)>) -> Result<Squid> {
+        require_tool("squid");
+        require_tool("openssl");
+        let dir = TempDir::new(tag);
+        let d = dir.path();
+        // squid drops to its own user: it must be able to write its logs here.
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut auth = String::new();
+        if let Some((user, pw)) = basic_user {
+            let (code, hash, err) = run(Command::new("openssl").args(["passwd", "-apr1", pw]))?;
+            if code != 0 {
+                bail!("openssl passwd: {err}");
+            }
+            std::fs::write(d.join("passwd"), format!("{user}:{}\n", hash.trim()))?;
+            std::fs::set_permissions(
+                d.join("passwd"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o644),
+            )?;
+            auth = format!(
+                "auth_param basic program /usr/lib/squid/basic_ncsa_auth {}\nauth_param basic realm corp\nacl authed proxy_auth REQUIRED\nhttp_access allow authed\n",
+                d.join("passwd").display()
+            );
+        } else {
+            auth.push_str("http_access allow all\n");
+        }
+        let conf = format!(
+            "http_port 127.0.0.1:{port}\npid_filename {d}/squid.pid\naccess_log stdio:{d}/access.log\ncache_log {d}/cache.log\ncache deny all\ncoredump_dir {d}\nshutdown_lifetime 0 seconds\n{auth}http_access deny all\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("squid.conf"), conf)?;
+        let proc = Proc::spawn(
+            "squid",
+            Command::new("squid")
+                .args(["-N", "-f"])
+                .arg(d.join("squid.conf")),
+        )?;
+        // Ready when it accepts connections.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "squid did not start: {}\n{}",
+                    proc.log(),
+                    std::fs::read_to_string(d.join("cache.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Squid {
+            port,
+            dir,
+            _proc: proc,
+        })
+    }
+
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
 }

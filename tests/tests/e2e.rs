@@ -571,3 +571,120 @@ fn bad_configuration_exits_64_with_one_line_naming_the_fix() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("open proxy"), "{err}");
 }
+
+/// The agent reaches the gateway through a real squid that demands Basic authentication; the
+/// access log proves the tunnel went through it, and bad or missing credentials say so.
+#[test]
+fn the_agent_goes_out_through_squid_with_basic_auth() {
+    let squid = Squid::start("squid-basic", Some(("alice", "s3cret"))).unwrap();
+    let svc = http_service().unwrap();
+    let proxy = format!("http://alice@127.0.0.1:{}", squid.port);
+    let sys = System::start_with(
+        "via-squid",
+        &allow_backend(svc.port()),
+        &["backend.internal=127.0.0.1"],
+        &[],
+        &["--proxy".into(), proxy.clone()],
+        &[("SALLYPORT_PROXY_PASSWORD", "s3cret")],
+    )
+    .unwrap();
+    let url = format!("http://backend.internal:{}/", svc.port());
+    let (code, out, err) = run(curl()
+        .arg("--socks5-hostname")
+        .arg(sys.socks.to_string())
+        .arg(&url))
+    .unwrap();
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "hello from backend.internal\n"),
+        "{err}"
+    );
+    assert!(
+        !sys.agent.log().contains("s3cret"),
+        "the proxy password leaked into the log"
+    );
+    // Wrong password: a clear error naming the user, and no retry loop.
+    let bad = Proc::spawn(
+        "agent-bad-pw",
+        Command::new(bin("sallyport"))
+            .args([
+                "run",
+                "--gateway",
+                &sys.gw_url,
+                "--socks",
+                "127.0.0.1:0",
+                "--http",
+                "off",
+                "--proxy",
+                &proxy,
+                "--token-file",
+            ])
+            .arg(sys.pki.p("alice-laptop.token"))
+            .arg("--ca")
+            .arg(sys.pki.p("ca.crt"))
+            .env("SALLYPORT_PROXY_PASSWORD", "wrong"),
+    )
+    .unwrap();
+    bad.wait_for(
+        &["rejected the credentials of user `alice`"],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(
+        !bad.log().contains("wrong"),
+        "the password leaked into the log"
+    );
+    // No credentials at all: the agent says what the proxy asks for.
+    let none = Proc::spawn(
+        "agent-no-auth",
+        Command::new(bin("sallyport"))
+            .args([
+                "run",
+                "--gateway",
+                &sys.gw_url,
+                "--socks",
+                "127.0.0.1:0",
+                "--http",
+                "off",
+                "--token-file",
+            ])
+            .arg(sys.pki.p("alice-laptop.token"))
+            .arg("--ca")
+            .arg(sys.pki.p("ca.crt"))
+            .env("HTTPS_PROXY", format!("http://127.0.0.1:{}", squid.port))
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy"),
+    )
+    .unwrap();
+    none.wait_for(
+        &["asks for authentication (Basic)"],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    // squid logs a tunnel when it ends: stop the agent, then read the proof.
+    let mut sys = sys;
+    sys.agent.kill();
+    let gw_port = sys
+        .gw_url
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = squid.access_log();
+        if log.lines().any(|l| {
+            l.contains("TCP_TUNNEL/200")
+                && l.contains(&format!("CONNECT 127.0.0.1:{gw_port}"))
+                && l.contains("alice")
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no authenticated tunnel in squid's log: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
