@@ -7,98 +7,30 @@
 
 use crate::config::AgentConfig;
 use std::net::SocketAddr;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("the agent at {agent} refused {target}: {reason}")]
-    Refused {
-        agent: SocketAddr,
-        target: String,
-        reason: &'static str,
-    },
-    #[error("the agent at {0} does not speak SOCKS5 without authentication")]
-    Socks(SocketAddr),
+    /// The agent answered the SOCKS5 request with a refusal (policy, no connector, refused…).
+    #[error("{0}")]
+    Refused(#[from] egress::ProxyError),
     #[error("no agent is listening at {agent} and {why}")]
     NoAgent { agent: SocketAddr, why: String },
 }
 
-fn socks_reason(code: u8) -> &'static str {
-    match code {
-        0x02 => "not allowed by policy",
-        0x03 => "network unreachable",
-        0x04 => "host unreachable, unknown, or no connector serves it",
-        0x05 => "connection refused",
-        0x06 => "timed out",
-        0x07 => "command not supported",
-        0x08 => "address type not supported",
-        _ => "tunnel unavailable or general failure",
-    }
-}
-
-/// SOCKS5 CONNECT by name through the local agent.
+/// SOCKS5 CONNECT by name through the local agent (the same client the egress uses for
+/// upstream SOCKS5 proxies).
 pub async fn via_agent(
     agent: SocketAddr,
     host: &str,
     port: u16,
 ) -> Result<TcpStream, ConnectError> {
     let mut s = TcpStream::connect(agent).await?;
-    s.write_all(&[5, 1, 0]).await?;
-    let mut sel = [0u8; 2];
-    s.read_exact(&mut sel).await?;
-    if sel != [5, 0] {
-        return Err(ConnectError::Socks(agent));
-    }
-    let mut req = vec![5, 1, 0];
-    match host.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(v4)) => {
-            req.push(1);
-            req.extend_from_slice(&v4.octets());
-        }
-        Ok(std::net::IpAddr::V6(v6)) => {
-            req.push(4);
-            req.extend_from_slice(&v6.octets());
-        }
-        Err(_) => {
-            let h = host.as_bytes();
-            if h.is_empty() || h.len() > 255 {
-                return Err(ConnectError::Refused {
-                    agent,
-                    target: format!("{host}:{port}"),
-                    reason: "bad host name",
-                });
-            }
-            req.push(3);
-            req.push(h.len() as u8);
-            req.extend_from_slice(h);
-        }
-    }
-    req.extend_from_slice(&port.to_be_bytes());
-    s.write_all(&req).await?;
-    let mut head = [0u8; 4];
-    s.read_exact(&mut head).await?;
-    if head[1] != 0 {
-        return Err(ConnectError::Refused {
-            agent,
-            target: format!("{host}:{port}"),
-            reason: socks_reason(head[1]),
-        });
-    }
-    let skip = match head[3] {
-        1 => 4 + 2,
-        4 => 16 + 2,
-        3 => {
-            let mut l = [0u8; 1];
-            s.read_exact(&mut l).await?;
-            l[0] as usize + 2
-        }
-        _ => return Err(ConnectError::Socks(agent)),
-    };
-    let mut rest = vec![0u8; skip];
-    s.read_exact(&mut rest).await?;
+    let _ = s.set_nodelay(true);
+    egress::proxy::socks5_connect(&mut s, &format!("agent {agent}"), host, port, None).await?;
     Ok(s)
 }
 

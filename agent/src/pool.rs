@@ -36,21 +36,14 @@ pub async fn connect(config: &AgentConfig) -> Result<Session, ConnectError> {
     )
     .await?;
     let url = config.gateway.endpoint("agent");
-    // A load balancer that accepts TLS and then stalls the upgrade must not hang us.
-    let upgrade = tunnel::ws::client(
+    let transport = tunnel::ws::client(
         io,
         &url,
         Some(config.token.expose()),
         config.session.max_frame,
-    );
-    let transport = tokio::time::timeout(config.connect_timeout, upgrade)
-        .await
-        .map_err(|_| {
-            tunnel::ws::HandshakeError::Other(format!(
-                "no answer to the WebSocket upgrade within {:?}",
-                config.connect_timeout
-            ))
-        })??;
+        config.connect_timeout,
+    )
+    .await?;
     let mut cfg = config.session.clone();
     cfg.role = Role::Agent;
     cfg.initiator = true;

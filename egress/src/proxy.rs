@@ -456,7 +456,7 @@ pub async fn socks5_connect<S: AsyncRead + AsyncWrite + Unpin>(
         let why = match head[1] {
             2 => "not allowed by its ruleset",
             3 => "network unreachable",
-            4 => "host unreachable",
+            4 => "host unreachable (from a sallyport agent: unknown, or no connector serves it)",
             5 => "connection refused",
             6 => "TTL expired",
             7 => "command not supported",

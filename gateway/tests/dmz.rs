@@ -101,7 +101,7 @@ async fn session(
         .await
         .map_err(|e| e.to_string())?;
     let url = format!("ws://{}/sp/{path}", gw.addr);
-    let t = tunnel::ws::client(tcp, &url, Some(token), 65536)
+    let t = tunnel::ws::client(tcp, &url, Some(token), 65536, Duration::from_secs(10))
         .await
         .map_err(|e| e.to_string())?;
     let mut cfg = tunnel::Config::new(role, true);
@@ -302,9 +302,15 @@ async fn a_wrong_protocol_version_is_closed_with_a_reason() {
     let gw = gateway(&["*:*"], |_| {}).await;
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
     let url = format!("ws://{}/sp/agent", gw.addr);
-    let t = tunnel::ws::client(tcp, &url, Some(&gw.agent_token), 65536)
-        .await
-        .unwrap();
+    let t = tunnel::ws::client(
+        tcp,
+        &url,
+        Some(&gw.agent_token),
+        65536,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     use tunnel::transport::{Transport, TransportRx, TransportTx};
     let (mut tx, mut rx) = t.split();
     let hello = Frame::Hello(tunnel::Hello {

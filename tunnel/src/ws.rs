@@ -85,6 +85,26 @@ pub async fn client<S>(
     url: &str,
     bearer: Option<&str>,
     max_frame: u32,
+    timeout: std::time::Duration,
+) -> Result<WsTransport<S>, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // A load balancer that accepts TLS and then stalls the upgrade must not hang the caller.
+    tokio::time::timeout(timeout, client_inner(io, url, bearer, max_frame))
+        .await
+        .map_err(|_| {
+            HandshakeError::Other(format!(
+                "no answer to the WebSocket upgrade within {timeout:?}"
+            ))
+        })?
+}
+
+async fn client_inner<S>(
+    io: S,
+    url: &str,
+    bearer: Option<&str>,
+    max_frame: u32,
 ) -> Result<WsTransport<S>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
