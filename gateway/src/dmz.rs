@@ -12,7 +12,7 @@
 
 use crate::auth::{Identity, ReloadingStore, TokenStore};
 use crate::http::{self, RequestHead};
-use crate::limits::{Buckets, Counts, Limits};
+use crate::limits::{Buckets, CountGuard, Counts, Limits};
 use crate::policy::{self, Route};
 use crate::relay::{pump, PumpEnd};
 use crate::router::Router;
@@ -179,8 +179,8 @@ pub async fn run(config: DmzConfig, shutdown: CancellationToken) -> Result<(), D
 
 /// What an upgraded connection turned out to be.
 enum Upgraded<S> {
-    Agent(S, RequestHead, Identity, SocketAddr),
-    Connector(S, RequestHead, Identity, SocketAddr),
+    Agent(S, RequestHead, Identity, SocketAddr, CountGuard<String>),
+    Connector(S, RequestHead, Identity, SocketAddr, CountGuard<String>),
 }
 
 async fn handle_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
@@ -258,13 +258,13 @@ where
             };
             let span = info_span!("session", client = %client);
             match up {
-                Upgraded::Agent(io, head, id, client) => {
-                    agent_session(shared, io, head.leftover, id, client)
+                Upgraded::Agent(io, head, id, client, slot) => {
+                    agent_session(shared, io, head.leftover, id, client, slot)
                         .instrument(span)
                         .await
                 }
-                Upgraded::Connector(io, head, id, client) => {
-                    connector_session(shared, io, head.leftover, id, client)
+                Upgraded::Connector(io, head, id, client, slot) => {
+                    connector_session(shared, io, head.leftover, id, client, slot)
                         .instrument(span)
                         .await
                 }
@@ -381,15 +381,32 @@ where
             return None;
         }
     };
+    // Sessions per token are counted before the upgrade, so a refusal is a plain HTTP 429.
+    let counts = if is_agent {
+        &shared.agent_sessions
+    } else {
+        &shared.connector_sessions
+    };
+    let Some(slot) = counts.acquire(&identity.token_id) else {
+        warn!(token = %identity.token_id, role = if is_agent { "agent" } else { "connector" }, "session limit per token reached");
+        let _ = http::respond(
+            &mut io,
+            429,
+            &[],
+            "sallyport: too many sessions for this token\n",
+        )
+        .await;
+        return None;
+    };
     let accept = tunnel::ws::accept_key(key.unwrap_or_default().as_bytes());
     if let Err(e) = http::switch_to_websocket(&mut io, &accept).await {
         debug!(error = %e, "client left during the upgrade");
         return None;
     }
     Some(if is_agent {
-        Upgraded::Agent(io, head, identity, client)
+        Upgraded::Agent(io, head, identity, client, slot)
     } else {
-        Upgraded::Connector(io, head, identity, client)
+        Upgraded::Connector(io, head, identity, client, slot)
     })
 }
 
@@ -460,17 +477,10 @@ async fn agent_session<S>(
     leftover: Vec<u8>,
     id: Identity,
     client: SocketAddr,
+    _slot: CountGuard<String>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(_slot) = shared.agent_sessions.acquire(&id.token_id) else {
-        // We already answered 101; say why in-band and close.
-        if let Some((session, _)) = start_session(&shared, io, leftover, false).await {
-            session.close(ErrorCode::Limit, "too many sessions for this token");
-        }
-        warn!(token = %id.token_id, "session limit per token reached");
-        return;
-    };
     let Some((session, mut incoming)) = start_session(&shared, io, leftover, true).await else {
         return;
     };
@@ -500,19 +510,10 @@ async fn connector_session<S>(
     leftover: Vec<u8>,
     id: Identity,
     client: SocketAddr,
+    _slot: CountGuard<String>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(_slot) = shared.connector_sessions.acquire(&id.token_id) else {
-        if let Some((session, _)) = start_session(&shared, io, leftover, false).await {
-            session.close(
-                ErrorCode::Limit,
-                "too many sessions for this connector token",
-            );
-        }
-        warn!(connector = %id.token_id, "session limit per connector token reached");
-        return;
-    };
     // Connectors never open streams towards the DMZ.
     let Some((session, _incoming)) = start_session(&shared, io, leftover, false).await else {
         return;
