@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tunnel::{meta, Dest, ErrorCode, Frame, Incoming, Meta, Role, Session, SessionError};
+use tunnel::{meta, Dest, ErrorCode, Frame, Incoming, Meta, Role, Session};
 
 struct Gw {
     addr: SocketAddr,
