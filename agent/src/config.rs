@@ -314,7 +314,8 @@ pub fn agent_config(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
     } else {
         None
     };
-    let egress = parse_egress(args.proxy.as_deref().or(file.proxy.as_deref()))?;
+    let egress = egress::Egress::from_setting(args.proxy.as_deref().or(file.proxy.as_deref()))
+        .map_err(invalid)?;
     let socks = listen_addr(
         args.socks.as_deref().or(file.socks.as_deref()),
         "127.0.0.1:1080",
@@ -405,22 +406,6 @@ pub fn agent_config(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
             .unwrap_or_else(|| format!("agent-{}", std::process::id())),
         session,
     })
-}
-
-/// `--proxy` / `proxy =`: `auto` (or nothing) reads the environment; anything else is explicit.
-pub fn parse_egress(proxy: Option<&str>) -> Result<egress::Egress, ConfigError> {
-    let proxy = match proxy.map(str::trim) {
-        None | Some("auto") | Some("") => None,
-        Some(p) => Some(
-            p.parse::<egress::Proxy>()
-                .map_err(|e| invalid(format!("--proxy: {e}")))?,
-        ),
-    };
-    Ok(egress::Egress {
-        proxy,
-        password: None,
-    }
-    .with_env_password())
 }
 
 fn read_password(path: &Path) -> Result<String, ConfigError> {

@@ -58,6 +58,21 @@ pub struct Egress {
 }
 
 impl Egress {
+    /// From a `--proxy` / `proxy =` setting: `auto` (or nothing) reads the environment when
+    /// dialling; anything else is an explicit proxy (or `direct`). The password comes from
+    /// `SALLYPORT_PROXY_PASSWORD`.
+    pub fn from_setting(setting: Option<&str>) -> Result<Egress, String> {
+        let proxy = match setting.map(str::trim) {
+            None | Some("auto") | Some("") => None,
+            Some(p) => Some(p.parse::<Proxy>().map_err(|e| format!("--proxy: {e}"))?),
+        };
+        Ok(Egress {
+            proxy,
+            password: None,
+        }
+        .with_env_password())
+    }
+
     /// Reads the password from `SALLYPORT_PROXY_PASSWORD` when present.
     pub fn with_env_password(mut self) -> Egress {
         if let Ok(p) = std::env::var("SALLYPORT_PROXY_PASSWORD") {

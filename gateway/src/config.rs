@@ -476,23 +476,8 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
     }
     let mut session = tunnel::Config::new(tunnel::Role::Connector, true);
     file.tunnel.apply(&mut session)?;
-    let egress = match args
-        .proxy
-        .as_deref()
-        .or(file.proxy.as_deref())
-        .map(str::trim)
-    {
-        None | Some("auto") | Some("") => None,
-        Some(p) => Some(
-            p.parse::<egress::Proxy>()
-                .map_err(|e| invalid(format!("--proxy: {e}")))?,
-        ),
-    };
-    let egress = egress::Egress {
-        proxy: egress,
-        password: None,
-    }
-    .with_env_password();
+    let egress = egress::Egress::from_setting(args.proxy.as_deref().or(file.proxy.as_deref()))
+        .map_err(invalid)?;
     Ok(ConnectorConfig {
         gateway,
         egress,
