@@ -11,7 +11,10 @@
 //! | [`TlsOptions`], [`client_config`] | trust: the OS store plus `--ca`, or only a pinned CA |
 //! | [`dial`] | TCP (with timeout) + TLS, errors that say which hop failed |
 
+pub mod auth;
+pub mod pac;
 pub mod proxy;
+pub mod system;
 
 pub use proxy::{Password, Proxy, ProxyError};
 use rustls::pki_types::{CertificateDer, ServerName};

@@ -1,0 +1,5 @@
+//! Proxy authentication schemes for HTTP `CONNECT`: Basic, Digest, NTLM (v2) and Negotiate.
+
+pub mod digest;
+pub mod negotiate;
+pub mod ntlm;
