@@ -12,10 +12,17 @@
 //! | [`dial`] | TCP (with timeout) + TLS, errors that say which hop failed |
 
 pub mod auth;
+pub mod cert;
+pub mod http;
 pub mod pac;
 pub mod proxy;
 pub mod system;
 
+pub mod network;
+pub mod probe;
+
+pub use auth::{AuthOptions, Credentials, Scheme};
+pub use probe::{Attempt, Candidate, Way};
 pub use proxy::{Password, Proxy, ProxyError};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::RootCertStore;
@@ -51,50 +58,144 @@ pub enum EgressError {
     BadProxy(String),
 }
 
-/// How to leave the network: an explicit proxy (`--proxy`), or `None` for automatic (the
-/// environment with curl's semantics, else direct). PAC/WPAD and system settings come later.
-#[derive(Clone, Debug, Default)]
+/// How to leave the network, as configured: an explicit proxy (`--proxy`), a PAC file (`--pac`),
+/// or automatic (the environment, the OS settings, WPAD, then direct), and what to authenticate
+/// to proxies with. [`Way`] turns it into candidates and probes them.
+#[derive(Clone, Debug)]
 pub struct Egress {
+    /// `--proxy`: `None` is `auto`.
     pub proxy: Option<Proxy>,
-    /// Password for the proxy user (from `SALLYPORT_PROXY_PASSWORD`).
-    pub password: Option<Password>,
+    /// `--pac URL|FILE`.
+    pub pac: Option<String>,
+    pub auth: AuthOptions,
+    /// In `auto`: read the OS's proxy settings (GNOME/KDE, macOS, Windows).
+    pub system: bool,
+    /// In `auto`: look for `http://wpad.<dns suffix>/wpad.dat`.
+    pub wpad: bool,
+}
+
+impl Default for Egress {
+    fn default() -> Egress {
+        Egress {
+            proxy: None,
+            pac: None,
+            auth: AuthOptions {
+                credentials: None,
+                negotiate: true,
+            },
+            system: true,
+            wpad: true,
+        }
+    }
+}
+
+/// The egress settings as written in flags or a config file, before validation.
+#[derive(Clone, Debug, Default)]
+pub struct EgressSettings<'a> {
+    /// `--proxy`: `auto` (default), `direct`, `http://[USER@]HOST:PORT`, `socks5[h]://…`.
+    pub proxy: Option<&'a str>,
+    /// `--pac URL|FILE`.
+    pub pac: Option<&'a str>,
+    /// `--proxy-user`: the user for proxies found automatically (PAC, environment, system).
+    pub proxy_user: Option<&'a str>,
+    /// `--proxy-credentials FILE`: `user:password` or a password alone, readable only by the
+    /// user.
+    pub credentials_file: Option<&'a Path>,
 }
 
 impl Egress {
-    /// From a `--proxy` / `proxy =` setting: `auto` (or nothing) reads the environment when
-    /// dialling; anything else is an explicit proxy (or `direct`). The password comes from
-    /// `SALLYPORT_PROXY_PASSWORD`.
+    /// Only direct connections (tests, the demo).
+    pub fn direct() -> Egress {
+        Egress {
+            proxy: Some(Proxy::Direct),
+            ..Egress::default()
+        }
+    }
+
+    /// From a `--proxy` setting alone (see [`Egress::from_settings`]).
     pub fn from_setting(setting: Option<&str>) -> Result<Egress, String> {
-        let proxy = match setting.map(str::trim) {
+        Egress::from_settings(&EgressSettings {
+            proxy: setting,
+            ..Default::default()
+        })
+    }
+
+    /// Validates the settings. The password comes from `SALLYPORT_PROXY_PASSWORD` or the
+    /// credentials file, never from a flag (every local user can read command lines).
+    pub fn from_settings(s: &EgressSettings<'_>) -> Result<Egress, String> {
+        let proxy = match s.proxy.map(str::trim) {
             None | Some("auto") | Some("") => None,
             Some(p) => Some(p.parse::<Proxy>().map_err(|e| format!("--proxy: {e}"))?),
         };
+        let pac = s.pac.map(str::trim).filter(|p| !p.is_empty()).map(String::from);
+        if pac.is_some() && proxy.is_some() {
+            return Err("--proxy and --pac both name the way out; give one (or --proxy auto with --pac)".into());
+        }
+        let url_user = match &proxy {
+            Some(Proxy::Http { user, .. }) | Some(Proxy::Socks5 { user, .. }) => user.clone(),
+            _ => None,
+        };
+        let (file_user, file_password) = match s.credentials_file {
+            Some(path) => read_credentials_file(path)?,
+            None => (None, None),
+        };
+        let password = std::env::var("SALLYPORT_PROXY_PASSWORD")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .map(Password::new)
+            .or(file_password);
+        let user = url_user
+            .or(s.proxy_user.map(String::from))
+            .or(file_user);
+        let credentials = match (user, password) {
+            (Some(u), Some(p)) => Some(Credentials::new(u, p)),
+            (Some(u), None) => {
+                return Err(format!(
+                    "proxy user `{u}` has no password: set SALLYPORT_PROXY_PASSWORD or --proxy-credentials FILE"
+                ))
+            }
+            (None, Some(_)) => {
+                return Err("a proxy password is set but no user: give --proxy-user USER, http://USER@proxy, or user:password in the credentials file".into())
+            }
+            (None, None) => None,
+        };
         Ok(Egress {
             proxy,
-            password: None,
-        }
-        .with_env_password())
+            pac,
+            auth: AuthOptions {
+                credentials,
+                negotiate: true,
+            },
+            ..Egress::default()
+        })
     }
+}
 
-    /// Reads the password from `SALLYPORT_PROXY_PASSWORD` when present.
-    pub fn with_env_password(mut self) -> Egress {
-        if let Ok(p) = std::env::var("SALLYPORT_PROXY_PASSWORD") {
-            self.password = Some(Password::new(p));
-        }
-        self
-    }
-
-    /// The proxy to use for `host`: the explicit one, else the environment's, else direct.
-    pub fn resolve(&self, host: &str) -> Result<Proxy, EgressError> {
-        if let Some(p) = &self.proxy {
-            return Ok(p.clone());
-        }
-        match proxy::from_env(|k| std::env::var(k).ok(), host) {
-            Some(Ok(p)) => Ok(p),
-            Some(Err(e)) => Err(EgressError::BadProxy(format!("{e} (from the environment)"))),
-            None => Ok(Proxy::Direct),
+/// Reads `user:password` (or a password alone) from the first line of a file that only its owner
+/// may read.
+fn read_credentials_file(path: &Path) -> Result<(Option<String>, Option<Password>), String> {
+    let shown = path.display();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| format!("proxy credentials file {shown}: {e}"))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(format!(
+                "proxy credentials file {shown} is readable by other users; run chmod 600 {shown}"
+            ));
         }
     }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("proxy credentials file {shown}: {e}"))?;
+    let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if line.is_empty() {
+        return Err(format!("proxy credentials file {shown} is empty; write user:password in it"));
+    }
+    Ok(match line.split_once(':') {
+        Some((u, p)) if !u.is_empty() => (Some(u.to_string()), Some(Password::new(p))),
+        _ => (None, Some(Password::new(line))),
+    })
 }
 
 /// A gateway address: `wss://gw.example.com/` or `ws://127.0.0.1:8080/sallyport` (plain only
@@ -261,6 +362,25 @@ pub enum GatewayStream {
     Tls(Box<TlsStream<BufReader<TcpStream>>>),
 }
 
+impl GatewayStream {
+    /// Whose certificate the gateway connection presented, for `doctor`:
+    /// `TLS, certificate CN=gw.example.com issued by CN=Corp Inspection CA`.
+    pub fn peer_summary(&self) -> String {
+        match self {
+            GatewayStream::Plain(_) => "plain (no TLS on this hop)".into(),
+            GatewayStream::Tls(s) => {
+                let leaf = s.get_ref().1.peer_certificates().and_then(|c| c.first());
+                match leaf.and_then(|der| cert::names(der)) {
+                    Some((subject, issuer)) => {
+                        format!("TLS, certificate {subject} issued by {issuer}")
+                    }
+                    None => "TLS (certificate names unreadable)".into(),
+                }
+            }
+        }
+    }
+}
+
 impl AsyncRead for GatewayStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -318,54 +438,57 @@ impl AsyncWrite for GatewayStream {
 /// Read buffer under TLS (see [`dial`]).
 pub const TLS_READ_BUFFER: usize = 64 * 1024;
 
-/// Dials the gateway: through the proxy `egress` names (HTTP `CONNECT` or SOCKS5) or directly,
-/// TCP connect within `timeout`, then TLS when the URL says `wss://`.
-pub async fn dial(
+/// Dials the gateway through one way out: TCP to the proxy (or the gateway), the proxy's
+/// handshake (HTTP `CONNECT` with its authentication rounds, or SOCKS5), then TLS when the URL
+/// says `wss://`, all within `timeout`. Returns the stream and, for HTTP proxies, the
+/// authentication scheme that worked (remembered to send Basic at once next time).
+pub async fn dial_via(
     url: &GatewayUrl,
     tls: Option<&Arc<rustls::ClientConfig>>,
     timeout: Duration,
-    egress: &Egress,
-) -> Result<GatewayStream, EgressError> {
+    proxy: &Proxy,
+    auth: &AuthOptions,
+    remembered: Option<Scheme>,
+) -> Result<(GatewayStream, Option<Scheme>), EgressError> {
     let authority = url.authority();
     let deadline = tokio::time::Instant::now() + timeout;
-    let proxy = egress.resolve(&url.host)?;
-    let tcp = match &proxy {
+    let name = proxy.to_string();
+    let timed_out = || ProxyError::Timeout {
+        proxy: name.clone(),
+        after: timeout,
+    };
+    let mut scheme = None;
+    let tcp = match proxy {
         Proxy::Direct => connect_tcp(&url.host, url.port, deadline, timeout).await?,
-        Proxy::Http { host, port, user } => {
-            let mut tcp = connect_tcp(host, *port, deadline, timeout).await?;
-            let name = proxy.to_string();
-            let creds = user.as_deref().zip(egress.password.as_ref());
-            if user.is_some() && creds.is_none() {
-                return Err(EgressError::BadProxy(format!(
-                    "proxy {name} names a user but SALLYPORT_PROXY_PASSWORD is not set"
-                )));
-            }
-            tokio::time::timeout_at(
+        Proxy::Http { host, port, .. } => {
+            let c = http::Connect {
+                proxy: &name,
+                proxy_host: host,
+                target: &authority,
+                auth,
+                remembered,
+            };
+            let (tcp, used) = tokio::time::timeout_at(
                 deadline,
-                proxy::http_connect(&mut tcp, &name, &authority, creds),
+                http::connect(&c, || connect_tcp(host, *port, deadline, timeout)),
             )
             .await
-            .map_err(|_| ProxyError::Timeout {
-                proxy: name.clone(),
-                after: timeout,
-            })??;
-            tracing::debug!(proxy = %name, "tunnel through HTTP proxy established");
+            .map_err(|_| timed_out())??;
+            tracing::debug!(proxy = %name, scheme = ?used, "tunnel through HTTP proxy established");
+            scheme = used;
             tcp
         }
         Proxy::Socks5 {
             host,
             port,
-            user,
             remote_dns,
+            ..
         } => {
             let mut tcp = connect_tcp(host, *port, deadline, timeout).await?;
-            let name = proxy.to_string();
-            let creds = user.as_deref().zip(egress.password.as_ref());
-            if user.is_some() && creds.is_none() {
-                return Err(EgressError::BadProxy(format!(
-                    "proxy {name} names a user but SALLYPORT_PROXY_PASSWORD is not set"
-                )));
-            }
+            let creds = auth
+                .credentials
+                .as_ref()
+                .map(|c| (c.user.as_str(), &c.password));
             // socks5:// resolves the gateway here; socks5h:// lets the proxy resolve it.
             let target = if *remote_dns {
                 url.host.clone()
@@ -388,14 +511,12 @@ pub async fn dial(
                 proxy::socks5_connect(&mut tcp, &name, &target, url.port, creds),
             )
             .await
-            .map_err(|_| ProxyError::Timeout {
-                proxy: name.clone(),
-                after: timeout,
-            })??;
+            .map_err(|_| timed_out())??;
             tcp
         }
     };
-    finish_dial(url, tls, timeout, deadline, tcp, &authority).await
+    let stream = finish_dial(url, tls, timeout, deadline, tcp, &authority).await?;
+    Ok((stream, scheme))
 }
 
 /// Resolves `host` and connects to each address in turn within the deadline.

@@ -1,12 +1,11 @@
 //! Corporate proxies: which one to use (`--proxy`, or the environment with curl's semantics), and
-//! how to get a TCP tunnel through it (HTTP `CONNECT` with Basic authentication, SOCKS5 with
-//! optional username/password).
+//! a SOCKS5 tunnel through one (with optional username/password). HTTP `CONNECT` with its
+//! authentication rounds lives in [`crate::http`].
 //!
 //! Parsing and `NO_PROXY` matching are plain functions, tested without sockets. Passwords never
 //! come from the command line (every local user can read it): they come from
 //! `SALLYPORT_PROXY_PASSWORD`, and never appear in `Debug` output or errors.
 
-use base64::Engine;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -244,10 +243,24 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>, host: &str) -> Option<Resu
 /// Why a proxy did not give us a tunnel. The messages name the proxy and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("proxy {proxy} asks for authentication ({schemes}); configure a user (http://USER@{proxy}) and SALLYPORT_PROXY_PASSWORD")]
-    AuthRequired { proxy: String, schemes: String },
-    #[error("proxy {proxy} rejected the credentials of user `{user}` (407); not retrying, so the account does not lock — check the password")]
-    AuthRejected { proxy: String, user: String },
+    #[error("proxy {proxy} answered 407, asked for {schemes}, {why}")]
+    AuthRequired {
+        proxy: String,
+        schemes: String,
+        why: String,
+    },
+    #[error("proxy {proxy} rejected the {scheme} credentials of user `{user}` (407); not retrying, so the account does not lock: check the password")]
+    AuthRejected {
+        proxy: String,
+        user: String,
+        scheme: String,
+    },
+    #[error("proxy {proxy}: {scheme} authentication failed: {why}")]
+    AuthFailed {
+        proxy: String,
+        scheme: String,
+        why: String,
+    },
     #[error("proxy {proxy} refused CONNECT to {target}: HTTP {status} {reason}")]
     Refused {
         proxy: String,
@@ -272,107 +285,15 @@ pub enum ProxyError {
     },
 }
 
-const MAX_RESPONSE_HEAD: usize = 16 * 1024;
-
-/// Asks an HTTP proxy (already connected on `io`) for a tunnel to `target` (`host:port`).
-/// With a user, Basic credentials go with the first request (as curl does); a 407 with
-/// credentials is final (no retry: domain accounts lock after a few failures).
-pub async fn http_connect<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut S,
-    proxy: &str,
-    target: &str,
-    credentials: Option<(&str, &Password)>,
-) -> Result<(), ProxyError> {
-    let ioerr = |source| ProxyError::Io {
-        proxy: proxy.to_string(),
-        source,
-    };
-    let mut req = format!(
-        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: sallyport/{}\r\nProxy-Connection: keep-alive\r\n",
-        env!("CARGO_PKG_VERSION")
-    );
-    if let Some((user, pw)) = credentials {
-        let token =
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", pw.expose()));
-        req.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
-    }
-    req.push_str("\r\n");
-    io.write_all(req.as_bytes()).await.map_err(ioerr)?;
-    io.flush().await.map_err(ioerr)?;
-    // Read the response head byte-wise bounded; nothing beyond the head may be consumed (the
-    // TLS handshake follows on the same bytes).
-    let mut head = Vec::with_capacity(512);
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() >= MAX_RESPONSE_HEAD {
-            return Err(ProxyError::Malformed {
-                proxy: proxy.into(),
-                why: format!("response head longer than {MAX_RESPONSE_HEAD} bytes"),
-            });
+impl ProxyError {
+    /// True when the proxy refused our credentials: retrying would risk locking the account, so
+    /// nothing retries this path until the configuration changes.
+    pub fn credentials_rejected(&self) -> bool {
+        match self {
+            ProxyError::AuthRejected { .. } => true,
+            ProxyError::Socks { why, .. } => why.contains("rejected the credentials"),
+            _ => false,
         }
-        let n = io.read(&mut b).await.map_err(ioerr)?;
-        if n == 0 {
-            return Err(ProxyError::Malformed {
-                proxy: proxy.into(),
-                why: "connection closed before a complete answer".into(),
-            });
-        }
-        head.push(b[0]);
-    }
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(&head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => {
-            return Err(ProxyError::Malformed {
-                proxy: proxy.into(),
-                why: "incomplete response head".into(),
-            })
-        }
-        Err(e) => {
-            return Err(ProxyError::Malformed {
-                proxy: proxy.into(),
-                why: e.to_string(),
-            })
-        }
-    }
-    let status = resp.code.unwrap_or(0);
-    match status {
-        200..=299 => Ok(()),
-        407 => {
-            if let Some((user, _)) = credentials {
-                return Err(ProxyError::AuthRejected {
-                    proxy: proxy.into(),
-                    user: user.into(),
-                });
-            }
-            let schemes: Vec<String> = resp
-                .headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case("proxy-authenticate"))
-                .map(|h| {
-                    String::from_utf8_lossy(h.value)
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .to_string()
-                })
-                .collect();
-            Err(ProxyError::AuthRequired {
-                proxy: proxy.into(),
-                schemes: if schemes.is_empty() {
-                    "no scheme named".into()
-                } else {
-                    schemes.join(", ")
-                },
-            })
-        }
-        _ => Err(ProxyError::Refused {
-            proxy: proxy.into(),
-            target: target.into(),
-            status,
-            reason: resp.reason.unwrap_or("").to_string(),
-        }),
     }
 }
 
@@ -584,51 +505,5 @@ mod tests {
             Some(Ok(Proxy::Socks5 { .. }))
         ));
         assert!(from_env(|_| None, "gw").is_none());
-    }
-
-    #[tokio::test]
-    async fn connect_answers_map_to_clear_errors() {
-        async fn answer(resp: &'static str, creds: bool) -> Result<(), ProxyError> {
-            let (mut a, mut b) = tokio::io::duplex(4096);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = b.read(&mut buf).await;
-                let _ = b.write_all(resp.as_bytes()).await;
-            });
-            let pw = Password::new("pw");
-            http_connect(
-                &mut a,
-                "proxy.corp:3128",
-                "gw.example.com:443",
-                creds.then_some(("alice", &pw)),
-            )
-            .await
-        }
-        assert!(answer("HTTP/1.1 200 Connection established\r\n\r\n", false)
-            .await
-            .is_ok());
-        let e = answer("HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: NTLM\r\nProxy-Authenticate: Basic realm=\"corp\"\r\n\r\n", false).await.unwrap_err().to_string();
-        assert!(
-            e.contains("NTLM, Basic") && e.contains("SALLYPORT_PROXY_PASSWORD"),
-            "{e}"
-        );
-        let e = answer("HTTP/1.1 407 Nope\r\n\r\n", true)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("rejected the credentials of user `alice`") && !e.contains("pw"),
-            "{e}"
-        );
-        let e = answer("HTTP/1.1 403 Forbidden\r\n\r\n", false)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("HTTP 403"), "{e}");
-        let e = answer("garbage\r\n\r\n", false)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("malformed"), "{e}");
     }
 }

@@ -1,5 +1,247 @@
-//! Proxy authentication schemes for HTTP `CONNECT`: Basic, Digest, NTLM (v2) and Negotiate.
+//! Proxy authentication for HTTP `CONNECT`: which scheme to answer a `407` with, and the
+//! header value for it.
+//!
+//! A proxy's `407 Proxy Authentication Required` lists the schemes it accepts in
+//! `Proxy-Authenticate` headers. We pick the strongest one we can do, the way browsers do:
+//!
+//! | scheme | needs | rounds | module |
+//! |---|---|---|---|
+//! | Negotiate (Kerberos) | a ticket (`kinit`, or the Windows logon via SSPI) | 1 | [`negotiate`] |
+//! | NTLM (v2 only) | user + password (or SSPI on Windows) | 2, on one TCP connection | [`ntlm`] |
+//! | Digest | user + password | 1 (after the challenge) | [`digest`] |
+//! | Basic | user + password | 1 | here |
+//!
+//! The state of one handshake lives in [`crate::http`]; this module is the pure part: parsing
+//! challenges, choosing, and computing answers. Passwords stay in [`Password`], whose `Debug`
+//! shows `****`, and never reach an error message.
 
 pub mod digest;
 pub mod negotiate;
 pub mod ntlm;
+
+use crate::proxy::Password;
+use base64::Engine;
+use std::fmt;
+
+/// A proxy user and password. `user` may carry a Windows domain, `CORP\alice` or
+/// `alice@corp.example.com`; NTLM splits it, the other schemes send it as written.
+#[derive(Clone)]
+pub struct Credentials {
+    pub user: String,
+    pub password: Password,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &self.password)
+            .finish()
+    }
+}
+
+impl Credentials {
+    pub fn new(user: impl Into<String>, password: Password) -> Credentials {
+        Credentials {
+            user: user.into(),
+            password,
+        }
+    }
+
+    /// `(domain, user)` for NTLM: `CORP\alice` → (`CORP`, `alice`); `alice@corp` → (`corp`,
+    /// `alice`); `alice` → (``, `alice`).
+    pub fn domain_and_user(&self) -> (&str, &str) {
+        if let Some((d, u)) = self.user.split_once('\\') {
+            (d, u)
+        } else if let Some((u, d)) = self.user.rsplit_once('@') {
+            (d, u)
+        } else {
+            ("", &self.user)
+        }
+    }
+
+    /// `Basic base64(user:password)`.
+    pub fn basic(&self) -> String {
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", self.user, self.password.expose()));
+        format!("Basic {token}")
+    }
+}
+
+/// An authentication scheme we can answer with, strongest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scheme {
+    Negotiate,
+    Ntlm,
+    Digest,
+    Basic,
+}
+
+impl Scheme {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::Negotiate => "Negotiate",
+            Scheme::Ntlm => "NTLM",
+            Scheme::Digest => "Digest",
+            Scheme::Basic => "Basic",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Scheme> {
+        [Scheme::Negotiate, Scheme::Ntlm, Scheme::Digest, Scheme::Basic]
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s))
+    }
+
+    /// Schemes that authenticate the TCP connection rather than the request: their rounds must
+    /// stay on one connection.
+    pub fn connection_based(self) -> bool {
+        matches!(self, Scheme::Negotiate | Scheme::Ntlm)
+    }
+}
+
+impl fmt::Display for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One `Proxy-Authenticate` value: `NTLM`, `NTLM TlRMTVNT…`, `Basic realm="corp"`,
+/// `Digest realm="corp", nonce="…", qop="auth"`.
+///
+/// Squid (and every proxy we know) sends one challenge per header line; a line that packs
+/// several challenges separated by commas is read as its first one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Challenge {
+    /// The scheme as the proxy spelled it.
+    pub scheme: String,
+    /// Everything after the scheme, trimmed: a token68 (NTLM/Negotiate) or auth-params.
+    pub rest: String,
+}
+
+impl Challenge {
+    pub fn parse(value: &str) -> Challenge {
+        let value = value.trim();
+        let (scheme, rest) = value
+            .split_once([' ', '\t'])
+            .map(|(s, r)| (s, r.trim()))
+            .unwrap_or((value, ""));
+        Challenge {
+            scheme: scheme.to_string(),
+            rest: rest.to_string(),
+        }
+    }
+
+    /// The scheme, when it is one we implement.
+    pub fn known(&self) -> Option<Scheme> {
+        Scheme::from_name(&self.scheme)
+    }
+
+    /// The token68 of a connection-based scheme's continuation (`NTLM <base64>`), decoded.
+    pub fn token(&self) -> Option<Vec<u8>> {
+        if self.rest.is_empty() || self.rest.contains('=') && self.rest.contains('"') {
+            return None;
+        }
+        base64::engine::general_purpose::STANDARD
+            .decode(self.rest.as_bytes())
+            .ok()
+    }
+}
+
+/// What the agent can authenticate with.
+#[derive(Clone, Debug, Default)]
+pub struct AuthOptions {
+    /// User and password, when configured.
+    pub credentials: Option<Credentials>,
+    /// Try Negotiate (Kerberos ticket / Windows logon) when the proxy offers it.
+    pub negotiate: bool,
+}
+
+/// The scheme to answer with, from what the proxy offers and what we have; `skip` lists schemes
+/// already tried and failed without risking the account (e.g. Negotiate without a ticket).
+pub fn choose(offered: &[Challenge], opts: &AuthOptions, skip: &[Scheme]) -> Option<Scheme> {
+    let mut known: Vec<Scheme> = offered.iter().filter_map(Challenge::known).collect();
+    known.sort();
+    known.dedup();
+    known.into_iter().find(|s| {
+        !skip.contains(s)
+            && match s {
+                Scheme::Negotiate => opts.negotiate,
+                Scheme::Ntlm => opts.credentials.is_some() || cfg!(windows) && opts.negotiate,
+                Scheme::Digest | Scheme::Basic => opts.credentials.is_some(),
+            }
+    })
+}
+
+/// The schemes offered, for messages: `NTLM, Basic`.
+pub fn offered_names(offered: &[Challenge]) -> String {
+    if offered.is_empty() {
+        return "no scheme named".into();
+    }
+    let mut names: Vec<&str> = offered.iter().map(|c| c.scheme.as_str()).collect();
+    names.dedup();
+    names.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_parse_and_the_strongest_usable_scheme_wins() {
+        let offered: Vec<Challenge> = [
+            "Basic realm=\"corp\"",
+            "NTLM",
+            "Digest realm=\"corp\", nonce=\"abc\", qop=\"auth\"",
+            "Negotiate",
+            "Bearer x",
+        ]
+        .into_iter()
+        .map(Challenge::parse)
+        .collect();
+        assert_eq!(offered[2].scheme, "Digest");
+        assert!(offered[2].rest.starts_with("realm="));
+        let creds = AuthOptions {
+            credentials: Some(Credentials::new("alice", Password::new("pw"))),
+            negotiate: false,
+        };
+        assert_eq!(choose(&offered, &creds, &[]), Some(Scheme::Ntlm));
+        assert_eq!(
+            choose(&offered, &creds, &[Scheme::Ntlm]),
+            Some(Scheme::Digest)
+        );
+        let kerberos = AuthOptions {
+            credentials: None,
+            negotiate: true,
+        };
+        assert_eq!(choose(&offered, &kerberos, &[]), Some(Scheme::Negotiate));
+        assert_eq!(
+            choose(&offered[..1], &AuthOptions::default(), &[]),
+            None,
+            "nothing to answer Basic with"
+        );
+        assert_eq!(offered_names(&offered), "Basic, NTLM, Digest, Negotiate, Bearer");
+    }
+
+    #[test]
+    fn ntlm_continuations_carry_a_token() {
+        let c = Challenge::parse("NTLM TlRMTVNTUAACAAAA");
+        assert_eq!(c.known(), Some(Scheme::Ntlm));
+        assert_eq!(c.token().unwrap()[..7], *b"NTLMSSP");
+        assert_eq!(Challenge::parse("NTLM").token(), None);
+        assert_eq!(Challenge::parse("Negotiate !!notbase64").token(), None);
+    }
+
+    #[test]
+    fn domains_split_for_ntlm_and_debug_hides_the_password() {
+        let c = Credentials::new("CORP\\alice", Password::new("s3cret"));
+        assert_eq!(c.domain_and_user(), ("CORP", "alice"));
+        let c = Credentials::new("alice@corp.example.com", Password::new("s3cret"));
+        assert_eq!(c.domain_and_user(), ("corp.example.com", "alice"));
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert_eq!(
+            Credentials::new("Aladdin", Password::new("open sesame")).basic(),
+            "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+        );
+    }
+}

@@ -1,0 +1,488 @@
+//! Finding the way out: the candidates, probed in order with staggered starts, and the one that
+//! worked remembered per network.
+//!
+//! **Candidates** ([`Way::discover`]), in this order (DESIGN.md "Egress"):
+//!
+//! 1. `--proxy` when it is not `auto`: that one only (an admin's explicit choice is obeyed, as
+//!    curl does);
+//! 2. `--pac URL|FILE`: the PAC file's answer for the gateway URL, a failover list (a PAC that
+//!    cannot be fetched or evaluated is reported and the automatic chain follows, as browsers do);
+//! 3. the environment (`https_proxy`, `HTTPS_PROXY`, `all_proxy`, `ALL_PROXY`, with `NO_PROXY`);
+//! 4. the OS settings ([`crate::system`]): manual proxies, their PAC URL, or auto-detect;
+//! 5. WPAD by DNS: `http://wpad.<suffix>/wpad.dat` for each DNS search suffix, never above the
+//!    organisation's domain ([`crate::pac::wpad_urls`]);
+//! 6. direct.
+//!
+//! **Probing** ([`Way::connect`]): happy-eyeballs style, the first candidate starts at once and
+//! each next one [`STAGGER`] later (or at once when the previous one failed); the first to
+//! complete a verified gateway handshake wins and the others are dropped. A candidate whose
+//! proxy rejected our credentials is never tried again (accounts lock), only reported.
+//!
+//! **Memory**: the winner is remembered per network ([`crate::network::key`]); the next connect
+//! on the same network tries it alone first, and probes everything again only when it fails.
+
+use crate::auth::Scheme;
+use crate::{dial_via, pac, proxy, system, Egress, EgressError, GatewayStream, GatewayUrl, Proxy};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Delay between the starts of two candidates.
+pub const STAGGER: Duration = Duration::from_millis(250);
+/// How long a PAC fetch (or a WPAD try) may take.
+pub const PAC_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One way out, and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub proxy: Proxy,
+    /// e.g. `--proxy`, `environment HTTPS_PROXY`, `PAC http://wpad.corp/wpad.dat`, `direct`.
+    pub source: String,
+}
+
+impl fmt::Display for Candidate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (from {})", self.proxy, self.source)
+    }
+}
+
+/// What the discovery found: the candidates in order, and notes on what it looked at
+/// (`PAC at http://wpad.corp/wpad.dat: timeout after 3s`).
+#[derive(Clone, Debug, Default)]
+pub struct Discovery {
+    pub candidates: Vec<Candidate>,
+    pub notes: Vec<String>,
+}
+
+/// The result of trying one candidate.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub candidate: Candidate,
+    /// `Ok` with a description of the gateway's certificate when TLS was used, or why it failed.
+    pub outcome: Result<String, String>,
+    pub elapsed: Duration,
+}
+
+/// Errors of the gateway handshake run on a fresh connection (the WebSocket upgrade and the
+/// tunnel hello): did they come from the gateway itself? Then the way out works, and the error
+/// (a bad token, too many sessions) is the gateway's answer, not the path's.
+pub trait GatewayReached {
+    fn reached_gateway(&self) -> bool;
+}
+
+/// Why no session could be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError<E: fmt::Display + fmt::Debug> {
+    #[error("no way out to the gateway worked: {summary}")]
+    NoWay {
+        attempts: Vec<Attempt>,
+        summary: String,
+    },
+    /// The path works; the gateway refused (its error says why).
+    #[error("{0}")]
+    Gateway(E),
+}
+
+impl<E: fmt::Display + fmt::Debug> ProbeError<E> {
+    /// True when every failed path failed on rejected proxy credentials: nothing will work
+    /// until the configuration changes.
+    pub fn only_rejected_credentials(&self) -> bool {
+        match self {
+            ProbeError::NoWay { attempts, .. } => {
+                !attempts.is_empty()
+                    && attempts.iter().all(|a| {
+                        a.outcome
+                            .as_ref()
+                            .err()
+                            .is_some_and(|e| e.contains("rejected the") && e.contains("credentials"))
+                    })
+            }
+            ProbeError::Gateway(_) => false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Memory {
+    /// Network key → the way out that worked there.
+    chosen: HashMap<String, Candidate>,
+    /// Proxy → the scheme it accepted (Basic is then sent at once).
+    schemes: HashMap<String, Scheme>,
+    /// Proxy → why its credentials were rejected. Never retried.
+    rejected: HashMap<String, String>,
+}
+
+/// The way out: discovery, probing and memory. One per agent/connector, shared by its sessions.
+pub struct Way {
+    egress: Egress,
+    memory: Mutex<Memory>,
+    stagger: Duration,
+}
+
+enum Outcome<T, E> {
+    Won(T, String),
+    Reached(E),
+    Failed(String),
+}
+
+impl Way {
+    pub fn new(egress: Egress) -> Arc<Way> {
+        Arc::new(Way {
+            egress,
+            memory: Mutex::new(Memory::default()),
+            stagger: STAGGER,
+        })
+    }
+
+    pub fn egress(&self) -> &Egress {
+        &self.egress
+    }
+
+    /// The way that worked last on the current network, if any.
+    pub fn remembered(&self) -> Option<Candidate> {
+        let key = crate::network::key();
+        self.memory.lock().ok()?.chosen.get(&key).cloned()
+    }
+
+    /// Lists the candidates for reaching `url`, in the order they are tried.
+    pub async fn discover(&self, url: &GatewayUrl) -> Discovery {
+        let mut d = Discovery::default();
+        if let Some(p) = &self.egress.proxy {
+            d.candidates.push(Candidate {
+                proxy: p.clone(),
+                source: "--proxy".into(),
+            });
+            return d;
+        }
+        if let Some(pac) = &self.egress.pac {
+            match pac_candidates(pac, url, &format!("--pac {pac}")).await {
+                Ok(list) => {
+                    d.notes.push(format!("PAC {pac}: {}", names(&list)));
+                    d.candidates = list;
+                    return d;
+                }
+                Err(e) => d.notes.push(format!("{e}; using the automatic chain instead")),
+            }
+        }
+        // The environment, with curl's precedence.
+        let var = ["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"]
+            .into_iter()
+            .find(|k| std::env::var(k).is_ok_and(|v| !v.trim().is_empty()));
+        match proxy::from_env(|k| std::env::var(k).ok(), &url.host) {
+            Some(Ok(p)) => d.candidates.push(Candidate {
+                proxy: p,
+                source: format!("environment {}", var.unwrap_or("HTTPS_PROXY")),
+            }),
+            Some(Err(e)) => d.notes.push(format!("environment: {e}")),
+            None if var.is_some() => d
+                .notes
+                .push(format!("environment: NO_PROXY exempts {}", url.host)),
+            None => {}
+        }
+        let mut wpad_done = false;
+        if self.egress.system {
+            for sp in tokio::task::spawn_blocking(system::read)
+                .await
+                .unwrap_or_default()
+            {
+                match sp.mode {
+                    system::SystemMode::Direct => {
+                        d.notes.push(format!("{}: no proxy", sp.source));
+                    }
+                    system::SystemMode::Manual {
+                        https,
+                        socks,
+                        no_proxy,
+                    } => {
+                        if proxy::no_proxy_matches(&no_proxy.join(","), &url.host) {
+                            d.notes
+                                .push(format!("{}: its exceptions exempt {}", sp.source, url.host));
+                            continue;
+                        }
+                        for p in [https, socks].into_iter().flatten() {
+                            d.candidates.push(Candidate {
+                                proxy: p,
+                                source: sp.source.clone(),
+                            });
+                        }
+                    }
+                    system::SystemMode::Pac(loc) => {
+                        match pac_candidates(&loc, url, &format!("{} PAC {loc}", sp.source)).await
+                        {
+                            Ok(list) => d.candidates.extend(list),
+                            Err(e) => d.notes.push(format!("{}: {e}", sp.source)),
+                        }
+                    }
+                    system::SystemMode::Wpad => {
+                        wpad_done = true;
+                        self.wpad(url, &mut d).await;
+                    }
+                }
+            }
+        }
+        if self.egress.wpad && !wpad_done {
+            self.wpad(url, &mut d).await;
+        }
+        d.candidates.push(Candidate {
+            proxy: Proxy::Direct,
+            source: "direct".into(),
+        });
+        // The first mention of a proxy wins.
+        let mut seen = Vec::new();
+        d.candidates.retain(|c| {
+            let dup = seen.contains(&c.proxy);
+            seen.push(c.proxy.clone());
+            !dup
+        });
+        d
+    }
+
+    async fn wpad(&self, url: &GatewayUrl, d: &mut Discovery) {
+        let suffixes = pac::dns_suffixes();
+        if suffixes.is_empty() {
+            d.notes.push("WPAD: no DNS search domain, nothing to look up".into());
+        }
+        for suffix in suffixes {
+            for loc in pac::wpad_urls(&suffix) {
+                match pac_candidates(&loc, url, &format!("WPAD {loc}")).await {
+                    Ok(list) => {
+                        d.notes.push(format!("WPAD {loc}: {}", names(&list)));
+                        d.candidates.extend(list);
+                        return;
+                    }
+                    Err(e) => d.notes.push(format!("WPAD: {e}")),
+                }
+            }
+        }
+    }
+
+    /// Sets up a verified session to the gateway: the remembered way first, else every
+    /// candidate, staggered. `verify` runs the gateway handshake on a fresh stream (WebSocket
+    /// upgrade + tunnel hello) and returns the session.
+    pub async fn connect<T, E, V, Fut>(
+        &self,
+        url: &GatewayUrl,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        timeout: Duration,
+        verify: V,
+    ) -> Result<(T, Candidate), ProbeError<E>>
+    where
+        V: Fn(GatewayStream) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: fmt::Display + fmt::Debug + GatewayReached,
+    {
+        let key = crate::network::key();
+        let remembered = self.memory.lock().ok().and_then(|m| m.chosen.get(&key).cloned());
+        let mut attempts = Vec::new();
+        if let Some(c) = &remembered {
+            let started = Instant::now();
+            match self.attempt(url, tls, timeout, c, &verify).await {
+                Outcome::Won(t, _) => return Ok((t, c.clone())),
+                Outcome::Reached(e) => return Err(ProbeError::Gateway(e)),
+                Outcome::Failed(why) => {
+                    tracing::info!(way = %c, %why, "the remembered way out failed; probing again");
+                    attempts.push(Attempt {
+                        candidate: c.clone(),
+                        outcome: Err(why),
+                        elapsed: started.elapsed(),
+                    });
+                }
+            }
+        }
+        let d = self.discover(url).await;
+        let candidates: Vec<Candidate> = d
+            .candidates
+            .into_iter()
+            .filter(|c| Some(c) != remembered.as_ref())
+            .collect();
+        let mut pending = FuturesUnordered::new();
+        let mut next = 0;
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        loop {
+            tokio::select! {
+                _ = &mut timer, if next < candidates.len() => {
+                    let c = &candidates[next];
+                    next += 1;
+                    let started = Instant::now();
+                    let verify = &verify;
+                    pending.push(async move {
+                        (c, started, self.attempt(url, tls, timeout, c, verify).await)
+                    });
+                    timer.as_mut().reset(tokio::time::Instant::now() + self.stagger);
+                }
+                Some((c, started, outcome)) = pending.next(), if !pending.is_empty() => {
+                    match outcome {
+                        Outcome::Won(t, _) => {
+                            if let Ok(mut m) = self.memory.lock() {
+                                m.chosen.insert(key, c.clone());
+                            }
+                            tracing::info!(way = %c, "way out to the gateway found");
+                            return Ok((t, c.clone()));
+                        }
+                        Outcome::Reached(e) => {
+                            if let Ok(mut m) = self.memory.lock() {
+                                m.chosen.insert(key, c.clone());
+                            }
+                            return Err(ProbeError::Gateway(e));
+                        }
+                        Outcome::Failed(why) => {
+                            tracing::debug!(way = %c, %why, "way out failed");
+                            attempts.push(Attempt { candidate: c.clone(), outcome: Err(why), elapsed: started.elapsed() });
+                            // Happy eyeballs: a failure starts the next one at once.
+                            timer.as_mut().reset(tokio::time::Instant::now());
+                        }
+                    }
+                }
+                else => break,
+            }
+        }
+        let summary = attempts
+            .iter()
+            .map(|a| format!("{}: {}", a.candidate, a.outcome.as_ref().err().map(String::as_str).unwrap_or("")))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(ProbeError::NoWay { attempts, summary })
+    }
+
+    /// Tries every candidate to its end (for `sallyport doctor`), staggered like [`Way::connect`]
+    /// but without stopping at the first success. Remembers nothing.
+    pub async fn diagnose<T, E, V, Fut>(
+        &self,
+        url: &GatewayUrl,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        timeout: Duration,
+        verify: V,
+    ) -> (Discovery, Vec<Attempt>)
+    where
+        V: Fn(GatewayStream) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: fmt::Display + fmt::Debug + GatewayReached,
+    {
+        let d = self.discover(url).await;
+        let tries = d.candidates.iter().enumerate().map(|(i, c)| {
+            let verify = &verify;
+            async move {
+                tokio::time::sleep(self.stagger * i as u32).await;
+                let started = Instant::now();
+                let outcome = match self.attempt(url, tls, timeout, c, verify).await {
+                    Outcome::Won(_, cert) => Ok(cert),
+                    Outcome::Reached(e) => Ok(format!("reached the gateway, which answered: {e}")),
+                    Outcome::Failed(why) => Err(why),
+                };
+                Attempt {
+                    candidate: c.clone(),
+                    outcome,
+                    elapsed: started.elapsed(),
+                }
+            }
+        });
+        let attempts = futures_util::future::join_all(tries).await;
+        (d, attempts)
+    }
+
+    async fn attempt<T, E, V, Fut>(
+        &self,
+        url: &GatewayUrl,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        timeout: Duration,
+        c: &Candidate,
+        verify: &V,
+    ) -> Outcome<T, E>
+    where
+        V: Fn(GatewayStream) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: fmt::Display + fmt::Debug + GatewayReached,
+    {
+        let proxy_key = c.proxy.to_string();
+        let (rejected, remembered) = match self.memory.lock() {
+            Ok(m) => (
+                m.rejected.get(&proxy_key).cloned(),
+                m.schemes.get(&proxy_key).copied(),
+            ),
+            Err(_) => (None, None),
+        };
+        if let Some(why) = rejected {
+            return Outcome::Failed(format!("not tried again: {why}"));
+        }
+        match dial_via(url, tls, timeout, &c.proxy, &self.egress.auth, remembered).await {
+            Ok((stream, scheme)) => {
+                if let (Some(s), Ok(mut m)) = (scheme, self.memory.lock()) {
+                    m.schemes.insert(proxy_key, s);
+                }
+                let cert = stream.peer_summary();
+                match verify(stream).await {
+                    Ok(t) => Outcome::Won(t, cert),
+                    Err(e) if e.reached_gateway() => Outcome::Reached(e),
+                    Err(e) => Outcome::Failed(e.to_string()),
+                }
+            }
+            Err(e) => {
+                if let EgressError::Proxy(pe) = &e {
+                    if pe.credentials_rejected() {
+                        tracing::warn!(proxy = %c.proxy, error = %pe, "proxy rejected our credentials; this way out is not tried again");
+                        if let Ok(mut m) = self.memory.lock() {
+                            m.rejected.insert(proxy_key, pe.to_string());
+                        }
+                    }
+                }
+                Outcome::Failed(explain_dial(&c.proxy, &e))
+            }
+        }
+    }
+}
+
+/// A dial error, with the likely cause for direct timeouts.
+fn explain_dial(p: &Proxy, e: &EgressError) -> String {
+    match (p, e) {
+        (Proxy::Direct, EgressError::ConnectTimeout { .. }) => {
+            format!("{e} — outbound 443 is probably blocked")
+        }
+        _ => e.to_string(),
+    }
+}
+
+fn names(list: &[Candidate]) -> String {
+    list.iter()
+        .map(|c| c.proxy.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Fetches and evaluates a PAC file for the gateway URL; its answer as candidates.
+async fn pac_candidates(
+    location: &str,
+    url: &GatewayUrl,
+    source: &str,
+) -> Result<Vec<Candidate>, String> {
+    let script = pac::fetch(location, PAC_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Browsers pass https URLs to the PAC without their path.
+    let pac_url = format!("https://{}/", url.authority());
+    let host = url.host.clone();
+    let name = location.to_string();
+    let list = tokio::task::spawn_blocking(move || {
+        let p = pac::Pac::new(&name, &script, pac::PacLimits::default())?;
+        p.find_proxy(&pac_url, &host)
+    })
+    .await
+    .map_err(|e| format!("PAC at {location}: {e}"))?
+    .map_err(|e| e.to_string())?;
+    let n = list.len();
+    Ok(list
+        .into_iter()
+        .enumerate()
+        .map(|(i, proxy)| Candidate {
+            proxy,
+            source: if n > 1 {
+                format!("{source}, entry {} of {n}", i + 1)
+            } else {
+                source.to_string()
+            },
+        })
+        .collect())
+}
