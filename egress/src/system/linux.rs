@@ -533,6 +533,16 @@ org.gnome.system.proxy.socks port 0
             ("GSETTINGS_BACKEND", "keyfile"),
             ("XDG_CONFIG_HOME", dir_s.as_str()),
         ];
+        let has_schema = std::process::Command::new(&gsettings)
+            .args(["list-keys", GNOME_SCHEMA])
+            .envs(envs)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !has_schema {
+            let _ = std::fs::remove_dir_all(&dir);
+            eprintln!("{GNOME_SCHEMA} not installed (gsettings-desktop-schemas); skipping");
+            return;
+        }
         let set = |schema: &str, key: &str, value: &str| {
             let ok = std::process::Command::new(&gsettings)
                 .args(["set", schema, key, value])
