@@ -4,6 +4,8 @@
 //!
 //! Every process is killed when its handle drops, so a failing test leaves nothing running.
 
+pub mod kdc;
+
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,0 +1,412 @@
+//! Windows: the per-user Internet Options (WinINET, what Edge, Chrome and most applications
+//! follow), read from the registry under
+//! `HKCU\Software\Microsoft\Windows\CurrentVersion\Internet Settings`, and the machine-wide
+//! WinHTTP proxy (`netsh winhttp set proxy`, used by services).
+//!
+//! | value | meaning |
+//! |---|---|
+//! | `ProxyEnable` (DWORD) | the manual proxy is on |
+//! | `ProxyServer` (string) | `host:port` for every protocol, or `http=h:p;https=h:p;socks=h:p` |
+//! | `ProxyOverride` (string) | exceptions, `;`-separated; `<local>` = names without a dot |
+//! | `AutoConfigURL` (string) | the PAC URL (present only while the option is on) |
+//! | `Connections\DefaultConnectionSettings` (binary) | byte 8 holds the LAN flags; 0x08 = "Automatically detect settings" |
+//!
+//! The parsers are plain functions, compiled and tested everywhere; the registry and WinHTTP
+//! calls exist only on Windows. WinINET's order is kept: auto-detect, script, manual proxy.
+
+use super::{bypass_list, host_port, http_proxy, socks_proxy, SystemMode, SystemProxy};
+use crate::proxy::Proxy;
+
+/// The `source` of the per-user candidates.
+pub const WININET_SOURCE: &str =
+    r"Windows Internet Options (HKCU\Software\Microsoft\Windows\CurrentVersion\Internet Settings)";
+/// The `source` of the machine-wide WinHTTP candidate.
+pub const WINHTTP_SOURCE: &str = "WinHTTP machine settings (netsh winhttp show proxy)";
+
+/// The WinINET values as read from the registry (absent values are `None`/`false`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InternetSettings {
+    pub proxy_enable: bool,
+    pub proxy_server: Option<String>,
+    pub proxy_override: Option<String>,
+    pub auto_config_url: Option<String>,
+    /// From `Connections\DefaultConnectionSettings`, when it could be read and parsed.
+    pub connection_flags: Option<ConnectionFlags>,
+}
+
+/// The LAN settings flags (`PROXY_TYPE_*`) of a `DefaultConnectionSettings` blob.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionFlags {
+    pub direct: bool,
+    pub proxy: bool,
+    pub auto_config_url: bool,
+    pub auto_detect: bool,
+}
+
+/// The flags in byte 8 of `DefaultConnectionSettings` (after a 4-byte version and a 4-byte
+/// change counter); `None` when the blob is too short to hold them.
+pub fn parse_connection_flags(blob: &[u8]) -> Option<ConnectionFlags> {
+    let flags = *blob.get(8)?;
+    Some(ConnectionFlags {
+        direct: flags & 0x01 != 0,
+        proxy: flags & 0x02 != 0,
+        auto_config_url: flags & 0x04 != 0,
+        auto_detect: flags & 0x08 != 0,
+    })
+}
+
+/// `ProxyServer`: (proxy for HTTPS, SOCKS proxy). A value without `=` is one HTTP proxy for
+/// every protocol; otherwise only the `https=` and `socks=` entries matter for a TLS tunnel
+/// (WinINET does not use the `http=` entry for HTTPS). Missing ports are 80 (HTTP) and 1080
+/// (SOCKS), as in WinINET.
+pub fn parse_proxy_server(value: &str) -> (Option<Proxy>, Option<Proxy>) {
+    let value = value.trim();
+    if !value.contains('=') {
+        let first = value.split([';', ' ', '\t']).find(|e| !e.is_empty());
+        return (
+            first
+                .and_then(|e| host_port(e, 80))
+                .map(|(h, p)| http_proxy(h, p)),
+            None,
+        );
+    }
+    let mut https = None;
+    let mut socks = None;
+    for entry in value.split([';', ' ', '\t']).filter(|e| !e.is_empty()) {
+        let Some((scheme, addr)) = entry.split_once('=') else {
+            continue;
+        };
+        match scheme.trim().to_ascii_lowercase().as_str() {
+            "https" => https = host_port(addr, 80).map(|(h, p)| http_proxy(h, p)),
+            "socks" => socks = host_port(addr, 1080).map(|(h, p)| socks_proxy(h, p)),
+            _ => {}
+        }
+    }
+    (https, socks)
+}
+
+/// `ProxyOverride` (and WinHTTP's bypass list): `;`- or space-separated exceptions.
+pub fn parse_proxy_override(value: &str) -> Vec<String> {
+    bypass_list(value, &[';', ' ', '\t', '\r', '\n'])
+}
+
+/// The per-user candidates in WinINET's order: auto-detect, the PAC URL, the manual proxy;
+/// direct when none is on.
+pub fn candidates(s: &InternetSettings) -> Vec<SystemProxy> {
+    let mut modes = Vec::new();
+    if s.connection_flags.is_some_and(|f| f.auto_detect) {
+        modes.push(SystemMode::Wpad);
+    }
+    if let Some(url) = s.auto_config_url.as_deref().map(str::trim) {
+        if !url.is_empty() {
+            modes.push(SystemMode::Pac(url.to_string()));
+        }
+    }
+    if s.proxy_enable {
+        let (https, socks) = parse_proxy_server(s.proxy_server.as_deref().unwrap_or(""));
+        if https.is_some() || socks.is_some() {
+            modes.push(SystemMode::Manual {
+                https,
+                socks,
+                no_proxy: parse_proxy_override(s.proxy_override.as_deref().unwrap_or("")),
+            });
+        }
+    }
+    if modes.is_empty() {
+        modes.push(SystemMode::Direct);
+    }
+    modes
+        .into_iter()
+        .map(|mode| SystemProxy {
+            source: WININET_SOURCE.to_string(),
+            mode,
+        })
+        .collect()
+}
+
+/// The WinHTTP candidate for a named proxy (`WINHTTP_ACCESS_TYPE_NAMED_PROXY`); `None` when the
+/// proxy string names nothing usable.
+pub fn winhttp_candidate(proxy: &str, bypass: &str) -> Option<SystemProxy> {
+    let (https, socks) = parse_proxy_server(proxy);
+    if https.is_none() && socks.is_none() {
+        return None;
+    }
+    Some(SystemProxy {
+        source: WINHTTP_SOURCE.to_string(),
+        mode: SystemMode::Manual {
+            https,
+            socks,
+            no_proxy: parse_proxy_override(bypass),
+        },
+    })
+}
+
+#[cfg(windows)]
+pub(super) use reading::read;
+
+#[cfg(windows)]
+mod reading {
+    use super::*;
+    use std::ptr;
+    use windows_sys::Win32::Foundation::{GlobalFree, ERROR_MORE_DATA, ERROR_SUCCESS};
+    use windows_sys::Win32::Networking::WinHttp::{
+        WinHttpGetDefaultProxyConfiguration, WINHTTP_ACCESS_TYPE_NAMED_PROXY, WINHTTP_PROXY_INFO,
+    };
+    use windows_sys::Win32::System::Registry::{
+        RegGetValueW, HKEY_CURRENT_USER, RRF_RT_REG_BINARY, RRF_RT_REG_DWORD, RRF_RT_REG_SZ,
+    };
+
+    const KEY: &str = r"Software\Microsoft\Windows\CurrentVersion\Internet Settings";
+    const CONNECTIONS: &str =
+        r"Software\Microsoft\Windows\CurrentVersion\Internet Settings\Connections";
+
+    fn wide(s: &str) -> Vec<u16> {
+        s.encode_utf16().chain(std::iter::once(0)).collect()
+    }
+
+    /// The raw data of `HKCU\subkey\name` of the types in `flags`; `None` when absent.
+    fn value(subkey: &str, name: &str, flags: u32) -> Option<Vec<u8>> {
+        let subkey_w = wide(subkey);
+        let name_w = wide(name);
+        let mut size = 0u32;
+        // SAFETY: both names are NUL-terminated UTF-16 alive for the call; a null data pointer
+        // asks only for the size, written to `size`.
+        let rc = unsafe {
+            RegGetValueW(
+                HKEY_CURRENT_USER,
+                subkey_w.as_ptr(),
+                name_w.as_ptr(),
+                flags,
+                ptr::null_mut(),
+                ptr::null_mut(),
+                &mut size,
+            )
+        };
+        if rc != ERROR_SUCCESS {
+            tracing::debug!(
+                key = subkey,
+                value = name,
+                code = rc,
+                "registry value not read"
+            );
+            return None;
+        }
+        // The value may grow between the two calls; try a few times.
+        for _ in 0..3 {
+            let mut buf = vec![0u8; size as usize];
+            // SAFETY: `buf` has `size` writable bytes and `size` says so; the names as above.
+            let rc = unsafe {
+                RegGetValueW(
+                    HKEY_CURRENT_USER,
+                    subkey_w.as_ptr(),
+                    name_w.as_ptr(),
+                    flags,
+                    ptr::null_mut(),
+                    buf.as_mut_ptr().cast(),
+                    &mut size,
+                )
+            };
+            match rc {
+                ERROR_SUCCESS => {
+                    buf.truncate(size as usize);
+                    return Some(buf);
+                }
+                ERROR_MORE_DATA => continue,
+                _ => {
+                    tracing::debug!(
+                        key = subkey,
+                        value = name,
+                        code = rc,
+                        "registry value not read"
+                    );
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    fn dword(subkey: &str, name: &str) -> Option<u32> {
+        let b = value(subkey, name, RRF_RT_REG_DWORD)?;
+        Some(u32::from_le_bytes(b.get(..4)?.try_into().ok()?))
+    }
+
+    fn string(subkey: &str, name: &str) -> Option<String> {
+        let b = value(subkey, name, RRF_RT_REG_SZ)?;
+        let units: Vec<u16> = b
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .take_while(|u| *u != 0)
+            .collect();
+        Some(String::from_utf16_lossy(&units))
+    }
+
+    /// A WinHTTP-allocated wide string, copied and freed.
+    fn take_global_wide(p: *mut u16) -> String {
+        if p.is_null() {
+            return String::new();
+        }
+        let mut len = 0usize;
+        // SAFETY: WinHTTP returns a NUL-terminated string; the scan is bounded in case it is not.
+        while len < 65_536 && unsafe { *p.add(len) } != 0 {
+            len += 1;
+        }
+        // SAFETY: the `len` units before the NUL were just read above.
+        let s = String::from_utf16_lossy(unsafe { std::slice::from_raw_parts(p, len) });
+        // SAFETY: WinHttpGetDefaultProxyConfiguration allocates its strings with GlobalAlloc and
+        // the caller frees them, once.
+        unsafe { GlobalFree(p.cast()) };
+        s
+    }
+
+    fn winhttp() -> Option<SystemProxy> {
+        let mut info = WINHTTP_PROXY_INFO {
+            dwAccessType: 0,
+            lpszProxy: ptr::null_mut(),
+            lpszProxyBypass: ptr::null_mut(),
+        };
+        // SAFETY: `info` is a valid out-structure; its strings are freed by take_global_wide.
+        let ok = unsafe { WinHttpGetDefaultProxyConfiguration(&mut info) };
+        let proxy = take_global_wide(info.lpszProxy);
+        let bypass = take_global_wide(info.lpszProxyBypass);
+        if ok == 0 {
+            tracing::debug!("WinHttpGetDefaultProxyConfiguration failed");
+            return None;
+        }
+        if info.dwAccessType != WINHTTP_ACCESS_TYPE_NAMED_PROXY {
+            return None;
+        }
+        winhttp_candidate(&proxy, &bypass)
+    }
+
+    pub(in crate::system) fn read() -> Vec<SystemProxy> {
+        let settings = InternetSettings {
+            proxy_enable: dword(KEY, "ProxyEnable").is_some_and(|v| v != 0),
+            proxy_server: string(KEY, "ProxyServer"),
+            proxy_override: string(KEY, "ProxyOverride"),
+            auto_config_url: string(KEY, "AutoConfigURL"),
+            connection_flags: value(CONNECTIONS, "DefaultConnectionSettings", RRF_RT_REG_BINARY)
+                .and_then(|b| parse_connection_flags(&b)),
+        };
+        let mut out = candidates(&settings);
+        out.extend(winhttp());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(h: &str, p: u16) -> Option<Proxy> {
+        Some(http_proxy(h.into(), p))
+    }
+
+    #[test]
+    fn proxy_server_forms() {
+        assert_eq!(
+            parse_proxy_server("proxy.corp:8080"),
+            (http("proxy.corp", 8080), None)
+        );
+        assert_eq!(
+            parse_proxy_server("proxy.corp"),
+            (http("proxy.corp", 80), None)
+        );
+        assert_eq!(
+            parse_proxy_server(
+                "http=web.corp:80;https=tls.corp:3128;ftp=ftp.corp:21;socks=socks.corp:1081"
+            ),
+            (
+                http("tls.corp", 3128),
+                Some(socks_proxy("socks.corp".into(), 1081))
+            )
+        );
+        // Only an http= entry: WinINET sends HTTPS direct.
+        assert_eq!(parse_proxy_server("http=web.corp:80"), (None, None));
+        assert_eq!(
+            parse_proxy_server("HTTPS=http://tls.corp:3128; socks=s.corp"),
+            (
+                http("tls.corp", 3128),
+                Some(socks_proxy("s.corp".into(), 1080))
+            )
+        );
+        assert_eq!(parse_proxy_server(""), (None, None));
+        assert_eq!(parse_proxy_server("https=bad:port"), (None, None));
+    }
+
+    #[test]
+    fn overrides() {
+        assert_eq!(
+            parse_proxy_override("*.corp;10.*;<local>; ;intranet"),
+            vec![".corp", "10.*", "<local>", "intranet"]
+        );
+        assert!(parse_proxy_override("").is_empty());
+    }
+
+    #[test]
+    fn connection_flags_are_read_defensively() {
+        let mut blob = vec![0x46, 0, 0, 0, 7, 0, 0, 0, 0x09, 0, 0, 0];
+        assert_eq!(
+            parse_connection_flags(&blob),
+            Some(ConnectionFlags {
+                direct: true,
+                auto_detect: true,
+                ..Default::default()
+            })
+        );
+        blob[8] = 0x07;
+        let f = parse_connection_flags(&blob).unwrap();
+        assert!(f.direct && f.proxy && f.auto_config_url && !f.auto_detect);
+        assert_eq!(parse_connection_flags(&blob[..8]), None);
+        assert_eq!(parse_connection_flags(&[]), None);
+    }
+
+    #[test]
+    fn candidates_follow_wininet_order() {
+        let s = InternetSettings {
+            proxy_enable: true,
+            proxy_server: Some("proxy.corp:3128".into()),
+            proxy_override: Some("<local>;*.corp".into()),
+            auto_config_url: Some("http://wpad.corp/proxy.pac".into()),
+            connection_flags: parse_connection_flags(&[0x46, 0, 0, 0, 1, 0, 0, 0, 0x0f]),
+        };
+        let modes: Vec<_> = candidates(&s).into_iter().map(|c| c.mode).collect();
+        assert_eq!(
+            modes,
+            vec![
+                SystemMode::Wpad,
+                SystemMode::Pac("http://wpad.corp/proxy.pac".into()),
+                SystemMode::Manual {
+                    https: http("proxy.corp", 3128),
+                    socks: None,
+                    no_proxy: vec!["<local>".into(), ".corp".into()],
+                }
+            ]
+        );
+        // The proxy string stays in the registry when the checkbox is off.
+        let off = InternetSettings {
+            proxy_enable: false,
+            proxy_server: Some("proxy.corp:3128".into()),
+            ..Default::default()
+        };
+        let c = candidates(&off);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].mode, SystemMode::Direct);
+        assert_eq!(c[0].source, WININET_SOURCE);
+    }
+
+    #[test]
+    fn winhttp_named_proxy() {
+        let c = winhttp_candidate("proxy.corp:8080", "<local>;*.corp").unwrap();
+        assert_eq!(c.source, WINHTTP_SOURCE);
+        assert_eq!(
+            c.mode,
+            SystemMode::Manual {
+                https: http("proxy.corp", 8080),
+                socks: None,
+                no_proxy: vec!["<local>".into(), ".corp".into()],
+            }
+        );
+        assert_eq!(winhttp_candidate("", ""), None);
+    }
+}
