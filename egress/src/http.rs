@@ -170,7 +170,8 @@ enum Sent {
     Digest { stale_retried: bool },
     NtlmNegotiate,
     NtlmAuthenticate,
-    Negotiate,
+    /// A GSSAPI/SSPI round: Negotiate, or NTLM single sign-on through SSPI (Windows).
+    Gss(Scheme),
 }
 
 /// Opens a tunnel through the proxy: `dial` makes a new TCP connection to the proxy (called again
@@ -186,6 +187,7 @@ where
     let proxy = c.proxy;
     let creds = c.auth.credentials.as_ref();
     let mut conn: Option<S> = None;
+    let mut gss: Option<auth::negotiate::NegotiateContext> = None;
     let mut skip: Vec<Scheme> = Vec::new();
     let mut why_skipped: Vec<String> = Vec::new();
     let (mut header, mut sent) = match (c.remembered, creds) {
@@ -205,7 +207,7 @@ where
                 Sent::Basic => Some(Scheme::Basic),
                 Sent::Digest { .. } => Some(Scheme::Digest),
                 Sent::NtlmNegotiate | Sent::NtlmAuthenticate => Some(Scheme::Ntlm),
-                Sent::Negotiate => Some(Scheme::Negotiate),
+                Sent::Gss(s) => Some(s),
             };
             return Ok((io, used));
         }
@@ -272,11 +274,33 @@ where
                 sent = Sent::NtlmAuthenticate;
                 continue;
             }
-            Sent::Negotiate => {
-                // A refused Kerberos ticket locks nothing (the password was checked by kinit);
-                // fall back to what else the proxy offers.
-                skip.push(Scheme::Negotiate);
-                why_skipped.push("the proxy refused our Kerberos ticket".into());
+            Sent::Gss(scheme) => {
+                // A continuation token (SPNEGO's further legs, SSPI NTLM's challenge) goes
+                // back into the same context, on the same connection.
+                let token = head
+                    .challenges
+                    .iter()
+                    .find(|ch| ch.known() == Some(scheme))
+                    .and_then(Challenge::token);
+                match (token, gss.take(), reusable) {
+                    (Some(token), Some(ctx), true) => match gss_step(ctx, Some(token)).await {
+                        Ok((ctx, Some(out))) => {
+                            gss = Some(ctx);
+                            header = Some(format!("{} {}", scheme.name(), b64(&out)));
+                            continue;
+                        }
+                        Ok((_, None)) | Err(_) if scheme == Scheme::Ntlm => {
+                            return Err(rejected(Scheme::Ntlm).into())
+                        }
+                        Ok((_, None)) => why_skipped.push("the proxy refused our Kerberos ticket".into()),
+                        Err(why) => why_skipped.push(format!("{scheme}: {why}")),
+                    },
+                    _ if scheme == Scheme::Ntlm => return Err(rejected(Scheme::Ntlm).into()),
+                    // A refused Kerberos ticket locks nothing (the password was checked by
+                    // kinit); fall back to what else the proxy offers.
+                    _ => why_skipped.push("the proxy refused our Kerberos ticket".into()),
+                }
+                skip.push(scheme);
             }
             Sent::Nothing => {}
         }
@@ -321,29 +345,31 @@ where
                     skip.push(scheme);
                     continue;
                 }
-                (Scheme::Ntlm, _) => {
-                    let token = auth::ntlm::negotiate_message();
-                    header = Some(format!(
-                        "NTLM {}",
-                        base64::engine::general_purpose::STANDARD.encode(token)
-                    ));
+                (Scheme::Ntlm, Some(_)) => {
+                    header = Some(format!("NTLM {}", b64(&auth::ntlm::negotiate_message())));
                     sent = Sent::NtlmNegotiate;
                 }
-                (Scheme::Negotiate, _) => match negotiate_token(c.proxy_host).await {
-                    Ok(token) => {
-                        header = Some(format!(
-                            "Negotiate {}",
-                            base64::engine::general_purpose::STANDARD.encode(token)
-                        ));
-                        sent = Sent::Negotiate;
+                (Scheme::Ntlm, None) | (Scheme::Negotiate, _) => {
+                    // Without a password NTLM is only possible as Windows single sign-on.
+                    let package = if scheme == Scheme::Ntlm {
+                        auth::negotiate::Package::Ntlm
+                    } else {
+                        auth::negotiate::Package::Negotiate
+                    };
+                    match gss_start(c.proxy_host, package).await {
+                        Ok((ctx, token)) => {
+                            gss = Some(ctx);
+                            header = Some(format!("{} {}", scheme.name(), b64(&token)));
+                            sent = Sent::Gss(scheme);
+                        }
+                        Err(why) => {
+                            tracing::debug!(proxy, %why, "{scheme} not possible");
+                            skip.push(scheme);
+                            why_skipped.push(format!("{scheme}: {why}"));
+                            continue;
+                        }
                     }
-                    Err(why) => {
-                        tracing::debug!(proxy, %why, "Negotiate not possible");
-                        skip.push(Scheme::Negotiate);
-                        why_skipped.push(format!("Negotiate: {why}"));
-                        continue;
-                    }
-                },
+                }
             }
             break;
         }
@@ -413,7 +439,7 @@ fn ntlm_authenticate(
         proxy: proxy.into(),
         why: format!("NTLM challenge: {e}"),
     })?;
-    let (domain, user) = cr.domain_and_user();
+    let (domain, user) = auth::ntlm::split_domain_user(&cr.user);
     let msg = auth::ntlm::authenticate_message(
         &ch,
         user,
@@ -422,23 +448,47 @@ fn ntlm_authenticate(
         "SALLYPORT",
         rand::random(),
         auth::ntlm::current_filetime(),
-    );
-    Ok(format!(
-        "NTLM {}",
-        base64::engine::general_purpose::STANDARD.encode(msg)
-    ))
+    )
+    .map_err(|e| ProxyError::AuthFailed {
+        proxy: proxy.into(),
+        scheme: "NTLM".into(),
+        why: e.to_string(),
+    })?;
+    Ok(format!("NTLM {}", b64(&msg)))
 }
 
-/// The initial Negotiate token for `HTTP@proxy_host`, computed off the async threads (GSSAPI
-/// may ask the KDC for a service ticket).
-async fn negotiate_token(proxy_host: &str) -> Result<Vec<u8>, String> {
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Starts a GSSAPI/SSPI context for `HTTP@proxy_host` and returns its first token. Runs off the
+/// async threads: GSSAPI may ask the KDC for a service ticket.
+async fn gss_start(
+    proxy_host: &str,
+    package: auth::negotiate::Package,
+) -> Result<(auth::negotiate::NegotiateContext, Vec<u8>), String> {
     let service = format!("HTTP@{proxy_host}");
     tokio::task::spawn_blocking(move || {
-        let mut ctx =
-            auth::negotiate::NegotiateContext::new(&service).map_err(|e| e.to_string())?;
-        ctx.step(None)
+        let mut ctx = auth::negotiate::NegotiateContext::new_with_package(&service, package)
+            .map_err(|e| e.to_string())?;
+        let token = ctx
+            .step(None)
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| "GSSAPI produced no token".to_string())
+            .ok_or_else(|| "GSSAPI produced no token".to_string())?;
+        Ok((ctx, token))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Feeds the proxy's token into the context; the next token to send, if any.
+async fn gss_step(
+    mut ctx: auth::negotiate::NegotiateContext,
+    token: Option<Vec<u8>>,
+) -> Result<(auth::negotiate::NegotiateContext, Option<Vec<u8>>), String> {
+    tokio::task::spawn_blocking(move || {
+        let out = ctx.step(token.as_deref()).map_err(|e| e.to_string())?;
+        Ok((ctx, out))
     })
     .await
     .map_err(|e| e.to_string())?

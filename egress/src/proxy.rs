@@ -156,6 +156,19 @@ pub fn no_proxy_matches(no_proxy: &str, host: &str) -> bool {
             return true;
         }
         let entry = entry.to_ascii_lowercase();
+        // From OS settings: Windows' `<local>` (names without a dot) and globs (`10.*`).
+        if entry == "<local>" {
+            if host_ip.is_none() && !host.contains('.') {
+                return true;
+            }
+            continue;
+        }
+        if entry.contains('*') {
+            if glob(entry.trim_start_matches("*."), &host) || glob(&entry, &host) {
+                return true;
+            }
+            continue;
+        }
         if let (Some(ip), Ok(net)) = (host_ip, entry.parse::<IpNetLite>()) {
             if net.contains(ip) {
                 return true;
@@ -173,6 +186,26 @@ pub fn no_proxy_matches(no_proxy: &str, host: &str) -> bool {
         }
     }
     false
+}
+
+/// `*` matches any run of characters; everything else literally.
+fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 /// An IP address or CIDR network, for `NO_PROXY` only.
@@ -472,6 +505,14 @@ mod tests {
         assert!(no_proxy_matches("::1", "[::1]"));
         assert!(no_proxy_matches("example.com:443", "gw.example.com"));
         assert!(!no_proxy_matches("", "gw.example.com"));
+        // Entries from OS settings.
+        assert!(no_proxy_matches("<local>", "intranet"));
+        assert!(!no_proxy_matches("<local>", "gw.example.com"));
+        assert!(no_proxy_matches("10.*", "10.1.2.3"));
+        assert!(!no_proxy_matches("10.*", "110.1.2.3"));
+        assert!(no_proxy_matches("*.example.com", "gw.example.com"));
+        assert!(no_proxy_matches("*.example.com", "example.com"));
+        assert!(!no_proxy_matches("*.example.com", "example.org"));
     }
 
     #[test]

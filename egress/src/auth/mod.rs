@@ -23,8 +23,8 @@ use crate::proxy::Password;
 use base64::Engine;
 use std::fmt;
 
-/// A proxy user and password. `user` may carry a Windows domain, `CORP\alice` or
-/// `alice@corp.example.com`; NTLM splits it, the other schemes send it as written.
+/// A proxy user and password. `user` may carry a Windows domain, `CORP\alice`; NTLM splits it
+/// ([`ntlm::split_domain_user`]), the other schemes send it as written.
 #[derive(Clone)]
 pub struct Credentials {
     pub user: String,
@@ -45,18 +45,6 @@ impl Credentials {
         Credentials {
             user: user.into(),
             password,
-        }
-    }
-
-    /// `(domain, user)` for NTLM: `CORP\alice` → (`CORP`, `alice`); `alice@corp` → (`corp`,
-    /// `alice`); `alice` → (``, `alice`).
-    pub fn domain_and_user(&self) -> (&str, &str) {
-        if let Some((d, u)) = self.user.split_once('\\') {
-            (d, u)
-        } else if let Some((u, d)) = self.user.rsplit_once('@') {
-            (d, u)
-        } else {
-            ("", &self.user)
         }
     }
 
@@ -233,11 +221,8 @@ mod tests {
     }
 
     #[test]
-    fn domains_split_for_ntlm_and_debug_hides_the_password() {
+    fn debug_hides_the_password() {
         let c = Credentials::new("CORP\\alice", Password::new("s3cret"));
-        assert_eq!(c.domain_and_user(), ("CORP", "alice"));
-        let c = Credentials::new("alice@corp.example.com", Password::new("s3cret"));
-        assert_eq!(c.domain_and_user(), ("corp.example.com", "alice"));
         assert!(!format!("{c:?}").contains("s3cret"));
         assert_eq!(
             Credentials::new("Aladdin", Password::new("open sesame")).basic(),
