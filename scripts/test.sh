@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: installs the tools the end-to-end tests drive (curl,
-# OpenSSH client and server, setpriv, squid) when missing, builds the binaries, runs unit and
+# OpenSSH client and server, setpriv, squid, dante, an MIT KDC) when missing, builds the binaries, runs unit and
 # end-to-end tests. Tests never skip for a missing tool: they fail naming it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,12 +13,27 @@ command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # squid-openssl: squid with TLS inspection and the same auth helpers (conflicts with `squid`).
 command -v squid >/dev/null 2>&1 || need+=(squid-openssl)
+# dante: the SOCKS5 proxy of the egress tests (with and without username/password).
+command -v danted >/dev/null 2>&1 || need+=(dante-server)
+# A real MIT KDC for Negotiate (Kerberos) through squid's negotiate_kerberos_auth.
+[ -x /usr/sbin/krb5kdc ] || need+=(krb5-kdc)
+[ -x /usr/sbin/kadmin.local ] || need+=(krb5-admin-server)
+command -v kinit >/dev/null 2>&1 || need+=(krb5-user)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "installing: ${need[*]}"
   $sudo apt-get update -qq
+  # The tests start their own KDC, squid and dante: keep the packages from starting system
+  # services (and failing without an init system) while they install.
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod +x "$policy"
+  fi
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  [ -z "$policy" ] || $sudo rm -f "$policy"
 fi
 
 # The end-to-end tests run the real binaries from target/debug.

@@ -118,10 +118,20 @@ pub struct AgentArgs {
     #[arg(long)]
     pub ca: Option<PathBuf>,
     /// The way out: `http://[USER@]HOST:PORT`, `socks5://…`, `socks5h://…`, `direct`, or `auto`
-    /// (default: HTTPS_PROXY/ALL_PROXY/NO_PROXY as curl reads them, else direct). The password
-    /// comes from SALLYPORT_PROXY_PASSWORD, never from a flag.
+    /// (default: the environment as curl reads it, the OS settings, WPAD, then direct).
     #[arg(long)]
     pub proxy: Option<String>,
+    /// Proxy auto-config: a PAC URL (http://…/proxy.pac) or file; its answer is tried in order.
+    #[arg(long)]
+    pub pac: Option<String>,
+    /// User for the corporate proxy (DOMAIN\user for NTLM). The password comes from
+    /// SALLYPORT_PROXY_PASSWORD or --proxy-credentials, never from a flag.
+    #[arg(long)]
+    pub proxy_user: Option<String>,
+    /// File with `user:password` (or the password alone) for the corporate proxy, mode 0600
+    /// [default: proxy-credentials in the per-user config folder, if present].
+    #[arg(long)]
+    pub proxy_credentials: Option<PathBuf>,
     /// SOCKS5 listen address, or `off` [default: 127.0.0.1:1080].
     #[arg(long)]
     pub socks: Option<String>,
@@ -152,6 +162,9 @@ pub struct AgentFile {
     pub token_file: Option<PathBuf>,
     pub ca: Option<PathBuf>,
     pub proxy: Option<String>,
+    pub pac: Option<String>,
+    pub proxy_user: Option<String>,
+    pub proxy_credentials: Option<PathBuf>,
     pub socks: Option<String>,
     pub http: Option<String>,
     #[serde(default)]
@@ -188,8 +201,8 @@ pub struct AgentConfig {
     pub gateway: GatewayUrl,
     pub token: Secret,
     pub tls: Option<Arc<rustls::ClientConfig>>,
-    /// How to leave the network (proxy or direct).
-    pub egress: egress::Egress,
+    /// How to leave the network: candidates, probing and what worked (see `egress::probe`).
+    pub way: Arc<egress::Way>,
     pub socks: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
     pub forwards: Vec<Forward>,
@@ -219,6 +232,12 @@ impl std::fmt::Debug for AgentConfig {
 /// The per-user config file, e.g. `~/.config/sallyport/agent.toml`.
 pub fn default_config_path() -> Option<PathBuf> {
     directories::ProjectDirs::from("", "", "sallyport").map(|d| d.config_dir().join("agent.toml"))
+}
+
+/// The per-user proxy credentials file, e.g. `~/.config/sallyport/proxy-credentials`.
+pub fn default_credentials_path() -> Option<PathBuf> {
+    directories::ProjectDirs::from("", "", "sallyport")
+        .map(|d| d.config_dir().join("proxy-credentials"))
 }
 
 pub fn read_file(path: &Path) -> Result<AgentFile, ConfigError> {
@@ -314,8 +333,18 @@ pub fn agent_config(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
     } else {
         None
     };
-    let egress = egress::Egress::from_setting(args.proxy.as_deref().or(file.proxy.as_deref()))
-        .map_err(invalid)?;
+    let credentials_file = args
+        .proxy_credentials
+        .or(file.proxy_credentials.map(rel))
+        .or_else(|| default_credentials_path().filter(|p| p.exists()));
+    let egress = egress::Egress::from_settings(&egress::EgressSettings {
+        proxy: args.proxy.as_deref().or(file.proxy.as_deref()),
+        pac: args.pac.as_deref().or(file.pac.as_deref()),
+        proxy_user: args.proxy_user.as_deref().or(file.proxy_user.as_deref()),
+        credentials_file: credentials_file.as_deref(),
+    })
+    .map_err(invalid)?;
+    let way = egress::Way::new(egress);
     let socks = listen_addr(
         args.socks.as_deref().or(file.socks.as_deref()),
         "127.0.0.1:1080",
@@ -380,7 +409,7 @@ pub fn agent_config(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
         gateway,
         token,
         tls,
-        egress,
+        way,
         socks,
         http,
         forwards,

@@ -149,10 +149,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         policy: Arc::new(Policy::new(rules, gateway::policy::local_addresses())),
         // Advertise the whole site; the allow-list decides (so :1 is refused with a reason).
         routes: vec!["*.internal:*".parse::<Route>()?],
-        egress: egress::Egress {
-            proxy: Some(egress::Proxy::Direct),
-            password: None,
-        },
+        way: egress::Way::new(egress::Egress::direct()),
         hosts: HashMap::from([(INTERNAL_NAME.to_string(), vec!["127.0.0.1".parse()?])]),
         sessions: 2,
         connect_timeout: Duration::from_secs(5),
@@ -169,10 +166,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
             ca: Some(ca_path.clone()),
             pin: false,
         })?),
-        egress: egress::Egress {
-            proxy: Some(egress::Proxy::Direct),
-            password: None,
-        },
+        way: egress::Way::new(egress::Egress::direct()),
         socks: Some(opts.socks),
         http: Some(opts.http),
         forwards: vec![],

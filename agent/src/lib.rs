@@ -18,6 +18,7 @@ pub mod connect;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod dialer;
+pub mod doctor;
 pub mod listen;
 pub mod peer;
 pub mod pool;

@@ -30,6 +30,9 @@ struct Cli {
 enum Command {
     /// Run the agent: local SOCKS5/HTTP proxy ports and forwards, tunnelled to the gateway.
     Run(AgentArgs),
+    /// Find the way out: try every candidate (proxy, PAC, WPAD, OS settings, direct), say how
+    /// long each took and why it failed, and which one the agent would use. Exit 0 when one works.
+    Doctor(AgentArgs),
     /// One tunnelled connection on stdin/stdout (ssh -o ProxyCommand='sallyport connect %h %p').
     Connect {
         host: String,
@@ -69,9 +72,12 @@ fn main() -> ExitCode {
     };
     // `connect` talks on stdout and the demo prints its own summary: keep their logs quiet.
     #[cfg(feature = "demo")]
-    let quiet = matches!(cli.command, Command::Connect { .. } | Command::Demo { .. });
+    let quiet = matches!(
+        cli.command,
+        Command::Connect { .. } | Command::Demo { .. } | Command::Doctor(_)
+    );
     #[cfg(not(feature = "demo"))]
-    let quiet = matches!(cli.command, Command::Connect { .. });
+    let quiet = matches!(cli.command, Command::Connect { .. } | Command::Doctor(_));
     let quiet_default = quiet && cli.log == "info";
     init_tracing(if quiet_default { "warn" } else { &cli.log });
     match real_main(cli) {
@@ -128,6 +134,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 shutdown_on_signal(shutdown.clone());
                 agent::run(cfg, shutdown).await?;
                 Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Doctor(args) => {
+            let cfg = config::agent_config(args)?;
+            rt.block_on(async {
+                let (report, ok) = agent::doctor::run(&cfg).await;
+                print!("{report}");
+                Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             })
         }
         Command::Connect {

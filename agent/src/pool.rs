@@ -6,7 +6,7 @@
 //! next session instead of failing at once.
 
 use crate::config::AgentConfig;
-use egress::EgressError;
+use egress::probe::{GatewayReached, ProbeError};
 use rand::Rng;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,27 +18,68 @@ use tunnel::{ErrorCode, Role, Session};
 /// Why a session to the gateway could not be set up; says which hop failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error(transparent)]
-    Egress(#[from] EgressError),
+    /// No way out worked (each candidate's reason is in the text).
+    #[error("{summary}")]
+    NoWay {
+        summary: String,
+        /// Every candidate failed on rejected proxy credentials.
+        rejected_only: bool,
+    },
     #[error("{0}")]
     Handshake(#[from] tunnel::ws::HandshakeError),
     #[error("tunnel hello with the gateway failed: {0}")]
     Session(#[from] tunnel::SessionError),
 }
 
-/// Dials the gateway and starts a tunnel session as an agent.
+impl GatewayReached for ConnectError {
+    /// A refusal with the gateway's own statuses (bad token, too many sessions) or a hello
+    /// means the way out works.
+    fn reached_gateway(&self) -> bool {
+        match self {
+            ConnectError::Handshake(h) => matches!(h.status(), Some(401 | 429)),
+            ConnectError::Session(tunnel::SessionError::Version { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<ProbeError<ConnectError>> for ConnectError {
+    fn from(e: ProbeError<ConnectError>) -> ConnectError {
+        match e {
+            ProbeError::Gateway(e) => e,
+            e => ConnectError::NoWay {
+                rejected_only: e.only_rejected_credentials(),
+                summary: e.to_string(),
+            },
+        }
+    }
+}
+
+/// Dials the gateway (the way out found by probing, see `egress::probe`) and starts a tunnel
+/// session as an agent.
 pub async fn connect(config: &AgentConfig) -> Result<Session, ConnectError> {
-    let io = egress::dial(
-        &config.gateway,
-        config.tls.as_ref(),
-        config.connect_timeout,
-        &config.egress,
-    )
-    .await?;
     let url = config.gateway.endpoint("agent");
+    let (session, _way) = config
+        .way
+        .connect(
+            &config.gateway,
+            config.tls.as_ref(),
+            config.connect_timeout,
+            |io| start_session(config, &url, io),
+        )
+        .await?;
+    Ok(session)
+}
+
+/// The WebSocket upgrade and the tunnel hello on a fresh connection to the gateway.
+pub async fn start_session(
+    config: &AgentConfig,
+    url: &str,
+    io: egress::GatewayStream,
+) -> Result<Session, ConnectError> {
     let transport = tunnel::ws::client(
         io,
-        &url,
+        url,
         Some(config.token.expose()),
         config.session.max_frame,
         config.connect_timeout,
@@ -152,10 +193,14 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
     pool.current.send_replace(None);
 }
 
-/// True when a proxy rejected our credentials (retrying would risk locking the account).
+/// True when every way out failed on rejected proxy credentials (retrying would risk locking
+/// the account).
 pub fn credentials_rejected(e: &ConnectError) -> bool {
     matches!(
         e,
-        ConnectError::Egress(EgressError::Proxy(egress::ProxyError::AuthRejected { .. }))
-    ) || matches!(e, ConnectError::Egress(EgressError::Proxy(egress::ProxyError::Socks { why, .. })) if why.contains("rejected the credentials"))
+        ConnectError::NoWay {
+            rejected_only: true,
+            ..
+        }
+    )
 }

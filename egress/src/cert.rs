@@ -95,7 +95,12 @@ mod tests {
         let (subject, issuer) = names(&der).unwrap();
         assert_eq!(subject, "CN=gw.example.com, O=Sallyport Test");
         assert_eq!(issuer, subject);
-        for bad in [&b""[..], &[0x30], &[0x30, 0x84, 0xff, 0xff, 0xff, 0xff], &[0x30, 0x02, 0x30, 0x00]] {
+        for bad in [
+            &b""[..],
+            &[0x30],
+            &[0x30, 0x84, 0xff, 0xff, 0xff, 0xff],
+            &[0x30, 0x02, 0x30, 0x00],
+        ] {
             assert!(names(bad).is_none());
         }
     }

@@ -167,7 +167,9 @@ pub struct Connect<'a> {
 enum Sent {
     Nothing,
     Basic,
-    Digest { stale_retried: bool },
+    Digest {
+        stale_retried: bool,
+    },
     NtlmNegotiate,
     NtlmAuthenticate,
     /// A GSSAPI/SSPI round: Negotiate, or NTLM single sign-on through SSPI (Windows).
@@ -235,12 +237,15 @@ where
             Sent::NtlmAuthenticate => return Err(rejected(Scheme::Ntlm).into()),
             Sent::Digest { stale_retried } => {
                 let stale = head.challenges.iter().find(|ch| {
-                    ch.known() == Some(Scheme::Digest) && ch.rest.to_ascii_lowercase().contains("stale=true")
+                    ch.known() == Some(Scheme::Digest)
+                        && ch.rest.to_ascii_lowercase().contains("stale=true")
                 });
                 match (stale, creds) {
                     (Some(ch), Some(cr)) if !stale_retried => {
                         header = Some(digest_header(ch, cr, c.target, proxy)?);
-                        sent = Sent::Digest { stale_retried: true };
+                        sent = Sent::Digest {
+                            stale_retried: true,
+                        };
                         continue;
                     }
                     _ => return Err(rejected(Scheme::Digest).into()),
@@ -292,7 +297,9 @@ where
                         Ok((_, None)) | Err(_) if scheme == Scheme::Ntlm => {
                             return Err(rejected(Scheme::Ntlm).into())
                         }
-                        Ok((_, None)) => why_skipped.push("the proxy refused our Kerberos ticket".into()),
+                        Ok((_, None)) => {
+                            why_skipped.push("the proxy refused our Kerberos ticket".into())
+                        }
                         Err(why) => why_skipped.push(format!("{scheme}: {why}")),
                     },
                     _ if scheme == Scheme::Ntlm => return Err(rejected(Scheme::Ntlm).into()),
@@ -526,7 +533,9 @@ mod tests {
                                 }
                                 req.push(byte[0]);
                             }
-                            seen.lock().unwrap().push(String::from_utf8_lossy(&req).to_string());
+                            seen.lock()
+                                .unwrap()
+                                .push(String::from_utf8_lossy(&req).to_string());
                             let next = queue.lock().unwrap().next().copied();
                             let Some(resp) = next else { return };
                             let _ = b.write_all(resp.as_bytes()).await;
@@ -560,7 +569,12 @@ mod tests {
 
     #[tokio::test]
     async fn no_auth_needed_sends_no_credentials() {
-        let (r, seen) = run(&["HTTP/1.1 200 Connection established\r\n\r\n"], alice(), None).await;
+        let (r, seen) = run(
+            &["HTTP/1.1 200 Connection established\r\n\r\n"],
+            alice(),
+            None,
+        )
+        .await;
         assert_eq!(r.unwrap(), None);
         assert!(!seen[0].contains("Proxy-Authorization"));
     }
@@ -613,7 +627,10 @@ mod tests {
         let e = r.unwrap_err();
         assert!(e.credentials_rejected());
         let e = e.to_string();
-        assert!(e.contains("rejected the Basic credentials of user `alice`") && !e.contains("pw "), "{e}");
+        assert!(
+            e.contains("rejected the Basic credentials of user `alice`") && !e.contains("pw "),
+            "{e}"
+        );
         assert_eq!(seen.len(), 2, "never a third try");
     }
 
@@ -626,7 +643,10 @@ mod tests {
         )
         .await;
         let e = r.unwrap_err().to_string();
-        assert!(e.contains("answered 407, asked for NTLM, Basic, no credentials configured"), "{e}");
+        assert!(
+            e.contains("answered 407, asked for NTLM, Basic, no credentials configured"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
@@ -648,7 +668,10 @@ mod tests {
                 "HTTP/1.1 407 x\r\nProxy-Authenticate: Negotiate\r\nContent-Length: 0\r\n\r\n",
                 "HTTP/1.1 407 x\r\nProxy-Authenticate: Negotiate\r\nContent-Length: 0\r\n\r\n",
             ],
-            AuthOptions { credentials: None, negotiate: true },
+            AuthOptions {
+                credentials: None,
+                negotiate: true,
+            },
             None,
         )
         .await;
@@ -664,7 +687,10 @@ mod tests {
         assert!(!h.close);
         let h = parse_head(b"HTTP/1.1 407 Auth\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
         assert!(h.chunked && !h.close);
-        assert!(parse_head(b"HTTP/1.1 407 x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").is_err());
+        assert!(
+            parse_head(b"HTTP/1.1 407 x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+                .is_err()
+        );
         assert!(parse_head(b"HTTP/1.1 407 x\r\nContent-Length: -1\r\n\r\n").is_err());
         assert!(parse_head(b"HTTP/1.1 200").is_err());
     }

@@ -127,9 +127,16 @@ impl Egress {
             None | Some("auto") | Some("") => None,
             Some(p) => Some(p.parse::<Proxy>().map_err(|e| format!("--proxy: {e}"))?),
         };
-        let pac = s.pac.map(str::trim).filter(|p| !p.is_empty()).map(String::from);
+        let pac = s
+            .pac
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(String::from);
         if pac.is_some() && proxy.is_some() {
-            return Err("--proxy and --pac both name the way out; give one (or --proxy auto with --pac)".into());
+            return Err(
+                "--proxy and --pac both name the way out; give one (or --proxy auto with --pac)"
+                    .into(),
+            );
         }
         let url_user = match &proxy {
             Some(Proxy::Http { user, .. }) | Some(Proxy::Socks5 { user, .. }) => user.clone(),
@@ -144,9 +151,7 @@ impl Egress {
             .filter(|p| !p.is_empty())
             .map(Password::new)
             .or(file_password);
-        let user = url_user
-            .or(s.proxy_user.map(String::from))
-            .or(file_user);
+        let user = url_user.or(s.proxy_user.map(String::from)).or(file_user);
         let credentials = match (user, password) {
             (Some(u), Some(p)) => Some(Credentials::new(u, p)),
             (Some(u), None) => {
@@ -178,8 +183,8 @@ fn read_credentials_file(path: &Path) -> Result<(Option<String>, Option<Password
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path)
-            .map_err(|e| format!("proxy credentials file {shown}: {e}"))?;
+        let meta =
+            std::fs::metadata(path).map_err(|e| format!("proxy credentials file {shown}: {e}"))?;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(format!(
                 "proxy credentials file {shown} is readable by other users; run chmod 600 {shown}"
@@ -190,7 +195,9 @@ fn read_credentials_file(path: &Path) -> Result<(Option<String>, Option<Password
         .map_err(|e| format!("proxy credentials file {shown}: {e}"))?;
     let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
     if line.is_empty() {
-        return Err(format!("proxy credentials file {shown} is empty; write user:password in it"));
+        return Err(format!(
+            "proxy credentials file {shown} is empty; write user:password in it"
+        ));
     }
     Ok(match line.split_once(':') {
         Some((u, p)) if !u.is_empty() => (Some(u.to_string()), Some(Password::new(p))),
@@ -517,6 +524,75 @@ pub async fn dial_via(
     };
     let stream = finish_dial(url, tls, timeout, deadline, tcp, &authority).await?;
     Ok((stream, scheme))
+}
+
+/// For `doctor` only: dials like [`dial_via`] but accepts any certificate, to show who signed
+/// the one presented when verification failed (a TLS-inspecting proxy's CA, typically). The
+/// connection is dropped right after the handshake; nothing is ever sent on it.
+pub async fn peek_certificate(
+    url: &GatewayUrl,
+    timeout: Duration,
+    proxy: &Proxy,
+    auth: &AuthOptions,
+) -> Result<String, EgressError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| EgressError::Tls {
+            host: url.host.clone(),
+            reason: e.to_string(),
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    let (stream, _) = dial_via(url, Some(&Arc::new(cfg)), timeout, proxy, auth, None).await?;
+    Ok(stream.peer_summary())
+}
+
+/// Accepts every certificate: only for [`peek_certificate`].
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// Resolves `host` and connects to each address in turn within the deadline.

@@ -39,7 +39,9 @@ pub fn default_gateway(route: &str) -> Option<String> {
 pub fn resolv_key(conf: &str) -> String {
     conf.lines()
         .map(str::trim)
-        .filter(|l| l.starts_with("search") || l.starts_with("domain") || l.starts_with("nameserver"))
+        .filter(|l| {
+            l.starts_with("search") || l.starts_with("domain") || l.starts_with("nameserver")
+        })
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect::<Vec<_>>()
         .join(";")
@@ -61,6 +63,9 @@ mod tests {
     #[test]
     fn the_dns_part_ignores_comments_and_options() {
         let conf = "# generated\nsearch corp.example.com\nnameserver 10.0.0.53\noptions ndots:2\n";
-        assert_eq!(resolv_key(conf), "search corp.example.com;nameserver 10.0.0.53");
+        assert_eq!(
+            resolv_key(conf),
+            "search corp.example.com;nameserver 10.0.0.53"
+        );
     }
 }

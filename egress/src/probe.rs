@@ -94,10 +94,9 @@ impl<E: fmt::Display + fmt::Debug> ProbeError<E> {
             ProbeError::NoWay { attempts, .. } => {
                 !attempts.is_empty()
                     && attempts.iter().all(|a| {
-                        a.outcome
-                            .as_ref()
-                            .err()
-                            .is_some_and(|e| e.contains("rejected the") && e.contains("credentials"))
+                        a.outcome.as_ref().err().is_some_and(|e| {
+                            e.contains("rejected the") && e.contains("credentials")
+                        })
                     })
             }
             ProbeError::Gateway(_) => false,
@@ -164,7 +163,9 @@ impl Way {
                     d.candidates = list;
                     return d;
                 }
-                Err(e) => d.notes.push(format!("{e}; using the automatic chain instead")),
+                Err(e) => d
+                    .notes
+                    .push(format!("{e}; using the automatic chain instead")),
             }
         }
         // The environment, with curl's precedence.
@@ -210,8 +211,7 @@ impl Way {
                         }
                     }
                     system::SystemMode::Pac(loc) => {
-                        match pac_candidates(&loc, url, &format!("{} PAC {loc}", sp.source)).await
-                        {
+                        match pac_candidates(&loc, url, &format!("{} PAC {loc}", sp.source)).await {
                             Ok(list) => d.candidates.extend(list),
                             Err(e) => d.notes.push(format!("{}: {e}", sp.source)),
                         }
@@ -243,7 +243,8 @@ impl Way {
     async fn wpad(&self, url: &GatewayUrl, d: &mut Discovery) {
         let suffixes = pac::dns_suffixes();
         if suffixes.is_empty() {
-            d.notes.push("WPAD: no DNS search domain, nothing to look up".into());
+            d.notes
+                .push("WPAD: no DNS search domain, nothing to look up".into());
         }
         for suffix in suffixes {
             for loc in pac::wpad_urls(&suffix) {
@@ -275,7 +276,11 @@ impl Way {
         E: fmt::Display + fmt::Debug + GatewayReached,
     {
         let key = crate::network::key();
-        let remembered = self.memory.lock().ok().and_then(|m| m.chosen.get(&key).cloned());
+        let remembered = self
+            .memory
+            .lock()
+            .ok()
+            .and_then(|m| m.chosen.get(&key).cloned());
         let mut attempts = Vec::new();
         if let Some(c) = &remembered {
             let started = Instant::now();
@@ -330,7 +335,7 @@ impl Way {
                             return Err(ProbeError::Gateway(e));
                         }
                         Outcome::Failed(why) => {
-                            tracing::debug!(way = %c, %why, "way out failed");
+                            tracing::info!(way = %c, %why, "way out failed");
                             attempts.push(Attempt { candidate: c.clone(), outcome: Err(why), elapsed: started.elapsed() });
                             // Happy eyeballs: a failure starts the next one at once.
                             timer.as_mut().reset(tokio::time::Instant::now());
@@ -342,7 +347,13 @@ impl Way {
         }
         let summary = attempts
             .iter()
-            .map(|a| format!("{}: {}", a.candidate, a.outcome.as_ref().err().map(String::as_str).unwrap_or("")))
+            .map(|a| {
+                format!(
+                    "{}: {}",
+                    a.candidate,
+                    a.outcome.as_ref().err().map(String::as_str).unwrap_or("")
+                )
+            })
             .collect::<Vec<_>>()
             .join("; ");
         Err(ProbeError::NoWay { attempts, summary })

@@ -331,10 +331,20 @@ pub struct ConnectorArgs {
     #[arg(long)]
     pub ca: Option<PathBuf>,
     /// The way out to the DMZ: `http://[USER@]HOST:PORT`, `socks5://…`, `socks5h://…`,
-    /// `direct`, or `auto` (default: HTTPS_PROXY/ALL_PROXY/NO_PROXY, else direct). Password from
-    /// SALLYPORT_PROXY_PASSWORD.
+    /// `direct`, or `auto` (default: the environment as curl reads it, the OS settings, WPAD,
+    /// then direct).
     #[arg(long)]
     pub proxy: Option<String>,
+    /// Proxy auto-config: a PAC URL or file; its answer is tried in order.
+    #[arg(long)]
+    pub pac: Option<String>,
+    /// User for the outbound proxy (DOMAIN\user for NTLM); the password comes from
+    /// SALLYPORT_PROXY_PASSWORD or --proxy-credentials.
+    #[arg(long)]
+    pub proxy_user: Option<String>,
+    /// File with `user:password` (or the password alone) for the outbound proxy, mode 0600.
+    #[arg(long)]
+    pub proxy_credentials: Option<PathBuf>,
     /// Allow-list rule: `db.internal:5432`, `*.internal:22`, `10.20.0.0/16:443`, optionally
     /// followed by ` users=a,b groups=c`. Repeatable.
     #[arg(long = "allow")]
@@ -363,6 +373,9 @@ pub struct ConnectorFile {
     pub token_file: Option<PathBuf>,
     pub ca: Option<PathBuf>,
     pub proxy: Option<String>,
+    pub pac: Option<String>,
+    pub proxy_user: Option<String>,
+    pub proxy_credentials: Option<PathBuf>,
     #[serde(default)]
     pub allow: Vec<Rule>,
     #[serde(default)]
@@ -476,11 +489,19 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
     }
     let mut session = tunnel::Config::new(tunnel::Role::Connector, true);
     file.tunnel.apply(&mut session)?;
-    let egress = egress::Egress::from_setting(args.proxy.as_deref().or(file.proxy.as_deref()))
-        .map_err(invalid)?;
+    let credentials_file = args
+        .proxy_credentials
+        .or(file.proxy_credentials.map(|p| relative_to(base, p)));
+    let egress = egress::Egress::from_settings(&egress::EgressSettings {
+        proxy: args.proxy.as_deref().or(file.proxy.as_deref()),
+        pac: args.pac.as_deref().or(file.pac.as_deref()),
+        proxy_user: args.proxy_user.as_deref().or(file.proxy_user.as_deref()),
+        credentials_file: credentials_file.as_deref(),
+    })
+    .map_err(invalid)?;
     Ok(ConnectorConfig {
         gateway,
-        egress,
+        way: egress::Way::new(egress),
         token,
         tls,
         policy: Arc::new(Policy::new(rules, policy::local_addresses())),

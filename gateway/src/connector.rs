@@ -7,6 +7,7 @@
 //! connects with a timeout, answers `OPEN_OK`/`OPEN_ERR`, and copies bytes both ways.
 
 use crate::policy::{self, Host, Policy, Route, Who};
+use egress::probe::{GatewayReached, ProbeError};
 use egress::{GatewayUrl, TlsOptions};
 use rand::Rng;
 use std::collections::HashMap;
@@ -28,8 +29,9 @@ pub struct ConnectorConfig {
     pub policy: Arc<Policy>,
     /// Routes advertised to the DMZ (by default, the allow-list's routes).
     pub routes: Vec<Route>,
-    /// How to reach the DMZ (a trusted network may force its own proxy too).
-    pub egress: egress::Egress,
+    /// How to reach the DMZ (a trusted network may force its own proxy too): candidates,
+    /// probing and what worked (see `egress::probe`).
+    pub way: Arc<egress::Way>,
     /// Static name → address entries consulted before DNS (like curl's `--resolve`).
     pub hosts: HashMap<String, Vec<IpAddr>>,
     /// Sessions kept up to the gateway.
@@ -136,9 +138,10 @@ async fn keep_session(
             }
             Err(e) => {
                 warn!(error = %e, "cannot reach the gateway");
-                if let ConnectError::Egress(egress::EgressError::Proxy(
-                    egress::ProxyError::AuthRejected { .. },
-                )) = &e
+                if let ConnectError::NoWay {
+                    rejected_only: true,
+                    ..
+                } = &e
                 {
                     // Never retry a credential that got 407: domain accounts lock.
                     tracing::error!("not retrying with rejected proxy credentials; fix the password and restart the connector");
@@ -162,26 +165,66 @@ async fn keep_session(
 /// Why a session to the gateway could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error(transparent)]
-    Egress(#[from] egress::EgressError),
+    /// No way out worked (each candidate's reason is in the text).
+    #[error("{summary}")]
+    NoWay {
+        summary: String,
+        /// Every candidate failed on rejected proxy credentials.
+        rejected_only: bool,
+    },
     #[error("{0}")]
     Handshake(#[from] tunnel::ws::HandshakeError),
     #[error("tunnel hello failed: {0}")]
     Session(#[from] tunnel::SessionError),
 }
 
+impl GatewayReached for ConnectError {
+    /// The gateway's own refusals (bad token, too many sessions) or a hello mean the way out
+    /// works.
+    fn reached_gateway(&self) -> bool {
+        match self {
+            ConnectError::Handshake(h) => matches!(h.status(), Some(401 | 429)),
+            ConnectError::Session(tunnel::SessionError::Version { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<ProbeError<ConnectError>> for ConnectError {
+    fn from(e: ProbeError<ConnectError>) -> ConnectError {
+        match e {
+            ProbeError::Gateway(e) => e,
+            e => ConnectError::NoWay {
+                rejected_only: e.only_rejected_credentials(),
+                summary: e.to_string(),
+            },
+        }
+    }
+}
+
 async fn connect(config: &ConnectorConfig) -> Result<(Session, tunnel::Incoming), ConnectError> {
-    let io = egress::dial(
-        &config.gateway,
-        config.tls.as_ref(),
-        config.connect_timeout,
-        &config.egress,
-    )
-    .await?;
     let url = config.gateway.endpoint("connector");
+    let (session, _way) = config
+        .way
+        .connect(
+            &config.gateway,
+            config.tls.as_ref(),
+            config.connect_timeout,
+            |io| start_session(config, &url, io),
+        )
+        .await?;
+    Ok(session)
+}
+
+/// The WebSocket upgrade and the tunnel hello on a fresh connection to the gateway.
+async fn start_session(
+    config: &ConnectorConfig,
+    url: &str,
+    io: egress::GatewayStream,
+) -> Result<(Session, tunnel::Incoming), ConnectError> {
     let transport = tunnel::ws::client(
         io,
-        &url,
+        url,
         Some(config.token.expose()),
         config.session.max_frame,
         config.connect_timeout,

@@ -465,6 +465,17 @@ impl System {
         .arg("--ca")
         .arg(pki.p("ca.crt"))
         .env("HOME", pki.dir.path());
+        // The way out is what the test says, not what this machine's environment says.
+        for k in [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+            "NO_PROXY",
+            "no_proxy",
+        ] {
+            cmd.env_remove(k);
+        }
         for f in forwards {
             cmd.arg("--forward").arg(f);
         }
@@ -561,8 +572,45 @@ pub struct Squid {
     _proc: Proc,
 }
 
+/// How the test squid authenticates (each with squid's own helper, except NTLM).
+pub enum SquidAuth<'a> {
+    None,
+    /// `basic_ncsa_auth` with an htpasswd file.
+    Basic {
+        user: &'a str,
+        password: &'a str,
+    },
+    /// `digest_file_auth` with a plain `user:password` file.
+    Digest {
+        user: &'a str,
+        password: &'a str,
+    },
+    /// Our `sp-ntlm-helper`, which checks the NTLMv2 response against `password` (squid's
+    /// `ntlm_fake_auth` would accept anything).
+    Ntlm {
+        password: &'a str,
+    },
+    /// `negotiate_kerberos_auth` for `HTTP/localhost` with the realm's keytab.
+    Negotiate {
+        kdc: &'a crate::kdc::Kdc,
+    },
+    /// TLS inspection: no authentication, but every CONNECT is bumped and the server's
+    /// certificate re-signed with this CA (`ssl_bump`, `security_file_certgen`).
+    Bump {
+        ca_cert: &'a Path,
+        ca_key: &'a Path,
+    },
+}
+
 impl Squid {
     pub fn start(tag: &str, basic_user: Option<(&str, &str)>) -> Result<Squid> {
+        match basic_user {
+            Some((user, password)) => Squid::start_with(tag, SquidAuth::Basic { user, password }),
+            None => Squid::start_with(tag, SquidAuth::None),
+        }
+    }
+
+    pub fn start_with(tag: &str, how: SquidAuth<'_>) -> Result<Squid> {
         require_tool("squid");
         require_tool("openssl");
         let dir = TempDir::new(tag);
@@ -570,26 +618,88 @@ impl Squid {
         // squid drops to its own user: it must be able to write its logs here.
         std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut auth = String::new();
-        if let Some((user, pw)) = basic_user {
-            let (code, hash, err) = run(Command::new("openssl").args(["passwd", "-apr1", pw]))?;
-            if code != 0 {
-                bail!("openssl passwd: {err}");
+        let world_readable = |p: &Path| {
+            std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        };
+        let require_auth = "acl authed proxy_auth REQUIRED\nhttp_access allow authed\n";
+        let mut http_port = format!("http_port 127.0.0.1:{port}");
+        let mut env: Vec<(String, String)> = Vec::new();
+        let auth = match how {
+            SquidAuth::None => "http_access allow all\n".to_string(),
+            SquidAuth::Basic { user, password } => {
+                let (code, hash, err) =
+                    run(Command::new("openssl").args(["passwd", "-apr1", password]))?;
+                if code != 0 {
+                    bail!("openssl passwd: {err}");
+                }
+                std::fs::write(d.join("passwd"), format!("{user}:{}\n", hash.trim()))?;
+                world_readable(&d.join("passwd"))?;
+                format!(
+                    "auth_param basic program /usr/lib/squid/basic_ncsa_auth {}\nauth_param basic realm corp\n{require_auth}",
+                    d.join("passwd").display()
+                )
             }
-            std::fs::write(d.join("passwd"), format!("{user}:{}\n", hash.trim()))?;
-            std::fs::set_permissions(
-                d.join("passwd"),
-                std::os::unix::fs::PermissionsExt::from_mode(0o644),
-            )?;
-            auth = format!(
-                "auth_param basic program /usr/lib/squid/basic_ncsa_auth {}\nauth_param basic realm corp\nacl authed proxy_auth REQUIRED\nhttp_access allow authed\n",
-                d.join("passwd").display()
-            );
-        } else {
-            auth.push_str("http_access allow all\n");
-        }
+            SquidAuth::Digest { user, password } => {
+                std::fs::write(d.join("digest"), format!("{user}:{password}\n"))?;
+                world_readable(&d.join("digest"))?;
+                format!(
+                    "auth_param digest program /usr/lib/squid/digest_file_auth {}\nauth_param digest realm corp\nauth_param digest children 2\n{require_auth}",
+                    d.join("digest").display()
+                )
+            }
+            SquidAuth::Ntlm { password } => {
+                std::fs::write(d.join("ntlm-password"), password)?;
+                world_readable(&d.join("ntlm-password"))?;
+                format!(
+                    "auth_param ntlm program {} {}\nauth_param ntlm children 2\n{require_auth}",
+                    bin("sp-ntlm-helper").display(),
+                    d.join("ntlm-password").display()
+                )
+            }
+            SquidAuth::Negotiate { kdc } => {
+                // The helper runs as squid's user: it must read the keytab.
+                world_readable(&kdc.keytab())?;
+                env = kdc.env();
+                format!(
+                    "auth_param negotiate program {} -s {} -k {}\nauth_param negotiate children 2\n{require_auth}",
+                    crate::kdc::SQUID_NEGOTIATE_HELPER,
+                    kdc.service_principal(),
+                    kdc.keytab().display()
+                )
+            }
+            SquidAuth::Bump { ca_cert, ca_key } => {
+                let db = d.join("ssl_db");
+                let (code, _, err) = run(Command::new("/usr/lib/squid/security_file_certgen")
+                    .arg("-c")
+                    .arg("-s")
+                    .arg(&db)
+                    .args(["-M", "4MB"]))?;
+                if code != 0 {
+                    bail!("security_file_certgen -c: {err}");
+                }
+                run(Command::new("chmod").args(["-R", "a+rwX"]).arg(&db))?;
+                let pem = d.join("bump-ca.pem");
+                std::fs::write(
+                    &pem,
+                    format!(
+                        "{}{}",
+                        std::fs::read_to_string(ca_cert)?,
+                        std::fs::read_to_string(ca_key)?
+                    ),
+                )?;
+                world_readable(&pem)?;
+                http_port = format!(
+                    "http_port 127.0.0.1:{port} ssl-bump generate-host-certificates=on dynamic_cert_mem_cache_size=4MB tls-cert={}",
+                    pem.display()
+                );
+                format!(
+                    "sslcrtd_program /usr/lib/squid/security_file_certgen -s {} -M 4MB\nsslcrtd_children 2\nacl step1 at_step SslBump1\nssl_bump peek step1\nssl_bump bump all\ntls_outgoing_options flags=DONT_VERIFY_PEER\nhttp_access allow all\n",
+                    db.display()
+                )
+            }
+        };
         let conf = format!(
-            "http_port 127.0.0.1:{port}\npid_filename {d}/squid.pid\naccess_log stdio:{d}/access.log\ncache_log {d}/cache.log\ncache deny all\ncoredump_dir {d}\nshutdown_lifetime 0 seconds\n{auth}http_access deny all\n",
+            "{http_port}\npid_filename {d}/squid.pid\naccess_log stdio:{d}/access.log\ncache_log {d}/cache.log\ncache deny all\ncoredump_dir {d}\nshutdown_lifetime 0 seconds\n{auth}http_access deny all\n",
             d = d.display()
         );
         std::fs::write(d.join("squid.conf"), conf)?;
@@ -597,7 +707,8 @@ impl Squid {
             "squid",
             Command::new("squid")
                 .args(["-N", "-f"])
-                .arg(d.join("squid.conf")),
+                .arg(d.join("squid.conf"))
+                .envs(env),
         )?;
         // Ready when it accepts connections.
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -618,7 +729,190 @@ impl Squid {
         })
     }
 
+    /// Waits until the access log has a line containing every one of `needles` (squid logs a
+    /// tunnel when it ends), and returns the log.
+    pub fn wait_for_log(&self, needles: &[&str], within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.access_log();
+            if log.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
+                return Ok(log);
+            }
+            if Instant::now() > deadline {
+                bail!("no line with {needles:?} in squid's access log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn cache_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("cache.log")).unwrap_or_default()
+    }
+
     pub fn access_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+}
+
+/// A plain HTTP server on loopback that answers every request with `body` (e.g. a PAC file);
+/// returns its port.
+pub fn file_server(body: String, content_type: &'static str) -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let port = l.local_addr()?.port();
+    std::thread::spawn(move || {
+        for s in l.incoming().map_while(|s| s.ok()) {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(match s.try_clone() {
+                    Ok(s) => s,
+                    Err(_) => return,
+                });
+                let mut line = String::new();
+                while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                    if line == "\r\n" || line == "\n" {
+                        break;
+                    }
+                    line.clear();
+                }
+                let mut w = s;
+                let _ = write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// A port on loopback where nothing listens (bound, then released).
+pub fn dead_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl System {
+    /// The gateway's port (for matching proxy logs: `CONNECT 127.0.0.1:PORT`).
+    pub fn gw_port(&self) -> u16 {
+        self.gw_url
+            .trim_end_matches('/')
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Another agent against this system's gateway (no local ports but SOCKS on port 0), with
+    /// extra arguments and environment; it is not waited for.
+    pub fn spawn_agent(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
+        let mut cmd = self.agent_command("run", args, env);
+        cmd.args(["--socks", "127.0.0.1:0", "--http", "off"]);
+        Proc::spawn(name, &mut cmd)
+    }
+
+    /// Runs `sallyport doctor` against this system: (exit code, stdout, stderr).
+    pub fn doctor(&self, args: &[&str], env: &[(&str, &str)]) -> Result<(i32, String, String)> {
+        run(&mut self.agent_command("doctor", args, env))
+    }
+
+    fn agent_command(&self, sub: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(bin("sallyport"));
+        cmd.args([sub, "--gateway", &self.gw_url, "--token-file"])
+            .arg(self.pki.p("alice-laptop.token"))
+            .arg("--ca")
+            .arg(self.pki.p("ca.crt"))
+            .args(args)
+            .env("HOME", self.pki.dir.path())
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .env_remove("SALLYPORT_PROXY_PASSWORD");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+}
+
+/// A real dante SOCKS5 server on loopback; with a user, `socksmethod: username` (dante checks
+/// the system's password database, so the test creates a throwaway system user and removes it).
+pub struct Dante {
+    pub port: u16,
+    pub dir: TempDir,
+    _proc: Proc,
+    user: Option<String>,
+}
+
+impl Dante {
+    pub fn start(tag: &str, user: Option<(&str, &str)>) -> Result<Dante> {
+        require_tool("danted");
+        let dir = TempDir::new(tag);
+        let d = dir.path();
+        let port = dead_port()?;
+        let mut created = None;
+        let method = match user {
+            Some((name, password)) => {
+                let _ = run(Command::new("userdel").arg(name));
+                let (code, _, err) = run(Command::new("useradd")
+                    .args(["--no-create-home", "--shell", "/usr/sbin/nologin"])
+                    .arg(name))?;
+                if code != 0 {
+                    bail!("useradd {name}: {err}");
+                }
+                created = Some(name.to_string());
+                let mut child = Command::new("chpasswd").stdin(Stdio::piped()).spawn()?;
+                child
+                    .stdin
+                    .take()
+                    .context("chpasswd stdin")?
+                    .write_all(format!("{name}:{password}\n").as_bytes())?;
+                if !child.wait()?.success() {
+                    bail!("chpasswd failed");
+                }
+                "username"
+            }
+            None => "none",
+        };
+        let conf = format!(
+            "logoutput: {d}/danted.log\ninternal: 127.0.0.1 port = {port}\nexternal: 127.0.0.1\nclientmethod: none\nsocksmethod: {method}\nuser.privileged: root\nuser.unprivileged: nobody\nclient pass {{\n  from: 127.0.0.0/8 to: 0.0.0.0/0\n  log: error\n}}\nsocks pass {{\n  from: 127.0.0.0/8 to: 0.0.0.0/0\n  log: connect disconnect error\n}}\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("danted.conf"), conf)?;
+        let proc = Proc::spawn(
+            "danted",
+            Command::new("danted")
+                .arg("-f")
+                .arg(d.join("danted.conf"))
+                .arg("-p")
+                .arg(d.join("danted.pid")),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("danted did not start: {}", proc.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Dante {
+            port,
+            dir,
+            _proc: proc,
+            user: created,
+        })
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("danted.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Dante {
+    fn drop(&mut self) {
+        if let Some(u) = &self.user {
+            let _ = Command::new("userdel").arg(u).output();
+        }
     }
 }

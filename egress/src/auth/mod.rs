@@ -50,8 +50,11 @@ impl Credentials {
 
     /// `Basic base64(user:password)`.
     pub fn basic(&self) -> String {
-        let token = base64::engine::general_purpose::STANDARD
-            .encode(format!("{}:{}", self.user, self.password.expose()));
+        let token = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            self.user,
+            self.password.expose()
+        ));
         format!("Basic {token}")
     }
 }
@@ -76,9 +79,14 @@ impl Scheme {
     }
 
     fn from_name(s: &str) -> Option<Scheme> {
-        [Scheme::Negotiate, Scheme::Ntlm, Scheme::Digest, Scheme::Basic]
-            .into_iter()
-            .find(|k| k.name().eq_ignore_ascii_case(s))
+        [
+            Scheme::Negotiate,
+            Scheme::Ntlm,
+            Scheme::Digest,
+            Scheme::Basic,
+        ]
+        .into_iter()
+        .find(|k| k.name().eq_ignore_ascii_case(s))
     }
 
     /// Schemes that authenticate the TCP connection rather than the request: their rounds must
@@ -208,7 +216,10 @@ mod tests {
             None,
             "nothing to answer Basic with"
         );
-        assert_eq!(offered_names(&offered), "Basic, NTLM, Digest, Negotiate, Bearer");
+        assert_eq!(
+            offered_names(&offered),
+            "Basic, NTLM, Digest, Negotiate, Bearer"
+        );
     }
 
     #[test]

@@ -1,0 +1,112 @@
+//! `sallyport doctor`: every way out, tried, timed and explained.
+//!
+//! Prints what the discovery looked at (environment, PAC, WPAD, OS settings), then each
+//! candidate with its source, how long it took and the exact reason when it failed, then the
+//! path the agent would use. When TLS to the gateway fails because of an unknown issuer, it
+//! looks again without verification to name who signed the certificate: a TLS-inspecting proxy
+//! re-signs with the corporate CA. Exit code 0 when a path works.
+
+use crate::config::AgentConfig;
+use crate::pool::start_session;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// Runs the diagnosis; returns the report and whether a path works.
+pub async fn run(config: &AgentConfig) -> (String, bool) {
+    let mut out = String::new();
+    let url = config.gateway.endpoint("agent");
+    let _ = writeln!(out, "sallyport doctor: gateway {}", config.gateway);
+    let net = egress::network::key();
+    let _ = writeln!(
+        out,
+        "network: {}",
+        if net.is_empty() { "(unknown)" } else { &net }
+    );
+    let way = &config.way;
+    let (discovery, attempts) = way
+        .diagnose(
+            &config.gateway,
+            config.tls.as_ref(),
+            config.connect_timeout,
+            |io| start_session(config, &url, io),
+        )
+        .await;
+    if !discovery.notes.is_empty() {
+        let _ = writeln!(out, "\nwhat was looked at:");
+        for n in &discovery.notes {
+            let _ = writeln!(out, "  - {n}");
+        }
+    }
+    let _ = writeln!(out, "\ncandidates, in the order they are tried:");
+    let mut seen_certs: Vec<(String, String)> = Vec::new();
+    for (i, a) in attempts.iter().enumerate() {
+        let took = fmt_duration(a.elapsed);
+        match &a.outcome {
+            Ok(how) => {
+                let _ = writeln!(
+                    out,
+                    "  {}. {}  [{}]\n     ok in {took}: {how}",
+                    i + 1,
+                    a.candidate.proxy,
+                    a.candidate.source
+                );
+                seen_certs.push((a.candidate.proxy.to_string(), how.clone()));
+            }
+            Err(why) => {
+                let _ = writeln!(
+                    out,
+                    "  {}. {}  [{}]\n     failed after {took}: {why}",
+                    i + 1,
+                    a.candidate.proxy,
+                    a.candidate.source
+                );
+                if why.contains("not signed by a CA this machine trusts") {
+                    match egress::peek_certificate(
+                        &config.gateway,
+                        config.connect_timeout,
+                        &a.candidate.proxy,
+                        &way.egress().auth,
+                    )
+                    .await
+                    {
+                        Ok(cert) => {
+                            let _ = writeln!(out, "     the certificate seen on this path: {cert}; if that issuer is your company's, a TLS-inspecting proxy re-signed the gateway's certificate: trust its CA (--ca) or ask for an inspection exemption for the gateway");
+                        }
+                        Err(e) => {
+                            let _ = writeln!(out, "     (could not look at the certificate: {e})");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let distinct: std::collections::BTreeSet<&String> = seen_certs.iter().map(|(_, c)| c).collect();
+    if distinct.len() > 1 {
+        let _ = writeln!(out, "\nnote: paths see different gateway certificates, so one of them inspects TLS (re-signs the gateway's certificate):");
+        for (p, c) in &seen_certs {
+            let _ = writeln!(out, "  {p}: {c}");
+        }
+    }
+    let winner = attempts.iter().find(|a| a.outcome.is_ok());
+    match winner {
+        Some(a) => {
+            let _ = writeln!(
+                out,
+                "\nwould use: {}  [{}]",
+                a.candidate.proxy, a.candidate.source
+            );
+        }
+        None => {
+            let _ = writeln!(out, "\nno way out to the gateway works.");
+        }
+    }
+    (out, winner.is_some())
+}
+
+fn fmt_duration(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
