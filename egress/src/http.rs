@@ -679,6 +679,18 @@ mod tests {
         assert!(seen.len() <= MAX_ROUNDS);
     }
 
+    #[tokio::test]
+    async fn an_endless_response_head_is_cut_at_16_kib() {
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let _ = b.write_all(b"HTTP/1.1 407 x\r\nX: ").await;
+            let junk = vec![b'a'; 1024];
+            while b.write_all(&junk).await.is_ok() {}
+        });
+        let e = read_head(&mut a, "p").await.unwrap_err().to_string();
+        assert!(e.contains("longer than 16384 bytes"), "{e}");
+    }
+
     #[test]
     fn heads_parse_with_lengths_and_connection_semantics() {
         let h = parse_head(b"HTTP/1.0 407 Auth\r\nProxy-Authenticate: Basic realm=\"x\"\r\nContent-Length: 10\r\n\r\n").unwrap();

@@ -717,6 +717,68 @@ mod tests {
     }
 
     #[test]
+    fn proxy_settings_validate_users_passwords_and_credential_files() {
+        // (SALLYPORT_PROXY_PASSWORD is not set in unit tests.)
+        let e = Egress::from_settings(&EgressSettings {
+            proxy: Some("http://alice@proxy:3128"),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            e.contains("has no password") && e.contains("--proxy-credentials"),
+            "{e}"
+        );
+        let e = Egress::from_settings(&EgressSettings {
+            proxy: Some("http://p:1"),
+            pac: Some("http://wpad/wpad.dat"),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("give one"), "{e}");
+        let dir = std::env::temp_dir().join(format!("sp-egress-creds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("creds");
+        std::fs::write(&file, "CORP\\alice:s3cret\n").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let e = Egress::from_settings(&EgressSettings {
+                credentials_file: Some(&file),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(e.contains("chmod 600") && !e.contains("s3cret"), "{e}");
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let eg = Egress::from_settings(&EgressSettings {
+            credentials_file: Some(&file),
+            ..Default::default()
+        })
+        .unwrap();
+        let c = eg.auth.credentials.unwrap();
+        assert_eq!(
+            (c.user.as_str(), c.password.expose()),
+            ("CORP\\alice", "s3cret")
+        );
+        assert!(!format!("{c:?}").contains("s3cret"));
+        // A user on the command line wins over the file's, the password still comes from it.
+        std::fs::write(&file, "only-a-password\n").unwrap();
+        let eg = Egress::from_settings(&EgressSettings {
+            proxy_user: Some("bob"),
+            credentials_file: Some(&file),
+            ..Default::default()
+        })
+        .unwrap();
+        let c = eg.auth.credentials.unwrap();
+        assert_eq!(
+            (c.user.as_str(), c.password.expose()),
+            ("bob", "only-a-password")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn bad_urls_say_what_to_fix() {
         for bad in [
             "http://x/",

@@ -379,3 +379,23 @@ fn doctor_names_a_tls_inspecting_proxy() {
     );
     assert!(out.contains("TLS-inspecting proxy"), "{out}");
 }
+
+/// A PAC that never returns is cut off at its time limit, reported, and the automatic chain
+/// (here: direct) takes over.
+#[test]
+fn a_looping_pac_is_cut_off_and_the_next_candidate_used() {
+    let port = file_server(
+        "function FindProxyForURL(url, host) { while (true) {} }".into(),
+        "application/x-ns-proxy-autoconfig",
+    )
+    .unwrap();
+    let url = format!("http://127.0.0.1:{port}/loop.pac");
+    let sys = system_via("via-pac-loop", &["--pac", &url], &[]);
+    let (code, out, err) = sys.doctor(&["--pac", &url], &[]).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&url) && out.contains("using the automatic chain instead"),
+        "{out}"
+    );
+    assert!(out.contains("would use: direct"), "{out}");
+}
