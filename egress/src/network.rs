@@ -8,7 +8,8 @@
 
 /// The current network's key (cheap: reads two small files).
 pub fn key() -> String {
-    let mut parts = Vec::new();
+    #[allow(unused_mut)]
+    let mut parts: Vec<String> = Vec::new();
     #[cfg(target_os = "linux")]
     if let Ok(route) = std::fs::read_to_string("/proc/net/route") {
         if let Some(gw) = default_gateway(&route) {
