@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod cert;
 pub mod http;
+pub mod keychain;
 pub mod pac;
 pub mod proxy;
 pub mod system;
@@ -156,7 +157,7 @@ impl Egress {
             (Some(u), Some(p)) => Some(Credentials::new(u, p)),
             (Some(u), None) => {
                 return Err(format!(
-                    "proxy user `{u}` has no password: set SALLYPORT_PROXY_PASSWORD or --proxy-credentials FILE"
+                    "proxy user `{u}` has no password: set SALLYPORT_PROXY_PASSWORD, --proxy-credentials FILE, or store it in the OS keychain (service sallyport-proxy, see docs/egress.md)"
                 ))
             }
             (None, Some(_)) => {

@@ -221,7 +221,7 @@ fn bypass_list(value: &str, seps: &[char]) -> Vec<String> {
 /// Runs a settings tool to completion within `timeout` and returns its stdout (at most 1 MiB),
 /// or `None` (logged at debug) when it cannot run, fails or takes too long.
 #[cfg(unix)]
-fn run_bounded(
+pub(crate) fn run_bounded(
     program: &std::path::Path,
     args: &[&str],
     envs: &[(&str, &str)],
@@ -281,7 +281,7 @@ fn run_bounded(
 
 /// The first `name` on `PATH`.
 #[cfg(unix)]
-fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
+pub(crate) fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(name))
