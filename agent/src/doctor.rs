@@ -2,9 +2,10 @@
 //!
 //! Prints what the discovery looked at (environment, PAC, WPAD, OS settings), then each
 //! candidate with its source, how long it took and the exact reason when it failed, then the
-//! path the agent would use. When TLS to the gateway fails because of an unknown issuer, it
-//! looks again without verification to name who signed the certificate: a TLS-inspecting proxy
-//! re-signs with the corporate CA. Exit code 0 when a path works.
+//! path the agent would use. When TLS to the gateway fails because of an unknown issuer, the
+//! error names who signed the certificate seen (`egress::dial_via` looks again without
+//! verification): a TLS-inspecting proxy re-signs with the corporate CA. A 426 answer means
+//! something on the path stripped the WebSocket upgrade. Exit code 0 when a path works.
 
 use crate::config::AgentConfig;
 use crate::pool::start_session;
@@ -60,22 +61,8 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
                     a.candidate.proxy,
                     a.candidate.source
                 );
-                if why.contains("not signed by a CA this machine trusts") {
-                    match egress::peek_certificate(
-                        &config.gateway,
-                        config.connect_timeout,
-                        &a.candidate.proxy,
-                        &way.egress().auth,
-                    )
-                    .await
-                    {
-                        Ok(cert) => {
-                            let _ = writeln!(out, "     the certificate seen on this path: {cert}; if that issuer is your company's, a TLS-inspecting proxy re-signed the gateway's certificate: trust its CA (--ca) or ask for an inspection exemption for the gateway");
-                        }
-                        Err(e) => {
-                            let _ = writeln!(out, "     (could not look at the certificate: {e})");
-                        }
-                    }
+                if why.contains("HTTP 426") {
+                    let _ = writeln!(out, "     the WebSocket upgrade did not reach the gateway: something on this path (typically a TLS-inspecting proxy; squid needs `http_upgrade_request_protocols websocket allow all`) strips WebSocket upgrades");
                 }
             }
         }

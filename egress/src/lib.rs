@@ -450,7 +450,34 @@ pub const TLS_READ_BUFFER: usize = 64 * 1024;
 /// handshake (HTTP `CONNECT` with its authentication rounds, or SOCKS5), then TLS when the URL
 /// says `wss://`, all within `timeout`. Returns the stream and, for HTTP proxies, the
 /// authentication scheme that worked (remembered to send Basic at once next time).
+///
+/// When the gateway's certificate has an unknown issuer, the error names who signed the
+/// certificate seen on this path (one more handshake, without verification, only to read the
+/// names): behind a TLS-inspecting proxy that is the corporate CA.
 pub async fn dial_via(
+    url: &GatewayUrl,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+    proxy: &Proxy,
+    auth: &AuthOptions,
+    remembered: Option<Scheme>,
+) -> Result<(GatewayStream, Option<Scheme>), EgressError> {
+    match dial_raw(url, tls, timeout, proxy, auth, remembered).await {
+        Err(EgressError::Tls { host, reason }) if reason.contains("UnknownIssuer") => {
+            let seen = match peek_certificate(url, timeout, proxy, auth).await {
+                Ok(cert) => format!(" — the certificate seen on this path: {cert}; a TLS-inspecting proxy re-signs with its own CA: trust it (OS store or --ca) or ask for an inspection exemption for the gateway"),
+                Err(_) => String::new(),
+            };
+            Err(EgressError::Tls {
+                host,
+                reason: format!("{reason}{seen}"),
+            })
+        }
+        other => other,
+    }
+}
+
+async fn dial_raw(
     url: &GatewayUrl,
     tls: Option<&Arc<rustls::ClientConfig>>,
     timeout: Duration,
@@ -546,7 +573,7 @@ pub async fn peek_certificate(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
         .with_no_client_auth();
-    let (stream, _) = dial_via(url, Some(&Arc::new(cfg)), timeout, proxy, auth, None).await?;
+    let (stream, _) = dial_raw(url, Some(&Arc::new(cfg)), timeout, proxy, auth, None).await?;
     Ok(stream.peer_summary())
 }
 

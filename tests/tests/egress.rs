@@ -338,7 +338,8 @@ fn doctor_explains_every_candidate() {
 }
 
 /// Through a TLS-inspecting squid (ssl_bump re-signing with a corporate CA the agent does not
-/// trust), the session fails, and `doctor` names the issuer of the certificate it saw.
+/// trust), the session fails, and both `doctor` and the agent's log name the issuer of the
+/// certificate seen.
 #[test]
 fn doctor_names_a_tls_inspecting_proxy() {
     require_tool("openssl");
