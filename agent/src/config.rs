@@ -203,6 +203,8 @@ pub struct AgentConfig {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// How to leave the network: candidates, probing and what worked (see `egress::probe`).
     pub way: Arc<egress::Way>,
+    /// Subject names of the `--ca` certificates (the gateway's own CA, when given).
+    pub gateway_ca_names: Vec<String>,
     pub socks: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
     pub forwards: Vec<Forward>,
@@ -325,6 +327,15 @@ pub fn agent_config(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
     let gateway = GatewayUrl::parse(&gateway).map_err(|e| invalid(e.to_string()))?;
     let token = read_token(args.token_file.or(file.token_file.map(rel)).as_deref())?;
     let ca = args.ca.or(file.ca.map(rel));
+    // The gateway CA's own name, so that `doctor` can tell a re-signed certificate.
+    let gateway_ca_names = match &ca {
+        Some(path) => egress::read_pem_certs(path)
+            .map_err(|e| invalid(e.to_string()))?
+            .iter()
+            .filter_map(|der| egress::cert::names(der).map(|(subject, _)| subject))
+            .collect(),
+        None => Vec::new(),
+    };
     let tls = if gateway.tls {
         Some(
             egress::client_config(&TlsOptions { ca, pin: false })
@@ -410,6 +421,7 @@ pub fn agent_config(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
         token,
         tls,
         way,
+        gateway_ca_names,
         socks,
         http,
         forwards,

@@ -167,6 +167,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
             pin: false,
         })?),
         way: egress::Way::new(egress::Egress::direct()),
+        gateway_ca_names: Vec::new(),
         socks: Some(opts.socks),
         http: Some(opts.http),
         forwards: vec![],

@@ -52,6 +52,17 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
                     a.candidate.source
                 );
                 seen_certs.push((a.candidate.proxy.to_string(), how.clone()));
+                if let Some(issuer) = how.rsplit_once(" issued by ").map(|(_, i)| i) {
+                    if !config.gateway_ca_names.is_empty()
+                        && !config.gateway_ca_names.iter().any(|n| n == issuer)
+                    {
+                        let _ = writeln!(
+                            out,
+                            "     TLS on this path is intercepted: the certificate was re-signed by {issuer}, not by the gateway's CA ({}); this machine trusts that issuer, so it works, but the proxy can read the tunnel's outer layer",
+                            config.gateway_ca_names.join("; ")
+                        );
+                    }
+                }
             }
             Err(why) => {
                 let _ = writeln!(

@@ -52,6 +52,9 @@ pub fn parse_head(buf: &[u8]) -> Result<Head, String> {
         Err(e) => return Err(format!("{e} in the response head")),
     }
     let status = resp.code.unwrap_or(0);
+    if status < 100 {
+        return Err(format!("status code {status:03} is not an HTTP status"));
+    }
     let mut head = Head {
         status,
         reason: resp.reason.unwrap_or("").to_string(),
@@ -705,5 +708,7 @@ mod tests {
         );
         assert!(parse_head(b"HTTP/1.1 407 x\r\nContent-Length: -1\r\n\r\n").is_err());
         assert!(parse_head(b"HTTP/1.1 200").is_err());
+        // Found by the connect_response fuzz target: httparse reads any three digits.
+        assert!(parse_head(b"HTTP/1.1 000 x\r\n\r\n").is_err());
     }
 }

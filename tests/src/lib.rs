@@ -5,6 +5,7 @@
 //! Every process is killed when its handle drops, so a failing test leaves nothing running.
 
 pub mod kdc;
+pub mod netns;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -149,6 +150,21 @@ impl Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Asks the process to stop (SIGTERM) and waits up to `within`, then kills it.
+    pub fn terminate(&mut self, within: Duration) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .output();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+    }
 }
 
 impl Drop for Proc {
@@ -221,14 +237,30 @@ pub fn pattern_sha256(len: u64) -> String {
 pub fn http_service() -> Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
-    std::thread::spawn(move || {
-        for s in l.incoming().map_while(|s| s.ok()) {
-            std::thread::spawn(move || {
-                let _ = serve_http(s);
-            });
-        }
-    });
+    std::thread::spawn(move || serve_http_on(l));
     Ok(addr)
+}
+
+/// Serves [`http_service`]'s answers on `l` until it fails (used by `sp-testsvc` too).
+pub fn serve_http_on(l: TcpListener) {
+    for s in l.incoming().map_while(|s| s.ok()) {
+        std::thread::spawn(move || {
+            let _ = serve_http(s);
+        });
+    }
+}
+
+/// Echoes every connection on `l` (used by `sp-testsvc`).
+pub fn serve_echo_on(l: TcpListener) {
+    for s in l.incoming().map_while(|s| s.ok()) {
+        std::thread::spawn(move || {
+            if let Ok(mut r) = s.try_clone() {
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            }
+        });
+    }
 }
 
 fn serve_http(s: TcpStream) -> std::io::Result<()> {
@@ -320,18 +352,19 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(tag: &str) -> Result<Pki> {
+        Pki::with_names(tag, &["127.0.0.1", "localhost"])
+    }
+
+    /// A trial PKI whose gateway certificate names `names` (DNS names or addresses).
+    pub fn with_names(tag: &str, names: &[&str]) -> Result<Pki> {
         let dir = TempDir::new(tag);
         let gw = bin("sallyport-gateway");
-        let (code, _, err) = run(Command::new(&gw)
-            .args([
-                "cert",
-                "--name",
-                "127.0.0.1",
-                "--name",
-                "localhost",
-                "--out",
-            ])
-            .arg(dir.path()))?;
+        let mut cmd = Command::new(&gw);
+        cmd.arg("cert");
+        for n in names {
+            cmd.args(["--name", n]);
+        }
+        let (code, _, err) = run(cmd.arg("--out").arg(dir.path()))?;
         if code != 0 {
             bail!("cert failed: {err}");
         }
@@ -572,6 +605,17 @@ pub struct Squid {
     _proc: Proc,
 }
 
+/// Where a test squid runs (default: on 127.0.0.1, a free port, in this namespace).
+#[derive(Clone, Debug, Default)]
+pub struct SquidOpts {
+    /// Run inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+    pub ip: Option<std::net::IpAddr>,
+    pub port: Option<u16>,
+    /// Extra squid.conf lines (each ending in `\n`), placed before the access rules.
+    pub extra: String,
+}
+
 /// How the test squid authenticates (each with squid's own helper, except NTLM).
 pub enum SquidAuth<'a> {
     None,
@@ -611,18 +655,28 @@ impl Squid {
     }
 
     pub fn start_with(tag: &str, how: SquidAuth<'_>) -> Result<Squid> {
+        Squid::start_opts(tag, how, &SquidOpts::default())
+    }
+
+    /// Like [`Squid::start_with`], anywhere: in a network namespace, on another address, with
+    /// extra configuration lines.
+    pub fn start_opts(tag: &str, how: SquidAuth<'_>, opts: &SquidOpts) -> Result<Squid> {
         require_tool("squid");
         require_tool("openssl");
         let dir = TempDir::new(tag);
         let d = dir.path();
         // squid drops to its own user: it must be able to write its logs here.
         std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = match opts.port {
+            Some(p) => p,
+            None => TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
+        };
+        let ip = opts.ip.unwrap_or([127, 0, 0, 1].into());
         let world_readable = |p: &Path| {
             std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o644))
         };
         let require_auth = "acl authed proxy_auth REQUIRED\nhttp_access allow authed\n";
-        let mut http_port = format!("http_port 127.0.0.1:{port}");
+        let mut http_port = format!("http_port {ip}:{port}");
         let mut env: Vec<(String, String)> = Vec::new();
         let auth = match how {
             SquidAuth::None => "http_access allow all\n".to_string(),
@@ -689,7 +743,7 @@ impl Squid {
                 )?;
                 world_readable(&pem)?;
                 http_port = format!(
-                    "http_port 127.0.0.1:{port} ssl-bump generate-host-certificates=on dynamic_cert_mem_cache_size=4MB tls-cert={}",
+                    "http_port {ip}:{port} ssl-bump generate-host-certificates=on dynamic_cert_mem_cache_size=4MB tls-cert={}",
                     pem.display()
                 );
                 format!(
@@ -699,20 +753,31 @@ impl Squid {
             }
         };
         let conf = format!(
-            "{http_port}\npid_filename {d}/squid.pid\naccess_log stdio:{d}/access.log\ncache_log {d}/cache.log\ncache deny all\ncoredump_dir {d}\nshutdown_lifetime 0 seconds\n{auth}http_access deny all\n",
-            d = d.display()
+            "{http_port}\npid_filename {d}/squid.pid\naccess_log stdio:{d}/access.log\ncache_log {d}/cache.log\ncache deny all\ncoredump_dir {d}\nshutdown_lifetime 0 seconds\n{extra}{auth}http_access deny all\n",
+            d = d.display(),
+            extra = opts.extra
         );
         std::fs::write(d.join("squid.conf"), conf)?;
+        let mut cmd = match &opts.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "squid"]);
+                c
+            }
+            None => Command::new("squid"),
+        };
         let proc = Proc::spawn(
             "squid",
-            Command::new("squid")
-                .args(["-N", "-f"])
-                .arg(d.join("squid.conf"))
-                .envs(env),
+            cmd.args(["-N", "-f"]).arg(d.join("squid.conf")).envs(env),
         )?;
-        // Ready when it accepts connections.
+        // Ready when it accepts connections (in a namespace, when its log says so).
         let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        let ready = || match &opts.netns {
+            None => TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            Some(_) => std::fs::read_to_string(d.join("cache.log"))
+                .is_ok_and(|l| l.contains("Accepting") && l.contains(&format!(":{port}"))),
+        };
+        while !ready() {
             if Instant::now() > deadline {
                 bail!(
                     "squid did not start: {}\n{}",
@@ -743,6 +808,12 @@ impl Squid {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Stops squid (a restart is a new [`Squid::start_opts`] with the same port). It is asked
+    /// to stop first, so that it logs the tunnels it was carrying.
+    pub fn kill(&mut self) {
+        self._proc.terminate(Duration::from_secs(5));
     }
 
     pub fn cache_log(&self) -> String {

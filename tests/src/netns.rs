@@ -1,0 +1,243 @@
+//! Four sites on one machine, made of network namespaces, veth pairs, a router namespace and
+//! nftables: the network the product's claim is about ("neither site opens an inbound port, and
+//! only 443 leaves either site").
+//!
+//! ```text
+//!   desktop 10.99.1.2 ─┐                       ┌─ DMZ 10.99.3.2      (gateway :443)
+//!                      ├── router 10.99.n.1 ───┤
+//!   proxy   10.99.2.2 ─┘                       └─ trusted 10.99.4.2  (connector, services)
+//! ```
+//!
+//! Each site's own firewall (nftables, in its namespace) says what it may do:
+//!
+//! | site | outbound (new connections) | inbound (new connections) |
+//! |---|---|---|
+//! | desktop | only to the proxy, TCP 3128 | none |
+//! | proxy | only TCP 443 | only from the desktop, TCP 3128 |
+//! | DMZ | anything (it is shown not to reach the trusted site) | only TCP 443 |
+//! | trusted | only to the DMZ, TCP 443 | **none at all** |
+//!
+//! Loopback is open everywhere (the agent's local ports, the services on the trusted site).
+//! Everything is created by [`Topology::new`] and removed on drop, also when a test fails.
+//! Needs root, `ip` (iproute2) and `nft` (nftables).
+
+use crate::require_tool;
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+/// One of the four sites.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Site {
+    Desktop,
+    Proxy,
+    Dmz,
+    Trusted,
+}
+
+impl Site {
+    pub const ALL: [Site; 4] = [Site::Desktop, Site::Proxy, Site::Dmz, Site::Trusted];
+
+    fn index(self) -> u8 {
+        match self {
+            Site::Desktop => 1,
+            Site::Proxy => 2,
+            Site::Dmz => 3,
+            Site::Trusted => 4,
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Site::Desktop => "desk",
+            Site::Proxy => "proxy",
+            Site::Dmz => "dmz",
+            Site::Trusted => "trust",
+        }
+    }
+
+    /// The site's address.
+    pub fn ip(self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 99, self.index(), 2)
+    }
+}
+
+/// The four sites and the router; removed on drop.
+pub struct Topology {
+    prefix: String,
+    namespaces: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl Topology {
+    pub fn new(tag: &str) -> Result<Topology> {
+        require_tool("ip");
+        require_tool("nft");
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("sp{}{n}-{tag}", std::process::id() % 100_000);
+        let mut t = Topology {
+            prefix,
+            namespaces: Vec::new(),
+        };
+        let router = t.router();
+        ip(&["netns", "add", &router])?;
+        t.namespaces.push(router.clone());
+        ip(&["-n", &router, "link", "set", "lo", "up"])?;
+        t.sysctl(&router, "net.ipv4.ip_forward=1")?;
+        for site in Site::ALL {
+            let ns = t.ns(site);
+            ip(&["netns", "add", &ns])?;
+            t.namespaces.push(ns.clone());
+            let peer = format!("s{}", site.index());
+            ip(&[
+                "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns",
+                &router,
+            ])?;
+            let i = site.index();
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.99.{i}.2/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.99.{i}.1"),
+            ])?;
+            ip(&[
+                "-n",
+                &router,
+                "addr",
+                "add",
+                &format!("10.99.{i}.1/24"),
+                "dev",
+                &peer,
+            ])?;
+            ip(&["-n", &router, "link", "set", &peer, "up"])?;
+            t.nft(&ns, &firewall(site))?;
+        }
+        Ok(t)
+    }
+
+    fn router(&self) -> String {
+        format!("{}-r", self.prefix)
+    }
+
+    /// The namespace name of a site.
+    pub fn ns(&self, site: Site) -> String {
+        format!("{}-{}", self.prefix, site.short())
+    }
+
+    /// A command that runs `program` inside the site's namespace.
+    pub fn cmd(&self, site: Site, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(site)]).arg(program);
+        c
+    }
+
+    /// Runs a command in a site to completion: (exit code, stdout, stderr).
+    pub fn run(&self, site: Site, program: &str, args: &[&str]) -> Result<(i32, String, String)> {
+        crate::run(self.cmd(site, program).args(args))
+    }
+
+    fn sysctl(&self, ns: &str, setting: &str) -> Result<()> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "sysctl", "-qw", setting])
+            .output()?;
+        if !out.status.success() {
+            bail!("sysctl {setting}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    fn nft(&self, ns: &str, rules: &str) -> Result<()> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(rules.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("nft in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// The nftables ruleset of a site (see the module table).
+fn firewall(site: Site) -> String {
+    let proxy = Site::Proxy.ip();
+    let desk = Site::Desktop.ip();
+    let dmz = Site::Dmz.ip();
+    let (inbound, outbound) = match site {
+        Site::Desktop => (
+            String::new(),
+            format!("ip daddr {proxy} tcp dport 3128 accept"),
+        ),
+        Site::Proxy => (
+            format!("ip saddr {desk} tcp dport 3128 accept"),
+            "tcp dport 443 accept".to_string(),
+        ),
+        Site::Dmz => ("tcp dport 443 accept".to_string(), "accept".to_string()),
+        Site::Trusted => (
+            String::new(),
+            format!("ip daddr {dmz} tcp dport 443 accept"),
+        ),
+    };
+    format!(
+        "table inet site {{
+  chain input {{
+    type filter hook input priority 0; policy drop;
+    iif lo accept
+    ct state established,related accept
+    {inbound}
+  }}
+  chain output {{
+    type filter hook output priority 0; policy drop;
+    oif lo accept
+    ct state established,related accept
+    {outbound}
+  }}
+}}
+"
+    )
+}
