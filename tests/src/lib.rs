@@ -5,6 +5,7 @@
 //! Every process is killed when its handle drops, so a failing test leaves nothing running.
 
 pub mod kdc;
+pub mod lb;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
