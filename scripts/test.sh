@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: installs the tools the end-to-end tests drive (curl,
-# OpenSSH client and server, setpriv, squid, dante, an MIT KDC) when missing, builds the binaries, runs unit and
+# OpenSSH client and server, setpriv, squid, dante, an MIT KDC, nginx, HAProxy) when missing, builds the binaries, runs unit and
 # end-to-end tests. Tests never skip for a missing tool: they fail naming it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,12 +24,15 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ss >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || need+=(procps)
+# nginx and HAProxy: real load balancers in front of the --plain gateway (tests/tests/lb.rs).
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "installing: ${need[*]}"
   $sudo apt-get update -qq
-  # The tests start their own KDC, squid and dante: keep the packages from starting system
+  # The tests start their own KDC, squid, dante, nginx and HAProxy: keep the packages from starting system
   # services (and failing without an init system) while they install.
   policy=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then

@@ -6,6 +6,7 @@
 
 pub mod kdc;
 pub mod netns;
+pub mod lb;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};

@@ -1,0 +1,454 @@
+//! The gateway behind real load balancers: nginx and HAProxy terminate TLS on loopback and pass
+//! the WebSocket upgrade to `sallyport-gateway dmz --plain --prefix /sallyport`, configured as
+//! docs/deploy.md shows (the harness renders both; see `sallyport_e2e::lb`).
+//!
+//! Every scenario runs against both load balancers:
+//!
+//! 1. the whole path: agent and connector reach the plain gateway only through the load
+//!    balancer, and curl through the agent reaches an internal service by its internal name;
+//! 2. idle connections: with the tunnel ping shorter than the load balancer's idle timeout an
+//!    interactive connection survives twice that timeout of silence; with the ping longer, the
+//!    load balancer cuts the session, the agent reconnects, and only new connections work;
+//! 3. the client's address: the gateway logs the address the load balancer saw, believes
+//!    `X-Forwarded-For`/`Forwarded` only from `--trusted-proxy` peers, and takes the right-most
+//!    untrusted address, so a forged header cannot pick the logged address.
+
+use sallyport_e2e::lb::*;
+use sallyport_e2e::*;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn curl() -> Command {
+    require_tool("curl");
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--max-time", "20"]);
+    c
+}
+
+fn backend_system(
+    tag: &str,
+    kind: LbKind,
+    setup: impl FnOnce(&mut LbSetup<'_>),
+) -> (u16, LbSystem) {
+    let svc = http_service().unwrap();
+    let allow = allow_backend(svc.port());
+    let mut s = LbSetup {
+        kind,
+        idle_timeout: Duration::from_secs(60),
+        lb_source: None,
+        allow: &allow,
+        hosts: &["backend.internal=127.0.0.1"],
+        connector_ping: None,
+    };
+    setup(&mut s);
+    (svc.port(), LbSystem::start(tag, &s).unwrap())
+}
+
+/// Everything a failing assertion should show.
+fn logs(sys: &LbSystem, agents: &[&LbAgent]) -> String {
+    let mut out = format!(
+        "--- {} config\n{}\n--- {} log\n{}\n--- {} access log\n{}\n--- dmz\n{}\n--- connector\n{}",
+        sys.lb.name(),
+        sys.lb.config_text(),
+        sys.lb.name(),
+        sys.lb.log(),
+        sys.lb.name(),
+        sys.lb.access_log(),
+        sys.dmz.log(),
+        sys.connector.log()
+    );
+    for a in agents {
+        out.push_str(&format!("\n--- {}\n{}", a.proc.name, a.proc.log()));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. The whole path
+
+fn whole_path(kind: LbKind) {
+    let (port, sys) = backend_system("lb-path", kind, |_| {});
+    let agent = sys.agent("agent", None, &[]).unwrap();
+    let lb = sys.lb.addr();
+    // The gateway speaks no TLS (`--plain`): the `wss://` sessions of the agent and the
+    // connector can only have come through the load balancer.
+    assert!(sys.gw_url.contains(&format!(":{}/sallyport/", lb.port())));
+    let (code, out, err) = run(curl()
+        .arg("--socks5-hostname")
+        .arg(agent.socks.to_string())
+        .arg(format!("http://backend.internal:{port}/")))
+    .unwrap();
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "hello from backend.internal\n"),
+        "{err}\n{}",
+        logs(&sys, &[&agent])
+    );
+    sys.dmz
+        .wait_for(
+            &["stream open", "alice-laptop", "backend.internal"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    // The health check endpoint through the load balancer, as monitoring would use it...
+    let ca = sys.pki.p("ca.crt");
+    let (code, out, err) = run(curl()
+        .arg("--cacert")
+        .arg(&ca)
+        .arg(format!("https://127.0.0.1:{}/sallyport/healthz", lb.port())))
+    .unwrap();
+    assert_eq!(code, 0, "{err}\n{}", logs(&sys, &[&agent]));
+    assert!(out.starts_with("ok\ninstance dmz-test\n"), "{out}");
+    // ...and anything outside the prefix is answered by the load balancer itself.
+    let (code, out, err) = run(curl()
+        .args(["-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(&ca)
+        .arg(format!("https://127.0.0.1:{}/elsewhere", lb.port())))
+    .unwrap();
+    assert_eq!((code, out.as_str()), (0, "404"), "{err}");
+    // The load balancer logged that request.
+    wait_until(&sys, &[&agent], || {
+        sys.lb.access_log().contains("GET /sallyport/healthz")
+    });
+    // HAProxy's own health check (`http-check` on /sallyport/healthz) passes against the
+    // gateway. (nginx's open-source edition has no active health checks.)
+    if kind == LbKind::Haproxy {
+        wait_until(&sys, &[&agent], || {
+            sys.lb.log().contains("be_sallyport/dmz1 succeeded")
+                && sys.lb.log().contains("Layer7 check passed, code: 200")
+        });
+    }
+}
+
+/// Polls `done` for up to 10 s; fails with every log.
+fn wait_until(sys: &LbSystem, agents: &[&LbAgent], done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", logs(sys, agents));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn nginx_carries_the_whole_path() {
+    whole_path(LbKind::Nginx);
+}
+
+#[test]
+fn haproxy_carries_the_whole_path() {
+    whole_path(LbKind::Haproxy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Idle connections and the tunnel ping
+
+const LB_IDLE: Duration = Duration::from_secs(3);
+
+/// Sends one line and expects it back (from the echo service behind the tunnel).
+fn echo(s: &mut TcpStream, line: &str) -> std::io::Result<()> {
+    s.write_all(line.as_bytes())?;
+    let mut buf = vec![0u8; line.len()];
+    s.read_exact(&mut buf)?;
+    if buf != line.as_bytes() {
+        return Err(std::io::Error::other(format!(
+            "echo mismatch: {:?}",
+            String::from_utf8_lossy(&buf)
+        )));
+    }
+    Ok(())
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn count(p: &Proc, needle: &str) -> usize {
+    p.log().lines().filter(|l| l.contains(needle)).count()
+}
+
+fn idle_sessions(kind: LbKind) {
+    let echo_svc = echo_service().unwrap();
+    let port = echo_svc.port();
+    let allow = allow_backend(port);
+    // The connector pings fast in both halves: only the agents differ.
+    let sys = LbSystem::start(
+        "lb-idle",
+        &LbSetup {
+            kind,
+            idle_timeout: LB_IDLE,
+            lb_source: None,
+            allow: &allow,
+            hosts: &["backend.internal=127.0.0.1"],
+            connector_ping: Some(Duration::from_secs(1)),
+        },
+    )
+    .unwrap();
+    let forward = [format!("127.0.0.1:0=backend.internal:{port}")];
+    // `pinging`: [tunnel] ping_interval = "1s", under the load balancer's 3 s.
+    // `silent`: the default ping (20 s), longer than the load balancer's idle timeout.
+    let pinging = sys
+        .agent("agent-pinging", Some(Duration::from_secs(1)), &forward)
+        .unwrap();
+    let silent = sys.agent("agent-silent", None, &forward).unwrap();
+    let all = [&pinging, &silent];
+    let mut kept = connect(pinging.forwards[0]);
+    let mut cut = connect(silent.forwards[0]);
+    echo(&mut kept, "before the pause\n").unwrap_or_else(|e| panic!("{e}\n{}", logs(&sys, &all)));
+    echo(&mut cut, "before the pause\n").unwrap_or_else(|e| panic!("{e}\n{}", logs(&sys, &all)));
+    let quiet_since = Instant::now();
+
+    // The silent agent's session: nothing crosses the load balancer (the gateway's own ping is
+    // 20 s too), so after its idle timeout the load balancer closes it. The agent notices and
+    // reconnects.
+    silent
+        .proc
+        .wait_for(&["gateway session lost; reconnecting"], LB_IDLE * 3)
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&sys, &all)));
+    let cut_after = quiet_since.elapsed();
+    assert!(
+        cut_after >= LB_IDLE - Duration::from_millis(500),
+        "the session ended after {cut_after:?}, before the load balancer's idle timeout"
+    );
+    // It was the load balancer that cut it, for idleness.
+    wait_until(&sys, &all, || {
+        let log = sys.lb.log();
+        match kind {
+            // nginx: the upstream read timer (proxy_read_timeout) of the upgraded connection.
+            LbKind::Nginx => log.lines().any(|l| {
+                l.contains("upstream timed out") && l.contains("while proxying upgraded connection")
+            }),
+            // HAProxy: the session log's termination state `cD` (client-side timeout in the
+            // data phase, which is `timeout tunnel` once upgraded) on a 101.
+            LbKind::Haproxy => log.lines().any(|l| {
+                l.contains("\"GET /sallyport/agent HTTP/1.1\"")
+                    && l.contains(" 101 ")
+                    && (l.contains(" cD--") || l.contains(" sD--"))
+            }),
+        }
+    });
+    // The connection that was open on it died with it.
+    let dead = echo(&mut cut, "after the pause\n");
+    assert!(dead.is_err(), "a connection outlived its cut session");
+    // After the reconnect, new connections work again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&silent.proc, "connected to the gateway") < 2 {
+        assert!(Instant::now() < deadline, "{}", logs(&sys, &all));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut fresh = connect(silent.forwards[0]);
+    echo(&mut fresh, "a new connection\n").unwrap_or_else(|e| panic!("{e}\n{}", logs(&sys, &all)));
+
+    // The pinging agent: twice the idle timeout of silence on the same connection, and it
+    // still carries the conversation, on the session it started with.
+    let pause = LB_IDLE * 2;
+    if let Some(left) = pause.checked_sub(quiet_since.elapsed()) {
+        std::thread::sleep(left);
+    }
+    echo(&mut kept, "after the pause\n").unwrap_or_else(|e| {
+        panic!(
+            "{e} after {:?} of silence\n{}",
+            quiet_since.elapsed(),
+            logs(&sys, &all)
+        )
+    });
+    assert_eq!(
+        count(&pinging.proc, "gateway session lost"),
+        0,
+        "{}",
+        logs(&sys, &all)
+    );
+    assert_eq!(count(&pinging.proc, "connected to the gateway"), 1);
+}
+
+#[test]
+fn nginx_keeps_an_idle_session_that_pings_and_cuts_one_that_does_not() {
+    idle_sessions(LbKind::Nginx);
+}
+
+#[test]
+fn haproxy_keeps_an_idle_session_that_pings_and_cuts_one_that_does_not() {
+    idle_sessions(LbKind::Haproxy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The client's address
+
+/// The load balancer's address towards the gateway: apart from the clients on 127.0.0.1 and
+/// 127.0.0.2, so the gateway's log shows which one it believed.
+const LB_SOURCE: &str = "127.0.0.3";
+const UNTRUSTED_CLIENT: &str = "127.0.0.2";
+const FORGED: &str = "203.0.113.7";
+
+/// The `key=` address in a log line; the value ends at a space, `}` (a span) or `,`.
+fn logged_addr(line: &str, key: &str) -> SocketAddr {
+    let pat = format!("{key}=");
+    let start = line
+        .find(&pat)
+        .unwrap_or_else(|| panic!("no {pat} in `{line}`"))
+        + pat.len();
+    let v: String = line[start..]
+        .chars()
+        .take_while(|c| !matches!(c, ' ' | '}' | ','))
+        .collect();
+    v.trim_matches('"')
+        .parse()
+        .unwrap_or_else(|e| panic!("{key}={v} in `{line}`: {e}"))
+}
+
+/// A WebSocket upgrade from `from` (curl `--interface`) carrying `header`, with a well-formed
+/// token whose id the gateway does not know: it answers 401 and logs `refused token client=…`
+/// with that id, so each probe finds its own log line. Returns the HTTP status.
+fn probe(url: &str, from: &str, id: &str, header: &str, ca: &Path) -> String {
+    let mut c = curl();
+    c.args(["--http1.1", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["--interface", from, "--cacert"])
+        .arg(ca)
+        .args(["-H", "Upgrade: websocket", "-H", "Connection: Upgrade"])
+        .args(["-H", "Sec-WebSocket-Version: 13"])
+        .args(["-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="])
+        .arg("-H")
+        .arg(format!("Authorization: Bearer sp_{id}_{}", "0".repeat(64)));
+    c.arg("-H").arg(header);
+    let (code, out, err) = run(c.arg(url)).unwrap();
+    assert_eq!(code, 0, "curl {url}: {err}");
+    out
+}
+
+fn refused_client(sys: &LbSystem, id: &str) -> SocketAddr {
+    let line = sys
+        .dmz
+        .wait_for(&["refused token", id], Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(sys, &[])));
+    logged_addr(&line, "client")
+}
+
+fn client_address(kind: LbKind) {
+    let lb_source: IpAddr = LB_SOURCE.parse().unwrap();
+    let (port, sys) = backend_system("lb-client", kind, |s| s.lb_source = Some(lb_source));
+    let agent = sys.agent("agent", None, &[]).unwrap();
+    let ca = sys.pki.p("ca.crt");
+
+    // The agent's session: the TCP peer is the load balancer (127.0.0.3, trusted), the client
+    // is the address the load balancer saw (127.0.0.1, from X-Forwarded-For; port 0 marks an
+    // address that came from a header).
+    let up = sys
+        .dmz
+        .wait_for(
+            &["agent session up", "alice-laptop"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert_eq!(logged_addr(&up, "peer").ip(), lb_source, "{up}");
+    assert_eq!(
+        logged_addr(&up, "client"),
+        "127.0.0.1:0".parse().unwrap(),
+        "{up}"
+    );
+    // The audit lines carry it too, in the DMZ and (stamped by the DMZ) in the connector.
+    let (code, _, err) = run(curl()
+        .arg("--socks5-hostname")
+        .arg(agent.socks.to_string())
+        .arg(format!("http://backend.internal:{port}/")))
+    .unwrap();
+    assert_eq!(code, 0, "{err}\n{}", logs(&sys, &[&agent]));
+    for p in [&sys.dmz, &sys.connector] {
+        let open = p
+            .wait_for(&["stream open", "backend.internal"], Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(
+            field(&open, "client").as_deref(),
+            Some("127.0.0.1"),
+            "{open}"
+        );
+    }
+
+    // Through the load balancer, a client on 127.0.0.2 forges X-Forwarded-For. The load
+    // balancer appends the address it saw, and the gateway takes the right-most address that
+    // is not a trusted proxy: the real one.
+    let via_lb = format!("https://127.0.0.1:{}/sallyport/agent", sys.lb.addr().port());
+    let xff = format!("X-Forwarded-For: {FORGED}");
+    assert_eq!(
+        probe(&via_lb, UNTRUSTED_CLIENT, "probe-via-lb", &xff, &ca),
+        "401"
+    );
+    let seen = refused_client(&sys, "probe-via-lb");
+    assert_eq!(
+        seen.ip().to_string(),
+        UNTRUSTED_CLIENT,
+        "{}",
+        logs(&sys, &[])
+    );
+
+    // Straight to the plain port from an untrusted address, the header is a claim, not a
+    // fact: the gateway logs the TCP peer (with its real port).
+    let direct = format!("http://{}/sallyport/agent", sys.dmz_addr);
+    for (id, header) in [
+        ("probe-direct-xff", xff.clone()),
+        ("probe-direct-fwd", format!("Forwarded: for={FORGED}")),
+    ] {
+        assert_eq!(probe(&direct, UNTRUSTED_CLIENT, id, &header, &ca), "401");
+        let seen = refused_client(&sys, id);
+        assert_eq!(seen.ip().to_string(), UNTRUSTED_CLIENT, "{id}");
+        assert_ne!(seen.port(), 0, "{id}: a header was believed");
+    }
+
+    // The same headers from the trusted address are believed: that is the rule, not a
+    // gateway that ignores headers.
+    for (id, header, expect) in [
+        ("probe-trusted-xff", xff, format!("{FORGED}:0")),
+        (
+            "probe-trusted-fwd",
+            "Forwarded: for=\"[2001:db8::7]:4711\";proto=https".to_string(),
+            "[2001:db8::7]:0".to_string(),
+        ),
+    ] {
+        assert_eq!(probe(&direct, LB_SOURCE, id, &header, &ca), "401");
+        assert_eq!(refused_client(&sys, id), expect.parse().unwrap(), "{id}");
+    }
+}
+
+#[test]
+fn nginx_passes_the_client_address_and_forged_headers_lose() {
+    client_address(LbKind::Nginx);
+}
+
+#[test]
+fn haproxy_passes_the_client_address_and_forged_headers_lose() {
+    client_address(LbKind::Haproxy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The documentation shows the tested configurations
+
+/// docs/deploy.md shows the site part of both configurations exactly as the harness renders
+/// it with example addresses; when they differ, this fails and prints what the harness renders.
+#[test]
+fn the_documented_configs_are_the_ones_tested() {
+    let docs =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/deploy.md"))
+            .unwrap();
+    let crt = Path::new("/etc/nginx/tls/gw.example.com.crt");
+    let key = Path::new("/etc/nginx/tls/gw.example.com.key");
+    let cfg = LbConfig {
+        listen: "0.0.0.0:443".parse().unwrap(),
+        idle_timeout: Duration::from_secs(300),
+        ..LbConfig::new("10.0.1.10:8080".parse().unwrap(), crt, key)
+    };
+    let nginx = Nginx::site_config(&cfg);
+    let haproxy = Haproxy::site_config(&cfg, Path::new("/etc/haproxy/gw.example.com.pem"));
+    let missing: Vec<String> = [("nginx", nginx), ("haproxy", haproxy)]
+        .into_iter()
+        .filter(|(name, text)| !docs.contains(&format!("```{name}\n{text}```")))
+        .map(|(name, text)| format!("```{name}\n{text}```"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/deploy.md no longer shows the tested configurations; they are:\n\n{}",
+        missing.join("\n\n")
+    );
+}
