@@ -5,8 +5,8 @@
 //! Every process is killed when its handle drops, so a failing test leaves nothing running.
 
 pub mod kdc;
-pub mod netns;
 pub mod lb;
+pub mod netns;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};

@@ -8,6 +8,7 @@
 //!
 //! Runs as root (namespaces, nftables, port 443 in the DMZ namespace).
 
+use sallyport_e2e::lb::{LbConfig, LbKind, LoadBalancer};
 use sallyport_e2e::netns::{Site, Topology};
 use sallyport_e2e::*;
 use std::io::{BufRead, BufReader, Write};
@@ -35,6 +36,8 @@ struct Sites {
     _echo: Proc,
     _web_outside: Proc,
     web_outside_port: u16,
+    /// The load balancer in the DMZ, when the gateway runs behind one.
+    lb: Option<Box<dyn LoadBalancer>>,
     topo: Topology,
 }
 
@@ -70,6 +73,12 @@ fn squid_in(topo: &Topology, hosts: &std::path::Path) -> (Squid, SquidOpts) {
 }
 
 fn start(tag: &str) -> Sites {
+    start_with(tag, None)
+}
+
+/// With `lb`, the DMZ runs the gateway plain on its loopback behind that load balancer on 443
+/// (idle timeout 3 s), and agent and connector ping every second.
+fn start_with(tag: &str, lb: Option<LbKind>) -> Sites {
     let topo = Topology::new(tag).unwrap();
     let dmz_ip = Site::Dmz.ip().to_string();
     let pki = Pki::with_names("topo", &[GW_NAME, &dmz_ip]).unwrap();
@@ -112,30 +121,62 @@ fn start(tag: &str) -> Sites {
 
     // DMZ: the gateway on 443.
     let p = |f: &str| pki.p(f).display().to_string();
-    let dmz_args: Vec<String> = vec![
+    let mut dmz_args: Vec<String> = vec![
         "dmz".into(),
-        "--listen".into(),
-        format!("{dmz_ip}:443"),
         "--instance-id".into(),
         "dmz-topo".into(),
-        "--tls-cert".into(),
-        p("gateway.crt"),
-        "--tls-key".into(),
-        p("gateway.key"),
         "--agent-tokens".into(),
         p("agents.toml"),
         "--connector-tokens".into(),
         p("connectors.toml"),
     ];
+    let prefix = if lb.is_some() { "/sallyport" } else { "" };
+    match lb {
+        None => dmz_args.extend([
+            "--listen".into(),
+            format!("{dmz_ip}:443"),
+            "--tls-cert".into(),
+            p("gateway.crt"),
+            "--tls-key".into(),
+            p("gateway.key"),
+        ]),
+        Some(_) => dmz_args.extend([
+            "--plain".into(),
+            "--listen".into(),
+            "127.0.0.1:8080".into(),
+            "--prefix".into(),
+            prefix.into(),
+            "--trusted-proxy".into(),
+            "127.0.0.1/32".into(),
+        ]),
+    }
     let dmz = spawn_in(&topo, Site::Dmz, "dmz", &gateway_bin(), &dmz_args);
     dmz.wait_for(&["dmz gateway listening"], Duration::from_secs(15))
         .unwrap();
+    let (cert, key) = (pki.p("gateway.crt"), pki.p("gateway.key"));
+    let dmz_ns = topo.ns(Site::Dmz);
+    let lb = lb.map(|kind| {
+        let mut cfg = LbConfig::new("127.0.0.1:8080".parse().unwrap(), &cert, &key);
+        cfg.listen = format!("{dmz_ip}:443").parse().unwrap();
+        cfg.prefix = prefix;
+        cfg.idle_timeout = Duration::from_secs(3);
+        cfg.netns = Some(&dmz_ns);
+        kind.start(&cfg).unwrap()
+    });
+    // Behind a load balancer that cuts idle connections after 3 s, both ends ping every second.
+    let ping_conf = pki.p("ping.toml");
+    std::fs::write(&ping_conf, "[tunnel]\nping_interval = \"1s\"\n").unwrap();
+    let ping_args: Vec<String> = if lb.is_some() {
+        vec!["-c".into(), ping_conf.display().to_string()]
+    } else {
+        Vec::new()
+    };
 
     // Trusted site: the connector dials out to the DMZ.
-    let connector_args: Vec<String> = vec![
+    let connector_args: Vec<String> = [
         "connector".into(),
         "--gateway".into(),
-        format!("wss://{dmz_ip}/"),
+        format!("wss://{dmz_ip}{prefix}/"),
         "--token-file".into(),
         p("site-a.token"),
         "--ca".into(),
@@ -159,7 +200,10 @@ fn start(tag: &str) -> Sites {
         "shell.internal=127.0.0.1".into(),
         "--instance-id".into(),
         "connector-topo".into(),
-    ];
+    ]
+    .into_iter()
+    .chain(ping_args.iter().cloned())
+    .collect();
     let connector = spawn_in(
         &topo,
         Site::Trusted,
@@ -189,7 +233,7 @@ fn start(tag: &str) -> Sites {
             .args([
                 "run",
                 "--gateway",
-                &format!("wss://{GW_NAME}/"),
+                &format!("wss://{GW_NAME}{prefix}/"),
                 "--proxy",
                 &format!("http://alice@{}:3128", Site::Proxy.ip()),
                 "--socks",
@@ -201,6 +245,7 @@ fn start(tag: &str) -> Sites {
                 "--ca",
                 &p("ca.crt"),
             ])
+            .args(&ping_args)
             .env("SALLYPORT_PROXY_PASSWORD", "Corp-pw-1")
             .env("HOME", pki.dir.path()),
     )
@@ -226,6 +271,7 @@ fn start(tag: &str) -> Sites {
         _echo: echo,
         _web_outside: web_outside,
         web_outside_port,
+        lb,
         topo,
     }
 }
@@ -270,6 +316,12 @@ impl Sites {
 /// An interactive session (like ssh): `sallyport connect` on the desktop, lines typed with
 /// pauses, each echoed back by the internal service.
 fn interactive_session(s: &Sites) {
+    interactive_session_with_pause(s, Duration::from_millis(300));
+}
+
+/// [`interactive_session`] with `pause` between keystrokes (longer than a load balancer's idle
+/// timeout, to show the tunnel's pings keep the connection).
+fn interactive_session_with_pause(s: &Sites, pause: Duration) {
     let mut child = s
         .topo
         .cmd(Site::Desktop, bin("sallyport"))
@@ -287,14 +339,17 @@ fn interactive_session(s: &Sites) {
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    for i in 0..5 {
+    let rounds = if pause > Duration::from_secs(1) { 2 } else { 5 };
+    for i in 0..rounds {
         let line = format!("keystroke {i}\n");
         stdin.write_all(line.as_bytes()).unwrap();
         stdin.flush().unwrap();
         let mut back = String::new();
         stdout.read_line(&mut back).unwrap();
-        assert_eq!(back, line);
-        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(back, line, "the session died while idle");
+        if i + 1 < rounds {
+            std::thread::sleep(pause);
+        }
     }
     drop(stdin);
     let _ = child.wait();
@@ -537,4 +592,48 @@ fn through_a_tls_inspecting_proxy() {
     let (code, out, err) = run(&mut agent_cmd("doctor", true)).unwrap();
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("strips WebSocket upgrades"), "{out}");
+}
+
+/// The same flows with TLS terminated by real nginx and HAProxy in the DMZ (the gateway plain
+/// behind them, on the DMZ's loopback), with an idle timeout of 3 s: an interactive session
+/// left idle for 7 s still works (the tunnel pings every second), and the gateway logs the real
+/// client addresses — the corporate proxy's for the agent, the trusted site's for the
+/// connector — from the load balancer's `X-Forwarded-For`, which it trusts from 127.0.0.1 only.
+#[test]
+fn behind_nginx_and_haproxy_in_the_dmz() {
+    for kind in [LbKind::Nginx, LbKind::Haproxy] {
+        let s = start_with(&format!("{kind:?}").to_lowercase(), Some(kind));
+        let lb = s.lb.as_ref().unwrap();
+        let (code, out, err) = s.curl_internal();
+        assert_eq!(
+            (code, out.as_str()),
+            (0, "hello from backend.internal\n"),
+            "{}: {err}\n{}",
+            lb.name(),
+            s.agent.log()
+        );
+        interactive_session_with_pause(&s, Duration::from_secs(7));
+        let log = s.dmz.log();
+        let proxy_ip = Site::Proxy.ip().to_string();
+        let trusted_ip = Site::Trusted.ip().to_string();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("agent session up") && l.contains(&proxy_ip)),
+            "{}: the agent's real address is not logged:\n{log}",
+            lb.name()
+        );
+        assert!(
+            log.lines()
+                .any(|l| l.contains("connector session up") && l.contains(&trusted_ip)),
+            "{}: the connector's real address is not logged:\n{log}",
+            lb.name()
+        );
+        assert!(
+            !s.agent.log().contains("gateway session lost"),
+            "{}: the idle session was cut:\n{}",
+            lb.name(),
+            s.agent.log()
+        );
+        eprintln!("{}: ok", lb.name());
+    }
 }
