@@ -24,6 +24,8 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ss >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || need+=(procps)
+# systemd-analyze checks the generated user unit (tests/tests/service.rs).
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # nginx and HAProxy: real load balancers in front of the --plain gateway (tests/tests/lb.rs).
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)

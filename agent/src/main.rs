@@ -33,6 +33,15 @@ enum Command {
     /// Find the way out: try every candidate (proxy, PAC, WPAD, OS settings, direct), say how
     /// long each took and why it failed, and which one the agent would use. Exit 0 when one works.
     Doctor(AgentArgs),
+    /// The agent as a per-user service (systemd --user, LaunchAgent, Windows Run key): no admin
+    /// rights needed.
+    Service {
+        #[arg(value_enum)]
+        action: ServiceAction,
+        /// The agent config the service runs with [default: the per-user agent.toml].
+        #[arg(long, short = 'c')]
+        config: Option<std::path::PathBuf>,
+    },
     /// One tunnelled connection on stdin/stdout (ssh -o ProxyCommand='sallyport connect %h %p').
     Connect {
         host: String,
@@ -59,6 +68,15 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ServiceAction {
+    Install,
+    Uninstall,
+    Start,
+    Stop,
+    Status,
+}
+
 fn main() -> ExitCode {
     // Usage errors are configuration errors: exit 64 like every other bad input (help and
     // --version still exit 0).
@@ -74,10 +92,16 @@ fn main() -> ExitCode {
     #[cfg(feature = "demo")]
     let quiet = matches!(
         cli.command,
-        Command::Connect { .. } | Command::Demo { .. } | Command::Doctor(_)
+        Command::Connect { .. }
+            | Command::Demo { .. }
+            | Command::Doctor(_)
+            | Command::Service { .. }
     );
     #[cfg(not(feature = "demo"))]
-    let quiet = matches!(cli.command, Command::Connect { .. } | Command::Doctor(_));
+    let quiet = matches!(
+        cli.command,
+        Command::Connect { .. } | Command::Doctor(_) | Command::Service { .. }
+    );
     let quiet_default = quiet && cli.log == "info";
     init_tracing(if quiet_default { "warn" } else { &cli.log });
     match real_main(cli) {
@@ -135,6 +159,28 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 agent::run(cfg, shutdown).await?;
                 Ok(ExitCode::SUCCESS)
             })
+        }
+        Command::Service { action, config } => {
+            let exe = std::env::current_exe()?;
+            let config =
+                match config {
+                    Some(c) => Some(std::path::absolute(&c).map_err(|e| {
+                        ConfigError::Invalid(format!("--config {}: {e}", c.display()))
+                    })?),
+                    None => None,
+                };
+            let service = installer::Service::for_user(installer::ServiceSpec { exe, config })?;
+            let action = match action {
+                ServiceAction::Install => installer::Action::Install,
+                ServiceAction::Uninstall => installer::Action::Uninstall,
+                ServiceAction::Start => installer::Action::Start,
+                ServiceAction::Stop => installer::Action::Stop,
+                ServiceAction::Status => installer::Action::Status,
+            };
+            for line in service.run(action)?.lines {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Doctor(args) => {
             let cfg = config::agent_config(args)?;
