@@ -160,6 +160,11 @@ pub struct AgentArgs {
 pub struct AgentFile {
     pub gateway: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// The token is in the OS keychain (written by `sallyport enroll`).
+    #[serde(default)]
+    pub token_keychain: bool,
+    /// The gateway's key pin from enrollment (`sha256/<base64>`).
+    pub gateway_key: Option<String>,
     pub ca: Option<PathBuf>,
     pub proxy: Option<String>,
     pub pac: Option<String>,
@@ -296,22 +301,40 @@ pub fn read_token(file: Option<&Path>) -> Result<Secret, ConfigError> {
         None => std::env::var("SALLYPORT_TOKEN")
             .map_err(|_| invalid("no token: pass --token-file FILE or set SALLYPORT_TOKEN"))?,
     };
+    check_token(
+        &text,
+        &file
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "SALLYPORT_TOKEN".into()),
+    )
+}
+
+/// A token as read from `source` (trimmed), if it has the shape of one (`sp_<id>_<64 hex>`).
+pub fn check_token(text: &str, source: &str) -> Result<Secret, ConfigError> {
     let t = text.trim();
     if !t.starts_with("sp_") || t.len() < 69 || t.contains(char::is_whitespace) {
         return Err(invalid(format!(
-            "the token in {} does not look like a sallyport token (sp_<id>_<64 hex>)",
-            file.map(|p| p.display().to_string())
-                .unwrap_or_else(|| "SALLYPORT_TOKEN".into())
+            "the token in {source} does not look like a sallyport token (sp_<id>_<64 hex>)"
         )));
     }
     Ok(Secret::new(t))
 }
 
 pub fn agent_config(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
+    agent_config_with(args, None, true)
+}
+
+/// [`agent_config`] with the token given (enrollment), and whether the per-user config file is
+/// read when `-c` is not given.
+pub fn agent_config_with(
+    args: AgentArgs,
+    token: Option<Secret>,
+    read_default: bool,
+) -> Result<AgentConfig, ConfigError> {
     let path = args
         .config
         .clone()
-        .or_else(|| default_config_path().filter(|p| p.exists()));
+        .or_else(|| default_config_path().filter(|p| read_default && p.exists()));
     let file = match &path {
         Some(p) => read_file(p)?,
         None => AgentFile::default(),
@@ -325,7 +348,18 @@ pub fn agent_config(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
         .or(file.gateway)
         .ok_or_else(|| invalid("--gateway URL is required, e.g. --gateway wss://gw.example.com/ (or run `sallyport demo` to try it locally)"))?;
     let gateway = GatewayUrl::parse(&gateway).map_err(|e| invalid(e.to_string()))?;
-    let token = read_token(args.token_file.or(file.token_file.map(rel)).as_deref())?;
+    let token = match token {
+        Some(t) => t,
+        None if args.token_file.is_none() && file.token_keychain => {
+            let gw = gateway.to_string();
+            crate::enroll::keychain_token(&gw).ok_or_else(|| {
+                invalid(format!(
+                    "the token for {gw} is not in the OS keychain any more: run `sallyport enroll {gw}` again"
+                ))
+            })?
+        }
+        None => read_token(args.token_file.or(file.token_file.map(rel)).as_deref())?,
+    };
     let ca = args.ca.or(file.ca.map(rel));
     // The gateway CA's own name, so that `doctor` can tell a re-signed certificate.
     let gateway_ca_names = match &ca {
@@ -338,8 +372,12 @@ pub fn agent_config(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
     };
     let tls = if gateway.tls {
         Some(
-            egress::client_config(&TlsOptions { ca, pin: false })
-                .map_err(|e| invalid(e.to_string()))?,
+            egress::client_config(&TlsOptions {
+                ca,
+                pin: false,
+                key_pin: file.gateway_key.clone(),
+            })
+            .map_err(|e| invalid(e.to_string()))?,
         )
     } else {
         None

@@ -164,7 +164,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         token: Secret::new(agent_token),
         tls: Some(egress::client_config(&egress::TlsOptions {
             ca: Some(ca_path.clone()),
-            pin: false,
+            ..Default::default()
         })?),
         way: egress::Way::new(egress::Egress::direct()),
         gateway_ca_names: Vec::new(),

@@ -19,6 +19,7 @@ pub mod connect;
 pub mod demo;
 pub mod dialer;
 pub mod doctor;
+pub mod enroll;
 pub mod listen;
 pub mod peer;
 pub mod pool;

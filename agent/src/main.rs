@@ -33,6 +33,17 @@ enum Command {
     /// Find the way out: try every candidate (proxy, PAC, WPAD, OS settings, direct), say how
     /// long each took and why it failed, and which one the agent would use. Exit 0 when one works.
     Doctor(AgentArgs),
+    /// Enroll this desktop: check the token against the gateway once, pin the gateway's key, and
+    /// store token and config for this user. The token comes from --token-file, stdin, or a
+    /// prompt that does not echo.
+    Enroll {
+        /// The gateway, e.g. wss://gw.example.com/
+        url: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Remove what `enroll` stored (token, pinned key, config).
+    Logout,
     /// The agent as a per-user service (systemd --user, LaunchAgent, Windows Run key): no admin
     /// rights needed.
     Service {
@@ -100,7 +111,11 @@ fn main() -> ExitCode {
     #[cfg(not(feature = "demo"))]
     let quiet = matches!(
         cli.command,
-        Command::Connect { .. } | Command::Doctor(_) | Command::Service { .. }
+        Command::Connect { .. }
+            | Command::Doctor(_)
+            | Command::Service { .. }
+            | Command::Enroll { .. }
+            | Command::Logout
     );
     let quiet_default = quiet && cli.log == "info";
     init_tracing(if quiet_default { "warn" } else { &cli.log });
@@ -159,6 +174,27 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 agent::run(cfg, shutdown).await?;
                 Ok(ExitCode::SUCCESS)
             })
+        }
+        Command::Enroll { url, agent: args } => rt.block_on(async {
+            match agent::enroll::enroll(&url, args).await {
+                Ok(lines) => {
+                    for l in lines {
+                        println!("{l}");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(agent::enroll::EnrollError::Config(c)) => Err(c.into()),
+                Err(e) => {
+                    eprintln!("sallyport: enroll: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }),
+        Command::Logout => {
+            for l in agent::enroll::logout()? {
+                println!("{l}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Service { action, config } => {
             let exe = std::env::current_exe()?;

@@ -62,6 +62,41 @@ fn name(b: &[u8]) -> Option<String> {
     })
 }
 
+/// The DER `SubjectPublicKeyInfo` of a certificate (tag and length included): what a key pin
+/// hashes, so that a renewed certificate for the same key keeps the pin.
+pub fn spki(der: &[u8]) -> Option<&[u8]> {
+    let (_, cert, _) = tlv(der)?;
+    let (_, tbs, _) = tlv(cert)?;
+    let mut rest = tbs;
+    let (tag, _, r) = tlv(rest)?;
+    if tag == 0xa0 {
+        rest = r;
+        let (_, _, r) = tlv(rest)?;
+        rest = r;
+    } else {
+        rest = r;
+    }
+    // signature algorithm, issuer, validity, subject
+    for _ in 0..4 {
+        let (_, _, r) = tlv(rest)?;
+        rest = r;
+    }
+    let (tag, _, r) = tlv(rest)?;
+    (tag == 0x30).then(|| &rest[..rest.len() - r.len()])
+}
+
+/// The pin of a certificate's key: `sha256/<base64 of SHA-256(SPKI)>` (the HPKP notation, as
+/// `curl --pinnedpubkey` takes it).
+pub fn key_pin(der: &[u8]) -> Option<String> {
+    use base64::Engine;
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(spki(der)?);
+    Some(format!(
+        "sha256/{}",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    ))
+}
+
 /// `(subject, issuer)` of a DER certificate, or `None` when it is not one.
 pub fn names(der: &[u8]) -> Option<(String, String)> {
     let (_, cert, _) = tlv(der)?;
@@ -95,6 +130,10 @@ mod tests {
         let (subject, issuer) = names(&der).unwrap();
         assert_eq!(subject, "CN=gw.example.com, O=Sallyport Test");
         assert_eq!(issuer, subject);
+        let pin = key_pin(&der).unwrap();
+        // openssl x509 -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64
+        assert_eq!(pin, "sha256/jsBCSBzikJlwvFDPTbDM5iSZnBKAV0+59U+Wlb1kCb8=");
+        assert_eq!(spki(&der).unwrap()[0], 0x30);
         for bad in [
             &b""[..],
             &[0x30],

@@ -314,6 +314,9 @@ pub struct TlsOptions {
     pub ca: Option<PathBuf>,
     /// Trust only `ca` (pinning), not the OS store. Connectors pin the DMZ's CA by default.
     pub pin: bool,
+    /// The gateway's key pin from enrollment (`sha256/<base64>`, see [`cert::key_pin`]): on top
+    /// of the certificate check, the gateway must present this key.
+    pub key_pin: Option<String>,
 }
 
 /// Reads every certificate in a PEM file.
@@ -352,16 +355,84 @@ pub fn client_config(opts: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, Egr
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| EgressError::Tls {
             host: String::new(),
             reason: e.to_string(),
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        })?;
+    let mut cfg = match &opts.key_pin {
+        None => builder.with_root_certificates(roots).with_no_client_auth(),
+        Some(pin) => {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| EgressError::Tls {
+                host: String::new(),
+                reason: e.to_string(),
+            })?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedKey {
+                    inner,
+                    pin: pin.clone(),
+                }))
+                .with_no_client_auth()
+        }
+    };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The usual certificate check, then the enrolled key pin.
+#[derive(Debug)]
+struct PinnedKey {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    pin: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedKey {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        match cert::key_pin(end_entity) {
+            Some(seen) if seen == self.pin => Ok(verified),
+            seen => Err(rustls::Error::General(format!(
+                "the gateway presented key {} but this agent is pinned to {} (from enrollment): something re-signs TLS on the way (an inspecting proxy) or this is another gateway; re-enroll only if the gateway's key really changed",
+                seen.as_deref().unwrap_or("(unreadable)"),
+                self.pin
+            ))),
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// A byte stream to the gateway: TLS, or plain for `ws://`.
@@ -371,6 +442,19 @@ pub enum GatewayStream {
 }
 
 impl GatewayStream {
+    /// The key pin of the gateway's certificate (`sha256/…`), for enrollment; `None` on plain.
+    pub fn key_pin(&self) -> Option<String> {
+        match self {
+            GatewayStream::Plain(_) => None,
+            GatewayStream::Tls(s) => s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|der| cert::key_pin(der)),
+        }
+    }
+
     /// Whose certificate the gateway connection presented, for `doctor`:
     /// `TLS, certificate CN=gw.example.com issued by CN=Corp Inspection CA`.
     pub fn peer_summary(&self) -> String {

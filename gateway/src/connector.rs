@@ -66,6 +66,7 @@ pub fn tls_config(
     egress::client_config(&TlsOptions {
         ca: ca.map(|p| p.to_path_buf()),
         pin: true,
+        key_pin: None,
     })
 }
 

@@ -185,6 +185,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 println!("wrote {}", p.display());
             }
             println!("give ca.crt to agents and connectors (--ca); keep ca.key offline");
+            {
+                use rustls::pki_types::{pem::PemObject, CertificateDer};
+                if let Some(pin) = CertificateDer::from_pem_slice(pki.cert_pem.as_bytes())
+                    .ok()
+                    .and_then(|der| egress::cert::key_pin(&der))
+                {
+                    println!("gateway key pin: {pin} (`sallyport enroll` shows the same)");
+                }
+            }
             Ok(())
         }
         Command::Token(TokenCommand::New {

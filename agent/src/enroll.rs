@@ -1,0 +1,297 @@
+//! `sallyport enroll URL` and `sallyport logout`: one step from "IT gave me a token" to a
+//! configured agent.
+//!
+//! Enrollment reads the token from `--token-file`, from stdin when it is not a terminal, or from a
+//! prompt that does not echo — never from the command line. It then **checks the token against
+//! the gateway once** (a real session: the way out is probed exactly as `sallyport run` does) and
+//! only then writes anything:
+//!
+//! - the token into the OS keychain when one is reachable (Linux Secret Service via
+//!   `secret-tool`), else into `agent.token` (mode 0600) in the per-user config folder, saying so;
+//! - the gateway's key pin (`gateway_key = "sha256/…"`), shown so it can be compared with what
+//!   the admin sees (`sallyport-gateway cert` prints it); the agent then refuses any other key;
+//! - a copy of `--ca` as `ca.crt`, and `agent.toml` marked as written by enroll.
+//!
+//! A wrong token or an unreachable gateway changes nothing on disk. Re-enrolling replaces the
+//! files; `logout` removes exactly them (and the keychain entry).
+
+use crate::config::{self, AgentArgs, ConfigError, Secret};
+use crate::pool::{start_session, ConnectError};
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use tunnel::ErrorCode;
+
+/// First line of an `agent.toml` written by enroll; `logout` removes only such a file.
+pub const MARKER: &str = "# Written by `sallyport enroll`; `sallyport logout` removes it.";
+/// The keychain service name for agent tokens (the account is the gateway URL).
+pub const KEYCHAIN_SERVICE: &str = "sallyport-token";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("the gateway refused this token ({0}); check that it was copied whole and has not expired or been revoked. Nothing was written.")]
+    Refused(String),
+    #[error("cannot reach the gateway: {0}. Nothing was written (`sallyport doctor --gateway URL` shows every way out).")]
+    Unreachable(String),
+    #[error("cannot read the token: {0}")]
+    Token(String),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no per-user config folder on this system")]
+    NoConfigDir,
+}
+
+/// The per-user config folder (`~/.config/sallyport` on Linux).
+pub fn config_dir() -> Result<PathBuf, EnrollError> {
+    config::default_config_path()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .ok_or(EnrollError::NoConfigDir)
+}
+
+fn read_token(args: &AgentArgs) -> Result<Secret, EnrollError> {
+    if let Some(f) = &args.token_file {
+        return Ok(config::read_token(Some(f))?);
+    }
+    let text = if std::io::stdin().is_terminal() {
+        rpassword::prompt_password("Token (input hidden): ")
+            .map_err(|e| EnrollError::Token(e.to_string()))?
+    } else {
+        let mut s = String::new();
+        std::io::stdin()
+            .take(4096)
+            .read_to_string(&mut s)
+            .map_err(|e| EnrollError::Token(e.to_string()))?;
+        s
+    };
+    Ok(config::check_token(&text, "the input")?)
+}
+
+/// Enrolls; returns the lines to print.
+pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, EnrollError> {
+    let token = read_token(&args)?;
+    args.gateway = Some(url.to_string());
+    args.config = None;
+    // Probe the way out like `run`, but with nothing from an earlier enrollment.
+    let cfg = config::agent_config_with(args.clone(), Some(token.clone()), false)?;
+    let endpoint = cfg.gateway.endpoint("agent");
+    let pin = std::sync::Mutex::new(None);
+    let result = cfg
+        .way
+        .connect(&cfg.gateway, cfg.tls.as_ref(), cfg.connect_timeout, |io| {
+            *pin.lock().unwrap_or_else(|e| e.into_inner()) = io.key_pin();
+            start_session(&cfg, &endpoint, io)
+        })
+        .await
+        .map_err(ConnectError::from);
+    let (session, way) = match result {
+        Ok(ok) => ok,
+        Err(ConnectError::Handshake(h)) if h.status() == Some(401) => {
+            return Err(EnrollError::Refused(h.to_string()))
+        }
+        Err(e) => return Err(EnrollError::Unreachable(e.to_string())),
+    };
+    let dmz = session.peer().instance_id.clone();
+    session.close(ErrorCode::Shutdown, "enrollment check done");
+    let pin = pin.lock().unwrap_or_else(|e| e.into_inner()).clone();
+
+    // Only now write.
+    let dir = config_dir()?;
+    create_private_dir(&dir)?;
+    let mut out = vec![format!(
+        "token accepted by the gateway {} (instance {dmz}), reached via {way}",
+        cfg.gateway
+    )];
+    let mut toml = format!(
+        "{MARKER}\ngateway = {}\n",
+        toml_str(&cfg.gateway.to_string())
+    );
+    // A previous enrollment's token goes, wherever it was.
+    let _ = keychain_delete(&cfg.gateway.to_string());
+    let token_path = dir.join("agent.token");
+    if keychain_store(&cfg.gateway.to_string(), token.expose()) {
+        let _ = std::fs::remove_file(&token_path);
+        toml.push_str("token_keychain = true\n");
+        out.push(format!(
+            "token stored in the OS keychain (service {KEYCHAIN_SERVICE}, account {})",
+            cfg.gateway
+        ));
+    } else {
+        write_private(&token_path, &format!("{}\n", token.expose()))?;
+        toml.push_str("token_file = \"agent.token\"\n");
+        out.push(format!(
+            "token stored in {} (mode 0600): no OS keychain is reachable here",
+            token_path.display()
+        ));
+    }
+    if let Some(ca) = &args.ca {
+        let copy = dir.join("ca.crt");
+        let pem = std::fs::read(ca).map_err(|source| EnrollError::Write {
+            path: ca.clone(),
+            source,
+        })?;
+        write_private(&copy, &String::from_utf8_lossy(&pem))?;
+        toml.push_str("ca = \"ca.crt\"\n");
+        out.push(format!("gateway CA copied to {}", copy.display()));
+    }
+    match &pin {
+        Some(p) => {
+            toml.push_str(&format!("gateway_key = {}\n", toml_str(p)));
+            out.push(format!(
+                "gateway key pinned: {p} (compare it with the one your admin sees)"
+            ));
+        }
+        None => out.push("plain ws:// gateway: no key to pin".into()),
+    }
+    if let Some(p) = &args.proxy {
+        toml.push_str(&format!("proxy = {}\n", toml_str(p)));
+    }
+    if let Some(p) = &args.pac {
+        toml.push_str(&format!("pac = {}\n", toml_str(p)));
+    }
+    let conf = dir.join("agent.toml");
+    write_private(&conf, &toml)?;
+    out.push(format!("config written to {}", conf.display()));
+    out.push(
+        "next: `sallyport service install` to run it at every login, or `sallyport run`".into(),
+    );
+    Ok(out)
+}
+
+/// Removes what enroll wrote (only if `agent.toml` carries its marker).
+pub fn logout() -> Result<Vec<String>, EnrollError> {
+    let dir = config_dir()?;
+    let conf = dir.join("agent.toml");
+    let mut out = Vec::new();
+    let text = match std::fs::read_to_string(&conf) {
+        Ok(t) => t,
+        Err(_) => return Ok(vec![format!("not enrolled ({} is absent)", conf.display())]),
+    };
+    if !text.starts_with(MARKER) {
+        return Err(EnrollError::Config(ConfigError::Invalid(format!(
+            "{} was not written by `sallyport enroll`; remove it yourself",
+            conf.display()
+        ))));
+    }
+    let file = config::parse_file(&text, &conf)?;
+    if let Some(gw) = &file.gateway {
+        if file.token_keychain && keychain_delete(gw) {
+            out.push(format!("token removed from the OS keychain ({gw})"));
+        }
+    }
+    for f in ["agent.token", "ca.crt", "agent.toml"] {
+        let p = dir.join(f);
+        if std::fs::remove_file(&p).is_ok() {
+            out.push(format!("removed {}", p.display()));
+        }
+    }
+    Ok(out)
+}
+
+/// The token for `gateway` from the OS keychain (written by enroll).
+pub fn keychain_token(gateway: &str) -> Option<Secret> {
+    let out = Command::new("secret-tool")
+        .args(["lookup", "service", KEYCHAIN_SERVICE, "gateway", gateway])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !t.is_empty()).then(|| Secret::new(t))
+}
+
+/// Stores the token with `secret-tool` (the secret goes on stdin, never on a command line).
+fn keychain_store(gateway: &str, token: &str) -> bool {
+    if !cfg!(target_os = "linux") {
+        return false;
+    }
+    let child = Command::new("secret-tool")
+        .args([
+            "store",
+            "--label",
+            &format!("sallyport token for {gateway}"),
+            "service",
+            KEYCHAIN_SERVICE,
+            "gateway",
+            gateway,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        return false;
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        let _ = stdin.write_all(token.as_bytes());
+    }
+    child.wait().is_ok_and(|s| s.success()) && keychain_token(gateway).is_some()
+}
+
+fn keychain_delete(gateway: &str) -> bool {
+    Command::new("secret-tool")
+        .args(["clear", "service", KEYCHAIN_SERVICE, "gateway", gateway])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A TOML basic string.
+fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), EnrollError> {
+    std::fs::create_dir_all(dir).map_err(|source| EnrollError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes a file only the user can read (mode 0600 on Unix), replacing it.
+fn write_private(path: &Path, content: &str) -> Result<(), EnrollError> {
+    let err = |source| EnrollError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let _ = std::fs::remove_file(path);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    use std::io::Write;
+    opts.open(path)
+        .and_then(|mut f| f.write_all(content.as_bytes()))
+        .map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_strings_are_escaped() {
+        assert_eq!(toml_str(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(toml_str("x\ny"), "\"x\\u000ay\"");
+    }
+}

@@ -1,0 +1,170 @@
+//! `sallyport enroll` / `logout` as a user runs them: the token on stdin, checked against the
+//! real gateway once; the key pinned (and then enforced); nothing written on a wrong token or an
+//! unreachable gateway; logout removes what enroll wrote.
+
+use sallyport_e2e::*;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn sallyport(home: &TempDir, args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut child = Command::new(bin("sallyport"))
+        .args(args)
+        .env("HOME", home.path())
+        .env("XDG_CONFIG_HOME", home.path().join(".config"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn files(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn enroll_checks_the_token_pins_the_key_and_logout_removes_it() {
+    let svc = http_service().unwrap();
+    let sys = System::start(
+        "enroll",
+        &allow_backend(svc.port()),
+        &["backend.internal=127.0.0.1"],
+        &[],
+    )
+    .unwrap();
+    let home = TempDir::new("enroll-home");
+    let conf_dir = home.path().join(".config/sallyport");
+    let token = std::fs::read_to_string(sys.pki.p("alice-laptop.token")).unwrap();
+    let ca = sys.pki.p("ca.crt").display().to_string();
+    let gw = sys.gw_url.clone();
+
+    // A wrong token: refused, nothing written.
+    let wrong = format!("sp_alice-laptop_{}", "0".repeat(64));
+    let (code, out, err) = sallyport(
+        &home,
+        &["enroll", &gw, "--ca", &ca, "--proxy", "direct"],
+        &wrong,
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("refused this token") && err.contains("Nothing was written"),
+        "{err}"
+    );
+    assert!(!err.contains(&wrong[20..]), "the token leaked: {err}");
+    assert!(files(&conf_dir).is_empty(), "{:?}", files(&conf_dir));
+    // An unreachable gateway: nothing written either.
+    let dead = format!("wss://127.0.0.1:{}/", dead_port().unwrap());
+    let (code, _, err) = sallyport(
+        &home,
+        &["enroll", &dead, "--ca", &ca, "--proxy", "direct"],
+        &token,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach the gateway"), "{err}");
+    assert!(files(&conf_dir).is_empty());
+
+    // The real token.
+    let (code, out, err) = sallyport(
+        &home,
+        &["enroll", &gw, "--ca", &ca, "--proxy", "direct"],
+        &token,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let der = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_file(sys.pki.p("gateway.crt")).unwrap()
+    };
+    let pin = egress::cert::key_pin(&der).unwrap();
+    assert!(out.contains(&format!("gateway key pinned: {pin}")), "{out}");
+    assert!(out.contains("(mode 0600)"), "{out}");
+    assert_eq!(files(&conf_dir), ["agent.token", "agent.toml", "ca.crt"]);
+    for f in ["agent.toml", "agent.token"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(conf_dir.join(f)).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o077, 0, "{f} is readable by others");
+    }
+    assert!(!out.contains(token.trim()), "the token was printed");
+
+    // `run` with no flags but ports uses what enroll wrote.
+    let agent = Proc::spawn(
+        "enrolled-agent",
+        Command::new(bin("sallyport"))
+            .args(["run", "--socks", "127.0.0.1:0", "--http", "off"])
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", home.path().join(".config")),
+    )
+    .unwrap();
+    let socks = agent.addr(&["listening", "socks5"]).unwrap();
+    agent
+        .wait_for(&["connected to the gateway"], Duration::from_secs(15))
+        .unwrap();
+    let (code, body, err) = run(Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--socks5-hostname"])
+        .arg(socks.to_string())
+        .arg(format!("http://backend.internal:{}/", svc.port())))
+    .unwrap();
+    assert_eq!(
+        (code, body.as_str()),
+        (0, "hello from backend.internal\n"),
+        "{err}"
+    );
+    drop(agent);
+
+    // Another key than the pinned one: refused, both fingerprints shown.
+    let conf = conf_dir.join("agent.toml");
+    let other = "sha256/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let text = std::fs::read_to_string(&conf).unwrap().replace(&pin, other);
+    std::fs::write(&conf, text).unwrap();
+    let pinned = Proc::spawn(
+        "pinned-agent",
+        Command::new(bin("sallyport"))
+            .args(["run", "--socks", "127.0.0.1:0", "--http", "off"])
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", home.path().join(".config")),
+    )
+    .unwrap();
+    pinned
+        .wait_for(
+            &[
+                &format!("presented key {pin}"),
+                &format!("pinned to {other}"),
+            ],
+            Duration::from_secs(15),
+        )
+        .unwrap();
+    drop(pinned);
+
+    // Re-enrolling replaces cleanly; logout removes everything enroll wrote.
+    let (code, out, err) = sallyport(
+        &home,
+        &["enroll", &gw, "--ca", &ca, "--proxy", "direct"],
+        &token,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(std::fs::read_to_string(&conf).unwrap().contains(&pin));
+    let (code, out, err) = sallyport(&home, &["logout"], "");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(files(&conf_dir).is_empty(), "{:?}", files(&conf_dir));
+}
