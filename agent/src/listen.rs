@@ -43,6 +43,13 @@ impl Front {
 pub enum ListenError {
     #[error("{addr} is already in use by uid {uid}, another user's program; pick another port")]
     HeldByOtherUser { addr: SocketAddr, uid: u32 },
+    #[error("{addr} is already in use by {name} (pid {pid}){hint}")]
+    HeldByProcess {
+        addr: SocketAddr,
+        pid: u32,
+        name: String,
+        hint: &'static str,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -59,7 +66,19 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ListenError> {
                 (Some(uid), Some(me)) if uid != me => {
                     Err(ListenError::HeldByOtherUser { addr, uid })
                 }
-                _ => Err(ListenError::Bind { addr, source: e }),
+                _ => match peer::listener_process(addr) {
+                    Some((pid, name)) => Err(ListenError::HeldByProcess {
+                        addr,
+                        pid,
+                        hint: if name.starts_with("sallyport") {
+                            ": an agent is already running for you (`sallyport service stop`, or stop that process), or pick another port"
+                        } else {
+                            "; pick another port"
+                        },
+                        name,
+                    }),
+                    None => Err(ListenError::Bind { addr, source: e }),
+                },
             }
         }
         Err(source) => Err(ListenError::Bind { addr, source }),

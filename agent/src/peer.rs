@@ -168,6 +168,49 @@ pub fn listener_owner(addr: SocketAddr) -> Option<u32> {
     lookup(addr, None, "0A")
 }
 
+/// The socket inode of the listener on `addr` in the text of `/proc/net/tcp`.
+pub fn find_listener_inode(table: &str, addr: SocketAddr) -> Option<u64> {
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 || f[3] != "0A" || !same(parse_addr(f[1])?, addr) {
+            return None;
+        }
+        f[9].parse().ok()
+    })
+}
+
+/// The process (pid, name) holding the listener on `addr`, when it is one of ours (only our own
+/// processes' descriptors are readable): to say "already in use by sallyport (pid 1234)".
+#[cfg(target_os = "linux")]
+pub fn listener_process(addr: SocketAddr) -> Option<(u32, String)> {
+    let inode = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .find_map(|p| find_listener_inode(&std::fs::read_to_string(p).ok()?, addr))?;
+    let needle = format!("socket:[{inode}]");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy() == needle) {
+                let name = std::fs::read_to_string(entry.path().join("comm"))
+                    .map(|c| c.trim().to_string())
+                    .unwrap_or_default();
+                return Some((pid, name));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn listener_process(_addr: SocketAddr) -> Option<(u32, String)> {
+    None
+}
+
 #[cfg(not(target_os = "linux"))]
 pub fn listener_owner(_addr: SocketAddr) -> Option<u32> {
     None

@@ -571,3 +571,32 @@ fn bad_configuration_exits_64_with_one_line_naming_the_fix() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("open proxy"), "{err}");
 }
+
+/// A second agent for the same user on the same port names the running one and its pid, rather
+/// than a raw "address in use".
+#[test]
+fn a_second_agent_on_the_same_port_names_the_running_one() {
+    let (_port, sys) = backend();
+    let (code, _, err) = run(Command::new(bin("sallyport"))
+        .args([
+            "run",
+            "--gateway",
+            &sys.gw_url,
+            "--http",
+            "off",
+            "--socks",
+            &sys.socks.to_string(),
+        ])
+        .env("SALLYPORT_TOKEN", format!("sp_x_{}", "a".repeat(64)))
+        .env("HOME", "/nonexistent"))
+    .unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} is already in use by sallyport (pid {})",
+            sys.socks,
+            sys.agent.pid()
+        )) && err.contains("an agent is already running for you"),
+        "{err}"
+    );
+}
