@@ -51,10 +51,21 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
                     a.candidate.proxy,
                     a.candidate.source
                 );
+                if !how.starts_with("TLS, certificate ") {
+                    // Plain, or the gateway's refusal: no certificate to compare.
+                    continue;
+                }
                 seen_certs.push((a.candidate.proxy.to_string(), how.clone()));
-                if let Some(issuer) = how.rsplit_once(" issued by ").map(|(_, i)| i) {
+                // Issuers along the chain sent; the leaf's first.
+                let issuers: Vec<&str> = how
+                    .split("; ")
+                    .filter_map(|part| part.rsplit_once(" issued by ").map(|(_, i)| i))
+                    .collect();
+                if let Some(issuer) = issuers.first() {
                     if !config.gateway_ca_names.is_empty()
-                        && !config.gateway_ca_names.iter().any(|n| n == issuer)
+                        && !issuers
+                            .iter()
+                            .any(|i| config.gateway_ca_names.iter().any(|n| n == i))
                     {
                         let _ = writeln!(
                             out,

@@ -52,6 +52,9 @@ enum Command {
         /// The agent config the service runs with [default: the per-user agent.toml].
         #[arg(long, short = 'c')]
         config: Option<std::path::PathBuf>,
+        /// The agent binary the service runs [default: this one] (for `unit`, when packaging).
+        #[arg(long)]
+        exe: Option<std::path::PathBuf>,
     },
     /// One tunnelled connection on stdin/stdout (ssh -o ProxyCommand='sallyport connect %h %p').
     Connect {
@@ -86,6 +89,8 @@ enum ServiceAction {
     Start,
     Stop,
     Status,
+    /// Print the systemd user unit (for packages: /usr/lib/systemd/user/sallyport.service).
+    Unit,
 }
 
 fn main() -> ExitCode {
@@ -196,8 +201,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Service { action, config } => {
-            let exe = std::env::current_exe()?;
+        Command::Service {
+            action,
+            config,
+            exe,
+        } => {
+            let exe = match exe {
+                Some(e) => e,
+                None => std::env::current_exe()?,
+            };
             let config =
                 match config {
                     Some(c) => Some(std::path::absolute(&c).map_err(|e| {
@@ -205,8 +217,14 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     })?),
                     None => None,
                 };
-            let service = installer::Service::for_user(installer::ServiceSpec { exe, config })?;
+            let spec = installer::ServiceSpec { exe, config };
+            if let ServiceAction::Unit = action {
+                print!("{}", installer::systemd_unit(&spec));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let service = installer::Service::for_user(spec)?;
             let action = match action {
+                ServiceAction::Unit => installer::Action::Status,
                 ServiceAction::Install => installer::Action::Install,
                 ServiceAction::Uninstall => installer::Action::Uninstall,
                 ServiceAction::Start => installer::Action::Start,

@@ -43,7 +43,13 @@ fn name(b: &[u8]) -> Option<String> {
             if tag != 0x06 {
                 continue;
             }
-            let text = String::from_utf8_lossy(value).to_string();
+            // Whoever re-signed chose these bytes: no control characters (log forging,
+            // terminal escapes), and bounded.
+            let text: String = String::from_utf8_lossy(value)
+                .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .take(128)
+                .collect();
             match oid {
                 [0x55, 0x04, 0x03] => cn = Some(text),
                 [0x55, 0x04, 0x0a] => o = Some(text),

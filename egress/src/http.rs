@@ -68,7 +68,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Head, String> {
         let value = String::from_utf8_lossy(h.value);
         let name = h.name.to_ascii_lowercase();
         match name.as_str() {
-            "proxy-authenticate" => head.challenges.push(Challenge::parse(&value)),
+            "proxy-authenticate" => head.challenges.extend(Challenge::parse_all(&value)),
             "content-length" => {
                 let n = value
                     .trim()
@@ -93,6 +93,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Head, String> {
             _ => {}
         }
     }
+    head.challenges.truncate(64);
     Ok(head)
 }
 
@@ -132,8 +133,11 @@ async fn read_head<S: AsyncRead + Unpin>(io: &mut S, proxy: &str) -> Result<Head
 /// Reads and discards a 407 body so the connection can carry the next round. `false` when the
 /// connection cannot be reused (close, chunked, too long, or an error).
 async fn drain<S: AsyncRead + Unpin>(io: &mut S, head: &Head) -> bool {
-    if head.close || head.chunked {
+    if head.close {
         return false;
+    }
+    if head.chunked {
+        return drain_chunked(io).await;
     }
     let Some(mut left) = head.content_length else {
         // Neither length nor chunked: the body runs to the close.
@@ -153,6 +157,54 @@ async fn drain<S: AsyncRead + Unpin>(io: &mut S, head: &Head) -> bool {
     true
 }
 
+/// Skips a chunked body (at most [`MAX_DRAIN`] bytes of chunks, lines of at most 1 KiB).
+async fn drain_chunked<S: AsyncRead + Unpin>(io: &mut S) -> bool {
+    async fn line<S: AsyncRead + Unpin>(io: &mut S) -> Option<String> {
+        let mut l = Vec::new();
+        let mut b = [0u8; 1];
+        while !l.ends_with(b"\r\n") {
+            if l.len() > 1024 || io.read(&mut b).await.ok()? == 0 {
+                return None;
+            }
+            l.push(b[0]);
+        }
+        Some(String::from_utf8_lossy(&l[..l.len() - 2]).into_owned())
+    }
+    let mut total = 0u64;
+    loop {
+        let Some(size) = line(io).await else {
+            return false;
+        };
+        let hex = size.split(';').next().unwrap_or("").trim();
+        let Ok(n) = u64::from_str_radix(hex, 16) else {
+            return false;
+        };
+        if n == 0 {
+            // Trailers, then the blank line.
+            loop {
+                match line(io).await {
+                    Some(l) if l.is_empty() => return true,
+                    Some(_) => continue,
+                    None => return false,
+                }
+            }
+        }
+        total += n;
+        if total > MAX_DRAIN {
+            return false;
+        }
+        let mut left = n + 2; // data and its CRLF
+        let mut buf = [0u8; 4096];
+        while left > 0 {
+            let want = (left as usize).min(buf.len());
+            match io.read(&mut buf[..want]).await {
+                Ok(0) | Err(_) => return false,
+                Ok(k) => left -= k as u64,
+            }
+        }
+    }
+}
+
 /// Where the CONNECT goes and how to authenticate.
 pub struct Connect<'a> {
     /// The proxy, for messages (`http://proxy.corp:3128`).
@@ -164,6 +216,10 @@ pub struct Connect<'a> {
     pub auth: &'a AuthOptions,
     /// The scheme this proxy accepted last time: Basic goes out at once.
     pub remembered: Option<Scheme>,
+    /// Set once a password-derived answer (Basic, Digest, NTLM authenticate) has gone out: a
+    /// failure after that (a reset, a timeout, a 403) may have cost a logon attempt, and the
+    /// caller must not send the password again at once.
+    pub password_sent: &'a std::sync::atomic::AtomicBool,
 }
 
 /// The state of an answer in progress.
@@ -204,6 +260,13 @@ where
             Some(io) => io,
             None => dial().await?,
         };
+        if matches!(
+            sent,
+            Sent::Basic | Sent::Digest { .. } | Sent::NtlmAuthenticate
+        ) {
+            c.password_sent
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         send(&mut io, proxy, c.target, header.as_deref()).await?;
         let head = read_head(&mut io, proxy).await?;
         if (200..300).contains(&head.status) {
@@ -235,13 +298,20 @@ where
             scheme: scheme.name().into(),
         };
         // What we sent decides what this 407 means.
+        let offers = |s: Scheme| head.challenges.iter().any(|ch| ch.known() == Some(s));
         match sent {
+            // Basic sent at once (remembered) to a proxy that no longer offers it: as if
+            // nothing had been sent; choose among what it offers now.
+            Sent::Basic if c.remembered == Some(Scheme::Basic) && !offers(Scheme::Basic) => {
+                skip.push(Scheme::Basic);
+            }
             Sent::Basic => return Err(rejected(Scheme::Basic).into()),
             Sent::NtlmAuthenticate => return Err(rejected(Scheme::Ntlm).into()),
             Sent::Digest { stale_retried } => {
                 let stale = head.challenges.iter().find(|ch| {
                     ch.known() == Some(Scheme::Digest)
-                        && ch.rest.to_ascii_lowercase().contains("stale=true")
+                        && auth::digest::parse_params(&ch.rest)
+                            .is_ok_and(|p| auth::digest::is_stale(&p))
                 });
                 match (stale, creds) {
                     (Some(ch), Some(cr)) if !stale_retried => {
@@ -271,7 +341,10 @@ where
                     return Err(ProxyError::AuthFailed {
                         proxy: proxy.into(),
                         scheme: "NTLM".into(),
-                        why: "the proxy closed the connection between the NTLM rounds (NTLM needs one connection; a load balancer in front of the proxy needs session persistence)".into(),
+                        why: format!(
+                            "the connection was closed between the NTLM rounds ({}); NTLM needs one connection",
+                            closed_why(&head)
+                        ),
                     }
                     .into());
                 }
@@ -290,26 +363,28 @@ where
                     .iter()
                     .find(|ch| ch.known() == Some(scheme))
                     .and_then(Challenge::token);
-                match (token, gss.take(), reusable) {
+                // Single sign-on failures lock nothing (no password is typed here): they are
+                // reported as what they are and the next scheme is tried.
+                let why = match (token, gss.take(), reusable) {
                     (Some(token), Some(ctx), true) => match gss_step(ctx, Some(token)).await {
                         Ok((ctx, Some(out))) => {
                             gss = Some(ctx);
                             header = Some(format!("{} {}", scheme.name(), b64(&out)));
                             continue;
                         }
-                        Ok((_, None)) | Err(_) if scheme == Scheme::Ntlm => {
-                            return Err(rejected(Scheme::Ntlm).into())
-                        }
-                        Ok((_, None)) => {
-                            why_skipped.push("the proxy refused our Kerberos ticket".into())
-                        }
-                        Err(why) => why_skipped.push(format!("{scheme}: {why}")),
+                        Ok((_, None)) => format!("the proxy refused our {scheme} single sign-on"),
+                        Err(why) => format!("{scheme}: {why}"),
                     },
-                    _ if scheme == Scheme::Ntlm => return Err(rejected(Scheme::Ntlm).into()),
-                    // A refused Kerberos ticket locks nothing (the password was checked by
-                    // kinit); fall back to what else the proxy offers.
-                    _ => why_skipped.push("the proxy refused our Kerberos ticket".into()),
-                }
+                    (Some(_), _, false) => format!(
+                        "{scheme}: the connection was closed between the rounds ({})",
+                        closed_why(&head)
+                    ),
+                    (None, _, _) if scheme == Scheme::Ntlm => {
+                        "NTLM: the proxy answered without an NTLM challenge".to_string()
+                    }
+                    _ => format!("the proxy refused our {scheme} ticket"),
+                };
+                why_skipped.push(why);
                 skip.push(scheme);
             }
             Sent::Nothing => {}
@@ -317,8 +392,17 @@ where
         // Choose a scheme; Negotiate may fail locally (no ticket), then try the next one.
         loop {
             let Some(scheme) = auth::choose(&head.challenges, c.auth, &skip) else {
-                let mut why = if creds.is_none() {
+                let mut why = if let Some(w) = &c.auth.withheld {
+                    format!("our credentials are held back: {w}")
+                } else if creds.is_none() {
                     "no credentials configured (set a proxy user and SALLYPORT_PROXY_PASSWORD, or a credentials file)".to_string()
+                } else if c.auth.no_cleartext
+                    && head
+                        .challenges
+                        .iter()
+                        .any(|ch| ch.known() == Some(Scheme::Basic))
+                {
+                    "Basic would send the password in clear to a proxy found by WPAD/PAC (anyone on the LAN can spoof those); name it with --proxy to allow that".to_string()
                 } else {
                     "none of which sallyport can answer".to_string()
                 };
@@ -384,11 +468,23 @@ where
             break;
         }
     }
-    Err(ProxyError::Malformed {
+    Err(ProxyError::AuthFailed {
         proxy: proxy.into(),
-        why: format!("no tunnel after {MAX_ROUNDS} authentication rounds"),
+        scheme: "authentication".into(),
+        why: format!("no tunnel after {MAX_ROUNDS} rounds; the proxy keeps asking"),
     }
     .into())
+}
+
+/// Why a 407's connection could not carry the next round.
+fn closed_why(head: &Head) -> &'static str {
+    if head.close {
+        "the proxy said Connection: close; a load balancer in front of it needs session persistence"
+    } else if head.content_length.is_some_and(|n| n > MAX_DRAIN) {
+        "its 407 body was too long to skip, so we closed it"
+    } else {
+        "the proxy closed it, or its 407 had no length"
+    }
 }
 
 async fn send<S: AsyncWrite + Unpin>(
@@ -551,12 +647,14 @@ mod tests {
                 }
             }
         };
+        let sent = std::sync::atomic::AtomicBool::new(false);
         let c = Connect {
             proxy: "http://proxy.corp:3128",
             proxy_host: "proxy.corp",
             target: "gw.example.com:443",
             auth: &auth,
             remembered,
+            password_sent: &sent,
         };
         let r = connect(&c, dials).await.map(|(_, s)| s);
         let seen = seen.lock().unwrap().clone();
@@ -566,7 +664,7 @@ mod tests {
     fn alice() -> AuthOptions {
         AuthOptions {
             credentials: Some(Credentials::new("alice", Password::new("pw"))),
-            negotiate: false,
+            ..Default::default()
         }
     }
 
@@ -598,6 +696,39 @@ mod tests {
         let (r, seen) = run(&["HTTP/1.1 200 OK\r\n\r\n"], alice(), Some(Scheme::Basic)).await;
         assert_eq!(r.unwrap(), Some(Scheme::Basic));
         assert!(seen[0].contains("Basic"), "preemptive: {seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_remembered_basic_that_the_proxy_no_longer_offers_is_not_a_rejection() {
+        let (r, seen) = run(
+            &[
+                "HTTP/1.1 407 x\r\nProxy-Authenticate: Digest realm=\"corp\", nonce=\"n1\", qop=\"auth\"\r\nContent-Length: 0\r\n\r\n",
+                "HTTP/1.1 200 OK\r\n\r\n",
+            ],
+            alice(),
+            Some(Scheme::Basic),
+        )
+        .await;
+        assert_eq!(r.unwrap(), Some(Scheme::Digest));
+        assert!(
+            seen[1].contains("Proxy-Authorization: Digest username=\"alice\""),
+            "{seen:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunked_407_body_is_skipped_and_the_connection_reused() {
+        let (r, seen) = run(
+            &[
+                "HTTP/1.1 407 x\r\nProxy-Authenticate: Basic realm=\"corp\"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                "HTTP/1.1 200 OK\r\n\r\n",
+            ],
+            alice(),
+            None,
+        )
+        .await;
+        assert_eq!(r.unwrap(), Some(Scheme::Basic));
+        assert_eq!(seen.len(), 2);
     }
 
     #[tokio::test]
@@ -672,8 +803,8 @@ mod tests {
                 "HTTP/1.1 407 x\r\nProxy-Authenticate: Negotiate\r\nContent-Length: 0\r\n\r\n",
             ],
             AuthOptions {
-                credentials: None,
                 negotiate: true,
+                ..Default::default()
             },
             None,
         )

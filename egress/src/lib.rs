@@ -43,12 +43,25 @@ use tokio_rustls::TlsConnector;
 pub enum EgressError {
     #[error("invalid gateway URL `{url}`: {reason} (expected wss://host[:port][/prefix])")]
     BadUrl { url: String, reason: String },
-    #[error("cannot resolve gateway host {host}: {source}")]
-    Resolve { host: String, source: io::Error },
-    #[error("cannot connect to gateway {addr}: {source}")]
-    Connect { addr: String, source: io::Error },
-    #[error("connecting to gateway {addr} timed out after {after:?}")]
-    ConnectTimeout { addr: String, after: Duration },
+    /// `role` says which hop: `gateway` or `proxy`.
+    #[error("cannot resolve {role} host {host}: {source}")]
+    Resolve {
+        role: &'static str,
+        host: String,
+        source: io::Error,
+    },
+    #[error("cannot connect to {role} {addr}: {source}")]
+    Connect {
+        role: &'static str,
+        addr: String,
+        source: io::Error,
+    },
+    #[error("connecting to {role} {addr} timed out after {after:?}")]
+    ConnectTimeout {
+        role: &'static str,
+        addr: String,
+        after: Duration,
+    },
     #[error("TLS handshake with gateway {host} failed: {reason}")]
     Tls { host: String, reason: String },
     #[error("cannot read CA file {path}: {reason}")]
@@ -81,8 +94,8 @@ impl Default for Egress {
             proxy: None,
             pac: None,
             auth: AuthOptions {
-                credentials: None,
                 negotiate: true,
+                ..Default::default()
             },
             system: true,
             wpad: true,
@@ -125,7 +138,8 @@ impl Egress {
     /// credentials file, never from a flag (every local user can read command lines).
     pub fn from_settings(s: &EgressSettings<'_>) -> Result<Egress, String> {
         let proxy = match s.proxy.map(str::trim) {
-            None | Some("auto") | Some("") => None,
+            None | Some("") => None,
+            Some(a) if a.eq_ignore_ascii_case("auto") => None,
             Some(p) => Some(p.parse::<Proxy>().map_err(|e| format!("--proxy: {e}"))?),
         };
         let pac = s
@@ -143,27 +157,55 @@ impl Egress {
             Some(Proxy::Http { user, .. }) | Some(Proxy::Socks5 { user, .. }) => user.clone(),
             _ => None,
         };
-        let (file_user, file_password) = match s.credentials_file {
-            Some(path) => read_credentials_file(path)?,
-            None => (None, None),
-        };
-        let password = std::env::var("SALLYPORT_PROXY_PASSWORD")
+        // A user and its password come from ONE source, never mixed (a password tried with
+        // another user's name is a failed logon for that user): the environment, or the
+        // credentials file, or the OS keychain.
+        let named_user = url_user.or(s.proxy_user.map(String::from));
+        let env_password = std::env::var("SALLYPORT_PROXY_PASSWORD")
             .ok()
             .filter(|p| !p.is_empty())
-            .map(Password::new)
-            .or(file_password);
-        let user = url_user.or(s.proxy_user.map(String::from)).or(file_user);
-        let credentials = match (user, password) {
-            (Some(u), Some(p)) => Some(Credentials::new(u, p)),
-            (Some(u), None) => {
+            .map(Password::new);
+        let credentials = match (env_password, s.credentials_file) {
+            (Some(_), Some(path)) => {
                 return Err(format!(
-                    "proxy user `{u}` has no password: set SALLYPORT_PROXY_PASSWORD, --proxy-credentials FILE, or store it in the OS keychain (service sallyport-proxy, see docs/egress.md)"
+                    "both SALLYPORT_PROXY_PASSWORD and the credentials file {} give a proxy password; keep one",
+                    path.display()
                 ))
             }
-            (None, Some(_)) => {
-                return Err("a proxy password is set but no user: give --proxy-user USER, http://USER@proxy, or user:password in the credentials file".into())
+            (Some(p), None) => match named_user {
+                Some(u) => Some(Credentials::new(u, p)),
+                None => return Err("SALLYPORT_PROXY_PASSWORD is set but no proxy user: give --proxy-user USER or http://USER@proxy".into()),
+            },
+            (None, Some(path)) => {
+                let (file_user, password) = read_credentials_file(path)?;
+                match (named_user, file_user) {
+                    (Some(n), Some(f)) if n != f => {
+                        // (`f` may be the start of a password that contains `:`: not shown.)
+                        return Err(format!(
+                            "the first line of the credentials file {} does not start with `{n}:` although the proxy user is `{n}`; write `{n}:PASSWORD` in it",
+                            path.display()
+                        ))
+                    }
+                    (Some(u), _) | (None, Some(u)) => Some(Credentials::new(u, password)),
+                    (None, None) => {
+                        return Err(format!(
+                            "the credentials file {} holds a password but no user: write user:password in it, or give --proxy-user USER",
+                            path.display()
+                        ))
+                    }
+                }
             }
-            (None, None) => None,
+            (None, None) => match named_user {
+                // Last source: the OS keychain (Secret Service, macOS Keychain, Credential
+                // Manager), looked up for this user.
+                Some(u) => match keychain::lookup(&u) {
+                    Some(p) => Some(Credentials::new(u, p)),
+                    None => return Err(format!(
+                        "proxy user `{u}` has no password: set SALLYPORT_PROXY_PASSWORD, --proxy-credentials FILE, or store it in the OS keychain (service sallyport-proxy, see docs/egress.md)"
+                    )),
+                },
+                None => None,
+            },
         };
         Ok(Egress {
             proxy,
@@ -171,15 +213,17 @@ impl Egress {
             auth: AuthOptions {
                 credentials,
                 negotiate: true,
+                ..Default::default()
             },
             ..Egress::default()
         })
     }
 }
 
-/// Reads `user:password` (or a password alone) from the first line of a file that only its owner
-/// may read.
-fn read_credentials_file(path: &Path) -> Result<(Option<String>, Option<Password>), String> {
+/// Reads the first line of a credentials file that only its owner may read: `user:password`, or
+/// a password alone (without `:`). The caller checks that a user in the file agrees with one
+/// named elsewhere.
+fn read_credentials_file(path: &Path) -> Result<(Option<String>, Password), String> {
     let shown = path.display();
     #[cfg(unix)]
     {
@@ -201,8 +245,10 @@ fn read_credentials_file(path: &Path) -> Result<(Option<String>, Option<Password
         ));
     }
     Ok(match line.split_once(':') {
-        Some((u, p)) if !u.is_empty() => (Some(u.to_string()), Some(Password::new(p))),
-        _ => (None, Some(Password::new(line))),
+        Some((u, p)) if !u.is_empty() && !u.contains(char::is_whitespace) => {
+            (Some(u.to_string()), Password::new(p))
+        }
+        _ => (None, Password::new(line)),
     })
 }
 
@@ -456,17 +502,22 @@ impl GatewayStream {
     }
 
     /// Whose certificate the gateway connection presented, for `doctor`:
-    /// `TLS, certificate CN=gw.example.com issued by CN=Corp Inspection CA`.
+    /// `TLS, certificate CN=gw.example.com issued by CN=Corp Inspection CA`, followed by
+    /// `; <subject> issued by <issuer>` for each further certificate of the chain sent.
     pub fn peer_summary(&self) -> String {
         match self {
             GatewayStream::Plain(_) => "plain (no TLS on this hop)".into(),
             GatewayStream::Tls(s) => {
-                let leaf = s.get_ref().1.peer_certificates().and_then(|c| c.first());
-                match leaf.and_then(|der| cert::names(der)) {
-                    Some((subject, issuer)) => {
-                        format!("TLS, certificate {subject} issued by {issuer}")
-                    }
-                    None => "TLS (certificate names unreadable)".into(),
+                let chain = s.get_ref().1.peer_certificates().unwrap_or(&[]);
+                let names: Vec<String> = chain
+                    .iter()
+                    .filter_map(|der| cert::names(der))
+                    .map(|(subject, issuer)| format!("{subject} issued by {issuer}"))
+                    .collect();
+                if names.is_empty() {
+                    "TLS (certificate names unreadable)".into()
+                } else {
+                    format!("TLS, certificate {}", names.join("; "))
                 }
             }
         }
@@ -546,9 +597,18 @@ pub async fn dial_via(
     auth: &AuthOptions,
     remembered: Option<Scheme>,
 ) -> Result<(GatewayStream, Option<Scheme>), EgressError> {
+    let started = tokio::time::Instant::now();
     match dial_raw(url, tls, timeout, proxy, auth, remembered).await {
         Err(EgressError::Tls { host, reason }) if reason.contains("UnknownIssuer") => {
-            let seen = match peek_certificate(url, timeout, proxy, auth).await {
+            // Only what is left of the budget, and never the password again.
+            let left = timeout
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(1));
+            let no_password = AuthOptions {
+                credentials: None,
+                ..auth.clone()
+            };
+            let seen = match peek_certificate(url, left, proxy, &no_password).await {
                 Ok(cert) => format!(" — the certificate seen on this path: {cert}; a TLS-inspecting proxy re-signs with its own CA: trust it (OS store or --ca) or ask for an inspection exemption for the gateway"),
                 Err(_) => String::new(),
             };
@@ -578,21 +638,43 @@ async fn dial_raw(
     };
     let mut scheme = None;
     let tcp = match proxy {
-        Proxy::Direct => connect_tcp(&url.host, url.port, deadline, timeout).await?,
+        Proxy::Direct => connect_tcp("gateway", &url.host, url.port, deadline, timeout).await?,
         Proxy::Http { host, port, .. } => {
+            let password_sent = std::sync::atomic::AtomicBool::new(false);
             let c = http::Connect {
                 proxy: &name,
                 proxy_host: host,
                 target: &authority,
                 auth,
                 remembered,
+                password_sent: &password_sent,
             };
-            let (tcp, used) = tokio::time::timeout_at(
+            let result = tokio::time::timeout_at(
                 deadline,
-                http::connect(&c, || connect_tcp(host, *port, deadline, timeout)),
+                http::connect(&c, || connect_tcp("proxy", host, *port, deadline, timeout)),
             )
             .await
-            .map_err(|_| timed_out())??;
+            .unwrap_or_else(|_| Err(timed_out().into()));
+            // A failure after our password went out with no answer to it (a reset, a timeout,
+            // garbage) may still have cost a logon attempt: say so, so that nothing sends it
+            // again at once. Any HTTP status but 407 (a 503 when the gateway is down, a 403 by
+            // policy) means the proxy accepted the credentials.
+            let (tcp, used) = result.map_err(|e| match e {
+                EgressError::Proxy(ProxyError::AuthRejected { .. })
+                | EgressError::Proxy(ProxyError::Refused { .. }) => e,
+                e if password_sent.load(std::sync::atomic::Ordering::SeqCst) => {
+                    EgressError::Proxy(ProxyError::AuthUnconfirmed {
+                        proxy: name.clone(),
+                        user: auth
+                            .credentials
+                            .as_ref()
+                            .map(|c| c.user.clone())
+                            .unwrap_or_default(),
+                        why: e.to_string(),
+                    })
+                }
+                e => e,
+            })?;
             tracing::debug!(proxy = %name, scheme = ?used, "tunnel through HTTP proxy established");
             scheme = used;
             tcp
@@ -603,27 +685,35 @@ async fn dial_raw(
             remote_dns,
             ..
         } => {
-            let mut tcp = connect_tcp(host, *port, deadline, timeout).await?;
+            let mut tcp = connect_tcp("proxy", host, *port, deadline, timeout).await?;
+            // RFC 1929 sends the password in clear: not to a proxy anyone could have planted.
             let creds = auth
                 .credentials
                 .as_ref()
+                .filter(|_| !auth.no_cleartext)
                 .map(|c| (c.user.as_str(), &c.password));
             // socks5:// resolves the gateway here; socks5h:// lets the proxy resolve it.
             let target = if *remote_dns {
                 url.host.clone()
             } else {
-                tokio::net::lookup_host((url.host.as_str(), url.port))
-                    .await
-                    .map_err(|source| EgressError::Resolve {
-                        host: url.host.clone(),
-                        source,
-                    })?
-                    .next()
-                    .map(|a| a.ip().to_string())
-                    .ok_or_else(|| EgressError::Resolve {
-                        host: url.host.clone(),
-                        source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
-                    })?
+                tokio::time::timeout_at(
+                    deadline,
+                    tokio::net::lookup_host((url.host.as_str(), url.port)),
+                )
+                .await
+                .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "DNS timed out")))
+                .map_err(|source| EgressError::Resolve {
+                    role: "gateway",
+                    host: url.host.clone(),
+                    source,
+                })?
+                .next()
+                .map(|a| a.ip().to_string())
+                .ok_or_else(|| EgressError::Resolve {
+                    role: "gateway",
+                    host: url.host.clone(),
+                    source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+                })?
             };
             tokio::time::timeout_at(
                 deadline,
@@ -638,9 +728,10 @@ async fn dial_raw(
     Ok((stream, scheme))
 }
 
-/// For `doctor` only: dials like [`dial_via`] but accepts any certificate, to show who signed
-/// the one presented when verification failed (a TLS-inspecting proxy's CA, typically). The
-/// connection is dropped right after the handshake; nothing is ever sent on it.
+/// Dials like [`dial_via`] but accepts any certificate, only to show who signed the one
+/// presented when verification failed (a TLS-inspecting proxy's CA, typically): used by
+/// `dial_via` for its error message and by `doctor`. The connection is dropped right after the
+/// handshake; nothing is ever sent on it.
 pub async fn peek_certificate(
     url: &GatewayUrl,
     timeout: Duration,
@@ -707,8 +798,11 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     }
 }
 
-/// Resolves `host` and connects to each address in turn within the deadline.
+/// Resolves `host` and connects to its addresses in turn, all within the deadline; each
+/// address gets an equal share of what is left, so a black-holed first address (an AAAA record
+/// on a network without IPv6) does not eat the whole budget.
 async fn connect_tcp(
+    role: &'static str,
     host: &str,
     port: u16,
     deadline: tokio::time::Instant,
@@ -719,21 +813,29 @@ async fn connect_tcp(
     } else {
         format!("{host}:{port}")
     };
-    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+    let addrs: Vec<_> = tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port)))
         .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "DNS timed out")))
         .map_err(|source| EgressError::Resolve {
+            role,
             host: host.to_string(),
             source,
         })?
         .collect();
     let mut last = None;
-    for addr in addrs {
-        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+    let n = addrs.len();
+    for (i, addr) in addrs.into_iter().enumerate() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let share = left / (n - i) as u32;
+        match tokio::time::timeout(share, TcpStream::connect(addr)).await {
             Err(_) => {
-                return Err(EgressError::ConnectTimeout {
-                    addr: authority,
-                    after: timeout,
-                })
+                last = Some((
+                    addr,
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("timed out after {share:?}"),
+                    ),
+                ))
             }
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
@@ -742,16 +844,25 @@ async fn connect_tcp(
             Ok(Err(e)) => last = Some((addr, e)),
         }
     }
-    let (addr, source) = last.unwrap_or_else(|| {
-        (
-            ([0, 0, 0, 0], 0).into(),
-            io::Error::new(io::ErrorKind::NotFound, "no addresses"),
-        )
-    });
-    Err(EgressError::Connect {
-        addr: format!("{authority} ({addr})"),
-        source,
-    })
+    match last {
+        Some((_, e)) if e.kind() == io::ErrorKind::TimedOut && n == 1 => {
+            Err(EgressError::ConnectTimeout {
+                role,
+                addr: authority,
+                after: timeout,
+            })
+        }
+        Some((addr, source)) => Err(EgressError::Connect {
+            role,
+            addr: format!("{authority} ({addr})"),
+            source,
+        }),
+        None => Err(EgressError::Connect {
+            role,
+            addr: authority,
+            source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+        }),
+    }
 }
 
 async fn finish_dial(
@@ -783,6 +894,7 @@ async fn finish_dial(
     let tcp = BufReader::with_capacity(TLS_READ_BUFFER, tcp);
     match tokio::time::timeout_at(deadline, connector.connect(name, tcp)).await {
         Err(_) => Err(EgressError::ConnectTimeout {
+            role: "gateway",
             addr: authority,
             after: timeout,
         }),

@@ -41,6 +41,10 @@ pub struct Candidate {
     pub proxy: Proxy,
     /// e.g. `--proxy`, `environment HTTPS_PROXY`, `PAC http://wpad.corp/wpad.dat`, `direct`.
     pub source: String,
+    /// Named by the user or IT (`--proxy`, `--pac`, the environment, OS manual settings), not
+    /// found on the network (WPAD, an OS-provided PAC URL): only these get a password in clear
+    /// (Basic, SOCKS5), because anyone on the LAN can answer WPAD.
+    pub trusted: bool,
 }
 
 impl fmt::Display for Candidate {
@@ -112,13 +116,23 @@ struct Memory {
     schemes: HashMap<String, Scheme>,
     /// Proxy → why its credentials were rejected. Never retried.
     rejected: HashMap<String, String>,
+    /// Our credentials are held back from every proxy: after a 407 on them (until restart:
+    /// `None`), or after they went out without a clear answer (until the instant).
+    held: Option<(Option<Instant>, String)>,
 }
+
+/// How long credentials that got no clear answer are held back.
+/// (Directories commonly lock after 5 failures in 30 minutes: this allows 3.)
+pub const UNCONFIRMED_HOLD: Duration = Duration::from_secs(10 * 60);
 
 /// The way out: discovery, probing and memory. One per agent/connector, shared by its sessions.
 pub struct Way {
     egress: Egress,
     memory: Mutex<Memory>,
     stagger: Duration,
+    /// One probe at a time: sessions that connect together (a connector's N sessions) wait
+    /// for the first one's answer instead of each sending the password.
+    probing: tokio::sync::Mutex<()>,
 }
 
 enum Outcome<T, E> {
@@ -133,6 +147,7 @@ impl Way {
             egress,
             memory: Mutex::new(Memory::default()),
             stagger: STAGGER,
+            probing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -153,11 +168,12 @@ impl Way {
             d.candidates.push(Candidate {
                 proxy: p.clone(),
                 source: "--proxy".into(),
+                trusted: true,
             });
             return d;
         }
         if let Some(pac) = &self.egress.pac {
-            match pac_candidates(pac, url, &format!("--pac {pac}")).await {
+            match pac_candidates(pac, url, &format!("--pac {pac}"), true).await {
                 Ok(list) => {
                     d.notes.push(format!("PAC {pac}: {}", names(&list)));
                     d.candidates = list;
@@ -176,6 +192,7 @@ impl Way {
             Some(Ok(p)) => d.candidates.push(Candidate {
                 proxy: p,
                 source: format!("environment {}", var.unwrap_or("HTTPS_PROXY")),
+                trusted: true,
             }),
             Some(Err(e)) => d.notes.push(format!("environment: {e}")),
             None if var.is_some() => d
@@ -207,11 +224,14 @@ impl Way {
                             d.candidates.push(Candidate {
                                 proxy: p,
                                 source: sp.source.clone(),
+                                trusted: true,
                             });
                         }
                     }
                     system::SystemMode::Pac(loc) => {
-                        match pac_candidates(&loc, url, &format!("{} PAC {loc}", sp.source)).await {
+                        match pac_candidates(&loc, url, &format!("{} PAC {loc}", sp.source), false)
+                            .await
+                        {
                             Ok(list) => d.candidates.extend(list),
                             Err(e) => d.notes.push(format!("{}: {e}", sp.source)),
                         }
@@ -229,6 +249,7 @@ impl Way {
         d.candidates.push(Candidate {
             proxy: Proxy::Direct,
             source: "direct".into(),
+            trusted: true,
         });
         // The first mention of a proxy wins.
         let mut seen = Vec::new();
@@ -248,7 +269,7 @@ impl Way {
         }
         for suffix in suffixes {
             for loc in pac::wpad_urls(&suffix) {
-                match pac_candidates(&loc, url, &format!("WPAD {loc}")).await {
+                match pac_candidates(&loc, url, &format!("WPAD {loc}"), false).await {
                     Ok(list) => {
                         d.notes.push(format!("WPAD {loc}: {}", names(&list)));
                         d.candidates.extend(list);
@@ -275,6 +296,7 @@ impl Way {
         Fut: Future<Output = Result<T, E>>,
         E: fmt::Display + fmt::Debug + GatewayReached,
     {
+        let _probing = self.probing.lock().await;
         let key = crate::network::key();
         let remembered = self
             .memory
@@ -301,7 +323,7 @@ impl Way {
         let candidates: Vec<Candidate> = d
             .candidates
             .into_iter()
-            .filter(|c| Some(c) != remembered.as_ref())
+            .filter(|c| remembered.as_ref().map(|r| &r.proxy) != Some(&c.proxy))
             .collect();
         let mut pending = FuturesUnordered::new();
         let mut next = 0;
@@ -419,7 +441,19 @@ impl Way {
         if let Some(why) = rejected {
             return Outcome::Failed(format!("not tried again: {why}"));
         }
-        match dial_via(url, tls, timeout, &c.proxy, &self.egress.auth, remembered).await {
+        let mut auth = self.egress.auth.clone();
+        auth.no_cleartext = !c.trusted;
+        if let Ok(mut m) = self.memory.lock() {
+            if let Some((until, why)) = m.held.clone() {
+                if until.is_some_and(|t| Instant::now() >= t) {
+                    m.held = None;
+                } else if auth.credentials.is_some() {
+                    auth.credentials = None;
+                    auth.withheld = Some(why);
+                }
+            }
+        }
+        match dial_via(url, tls, timeout, &c.proxy, &auth, remembered).await {
             Ok((stream, scheme)) => {
                 if let (Some(s), Ok(mut m)) = (scheme, self.memory.lock()) {
                     m.schemes.insert(proxy_key, s);
@@ -434,23 +468,37 @@ impl Way {
             Err(e) => {
                 if let EgressError::Proxy(pe) = &e {
                     if pe.credentials_rejected() {
-                        tracing::warn!(proxy = %c.proxy, error = %pe, "proxy rejected our credentials; this way out is not tried again");
+                        tracing::warn!(proxy = %c.proxy, error = %pe, "proxy rejected our credentials; they go to no proxy again until restart");
                         if let Ok(mut m) = self.memory.lock() {
                             m.rejected.insert(proxy_key, pe.to_string());
+                            m.held = Some((None, format!("{} rejected them", c.proxy)));
+                        }
+                    } else if pe.credentials_unconfirmed() {
+                        tracing::warn!(proxy = %c.proxy, error = %pe, "our credentials got no clear answer; held back for 10 minutes");
+                        if let Ok(mut m) = self.memory.lock() {
+                            m.held = Some((
+                                Some(Instant::now() + UNCONFIRMED_HOLD),
+                                format!("{} gave no clear answer to them", c.proxy),
+                            ));
                         }
                     }
                 }
-                Outcome::Failed(explain_dial(&c.proxy, &e))
+                Outcome::Failed(explain_dial(&c.proxy, url, &e))
             }
         }
     }
 }
 
 /// A dial error, with the likely cause for direct timeouts.
-fn explain_dial(p: &Proxy, e: &EgressError) -> String {
+fn explain_dial(p: &Proxy, url: &GatewayUrl, e: &EgressError) -> String {
     match (p, e) {
-        (Proxy::Direct, EgressError::ConnectTimeout { .. }) => {
-            format!("{e} — outbound 443 is probably blocked")
+        (
+            Proxy::Direct,
+            EgressError::ConnectTimeout {
+                role: "gateway", ..
+            },
+        ) => {
+            format!("{e} — outbound {} is probably blocked", url.port)
         }
         _ => e.to_string(),
     }
@@ -468,6 +516,7 @@ async fn pac_candidates(
     location: &str,
     url: &GatewayUrl,
     source: &str,
+    trusted: bool,
 ) -> Result<Vec<Candidate>, String> {
     let script = pac::fetch(location, PAC_TIMEOUT)
         .await
@@ -489,6 +538,7 @@ async fn pac_candidates(
         .enumerate()
         .map(|(i, proxy)| Candidate {
             proxy,
+            trusted,
             source: if n > 1 {
                 format!("{source}, entry {} of {n}", i + 1)
             } else {
@@ -496,4 +546,146 @@ async fn pac_candidates(
             },
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{AuthOptions, Credentials};
+    use crate::proxy::Password;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A proxy that answers every request with 407 Basic; counts requests carrying a password.
+    async fn refusing_proxy() -> (u16, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let with_password = Arc::new(AtomicUsize::new(0));
+        let count = with_password.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut b = [0u8; 1024];
+                    loop {
+                        let Ok(n) = s.read(&mut b).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&b[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let req: Vec<u8> = buf.drain(..end + 4).collect();
+                            if String::from_utf8_lossy(&req).contains("Proxy-Authorization") {
+                                count.fetch_add(1, Ordering::SeqCst);
+                            }
+                            let _ = s.write_all(b"HTTP/1.1 407 Auth\r\nProxy-Authenticate: Basic realm=\"corp\"\r\nContent-Length: 0\r\n\r\n").await;
+                        }
+                    }
+                });
+            }
+        });
+        (port, with_password)
+    }
+
+    fn way(proxy: Option<Proxy>) -> Arc<Way> {
+        Way::new(Egress {
+            proxy,
+            auth: AuthOptions {
+                credentials: Some(Credentials::new("alice", Password::new("pw"))),
+                ..Default::default()
+            },
+            system: false,
+            wpad: false,
+            ..Egress::default()
+        })
+    }
+
+    #[derive(Debug)]
+    struct Never;
+    impl fmt::Display for Never {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("never")
+        }
+    }
+    impl GatewayReached for Never {
+        fn reached_gateway(&self) -> bool {
+            false
+        }
+    }
+
+    fn url() -> GatewayUrl {
+        GatewayUrl::parse("ws://127.0.0.1:9/").unwrap()
+    }
+
+    #[tokio::test]
+    async fn credentials_rejected_by_one_proxy_go_to_no_other() {
+        let (p1, n1) = refusing_proxy().await;
+        let (p2, n2) = refusing_proxy().await;
+        let w = way(None);
+        let cand = |port| Candidate {
+            proxy: format!("http://127.0.0.1:{port}").parse().unwrap(),
+            source: "test".into(),
+            trusted: true,
+        };
+        let verify = |_io: GatewayStream| async { Err::<(), Never>(Never) };
+        let t = Duration::from_secs(5);
+        let Outcome::Failed(why) = w.attempt(&url(), None, t, &cand(p1), &verify).await else {
+            panic!("expected a failure")
+        };
+        assert!(why.contains("rejected the Basic credentials"), "{why}");
+        let Outcome::Failed(why) = w.attempt(&url(), None, t, &cand(p2), &verify).await else {
+            panic!("expected a failure")
+        };
+        assert!(
+            why.contains("held back") && why.contains("rejected them"),
+            "{why}"
+        );
+        assert_eq!(n1.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            n2.load(Ordering::SeqCst),
+            0,
+            "the password went to a second proxy"
+        );
+    }
+
+    #[tokio::test]
+    async fn sessions_connecting_together_send_the_password_once() {
+        let (port, n) = refusing_proxy().await;
+        let w = way(Some(format!("http://127.0.0.1:{port}").parse().unwrap()));
+        let verify = |_io: GatewayStream| async { Err::<(), Never>(Never) };
+        let u = url();
+        let t = Duration::from_secs(5);
+        let tries = (0..4).map(|_| w.connect(&u, None, t, verify));
+        let results = futures_util::future::join_all(tries).await;
+        assert!(results.iter().all(|r| r.is_err()));
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            1,
+            "the password was sent more than once"
+        );
+        assert!(results
+            .iter()
+            .all(|r| r.as_ref().err().unwrap().only_rejected_credentials()));
+    }
+
+    #[tokio::test]
+    async fn a_spoofable_proxy_never_gets_basic() {
+        let (port, n) = refusing_proxy().await;
+        let w = way(None);
+        let c = Candidate {
+            proxy: format!("http://127.0.0.1:{port}").parse().unwrap(),
+            source: "WPAD http://wpad.corp/wpad.dat".into(),
+            trusted: false,
+        };
+        let verify = |_io: GatewayStream| async { Err::<(), Never>(Never) };
+        let Outcome::Failed(why) = w
+            .attempt(&url(), None, Duration::from_secs(5), &c, &verify)
+            .await
+        else {
+            panic!("expected a failure")
+        };
+        assert!(why.contains("in clear to a proxy found by WPAD"), "{why}");
+        assert_eq!(n.load(Ordering::SeqCst), 0);
+    }
 }

@@ -288,6 +288,12 @@ pub enum ProxyError {
         user: String,
         scheme: String,
     },
+    #[error("proxy {proxy}: our credentials for user `{user}` got no clear answer ({why}); not sending them again for 10 minutes, so the account does not lock")]
+    AuthUnconfirmed {
+        proxy: String,
+        user: String,
+        why: String,
+    },
     #[error("proxy {proxy}: {scheme} authentication failed: {why}")]
     AuthFailed {
         proxy: String,
@@ -327,6 +333,12 @@ impl ProxyError {
             ProxyError::Socks { why, .. } => why.contains("rejected the credentials"),
             _ => false,
         }
+    }
+
+    /// True when our password went out and got no clear answer (see
+    /// [`ProxyError::AuthUnconfirmed`]): not sent again for a while.
+    pub fn credentials_unconfirmed(&self) -> bool {
+        matches!(self, ProxyError::AuthUnconfirmed { .. })
     }
 }
 

@@ -105,8 +105,8 @@ impl fmt::Display for Scheme {
 /// One `Proxy-Authenticate` value: `NTLM`, `NTLM TlRMTVNT…`, `Basic realm="corp"`,
 /// `Digest realm="corp", nonce="…", qop="auth"`.
 ///
-/// Squid (and every proxy we know) sends one challenge per header line; a line that packs
-/// several challenges separated by commas is read as its first one.
+/// Squid sends one challenge per header line; [`Challenge::parse_all`] also splits a line that
+/// packs several (`Negotiate, NTLM, Basic realm="corp"`, as RFC 7235 allows).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Challenge {
     /// The scheme as the proxy spelled it.
@@ -116,6 +116,43 @@ pub struct Challenge {
 }
 
 impl Challenge {
+    /// Every challenge in one header value: commas outside quotes separate list elements; an
+    /// element that starts with a bare token (no `=` before a space) starts a new challenge,
+    /// the others (`realm="x"`) are parameters of the current one.
+    pub fn parse_all(value: &str) -> Vec<Challenge> {
+        let mut pieces = Vec::new();
+        let (mut cur, mut quoted, mut escaped) = (String::new(), false, false);
+        for c in value.chars() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                ',' if !quoted => {
+                    pieces.push(std::mem::take(&mut cur));
+                    continue;
+                }
+                _ => {}
+            }
+            cur.push(c);
+        }
+        pieces.push(cur);
+        let mut out: Vec<Challenge> = Vec::new();
+        for piece in pieces.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+            let first = piece.split([' ', '\t']).next().unwrap_or("");
+            let starts_challenge = !first.contains('=') || out.is_empty();
+            match out.last_mut() {
+                Some(last) if !starts_challenge => {
+                    if !last.rest.is_empty() {
+                        last.rest.push_str(", ");
+                    }
+                    last.rest.push_str(piece);
+                }
+                _ => out.push(Challenge::parse(piece)),
+            }
+        }
+        out
+    }
+
     pub fn parse(value: &str) -> Challenge {
         let value = value.trim();
         let (scheme, rest) = value
@@ -151,6 +188,11 @@ pub struct AuthOptions {
     pub credentials: Option<Credentials>,
     /// Try Negotiate (Kerberos ticket / Windows logon) when the proxy offers it.
     pub negotiate: bool,
+    /// Never send the password in clear (Basic, SOCKS5 user/password): set for proxies found
+    /// by WPAD or an OS-provided PAC, which anyone on the LAN can spoof.
+    pub no_cleartext: bool,
+    /// Why the credentials are held back (an earlier rejection), for the error message.
+    pub withheld: Option<String>,
 }
 
 /// The scheme to answer with, from what the proxy offers and what we have; `skip` lists schemes
@@ -164,7 +206,8 @@ pub fn choose(offered: &[Challenge], opts: &AuthOptions, skip: &[Scheme]) -> Opt
             && match s {
                 Scheme::Negotiate => opts.negotiate,
                 Scheme::Ntlm => opts.credentials.is_some() || cfg!(windows) && opts.negotiate,
-                Scheme::Digest | Scheme::Basic => opts.credentials.is_some(),
+                Scheme::Digest => opts.credentials.is_some(),
+                Scheme::Basic => opts.credentials.is_some() && !opts.no_cleartext,
             }
     })
 }
@@ -199,7 +242,7 @@ mod tests {
         assert!(offered[2].rest.starts_with("realm="));
         let creds = AuthOptions {
             credentials: Some(Credentials::new("alice", Password::new("pw"))),
-            negotiate: false,
+            ..Default::default()
         };
         assert_eq!(choose(&offered, &creds, &[]), Some(Scheme::Ntlm));
         assert_eq!(
@@ -209,6 +252,7 @@ mod tests {
         let kerberos = AuthOptions {
             credentials: None,
             negotiate: true,
+            ..Default::default()
         };
         assert_eq!(choose(&offered, &kerberos, &[]), Some(Scheme::Negotiate));
         assert_eq!(
@@ -220,6 +264,20 @@ mod tests {
             offered_names(&offered),
             "Basic, NTLM, Digest, Negotiate, Bearer"
         );
+    }
+
+    #[test]
+    fn several_challenges_on_one_line_are_split() {
+        let all = Challenge::parse_all(
+            r#"Negotiate, NTLM, Digest realm="a,b", nonce="x\"y", qop="auth", Basic realm="corp""#,
+        );
+        let names: Vec<&str> = all.iter().map(|c| c.scheme.as_str()).collect();
+        assert_eq!(names, ["Negotiate", "NTLM", "Digest", "Basic"]);
+        assert_eq!(all[2].rest, r#"realm="a,b", nonce="x\"y", qop="auth""#);
+        assert_eq!(all[3].rest, r#"realm="corp""#);
+        let one = Challenge::parse_all("NTLM TlRMTVNTUAACAAAA==");
+        assert_eq!((one.len(), one[0].rest.as_str()), (1, "TlRMTVNTUAACAAAA=="));
+        assert!(Challenge::parse_all("").is_empty());
     }
 
     #[test]
