@@ -219,6 +219,8 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// How long an app connection waits for a gateway session while reconnecting.
     pub session_wait: Duration,
+    /// The control socket for `sallyport status` (per-user; `None`: none).
+    pub control: Option<PathBuf>,
     pub instance_id: String,
     pub session: tunnel::Config,
 }
@@ -480,6 +482,7 @@ pub fn agent_config_with(
             "connect_timeout",
         )?,
         session_wait: Duration::from_secs(10),
+        control: crate::status::control_path(),
         instance_id: file
             .instance_id
             .unwrap_or_else(|| format!("agent-{}", std::process::id())),

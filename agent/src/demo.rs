@@ -176,6 +176,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         open_timeout: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(5),
         session_wait: Duration::from_secs(10),
+        control: None,
         instance_id: "demo-agent".into(),
         session: tunnel::Config::new(tunnel::Role::Agent, true),
     };

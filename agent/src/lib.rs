@@ -23,6 +23,7 @@ pub mod enroll;
 pub mod listen;
 pub mod peer;
 pub mod pool;
+pub mod status;
 
 use config::AgentConfig;
 use dialer::TunnelDialer;
@@ -79,6 +80,16 @@ impl Agent {
     pub async fn serve(self, shutdown: CancellationToken) {
         let pool = pool::Pool::start(self.config.clone(), shutdown.clone());
         let tracker = TaskTracker::new();
+        #[cfg(unix)]
+        if let Some(path) = self.config.control.clone() {
+            tracker.spawn(status::serve(
+                path,
+                self.config.clone(),
+                pool.clone(),
+                self.addrs(),
+                shutdown.clone(),
+            ));
+        }
         for l in self.listeners {
             let addr = l
                 .listener

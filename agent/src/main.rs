@@ -44,6 +44,8 @@ enum Command {
     },
     /// Remove what `enroll` stored (token, pinned key, config).
     Logout,
+    /// What the running agent is doing: connected or not, the way out, latency, streams, bytes.
+    Status,
     /// The agent as a per-user service (systemd --user, LaunchAgent, Windows Run key): no admin
     /// rights needed.
     Service {
@@ -112,6 +114,9 @@ fn main() -> ExitCode {
             | Command::Demo { .. }
             | Command::Doctor(_)
             | Command::Service { .. }
+            | Command::Enroll { .. }
+            | Command::Logout
+            | Command::Status
     );
     #[cfg(not(feature = "demo"))]
     let quiet = matches!(
@@ -121,6 +126,7 @@ fn main() -> ExitCode {
             | Command::Service { .. }
             | Command::Enroll { .. }
             | Command::Logout
+            | Command::Status
     );
     let quiet_default = quiet && cli.log == "info";
     init_tracing(if quiet_default { "warn" } else { &cli.log });
@@ -191,6 +197,20 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(agent::enroll::EnrollError::Config(c)) => Err(c.into()),
                 Err(e) => {
                     eprintln!("sallyport: enroll: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }),
+        Command::Status => rt.block_on(async {
+            let path = agent::status::control_path()
+                .ok_or_else(|| anyhow::anyhow!("no per-user config folder on this system"))?;
+            match agent::status::query(&path).await {
+                Ok(text) => {
+                    print!("{text}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("sallyport: status: {e}");
                     Ok(ExitCode::FAILURE)
                 }
             }

@@ -137,6 +137,14 @@ impl Pool {
         }
     }
 
+    /// Why the last attempt to reach the gateway failed, if it did.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The current session, if one is up (for status).
     pub fn current(&self) -> Option<Session> {
         self.current.borrow().clone()

@@ -498,7 +498,8 @@ impl System {
         .arg(pki.p("alice-laptop.token"))
         .arg("--ca")
         .arg(pki.p("ca.crt"))
-        .env("HOME", pki.dir.path());
+        .env("HOME", pki.dir.path())
+        .env("XDG_CONFIG_HOME", pki.dir.path().join(".config"));
         // The way out is what the test says, not what this machine's environment says.
         for k in [
             "HTTPS_PROXY",
@@ -895,6 +896,7 @@ impl System {
             .arg(self.pki.p("ca.crt"))
             .args(args)
             .env("HOME", self.pki.dir.path())
+            .env("XDG_CONFIG_HOME", self.pki.dir.path().join(".config"))
             .env_remove("HTTPS_PROXY")
             .env_remove("https_proxy")
             .env_remove("ALL_PROXY")

@@ -600,3 +600,58 @@ fn a_second_agent_on_the_same_port_names_the_running_one() {
         "{err}"
     );
 }
+
+/// `sallyport status` reads the running agent's state from its per-user control socket; another
+/// user gets nothing.
+#[test]
+fn status_shows_the_running_agent_to_its_user_only() {
+    let (port, mut sys) = backend();
+    let (code, _, err) = run(curl()
+        .arg("--socks5-hostname")
+        .arg(sys.socks.to_string())
+        .arg(format!("http://backend.internal:{port}/")))
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let status = |uid: Option<&str>| {
+        let mut c = match uid {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.args(["--reuid", u, "--regid", u, "--clear-groups"])
+                    .arg(bin("sallyport"));
+                c
+            }
+            None => Command::new(bin("sallyport")),
+        };
+        c.arg("status")
+            .env("HOME", sys.pki.dir.path())
+            .env("XDG_CONFIG_HOME", sys.pki.dir.path().join(".config"));
+        run(&mut c).unwrap()
+    };
+    let (code, out, err) = status(None);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("connected: yes (gateway instance dmz-test)"),
+        "{out}"
+    );
+    assert!(out.contains("way out: direct"), "{out}");
+    assert!(
+        out.contains(&format!("listening: socks5 {}", sys.socks)),
+        "{out}"
+    );
+    let bytes_in: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("bytes: "))
+        .and_then(|b| b.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(bytes_in > 0, "{out}");
+    // Another user: no answer.
+    let (code, out, _) = status(Some("65534"));
+    assert_ne!(code, 0);
+    assert!(!out.contains("connected:"), "{out}");
+    // No agent: says so.
+    sys.agent.kill();
+    let (code, _, err) = status(None);
+    assert_eq!(code, 1);
+    assert!(err.contains("no agent is running for this user"), "{err}");
+}
