@@ -21,6 +21,7 @@ pub mod dialer;
 pub mod doctor;
 pub mod enroll;
 pub mod listen;
+pub mod pages;
 pub mod peer;
 pub mod pool;
 pub mod status;
@@ -80,6 +81,11 @@ impl Agent {
     pub async fn serve(self, shutdown: CancellationToken) {
         let pool = pool::Pool::start(self.config.clone(), shutdown.clone());
         let tracker = TaskTracker::new();
+        let pages: Arc<dyn socks::LocalPages> = Arc::new(pages::Pages {
+            config: self.config.clone(),
+            pool: pool.clone(),
+            listening: self.addrs(),
+        });
         #[cfg(unix)]
         if let Some(path) = self.config.control.clone() {
             tracker.spawn(status::serve(
@@ -113,6 +119,7 @@ impl Agent {
                 l,
                 dialer,
                 self.config.local_auth.clone(),
+                Some(pages.clone()),
                 shutdown.clone(),
                 tracker.clone(),
             ));

@@ -104,6 +104,7 @@ pub async fn serve(
     l: Listener,
     dialer: Arc<TunnelDialer>,
     auth: Option<Arc<LocalAuth>>,
+    pages: Option<Arc<dyn socks::LocalPages>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -132,6 +133,7 @@ pub async fn serve(
         let front = l.front.clone();
         let dialer = dialer.clone();
         let auth = auth.clone();
+        let pages = pages.clone();
         tracker.spawn(
             async move {
                 // Only the user running the agent may use it (loopback peers; remote peers must
@@ -142,7 +144,7 @@ pub async fn serve(
                         return;
                     }
                 }
-                handle(tcp, front, dialer, auth).await;
+                handle(tcp, front, dialer, auth, pages).await;
                 drop(permit);
             }
             .instrument(info_span!("app", peer = %peer_addr)),
@@ -155,6 +157,7 @@ async fn handle(
     front: Front,
     dialer: Arc<TunnelDialer>,
     auth: Option<Arc<LocalAuth>>,
+    pages: Option<Arc<dyn socks::LocalPages>>,
 ) {
     match front {
         Front::Socks5 => match socks::serve_socks5(tcp, dialer, auth).await {
@@ -167,7 +170,7 @@ async fn handle(
             Err(e) => debug!(error = %e, "socks5 connection ended"),
         },
         Front::Http => {
-            if let Err(e) = socks::serve_http(tcp, dialer, auth).await {
+            if let Err(e) = socks::serve_http_with(tcp, dialer, auth, pages).await {
                 debug!(error = %e, "http proxy connection ended");
             }
         }

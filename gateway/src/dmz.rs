@@ -496,8 +496,37 @@ async fn agent_session<S>(
             });
         }
     };
+    // Tell the agent what it can reach (for its browser PAC file): the connectors' routes,
+    // narrowed to the agent credential's routes when it has any. The connectors' allow-lists
+    // may still refuse some destinations by user or group.
+    let advertise = async {
+        let mut last: Option<Vec<String>> = None;
+        loop {
+            let mut visible: Vec<String> = Vec::new();
+            for r in shared.router.routes() {
+                if id.routes.is_empty() || id.routes.iter().any(|c| c.covers(&r)) {
+                    visible.push(r.to_string());
+                } else {
+                    visible.extend(
+                        id.routes
+                            .iter()
+                            .filter(|c| r.covers(c))
+                            .map(|c| c.to_string()),
+                    );
+                }
+            }
+            visible.sort();
+            visible.dedup();
+            if last.as_ref() != Some(&visible) {
+                session.advertise_routes(visible.clone());
+                last = Some(visible);
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    };
     tokio::select! {
         _ = streams => {}
+        _ = advertise => {}
         _ = guard_session(&shared, &session, &shared.config.agent_tokens, &id) => {}
     }
     let why = session.closed().await;

@@ -70,6 +70,20 @@ impl Router {
             })
     }
 
+    /// Every route some live connector session serves (for telling agents what they can reach).
+    pub fn routes(&self) -> Vec<Route> {
+        let entries = self.lock();
+        let mut all: Vec<Route> = Vec::new();
+        for e in entries.iter().filter(|e| !e.session.is_going_away()) {
+            for r in &e.routes {
+                if !all.contains(r) {
+                    all.push(r.clone());
+                }
+            }
+        }
+        all
+    }
+
     /// Number of registered connector sessions (for `/healthz` and logs).
     pub fn sessions(&self) -> usize {
         self.lock().len()

@@ -75,8 +75,29 @@ pub async fn serve_http<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    serve_http_with(io, dialer, auth, None).await
+}
+
+/// Pages the proxy port serves itself (origin-form `GET /path` with a `Host` of `127.0.0.1`,
+/// `localhost` or `[::1]`): e.g. a PAC file for browsers and a status page.
+pub trait LocalPages: Send + Sync + 'static {
+    /// `(content type, body)` for `path`, or `None` for a 404.
+    fn page(&self, path: &str) -> Option<(&'static str, String)>;
+}
+
+/// [`serve_http`] that also answers local pages.
+pub async fn serve_http_with<S>(
+    io: S,
+    dialer: Arc<dyn Dialer>,
+    auth: Option<Arc<LocalAuth>>,
+    pages: Option<Arc<dyn LocalPages>>,
+) -> Result<(), FrontError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let proxy = Arc::new(Proxy {
         dialer,
+        pages,
         auth,
         upstream: Mutex::new(None),
         tunnel: Mutex::new(None),
@@ -132,6 +153,7 @@ where
 /// contended; they exist because the service must be `Send + Sync`.
 struct Proxy {
     dialer: Arc<dyn Dialer>,
+    pages: Option<Arc<dyn LocalPages>>,
     auth: Option<Arc<LocalAuth>>,
     /// The upstream connection of the previous absolute-form request.
     upstream: Mutex<Option<Upstream>>,
@@ -167,11 +189,53 @@ impl Proxy {
                 StatusCode::BAD_REQUEST,
                 "https:// URLs must be requested with CONNECT; configure this port as the HTTPS proxy too",
             ),
+            None if self.pages.is_some() && req.method() == Method::GET => self.local_page(&req),
             None => text(
                 StatusCode::BAD_REQUEST,
                 "this is a proxy port; point your client at it as an HTTP proxy",
             ),
             Some(other) => text(StatusCode::BAD_REQUEST, &format!("unsupported URL scheme {other:?}")),
+        }
+    }
+
+    /// A page of our own. Only for a `Host` naming this machine by address or `localhost`: a
+    /// web page cannot make the browser send that to another site's name (no DNS rebinding).
+    fn local_page(&self, req: &Request<Incoming>) -> Response<ProxyBody> {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let name = if let Some(v6) = host.strip_prefix('[') {
+            v6.split(']').next().unwrap_or("")
+        } else {
+            host.rsplit_once(':').map_or(host, |(h, _)| h)
+        };
+        if !matches!(
+            name.to_ascii_lowercase().as_str(),
+            "127.0.0.1" | "localhost" | "::1"
+        ) {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "local pages answer only to Host 127.0.0.1 or localhost",
+            );
+        }
+        match self.pages.as_ref().and_then(|p| p.page(req.uri().path())) {
+            Some((content_type, body)) => {
+                let mut response = Response::new(
+                    Full::new(Bytes::from(body))
+                        .map_err(|never| match never {})
+                        .boxed(),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+                response
+                    .headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                response
+            }
+            None => text(StatusCode::NOT_FOUND, "no such page"),
         }
     }
 

@@ -25,7 +25,7 @@ use subtle::ConstantTimeEq;
 mod http;
 mod socks5;
 
-pub use crate::http::serve_http;
+pub use crate::http::{serve_http, serve_http_with, LocalPages};
 pub use crate::socks5::serve_socks5;
 
 /// Where an application wants to go.

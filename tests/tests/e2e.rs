@@ -655,3 +655,68 @@ fn status_shows_the_running_agent_to_its_user_only() {
     assert_eq!(code, 1);
     assert!(err.contains("no agent is running for this user"), "{err}");
 }
+
+/// The agent's HTTP port serves a PAC file for browsers with the routes the gateway reports
+/// for this user (evaluated here with the PAC engine: the internal service through the agent,
+/// anything else as before), and a status page; both only for a `Host` of 127.0.0.1/localhost.
+#[test]
+fn the_agent_serves_a_pac_for_browsers_and_a_status_page() {
+    let (port, sys) = backend();
+    let get = |path: &str, host: Option<&str>| {
+        let mut c = curl();
+        c.args(["--noproxy", "*", "-i"]);
+        if let Some(h) = host {
+            c.args(["-H", &format!("Host: {h}")]);
+        }
+        run(c.arg(format!("http://{}{path}", sys.http))).unwrap()
+    };
+    // The DMZ tells the agent its routes within a couple of seconds of the session.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pac = loop {
+        let (code, out, err) = get("/proxy.pac", None);
+        assert_eq!(code, 0, "{err}");
+        if out.contains("*.internal") {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "no routes in the PAC:\n{out}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(pac.starts_with("HTTP/1.1 200"), "{pac}");
+    assert!(pac.contains("application/x-ns-proxy-autoconfig"), "{pac}");
+    let script = pac.split("\r\n\r\n").nth(1).unwrap();
+    assert!(!script.contains("dnsResolve") && !script.contains("isInNet"));
+    let eval = |url: &str, host: &str| {
+        egress::pac::Pac::new("agent", script, egress::pac::PacLimits::default())
+            .unwrap()
+            .find_proxy(url, host)
+            .unwrap()
+    };
+    assert_eq!(
+        eval(
+            &format!("http://backend.internal:{port}/"),
+            "backend.internal"
+        ),
+        [egress::Proxy::Http {
+            host: "127.0.0.1".into(),
+            port: sys.http.port(),
+            user: None
+        }]
+    );
+    assert_eq!(
+        eval("https://www.example.com/", "www.example.com"),
+        [egress::Proxy::Direct]
+    );
+
+    let (code, page, _) = get("/", None);
+    assert_eq!(code, 0);
+    assert!(
+        page.contains("text/html") && page.contains("connected"),
+        "{page}"
+    );
+    assert!(page.contains("*.internal"), "{page}");
+    // Another Host (DNS rebinding): refused.
+    let (_, rebound, _) = get("/", Some("evil.example:8118"));
+    assert!(rebound.starts_with("HTTP/1.1 400"), "{rebound}");
+    let (_, missing, _) = get("/nope", None);
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+}
