@@ -24,6 +24,10 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ss >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || need+=(procps)
+# A real browser for the agent's PAC file and status page (tests/tests/browser.rs); dpkg-deb
+# for the package test.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
 # systemd-analyze checks the generated user unit (tests/tests/service.rs).
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # nginx and HAProxy: real load balancers in front of the --plain gateway (tests/tests/lb.rs).
