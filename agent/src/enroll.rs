@@ -7,7 +7,8 @@
 //! only then writes anything:
 //!
 //! - the token into the OS keychain when one is reachable (Linux Secret Service via
-//!   `secret-tool`), else into `agent.token` (mode 0600) in the per-user config folder, saying so;
+//!   `secret-tool`, Windows Credential Manager), else into `agent.token` (mode 0600) in the
+//!   per-user config folder, saying so (macOS: the file, for now);
 //! - the gateway's key pin (`gateway_key = "sha256/…"`), shown so it can be compared with what
 //!   the admin sees (`sallyport-gateway cert` prints it); the agent then refuses any other key;
 //! - a copy of `--ca` as `ca.crt`, and `agent.toml` marked as written by enroll.
@@ -19,7 +20,6 @@ use crate::config::{self, AgentArgs, ConfigError, Secret};
 use crate::pool::{start_session, ConnectError};
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use tunnel::ErrorCode;
 
 /// First line of an `agent.toml` written by enroll; `logout` removes only such a file.
@@ -183,6 +183,14 @@ pub fn logout() -> Result<Vec<String>, EnrollError> {
             out.push(format!("token removed from the OS keychain ({gw})"));
         }
     }
+    // A control socket left by an agent that was killed (a running agent keeps its own).
+    #[cfg(unix)]
+    {
+        let sock = dir.join("agent.sock");
+        if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            let _ = std::fs::remove_file(&sock);
+        }
+    }
     for f in ["agent.token", "ca.crt", "agent.toml"] {
         let p = dir.join(f);
         if std::fs::remove_file(&p).is_ok() {
@@ -194,53 +202,17 @@ pub fn logout() -> Result<Vec<String>, EnrollError> {
 
 /// The token for `gateway` from the OS keychain (written by enroll).
 pub fn keychain_token(gateway: &str) -> Option<Secret> {
-    let out = Command::new("secret-tool")
-        .args(["lookup", "service", KEYCHAIN_SERVICE, "gateway", gateway])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (out.status.success() && !t.is_empty()).then(|| Secret::new(t))
+    egress::keychain::get(KEYCHAIN_SERVICE, gateway).map(Secret::new)
 }
 
-/// Stores the token with `secret-tool` (the secret goes on stdin, never on a command line).
+/// Stores the token in the OS keychain (Secret Service or Credential Manager); `false` when
+/// none is reachable.
 fn keychain_store(gateway: &str, token: &str) -> bool {
-    if !cfg!(target_os = "linux") {
-        return false;
-    }
-    let child = Command::new("secret-tool")
-        .args([
-            "store",
-            "--label",
-            &format!("sallyport token for {gateway}"),
-            "service",
-            KEYCHAIN_SERVICE,
-            "gateway",
-            gateway,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let Ok(mut child) = child else {
-        return false;
-    };
-    if let Some(mut stdin) = child.stdin.take() {
-        use std::io::Write;
-        let _ = stdin.write_all(token.as_bytes());
-    }
-    child.wait().is_ok_and(|s| s.success()) && keychain_token(gateway).is_some()
+    egress::keychain::store(KEYCHAIN_SERVICE, gateway, token)
 }
 
 fn keychain_delete(gateway: &str) -> bool {
-    Command::new("secret-tool")
-        .args(["clear", "service", KEYCHAIN_SERVICE, "gateway", gateway])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    egress::keychain::delete(KEYCHAIN_SERVICE, gateway)
 }
 
 /// A TOML basic string.

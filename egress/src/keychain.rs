@@ -39,6 +39,91 @@ pub fn lookup(user: &str) -> Option<Password> {
     None
 }
 
+/// A secret of another kind (e.g. the agent's token, service `sallyport-token`, account the
+/// gateway URL) from the OS keychain: the Secret Service on Linux (`secret-tool`), the
+/// Credential Manager on Windows (generic credential `<service>:<account>`). macOS: none yet.
+pub fn get(service: &str, account: &str) -> Option<String> {
+    #[cfg(windows)]
+    {
+        return windows::lookup(&format!("{service}:{account}")).map(|p| p.expose().to_string());
+    }
+    #[cfg(all(unix, not(target_os = "macos")))]
+    {
+        let tool = crate::system::find_on_path("secret-tool")?;
+        return lookup_with(&tool, &["lookup", "service", service, "account", account])
+            .map(|p| p.expose().to_string());
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = (service, account);
+        None
+    }
+}
+
+/// Stores a secret (see [`get`]); `false` when no keychain is reachable. The secret never goes
+/// on a command line (`secret-tool store` reads it from stdin).
+pub fn store(service: &str, account: &str, secret: &str) -> bool {
+    #[cfg(windows)]
+    {
+        return windows::store(&format!("{service}:{account}"), account, secret)
+            && get(service, account).as_deref() == Some(secret);
+    }
+    #[cfg(all(unix, not(target_os = "macos")))]
+    {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let Some(tool) = crate::system::find_on_path("secret-tool") else {
+            return false;
+        };
+        let Ok(mut child) = Command::new(tool)
+            .args(["store", "--label", &format!("{service} {account}")])
+            .args(["service", service, "account", account])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        else {
+            return false;
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(secret.as_bytes());
+        }
+        return child.wait().is_ok_and(|s| s.success())
+            && get(service, account).as_deref() == Some(secret);
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = (service, account, secret);
+        false
+    }
+}
+
+/// Removes a secret; `true` when one was removed.
+pub fn delete(service: &str, account: &str) -> bool {
+    #[cfg(windows)]
+    {
+        return windows::delete(&format!("{service}:{account}"));
+    }
+    #[cfg(all(unix, not(target_os = "macos")))]
+    {
+        let Some(tool) = crate::system::find_on_path("secret-tool") else {
+            return false;
+        };
+        return std::process::Command::new(tool)
+            .args(["clear", "service", service, "account", account])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = (service, account);
+        false
+    }
+}
+
 /// Runs a keychain tool; its first output line is the password.
 #[cfg(unix)]
 pub fn lookup_with(tool: &std::path::Path, args: &[&str]) -> Option<Password> {
@@ -51,8 +136,41 @@ pub fn lookup_with(tool: &std::path::Path, args: &[&str]) -> Option<Password> {
 mod windows {
     use crate::proxy::Password;
     use windows_sys::Win32::Security::Credentials::{
-        CredFree, CredReadW, CREDENTIALW, CRED_TYPE_GENERIC,
+        CredDeleteW, CredFree, CredReadW, CredWriteW, CREDENTIALW, CRED_PERSIST_LOCAL_MACHINE,
+        CRED_TYPE_GENERIC,
     };
+
+    fn wide(s: &str) -> Vec<u16> {
+        s.encode_utf16().chain(std::iter::once(0)).collect()
+    }
+
+    pub fn store(target: &str, user: &str, secret: &str) -> bool {
+        let mut target = wide(target);
+        let mut user = wide(user);
+        // UTF-16LE, as cmdkey writes passwords.
+        let mut blob: Vec<u8> = secret
+            .encode_utf16()
+            .flat_map(|u| u.to_le_bytes())
+            .collect();
+        // SAFETY: every pointer refers to a buffer alive for the call; the struct is fully
+        // initialised (zeroed, then the fields CredWriteW reads); CredWriteW copies them.
+        unsafe {
+            let mut cred: CREDENTIALW = std::mem::zeroed();
+            cred.Type = CRED_TYPE_GENERIC;
+            cred.TargetName = target.as_mut_ptr();
+            cred.UserName = user.as_mut_ptr();
+            cred.CredentialBlobSize = blob.len() as u32;
+            cred.CredentialBlob = blob.as_mut_ptr();
+            cred.Persist = CRED_PERSIST_LOCAL_MACHINE;
+            CredWriteW(&cred, 0) != 0
+        }
+    }
+
+    pub fn delete(target: &str) -> bool {
+        let target = wide(target);
+        // SAFETY: `target` is NUL-terminated and alive for the call.
+        unsafe { CredDeleteW(target.as_ptr(), CRED_TYPE_GENERIC, 0) != 0 }
+    }
 
     pub fn lookup(target: &str) -> Option<Password> {
         let wide: Vec<u16> = target.encode_utf16().chain(std::iter::once(0)).collect();
