@@ -3,12 +3,12 @@
 # (/usr/lib/systemd/user/sallyport.service; enable it for everyone with
 # `systemctl --global enable sallyport.service`, or per user with `sallyport service install`).
 #
-#   scripts/package-deb.sh [--profile release|dev] [--out DIR]
+#   scripts/package-deb.sh [--profile dist|release|dev] [--out DIR]
 #
 # Needs dpkg-deb (Debian's dpkg). Prints the path of the .deb.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-profile=release
+profile=dist
 out=target/deb
 while [ $# -gt 0 ]; do
   case "$1" in
