@@ -990,3 +990,29 @@ impl Drop for Dante {
         }
     }
 }
+
+/// A "corporate" CA for TLS-inspection tests (what squid's `ssl_bump` re-signs with):
+/// `CN=Corp Inspection CA, O=Corp`, written as `ca.crt`/`ca.key` into `dir`.
+pub fn corp_ca(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    require_tool("openssl");
+    let (cert, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let (code, _, err) = run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args([
+            "-subj",
+            "/CN=Corp Inspection CA/O=Corp",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]))?;
+    if code != 0 {
+        bail!("openssl req: {err}");
+    }
+    Ok((cert, key))
+}

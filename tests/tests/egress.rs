@@ -344,24 +344,7 @@ fn doctor_explains_every_candidate() {
 fn doctor_names_a_tls_inspecting_proxy() {
     require_tool("openssl");
     let ca = TempDir::new("corp-ca");
-    let (key, cert) = (ca.path().join("ca.key"), ca.path().join("ca.crt"));
-    let (code, _, err) = run(Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .args([
-            "-subj",
-            "/CN=Corp Inspection CA/O=Corp",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]))
-    .unwrap();
-    assert_eq!(code, 0, "{err}");
+    let (cert, key) = corp_ca(ca.path()).unwrap();
     let squid = Squid::start_with(
         "sq-bump",
         SquidAuth::Bump {

@@ -12,7 +12,7 @@ use sallyport_e2e::lb::{LbConfig, LbKind, LoadBalancer};
 use sallyport_e2e::netns::{Site, Topology};
 use sallyport_e2e::*;
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const GW_NAME: &str = "gw.sallyport.test";
@@ -482,24 +482,7 @@ fn through_a_tls_inspecting_proxy() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let (key, cert) = (ca.path().join("ca.key"), ca.path().join("ca.crt"));
-    let (code, _, err) = run(Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .args([
-            "-subj",
-            "/CN=Corp Inspection CA/O=Corp",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]))
-    .unwrap();
-    assert_eq!(code, 0, "{err}");
+    let (cert, key) = corp_ca(ca.path()).unwrap();
     let bump = |websocket: bool| {
         let mut opts = s.squid_opts.clone();
         if websocket {
