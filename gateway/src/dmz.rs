@@ -498,9 +498,10 @@ async fn agent_session<S>(
     };
     // Tell the agent what it can reach (for its browser PAC file): the connectors' routes,
     // narrowed to the agent credential's routes when it has any. The connectors' allow-lists
-    // may still refuse some destinations by user or group.
+    // may still refuse some destinations by user or group. Recomputed when the router changes.
     let advertise = async {
         let mut last: Option<Vec<String>> = None;
+        let mut changes = shared.router.changes();
         loop {
             let mut visible: Vec<String> = Vec::new();
             for r in shared.router.routes() {
@@ -521,7 +522,9 @@ async fn agent_session<S>(
                 session.advertise_routes(visible.clone());
                 last = Some(visible);
             }
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     };
     tokio::select! {

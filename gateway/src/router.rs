@@ -23,10 +23,21 @@ pub struct Chosen {
     pub session: Session,
 }
 
-#[derive(Default)]
 pub struct Router {
     entries: Mutex<Vec<Entry>>,
     next_id: AtomicU64,
+    /// Bumped whenever the routes change, so agents learn them without polling.
+    version: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Router {
+    fn default() -> Router {
+        Router {
+            entries: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(0),
+            version: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Router {
@@ -46,10 +57,17 @@ impl Router {
         if let Some(e) = self.lock().iter_mut().find(|e| e.id == id) {
             e.routes = routes;
         }
+        self.version.send_modify(|v| *v += 1);
     }
 
     pub fn remove(&self, id: u64) {
         self.lock().retain(|e| e.id != id);
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Wakes when the routes change (see [`Router::routes`]).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
