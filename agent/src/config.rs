@@ -198,6 +198,8 @@ pub struct TunnelFile {
     pub stream_window: Option<u32>,
     pub session_window: Option<u32>,
     pub ping_interval: Option<String>,
+    /// How long past a missed ping the gateway is declared dead (as in dmz/connector configs).
+    pub ping_timeout: Option<String>,
 }
 
 /// The validated agent configuration.
@@ -455,6 +457,9 @@ pub fn agent_config_with(
     }
     if let Some(p) = &file.tunnel.ping_interval {
         session.ping_interval = duration(p, "tunnel.ping_interval")?;
+    }
+    if let Some(p) = &file.tunnel.ping_timeout {
+        session.ping_timeout = duration(p, "tunnel.ping_timeout")?;
     }
     Ok(AgentConfig {
         gateway,
