@@ -34,6 +34,9 @@ use std::time::{Duration, Instant};
 pub const STAGGER: Duration = Duration::from_millis(250);
 /// How long a PAC fetch (or a WPAD try) may take.
 pub const PAC_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long all WPAD tries together may take (several search domains, each walked up, must not
+/// hold back the direct candidate for long).
+pub const WPAD_BUDGET: Duration = Duration::from_secs(6);
 
 /// One way out, and where it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,7 +176,7 @@ impl Way {
             return d;
         }
         if let Some(pac) = &self.egress.pac {
-            match pac_candidates(pac, url, &format!("--pac {pac}"), true).await {
+            match pac_candidates(pac, url, &format!("--pac {pac}"), true, PAC_TIMEOUT).await {
                 Ok(list) => {
                     d.notes.push(format!("PAC {pac}: {}", names(&list)));
                     d.candidates = list;
@@ -229,9 +232,8 @@ impl Way {
                         }
                     }
                     system::SystemMode::Pac(loc) => {
-                        match pac_candidates(&loc, url, &format!("{} PAC {loc}", sp.source), false)
-                            .await
-                        {
+                        let source = format!("{} PAC {loc}", sp.source);
+                        match pac_candidates(&loc, url, &source, false, PAC_TIMEOUT).await {
                             Ok(list) => d.candidates.extend(list),
                             Err(e) => d.notes.push(format!("{}: {e}", sp.source)),
                         }
@@ -267,9 +269,18 @@ impl Way {
             d.notes
                 .push("WPAD: no DNS search domain, nothing to look up".into());
         }
+        let deadline = Instant::now() + WPAD_BUDGET;
         for suffix in suffixes {
             for loc in pac::wpad_urls(&suffix) {
-                match pac_candidates(&loc, url, &format!("WPAD {loc}"), false).await {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    d.notes.push(format!(
+                        "WPAD: {loc} not tried, the {WPAD_BUDGET:?} budget for WPAD is used up"
+                    ));
+                    continue;
+                }
+                let source = format!("WPAD {loc}");
+                match pac_candidates(&loc, url, &source, false, left.min(PAC_TIMEOUT)).await {
                     Ok(list) => {
                         d.notes.push(format!("WPAD {loc}: {}", names(&list)));
                         d.candidates.extend(list);
@@ -517,8 +528,9 @@ async fn pac_candidates(
     url: &GatewayUrl,
     source: &str,
     trusted: bool,
+    timeout: Duration,
 ) -> Result<Vec<Candidate>, String> {
-    let script = pac::fetch(location, PAC_TIMEOUT)
+    let script = pac::fetch(location, timeout)
         .await
         .map_err(|e| e.to_string())?;
     // Browsers pass https URLs to the PAC without their path.

@@ -126,7 +126,11 @@ async fn keep_session(
     let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         let started = Instant::now();
-        match connect(&config).await {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = connect(&config) => r,
+        };
+        match attempt {
             Ok((session, incoming)) => {
                 info!(dmz = %session.peer().instance_id, "connected to the gateway");
                 session.advertise_routes(config.routes.iter().map(|r| r.to_string()).collect());
