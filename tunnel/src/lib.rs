@@ -11,11 +11,15 @@
 //! | [`session`] | the session: hello, stream table, flow control, liveness, reader/writer tasks |
 //! | [`stream`] | one stream: `AsyncRead`/`AsyncWrite` and the chunk API relays use |
 //! | [`ws`] | the WebSocket transport over any byte stream |
+//! | [`http`] | the HTTP fallback transport (POSTs up, a streamed or long-polled GET down) |
+//! | [`inner`] | the inner channel: Noise bound to the gateway's key, inside either transport |
 //! | [`meta`] | well-known `OPEN` metadata keys (identity the DMZ stamps) |
 //!
 //! See `docs/protocol.md` for the wire format and the flow-control rules.
 
 pub mod frame;
+pub mod http;
+pub mod inner;
 pub mod session;
 pub mod stream;
 pub mod transport;
