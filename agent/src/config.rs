@@ -102,6 +102,28 @@ pub fn parse_dest(d: &str) -> Result<Dest, String> {
     Ok(Dest::new(host, port))
 }
 
+/// Which transport carries the session to the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// WebSocket, falling back to HTTP when a proxy strips the upgrade.
+    #[default]
+    Auto,
+    WebSocket,
+    Http,
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(TransportChoice::Auto),
+            "websocket" | "ws" => Ok(TransportChoice::WebSocket),
+            "http" => Ok(TransportChoice::Http),
+            other => Err(format!("transport `{other}`: use auto, websocket or http")),
+        }
+    }
+}
+
 /// `sallyport run` flags.
 #[derive(Args, Debug, Default, Clone)]
 pub struct AgentArgs {
@@ -153,6 +175,13 @@ pub struct AgentArgs {
     /// Timeout for connecting to the gateway [default: 10s].
     #[arg(long)]
     pub connect_timeout: Option<String>,
+    /// Transport to the gateway: auto (WebSocket, else HTTP when a proxy strips the upgrade),
+    /// websocket or http [default: auto].
+    #[arg(long)]
+    pub transport: Option<String>,
+    /// The gateway's inner-channel key (`x25519/…`, from `sallyport-gateway inner-key`).
+    #[arg(long)]
+    pub gateway_inner_key: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -165,6 +194,8 @@ pub struct AgentFile {
     pub token_keychain: bool,
     /// The gateway's key pin from enrollment (`sha256/<base64>`).
     pub gateway_key: Option<String>,
+    /// The gateway's inner-channel key from enrollment (`x25519/<base64>`).
+    pub gateway_inner_key: Option<String>,
     pub ca: Option<PathBuf>,
     pub proxy: Option<String>,
     pub pac: Option<String>,
@@ -200,6 +231,13 @@ pub struct TunnelFile {
     pub ping_interval: Option<String>,
     /// How long past a missed ping the gateway is declared dead (as in dmz/connector configs).
     pub ping_timeout: Option<String>,
+    /// auto, websocket or http (as `--transport`).
+    pub transport: Option<String>,
+    /// HTTP transport downstream: `stream` or `poll` [default: stream, long-poll when a proxy
+    /// buffers responses].
+    pub http_mode: Option<String>,
+    /// `auto` (inner channel when the outer TLS is not proven the gateway's own) or `always`.
+    pub inner: Option<String>,
 }
 
 /// The validated agent configuration.
@@ -225,6 +263,16 @@ pub struct AgentConfig {
     pub control: Option<PathBuf>,
     pub instance_id: String,
     pub session: tunnel::Config,
+    /// The gateway's TLS key pin (enrollment): a connection presenting it is the gateway's own.
+    pub gateway_key: Option<String>,
+    /// The gateway's inner-channel key: with it, sessions over TLS that is not proven the
+    /// gateway's own run inside the inner channel.
+    pub inner_key: Option<tunnel::inner::PublicKey>,
+    /// Use the inner channel even over the gateway's own TLS.
+    pub always_inner: bool,
+    pub transport: TransportChoice,
+    /// Forced downstream mode of the HTTP transport (`None`: stream, switching when buffered).
+    pub http_mode: Option<tunnel::http::DownMode>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -374,12 +422,57 @@ pub fn agent_config_with(
             .collect(),
         None => Vec::new(),
     };
+    let inner_key = match args
+        .gateway_inner_key
+        .as_deref()
+        .or(file.gateway_inner_key.as_deref())
+    {
+        Some(k) => Some(k.parse::<tunnel::inner::PublicKey>().map_err(|e| {
+            invalid(format!(
+                "gateway_inner_key: {e} (copy it from `sallyport-gateway inner-key`)"
+            ))
+        })?),
+        None => None,
+    };
+    let transport = match args
+        .transport
+        .as_deref()
+        .or(file.tunnel.transport.as_deref())
+    {
+        Some(t) => t.parse::<TransportChoice>().map_err(invalid)?,
+        None => TransportChoice::Auto,
+    };
+    let http_mode = match file.tunnel.http_mode.as_deref() {
+        None => None,
+        Some("stream") => Some(tunnel::http::DownMode::Stream),
+        Some("poll") => Some(tunnel::http::DownMode::Poll),
+        Some(other) => {
+            return Err(invalid(format!(
+                "tunnel.http_mode `{other}`: use stream or poll"
+            )))
+        }
+    };
+    let always_inner = match file.tunnel.inner.as_deref() {
+        None | Some("auto") => false,
+        Some("always") => true,
+        Some(other) => {
+            return Err(invalid(format!(
+                "tunnel.inner `{other}`: use auto or always"
+            )))
+        }
+    };
+    if always_inner && inner_key.is_none() {
+        return Err(invalid(
+            "tunnel.inner = \"always\" needs gateway_inner_key (from `sallyport-gateway inner-key`, or enroll again)",
+        ));
+    }
     let tls = if gateway.tls {
         Some(
             egress::client_config(&TlsOptions {
                 ca,
                 pin: false,
                 key_pin: file.gateway_key.clone(),
+                inner_channel: inner_key.is_some(),
             })
             .map_err(|e| invalid(e.to_string()))?,
         )
@@ -492,6 +585,11 @@ pub fn agent_config_with(
             .instance_id
             .unwrap_or_else(|| format!("agent-{}", std::process::id())),
         session,
+        gateway_key: file.gateway_key,
+        inner_key,
+        always_inner,
+        transport,
+        http_mode,
     })
 }
 

@@ -134,6 +134,8 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         limits: Default::default(),
         session: tunnel::Config::new(tunnel::Role::Dmz, false),
         reload_every: Duration::from_secs(2),
+        inner_key: Some(Arc::new(tunnel::inner::KeyPair::generate())),
+        tls_key_pin: None,
     };
     let dmz = Dmz::bind(dmz_cfg).await?;
     let gw = format!("wss://127.0.0.1:{}/", dmz.local_addr().port());
@@ -179,6 +181,11 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         control: None,
         instance_id: "demo-agent".into(),
         session: tunnel::Config::new(tunnel::Role::Agent, true),
+        gateway_key: None,
+        inner_key: None,
+        always_inner: false,
+        transport: crate::config::TransportChoice::Auto,
+        http_mode: None,
     };
     let agent = crate::Agent::bind(agent_cfg).await?;
     let addrs = agent.addrs();

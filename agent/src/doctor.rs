@@ -8,14 +8,13 @@
 //! something on the path stripped the WebSocket upgrade. Exit code 0 when a path works.
 
 use crate::config::AgentConfig;
-use crate::pool::start_session;
+use crate::pool::{start_http, start_ws};
 use std::fmt::Write as _;
 use std::time::Duration;
 
 /// Runs the diagnosis; returns the report and whether a path works.
 pub async fn run(config: &AgentConfig) -> (String, bool) {
     let mut out = String::new();
-    let url = config.gateway.endpoint("agent");
     let _ = writeln!(out, "sallyport doctor: gateway {}", config.gateway);
     let net = egress::network::key();
     let _ = writeln!(
@@ -29,7 +28,7 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
             &config.gateway,
             config.tls.as_ref(),
             config.connect_timeout,
-            |io| start_session(config, &url, io),
+            |io| start_ws(config, io),
         )
         .await;
     if !discovery.notes.is_empty() {
@@ -40,6 +39,7 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
     }
     let _ = writeln!(out, "\ncandidates, in the order they are tried:");
     let mut seen_certs: Vec<(String, String)> = Vec::new();
+    let mut fallback: Option<egress::probe::Candidate> = None;
     for (i, a) in attempts.iter().enumerate() {
         let took = fmt_duration(a.elapsed);
         match &a.outcome {
@@ -51,6 +51,9 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
                     a.candidate.proxy,
                     a.candidate.source
                 );
+                if stripped(how) {
+                    fallback_note(config, &a.candidate, &mut out, &mut fallback).await;
+                }
                 if !how.starts_with("TLS, certificate ") {
                     // Plain, or the gateway's refusal: no certificate to compare.
                     continue;
@@ -83,8 +86,8 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
                     a.candidate.proxy,
                     a.candidate.source
                 );
-                if why.contains("HTTP 426") {
-                    let _ = writeln!(out, "     the WebSocket upgrade did not reach the gateway: something on this path (typically a TLS-inspecting proxy; squid needs `http_upgrade_request_protocols websocket allow all`) strips WebSocket upgrades");
+                if stripped(why) {
+                    fallback_note(config, &a.candidate, &mut out, &mut fallback).await;
                 }
             }
         }
@@ -97,19 +100,73 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
         }
     }
     let winner = attempts.iter().find(|a| a.outcome.is_ok());
-    match winner {
-        Some(a) => {
+    match (winner, &fallback) {
+        (Some(a), _) => {
             let _ = writeln!(
                 out,
                 "\nwould use: {}  [{}]",
                 a.candidate.proxy, a.candidate.source
             );
         }
-        None => {
+        (None, Some(c)) => {
+            let _ = writeln!(
+                out,
+                "\nwould use: {}  [{}] with the HTTP transport",
+                c.proxy, c.source
+            );
+        }
+        (None, None) => {
             let _ = writeln!(out, "\nno way out to the gateway works.");
         }
     }
-    (out, winner.is_some())
+    (out, winner.is_some() || fallback.is_some())
+}
+
+/// The gateway's (or a proxy's) answer shows that the WebSocket upgrade was stripped.
+fn stripped(text: &str) -> bool {
+    ["HTTP 426", "HTTP 400", "HTTP 200", "HTTP 405"]
+        .iter()
+        .any(|s| text.contains(s))
+}
+
+/// Says that the upgrade is stripped on `c`, and whether the HTTP transport gets through.
+async fn fallback_note(
+    config: &AgentConfig,
+    c: &egress::probe::Candidate,
+    out: &mut String,
+    fallback: &mut Option<egress::probe::Candidate>,
+) {
+    let _ = writeln!(out, "     the WebSocket upgrade did not reach the gateway: something on this path (typically a TLS-inspecting proxy; squid needs `http_upgrade_request_protocols websocket allow all`) strips WebSocket upgrades");
+    if config.transport == crate::config::TransportChoice::WebSocket {
+        return;
+    }
+    match start_http(config, c, None).await {
+        Ok(conn) => {
+            conn.session
+                .close(tunnel::ErrorCode::Shutdown, "doctor done");
+            let issuer = conn
+                .cert
+                .split("; ")
+                .next()
+                .and_then(|leaf| leaf.rsplit_once(" issued by "))
+                .map(|(_, i)| i.to_string())
+                .unwrap_or_else(|| "unknown".into());
+            let inner = if conn.carried.contains("inner") {
+                "inside the pinned inner channel"
+            } else {
+                "WITHOUT the inner channel (no gateway_inner_key: enroll again so that the proxy cannot read the token)"
+            };
+            let _ = writeln!(
+                out,
+                "     {} inspects TLS (issuer: {issuer}) and strips WebSocket upgrades; using HTTP streaming {inner} ({})",
+                c.proxy, conn.carried
+            );
+            fallback.get_or_insert(c.clone());
+        }
+        Err(e) => {
+            let _ = writeln!(out, "     the HTTP transport fails too: {e}");
+        }
+    }
 }
 
 fn fmt_duration(d: Duration) -> String {

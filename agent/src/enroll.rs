@@ -17,9 +17,10 @@
 //! files; `logout` removes exactly them (and the keychain entry).
 
 use crate::config::{self, AgentArgs, ConfigError, Secret};
-use crate::pool::{start_session, ConnectError};
+use crate::pool::{connect_with, ConnectError};
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunnel::ErrorCode;
 
 /// First line of an `agent.toml` written by enroll; `logout` removes only such a file.
@@ -77,27 +78,44 @@ pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, Enrol
     args.gateway = Some(url.to_string());
     args.config = None;
     // Probe the way out like `run`, but with nothing from an earlier enrollment.
-    let cfg = config::agent_config_with(args.clone(), Some(token.clone()), false)?;
-    let endpoint = cfg.gateway.endpoint("agent");
-    let pin = std::sync::Mutex::new(None);
-    let result = cfg
+    let mut cfg = config::agent_config_with(args.clone(), Some(token.clone()), false)?;
+    // First the gateway's keys, before the token goes anywhere: with the inner key, the token
+    // travels only inside the inner channel, even through a TLS-inspecting proxy.
+    let keys = cfg
         .way
         .connect(&cfg.gateway, cfg.tls.as_ref(), cfg.connect_timeout, |io| {
-            *pin.lock().unwrap_or_else(|e| e.into_inner()) = io.key_pin();
-            start_session(&cfg, &endpoint, io)
+            fetch_keys(&cfg, io)
         })
         .await
-        .map_err(ConnectError::from);
-    let (session, way) = match result {
-        Ok(ok) => ok,
-        Err(ConnectError::Handshake(h)) if h.status() == Some(401) => {
-            return Err(EnrollError::Refused(h.to_string()))
+        .map_err(ConnectError::from)
+        .map_err(|e| EnrollError::Unreachable(e.to_string()))?
+        .0;
+    if let (Some(want), Some(got)) = (&cfg.inner_key, &keys.inner) {
+        if want != got {
+            return Err(EnrollError::Unreachable(format!(
+                "the gateway's inner key is {got} but --gateway-inner-key says {want}: something on the way impersonates the gateway, or the key given is not this gateway's"
+            )));
         }
+    }
+    if keys.inner.is_some() {
+        cfg.inner_key = keys.inner;
+    }
+    let result = connect_with(&cfg, cfg.transport).await;
+    let connected = match result {
+        Ok(ok) => ok,
+        Err(e) if e.token_status() == Some(401) => return Err(EnrollError::Refused(e.to_string())),
         Err(e) => return Err(EnrollError::Unreachable(e.to_string())),
     };
+    let session = connected.session;
+    let way = connected.way;
     let dmz = session.peer().instance_id.clone();
     session.close(ErrorCode::Shutdown, "enrollment check done");
-    let pin = pin.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // The TLS key to pin: the one the gateway says it has (through an inspecting proxy, the
+    // key seen is the proxy's: pinning that would later pass for "the gateway's own TLS").
+    let pin = match (&keys.inner, &keys.tls) {
+        (Some(_), told) => told.clone(),
+        (None, _) => keys.seen.clone(),
+    };
 
     // Only now write.
     let dir = config_dir()?;
@@ -145,8 +163,29 @@ pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, Enrol
                 "gateway key pinned: {p} (compare it with the one your admin sees)"
             ));
         }
+        None if keys.inner.is_some() => {
+            out.push("no TLS key pinned (the gateway is behind a TLS-terminating load balancer): every session runs inside the inner channel".into())
+        }
         None => out.push("plain ws:// gateway: no key to pin".into()),
     }
+    if let (Some(seen), Some(told)) = (&keys.seen, &keys.tls) {
+        if seen != told {
+            out.push(format!(
+                "TLS on this way out is re-signed by someone else ({}): sessions here run inside the inner channel, which that proxy cannot read",
+                keys.cert
+            ));
+        }
+    }
+    if let Some(k) = &keys.inner {
+        toml.push_str(&format!(
+            "gateway_inner_key = {}\n",
+            toml_str(&k.to_string())
+        ));
+        out.push(format!(
+            "gateway inner key pinned: {k} (compare it with `sallyport-gateway inner-key`)"
+        ));
+    }
+    out.push(format!("session carried by {}", connected.carried));
     if let Some(p) = &args.proxy {
         toml.push_str(&format!("proxy = {}\n", toml_str(p)));
     }
@@ -160,6 +199,68 @@ pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, Enrol
         "next: `sallyport service install` to run it at every login, or `sallyport run`".into(),
     );
     Ok(out)
+}
+
+/// What the gateway says about its keys (`GET {prefix}/key`), and the TLS key seen.
+struct Keys {
+    inner: Option<tunnel::inner::PublicKey>,
+    tls: Option<String>,
+    seen: Option<String>,
+    cert: String,
+}
+
+/// Asks the gateway for its keys on a fresh connection. An older gateway (404) has none.
+async fn fetch_keys(
+    cfg: &config::AgentConfig,
+    mut io: egress::GatewayStream,
+) -> Result<Keys, ConnectError> {
+    let seen = io.key_pin();
+    let cert = io.peer_summary();
+    let req = format!(
+        "GET {}/key HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        cfg.gateway.prefix,
+        cfg.gateway.authority()
+    );
+    let io_err =
+        |e: std::io::Error| ConnectError::Inner(format!("asking the gateway for its keys: {e}"));
+    let read = async {
+        io.write_all(req.as_bytes()).await.map_err(io_err)?;
+        io.flush().await.map_err(io_err)?;
+        let mut buf = Vec::new();
+        (&mut io)
+            .take(16 * 1024)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(io_err)?;
+        Ok::<_, ConnectError>(buf)
+    };
+    let buf = tokio::time::timeout(cfg.connect_timeout, read)
+        .await
+        .map_err(|_| ConnectError::Inner("the gateway did not tell its keys in time".into()))??;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    let mut keys = Keys {
+        inner: None,
+        tls: None,
+        seen,
+        cert,
+    };
+    if status != "200" {
+        return Ok(keys);
+    }
+    for line in body.lines() {
+        match line.split_once(' ') {
+            Some(("inner", k)) => {
+                keys.inner = Some(k.trim().parse().map_err(|e| {
+                    ConnectError::Inner(format!("the gateway's inner key is unreadable: {e}"))
+                })?)
+            }
+            Some(("tls", k)) => keys.tls = Some(k.trim().to_string()),
+            _ => {}
+        }
+    }
+    Ok(keys)
 }
 
 /// Removes what enroll wrote (only if `agent.toml` carries its marker).

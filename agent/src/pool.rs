@@ -1,19 +1,37 @@
 //! The agent's session(s) to the DMZ gateway, kept up in the background.
 //!
-//! One long-lived WebSocket session carries every app connection as a stream, so a new app
-//! connection costs no TCP or TLS handshake. When the session drops, the pool reconnects with
-//! exponential backoff and jitter; app connections that arrive meanwhile wait (bounded) for the
-//! next session instead of failing at once.
+//! One long-lived session carries every app connection as a stream, so a new app connection
+//! costs no TCP or TLS handshake. When the session drops, the pool reconnects with exponential
+//! backoff and jitter; app connections that arrive meanwhile wait (bounded) for the next
+//! session instead of failing at once.
+//!
+//! How a session is carried (see DESIGN "Through inspecting proxies"):
+//! - **transport**: WebSocket first; when something on the way strips the upgrade (426, 400, a
+//!   200 without upgrade, a reset right after the request), the HTTP transport
+//!   (`tunnel::http`: POSTs up, a streamed or long-polled GET down) on the same way out. Said
+//!   once in the log; WebSocket is tried again in the background every [`RETRY_WEBSOCKET`].
+//!   `--transport websocket|http` forces one.
+//! - **inner channel**: when the agent knows the gateway's inner key and the outer TLS is not
+//!   proven to be the gateway's own (its key pin), the session runs inside `tunnel::inner`, and
+//!   the token is sent only there: a TLS-inspecting proxy reads neither token nor payload.
 
-use crate::config::AgentConfig;
-use egress::probe::{GatewayReached, ProbeError};
+use crate::config::{AgentConfig, TransportChoice};
+use bytes::Bytes;
+use egress::probe::{Candidate, GatewayReached, ProbeError};
+use egress::GatewayStream;
 use rand::Rng;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use tunnel::http::client::{BoxIo, Dialer, HttpError, Options};
+use tunnel::inner::{InnerError, PublicKey};
 use tunnel::{ErrorCode, Role, Session};
+
+/// While on the HTTP fallback (chosen automatically), WebSocket is tried again this often.
+pub const RETRY_WEBSOCKET: Duration = Duration::from_secs(10 * 60);
 
 /// Why a session to the gateway could not be set up; says which hop failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,16 +45,58 @@ pub enum ConnectError {
     },
     #[error("{0}")]
     Handshake(#[from] tunnel::ws::HandshakeError),
+    #[error("HTTP transport: {0}")]
+    Http(#[from] HttpError),
+    /// The inner channel failed: a different gateway key, tampering, or the gateway's verdict
+    /// on the token (sent inside).
+    #[error("{0}")]
+    Inner(String),
+    /// The gateway refused the token (inside the inner channel).
+    #[error("gateway refused the session with {status}: {text}")]
+    Refused { status: u16, text: String },
     #[error("tunnel hello with the gateway failed: {0}")]
     Session(#[from] tunnel::SessionError),
 }
 
+impl ConnectError {
+    /// The WebSocket upgrade did not survive the way (a proxy stripped it): the HTTP transport
+    /// may still get through.
+    pub fn upgrade_stripped(&self) -> bool {
+        match self {
+            ConnectError::Handshake(tunnel::ws::HandshakeError::Refused { status, .. }) => {
+                matches!(status, 426 | 400 | 405 | 501) || (200..300).contains(status)
+            }
+            ConnectError::Handshake(tunnel::ws::HandshakeError::Other(e)) => {
+                let e = e.to_ascii_lowercase();
+                e.contains("reset") || e.contains("closed") || e.contains("eof")
+            }
+            _ => false,
+        }
+    }
+
+    /// HTTP status of the gateway's refusal of the token (401 bad token, 429 too many).
+    pub fn token_status(&self) -> Option<u16> {
+        match self {
+            ConnectError::Handshake(h) => h.status(),
+            ConnectError::Http(h) => h.status(),
+            ConnectError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+        .filter(|s| matches!(s, 401 | 403 | 429))
+    }
+}
+
 impl GatewayReached for ConnectError {
-    /// A refusal with the gateway's own statuses (bad token, too many sessions) or a hello
+    /// A refusal with the gateway's own statuses (bad token, too many sessions), a hello, an
+    /// inner-channel answer, or a stripped upgrade (an HTTP answer: the way carries HTTP)
     /// means the way out works.
     fn reached_gateway(&self) -> bool {
         match self {
-            ConnectError::Handshake(h) => matches!(h.status(), Some(401 | 429)),
+            ConnectError::Handshake(h) => {
+                matches!(h.status(), Some(401 | 429)) || self.upgrade_stripped()
+            }
+            ConnectError::Http(h) => matches!(h.status(), Some(401 | 403 | 429)),
+            ConnectError::Inner(_) | ConnectError::Refused { .. } => true,
             ConnectError::Session(tunnel::SessionError::Version { .. }) => true,
             _ => false,
         }
@@ -55,36 +115,115 @@ impl From<ProbeError<ConnectError>> for ConnectError {
     }
 }
 
-/// Dials the gateway (the way out found by probing, see `egress::probe`) and starts a tunnel
-/// session as an agent.
-pub async fn connect(config: &AgentConfig) -> Result<Session, ConnectError> {
-    let url = config.gateway.endpoint("agent");
-    let (session, _way) = config
-        .way
-        .connect(
-            &config.gateway,
-            config.tls.as_ref(),
-            config.connect_timeout,
-            |io| start_session(config, &url, io),
-        )
-        .await?;
-    Ok(session)
+/// A session and how it is carried.
+pub struct Connected {
+    pub session: Session,
+    /// The way out it took.
+    pub way: Candidate,
+    /// e.g. `websocket`, `websocket, inner channel`, `http, inner channel`.
+    pub carried: String,
+    /// The outer certificate seen (for `doctor`).
+    pub cert: String,
+    pub http: bool,
 }
 
-/// The WebSocket upgrade and the tunnel hello on a fresh connection to the gateway.
-pub async fn start_session(
+/// Dials the gateway (the way out found by probing, see `egress::probe`) and starts a tunnel
+/// session as an agent, on the configured transport.
+pub async fn connect(config: &AgentConfig) -> Result<Session, ConnectError> {
+    Ok(connect_with(config, config.transport).await?.session)
+}
+
+/// [`connect`] with the transport given, saying how the session is carried.
+pub async fn connect_with(
     config: &AgentConfig,
-    url: &str,
-    io: egress::GatewayStream,
+    choice: TransportChoice,
+) -> Result<Connected, ConnectError> {
+    let gw = &config.gateway;
+    match choice {
+        TransportChoice::WebSocket | TransportChoice::Auto => {
+            let r = config
+                .way
+                .connect(gw, config.tls.as_ref(), config.connect_timeout, |io| {
+                    start_ws(config, io)
+                })
+                .await;
+            match r {
+                Ok(((session, carried, cert), way)) => Ok(Connected {
+                    session,
+                    way,
+                    carried,
+                    cert,
+                    http: false,
+                }),
+                Err(ProbeError::Gateway(e))
+                    if choice == TransportChoice::Auto && e.upgrade_stripped() =>
+                {
+                    let Some(way) = config.way.remembered() else {
+                        return Err(e);
+                    };
+                    warn_once(&way, &e);
+                    start_http(config, &way, None).await
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        TransportChoice::Http => {
+            let (io, way) = config
+                .way
+                .connect(
+                    gw,
+                    config.tls.as_ref(),
+                    config.connect_timeout,
+                    |io| async { Ok::<_, ConnectError>(io) },
+                )
+                .await?;
+            start_http(config, &way, Some(io)).await
+        }
+    }
+}
+
+static SAID: AtomicBool = AtomicBool::new(false);
+
+/// The fallback is news once per process, not on every reconnect.
+fn warn_once(way: &Candidate, e: &ConnectError) {
+    if !SAID.swap(true, Ordering::Relaxed) {
+        warn!(way = %way, error = %e, "the WebSocket upgrade does not get through this way out (a proxy strips it); using the HTTP transport (POST up, streamed GET down) and retrying WebSocket every 10 minutes");
+    } else {
+        info!(way = %way, "WebSocket upgrade still stripped; HTTP transport");
+    }
+}
+
+/// Is the outer TLS the gateway's own (its certificate carries the pinned key)? Then the
+/// inner channel adds nothing.
+fn proven_own(config: &AgentConfig, io: &GatewayStream) -> bool {
+    match (&config.gateway_key, io.key_pin()) {
+        (Some(pin), Some(seen)) => *pin == seen,
+        _ => false,
+    }
+}
+
+/// The key to run the inner channel with on this connection, if any.
+fn inner_key(config: &AgentConfig, io: Option<&GatewayStream>) -> Option<PublicKey> {
+    let own = io.is_some_and(|io| proven_own(config, io));
+    config.inner_key.filter(|_| !own || config.always_inner)
+}
+
+/// An inner-channel failure, with both keys when they differ.
+fn inner_error(config: &AgentConfig, key: &PublicKey, e: InnerError) -> ConnectError {
+    match e {
+        InnerError::Auth { status, text } => ConnectError::Refused { status, text },
+        InnerError::Refused(text) if text.contains("inner key is") => ConnectError::Inner(format!(
+            "the gateway's inner key does not match the pinned one: {text}; this agent is pinned to {key} (gateway {})",
+            config.gateway
+        )),
+        e => ConnectError::Inner(e.to_string()),
+    }
+}
+
+async fn start(
+    config: &AgentConfig,
+    transport: impl tunnel::Transport,
 ) -> Result<Session, ConnectError> {
-    let transport = tunnel::ws::client(
-        io,
-        url,
-        Some(config.token.expose()),
-        config.session.max_frame,
-        config.connect_timeout,
-    )
-    .await?;
     let mut cfg = config.session.clone();
     cfg.role = Role::Agent;
     cfg.initiator = true;
@@ -94,9 +233,152 @@ pub async fn start_session(
     Ok(session)
 }
 
+/// The WebSocket upgrade (inside the inner channel when needed) and the tunnel hello on a
+/// fresh connection to the gateway.
+pub async fn start_ws(
+    config: &AgentConfig,
+    io: GatewayStream,
+) -> Result<(Session, String, String), ConnectError> {
+    let cert = io.peer_summary();
+    let key = inner_key(config, Some(&io));
+    let mut url = config.gateway.endpoint("agent");
+    if key.is_some() {
+        url.push_str("?inner=1");
+    }
+    let bearer = key.is_none().then(|| config.token.expose());
+    let ws = tunnel::ws::client(
+        io,
+        &url,
+        bearer,
+        config.session.max_frame,
+        config.connect_timeout,
+    )
+    .await?;
+    match key {
+        Some(key) => {
+            let t = tunnel::inner::connect(ws, &key, config.token.expose(), config.connect_timeout)
+                .await
+                .map_err(|e| inner_error(config, &key, e))?;
+            Ok((
+                start(config, t).await?,
+                "websocket, inner channel".into(),
+                cert,
+            ))
+        }
+        None => Ok((start(config, ws).await?, "websocket".into(), cert)),
+    }
+}
+
+/// The HTTP transport along `way` (`io`: a connection already open on it).
+pub async fn start_http(
+    config: &AgentConfig,
+    way: &Candidate,
+    io: Option<GatewayStream>,
+) -> Result<Connected, ConnectError> {
+    let dial: Dialer = {
+        let (w, gw, tls, timeout, c) = (
+            config.way.clone(),
+            config.gateway.clone(),
+            config.tls.clone(),
+            config.connect_timeout,
+            way.clone(),
+        );
+        Arc::new(move || {
+            let (w, gw, tls, c) = (w.clone(), gw.clone(), tls.clone(), c.clone());
+            Box::pin(async move {
+                w.dial(&gw, tls.as_ref(), timeout, &c)
+                    .await
+                    .map(|s| Box::new(s) as BoxIo)
+            })
+        })
+    };
+    // The inner key decision needs the outer certificate: open the first connection now.
+    let io = match io {
+        Some(io) => io,
+        None => config
+            .way
+            .dial(
+                &config.gateway,
+                config.tls.as_ref(),
+                config.connect_timeout,
+                way,
+            )
+            .await
+            .map_err(|summary| ConnectError::NoWay {
+                summary,
+                rejected_only: false,
+            })?,
+    };
+    let cert = io.peer_summary();
+    let key = inner_key(config, Some(&io));
+    let mut opts = Options {
+        host: config.gateway.authority(),
+        base: format!("{}/agent/http", config.gateway.prefix),
+        bearer: None,
+        mac_key: None,
+        mode: config.http_mode,
+        timeout: config.connect_timeout,
+    };
+    let mode = |o: &Options| match o.mode {
+        Some(tunnel::http::DownMode::Poll) => "http long-poll",
+        _ => "http",
+    };
+    match key {
+        Some(key) => {
+            let mut mac = [0u8; 32];
+            rand::thread_rng().fill(&mut mac);
+            opts.mac_key = Some(mac);
+            let carried = format!("{}, inner channel", mode(&opts));
+            let (init, hello) = tunnel::inner::Initiator::start(&key, &mac)
+                .map_err(|e| inner_error(config, &key, e))?;
+            let created = tunnel::http::client::connect(dial, Some(Box::new(io)), opts, hello)
+                .await
+                .map_err(|e| match e {
+                    HttpError::Refused { status: 403, body } if body.contains("inner key is") => {
+                        inner_error(config, &key, InnerError::Refused(body))
+                    }
+                    e => ConnectError::Http(e),
+                })?;
+            let cipher = init
+                .finish(&created.reply)
+                .map_err(|e| inner_error(config, &key, e))?;
+            let t = tunnel::inner::InnerTransport::new(created.transport, cipher);
+            let t = tokio::time::timeout(
+                config.connect_timeout,
+                tunnel::inner::authenticate(t, config.token.expose()),
+            )
+            .await
+            .map_err(|_| inner_error(config, &key, InnerError::Timeout(config.connect_timeout)))?
+            .map_err(|e| inner_error(config, &key, e))?;
+            Ok(Connected {
+                session: start(config, t).await?,
+                way: way.clone(),
+                carried,
+                cert,
+                http: true,
+            })
+        }
+        None => {
+            opts.bearer = Some(config.token.expose().to_string());
+            let carried = mode(&opts).to_string();
+            let created =
+                tunnel::http::client::connect(dial, Some(Box::new(io)), opts, Bytes::new()).await?;
+            Ok(Connected {
+                session: start(config, created.transport).await?,
+                way: way.clone(),
+                carried,
+                cert,
+                http: true,
+            })
+        }
+    }
+}
+
 pub struct Pool {
     current: watch::Sender<Option<Session>>,
     last_error: Mutex<Option<String>>,
+    /// How the current session is carried (for status).
+    carried: Mutex<String>,
 }
 
 impl Pool {
@@ -105,6 +387,7 @@ impl Pool {
         let pool = Arc::new(Pool {
             current: watch::Sender::new(None),
             last_error: Mutex::new(None),
+            carried: Mutex::new(String::new()),
         });
         tokio::spawn(keep(pool.clone(), config, shutdown));
         pool
@@ -145,6 +428,14 @@ impl Pool {
             .clone()
     }
 
+    /// How the current session is carried, e.g. `http, inner channel` (for status).
+    pub fn carried(&self) -> String {
+        self.carried
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The current session, if one is up (for status).
     pub fn current(&self) -> Option<Session> {
         self.current.borrow().clone()
@@ -157,19 +448,44 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
         let started = Instant::now();
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = connect(&config) => r,
+            r = connect_with(&config, config.transport) => r,
         };
         match attempt {
-            Ok(session) => {
-                info!(gateway = %config.gateway, dmz = %session.peer().instance_id, "connected to the gateway");
+            Ok(c) => {
+                let mut session = c.session;
+                let mut on_http = c.http && config.transport == TransportChoice::Auto;
+                info!(gateway = %config.gateway, dmz = %session.peer().instance_id, carried = %c.carried, "connected to the gateway");
                 *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *pool.carried.lock().unwrap_or_else(|e| e.into_inner()) = c.carried;
                 pool.current.send_replace(Some(session.clone()));
-                let why = tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        session.close(ErrorCode::Shutdown, "agent shutting down");
-                        break;
+                let why = loop {
+                    let retry = async {
+                        if on_http {
+                            tokio::time::sleep(RETRY_WEBSOCKET).await
+                        } else {
+                            std::future::pending::<()>().await
+                        }
+                    };
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            session.close(ErrorCode::Shutdown, "agent shutting down");
+                            pool.current.send_replace(None);
+                            return;
+                        }
+                        why = session.closed() => break why,
+                        _ = retry => {
+                            // Back to WebSocket when the way lets it through now; the HTTP
+                            // session ends once its streams have.
+                            if let Ok(ws) = connect_with(&config, TransportChoice::WebSocket).await {
+                                info!(carried = %ws.carried, "WebSocket gets through again; leaving the HTTP transport");
+                                let old = std::mem::replace(&mut session, ws.session);
+                                *pool.carried.lock().unwrap_or_else(|e| e.into_inner()) = ws.carried;
+                                pool.current.send_replace(Some(session.clone()));
+                                on_http = false;
+                                tokio::spawn(drain(old));
+                            }
+                        }
                     }
-                    why = session.closed() => why,
                 };
                 pool.current.send_replace(None);
                 warn!(reason = %why, "gateway session lost; reconnecting");
@@ -199,6 +515,15 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
         }
     }
     pool.current.send_replace(None);
+}
+
+/// Closes a replaced session once its last stream has ended (at most an hour later).
+async fn drain(old: Session) {
+    let until = Instant::now() + Duration::from_secs(3600);
+    while old.stream_count() > 0 && Instant::now() < until && !old.is_closed() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    old.close(ErrorCode::Shutdown, "moved to another transport");
 }
 
 /// True when every way out failed on rejected proxy credentials (retrying would risk locking

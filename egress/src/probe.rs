@@ -441,6 +441,29 @@ impl Way {
         Fut: Future<Output = Result<T, E>>,
         E: fmt::Display + fmt::Debug + GatewayReached,
     {
+        match self.dial(url, tls, timeout, c).await {
+            Ok(stream) => {
+                let cert = stream.peer_summary();
+                match verify(stream).await {
+                    Ok(t) => Outcome::Won(t, cert),
+                    Err(e) if e.reached_gateway() => Outcome::Reached(e),
+                    Err(e) => Outcome::Failed(e.to_string()),
+                }
+            }
+            Err(why) => Outcome::Failed(why),
+        }
+    }
+
+    /// Opens one more connection to the gateway along candidate `c` (a way found before):
+    /// the HTTP transport needs several. Honours what the probe learnt (the proxy's scheme,
+    /// credentials held back or rejected). `Err` explains the failure in one line.
+    pub async fn dial(
+        &self,
+        url: &GatewayUrl,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        timeout: Duration,
+        c: &Candidate,
+    ) -> Result<GatewayStream, String> {
         let proxy_key = c.proxy.to_string();
         let (rejected, remembered) = match self.memory.lock() {
             Ok(m) => (
@@ -450,7 +473,7 @@ impl Way {
             Err(_) => (None, None),
         };
         if let Some(why) = rejected {
-            return Outcome::Failed(format!("not tried again: {why}"));
+            return Err(format!("not tried again: {why}"));
         }
         let mut auth = self.egress.auth.clone();
         auth.no_cleartext = !c.trusted;
@@ -469,12 +492,7 @@ impl Way {
                 if let (Some(s), Ok(mut m)) = (scheme, self.memory.lock()) {
                     m.schemes.insert(proxy_key, s);
                 }
-                let cert = stream.peer_summary();
-                match verify(stream).await {
-                    Ok(t) => Outcome::Won(t, cert),
-                    Err(e) if e.reached_gateway() => Outcome::Reached(e),
-                    Err(e) => Outcome::Failed(e.to_string()),
-                }
+                Ok(stream)
             }
             Err(e) => {
                 if let EgressError::Proxy(pe) = &e {
@@ -494,7 +512,7 @@ impl Way {
                         }
                     }
                 }
-                Outcome::Failed(explain_dial(&c.proxy, url, &e))
+                Err(explain_dial(&c.proxy, url, &e))
             }
         }
     }

@@ -115,11 +115,16 @@ pub struct DmzArgs {
     /// Name of this instance in logs and hellos [default: host name].
     #[arg(long)]
     pub instance_id: Option<String>,
+    /// Inner-channel key file (created, mode 0600, when missing) [default: inner.key beside
+    /// the agent token file].
+    #[arg(long)]
+    pub inner_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DmzFile {
+    pub inner_key: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -220,6 +225,37 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("`{s}` is not an address or network such as 10.0.0.5 or 10.0.0.0/24"))
 }
 
+/// Where the inner key lives when not configured: beside the agent token file.
+pub fn default_inner_key_path(agent_tokens: &Path) -> PathBuf {
+    match agent_tokens.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join("inner.key"),
+        _ => PathBuf::from("inner.key"),
+    }
+}
+
+/// The inner key file a DMZ configured by `args` uses (for `sallyport-gateway inner-key`).
+pub fn inner_key_path(args: &DmzArgs) -> Result<PathBuf, ConfigError> {
+    if let Some(p) = &args.inner_key {
+        return Ok(p.clone());
+    }
+    let file: DmzFile = match &args.config {
+        Some(p) => read_toml(p)?,
+        None => DmzFile::default(),
+    };
+    let base = args.config.as_deref();
+    if let Some(p) = file.inner_key {
+        return Ok(relative_to(base, p));
+    }
+    let tokens = args
+        .agent_tokens
+        .clone()
+        .or(file.agent_tokens.map(|p| relative_to(base, p)))
+        .ok_or_else(|| {
+            invalid("give --inner-key FILE, or the DMZ's --config/--agent-tokens to find it")
+        })?;
+    Ok(default_inner_key_path(&tokens))
+}
+
 pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     let file: DmzFile = match &args.config {
         Some(p) => read_toml(p)?,
@@ -230,6 +266,11 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     let plain = args.plain || file.plain;
     let cert = args.tls_cert.or(file.tls_cert.map(rel));
     let key = args.tls_key.or(file.tls_key.map(|p| relative_to(base, p)));
+    let tls_key_pin = cert.as_deref().and_then(|c| {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let der = CertificateDer::pem_file_iter(c).ok()?.next()?.ok()?;
+        egress::cert::key_pin(&der)
+    });
     let tls = match (plain, cert, key) {
         (true, None, None) => None,
         (true, _, _) => return Err(invalid("--plain and --tls-cert/--tls-key exclude each other: pick one")),
@@ -286,7 +327,17 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
         .map(|t| parse_net(t).map_err(|e| invalid(format!("trusted_proxies: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
     trusted.extend(args.trusted_proxies);
+    let inner_path = args
+        .inner_key
+        .or(file.inner_key.map(|p| relative_to(base, p)))
+        .unwrap_or_else(|| default_inner_key_path(agent_tokens.path()));
+    let (inner_key, created) = crate::inner::load_or_create(&inner_path).map_err(invalid)?;
+    if created {
+        tracing::info!(path = %inner_path.display(), key = %inner_key.public(), "created the inner-channel key; agents pin it at enrollment");
+    }
     Ok(DmzConfig {
+        inner_key: Some(Arc::new(inner_key)),
+        tls_key_pin,
         listen: args.listen.or(file.listen).unwrap_or_else(|| {
             "0.0.0.0:443"
                 .parse()

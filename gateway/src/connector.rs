@@ -67,6 +67,7 @@ pub fn tls_config(
         ca: ca.map(|p| p.to_path_buf()),
         pin: true,
         key_pin: None,
+        inner_channel: false,
     })
 }
 

@@ -47,6 +47,13 @@ pub struct DmzConfig {
     pub session: tunnel::Config,
     /// How often token files are checked for changes.
     pub reload_every: Duration,
+    /// The inner-channel key (see `tunnel::inner`): agents behind TLS-inspecting proxies run
+    /// their session inside a Noise channel bound to it. `None`: inner sessions are refused.
+    pub inner_key: Option<Arc<tunnel::inner::KeyPair>>,
+    /// The key pin (`sha256/…`) of the listener's certificate, told to enrolling agents with
+    /// the inner key, so they pin the gateway's own TLS key even when enrolling through an
+    /// inspecting proxy. `None` behind a TLS-terminating load balancer.
+    pub tls_key_pin: Option<String>,
 }
 
 impl std::fmt::Debug for DmzConfig {
@@ -58,6 +65,10 @@ impl std::fmt::Debug for DmzConfig {
             .field("agent_tokens", &self.agent_tokens.path())
             .field("connector_tokens", &self.connector_tokens.path())
             .field("instance_id", &self.instance_id)
+            .field(
+                "inner_key",
+                &self.inner_key.as_ref().map(|k| k.public().to_string()),
+            )
             .finish()
     }
 }
@@ -72,8 +83,8 @@ pub enum DmzError {
 }
 
 /// State shared by every connection task.
-struct Shared {
-    config: DmzConfig,
+pub(crate) struct Shared {
+    pub(crate) config: DmzConfig,
     router: Router,
     tls: Option<TlsAcceptor>,
     handshakes: Buckets<IpAddr>,
@@ -81,8 +92,10 @@ struct Shared {
     agent_sessions: Arc<Counts<String>>,
     connector_sessions: Arc<Counts<String>>,
     streams: Arc<Semaphore>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
+    /// Sessions over the HTTP fallback transport, by session id.
+    pub(crate) http_sessions: Arc<tunnel::http::server::Registry>,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
 }
 
 /// A bound DMZ gateway, not yet serving.
@@ -119,6 +132,10 @@ impl Dmz {
             agent_sessions: Arc::new(Counts::new(limits.sessions_per_agent_token)),
             connector_sessions: Arc::new(Counts::new(limits.sessions_per_connector_token)),
             streams: Arc::new(Semaphore::new(limits.max_streams)),
+            http_sessions: tunnel::http::server::Registry::new(
+                limits.max_connections,
+                HTTP_DOWN_BUFFER,
+            ),
             tracker: TaskTracker::new(),
             shutdown: shutdown.clone(),
             config,
@@ -134,6 +151,7 @@ impl Dmz {
         info!(
             addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             tls = shared.tls.is_some(),
+            inner_key = %shared.config.inner_key.as_ref().map(|k| k.public().to_string()).unwrap_or_else(|| "none".into()),
             prefix = %shared.config.prefix,
             instance = %shared.config.instance_id,
             "dmz gateway listening"
@@ -171,6 +189,10 @@ impl Dmz {
     }
 }
 
+/// Unacknowledged bytes an HTTP-transport session may hold for the agent (beyond it, the
+/// session's writer waits: backpressure, not memory).
+const HTTP_DOWN_BUFFER: usize = 4 * 1024 * 1024;
+
 /// Binds and serves until `shutdown`.
 pub async fn run(config: DmzConfig, shutdown: CancellationToken) -> Result<(), DmzError> {
     Dmz::bind(config).await?.serve(shutdown).await;
@@ -180,6 +202,8 @@ pub async fn run(config: DmzConfig, shutdown: CancellationToken) -> Result<(), D
 /// What an upgraded connection turned out to be.
 enum Upgraded<S> {
     Agent(S, RequestHead, Identity, SocketAddr, CountGuard<String>),
+    /// An agent that authenticates inside the inner channel (after the upgrade).
+    InnerAgent(S, RequestHead, SocketAddr),
     Connector(S, RequestHead, Identity, SocketAddr, CountGuard<String>),
 }
 
@@ -236,12 +260,35 @@ where
     };
     let client = client_addr(&shared.config.trusted_proxies, peer, &head);
     let prefix = &shared.config.prefix;
-    let path = head.path.split('?').next().unwrap_or("");
+    let path = head.path_only().to_string();
     let Some(endpoint) = path.strip_prefix(prefix.as_str()) else {
         let _ = http::respond(&mut io, 404, &[], "sallyport: not found\n").await;
         return;
     };
+    if endpoint == "/agent/http" || endpoint.starts_with("/agent/http/") {
+        // The fallback transport: ordinary requests, served by a full HTTP server.
+        crate::fallback::serve(shared, io, head, client).await;
+        return;
+    }
     match endpoint {
+        "/key" => match &shared.config.inner_key {
+            Some(k) => {
+                let mut body = format!("inner {}\n", k.public());
+                if let Some(pin) = &shared.config.tls_key_pin {
+                    body.push_str(&format!("tls {pin}\n"));
+                }
+                let _ = http::respond(&mut io, 200, &[], &body).await;
+            }
+            None => {
+                let _ = http::respond(
+                    &mut io,
+                    404,
+                    &[],
+                    "sallyport: this gateway has no inner key configured\n",
+                )
+                .await;
+            }
+        },
         "/healthz" => {
             let body = format!(
                 "ok\ninstance {}\nconnector sessions {}\n",
@@ -252,16 +299,35 @@ where
         }
         "/agent" | "/connector" => {
             let is_agent = endpoint == "/agent";
-            let up = match upgrade(&shared, io, head, client, is_agent).await {
+            let inner = is_agent && head.query_has("inner", "1");
+            let up = match upgrade(&shared, io, head, client, is_agent, inner).await {
                 Some(u) => u,
                 None => return,
             };
             let span = info_span!("session", client = %client);
             match up {
                 Upgraded::Agent(io, head, id, client, slot) => {
-                    agent_session(shared, io, head.leftover, id, client, slot)
+                    let max_frame = shared.config.session.max_frame;
+                    let t = tunnel::ws::WsTransport::server(io, head.leftover, max_frame).await;
+                    agent_session(shared, t, id, client, slot)
                         .instrument(span)
                         .await
+                }
+                Upgraded::InnerAgent(io, head, client) => {
+                    let max_frame = shared.config.session.max_frame;
+                    let t = tunnel::ws::WsTransport::server(io, head.leftover, max_frame).await;
+                    async {
+                        let Some(t) = crate::inner::handshake(&shared, t).await else {
+                            return;
+                        };
+                        if let Some((t, id, slot)) =
+                            crate::inner::authenticate(&shared, t, client).await
+                        {
+                            agent_session(shared.clone(), t, id, client, slot).await
+                        }
+                    }
+                    .instrument(span)
+                    .await
                 }
                 Upgraded::Connector(io, head, id, client, slot) => {
                     connector_session(shared, io, head.leftover, id, client, slot)
@@ -325,6 +391,7 @@ async fn upgrade<S>(
     head: RequestHead,
     client: SocketAddr,
     is_agent: bool,
+    inner: bool,
 ) -> Option<Upgraded<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -354,41 +421,31 @@ where
         .await;
         return None;
     }
-    let store: Arc<TokenStore> = if is_agent {
-        shared.config.agent_tokens.current()
-    } else {
-        shared.config.connector_tokens.current()
-    };
-    let presented = head
-        .header("authorization")
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .unwrap_or("");
-    let identity = match store.verify(presented, SystemTime::now()) {
+    let accept = tunnel::ws::accept_key(key.unwrap_or_default().as_bytes());
+    if inner {
+        // The token comes later, inside the channel: nothing readable on the way.
+        if let Err(e) = http::switch_to_websocket(&mut io, &accept).await {
+            debug!(error = %e, "client left during the upgrade");
+            return None;
+        }
+        return Some(Upgraded::InnerAgent(io, head, client));
+    }
+    let presented = bearer(head.header("authorization"));
+    let identity = match verify_token(shared, presented, client, is_agent) {
         Ok(id) => id,
-        Err(e) => {
-            // The detailed reason (token id, which check failed) goes to our log only.
-            warn!(%client, role = if is_agent { "agent" } else { "connector" }, reason = %e, "refused token");
+        Err(msg) => {
             let _ = http::respond(
                 &mut io,
                 401,
                 &[("www-authenticate", "Bearer realm=\"sallyport\"")],
-                &format!("sallyport: {}\n", e.client_message()),
+                &format!("sallyport: {msg}\n"),
             )
             .await;
             return None;
         }
     };
     // Sessions per token are counted before the upgrade, so a refusal is a plain HTTP 429.
-    let counts = if is_agent {
-        &shared.agent_sessions
-    } else {
-        &shared.connector_sessions
-    };
-    let Some(slot) = counts.acquire(&identity.token_id) else {
-        warn!(token = %identity.token_id, role = if is_agent { "agent" } else { "connector" }, "session limit per token reached");
+    let Some(slot) = count_session(shared, &identity, is_agent) else {
         let _ = http::respond(
             &mut io,
             429,
@@ -398,7 +455,6 @@ where
         .await;
         return None;
     };
-    let accept = tunnel::ws::accept_key(key.unwrap_or_default().as_bytes());
     if let Err(e) = http::switch_to_websocket(&mut io, &accept).await {
         debug!(error = %e, "client left during the upgrade");
         return None;
@@ -410,22 +466,64 @@ where
     })
 }
 
-async fn start_session<S>(
+/// The token of an `Authorization: Bearer …` header value ("" when there is none).
+pub(crate) fn bearer(header: Option<&str>) -> &str {
+    header
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .unwrap_or("")
+}
+
+/// Checks a presented token; `Err` is the one line the client is told (the detailed reason
+/// goes to our log only).
+pub(crate) fn verify_token(
     shared: &Shared,
-    io: S,
-    leftover: Vec<u8>,
+    presented: &str,
+    client: SocketAddr,
+    is_agent: bool,
+) -> Result<Identity, &'static str> {
+    let store: Arc<TokenStore> = if is_agent {
+        shared.config.agent_tokens.current()
+    } else {
+        shared.config.connector_tokens.current()
+    };
+    store.verify(presented, SystemTime::now()).map_err(|e| {
+        warn!(%client, role = if is_agent { "agent" } else { "connector" }, reason = %e, "refused token");
+        e.client_message()
+    })
+}
+
+/// Counts a session against its token's limit; `None` when the limit is reached.
+pub(crate) fn count_session(
+    shared: &Shared,
+    id: &Identity,
+    is_agent: bool,
+) -> Option<CountGuard<String>> {
+    let counts = if is_agent {
+        &shared.agent_sessions
+    } else {
+        &shared.connector_sessions
+    };
+    let slot = counts.acquire(&id.token_id);
+    if slot.is_none() {
+        warn!(token = %id.token_id, role = if is_agent { "agent" } else { "connector" }, "session limit per token reached");
+    }
+    slot
+}
+
+async fn start_session<T: tunnel::Transport>(
+    shared: &Shared,
+    transport: T,
     accept_streams: bool,
-) -> Option<(Session, tunnel::Incoming)>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) -> Option<(Session, tunnel::Incoming)> {
     let mut cfg = shared.config.session.clone();
     cfg.role = Role::Dmz;
     cfg.initiator = false;
     cfg.instance_id = shared.config.instance_id.clone();
     cfg.accept_streams = accept_streams;
     cfg.max_incoming_streams = shared.config.limits.streams_per_session;
-    let transport = tunnel::ws::WsTransport::server(io, leftover, cfg.max_frame).await;
     match tokio::time::timeout(
         shared.config.limits.handshake_timeout,
         Session::start(transport, cfg),
@@ -471,17 +569,15 @@ async fn guard_session(
     }
 }
 
-async fn agent_session<S>(
+/// An agent's session, over any transport (WebSocket or HTTP, inside the inner channel or not).
+pub(crate) async fn agent_session<T: tunnel::Transport>(
     shared: Arc<Shared>,
-    io: S,
-    leftover: Vec<u8>,
+    transport: T,
     id: Identity,
     client: SocketAddr,
     _slot: CountGuard<String>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let Some((session, mut incoming)) = start_session(&shared, io, leftover, true).await else {
+) {
+    let Some((session, mut incoming)) = start_session(&shared, transport, true).await else {
         return;
     };
     info!(token = %id.token_id, name = %id.name, agent = %session.peer().instance_id, "agent session up");
@@ -547,7 +643,9 @@ async fn connector_session<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // Connectors never open streams towards the DMZ.
-    let Some((session, _incoming)) = start_session(&shared, io, leftover, false).await else {
+    let transport =
+        tunnel::ws::WsTransport::server(io, leftover, shared.config.session.max_frame).await;
+    let Some((session, _incoming)) = start_session(&shared, transport, false).await else {
         return;
     };
     let key = shared.router.add(&id.token_id, session.clone());
@@ -699,6 +797,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             leftover: vec![],
+            raw: vec![],
         }
     }
 

@@ -20,6 +20,27 @@ pub struct RequestHead {
     pub headers: Vec<(String, String)>,
     /// Bytes read past the head (none for a well-behaved WebSocket client).
     pub leftover: Vec<u8>,
+    /// The head as read, for handing the connection to a full HTTP server (the fallback
+    /// transport) that must parse it again.
+    pub raw: Vec<u8>,
+}
+
+impl RequestHead {
+    /// The path without the query.
+    pub fn path_only(&self) -> &str {
+        self.path.split('?').next().unwrap_or("")
+    }
+
+    /// True when the query has `key=value`.
+    pub fn query_has(&self, key: &str, value: &str) -> bool {
+        self.path
+            .split_once('?')
+            .map(|(_, q)| {
+                q.split('&')
+                    .any(|kv| kv.split_once('=') == Some((key, value)))
+            })
+            .unwrap_or(false)
+    }
 }
 
 impl RequestHead {
@@ -81,6 +102,7 @@ pub async fn read_head<S: AsyncRead + Unpin>(io: &mut S) -> Result<RequestHead, 
                         })
                         .collect(),
                     leftover: buf[len..].to_vec(),
+                    raw: buf[..len].to_vec(),
                 };
                 return Ok(head);
             }

@@ -37,6 +37,9 @@ enum Command {
     /// Manage tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Print the DMZ's inner-channel public key (creating the key file when missing): agents
+    /// pin it (`sallyport enroll` shows the same), so that a TLS-inspecting proxy reads nothing.
+    InnerKey(DmzArgs),
     /// Write a self-signed CA and a gateway certificate for trials.
     Cert {
         /// DNS name or IP address the gateway is reached at. Repeatable.
@@ -175,6 +178,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 gateway::connector::run(cfg, shutdown).await;
                 Ok(())
             })
+        }
+        Command::InnerKey(args) => {
+            let path = config::inner_key_path(&args)?;
+            let (key, created) =
+                gateway::inner::load_or_create(&path).map_err(ConfigError::Invalid)?;
+            if created {
+                eprintln!("created {}", path.display());
+            }
+            println!("{}", key.public());
+            Ok(())
         }
         Command::Cert { names, out } => {
             let pki = gateway::certs::trial_pki(&names)

@@ -75,6 +75,8 @@ async fn gateway(connector_routes: &[&str], tweak: impl FnOnce(&mut DmzConfig)) 
         limits: Default::default(),
         session: tunnel::Config::new(Role::Dmz, false),
         reload_every: Duration::from_millis(200),
+        inner_key: Some(Arc::new(tunnel::inner::KeyPair::generate())),
+        tls_key_pin: None,
     };
     cfg.limits.handshake_timeout = Duration::from_millis(500);
     tweak(&mut cfg);

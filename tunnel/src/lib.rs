@@ -28,7 +28,9 @@ pub mod ws;
 pub use frame::{Dest, ErrorCode, Frame, Hello, Meta, Role, PROTOCOL_VERSION};
 pub use session::{Config, Incoming, Session, SessionError, SessionStats, StreamError};
 pub use stream::{OpenRequest, Stream};
-pub use transport::{memory_pair, MemoryTransport, Transport, TransportError};
+pub use transport::{
+    memory_pair, MemoryTransport, Transport, TransportError, TransportRx, TransportTx,
+};
 
 /// Well-known keys of `OPEN` metadata.
 pub mod meta {
