@@ -275,7 +275,12 @@ pub async fn connect(
         Some(io) => Some(shared.handshake(io).await.map_err(HttpError::Io)?),
         None => None,
     };
-    let req = shared.request("POST", shared.opts.base.clone(), first, 0, 0);
+    // A session inside the inner channel says so: its token comes later, sealed.
+    let create = match shared.opts.mac_key {
+        Some(_) => format!("{}?inner=1", shared.opts.base),
+        None => shared.opts.base.clone(),
+    };
+    let req = shared.request("POST", create, first, 0, 0);
     let resp = shared
         .send(&mut conn, req, shared.opts.timeout)
         .await
@@ -422,8 +427,8 @@ async fn up(
         }
     }
     // The session is done: tell the gateway, briefly.
-    let path = format!("{}/{}", s.opts.base, s.sid());
     let ack = s.received.load(Ordering::Relaxed);
+    let path = format!("{}/{}?seq={next}&ack={ack}", s.opts.base, s.sid());
     let req = s.request("DELETE", path, Bytes::new(), next, ack);
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
@@ -459,7 +464,7 @@ async fn down(s: Arc<Shared>, out: mpsc::Sender<Result<Bytes, TransportError>>) 
         // A streamed answer must show its first keepalive soon; a long-poll may take its wait.
         let head_within = match (poll, auto) {
             (true, _) => super::POLL_WAIT + s.opts.timeout,
-            (false, true) => super::BUFFERING_DETECT.max(s.opts.timeout),
+            (false, true) => super::BUFFERING_DETECT,
             (false, false) => s.opts.timeout,
         };
         let result = tokio::select! {

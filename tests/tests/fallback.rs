@@ -1,0 +1,311 @@
+//! The HTTP fallback transport and the inner channel, end to end on loopback with the real
+//! binaries and curl: forced `--transport http` (streamed and long-polled), the inner channel
+//! over WebSocket and over HTTP, a wrong pinned inner key, and a proxy that buffers whole
+//! responses (our `sp-bufproxy`), which must push the agent to long-poll.
+//! (Through a real TLS-inspecting squid: `topology.rs`.)
+
+use sallyport_e2e::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn curl() -> Command {
+    require_tool("curl");
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--max-time", "120"]);
+    c
+}
+
+/// The DMZ's inner key, as the admin reads it.
+fn inner_key(sys: &System) -> String {
+    let (code, out, err) = run(Command::new(bin("sallyport-gateway"))
+        .args(["inner-key", "--agent-tokens"])
+        .arg(sys.pki.p("agents.toml")))
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let key = out.trim().to_string();
+    assert!(key.starts_with("x25519/"), "{key}");
+    key
+}
+
+fn system(tag: &str, agent_args: &[&str]) -> (u16, u16, System) {
+    let svc = http_service().unwrap();
+    let echo = echo_service().unwrap();
+    let mut allow = allow_backend(svc.port());
+    allow.extend(allow_backend(echo.port()));
+    let args: Vec<String> = agent_args.iter().map(|a| a.to_string()).collect();
+    let sys = System::start_with(
+        tag,
+        &allow,
+        &["backend.internal=127.0.0.1"],
+        &[],
+        &args,
+        &[],
+    )
+    .unwrap();
+    (svc.port(), echo.port(), sys)
+}
+
+/// 20 MiB down (SOCKS5) and 20 MiB up (HTTP CONNECT), checked by hash.
+fn twenty_mib_both_ways(sys: &System, port: u16) {
+    const N: u64 = 20 * 1024 * 1024;
+    let tmp = TempDir::new("fallback-bulk");
+    let down = tmp.path().join("down.bin");
+    let started = Instant::now();
+    let (code, _, err) = run(curl()
+        .arg("--socks5-hostname")
+        .arg(sys.socks.to_string())
+        .arg("-o")
+        .arg(&down)
+        .arg(format!("http://backend.internal:{port}/bytes/{N}")))
+    .unwrap();
+    assert_eq!(code, 0, "{err}\n{}", sys.agent.log());
+    assert_eq!(sha256_file(&down).unwrap(), pattern_sha256(N));
+    let up = tmp.path().join("up.bin");
+    {
+        let mut f = std::fs::File::create(&up).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < N {
+            pattern(off, &mut buf);
+            f.write_all(&buf).unwrap();
+            off += buf.len() as u64;
+        }
+    }
+    let (code, out, err) = run(curl()
+        .arg("-p")
+        .arg("-x")
+        .arg(format!("http://{}", sys.http))
+        .arg("--data-binary")
+        .arg(format!("@{}", up.display()))
+        .arg("-H")
+        .arg("Expect:")
+        .arg(format!("http://backend.internal:{port}/sha256")))
+    .unwrap();
+    assert_eq!(code, 0, "{err}\n{}", sys.agent.log());
+    assert_eq!(out, pattern_sha256(N));
+    eprintln!("20 MiB each way in {:?}", started.elapsed());
+}
+
+/// An interactive exchange (an ssh-like conversation through SOCKS5): 20 round trips, each
+/// answered promptly. Returns the slowest round trip.
+fn interactive(socks: std::net::SocketAddr, echo_port: u16) -> Duration {
+    let mut s = TcpStream::connect(socks).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // SOCKS5, no auth, CONNECT by name.
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b).unwrap();
+    let host = b"backend.internal";
+    let mut req = vec![5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host);
+    req.extend_from_slice(&echo_port.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).unwrap();
+    assert_eq!(rep[1], 0, "SOCKS5 refused: {rep:?}");
+    let mut worst = Duration::ZERO;
+    for i in 0..20 {
+        let msg = format!("keystroke {i}\n");
+        let t = Instant::now();
+        s.write_all(msg.as_bytes()).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, msg.as_bytes());
+        worst = worst.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    worst
+}
+
+#[test]
+fn forced_http_transport_carries_bulk_and_interactive_traffic() {
+    let (port, echo, sys) = system("http-forced", &["--transport", "http"]);
+    let line = sys
+        .agent
+        .wait_for(&["connected to the gateway"], Duration::from_secs(5))
+        .unwrap();
+    assert!(line.contains("carried=http"), "{line}");
+    twenty_mib_both_ways(&sys, port);
+    let worst = interactive(sys.socks, echo);
+    // Generous: a keystroke must not wait for a poll cycle or a batch timer.
+    assert!(
+        worst < Duration::from_secs(2),
+        "slowest round trip {worst:?}"
+    );
+}
+
+#[test]
+fn the_inner_channel_carries_websocket_and_http_sessions() {
+    // Same gateway, the key learnt from the admin's command.
+    let (port, echo, sys) = system("inner", &[]);
+    let key = inner_key(&sys);
+    for transport in ["websocket", "http"] {
+        let agent = sys
+            .spawn_agent(
+                &format!("agent-inner-{transport}"),
+                &["--gateway-inner-key", &key, "--transport", transport],
+                &[],
+            )
+            .unwrap();
+        let socks = agent.addr(&["listening", "socks5"]).unwrap();
+        let line = agent
+            .wait_for(&["connected to the gateway"], Duration::from_secs(15))
+            .unwrap();
+        assert!(
+            line.contains(&format!("carried=\"{transport}, inner channel\""))
+                || line.contains(&format!("carried={transport}, inner channel")),
+            "{line}"
+        );
+        let worst = interactive(socks, echo);
+        assert!(worst < Duration::from_secs(2), "{transport}: {worst:?}");
+        let (code, out, err) = run(curl()
+            .arg("--socks5-hostname")
+            .arg(socks.to_string())
+            .arg(format!("http://backend.internal:{port}/")))
+        .unwrap();
+        assert_eq!(
+            (code, out.as_str()),
+            (0, "hello from backend.internal\n"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_wrong_pinned_inner_key_fails_showing_both_keys() {
+    let (_, _, sys) = system("inner-wrong", &[]);
+    let right = inner_key(&sys);
+    // Any other valid key.
+    let wrong = "x25519/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    for transport in ["websocket", "http"] {
+        let agent = sys
+            .spawn_agent(
+                &format!("agent-wrong-{transport}"),
+                &["--gateway-inner-key", wrong, "--transport", transport],
+                &[],
+            )
+            .unwrap();
+        let line = agent
+            .wait_for(&["does not match the pinned one"], Duration::from_secs(15))
+            .unwrap();
+        assert!(line.contains(&right) && line.contains(wrong), "{line}");
+    }
+}
+
+/// A proxy that buffers whole responses (some inspecting proxies scan bodies first): the
+/// streamed download never shows its first keepalive, the agent switches to long-poll (says
+/// so once) and everything still works.
+#[test]
+fn a_buffering_proxy_forces_long_poll_which_still_works() {
+    let (port, echo, sys) = system("bufproxy", &[]);
+    // A second DMZ, plain, behind sp-bufproxy (which terminates TLS with the gateway's
+    // certificate), with its own connector.
+    let mut dmz2 = Proc::spawn(
+        "dmz-plain",
+        Command::new(bin("sallyport-gateway"))
+            .args(["dmz", "--plain", "--listen", "127.0.0.1:0"])
+            .args(["--instance-id", "dmz-plain", "--agent-tokens"])
+            .arg(sys.pki.p("agents.toml"))
+            .arg("--connector-tokens")
+            .arg(sys.pki.p("connectors.toml")),
+    )
+    .unwrap();
+    let plain = dmz2.addr(&["dmz gateway listening"]).unwrap();
+    let mut cargs = sys.connector_args.clone();
+    let i = cargs.iter().position(|a| a == "--gateway").unwrap();
+    cargs[i + 1] = format!("ws://{plain}/");
+    let _connector2 = Proc::spawn(
+        "connector-plain",
+        Command::new(bin("sallyport-gateway")).args(&cargs),
+    )
+    .unwrap();
+    dmz2.wait_for(&["connector routes"], Duration::from_secs(15))
+        .unwrap();
+    let mut proxy = Command::new(env!("CARGO_BIN_EXE_sp-bufproxy"))
+        .args(["--listen", "127.0.0.1:0", "--upstream", &plain.to_string()])
+        .arg("--cert")
+        .arg(sys.pki.p("gateway.crt"))
+        .arg("--key")
+        .arg(sys.pki.p("gateway.key"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(proxy.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let front = first.trim().rsplit(' ').next().unwrap().to_string();
+    let mut cmd = Command::new(bin("sallyport"));
+    cmd.args(["run", "--gateway", &format!("wss://{front}/")])
+        .args([
+            "--socks",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--token-file",
+        ])
+        .arg(sys.pki.p("alice-laptop.token"))
+        .arg("--ca")
+        .arg(sys.pki.p("ca.crt"))
+        .env("HOME", sys.pki.dir.path())
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("ALL_PROXY")
+        .env_remove("all_proxy");
+    let agent = Proc::spawn("agent-buffered", &mut cmd).unwrap();
+    let socks = agent.addr(&["listening", "socks5"]).unwrap();
+    let line = agent
+        .wait_for(&["connected to the gateway"], Duration::from_secs(20))
+        .unwrap();
+    assert!(line.contains("http"), "{line}");
+    let (code, out, err) = run(curl()
+        .arg("--socks5-hostname")
+        .arg(socks.to_string())
+        .arg(format!("http://backend.internal:{port}/")))
+    .unwrap();
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "hello from backend.internal\n"),
+        "{err}\n{}",
+        agent.log()
+    );
+    agent
+        .wait_for(
+            &["switching the HTTP transport to long-poll"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    // 2 MiB down, and a conversation, over long-poll.
+    const N: u64 = 2 * 1024 * 1024;
+    let tmp = TempDir::new("bufproxy-down");
+    let down = tmp.path().join("down.bin");
+    let (code, _, err) = run(curl()
+        .arg("--socks5-hostname")
+        .arg(socks.to_string())
+        .arg("-o")
+        .arg(&down)
+        .arg(format!("http://backend.internal:{port}/bytes/{N}")))
+    .unwrap();
+    assert_eq!(code, 0, "{err}\n{}", agent.log());
+    assert_eq!(sha256_file(&down).unwrap(), pattern_sha256(N));
+    let worst = interactive(socks, echo);
+    assert!(
+        worst < Duration::from_secs(3),
+        "long-poll round trip {worst:?}"
+    );
+    assert_eq!(
+        agent
+            .log()
+            .matches("switching the HTTP transport to long-poll")
+            .count(),
+        1,
+        "{}",
+        agent.log()
+    );
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    dmz2.kill();
+}
