@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# tcpdump: what a TLS-inspecting proxy forwarded, captured in the DMZ (tests/tests/topology.rs).
+command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)

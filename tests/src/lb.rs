@@ -241,6 +241,13 @@ impl Nginx {
     server {upstream};
 }}
 
+# WebSocket upgrades pass with `Connection: upgrade`; the HTTP fallback transport's ordinary
+# requests without it.
+map $http_upgrade $sallyport_connection {{
+    default upgrade;
+    ''      '';
+}}
+
 server {{
     listen {listen} ssl;
     ssl_certificate     {cert};
@@ -251,13 +258,15 @@ server {{
         proxy_pass http://sallyport_dmz;    # no URI part: {prefix}/... is passed unchanged
         proxy_http_version 1.1;             # WebSocket needs HTTP/1.1 to the gateway
         proxy_set_header Upgrade $http_upgrade;
-        proxy_set_header Connection "upgrade";
+        proxy_set_header Connection $sallyport_connection;
         proxy_set_header Host $host;
         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         # Idle limit of the upgraded connection: keep it above the tunnel ping (20 s).
         proxy_read_timeout {idle};
         proxy_send_timeout {idle};
-        proxy_buffering off;
+        proxy_buffering off;                # the HTTP fallback streams its downstream
+        proxy_request_buffering off;        # ... and its upstream batches
+        client_max_body_size 2m;            # upstream batches stay below 1 MiB
 {bind}    }}
 {elsewhere}}}
 "#,

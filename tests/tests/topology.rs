@@ -620,3 +620,311 @@ fn behind_nginx_and_haproxy_in_the_dmz() {
         eprintln!("{}: ok", lb.name());
     }
 }
+
+/// The inner channel and the HTTP fallback through a TLS-inspecting squid in its **default**
+/// configuration (`ssl_bump`, WebSocket upgrades stripped), the desktop trusting the corporate
+/// CA, and the gateway plain behind nginx in the DMZ, where a capture of nginx → gateway shows
+/// exactly what squid forwarded, decrypted:
+/// - the agent falls back to HTTP inside the inner channel, says so, and carries 20 MiB each
+///   way intact and an interactive session;
+/// - neither squid's access log nor the capture holds the token or any payload bytes (while
+///   the capture does show the HTTP requests in clear: the check would see them);
+/// - with upgrades allowed, the agent uses WebSocket, still inside the inner channel.
+#[test]
+fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything() {
+    require_tool("tcpdump");
+    let mut s = start_with("bump-inner", Some(LbKind::Nginx));
+    let ca = TempDir::new("corp-ca");
+    std::fs::set_permissions(
+        ca.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let (cert, key) = corp_ca(ca.path()).unwrap();
+    let bump = |websocket: bool| {
+        let mut opts = s.squid_opts.clone();
+        if websocket {
+            opts.extra
+                .push_str("http_upgrade_request_protocols websocket allow all\n");
+        }
+        Squid::start_opts(
+            "topo-bump-inner",
+            SquidAuth::Bump {
+                ca_cert: &cert,
+                ca_key: &key,
+            },
+            &opts,
+        )
+        .unwrap()
+    };
+    s.agent.kill();
+    s.squid.kill();
+    s.squid = bump(false);
+    // The admin's view of the inner key (the DMZ created it beside the token file).
+    let (code, out, err) = run(std::process::Command::new(gateway_bin())
+        .args(["inner-key", "--agent-tokens"])
+        .arg(s.pki.p("agents.toml")))
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let inner_key = out.trim().to_string();
+    let token = std::fs::read_to_string(s.pki.p("alice-laptop.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+
+    // Everything nginx forwards to the gateway, in clear.
+    let cap_dir = TempDir::new("bump-capture");
+    let pcap = cap_dir.path().join("dmz.pcap");
+    let mut tcpdump = Proc::spawn(
+        "tcpdump",
+        s.topo
+            .cmd(Site::Dmz, "tcpdump")
+            .args(["-i", "lo", "-U", "-s", "0", "-Z", "root", "-w"])
+            .arg(&pcap)
+            .args(["tcp", "port", "8080"]),
+    )
+    .unwrap();
+    tcpdump
+        .wait_for(&["listening on"], Duration::from_secs(10))
+        .unwrap();
+
+    let p = |f: &str| s.pki.p(f).display().to_string();
+    let agent_cmd = |name: &str| {
+        let mut c = s.topo.cmd(Site::Desktop, bin("sallyport"));
+        c.args([
+            "run",
+            "--gateway",
+            &format!("wss://{GW_NAME}/sallyport/"),
+            "--proxy",
+            &format!("http://{}:3128", Site::Proxy.ip()),
+            "--socks",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--token-file",
+            &p("alice-laptop.token"),
+            "--ca",
+            &p("ca.crt"),
+            "--gateway-inner-key",
+            &inner_key,
+            "-c",
+            &p("ping.toml"),
+        ])
+        .env("HOME", s.pki.dir.path())
+        // The desktop's trust store, as IT would have installed the corporate CA.
+        .env("SSL_CERT_FILE", &cert);
+        Proc::spawn(name, &mut c).unwrap()
+    };
+    let agent = agent_cmd("agent-bumped");
+    let socks = agent.addr(&["listening", "socks5"]).unwrap();
+    let http = agent.addr(&["listening", "http"]).unwrap();
+    let line = agent
+        .wait_for(&["connected to the gateway"], Duration::from_secs(30))
+        .unwrap();
+    assert!(line.contains("http, inner channel"), "{line}");
+    agent
+        .wait_for(
+            &["strips it", "using the HTTP transport"],
+            Duration::from_secs(1),
+        )
+        .unwrap();
+
+    // 20 MiB down, 20 MiB up, checked by hash.
+    const N: u64 = 20 * 1024 * 1024;
+    let down = cap_dir.path().join("down.bin");
+    let started = Instant::now();
+    let (code, _, err) = s
+        .topo
+        .run(
+            Site::Desktop,
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "120",
+                "--socks5-hostname",
+                &socks.to_string(),
+                "-o",
+                &down.display().to_string(),
+                &format!("http://backend.internal:{}/bytes/{N}", s.web_port),
+            ],
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{err}\n{}", agent.log());
+    assert_eq!(sha256_file(&down).unwrap(), pattern_sha256(N));
+    let up = cap_dir.path().join("up.bin");
+    {
+        let mut f = std::fs::File::create(&up).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < N {
+            pattern(off, &mut buf);
+            f.write_all(&buf).unwrap();
+            off += buf.len() as u64;
+        }
+    }
+    let (code, out, err) = s
+        .topo
+        .run(
+            Site::Desktop,
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "120",
+                "-p",
+                "-x",
+                &format!("http://{http}"),
+                "--data-binary",
+                &format!("@{}", up.display()),
+                "-H",
+                "Expect:",
+                &format!("http://backend.internal:{}/sha256", s.web_port),
+            ],
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{err}\n{}", agent.log());
+    assert_eq!(out, pattern_sha256(N));
+    eprintln!(
+        "through ssl_bump squid, HTTP transport + inner channel: 20 MiB each way in {:?}",
+        started.elapsed()
+    );
+    // Interactive: keystrokes echo at once.
+    let mut child = s
+        .topo
+        .cmd(Site::Desktop, bin("sallyport"))
+        .args([
+            "connect",
+            "shell.internal",
+            &s.echo_port.to_string(),
+            "--socks",
+            &socks.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut worst = Duration::ZERO;
+    for i in 0..10 {
+        let line = format!("keystroke {i}\n");
+        let t = Instant::now();
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        let mut back = String::new();
+        stdout.read_line(&mut back).unwrap();
+        assert_eq!(back, line);
+        worst = worst.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(stdin);
+    let _ = child.wait();
+    eprintln!("slowest keystroke round trip: {worst:?}");
+    assert!(worst < Duration::from_secs(2), "{worst:?}");
+    drop(agent);
+    std::thread::sleep(Duration::from_millis(500));
+    tcpdump.terminate(Duration::from_secs(5));
+
+    // What squid saw and forwarded: no token, no payload. Only the agent's connections count
+    // (all opened after the capture started, each with requests for /sallyport/agent…); the
+    // connector's session also passes nginx → gateway and carries the payload, as it must.
+    let flows = tcp_flows(&std::fs::read(&pcap).unwrap(), 8080);
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    let capture: Vec<u8> = flows
+        .values()
+        .filter(|f| contains(f, b"/sallyport/agent"))
+        .flatten()
+        .copied()
+        .collect();
+    assert!(
+        contains(&capture, b"POST /sallyport/agent/http"),
+        "the capture does not show the forwarded requests: it would prove nothing ({} bytes)",
+        capture.len()
+    );
+    assert!(
+        !contains(&capture, token.as_bytes()),
+        "token in the capture"
+    );
+    let secret_part = token.rsplit('_').next().unwrap();
+    assert!(
+        !contains(&capture, secret_part.as_bytes()),
+        "token secret in the capture"
+    );
+    let mut window = [0u8; 32];
+    for i in 0..16u64 {
+        let off = i * (N / 16) + 12_345;
+        pattern(off, &mut window);
+        assert!(
+            !contains(&capture, &window),
+            "payload bytes (offset {off}) in the capture"
+        );
+    }
+    let access = s.squid.access_log();
+    assert!(access.contains("agent/http"), "{access}");
+    assert!(!access.contains(secret_part), "token in squid's log");
+
+    // Upgrades allowed: WebSocket, still inside the inner channel.
+    s.squid.kill();
+    s.squid = bump(true);
+    let agent = agent_cmd("agent-bumped-ws");
+    let line = agent
+        .wait_for(&["connected to the gateway"], Duration::from_secs(30))
+        .unwrap();
+    assert!(line.contains("websocket, inner channel"), "{line}");
+    let socks = agent.addr(&["listening", "socks5"]).unwrap();
+    let (code, out, err) = s
+        .topo
+        .run(
+            Site::Desktop,
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                "--socks5-hostname",
+                &socks.to_string(),
+                &format!("http://backend.internal:{}/", s.web_port),
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "hello from backend.internal\n"),
+        "{err}"
+    );
+}
+
+/// The TCP payload of each connection to or from `port` in a pcap file (Ethernet, IPv4), keyed
+/// by the other port, in capture order (on loopback nothing is reordered).
+fn tcp_flows(pcap: &[u8], port: u16) -> std::collections::HashMap<u16, Vec<u8>> {
+    let mut flows: std::collections::HashMap<u16, Vec<u8>> = Default::default();
+    let mut at = 24;
+    while at + 16 <= pcap.len() {
+        let incl = u32::from_le_bytes(pcap[at + 8..at + 12].try_into().unwrap()) as usize;
+        let pkt = &pcap[at + 16..(at + 16 + incl).min(pcap.len())];
+        at += 16 + incl;
+        // Ethernet, IPv4 only.
+        if pkt.len() < 14 + 20 || pkt[12..14] != [0x08, 0x00] {
+            continue;
+        }
+        let ip = &pkt[14..];
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        if ip[9] != 6 || ip.len() < ihl + 20 {
+            continue;
+        }
+        let tcp = &ip[ihl..total.min(ip.len())];
+        let (src, dst) = (
+            u16::from_be_bytes([tcp[0], tcp[1]]),
+            u16::from_be_bytes([tcp[2], tcp[3]]),
+        );
+        let off = ((tcp[12] >> 4) as usize) * 4;
+        let other = if src == port { dst } else { src };
+        if let Some(data) = tcp.get(off..) {
+            flows.entry(other).or_default().extend_from_slice(data);
+        }
+    }
+    flows
+}

@@ -2,7 +2,7 @@
 //!
 //! Two background tasks, each with its own HTTP/1.1 connection (dialed by the caller, through
 //! whatever proxy the way out needs; redialed when it breaks):
-//! - **up**: takes what the session's writer queued, up to [`super::MAX_BATCH`] per `POST`, one
+//! - **up**: takes what the session's writer queued, up to [`UP_BATCH`] per `POST`, one
 //!   `POST` at a time (so batches arrive in order); a failed `POST` is resent with the same
 //!   `seq` until it succeeds or [`GIVE_UP`] passes. With nothing to send it still posts an empty
 //!   batch now and then to acknowledge what came down, so the gateway can free it.
@@ -38,6 +38,9 @@ pub type BoxIo = Box<dyn Io>;
 pub type Dialer =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<BoxIo, String>> + Send>> + Send + Sync>;
 
+/// Upstream batch target: a `POST` body stays below ~600 KiB, under common proxy limits
+/// (nginx's `client_max_body_size` default is 1 MiB).
+const UP_BATCH: usize = 512 * 1024;
 /// Requests keep failing for this long: the transport gives up (the session then reconnects).
 pub const GIVE_UP: Duration = Duration::from_secs(30);
 /// Acknowledge after this many downstream bytes even with nothing to send.
@@ -355,7 +358,7 @@ async fn up(
             }
         }
         let mut size: usize = batch.iter().map(|m| m.len() + 4).sum();
-        while size < super::MAX_BATCH {
+        while size < UP_BATCH {
             match rx.try_recv() {
                 Ok(m) => {
                     size += m.len() + 4;
@@ -467,10 +470,17 @@ async fn down(s: Arc<Shared>, out: mpsc::Sender<Result<Bytes, TransportError>>) 
             (false, true) => super::BUFFERING_DETECT,
             (false, false) => s.opts.timeout,
         };
+        let mut progressed = false;
         let result = tokio::select! {
-            r = read_down(&s, &mut conn, req, head_within, poll, auto, &out) => r,
+            r = read_down(&s, &mut conn, req, head_within, poll, auto, &out, &mut progressed) => r,
             _ = s.stop.cancelled() => return,
         };
+        if progressed {
+            // A response that delivered is no failure, even if a load balancer cut it later
+            // (idle timeouts shorter than our keepalive interval).
+            failures = 0;
+            failing_since = None;
+        }
         let why = match result {
             Ok(()) => {
                 failures = 0;
@@ -517,6 +527,7 @@ enum Down {
     Closed,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn read_down(
     s: &Shared,
     conn: &mut Option<Conn>,
@@ -525,6 +536,7 @@ async fn read_down(
     poll: bool,
     auto: bool,
     out: &mpsc::Sender<Result<Bytes, TransportError>>,
+    progressed: &mut bool,
 ) -> Result<(), Down> {
     let sent_at = tokio::time::Instant::now();
     let resp = match s.send(conn, req, head_within).await {
@@ -551,6 +563,7 @@ async fn read_down(
             _ => Down::Retry(msg),
         });
     }
+    *progressed = true;
     let mut body = resp.into_body();
     let mut buf = BytesMut::new();
     let mut first = true;
