@@ -8,6 +8,9 @@ same run, interleaved rounds, medians.
 Chains (TLS on both tunnel legs):
   direct    client -> server
   sallyport client -> agent (static forward / SOCKS5) -> DMZ gateway -> connector -> server
+            (WebSocket; with --variants also: WebSocket inside the inner channel, the HTTP
+            fallback transport streamed and long-polled, inside the inner channel, and HTTP
+            without it: same DMZ and connector, one more agent each)
   nginx     client -> nginx (plain->TLS) -> nginx (TLS->TLS) -> nginx (TLS->plain) -> server
   rathole   (when `rathole` is on PATH) client -> rathole server <- rathole client -> server
 
@@ -220,6 +223,25 @@ handshakes_per_ip = 1000.0
         self.agent.wait_for("connected to the gateway")
         time.sleep(0.3)
         self.procs = [self.agent, self.dmz, self.connector]
+        self.url = url
+        self.iperf_port, self.echo_port = iperf_port, echo_port
+
+    def inner_key(self):
+        return run([str(GW), "inner-key", "-c", str(self.tmp / "dmz.toml")]).stdout.strip()
+
+    def variant(self, name, args, conf=""):
+        """One more agent on the same DMZ and connector, with its own forwards."""
+        t = self.tmp
+        cfg = t / f"{name}.toml"
+        cfg.write_text(conf)
+        fi, fe = free_port(), free_port()
+        a = Proc(f"agent-{name}", [str(AGENT), "run", "-c", str(cfg), "--gateway", self.url, "--token-file", str(t / "agent.token"),
+                                  "--ca", str(t / "ca.crt"), "--socks", "off", "--http", "off",
+                                  "--forward", f"127.0.0.1:{fi}=127.0.0.1:{self.iperf_port}",
+                                  "--forward", f"127.0.0.1:{fe}=127.0.0.1:{self.echo_port}",
+                                  "--log", "warn,agent=info"] + args, t, env={"HOME": str(t)})
+        a.wait_for("connected to the gateway")
+        return a, fi, fe
 
     def stop(self):
         for p in self.procs:
@@ -416,6 +438,8 @@ def main():
     ap.add_argument("--streams", type=int, default=10000)
     ap.add_argument("--idle-seconds", type=int, default=60)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.md"))
+    ap.add_argument("--variants", action="store_true",
+                    help="also the inner channel and the HTTP fallback transport (one agent each)")
     a = ap.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -441,6 +465,21 @@ def main():
     if rathole:
         chains["rathole ws (2 hops)"] = rathole.port
     procs = {"sallyport": sp.procs, "nginx chain": nginx.procs}
+    variants = {}
+    if a.variants:
+        key = sp.inner_key()
+        inner = ["--gateway-inner-key", key]
+        for name, args, conf in [
+            ("ws + inner", inner, ""),
+            ("http stream + inner", inner + ["--transport", "http"], ""),
+            ("http poll + inner", inner + ["--transport", "http"], "[tunnel]\nhttp_mode = \"poll\"\n"),
+            ("http stream, no inner", ["--transport", "http"], ""),
+        ]:
+            slug = re.sub(r"[^a-z]+", "-", name)
+            agent, fi, fe = sp.variant(slug, args, conf)
+            variants[name] = (agent, fi, fe)
+            chains[f"sallyport {name}"] = fi
+            procs[f"sallyport {name}"] = [agent, sp.dmz, sp.connector]
     if rathole:
         procs["rathole ws (2 hops)"] = rathole.procs
     res = {c: {"up": [], "down": [], "p8": [], "cpu_gb": []} for c in chains}
@@ -475,6 +514,8 @@ def main():
         lat["sallyport forward"].append(latency(sp.fwd_echo, a.latency_n // 3))
         lat["sallyport socks5"].append(latency(sp.socks, a.latency_n // 3, socks_target=("127.0.0.1", echo_port)))
         lat["nginx chain"].append(latency(nginx_echo.port, a.latency_n // 3))
+        for name, (_, _, fe) in variants.items():
+            lat.setdefault(f"sallyport {name} forward", []).append(latency(fe, a.latency_n // 3))
     nginx_echo.stop()
     lat = {k: (med([x[0] for x in v]), med([x[1] for x in v])) for k, v in lat.items() if v}
 
@@ -490,6 +531,8 @@ def main():
     wake_per_min = (sp.agent.ctx_switches() - sw0) * 60 / a.idle_seconds
     idle_cpu = sp.agent.cpu() - c0
 
+    for agent, _, _ in variants.values():
+        agent.stop()
     for x in ([sp, nginx] + ([rathole] if rathole else [])):
         x.stop()
     iperf_srv.stop()
@@ -509,6 +552,13 @@ def main():
         lines.append(f"| {n} | {ratio('up')} | {ratio('down')} | {ratio('p8')} | {cpu} |")
     ng = res["nginx chain"]
     s = res["sallyport"]
+    if variants:
+        lines.append("")
+        lines.append("| transport (vs plain WebSocket, same run) | 1 stream up | 1 stream down | 8 streams |")
+        lines.append("|---|---:|---:|---:|")
+        for name in variants:
+            r = res[f"sallyport {name}"]
+            lines.append(f"| {name} | " + " | ".join(f"{med(r[k]) / med(s[k]):.2f}×" for k in ("up", "down", "p8")) + " |")
     lines.append("")
     lines.append(f"sallyport vs nginx chain: up {med(s['up']) / med(ng['up']):.2f}×, down {med(s['down']) / med(ng['down']):.2f}×, "
                  f"8 streams {med(s['p8']) / med(ng['p8']):.2f}×; CPU per GB by process: "

@@ -132,10 +132,34 @@ fn enroll_checks_the_token_pins_the_key_and_logout_removes_it() {
     );
     drop(agent);
 
-    // Another key than the pinned one: refused, both fingerprints shown.
+    // Another TLS key than the pinned one (what a TLS-inspecting proxy presents): with the
+    // gateway's inner key pinned too, the session runs inside the inner channel.
     let conf = conf_dir.join("agent.toml");
+    let enrolled = std::fs::read_to_string(&conf).unwrap();
+    assert!(enrolled.contains("gateway_inner_key = \"x25519/"), "{enrolled}");
+    assert!(out.contains("gateway inner key pinned: x25519/"), "{out}");
     let other = "sha256/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-    let text = std::fs::read_to_string(&conf).unwrap().replace(&pin, other);
+    std::fs::write(&conf, enrolled.replace(&pin, other)).unwrap();
+    let inner = Proc::spawn(
+        "inner-agent",
+        Command::new(bin("sallyport"))
+            .args(["run", "--socks", "127.0.0.1:0", "--http", "off"])
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", home.path().join(".config")),
+    )
+    .unwrap();
+    let line = inner
+        .wait_for(&["connected to the gateway"], Duration::from_secs(15))
+        .unwrap();
+    assert!(line.contains("inner channel"), "{line}");
+    drop(inner);
+    // Without the inner key: refused, both fingerprints shown.
+    let text: String = enrolled
+        .replace(&pin, other)
+        .lines()
+        .filter(|l| !l.starts_with("gateway_inner_key"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     std::fs::write(&conf, text).unwrap();
     let pinned = Proc::spawn(
         "pinned-agent",
