@@ -136,7 +136,10 @@ fn enroll_checks_the_token_pins_the_key_and_logout_removes_it() {
     // gateway's inner key pinned too, the session runs inside the inner channel.
     let conf = conf_dir.join("agent.toml");
     let enrolled = std::fs::read_to_string(&conf).unwrap();
-    assert!(enrolled.contains("gateway_inner_key = \"x25519/"), "{enrolled}");
+    assert!(
+        enrolled.contains("gateway_inner_key = \"x25519/"),
+        "{enrolled}"
+    );
     assert!(out.contains("gateway inner key pinned: x25519/"), "{out}");
     let other = "sha256/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
     std::fs::write(&conf, enrolled.replace(&pin, other)).unwrap();

@@ -472,7 +472,8 @@ fn four_sites_only_443_leaves_and_nothing_listens_inside() {
 /// - configured to pass WebSocket upgrades and with its CA in the desktop's trust store, the
 ///   agent works, and `doctor` reports the interception and the issuer;
 /// - without that CA, the agent fails with a message naming the issuer it saw;
-/// - with squid's default (upgrades stripped), `doctor` says so plainly.
+/// - with squid's default (upgrades stripped), `doctor` says so plainly, and that the HTTP
+///   fallback works but without the inner channel (no inner key pinned here).
 #[test]
 fn through_a_tls_inspecting_proxy() {
     let mut s = start("bump");
@@ -572,9 +573,12 @@ fn through_a_tls_inspecting_proxy() {
     // squid's default: upgrades stripped. doctor says so.
     s.squid.kill();
     s.squid = bump(false);
+    // It falls back to the HTTP transport, and, with no inner key pinned, warns that the proxy
+    // can read the session.
     let (code, out, err) = run(&mut agent_cmd("doctor", true)).unwrap();
-    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("strips WebSocket upgrades"), "{out}");
+    assert!(out.contains("WITHOUT the inner channel"), "{out}");
 }
 
 /// The same flows with TLS terminated by real nginx and HAProxy in the DMZ (the gateway plain
@@ -864,6 +868,32 @@ fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything()
     let access = s.squid.access_log();
     assert!(access.contains("agent/http"), "{access}");
     assert!(!access.contains(secret_part), "token in squid's log");
+
+    // doctor explains it.
+    let (code, out, err) = run(s
+        .topo
+        .cmd(Site::Desktop, bin("sallyport"))
+        .args([
+            "doctor",
+            "--gateway",
+            &format!("wss://{GW_NAME}/sallyport/"),
+            "--proxy",
+            &format!("http://{}:3128", Site::Proxy.ip()),
+            "--token-file",
+            &p("alice-laptop.token"),
+            "--ca",
+            &p("ca.crt"),
+            "--gateway-inner-key",
+            &inner_key,
+        ])
+        .env("HOME", s.pki.dir.path())
+        .env("SSL_CERT_FILE", &cert))
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("inspects TLS (issuer: CN=Corp Inspection CA, O=Corp) and strips WebSocket upgrades; using HTTP streaming inside the pinned inner channel"),
+        "{out}"
+    );
 
     // Upgrades allowed: WebSocket, still inside the inner channel.
     s.squid.kill();
