@@ -170,6 +170,21 @@ fn the_inner_channel_carries_websocket_and_http_sessions() {
             (0, "hello from backend.internal\n"),
             "{err}"
         );
+        // Full-size frames, sealed: a sealed 64 KiB frame once exceeded the WebSocket message
+        // limit and cut the session.
+        const N: u64 = 4 * 1024 * 1024;
+        let tmp = TempDir::new("inner-down");
+        let down = tmp.path().join("down.bin");
+        let (code, _, err) = run(curl()
+            .arg("--socks5-hostname")
+            .arg(socks.to_string())
+            .arg("-o")
+            .arg(&down)
+            .arg(format!("http://backend.internal:{port}/bytes/{N}")))
+        .unwrap();
+        assert_eq!(code, 0, "{transport}: {err}\n{}", agent.log());
+        assert_eq!(sha256_file(&down).unwrap(), pattern_sha256(N));
+        assert!(!agent.log().contains("session lost"), "{}", agent.log());
     }
 }
 

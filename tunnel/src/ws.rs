@@ -20,8 +20,10 @@ use tokio_tungstenite::WebSocketStream;
 /// The WebSocket configuration for a session whose largest `DATA` payload is `max_frame`.
 pub fn config(max_frame: u32) -> WebSocketConfig {
     // The largest control frame (an OPEN with metadata, ROUTES) is bounded well below this.
-    let limit =
+    let frame =
         (max_frame as usize + HEADER_LEN).max(crate::frame::MAX_CONTROL_PAYLOAD + HEADER_LEN);
+    // Inside the inner channel a message is a sealed frame: a few bytes more per chunk.
+    let limit = frame + crate::inner::overhead(frame);
     WebSocketConfig::default()
         .max_message_size(Some(limit))
         .max_frame_size(Some(limit))
