@@ -584,6 +584,59 @@ mod tests {
     }
 
     #[test]
+    fn a_truncated_or_garbage_hello_is_refused_without_panicking() {
+        let k = KeyPair::from_private([3u8; 32]);
+        let (_init, hello) = Initiator::start(&k.public(), &[7u8; 32]).unwrap();
+        assert!(respond(&k, &hello).is_ok());
+        for n in 0..hello.len() {
+            assert!(respond(&k, &hello[..n]).is_err(), "hello cut to {n} bytes");
+        }
+        let mut flipped = hello.to_vec();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x80;
+        assert!(respond(&k, &flipped).is_err());
+        let mut garbage = vec![TAG_NOISE];
+        garbage.extend((0..200u32).map(|i| (i * 37) as u8));
+        assert!(respond(&k, &garbage).is_err());
+        assert!(respond(&k, &refusal("no")).is_err());
+        assert!(respond(&k, &[0xff; 100]).is_err());
+        // And on the agent's side, garbage instead of the reply.
+        let (init, _) = Initiator::start(&k.public(), &[]).unwrap();
+        assert!(init.finish(&[TAG_NOISE, 1, 2, 3]).is_err());
+        let (init, _) = Initiator::start(&k.public(), &[]).unwrap();
+        assert!(init.finish(&[]).is_err());
+    }
+
+    #[test]
+    fn a_truncated_or_padded_sealed_message_is_refused() {
+        let k = KeyPair::generate();
+        let (init, hello) = Initiator::start(&k.public(), &[]).unwrap();
+        let acc = respond(&k, &hello).unwrap();
+        let (mut seal, _) = init.finish(&acc.reply).unwrap().split();
+        let (_, mut open) = acc.cipher.split();
+        let sealed = seal.seal(b"frame").unwrap();
+        assert!(matches!(open.open(&[]), Err(InnerError::Protocol(_))));
+        // Cut inside the chunk header, inside the ciphertext, or one byte short.
+        for n in [1, 2, 3, 2 + TAG_LEN - 1, sealed.len() - 1] {
+            assert!(
+                matches!(open.open(&sealed[..n]), Err(InnerError::Tampered)),
+                "cut to {n} bytes"
+            );
+        }
+        // A length below the tag's, and a trailing half header.
+        assert!(matches!(
+            open.open(&[0, TAG_LEN as u8 - 1]),
+            Err(InnerError::Tampered)
+        ));
+        // None of that advanced the opener: the genuine message still opens.
+        assert_eq!(&open.open(&sealed).unwrap()[..], b"frame");
+        // A whole chunk followed by a stray byte.
+        let mut padded = seal.seal(b"next").unwrap().to_vec();
+        padded.push(0);
+        assert!(matches!(open.open(&padded), Err(InnerError::Tampered)));
+    }
+
+    #[test]
     fn a_refusal_reaches_the_agent_as_text() {
         let (init, _) = Initiator::start(&KeyPair::generate().public(), &[]).unwrap();
         let err = init

@@ -4,12 +4,15 @@
 //! whatever proxy the way out needs; redialed when it breaks):
 //! - **up**: takes what the session's writer queued, up to [`UP_BATCH`] per `POST`, one
 //!   `POST` at a time (so batches arrive in order); a failed `POST` is resent with the same
-//!   `seq` until it succeeds or [`GIVE_UP`] passes. With nothing to send it still posts an empty
+//!   `seq` until it succeeds or [`GIVE_UP`] passes, carrying half as many messages after each
+//!   failure (a path that cuts connections after so many bytes still lets a batch through;
+//!   batches grow back as `POST`s succeed). With nothing to send it still posts an empty
 //!   batch now and then to acknowledge what came down, so the gateway can free it.
 //! - **down**: one `GET` at a time, streamed or long-polled, resuming from what was received.
-//!   A streamed `GET` whose first keepalive does not arrive within
-//!   [`super::BUFFERING_DETECT`] means a proxy buffers responses: switch to long-poll (logged
-//!   once).
+//!   A response cut after it brought messages is progress, not a failure (no backoff, and it
+//!   does not count towards [`GIVE_UP`]). A streamed `GET` whose first keepalive does not
+//!   arrive within [`super::BUFFERING_DETECT`] means a proxy buffers responses: switch to
+//!   long-poll (logged once).
 //!
 //! Cookies the gateway or a load balancer set (stickiness) are sent back on every request.
 
@@ -47,6 +50,8 @@ pub const GIVE_UP: Duration = Duration::from_secs(30);
 const ACK_BYTES: usize = 256 * 1024;
 /// …or after this long.
 const ACK_EVERY: Duration = Duration::from_millis(500);
+/// Failed `POST`s shrink the batches down to this (or one message).
+const MIN_BATCH: usize = 16 * 1024;
 
 /// What the transport needs to know.
 #[derive(Clone)]
@@ -325,6 +330,15 @@ pub async fn connect(
     })
 }
 
+/// The body of a `POST` carrying `msgs`.
+fn encode_batch(msgs: &[Bytes], capacity: usize) -> Bytes {
+    let mut body = BytesMut::with_capacity(capacity);
+    for m in msgs {
+        put_record(&mut body, m);
+    }
+    body.freeze()
+}
+
 /// Backoff between retries of a failing request.
 fn backoff(n: u32) -> Duration {
     Duration::from_millis((100u64 << n.min(5)).min(2000))
@@ -341,6 +355,8 @@ async fn up(
     let mut ack_tick = tokio::time::interval(ACK_EVERY);
     ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut acked: u64 = 0;
+    // Bytes per POST: shrinks when POSTs fail, grows back as they succeed.
+    let mut limit = UP_BATCH;
     loop {
         if batch.is_empty() {
             tokio::select! {
@@ -358,7 +374,7 @@ async fn up(
             }
         }
         let mut size: usize = batch.iter().map(|m| m.len() + 4).sum();
-        while size < UP_BATCH {
+        while size < limit {
             match rx.try_recv() {
                 Ok(m) => {
                     size += m.len() + 4;
@@ -367,11 +383,16 @@ async fn up(
                 Err(_) => break,
             }
         }
-        let mut body = BytesMut::with_capacity(size);
-        for m in &batch {
-            put_record(&mut body, m);
+        // How many messages of `batch` this POST carries: what fits in `limit` (at least one),
+        // halved after every failure: a path that cuts connections after some bytes or seconds
+        // must still let a smaller batch through. The rest follows with the next seq.
+        let mut count = 0;
+        let mut bytes = 0;
+        while count < batch.len() && (count == 0 || bytes + batch[count].len() + 4 <= limit) {
+            bytes += batch[count].len() + 4;
+            count += 1;
         }
-        let body = body.freeze();
+        let mut body = encode_batch(&batch[..count], bytes);
         let mut failures = 0u32;
         let started = tokio::time::Instant::now();
         loop {
@@ -384,9 +405,10 @@ async fn up(
                     let status = resp.status();
                     let text = read_all(resp, 4096).await;
                     if status.is_success() && text.is_ok() {
-                        next += batch.len() as u64;
+                        next += count as u64;
                         acked = ack;
-                        batch.clear();
+                        batch.drain(..count);
+                        limit = (limit * 2).min(UP_BATCH);
                         break;
                     }
                     let text = text.map(|b| String::from_utf8_lossy(&b).trim().to_string());
@@ -422,6 +444,11 @@ async fn up(
                 return;
             }
             debug!(error = %why, "HTTP transport: POST failed; resending");
+            if count > 1 {
+                count = count.div_ceil(2);
+                body = encode_batch(&batch[..count], body.len());
+                limit = body.len().max(MIN_BATCH);
+            }
             tokio::select! {
                 _ = tokio::time::sleep(backoff(failures)) => {}
                 _ = s.stop.cancelled() => return,
@@ -475,9 +502,10 @@ async fn down(s: Arc<Shared>, out: mpsc::Sender<Result<Bytes, TransportError>>) 
             r = read_down(&s, &mut conn, req, head_within, poll, auto, &out, &mut progressed) => r,
             _ = s.stop.cancelled() => return,
         };
-        if progressed {
-            // A response that delivered is no failure, even if a load balancer cut it later
-            // (idle timeouts shorter than our keepalive interval).
+        if progressed || s.received.load(Ordering::Relaxed) > ack {
+            // A response that was answered (or brought messages) is no failure, whatever
+            // ended it: a load balancer's idle timeout shorter than our keepalive interval, or
+            // a path that cuts long responses, would otherwise add up to GIVE_UP.
             failures = 0;
             failing_since = None;
         }

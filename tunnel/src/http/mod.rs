@@ -203,6 +203,35 @@ mod tests {
     }
 
     #[test]
+    fn record_headers_cut_short_wait_and_the_size_limit_is_inclusive() {
+        // A header cut short: more bytes needed, nothing consumed; a whole body: truncated.
+        for n in 0..4 {
+            let mut buf = BytesMut::from(&[0u8, 0, 0, 5][..n]);
+            assert_eq!(take_record(&mut buf), Ok(None));
+            assert_eq!(buf.len(), n);
+        }
+        assert_eq!(
+            parse_records(Bytes::from_static(&[0, 0, 1])),
+            Err(RecordError::Truncated)
+        );
+        assert_eq!(
+            parse_records(Bytes::from_static(&[0, 0, 0, 2, 9])),
+            Err(RecordError::Truncated)
+        );
+        // Exactly MAX_MESSAGE is allowed (waits for its bytes); one more is refused at once.
+        let mut at_limit = BytesMut::new();
+        at_limit.put_u32(MAX_MESSAGE as u32);
+        assert_eq!(take_record(&mut at_limit), Ok(None));
+        let mut over = BytesMut::new();
+        over.put_u32(MAX_MESSAGE as u32 + 1);
+        assert_eq!(
+            take_record(&mut over),
+            Err(RecordError::TooLarge(MAX_MESSAGE + 1))
+        );
+        assert_eq!(parse_records(Bytes::new()), Ok(vec![]));
+    }
+
+    #[test]
     fn macs_bind_method_session_and_positions() {
         let k = [9u8; 32];
         let mac = request_mac(&k, "POST", "abc", 3, 4);
@@ -226,6 +255,18 @@ mod tests {
         );
         assert_eq!(parse_query("").unwrap(), Query::default());
         assert!(parse_query("seq=-1").is_err());
+        assert!(parse_query("seq").is_err());
+        assert!(parse_query("ack=&seq=1").is_err());
+        assert!(parse_query("seq=1+1").is_err());
+        // Unknown keys and modes are ignored: anything but `poll` streams.
+        assert_eq!(
+            parse_query("x=1&&mode=POLL&=&seq=2").unwrap(),
+            Query {
+                seq: 2,
+                ack: 0,
+                poll: false
+            }
+        );
         assert!(parse_query("ack=99999999999999999999999").is_err());
     }
 }
