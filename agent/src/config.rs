@@ -238,6 +238,8 @@ pub struct TunnelFile {
     pub http_mode: Option<String>,
     /// `auto` (inner channel when the outer TLS is not proven the gateway's own) or `always`.
     pub inner: Option<String>,
+    /// While on the HTTP fallback (chosen automatically), how often WebSocket is tried again.
+    pub websocket_retry: Option<String>,
 }
 
 /// The validated agent configuration.
@@ -273,6 +275,8 @@ pub struct AgentConfig {
     pub transport: TransportChoice,
     /// Forced downstream mode of the HTTP transport (`None`: stream, switching when buffered).
     pub http_mode: Option<tunnel::http::DownMode>,
+    /// While on the HTTP fallback (chosen automatically), WebSocket is tried again this often.
+    pub websocket_retry: Duration,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -590,6 +594,10 @@ pub fn agent_config_with(
         always_inner,
         transport,
         http_mode,
+        websocket_retry: match &file.tunnel.websocket_retry {
+            Some(d) => duration(d, "tunnel.websocket_retry")?.max(Duration::from_secs(1)),
+            None => crate::pool::RETRY_WEBSOCKET,
+        },
     })
 }
 

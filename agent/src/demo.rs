@@ -186,6 +186,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         always_inner: false,
         transport: crate::config::TransportChoice::Auto,
         http_mode: None,
+        websocket_retry: crate::pool::RETRY_WEBSOCKET,
     };
     let agent = crate::Agent::bind(agent_cfg).await?;
     let addrs = agent.addrs();

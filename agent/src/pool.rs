@@ -9,7 +9,8 @@
 //! - **transport**: WebSocket first; when something on the way strips the upgrade (426, 400, a
 //!   200 without upgrade, a reset right after the request), the HTTP transport
 //!   (`tunnel::http`: POSTs up, a streamed or long-polled GET down) on the same way out. Said
-//!   once in the log; WebSocket is tried again in the background every [`RETRY_WEBSOCKET`].
+//!   once in the log; WebSocket is tried again in the background every [`RETRY_WEBSOCKET`]
+//!   (`[tunnel] websocket_retry`).
 //!   `--transport websocket|http` forces one.
 //! - **inner channel**: when the agent knows the gateway's inner key and the outer TLS is not
 //!   proven to be the gateway's own (its key pin), the session runs inside `tunnel::inner`, and
@@ -30,7 +31,8 @@ use tunnel::http::client::{BoxIo, Dialer, HttpError, Options};
 use tunnel::inner::{InnerError, PublicKey};
 use tunnel::{ErrorCode, Role, Session};
 
-/// While on the HTTP fallback (chosen automatically), WebSocket is tried again this often.
+/// While on the HTTP fallback (chosen automatically), WebSocket is tried again this often
+/// (default of `[tunnel] websocket_retry`).
 pub const RETRY_WEBSOCKET: Duration = Duration::from_secs(10 * 60);
 
 /// Why a session to the gateway could not be set up; says which hop failed.
@@ -161,7 +163,7 @@ pub async fn connect_with(
                     let Some(way) = config.way.remembered() else {
                         return Err(e);
                     };
-                    warn_once(&way, &e);
+                    warn_once(&way, &e, config.websocket_retry);
                     start_http(config, &way, None).await
                 }
                 Err(e) => Err(e.into()),
@@ -185,9 +187,9 @@ pub async fn connect_with(
 static SAID: AtomicBool = AtomicBool::new(false);
 
 /// The fallback is news once per process, not on every reconnect.
-fn warn_once(way: &Candidate, e: &ConnectError) {
+fn warn_once(way: &Candidate, e: &ConnectError, retry: Duration) {
     if !SAID.swap(true, Ordering::Relaxed) {
-        warn!(way = %way, error = %e, "the WebSocket upgrade does not get through this way out (a proxy strips it); using the HTTP transport (POST up, streamed GET down) and retrying WebSocket every 10 minutes");
+        warn!(way = %way, error = %e, retry_websocket_every = %humantime::format_duration(retry), "the WebSocket upgrade does not get through this way out (a proxy strips it); using the HTTP transport (POST up, streamed GET down) and trying WebSocket again in the background");
     } else {
         info!(way = %way, "WebSocket upgrade still stripped; HTTP transport");
     }
@@ -461,7 +463,7 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
                 let why = loop {
                     let retry = async {
                         if on_http {
-                            tokio::time::sleep(RETRY_WEBSOCKET).await
+                            tokio::time::sleep(config.websocket_retry).await
                         } else {
                             std::future::pending::<()>().await
                         }

@@ -633,7 +633,8 @@ fn behind_nginx_and_haproxy_in_the_dmz() {
 ///   way intact and an interactive session;
 /// - neither squid's access log nor the capture holds the token or any payload bytes (while
 ///   the capture does show the HTTP requests in clear: the check would see them);
-/// - with upgrades allowed, the agent uses WebSocket, still inside the inner channel.
+/// - once upgrades are allowed, the running agent moves to WebSocket by itself (background
+///   retry), still inside the inner channel, and a fresh agent takes WebSocket at once.
 #[test]
 fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything() {
     require_tool("tcpdump");
@@ -693,6 +694,12 @@ fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything()
         .unwrap();
 
     let p = |f: &str| s.pki.p(f).display().to_string();
+    // Pings every second (nginx cuts idle connections after 3 s); WebSocket retried every 2 s.
+    std::fs::write(
+        s.pki.p("bumped.toml"),
+        "[tunnel]\nping_interval = \"1s\"\nwebsocket_retry = \"2s\"\n",
+    )
+    .unwrap();
     let agent_cmd = |name: &str| {
         let mut c = s.topo.cmd(Site::Desktop, bin("sallyport"));
         c.args([
@@ -712,7 +719,7 @@ fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything()
             "--gateway-inner-key",
             &inner_key,
             "-c",
-            &p("ping.toml"),
+            &p("bumped.toml"),
         ])
         .env("HOME", s.pki.dir.path())
         // The desktop's trust store, as IT would have installed the corporate CA.
@@ -827,7 +834,6 @@ fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything()
     let _ = child.wait();
     eprintln!("slowest keystroke round trip: {worst:?}");
     assert!(worst < Duration::from_secs(2), "{worst:?}");
-    drop(agent);
     std::thread::sleep(Duration::from_millis(500));
     tcpdump.terminate(Duration::from_secs(5));
 
@@ -895,15 +901,20 @@ fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything()
         "{out}"
     );
 
-    // Upgrades allowed: WebSocket, still inside the inner channel.
+    // Upgrades allowed now: the running agent's background retry moves it to WebSocket, still
+    // inside the inner channel.
     s.squid.kill();
     s.squid = bump(true);
-    let agent = agent_cmd("agent-bumped-ws");
     let line = agent
+        .wait_for(&["WebSocket gets through again"], Duration::from_secs(30))
+        .unwrap();
+    assert!(line.contains("websocket, inner channel"), "{line}");
+    // A fresh agent takes WebSocket at once.
+    let fresh = agent_cmd("agent-bumped-ws");
+    let line = fresh
         .wait_for(&["connected to the gateway"], Duration::from_secs(30))
         .unwrap();
     assert!(line.contains("websocket, inner channel"), "{line}");
-    let socks = agent.addr(&["listening", "socks5"]).unwrap();
     let (code, out, err) = s
         .topo
         .run(
