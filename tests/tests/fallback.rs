@@ -209,15 +209,26 @@ fn a_wrong_pinned_inner_key_fails_showing_both_keys() {
     }
 }
 
-/// A proxy that buffers whole responses (some inspecting proxies scan bodies first): the
-/// streamed download never shows its first keepalive, the agent switches to long-poll (says
-/// so once) and everything still works.
-#[test]
-fn a_buffering_proxy_forces_long_poll_which_still_works() {
-    let (port, echo, sys) = system("bufproxy", &[]);
-    // A second DMZ, plain, behind sp-bufproxy (which terminates TLS with the gateway's
-    // certificate), with its own connector.
-    let mut dmz2 = Proc::spawn(
+/// A second DMZ, plain, behind `sp-bufproxy` (which terminates TLS with the gateway's
+/// certificate and buffers whole responses), with its own connector; returns what to keep
+/// alive and the gateway URL through the proxy.
+struct Buffered {
+    dmz: Proc,
+    _connector: Proc,
+    proxy: std::process::Child,
+    url: String,
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        let _ = self.proxy.kill();
+        let _ = self.proxy.wait();
+        self.dmz.kill();
+    }
+}
+
+fn behind_bufproxy(sys: &System, extra: &[&str]) -> Buffered {
+    let dmz = Proc::spawn(
         "dmz-plain",
         Command::new(bin("sallyport-gateway"))
             .args(["dmz", "--plain", "--listen", "127.0.0.1:0"])
@@ -227,16 +238,16 @@ fn a_buffering_proxy_forces_long_poll_which_still_works() {
             .arg(sys.pki.p("connectors.toml")),
     )
     .unwrap();
-    let plain = dmz2.addr(&["dmz gateway listening"]).unwrap();
+    let plain = dmz.addr(&["dmz gateway listening"]).unwrap();
     let mut cargs = sys.connector_args.clone();
     let i = cargs.iter().position(|a| a == "--gateway").unwrap();
     cargs[i + 1] = format!("ws://{plain}/");
-    let _connector2 = Proc::spawn(
+    let connector = Proc::spawn(
         "connector-plain",
         Command::new(bin("sallyport-gateway")).args(&cargs),
     )
     .unwrap();
-    dmz2.wait_for(&["connector routes"], Duration::from_secs(15))
+    dmz.wait_for(&["connector routes"], Duration::from_secs(15))
         .unwrap();
     let mut proxy = Command::new(env!("CARGO_BIN_EXE_sp-bufproxy"))
         .args(["--listen", "127.0.0.1:0", "--upstream", &plain.to_string()])
@@ -244,6 +255,7 @@ fn a_buffering_proxy_forces_long_poll_which_still_works() {
         .arg(sys.pki.p("gateway.crt"))
         .arg("--key")
         .arg(sys.pki.p("gateway.key"))
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -253,8 +265,17 @@ fn a_buffering_proxy_forces_long_poll_which_still_works() {
         .read_line(&mut first)
         .unwrap();
     let front = first.trim().rsplit(' ').next().unwrap().to_string();
+    Buffered {
+        dmz,
+        _connector: connector,
+        proxy,
+        url: format!("wss://{front}/"),
+    }
+}
+
+fn agent_via(sys: &System, name: &str, url: &str, args: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("sallyport"));
-    cmd.args(["run", "--gateway", &format!("wss://{front}/")])
+    cmd.args(["run", "--gateway", url])
         .args([
             "--socks",
             "127.0.0.1:0",
@@ -265,12 +286,23 @@ fn a_buffering_proxy_forces_long_poll_which_still_works() {
         .arg(sys.pki.p("alice-laptop.token"))
         .arg("--ca")
         .arg(sys.pki.p("ca.crt"))
+        .args(args)
         .env("HOME", sys.pki.dir.path())
         .env_remove("HTTPS_PROXY")
         .env_remove("https_proxy")
         .env_remove("ALL_PROXY")
         .env_remove("all_proxy");
-    let agent = Proc::spawn("agent-buffered", &mut cmd).unwrap();
+    Proc::spawn(name, &mut cmd).unwrap()
+}
+
+/// A proxy that buffers whole responses (some inspecting proxies scan bodies first): the
+/// streamed download never shows its first keepalive, the agent switches to long-poll (says
+/// so once) and everything still works.
+#[test]
+fn a_buffering_proxy_forces_long_poll_which_still_works() {
+    let (port, echo, sys) = system("bufproxy", &[]);
+    let b = behind_bufproxy(&sys, &[]);
+    let agent = agent_via(&sys, "agent-buffered", &b.url, &[]);
     let socks = agent.addr(&["listening", "socks5"]).unwrap();
     let line = agent
         .wait_for(&["connected to the gateway"], Duration::from_secs(20))
@@ -320,7 +352,32 @@ fn a_buffering_proxy_forces_long_poll_which_still_works() {
         "{}",
         agent.log()
     );
-    let _ = proxy.kill();
-    let _ = proxy.wait();
-    dmz2.kill();
+    drop(b);
+}
+
+/// A proxy that alters what passes (here: the last byte of every answer to a GET) gets a
+/// clear failure from the inner channel, and never a session without it.
+#[test]
+fn a_tampering_proxy_gets_a_clear_failure_not_a_downgrade() {
+    let (_, _, sys) = system("tamper", &[]);
+    let key = inner_key(&sys);
+    let b = behind_bufproxy(&sys, &["--tamper"]);
+    let agent = agent_via(
+        &sys,
+        "agent-tampered",
+        &b.url,
+        &["--gateway-inner-key", &key],
+    );
+    agent
+        .wait_for(
+            &["something on the way altered the data"],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    assert!(
+        !agent.log().contains("connected to the gateway"),
+        "{}",
+        agent.log()
+    );
+    drop(b);
 }

@@ -8,7 +8,7 @@
 //! open only delivers its bytes when it ends, so the transport must notice and fall back to
 //! short, bounded long-polls.
 //!
-//! `sp-bufproxy --listen 127.0.0.1:0 --upstream HOST:PORT [--cert cert.pem --key key.pem]`
+//! `sp-bufproxy --listen 127.0.0.1:0 --upstream HOST:PORT [--cert cert.pem --key key.pem] [--tamper]`
 //! serves HTTP/1.1 (TLS with `--cert`/`--key`) and forwards every request to the upstream over
 //! plain HTTP/1.1 on TCP (one upstream connection per client connection, reused while it stays
 //! open). Request bodies stream up; hop-by-hop headers (`Connection`, `Upgrade`, `Keep-Alive`,
@@ -77,7 +77,14 @@ struct Args {
     /// PEM private key for --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
+    /// Also tamper: flip the last byte of every non-empty `200` answer to a `GET` (a proxy that
+    /// alters what it inspects; the inner channel must fail clearly, never downgrade).
+    #[arg(long)]
+    tamper: bool,
 }
+
+/// `--tamper`, for every connection.
+static TAMPER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[tokio::main]
 async fn main() {
@@ -112,6 +119,7 @@ async fn main() {
         let _ = out.flush();
     }
 
+    TAMPER.store(args.tamper, std::sync::atomic::Ordering::Relaxed);
     let upstream: Arc<str> = Arc::from(args.upstream.as_str());
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -200,6 +208,7 @@ where
 impl Client {
     async fn forward(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let head_only = req.method() == Method::HEAD;
+        let is_get = req.method() == Method::GET;
         let up_req = match self.upstream_request(req) {
             Ok(r) => r,
             Err(why) => return text(StatusCode::BAD_REQUEST, &why),
@@ -257,6 +266,19 @@ impl Client {
         // Fully read: the connection may serve the next request.
         *guard = Some(sender);
         drop(guard);
+        let bytes = if TAMPER.load(std::sync::atomic::Ordering::Relaxed)
+            && is_get
+            && parts.status == StatusCode::OK
+            && !bytes.is_empty()
+        {
+            let mut v = bytes.to_vec();
+            if let Some(last) = v.last_mut() {
+                *last ^= 0x01;
+            }
+            Bytes::from(v)
+        } else {
+            bytes
+        };
 
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
