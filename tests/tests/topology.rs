@@ -277,6 +277,41 @@ fn start_with(tag: &str, lb: Option<LbKind>) -> Sites {
 }
 
 impl Sites {
+    /// Another agent on the desktop, through the corporate proxy like the first, with extra
+    /// arguments; returns it once connected, with its SOCKS5 address.
+    fn another_agent(&self, name: &str, extra: &[&str]) -> (Proc, std::net::SocketAddr) {
+        let prefix = if self.lb.is_some() { "/sallyport" } else { "" };
+        let p = |f: &str| self.pki.p(f).display().to_string();
+        let mut cmd = self.topo.cmd(Site::Desktop, bin("sallyport"));
+        cmd.args([
+            "run",
+            "--gateway",
+            &format!("wss://{GW_NAME}{prefix}/"),
+            "--proxy",
+            &format!("http://alice@{}:3128", Site::Proxy.ip()),
+            "--socks",
+            "127.0.0.1:0",
+            "--http",
+            "off",
+            "--token-file",
+            &p("alice-laptop.token"),
+            "--ca",
+            &p("ca.crt"),
+        ])
+        .args(extra)
+        .env("SALLYPORT_PROXY_PASSWORD", "Corp-pw-1")
+        .env("HOME", self.pki.dir.path());
+        if self.lb.is_some() {
+            cmd.args(["-c", &p("ping.toml")]);
+        }
+        let agent = Proc::spawn(name, &mut cmd).unwrap();
+        let socks = agent.addr(&["listening", "socks5"]).unwrap();
+        agent
+            .wait_for(&["connected to the gateway"], Duration::from_secs(20))
+            .unwrap();
+        (agent, socks)
+    }
+
     /// curl on the desktop, through the agent, to the internal web service by name.
     fn curl_internal(&self) -> (i32, String, String) {
         self.topo
@@ -586,6 +621,7 @@ fn through_a_tls_inspecting_proxy() {
 /// left idle for 7 s still works (the tunnel pings every second), and the gateway logs the real
 /// client addresses — the corporate proxy's for the agent, the trusted site's for the
 /// connector — from the load balancer's `X-Forwarded-For`, which it trusts from 127.0.0.1 only.
+/// An agent on the HTTP fallback transport works through both as well.
 #[test]
 fn behind_nginx_and_haproxy_in_the_dmz() {
     for kind in [LbKind::Nginx, LbKind::Haproxy] {
@@ -620,6 +656,61 @@ fn behind_nginx_and_haproxy_in_the_dmz() {
             "{}: the idle session was cut:\n{}",
             lb.name(),
             s.agent.log()
+        );
+        // The HTTP fallback transport through the same load balancer (its idle timeout of
+        // 3 s is shorter than the streamed GET's keepalive: the tunnel's pings keep it busy,
+        // and a cut GET is resumed without loss).
+        let (agent, socks) = s.another_agent("agent-http", &["--transport", "http"]);
+        let (code, out, err) = s
+            .topo
+            .run(
+                Site::Desktop,
+                "curl",
+                &[
+                    "-sS",
+                    "--max-time",
+                    "10",
+                    "--socks5-hostname",
+                    &socks.to_string(),
+                    &format!("http://backend.internal:{}/", s.web_port),
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            (code, out.as_str()),
+            (0, "hello from backend.internal\n"),
+            "{}: HTTP transport: {err}\n{}",
+            lb.name(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_secs(5));
+        let (code, out, err) = s
+            .topo
+            .run(
+                Site::Desktop,
+                "curl",
+                &[
+                    "-sS",
+                    "--max-time",
+                    "10",
+                    "--socks5-hostname",
+                    &socks.to_string(),
+                    &format!("http://backend.internal:{}/", s.web_port),
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            (code, out.as_str()),
+            (0, "hello from backend.internal\n"),
+            "{}: HTTP transport after 5 s: {err}\n{}",
+            lb.name(),
+            agent.log()
+        );
+        assert!(
+            !agent.log().contains("gateway session lost"),
+            "{}: {}",
+            lb.name(),
+            agent.log()
         );
         eprintln!("{}: ok", lb.name());
     }
