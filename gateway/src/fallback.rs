@@ -5,9 +5,10 @@
 //! a full HTTP/1.1 server (hyper), because these are ordinary requests with bodies on
 //! keep-alive connections, not one upgrade. Every request is authenticated: with the bearer
 //! token (the session's token id must match), or, for a session inside the inner channel, with
-//! the per-request MAC under the key the agent sent in its hello. Answers carry a
-//! `sallyport_instance` cookie, which a load balancer in front of several gateways uses for
-//! stickiness (every request of a session must reach the instance that holds it).
+//! the per-request MAC under the key the agent sent in its hello. Every request of a session
+//! must reach the instance that holds it: agents send a random per-session
+//! `sallyport-affinity` header a load balancer hashes on, and answers carry a
+//! `sallyport_instance` cookie (agents return cookies) for load balancers that stick by cookie.
 
 use crate::dmz::{agent_session, bearer, count_session, verify_token, Shared};
 use crate::http::RequestHead;
@@ -132,7 +133,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>, client: SocketAddr)
     let Some(h) = shared.http_sessions.get(&sid) else {
         return text(
             StatusCode::NOT_FOUND,
-            "no such HTTP session on this gateway instance (it ended or expired, or a load balancer sent the request to another instance: make it sticky on the sallyport_instance cookie)",
+            "no such HTTP session on this gateway instance (it ended or expired, or a load balancer sent the request to another instance: balance on the sallyport-affinity header, see docs/deploy.md)",
         );
     };
     if let Err((status, msg)) = check(shared, &h, &req, q.seq, q.ack, client) {

@@ -49,6 +49,10 @@ pub struct LbConfig<'a> {
     pub source: Option<IpAddr>,
     /// Run the load balancer inside this network namespace (`ip netns exec NS ...`).
     pub netns: Option<&'a str>,
+    /// More gateway instances besides `upstream`: the configuration then balances over all
+    /// and keeps each HTTP-transport session on one instance (docs/deploy.md, "Several DMZ
+    /// instances").
+    pub more_upstreams: Vec<SocketAddr>,
 }
 
 impl<'a> LbConfig<'a> {
@@ -64,6 +68,7 @@ impl<'a> LbConfig<'a> {
             idle_timeout: Duration::from_secs(60),
             source: None,
             netns: None,
+            more_upstreams: Vec::new(),
         }
     }
 
@@ -238,8 +243,7 @@ impl Nginx {
         };
         format!(
             r#"upstream sallyport_dmz {{
-    server {upstream};
-}}
+{servers}}}
 
 # WebSocket upgrades pass with `Connection: upgrade`; the HTTP fallback transport's ordinary
 # requests without it.
@@ -270,11 +274,24 @@ server {{
 {bind}    }}
 {elsewhere}}}
 "#,
-            upstream = cfg.upstream,
+            servers = Nginx::servers(cfg),
             listen = cfg.listen,
             cert = cfg.cert.display(),
             key = cfg.key.display(),
         )
+    }
+
+    /// The `upstream` block's body: one server, or several with the session affinity hash.
+    pub fn servers(cfg: &LbConfig<'_>) -> String {
+        let mut out = String::new();
+        if !cfg.more_upstreams.is_empty() {
+            out.push_str("    # HTTP-transport sessions stay on one instance.\n");
+            out.push_str("    hash $http_sallyport_affinity consistent;\n");
+        }
+        for u in std::iter::once(&cfg.upstream).chain(&cfg.more_upstreams) {
+            out.push_str(&format!("    server {u};\n"));
+        }
+        out
     }
 
     /// Writes the configuration into a fresh folder, starts nginx in the foreground and waits
@@ -388,6 +405,21 @@ impl Haproxy {
         } else {
             format!("    http-request deny deny_status 404 unless {{ path_beg {prefix}/ }}\n")
         };
+        let mut servers = String::new();
+        if !cfg.more_upstreams.is_empty() {
+            servers.push_str("    # HTTP-transport sessions stay on one instance.\n");
+            servers.push_str("    balance hdr(sallyport-affinity)\n    hash-type consistent\n");
+        }
+        for (i, u) in std::iter::once(&cfg.upstream)
+            .chain(&cfg.more_upstreams)
+            .enumerate()
+        {
+            servers.push_str(&format!(
+                "    server dmz{} {} check{source}\n",
+                i + 1,
+                hp(*u)
+            ));
+        }
         format!(
             r#"frontend fe_sallyport
     mode http
@@ -406,11 +438,10 @@ backend be_sallyport
     option httpchk
     http-check send meth GET uri {prefix}/healthz
     http-check expect status 200
-    server dmz1 {upstream} check{source}
-"#,
+{servers}"#,
             listen = hp(cfg.listen),
             pem = pem.display(),
-            upstream = hp(cfg.upstream),
+            servers = servers,
         )
     }
 

@@ -452,3 +452,143 @@ fn the_documented_configs_are_the_ones_tested() {
         missing.join("\n\n")
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 4. Several DMZ instances: HTTP-transport sessions stay on one
+
+/// Two gateway instances behind one load balancer, configured as docs/deploy.md shows for
+/// several instances (a hash on the `sallyport-affinity` header every HTTP-transport request
+/// carries). Agents on the HTTP transport land on either instance, and every request of a
+/// session reaches the instance that holds it: a stray request would be answered 404 and
+/// end the session.
+fn several_instances(kind: LbKind) {
+    let svc = http_service().unwrap();
+    let pki = Pki::new("lb-multi").unwrap();
+    pki.token("agent", "alice-laptop", &["--name", "alice"])
+        .unwrap();
+    pki.token("connector", "site-a", &["--route", "*.internal:*"])
+        .unwrap();
+    // One after the other: the first creates the shared inner key beside the token file.
+    let dmz = |id: &str| {
+        let p = Proc::spawn(
+            id,
+            Command::new(bin("sallyport-gateway"))
+                .args([
+                    "dmz",
+                    "--plain",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--prefix",
+                    PREFIX,
+                ])
+                .args(["--trusted-proxy", "127.0.0.1/32", "--instance-id", id])
+                .arg("--agent-tokens")
+                .arg(pki.p("agents.toml"))
+                .arg("--connector-tokens")
+                .arg(pki.p("connectors.toml")),
+        )
+        .unwrap();
+        let addr = p.addr(&["dmz gateway listening"]).unwrap();
+        (p, addr)
+    };
+    let (dmz_a, a) = dmz("dmz-a");
+    let (dmz_b, b) = dmz("dmz-b");
+    // One connector per instance, each dialling its instance directly.
+    let connectors: Vec<Proc> = [a, b]
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            let mut cmd = Command::new(bin("sallyport-gateway"));
+            cmd.args(["connector", "--gateway", &format!("ws://{addr}{PREFIX}/")])
+                .arg("--token-file")
+                .arg(pki.p("site-a.token"))
+                .args(["--advertise", "*.internal:*", "--proxy", "direct"])
+                .args(["--host", "backend.internal=127.0.0.1"])
+                .args(["--instance-id", &format!("connector-{i}")]);
+            for r in allow_backend(svc.port()) {
+                cmd.args(["--allow", &r]);
+            }
+            Proc::spawn(&format!("connector-{i}"), &mut cmd).unwrap()
+        })
+        .collect();
+    for d in [&dmz_a, &dmz_b] {
+        d.wait_for(&["connector routes"], Duration::from_secs(15))
+            .unwrap();
+    }
+    let (cert, key) = (pki.p("gateway.crt"), pki.p("gateway.key"));
+    let lb = kind
+        .start(&LbConfig {
+            more_upstreams: vec![b],
+            ..LbConfig::new(a, &cert, &key)
+        })
+        .unwrap();
+    let url = format!("wss://127.0.0.1:{}{PREFIX}/", lb.addr().port());
+    let (code, inner, err) = run(Command::new(bin("sallyport-gateway"))
+        .args(["inner-key", "--agent-tokens"])
+        .arg(pki.p("agents.toml")))
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let agents: Vec<(Proc, SocketAddr)> = (0..6)
+        .map(|i| {
+            let mut cmd = Command::new(bin("sallyport"));
+            cmd.args(["run", "--gateway", &url, "--transport", "http"])
+                .args(["--socks", "127.0.0.1:0", "--http", "off", "--token-file"])
+                .arg(pki.p("alice-laptop.token"))
+                .arg("--ca")
+                .arg(pki.p("ca.crt"))
+                .env("HOME", pki.dir.path());
+            if i % 2 == 1 {
+                cmd.args(["--gateway-inner-key", inner.trim()]);
+            }
+            let p = Proc::spawn(&format!("agent-{i}"), &mut cmd).unwrap();
+            let socks = p.addr(&["listening", "socks5"]).unwrap();
+            p.wait_for(&["connected to the gateway"], Duration::from_secs(15))
+                .unwrap();
+            (p, socks)
+        })
+        .collect();
+    for round in 0..2 {
+        for (p, socks) in &agents {
+            let (code, out, err) = run(curl()
+                .arg("--socks5-hostname")
+                .arg(socks.to_string())
+                .arg(format!("http://backend.internal:{}/", svc.port())))
+            .unwrap();
+            assert_eq!(
+                (code, out.as_str()),
+                (0, "hello from backend.internal\n"),
+                "{} round {round}: {err}\n{}\n--- {}\n{}\n--- dmz-a\n{}\n--- dmz-b\n{}",
+                p.name,
+                p.log(),
+                lb.name(),
+                lb.config_text(),
+                dmz_a.log(),
+                dmz_b.log()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    for (p, _) in &agents {
+        assert!(!p.log().contains("session lost"), "{}", p.log());
+    }
+    let count = |d: &Proc| d.log().matches("agent session up").count();
+    eprintln!(
+        "{}: HTTP-transport sessions on dmz-a {}, dmz-b {}",
+        lb.name(),
+        count(&dmz_a),
+        count(&dmz_b)
+    );
+    assert_eq!(count(&dmz_a) + count(&dmz_b), agents.len());
+    drop(agents);
+    drop(connectors);
+}
+
+#[test]
+fn nginx_keeps_each_http_session_on_one_of_several_instances() {
+    several_instances(LbKind::Nginx);
+}
+
+#[test]
+fn haproxy_keeps_each_http_session_on_one_of_several_instances() {
+    several_instances(LbKind::Haproxy);
+}

@@ -14,7 +14,10 @@
 //!   arrive within [`super::BUFFERING_DETECT`] means a proxy buffers responses: switch to
 //!   long-poll (logged once).
 //!
-//! Cookies the gateway or a load balancer set (stickiness) are sent back on every request.
+//! Stickiness (every request of a session must reach the gateway instance that holds it):
+//! cookies the gateway or a load balancer set are sent back on every request, and every
+//! request, the first one too, carries a random per-session `sallyport-affinity` header a
+//! load balancer can hash on.
 
 use super::{put_record, take_record, DownMode, MAC_HEADER, SESSION_HEADER};
 use crate::transport::{Transport, TransportError, TransportRx, TransportTx};
@@ -120,6 +123,9 @@ struct Shared {
     ack_wanted: Notify,
     polling: AtomicBool,
     stop: CancellationToken,
+    /// Random per session, sent as `sallyport-affinity` on every request (the create request
+    /// too): a load balancer that hashes on it keeps a session on one gateway instance.
+    affinity: String,
 }
 
 /// One HTTP/1.1 connection.
@@ -167,7 +173,8 @@ impl Shared {
                 "sallyport-protocol",
                 concat!("1; ", env!("CARGO_PKG_VERSION")),
             )
-            .header("cache-control", "no-store");
+            .header("cache-control", "no-store")
+            .header(super::AFFINITY_HEADER, &self.affinity);
         if let Some(t) = &self.opts.bearer {
             let mut v = hyper::header::HeaderValue::from_str(&format!("Bearer {t}"))
                 .unwrap_or_else(|_| hyper::header::HeaderValue::from_static(""));
@@ -278,6 +285,11 @@ pub async fn connect(
         unacked: AtomicUsize::new(0),
         ack_wanted: Notify::new(),
         stop: CancellationToken::new(),
+        affinity: {
+            let mut raw = [0u8; 8];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
+            hex::encode(raw)
+        },
     });
     let mut conn = match io {
         Some(io) => Some(shared.handshake(io).await.map_err(HttpError::Io)?),

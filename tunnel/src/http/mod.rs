@@ -39,6 +39,9 @@ use std::time::Duration;
 
 /// Header with the session id in the answer to a create request.
 pub const SESSION_HEADER: &str = "sallyport-session";
+/// Header with a random per-session value, on every request: what a load balancer in front of
+/// several gateway instances hashes on (nginx `hash $http_sallyport_affinity consistent`).
+pub const AFFINITY_HEADER: &str = "sallyport-affinity";
 /// Header with the request MAC (inner-channel sessions).
 pub const MAC_HEADER: &str = "sallyport-mac";
 /// Largest upstream batch (one `POST` body) and largest long-poll answer.
