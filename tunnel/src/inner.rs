@@ -321,15 +321,18 @@ impl Sealer {
         } else {
             Box::new(plain.chunks(CHUNK_PLAIN))
         };
-        let mut buf = vec![0u8; NOISE_MAX];
         for chunk in chunks {
-            let n = self
-                .state
-                .write_message(self.nonce, chunk, &mut buf)
-                .map_err(|e| InnerError::Protocol(e.to_string()))?;
-            self.nonce += 1;
+            // Sealed straight into the message: no scratch buffer, no second copy.
+            let at = out.len();
+            let n = chunk.len() + TAG_LEN;
             out.put_u16(n as u16);
-            out.put_slice(&buf[..n]);
+            out.resize(at + 2 + n, 0);
+            let written = self
+                .state
+                .write_message(self.nonce, chunk, &mut out[at + 2..])
+                .map_err(|e| InnerError::Protocol(e.to_string()))?;
+            debug_assert_eq!(written, n);
+            self.nonce += 1;
         }
         Ok(out.freeze())
     }
@@ -348,7 +351,6 @@ impl Opener {
             return Err(InnerError::Protocol("empty message".into()));
         }
         let mut out = BytesMut::with_capacity(msg.len());
-        let mut buf = vec![0u8; NOISE_MAX];
         while !msg.is_empty() {
             if msg.len() < 2 {
                 return Err(InnerError::Tampered);
@@ -357,12 +359,15 @@ impl Opener {
             if n < TAG_LEN || msg.len() < 2 + n {
                 return Err(InnerError::Tampered);
             }
+            // Opened straight into the result: no scratch buffer, no second copy.
+            let at = out.len();
+            out.resize(at + n - TAG_LEN, 0);
             let m = self
                 .state
-                .read_message(self.nonce, &msg[2..2 + n], &mut buf)
+                .read_message(self.nonce, &msg[2..2 + n], &mut out[at..])
                 .map_err(|_| InnerError::Tampered)?;
+            out.truncate(at + m);
             self.nonce += 1;
-            out.put_slice(&buf[..m]);
             msg = &msg[2 + n..];
         }
         Ok(out.freeze())
