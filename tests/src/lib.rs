@@ -219,6 +219,20 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Writes `len` pattern bytes (see [`pattern`]) to `path`, for uploads.
+pub fn write_pattern_file(path: &Path, len: u64) -> Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < len {
+        let n = ((len - off) as usize).min(buf.len());
+        pattern(off, &mut buf[..n]);
+        f.write_all(&buf[..n])?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
 /// The sha256 of `len` pattern bytes.
 pub fn pattern_sha256(len: u64) -> String {
     let mut h = Sha256::new();

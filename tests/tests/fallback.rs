@@ -63,16 +63,7 @@ fn twenty_mib_both_ways(sys: &System, port: u16) {
     assert_eq!(code, 0, "{err}\n{}", sys.agent.log());
     assert_eq!(sha256_file(&down).unwrap(), pattern_sha256(N));
     let up = tmp.path().join("up.bin");
-    {
-        let mut f = std::fs::File::create(&up).unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut off = 0;
-        while off < N {
-            pattern(off, &mut buf);
-            f.write_all(&buf).unwrap();
-            off += buf.len() as u64;
-        }
-    }
+    write_pattern_file(&up, N).unwrap();
     let (code, out, err) = run(curl()
         .arg("-p")
         .arg("-x")

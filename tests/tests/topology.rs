@@ -312,6 +312,22 @@ impl Sites {
         (agent, socks)
     }
 
+    /// curl on the desktop through the SOCKS5 port `socks` to the internal web service's
+    /// `path`, with more curl arguments before the URL.
+    fn curl_via(
+        &self,
+        socks: std::net::SocketAddr,
+        path: &str,
+        args: &[&str],
+    ) -> (i32, String, String) {
+        let socks = socks.to_string();
+        let url = format!("http://backend.internal:{}{path}", self.web_port);
+        let mut all = vec!["-sS", "--max-time", "120", "--socks5-hostname", &socks];
+        all.extend_from_slice(args);
+        all.push(&url);
+        self.topo.run(Site::Desktop, "curl", &all).unwrap()
+    }
+
     /// curl on the desktop, through the agent, to the internal web service by name.
     fn curl_internal(&self) -> (i32, String, String) {
         self.topo
@@ -566,21 +582,7 @@ fn through_a_tls_inspecting_proxy() {
     inspected
         .wait_for(&["connected to the gateway"], Duration::from_secs(20))
         .unwrap();
-    let (code, out, err) = s
-        .topo
-        .run(
-            Site::Desktop,
-            "curl",
-            &[
-                "-sS",
-                "--max-time",
-                "10",
-                "--socks5-hostname",
-                &socks.to_string(),
-                &format!("http://backend.internal:{}/", s.web_port),
-            ],
-        )
-        .unwrap();
+    let (code, out, err) = s.curl_via(socks, "/", &[]);
     assert_eq!(
         (code, out.as_str()),
         (0, "hello from backend.internal\n"),
@@ -661,21 +663,7 @@ fn behind_nginx_and_haproxy_in_the_dmz() {
         // 3 s is shorter than the streamed GET's keepalive: the tunnel's pings keep it busy,
         // and a cut GET is resumed without loss).
         let (agent, socks) = s.another_agent("agent-http", &["--transport", "http"]);
-        let (code, out, err) = s
-            .topo
-            .run(
-                Site::Desktop,
-                "curl",
-                &[
-                    "-sS",
-                    "--max-time",
-                    "10",
-                    "--socks5-hostname",
-                    &socks.to_string(),
-                    &format!("http://backend.internal:{}/", s.web_port),
-                ],
-            )
-            .unwrap();
+        let (code, out, err) = s.curl_via(socks, "/", &[]);
         assert_eq!(
             (code, out.as_str()),
             (0, "hello from backend.internal\n"),
@@ -684,21 +672,7 @@ fn behind_nginx_and_haproxy_in_the_dmz() {
             agent.log()
         );
         std::thread::sleep(Duration::from_secs(5));
-        let (code, out, err) = s
-            .topo
-            .run(
-                Site::Desktop,
-                "curl",
-                &[
-                    "-sS",
-                    "--max-time",
-                    "10",
-                    "--socks5-hostname",
-                    &socks.to_string(),
-                    &format!("http://backend.internal:{}/", s.web_port),
-                ],
-            )
-            .unwrap();
+        let (code, out, err) = s.curl_via(socks, "/", &[]);
         assert_eq!(
             (code, out.as_str()),
             (0, "hello from backend.internal\n"),
@@ -835,36 +809,15 @@ fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything()
     const N: u64 = 20 * 1024 * 1024;
     let down = cap_dir.path().join("down.bin");
     let started = Instant::now();
-    let (code, _, err) = s
-        .topo
-        .run(
-            Site::Desktop,
-            "curl",
-            &[
-                "-sS",
-                "--max-time",
-                "120",
-                "--socks5-hostname",
-                &socks.to_string(),
-                "-o",
-                &down.display().to_string(),
-                &format!("http://backend.internal:{}/bytes/{N}", s.web_port),
-            ],
-        )
-        .unwrap();
+    let (code, _, err) = s.curl_via(
+        socks,
+        &format!("/bytes/{N}"),
+        &["-o", &down.display().to_string()],
+    );
     assert_eq!(code, 0, "{err}\n{}", agent.log());
     assert_eq!(sha256_file(&down).unwrap(), pattern_sha256(N));
     let up = cap_dir.path().join("up.bin");
-    {
-        let mut f = std::fs::File::create(&up).unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut off = 0;
-        while off < N {
-            pattern(off, &mut buf);
-            f.write_all(&buf).unwrap();
-            off += buf.len() as u64;
-        }
-    }
+    write_pattern_file(&up, N).unwrap();
     let (code, out, err) = s
         .topo
         .run(
@@ -1006,21 +959,7 @@ fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything()
         .wait_for(&["connected to the gateway"], Duration::from_secs(30))
         .unwrap();
     assert!(line.contains("websocket, inner channel"), "{line}");
-    let (code, out, err) = s
-        .topo
-        .run(
-            Site::Desktop,
-            "curl",
-            &[
-                "-sS",
-                "--max-time",
-                "10",
-                "--socks5-hostname",
-                &socks.to_string(),
-                &format!("http://backend.internal:{}/", s.web_port),
-            ],
-        )
-        .unwrap();
+    let (code, out, err) = s.curl_via(socks, "/", &[]);
     assert_eq!(
         (code, out.as_str()),
         (0, "hello from backend.internal\n"),
