@@ -528,29 +528,8 @@ fn four_sites_only_443_leaves_and_nothing_listens_inside() {
 #[test]
 fn through_a_tls_inspecting_proxy() {
     let mut s = start("bump");
-    let ca = TempDir::new("corp-ca");
-    std::fs::set_permissions(
-        ca.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let (cert, key) = corp_ca(ca.path()).unwrap();
-    let bump = |websocket: bool| {
-        let mut opts = s.squid_opts.clone();
-        if websocket {
-            opts.extra
-                .push_str("http_upgrade_request_protocols websocket allow all\n");
-        }
-        Squid::start_opts(
-            "topo-bump",
-            SquidAuth::Bump {
-                ca_cert: &cert,
-                ca_key: &key,
-            },
-            &opts,
-        )
-        .unwrap()
-    };
+    let (_ca, cert, key) = corp_ca_for_squid();
+    let bump = |websocket: bool| bump_squid(&s.squid_opts, "topo-bump", &cert, &key, websocket);
     s.squid.kill();
     s.squid = bump(true);
     let p = |f: &str| s.pki.p(f).display().to_string();
@@ -616,6 +595,43 @@ fn through_a_tls_inspecting_proxy() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("strips WebSocket upgrades"), "{out}");
     assert!(out.contains("WITHOUT the inner channel"), "{out}");
+}
+
+/// The corporate CA of the TLS-inspection tests, in a folder squid's own user can read.
+fn corp_ca_for_squid() -> (TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let ca = TempDir::new("corp-ca");
+    std::fs::set_permissions(
+        ca.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let (cert, key) = corp_ca(ca.path()).unwrap();
+    (ca, cert, key)
+}
+
+/// A TLS-inspecting squid in the proxy site (`ssl_bump`, re-signing with the corporate CA);
+/// squid's default strips WebSocket upgrades, `websocket` lets them through.
+fn bump_squid(
+    opts: &SquidOpts,
+    tag: &str,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    websocket: bool,
+) -> Squid {
+    let mut opts = opts.clone();
+    if websocket {
+        opts.extra
+            .push_str("http_upgrade_request_protocols websocket allow all\n");
+    }
+    Squid::start_opts(
+        tag,
+        SquidAuth::Bump {
+            ca_cert: cert,
+            ca_key: key,
+        },
+        &opts,
+    )
+    .unwrap()
 }
 
 /// The same flows with TLS terminated by real nginx and HAProxy in the DMZ (the gateway plain
@@ -704,29 +720,9 @@ fn behind_nginx_and_haproxy_in_the_dmz() {
 fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything() {
     require_tool("tcpdump");
     let mut s = start_with("bump-inner", Some(LbKind::Nginx));
-    let ca = TempDir::new("corp-ca");
-    std::fs::set_permissions(
-        ca.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let (cert, key) = corp_ca(ca.path()).unwrap();
-    let bump = |websocket: bool| {
-        let mut opts = s.squid_opts.clone();
-        if websocket {
-            opts.extra
-                .push_str("http_upgrade_request_protocols websocket allow all\n");
-        }
-        Squid::start_opts(
-            "topo-bump-inner",
-            SquidAuth::Bump {
-                ca_cert: &cert,
-                ca_key: &key,
-            },
-            &opts,
-        )
-        .unwrap()
-    };
+    let (_ca, cert, key) = corp_ca_for_squid();
+    let bump =
+        |websocket: bool| bump_squid(&s.squid_opts, "topo-bump-inner", &cert, &key, websocket);
     s.agent.kill();
     s.squid.kill();
     s.squid = bump(false);
