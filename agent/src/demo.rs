@@ -204,9 +204,18 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
 
     // 5. Real traffic through SOCKS5 and through the HTTP proxy port.
     let url = format!("http://{INTERNAL_NAME}:{svc_port}/");
-    let via_socks = request_via_socks(socks, svc_port)
-        .await
-        .context("request through SOCKS5")?;
+    // The connector dials out at the same time as the agent: until its routes reach the DMZ,
+    // a request is refused ("no connector serves"). Wait for that, bounded, by retrying.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let via_socks = loop {
+        match request_via_socks(socks, svc_port).await {
+            Ok(body) => break body,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => return Err(e).context("request through SOCKS5"),
+        }
+    };
     let via_http = request_via_http_proxy(http, &url)
         .await
         .context("request through the HTTP proxy port")?;
