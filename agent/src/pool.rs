@@ -214,7 +214,7 @@ fn inner_key(config: &AgentConfig, io: Option<&GatewayStream>) -> Option<PublicK
 fn inner_error(config: &AgentConfig, key: &PublicKey, e: InnerError) -> ConnectError {
     match e {
         InnerError::Auth { status, text } => ConnectError::Refused { status, text },
-        InnerError::Refused(text) if text.contains("inner key is") => ConnectError::Inner(format!(
+        InnerError::Refused(text) if text.contains(tunnel::inner::KEY_MISMATCH) => ConnectError::Inner(format!(
             "the gateway's inner key does not match the pinned one: {text}; this agent is pinned to {key} (gateway {})",
             config.gateway
         )),
@@ -336,7 +336,9 @@ pub async fn start_http(
             let created = tunnel::http::client::connect(dial, Some(Box::new(io)), opts, hello)
                 .await
                 .map_err(|e| match e {
-                    HttpError::Refused { status: 403, body } if body.contains("inner key is") => {
+                    HttpError::Refused { status: 403, body }
+                        if body.contains(tunnel::inner::KEY_MISMATCH) =>
+                    {
                         inner_error(config, &key, InnerError::Refused(body))
                     }
                     e => ConnectError::Http(e),

@@ -317,11 +317,14 @@ where
                     let max_frame = shared.config.session.max_frame;
                     let t = tunnel::ws::WsTransport::server(io, head.leftover, max_frame).await;
                     async {
-                        let Some(t) = crate::inner::handshake(&shared, t).await else {
+                        // Hello and token within one handshake deadline.
+                        let deadline =
+                            tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
+                        let Some(t) = crate::inner::handshake(&shared, t, deadline).await else {
                             return;
                         };
                         if let Some((t, id, slot)) =
-                            crate::inner::authenticate(&shared, t, client).await
+                            crate::inner::authenticate(&shared, t, client, deadline).await
                         {
                             agent_session(shared.clone(), t, id, client, slot).await
                         }

@@ -260,9 +260,11 @@ async fn create(
     };
     let sh = shared.clone();
     let t = tunnel::inner::InnerTransport::new(transport, accepted.cipher);
+    let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
     shared.tracker.spawn(
         async move {
-            if let Some((t, id, slot)) = crate::inner::authenticate(&sh, t, client).await {
+            if let Some((t, id, slot)) = crate::inner::authenticate(&sh, t, client, deadline).await
+            {
                 agent_session(sh.clone(), t, id, client, slot).await;
             }
         }

@@ -52,20 +52,22 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 /// both fingerprints side by side.
 pub fn mismatch_text(key: &KeyPair) -> String {
     format!(
-        "this gateway's inner key is {}; the agent's pinned key differs (compare with `sallyport-gateway inner-key`; re-enroll only if the gateway's key really changed)",
+        "{} {}; the agent's pinned key differs (compare with `sallyport-gateway inner-key`; re-enroll only if the gateway's key really changed)",
+        inner::KEY_MISMATCH,
         key.public()
     )
 }
 
-/// Runs the responder's handshake on `carrier` (whose first message is the agent's hello).
+/// Runs the responder's handshake on `carrier` (whose first message is the agent's hello),
+/// by `deadline` (the connection's handshake deadline, shared with [`authenticate`]).
 /// `None` when it failed; the agent was told why.
 pub(crate) async fn handshake<T: Transport>(
     shared: &Shared,
     carrier: T,
+    deadline: tokio::time::Instant,
 ) -> Option<InnerTransport<Joined<T::Tx, T::Rx>>> {
     let (mut tx, mut rx) = carrier.split();
-    let timeout = shared.config.limits.handshake_timeout;
-    let first = match tokio::time::timeout(timeout, rx.recv()).await {
+    let first = match tokio::time::timeout_at(deadline, rx.recv()).await {
         Ok(Ok(Some(m))) => m,
         Ok(Ok(None)) | Ok(Err(_)) => {
             debug!("agent left before its inner hello");
@@ -108,16 +110,17 @@ pub(crate) type Authenticated<T> = (
     CountGuard<String>,
 );
 
-/// Reads the agent's token inside the channel, checks it and counts the session; the agent
-/// hears `OK` or the reason (the same one-liners as the plain upgrade's 401/429).
+/// Reads the agent's token inside the channel (by `deadline`), checks it and counts the
+/// session; the agent hears `OK` or the reason (the same one-liners as the plain upgrade's
+/// 401/429).
 pub(crate) async fn authenticate<T: Transport>(
     shared: &Shared,
     t: InnerTransport<T>,
     client: SocketAddr,
+    deadline: tokio::time::Instant,
 ) -> Option<Authenticated<T>> {
     let (mut tx, mut rx) = t.split();
-    let timeout = shared.config.limits.handshake_timeout;
-    let token = match tokio::time::timeout(timeout, inner::read_auth(&mut rx)).await {
+    let token = match tokio::time::timeout_at(deadline, inner::read_auth(&mut rx)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             info!(error = %e, "inner channel: no valid AUTH");

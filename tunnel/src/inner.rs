@@ -45,6 +45,9 @@ pub const NOISE: &str = "Noise_NK_25519_AESGCM_SHA256";
 const PROLOGUE: &[u8] = b"sallyport inner channel v1";
 /// Tag of a handshake message.
 const TAG_NOISE: u8 = 0x01;
+/// How a gateway's refusal of a hello for another key begins; the rest names its key, so the
+/// agent can show both.
+pub const KEY_MISMATCH: &str = "this gateway's inner key is";
 /// Tag of a plain-text refusal (the gateway could not complete the handshake).
 const TAG_REFUSED: u8 = 0x02;
 /// Largest Noise message, and the AEAD tag inside it.
@@ -412,16 +415,23 @@ impl<Tx: TransportTx> TransportTx for InnerTx<Tx> {
     }
 }
 
-impl<Rx: TransportRx> TransportRx for InnerRx<Rx> {
-    async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
+impl<Rx: TransportRx> InnerRx<Rx> {
+    /// The next message, opened; a message that fails authentication is
+    /// [`InnerError::Tampered`] (the authentication exchange tells it apart).
+    pub async fn recv_open(&mut self) -> Result<Option<Bytes>, InnerError> {
         match self.rx.recv().await? {
             None => Ok(None),
-            Some(m) => self
-                .opener
-                .open(&m)
-                .map(Some)
-                .map_err(|e| TransportError::Io(e.to_string())),
+            Some(m) => self.opener.open(&m).map(Some),
         }
+    }
+}
+
+impl<Rx: TransportRx> TransportRx for InnerRx<Rx> {
+    async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
+        self.recv_open().await.map_err(|e| match e {
+            InnerError::Transport(t) => t,
+            e => TransportError::Io(e.to_string()),
+        })
     }
 }
 
@@ -483,11 +493,10 @@ pub async fn authenticate<T: Transport>(
     auth.extend_from_slice(token.as_bytes());
     tx.send(Bytes::from(auth)).await?;
     tx.flush().await?;
-    let verdict = match rx.recv().await {
+    let verdict = match rx.recv_open().await {
         Ok(Some(v)) => v,
         Ok(None) => return Err(TransportError::Closed.into()),
-        Err(TransportError::Io(e)) if e.contains("altered") => return Err(InnerError::Tampered),
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     if &verdict[..] == b"OK" {
         return Ok(Joined(tx, rx));
@@ -509,11 +518,10 @@ pub async fn authenticate<T: Transport>(
 /// The gateway's side, after [`respond`] and sending its reply: reads the agent's token.
 /// The caller verifies it and answers with [`accept_auth`] or [`refuse_auth`].
 pub async fn read_auth<Rx: TransportRx>(rx: &mut InnerRx<Rx>) -> Result<String, InnerError> {
-    let msg = match rx.recv().await {
+    let msg = match rx.recv_open().await {
         Ok(Some(m)) => m,
         Ok(None) => return Err(TransportError::Closed.into()),
-        Err(TransportError::Io(e)) if e.contains("altered") => return Err(InnerError::Tampered),
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     let token = msg
         .strip_prefix(b"AUTH ")
