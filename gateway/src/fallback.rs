@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, info, Instrument};
-use tunnel::http::server::{Body, Handle, RequestAuth};
+use tunnel::http::server::{text, Body, Handle, RequestAuth};
 use tunnel::http::{parse_query, verify_mac, MAC_HEADER, MAX_BATCH, SESSION_HEADER};
 
 /// Serves the connection (keep-alive) until the client closes it or the gateway shuts down.
@@ -55,20 +55,6 @@ where
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn).await;
         }
     }
-}
-
-fn text(status: StatusCode, msg: &str) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(format!("sallyport: {msg}\n")))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        "content-type",
-        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
 }
 
 /// The stickiness cookie: this instance's id, reduced to cookie-safe characters.

@@ -196,13 +196,18 @@ impl Drop for Inflight {
     }
 }
 
-fn text(status: StatusCode, msg: &str) -> Response<Body> {
+/// A short `text/plain` answer, `sallyport: <msg>` (refusals, here and in the gateway).
+pub fn text(status: StatusCode, msg: &str) -> Response<Body> {
     let mut r = Response::new(
         Full::new(Bytes::from(format!("sallyport: {msg}\n")))
             .map_err(|never| match never {})
             .boxed(),
     );
     *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
