@@ -252,6 +252,9 @@ pub struct AgentConfig {
     pub way: Arc<egress::Way>,
     /// Subject names of the `--ca` certificates (the gateway's own CA, when given).
     pub gateway_ca_names: Vec<String>,
+    /// `--ca` alone: a certificate issued by it is the gateway's own TLS (the bearer token may
+    /// ride it); one issued by anything else, the OS store included, is not.
+    pub gateway_anchor: Option<egress::CaAnchor>,
     pub socks: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
     pub forwards: Vec<Forward>,
@@ -426,6 +429,10 @@ pub fn agent_config_with(
             .collect(),
         None => Vec::new(),
     };
+    let gateway_anchor = match &ca {
+        Some(path) => Some(egress::CaAnchor::from_file(path).map_err(|e| invalid(e.to_string()))?),
+        None => None,
+    };
     let inner_key = match args
         .gateway_inner_key
         .as_deref()
@@ -589,6 +596,7 @@ pub fn agent_config_with(
             .instance_id
             .unwrap_or_else(|| format!("agent-{}", std::process::id())),
         session,
+        gateway_anchor,
         gateway_key: file.gateway_key,
         inner_key,
         always_inner,

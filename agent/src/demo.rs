@@ -170,6 +170,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         })?),
         way: egress::Way::new(egress::Egress::direct()),
         gateway_ca_names: Vec::new(),
+        gateway_anchor: Some(egress::CaAnchor::from_file(&ca_path)?),
         socks: Some(opts.socks),
         http: Some(opts.http),
         forwards: vec![],

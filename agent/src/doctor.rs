@@ -59,24 +59,7 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
                     continue;
                 }
                 seen_certs.push((a.candidate.proxy.to_string(), how.clone()));
-                // Issuers along the chain sent; the leaf's first.
-                let issuers: Vec<&str> = how
-                    .split("; ")
-                    .filter_map(|part| part.rsplit_once(" issued by ").map(|(_, i)| i))
-                    .collect();
-                if let Some(issuer) = issuers.first() {
-                    if !config.gateway_ca_names.is_empty()
-                        && !issuers
-                            .iter()
-                            .any(|i| config.gateway_ca_names.iter().any(|n| n == i))
-                    {
-                        let _ = writeln!(
-                            out,
-                            "     TLS on this path is intercepted: the certificate was re-signed by {issuer}, not by the gateway's CA ({}); this machine trusts that issuer, so it works, but the proxy can read the tunnel's outer layer",
-                            config.gateway_ca_names.join("; ")
-                        );
-                    }
-                }
+                intercepted_note(config, how, &mut out);
             }
             Err(why) => {
                 let _ = writeln!(
@@ -88,6 +71,9 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
                 );
                 if stripped(why) {
                     fallback_note(config, &a.candidate, &mut out, &mut fallback).await;
+                }
+                if let Some((_, seen)) = why.split_once(crate::pool::UNTRUSTED_SEEN) {
+                    intercepted_note(config, seen, &mut out);
                 }
             }
         }
@@ -122,6 +108,36 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
     (out, winner.is_some() || fallback.is_some())
 }
 
+/// When the certificate seen (`TLS, certificate <subject> issued by <issuer>; …`) was not
+/// issued by the gateway's CA: who re-signed it, and a request to pass to the proxy's admins.
+fn intercepted_note(config: &AgentConfig, seen: &str, out: &mut String) {
+    // Issuers along the chain sent; the leaf's first.
+    let issuers: Vec<&str> = seen
+        .split("; ")
+        .filter_map(|part| part.rsplit_once(" issued by ").map(|(_, i)| i))
+        .collect();
+    let Some(issuer) = issuers.first() else {
+        return;
+    };
+    if config.gateway_ca_names.is_empty()
+        || issuers
+            .iter()
+            .any(|i| config.gateway_ca_names.iter().any(|n| n == i))
+    {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "     TLS on this path is intercepted: the certificate was re-signed by {issuer}, not by the gateway's CA ({}); the proxy can read the tunnel's outer layer, so the token is sent only inside the inner channel (or not at all)",
+        config.gateway_ca_names.join("; ")
+    );
+    let _ = writeln!(
+        out,
+        "     for the proxy's admins: please exempt {} from TLS inspection. Sallyport authenticates the gateway itself and encrypts end to end; re-signing its certificate cannot let the proxy inspect the traffic, it only breaks the connection or forces it into a slower inner channel.",
+        config.gateway.host
+    );
+}
+
 /// The gateway's (or a proxy's) answer shows that the WebSocket upgrade was stripped.
 fn stripped(text: &str) -> bool {
     ["HTTP 426", "HTTP 400", "HTTP 200", "HTTP 405"]
@@ -154,7 +170,7 @@ async fn fallback_note(
             let inner = if conn.carried.contains("inner") {
                 "inside the pinned inner channel"
             } else {
-                "WITHOUT the inner channel (no gateway_inner_key: enroll again so that the proxy cannot read the token)"
+                "WITHOUT the inner channel, over TLS proven the gateway's own"
             };
             let _ = writeln!(
                 out,

@@ -112,8 +112,13 @@ pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, Enrol
     session.close(ErrorCode::Shutdown, "enrollment check done");
     // The TLS key to pin: the one the gateway says it has (through an inspecting proxy, the
     // key seen is the proxy's: pinning that would later pass for "the gateway's own TLS").
+    // With --gateway-inner-key given but no inner key in the answer, something on the way
+    // answered `/key` in the gateway's place: the key seen is not the gateway's, pin nothing
+    // (sessions then run inside the inner channel bound to the key given).
+    let given_but_not_told = cfg.inner_key.is_some() && keys.inner.is_none();
     let pin = match (&keys.inner, &keys.tls) {
         (Some(_), told) => told.clone(),
+        (None, _) if given_but_not_told => None,
         (None, _) => keys.seen.clone(),
     };
 
@@ -163,6 +168,9 @@ pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, Enrol
                 "gateway key pinned: {p} (compare it with the one your admin sees)"
             ));
         }
+        None if given_but_not_told => {
+            out.push("the gateway's /key answer did not come through (something on the way answered in its place): no TLS key pinned; every session runs inside the inner channel bound to --gateway-inner-key".into())
+        }
         None if keys.inner.is_some() => {
             out.push("no TLS key pinned (the gateway is behind a TLS-terminating load balancer): every session runs inside the inner channel".into())
         }
@@ -176,7 +184,7 @@ pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, Enrol
             ));
         }
     }
-    if let Some(k) = &keys.inner {
+    if let Some(k) = keys.inner.as_ref().or(cfg.inner_key.as_ref()) {
         toml.push_str(&format!(
             "gateway_inner_key = {}\n",
             toml_str(&k.to_string())

@@ -58,6 +58,10 @@ pub enum ConnectError {
     Refused { status: u16, text: String },
     #[error("tunnel hello with the gateway failed: {0}")]
     Session(#[from] tunnel::SessionError),
+    /// The outer TLS is not proven the gateway's own and no inner key is known: the token is
+    /// not sent.
+    #[error("not sending the token: the TLS to the gateway is not proven to be the gateway's own (its certificate is neither issued by --ca nor the enrolled key), so something on the way, such as a TLS-inspecting proxy, could read it; pass --ca with the gateway's own CA, or run `sallyport enroll` (or pass --gateway-inner-key from `sallyport-gateway inner-key`) so that the token travels only inside the inner channel. {UNTRUSTED_SEEN}{seen}")]
+    Untrusted { seen: String },
 }
 
 impl ConnectError {
@@ -195,19 +199,67 @@ fn warn_once(way: &Candidate, e: &ConnectError, retry: Duration) {
     }
 }
 
-/// Is the outer TLS the gateway's own (its certificate carries the pinned key)? Then the
-/// inner channel adds nothing.
+/// Is the outer TLS the gateway's own? Its certificate carries the enrolled key pin, or (with no
+/// pin) it is issued by `--ca` itself (not merely by something in the OS store, where a TLS-inspecting
+/// proxy's CA sits). Plain `ws://` counts only to a loopback address.
 fn proven_own(config: &AgentConfig, io: &GatewayStream) -> bool {
-    match (&config.gateway_key, io.key_pin()) {
-        (Some(pin), Some(seen)) => *pin == seen,
-        _ => false,
+    if let GatewayStream::Plain(_) = io {
+        return is_loopback_host(&config.gateway.host);
+    }
+    // An enrolled pin is the stronger statement: when there is one, it alone decides.
+    match &config.gateway_key {
+        Some(pin) => io.key_pin().is_some_and(|seen| *pin == seen),
+        None => config
+            .gateway_anchor
+            .as_ref()
+            .is_some_and(|a| a.issued(io, &config.gateway.host)),
     }
 }
 
-/// The key to run the inner channel with on this connection, if any.
-fn inner_key(config: &AgentConfig, io: Option<&GatewayStream>) -> Option<PublicKey> {
-    let own = io.is_some_and(|io| proven_own(config, io));
-    config.inner_key.filter(|_| !own || config.always_inner)
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Where [`ConnectError::Untrusted`]'s text names the certificate seen (`doctor` reads it).
+pub const UNTRUSTED_SEEN: &str = "Seen: ";
+
+/// How the token is carried on one connection.
+#[derive(Debug)]
+enum Carry {
+    /// `Authorization: Bearer`: only over TLS proven to be the gateway's own.
+    Bearer,
+    /// Inside the inner channel bound to this key: the outer TLS may be anyone's.
+    Inner(PublicKey),
+}
+
+/// Decides how the token may travel on `io`. The bearer token never rides TLS that is not
+/// proven the gateway's own: without an inner key, such a connection is refused, naming who
+/// issued the certificate that was seen.
+fn carry(config: &AgentConfig, io: &GatewayStream) -> Result<Carry, ConnectError> {
+    if let Some(key) = config.inner_key {
+        // With the inner key, only the enrolled pin lets the inner channel be skipped.
+        let pinned = matches!(
+            (&config.gateway_key, io.key_pin()),
+            (Some(pin), Some(seen)) if *pin == seen
+        );
+        return Ok(if pinned && !config.always_inner {
+            Carry::Bearer
+        } else {
+            Carry::Inner(key)
+        });
+    }
+    if proven_own(config, io) {
+        Ok(Carry::Bearer)
+    } else {
+        Err(ConnectError::Untrusted {
+            seen: io.peer_summary(),
+        })
+    }
 }
 
 /// An inner-channel failure, with both keys when they differ.
@@ -242,7 +294,10 @@ pub async fn start_ws(
     io: GatewayStream,
 ) -> Result<(Session, String, String), ConnectError> {
     let cert = io.peer_summary();
-    let key = inner_key(config, Some(&io));
+    let key = match carry(config, &io)? {
+        Carry::Inner(key) => Some(key),
+        Carry::Bearer => None,
+    };
     let mut url = config.gateway.endpoint("agent");
     if key.is_some() {
         url.push_str("?inner=1");
@@ -277,20 +332,24 @@ pub async fn start_http(
     way: &Candidate,
     io: Option<GatewayStream>,
 ) -> Result<Connected, ConnectError> {
-    let dial: Dialer = {
-        let (w, gw, tls, timeout, c) = (
-            config.way.clone(),
-            config.gateway.clone(),
-            config.tls.clone(),
-            config.connect_timeout,
-            way.clone(),
-        );
+    // Every new connection of the HTTP transport is checked again: a bearer token goes only on
+    // TLS proven to be the gateway's own, connection by connection.
+    let dial = |bearer: bool| -> Dialer {
+        let (cfg, c) = (Arc::new(config.clone()), way.clone());
         Arc::new(move || {
-            let (w, gw, tls, c) = (w.clone(), gw.clone(), tls.clone(), c.clone());
+            let (cfg, c) = (cfg.clone(), c.clone());
             Box::pin(async move {
-                w.dial(&gw, tls.as_ref(), timeout, &c)
-                    .await
-                    .map(|s| Box::new(s) as BoxIo)
+                let s = cfg
+                    .way
+                    .dial(&cfg.gateway, cfg.tls.as_ref(), cfg.connect_timeout, &c)
+                    .await?;
+                if bearer && !proven_own(&cfg, &s) {
+                    return Err(ConnectError::Untrusted {
+                        seen: s.peer_summary(),
+                    }
+                    .to_string());
+                }
+                Ok(Box::new(s) as BoxIo)
             })
         })
     };
@@ -312,7 +371,10 @@ pub async fn start_http(
             })?,
     };
     let cert = io.peer_summary();
-    let key = inner_key(config, Some(&io));
+    let key = match carry(config, &io)? {
+        Carry::Inner(key) => Some(key),
+        Carry::Bearer => None,
+    };
     let mut opts = Options {
         host: config.gateway.authority(),
         base: format!("{}/agent/http", config.gateway.prefix),
@@ -333,16 +395,17 @@ pub async fn start_http(
             let carried = format!("{}, inner channel", mode(&opts));
             let (init, hello) = tunnel::inner::Initiator::start(&key, &mac)
                 .map_err(|e| inner_error(config, &key, e))?;
-            let created = tunnel::http::client::connect(dial, Some(Box::new(io)), opts, hello)
-                .await
-                .map_err(|e| match e {
-                    HttpError::Refused { status: 403, body }
-                        if body.contains(tunnel::inner::KEY_MISMATCH) =>
-                    {
-                        inner_error(config, &key, InnerError::Refused(body))
-                    }
-                    e => ConnectError::Http(e),
-                })?;
+            let created =
+                tunnel::http::client::connect(dial(false), Some(Box::new(io)), opts, hello)
+                    .await
+                    .map_err(|e| match e {
+                        HttpError::Refused { status: 403, body }
+                            if body.contains(tunnel::inner::KEY_MISMATCH) =>
+                        {
+                            inner_error(config, &key, InnerError::Refused(body))
+                        }
+                        e => ConnectError::Http(e),
+                    })?;
             let cipher = init
                 .finish(&created.reply)
                 .map_err(|e| inner_error(config, &key, e))?;
@@ -366,7 +429,8 @@ pub async fn start_http(
             opts.bearer = Some(config.token.expose().to_string());
             let carried = mode(&opts).to_string();
             let created =
-                tunnel::http::client::connect(dial, Some(Box::new(io)), opts, Bytes::new()).await?;
+                tunnel::http::client::connect(dial(true), Some(Box::new(io)), opts, Bytes::new())
+                    .await?;
             Ok(Connected {
                 session: start(config, created.transport).await?,
                 way: way.clone(),

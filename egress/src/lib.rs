@@ -9,6 +9,7 @@
 //! |---|---|
 //! | [`GatewayUrl`] | a parsed `wss://host:port/prefix` |
 //! | [`TlsOptions`], [`client_config`] | trust: the OS store plus `--ca`, or only a pinned CA |
+//! | [`CaAnchor`] | is this connection's certificate issued by `--ca` itself (not by the OS store)? |
 //! | [`dial`] | TCP (with timeout) + TLS, errors that say which hop failed |
 
 pub mod auth;
@@ -486,6 +487,56 @@ impl rustls::client::danger::ServerCertVerifier for PinnedKey {
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+/// The gateway's own CA (`--ca`) on its own, without the OS store: does a connection's
+/// certificate chain to it? Only then is the outer TLS the gateway's, and only then may a bearer
+/// token ride it (an inspecting proxy's CA in the OS store passes the TLS check, not this one).
+#[derive(Clone, Debug)]
+pub struct CaAnchor {
+    verifier: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl CaAnchor {
+    /// The anchor from a PEM file of one or more CA certificates.
+    pub fn from_file(path: &Path) -> Result<CaAnchor, EgressError> {
+        let err = |reason: String| EgressError::CaFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut roots = RootCertStore::empty();
+        for cert in read_pem_certs(path)? {
+            roots.add(cert).map_err(|e| err(e.to_string()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| err(e.to_string()))?;
+        Ok(CaAnchor { verifier })
+    }
+
+    /// Whether `io`'s certificate chain, as sent, is issued by this CA for `host`.
+    pub fn issued(&self, io: &GatewayStream, host: &str) -> bool {
+        use rustls::client::danger::ServerCertVerifier;
+        let GatewayStream::Tls(s) = io else {
+            return false;
+        };
+        let Some((leaf, rest)) = s
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.split_first())
+        else {
+            return false;
+        };
+        let Ok(name) = ServerName::try_from(host.to_string()) else {
+            return false;
+        };
+        self.verifier
+            .verify_server_cert(leaf, rest, &name, &[], rustls::pki_types::UnixTime::now())
+            .is_ok()
     }
 }
 
