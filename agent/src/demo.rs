@@ -130,6 +130,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         agent_tokens: Arc::new(ReloadingStore::open(&agent_tokens)?),
         connector_tokens: Arc::new(ReloadingStore::open(&conn_tokens)?),
         trusted_proxies: vec![],
+        forwarded_header: Default::default(),
         instance_id: "demo-dmz".into(),
         limits: Default::default(),
         session: tunnel::Config::new(tunnel::Role::Dmz, false),

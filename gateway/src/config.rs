@@ -112,6 +112,11 @@ pub struct DmzArgs {
     /// A load balancer address or network whose X-Forwarded-For/Forwarded headers are believed.
     #[arg(long = "trusted-proxy", value_parser = parse_net)]
     pub trusted_proxies: Vec<IpNet>,
+    /// The header the trusted load balancer writes the client address into:
+    /// `x-forwarded-for` (nginx, HAProxy `option forwardfor`, F5, Cloudflare) or `forwarded`
+    /// (RFC 7239); only that one is believed [default: x-forwarded-for].
+    #[arg(long)]
+    pub forwarded_header: Option<String>,
     /// Name of this instance in logs and hellos [default: host name].
     #[arg(long)]
     pub instance_id: Option<String>,
@@ -136,6 +141,8 @@ pub struct DmzFile {
     /// Addresses (`10.0.0.5`) or networks (`10.0.0.0/24`).
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// `x-forwarded-for` (default) or `forwarded`: the header the load balancer sets.
+    pub forwarded_header: Option<String>,
     pub instance_id: Option<String>,
     #[serde(default)]
     pub limits: LimitsFile,
@@ -154,6 +161,12 @@ pub struct LimitsFile {
     pub opens_per_token: Option<f64>,
     pub streams_per_session: Option<usize>,
     pub max_streams: Option<usize>,
+    pub unauth_per_addr: Option<usize>,
+    pub head_timeout: Option<String>,
+    pub streams_per_token: Option<usize>,
+    pub routes_per_connector: Option<usize>,
+    pub open_meta_bytes: Option<usize>,
+    pub pending_inner_sessions: Option<usize>,
 }
 
 /// Tunnel tuning shared by all roles.
@@ -319,6 +332,24 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     if let Some(v) = l.max_streams {
         limits.max_streams = v;
     }
+    if let Some(v) = &l.head_timeout {
+        limits.head_timeout = duration(v, "limits.head_timeout")?;
+    }
+    if let Some(v) = l.unauth_per_addr {
+        limits.unauth_per_addr = v.max(1);
+    }
+    if let Some(v) = l.streams_per_token {
+        limits.streams_per_token = v;
+    }
+    if let Some(v) = l.routes_per_connector {
+        limits.routes_per_connector = v;
+    }
+    if let Some(v) = l.open_meta_bytes {
+        limits.open_meta_bytes = v;
+    }
+    if let Some(v) = l.pending_inner_sessions {
+        limits.pending_inner_sessions = v;
+    }
     let mut session = tunnel::Config::new(tunnel::Role::Dmz, false);
     file.tunnel.apply(&mut session)?;
     let mut trusted = file
@@ -327,6 +358,14 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
         .map(|t| parse_net(t).map_err(|e| invalid(format!("trusted_proxies: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
     trusted.extend(args.trusted_proxies);
+    let forwarded_header = match args
+        .forwarded_header
+        .as_deref()
+        .or(file.forwarded_header.as_deref())
+    {
+        Some(h) => h.parse().map_err(invalid)?,
+        None => crate::dmz::ForwardedHeader::default(),
+    };
     let inner_path = args
         .inner_key
         .or(file.inner_key.map(|p| relative_to(base, p)))
@@ -353,6 +392,7 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
         agent_tokens,
         connector_tokens,
         trusted_proxies: trusted,
+        forwarded_header,
         instance_id: args
             .instance_id
             .or(file.instance_id)

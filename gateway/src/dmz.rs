@@ -13,7 +13,9 @@
 use crate::auth::{Identity, ReloadingStore, TokenStore};
 use crate::http::{self, RequestHead};
 use crate::limits::{Buckets, CountGuard, Counts, Limits};
+use crate::logsafe::Clean;
 use crate::policy::{self, Route};
+use crate::preauth::{addr_key, PreAuth, Slot};
 use crate::relay::{pump, PumpEnd};
 use crate::router::Router;
 use ipnet::IpNet;
@@ -39,8 +41,10 @@ pub struct DmzConfig {
     pub prefix: String,
     pub agent_tokens: Arc<ReloadingStore>,
     pub connector_tokens: Arc<ReloadingStore>,
-    /// Addresses of load balancers whose `X-Forwarded-For` / `Forwarded` we believe.
+    /// Addresses of load balancers whose forwarded-address header we believe.
     pub trusted_proxies: Vec<IpNet>,
+    /// Which header those load balancers set (the only one believed).
+    pub forwarded_header: ForwardedHeader,
     pub instance_id: String,
     pub limits: Limits,
     /// Tunnel settings (windows, ping interval) for every session.
@@ -73,6 +77,32 @@ impl std::fmt::Debug for DmzConfig {
     }
 }
 
+/// The header a trusted load balancer writes the client's address into. Only that one is read:
+/// a client can send the other (nginx passes a client's `Forwarded` through untouched), and
+/// believing it would let the client pick its own address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For` (nginx `$proxy_add_x_forwarded_for`, HAProxy `option forwardfor`, F5,
+    /// Cloudflare).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=…` (HAProxy `option forwarded`, Envoy, some Kubernetes ingresses).
+    Forwarded,
+}
+
+impl std::str::FromStr for ForwardedHeader {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => Ok(ForwardedHeader::XForwardedFor),
+            "forwarded" => Ok(ForwardedHeader::Forwarded),
+            _ => Err(format!(
+                "forwarded header `{s}`: use x-forwarded-for or forwarded"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DmzError {
     #[error("cannot listen on {addr}: {source}")]
@@ -88,7 +118,13 @@ pub(crate) struct Shared {
     router: Router,
     tls: Option<TlsAcceptor>,
     handshakes: Buckets<IpAddr>,
+    /// Unauthenticated connections per client address.
+    pub(crate) preauth: Arc<PreAuth>,
     opens: Buckets<String>,
+    /// Streams open at once per agent token.
+    agent_streams: Arc<Counts<String>>,
+    /// Connector credentials whose route list was cut to the limit (logged once each).
+    routes_capped: std::sync::Mutex<std::collections::HashSet<String>>,
     agent_sessions: Arc<Counts<String>>,
     connector_sessions: Arc<Counts<String>>,
     streams: Arc<Semaphore>,
@@ -128,12 +164,16 @@ impl Dmz {
             tls: config.tls.clone().map(TlsAcceptor::from),
             router: Router::default(),
             handshakes: Buckets::new(limits.handshakes_per_ip, 65_536),
+            preauth: PreAuth::new(limits.unauth_per_addr, 65_536),
             opens: Buckets::new(limits.opens_per_token, 65_536),
+            agent_streams: Arc::new(Counts::new(limits.streams_per_token)),
+            routes_capped: Default::default(),
             agent_sessions: Arc::new(Counts::new(limits.sessions_per_agent_token)),
             connector_sessions: Arc::new(Counts::new(limits.sessions_per_connector_token)),
             streams: Arc::new(Semaphore::new(limits.max_streams)),
-            http_sessions: tunnel::http::server::Registry::new(
+            http_sessions: tunnel::http::server::Registry::with_pending(
                 limits.max_connections,
+                limits.pending_inner_sessions,
                 HTTP_DOWN_BUFFER,
             ),
             tracker: TaskTracker::new(),
@@ -209,48 +249,107 @@ enum Upgraded<S> {
 
 async fn handle_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
-    if !shared.handshakes.allow(&peer.ip()) {
-        debug!("handshake rate limit for this address");
-        // Nothing read, nothing written: just close. Cheap for us, clear in the client's log.
-        return;
-    }
-    let deadline = shared.config.limits.handshake_timeout;
+    // One deadline for everything until the credential is verified and the tunnel hello done.
+    let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
+    // A trusted load balancer's connections are counted under the client address its header
+    // names, once the head is read; anyone else's under the peer address, now.
+    let slot = if is_trusted(&shared.config.trusted_proxies, peer.ip()) {
+        Slot::uncounted()
+    } else {
+        match admit(&shared, peer.ip()) {
+            Some(slot) => slot,
+            None => return,
+        }
+    };
     match &shared.tls {
         Some(acceptor) => {
             let acceptor = acceptor.clone();
             // rustls reads at most 4 KiB per call: buffer under it (one syscall per 64 KiB).
             let tcp = tokio::io::BufReader::with_capacity(egress::TLS_READ_BUFFER, tcp);
-            let tls = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    debug!(error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!("TLS handshake timed out");
+            let tls = tokio::select! {
+                r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => match r {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!("TLS handshake timed out");
+                        return;
+                    }
+                },
+                _ = slot.evicted() => {
+                    debug!("unauthenticated connection evicted by a newer one from the same address");
                     return;
                 }
             };
-            serve_http(shared, tls, peer).await
+            serve_http(shared, tls, peer, deadline, slot).await
         }
-        None => serve_http(shared, tcp, peer).await,
+        None => serve_http(shared, tcp, peer, deadline, slot).await,
     }
 }
 
-async fn serve_http<S>(shared: Arc<Shared>, mut io: S, peer: SocketAddr)
-where
+/// The handshake rate and an unauthenticated slot for a client address; `None`: refused (the
+/// reason is logged at debug level: nothing to tell a flood).
+fn admit(shared: &Shared, ip: IpAddr) -> Option<Slot> {
+    if !shared.handshakes.allow(&addr_key(ip)) {
+        debug!(client = %ip, "handshake rate limit for this address");
+        return None;
+    }
+    let slot = shared.preauth.enter(ip);
+    if slot.is_none() {
+        debug!(client = %ip, "too many addresses with unauthenticated connections");
+    }
+    slot
+}
+
+fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
+    trusted
+        .iter()
+        .any(|n| n.contains(&policy::canonical_ip(ip)))
+}
+
+/// Writes a short answer, within the handshake deadline (a client that does not read cannot
+/// hold the connection with it).
+async fn answer<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    deadline: tokio::time::Instant,
+    status: u16,
+    headers: &[(&str, &str)],
+    body: &str,
+) {
+    let _ = tokio::time::timeout_at(deadline, http::respond(io, status, headers, body)).await;
+}
+
+async fn serve_http<S>(
+    shared: Arc<Shared>,
+    mut io: S,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+    mut slot: Slot,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let deadline = shared.config.limits.handshake_timeout;
-    let head = match tokio::time::timeout(deadline, http::read_head(&mut io)).await {
+    let head = tokio::select! {
+        r = tokio::time::timeout_at(deadline, http::read_head(&mut io)) => r,
+        _ = slot.evicted() => return,
+    };
+    let head = match head {
         Ok(Ok(h)) => h,
         Ok(Err(http::HeadError::TooLarge)) => {
-            let _ = http::respond(&mut io, 431, &[], "sallyport: request head too large\n").await;
+            answer(
+                &mut io,
+                deadline,
+                431,
+                &[],
+                "sallyport: request head too large\n",
+            )
+            .await;
             return;
         }
         Ok(Err(e)) => {
             debug!(error = %e, "bad request head");
-            let _ = http::respond(&mut io, 400, &[], "sallyport: bad request\n").await;
+            answer(&mut io, deadline, 400, &[], "sallyport: bad request\n").await;
             return;
         }
         Err(_) => {
@@ -258,16 +357,38 @@ where
             return;
         }
     };
-    let client = client_addr(&shared.config.trusted_proxies, peer, &head);
+    let client = client_addr(
+        &shared.config.trusted_proxies,
+        shared.config.forwarded_header,
+        peer,
+        &head,
+    );
+    if is_trusted(&shared.config.trusted_proxies, peer.ip()) {
+        // Behind the load balancer: the client it names is who the limits count.
+        match admit(&shared, client.ip()) {
+            Some(s) => slot = s,
+            None => {
+                answer(
+                    &mut io,
+                    deadline,
+                    429,
+                    &[],
+                    "sallyport: too many handshakes from this address; retry later\n",
+                )
+                .await;
+                return;
+            }
+        }
+    }
     let prefix = &shared.config.prefix;
     let path = head.path_only().to_string();
     let Some(endpoint) = path.strip_prefix(prefix.as_str()) else {
-        let _ = http::respond(&mut io, 404, &[], "sallyport: not found\n").await;
+        answer(&mut io, deadline, 404, &[], "sallyport: not found\n").await;
         return;
     };
     if endpoint == "/agent/http" || endpoint.starts_with("/agent/http/") {
         // The fallback transport: ordinary requests, served by a full HTTP server.
-        crate::fallback::serve(shared, io, head, client).await;
+        crate::fallback::serve(shared, io, head, client, deadline, slot).await;
         return;
     }
     match endpoint {
@@ -277,11 +398,12 @@ where
                 if let Some(pin) = &shared.config.tls_key_pin {
                     body.push_str(&format!("tls {pin}\n"));
                 }
-                let _ = http::respond(&mut io, 200, &[], &body).await;
+                answer(&mut io, deadline, 200, &[], &body).await;
             }
             None => {
-                let _ = http::respond(
+                answer(
                     &mut io,
+                    deadline,
                     404,
                     &[],
                     "sallyport: this gateway has no inner key configured\n",
@@ -295,21 +417,25 @@ where
                 shared.config.instance_id,
                 shared.router.sessions()
             );
-            let _ = http::respond(&mut io, 200, &[], &body).await;
+            answer(&mut io, deadline, 200, &[], &body).await;
         }
         "/agent" | "/connector" => {
             let is_agent = endpoint == "/agent";
             let inner = is_agent && head.query_has("inner", "1");
-            let up = match upgrade(&shared, io, head, client, is_agent, inner).await {
-                Some(u) => u,
-                None => return,
+            let up = tokio::select! {
+                u = tokio::time::timeout_at(deadline, upgrade(&shared, io, head, client, is_agent, inner)) => u,
+                _ = slot.evicted() => return,
+            };
+            let Ok(Some(up)) = up else {
+                return;
             };
             let span = info_span!("session", client = %client);
             match up {
-                Upgraded::Agent(io, head, id, client, slot) => {
+                Upgraded::Agent(io, head, id, client, count) => {
+                    drop(slot);
                     let max_frame = shared.config.session.max_frame;
                     let t = tunnel::ws::WsTransport::server(io, head.leftover, max_frame).await;
-                    agent_session(shared, t, id, client, slot)
+                    agent_session(shared, t, id, client, count, deadline)
                         .instrument(span)
                         .await
                 }
@@ -317,57 +443,65 @@ where
                     let max_frame = shared.config.session.max_frame;
                     let t = tunnel::ws::WsTransport::server(io, head.leftover, max_frame).await;
                     async {
-                        // Hello and token within one handshake deadline.
-                        let deadline =
-                            tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
-                        let Some(t) = crate::inner::handshake(&shared, t, deadline).await else {
-                            return;
-                        };
-                        if let Some((t, id, slot)) =
+                        // Hello and token within the same deadline, and the slot held until then.
+                        let auth = async {
+                            let t = crate::inner::handshake(&shared, t, deadline).await?;
                             crate::inner::authenticate(&shared, t, client, deadline).await
-                        {
-                            agent_session(shared.clone(), t, id, client, slot).await
+                        };
+                        let authed = tokio::select! {
+                            a = auth => a,
+                            _ = slot.evicted() => None,
+                        };
+                        drop(slot);
+                        if let Some((t, id, count)) = authed {
+                            agent_session(shared.clone(), t, id, client, count, deadline).await
                         }
                     }
                     .instrument(span)
                     .await
                 }
-                Upgraded::Connector(io, head, id, client, slot) => {
-                    connector_session(shared, io, head.leftover, id, client, slot)
+                Upgraded::Connector(io, head, id, client, count) => {
+                    drop(slot);
+                    connector_session(shared, io, head.leftover, id, client, count, deadline)
                         .instrument(span)
                         .await
                 }
             }
         }
         _ => {
-            let _ = http::respond(&mut io, 404, &[], "sallyport: not found\n").await;
+            answer(&mut io, deadline, 404, &[], "sallyport: not found\n").await;
         }
     }
 }
 
 /// The client's real address: the TCP peer, or, when the peer is a trusted load balancer, the
-/// right-most address in `X-Forwarded-For` / `Forwarded` that is not itself trusted.
-fn client_addr(trusted: &[IpNet], peer: SocketAddr, head: &RequestHead) -> SocketAddr {
-    let is_trusted = |ip: &IpAddr| {
-        trusted
-            .iter()
-            .any(|n| n.contains(&policy::canonical_ip(*ip)))
-    };
-    if !is_trusted(&peer.ip()) {
+/// right-most address in the one header that balancer sets (`header`) that is not itself
+/// trusted. The other header is never read: a client can send it, and the balancer passes it on.
+pub fn client_addr(
+    trusted: &[IpNet],
+    header: ForwardedHeader,
+    peer: SocketAddr,
+    head: &RequestHead,
+) -> SocketAddr {
+    if !is_trusted(trusted, peer.ip()) {
         return peer;
     }
     let mut chain: Vec<IpAddr> = Vec::new();
     for (k, v) in &head.headers {
-        if k.eq_ignore_ascii_case("x-forwarded-for") {
-            chain.extend(v.split(',').filter_map(|s| s.trim().parse::<IpAddr>().ok()));
-        } else if k.eq_ignore_ascii_case("forwarded") {
-            for part in v.split([',', ';']) {
-                if let Some(f) = part
-                    .trim()
-                    .strip_prefix("for=")
-                    .or_else(|| part.trim().strip_prefix("For="))
-                {
-                    let f = f.trim_matches('"');
+        match header {
+            ForwardedHeader::XForwardedFor if k.eq_ignore_ascii_case("x-forwarded-for") => {
+                chain.extend(v.split(',').filter_map(|s| s.trim().parse::<IpAddr>().ok()));
+            }
+            ForwardedHeader::Forwarded if k.eq_ignore_ascii_case("forwarded") => {
+                for part in v.split([',', ';']) {
+                    let part = part.trim();
+                    let Some((key, f)) = part.split_once('=') else {
+                        continue;
+                    };
+                    if !key.trim().eq_ignore_ascii_case("for") {
+                        continue;
+                    }
+                    let f = f.trim().trim_matches('"');
                     let f = f
                         .strip_prefix('[')
                         .map(|x| x.split(']').next().unwrap_or(x))
@@ -379,9 +513,10 @@ fn client_addr(trusted: &[IpNet], peer: SocketAddr, head: &RequestHead) -> Socke
                     }
                 }
             }
+            _ => {}
         }
     }
-    match chain.iter().rev().find(|ip| !is_trusted(ip)) {
+    match chain.iter().rev().find(|ip| !is_trusted(trusted, **ip)) {
         Some(ip) => SocketAddr::new(*ip, 0),
         None => peer,
     }
@@ -520,6 +655,7 @@ async fn start_session<T: tunnel::Transport>(
     shared: &Shared,
     transport: T,
     accept_streams: bool,
+    deadline: tokio::time::Instant,
 ) -> Option<(Session, tunnel::Incoming)> {
     let mut cfg = shared.config.session.clone();
     cfg.role = Role::Dmz;
@@ -527,12 +663,7 @@ async fn start_session<T: tunnel::Transport>(
     cfg.instance_id = shared.config.instance_id.clone();
     cfg.accept_streams = accept_streams;
     cfg.max_incoming_streams = shared.config.limits.streams_per_session;
-    match tokio::time::timeout(
-        shared.config.limits.handshake_timeout,
-        Session::start(transport, cfg),
-    )
-    .await
-    {
+    match tokio::time::timeout_at(deadline, Session::start(transport, cfg)).await {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
             info!(error = %e, "tunnel hello failed");
@@ -579,20 +710,25 @@ pub(crate) async fn agent_session<T: tunnel::Transport>(
     id: Identity,
     client: SocketAddr,
     _slot: CountGuard<String>,
+    deadline: tokio::time::Instant,
 ) {
-    let Some((session, mut incoming)) = start_session(&shared, transport, true).await else {
+    let Some((session, mut incoming)) = start_session(&shared, transport, true, deadline).await
+    else {
         return;
     };
-    info!(token = %id.token_id, name = %id.name, agent = %session.peer().instance_id, "agent session up");
+    info!(token = %id.token_id, name = %id.name, agent = %Clean(&session.peer().instance_id), "agent session up");
     let id = Arc::new(id);
     let streams = async {
         while let Some(stream) = incoming.accept().await {
             let shared2 = shared.clone();
             let id2 = id.clone();
             let agent = session.peer().instance_id.clone();
-            shared.tracker.spawn(async move {
-                route_stream(shared2, stream, id2, client, agent).await;
-            });
+            shared.tracker.spawn(
+                async move {
+                    route_stream(shared2, stream, id2, client, agent).await;
+                }
+                .in_current_span(),
+            );
         }
     };
     // Tell the agent what it can reach (for its browser PAC file): the connectors' routes,
@@ -642,35 +778,67 @@ async fn connector_session<S>(
     id: Identity,
     client: SocketAddr,
     _slot: CountGuard<String>,
+    deadline: tokio::time::Instant,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // Connectors never open streams towards the DMZ.
     let transport =
         tunnel::ws::WsTransport::server(io, leftover, shared.config.session.max_frame).await;
-    let Some((session, _incoming)) = start_session(&shared, transport, false).await else {
+    let Some((session, _incoming)) = start_session(&shared, transport, false, deadline).await
+    else {
         return;
     };
     let key = shared.router.add(&id.token_id, session.clone());
-    info!(connector = %id.token_id, instance = %session.peer().instance_id, %client, "connector session up");
+    info!(connector = %id.token_id, instance = %Clean(&session.peer().instance_id), %client, "connector session up");
     let mut routes = session.peer_routes();
     let watch_routes = async {
         loop {
             let advertised = routes.borrow_and_update().clone();
+            let limit = shared.config.limits.routes_per_connector;
             let mut accepted: Vec<Route> = Vec::new();
+            let (mut uncovered, mut unparsable) = (0usize, 0usize);
             for text in &advertised {
                 match text.parse::<Route>() {
                     Ok(r) if id.routes.iter().any(|allowed| allowed.covers(&r)) => accepted.push(r),
                     Ok(r) => {
-                        warn!(connector = %id.token_id, route = %r, "route not covered by this connector's credential: ignored")
+                        uncovered += 1;
+                        if uncovered <= 3 {
+                            warn!(connector = %id.token_id, route = %Clean(&r.to_string()), "route not covered by this connector's credential: ignored")
+                        }
                     }
                     Err(e) => {
-                        warn!(connector = %id.token_id, error = %e, "unparsable route ignored")
+                        unparsable += 1;
+                        if unparsable <= 3 {
+                            warn!(connector = %id.token_id, error = %Clean(&e.to_string()), "unparsable route ignored")
+                        }
                     }
                 }
             }
+            if uncovered > 3 || unparsable > 3 {
+                warn!(connector = %id.token_id, uncovered, unparsable, "routes ignored in all");
+            }
+            accepted.sort_by_cached_key(|r| r.to_string());
+            accepted.dedup();
+            if accepted.len() > limit {
+                let first = shared
+                    .routes_capped
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.token_id.clone());
+                if first {
+                    warn!(connector = %id.token_id, advertised = accepted.len(), limit, "connector advertises more routes than limits.routes_per_connector: the rest are ignored");
+                }
+                accepted.truncate(limit);
+            }
             if !advertised.is_empty() {
-                info!(connector = %id.token_id, routes = %accepted.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" "), "connector routes");
+                let shown: Vec<String> = accepted.iter().take(20).map(|r| r.to_string()).collect();
+                let more = accepted.len().saturating_sub(shown.len());
+                let mut text = shown.join(" ");
+                if more > 0 {
+                    text.push_str(&format!(" (and {more} more)"));
+                }
+                info!(connector = %id.token_id, count = accepted.len(), routes = %text, "connector routes");
             }
             shared.router.set_routes(key, accepted);
             if routes.changed().await.is_err() {
@@ -703,15 +871,42 @@ async fn route_stream(
     let dest = req.dest.clone();
     let started = Instant::now();
     let client_ip = client.ip();
+    // Untrusted text (the agent's instance id, the destination it asked for) is escaped and
+    // cut short in every log line: no forged lines, no disk filled by one field.
+    let agent = Clean(&agent).to_string();
+    let dest_text = Clean(&dest.to_string()).to_string();
     // Every refusal is audited with the same fields as an open, then answered with OPEN_ERR.
     let refuse = |stream: Stream, code: ErrorCode, reason: String| {
-        info!(target: "audit", event = "refused", token = %id.token_id, name = %id.name, client = %client_ip, %agent, %dest, %code, %reason, "stream refused");
+        info!(target: "audit", event = "refused", token = %id.token_id, name = %id.name, client = %client_ip, %agent, dest = %dest_text, %code, reason = %Clean(&reason), "stream refused");
         stream.reject(code, &reason);
     };
     let host = match policy::parse_host(&dest.host) {
         Ok(h) => h,
         Err(e) => return refuse(stream, ErrorCode::NotAllowed, e.to_string()),
     };
+    // A token issued with routes reaches only those, whatever the connectors serve.
+    if !id.routes.is_empty() && !id.routes.iter().any(|r| r.matches(&host, dest.port)) {
+        return refuse(
+            stream,
+            ErrorCode::NotAllowed,
+            format!("{dest_text} is not among this token's routes"),
+        );
+    }
+    // The agent's own metadata is small; the DMZ adds the identity. An oversize request is
+    // refused here, never forwarded to cut a connector session shared by everyone.
+    let mut m = req.meta.clone();
+    m.remove_prefix(meta::IDENTITY_PREFIX);
+    let meta_bytes = m.wire_len();
+    if meta_bytes > shared.config.limits.open_meta_bytes {
+        return refuse(
+            stream,
+            ErrorCode::Limit,
+            format!(
+                "stream request metadata of {meta_bytes} bytes is over the limit of {}",
+                shared.config.limits.open_meta_bytes
+            ),
+        );
+    }
     if !shared.opens.allow(&id.token_id) {
         return refuse(
             stream,
@@ -719,6 +914,16 @@ async fn route_stream(
             "too many new streams per second for this token".into(),
         );
     }
+    let Some(_token_stream) = shared.agent_streams.acquire(&id.token_id) else {
+        return refuse(
+            stream,
+            ErrorCode::Limit,
+            format!(
+                "this token has {} streams open, its limit",
+                shared.config.limits.streams_per_token
+            ),
+        );
+    };
     let Ok(_permit) = shared.streams.clone().try_acquire_owned() else {
         return refuse(
             stream,
@@ -730,11 +935,9 @@ async fn route_stream(
         return refuse(
             stream,
             ErrorCode::NoRoute,
-            format!("no connector serves {dest}"),
+            format!("no connector serves {dest_text}"),
         );
     };
-    let mut m = req.meta.clone();
-    m.remove_prefix(meta::IDENTITY_PREFIX);
     m.set(meta::TOKEN_ID, id.token_id.clone());
     m.set(meta::NAME, id.name.clone());
     m.set(meta::GROUPS, id.groups.join(","));
@@ -742,6 +945,9 @@ async fn route_stream(
     m.set(meta::DMZ_INSTANCE, shared.config.instance_id.clone());
     let upstream = match chosen.session.open(dest.clone(), m) {
         Ok(s) => s,
+        Err(e @ tunnel::StreamError::OpenTooLarge { .. }) => {
+            return refuse(stream, ErrorCode::Limit, e.to_string())
+        }
         Err(e) => {
             return refuse(
                 stream,
@@ -750,7 +956,7 @@ async fn route_stream(
             )
         }
     };
-    info!(target: "audit", event = "open", token = %id.token_id, name = %id.name, client = %client_ip, %agent, %dest, connector = %chosen.connector, "stream open");
+    info!(target: "audit", event = "open", token = %id.token_id, name = %id.name, client = %client_ip, %agent, dest = %dest_text, connector = %chosen.connector, "stream open");
     // Early data from the agent flows at once (`up` starts now); data back flows only after
     // the connector's answer, which is relayed to the agent first.
     let up = pump(&stream, &upstream);
@@ -774,14 +980,14 @@ async fn route_stream(
         PumpEnd::Done => None,
     };
     let outcome = match &rest {
-        Err(e) => format!("refused: {e}"),
+        Err(e) => format!("refused: {}", Clean(&e.to_string())),
         Ok(down_end) => match why(&up_end).or_else(|| why(down_end)) {
             None => "closed".to_string(),
             Some(e) => format!("reset: {e}"),
         },
     };
     info!(
-        target: "audit", event = "close", token = %id.token_id, name = %id.name, client = %client_ip, %agent, %dest,
+        target: "audit", event = "close", token = %id.token_id, name = %id.name, client = %client_ip, %agent, dest = %dest_text,
         connector = %chosen.connector, bytes_up, bytes_down, duration_ms = started.elapsed().as_millis() as u64,
         %outcome, "stream closed"
     );
@@ -806,20 +1012,53 @@ mod tests {
 
     #[test]
     fn forwarded_for_is_believed_only_from_trusted_load_balancers() {
+        let xff = ForwardedHeader::XForwardedFor;
         let lb: SocketAddr = "10.0.0.5:4000".parse().unwrap();
         let trusted: Vec<IpNet> = vec!["10.0.0.0/24".parse().unwrap()];
         let h = head(&[("X-Forwarded-For", "203.0.113.9, 10.0.0.7")]);
         assert_eq!(
-            client_addr(&trusted, lb, &h).ip().to_string(),
+            client_addr(&trusted, xff, lb, &h).ip().to_string(),
             "203.0.113.9"
         );
         // From an untrusted peer the header is a claim, not a fact.
         let other: SocketAddr = "198.51.100.1:4000".parse().unwrap();
-        assert_eq!(client_addr(&trusted, other, &h), other);
+        assert_eq!(client_addr(&trusted, xff, other, &h), other);
+        let fwd = ForwardedHeader::Forwarded;
         let h = head(&[("Forwarded", "for=\"[2001:db8::1]:4711\";proto=https")]);
         assert_eq!(
-            client_addr(&trusted, lb, &h).ip().to_string(),
+            client_addr(&trusted, fwd, lb, &h).ip().to_string(),
             "2001:db8::1"
         );
+        let h = head(&[("Forwarded", "For=192.0.2.60:80;by=10.0.0.5")]);
+        assert_eq!(
+            client_addr(&trusted, fwd, lb, &h).ip().to_string(),
+            "192.0.2.60"
+        );
+    }
+
+    /// Behind nginx, a client-sent `Forwarded: for=…` (which nginx passes on) used to win over
+    /// the `X-Forwarded-For` nginx set: audit logs and the identity stamped to connectors
+    /// carried a forged address.
+    #[test]
+    fn a_client_forged_forwarded_header_is_ignored_behind_an_xff_balancer() {
+        let lb: SocketAddr = "10.0.0.5:4000".parse().unwrap();
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/24".parse().unwrap()];
+        // What nginx forwards: the client's own XFF (forged, left) plus the real address it
+        // appended, and the client's Forwarded header untouched.
+        let h = head(&[
+            ("X-Forwarded-For", "192.0.2.66, 198.51.100.7"),
+            ("Forwarded", "for=192.0.2.99"),
+        ]);
+        let got = client_addr(&trusted, ForwardedHeader::XForwardedFor, lb, &h);
+        assert_eq!(got.ip().to_string(), "198.51.100.7");
+        // And the other way round for a balancer that writes Forwarded.
+        let h = head(&[
+            ("Forwarded", "for=192.0.2.66, for=198.51.100.7"),
+            ("X-Forwarded-For", "192.0.2.99"),
+        ]);
+        let got = client_addr(&trusted, ForwardedHeader::Forwarded, lb, &h);
+        assert_eq!(got.ip().to_string(), "198.51.100.7");
+        assert!("Forwarded".parse::<ForwardedHeader>().is_ok());
+        assert!("x-real-ip".parse::<ForwardedHeader>().is_err());
     }
 }

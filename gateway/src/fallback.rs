@@ -9,9 +9,22 @@
 //! must reach the instance that holds it: agents send a random per-session
 //! `sallyport-affinity` header a load balancer hashes on, and answers carry a
 //! `sallyport_instance` cookie (agents return cookies) for load balancers that stick by cookie.
+//!
+//! Against a hostile client:
+//! - until one of its requests authenticates, a connection lives under the handshake deadline
+//!   and its address's unauthenticated slot ([`crate::preauth`]): a stalled body, a slow second
+//!   head or a stream of unauthenticated requests is closed at that deadline;
+//! - no body is read before the credential is checked, except an inner-channel hello, which is
+//!   capped at [`PREAUTH_BODY`] bytes; a session created by such a hello is *pending*
+//!   (bounded per address and in all) until its token arrives inside the channel;
+//! - after authentication, a request head must arrive within `limits.head_timeout` of the last
+//!   answer (hyper's header read timeout, which also ends idle keep-alive connections), a body
+//!   within [`BODY_TIMEOUT`], and a connection that moves no byte either way for
+//!   [`IO_IDLE`] is closed.
 
 use crate::dmz::{agent_session, bearer, count_session, verify_token, Shared};
 use crate::http::RequestHead;
+use crate::preauth::Slot;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -19,40 +32,125 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, info, Instrument};
 use tunnel::http::server::{text, Body, Handle, RequestAuth};
 use tunnel::http::{parse_query, verify_mac, MAC_HEADER, MAX_BATCH, SESSION_HEADER};
 
-/// Serves the connection (keep-alive) until the client closes it or the gateway shuts down.
-pub(crate) async fn serve<S>(shared: Arc<Shared>, io: S, head: RequestHead, client: SocketAddr)
-where
+/// Largest request body read before the credential is checked: an inner-channel hello (a
+/// Noise message and a 32-byte request key) is far smaller.
+pub const PREAUTH_BODY: usize = 4 * 1024;
+
+/// An authenticated request's body must arrive within this.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection that moves no byte either way for this long is closed (above the 50 s a
+/// long-polled answer may wait).
+pub const IO_IDLE: Duration = Duration::from_secs(75);
+
+/// Whether a connection has authenticated: one of its requests carried a valid bearer token,
+/// or a valid MAC of a session whose token was checked.
+#[derive(Default)]
+struct ConnAuth {
+    done: AtomicBool,
+    /// A session whose MAC a request carried before its token was checked: once that session
+    /// is confirmed, so is this connection (its streamed answer may have started earlier).
+    pending: Mutex<Option<Weak<Handle>>>,
+}
+
+impl ConnAuth {
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+            || self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .and_then(Weak::upgrade)
+                .is_some_and(|h| h.is_confirmed())
+    }
+}
+
+/// Serves the connection (keep-alive) until the client closes it, it idles, or the gateway
+/// shuts down. Until a request authenticates, the connection lives by `deadline` and `slot`.
+pub(crate) async fn serve<S>(
+    shared: Arc<Shared>,
+    io: S,
+    head: RequestHead,
+    client: SocketAddr,
+    deadline: tokio::time::Instant,
+    slot: Slot,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut replay = head.raw;
     replay.extend_from_slice(&head.leftover);
+    let started = Instant::now();
+    let activity = Arc::new(AtomicU64::new(0));
     let io = Rewind {
         pre: Bytes::from(replay),
         io,
+        started,
+        activity: activity.clone(),
     };
+    let auth = Arc::new(ConnAuth::default());
     let service = {
-        let shared = shared.clone();
+        let (shared, auth) = (shared.clone(), auth.clone());
         hyper::service::service_fn(move |req| {
-            let shared = shared.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(shared, req, client).await) }
+            let (shared, auth) = (shared.clone(), auth.clone());
+            async move { Ok::<_, std::convert::Infallible>(handle(shared, req, client, &auth).await) }
         })
     };
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(shared.config.limits.head_timeout)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "HTTP transport connection ended") },
-        _ = shared.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn).await;
+    let mut slot = Some(slot);
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(error = %e, "HTTP transport connection ended");
+                }
+                return;
+            }
+            _ = shared.shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                return;
+            }
+            _ = tokio::time::sleep_until(deadline), if slot.is_some() => {
+                if !auth.is_done() {
+                    debug!("HTTP transport connection not authenticated within the handshake deadline");
+                    return;
+                }
+                slot = None;
+            }
+            _ = async { slot.as_ref().expect("guarded").evicted().await }, if slot.is_some() => {
+                if !auth.is_done() {
+                    debug!("unauthenticated HTTP transport connection evicted by a newer one from the same address");
+                    return;
+                }
+                slot = None;
+            }
+            _ = tick.tick() => {
+                if slot.is_some() && auth.is_done() {
+                    // Authenticated: the address's unauthenticated slot is free again.
+                    slot = None;
+                }
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                if started.elapsed().saturating_sub(last) > IO_IDLE {
+                    debug!("HTTP transport connection idle: closed");
+                    return;
+                }
+            }
         }
     }
 }
@@ -68,8 +166,13 @@ fn cookie(shared: &Shared) -> String {
     format!("sallyport_instance={id}; Path=/; HttpOnly")
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>, client: SocketAddr) -> Response<Body> {
-    let mut resp = route(&shared, req, client).await;
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    auth: &ConnAuth,
+) -> Response<Body> {
+    let mut resp = route(&shared, req, client, auth).await;
     if let Ok(v) = hyper::header::HeaderValue::from_str(&cookie(&shared)) {
         resp.headers_mut().append("set-cookie", v);
     }
@@ -83,20 +186,28 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>, client: SocketAddr)
 /// A refusal: status and one line.
 type Refusal = (StatusCode, String);
 
-async fn body_of(req: Request<Incoming>) -> Result<Bytes, Refusal> {
-    match Limited::new(req.into_body(), MAX_BATCH + 64 * 1024)
-        .collect()
-        .await
-    {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) => Err((
+/// The request's body: at most `limit` bytes, within [`BODY_TIMEOUT`].
+async fn body_of(req: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
+    let collect = Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(BODY_TIMEOUT, collect).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) => Err((
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body refused: {e}"),
+        )),
+        Err(_) => Err((
+            StatusCode::REQUEST_TIMEOUT,
+            format!("request body not complete within {BODY_TIMEOUT:?}"),
         )),
     }
 }
 
-async fn route(shared: &Arc<Shared>, req: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+async fn route(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    auth: &ConnAuth,
+) -> Response<Body> {
     let prefix = shared.config.prefix.as_str();
     let path = req.uri().path().to_string();
     let Some(rest) = path
@@ -109,7 +220,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>, client: SocketAddr)
         if req.method() != Method::POST {
             return text(StatusCode::METHOD_NOT_ALLOWED, "create a session with POST");
         }
-        return create(shared, req, client).await;
+        return create(shared, req, client, auth).await;
     }
     let sid = rest.trim_start_matches('/').to_string();
     let q = match parse_query(req.uri().query().unwrap_or("")) {
@@ -125,9 +236,14 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>, client: SocketAddr)
     if let Err((status, msg)) = check(shared, &h, &req, q.seq, q.ack, client) {
         return text(status, &msg);
     }
+    if h.is_confirmed() {
+        auth.done.store(true, Ordering::Release);
+    } else {
+        *auth.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&h));
+    }
     let method = req.method().clone();
     match method {
-        Method::POST => match body_of(req).await {
+        Method::POST => match body_of(req, MAX_BATCH + 64 * 1024).await {
             Ok(body) => h.post(q, body).await,
             Err((status, msg)) => text(status, &msg),
         },
@@ -177,6 +293,7 @@ async fn create(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
     client: SocketAddr,
+    auth: &ConnAuth,
 ) -> Response<Body> {
     let inner = req
         .uri()
@@ -188,16 +305,16 @@ async fn create(
             .and_then(|v| v.to_str().ok()),
     )
     .to_string();
-    let body = match body_of(req).await {
-        Ok(b) => b,
-        Err((status, msg)) => return text(status, &msg),
-    };
     let span = tracing::info_span!("session", client = %client, transport = "http");
+    // Each session's tunnel hello gets the handshake deadline from now.
+    let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
     if !inner {
+        // The token before the body: an unauthenticated client never makes us read one.
         let id = match verify_token(shared, &presented, client, true) {
             Ok(id) => id,
             Err(msg) => return text(StatusCode::UNAUTHORIZED, msg),
         };
+        auth.done.store(true, Ordering::Release);
         let Some(slot) = count_session(shared, &id, true) else {
             return text(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -216,9 +333,13 @@ async fn create(
         let sh = shared.clone();
         shared
             .tracker
-            .spawn(agent_session(sh, transport, id, client, slot).instrument(span));
+            .spawn(agent_session(sh, transport, id, client, slot, deadline).instrument(span));
         return created(h.sid(), Bytes::new());
     }
+    let body = match body_of(req, PREAUTH_BODY).await {
+        Ok(b) => b,
+        Err((status, msg)) => return text(status, &msg),
+    };
     let Some(key) = &shared.config.inner_key else {
         return text(
             StatusCode::FORBIDDEN,
@@ -238,20 +359,40 @@ async fn create(
             "the inner hello must carry a 32-byte request key",
         );
     };
-    let Some((h, transport)) = shared.http_sessions.create(RequestAuth::Mac(mac_key)) else {
+    // Anyone can make an inner hello from the gateway's public key: until the token arrives
+    // inside, the session holds one of its address's unauthenticated slots and counts as
+    // pending, and it ends at the deadline.
+    let Some(pending_slot) = shared.preauth.enter(client.ip()) else {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "gateway is at its session limit",
+            "too many unauthenticated sessions; retry later",
+        );
+    };
+    let Some((h, transport)) = shared.http_sessions.create_pending(
+        RequestAuth::Mac(mac_key),
+        shared.config.limits.handshake_timeout,
+    ) else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "gateway is at its limit of sessions waiting for their token; retry later",
         );
     };
     let sh = shared.clone();
     let t = tunnel::inner::InnerTransport::new(transport, accepted.cipher);
-    let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
+    let handle = h.clone();
     shared.tracker.spawn(
         async move {
-            if let Some((t, id, slot)) = crate::inner::authenticate(&sh, t, client, deadline).await
-            {
-                agent_session(sh.clone(), t, id, client, slot).await;
+            let authed = tokio::select! {
+                a = crate::inner::authenticate(&sh, t, client, deadline) => a,
+                _ = pending_slot.evicted() => {
+                    debug!("pending HTTP session evicted by a newer unauthenticated one from the same address");
+                    None
+                }
+            };
+            drop(pending_slot);
+            if let Some((t, id, slot)) = authed {
+                handle.confirm();
+                agent_session(sh.clone(), t, id, client, slot, deadline).await;
             }
         }
         .instrument(span),
@@ -267,10 +408,20 @@ fn created(sid: &str, body: Bytes) -> Response<Body> {
     r
 }
 
-/// A stream that first yields bytes already read from it (the request head).
+/// A stream that first yields bytes already read from it (the request head), and notes when
+/// bytes last moved either way (milliseconds after `started`).
 struct Rewind<S> {
     pre: Bytes,
     io: S,
+    started: Instant,
+    activity: Arc<AtomicU64>,
+}
+
+impl<S> Rewind<S> {
+    fn moved(&self) {
+        self.activity
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
@@ -285,7 +436,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
             buf.put_slice(&chunk);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.moved();
+        }
+        r
     }
 }
 
@@ -295,7 +451,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved();
+        }
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
@@ -308,7 +468,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved();
+        }
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()

@@ -8,6 +8,8 @@ pub mod fallback;
 pub mod http;
 pub mod inner;
 pub mod limits;
+pub mod logsafe;
 pub mod policy;
+pub mod preauth;
 pub mod relay;
 pub mod router;

@@ -1,6 +1,7 @@
-//! Rate and count limits of the DMZ: handshakes per source address, sessions per token, stream
-//! opens per second per token. Bounded maps, so a flood of distinct keys cannot grow memory
-//! without limit.
+//! Rate and count limits of the DMZ: unauthenticated connections and handshakes per client
+//! address (see [`crate::preauth`]), sessions, concurrent streams and stream opens per second
+//! per token, routes per connector credential. Every per-credential limit sits under a global
+//! one. Bounded maps, so a flood of distinct keys cannot grow memory without limit.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -12,9 +13,18 @@ use std::time::{Duration, Instant};
 pub struct Limits {
     /// Connections being served at once (TLS, HTTP head, or a live session).
     pub max_connections: usize,
-    /// Deadline for TLS + HTTP upgrade + tunnel hello.
+    /// One deadline for everything before and around authentication: TLS, the request head, a
+    /// fallback request's body, the inner hello and token, the tunnel hello.
     pub handshake_timeout: Duration,
-    /// Handshakes per second from one source address (burst: twice this).
+    /// After authentication, on the HTTP fallback: the next request head must be complete
+    /// within this of the last answer (idle keep-alive connections end then too).
+    pub head_timeout: Duration,
+    /// Unauthenticated connections one client address (an IPv6 /64) holds at once; a new one
+    /// beyond this evicts the address's oldest.
+    pub unauth_per_addr: usize,
+    /// Handshakes per second from one client address (burst: twice this): a bound on the CPU
+    /// one address can spend on TLS handshakes. Behind a trusted load balancer it counts the
+    /// forwarded client address, not the balancer's.
     pub handshakes_per_ip: f64,
     /// Live sessions per agent token.
     pub sessions_per_agent_token: usize,
@@ -24,6 +34,14 @@ pub struct Limits {
     pub opens_per_token: f64,
     /// Streams one agent session may have open at once.
     pub streams_per_session: usize,
+    /// Streams one agent token may have open at once, over all its sessions.
+    pub streams_per_token: usize,
+    /// Routes kept from one connector credential's sessions (the rest are ignored, logged once).
+    pub routes_per_connector: usize,
+    /// Bytes of metadata an agent may attach to one stream request (the DMZ adds the identity).
+    pub open_meta_bytes: usize,
+    /// HTTP-fallback sessions inside the inner channel whose token has not arrived yet.
+    pub pending_inner_sessions: usize,
     /// Streams relayed at once by the whole gateway; with the per-stream windows this is the
     /// memory budget: per stream and direction at most the source buffer (one stream window), one
     /// frame in the relay and the destination's send queue (one stream window), so
@@ -36,11 +54,17 @@ impl Default for Limits {
         Limits {
             max_connections: 8192,
             handshake_timeout: Duration::from_secs(10),
-            handshakes_per_ip: 20.0,
+            head_timeout: Duration::from_secs(30),
+            unauth_per_addr: 64,
+            handshakes_per_ip: 50.0,
             sessions_per_agent_token: 16,
             sessions_per_connector_token: 32,
             opens_per_token: 500.0,
             streams_per_session: 16_384,
+            streams_per_token: 8_192,
+            routes_per_connector: 10_000,
+            open_meta_bytes: 4 * 1024,
+            pending_inner_sessions: 1_024,
             max_streams: 65_536,
         }
     }

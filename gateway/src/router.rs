@@ -90,16 +90,17 @@ impl Router {
 
     /// Every route some live connector session serves (for telling agents what they can reach).
     pub fn routes(&self) -> Vec<Route> {
-        let entries = self.lock();
-        let mut all: Vec<Route> = Vec::new();
-        for e in entries.iter().filter(|e| !e.session.is_going_away()) {
-            for r in &e.routes {
-                if !all.contains(r) {
-                    all.push(r.clone());
-                }
-            }
-        }
-        all
+        // Cloned out first: de-duplicating thousands of routes does not hold the router's lock.
+        let all: Vec<Route> = {
+            let entries = self.lock();
+            entries
+                .iter()
+                .filter(|e| !e.session.is_going_away())
+                .flat_map(|e| e.routes.iter().cloned())
+                .collect()
+        };
+        let mut seen = std::collections::HashSet::with_capacity(all.len());
+        all.into_iter().filter(|r| seen.insert(r.clone())).collect()
     }
 
     /// Number of registered connector sessions (for `/healthz` and logs).

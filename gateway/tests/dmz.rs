@@ -71,6 +71,7 @@ async fn gateway(connector_routes: &[&str], tweak: impl FnOnce(&mut DmzConfig)) 
         agent_tokens: Arc::new(ReloadingStore::open(&dir.join("agents.toml")).unwrap()),
         connector_tokens: Arc::new(ReloadingStore::open(&dir.join("connectors.toml")).unwrap()),
         trusted_proxies: vec![],
+        forwarded_header: Default::default(),
         instance_id: "dmz-test".into(),
         limits: Default::default(),
         session: tunnel::Config::new(Role::Dmz, false),

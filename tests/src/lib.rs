@@ -174,9 +174,10 @@ impl Drop for Proc {
     }
 }
 
-/// The value of `key=value` in a log line (quotes stripped).
+/// The value of `key=value` in a log line (quotes stripped): an event field, preceded by a
+/// space, not one of the spans' (`session{client=…}`) in the line's prefix.
 pub fn field(line: &str, key: &str) -> Option<String> {
-    let pat = format!("{key}=");
+    let pat = format!(" {key}=");
     let start = line.find(&pat)? + pat.len();
     let rest = &line[start..];
     let end = rest.find(' ').unwrap_or(rest.len());

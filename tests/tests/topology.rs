@@ -527,6 +527,7 @@ fn four_sites_only_443_leaves_and_nothing_listens_inside() {
 ///   `doctor` reports the interception with a request for the proxy's admins;
 /// - without that CA, the agent fails with a message naming the issuer it saw;
 /// - with squid's default (upgrades stripped), no HTTP fallback either: the token stays home.
+///
 /// squid logs every request header here (`log_mime_hdrs on`); the token is never in it.
 #[test]
 fn through_a_tls_inspecting_proxy_the_token_is_never_sent() {

@@ -45,6 +45,7 @@ mod kind {
     pub const PONG: u8 = 0x09;
     pub const GOAWAY: u8 = 0x0a;
     pub const ROUTES: u8 = 0x0b;
+    pub const ROUTES_PART: u8 = 0x0c;
 }
 
 /// Which program is at the other end of a session.
@@ -254,6 +255,11 @@ impl Meta {
         self.0.push((key.to_string(), value.into()));
     }
 
+    /// Bytes these entries take in an `OPEN` frame.
+    pub fn wire_len(&self) -> usize {
+        self.0.iter().map(|(k, v)| 4 + k.len() + v.len()).sum()
+    }
+
     /// Removes every key that starts with `prefix` (the DMZ drops whatever identity an agent
     /// claimed before stamping its own).
     pub fn remove_prefix(&mut self, prefix: &str) {
@@ -303,7 +309,37 @@ pub enum Frame {
         reason: String,
     },
     /// The routes a connector serves (patterns such as `db.internal:5432`, `*.internal:22`).
+    /// Ends a route list: the list is every [`Frame::RoutesPart`] since the last `ROUTES`,
+    /// then these.
     Routes(Vec<String>),
+    /// A part of a long route list, more to follow (a list of thousands of routes does not fit
+    /// one control frame; see [`split_routes`]).
+    RoutesPart(Vec<String>),
+}
+
+/// Longest route text sent in a `ROUTES` frame; longer ones are not valid routes anyway.
+pub const MAX_ROUTE_LEN: usize = 1024;
+
+/// Payload bytes of route text per `ROUTES`/`ROUTES_PART` frame (well under
+/// [`MAX_CONTROL_PAYLOAD`]).
+pub const ROUTES_CHUNK: usize = 32 * 1024;
+
+/// Splits a route list into frames that each fit [`ROUTES_CHUNK`]: zero or more
+/// `ROUTES_PART`, then one `ROUTES`. Routes longer than [`MAX_ROUTE_LEN`] are left out.
+pub fn split_routes(routes: Vec<String>) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut part: Vec<String> = Vec::new();
+    let mut bytes = 0;
+    for r in routes.into_iter().filter(|r| r.len() <= MAX_ROUTE_LEN) {
+        if bytes + r.len() + 2 > ROUTES_CHUNK || part.len() == u16::MAX as usize {
+            frames.push(Frame::RoutesPart(std::mem::take(&mut part)));
+            bytes = 0;
+        }
+        bytes += r.len() + 2;
+        part.push(r);
+    }
+    frames.push(Frame::Routes(part));
+    frames
 }
 
 /// A message that is not a valid frame. The session answers it with `GOAWAY(protocol)`.
@@ -482,8 +518,12 @@ impl Frame {
                 b.put_u8(code.to_u8());
                 b.put_slice(clip_reason(reason).as_bytes());
             }
-            Frame::Routes(routes) => {
-                header(&mut b, kind::ROUTES, 0);
+            Frame::Routes(routes) | Frame::RoutesPart(routes) => {
+                let k = match self {
+                    Frame::Routes(_) => kind::ROUTES,
+                    _ => kind::ROUTES_PART,
+                };
+                header(&mut b, k, 0);
                 let n = routes.len().min(u16::MAX as usize);
                 b.put_u16(n as u16);
                 for r in routes.iter().take(n) {
@@ -521,7 +561,7 @@ impl Frame {
         }
         let session_level = matches!(
             t,
-            kind::HELLO | kind::PING | kind::PONG | kind::GOAWAY | kind::ROUTES
+            kind::HELLO | kind::PING | kind::PONG | kind::GOAWAY | kind::ROUTES | kind::ROUTES_PART
         );
         if session_level && stream != 0 {
             return Err(FrameError::BadStream(name, stream));
@@ -606,13 +646,17 @@ impl Frame {
                 let reason = r.rest_str()?;
                 Frame::GoAway { code, reason }
             }
-            kind::ROUTES => {
+            kind::ROUTES | kind::ROUTES_PART => {
                 let count = r.u16()? as usize;
                 let mut routes = Vec::with_capacity(count.min(64));
                 for _ in 0..count {
                     routes.push(r.str16()?);
                 }
-                Frame::Routes(routes)
+                if t == kind::ROUTES {
+                    Frame::Routes(routes)
+                } else {
+                    Frame::RoutesPart(routes)
+                }
             }
             _ => return Err(FrameError::UnknownType(t)),
         };
@@ -643,6 +687,7 @@ fn kind_name(t: u8) -> Option<&'static str> {
         kind::PONG => "PONG",
         kind::GOAWAY => "GOAWAY",
         kind::ROUTES => "ROUTES",
+        kind::ROUTES_PART => "ROUTES_PART",
         _ => return None,
     })
 }
@@ -654,6 +699,38 @@ mod tests {
     fn roundtrip(f: Frame) {
         let enc = f.encode();
         assert_eq!(Frame::decode(enc, 1 << 20).unwrap(), f);
+    }
+
+    /// 3,000 allow rules made a 195 KB `ROUTES` frame, over the message limit: the connector's
+    /// session was cut in a loop and nothing was served.
+    #[test]
+    fn a_long_route_list_is_split_into_frames_that_each_fit() {
+        let routes: Vec<String> = (0..3000)
+            .map(|i| format!("service-{i:05}.dept-{i}.internal.example.com:1-65535"))
+            .collect();
+        let frames = split_routes(routes.clone());
+        assert!(frames.len() > 3, "{}", frames.len());
+        let mut back = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            let enc = f.encode();
+            assert!(
+                enc.len() <= MAX_CONTROL_PAYLOAD + HEADER_LEN,
+                "{}",
+                enc.len()
+            );
+            match Frame::decode(enc, 65536).unwrap() {
+                Frame::RoutesPart(r) if i + 1 < frames.len() => back.extend(r),
+                Frame::Routes(r) if i + 1 == frames.len() => back.extend(r),
+                other => panic!("frame {i}: {other:?}"),
+            }
+        }
+        assert_eq!(back, routes);
+        // Empty list: one empty ROUTES; an overlong route is left out.
+        assert_eq!(split_routes(vec![]), vec![Frame::Routes(vec![])]);
+        assert_eq!(
+            split_routes(vec!["x".repeat(MAX_ROUTE_LEN + 1), "a:1".into()]),
+            vec![Frame::Routes(vec!["a:1".into()])]
+        );
     }
 
     #[test]

@@ -131,6 +131,9 @@ pub enum StreamError {
     GoingAway,
     #[error("stream ids exhausted on this session; retry on a new session")]
     IdsExhausted,
+    /// The `OPEN` (destination and metadata) would not fit one control frame.
+    #[error("stream request too large: its OPEN frame would be {bytes} bytes, at most {max} are allowed")]
+    OpenTooLarge { bytes: usize, max: usize },
 }
 
 impl StreamError {
@@ -143,6 +146,7 @@ impl StreamError {
             StreamError::SessionLost(_) | StreamError::GoingAway | StreamError::IdsExhausted => {
                 ErrorCode::SessionLost
             }
+            StreamError::OpenTooLarge { .. } => ErrorCode::Limit,
         }
     }
 
@@ -170,8 +174,20 @@ pub struct SessionStats {
 
 /// What one state change asks the writer to send, in order.
 pub(crate) enum Pending {
+    /// Ours: opens, pings, credit returned as our apps read.
     Control(Bytes),
+    /// An answer that the peer's frames asked for (`RST`, `OPEN_ERR`, session credit). A peer
+    /// that sends and never reads would grow these without end: they are capped at
+    /// [`MAX_INDUCED_CONTROL`] bytes, and the session ends beyond it.
+    Induced(Bytes),
 }
+
+/// Most bytes of answers to the peer's frames that may wait unsent (see [`Pending::Induced`]).
+pub const MAX_INDUCED_CONTROL: usize = 1024 * 1024;
+
+/// Most routes kept from a peer's route list (`ROUTES_PART`… `ROUTES`); the rest are dropped
+/// and logged once. The DMZ applies its own, smaller, limit per connector credential.
+pub const MAX_PEER_ROUTES: usize = 65_536;
 
 pub(crate) struct State {
     pub(crate) streams: HashMap<u32, StreamState>,
@@ -179,6 +195,15 @@ pub(crate) struct State {
     last_peer_id: u32,
     /// Encoded control frames; sent before any data.
     pub(crate) control: VecDeque<Pending>,
+    /// Bytes of [`Pending::Induced`] frames in `control`.
+    induced_bytes: usize,
+    /// The answer to the peer's latest `PING`, not yet sent (one at most: a `PING` flood costs
+    /// nothing to hold).
+    pong: Option<u64>,
+    /// Routes of `ROUTES_PART` frames, waiting for the `ROUTES` that ends the list.
+    routes_partial: Vec<String>,
+    /// Routes beyond [`MAX_PEER_ROUTES`] were dropped (logged once per session).
+    routes_truncated: bool,
     /// Streams with queued data, served round robin.
     pub(crate) ready: VecDeque<u32>,
     /// Credit the peer granted us for the whole session.
@@ -221,6 +246,14 @@ impl Shared {
 
     pub(crate) fn push_control(&self, st: &mut State, frame: Frame) {
         st.control.push_back(Pending::Control(frame.encode()));
+        self.writer_wake.notify_one();
+    }
+
+    /// Queues an answer to the peer's frame (counted against [`MAX_INDUCED_CONTROL`]).
+    fn push_induced(&self, st: &mut State, frame: Frame) {
+        let b = frame.encode();
+        st.induced_bytes += b.len();
+        st.control.push_back(Pending::Induced(b));
         self.writer_wake.notify_one();
     }
 
@@ -271,6 +304,8 @@ impl Shared {
         st.streams.retain(|_, s| !s.removable());
         st.ready.clear();
         st.control.clear();
+        st.induced_bytes = 0;
+        st.pong = None;
         for w in st.session_waiters.drain(..) {
             w.wake();
         }
@@ -384,6 +419,10 @@ impl Session {
             next_id: if config.initiator { 1 } else { 2 },
             last_peer_id: 0,
             control: VecDeque::new(),
+            induced_bytes: 0,
+            pong: None,
+            routes_partial: Vec::new(),
+            routes_truncated: false,
             ready: VecDeque::new(),
             send_session_credit: peer.session_window as u64,
             session_waiters: Vec::new(),
@@ -436,6 +475,20 @@ impl Session {
         if id > u32::MAX - 2 {
             return Err(StreamError::IdsExhausted);
         }
+        // A request that cannot be one frame is refused here, not sent to cut the session.
+        let open = Frame::Open {
+            stream: id,
+            dest,
+            meta,
+        }
+        .encode();
+        let max = crate::frame::MAX_CONTROL_PAYLOAD + crate::frame::HEADER_LEN;
+        if open.len() > max {
+            return Err(StreamError::OpenTooLarge {
+                bytes: open.len(),
+                max,
+            });
+        }
         st.next_id += 2;
         st.streams.insert(
             id,
@@ -446,23 +499,21 @@ impl Session {
                 false,
             ),
         );
-        shared.push_control(
-            &mut st,
-            Frame::Open {
-                stream: id,
-                dest,
-                meta,
-            },
-        );
+        st.control.push_back(Pending::Control(open));
+        shared.writer_wake.notify_one();
         drop(st);
         Ok(Stream::new(id, shared.clone(), None))
     }
 
     /// Tells the peer which routes we serve (connectors do this after every session start).
+    /// A long list goes as several frames (`ROUTES_PART`… `ROUTES`), each within the control
+    /// frame limit.
     pub fn advertise_routes(&self, routes: Vec<String>) {
         let mut st = self.shared.lock();
         if st.closed.is_none() {
-            self.shared.push_control(&mut st, Frame::Routes(routes));
+            for f in crate::frame::split_routes(routes) {
+                self.shared.push_control(&mut st, f);
+            }
         }
     }
 
@@ -529,6 +580,7 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Pong(_) => "PONG",
         Frame::GoAway { .. } => "GOAWAY",
         Frame::Routes(_) => "ROUTES",
+        Frame::RoutesPart(_) => "ROUTES_PART",
     }
 }
 
@@ -549,7 +601,24 @@ async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
             let mut bytes = 0;
             let mut sent_payload = 0u64;
             // Control frames first: credit, opens and resets must not wait behind bulk data.
-            while let Some(Pending::Control(b)) = st.control.pop_front() {
+            if let Some(v) = st.pong.take() {
+                let b = Frame::Pong(v).encode();
+                bytes += b.len();
+                batch.push(b);
+            }
+            // At most a batch at a time: what waits stays in the queue, where it is counted
+            // (a peer that does not read cannot make this batch grow without end).
+            while bytes < WRITE_BATCH_BYTES {
+                let Some(p) = st.control.pop_front() else {
+                    break;
+                };
+                let b = match p {
+                    Pending::Control(b) => b,
+                    Pending::Induced(b) => {
+                        st.induced_bytes -= b.len();
+                        b
+                    }
+                };
                 bytes += b.len();
                 batch.push(b);
             }
@@ -674,6 +743,17 @@ fn handle_frame(
     wire_len: usize,
 ) -> Result<(), (ErrorCode, String)> {
     let mut st = shared.lock();
+    // Checked before each frame (some branches return early): what earlier frames asked for
+    // and the peer has not read.
+    if st.induced_bytes > MAX_INDUCED_CONTROL {
+        return Err((
+            ErrorCode::Limit,
+            format!(
+                "{} bytes of answers to the peer's frames wait unsent: the peer sends but does not read",
+                st.induced_bytes
+            ),
+        ));
+    }
     st.last_recv = Instant::now();
     st.bytes_in += wire_len as u64;
     match frame {
@@ -696,11 +776,19 @@ fn handle_frame(
                 let credit = st.recv_session_unacked as u32;
                 st.recv_session_avail += st.recv_session_unacked;
                 st.recv_session_unacked = 0;
-                shared.push_control(&mut st, Frame::Window { stream: 0, credit });
+                shared.push_induced(&mut st, Frame::Window { stream: 0, credit });
             }
             if n == 0 {
                 return Ok(());
             }
+            // A small payload is a view into a large read buffer (128 KiB for WebSocket): kept
+            // in a stalled stream, it would pin that whole buffer while its credit counts a few
+            // bytes. Small payloads are copied out; large ones pin at most a few times their size.
+            let payload = if payload.len() < shared.config.max_frame as usize / 2 {
+                Bytes::copy_from_slice(&payload)
+            } else {
+                payload
+            };
             let Some(s) = st.streams.get_mut(&stream) else {
                 // A stream we already closed: data in flight is dropped (its credit was
                 // returned to the session above).
@@ -710,7 +798,7 @@ fn handle_frame(
                 Ok(()) => {}
                 Err((code, reason)) => {
                     debug!(stream, %reason, "resetting stream");
-                    shared.push_control(
+                    shared.push_induced(
                         &mut st,
                         Frame::Rst {
                             stream,
@@ -734,7 +822,7 @@ fn handle_frame(
         Frame::Window { stream, credit } => {
             if let Some(s) = st.streams.get_mut(&stream) {
                 if let Err(reason) = s.on_window(credit) {
-                    shared.push_control(
+                    shared.push_induced(
                         &mut st,
                         Frame::Rst {
                             stream,
@@ -757,7 +845,7 @@ fn handle_frame(
             st.last_peer_id = stream;
             let refuse = |st: &mut State, code: ErrorCode, reason: String| {
                 debug!(stream, %dest, %reason, "refusing stream");
-                shared.push_control(
+                shared.push_induced(
                     st,
                     Frame::OpenErr {
                         stream,
@@ -810,6 +898,7 @@ fn handle_frame(
                 shared.clone(),
                 Some(Box::new(crate::stream::OpenRequest { dest, meta })),
             ));
+            return Ok(());
         }
         Frame::OpenOk { stream } => {
             if let Some(s) = st.streams.get_mut(&stream) {
@@ -842,7 +931,11 @@ fn handle_frame(
                 shared.maybe_remove(&mut st, stream);
             }
         }
-        Frame::Ping(v) => shared.push_control(&mut st, Frame::Pong(v)),
+        Frame::Ping(v) => {
+            // Only the latest PING is answered: a flood queues one PONG, not one per PING.
+            st.pong = Some(v);
+            shared.writer_wake.notify_one();
+        }
         Frame::Pong(v) => {
             if let Some((sent_v, at)) = st.ping_sent {
                 if sent_v == v {
@@ -855,13 +948,31 @@ fn handle_frame(
             debug!(%code, %reason, "peer sent GOAWAY");
             st.goaway = Some((code, reason));
         }
+        Frame::RoutesPart(routes) => add_routes(&mut st, routes),
         Frame::Routes(routes) => {
+            add_routes(&mut st, routes);
+            let all = std::mem::take(&mut st.routes_partial);
+            st.routes_truncated = false;
             drop(st);
-            shared.routes_tx.send_replace(routes);
+            shared.routes_tx.send_replace(all);
+            return Ok(());
         }
         Frame::Hello(_) => return Err((ErrorCode::Protocol, "second hello".into())),
     }
     Ok(())
+}
+
+/// Adds a part of the peer's route list, keeping at most [`MAX_PEER_ROUTES`].
+fn add_routes(st: &mut State, routes: Vec<String>) {
+    let room = MAX_PEER_ROUTES.saturating_sub(st.routes_partial.len());
+    if routes.len() > room && !st.routes_truncated {
+        st.routes_truncated = true;
+        warn!(
+            limit = MAX_PEER_ROUTES,
+            "the peer advertises more routes than a session keeps: the rest are ignored"
+        );
+    }
+    st.routes_partial.extend(routes.into_iter().take(room));
 }
 
 async fn run_pinger(shared: Arc<Shared>) {

@@ -597,3 +597,109 @@ async fn session_credit_of_data_dropped_by_a_reset_is_not_lost() {
         1024 * 1024
     );
 }
+
+/// A peer that floods `PING` and never reads used to grow the other side's control queue by
+/// one `PONG` per `PING`: now only the latest is answered.
+#[tokio::test]
+async fn a_ping_flood_from_a_peer_that_never_reads_queues_one_pong() {
+    let ((session, _incoming), mut raw) = raw_peer(Config::new(Role::Dmz, false)).await;
+    for i in 0..20_000u64 {
+        raw.send_raw(Frame::Ping(i).encode()).await.unwrap();
+    }
+    // Let the session catch up with the flood, then read what it queued.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut pongs = 0;
+    let mut last = None;
+    while let Ok(Ok(Some(m))) =
+        tokio::time::timeout(Duration::from_millis(300), raw.recv_raw()).await
+    {
+        if let Ok(Frame::Pong(v)) = Frame::decode(m, 1 << 20) {
+            pongs += 1;
+            last = Some(v);
+        }
+    }
+    // At most what the transport buffered (1024 messages) plus the one waiting.
+    assert!(pongs <= 1100, "{pongs} PONGs for 20,000 PINGs");
+    assert_eq!(last, Some(19_999), "the latest PING is answered");
+    assert!(!session.is_closed());
+}
+
+/// Every `OPEN` refused gets an `OPEN_ERR`: a peer that sends opens and never reads would grow
+/// those answers without end. Beyond a bound the session ends instead.
+#[tokio::test]
+async fn a_peer_that_floods_refused_opens_and_never_reads_is_cut_off() {
+    let mut cfg = Config::new(Role::Dmz, false);
+    cfg.accept_streams = false;
+    let ((session, _incoming), mut raw) = raw_peer(cfg).await;
+    let flood = async {
+        for i in 0..200_000u32 {
+            let open = Frame::Open {
+                stream: 2 * i + 1,
+                dest: Dest::new("x", 1),
+                meta: Meta::default(),
+            };
+            if raw.send_raw(open.encode()).await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(20), flood).await;
+    let why = tokio::time::timeout(Duration::from_secs(10), session.closed())
+        .await
+        .expect("the session ends");
+    match why {
+        SessionError::Protocol(reason) => assert!(reason.contains("does not read"), "{reason}"),
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+}
+
+/// 3,000 allow rules made one `ROUTES` frame of 195 KB, over the message limit: the session
+/// was cut in a loop. Now a long list crosses in parts and arrives whole.
+#[tokio::test]
+async fn a_route_list_of_thousands_arrives_whole() {
+    let ((client, _), (server, _incoming)) = pair_with(
+        Config::new(Role::Connector, true),
+        Config::new(Role::Dmz, false),
+    )
+    .await;
+    let routes: Vec<String> = (0..3000)
+        .map(|i| format!("service-{i:05}.dept-{i}.internal.example.com:1-65535"))
+        .collect();
+    let mut seen = server.peer_routes();
+    client.advertise_routes(routes.clone());
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if seen.borrow_and_update().len() == routes.len() {
+                return seen.borrow().clone();
+            }
+            seen.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the whole list arrives");
+    assert_eq!(got, routes);
+    assert!(!client.is_closed() && !server.is_closed());
+}
+
+/// An `OPEN` too large for one frame is refused where it is made, not sent to cut the session
+/// (and every other stream on it).
+#[tokio::test]
+async fn an_open_too_large_for_one_frame_is_refused_and_the_session_lives() {
+    let ((client, _), (_server, incoming)) = pair().await;
+    spawn_echo(incoming);
+    let mut meta = Meta::default();
+    meta.set("sp-big", "x".repeat(70 * 1024));
+    match client.open(Dest::new("db.internal", 5432), meta) {
+        Err(e @ StreamError::OpenTooLarge { .. }) => assert_eq!(e.code(), ErrorCode::Limit),
+        Err(e) => panic!("expected OpenTooLarge, got {e}"),
+        Ok(_) => panic!("a 70 KiB OPEN was sent"),
+    }
+    let mut s = client
+        .open(Dest::new("db.internal", 5432), Meta::default())
+        .unwrap();
+    s.write_all(b"still here").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    assert_eq!(out, b"still here");
+}

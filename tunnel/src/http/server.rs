@@ -20,7 +20,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::{Response, StatusCode};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
@@ -50,17 +50,33 @@ impl std::fmt::Debug for RequestAuth {
 pub struct Registry {
     sessions: Mutex<HashMap<String, Arc<Handle>>>,
     max: usize,
+    /// Sessions not yet confirmed (their token has not been checked), at most `max_pending`.
+    pending: AtomicUsize,
+    max_pending: usize,
     down_capacity: usize,
 }
 
 impl Registry {
     /// At most `max` sessions; each buffers up to `down_capacity` unacknowledged bytes down.
     pub fn new(max: usize, down_capacity: usize) -> Arc<Registry> {
+        Registry::with_pending(max, max, down_capacity)
+    }
+
+    /// [`Registry::new`], with at most `max_pending` sessions waiting for their token (see
+    /// [`Registry::create_pending`]).
+    pub fn with_pending(max: usize, max_pending: usize, down_capacity: usize) -> Arc<Registry> {
         Arc::new(Registry {
             sessions: Mutex::new(HashMap::new()),
             max,
+            pending: AtomicUsize::new(0),
+            max_pending,
             down_capacity,
         })
+    }
+
+    /// Sessions waiting for their token now.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Handle>>> {
@@ -75,8 +91,37 @@ impl Registry {
         self.len() == 0
     }
 
-    /// A new session; `None` when the registry is full.
+    /// A new session whose credential was checked; `None` when the registry is full.
     pub fn create(self: &Arc<Self>, auth: RequestAuth) -> Option<(Arc<Handle>, ServerTransport)> {
+        self.create_with(auth, None)
+    }
+
+    /// A new session whose credential comes later, inside it (the inner channel's token): it
+    /// counts against the pending limit, and unless [`Handle::confirm`] is called within
+    /// `confirm_within` it expires, whatever requests keep it busy. Anyone can build an inner
+    /// hello from the gateway's public key, so such a session is worth nothing until confirmed.
+    pub fn create_pending(
+        self: &Arc<Self>,
+        auth: RequestAuth,
+        confirm_within: Duration,
+    ) -> Option<(Arc<Handle>, ServerTransport)> {
+        let n = self.pending.fetch_add(1, Ordering::AcqRel);
+        if n >= self.max_pending {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let created = self.create_with(auth, Some(confirm_within));
+        if created.is_none() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+        created
+    }
+
+    fn create_with(
+        self: &Arc<Self>,
+        auth: RequestAuth,
+        confirm_within: Option<Duration>,
+    ) -> Option<(Arc<Handle>, ServerTransport)> {
         let mut raw = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
         let sid = hex::encode(raw);
@@ -102,6 +147,8 @@ impl Registry {
             last: AtomicU64::new(0),
             born: Instant::now(),
             expired: Notify::new(),
+            confirmed: AtomicBool::new(confirm_within.is_none()),
+            registry: Arc::downgrade(self),
         });
         {
             let mut map = self.lock();
@@ -113,13 +160,27 @@ impl Registry {
         // Expiry: no request for IDLE_EXPIRY (and none in progress) ends the session.
         let weak = Arc::downgrade(self);
         let h = handle.clone();
+        let confirm_by = confirm_within.map(|d| tokio::time::Instant::now() + d);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                let tick = tokio::time::Instant::now() + Duration::from_secs(5);
+                let wake = match confirm_by {
+                    Some(by) if !h.is_confirmed() => tick.min(by),
+                    _ => tick,
+                };
+                tokio::time::sleep_until(wake).await;
                 let closed = h.lock_down().closed;
                 let idle =
                     h.inflight.load(Ordering::Relaxed) == 0 && h.idle_for() > super::IDLE_EXPIRY;
-                if closed || idle {
+                let unconfirmed = confirm_by
+                    .is_some_and(|by| !h.is_confirmed() && tokio::time::Instant::now() >= by);
+                if closed || idle || unconfirmed {
+                    if !h.confirmed.swap(true, Ordering::AcqRel) {
+                        // Never confirmed: it leaves the pending count now.
+                        if let Some(r) = weak.upgrade() {
+                            r.pending.fetch_sub(1, Ordering::AcqRel);
+                        }
+                    }
                     if closed {
                         // Leave the last messages (a GOAWAY) a moment to be fetched.
                         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -176,6 +237,10 @@ pub struct Handle {
     last: AtomicU64,
     born: Instant,
     expired: Notify,
+    /// The session's credential was checked (always, for sessions made by
+    /// [`Registry::create`]).
+    confirmed: AtomicBool,
+    registry: std::sync::Weak<Registry>,
 }
 
 /// Counts a request in progress (a session is not idle while one runs).
@@ -214,6 +279,20 @@ pub fn text(status: StatusCode, msg: &str) -> Response<Body> {
 impl Handle {
     pub fn sid(&self) -> &str {
         &self.sid
+    }
+
+    /// The credential checked inside the session: it leaves the pending count and no longer
+    /// expires for want of it.
+    pub fn confirm(&self) {
+        if !self.confirmed.swap(true, Ordering::AcqRel) {
+            if let Some(r) = self.registry.upgrade() {
+                r.pending.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    pub fn is_confirmed(&self) -> bool {
+        self.confirmed.load(Ordering::Acquire)
     }
 
     pub fn auth(&self) -> &RequestAuth {
