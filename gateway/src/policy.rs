@@ -15,7 +15,8 @@
 //! * [`Rule`] is a route plus optional `users=`/`groups=` constraints.
 //! * [`Policy`] is the allow-list. [`Policy::check`] is asked before resolving a name and
 //!   [`Policy::check_resolved`] for every address the name resolved to: loopback, link-local,
-//!   unspecified, multicast, broadcast and the connector's own addresses are refused unless a rule
+//!   cloud metadata ([`CLOUD_METADATA`]), unspecified, multicast, broadcast and the connector's
+//!   own addresses are refused unless a rule
 //!   lists them explicitly as a network (`127.0.0.1/32:8080`), so that `*.internal:*` does not
 //!   accidentally open the connector's own admin ports to anyone who controls an internal DNS record.
 
@@ -655,6 +656,18 @@ pub struct Denied {
     pub reason: String,
 }
 
+/// Cloud instance-metadata and platform endpoints, which hand out the machine's cloud
+/// credentials to whoever asks: 169.254.169.254 (AWS, GCP, Azure, OpenStack, Oracle),
+/// fd00:ec2::254 (AWS over IPv6), 168.63.129.16 (Azure's wireserver) and 100.100.100.200
+/// (Alibaba Cloud). Refused unless a rule names the address itself (`168.63.129.16/32:80`): a
+/// wider network that happens to contain one (`[fd00::/8]:*`) does not open it.
+pub const CLOUD_METADATA: [IpAddr; 4] = [
+    IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),
+    IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+];
+
 /// The connector's allow-list.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -719,7 +732,8 @@ impl Policy {
         self.check_special(&dest, Some(host), canonical_ip(addr), port, who)
     }
 
-    /// Refuses loopback, link-local, unspecified, multicast, broadcast and own addresses unless a rule
+    /// Refuses loopback, link-local, cloud metadata, unspecified, multicast, broadcast and own
+    /// addresses unless a rule
     /// applying to `who` and `port` lists a network containing `ip`.
     fn check_special(
         &self,
@@ -732,8 +746,10 @@ impl Policy {
         let Some(kind) = self.special_kind(ip) else {
             return Ok(());
         };
+        let only_itself = CLOUD_METADATA.contains(&ip);
         let explicitly_listed = self.rules.iter().any(|r| {
-            matches!(&r.route.host, HostPattern::Net(net) if net.contains(&ip))
+            matches!(&r.route.host, HostPattern::Net(net)
+                if net.contains(&ip) && (!only_itself || net.prefix_len() == net.max_prefix_len()))
                 && r.route.ports.contains(port)
                 && r.applies_to(who)
         });
@@ -749,6 +765,7 @@ impl Policy {
 
     fn special_kind(&self, ip: IpAddr) -> Option<&'static str> {
         let kind = match ip {
+            _ if CLOUD_METADATA.contains(&ip) => "a cloud metadata address",
             IpAddr::V4(v4) if v4.is_loopback() => "a loopback address",
             IpAddr::V4(v4) if v4.is_link_local() => "a link-local address",
             // Linux dials 0.0.0.0 (and 0/8) as "this host".
@@ -1053,7 +1070,7 @@ mod tests {
             ("127.0.0.1", "loopback"),
             ("::1", "loopback"),
             ("::ffff:127.0.0.1", "loopback"),
-            ("169.254.169.254", "link-local"),
+            ("169.254.169.1", "link-local"),
             ("fe80::1", "link-local"),
             ("0.0.0.0", "unspecified"),
             ("::", "unspecified"),
@@ -1082,6 +1099,43 @@ mod tests {
             .is_ok());
         // `*:*` matches an IP literal but does not name loopback explicitly.
         assert!(p.check(&ip("127.0.0.1"), 80, &alice()).is_err());
+    }
+
+    #[test]
+    fn cloud_metadata_addresses_are_refused_unless_a_rule_lists_them() {
+        let p = Policy::new(
+            rules(&["*.internal:*", "*:*", "10.0.0.0/8:*", "[fd00::/16]:*"]),
+            vec![],
+        );
+        let h = name("app.internal");
+        for addr in [
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+            "fd00:ec2::254",
+            "168.63.129.16",
+            "::ffff:168.63.129.16",
+            "100.100.100.200",
+            "::ffff:100.100.100.200",
+        ] {
+            let a: IpAddr = addr.parse().unwrap();
+            let err = p.check_resolved(&h, 80, &alice(), a).unwrap_err().reason;
+            assert!(
+                err.ends_with(", a cloud metadata address, which no rule lists"),
+                "{addr}: {err}"
+            );
+            // As an IP literal too, even though `*:*` (and the wider fd00::/16) match it.
+            let err = p.check(&ip(addr), 80, &alice()).unwrap_err().reason;
+            assert!(err.contains("cloud metadata"), "{addr}: {err}");
+        }
+        // A neighbour of one is an ordinary address.
+        assert!(p
+            .check_resolved(&h, 80, &alice(), "168.63.129.17".parse().unwrap())
+            .is_ok());
+        // A rule naming it as a network lets it through, for that port.
+        let p = Policy::new(rules(&["*.internal:*", "168.63.129.16/32:80"]), vec![]);
+        let wire: IpAddr = "168.63.129.16".parse().unwrap();
+        assert!(p.check_resolved(&h, 80, &alice(), wire).is_ok());
+        assert!(p.check_resolved(&h, 443, &alice(), wire).is_err());
     }
 
     #[test]
