@@ -15,6 +15,7 @@ pub mod auth;
 pub mod cert;
 pub mod http;
 pub mod keychain;
+pub mod logging;
 pub mod pac;
 pub mod proxy;
 pub mod system;

@@ -159,3 +159,57 @@ fn another_local_user_with_the_local_password_via_a_lan_address_is_refused() {
     );
     assert_ne!(code, 0, "a remote client without the password: {out}");
 }
+
+/// The attack: read the logs of a user asked to "run with trace logging, please" (or a support
+/// bundle). tungstenite's trace prints the whole WebSocket upgrade request, bearer token
+/// included; the binaries cap it whatever the log filter says.
+#[test]
+fn bearer_token_never_in_trace_logs() {
+    require_tool("curl");
+    let svc = http_service().unwrap();
+    let trace = Where {
+        netns: None,
+        env: [("SALLYPORT_LOG", "trace"), ("RUST_LOG", "trace")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .to_vec(),
+    };
+    let sys = System::start_opts(
+        "tracelog",
+        &allow_backend(svc.port()),
+        &["backend.internal=127.0.0.1"],
+        &[],
+        &[],
+        &[],
+        &trace,
+    )
+    .unwrap();
+    let (code, out, err) = run(Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--socks5-hostname"])
+        .arg(sys.socks.to_string())
+        .arg(format!("http://backend.internal:{}/", svc.port())))
+    .unwrap();
+    assert_eq!((code, out.as_str()), (0, HELLO), "{err}");
+    // Trace logging is really on (else the test proves nothing).
+    sys.agent
+        .wait_for(&["TRACE"], Duration::from_secs(5))
+        .unwrap();
+    sys.dmz
+        .wait_for(&["TRACE"], Duration::from_secs(5))
+        .unwrap();
+    for token_file in ["alice-laptop.token", "site-a.token"] {
+        let token = std::fs::read_to_string(sys.pki.p(token_file)).unwrap();
+        let token = token.trim();
+        assert!(token.len() > 20, "{token_file} holds no token");
+        // Nor the secret part alone (`sp_<id>_<secret>`).
+        let id = token_file.trim_end_matches(".token");
+        let secret = token.strip_prefix(&format!("sp_{id}_")).unwrap_or(token);
+        for p in [&sys.agent, &sys.dmz, &sys.connector] {
+            let log = p.log();
+            assert!(
+                !log.contains(secret),
+                "{}'s trace log shows the {token_file} secret",
+                p.name
+            );
+        }
+    }
+}
