@@ -556,7 +556,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         way: egress::Way::new(egress),
         token,
         tls,
-        policy: Arc::new(Policy::new(rules, policy::local_addresses())),
+        policy: Arc::new(Policy::with_local_addresses(rules)),
         routes,
         hosts,
         sessions,

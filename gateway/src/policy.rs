@@ -23,6 +23,8 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -668,19 +670,78 @@ pub const CLOUD_METADATA: [IpAddr; 4] = [
     IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
 ];
 
+/// How long the connector's own addresses are trusted before they are read again: an address
+/// added later (a new interface, a VPN, a DHCP change) is refused within this.
+pub const OWN_ADDRESSES_TTL: Duration = Duration::from_secs(5);
+
 /// The connector's allow-list.
 #[derive(Debug, Clone)]
 pub struct Policy {
     rules: Vec<Rule>,
-    own_addrs: Vec<IpAddr>,
+    own_addrs: OwnAddrs,
+}
+
+/// This connector's own addresses: a fixed list, or read from the machine again when older
+/// than a time to live, on the first check that needs them.
+#[derive(Clone)]
+struct OwnAddrs {
+    read: Arc<dyn Fn() -> Vec<IpAddr> + Send + Sync>,
+    ttl: Duration,
+    cache: Arc<Mutex<Option<Snapshot>>>,
+}
+
+/// The own addresses as read at an instant.
+type Snapshot = (Instant, Arc<Vec<IpAddr>>);
+
+impl OwnAddrs {
+    fn get(&self) -> Arc<Vec<IpAddr>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, list)) = cache.as_ref() {
+            if at.elapsed() < self.ttl {
+                return list.clone();
+            }
+        }
+        let list: Arc<Vec<IpAddr>> =
+            Arc::new((self.read)().into_iter().map(canonical_ip).collect());
+        *cache = Some((Instant::now(), list.clone()));
+        list
+    }
+}
+
+impl fmt::Debug for OwnAddrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnAddrs").field("ttl", &self.ttl).finish()
+    }
 }
 
 impl Policy {
-    /// `own_addrs` are this connector's own addresses (see [`local_addresses`]); they are refused as
-    /// destinations unless a rule lists them as a network.
+    /// `own_addrs` are this connector's own addresses, fixed; they are refused as destinations
+    /// unless a rule lists them as a network. A connector uses [`Policy::with_local_addresses`].
     pub fn new(rules: Vec<Rule>, own_addrs: Vec<IpAddr>) -> Policy {
-        let own_addrs = own_addrs.into_iter().map(canonical_ip).collect();
-        Policy { rules, own_addrs }
+        Policy::with_own_addresses(rules, move || own_addrs.clone(), Duration::MAX)
+    }
+
+    /// A policy refusing this machine's interface addresses ([`local_addresses`]), read again
+    /// when older than [`OWN_ADDRESSES_TTL`].
+    pub fn with_local_addresses(rules: Vec<Rule>) -> Policy {
+        Policy::with_own_addresses(rules, local_addresses, OWN_ADDRESSES_TTL)
+    }
+
+    /// A policy whose own addresses come from `read`, called again when its answer is older
+    /// than `ttl`.
+    pub fn with_own_addresses(
+        rules: Vec<Rule>,
+        read: impl Fn() -> Vec<IpAddr> + Send + Sync + 'static,
+        ttl: Duration,
+    ) -> Policy {
+        Policy {
+            rules,
+            own_addrs: OwnAddrs {
+                read: Arc::new(read),
+                ttl,
+                cache: Arc::new(Mutex::new(None)),
+            },
+        }
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -776,7 +837,7 @@ impl Policy {
             IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => "a link-local address",
             IpAddr::V6(v6) if v6.is_unspecified() => "an unspecified address",
             IpAddr::V6(v6) if v6.is_multicast() => "a multicast address",
-            _ if self.own_addrs.contains(&ip) => "one of this connector's own addresses",
+            _ if self.own_addrs.get().contains(&ip) => "one of this connector's own addresses",
             _ => return None,
         };
         Some(kind)
@@ -1167,6 +1228,42 @@ mod tests {
         assert!(p
             .check_resolved(&ip("127.0.0.1"), 5432, &alice(), lo)
             .is_ok());
+    }
+
+    #[test]
+    fn an_address_the_connector_gains_after_start_is_refused() {
+        let live = Arc::new(Mutex::new(Vec::<IpAddr>::new()));
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (l, r) = (live.clone(), reads.clone());
+        let read = move || {
+            r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            l.lock().unwrap().clone()
+        };
+        let ttl = Duration::from_millis(200);
+        let p = Policy::with_own_addresses(rules(&["*.internal:*"]), read, ttl);
+        let h = name("app.internal");
+        let new_addr: IpAddr = "10.9.9.9".parse().unwrap();
+        assert!(p.check_resolved(&h, 80, &alice(), new_addr).is_ok());
+        // The connector gains 10.9.9.9 (a new interface, a VPN): refused once the list is old.
+        live.lock()
+            .unwrap()
+            .push("::ffff:10.9.9.9".parse().unwrap());
+        std::thread::sleep(ttl + Duration::from_millis(50));
+        let err = p
+            .check_resolved(&h, 80, &alice(), new_addr)
+            .unwrap_err()
+            .reason;
+        assert!(
+            err.contains("one of this connector's own addresses"),
+            "{err}"
+        );
+        // Checks within the time to live reuse the list (clones share it).
+        let before = reads.load(std::sync::atomic::Ordering::SeqCst);
+        let clone = p.clone();
+        for _ in 0..100 {
+            let _ = clone.check_resolved(&h, 80, &alice(), "10.1.1.1".parse().unwrap());
+        }
+        assert!(reads.load(std::sync::atomic::Ordering::SeqCst) <= before + 1);
     }
 
     #[test]
