@@ -213,6 +213,29 @@ pub struct AgentFile {
     pub instance_id: Option<String>,
     #[serde(default)]
     pub tunnel: TunnelFile,
+    #[serde(default)]
+    pub proxy_auth: ProxyAuthFile,
+}
+
+/// `[proxy_auth]`: admin policy on what the corporate proxy may be told.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyAuthFile {
+    /// `allow` or `refuse` [default]: answer NTLM, Digest and NTLM-capable Negotiate from
+    /// proxies found by WPAD, which anyone on the LAN can answer.
+    pub wpad_credentials: Option<String>,
+}
+
+impl ProxyAuthFile {
+    fn wpad_credentials(&self) -> Result<bool, ConfigError> {
+        match self.wpad_credentials.as_deref() {
+            None | Some("refuse") => Ok(false),
+            Some("allow") => Ok(true),
+            Some(other) => Err(invalid(format!(
+                "proxy_auth.wpad_credentials `{other}`: use allow or refuse"
+            ))),
+        }
+    }
 }
 
 #[derive(Deserialize, Debug)]
@@ -499,6 +522,7 @@ pub fn agent_config_with(
         pac: args.pac.as_deref().or(file.pac.as_deref()),
         proxy_user: args.proxy_user.as_deref().or(file.proxy_user.as_deref()),
         credentials_file: credentials_file.as_deref(),
+        wpad_credentials: file.proxy_auth.wpad_credentials()?,
     })
     .map_err(invalid)?;
     let way = egress::Way::new(egress);
@@ -623,6 +647,26 @@ fn read_password(path: &Path) -> Result<String, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wpad_credentials_are_refused_unless_the_policy_allows_them() {
+        let read = |text: &str| {
+            toml::from_str::<AgentFile>(text)
+                .unwrap()
+                .proxy_auth
+                .wpad_credentials()
+        };
+        assert!(!read("").unwrap());
+        assert!(!read("[proxy_auth]\nwpad_credentials = \"refuse\"").unwrap());
+        assert!(read("[proxy_auth]\nwpad_credentials = \"allow\"").unwrap());
+        let e = read("[proxy_auth]\nwpad_credentials = \"yes\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("proxy_auth.wpad_credentials `yes`: use allow or refuse"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn forwards_parse_with_and_without_an_address() {

@@ -149,7 +149,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         gateway: gateway_url.clone(),
         token: auth::TokenSecret::new(&conn_token),
         tls: Some(gateway::connector::tls_config(Some(&ca_path))?),
-        policy: Arc::new(Policy::new(rules, gateway::policy::local_addresses())),
+        policy: Arc::new(Policy::with_local_addresses(rules)),
         // Advertise the whole site; the allow-list decides (so :1 is refused with a reason).
         routes: vec!["*.internal:*".parse::<Route>()?],
         way: egress::Way::new(egress::Egress::direct()),

@@ -119,6 +119,7 @@ impl Agent {
                 l,
                 dialer,
                 self.config.local_auth.clone(),
+                self.config.allow_remote_clients,
                 Some(pages.clone()),
                 shutdown.clone(),
                 tracker.clone(),

@@ -1,7 +1,8 @@
 //! The agent's local listeners: SOCKS5, HTTP proxy and static forwards.
 //!
 //! Each accept loop takes a permit before `accept` (bounded concurrency), checks that the
-//! connecting process belongs to the user running the agent, and hands the connection to its
+//! connecting process belongs to the user running the agent (and that the source is loopback
+//! unless remote clients are allowed), and hands the connection to its
 //! own task; nothing slow happens in the loop itself.
 
 use crate::dialer::TunnelDialer;
@@ -104,14 +105,11 @@ pub async fn serve(
     l: Listener,
     dialer: Arc<TunnelDialer>,
     auth: Option<Arc<LocalAuth>>,
+    allow_remote: bool,
     pages: Option<Arc<dyn socks::LocalPages>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let local = match l.listener.local_addr() {
-        Ok(a) => a,
-        Err(_) => return,
-    };
     let permits = Arc::new(Semaphore::new(MAX_LOCAL_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -136,13 +134,18 @@ pub async fn serve(
         let pages = pages.clone();
         tracker.spawn(
             async move {
-                // Only the user running the agent may use it (loopback peers; remote peers must
-                // pass local authentication instead). Checked here, not in the accept loop.
-                if peer_addr.ip().is_loopback() {
-                    if let Err(why) = peer::check_same_user(peer_addr, local) {
-                        warn!(peer = %peer_addr, front = front.name(), reason = %why, "refused a local connection from another user");
-                        return;
-                    }
+                // Only the user running the agent may use it, whatever the source address (a
+                // local process can bind a LAN address); other hosts only with
+                // --allow-remote-clients, and then they pass local authentication. Checked here,
+                // not in the accept loop. The client's socket is found by both ends: ours is the
+                // address this connection reached, not the listener's (which may be 0.0.0.0).
+                let check = match tcp.local_addr() {
+                    Ok(local) => peer::check_peer(peer_addr, local, allow_remote),
+                    Err(e) => Err(format!("cannot read the connection's own address: {e}")),
+                };
+                if let Err(why) = check {
+                    warn!(peer = %peer_addr, front = front.name(), reason = %why, "refused a client connection");
+                    return;
                 }
                 handle(tcp, front, dialer, auth, pages).await;
                 drop(permit);

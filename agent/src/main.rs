@@ -129,7 +129,7 @@ fn main() -> ExitCode {
             | Command::Status
     );
     let quiet_default = quiet && cli.log == "info";
-    init_tracing(if quiet_default { "warn" } else { &cli.log });
+    egress::logging::init(if quiet_default { "warn" } else { &cli.log });
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -138,17 +138,6 @@ fn main() -> ExitCode {
             ExitCode::from(if bad_config { 64 } else { 1 })
         }
     }
-}
-
-fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 fn shutdown_on_signal(token: CancellationToken) {

@@ -138,28 +138,53 @@ pub fn my_uid() -> Option<u32> {
     std::fs::metadata("/proc/self").ok().map(|m| m.uid())
 }
 
-/// Whether the process at `peer` (connected to our `local` listening address) belongs to us.
-/// `Err` carries the reason to log when it does not.
+/// Whether the connection from `peer` to our `local` listening address may be served, whatever
+/// the peer's source address: a local process binding a LAN address (`curl --interface`) is still
+/// a local process. `Err` carries the reason to log when it may not.
+///
+/// * When the connecting socket is on this machine, its owner must be the user running the agent.
+/// * A non-loopback source is refused outright unless `allow_remote` (`--allow-remote-clients`,
+///   which requires local authentication).
+/// * A socket not found on this machine is another host's, admitted only when `allow_remote`
+///   (local authentication then applies); from a loopback source it is refused.
+pub fn admit(
+    peer: SocketAddr,
+    allow_remote: bool,
+    me: Option<u32>,
+    owner: Option<u32>,
+) -> Result<(), String> {
+    let loopback = peer.ip().is_loopback()
+        || matches!(peer.ip(), IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
+    let me = me.ok_or("cannot determine our own uid")?;
+    match owner {
+        Some(uid) if uid != me => Err(format!(
+            "connection from uid {uid} (source {}), but this agent serves only uid {me}",
+            peer.ip()
+        )),
+        _ if !loopback && !allow_remote => Err(format!(
+            "connection from {}, not a loopback address; the agent serves other hosts only with --allow-remote-clients",
+            peer.ip()
+        )),
+        None if loopback => Err("cannot find the connecting socket's owner".into()),
+        _ => Ok(()),
+    }
+}
+
+/// [`admit`] with the owner of the connecting socket asked of the kernel.
 #[cfg(target_os = "linux")]
-pub fn check_same_user(peer: SocketAddr, local: SocketAddr) -> Result<(), String> {
-    let me = my_uid().ok_or("cannot determine our own uid")?;
+pub fn check_peer(peer: SocketAddr, local: SocketAddr, allow_remote: bool) -> Result<(), String> {
     let owner = match diag_owner(peer, local) {
         Ok(o) => o,
         // No netlink (a locked-down container): the slower /proc scan gives the same answer.
         Err(_) => lookup(peer, Some(local), "01"),
     };
-    match owner {
-        Some(uid) if uid == me => Ok(()),
-        Some(uid) => Err(format!(
-            "connection from uid {uid}, but this agent serves only uid {me}"
-        )),
-        None => Err("cannot find the connecting socket's owner".into()),
-    }
+    admit(peer, allow_remote, my_uid(), owner)
 }
 
 #[cfg(not(target_os = "linux"))]
-pub fn check_same_user(_peer: SocketAddr, _local: SocketAddr) -> Result<(), String> {
-    Ok(())
+pub fn check_peer(peer: SocketAddr, _local: SocketAddr, allow_remote: bool) -> Result<(), String> {
+    // No owner lookup here: the address rule still applies.
+    admit(peer, allow_remote, Some(0), Some(0))
 }
 
 /// The uid listening on `addr`, if any (to explain an "address in use").
@@ -257,7 +282,40 @@ mod tests {
         let _s = l.accept().unwrap();
         let owner = diag_owner(c.local_addr().unwrap(), l.local_addr().unwrap()).unwrap();
         assert_eq!(owner, my_uid());
-        assert!(check_same_user(c.local_addr().unwrap(), l.local_addr().unwrap()).is_ok());
+        assert!(check_peer(c.local_addr().unwrap(), l.local_addr().unwrap(), false).is_ok());
+    }
+
+    #[test]
+    fn another_local_user_via_a_lan_source_address_is_refused() {
+        let lan: SocketAddr = "10.1.2.3:50000".parse().unwrap();
+        // Without --allow-remote-clients: refused whoever it is.
+        assert!(admit(lan, false, Some(1000), Some(1001))
+            .unwrap_err()
+            .contains("uid 1001"));
+        assert!(admit(lan, false, Some(1000), Some(1000))
+            .unwrap_err()
+            .contains("not a loopback address"));
+        assert!(admit(lan, false, Some(1000), None).is_err());
+        // With it: a local socket of another user is still refused; ours and other hosts' pass
+        // (local authentication follows).
+        assert!(admit(lan, true, Some(1000), Some(1001))
+            .unwrap_err()
+            .contains("uid 1001"));
+        assert!(admit(lan, true, Some(1000), Some(1000)).is_ok());
+        assert!(admit(lan, true, Some(1000), None).is_ok());
+    }
+
+    #[test]
+    fn loopback_peers_must_be_found_and_ours() {
+        for peer in ["127.0.0.1:50000", "[::1]:50000", "[::ffff:127.0.0.1]:50000"] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            for allow_remote in [false, true] {
+                assert!(admit(peer, allow_remote, Some(1000), Some(1000)).is_ok());
+                assert!(admit(peer, allow_remote, Some(1000), Some(1001)).is_err());
+                assert!(admit(peer, allow_remote, Some(1000), None).is_err());
+                assert!(admit(peer, allow_remote, None, Some(1000)).is_err());
+            }
+        }
     }
 
     #[test]

@@ -394,6 +394,8 @@ where
             let Some(scheme) = auth::choose(&head.challenges, c.auth, &skip) else {
                 let mut why = if let Some(w) = &c.auth.withheld {
                     format!("our credentials are held back: {w}")
+                } else if let Some(refusal) = auth::wpad_refusal(&head.challenges, c.auth) {
+                    refusal
                 } else if creds.is_none() {
                     "no credentials configured (set a proxy user and SALLYPORT_PROXY_PASSWORD, or a credentials file)".to_string()
                 } else if c.auth.no_cleartext
@@ -447,6 +449,10 @@ where
                     // Without a password NTLM is only possible as Windows single sign-on.
                     let package = if scheme == Scheme::Ntlm {
                         auth::negotiate::Package::Ntlm
+                    } else if c.auth.wpad_guard {
+                        // SPNEGO may fall back to NTLM (Windows): Kerberos alone for WPAD's
+                        // proxies.
+                        auth::negotiate::Package::Kerberos
                     } else {
                         auth::negotiate::Package::Negotiate
                     };

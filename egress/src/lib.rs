@@ -16,6 +16,7 @@ pub mod auth;
 pub mod cert;
 pub mod http;
 pub mod keychain;
+pub mod logging;
 pub mod pac;
 pub mod proxy;
 pub mod system;
@@ -24,7 +25,7 @@ pub mod network;
 pub mod probe;
 
 pub use auth::{AuthOptions, Credentials, Scheme};
-pub use probe::{Attempt, Candidate, Way};
+pub use probe::{Attempt, Candidate, Origin, Way};
 pub use proxy::{Password, Proxy, ProxyError};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::RootCertStore;
@@ -87,6 +88,10 @@ pub struct Egress {
     pub system: bool,
     /// In `auto`: look for `http://wpad.<dns suffix>/wpad.dat`.
     pub wpad: bool,
+    /// Admin policy (`[proxy_auth] wpad_credentials = "allow"`): answer NTLM, Digest and
+    /// NTLM-capable Negotiate from proxies found by WPAD. Off by default: anyone on the LAN can
+    /// answer WPAD.
+    pub wpad_credentials: bool,
 }
 
 impl Default for Egress {
@@ -100,6 +105,7 @@ impl Default for Egress {
             },
             system: true,
             wpad: true,
+            wpad_credentials: false,
         }
     }
 }
@@ -116,6 +122,8 @@ pub struct EgressSettings<'a> {
     /// `--proxy-credentials FILE`: `user:password` or a password alone, readable only by the
     /// user.
     pub credentials_file: Option<&'a Path>,
+    /// `[proxy_auth] wpad_credentials = "allow"` (see [`Egress::wpad_credentials`]).
+    pub wpad_credentials: bool,
 }
 
 impl Egress {
@@ -216,6 +224,7 @@ impl Egress {
                 negotiate: true,
                 ..Default::default()
             },
+            wpad_credentials: s.wpad_credentials,
             ..Egress::default()
         })
     }

@@ -44,10 +44,28 @@ pub struct Candidate {
     pub proxy: Proxy,
     /// e.g. `--proxy`, `environment HTTPS_PROXY`, `PAC http://wpad.corp/wpad.dat`, `direct`.
     pub source: String,
-    /// Named by the user or IT (`--proxy`, `--pac`, the environment, OS manual settings), not
-    /// found on the network (WPAD, an OS-provided PAC URL): only these get a password in clear
-    /// (Basic, SOCKS5), because anyone on the LAN can answer WPAD.
-    pub trusted: bool,
+    pub origin: Origin,
+}
+
+/// Where a candidate came from, which decides what its proxy may be told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Named by the user or IT: `--proxy`, `--pac`, the environment, OS manual settings (and
+    /// direct). Only these get a password in clear (Basic, SOCKS5).
+    Named,
+    /// From a PAC URL in the OS settings: no password in clear, challenge-response as usual.
+    OsPac,
+    /// Found by WPAD (DNS, or the OS's auto-detect), which anyone on the LAN can answer: no
+    /// password in clear, and no NTLM, Digest or NTLM-capable Negotiate unless the admin policy
+    /// allows it ([`Egress::wpad_credentials`]).
+    Wpad,
+}
+
+impl Candidate {
+    /// Named by the user or IT, not found on the network.
+    pub fn trusted(&self) -> bool {
+        self.origin == Origin::Named
+    }
 }
 
 impl fmt::Display for Candidate {
@@ -171,12 +189,20 @@ impl Way {
             d.candidates.push(Candidate {
                 proxy: p.clone(),
                 source: "--proxy".into(),
-                trusted: true,
+                origin: Origin::Named,
             });
             return d;
         }
         if let Some(pac) = &self.egress.pac {
-            match pac_candidates(pac, url, &format!("--pac {pac}"), true, PAC_TIMEOUT).await {
+            match pac_candidates(
+                pac,
+                url,
+                &format!("--pac {pac}"),
+                Origin::Named,
+                PAC_TIMEOUT,
+            )
+            .await
+            {
                 Ok(list) => {
                     d.notes.push(format!("PAC {pac}: {}", names(&list)));
                     d.candidates = list;
@@ -195,7 +221,7 @@ impl Way {
             Some(Ok(p)) => d.candidates.push(Candidate {
                 proxy: p,
                 source: format!("environment {}", var.unwrap_or("HTTPS_PROXY")),
-                trusted: true,
+                origin: Origin::Named,
             }),
             Some(Err(e)) => d.notes.push(format!("environment: {e}")),
             None if var.is_some() => d
@@ -227,13 +253,13 @@ impl Way {
                             d.candidates.push(Candidate {
                                 proxy: p,
                                 source: sp.source.clone(),
-                                trusted: true,
+                                origin: Origin::Named,
                             });
                         }
                     }
                     system::SystemMode::Pac(loc) => {
                         let source = format!("{} PAC {loc}", sp.source);
-                        match pac_candidates(&loc, url, &source, false, PAC_TIMEOUT).await {
+                        match pac_candidates(&loc, url, &source, Origin::OsPac, PAC_TIMEOUT).await {
                             Ok(list) => d.candidates.extend(list),
                             Err(e) => d.notes.push(format!("{}: {e}", sp.source)),
                         }
@@ -251,7 +277,7 @@ impl Way {
         d.candidates.push(Candidate {
             proxy: Proxy::Direct,
             source: "direct".into(),
-            trusted: true,
+            origin: Origin::Named,
         });
         // The first mention of a proxy wins.
         let mut seen = Vec::new();
@@ -280,7 +306,8 @@ impl Way {
                     continue;
                 }
                 let source = format!("WPAD {loc}");
-                match pac_candidates(&loc, url, &source, false, left.min(PAC_TIMEOUT)).await {
+                match pac_candidates(&loc, url, &source, Origin::Wpad, left.min(PAC_TIMEOUT)).await
+                {
                     Ok(list) => {
                         d.notes.push(format!("WPAD {loc}: {}", names(&list)));
                         d.candidates.extend(list);
@@ -476,7 +503,8 @@ impl Way {
             return Err(format!("not tried again: {why}"));
         }
         let mut auth = self.egress.auth.clone();
-        auth.no_cleartext = !c.trusted;
+        auth.no_cleartext = !c.trusted();
+        auth.wpad_guard = c.origin == Origin::Wpad && !self.egress.wpad_credentials;
         if let Ok(mut m) = self.memory.lock() {
             if let Some((until, why)) = m.held.clone() {
                 if until.is_some_and(|t| Instant::now() >= t) {
@@ -545,7 +573,7 @@ async fn pac_candidates(
     location: &str,
     url: &GatewayUrl,
     source: &str,
-    trusted: bool,
+    origin: Origin,
     timeout: Duration,
 ) -> Result<Vec<Candidate>, String> {
     let script = pac::fetch(location, timeout)
@@ -568,7 +596,7 @@ async fn pac_candidates(
         .enumerate()
         .map(|(i, proxy)| Candidate {
             proxy,
-            trusted,
+            origin,
             source: if n > 1 {
                 format!("{source}, entry {} of {n}", i + 1)
             } else {
@@ -588,6 +616,12 @@ mod tests {
 
     /// A proxy that answers every request with 407 Basic; counts requests carrying a password.
     async fn refusing_proxy() -> (u16, Arc<AtomicUsize>) {
+        refusing_proxy_asking("Basic realm=\"corp\"").await
+    }
+
+    /// A proxy that answers every request with 407 and `Proxy-Authenticate: <challenge>`
+    /// (several, comma-separated); counts requests carrying `Proxy-Authorization`.
+    async fn refusing_proxy_asking(challenge: &'static str) -> (u16, Arc<AtomicUsize>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let with_password = Arc::new(AtomicUsize::new(0));
@@ -609,7 +643,8 @@ mod tests {
                             if String::from_utf8_lossy(&req).contains("Proxy-Authorization") {
                                 count.fetch_add(1, Ordering::SeqCst);
                             }
-                            let _ = s.write_all(b"HTTP/1.1 407 Auth\r\nProxy-Authenticate: Basic realm=\"corp\"\r\nContent-Length: 0\r\n\r\n").await;
+                            let answer = format!("HTTP/1.1 407 Auth\r\nProxy-Authenticate: {challenge}\r\nContent-Length: 0\r\n\r\n");
+                            let _ = s.write_all(answer.as_bytes()).await;
                         }
                     }
                 });
@@ -619,7 +654,11 @@ mod tests {
     }
 
     fn way(proxy: Option<Proxy>) -> Arc<Way> {
-        Way::new(Egress {
+        Way::new(egress(proxy))
+    }
+
+    fn egress(proxy: Option<Proxy>) -> Egress {
+        Egress {
             proxy,
             auth: AuthOptions {
                 credentials: Some(Credentials::new("alice", Password::new("pw"))),
@@ -628,7 +667,7 @@ mod tests {
             system: false,
             wpad: false,
             ..Egress::default()
-        })
+        }
     }
 
     #[derive(Debug)]
@@ -656,7 +695,7 @@ mod tests {
         let cand = |port| Candidate {
             proxy: format!("http://127.0.0.1:{port}").parse().unwrap(),
             source: "test".into(),
-            trusted: true,
+            origin: Origin::Named,
         };
         let verify = |_io: GatewayStream| async { Err::<(), Never>(Never) };
         let t = Duration::from_secs(5);
@@ -699,14 +738,25 @@ mod tests {
             .all(|r| r.as_ref().err().unwrap().only_rejected_credentials()));
     }
 
-    #[tokio::test]
-    async fn a_spoofable_proxy_never_gets_basic() {
-        let (port, n) = refusing_proxy().await;
-        let w = way(None);
+    /// What a proxy asking for NTLM and Digest got from a candidate of `origin`: (how many
+    /// requests carried `Proxy-Authorization`, why the attempt failed).
+    async fn ntlm_and_digest_asked_by(origin: Origin, policy_allows: bool) -> (usize, String) {
+        let (port, n) =
+            refusing_proxy_asking("NTLM, Digest realm=\"corp\", nonce=\"abc\", qop=\"auth\"").await;
+        let w = Way::new(Egress {
+            wpad_credentials: policy_allows,
+            ..egress(None)
+        });
+        let why = failed_attempt(&w, port, origin).await;
+        (n.load(Ordering::SeqCst), why)
+    }
+
+    /// Why an attempt through the (refusing) proxy on `port`, found by WPAD, failed.
+    async fn failed_attempt(w: &Way, port: u16, origin: Origin) -> String {
         let c = Candidate {
             proxy: format!("http://127.0.0.1:{port}").parse().unwrap(),
             source: "WPAD http://wpad.corp/wpad.dat".into(),
-            trusted: false,
+            origin,
         };
         let verify = |_io: GatewayStream| async { Err::<(), Never>(Never) };
         let Outcome::Failed(why) = w
@@ -715,6 +765,29 @@ mod tests {
         else {
             panic!("expected a failure")
         };
+        why
+    }
+
+    #[tokio::test]
+    async fn a_wpad_proxy_asking_for_ntlm_or_digest_gets_no_answer() {
+        let (sent, why) = ntlm_and_digest_asked_by(Origin::Wpad, false).await;
+        assert_eq!(sent, 0, "a WPAD proxy got an NTLM/Digest answer: {why}");
+        assert!(
+            why.contains("NTLM and Digest not answered: this proxy was found by WPAD, which anyone on the LAN can answer; set [proxy_auth] wpad_credentials = \"allow\""),
+            "{why}"
+        );
+        // The admin policy allows it; proxies from the OS's PAC URL are answered as before.
+        for (origin, allow) in [(Origin::Wpad, true), (Origin::OsPac, false)] {
+            let (sent, why) = ntlm_and_digest_asked_by(origin, allow).await;
+            assert!(sent > 0, "{origin:?}, allowed {allow}: {why}");
+            assert!(!why.contains("found by WPAD"), "{why}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_spoofable_proxy_never_gets_basic() {
+        let (port, n) = refusing_proxy().await;
+        let why = failed_attempt(&way(None), port, Origin::Wpad).await;
         assert!(why.contains("in clear to a proxy found by WPAD"), "{why}");
         assert_eq!(n.load(Ordering::SeqCst), 0);
     }

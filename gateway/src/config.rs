@@ -588,6 +588,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         pac: args.pac.as_deref().or(file.pac.as_deref()),
         proxy_user: args.proxy_user.as_deref().or(file.proxy_user.as_deref()),
         credentials_file: credentials_file.as_deref(),
+        ..Default::default()
     })
     .map_err(invalid)?;
     Ok(ConnectorConfig {
@@ -595,7 +596,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         way: egress::Way::new(egress),
         token,
         tls,
-        policy: Arc::new(Policy::new(rules, policy::local_addresses())),
+        policy: Arc::new(Policy::with_local_addresses(rules)),
         routes,
         hosts,
         sessions,

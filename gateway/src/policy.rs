@@ -15,13 +15,16 @@
 //! * [`Rule`] is a route plus optional `users=`/`groups=` constraints.
 //! * [`Policy`] is the allow-list. [`Policy::check`] is asked before resolving a name and
 //!   [`Policy::check_resolved`] for every address the name resolved to: loopback, link-local,
-//!   unspecified, multicast, broadcast and the connector's own addresses are refused unless a rule
+//!   cloud metadata ([`CLOUD_METADATA`]), unspecified, multicast, broadcast and the connector's
+//!   own addresses are refused unless a rule
 //!   lists them explicitly as a network (`127.0.0.1/32:8080`), so that `*.internal:*` does not
 //!   accidentally open the connector's own admin ports to anyone who controls an internal DNS record.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -655,19 +658,90 @@ pub struct Denied {
     pub reason: String,
 }
 
+/// Cloud instance-metadata and platform endpoints, which hand out the machine's cloud
+/// credentials to whoever asks: 169.254.169.254 (AWS, GCP, Azure, OpenStack, Oracle),
+/// fd00:ec2::254 (AWS over IPv6), 168.63.129.16 (Azure's wireserver) and 100.100.100.200
+/// (Alibaba Cloud). Refused unless a rule names the address itself (`168.63.129.16/32:80`): a
+/// wider network that happens to contain one (`[fd00::/8]:*`) does not open it.
+pub const CLOUD_METADATA: [IpAddr; 4] = [
+    IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),
+    IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+];
+
+/// How long the connector's own addresses are trusted before they are read again: an address
+/// added later (a new interface, a VPN, a DHCP change) is refused within this.
+pub const OWN_ADDRESSES_TTL: Duration = Duration::from_secs(5);
+
 /// The connector's allow-list.
 #[derive(Debug, Clone)]
 pub struct Policy {
     rules: Vec<Rule>,
-    own_addrs: Vec<IpAddr>,
+    own_addrs: OwnAddrs,
+}
+
+/// This connector's own addresses: a fixed list, or read from the machine again when older
+/// than a time to live, on the first check that needs them.
+#[derive(Clone)]
+struct OwnAddrs {
+    read: Arc<dyn Fn() -> Vec<IpAddr> + Send + Sync>,
+    ttl: Duration,
+    cache: Arc<Mutex<Option<Snapshot>>>,
+}
+
+/// The own addresses as read at an instant.
+type Snapshot = (Instant, Arc<Vec<IpAddr>>);
+
+impl OwnAddrs {
+    fn get(&self) -> Arc<Vec<IpAddr>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, list)) = cache.as_ref() {
+            if at.elapsed() < self.ttl {
+                return list.clone();
+            }
+        }
+        let list: Arc<Vec<IpAddr>> =
+            Arc::new((self.read)().into_iter().map(canonical_ip).collect());
+        *cache = Some((Instant::now(), list.clone()));
+        list
+    }
+}
+
+impl fmt::Debug for OwnAddrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnAddrs").field("ttl", &self.ttl).finish()
+    }
 }
 
 impl Policy {
-    /// `own_addrs` are this connector's own addresses (see [`local_addresses`]); they are refused as
-    /// destinations unless a rule lists them as a network.
+    /// `own_addrs` are this connector's own addresses, fixed; they are refused as destinations
+    /// unless a rule lists them as a network. A connector uses [`Policy::with_local_addresses`].
     pub fn new(rules: Vec<Rule>, own_addrs: Vec<IpAddr>) -> Policy {
-        let own_addrs = own_addrs.into_iter().map(canonical_ip).collect();
-        Policy { rules, own_addrs }
+        Policy::with_own_addresses(rules, move || own_addrs.clone(), Duration::MAX)
+    }
+
+    /// A policy refusing this machine's interface addresses ([`local_addresses`]), read again
+    /// when older than [`OWN_ADDRESSES_TTL`].
+    pub fn with_local_addresses(rules: Vec<Rule>) -> Policy {
+        Policy::with_own_addresses(rules, local_addresses, OWN_ADDRESSES_TTL)
+    }
+
+    /// A policy whose own addresses come from `read`, called again when its answer is older
+    /// than `ttl`.
+    pub fn with_own_addresses(
+        rules: Vec<Rule>,
+        read: impl Fn() -> Vec<IpAddr> + Send + Sync + 'static,
+        ttl: Duration,
+    ) -> Policy {
+        Policy {
+            rules,
+            own_addrs: OwnAddrs {
+                read: Arc::new(read),
+                ttl,
+                cache: Arc::new(Mutex::new(None)),
+            },
+        }
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -719,7 +793,8 @@ impl Policy {
         self.check_special(&dest, Some(host), canonical_ip(addr), port, who)
     }
 
-    /// Refuses loopback, link-local, unspecified, multicast, broadcast and own addresses unless a rule
+    /// Refuses loopback, link-local, cloud metadata, unspecified, multicast, broadcast and own
+    /// addresses unless a rule
     /// applying to `who` and `port` lists a network containing `ip`.
     fn check_special(
         &self,
@@ -732,8 +807,10 @@ impl Policy {
         let Some(kind) = self.special_kind(ip) else {
             return Ok(());
         };
+        let only_itself = CLOUD_METADATA.contains(&ip);
         let explicitly_listed = self.rules.iter().any(|r| {
-            matches!(&r.route.host, HostPattern::Net(net) if net.contains(&ip))
+            matches!(&r.route.host, HostPattern::Net(net)
+                if net.contains(&ip) && (!only_itself || net.prefix_len() == net.max_prefix_len()))
                 && r.route.ports.contains(port)
                 && r.applies_to(who)
         });
@@ -749,6 +826,7 @@ impl Policy {
 
     fn special_kind(&self, ip: IpAddr) -> Option<&'static str> {
         let kind = match ip {
+            _ if CLOUD_METADATA.contains(&ip) => "a cloud metadata address",
             IpAddr::V4(v4) if v4.is_loopback() => "a loopback address",
             IpAddr::V4(v4) if v4.is_link_local() => "a link-local address",
             // Linux dials 0.0.0.0 (and 0/8) as "this host".
@@ -759,7 +837,7 @@ impl Policy {
             IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => "a link-local address",
             IpAddr::V6(v6) if v6.is_unspecified() => "an unspecified address",
             IpAddr::V6(v6) if v6.is_multicast() => "a multicast address",
-            _ if self.own_addrs.contains(&ip) => "one of this connector's own addresses",
+            _ if self.own_addrs.get().contains(&ip) => "one of this connector's own addresses",
             _ => return None,
         };
         Some(kind)
@@ -1053,7 +1131,7 @@ mod tests {
             ("127.0.0.1", "loopback"),
             ("::1", "loopback"),
             ("::ffff:127.0.0.1", "loopback"),
-            ("169.254.169.254", "link-local"),
+            ("169.254.169.1", "link-local"),
             ("fe80::1", "link-local"),
             ("0.0.0.0", "unspecified"),
             ("::", "unspecified"),
@@ -1085,6 +1163,43 @@ mod tests {
     }
 
     #[test]
+    fn cloud_metadata_addresses_are_refused_unless_a_rule_lists_them() {
+        let p = Policy::new(
+            rules(&["*.internal:*", "*:*", "10.0.0.0/8:*", "[fd00::/16]:*"]),
+            vec![],
+        );
+        let h = name("app.internal");
+        for addr in [
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+            "fd00:ec2::254",
+            "168.63.129.16",
+            "::ffff:168.63.129.16",
+            "100.100.100.200",
+            "::ffff:100.100.100.200",
+        ] {
+            let a: IpAddr = addr.parse().unwrap();
+            let err = p.check_resolved(&h, 80, &alice(), a).unwrap_err().reason;
+            assert!(
+                err.ends_with(", a cloud metadata address, which no rule lists"),
+                "{addr}: {err}"
+            );
+            // As an IP literal too, even though `*:*` (and the wider fd00::/16) match it.
+            let err = p.check(&ip(addr), 80, &alice()).unwrap_err().reason;
+            assert!(err.contains("cloud metadata"), "{addr}: {err}");
+        }
+        // A neighbour of one is an ordinary address.
+        assert!(p
+            .check_resolved(&h, 80, &alice(), "168.63.129.17".parse().unwrap())
+            .is_ok());
+        // A rule naming it as a network lets it through, for that port.
+        let p = Policy::new(rules(&["*.internal:*", "168.63.129.16/32:80"]), vec![]);
+        let wire: IpAddr = "168.63.129.16".parse().unwrap();
+        assert!(p.check_resolved(&h, 80, &alice(), wire).is_ok());
+        assert!(p.check_resolved(&h, 443, &alice(), wire).is_err());
+    }
+
+    #[test]
     fn explicit_network_rules_allow_local_services_for_that_port_and_identity() {
         let p = Policy::new(
             rules(&["*.internal:*", "127.0.0.1/32:8080 users=alice"]),
@@ -1113,6 +1228,42 @@ mod tests {
         assert!(p
             .check_resolved(&ip("127.0.0.1"), 5432, &alice(), lo)
             .is_ok());
+    }
+
+    #[test]
+    fn an_address_the_connector_gains_after_start_is_refused() {
+        let live = Arc::new(Mutex::new(Vec::<IpAddr>::new()));
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (l, r) = (live.clone(), reads.clone());
+        let read = move || {
+            r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            l.lock().unwrap().clone()
+        };
+        let ttl = Duration::from_millis(200);
+        let p = Policy::with_own_addresses(rules(&["*.internal:*"]), read, ttl);
+        let h = name("app.internal");
+        let new_addr: IpAddr = "10.9.9.9".parse().unwrap();
+        assert!(p.check_resolved(&h, 80, &alice(), new_addr).is_ok());
+        // The connector gains 10.9.9.9 (a new interface, a VPN): refused once the list is old.
+        live.lock()
+            .unwrap()
+            .push("::ffff:10.9.9.9".parse().unwrap());
+        std::thread::sleep(ttl + Duration::from_millis(50));
+        let err = p
+            .check_resolved(&h, 80, &alice(), new_addr)
+            .unwrap_err()
+            .reason;
+        assert!(
+            err.contains("one of this connector's own addresses"),
+            "{err}"
+        );
+        // Checks within the time to live reuse the list (clones share it).
+        let before = reads.load(std::sync::atomic::Ordering::SeqCst);
+        let clone = p.clone();
+        for _ in 0..100 {
+            let _ = clone.check_resolved(&h, 80, &alice(), "10.1.1.1".parse().unwrap());
+        }
+        assert!(reads.load(std::sync::atomic::Ordering::SeqCst) <= before + 1);
     }
 
     #[test]

@@ -423,6 +423,32 @@ pub struct System {
     pub http: SocketAddr,
     pub forwards: Vec<SocketAddr>,
     pub connector_args: Vec<String>,
+    /// Where its programs run.
+    pub at: Where,
+}
+
+/// Where a [`System`]'s programs run: a network namespace (`ip netns exec`; default: here) and
+/// environment given to all of them.
+#[derive(Clone, Default)]
+pub struct Where {
+    pub netns: Option<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Where {
+    /// A command for one of the built binaries (`bin(name)`), run there.
+    pub fn cmd(&self, name: &str) -> Command {
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin(name));
+                c
+            }
+            None => Command::new(bin(name)),
+        };
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
 }
 
 impl System {
@@ -445,6 +471,28 @@ impl System {
         agent_args: &[String],
         agent_env: &[(&str, &str)],
     ) -> Result<System> {
+        System::start_opts(
+            tag,
+            allow,
+            hosts,
+            forwards,
+            agent_args,
+            agent_env,
+            &Where::default(),
+        )
+    }
+
+    /// Like [`System::start_with`], run where `at` says (a network namespace, an environment
+    /// for all three programs).
+    pub fn start_opts(
+        tag: &str,
+        allow: &[String],
+        hosts: &[&str],
+        forwards: &[String],
+        agent_args: &[String],
+        agent_env: &[(&str, &str)],
+        at: &Where,
+    ) -> Result<System> {
         let pki = Pki::new(tag)?;
         pki.token(
             "agent",
@@ -454,7 +502,7 @@ impl System {
         pki.token("connector", "site-a", &["--route", "*.internal:*"])?;
         let dmz = Proc::spawn(
             "dmz",
-            Command::new(bin("sallyport-gateway"))
+            at.cmd("sallyport-gateway")
                 .args([
                     "dmz",
                     "--listen",
@@ -496,10 +544,10 @@ impl System {
         }
         let connector = Proc::spawn(
             "connector",
-            Command::new(bin("sallyport-gateway")).args(&connector_args),
+            at.cmd("sallyport-gateway").args(&connector_args),
         )?;
         dmz.wait_for(&["connector routes"], Duration::from_secs(15))?;
-        let mut cmd = Command::new(bin("sallyport"));
+        let mut cmd = at.cmd("sallyport");
         cmd.args([
             "run",
             "--gateway",
@@ -565,6 +613,7 @@ impl System {
             http,
             forwards: fw,
             connector_args,
+            at: at.clone(),
         })
     }
 
@@ -573,7 +622,7 @@ impl System {
         self.connector.kill();
         self.connector = Proc::spawn(
             "connector",
-            Command::new(bin("sallyport-gateway")).args(&self.connector_args),
+            self.at.cmd("sallyport-gateway").args(&self.connector_args),
         )?;
         Ok(())
     }
@@ -903,8 +952,10 @@ impl System {
         run(&mut self.agent_command("doctor", args, env))
     }
 
-    fn agent_command(&self, sub: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
-        let mut cmd = Command::new(bin("sallyport"));
+    /// `sallyport SUB` against this system's gateway, with its token and CA, run where the
+    /// system runs.
+    pub fn agent_command(&self, sub: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut cmd = self.at.cmd("sallyport");
         cmd.args([sub, "--gateway", &self.gw_url, "--token-file"])
             .arg(self.pki.p("alice-laptop.token"))
             .arg("--ca")

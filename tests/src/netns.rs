@@ -241,3 +241,61 @@ fn firewall(site: Site) -> String {
 "
     )
 }
+
+/// One bare network namespace (loopback up), removed on drop: for tests that need an address
+/// that is not loopback without touching the host's own network.
+pub struct Namespace {
+    pub name: String,
+}
+
+impl Namespace {
+    pub fn new(tag: &str) -> Result<Namespace> {
+        require_tool("ip");
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("sp{}{n}-{tag}", std::process::id() % 100_000);
+        ip(&["netns", "add", &name])?;
+        let ns = Namespace { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// A command that runs `program` inside this namespace.
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// Links this namespace to `other` with a veth pair: `mine` (e.g. `10.77.0.1/24`) on this
+    /// side, `theirs` on the other.
+    pub fn link(&self, other: &Namespace, mine: &str, theirs: &str) -> Result<()> {
+        ip(&[
+            "-n",
+            &self.name,
+            "link",
+            "add",
+            "lan0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lan1",
+            "netns",
+            &other.name,
+        ])?;
+        for (ns, dev, cidr) in [(self, "lan0", mine), (other, "lan1", theirs)] {
+            ip(&["-n", &ns.name, "addr", "add", cidr, "dev", dev])?;
+            ip(&["-n", &ns.name, "link", "set", dev, "up"])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}

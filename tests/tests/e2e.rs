@@ -438,7 +438,7 @@ fn another_users_process_is_refused_by_the_agent() {
     assert_ne!(code, 0, "another user got through: {err}");
     sys.agent
         .wait_for(
-            &["refused a local connection from another user", "uid 65534"],
+            &["refused a client connection", "uid 65534"],
             Duration::from_secs(5),
         )
         .unwrap();

@@ -4,9 +4,15 @@
 //! timing. Attackers bind 127.0.0.2 (another address of the loopback network), the legitimate
 //! agent stays on 127.0.0.1.
 //!
+//! The agent's side (another local user, a LAN source address, secrets in trace logs) is in
+//! `hostile/agent.rs`.
+//!
 //! Unit-level twins (no sockets): `tunnel/tests/session.rs` (PING floods, refused-OPEN floods,
 //! long route lists, oversize OPENs), `gateway/src/preauth.rs` (eviction, IPv6 /64 keys),
 //! `gateway/src/logsafe.rs` (escaping), `gateway/src/dmz.rs` (forged `Forwarded`).
+
+#[path = "hostile/agent.rs"]
+mod agent;
 
 use sallyport_e2e::*;
 use std::io::{Read, Write};

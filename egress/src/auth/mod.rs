@@ -191,6 +191,10 @@ pub struct AuthOptions {
     /// Never send the password in clear (Basic, SOCKS5 user/password): set for proxies found
     /// by WPAD or an OS-provided PAC, which anyone on the LAN can spoof.
     pub no_cleartext: bool,
+    /// The proxy was found by WPAD, which anyone on the LAN can answer, and the admin policy
+    /// does not allow answering it: no NTLM (whose responses can be cracked or relayed), no
+    /// Digest, and Negotiate only as Kerberos, never falling back to NTLM.
+    pub wpad_guard: bool,
     /// Why the credentials are held back (an earlier rejection), for the error message.
     pub withheld: Option<String>,
 }
@@ -205,11 +209,35 @@ pub fn choose(offered: &[Challenge], opts: &AuthOptions, skip: &[Scheme]) -> Opt
         !skip.contains(s)
             && match s {
                 Scheme::Negotiate => opts.negotiate,
-                Scheme::Ntlm => opts.credentials.is_some() || cfg!(windows) && opts.negotiate,
-                Scheme::Digest => opts.credentials.is_some(),
+                Scheme::Ntlm => {
+                    !opts.wpad_guard
+                        && (opts.credentials.is_some() || cfg!(windows) && opts.negotiate)
+                }
+                Scheme::Digest => opts.credentials.is_some() && !opts.wpad_guard,
                 Scheme::Basic => opts.credentials.is_some() && !opts.no_cleartext,
             }
     })
+}
+
+/// The one-line refusal when a proxy found by WPAD asks for a scheme [`AuthOptions::wpad_guard`]
+/// withholds (`None` when it asks for none of them).
+pub fn wpad_refusal(offered: &[Challenge], opts: &AuthOptions) -> Option<String> {
+    if !opts.wpad_guard {
+        return None;
+    }
+    let withheld: Vec<&str> = offered
+        .iter()
+        .filter_map(Challenge::known)
+        .filter(|s| matches!(s, Scheme::Ntlm | Scheme::Digest))
+        .map(Scheme::name)
+        .collect();
+    if withheld.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{} not answered: this proxy was found by WPAD, which anyone on the LAN can answer; set [proxy_auth] wpad_credentials = \"allow\" in the agent config to allow it, or name the proxy with --proxy",
+        withheld.join(" and ")
+    ))
 }
 
 /// The schemes offered, for messages: `NTLM, Basic`.
@@ -225,6 +253,40 @@ pub fn offered_names(offered: &[Challenge]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wpad_proxy_is_offered_no_ntlm_no_digest_and_kerberos_only() {
+        let offered: Vec<Challenge> = [
+            "NTLM",
+            "Digest realm=\"corp\", nonce=\"n\"",
+            "Basic realm=\"x\"",
+        ]
+        .into_iter()
+        .map(Challenge::parse)
+        .collect();
+        let guarded = AuthOptions {
+            credentials: Some(Credentials::new("alice", Password::new("pw"))),
+            negotiate: true,
+            no_cleartext: true,
+            wpad_guard: true,
+            withheld: None,
+        };
+        assert_eq!(choose(&offered, &guarded, &[]), None);
+        let why = wpad_refusal(&offered, &guarded).unwrap();
+        assert!(why.starts_with("NTLM and Digest not answered: this proxy was found by WPAD, which anyone on the LAN can answer; set [proxy_auth] wpad_credentials = \"allow\""), "{why}");
+        assert!(!why.contains("pw"));
+        // Negotiate is still chosen (the Kerberos package is used for it, see http.rs).
+        let negotiate = [Challenge::parse("Negotiate")];
+        assert_eq!(choose(&negotiate, &guarded, &[]), Some(Scheme::Negotiate));
+        assert_eq!(wpad_refusal(&negotiate, &guarded), None);
+        // Without the guard (policy allows, or not a WPAD proxy): NTLM as before.
+        let open = AuthOptions {
+            wpad_guard: false,
+            ..guarded
+        };
+        assert_eq!(choose(&offered, &open, &[]), Some(Scheme::Ntlm));
+        assert_eq!(wpad_refusal(&offered, &open), None);
+    }
 
     #[test]
     fn challenges_parse_and_the_strongest_usable_scheme_wins() {
