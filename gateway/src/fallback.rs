@@ -233,58 +233,74 @@ async fn route(
             "no such HTTP session on this gateway instance (it ended or expired, or a load balancer sent the request to another instance: balance on the sallyport-affinity header, see docs/deploy.md)",
         );
     };
-    if let Err((status, msg)) = check(shared, &h, &req, q.seq, q.ack, client) {
-        return text(status, &msg);
+    let method = req.method().clone();
+    if !matches!(method, Method::POST | Method::GET | Method::DELETE) {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use POST, GET or DELETE");
+    }
+    let presented_mac = req
+        .headers()
+        .get(MAC_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    // A bearer session is checked before its body is read; a MAC covers the body, so it is
+    // checked after reading it (bounded, and only for a session that exists).
+    if let RequestAuth::Token(token_id) = h.auth() {
+        if let Err((status, msg)) = check_bearer(shared, token_id, &req, client) {
+            return text(status, &msg);
+        }
+    }
+    let body = if method == Method::POST {
+        match body_of(req, MAX_BATCH + 64 * 1024).await {
+            Ok(body) => body,
+            Err((status, msg)) => return text(status, &msg),
+        }
+    } else {
+        Bytes::new()
+    };
+    if let RequestAuth::Mac(key) = h.auth() {
+        if !verify_mac(
+            key,
+            method.as_str(),
+            h.sid(),
+            q.seq,
+            q.ack,
+            &body,
+            &presented_mac,
+        ) {
+            return text(StatusCode::UNAUTHORIZED, "request MAC missing or wrong");
+        }
     }
     if h.is_confirmed() {
         auth.done.store(true, Ordering::Release);
     } else {
         *auth.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&h));
     }
-    let method = req.method().clone();
     match method {
-        Method::POST => match body_of(req, MAX_BATCH + 64 * 1024).await {
-            Ok(body) => h.post(q, body).await,
-            Err((status, msg)) => text(status, &msg),
-        },
+        Method::POST => h.post(q, body).await,
         Method::GET => h.get(q).await,
-        Method::DELETE => h.delete().await,
-        _ => text(StatusCode::METHOD_NOT_ALLOWED, "use POST, GET or DELETE"),
+        _ => h.delete().await,
     }
 }
 
-/// Authenticates one request of an existing session.
-fn check(
+/// Authenticates one request of an existing bearer session: the same token id as at creation.
+fn check_bearer(
     shared: &Shared,
-    h: &Handle,
+    token_id: &str,
     req: &Request<Incoming>,
-    seq: u64,
-    ack: u64,
     client: SocketAddr,
 ) -> Result<(), Refusal> {
-    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    match h.auth() {
-        RequestAuth::Token(token_id) => {
-            match verify_token(shared, bearer(header("authorization")), client, true) {
-                Ok(id) if id.token_id == *token_id => Ok(()),
-                Ok(_) => Err((
-                    StatusCode::FORBIDDEN,
-                    "this session belongs to another token".into(),
-                )),
-                Err(msg) => Err((StatusCode::UNAUTHORIZED, msg.into())),
-            }
-        }
-        RequestAuth::Mac(key) => {
-            let presented = header(MAC_HEADER).unwrap_or("");
-            if verify_mac(key, req.method().as_str(), h.sid(), seq, ack, presented) {
-                Ok(())
-            } else {
-                Err((
-                    StatusCode::UNAUTHORIZED,
-                    "request MAC missing or wrong".into(),
-                ))
-            }
-        }
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    match verify_token(shared, bearer(header), client, true) {
+        Ok(id) if id.token_id == token_id => Ok(()),
+        Ok(_) => Err((
+            StatusCode::FORBIDDEN,
+            "this session belongs to another token".into(),
+        )),
+        Err(msg) => Err((StatusCode::UNAUTHORIZED, msg.into())),
     }
 }
 

@@ -189,6 +189,9 @@ pub const MAX_INDUCED_CONTROL: usize = 1024 * 1024;
 /// and logged once. The DMZ applies its own, smaller, limit per connector credential.
 pub const MAX_PEER_ROUTES: usize = 65_536;
 
+/// Most bytes of route text kept from a peer's route list.
+pub const MAX_PEER_ROUTE_BYTES: usize = 4 * 1024 * 1024;
+
 pub(crate) struct State {
     pub(crate) streams: HashMap<u32, StreamState>,
     next_id: u32,
@@ -202,6 +205,8 @@ pub(crate) struct State {
     pong: Option<u64>,
     /// Routes of `ROUTES_PART` frames, waiting for the `ROUTES` that ends the list.
     routes_partial: Vec<String>,
+    /// Bytes of route text in `routes_partial`.
+    routes_bytes: usize,
     /// Routes beyond [`MAX_PEER_ROUTES`] were dropped (logged once per session).
     routes_truncated: bool,
     /// Streams with queued data, served round robin.
@@ -422,6 +427,7 @@ impl Session {
             induced_bytes: 0,
             pong: None,
             routes_partial: Vec::new(),
+            routes_bytes: 0,
             routes_truncated: false,
             ready: VecDeque::new(),
             send_session_credit: peer.session_window as u64,
@@ -952,6 +958,7 @@ fn handle_frame(
         Frame::Routes(routes) => {
             add_routes(&mut st, routes);
             let all = std::mem::take(&mut st.routes_partial);
+            st.routes_bytes = 0;
             st.routes_truncated = false;
             drop(st);
             shared.routes_tx.send_replace(all);
@@ -962,17 +969,30 @@ fn handle_frame(
     Ok(())
 }
 
-/// Adds a part of the peer's route list, keeping at most [`MAX_PEER_ROUTES`].
+/// Adds a part of the peer's route list, keeping at most [`MAX_PEER_ROUTES`] routes and
+/// [`MAX_PEER_ROUTE_BYTES`] bytes; routes longer than [`crate::frame::MAX_ROUTE_LEN`] are not
+/// routes and are dropped.
 fn add_routes(st: &mut State, routes: Vec<String>) {
-    let room = MAX_PEER_ROUTES.saturating_sub(st.routes_partial.len());
-    if routes.len() > room && !st.routes_truncated {
-        st.routes_truncated = true;
-        warn!(
-            limit = MAX_PEER_ROUTES,
-            "the peer advertises more routes than a session keeps: the rest are ignored"
-        );
+    for r in routes {
+        if r.len() > crate::frame::MAX_ROUTE_LEN {
+            continue;
+        }
+        if st.routes_partial.len() >= MAX_PEER_ROUTES
+            || st.routes_bytes + r.len() > MAX_PEER_ROUTE_BYTES
+        {
+            if !st.routes_truncated {
+                st.routes_truncated = true;
+                warn!(
+                    limit = MAX_PEER_ROUTES,
+                    bytes = MAX_PEER_ROUTE_BYTES,
+                    "the peer advertises more routes than a session keeps: the rest are ignored"
+                );
+            }
+            return;
+        }
+        st.routes_bytes += r.len();
+        st.routes_partial.push(r);
     }
-    st.routes_partial.extend(routes.into_iter().take(room));
 }
 
 async fn run_pinger(shared: Arc<Shared>) {

@@ -703,3 +703,32 @@ async fn an_open_too_large_for_one_frame_is_refused_and_the_session_lives() {
     s.read_to_end(&mut out).await.unwrap();
     assert_eq!(out, b"still here");
 }
+
+/// A hostile peer (a gateway, for the agent) sending `ROUTES_PART` after `ROUTES_PART` of long
+/// route texts would grow the list without end: it is capped in count and bytes, and routes
+/// longer than any real one are dropped.
+#[tokio::test]
+async fn an_endless_route_list_is_capped() {
+    let ((session, _incoming), mut raw) = raw_peer(Config::new(Role::Dmz, false)).await;
+    let mut seen = session.peer_routes();
+    let long = "r".repeat(1000);
+    for _ in 0..200 {
+        let part: Vec<String> = (0..30).map(|i| format!("{long}{i}:1")).collect();
+        raw.send_raw(Frame::RoutesPart(part).encode())
+            .await
+            .unwrap();
+    }
+    raw.send_raw(Frame::Routes(vec!["x".repeat(5000), "last.internal:1".into()]).encode())
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        seen.changed().await.unwrap();
+        seen.borrow().clone()
+    })
+    .await
+    .unwrap();
+    let bytes: usize = got.iter().map(String::len).sum();
+    assert!(bytes <= tunnel::session::MAX_PEER_ROUTE_BYTES, "{bytes}");
+    assert!(got.iter().all(|r| r.len() <= tunnel::frame::MAX_ROUTE_LEN));
+    assert!(!session.is_closed());
+}

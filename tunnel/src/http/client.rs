@@ -184,7 +184,10 @@ impl Shared {
         if let Some(k) = &self.opts.mac_key {
             let sid = self.sid();
             if !sid.is_empty() {
-                b = b.header(MAC_HEADER, super::request_mac(k, method, &sid, seq, ack));
+                b = b.header(
+                    MAC_HEADER,
+                    super::request_mac(k, method, &sid, seq, ack, &body),
+                );
             }
         }
         let cookies = self.cookies.lock().unwrap_or_else(|e| e.into_inner());

@@ -19,7 +19,7 @@
 //! `POST`, which the agent sends on its own when it has received much since the last ack) and a
 //! new `GET` resends from its `ack`. The session id is not a secret: every request is
 //! authenticated, with the bearer token, or, inside the inner channel (where the token must not
-//! show), with `sallyport-mac: HMAC-SHA256(request key, "<method> <id> <seq> <ack>")` under the
+//! show), with `sallyport-mac: HMAC-SHA256(request key, "<method> <id> <seq> <ack> <body length>\n" || body)` under the
 //! random request key the agent sent inside the inner hello.
 //!
 //! A proxy that buffers whole responses holds back a streamed `GET` forever: the gateway sends
@@ -122,11 +122,34 @@ pub fn parse_records(body: Bytes) -> Result<Vec<Bytes>, RecordError> {
     Ok(out)
 }
 
-/// The MAC of one request (see the module docs).
-pub fn request_mac(key: &[u8; 32], method: &str, sid: &str, seq: u64, ack: u64) -> String {
+/// The MAC of one request (see the module docs): method, session, positions and body.
+pub fn request_mac(
+    key: &[u8; 32],
+    method: &str,
+    sid: &str,
+    seq: u64,
+    ack: u64,
+    body: &[u8],
+) -> String {
+    hex::encode(
+        mac_of(key, method, sid, seq, ack, body)
+            .finalize()
+            .into_bytes(),
+    )
+}
+
+fn mac_of(
+    key: &[u8; 32],
+    method: &str,
+    sid: &str,
+    seq: u64,
+    ack: u64,
+    body: &[u8],
+) -> Hmac<sha2::Sha256> {
     let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key");
-    m.update(format!("{method} {sid} {seq} {ack}").as_bytes());
-    hex::encode(m.finalize().into_bytes())
+    m.update(format!("{method} {sid} {seq} {ack} {}\n", body.len()).as_bytes());
+    m.update(body);
+    m
 }
 
 /// Checks a presented MAC in constant time.
@@ -136,14 +159,15 @@ pub fn verify_mac(
     sid: &str,
     seq: u64,
     ack: u64,
+    body: &[u8],
     presented: &str,
 ) -> bool {
     let Ok(raw) = hex::decode(presented.trim()) else {
         return false;
     };
-    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key");
-    m.update(format!("{method} {sid} {seq} {ack}").as_bytes());
-    m.verify_slice(&raw).is_ok()
+    mac_of(key, method, sid, seq, ack, body)
+        .verify_slice(&raw)
+        .is_ok()
 }
 
 /// Query parameters of a session request.
@@ -237,13 +261,16 @@ mod tests {
     #[test]
     fn macs_bind_method_session_and_positions() {
         let k = [9u8; 32];
-        let mac = request_mac(&k, "POST", "abc", 3, 4);
-        assert!(verify_mac(&k, "POST", "abc", 3, 4, &mac));
-        assert!(!verify_mac(&k, "GET", "abc", 3, 4, &mac));
-        assert!(!verify_mac(&k, "POST", "abd", 3, 4, &mac));
-        assert!(!verify_mac(&k, "POST", "abc", 4, 4, &mac));
-        assert!(!verify_mac(&[1u8; 32], "POST", "abc", 3, 4, &mac));
-        assert!(!verify_mac(&k, "POST", "abc", 3, 4, "zz"));
+        let mac = request_mac(&k, "POST", "abc", 3, 4, b"body");
+        assert!(verify_mac(&k, "POST", "abc", 3, 4, b"body", &mac));
+        assert!(!verify_mac(&k, "GET", "abc", 3, 4, b"body", &mac));
+        assert!(!verify_mac(&k, "POST", "abd", 3, 4, b"body", &mac));
+        assert!(!verify_mac(&k, "POST", "abc", 4, 4, b"body", &mac));
+        assert!(!verify_mac(&[1u8; 32], "POST", "abc", 3, 4, b"body", &mac));
+        assert!(!verify_mac(&k, "POST", "abc", 3, 4, b"body", "zz"));
+        // The body is covered: a swapped or cut body fails.
+        assert!(!verify_mac(&k, "POST", "abc", 3, 4, b"bodx", &mac));
+        assert!(!verify_mac(&k, "POST", "abc", 3, 4, b"bod", &mac));
     }
 
     #[test]
