@@ -397,19 +397,30 @@ fn client_address(kind: LbKind) {
         assert_ne!(seen.port(), 0, "{id}: a header was believed");
     }
 
-    // The same headers from the trusted address are believed: that is the rule, not a
-    // gateway that ignores headers.
-    for (id, header, expect) in [
-        ("probe-trusted-xff", xff, format!("{FORGED}:0")),
-        (
-            "probe-trusted-fwd",
-            "Forwarded: for=\"[2001:db8::7]:4711\";proto=https".to_string(),
-            "[2001:db8::7]:0".to_string(),
-        ),
-    ] {
-        assert_eq!(probe(&direct, LB_SOURCE, id, &header, &ca), "401");
-        assert_eq!(refused_client(&sys, id), expect.parse().unwrap(), "{id}");
-    }
+    // The header the load balancer sets (X-Forwarded-For, the default `forwarded_header`) is
+    // believed from the trusted address: that is the rule, not a gateway that ignores headers.
+    assert_eq!(
+        probe(&direct, LB_SOURCE, "probe-trusted-xff", &xff, &ca),
+        "401"
+    );
+    assert_eq!(
+        refused_client(&sys, "probe-trusted-xff"),
+        format!("{FORGED}:0").parse().unwrap()
+    );
+    // The other header is not, even from the trusted address: nginx passes a client's own
+    // `Forwarded` on untouched, and believing it let the client choose its logged address.
+    let fwd = "Forwarded: for=\"[2001:db8::7]:4711\";proto=https";
+    assert_eq!(
+        probe(&direct, LB_SOURCE, "probe-trusted-fwd", fwd, &ca),
+        "401"
+    );
+    let seen = refused_client(&sys, "probe-trusted-fwd");
+    assert_eq!(
+        seen.ip().to_string(),
+        LB_SOURCE,
+        "a Forwarded header was believed"
+    );
+    assert_ne!(seen.port(), 0);
 }
 
 #[test]
