@@ -5,8 +5,8 @@
 
 use crate::auth::{ReloadingStore, TokenSecret};
 use crate::connector::ConnectorConfig;
+use crate::dmz::limits::Limits;
 use crate::dmz::DmzConfig;
-use crate::limits::Limits;
 use crate::policy::{self, Policy, Route, Rule};
 use clap::Args;
 use egress::GatewayUrl;
@@ -370,7 +370,7 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
         .inner_key
         .or(file.inner_key.map(|p| relative_to(base, p)))
         .unwrap_or_else(|| default_inner_key_path(agent_tokens.path()));
-    let (inner_key, created) = crate::inner::load_or_create(&inner_path).map_err(invalid)?;
+    let (inner_key, created) = crate::dmz::inner::load_or_create(&inner_path).map_err(invalid)?;
     if created {
         tracing::info!(path = %inner_path.display(), key = %inner_key.public(), "created the inner-channel key; agents pin it at enrollment");
     }

@@ -171,7 +171,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::InnerKey(args) => {
             let path = config::inner_key_path(&args)?;
             let (key, created) =
-                gateway::inner::load_or_create(&path).map_err(ConfigError::Invalid)?;
+                gateway::dmz::inner::load_or_create(&path).map_err(ConfigError::Invalid)?;
             if created {
                 eprintln!("created {}", path.display());
             }

@@ -8,8 +8,8 @@
 //! `hostile/agent.rs`.
 //!
 //! Unit-level twins (no sockets): `tunnel/tests/session.rs` (PING floods, refused-OPEN floods,
-//! long route lists, oversize OPENs), `gateway/src/preauth.rs` (eviction, IPv6 /64 keys),
-//! `gateway/src/logsafe.rs` (escaping), `gateway/src/dmz.rs` (forged `Forwarded`).
+//! long route lists, oversize OPENs), `gateway/src/dmz/preauth.rs` (eviction, IPv6 /64 keys),
+//! `gateway/src/logsafe.rs` (escaping), `gateway/src/dmz/upgrade.rs` (forged `Forwarded`).
 
 #[path = "hostile/agent.rs"]
 mod agent;

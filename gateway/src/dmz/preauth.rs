@@ -3,8 +3,8 @@
 //!
 //! Everything a client does before its credential is verified (TLS, the request head, a
 //! fallback request's body, the inner channel's hello and token, the tunnel hello) runs under
-//! **one** deadline ([`crate::limits::Limits::handshake_timeout`]) and holds a [`Slot`] of its
-//! address. An address holds at most [`crate::limits::Limits::unauth_per_addr`] slots at once;
+//! **one** deadline ([`crate::dmz::limits::Limits::handshake_timeout`]) and holds a [`Slot`] of its
+//! address. An address holds at most [`crate::dmz::limits::Limits::unauth_per_addr`] slots at once;
 //! a new connection beyond that evicts the address's **oldest** one, so an attacker that opens
 //! and stalls connections from one address holds a bounded share of the gateway, while a
 //! reconnect storm of thousands of desktops behind one corporate NAT still gets through (each

@@ -2,9 +2,10 @@
 //! carrier (a WebSocket, or the HTTP transport's create request), and the token check that
 //! happens inside the channel, where a TLS-inspecting proxy cannot read it.
 
+use super::limits::CountGuard;
+use super::upgrade::{count_session, verify_token};
+use super::Shared;
 use crate::auth::Identity;
-use crate::dmz::{count_session, verify_token, Shared};
-use crate::limits::CountGuard;
 use std::net::SocketAddr;
 use std::path::Path;
 use tracing::{debug, info};

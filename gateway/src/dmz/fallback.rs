@@ -12,7 +12,7 @@
 //!
 //! Against a hostile client:
 //! - until one of its requests authenticates, a connection lives under the handshake deadline
-//!   and its address's unauthenticated slot ([`crate::preauth`]): a stalled body, a slow second
+//!   and its address's unauthenticated slot ([`crate::dmz::preauth`]): a stalled body, a slow second
 //!   head or a stream of unauthenticated requests is closed at that deadline;
 //! - no body is read before the credential is checked, except an inner-channel hello, which is
 //!   capped at [`PREAUTH_BODY`] bytes; a session created by such a hello is *pending*
@@ -22,9 +22,11 @@
 //!   within [`BODY_TIMEOUT`], and a connection that moves no byte either way for
 //!   [`IO_IDLE`] is closed.
 
-use crate::dmz::{agent_session, bearer, count_session, verify_token, Shared};
+use super::agent::agent_session;
+use super::preauth::Slot;
+use super::upgrade::{bearer, count_session, verify_token};
+use super::Shared;
 use crate::http::RequestHead;
-use crate::preauth::Slot;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -366,7 +368,10 @@ async fn create(
         Ok(a) => a,
         Err(e) => {
             info!(error = %e, %client, "inner handshake refused");
-            return text(StatusCode::FORBIDDEN, &crate::inner::mismatch_text(key));
+            return text(
+                StatusCode::FORBIDDEN,
+                &crate::dmz::inner::mismatch_text(key),
+            );
         }
     };
     let Ok(mac_key) = <[u8; 32]>::try_from(accepted.payload.as_slice()) else {
@@ -399,7 +404,7 @@ async fn create(
     shared.tracker.spawn(
         async move {
             let authed = tokio::select! {
-                a = crate::inner::authenticate(&sh, t, client, deadline) => a,
+                a = crate::dmz::inner::authenticate(&sh, t, client, deadline) => a,
                 _ = pending_slot.evicted() => {
                     debug!("pending HTTP session evicted by a newer unauthenticated one from the same address");
                     None

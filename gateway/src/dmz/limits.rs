@@ -1,5 +1,5 @@
 //! Rate and count limits of the DMZ: unauthenticated connections and handshakes per client
-//! address (see [`crate::preauth`]), sessions, concurrent streams and stream opens per second
+//! address (see [`crate::dmz::preauth`]), sessions, concurrent streams and stream opens per second
 //! per token, routes per connector credential. Every per-credential limit sits under a global
 //! one. Bounded maps, so a flood of distinct keys cannot grow memory without limit.
 

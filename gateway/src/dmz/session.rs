@@ -1,0 +1,61 @@
+//! What every session of the DMZ shares: the tunnel hello within the handshake deadline, and
+//! the guard that cuts a session when its token is revoked or expires.
+
+use super::Shared;
+use crate::auth::{Identity, ReloadingStore};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tracing::{info, warn};
+use tunnel::{ErrorCode, Role, Session};
+
+pub(crate) async fn start_session<T: tunnel::Transport>(
+    shared: &Shared,
+    transport: T,
+    accept_streams: bool,
+    deadline: tokio::time::Instant,
+) -> Option<(Session, tunnel::Incoming)> {
+    let mut cfg = shared.config.session.clone();
+    cfg.role = Role::Dmz;
+    cfg.initiator = false;
+    cfg.instance_id = shared.config.instance_id.clone();
+    cfg.accept_streams = accept_streams;
+    cfg.max_incoming_streams = shared.config.limits.streams_per_session;
+    match tokio::time::timeout_at(deadline, Session::start(transport, cfg)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            info!(error = %e, "tunnel hello failed");
+            None
+        }
+        Err(_) => {
+            info!("tunnel hello timed out");
+            None
+        }
+    }
+}
+
+/// Closes `session` when its token is revoked or expires, or when the gateway shuts down.
+pub(crate) async fn guard_session(
+    shared: &Shared,
+    session: &Session,
+    store: &Arc<ReloadingStore>,
+    id: &Identity,
+) {
+    let mut changes = store.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = session.closed() => return,
+            _ = shared.shutdown.cancelled() => {
+                session.close(ErrorCode::Shutdown, "gateway shutting down");
+                return;
+            }
+            r = changes.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        if !store.current().is_valid(id, SystemTime::now()) {
+            warn!(token = %id.token_id, "token revoked or expired: cutting its session");
+            session.close(ErrorCode::Unauthorized, "token revoked or expired");
+            return;
+        }
+    }
+}
