@@ -55,34 +55,116 @@ pub fn parse_connection_flags(blob: &[u8]) -> Option<ConnectionFlags> {
     })
 }
 
-/// `ProxyServer`: (proxy for HTTPS, SOCKS proxy). A value without `=` is one HTTP proxy for
-/// every protocol; otherwise only the `https=` and `socks=` entries matter for a TLS tunnel
-/// (WinINET does not use the `http=` entry for HTTPS). Missing ports are 80 (HTTP) and 1080
-/// (SOCKS), as in WinINET.
-pub fn parse_proxy_server(value: &str) -> (Option<Proxy>, Option<Proxy>) {
-    let value = value.trim();
-    if !value.contains('=') {
-        let first = value.split([';', ' ', '\t']).find(|e| !e.is_empty());
-        return (
-            first
-                .and_then(|e| host_port(e, 80))
-                .map(|(h, p)| http_proxy(h, p)),
-            None,
-        );
+/// A parsed `ProxyServer` value: the proxy for HTTPS and the SOCKS proxy, and what was wrong
+/// with the entries that were not used (each naming the value, for a warning).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProxyServer {
+    pub https: Option<Proxy>,
+    pub socks: Option<Proxy>,
+    pub problems: Vec<String>,
+}
+
+/// The schemes WinINET knows in a `scheme=host:port` list; entries for the others are errors.
+const KNOWN_SCHEMES: [&str; 5] = ["http", "https", "ftp", "socks", "gopher"];
+
+/// One `host[:port]` entry of `ProxyServer`, or why it cannot be used.
+fn proxy_address(entry: &str, default_port: u16) -> Result<(String, u16), String> {
+    let e = entry.trim();
+    let addr = e.split_once("://").map_or(e, |(_, rest)| rest);
+    let addr = addr.trim_end_matches('/');
+    if addr.contains(['/', '@']) {
+        return Err("not host:port".into());
     }
-    let mut https = None;
-    let mut socks = None;
-    for entry in value.split([';', ' ', '\t']).filter(|e| !e.is_empty()) {
-        let Some((scheme, addr)) = entry.split_once('=') else {
-            continue;
-        };
-        match scheme.trim().to_ascii_lowercase().as_str() {
-            "https" => https = host_port(addr, 80).map(|(h, p)| http_proxy(h, p)),
-            "socks" => socks = host_port(addr, 1080).map(|(h, p)| socks_proxy(h, p)),
-            _ => {}
+    // The port, when one is written after the host (`[v6]:p`, `host:p`; a bare IPv6 has none).
+    let port = if let Some(v6) = addr.strip_prefix('[') {
+        v6.split_once(']').and_then(|(_, r)| r.strip_prefix(':'))
+    } else if addr.matches(':').count() == 1 {
+        addr.rsplit_once(':').map(|(_, p)| p)
+    } else {
+        None
+    };
+    if let Some(p) = port {
+        if !p.is_empty() && !p.parse::<u16>().is_ok_and(|n| n > 0) {
+            return Err(format!("port `{p}` is not a number from 1 to 65535"));
         }
     }
-    (https, socks)
+    host_port(addr, default_port).ok_or_else(|| "no host name".to_string())
+}
+
+/// `ProxyServer`: a value without `=` is one HTTP proxy for every protocol; otherwise only the
+/// `https=` and `socks=` entries matter for a TLS tunnel (WinINET does not use the `http=` entry
+/// for HTTPS). Missing ports are 80 (HTTP) and 1080 (SOCKS), as in WinINET. An entry that cannot
+/// be used (a bad port, no host, an unknown scheme, a bare address in a `scheme=` list) is left
+/// out and described in `problems`, naming the whole value.
+pub fn parse_proxy_server(value: &str) -> ProxyServer {
+    let mut out = ProxyServer::default();
+    let mut why_not = Vec::new();
+    let trimmed = value.trim();
+    let mut entries = trimmed.split([';', ' ', '\t']).filter(|e| !e.is_empty());
+    if !trimmed.contains('=') {
+        if let Some(first) = entries.next() {
+            match proxy_address(first, 80) {
+                Ok((h, p)) => out.https = Some(http_proxy(h, p)),
+                Err(why) => why_not.push(why),
+            }
+        }
+    } else {
+        for entry in entries {
+            let Some((scheme, addr)) = entry.split_once('=') else {
+                why_not.push(format!(
+                    "entry `{entry}` has no `scheme=` (write `https={entry}`, or one host:port alone)"
+                ));
+                continue;
+            };
+            match scheme.trim().to_ascii_lowercase().as_str() {
+                "https" => match proxy_address(addr, 80) {
+                    Ok((h, p)) => out.https = Some(http_proxy(h, p)),
+                    Err(why) => why_not.push(format!("entry `{entry}`: {why}")),
+                },
+                "socks" => match proxy_address(addr, 1080) {
+                    Ok((h, p)) => out.socks = Some(socks_proxy(h, p)),
+                    Err(why) => why_not.push(format!("entry `{entry}`: {why}")),
+                },
+                s if KNOWN_SCHEMES.contains(&s) => {}
+                s => why_not.push(format!(
+                    "unknown scheme `{s}=` (WinINET knows {})",
+                    KNOWN_SCHEMES.map(|k| format!("{k}=")).join(", ")
+                )),
+            }
+        }
+    }
+    out.problems = why_not
+        .into_iter()
+        .map(|why| format!("ProxyServer \"{}\": {why}", value.escape_debug()))
+        .collect();
+    out
+}
+
+/// What is wrong with the settings that are switched on (each naming the value); the
+/// candidates leave those parts out. Logged as warnings by [`read`] (so `sallyport doctor`
+/// shows them).
+pub fn problems(s: &InternetSettings) -> Vec<String> {
+    let mut out = Vec::new();
+    if s.proxy_enable {
+        match s.proxy_server.as_deref().map(str::trim) {
+            None | Some("") => out.push(
+                "ProxyEnable is 1 but ProxyServer is empty: no manual proxy is used".to_string(),
+            ),
+            Some(v) => out.extend(parse_proxy_server(v).problems),
+        }
+    }
+    if let Some(url) = s.auto_config_url.as_deref().map(str::trim) {
+        if !url.is_empty() {
+            let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+            if !matches!(scheme.as_deref(), Some("http" | "https" | "file")) {
+                out.push(format!(
+                    "AutoConfigURL \"{}\": not an http://, https:// or file:// URL; the PAC script is not used",
+                    url.escape_debug()
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// `ProxyOverride` (and WinHTTP's bypass list): `;`- or space-separated exceptions.
@@ -98,12 +180,14 @@ pub fn candidates(s: &InternetSettings) -> Vec<SystemProxy> {
         modes.push(SystemMode::Wpad);
     }
     if let Some(url) = s.auto_config_url.as_deref().map(str::trim) {
-        if !url.is_empty() {
+        let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        if matches!(scheme.as_deref(), Some("http" | "https" | "file")) {
             modes.push(SystemMode::Pac(url.to_string()));
         }
     }
     if s.proxy_enable {
-        let (https, socks) = parse_proxy_server(s.proxy_server.as_deref().unwrap_or(""));
+        let ProxyServer { https, socks, .. } =
+            parse_proxy_server(s.proxy_server.as_deref().unwrap_or(""));
         if https.is_some() || socks.is_some() {
             modes.push(SystemMode::Manual {
                 https,
@@ -127,7 +211,14 @@ pub fn candidates(s: &InternetSettings) -> Vec<SystemProxy> {
 /// The WinHTTP candidate for a named proxy (`WINHTTP_ACCESS_TYPE_NAMED_PROXY`); `None` when the
 /// proxy string names nothing usable.
 pub fn winhttp_candidate(proxy: &str, bypass: &str) -> Option<SystemProxy> {
-    let (https, socks) = parse_proxy_server(proxy);
+    let ProxyServer {
+        https,
+        socks,
+        problems,
+    } = parse_proxy_server(proxy);
+    for p in problems {
+        tracing::warn!("WinHTTP setting ignored: {p}");
+    }
     if https.is_none() && socks.is_none() {
         return None;
     }
@@ -288,6 +379,9 @@ mod reading {
             connection_flags: value(CONNECTIONS, "DefaultConnectionSettings", RRF_RT_REG_BINARY)
                 .and_then(|b| parse_connection_flags(&b)),
         };
+        for p in problems(&settings) {
+            tracing::warn!("Windows proxy setting ignored: {p}");
+        }
         let mut out = candidates(&settings);
         out.extend(winhttp());
         out
@@ -302,36 +396,96 @@ mod tests {
         Some(http_proxy(h.into(), p))
     }
 
+    fn pair(v: &str) -> (Option<Proxy>, Option<Proxy>) {
+        let p = parse_proxy_server(v);
+        assert!(p.problems.is_empty(), "{v}: {:?}", p.problems);
+        (p.https, p.socks)
+    }
+
     #[test]
     fn proxy_server_forms() {
+        assert_eq!(pair("proxy.corp:8080"), (http("proxy.corp", 8080), None));
+        assert_eq!(pair("proxy.corp"), (http("proxy.corp", 80), None));
         assert_eq!(
-            parse_proxy_server("proxy.corp:8080"),
-            (http("proxy.corp", 8080), None)
-        );
-        assert_eq!(
-            parse_proxy_server("proxy.corp"),
-            (http("proxy.corp", 80), None)
-        );
-        assert_eq!(
-            parse_proxy_server(
-                "http=web.corp:80;https=tls.corp:3128;ftp=ftp.corp:21;socks=socks.corp:1081"
-            ),
+            pair("http=web.corp:80;https=tls.corp:3128;ftp=ftp.corp:21;socks=socks.corp:1081"),
             (
                 http("tls.corp", 3128),
                 Some(socks_proxy("socks.corp".into(), 1081))
             )
         );
         // Only an http= entry: WinINET sends HTTPS direct.
-        assert_eq!(parse_proxy_server("http=web.corp:80"), (None, None));
+        assert_eq!(pair("http=web.corp:80"), (None, None));
         assert_eq!(
-            parse_proxy_server("HTTPS=http://tls.corp:3128; socks=s.corp"),
+            pair("HTTPS=http://tls.corp:3128; socks=s.corp"),
             (
                 http("tls.corp", 3128),
                 Some(socks_proxy("s.corp".into(), 1080))
             )
         );
-        assert_eq!(parse_proxy_server(""), (None, None));
-        assert_eq!(parse_proxy_server("https=bad:port"), (None, None));
+        assert_eq!(
+            pair("socks=[fd00::1]:1081"),
+            (None, Some(socks_proxy("fd00::1".into(), 1081)))
+        );
+        assert_eq!(pair(""), (None, None));
+    }
+
+    #[test]
+    fn bad_proxy_server_values_are_rejected_naming_the_value() {
+        let cases = [
+            (
+                "proxy.corp:99999",
+                "port `99999` is not a number from 1 to 65535",
+            ),
+            ("proxy.corp:0", "port `0`"),
+            ("https=bad:port", "port `port`"),
+            (":8080", "no host name"),
+            ("http=a:1;b:2", "entry `b:2` has no `scheme=`"),
+            ("htps=tls.corp:3128", "unknown scheme `htps=`"),
+            (
+                "https=user@tls.corp:3128",
+                "entry `https=user@tls.corp:3128`: not host:port",
+            ),
+        ];
+        for (value, why) in cases {
+            let p = parse_proxy_server(value);
+            assert_eq!(p.https, None, "{value}");
+            assert_eq!(p.problems.len(), 1, "{value}: {:?}", p.problems);
+            let msg = &p.problems[0];
+            assert!(
+                msg.starts_with(&format!("ProxyServer \"{value}\": ")) && msg.contains(why),
+                "{value}: {msg}"
+            );
+        }
+        // The good entries of a list are kept.
+        let p = parse_proxy_server("https=tls.corp:3128;socks=s.corp:70000");
+        assert_eq!(p.https, http("tls.corp", 3128));
+        assert_eq!(p.socks, None);
+        assert!(
+            p.problems[0].contains("entry `socks=s.corp:70000`: port `70000`"),
+            "{:?}",
+            p.problems
+        );
+    }
+
+    #[test]
+    fn settings_problems_name_the_value_and_leave_it_out() {
+        let s = InternetSettings {
+            proxy_enable: true,
+            proxy_server: Some(" ".into()),
+            auto_config_url: Some("ftp://wpad.corp/proxy.pac".into()),
+            ..Default::default()
+        };
+        let p = problems(&s);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("ProxyServer is empty"));
+        assert!(p[1].contains("AutoConfigURL \"ftp://wpad.corp/proxy.pac\""));
+        assert_eq!(candidates(&s)[0].mode, SystemMode::Direct);
+        // Switched off, a stale ProxyServer is no problem.
+        let off = InternetSettings {
+            proxy_server: Some("proxy.corp:99999".into()),
+            ..Default::default()
+        };
+        assert!(problems(&off).is_empty());
     }
 
     #[test]
