@@ -3,11 +3,27 @@
 //! The agent's ports lead into the trusted network, so on a shared machine they must serve only
 //! the user who runs the agent. On Linux the kernel lists every TCP socket with its owner in
 //! `/proc/net/tcp` and `/proc/net/tcp6`; the client's socket is the one whose local address is
-//! our peer address and whose remote address is our listening address. Parsing is a plain
-//! function so it is tested on any OS; other systems skip the check (loopback-only binding still
-//! applies there).
+//! our peer address and whose remote address is our listening address. On Windows the TCP
+//! table (`GetExtendedTcpTable`) names the owning process of each connection, and that
+//! process's token names its user (a SID), compared with ours; a connection whose owner or user
+//! cannot be found is refused (multi-user Windows: Remote Desktop Services, Citrix). Parsing and
+//! comparing are plain functions, tested on any OS; other systems skip the check (loopback-only
+//! binding still applies there).
 
+pub mod windows;
+
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// A Unix user id, as the owner of a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Uid(pub u32);
+
+impl fmt::Display for Uid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "uid {}", self.0)
+    }
+}
 
 /// Parses a `/proc/net/tcp{,6}` address such as `0100007F:1F90`.
 fn parse_addr(s: &str) -> Option<SocketAddr> {
@@ -147,18 +163,20 @@ pub fn my_uid() -> Option<u32> {
 ///   which requires local authentication).
 /// * A socket not found on this machine is another host's, admitted only when `allow_remote`
 ///   (local authentication then applies); from a loopback source it is refused.
-pub fn admit(
+///
+/// The owner is a [`Uid`] on Linux and a [`Sid`] (the user of the owning process) on Windows.
+pub fn admit<T: PartialEq + fmt::Display>(
     peer: SocketAddr,
     allow_remote: bool,
-    me: Option<u32>,
-    owner: Option<u32>,
+    me: Option<T>,
+    owner: Option<T>,
 ) -> Result<(), String> {
     let loopback = peer.ip().is_loopback()
         || matches!(peer.ip(), IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
-    let me = me.ok_or("cannot determine our own uid")?;
+    let me = me.ok_or("cannot determine our own user")?;
     match owner {
-        Some(uid) if uid != me => Err(format!(
-            "connection from uid {uid} (source {}), but this agent serves only uid {me}",
+        Some(user) if user != me => Err(format!(
+            "connection from {user} (source {}), but this agent serves only {me}",
             peer.ip()
         )),
         _ if !loopback && !allow_remote => Err(format!(
@@ -178,13 +196,16 @@ pub fn check_peer(peer: SocketAddr, local: SocketAddr, allow_remote: bool) -> Re
         // No netlink (a locked-down container): the slower /proc scan gives the same answer.
         Err(_) => lookup(peer, Some(local), "01"),
     };
-    admit(peer, allow_remote, my_uid(), owner)
+    admit(peer, allow_remote, my_uid().map(Uid), owner.map(Uid))
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(windows)]
+pub use windows::check_peer;
+
+#[cfg(not(any(target_os = "linux", windows)))]
 pub fn check_peer(peer: SocketAddr, _local: SocketAddr, allow_remote: bool) -> Result<(), String> {
     // No owner lookup here: the address rule still applies.
-    admit(peer, allow_remote, Some(0), Some(0))
+    admit(peer, allow_remote, Some(Uid(0)), Some(Uid(0)))
 }
 
 /// The uid listening on `addr`, if any (to explain an "address in use").
@@ -289,20 +310,20 @@ mod tests {
     fn another_local_user_via_a_lan_source_address_is_refused() {
         let lan: SocketAddr = "10.1.2.3:50000".parse().unwrap();
         // Without --allow-remote-clients: refused whoever it is.
-        assert!(admit(lan, false, Some(1000), Some(1001))
+        assert!(admit(lan, false, Some(Uid(1000)), Some(Uid(1001)))
             .unwrap_err()
             .contains("uid 1001"));
-        assert!(admit(lan, false, Some(1000), Some(1000))
+        assert!(admit(lan, false, Some(Uid(1000)), Some(Uid(1000)))
             .unwrap_err()
             .contains("not a loopback address"));
-        assert!(admit(lan, false, Some(1000), None).is_err());
+        assert!(admit(lan, false, Some(Uid(1000)), None).is_err());
         // With it: a local socket of another user is still refused; ours and other hosts' pass
         // (local authentication follows).
-        assert!(admit(lan, true, Some(1000), Some(1001))
+        assert!(admit(lan, true, Some(Uid(1000)), Some(Uid(1001)))
             .unwrap_err()
             .contains("uid 1001"));
-        assert!(admit(lan, true, Some(1000), Some(1000)).is_ok());
-        assert!(admit(lan, true, Some(1000), None).is_ok());
+        assert!(admit(lan, true, Some(Uid(1000)), Some(Uid(1000))).is_ok());
+        assert!(admit(lan, true, Some(Uid(1000)), None).is_ok());
     }
 
     #[test]
@@ -310,10 +331,10 @@ mod tests {
         for peer in ["127.0.0.1:50000", "[::1]:50000", "[::ffff:127.0.0.1]:50000"] {
             let peer: SocketAddr = peer.parse().unwrap();
             for allow_remote in [false, true] {
-                assert!(admit(peer, allow_remote, Some(1000), Some(1000)).is_ok());
-                assert!(admit(peer, allow_remote, Some(1000), Some(1001)).is_err());
-                assert!(admit(peer, allow_remote, Some(1000), None).is_err());
-                assert!(admit(peer, allow_remote, None, Some(1000)).is_err());
+                assert!(admit(peer, allow_remote, Some(Uid(1000)), Some(Uid(1000))).is_ok());
+                assert!(admit(peer, allow_remote, Some(Uid(1000)), Some(Uid(1001))).is_err());
+                assert!(admit(peer, allow_remote, Some(Uid(1000)), None).is_err());
+                assert!(admit(peer, allow_remote, None, Some(Uid(1000))).is_err());
             }
         }
     }
