@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: installs the tools the end-to-end tests drive (curl,
-# OpenSSH client and server, setpriv, squid, dante, an MIT KDC, nginx, HAProxy) when missing, builds the binaries, runs unit and
+# OpenSSH client and server, setpriv, squid, dante, an MIT KDC, nginx, HAProxy, Wine, mingw-w64,
+# wixl, osslsigncode) when missing, builds the binaries, runs unit and
 # end-to-end tests. Tests never skip for a missing tool: they fail naming it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,13 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # nginx and HAProxy: real load balancers in front of the --plain gateway (tests/tests/lb.rs).
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+# The Windows agent under Wine (tests/tests/windows.rs): Wine, the mingw-w64 C compiler (ring's C
+# code, the ProcessPrng shim and the test client), and the rustup target below.
+command -v wine >/dev/null 2>&1 || need+=(wine64 wine)
+command -v x86_64-w64-mingw32-gcc >/dev/null 2>&1 || need+=(gcc-mingw-w64-x86-64)
+# The per-user MSI (scripts/package-msi.sh): wixl (msitools) and Authenticode signing.
+command -v wixl >/dev/null 2>&1 || need+=(wixl)
+command -v osslsigncode >/dev/null 2>&1 || need+=(osslsigncode)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -52,6 +60,15 @@ if [ ${#need[@]} -gt 0 ]; then
   [ -z "$policy" ] || $sudo rm -f "$policy"
 fi
 
-# The end-to-end tests run the real binaries from target/debug.
+if ! rustup target list --installed | grep -qx x86_64-pc-windows-gnu; then
+  rustup target add x86_64-pc-windows-gnu
+fi
+
+# The end-to-end tests run the real binaries from target/debug; the Windows tests run
+# target/x86_64-pc-windows-gnu/debug/sallyport.exe under Wine (they build it too; building it
+# here first shows its build time on its own line).
 cargo build --bins
+start=$(date +%s)
+cargo build --target x86_64-pc-windows-gnu -p sallyport
+echo "windows build: $(( $(date +%s) - start )) s"
 cargo test --workspace

@@ -7,6 +7,7 @@
 pub mod kdc;
 pub mod lb;
 pub mod netns;
+pub mod wine;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -192,6 +193,19 @@ pub fn run(cmd: &mut Command) -> Result<(i32, String, String)> {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// The names of the entries of `dir`, sorted (empty when it does not exist).
+pub fn file_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 /// Deterministic pseudo-random bytes for payload checks.
@@ -412,6 +426,83 @@ impl Pki {
     }
 }
 
+/// The Linux side of a [`System`]: the DMZ gateway (trial CA, an agent token `alice-laptop`
+/// and a connector token `site-a`) and one connector, on loopback; agents are the test's.
+pub struct Gateway {
+    pub pki: Pki,
+    pub dmz: Proc,
+    pub connector: Proc,
+    pub gw_url: String,
+    pub connector_args: Vec<String>,
+}
+
+impl Gateway {
+    /// `allow`: connector `--allow` rules; `hosts`: connector `--host NAME=IP` entries.
+    pub fn start(tag: &str, allow: &[String], hosts: &[&str], at: &Where) -> Result<Gateway> {
+        let pki = Pki::new(tag)?;
+        pki.token(
+            "agent",
+            "alice-laptop",
+            &["--name", "alice", "--groups", "dev"],
+        )?;
+        pki.token("connector", "site-a", &["--route", "*.internal:*"])?;
+        let dmz = Proc::spawn(
+            "dmz",
+            at.cmd("sallyport-gateway")
+                .args([
+                    "dmz",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--instance-id",
+                    "dmz-test",
+                    "--tls-cert",
+                ])
+                .arg(pki.p("gateway.crt"))
+                .arg("--tls-key")
+                .arg(pki.p("gateway.key"))
+                .arg("--agent-tokens")
+                .arg(pki.p("agents.toml"))
+                .arg("--connector-tokens")
+                .arg(pki.p("connectors.toml")),
+        )?;
+        let gw = dmz.addr(&["dmz gateway listening"])?;
+        let gw_url = format!("wss://127.0.0.1:{}/", gw.port());
+        let mut connector_args: Vec<String> = vec![
+            "connector".into(),
+            "--gateway".into(),
+            gw_url.clone(),
+            "--token-file".into(),
+            pki.p("site-a.token").display().to_string(),
+            "--ca".into(),
+            pki.p("ca.crt").display().to_string(),
+            "--advertise".into(),
+            "*.internal:*".into(),
+            "--instance-id".into(),
+            "connector-test".into(),
+        ];
+        for a in allow {
+            connector_args.push("--allow".into());
+            connector_args.push(a.clone());
+        }
+        for h in hosts {
+            connector_args.push("--host".into());
+            connector_args.push(h.to_string());
+        }
+        let connector = Proc::spawn(
+            "connector",
+            at.cmd("sallyport-gateway").args(&connector_args),
+        )?;
+        dmz.wait_for(&["connector routes"], Duration::from_secs(15))?;
+        Ok(Gateway {
+            pki,
+            dmz,
+            connector,
+            gw_url,
+            connector_args,
+        })
+    }
+}
+
 /// Gateway, connector and agent for one test, on loopback.
 pub struct System {
     pub pki: Pki,
@@ -493,60 +584,13 @@ impl System {
         agent_env: &[(&str, &str)],
         at: &Where,
     ) -> Result<System> {
-        let pki = Pki::new(tag)?;
-        pki.token(
-            "agent",
-            "alice-laptop",
-            &["--name", "alice", "--groups", "dev"],
-        )?;
-        pki.token("connector", "site-a", &["--route", "*.internal:*"])?;
-        let dmz = Proc::spawn(
-            "dmz",
-            at.cmd("sallyport-gateway")
-                .args([
-                    "dmz",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--instance-id",
-                    "dmz-test",
-                    "--tls-cert",
-                ])
-                .arg(pki.p("gateway.crt"))
-                .arg("--tls-key")
-                .arg(pki.p("gateway.key"))
-                .arg("--agent-tokens")
-                .arg(pki.p("agents.toml"))
-                .arg("--connector-tokens")
-                .arg(pki.p("connectors.toml")),
-        )?;
-        let gw = dmz.addr(&["dmz gateway listening"])?;
-        let gw_url = format!("wss://127.0.0.1:{}/", gw.port());
-        let mut connector_args: Vec<String> = vec![
-            "connector".into(),
-            "--gateway".into(),
-            gw_url.clone(),
-            "--token-file".into(),
-            pki.p("site-a.token").display().to_string(),
-            "--ca".into(),
-            pki.p("ca.crt").display().to_string(),
-            "--advertise".into(),
-            "*.internal:*".into(),
-            "--instance-id".into(),
-            "connector-test".into(),
-        ];
-        for a in allow {
-            connector_args.push("--allow".into());
-            connector_args.push(a.clone());
-        }
-        for h in hosts {
-            connector_args.push("--host".into());
-            connector_args.push(h.to_string());
-        }
-        let connector = Proc::spawn(
-            "connector",
-            at.cmd("sallyport-gateway").args(&connector_args),
-        )?;
-        dmz.wait_for(&["connector routes"], Duration::from_secs(15))?;
+        let Gateway {
+            pki,
+            dmz,
+            connector,
+            gw_url,
+            connector_args,
+        } = Gateway::start(tag, allow, hosts, at)?;
         let mut cmd = at.cmd("sallyport");
         cmd.args([
             "run",

@@ -31,18 +31,6 @@ fn sallyport(home: &TempDir, args: &[&str], stdin: &str) -> (i32, String, String
     )
 }
 
-fn files(dir: &std::path::Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|r| {
-            r.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 #[test]
 fn enroll_checks_the_token_pins_the_key_and_logout_removes_it() {
     let svc = http_service().unwrap();
@@ -72,7 +60,11 @@ fn enroll_checks_the_token_pins_the_key_and_logout_removes_it() {
         "{err}"
     );
     assert!(!err.contains(&wrong[20..]), "the token leaked: {err}");
-    assert!(files(&conf_dir).is_empty(), "{:?}", files(&conf_dir));
+    assert!(
+        file_names(&conf_dir).is_empty(),
+        "{:?}",
+        file_names(&conf_dir)
+    );
     // An unreachable gateway: nothing written either.
     let dead = format!("wss://127.0.0.1:{}/", dead_port().unwrap());
     let (code, _, err) = sallyport(
@@ -82,7 +74,7 @@ fn enroll_checks_the_token_pins_the_key_and_logout_removes_it() {
     );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("cannot reach the gateway"), "{err}");
-    assert!(files(&conf_dir).is_empty());
+    assert!(file_names(&conf_dir).is_empty());
 
     // The real token.
     let (code, out, err) = sallyport(
@@ -98,7 +90,10 @@ fn enroll_checks_the_token_pins_the_key_and_logout_removes_it() {
     let pin = egress::cert::key_pin(&der).unwrap();
     assert!(out.contains(&format!("gateway key pinned: {pin}")), "{out}");
     assert!(out.contains("(mode 0600)"), "{out}");
-    assert_eq!(files(&conf_dir), ["agent.token", "agent.toml", "ca.crt"]);
+    assert_eq!(
+        file_names(&conf_dir),
+        ["agent.token", "agent.toml", "ca.crt"]
+    );
     for f in ["agent.toml", "agent.token"] {
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(conf_dir.join(f)).unwrap().permissions(),
@@ -193,5 +188,9 @@ fn enroll_checks_the_token_pins_the_key_and_logout_removes_it() {
     assert!(std::fs::read_to_string(&conf).unwrap().contains(&pin));
     let (code, out, err) = sallyport(&home, &["logout"], "");
     assert_eq!(code, 0, "{out}{err}");
-    assert!(files(&conf_dir).is_empty(), "{:?}", files(&conf_dir));
+    assert!(
+        file_names(&conf_dir).is_empty(),
+        "{:?}",
+        file_names(&conf_dir)
+    );
 }
