@@ -43,9 +43,10 @@ fn on_path(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Installs `package` with apt-get when `tool` is not on PATH; fails naming the tool when that
+/// Installs `packages` with apt-get when `tool` is not on PATH; fails naming the tool when that
 /// does not provide it.
-pub fn ensure_apt(tool: &str, package: &str) -> Result<()> {
+pub fn ensure_apt(tool: &str, packages: &[&str]) -> Result<()> {
+    let package = packages.join(" ");
     if on_path(tool) {
         return Ok(());
     }
@@ -77,7 +78,7 @@ pub fn ensure_apt(tool: &str, package: &str) -> Result<()> {
         Ok(())
     };
     apt(&["update", "-qq"])?;
-    apt(&["install", "-y", "-qq", package])?;
+    apt(&[&["install", "-y", "-qq"][..], packages].concat())?;
     if !on_path(tool) {
         bail!("`{tool}` is required by the Windows tests; installing {package} did not provide it");
     }
@@ -177,8 +178,8 @@ extern "C" fn remove_prefix() {
 
 fn setup() -> Result<Wine> {
     let t = Instant::now();
-    ensure_apt("wine", "wine64")?;
-    ensure_apt("x86_64-w64-mingw32-gcc", "gcc-mingw-w64-x86-64")?;
+    ensure_apt("wine", &["wine64", "wine"])?;
+    ensure_apt("x86_64-w64-mingw32-gcc", &["gcc-mingw-w64-x86-64"])?;
     ensure_target()?;
     let exe_dir = build()?;
     let prefix = std::env::temp_dir().join(format!("sallyport-wine-{}", std::process::id()));

@@ -105,8 +105,8 @@ fn the_windows_agent_carries_20_mib_each_way_over_socks5_http_and_a_forward_for_
     let t = Instant::now();
 
     // SOCKS5: `sallyport.exe connect` (the ssh ProxyCommand) as the app.
-    let out = wine
-        .exchange(
+    let connect = |request: Vec<u8>| {
+        wine.exchange(
             wine.exe("sallyport.exe").args([
                 "connect",
                 "backend.internal",
@@ -114,10 +114,12 @@ fn the_windows_agent_carries_20_mib_each_way_over_socks5_http_and_a_forward_for_
                 "--socks",
                 &socks.to_string(),
             ]),
-            get(&format!("/bytes/{MIB20}")).into_bytes(),
+            request,
             http_complete,
         )
-        .unwrap();
+        .unwrap()
+    };
+    let out = connect(get(&format!("/bytes/{MIB20}")).into_bytes());
     assert!(
         out.status.success(),
         "connect: {}\n{}",
@@ -134,19 +136,7 @@ fn the_windows_agent_carries_20_mib_each_way_over_socks5_http_and_a_forward_for_
     )
     .into_bytes();
     req.extend_from_slice(&body);
-    let out = wine
-        .exchange(
-            wine.exe("sallyport.exe").args([
-                "connect",
-                "backend.internal",
-                &port.to_string(),
-                "--socks",
-                &socks.to_string(),
-            ]),
-            req,
-            http_complete,
-        )
-        .unwrap();
+    let out = connect(req);
     let (head, answer) = split_response(&out.stdout).unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "upload: {head}");
     assert_eq!(
@@ -247,7 +237,6 @@ fn registry_proxy_settings_lead_the_windows_agent_through_squid_with_basic() {
         },
     )
     .unwrap();
-    let t = Instant::now();
     let auth: &[&str] = &["--proxy-user", "alice"];
     let pw = [("SALLYPORT_PROXY_PASSWORD", "w1n-s3cret")];
     let connects = || {
@@ -322,10 +311,6 @@ fn registry_proxy_settings_lead_the_windows_agent_through_squid_with_basic() {
     assert!(out.contains("would use: direct"), "{out}");
     assert!(out.contains("its exceptions exempt localhost"), "{out}");
 
-    eprintln!(
-        "registry test: manual and <local> steps done at {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
     // AutoConfigURL: the PAC script, fetched and run, sends the gateway to squid; Basic is not
     // sent to a proxy a PAC named (it could be spoofed), and doctor says so.
     wine.set_internet_setting("ProxyEnable", "REG_DWORD", "0")
@@ -367,10 +352,6 @@ fn registry_proxy_settings_lead_the_windows_agent_through_squid_with_basic() {
     .unwrap();
     let (_, out, err) = windows_doctor(wine, &gw, &gw.gw_url, &["--connect-timeout", "3s"], &[]);
     assert!(out.contains("WPAD"), "{out}{err}");
-    eprintln!(
-        "registry test: WPAD step done at {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
 
     // A bad value: rejected, named, and the rest still works.
     wine.clear_internet_settings();
@@ -564,8 +545,8 @@ fn a_process_without_a_windows_owner_is_refused_and_a_windows_one_served() {
 #[test]
 fn the_signed_per_user_msi_installs_runs_and_uninstalls_with_msiexec() {
     let (_l, wine) = windows();
-    wine::ensure_apt("wixl", "wixl").unwrap();
-    wine::ensure_apt("osslsigncode", "osslsigncode").unwrap();
+    wine::ensure_apt("wixl", &["wixl"]).unwrap();
+    wine::ensure_apt("osslsigncode", &["osslsigncode"]).unwrap();
     let out_dir = TempDir::new("win-msi");
     let (code, stdout, err) = run(std::process::Command::new(
         wine::workspace().join("scripts/package-msi.sh"),
