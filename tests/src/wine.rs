@@ -334,10 +334,9 @@ impl Wine {
     /// a ProxyCommand's stdin open) until `done` says the output so far is complete; then stdin
     /// is closed and the program runs to its end.
     ///
-    /// Why not close stdin at once: under Wine 8, when a client half-closes its connection
-    /// right after sending, the agent's side can see the end of the connection before the data
-    /// (the HTTP front then reports "connection closed before message completed"). Whether real
-    /// Windows does the same is not known; see docs/install.md.
+    /// Why not close stdin at once: a client that half-closes right after its request can get
+    /// no answer (the agent's HTTP front closes on the client's EOF; once seen through SOCKS5
+    /// under Wine too); see docs/install.md, "What running under Wine found".
     pub fn exchange(
         &self,
         cmd: &mut Command,

@@ -181,6 +181,24 @@ fn the_windows_agent_carries_20_mib_each_way_over_socks5_http_and_a_forward_for_
         .unwrap();
 }
 
+/// Switches on the manual proxy of Internet Options: `ProxyEnable` = 1, `ProxyServer` = `value`.
+fn manual_proxy(wine: &Wine, value: &str) {
+    wine.set_internet_setting("ProxyEnable", "REG_DWORD", "1")
+        .unwrap();
+    wine.set_internet_setting("ProxyServer", "REG_SZ", value)
+        .unwrap();
+}
+
+/// The gateway's port, as squid logs it (`CONNECT 127.0.0.1:PORT`).
+fn gw_port(gw: &Gateway) -> String {
+    gw.gw_url
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// `sallyport.exe doctor` against `gw` (its token and CA) with `extra` arguments and
 /// environment: (exit code, stdout, stderr).
 fn windows_doctor(
@@ -222,13 +240,7 @@ fn registry_proxy_settings_lead_the_windows_agent_through_squid_with_basic() {
     let _clear = ClearSettings(wine);
     wine.clear_internet_settings();
     let (_port, gw) = gateway("win-reg");
-    let gw_port = gw
-        .gw_url
-        .trim_end_matches('/')
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_string();
+    let gw_port = gw_port(&gw);
     let squid = Squid::start_with(
         "win-sq-basic",
         SquidAuth::Basic {
@@ -257,14 +269,7 @@ fn registry_proxy_settings_lead_the_windows_agent_through_squid_with_basic() {
 
     // host:port, switched on: the agent's candidate from the registry goes through squid,
     // authenticated (the gateway is on loopback, so direct works too and is listed after it).
-    wine.set_internet_setting("ProxyEnable", "REG_DWORD", "1")
-        .unwrap();
-    wine.set_internet_setting(
-        "ProxyServer",
-        "REG_SZ",
-        &format!("127.0.0.1:{}", squid.port),
-    )
-    .unwrap();
+    manual_proxy(wine, &format!("127.0.0.1:{}", squid.port));
     let ok_via_squid = |out: &str| {
         out.lines()
             .skip_while(|l| {
@@ -631,4 +636,56 @@ fn the_signed_per_user_msi_installs_runs_and_uninstalls_with_msiexec() {
         wine.reg(&["query", run_key, "/v", "Sallyport"]).is_err(),
         "the Run value is left"
     );
+}
+
+/// The registry's proxy with the other schemes squid asks for: Digest (squid's
+/// `digest_file_auth`) and NTLMv2 (our `sp-ntlm-helper`, which checks the response against the
+/// password), the user given to the agent and the password only in its environment.
+#[test]
+fn registry_proxy_through_squid_with_digest_and_ntlm() {
+    let (_l, wine) = windows();
+    let _clear = ClearSettings(wine);
+    let (_port, gw) = gateway("win-reg-auth");
+    let gw_port = gw_port(&gw);
+    for (tag, how, user, password) in [
+        (
+            "win-sq-digest",
+            SquidAuth::Digest {
+                user: "alice",
+                password: "d1gest-w1n",
+            },
+            "alice",
+            "d1gest-w1n",
+        ),
+        (
+            "win-sq-ntlm",
+            SquidAuth::Ntlm {
+                password: "Ntlm-W1n-1",
+            },
+            r"CORP\alice",
+            "Ntlm-W1n-1",
+        ),
+    ] {
+        let squid = Squid::start_with(tag, how).unwrap();
+        manual_proxy(wine, &format!("127.0.0.1:{}", squid.port));
+        let (code, out, err) = windows_doctor(
+            wine,
+            &gw,
+            &gw.gw_url,
+            &["--proxy-user", user],
+            &[("SALLYPORT_PROXY_PASSWORD", password)],
+        );
+        assert_eq!(code, 0, "{tag}: {out}{err}");
+        assert!(
+            !format!("{out}{err}").contains(password),
+            "{tag}: password shown"
+        );
+        let log = squid
+            .wait_for_log(
+                &[&format!("CONNECT 127.0.0.1:{gw_port}"), "alice"],
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|e| panic!("{tag}: {e}\n{out}{err}"));
+        assert!(log.contains("TCP_TUNNEL/200"), "{tag}: {log}");
+    }
 }

@@ -2,8 +2,8 @@
  * so that the process connecting to the agent is a Windows process with a Windows owner, as on a
  * real desktop. It copies stdin to the connection and the connection to stdout until the far end
  * closes. It half-closes its side once stdin is done *and* the answer has begun (or 5 s have
- * passed): under Wine 8 a FIN that follows the request at once can make the agent's side see the
- * end before the data (see tests/src/wine.rs). With -k it never half-closes (for HTTP servers
+ * passed): a FIN that follows the request at once can cost the answer (see docs/install.md,
+ * "What running under Wine found"). With -k it never half-closes (for HTTP servers
  * that end a response when the client's side ends, and close by themselves after
  * `Connection: close`). Exit code 0 when the far end closed cleanly, 2
  * when the connection could not be made, 3 when it was reset. */
