@@ -164,7 +164,8 @@ pub fn my_uid() -> Option<u32> {
 /// * A socket not found on this machine is another host's, admitted only when `allow_remote`
 ///   (local authentication then applies); from a loopback source it is refused.
 ///
-/// The owner is a [`Uid`] on Linux and a [`Sid`] (the user of the owning process) on Windows.
+/// The owner is a [`Uid`] on Linux and a [`windows::Owner`] (the user of the owning process)
+/// on Windows.
 pub fn admit<T: PartialEq + fmt::Display>(
     peer: SocketAddr,
     allow_remote: bool,

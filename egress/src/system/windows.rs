@@ -141,8 +141,8 @@ pub fn parse_proxy_server(value: &str) -> ProxyServer {
 }
 
 /// What is wrong with the settings that are switched on (each naming the value); the
-/// candidates leave those parts out. Logged as warnings by [`read`] (so `sallyport doctor`
-/// shows them).
+/// candidates leave those parts out. Logged as warnings when the registry is read (so
+/// `sallyport doctor` shows them).
 pub fn problems(s: &InternetSettings) -> Vec<String> {
     let mut out = Vec::new();
     if s.proxy_enable {
