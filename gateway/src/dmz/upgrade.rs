@@ -6,6 +6,7 @@ use super::limits::CountGuard;
 use super::{ForwardedHeader, Shared};
 use crate::auth::{Identity, TokenStore};
 use crate::http::{self, RequestHead};
+use crate::logsafe::Clean;
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -175,7 +176,11 @@ pub(crate) fn verify_token(
         shared.config.connector_tokens.current()
     };
     store.verify(presented, SystemTime::now()).map_err(|e| {
-        warn!(%client, role = if is_agent { "agent" } else { "connector" }, reason = %e, "refused token");
+        // Anyone can cause this line: at most a few a second, the rest counted.
+        static LOG: crate::logsafe::Throttle = crate::logsafe::Throttle::new(20);
+        if let Some(left_out) = LOG.allow() {
+            warn!(%client, role = if is_agent { "agent" } else { "connector" }, reason = %Clean(&e.to_string()), left_out, "refused token");
+        }
         e.client_message()
     })
 }
