@@ -204,11 +204,11 @@ class Setup:
         time.sleep(0.5)
 
 
-def attacker(setup, kinds, seconds, rate, burst, idx):
+def attacker(setup, kinds, seconds, rate, burst, idx, ping_sessions=1):
     t = setup.tmp
     args = [str(ATTACK), "run", "--gateway", f"127.0.0.1:{setup.port}", "--source", "127.0.0.2",
             "--token-file", str(t / "rogue.token"), "--duration", str(seconds), "--rate", str(rate),
-            "--burst", str(burst), "--kinds", ",".join(kinds)]
+            "--burst", str(burst), "--kinds", ",".join(kinds), "--ping-sessions", str(ping_sessions)]
     args += ["--plain"] if setup.plain else ["--ca", str(t / "ca.crt")]
     out = open(t / f"attack-{idx}.json", "w")
     p = spawn(args, t / f"attack-{idx}.log", stdout=out)
@@ -313,6 +313,8 @@ def main():
     ap.add_argument("--rate", type=float, default=50.0, help="attack connections per second (default: handshakes_per_ip)")
     ap.add_argument("--burst", type=int, default=100)
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--ping-sessions", type=int, default=1,
+                    help="PING-flooding sessions of the attacker's token (sessions_per_agent_token allows 16)")
     ap.add_argument("--alone", type=int, default=2, help="rounds of each attack alone, after the main run")
     ap.add_argument("--plain", action="store_true", help="the DMZ without TLS (as behind a TLS-terminating balancer)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "hostile.md"))
@@ -347,7 +349,7 @@ def main():
         c0, w0 = cpu_s(dmz_pid), time.time()
         att = None
         if mode == "attacked":
-            att = attacker(s, kinds_now, a.warmup + 120, a.rate, a.burst, idx)
+            att = attacker(s, kinds_now, a.warmup + 120, a.rate, a.burst, idx, a.ping_sessions)
             time.sleep(a.warmup)
         r = legit_round(s, idx, nbytes, want)
         if att is not None:
@@ -399,7 +401,7 @@ def main():
     lines.append(f"Machine: {os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}; "
                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; DMZ {'plain' if a.plain else 'TLS'}, default limits "
                  f"and threads; {a.rounds} attacked + {a.rounds} quiet rounds interleaved, {a.mib} MiB each; "
-                 f"attack: {','.join(kinds)} at {a.rate:g} conn/s (burst {a.burst}) from 127.0.0.2, "
+                 f"attack: {','.join(kinds)} ({a.ping_sessions} PING session{'s' if a.ping_sessions > 1 else ''}) at {a.rate:g} conn/s (burst {a.burst}) from 127.0.0.2, "
                  f"{a.warmup:g} s before each agent start.")
     lines.append("")
     lines.append("| | under attack | quiet | attacked / quiet (medians) | per-round ratio (median) |")

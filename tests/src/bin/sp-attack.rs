@@ -79,6 +79,9 @@ struct RunArgs {
     /// Which attacks: any of body, slowloris, inner, ping.
     #[arg(long, default_value = "body,slowloris,inner,ping", value_delimiter = ',')]
     kinds: Vec<String>,
+    /// Authenticated PING-flooding sessions (the token allows `sessions_per_agent_token`, 16).
+    #[arg(long, default_value_t = 1)]
+    ping_sessions: u32,
     /// Most attack connections held at once (a bound on the attacker itself).
     #[arg(long, default_value_t = 4096)]
     max_conns: usize,
@@ -196,10 +199,12 @@ async fn run(args: RunArgs) -> i32 {
     }
     if has("ping") {
         // The session connects before the flood takes the address's handshake budget.
-        tokio::spawn(ping_flood(ctx.clone()));
+        let n = u64::from(args.ping_sessions.max(1));
+        for _ in 0..n {
+            tokio::spawn(ping_flood(ctx.clone()));
+        }
         let until = TInstant::now() + Duration::from_secs(5);
-        while ctx.stats.ping_sessions.load(Relaxed) == 0
-            && ctx.stats.ping_session_failed.load(Relaxed) == 0
+        while ctx.stats.ping_sessions.load(Relaxed) + ctx.stats.ping_session_failed.load(Relaxed) < n
             && TInstant::now() < until
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
