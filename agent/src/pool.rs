@@ -5,7 +5,7 @@
 //! backoff and jitter; app connections that arrive meanwhile wait (bounded) for the next
 //! session instead of failing at once.
 //!
-//! How a session is carried (see DESIGN "Through inspecting proxies"):
+//! How a session is carried (see `docs/protocol.md`, "Through TLS-inspecting proxies"):
 //! - **transport**: WebSocket first; when something on the way strips the upgrade (426, 400, a
 //!   200 without upgrade, a reset right after the request), the HTTP transport
 //!   (`tunnel::http`: POSTs up, a streamed or long-polled GET down) on the same way out. Said
@@ -72,10 +72,7 @@ impl ConnectError {
             ConnectError::Handshake(tunnel::ws::HandshakeError::Refused { status, .. }) => {
                 matches!(status, 426 | 400 | 405 | 501) || (200..300).contains(status)
             }
-            ConnectError::Handshake(tunnel::ws::HandshakeError::Other(e)) => {
-                let e = e.to_ascii_lowercase();
-                e.contains("reset") || e.contains("closed") || e.contains("eof")
-            }
+            ConnectError::Handshake(tunnel::ws::HandshakeError::Cut(_)) => true,
             _ => false,
         }
     }
@@ -266,7 +263,7 @@ fn carry(config: &AgentConfig, io: &GatewayStream) -> Result<Carry, ConnectError
 fn inner_error(config: &AgentConfig, key: &PublicKey, e: InnerError) -> ConnectError {
     match e {
         InnerError::Auth { status, text } => ConnectError::Refused { status, text },
-        InnerError::Refused(text) if text.contains(tunnel::inner::KEY_MISMATCH) => ConnectError::Inner(format!(
+        InnerError::KeyMismatch(text) => ConnectError::Inner(format!(
             "the gateway's inner key does not match the pinned one: {text}; this agent is pinned to {key} (gateway {})",
             config.gateway
         )),
@@ -399,10 +396,13 @@ pub async fn start_http(
                 tunnel::http::client::connect(dial(false), Some(Box::new(io)), opts, hello)
                     .await
                     .map_err(|e| match e {
-                        HttpError::Refused { status: 403, body }
-                            if body.contains(tunnel::inner::KEY_MISMATCH) =>
-                        {
-                            inner_error(config, &key, InnerError::Refused(body))
+                        HttpError::Refused { status: 403, body } => {
+                            match tunnel::inner::read_refusal(
+                                body.trim_start_matches("sallyport: ").to_string(),
+                            ) {
+                                e @ InnerError::KeyMismatch(_) => inner_error(config, &key, e),
+                                _ => ConnectError::Http(HttpError::Refused { status: 403, body }),
+                            }
                         }
                         e => ConnectError::Http(e),
                     })?;

@@ -1,16 +1,21 @@
 //! # sallyport-egress: the way out to the gateway
 //!
-//! Used by the agent and by the connector to reach the DMZ gateway. Today it dials directly
-//! (TCP, then TLS for `wss://`); corporate HTTP/SOCKS proxies, PAC/WPAD and system settings
-//! plug in here (see DESIGN.md "Egress") without the callers changing: they get a byte stream to
-//! the gateway and speak WebSocket on it.
+//! Used by the agent and by the connector to reach the DMZ gateway through whatever the network
+//! allows: direct, a corporate HTTP proxy (Basic, Digest, NTLM, Negotiate), a SOCKS5 proxy,
+//! PAC/WPAD, or the OS settings (see `docs/egress.md`). Callers get a byte stream to the gateway
+//! (TLS for `wss://`) and speak WebSocket or HTTP on it.
 //!
 //! | item | what |
 //! |---|---|
 //! | [`GatewayUrl`] | a parsed `wss://host:port/prefix` |
-//! | [`TlsOptions`], [`client_config`] | trust: the OS store plus `--ca`, or only a pinned CA |
+//! | [`TlsOptions`], [`client_config`] | trust: the OS store plus `--ca`, or only a pinned CA, and the enrolled key pin |
 //! | [`CaAnchor`] | is this connection's certificate issued by `--ca` itself (not by the OS store)? |
-//! | [`dial`] | TCP (with timeout) + TLS, errors that say which hop failed |
+//! | [`dial_via`], [`GatewayStream`] | TCP, the proxy's handshake, TLS, all within one timeout; errors that say which hop failed |
+//! | [`probe`], [`network`] | the candidates, tried staggered; what worked, remembered per network |
+//! | [`proxy`], [`http`], [`auth`] | corporate proxies: `--proxy`, environment, SOCKS5; `CONNECT` and its auth rounds |
+//! | [`pac`], [`system`] | PAC (sandboxed), WPAD; OS proxy settings |
+//! | [`cert`], [`keychain`] | certificate names and key pins; the OS keychain |
+//! | [`logging`] | the binaries' tracing setup (tungstenite capped: it would print the upgrade request) |
 
 pub mod auth;
 pub mod cert;
@@ -133,14 +138,6 @@ impl Egress {
             proxy: Some(Proxy::Direct),
             ..Egress::default()
         }
-    }
-
-    /// From a `--proxy` setting alone (see [`Egress::from_settings`]).
-    pub fn from_setting(setting: Option<&str>) -> Result<Egress, String> {
-        Egress::from_settings(&EgressSettings {
-            proxy: setting,
-            ..Default::default()
-        })
     }
 
     /// Validates the settings. The password comes from `SALLYPORT_PROXY_PASSWORD` or the
@@ -646,7 +643,7 @@ impl AsyncWrite for GatewayStream {
     }
 }
 
-/// Read buffer under TLS (see [`dial`]).
+/// Read buffer under TLS (see [`dial_via`]).
 pub const TLS_READ_BUFFER: usize = 64 * 1024;
 
 /// Dials the gateway through one way out: TCP to the proxy (or the gateway), the proxy's

@@ -259,7 +259,7 @@ async fn serve(
             s = incoming.accept() => match s { Some(s) => s, None => return },
         };
         let config = config.clone();
-        tracker.spawn(async move { handle_stream(config, stream).await });
+        tracker.spawn(async move { handle_stream(config, stream).await }.in_current_span());
     }
 }
 

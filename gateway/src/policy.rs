@@ -1267,7 +1267,17 @@ mod tests {
     }
 
     #[test]
-    fn local_addresses_does_not_panic() {
-        let _ = local_addresses();
+    fn local_addresses_lists_this_machines_loopback_sorted_and_folded() {
+        let addrs = local_addresses();
+        // Every Linux machine (and namespace with lo up) has 127.0.0.1.
+        assert!(
+            addrs.contains(&"127.0.0.1".parse::<IpAddr>().unwrap()),
+            "{addrs:?}"
+        );
+        let mut sorted = addrs.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(addrs, sorted);
+        assert!(addrs.iter().all(|a| canonical_ip(*a) == *a));
     }
 }

@@ -182,7 +182,8 @@ pub(crate) enum Pending {
     Induced(Bytes),
 }
 
-/// Most bytes of answers to the peer's frames that may wait unsent (see [`Pending::Induced`]).
+/// Most bytes of answers to the peer's frames (`RST`, `OPEN_ERR`, session credit) that may wait
+/// unsent.
 pub const MAX_INDUCED_CONTROL: usize = 1024 * 1024;
 
 /// Most routes kept from a peer's route list (`ROUTES_PART`… `ROUTES`); the rest are dropped

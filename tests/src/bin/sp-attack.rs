@@ -45,7 +45,9 @@ struct Cli {
 enum Cmd {
     Run(RunArgs),
     /// Prints the SHA-256 of the first N bytes of the e2e test pattern.
-    PatternSha256 { n: u64 },
+    PatternSha256 {
+        n: u64,
+    },
 }
 
 #[derive(Parser, Clone)]
@@ -77,7 +79,11 @@ struct RunArgs {
     #[arg(long, default_value_t = 100)]
     burst: u32,
     /// Which attacks: any of body, slowloris, inner, ping.
-    #[arg(long, default_value = "body,slowloris,inner,ping", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "body,slowloris,inner,ping",
+        value_delimiter = ','
+    )]
     kinds: Vec<String>,
     /// Authenticated PING-flooding sessions (the token allows `sessions_per_agent_token`, 16).
     #[arg(long, default_value_t = 1)]
@@ -204,7 +210,8 @@ async fn run(args: RunArgs) -> i32 {
             tokio::spawn(ping_flood(ctx.clone()));
         }
         let until = TInstant::now() + Duration::from_secs(5);
-        while ctx.stats.ping_sessions.load(Relaxed) + ctx.stats.ping_session_failed.load(Relaxed) < n
+        while ctx.stats.ping_sessions.load(Relaxed) + ctx.stats.ping_session_failed.load(Relaxed)
+            < n
             && TInstant::now() < until
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -278,7 +285,11 @@ async fn run(args: RunArgs) -> i32 {
     }
     let secs = started.elapsed().as_secs_f64();
     // New connections per second once the opening burst is spent.
-    let steady = (ctx.stats.attempted.load(Relaxed).saturating_sub(attempted_in_burst)) as f64
+    let steady = (ctx
+        .stats
+        .attempted
+        .load(Relaxed)
+        .saturating_sub(attempted_in_burst)) as f64
         / after_burst.elapsed().as_secs_f64();
     let s = &ctx.stats;
     let g = |a: &AtomicU64| a.load(Relaxed);
@@ -320,12 +331,11 @@ async fn connect(ctx: &Ctx) -> Result<BoxIo, bool> {
     .map_err(|_| false)?;
     sock.bind(SocketAddr::new(ctx.args.source, 0))
         .map_err(|_| false)?;
-    let tcp = match tokio::time::timeout(Duration::from_secs(5), sock.connect(ctx.args.gateway))
-        .await
-    {
-        Ok(Ok(t)) => t,
-        _ => return Err(false),
-    };
+    let tcp =
+        match tokio::time::timeout(Duration::from_secs(5), sock.connect(ctx.args.gateway)).await {
+            Ok(Ok(t)) => t,
+            _ => return Err(false),
+        };
     let _ = tcp.set_nodelay(true);
     match &ctx.tls {
         None => Ok(Box::new(tcp)),
@@ -381,8 +391,8 @@ async fn attack_conn(ctx: &Ctx, kind: &str) {
     let (first, drip): (Vec<u8>, &[u8]) = match kind {
         "body" => {
             s.body.fetch_add(1, Relaxed);
-            let mut v =
-                b"POST /agent/http HTTP/1.1\r\nHost: gw\r\nContent-Length: 1100000\r\n\r\n".to_vec();
+            let mut v = b"POST /agent/http HTTP/1.1\r\nHost: gw\r\nContent-Length: 1100000\r\n\r\n"
+                .to_vec();
             v.extend_from_slice(&[b'x'; 1024]);
             (v, b"")
         }
@@ -395,7 +405,7 @@ async fn attack_conn(ctx: &Ctx, kind: &str) {
         }
         _ => {
             s.inner.fetch_add(1, Relaxed);
-            let key = ctx.key.lock().unwrap().clone();
+            let key = *ctx.key.lock().unwrap();
             let hello = match key.and_then(|k| tunnel::inner::Initiator::start(&k, &[0u8; 32]).ok())
             {
                 Some((_init, hello)) => hello.to_vec(),

@@ -2,7 +2,7 @@
 //!
 //! Two background tasks, each with its own HTTP/1.1 connection (dialed by the caller, through
 //! whatever proxy the way out needs; redialed when it breaks):
-//! - **up**: takes what the session's writer queued, up to [`UP_BATCH`] per `POST`, one
+//! - **up**: takes what the session's writer queued, up to `UP_BATCH` per `POST`, one
 //!   `POST` at a time (so batches arrive in order); a failed `POST` is resent with the same
 //!   `seq` until it succeeds or [`GIVE_UP`] passes, carrying half as many messages after each
 //!   failure (a path that cuts connections after so many bytes still lets a batch through;
