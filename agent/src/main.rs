@@ -273,11 +273,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     agent::connect::pipe_stdio(s).await?;
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(agent::connect::ConnectError::Io(e))
+                Err(agent::connect::ProxyCommandError::Io(e))
                     if e.kind() == std::io::ErrorKind::ConnectionRefused =>
                 {
                     // No agent running: open our own session if we know the gateway.
-                    let cfg = cfg.map_err(|c| agent::connect::ConnectError::NoAgent {
+                    let cfg = cfg.map_err(|c| agent::connect::ProxyCommandError::NoAgent {
                         agent: socks,
                         why: c.to_string(),
                     })?;

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use tunnel::http::client::{BoxIo, Dialer, HttpError, Options};
+use tunnel::http::client::{GatewayIo, HttpError, Options, Redial};
 use tunnel::inner::{InnerError, PublicKey};
 use tunnel::{ErrorCode, Role, Session};
 
@@ -331,7 +331,7 @@ pub async fn start_http(
 ) -> Result<Connected, ConnectError> {
     // Every new connection of the HTTP transport is checked again: a bearer token goes only on
     // TLS proven to be the gateway's own, connection by connection.
-    let dial = |bearer: bool| -> Dialer {
+    let dial = |bearer: bool| -> Redial {
         let (cfg, c) = (Arc::new(config.clone()), way.clone());
         Arc::new(move || {
             let (cfg, c) = (cfg.clone(), c.clone());
@@ -346,7 +346,7 @@ pub async fn start_http(
                     }
                     .to_string());
                 }
-                Ok(Box::new(s) as BoxIo)
+                Ok(Box::new(s) as GatewayIo)
             })
         })
     };
