@@ -347,7 +347,7 @@ where
 
 /// The client's real address: the TCP peer, or, when the peer is a trusted load balancer, the
 /// right-most address in `X-Forwarded-For` / `Forwarded` that is not itself trusted.
-fn client_addr(trusted: &[IpNet], peer: SocketAddr, head: &RequestHead) -> SocketAddr {
+pub fn client_addr(trusted: &[IpNet], peer: SocketAddr, head: &RequestHead) -> SocketAddr {
     let is_trusted = |ip: &IpAddr| {
         trusted
             .iter()
