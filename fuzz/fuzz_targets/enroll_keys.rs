@@ -47,12 +47,17 @@ fuzz_target!(|data: &[u8]| {
         toml.push_str(&format!("gateway_key = {}\n", toml_str(t)));
     }
     if let Some(k) = &inner {
-        toml.push_str(&format!("gateway_inner_key = {}\n", toml_str(&k.to_string())));
+        toml.push_str(&format!(
+            "gateway_inner_key = {}\n",
+            toml_str(&k.to_string())
+        ));
     }
     let file = agent::config::parse_file(&toml, Path::new("agent.toml"))
         .unwrap_or_else(|e| panic!("enroll would write an agent.toml it cannot read: {e}\n{toml}"));
     assert_eq!(file.gateway.as_deref(), Some("wss://gw.example.com"));
     assert_eq!(file.gateway_key, tls);
     assert_eq!(file.gateway_inner_key, inner.map(|k| k.to_string()));
-    assert!(file.proxy.is_none() && file.ca.is_none() && file.pac.is_none() && !file.token_keychain);
+    assert!(
+        file.proxy.is_none() && file.ca.is_none() && file.pac.is_none() && !file.token_keychain
+    );
 });

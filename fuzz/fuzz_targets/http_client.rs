@@ -109,10 +109,17 @@ fuzz_target!(|data: &[u8]| {
         loop {
             match rx.recv().await {
                 Ok(Some(m)) => {
-                    assert!(!m.is_empty() && m.len() <= MAX_MESSAGE, "message of {} bytes", m.len());
+                    assert!(
+                        !m.is_empty() && m.len() <= MAX_MESSAGE,
+                        "message of {} bytes",
+                        m.len()
+                    );
                     total += m.len() + 4;
                     count += 1;
-                    assert!(total <= get_len, "{count} messages, {total} bytes from {get_len}");
+                    assert!(
+                        total <= get_len,
+                        "{count} messages, {total} bytes from {get_len}"
+                    );
                 }
                 Ok(None) | Err(_) => break,
             }

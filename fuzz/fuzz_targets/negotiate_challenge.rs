@@ -23,7 +23,11 @@ fn round_trip(token: &[u8]) {
     assert_eq!(parse_challenge(&h), Some(Some(token.to_vec())));
     let ch = Challenge::parse(&h);
     assert_eq!(ch.known(), Some(Scheme::Negotiate));
-    let again = if token.is_empty() { Some(Vec::new()) } else { ch.token() };
+    let again = if token.is_empty() {
+        Some(Vec::new())
+    } else {
+        ch.token()
+    };
     assert_eq!(again.as_deref(), Some(token));
 }
 
@@ -44,12 +48,18 @@ fuzz_target!(|data: &[u8]| {
     if simple_ws {
         let negotiate = ch.known() == Some(Scheme::Negotiate);
         match &parsed {
-            None => assert!(!negotiate || (!ch.rest.is_empty() && token.is_none()), "{text:?}"),
+            None => assert!(
+                !negotiate || (!ch.rest.is_empty() && token.is_none()),
+                "{text:?}"
+            ),
             Some(None) => assert!(negotiate && ch.rest.is_empty(), "{text:?}"),
             Some(Some(t)) => {
                 assert!(negotiate, "{text:?}");
                 // An empty token is `Negotiate ` + nothing decodable but "": both read nothing.
-                assert!(t.is_empty() || token.as_ref() == Some(t), "{text:?}: {token:?}");
+                assert!(
+                    t.is_empty() || token.as_ref() == Some(t),
+                    "{text:?}: {token:?}"
+                );
             }
         }
     }

@@ -80,7 +80,11 @@ fuzz_target!(|data: &[u8]| {
     let Frame::Routes(routes) = frame else {
         panic!("a ROUTES message decoded as {frame:?}");
     };
-    assert_eq!(Frame::Routes(routes.clone()).encode(), msg, "ROUTES does not re-encode");
+    assert_eq!(
+        Frame::Routes(routes.clone()).encode(),
+        msg,
+        "ROUTES does not re-encode"
+    );
 
     let empty = agent::pages::pac_for(&[], AGENT, BEFORE, GATEWAY);
     let pac = agent::pages::pac_for(&routes, AGENT, BEFORE, GATEWAY);
@@ -103,14 +107,24 @@ fuzz_target!(|data: &[u8]| {
         skipped_lines = 1;
     }
     let base: Vec<&str> = empty.lines().collect();
-    let start = lines.iter().position(|l| *l == START).expect("route block start");
-    let end = lines.iter().rposition(|l| *l == END).expect("route block end");
+    let start = lines
+        .iter()
+        .position(|l| *l == START)
+        .expect("route block start");
+    let end = lines
+        .iter()
+        .rposition(|l| *l == END)
+        .expect("route block end");
     assert!(start < end);
     // Everything but the route block is the template, unchanged.
     let bs = base.iter().position(|l| *l == START).unwrap();
     let be = base.iter().rposition(|l| *l == END).unwrap();
     assert_eq!(be, bs + 1);
-    assert_eq!(lines[..=start], base[..=bs], "a route changed the PAC's header");
+    assert_eq!(
+        lines[..=start],
+        base[..=bs],
+        "a route changed the PAC's header"
+    );
     assert_eq!(lines[end..], base[be..], "a route changed the PAC's end");
     let conds = end - start - 1;
     for line in &lines[start + 1..end] {
