@@ -31,14 +31,20 @@ use tunnel::http::client::{connect, BoxIo, Dialer, HttpError, Options};
 use tunnel::http::{DownMode, MAX_MESSAGE};
 use tunnel::transport::{Transport, TransportRx, TransportTx};
 
-/// Plays the gateway on one connection: reads (and ignores) the requests, writes `answer`, then
-/// closes its sending side.
+/// Plays the gateway on one connection: waits for the request's head (hyper refuses bytes that
+/// come before a request), writes `answer`, closes its sending side and reads on until the client
+/// closes.
 async fn serve(io: DuplexStream, answer: Vec<u8>) {
     let (mut r, mut w) = tokio::io::split(io);
-    let drain = async move {
-        let mut buf = [0u8; 4096];
-        while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
-    };
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match r.read(&mut buf).await {
+            Ok(n) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            _ => return,
+        }
+    }
+    let drain = async move { while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {} };
     let write = async move {
         let _ = w.write_all(&answer).await;
         let _ = w.shutdown().await;
