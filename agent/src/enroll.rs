@@ -276,7 +276,18 @@ pub fn parse_keys(
                     ConnectError::Inner(format!("the gateway's inner key is unreadable: {e}"))
                 })?)
             }
-            Some(("tls", k)) => tls = Some(k.trim().to_string()),
+            // A key pin is `sha256/` and base64; anything else (terminal escapes from whoever
+            // answered in the gateway's place) is not a pin and is not printed.
+            Some(("tls", k)) => {
+                let k = k.trim();
+                let pin_like = k.strip_prefix("sha256/").is_some_and(|b| {
+                    !b.is_empty()
+                        && b.len() <= 64
+                        && b.bytes()
+                            .all(|c| c.is_ascii_alphanumeric() || b"+/=".contains(&c))
+                });
+                tls = pin_like.then(|| k.to_string());
+            }
             _ => {}
         }
     }

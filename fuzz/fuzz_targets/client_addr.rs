@@ -4,7 +4,8 @@
 //! sent).
 //!
 //! Input layout: byte 0 picks the TCP peer (trusted IPv4, untrusted IPv4, trusted IPv4-mapped
-//! IPv6, trusted IPv6); the rest (UTF-8, lossy) is one header per line, the line's first
+//! IPv6, trusted IPv6) and, with its bit 2, the header the balancer sets (`X-Forwarded-For` or
+//! `Forwarded`); the rest (UTF-8, lossy) is one header per line, the line's first
 //! character choosing the name (`x`: `X-Forwarded-For`, `f`: `forwarded`, `F`: `Forwarded`,
 //! anything else: an unrelated header) and the remainder being the value.
 //! Trusted networks: `10.0.0.0/8`, `fd00::/8`.
@@ -15,12 +16,13 @@
 //! * otherwise the client is the peer or an address (port 0) that is not trusted and that
 //!   appears in the header text;
 //! * a trusted load balancer that appends the real client (`X-Forwarded-For: 198.51.100.7`, as
-//!   the last header) makes that address the client, whatever came before.
+//!   the last header) makes that address the client, whatever came before; in `Forwarded`
+//!   mode that appended `X-Forwarded-For` changes nothing (only the balancer's header is read).
 #![no_main]
 
 use std::net::{IpAddr, SocketAddr};
 
-use gateway::dmz::client_addr;
+use gateway::dmz::{client_addr, ForwardedHeader};
 use gateway::http::RequestHead;
 use ipnet::IpNet;
 use libfuzzer_sys::fuzz_target;
@@ -56,6 +58,11 @@ fuzz_target!(|data: &[u8]| {
     .parse()
     .unwrap();
     let peer_trusted = pick % 4 != 1;
+    let mode = if pick & 4 == 0 {
+        ForwardedHeader::XForwardedFor
+    } else {
+        ForwardedHeader::Forwarded
+    };
     let text = String::from_utf8_lossy(rest);
     let mut headers = Vec::new();
     for line in text.split('\n') {
@@ -70,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(&canonical(ip)));
 
-    let got = client_addr(&trusted, peer, &head(headers.clone()));
+    let got = client_addr(&trusted, mode, peer, &head(headers.clone()));
     if !peer_trusted {
         assert_eq!(got, peer);
     } else if got != peer {
@@ -87,11 +94,14 @@ fuzz_target!(|data: &[u8]| {
         assert!(found, "{got} is not in {text:?}");
     }
 
+    let before = got;
     headers.push(("X-Forwarded-For".into(), "198.51.100.7".into()));
-    let got = client_addr(&trusted, peer, &head(headers));
-    if peer_trusted {
+    let got = client_addr(&trusted, mode, peer, &head(headers));
+    if !peer_trusted {
+        assert_eq!(got, peer);
+    } else if mode == ForwardedHeader::XForwardedFor {
         assert_eq!(got, "198.51.100.7:0".parse().unwrap());
     } else {
-        assert_eq!(got, peer);
+        assert_eq!(got, before);
     }
 });

@@ -27,7 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tunnel::http::client::{connect, BoxIo, Dialer, HttpError, Options};
+use tunnel::http::client::{connect, GatewayIo, HttpError, Options, Redial};
 use tunnel::http::{DownMode, MAX_MESSAGE};
 use tunnel::transport::{Transport, TransportRx, TransportTx};
 
@@ -76,14 +76,14 @@ fuzz_target!(|data: &[u8]| {
         let (client, server) = tokio::io::duplex(pipe);
         tokio::spawn(serve(server, create));
         let next = Arc::new(Mutex::new(Some(get)));
-        let dial: Dialer = Arc::new(move || {
+        let dial: Redial = Arc::new(move || {
             let answer = next.lock().unwrap().take();
             Box::pin(async move {
                 let answer = answer.ok_or_else(|| "connection refused".to_string())?;
                 let (client, server) = tokio::io::duplex(pipe);
                 tokio::spawn(serve(server, answer));
-                Ok(Box::new(client) as BoxIo)
-            }) as Pin<Box<dyn Future<Output = Result<BoxIo, String>> + Send>>
+                Ok(Box::new(client) as GatewayIo)
+            }) as Pin<Box<dyn Future<Output = Result<GatewayIo, String>> + Send>>
         });
         let opts = Options {
             host: "gw.example.com".into(),

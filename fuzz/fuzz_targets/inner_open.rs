@@ -27,7 +27,9 @@ fuzz_target!(|data: &[u8]| {
 
     let (init, hello) = Initiator::start(&key.public(), b"fuzz").expect("start");
     let accepted = respond(key, &hello).expect("a genuine hello is accepted");
-    let agent = init.finish(&accepted.reply).expect("a genuine reply is accepted");
+    let agent = init
+        .finish(&accepted.reply)
+        .expect("a genuine reply is accepted");
     let (mut sealer, _) = agent.split();
     let (_, mut opener) = accepted.cipher.split();
 

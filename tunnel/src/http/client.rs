@@ -318,9 +318,12 @@ pub async fn connect(
     if !status.is_success() {
         return Err(HttpError::Refused {
             status: status.as_u16(),
+            // Shown to the user, and unauthenticated: no control characters (terminal escapes).
             body: String::from_utf8_lossy(&body[..body.len().min(300)])
                 .trim()
-                .to_string(),
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect(),
         });
     }
     let sid = sid
