@@ -855,7 +855,11 @@ pub fn local_addresses() -> Vec<IpAddr> {
             addrs
         }
         Err(e) => {
-            tracing::warn!("could not list this machine's interface addresses ({e}); only special ranges are refused");
+            // Read again every few seconds: say it once, not each time.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!("could not list this machine's interface addresses ({e}); only special ranges are refused");
+            }
             Vec::new()
         }
     }
