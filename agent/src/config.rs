@@ -221,7 +221,7 @@ pub struct AgentFile {
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyAuthFile {
-    /// `allow` or `refuse` [default]: answer NTLM, Digest and NTLM-capable Negotiate from
+    /// `allow`, or `refuse` (the default): answer NTLM, Digest and NTLM-capable Negotiate from
     /// proxies found by WPAD, which anyone on the LAN can answer.
     pub wpad_credentials: Option<String>,
 }

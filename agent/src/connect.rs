@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub enum ProxyCommandError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     /// The agent answered the SOCKS5 request with a refusal (policy, no connector, refused…).
@@ -27,7 +27,7 @@ pub async fn via_agent(
     agent: SocketAddr,
     host: &str,
     port: u16,
-) -> Result<TcpStream, ConnectError> {
+) -> Result<TcpStream, ProxyCommandError> {
     let mut s = TcpStream::connect(agent).await?;
     let _ = s.set_nodelay(true);
     egress::proxy::socks5_connect(&mut s, &format!("agent {agent}"), host, port, None).await?;

@@ -245,30 +245,53 @@ async fn fetch_keys(
     let buf = tokio::time::timeout(cfg.connect_timeout, read)
         .await
         .map_err(|_| ConnectError::Inner("the gateway did not tell its keys in time".into()))??;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    let mut keys = Keys {
-        inner: None,
-        tls: None,
+    let (inner, tls) = parse_keys(&buf)?;
+    Ok(Keys {
+        inner,
+        tls,
         seen,
         cert,
-    };
+    })
+}
+
+/// Reads the gateway's answer to `GET {prefix}/key` (the whole response, as read): the inner
+/// key and the TLS key it says it has; neither for an answer other than 200. Public only for the
+/// fuzz target `enroll_keys` (docs/fuzzing.md).
+#[doc(hidden)]
+#[allow(clippy::type_complexity)]
+pub fn parse_keys(
+    buf: &[u8],
+) -> Result<(Option<tunnel::inner::PublicKey>, Option<String>), ConnectError> {
+    let text = String::from_utf8_lossy(buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    let (mut inner, mut tls) = (None, None);
     if status != "200" {
-        return Ok(keys);
+        return Ok((inner, tls));
     }
     for line in body.lines() {
         match line.split_once(' ') {
             Some(("inner", k)) => {
-                keys.inner = Some(k.trim().parse().map_err(|e| {
+                inner = Some(k.trim().parse().map_err(|e| {
                     ConnectError::Inner(format!("the gateway's inner key is unreadable: {e}"))
                 })?)
             }
-            Some(("tls", k)) => keys.tls = Some(k.trim().to_string()),
+            // A key pin is `sha256/` and base64; anything else (terminal escapes from whoever
+            // answered in the gateway's place) is not a pin and is not printed.
+            Some(("tls", k)) => {
+                let k = k.trim();
+                let pin_like = k.strip_prefix("sha256/").is_some_and(|b| {
+                    !b.is_empty()
+                        && b.len() <= 64
+                        && b.bytes()
+                            .all(|c| c.is_ascii_alphanumeric() || b"+/=".contains(&c))
+                });
+                tls = pin_like.then(|| k.to_string());
+            }
             _ => {}
         }
     }
-    Ok(keys)
+    Ok((inner, tls))
 }
 
 /// Removes what enroll wrote (only if `agent.toml` carries its marker).
@@ -324,8 +347,9 @@ fn keychain_delete(gateway: &str) -> bool {
     egress::keychain::delete(KEYCHAIN_SERVICE, gateway)
 }
 
-/// A TOML basic string.
-fn toml_str(s: &str) -> String {
+/// A TOML basic string. Public only for the fuzz target `enroll_keys`.
+#[doc(hidden)]
+pub fn toml_str(s: &str) -> String {
     let mut out = String::from("\"");
     for c in s.chars() {
         match c {

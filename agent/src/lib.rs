@@ -6,11 +6,15 @@
 //! | file | what |
 //! |---|---|
 //! | [`config`] | flags + TOML → validated [`config::AgentConfig`] |
-//! | [`pool`] | the session to the gateway, reconnecting in the background |
+//! | [`pool`] | the session to the gateway: transport (WebSocket, HTTP fallback), inner channel or not, whether the token may be sent, reconnecting in the background |
 //! | [`dialer`] | opens tunnel streams for the front ends; maps tunnel errors to SOCKS5/HTTP |
-//! | [`listen`] | local listeners (SOCKS5, HTTP, forwards) with the same-user check |
-//! | [`peer`] | who owns a local TCP connection (Linux `/proc/net/tcp`) |
+//! | [`listen`] | local listeners (SOCKS5, HTTP, forwards) with the same-user check on every connection |
+//! | [`peer`] | who owns a local TCP connection (Linux netlink / `/proc/net/tcp`; Windows, macOS) |
 //! | [`connect`] | `sallyport connect HOST PORT` for ssh's `ProxyCommand` |
+//! | [`doctor`] | `sallyport doctor`: every way out, tried and explained |
+//! | [`enroll`] | `sallyport enroll` / `logout`: token, CA and key pins saved for later runs |
+//! | [`pages`] | the HTTP port's local pages: the PAC file for browsers, the status page |
+//! | [`status`] | `sallyport status` and its per-user control socket |
 //! | `demo` | `sallyport demo`: the whole system on loopback |
 
 pub mod config;

@@ -227,19 +227,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     None => None,
                 };
             let spec = installer::ServiceSpec { exe, config };
-            if let ServiceAction::Unit = action {
-                print!("{}", installer::systemd_unit(&spec));
-                return Ok(ExitCode::SUCCESS);
-            }
-            let service = installer::Service::for_user(spec)?;
             let action = match action {
-                ServiceAction::Unit => installer::Action::Status,
+                ServiceAction::Unit => {
+                    print!("{}", installer::systemd_unit(&spec));
+                    return Ok(ExitCode::SUCCESS);
+                }
                 ServiceAction::Install => installer::Action::Install,
                 ServiceAction::Uninstall => installer::Action::Uninstall,
                 ServiceAction::Start => installer::Action::Start,
                 ServiceAction::Stop => installer::Action::Stop,
                 ServiceAction::Status => installer::Action::Status,
             };
+            let service = installer::Service::for_user(spec)?;
             for line in service.run(action)?.lines {
                 println!("{line}");
             }
@@ -274,11 +273,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     agent::connect::pipe_stdio(s).await?;
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(agent::connect::ConnectError::Io(e))
+                Err(agent::connect::ProxyCommandError::Io(e))
                     if e.kind() == std::io::ErrorKind::ConnectionRefused =>
                 {
                     // No agent running: open our own session if we know the gateway.
-                    let cfg = cfg.map_err(|c| agent::connect::ConnectError::NoAgent {
+                    let cfg = cfg.map_err(|c| agent::connect::ProxyCommandError::NoAgent {
                         agent: socks,
                         why: c.to_string(),
                     })?;

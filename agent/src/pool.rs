@@ -5,7 +5,7 @@
 //! backoff and jitter; app connections that arrive meanwhile wait (bounded) for the next
 //! session instead of failing at once.
 //!
-//! How a session is carried (see DESIGN "Through inspecting proxies"):
+//! How a session is carried (see `docs/protocol.md`, "Through TLS-inspecting proxies"):
 //! - **transport**: WebSocket first; when something on the way strips the upgrade (426, 400, a
 //!   200 without upgrade, a reset right after the request), the HTTP transport
 //!   (`tunnel::http`: POSTs up, a streamed or long-polled GET down) on the same way out. Said
@@ -18,7 +18,7 @@
 
 use crate::config::{AgentConfig, TransportChoice};
 use bytes::Bytes;
-use egress::probe::{Candidate, GatewayReached, ProbeError};
+use egress::probe::{Candidate, ProbeError};
 use egress::GatewayStream;
 use rand::Rng;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,99 +27,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use tunnel::http::client::{BoxIo, Dialer, HttpError, Options};
+use tunnel::http::client::{GatewayIo, HttpError, Options, Redial};
 use tunnel::inner::{InnerError, PublicKey};
 use tunnel::{ErrorCode, Role, Session};
+pub use uplink::error::UNTRUSTED_SEEN;
+use uplink::Backoff;
+pub use uplink::ConnectError;
 
 /// While on the HTTP fallback (chosen automatically), WebSocket is tried again this often
 /// (default of `[tunnel] websocket_retry`).
 pub const RETRY_WEBSOCKET: Duration = Duration::from_secs(10 * 60);
-
-/// Why a session to the gateway could not be set up; says which hop failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// No way out worked (each candidate's reason is in the text).
-    #[error("{summary}")]
-    NoWay {
-        summary: String,
-        /// Every candidate failed on rejected proxy credentials.
-        rejected_only: bool,
-    },
-    #[error("{0}")]
-    Handshake(#[from] tunnel::ws::HandshakeError),
-    #[error("HTTP transport: {0}")]
-    Http(#[from] HttpError),
-    /// The inner channel failed: a different gateway key, tampering, or the gateway's verdict
-    /// on the token (sent inside).
-    #[error("{0}")]
-    Inner(String),
-    /// The gateway refused the token (inside the inner channel).
-    #[error("gateway refused the session with {status}: {text}")]
-    Refused { status: u16, text: String },
-    #[error("tunnel hello with the gateway failed: {0}")]
-    Session(#[from] tunnel::SessionError),
-    /// The outer TLS is not proven the gateway's own and no inner key is known: the token is
-    /// not sent.
-    #[error("not sending the token: the TLS to the gateway is not proven to be the gateway's own (its certificate is neither issued by --ca nor the enrolled key), so something on the way, such as a TLS-inspecting proxy, could read it; pass --ca with the gateway's own CA, or run `sallyport enroll` (or pass --gateway-inner-key from `sallyport-gateway inner-key`) so that the token travels only inside the inner channel. {UNTRUSTED_SEEN}{seen}")]
-    Untrusted { seen: String },
-}
-
-impl ConnectError {
-    /// The WebSocket upgrade did not survive the way (a proxy stripped it): the HTTP transport
-    /// may still get through.
-    pub fn upgrade_stripped(&self) -> bool {
-        match self {
-            ConnectError::Handshake(tunnel::ws::HandshakeError::Refused { status, .. }) => {
-                matches!(status, 426 | 400 | 405 | 501) || (200..300).contains(status)
-            }
-            ConnectError::Handshake(tunnel::ws::HandshakeError::Other(e)) => {
-                let e = e.to_ascii_lowercase();
-                e.contains("reset") || e.contains("closed") || e.contains("eof")
-            }
-            _ => false,
-        }
-    }
-
-    /// HTTP status of the gateway's refusal of the token (401 bad token, 429 too many).
-    pub fn token_status(&self) -> Option<u16> {
-        match self {
-            ConnectError::Handshake(h) => h.status(),
-            ConnectError::Http(h) => h.status(),
-            ConnectError::Refused { status, .. } => Some(*status),
-            _ => None,
-        }
-        .filter(|s| matches!(s, 401 | 403 | 429))
-    }
-}
-
-impl GatewayReached for ConnectError {
-    /// A refusal with the gateway's own statuses (bad token, too many sessions), a hello, an
-    /// inner-channel answer, or a stripped upgrade (an HTTP answer: the way carries HTTP)
-    /// means the way out works.
-    fn reached_gateway(&self) -> bool {
-        match self {
-            ConnectError::Handshake(h) => {
-                matches!(h.status(), Some(401 | 429)) || self.upgrade_stripped()
-            }
-            ConnectError::Http(h) => matches!(h.status(), Some(401 | 403 | 429)),
-            ConnectError::Inner(_) | ConnectError::Refused { .. } => true,
-            ConnectError::Session(tunnel::SessionError::Version { .. }) => true,
-            _ => false,
-        }
-    }
-}
-
-impl From<ProbeError<ConnectError>> for ConnectError {
-    fn from(e: ProbeError<ConnectError>) -> ConnectError {
-        match e {
-            ProbeError::Gateway(e) => e,
-            e => ConnectError::NoWay {
-                rejected_only: e.only_rejected_credentials(),
-                summary: e.to_string(),
-            },
-        }
-    }
-}
 
 /// A session and how it is carried.
 pub struct Connected {
@@ -225,9 +142,6 @@ fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Where [`ConnectError::Untrusted`]'s text names the certificate seen (`doctor` reads it).
-pub const UNTRUSTED_SEEN: &str = "Seen: ";
-
 /// How the token is carried on one connection.
 #[derive(Debug)]
 enum Carry {
@@ -266,7 +180,7 @@ fn carry(config: &AgentConfig, io: &GatewayStream) -> Result<Carry, ConnectError
 fn inner_error(config: &AgentConfig, key: &PublicKey, e: InnerError) -> ConnectError {
     match e {
         InnerError::Auth { status, text } => ConnectError::Refused { status, text },
-        InnerError::Refused(text) if text.contains(tunnel::inner::KEY_MISMATCH) => ConnectError::Inner(format!(
+        InnerError::KeyMismatch(text) => ConnectError::Inner(format!(
             "the gateway's inner key does not match the pinned one: {text}; this agent is pinned to {key} (gateway {})",
             config.gateway
         )),
@@ -334,7 +248,7 @@ pub async fn start_http(
 ) -> Result<Connected, ConnectError> {
     // Every new connection of the HTTP transport is checked again: a bearer token goes only on
     // TLS proven to be the gateway's own, connection by connection.
-    let dial = |bearer: bool| -> Dialer {
+    let dial = |bearer: bool| -> Redial {
         let (cfg, c) = (Arc::new(config.clone()), way.clone());
         Arc::new(move || {
             let (cfg, c) = (cfg.clone(), c.clone());
@@ -349,7 +263,7 @@ pub async fn start_http(
                     }
                     .to_string());
                 }
-                Ok(Box::new(s) as BoxIo)
+                Ok(Box::new(s) as GatewayIo)
             })
         })
     };
@@ -399,10 +313,13 @@ pub async fn start_http(
                 tunnel::http::client::connect(dial(false), Some(Box::new(io)), opts, hello)
                     .await
                     .map_err(|e| match e {
-                        HttpError::Refused { status: 403, body }
-                            if body.contains(tunnel::inner::KEY_MISMATCH) =>
-                        {
-                            inner_error(config, &key, InnerError::Refused(body))
+                        HttpError::Refused { status: 403, body } => {
+                            match tunnel::inner::read_refusal(
+                                body.trim_start_matches("sallyport: ").to_string(),
+                            ) {
+                                e @ InnerError::KeyMismatch(_) => inner_error(config, &key, e),
+                                _ => ConnectError::Http(HttpError::Refused { status: 403, body }),
+                            }
                         }
                         e => ConnectError::Http(e),
                     })?;
@@ -511,7 +428,7 @@ impl Pool {
 }
 
 async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationToken) {
-    let mut delay = Duration::from_millis(250);
+    let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         let started = Instant::now();
         let attempt = tokio::select! {
@@ -564,19 +481,13 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
                 warn!(error = %e, "cannot reach the gateway");
                 *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(format!("gateway unreachable: {e}"));
-                if credentials_rejected(&e) {
-                    // Never retry a credential that got 407: domain accounts lock.
-                    tracing::error!("not retrying with rejected proxy credentials; fix the password and restart the agent");
-                    shutdown.cancelled().await;
+                if uplink::park_after_rejected_credentials(&e, "the agent", &shutdown).await {
                     break;
                 }
             }
         }
-        if started.elapsed() > Duration::from_secs(60) {
-            delay = Duration::from_millis(250);
-        }
-        let wait = delay.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
-        delay = (delay * 2).min(Duration::from_secs(15));
+        backoff.after(started.elapsed());
+        let wait = backoff.delay();
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
@@ -592,16 +503,4 @@ async fn drain(old: Session) {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     old.close(ErrorCode::Shutdown, "moved to another transport");
-}
-
-/// True when every way out failed on rejected proxy credentials (retrying would risk locking
-/// the account).
-pub fn credentials_rejected(e: &ConnectError) -> bool {
-    matches!(
-        e,
-        ConnectError::NoWay {
-            rejected_only: true,
-            ..
-        }
-    )
 }

@@ -1,7 +1,7 @@
 //! Finding the way out: the candidates, probed in order with staggered starts, and the one that
 //! worked remembered per network.
 //!
-//! **Candidates** ([`Way::discover`]), in this order (DESIGN.md "Egress"):
+//! **Candidates** ([`Way::discover`]), in this order (`docs/egress.md`):
 //!
 //! 1. `--proxy` when it is not `auto`: that one only (an admin's explicit choice is obeyed, as
 //!    curl does);

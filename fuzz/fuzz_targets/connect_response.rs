@@ -38,7 +38,10 @@ fuzz_target!(|data: &[u8]| {
                     1,
                     "0123456789abcdef",
                 ) {
-                    assert!(!answer.contains(['\r', '\n']), "header injection: {answer:?}");
+                    assert!(
+                        !answer.contains(['\r', '\n']),
+                        "header injection: {answer:?}"
+                    );
                     assert!(!answer.contains("fuzz-secret-pw"));
                 }
             }

@@ -13,7 +13,6 @@
 //! * a route covers itself.
 #![no_main]
 
-
 use gateway::policy::{parse_host, Host, Route, Rule};
 use libfuzzer_sys::fuzz_target;
 
@@ -26,7 +25,6 @@ fn route_host_text(s: &str) -> Option<&str> {
         s.rsplit_once(':').map(|(h, _)| h)
     }
 }
-
 
 fn check_route_round_trip(route: &Route, src: &str) {
     let text = route.to_string();

@@ -443,7 +443,7 @@ pub struct ConnectorArgs {
     /// Route to advertise to the DMZ (default: the routes of the allow-list). Repeatable.
     #[arg(long = "advertise")]
     pub advertise: Vec<String>,
-    /// Static host entry NAME=IP[,IP], consulted before DNS. Repeatable.
+    /// Static host entry NAME=IP (or NAME=IP,IP,...), consulted before DNS. Repeatable.
     #[arg(long = "host")]
     pub hosts: Vec<String>,
     /// Sessions to keep up to the gateway [default: 2].

@@ -7,9 +7,7 @@
 //! connects with a timeout, answers `OPEN_OK`/`OPEN_ERR`, and copies bytes both ways.
 
 use crate::policy::{self, Host, Policy, Route, Who};
-use egress::probe::{GatewayReached, ProbeError};
 use egress::{GatewayUrl, TlsOptions};
-use rand::Rng;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -19,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 use tunnel::{meta, ErrorCode, Role, Session, Stream};
+use uplink::{Backoff, ConnectError};
 
 /// Everything the connector needs, validated before anything is dialled.
 #[derive(Clone)]
@@ -89,36 +88,6 @@ pub async fn run(config: ConnectorConfig, shutdown: CancellationToken) {
     tracker.wait().await;
 }
 
-/// Exponential backoff with full jitter: 0.5 s doubling to 30 s, reset after a session that
-/// stayed up for a minute.
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            next: Duration::from_millis(500),
-        }
-    }
-}
-
-impl Backoff {
-    pub const MAX: Duration = Duration::from_secs(30);
-    pub const STABLE: Duration = Duration::from_secs(60);
-
-    pub fn delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        let jitter = rand::thread_rng().gen_range(0.5..=1.0);
-        base.mul_f64(jitter)
-    }
-
-    pub fn reset(&mut self) {
-        *self = Backoff::default();
-    }
-}
-
 async fn keep_session(
     config: Arc<ConnectorConfig>,
     shutdown: CancellationToken,
@@ -144,66 +113,17 @@ async fn keep_session(
             }
             Err(e) => {
                 warn!(error = %e, "cannot reach the gateway");
-                if let ConnectError::NoWay {
-                    rejected_only: true,
-                    ..
-                } = &e
-                {
-                    // Never retry a credential that got 407: domain accounts lock.
-                    tracing::error!("not retrying with rejected proxy credentials; fix the password and restart the connector");
-                    shutdown.cancelled().await;
+                if uplink::park_after_rejected_credentials(&e, "the connector", &shutdown).await {
                     break;
                 }
             }
         }
-        if started.elapsed() > Backoff::STABLE {
-            backoff.reset();
-        }
+        backoff.after(started.elapsed());
         let wait = backoff.delay();
         debug!(?wait, "waiting before reconnecting");
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
-        }
-    }
-}
-
-/// Why a session to the gateway could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// No way out worked (each candidate's reason is in the text).
-    #[error("{summary}")]
-    NoWay {
-        summary: String,
-        /// Every candidate failed on rejected proxy credentials.
-        rejected_only: bool,
-    },
-    #[error("{0}")]
-    Handshake(#[from] tunnel::ws::HandshakeError),
-    #[error("tunnel hello failed: {0}")]
-    Session(#[from] tunnel::SessionError),
-}
-
-impl GatewayReached for ConnectError {
-    /// The gateway's own refusals (bad token, too many sessions) or a hello mean the way out
-    /// works.
-    fn reached_gateway(&self) -> bool {
-        match self {
-            ConnectError::Handshake(h) => matches!(h.status(), Some(401 | 429)),
-            ConnectError::Session(tunnel::SessionError::Version { .. }) => true,
-            _ => false,
-        }
-    }
-}
-
-impl From<ProbeError<ConnectError>> for ConnectError {
-    fn from(e: ProbeError<ConnectError>) -> ConnectError {
-        match e {
-            ProbeError::Gateway(e) => e,
-            e => ConnectError::NoWay {
-                rejected_only: e.only_rejected_credentials(),
-                summary: e.to_string(),
-            },
         }
     }
 }
@@ -259,7 +179,7 @@ async fn serve(
             s = incoming.accept() => match s { Some(s) => s, None => return },
         };
         let config = config.clone();
-        tracker.spawn(async move { handle_stream(config, stream).await });
+        tracker.spawn(async move { handle_stream(config, stream).await }.in_current_span());
     }
 }
 
@@ -405,21 +325,4 @@ async fn dial_checked(
         _ => "cannot reach",
     };
     Err(Refusal(code, format!("{what} {dest} ({e})")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
-        let mut b = Backoff::default();
-        let first = b.delay();
-        assert!(first <= Duration::from_millis(500) && first >= Duration::from_millis(250));
-        for _ in 0..20 {
-            assert!(b.delay() <= Backoff::MAX);
-        }
-        b.reset();
-        assert!(b.delay() <= Duration::from_millis(500));
-    }
 }

@@ -1,4 +1,6 @@
 //! Sallyport gateway library: the DMZ switch (`dmz`) and the trusted-network connector (`connector`).
+
+#![forbid(unsafe_code)]
 pub mod auth;
 pub mod certs;
 pub mod config;

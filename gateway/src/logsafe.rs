@@ -6,6 +6,8 @@
 //! (nobody fills the disk with one 64 KiB field on every audit line).
 
 use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Longest untrusted text written to a log, in bytes (the rest is counted, not written).
 pub const MAX_LOGGED: usize = 256;
@@ -40,6 +42,42 @@ impl fmt::Debug for Clean<'_> {
     }
 }
 
+/// At most `max` log lines a second for one kind of event that anyone can cause (a refused
+/// token): a flood from many addresses must not fill the disk. What was left out is counted and
+/// said with the next line that is written.
+pub struct Throttle {
+    max: u32,
+    /// (start of the current second, lines written in it, lines left out since the last one)
+    state: Mutex<Option<(Instant, u32, u64)>>,
+}
+
+impl Throttle {
+    pub const fn new(max: u32) -> Throttle {
+        Throttle {
+            max,
+            state: Mutex::new(None),
+        }
+    }
+
+    /// `Some(left_out)` when a line may be written now (`left_out` lines were not written since
+    /// the last one); `None` when this one is left out.
+    pub fn allow(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (since, written, left_out) = st.get_or_insert((now, 0, 0));
+        if now.duration_since(*since) >= Duration::from_secs(1) {
+            *since = now;
+            *written = 0;
+        }
+        if *written >= self.max {
+            *left_out += 1;
+            return None;
+        }
+        *written += 1;
+        Some(std::mem::take(left_out))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +89,15 @@ mod tests {
         assert!(!s.contains('\n'), "{s}");
         assert!(s.contains("\\n2026"), "{s}");
         assert_eq!(Clean("\u{1b}[31mred\r").to_string(), "\\u{1b}[31mred\\r");
+    }
+
+    /// Every unauthenticated request wrote a WARN line: one address wrote 3 KB/s, many
+    /// addresses as much as they liked.
+    #[test]
+    fn a_flood_of_refusals_writes_a_bounded_number_of_lines() {
+        let t = Throttle::new(10);
+        let written = (0..10_000).filter(|_| t.allow().is_some()).count();
+        assert_eq!(written, 10);
     }
 
     #[test]

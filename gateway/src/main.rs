@@ -2,6 +2,8 @@
 //!
 //! Exit codes: 0 ok, 1 runtime failure, 64 bad configuration or usage.
 
+#![forbid(unsafe_code)]
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use gateway::auth::{self, TokenEntry};

@@ -14,6 +14,8 @@
 //! install created, recognised by the [`MARKER`] it writes, and nothing else. The machine-wide
 //! variant for IT (a system unit, a Windows service) is described in `docs/install.md`.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 pub mod service;

@@ -15,6 +15,8 @@
 //! Both entry points serve exactly one accepted client connection; the caller
 //! owns the listener, spawns one task per connection and decides what to log.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr};

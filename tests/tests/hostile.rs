@@ -191,6 +191,23 @@ fn curl_socks(socks: SocketAddr, url: &str) -> (i32, String, String) {
     .unwrap()
 }
 
+/// A real agent that connects and fetches the backend's page through its SOCKS port: what every
+/// attack must leave working. Returns the agent (its log, for the caller's checks).
+fn agent_reaches_backend(gw: &Gw, name: &str, extra: &[&str], port: u16) -> Proc {
+    let (agent, socks) = gw.agent(name, extra);
+    agent
+        .wait_for(&["connected to the gateway"], Duration::from_secs(20))
+        .unwrap();
+    let (code, out, err) = curl_socks(socks, &format!("http://backend.internal:{port}/"));
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "hello from backend.internal\n"),
+        "{err}\n{}",
+        agent.log()
+    );
+    agent
+}
+
 /// TLS, the request head and the tunnel hello each had their own deadline, so a client that
 /// used each one to the last moment held its slot three times as long. Now one deadline covers
 /// all of it: a head sent just before the deadline, then silence instead of a hello, ends at
@@ -304,16 +321,7 @@ fn one_address_cannot_hold_every_connection_slot() {
     let _connector = gw.connector(&allow_backend(svc.port()), &[]);
     let mut held: Vec<TcpStream> = (0..40).map(|_| attacker_connect(gw.addr)).collect();
     std::thread::sleep(Duration::from_millis(500));
-    let (agent, socks) = gw.agent("agent", &[]);
-    agent
-        .wait_for(&["connected to the gateway"], Duration::from_secs(15))
-        .unwrap();
-    let (code, out, err) = curl_socks(socks, &format!("http://backend.internal:{}/", svc.port()));
-    assert_eq!(
-        (code, out.as_str()),
-        (0, "hello from backend.internal\n"),
-        "{err}"
-    );
+    let _agent = agent_reaches_backend(&gw, "agent", &[], svc.port());
     let open = held.iter_mut().map(still_open).filter(|o| *o).count();
     assert!(open <= 4, "the attacker still holds {open} connections");
 }
@@ -368,21 +376,16 @@ fn inner_hello_floods_cannot_fill_the_session_registry() {
         "the flood created nothing at all: the test is broken"
     );
     // A real agent on the HTTP fallback, inside the inner channel, still gets a session.
-    let (agent, socks) = gw.agent(
+    let agent = agent_reaches_backend(
+        &gw,
         "agent-http",
         &["--transport", "http", "--gateway-inner-key", &key_text],
+        svc.port(),
     );
     let line = agent
-        .wait_for(&["connected to the gateway"], Duration::from_secs(20))
+        .wait_for(&["connected to the gateway"], Duration::from_secs(1))
         .unwrap();
     assert!(line.contains("http, inner channel"), "{line}");
-    let (code, out, err) = curl_socks(socks, &format!("http://backend.internal:{}/", svc.port()));
-    assert_eq!(
-        (code, out.as_str()),
-        (0, "hello from backend.internal\n"),
-        "{err}\n{}",
-        agent.log()
-    );
 }
 
 /// A rogue agent made with the protocol crate itself: an authenticated session on the plain
@@ -433,16 +436,7 @@ fn an_oversize_open_is_refused_at_the_dmz_and_the_connector_session_lives() {
     assert_eq!(err.code(), tunnel::ErrorCode::Limit, "{err}");
     assert!(err.to_string().contains("metadata"), "{err}");
     // The connector's session is untouched: a real agent still gets through.
-    let (agent, socks) = gw.agent("agent", &[]);
-    agent
-        .wait_for(&["connected to the gateway"], Duration::from_secs(15))
-        .unwrap();
-    let (code, out, err) = curl_socks(socks, &format!("http://backend.internal:{}/", svc.port()));
-    assert_eq!(
-        (code, out.as_str()),
-        (0, "hello from backend.internal\n"),
-        "{err}"
-    );
+    let _agent = agent_reaches_backend(&gw, "agent", &[], svc.port());
     assert!(
         !gw.dmz.log().contains("connector session ended"),
         "{}",
@@ -574,16 +568,7 @@ fn a_connector_with_3000_allow_rules_holds_its_session() {
         .wait_for(&["connector routes", "count=2999"], Duration::from_secs(15))
         .unwrap();
     assert!(line.len() < 4096, "{} bytes", line.len());
-    let (agent, socks) = gw.agent("agent", &[]);
-    agent
-        .wait_for(&["connected to the gateway"], Duration::from_secs(15))
-        .unwrap();
-    let (code, out, err) = curl_socks(socks, &format!("http://backend.internal:{}/", svc.port()));
-    assert_eq!(
-        (code, out.as_str()),
-        (0, "hello from backend.internal\n"),
-        "{err}"
-    );
+    let _agent = agent_reaches_backend(&gw, "agent", &[], svc.port());
     std::thread::sleep(Duration::from_secs(1));
     assert!(
         !gw.dmz.log().contains("connector session ended"),

@@ -170,6 +170,9 @@ pub enum InnerError {
     Handshake(String),
     #[error("the gateway refused the inner handshake: {0}")]
     Refused(String),
+    /// The gateway answered that its inner key is another one (its refusal names it).
+    #[error("the gateway refused the inner handshake: {0}")]
+    KeyMismatch(String),
     #[error(
         "inner channel: a message failed authentication — something on the way altered the data"
     )]
@@ -182,6 +185,18 @@ pub enum InnerError {
     Timeout(Duration),
     #[error(transparent)]
     Transport(#[from] TransportError),
+}
+
+/// A gateway's refusal of the inner handshake, by kind: [`KEY_MISMATCH`] opens the refusal the
+/// gateway sends when the agent's hello is for another key (the wire format of that refusal,
+/// read here once, so callers match on the variant). Unauthenticated: a hint for the message
+/// shown, never a reason to trust anything else.
+pub fn read_refusal(text: String) -> InnerError {
+    if text.starts_with(KEY_MISMATCH) {
+        InnerError::KeyMismatch(text)
+    } else {
+        InnerError::Refused(text)
+    }
 }
 
 /// The agent's half of a handshake in progress.
@@ -218,7 +233,7 @@ impl Initiator {
                 })?;
                 Cipher::from_handshake(self.hs)
             }
-            Some((&TAG_REFUSED, text)) => Err(InnerError::Refused(
+            Some((&TAG_REFUSED, text)) => Err(read_refusal(
                 String::from_utf8_lossy(&text[..text.len().min(300)]).into_owned(),
             )),
             _ => Err(InnerError::Handshake(

@@ -1,8 +1,9 @@
 //! # sallyport-tunnel: the wire protocol
 //!
 //! Many streams (one per app connection) multiplexed over one session, over any transport that
-//! carries whole messages in order (WebSocket today; an HTTP fallback fits behind the same
-//! trait). This crate knows nothing of sockets, proxies, TLS or configuration:
+//! carries whole messages in order (WebSocket, the HTTP fallback, the inner channel over either,
+//! an in-memory pair in tests). This crate knows nothing of sockets, proxies, TLS or
+//! configuration:
 //!
 //! | file | layer |
 //! |---|---|
@@ -16,6 +17,8 @@
 //! | [`meta`] | well-known `OPEN` metadata keys (identity the DMZ stamps) |
 //!
 //! See `docs/protocol.md` for the wire format and the flow-control rules.
+
+#![forbid(unsafe_code)]
 
 pub mod frame;
 pub mod http;

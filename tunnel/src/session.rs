@@ -182,12 +182,18 @@ pub(crate) enum Pending {
     Induced(Bytes),
 }
 
-/// Most bytes of answers to the peer's frames that may wait unsent (see [`Pending::Induced`]).
+/// Most bytes of answers to the peer's frames (`RST`, `OPEN_ERR`, session credit) that may wait
+/// unsent.
 pub const MAX_INDUCED_CONTROL: usize = 1024 * 1024;
 
 /// Most routes kept from a peer's route list (`ROUTES_PART`… `ROUTES`); the rest are dropped
 /// and logged once. The DMZ applies its own, smaller, limit per connector credential.
 pub const MAX_PEER_ROUTES: usize = 65_536;
+
+/// Most `PING`s a peer may send in one second. A peer pings every `ping_interval` (20 s); one
+/// that floods `PING` (16 sessions of one token doing so starved a whole gateway of its two
+/// cores' scheduling) is cut off.
+pub const MAX_PINGS_PER_SECOND: u32 = 50;
 
 /// Most bytes of route text kept from a peer's route list.
 pub const MAX_PEER_ROUTE_BYTES: usize = 4 * 1024 * 1024;
@@ -203,6 +209,9 @@ pub(crate) struct State {
     /// The answer to the peer's latest `PING`, not yet sent (one at most: a `PING` flood costs
     /// nothing to hold).
     pong: Option<u64>,
+    /// `PING`s received in the second that started at `pings_since`.
+    pings: u32,
+    pings_since: Instant,
     /// Routes of `ROUTES_PART` frames, waiting for the `ROUTES` that ends the list.
     routes_partial: Vec<String>,
     /// Bytes of route text in `routes_partial`.
@@ -426,6 +435,8 @@ impl Session {
             control: VecDeque::new(),
             induced_bytes: 0,
             pong: None,
+            pings: 0,
+            pings_since: now,
             routes_partial: Vec::new(),
             routes_bytes: 0,
             routes_truncated: false,
@@ -722,6 +733,9 @@ async fn run_reader<Rx: TransportRx>(shared: Arc<Shared>, mut rx: Rx) {
                 return;
             }
         };
+        // A peer whose frames are always ready (a buffer full of small frames) must not keep
+        // this worker from every other connection's tasks.
+        tokio::task::coop::consume_budget().await;
         let len = msg.len();
         match Frame::decode(msg, max_frame) {
             Ok(frame) => {
@@ -938,6 +952,18 @@ fn handle_frame(
             }
         }
         Frame::Ping(v) => {
+            let now = st.last_recv;
+            if now.duration_since(st.pings_since) >= Duration::from_secs(1) {
+                st.pings_since = now;
+                st.pings = 0;
+            }
+            st.pings += 1;
+            if st.pings > MAX_PINGS_PER_SECOND {
+                return Err((
+                    ErrorCode::Protocol,
+                    format!("more than {MAX_PINGS_PER_SECOND} PINGs in a second"),
+                ));
+            }
             // Only the latest PING is answered: a flood queues one PONG, not one per PING.
             st.pong = Some(v);
             shared.writer_wake.notify_one();

@@ -3,7 +3,7 @@
 //! [`Stream`] is the handle applications use: `AsyncRead`/`AsyncWrite` for copying to and from a
 //! socket, plus a chunk API ([`Stream::poll_recv_chunk`], [`Stream::poll_send`],
 //! [`Stream::poll_failed`]) that lets the DMZ relay move received payloads to another session
-//! without an intermediate buffer. [`StreamState`] is the per-stream part of the session state;
+//! without an intermediate buffer. `StreamState` is the per-stream part of the session state;
 //! its methods are the pure bookkeeping (credit, half-close, reset) the reader task applies.
 
 use crate::frame::{encode_data, Dest, ErrorCode, Frame, Meta};
@@ -453,15 +453,6 @@ impl Stream {
             shared.writer_wake.notify_one();
         }
         Poll::Ready(Ok(n))
-    }
-
-    /// Sends all of `data`, waiting for credit as needed.
-    pub async fn send_all(&self, mut data: &[u8]) -> Result<(), StreamError> {
-        while !data.is_empty() {
-            let n = poll_fn(|cx| self.poll_send(cx, data)).await?;
-            data = &data[n..];
-        }
-        Ok(())
     }
 
     /// Ready with the error once the stream has failed (reset by either side, refused, or its

@@ -65,6 +65,12 @@ pub enum HandshakeError {
     Refused { status: u16, body: String },
     #[error("invalid gateway URL {url}: {reason}")]
     BadUrl { url: String, reason: String },
+    /// The connection was cut (reset, closed, end of file) before the upgrade's answer: what a
+    /// proxy that strips upgrades often does.
+    #[error("WebSocket handshake failed: the connection was cut before the answer ({0})")]
+    Cut(String),
+    #[error("no answer to the WebSocket upgrade within {0:?}")]
+    Timeout(std::time::Duration),
     #[error("WebSocket handshake failed: {0}")]
     Other(String),
 }
@@ -95,11 +101,7 @@ where
     // A load balancer that accepts TLS and then stalls the upgrade must not hang the caller.
     tokio::time::timeout(timeout, client_inner(io, url, bearer, max_frame))
         .await
-        .map_err(|_| {
-            HandshakeError::Other(format!(
-                "no answer to the WebSocket upgrade within {timeout:?}"
-            ))
-        })?
+        .map_err(|_| HandshakeError::Timeout(timeout))?
 }
 
 async fn client_inner<S>(
@@ -143,7 +145,31 @@ where
                 .unwrap_or_default();
             Err(HandshakeError::Refused { status, body })
         }
-        Err(e) => Err(HandshakeError::Other(e.to_string())),
+        Err(e) => Err(classify(e)),
+    }
+}
+
+/// A failed handshake, by cause: a cut connection is told apart from everything else by the
+/// error's kind, never by its text.
+fn classify(e: tungstenite::Error) -> HandshakeError {
+    use std::io::ErrorKind;
+    use tungstenite::error::ProtocolError;
+    let cut = match &e {
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => true,
+        tungstenite::Error::Io(io) => matches!(
+            io.kind(),
+            ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::UnexpectedEof
+                | ErrorKind::BrokenPipe
+        ),
+        tungstenite::Error::Protocol(ProtocolError::HandshakeIncomplete) => true,
+        _ => false,
+    };
+    if cut {
+        HandshakeError::Cut(e.to_string())
+    } else {
+        HandshakeError::Other(e.to_string())
     }
 }
 

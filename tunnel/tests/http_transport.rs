@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
-use tunnel::http::client::{self, BoxIo, Dialer, Options};
+use tunnel::http::client::{self, GatewayIo, Options, Redial};
 use tunnel::http::server::{Body, Registry, RequestAuth};
 use tunnel::http::{parse_query, put_record, DownMode, Query, SESSION_HEADER};
 use tunnel::{Config, Dest, Incoming, Meta, Role, Session, Transport, TransportRx, TransportTx};
@@ -118,14 +118,14 @@ async fn test_server() -> TestServer {
     }
 }
 
-fn dialer(to: SocketAddr, dials: Arc<AtomicUsize>) -> Dialer {
+fn dialer(to: SocketAddr, dials: Arc<AtomicUsize>) -> Redial {
     Arc::new(move || {
         let dials = dials.clone();
         Box::pin(async move {
             dials.fetch_add(1, Ordering::Relaxed);
             let s = TcpStream::connect(to).await.map_err(|e| e.to_string())?;
             s.set_nodelay(true).map_err(|e| e.to_string())?;
-            Ok(Box::new(s) as BoxIo)
+            Ok(Box::new(s) as GatewayIo)
         })
     })
 }

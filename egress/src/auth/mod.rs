@@ -88,12 +88,6 @@ impl Scheme {
         .into_iter()
         .find(|k| k.name().eq_ignore_ascii_case(s))
     }
-
-    /// Schemes that authenticate the TCP connection rather than the request: their rounds must
-    /// stay on one connection.
-    pub fn connection_based(self) -> bool {
-        matches!(self, Scheme::Negotiate | Scheme::Ntlm)
-    }
 }
 
 impl fmt::Display for Scheme {

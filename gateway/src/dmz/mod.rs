@@ -13,17 +13,17 @@
 //! | file | job |
 //! |---|---|
 //! | `mod.rs` | the validated config, the listener and its accept loop, shutdown |
-//! | [`endpoints`] | one connection: deadline, unauthenticated slot, TLS, head, dispatch by path |
-//! | [`upgrade`] | the client's address, the WebSocket upgrade, the bearer token, sessions per token |
+//! | `endpoints` | one connection: deadline, unauthenticated slot, TLS, head, dispatch by path |
+//! | `upgrade` | the client's address, the WebSocket upgrade, the bearer token, sessions per token |
 //! | [`fallback`], [`inner`] | the HTTP fallback endpoint; the inner channel's key and handshake |
-//! | [`session`] | the tunnel hello within the deadline; cutting revoked sessions |
-//! | [`agent`], [`connector`] | an agent's session; a connector's session and its routes |
-//! | [`streams`] | one agent stream: checks, routing, identity stamping, relay, audit |
+//! | `session` | the tunnel hello within the deadline; cutting revoked sessions |
+//! | `agent`, `connector` | an agent's session; a connector's session and its routes |
+//! | `streams` | one agent stream: checks, routing, identity stamping, relay, audit |
 //! | [`relay`], [`router`] | the hop-by-hop pump; which connector serves a destination |
 //! | [`limits`], [`preauth`] | rates and counts; unauthenticated connections per address |
 //!
 //! Dependencies run one way: `endpoints` → `upgrade`/`fallback`/`inner` → `agent`/`connector`
-//! → `session`/`streams` → `relay`/`router`, all reading [`Shared`].
+//! → `session`/`streams` → `relay`/`router`, all reading `Shared`.
 
 mod agent;
 mod connector;

@@ -6,6 +6,7 @@ use super::limits::CountGuard;
 use super::{ForwardedHeader, Shared};
 use crate::auth::{Identity, TokenStore};
 use crate::http::{self, RequestHead};
+use crate::logsafe::Clean;
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -33,40 +34,53 @@ pub fn client_addr(
     if !is_trusted(trusted, peer.ip()) {
         return peer;
     }
-    let mut chain: Vec<IpAddr> = Vec::new();
+    // Each entry as the balancer wrote it; `None` for one that names no address (`unknown`,
+    // an obfuscated `_node`), which ends the walk: what lies left of it is the client's say.
+    let mut chain: Vec<Option<IpAddr>> = Vec::new();
     for (k, v) in &head.headers {
         match header {
             ForwardedHeader::XForwardedFor if k.eq_ignore_ascii_case("x-forwarded-for") => {
-                chain.extend(v.split(',').filter_map(|s| s.trim().parse::<IpAddr>().ok()));
+                chain.extend(v.split(',').map(|s| forwarded_ip(s.trim())));
             }
             ForwardedHeader::Forwarded if k.eq_ignore_ascii_case("forwarded") => {
-                for part in v.split([',', ';']) {
-                    let part = part.trim();
-                    let Some((key, f)) = part.split_once('=') else {
-                        continue;
-                    };
-                    if !key.trim().eq_ignore_ascii_case("for") {
-                        continue;
-                    }
-                    let f = f.trim().trim_matches('"');
-                    let f = f
-                        .strip_prefix('[')
-                        .map(|x| x.split(']').next().unwrap_or(x))
-                        .unwrap_or(f);
-                    if let Ok(ip) = f.parse::<IpAddr>() {
+                for element in v.split(',') {
+                    // One `for=` per element (`for=a;proto=https, for=b`).
+                    let found = element.split(';').find_map(|pair| {
+                        let (key, value) = pair.trim().split_once('=')?;
+                        key.trim()
+                            .eq_ignore_ascii_case("for")
+                            .then(|| forwarded_ip(value.trim().trim_matches('"')))
+                    });
+                    if let Some(ip) = found {
                         chain.push(ip);
-                    } else if let Ok(sa) = f.parse::<SocketAddr>() {
-                        chain.push(sa.ip());
                     }
                 }
             }
             _ => {}
         }
     }
-    match chain.iter().rev().find(|ip| !is_trusted(trusted, **ip)) {
-        Some(ip) => SocketAddr::new(*ip, 0),
-        None => peer,
+    for entry in chain.iter().rev() {
+        match entry {
+            Some(ip) if is_trusted(trusted, *ip) => continue,
+            Some(ip) => return SocketAddr::new(*ip, 0),
+            None => return peer,
+        }
     }
+    peer
+}
+
+/// An address as a balancer writes it: `198.51.100.7`, `198.51.100.7:4711`, `2001:db8::7`,
+/// `[2001:db8::7]`, `[2001:db8::7]:4711`. `None` for anything else.
+fn forwarded_ip(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    s.strip_prefix('[')
+        .and_then(|x| x.strip_suffix(']'))
+        .and_then(|x| x.parse::<IpAddr>().ok())
 }
 
 /// Validates the upgrade request and the token; answers 101 or a reasoned refusal.
@@ -175,7 +189,11 @@ pub(crate) fn verify_token(
         shared.config.connector_tokens.current()
     };
     store.verify(presented, SystemTime::now()).map_err(|e| {
-        warn!(%client, role = if is_agent { "agent" } else { "connector" }, reason = %e, "refused token");
+        // Anyone can cause this line: at most a few a second, the rest counted.
+        static LOG: crate::logsafe::Throttle = crate::logsafe::Throttle::new(20);
+        if let Some(left_out) = LOG.allow() {
+            warn!(%client, role = if is_agent { "agent" } else { "connector" }, reason = %Clean(&e.to_string()), left_out, "refused token");
+        }
         e.client_message()
     })
 }
@@ -264,6 +282,35 @@ mod tests {
         let got = client_addr(&trusted, ForwardedHeader::Forwarded, lb, &h);
         assert_eq!(got.ip().to_string(), "198.51.100.7");
         assert!("Forwarded".parse::<ForwardedHeader>().is_ok());
+    }
+
+    /// Found by the `client_addr` fuzz target: an entry the parser could not read (a balancer
+    /// that writes `ip:port`, `unknown` or an obfuscated node) was skipped, and the next
+    /// address to its left, which the client wrote, was believed.
+    #[test]
+    fn an_unreadable_forwarded_entry_ends_the_walk_instead_of_believing_the_client() {
+        let lb: SocketAddr = "10.0.0.5:4000".parse().unwrap();
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/24".parse().unwrap()];
+        let xff = ForwardedHeader::XForwardedFor;
+        // Azure Application Gateway appends ip:port.
+        let h = head(&[("X-Forwarded-For", "192.0.2.66, 198.51.100.7:4711")]);
+        assert_eq!(
+            client_addr(&trusted, xff, lb, &h).ip().to_string(),
+            "198.51.100.7"
+        );
+        let h = head(&[("X-Forwarded-For", "192.0.2.66, unknown")]);
+        assert_eq!(client_addr(&trusted, xff, lb, &h), lb);
+        let fwd = ForwardedHeader::Forwarded;
+        let h = head(&[("Forwarded", "for=192.0.2.66, FOR=_hidden")]);
+        assert_eq!(client_addr(&trusted, fwd, lb, &h), lb);
+        let h = head(&[(
+            "Forwarded",
+            "for=192.0.2.66, FOR=\"[2001:db8::7]\";proto=https",
+        )]);
+        assert_eq!(
+            client_addr(&trusted, fwd, lb, &h).ip().to_string(),
+            "2001:db8::7"
+        );
         assert!("x-real-ip".parse::<ForwardedHeader>().is_err());
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Two background tasks, each with its own HTTP/1.1 connection (dialed by the caller, through
 //! whatever proxy the way out needs; redialed when it breaks):
-//! - **up**: takes what the session's writer queued, up to [`UP_BATCH`] per `POST`, one
+//! - **up**: takes what the session's writer queued, up to `UP_BATCH` per `POST`, one
 //!   `POST` at a time (so batches arrive in order); a failed `POST` is resent with the same
 //!   `seq` until it succeeds or [`GIVE_UP`] passes, carrying half as many messages after each
 //!   failure (a path that cuts connections after so many bytes still lets a batch through;
@@ -39,10 +39,10 @@ use tracing::{debug, warn};
 /// A byte stream to the gateway (TLS through the way out, or plain in tests).
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
-pub type BoxIo = Box<dyn Io>;
+pub type GatewayIo = Box<dyn Io>;
 /// Opens a new connection to the gateway.
-pub type Dialer =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<BoxIo, String>> + Send>> + Send + Sync>;
+pub type Redial =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<GatewayIo, String>> + Send>> + Send + Sync>;
 
 /// Upstream batch target: a `POST` body stays below ~600 KiB, under common proxy limits
 /// (nginx's `client_max_body_size` default is 1 MiB).
@@ -113,7 +113,7 @@ pub struct Created {
 
 struct Shared {
     opts: Options,
-    dial: Dialer,
+    dial: Redial,
     sid: Mutex<String>,
     cookies: Mutex<Vec<(String, String)>>,
     /// Downstream messages received (the next expected index).
@@ -143,7 +143,7 @@ impl Shared {
         self.handshake(io).await
     }
 
-    async fn handshake(&self, io: BoxIo) -> Result<Conn, String> {
+    async fn handshake(&self, io: GatewayIo) -> Result<Conn, String> {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| e.to_string())?;
@@ -273,8 +273,8 @@ async fn read_all(resp: Response<hyper::body::Incoming>, limit: usize) -> Result
 /// Creates a session: `first` goes in the create request (the inner-channel hello, or empty).
 /// `io`, when given, is used for the first connection (the stream the probe opened).
 pub async fn connect(
-    dial: Dialer,
-    io: Option<BoxIo>,
+    dial: Redial,
+    io: Option<GatewayIo>,
     opts: Options,
     first: Bytes,
 ) -> Result<Created, HttpError> {
@@ -318,9 +318,12 @@ pub async fn connect(
     if !status.is_success() {
         return Err(HttpError::Refused {
             status: status.as_u16(),
+            // Shown to the user, and unauthenticated: no control characters (terminal escapes).
             body: String::from_utf8_lossy(&body[..body.len().min(300)])
                 .trim()
-                .to_string(),
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect(),
         });
     }
     let sid = sid

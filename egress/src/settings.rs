@@ -1,0 +1,185 @@
+//! The way-out settings as the user gave them (`--proxy`, `--pac`, the proxy user and its
+//! credentials file), validated into an [`Egress`].
+
+use crate::*;
+use std::path::Path;
+
+/// How to leave the network, as configured: an explicit proxy (`--proxy`), a PAC file (`--pac`),
+/// or automatic (the environment, the OS settings, WPAD, then direct), and what to authenticate
+/// to proxies with. [`Way`] turns it into candidates and probes them.
+#[derive(Clone, Debug)]
+pub struct Egress {
+    /// `--proxy`: `None` is `auto`.
+    pub proxy: Option<Proxy>,
+    /// `--pac URL|FILE`.
+    pub pac: Option<String>,
+    pub auth: AuthOptions,
+    /// In `auto`: read the OS's proxy settings (GNOME/KDE, macOS, Windows).
+    pub system: bool,
+    /// In `auto`: look for `http://wpad.<dns suffix>/wpad.dat`.
+    pub wpad: bool,
+    /// Admin policy (`[proxy_auth] wpad_credentials = "allow"`): answer NTLM, Digest and
+    /// NTLM-capable Negotiate from proxies found by WPAD. Off by default: anyone on the LAN can
+    /// answer WPAD.
+    pub wpad_credentials: bool,
+}
+
+impl Default for Egress {
+    fn default() -> Egress {
+        Egress {
+            proxy: None,
+            pac: None,
+            auth: AuthOptions {
+                negotiate: true,
+                ..Default::default()
+            },
+            system: true,
+            wpad: true,
+            wpad_credentials: false,
+        }
+    }
+}
+
+/// The egress settings as written in flags or a config file, before validation.
+#[derive(Clone, Debug, Default)]
+pub struct EgressSettings<'a> {
+    /// `--proxy`: `auto` (default), `direct`, `http://[USER@]HOST:PORT`, `socks5[h]://…`.
+    pub proxy: Option<&'a str>,
+    /// `--pac URL|FILE`.
+    pub pac: Option<&'a str>,
+    /// `--proxy-user`: the user for proxies found automatically (PAC, environment, system).
+    pub proxy_user: Option<&'a str>,
+    /// `--proxy-credentials FILE`: `user:password` or a password alone, readable only by the
+    /// user.
+    pub credentials_file: Option<&'a Path>,
+    /// `[proxy_auth] wpad_credentials = "allow"` (see [`Egress::wpad_credentials`]).
+    pub wpad_credentials: bool,
+}
+
+impl Egress {
+    /// Only direct connections (tests, the demo).
+    pub fn direct() -> Egress {
+        Egress {
+            proxy: Some(Proxy::Direct),
+            ..Egress::default()
+        }
+    }
+
+    /// Validates the settings. The password comes from `SALLYPORT_PROXY_PASSWORD` or the
+    /// credentials file, never from a flag (every local user can read command lines).
+    pub fn from_settings(s: &EgressSettings<'_>) -> Result<Egress, String> {
+        let proxy = match s.proxy.map(str::trim) {
+            None | Some("") => None,
+            Some(a) if a.eq_ignore_ascii_case("auto") => None,
+            Some(p) => Some(p.parse::<Proxy>().map_err(|e| format!("--proxy: {e}"))?),
+        };
+        let pac = s
+            .pac
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(String::from);
+        if pac.is_some() && proxy.is_some() {
+            return Err(
+                "--proxy and --pac both name the way out; give one (or --proxy auto with --pac)"
+                    .into(),
+            );
+        }
+        let url_user = match &proxy {
+            Some(Proxy::Http { user, .. }) | Some(Proxy::Socks5 { user, .. }) => user.clone(),
+            _ => None,
+        };
+        // A user and its password come from ONE source, never mixed (a password tried with
+        // another user's name is a failed logon for that user): the environment, or the
+        // credentials file, or the OS keychain.
+        let named_user = url_user.or(s.proxy_user.map(String::from));
+        let env_password = std::env::var("SALLYPORT_PROXY_PASSWORD")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .map(Password::new);
+        let credentials = match (env_password, s.credentials_file) {
+            (Some(_), Some(path)) => {
+                return Err(format!(
+                    "both SALLYPORT_PROXY_PASSWORD and the credentials file {} give a proxy password; keep one",
+                    path.display()
+                ))
+            }
+            (Some(p), None) => match named_user {
+                Some(u) => Some(Credentials::new(u, p)),
+                None => return Err("SALLYPORT_PROXY_PASSWORD is set but no proxy user: give --proxy-user USER or http://USER@proxy".into()),
+            },
+            (None, Some(path)) => {
+                let (file_user, password) = read_credentials_file(path)?;
+                match (named_user, file_user) {
+                    (Some(n), Some(f)) if n != f => {
+                        // (`f` may be the start of a password that contains `:`: not shown.)
+                        return Err(format!(
+                            "the first line of the credentials file {} does not start with `{n}:` although the proxy user is `{n}`; write `{n}:PASSWORD` in it",
+                            path.display()
+                        ))
+                    }
+                    (Some(u), _) | (None, Some(u)) => Some(Credentials::new(u, password)),
+                    (None, None) => {
+                        return Err(format!(
+                            "the credentials file {} holds a password but no user: write user:password in it, or give --proxy-user USER",
+                            path.display()
+                        ))
+                    }
+                }
+            }
+            (None, None) => match named_user {
+                // Last source: the OS keychain (Secret Service, macOS Keychain, Credential
+                // Manager), looked up for this user.
+                Some(u) => match keychain::lookup(&u) {
+                    Some(p) => Some(Credentials::new(u, p)),
+                    None => return Err(format!(
+                        "proxy user `{u}` has no password: set SALLYPORT_PROXY_PASSWORD, --proxy-credentials FILE, or store it in the OS keychain (service sallyport-proxy, see docs/egress.md)"
+                    )),
+                },
+                None => None,
+            },
+        };
+        Ok(Egress {
+            proxy,
+            pac,
+            auth: AuthOptions {
+                credentials,
+                negotiate: true,
+                ..Default::default()
+            },
+            wpad_credentials: s.wpad_credentials,
+            ..Egress::default()
+        })
+    }
+}
+
+/// Reads the first line of a credentials file that only its owner may read: `user:password`, or
+/// a password alone (without `:`). The caller checks that a user in the file agrees with one
+/// named elsewhere.
+fn read_credentials_file(path: &Path) -> Result<(Option<String>, Password), String> {
+    let shown = path.display();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta =
+            std::fs::metadata(path).map_err(|e| format!("proxy credentials file {shown}: {e}"))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(format!(
+                "proxy credentials file {shown} is readable by other users; run chmod 600 {shown}"
+            ));
+        }
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("proxy credentials file {shown}: {e}"))?;
+    let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if line.is_empty() {
+        return Err(format!(
+            "proxy credentials file {shown} is empty; write user:password in it"
+        ));
+    }
+    Ok(match line.split_once(':') {
+        Some((u, p)) if !u.is_empty() && !u.contains(char::is_whitespace) => {
+            (Some(u.to_string()), Password::new(p))
+        }
+        _ => (None, Password::new(line)),
+    })
+}

@@ -1,0 +1,242 @@
+//! Which certificates the agent and the connector trust for the gateway: the OS store plus
+//! `--ca`, or only a pinned CA, and the enrolled key pin; [`CaAnchor`] (is a connection issued
+//! by `--ca` itself?); and the verifier that accepts anything, used only to read the names of a
+//! certificate that failed (for `doctor`).
+
+use crate::*;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::RootCertStore;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Which certificates the client trusts for the gateway.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// An extra trust anchor (PEM), e.g. the CA of a trial deployment.
+    pub ca: Option<PathBuf>,
+    /// Trust only `ca` (pinning), not the OS store. Connectors pin the DMZ's CA by default.
+    pub pin: bool,
+    /// The gateway's key pin from enrollment (`sha256/<base64>`, see [`cert::key_pin`]): on top
+    /// of the certificate check, the gateway must present this key.
+    pub key_pin: Option<String>,
+    /// The agent also knows the gateway's inner-channel key: a certificate with another key
+    /// (an inspecting proxy that re-signs, trusted by this machine) is let through, and the
+    /// session then runs inside the inner channel, where that proxy reads nothing.
+    pub inner_channel: bool,
+}
+
+/// Reads every certificate in a PEM file.
+pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, EgressError> {
+    use rustls::pki_types::pem::PemObject;
+    let err = |reason: String| EgressError::CaFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(format!("not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(err("no CERTIFICATE block in it".into()));
+    }
+    Ok(certs)
+}
+
+/// The rustls client configuration for the gateway connection.
+pub fn client_config(opts: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, EgressError> {
+    let mut roots = RootCertStore::empty();
+    if !(opts.pin && opts.ca.is_some()) {
+        let native = rustls_native_certs::load_native_certs();
+        for e in &native.errors {
+            tracing::debug!(error = %e, "skipping part of the OS trust store");
+        }
+        let (_added, _ignored) = roots.add_parsable_certificates(native.certs);
+    }
+    if let Some(path) = &opts.ca {
+        for cert in read_pem_certs(path)? {
+            roots.add(cert).map_err(|e| EgressError::CaFile {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| EgressError::Tls {
+            host: String::new(),
+            reason: e.to_string(),
+        })?;
+    let mut cfg = match &opts.key_pin {
+        None => builder.with_root_certificates(roots).with_no_client_auth(),
+        Some(pin) => {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| EgressError::Tls {
+                host: String::new(),
+                reason: e.to_string(),
+            })?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedKey {
+                    inner,
+                    pin: pin.clone(),
+                    mismatch_ok: opts.inner_channel,
+                }))
+                .with_no_client_auth()
+        }
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The usual certificate check, then the enrolled key pin.
+#[derive(Debug)]
+struct PinnedKey {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    pin: String,
+    /// Another key is allowed (the inner channel protects the session then).
+    mismatch_ok: bool,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedKey {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        match cert::key_pin(end_entity) {
+            Some(seen) if seen == self.pin => Ok(verified),
+            _ if self.mismatch_ok => Ok(verified),
+            seen => Err(rustls::Error::General(format!(
+                "the gateway presented key {} but this agent is pinned to {} (from enrollment): something re-signs TLS on the way (an inspecting proxy) or this is another gateway; re-enroll only if the gateway's key really changed",
+                seen.as_deref().unwrap_or("(unreadable)"),
+                self.pin
+            ))),
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The gateway's own CA (`--ca`) on its own, without the OS store: does a connection's
+/// certificate chain to it? Only then is the outer TLS the gateway's, and only then may a bearer
+/// token ride it (an inspecting proxy's CA in the OS store passes the TLS check, not this one).
+#[derive(Clone, Debug)]
+pub struct CaAnchor {
+    verifier: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl CaAnchor {
+    /// The anchor from a PEM file of one or more CA certificates.
+    pub fn from_file(path: &Path) -> Result<CaAnchor, EgressError> {
+        let err = |reason: String| EgressError::CaFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut roots = RootCertStore::empty();
+        for cert in read_pem_certs(path)? {
+            roots.add(cert).map_err(|e| err(e.to_string()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| err(e.to_string()))?;
+        Ok(CaAnchor { verifier })
+    }
+
+    /// Whether `io`'s certificate chain, as sent, is issued by this CA for `host`.
+    pub fn issued(&self, io: &GatewayStream, host: &str) -> bool {
+        use rustls::client::danger::ServerCertVerifier;
+        let GatewayStream::Tls(s) = io else {
+            return false;
+        };
+        let Some((leaf, rest)) = s
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.split_first())
+        else {
+            return false;
+        };
+        let Ok(name) = ServerName::try_from(host.to_string()) else {
+            return false;
+        };
+        self.verifier
+            .verify_server_cert(leaf, rest, &name, &[], rustls::pki_types::UnixTime::now())
+            .is_ok()
+    }
+}
+
+/// Accepts every certificate: only for [`peek_certificate`].
+#[derive(Debug)]
+pub(crate) struct AcceptAny(pub(crate) Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

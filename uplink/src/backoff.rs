@@ -1,0 +1,69 @@
+//! How long to wait before the next connection attempt: exponential, with full jitter, so that
+//! thousands of desktops and connectors that lost the same gateway do not come back in step.
+
+use rand::Rng;
+use std::time::Duration;
+
+/// Exponential backoff with jitter: 0.25 s doubling to 15 s (each wait drawn from half to all
+/// of it), back to the start after a session that stayed up for a minute. One set of constants
+/// for the agent and the connector.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+}
+
+impl Backoff {
+    /// The first wait.
+    pub const FIRST: Duration = Duration::from_millis(250);
+    /// The longest wait.
+    pub const MAX: Duration = Duration::from_secs(15);
+    /// A session that stayed up this long resets the backoff.
+    pub const STABLE: Duration = Duration::from_secs(60);
+
+    /// The next wait (and doubles the one after, up to [`Backoff::MAX`]).
+    pub fn delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        base.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+    }
+
+    pub fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+
+    /// Resets when the attempt that just ended had lasted at least [`Backoff::STABLE`].
+    pub fn after(&mut self, lasted: Duration) {
+        if lasted >= Self::STABLE {
+            self.reset();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::default();
+        let first = b.delay();
+        assert!(first >= Backoff::FIRST / 2 && first <= Backoff::FIRST);
+        for _ in 0..20 {
+            assert!(b.delay() <= Backoff::MAX);
+        }
+        assert!(b.delay() >= Backoff::MAX / 2);
+        b.after(Duration::from_secs(5));
+        assert!(
+            b.delay() >= Backoff::MAX / 2,
+            "a short session does not reset"
+        );
+        b.after(Backoff::STABLE);
+        assert!(b.delay() <= Backoff::FIRST);
+    }
+}

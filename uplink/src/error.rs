@@ -1,0 +1,106 @@
+//! Why a session to the gateway could not be set up, in one type that says which hop failed:
+//! no way out, the WebSocket upgrade, the HTTP transport, the inner channel, the gateway's
+//! verdict on the token, or the tunnel hello. Callers decide on the variant, never on the text.
+
+use egress::probe::{GatewayReached, ProbeError};
+use tunnel::http::client::HttpError;
+
+/// Where [`ConnectError::Untrusted`]'s text names the certificate seen (`doctor` reads it).
+pub const UNTRUSTED_SEEN: &str = "Seen: ";
+
+/// Why a session to the gateway could not be set up; says which hop failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// No way out worked (each candidate's reason is in the text).
+    #[error("{summary}")]
+    NoWay {
+        summary: String,
+        /// Every candidate failed on rejected proxy credentials.
+        rejected_only: bool,
+    },
+    #[error("{0}")]
+    Handshake(#[from] tunnel::ws::HandshakeError),
+    #[error("HTTP transport: {0}")]
+    Http(#[from] HttpError),
+    /// The inner channel failed: a different gateway key, tampering, or the gateway's verdict
+    /// on the token (sent inside).
+    #[error("{0}")]
+    Inner(String),
+    /// The gateway refused the token (inside the inner channel).
+    #[error("gateway refused the session with {status}: {text}")]
+    Refused { status: u16, text: String },
+    #[error("tunnel hello with the gateway failed: {0}")]
+    Session(#[from] tunnel::SessionError),
+    /// The outer TLS is not proven the gateway's own and no inner key is known: the token is
+    /// not sent.
+    #[error("not sending the token: the TLS to the gateway is not proven to be the gateway's own (its certificate is neither issued by --ca nor the enrolled key), so something on the way, such as a TLS-inspecting proxy, could read it; pass --ca with the gateway's own CA, or run `sallyport enroll` (or pass --gateway-inner-key from `sallyport-gateway inner-key`) so that the token travels only inside the inner channel. {UNTRUSTED_SEEN}{seen}")]
+    Untrusted { seen: String },
+}
+
+impl ConnectError {
+    /// The WebSocket upgrade did not survive the way (a proxy stripped it): the HTTP transport
+    /// may still get through.
+    pub fn upgrade_stripped(&self) -> bool {
+        match self {
+            ConnectError::Handshake(tunnel::ws::HandshakeError::Refused { status, .. }) => {
+                matches!(status, 426 | 400 | 405 | 501) || (200..300).contains(status)
+            }
+            ConnectError::Handshake(tunnel::ws::HandshakeError::Cut(_)) => true,
+            _ => false,
+        }
+    }
+
+    /// HTTP status of the gateway's refusal of the token (401 bad token, 429 too many).
+    pub fn token_status(&self) -> Option<u16> {
+        match self {
+            ConnectError::Handshake(h) => h.status(),
+            ConnectError::Http(h) => h.status(),
+            ConnectError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+        .filter(|s| matches!(s, 401 | 403 | 429))
+    }
+}
+
+impl GatewayReached for ConnectError {
+    /// A refusal with the gateway's own statuses (bad token, too many sessions), a hello, an
+    /// inner-channel answer, or a stripped upgrade (an HTTP answer: the way carries HTTP)
+    /// means the way out works.
+    fn reached_gateway(&self) -> bool {
+        match self {
+            ConnectError::Handshake(h) => {
+                matches!(h.status(), Some(401 | 429)) || self.upgrade_stripped()
+            }
+            ConnectError::Http(h) => matches!(h.status(), Some(401 | 403 | 429)),
+            ConnectError::Inner(_) | ConnectError::Refused { .. } => true,
+            ConnectError::Session(tunnel::SessionError::Version { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<ProbeError<ConnectError>> for ConnectError {
+    fn from(e: ProbeError<ConnectError>) -> ConnectError {
+        match e {
+            ProbeError::Gateway(e) => e,
+            e => ConnectError::NoWay {
+                rejected_only: e.only_rejected_credentials(),
+                summary: e.to_string(),
+            },
+        }
+    }
+}
+
+impl ConnectError {
+    /// Every way out failed on rejected proxy credentials: retrying would risk locking the
+    /// account (see [`crate::park_after_rejected_credentials`]).
+    pub fn credentials_rejected(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::NoWay {
+                rejected_only: true,
+                ..
+            }
+        )
+    }
+}
