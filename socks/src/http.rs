@@ -111,6 +111,9 @@ where
     };
 
     let result = hyper::server::conn::http1::Builder::new()
+        // A client may close its sending side right after its request (`curl -T`, `nc -N`,
+        // Windows clients under test): the answer must still come.
+        .half_close(true)
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_header_size(MAX_HEADER_BYTES)

@@ -204,6 +204,26 @@ async fn absolute_form_requests_to_two_different_hosts_share_one_client_connecti
     assert_eq!(calls[1].0, Target::new("beta.internal", 8080));
 }
 
+/// A client that closed its sending side right after its request got no answer (1 time in
+/// 20 an answer, from a Linux client against the Linux agent): the proxy treated the half-close
+/// as the end of the connection.
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    let (alpha, _log) = origin_server("alpha").await;
+    let dialer = FakeDialer::new().route("alpha.internal", Behaviour::Connect(alpha));
+    let (mut client, _task) = start(dialer, None);
+    client
+        .io
+        .write_all(get("http://alpha.internal/x", "alpha.internal", "").as_bytes())
+        .await
+        .unwrap();
+    client.io.shutdown().await.unwrap();
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(5), client.read_reply())
+        .await
+        .expect("an answer in time");
+    assert_eq!(reply.status, 200);
+}
+
 #[tokio::test]
 async fn keep_alive_reuses_the_upstream_connection_for_the_same_host() {
     let (alpha, log) = origin_server("alpha").await;
