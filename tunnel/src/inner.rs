@@ -142,6 +142,10 @@ impl KeyPair {
         self.public
     }
 
+    pub(crate) fn private(&self) -> &[u8; 32] {
+        &self.private
+    }
+
     /// The key file's text: the private key and, as a comment, the public one.
     pub fn to_file_text(&self) -> String {
         format!(
@@ -299,7 +303,7 @@ pub struct Cipher {
 }
 
 impl Cipher {
-    fn from_handshake(hs: snow::HandshakeState) -> Result<Cipher, InnerError> {
+    pub(crate) fn from_handshake(hs: snow::HandshakeState) -> Result<Cipher, InnerError> {
         let state = hs
             .into_stateless_transport_mode()
             .map_err(|e| InnerError::Handshake(e.to_string()))?;

@@ -14,6 +14,8 @@
 //! | [`ws`] | the WebSocket transport over any byte stream |
 //! | [`http`] | the HTTP fallback transport (POSTs up, a streamed or long-polled GET down) |
 //! | [`inner`] | the inner channel: Noise bound to the gateway's key, inside either transport |
+//! | [`token`] | version 2 tokens: the secret, the signed claims, the issuer; pure |
+//! | [`handshake`] | version 2's Noise XK handshake bound to the token; pure |
 //! | [`meta`] | well-known `OPEN` metadata keys (identity the DMZ stamps) |
 //!
 //! See `docs/protocol.md` for the wire format and the flow-control rules.
@@ -21,10 +23,12 @@
 #![forbid(unsafe_code)]
 
 pub mod frame;
+pub mod handshake;
 pub mod http;
 pub mod inner;
 pub mod session;
 pub mod stream;
+pub mod token;
 pub mod transport;
 pub mod ws;
 
