@@ -303,6 +303,9 @@ pub struct AgentConfig {
     pub http_mode: Option<tunnel::http::DownMode>,
     /// While on the HTTP fallback (chosen automatically), WebSocket is tried again this often.
     pub websocket_retry: Duration,
+    /// A protocol v2 token (`sp2_…`): the session runs the token-bound handshake and never
+    /// sends a secret; `None` for a v1 bearer token.
+    pub v2: Option<Arc<tunnel::token::Token>>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -391,9 +394,15 @@ pub fn read_token(file: Option<&Path>) -> Result<Secret, ConfigError> {
     )
 }
 
-/// A token as read from `source` (trimmed), if it has the shape of one (`sp_<id>_<64 hex>`).
+/// A token as read from `source` (trimmed), if it has the shape of one (`sp_<id>_<64 hex>`, or
+/// a version 2 token `sp2_…` that parses).
 pub fn check_token(text: &str, source: &str) -> Result<Secret, ConfigError> {
     let t = text.trim();
+    if tunnel::token::is_v2(t) {
+        t.parse::<tunnel::token::Token>()
+            .map_err(|e| invalid(format!("the token in {source}: {e}")))?;
+        return Ok(Secret::new(t));
+    }
     if !t.starts_with("sp_") || t.len() < 69 || t.contains(char::is_whitespace) {
         return Err(invalid(format!(
             "the token in {source} does not look like a sallyport token (sp_<id>_<64 hex>)"
@@ -500,6 +509,16 @@ pub fn agent_config_with(
             "tunnel.inner = \"always\" needs gateway_inner_key (from `sallyport-gateway inner-key`, or enroll again)",
         ));
     }
+    let v2 = if tunnel::token::is_v2(token.expose()) {
+        Some(Arc::new(
+            token
+                .expose()
+                .parse::<tunnel::token::Token>()
+                .map_err(|e| invalid(format!("token: {e}")))?,
+        ))
+    } else {
+        None
+    };
     let tls = if gateway.tls {
         Some(
             egress::client_config(&TlsOptions {
@@ -507,6 +526,7 @@ pub fn agent_config_with(
                 pin: false,
                 key_pin: file.gateway_key.clone(),
                 inner_channel: inner_key.is_some(),
+                any_certificate: v2.is_some(),
             })
             .map_err(|e| invalid(e.to_string()))?,
         )
@@ -630,6 +650,7 @@ pub fn agent_config_with(
             Some(d) => duration(d, "tunnel.websocket_retry")?.max(Duration::from_secs(1)),
             None => crate::pool::RETRY_WEBSOCKET,
         },
+        v2,
     })
 }
 

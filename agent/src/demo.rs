@@ -85,7 +85,8 @@ fn token_file(
             id: id.into(),
             name: id.into(),
             groups: vec!["demo".into()],
-            sha256,
+            sha256: Some(sha256),
+            public_key: None,
             expires: None,
             routes,
         },
@@ -113,13 +114,33 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
     let ca_path = dir.join("ca.crt");
     std::fs::write(&ca_path, &pki.ca_cert_pem)?;
     let route = format!("{INTERNAL_NAME}:{svc_port}");
-    let (agent_tokens, agent_token) = token_file(dir, "agents.toml", "demo-agent", vec![])?;
+    // The agent's token is protocol v2: signed by a throwaway issuer, bound to the gateway's
+    // key; the agent never sends it.
+    let inner_key = Arc::new(tunnel::inner::KeyPair::generate());
+    let issuer = tunnel::token::Issuer::generate();
+    let agent_tokens = dir.join("agents.toml");
+    let agent_token = auth::mint_v2(
+        &agent_tokens,
+        auth::MintV2 {
+            kind: tunnel::token::Kind::Agent,
+            id: "demo-agent".into(),
+            name: None,
+            groups: vec!["demo".into()],
+            routes: vec![],
+            expires: Some(std::time::SystemTime::now() + Duration::from_secs(86_400)),
+            issuer: &issuer,
+            gateway_keys: vec![inner_key.public().0],
+            deployment: None,
+        },
+    )?;
     let (conn_tokens, conn_token) = token_file(
         dir,
         "connectors.toml",
         "demo-connector",
         vec!["*.internal:*".into()],
     )?;
+    let mut v2 = gateway::dmz::v2::V2Config::new(inner_key.clone());
+    v2.issuers = vec![issuer.public()];
     let dmz_cfg = DmzConfig {
         listen: "127.0.0.1:0".parse()?,
         tls: Some(gateway::certs::server_config_from_pem(
@@ -135,8 +156,9 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         limits: Default::default(),
         session: tunnel::Config::new(tunnel::Role::Dmz, false),
         reload_every: Duration::from_secs(2),
-        inner_key: Some(Arc::new(tunnel::inner::KeyPair::generate())),
+        inner_key: Some(inner_key.clone()),
         tls_key_pin: None,
+        v2,
     };
     let dmz = Dmz::bind(dmz_cfg).await?;
     let gw = format!("wss://127.0.0.1:{}/", dmz.local_addr().port());
@@ -164,9 +186,9 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
     // 4. The agent.
     let agent_cfg = AgentConfig {
         gateway: gateway_url,
-        token: Secret::new(agent_token),
+        token: Secret::new(agent_token.expose()),
         tls: Some(egress::client_config(&egress::TlsOptions {
-            ca: Some(ca_path.clone()),
+            any_certificate: true,
             ..Default::default()
         })?),
         way: egress::Way::new(egress::Egress::direct()),
@@ -189,6 +211,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         transport: crate::config::TransportChoice::Auto,
         http_mode: None,
         websocket_retry: crate::pool::RETRY_WEBSOCKET,
+        v2: Some(Arc::new(agent_token)),
     };
     let agent = crate::Agent::bind(agent_cfg).await?;
     let addrs = agent.addrs();

@@ -208,6 +208,25 @@ pub async fn start_ws(
     io: GatewayStream,
 ) -> Result<(Session, String, String), ConnectError> {
     let cert = io.peer_summary();
+    if let Some(token) = &config.v2 {
+        // Protocol v2: whatever the certificate, the handshake inside authenticates the gateway
+        // by the key in the token; nothing secret is sent.
+        let url = config.gateway.endpoint("agent");
+        let (t, sealed) = uplink::v2::over_websocket(
+            io,
+            &url,
+            token,
+            config.session.max_frame,
+            config.connect_timeout,
+        )
+        .await?;
+        let carried = if sealed {
+            "websocket, v2 sealed"
+        } else {
+            "websocket, v2 over the gateway's own TLS"
+        };
+        return Ok((start(config, t).await?, carried.into(), cert));
+    }
     let key = match carry(config, &io)? {
         Carry::Inner(key) => Some(key),
         Carry::Bearer => None,
@@ -285,6 +304,9 @@ pub async fn start_http(
             })?,
     };
     let cert = io.peer_summary();
+    if let Some(token) = &config.v2 {
+        return start_http_v2(config, token, way, io, dial(false), cert).await;
+    }
     let key = match carry(config, &io)? {
         Carry::Inner(key) => Some(key),
         Carry::Bearer => None,
@@ -357,6 +379,51 @@ pub async fn start_http(
             })
         }
     }
+}
+
+/// The HTTP transport with protocol v2: msg1 is the create body, and the session is always
+/// sealed (each request may ride another TLS connection).
+async fn start_http_v2(
+    config: &AgentConfig,
+    token: &tunnel::token::Token,
+    way: &Candidate,
+    io: GatewayStream,
+    dial: Redial,
+    cert: String,
+) -> Result<Connected, ConnectError> {
+    let mut mac = [0u8; 32];
+    rand::thread_rng().fill(&mut mac);
+    let opts = Options {
+        host: config.gateway.authority(),
+        base: format!("{}/agent/http", config.gateway.prefix),
+        bearer: None,
+        mac_key: Some(mac),
+        mode: config.http_mode,
+        timeout: config.connect_timeout,
+    };
+    let carried = match opts.mode {
+        Some(tunnel::http::DownMode::Poll) => "http long-poll, v2 sealed",
+        _ => "http, v2 sealed",
+    };
+    let (init, key_index, msg1) = uplink::v2::http_hello(token, &mac)?;
+    let created =
+        tunnel::http::client::connect_query(dial, Some(Box::new(io)), opts, msg1, "v=2").await?;
+    let (t, _) = uplink::v2::over_http(
+        created.transport,
+        init,
+        key_index,
+        &created.reply,
+        token,
+        config.connect_timeout,
+    )
+    .await?;
+    Ok(Connected {
+        session: start(config, t).await?,
+        way: way.clone(),
+        carried: carried.into(),
+        cert,
+        http: true,
+    })
 }
 
 pub struct Pool {

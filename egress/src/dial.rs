@@ -34,6 +34,34 @@ impl GatewayStream {
         }
     }
 
+    /// SHA-256 of the gateway certificate's public key (what a `sha256/…` pin encodes).
+    pub fn tls_key(&self) -> Option<[u8; 32]> {
+        match self {
+            GatewayStream::Plain(_) => None,
+            GatewayStream::Tls(s) => {
+                use sha2::Digest;
+                let der = s.get_ref().1.peer_certificates()?.first()?;
+                Some(sha2::Sha256::digest(cert::spki(der)?).into())
+            }
+        }
+    }
+
+    /// The TLS exporter value (RFC 8446 §7.5) of this connection under `label`: equal at both
+    /// ends only when they share one TLS connection, with nobody re-encrypting in between.
+    pub fn exporter(&self, label: &[u8]) -> Option<[u8; 32]> {
+        match self {
+            GatewayStream::Plain(_) => None,
+            GatewayStream::Tls(s) => {
+                let mut out = [0u8; 32];
+                s.get_ref()
+                    .1
+                    .export_keying_material(&mut out, label, None)
+                    .ok()?;
+                Some(out)
+            }
+        }
+    }
+
     /// Whose certificate the gateway connection presented, for `doctor`:
     /// `TLS, certificate CN=gw.example.com issued by CN=Corp Inspection CA`, followed by
     /// `; <subject> issued by <issuer>` for each further certificate of the chain sent.

@@ -1,7 +1,8 @@
 //! Which certificates the agent and the connector trust for the gateway: the OS store plus
 //! `--ca`, or only a pinned CA, and the enrolled key pin; [`CaAnchor`] (is a connection issued
-//! by `--ca` itself?); and the verifier that accepts anything, used only to read the names of a
-//! certificate that failed (for `doctor`).
+//! by `--ca` itself?); and the verifier that accepts anything, used to read the names of a
+//! certificate that failed (for `doctor`) and for protocol v2, whose handshake authenticates
+//! the gateway inside the TLS.
 
 use crate::*;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -23,6 +24,10 @@ pub struct TlsOptions {
     /// (an inspecting proxy that re-signs, trusted by this machine) is let through, and the
     /// session then runs inside the inner channel, where that proxy reads nothing.
     pub inner_channel: bool,
+    /// Protocol v2: the handshake inside authenticates the gateway by the key in the token, so
+    /// any certificate is accepted (an inspection CA this desktop does not trust included);
+    /// the TLS is transport only.
+    pub any_certificate: bool,
 }
 
 /// Reads every certificate in a PEM file.
@@ -68,6 +73,10 @@ pub fn client_config(opts: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, Egr
             reason: e.to_string(),
         })?;
     let mut cfg = match &opts.key_pin {
+        _ if opts.any_certificate => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+            .with_no_client_auth(),
         None => builder.with_root_certificates(roots).with_no_client_auth(),
         Some(pin) => {
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(

@@ -18,6 +18,12 @@
 //! routes = ["db.internal:5432"]         # connectors: the only routes this credential may advertise
 //! ```
 //!
+//! Version 2 tokens (`sp2_…`, see `tunnel::token` and `docs/protocol.md`) are never sent: the
+//! agent proves the key derived from the token's secret inside the handshake. Their table holds
+//! `public_key = "x25519/<base64>"` (that key) instead of `sha256`, so a stolen token file lets
+//! nobody connect; the id, name, groups, routes and expiry work as for version 1. An id is
+//! either version 1 or version 2, never both: a v2 id is refused on v1's bearer path.
+//!
 //! [`ReloadingStore`] re-reads the file when it changes, so revoking a token is "delete its table";
 //! sessions subscribe to changes and use [`TokenStore::is_valid`] to cut themselves off.
 //!
@@ -74,6 +80,12 @@ pub enum AuthError {
     DuplicateId { path: PathBuf, id: String },
     #[error("could not write token entry: {0}")]
     Serialize(String),
+    #[error("token {id:?} is a protocol v2 token; it is never sent as a bearer token")]
+    V2Only { id: String },
+    #[error("token {id:?} is a protocol v1 token; this handshake is v2")]
+    V1Only { id: String },
+    #[error("token {id:?}: the key it proved is not the one in the token file")]
+    WrongKey { id: String },
 }
 
 impl AuthError {
@@ -182,8 +194,9 @@ pub fn parse_token(s: &str) -> Result<(&str, &str), AuthError> {
 // Token store
 // ---------------------------------------------------------------------------------------------
 
-/// Who a verified token belongs to. Holds no secret: `sha256` is the stored hash of the secret, kept
-/// so that [`TokenStore::is_valid`] notices a token re-issued under the same id (not printed by Debug).
+/// Who a verified token belongs to. Holds no secret: `sha256` is the stored hash of the secret
+/// (version 1) or the agent's public key (version 2), kept so that [`TokenStore::is_valid`]
+/// notices a token re-issued under the same id (not printed by Debug).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Identity {
     pub token_id: String,
@@ -192,6 +205,8 @@ pub struct Identity {
     pub routes: Vec<Route>,
     pub expires: Option<SystemTime>,
     pub sha256: [u8; 32],
+    /// A protocol v2 token (`sha256` then holds its public key).
+    pub v2: bool,
 }
 
 impl fmt::Debug for Identity {
@@ -250,7 +265,8 @@ struct RawToken {
     name: Option<String>,
     #[serde(default)]
     groups: Vec<String>,
-    sha256: toml::Spanned<String>,
+    sha256: Option<toml::Spanned<String>>,
+    public_key: Option<toml::Spanned<String>>,
     expires: Option<toml::Spanned<toml::Value>>,
     #[serde(default)]
     routes: Vec<toml::Spanned<String>>,
@@ -337,23 +353,54 @@ impl TokenStore {
                     format!("token id {id:?} appears twice; ids must be unique"),
                 ));
             }
-            // Never echo the value: someone may have pasted a whole token here by mistake.
-            let hash_hex = t.sha256.get_ref().trim();
-            if !is_lower_hex64(&hash_hex.to_ascii_lowercase()) {
-                return Err(invalid(
-                    t.sha256.span().start,
-                    Some("sha256"),
-                    format!("token {id:?}: sha256 must be 64 hex characters (the SHA-256 of the secret, from `sallyport-gateway token new`)"),
-                ));
-            }
-            let mut sha256 = [0u8; 32];
-            hex::decode_to_slice(hash_hex.to_ascii_lowercase(), &mut sha256).map_err(|_| {
-                invalid(
-                    t.sha256.span().start,
-                    Some("sha256"),
-                    format!("token {id:?}: sha256 is not hex"),
-                )
-            })?;
+            let (sha256, v2) = match (&t.sha256, &t.public_key) {
+                (Some(h), None) => {
+                    // Never echo the value: someone may have pasted a whole token here by mistake.
+                    let hash_hex = h.get_ref().trim();
+                    if !is_lower_hex64(&hash_hex.to_ascii_lowercase()) {
+                        return Err(invalid(
+                            h.span().start,
+                            Some("sha256"),
+                            format!("token {id:?}: sha256 must be 64 hex characters (the SHA-256 of the secret, from `sallyport-gateway token new --v1`)"),
+                        ));
+                    }
+                    let mut sha256 = [0u8; 32];
+                    hex::decode_to_slice(hash_hex.to_ascii_lowercase(), &mut sha256).map_err(
+                        |_| {
+                            invalid(
+                                h.span().start,
+                                Some("sha256"),
+                                format!("token {id:?}: sha256 is not hex"),
+                            )
+                        },
+                    )?;
+                    (sha256, false)
+                }
+                (None, Some(k)) => {
+                    let key: tunnel::inner::PublicKey = k.get_ref().parse().map_err(|_| {
+                        invalid(
+                            k.span().start,
+                            Some("public_key"),
+                            format!("token {id:?}: public_key must be x25519/<base64 of 32 bytes> (from `sallyport-gateway token new`)"),
+                        )
+                    })?;
+                    if tunnel::token::low_order(&key.0) {
+                        return Err(invalid(
+                            k.span().start,
+                            Some("public_key"),
+                            format!("token {id:?}: public_key is a low-order point, which proves nothing"),
+                        ));
+                    }
+                    (key.0, true)
+                }
+                _ => {
+                    return Err(invalid(
+                        at,
+                        Some("id"),
+                        format!("token {id:?}: give exactly one of sha256 (protocol v1) and public_key (v2)"),
+                    ))
+                }
+            };
             let expires = match &t.expires {
                 None => None,
                 Some(sp) => {
@@ -389,6 +436,7 @@ impl TokenStore {
                     routes,
                     expires,
                     sha256,
+                    v2,
                 },
             );
         }
@@ -419,6 +467,9 @@ impl TokenStore {
         let Some(identity) = self.tokens.get(id) else {
             return Err(AuthError::UnknownId { id: id.to_string() });
         };
+        if identity.v2 {
+            return Err(AuthError::V2Only { id: id.to_string() });
+        }
         if !bool::from(presented_hash.ct_eq(&identity.sha256)) {
             return Err(AuthError::WrongSecret { id: id.to_string() });
         }
@@ -429,6 +480,33 @@ impl TokenStore {
                     expired: humantime::format_rfc3339_seconds(expires).to_string(),
                 });
             }
+        }
+        Ok(identity.clone())
+    }
+
+    /// Checks a protocol v2 token whose `key` the handshake proved: the id must be in the file
+    /// with that public key, and not expired. (Claims, dates and the issuer's signature are
+    /// checked by the caller.)
+    pub fn verify_v2(
+        &self,
+        id: &str,
+        key: &[u8; 32],
+        now: SystemTime,
+    ) -> Result<Identity, AuthError> {
+        let Some(identity) = self.tokens.get(id) else {
+            return Err(AuthError::UnknownId { id: id.to_string() });
+        };
+        if !identity.v2 {
+            return Err(AuthError::V1Only { id: id.to_string() });
+        }
+        if !bool::from(key.ct_eq(&identity.sha256)) {
+            return Err(AuthError::WrongKey { id: id.to_string() });
+        }
+        if let Some(expires) = identity.expires.filter(|e| *e <= now) {
+            return Err(AuthError::Expired {
+                id: id.to_string(),
+                expired: humantime::format_rfc3339_seconds(expires).to_string(),
+            });
         }
         Ok(identity.clone())
     }
@@ -552,7 +630,12 @@ pub struct TokenEntry {
     pub id: String,
     pub name: String,
     pub groups: Vec<String>,
-    pub sha256: String,
+    /// Protocol v1: the SHA-256 of the secret.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Protocol v2: the agent's public key (`x25519/…`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
     #[serde(
         serialize_with = "ser_expires",
         skip_serializing_if = "Option::is_none"
@@ -630,6 +713,85 @@ pub fn append_token(path: &Path, entry: &TokenEntry) -> Result<(), AuthError> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Version 2
+// ---------------------------------------------------------------------------------------------
+
+/// Reads the issuer key from `path`, or creates it (mode 0600) when the file does not exist.
+/// Returns the key and whether it was created.
+pub fn load_or_create_issuer(path: &Path) -> Result<(tunnel::token::Issuer, bool), String> {
+    use tunnel::token::Issuer;
+    match std::fs::read_to_string(path) {
+        Ok(text) => Issuer::from_file_text(&text)
+            .map(|k| (k, false))
+            .map_err(|e| format!("issuer key file {}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Issuer::generate();
+            crate::dmz::inner::write_private(path, &key.to_file_text())
+                .map_err(|e| format!("cannot create issuer key file {}: {e}", path.display()))?;
+            Ok((key, true))
+        }
+        Err(e) => Err(format!(
+            "cannot read issuer key file {}: {e}",
+            path.display()
+        )),
+    }
+}
+
+/// What a version 2 token is minted with.
+pub struct MintV2<'a> {
+    pub kind: tunnel::token::Kind,
+    pub id: String,
+    pub name: Option<String>,
+    pub groups: Vec<String>,
+    pub routes: Vec<String>,
+    pub expires: Option<SystemTime>,
+    pub issuer: &'a tunnel::token::Issuer,
+    /// The gateway static keys the token trusts (current, then next).
+    pub gateway_keys: Vec<[u8; 32]>,
+    pub deployment: Option<String>,
+}
+
+/// Mints a version 2 token and appends its public key to the token file at `tokens`: the file
+/// never holds anything that lets its reader connect.
+pub fn mint_v2(tokens: &Path, m: MintV2<'_>) -> Result<tunnel::token::Token, AuthError> {
+    use tunnel::token::{Claims, Token};
+    if !valid_id(&m.id) {
+        return Err(AuthError::BadId { id: m.id });
+    }
+    let secs = |t: SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
+    let claims = Claims {
+        kind: m.kind,
+        id: m.id.clone(),
+        name: m.name.clone(),
+        groups: m.groups.clone(),
+        routes: m.routes.clone(),
+        issued_at: secs(SystemTime::now()),
+        not_before: None,
+        expires: m.expires.map(secs),
+        agent_key: [0; 32],
+        gateway_keys: m.gateway_keys,
+        deployment: m.deployment,
+        issuer: [0; 32],
+    };
+    let token = Token::mint(m.issuer, claims).map_err(|e| AuthError::Serialize(e.to_string()))?;
+    let entry = TokenEntry {
+        id: m.id.clone(),
+        name: m.name.unwrap_or(m.id),
+        groups: m.groups,
+        sha256: None,
+        public_key: Some(tunnel::inner::PublicKey(token.claims().agent_key).to_string()),
+        expires: m.expires,
+        routes: m.routes,
+    };
+    append_token(tokens, &entry)?;
+    Ok(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -649,7 +811,8 @@ mod tests {
             id: id.into(),
             name: "alice".into(),
             groups: vec!["dev".into(), "dba".into()],
-            sha256: hash.into(),
+            sha256: Some(hash.into()),
+            public_key: None,
             expires,
             routes: vec!["db.internal:5432".into(), "*.internal:22".into()],
         }

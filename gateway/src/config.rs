@@ -148,6 +148,123 @@ pub struct DmzFile {
     pub limits: LimitsFile,
     #[serde(default)]
     pub tunnel: TunnelFile,
+    #[serde(default)]
+    pub v2: V2File,
+}
+
+/// `[v2]`: protocol version 2 (see `docs/protocol.md`).
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct V2File {
+    /// Issuers (`ed25519/<base64>`) whose tokens are accepted [default: the public half of
+    /// `issuer.key` beside the agent token file, when there is one].
+    #[serde(default)]
+    pub issuer_keys: Vec<String>,
+    /// This deployment's name; tokens minted for another are refused.
+    pub deployment: Option<String>,
+    /// A second static key file, for rotation: new tokens list both.
+    pub next_inner_key: Option<PathBuf>,
+    /// The TLS-terminating load balancer in front may read sessions (mode `outer`).
+    #[serde(default)]
+    pub trust_lb: bool,
+    /// The load balancer's certificate keys (`sha256/<base64>`, as `sallyport doctor` prints).
+    #[serde(default)]
+    pub tls_keys: Vec<String>,
+    /// Version 1 bearer tokens are refused after this date (RFC 3339, or `YYYY-MM-DD`)
+    /// [default: 90 days after this release].
+    pub accept_v1_until: Option<String>,
+}
+
+/// Where `token new` keeps the issuer key by default: beside the agent token file.
+pub fn default_issuer_key_path(agent_tokens: &Path) -> PathBuf {
+    match agent_tokens.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join("issuer.key"),
+        _ => PathBuf::from("issuer.key"),
+    }
+}
+
+/// A key pin `sha256/<base64>` as 32 bytes.
+pub fn pin_bytes(pin: &str) -> Result<[u8; 32], String> {
+    use base64::Engine;
+    let b64 = pin.trim().strip_prefix("sha256/").ok_or_else(|| {
+        format!("TLS key {pin:?} must look like sha256/<base64> (as `sallyport doctor` prints it)")
+    })?;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| format!("TLS key {pin:?}: not base64 of 32 bytes"))
+}
+
+fn v2_config(
+    file: &V2File,
+    base: Option<&Path>,
+    agent_tokens: &Path,
+    current: Arc<tunnel::inner::KeyPair>,
+    own_pin: Option<&str>,
+) -> Result<crate::dmz::v2::V2Config, ConfigError> {
+    let mut keys = vec![current];
+    if let Some(p) = &file.next_inner_key {
+        let path = relative_to(base, p.clone());
+        let (k, _) = crate::dmz::inner::load_or_create(&path).map_err(invalid)?;
+        keys.push(Arc::new(k));
+    }
+    let mut issuers = Vec::new();
+    for k in &file.issuer_keys {
+        issuers.push(
+            k.parse::<tunnel::token::IssuerKey>()
+                .map_err(|e| invalid(format!("v2.issuer_keys: {e}")))?,
+        );
+    }
+    if issuers.is_empty() {
+        let path = default_issuer_key_path(agent_tokens);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let issuer = tunnel::token::Issuer::from_file_text(&text)
+                .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+            issuers.push(issuer.public());
+        }
+    }
+    let mut tls_keys = Vec::new();
+    if let Some(pin) = own_pin {
+        tls_keys.push(pin_bytes(pin).map_err(invalid)?);
+    }
+    for k in &file.tls_keys {
+        tls_keys.push(pin_bytes(k).map_err(|e| invalid(format!("v2.tls_keys: {e}")))?);
+    }
+    if file.trust_lb && file.tls_keys.is_empty() {
+        return Err(invalid(
+            "v2.trust_lb needs v2.tls_keys: the load balancer's certificate keys (sha256/…, as `sallyport doctor` prints them)",
+        ));
+    }
+    let accept_v1_until = match &file.accept_v1_until {
+        None => crate::dmz::v2::V2Config::default_v1_cutoff(),
+        Some(s) => {
+            let t = s.trim();
+            let full = if t.len() == 10 {
+                format!("{t}T00:00:00Z")
+            } else {
+                t.to_string()
+            };
+            humantime::parse_rfc3339_weak(&full).map_err(|_| {
+                invalid(format!(
+                    "v2.accept_v1_until `{s}`: write a date like 2027-03-01 or 2027-03-01T00:00:00Z"
+                ))
+            })?
+        }
+    };
+    if let Some(d) = &file.deployment {
+        if d.is_empty() || d.len() > 64 {
+            return Err(invalid("v2.deployment: 1-64 characters"));
+        }
+    }
+    Ok(crate::dmz::v2::V2Config {
+        keys,
+        issuers,
+        deployment: file.deployment.clone(),
+        trust_lb: file.trust_lb,
+        tls_keys,
+        accept_v1_until,
+    })
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -374,8 +491,17 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     if created {
         tracing::info!(path = %inner_path.display(), key = %inner_key.public(), "created the inner-channel key; agents pin it at enrollment");
     }
+    let inner_key = Arc::new(inner_key);
+    let v2 = v2_config(
+        &file.v2,
+        base,
+        agent_tokens.path(),
+        inner_key.clone(),
+        tls_key_pin.as_deref(),
+    )?;
     Ok(DmzConfig {
-        inner_key: Some(Arc::new(inner_key)),
+        v2,
+        inner_key: Some(inner_key),
         tls_key_pin,
         listen: args.listen.or(file.listen).unwrap_or_else(|| {
             "0.0.0.0:443"

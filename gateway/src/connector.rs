@@ -67,6 +67,7 @@ pub fn tls_config(
         pin: true,
         key_pin: None,
         inner_channel: false,
+        any_certificate: false,
     })
 }
 

@@ -147,8 +147,22 @@ pub async fn switch_to_websocket<S: AsyncWrite + Unpin>(
     io: &mut S,
     accept: &str,
 ) -> io::Result<()> {
+    switch_to_websocket_with(io, accept, &[]).await
+}
+
+/// [`switch_to_websocket`] with more headers (values must be header-safe: the caller makes
+/// them, e.g. base64url).
+pub async fn switch_to_websocket_with<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    accept: &str,
+    extra: &[(&str, &str)],
+) -> io::Result<()> {
+    let mut more = String::new();
+    for (k, v) in extra {
+        more.push_str(&format!("{k}: {v}\r\n"));
+    }
     let out = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n{more}\r\n"
     );
     io.write_all(out.as_bytes()).await?;
     io.flush().await

@@ -87,6 +87,23 @@ enum TokenCommand {
         /// Write the token to this file (mode 0600) instead of printing it.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// A protocol v1 bearer token (`sp_…`), for agents and connectors older than 0.2.
+        #[arg(long)]
+        v1: bool,
+        /// The issuer key that signs the token (created, mode 0600, when missing) [default:
+        /// issuer.key beside --tokens]. Gateways need only its public half.
+        #[arg(long)]
+        issuer: Option<PathBuf>,
+        /// The gateway's static key file (the DMZ's inner key; created when missing) [default:
+        /// inner.key beside --tokens]. The token carries its public half.
+        #[arg(long)]
+        inner_key: Option<PathBuf>,
+        /// The gateway's next static key file (rotation): the token trusts both.
+        #[arg(long)]
+        next_inner_key: Option<PathBuf>,
+        /// The deployment the token is for (the DMZ's `v2.deployment`).
+        #[arg(long)]
+        deployment: Option<String>,
     },
 }
 
@@ -209,8 +226,22 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             routes,
             tokens,
             out,
+            v1,
+            issuer,
+            inner_key,
+            next_inner_key,
+            deployment,
         }) => {
+            // v2 agent tokens expire (90 days unless told): a stolen one is good for that long.
+            let expires = match (expires, v1, kind) {
+                (None, false, Kind::Agent) => Some("90d".to_string()),
+                (e, _, _) => e,
+            };
             let expires = match expires {
+                Some(s) if s == "never" && !v1 && matches!(kind, Kind::Agent) => {
+                    return Err(ConfigError::Invalid("--expires never: agent tokens of protocol v2 must expire (e.g. --expires 365d)".into()).into());
+                }
+                Some(s) if s == "never" => None,
                 Some(s) => {
                     let d: Duration = humantime::parse_duration(&s).map_err(|e| {
                         ConfigError::Invalid(format!("--expires `{s}`: {e}; write e.g. 90d"))
@@ -226,20 +257,68 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if matches!(kind, Kind::Connector) && routes.is_empty() {
                 return Err(ConfigError::Invalid("a connector token needs at least one --route it may advertise, e.g. --route '*.internal:*'".into()).into());
             }
-            let (secret, sha256) =
-                auth::generate(&id).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-            let entry = TokenEntry {
-                id: id.clone(),
-                name: name.unwrap_or_else(|| id.clone()),
-                groups,
-                sha256,
-                expires,
-                routes,
+            let secret = if v1 {
+                let (secret, sha256) =
+                    auth::generate(&id).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                let entry = TokenEntry {
+                    id: id.clone(),
+                    name: name.unwrap_or_else(|| id.clone()),
+                    groups,
+                    sha256: Some(sha256),
+                    public_key: None,
+                    expires,
+                    routes,
+                };
+                auth::append_token(&tokens, &entry)
+                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                secret.expose().to_string()
+            } else {
+                let issuer_path =
+                    issuer.unwrap_or_else(|| config::default_issuer_key_path(&tokens));
+                let (issuer, created) =
+                    auth::load_or_create_issuer(&issuer_path).map_err(ConfigError::Invalid)?;
+                if created {
+                    eprintln!(
+                        "created the issuer key {} (public {}); keep it 0600, off the DMZ if you can: the DMZ needs only v2.issuer_keys = [\"{}\"]",
+                        issuer_path.display(),
+                        issuer.public(),
+                        issuer.public()
+                    );
+                }
+                let inner_path =
+                    inner_key.unwrap_or_else(|| config::default_inner_key_path(&tokens));
+                let mut keys = Vec::new();
+                for p in std::iter::once(&inner_path).chain(next_inner_key.as_ref()) {
+                    let (k, created) =
+                        gateway::dmz::inner::load_or_create(p).map_err(ConfigError::Invalid)?;
+                    if created {
+                        eprintln!("created the gateway key {}", p.display());
+                    }
+                    keys.push(k.public().0);
+                }
+                let token = auth::mint_v2(
+                    &tokens,
+                    auth::MintV2 {
+                        kind: match kind {
+                            Kind::Agent => tunnel::token::Kind::Agent,
+                            Kind::Connector => tunnel::token::Kind::Connector,
+                        },
+                        id: id.clone(),
+                        name,
+                        groups,
+                        routes,
+                        expires,
+                        issuer: &issuer,
+                        gateway_keys: keys,
+                        deployment,
+                    },
+                )
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                token.expose()
             };
-            auth::append_token(&tokens, &entry).map_err(|e| ConfigError::Invalid(e.to_string()))?;
             match out {
                 Some(path) => {
-                    write_secret_file(&path, secret.expose())
+                    write_secret_file(&path, &secret)
                         .with_context(|| format!("writing {}", path.display()))?;
                     eprintln!(
                         "token `{id}` added to {}; token written to {}",
@@ -252,7 +331,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         "token `{id}` added to {}; it is shown once:",
                         tokens.display()
                     );
-                    println!("{}", secret.expose());
+                    println!("{secret}");
                 }
             }
             Ok(())

@@ -42,7 +42,8 @@ fn token(path: &Path, id: &str, name: &str, routes: &[&str]) -> String {
             id: id.into(),
             name: name.into(),
             groups: vec!["dev".into()],
-            sha256,
+            sha256: Some(sha256),
+            public_key: None,
             expires: None,
             routes: routes.iter().map(|r| r.to_string()).collect(),
         },
@@ -64,6 +65,7 @@ async fn gateway(connector_routes: &[&str], tweak: impl FnOnce(&mut DmzConfig)) 
         "site-a",
         connector_routes,
     );
+    let inner_key = Arc::new(tunnel::inner::KeyPair::generate());
     let mut cfg = DmzConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         tls: None,
@@ -76,8 +78,9 @@ async fn gateway(connector_routes: &[&str], tweak: impl FnOnce(&mut DmzConfig)) 
         limits: Default::default(),
         session: tunnel::Config::new(Role::Dmz, false),
         reload_every: Duration::from_millis(200),
-        inner_key: Some(Arc::new(tunnel::inner::KeyPair::generate())),
+        inner_key: Some(inner_key.clone()),
         tls_key_pin: None,
+        v2: gateway::dmz::v2::V2Config::new(inner_key),
     };
     cfg.limits.handshake_timeout = Duration::from_millis(500);
     tweak(&mut cfg);

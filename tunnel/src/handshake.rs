@@ -19,8 +19,10 @@
 //!   its key without trial decryption; it is in the prologue, so changing it fails the handshake.
 //! - The offer (msg2) says which outer TLS keys the agent may legitimately see and whether the
 //!   gateway can bind to the TLS session (it terminates TLS itself). It is authenticated by `es`.
-//! - msg3 carries the signed claims, the TLS binding the agent saw, and the HTTP fallback's
-//!   request key. Its payload is always [`MSG3_PAYLOAD`] bytes and the verdict always
+//! - msg1 may carry the HTTP fallback's request key (readable only with the gateway key; the
+//!   fallback is always sealed, so a thief of that key who recorded msg1 could at most disturb
+//!   that session's requests, never read or inject data). msg3 carries the signed claims and
+//!   the TLS binding the agent saw. Its payload is always [`MSG3_PAYLOAD`] bytes and the verdict always
 //!   [`VERDICT_LEN`], so sizes link no session to a user and tell nobody whether a token was
 //!   refused.
 //!
@@ -46,8 +48,8 @@ pub const VERDICT_LEN: usize = 256;
 /// connection it rides.
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-sallyport-v2";
 /// Largest msg1 and msg2 (a fallback create body is capped well above these).
-pub const MAX_MSG1: usize = 64;
-const FIXED3: usize = 32 + 32 + 32 + 64 + 2;
+pub const MAX_MSG1: usize = 5 + 32 + 32 + 16;
+const FIXED3: usize = 32 + 32 + 64 + 2;
 
 fn params() -> snow::params::NoiseParams {
     NOISE.parse().expect("valid Noise protocol name")
@@ -157,6 +159,15 @@ pub fn choose_mode(offer: &Offer, gateway_exporter: Option<&[u8; 32]>, agent: &B
     }
 }
 
+/// The agent's half of [`choose_mode`]: it cannot see the gateway's exporter value, so it
+/// accepts `Outer` (from an authenticated verdict) only when it has an exporter value of its own
+/// TLS connection and the gateway can bind to its TLS, or when the gateway trusts its load
+/// balancer and the key seen is one of the listed ones.
+pub fn agent_allows_outer(offer: &Offer, agent: &Binding) -> bool {
+    (offer.exporter && agent.exporter.is_some())
+        || (offer.trust_lb && agent.seen.is_some_and(|k| offer.tls_keys.contains(&k)))
+}
+
 fn hs_err(e: snow::Error) -> InnerError {
     InnerError::Handshake(e.to_string())
 }
@@ -168,11 +179,17 @@ pub struct Initiator {
 
 impl Initiator {
     /// Starts a handshake with the gateway key `gateway` (one of the token's); returns msg1.
+    /// `payload` (at most 32 bytes: the HTTP fallback's request key, or nothing) is readable
+    /// only by the holder of the gateway key.
     pub fn start(
         token: &Token,
         role: Role,
         gateway: &[u8; 32],
+        payload: &[u8],
     ) -> Result<(Initiator, Bytes), InnerError> {
+        if payload.len() > 32 {
+            return Err(InnerError::Protocol("msg1 payload over 32 bytes".into()));
+        }
         let id = key_id(gateway);
         let private = token.private_key();
         let prologue = prologue(role, &id);
@@ -186,7 +203,7 @@ impl Initiator {
         let mut buf = vec![0u8; MAX_MSG1];
         buf[0] = TAG;
         buf[1..5].copy_from_slice(&id);
-        let n = hs.write_message(&[], &mut buf[5..]).map_err(hs_err)?;
+        let n = hs.write_message(payload, &mut buf[5..]).map_err(hs_err)?;
         buf.truncate(5 + n);
         Ok((Initiator { hs }, Bytes::from(buf)))
     }
@@ -220,16 +237,15 @@ pub struct Initiator2 {
 }
 
 impl Initiator2 {
-    /// msg3: the agent's identity and claims, its view of the TLS, and the request key. After
+    /// msg3: the agent's identity and claims, and its view of the TLS. After
     /// sending it, the agent reads the verdict with [`read_verdict`] on the returned cipher.
     pub fn finish(
         mut self,
         token: &Token,
         binding: &Binding,
-        request_key: &[u8; 32],
     ) -> Result<(Cipher, Bytes), InnerError> {
         let signed = token.signed();
-        let payload = encode_hello(signed, binding, request_key)?;
+        let payload = encode_hello(signed, binding)?;
         let mut buf = vec![0u8; 1 + MSG3_PAYLOAD + 128];
         buf[0] = TAG;
         let n = self
@@ -241,11 +257,7 @@ impl Initiator2 {
     }
 }
 
-fn encode_hello(
-    signed: &SignedClaims,
-    binding: &Binding,
-    request_key: &[u8; 32],
-) -> Result<Vec<u8>, InnerError> {
+fn encode_hello(signed: &SignedClaims, binding: &Binding) -> Result<Vec<u8>, InnerError> {
     let claims = signed.bytes();
     if claims.len() > MAX_CLAIMS {
         return Err(InnerError::Protocol("claims too large".into()));
@@ -253,7 +265,6 @@ fn encode_hello(
     let mut p = Vec::with_capacity(MSG3_PAYLOAD);
     p.extend_from_slice(&binding.exporter.unwrap_or([0; 32]));
     p.extend_from_slice(&binding.seen.unwrap_or([0; 32]));
-    p.extend_from_slice(request_key);
     p.extend_from_slice(signed.signature());
     p.extend_from_slice(&(claims.len() as u16).to_be_bytes());
     p.extend_from_slice(claims);
@@ -269,7 +280,6 @@ pub struct Hello {
     pub remote_static: [u8; 32],
     pub signed: SignedClaims,
     pub binding: Binding,
-    pub request_key: [u8; 32],
 }
 
 fn decode_hello(remote_static: [u8; 32], p: &[u8]) -> Result<Hello, InnerError> {
@@ -283,9 +293,8 @@ fn decode_hello(remote_static: [u8; 32], p: &[u8]) -> Result<Hello, InnerError> 
         exporter: opt(arr(0..32)),
         seen: opt(arr(32..64)),
     };
-    let request_key = arr(64..96);
-    let sig = &p[96..160];
-    let n = u16::from_be_bytes([p[160], p[161]]) as usize;
+    let sig = &p[64..128];
+    let n = u16::from_be_bytes([p[128], p[129]]) as usize;
     if n > MAX_CLAIMS || FIXED3 + n > p.len() {
         return Err(bad("claims length"));
     }
@@ -295,7 +304,6 @@ fn decode_hello(remote_static: [u8; 32], p: &[u8]) -> Result<Hello, InnerError> 
         remote_static,
         signed,
         binding,
-        request_key,
     })
 }
 
@@ -303,6 +311,7 @@ fn decode_hello(remote_static: [u8; 32], p: &[u8]) -> Result<Hello, InnerError> 
 pub struct Responder {
     hs: snow::HandshakeState,
     key: [u8; 32],
+    payload: Vec<u8>,
 }
 
 impl Responder {
@@ -336,7 +345,7 @@ impl Responder {
             .and_then(|b| b.build_responder())
             .map_err(hs_err)?;
         let mut scratch = [0u8; MAX_MSG1];
-        hs.read_message(&msg1[5..], &mut scratch).map_err(|_| {
+        let got = hs.read_message(&msg1[5..], &mut scratch).map_err(|_| {
             InnerError::Handshake("the hello does not decrypt with this gateway's key".into())
         })?;
         let mut buf = vec![0u8; 1 + 96 + 32 * 17 + 64];
@@ -349,6 +358,7 @@ impl Responder {
             Responder {
                 hs,
                 key: key.public().0,
+                payload: scratch[..got].to_vec(),
             },
             Bytes::from(buf),
         ))
@@ -357,6 +367,11 @@ impl Responder {
     /// The gateway key this handshake uses (the token must list it).
     pub fn key(&self) -> &[u8; 32] {
         &self.key
+    }
+
+    /// What msg1 carried (the HTTP fallback's request key, or nothing).
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
     }
 
     /// Reads msg3: the agent proved its static key. The caller checks the claims, then
@@ -483,20 +498,21 @@ mod tests {
 
     /// Runs a whole handshake; returns both ciphers and what the gateway learnt.
     fn run(t: &Token, gw: &KeyPair) -> ((Cipher, Cipher), Hello, Offer) {
-        let (init, m1) = Initiator::start(t, Role::Agent, &gw.public().0).unwrap();
+        let (init, m1) = Initiator::start(t, Role::Agent, &gw.public().0, &[7; 32]).unwrap();
         let (resp, m2) = Responder::read1(&[gw], Role::Agent, &m1, &offer()).unwrap();
         let (init2, got) = init.read2(&m2).unwrap();
         let b = Binding {
             exporter: Some([5; 32]),
             seen: Some([9; 32]),
         };
-        let (ca, m3) = init2.finish(t, &b, &[7; 32]).unwrap();
+        assert_eq!(resp.payload(), &[7; 32], "msg1 carries the request key");
+        let (ca, m3) = init2.finish(t, &b).unwrap();
         let (cg, hello) = resp.read3(&m3).unwrap();
         ((ca, cg), hello, got)
     }
 
     #[test]
-    fn a_handshake_proves_both_keys_and_carries_claims_binding_and_request_key() {
+    fn a_handshake_proves_both_keys_and_carries_request_key_claims_and_binding() {
         let (issuer, gw) = (Issuer::generate(), KeyPair::generate());
         let t = token(&issuer, &gw);
         let ((ca, cg), hello, got) = run(&t, &gw);
@@ -504,7 +520,6 @@ mod tests {
         assert_eq!(hello.remote_static, t.claims().agent_key);
         assert_eq!(hello.signed.claims(), t.claims());
         hello.signed.verify(&[issuer.public()]).unwrap();
-        assert_eq!(hello.request_key, [7; 32]);
         assert_eq!(hello.binding.exporter, Some([5; 32]));
         let (mut gseal, _) = cg.split();
         let (_, mut aopen) = ca.split();
@@ -523,10 +538,10 @@ mod tests {
         c.groups = (0..40).map(|i| format!("group-{i}")).collect();
         let big = Token::mint(&issuer, c).unwrap();
         let size3 = |t: &Token| {
-            let (init, m1) = Initiator::start(t, Role::Agent, &gw.public().0).unwrap();
+            let (init, m1) = Initiator::start(t, Role::Agent, &gw.public().0, &[7; 32]).unwrap();
             let (_, m2) = Responder::read1(&[&gw], Role::Agent, &m1, &offer()).unwrap();
             let (i2, _) = init.read2(&m2).unwrap();
-            i2.finish(t, &Binding::default(), &[0; 32]).unwrap().1.len()
+            i2.finish(t, &Binding::default()).unwrap().1.len()
         };
         assert_eq!(size3(&small), size3(&big));
         let ((_, cg), _, _) = run(&small, &gw);
@@ -549,10 +564,10 @@ mod tests {
     fn a_replayed_handshake_is_refused() {
         let (issuer, gw) = (Issuer::generate(), KeyPair::generate());
         let t = token(&issuer, &gw);
-        let (init, m1) = Initiator::start(&t, Role::Agent, &gw.public().0).unwrap();
+        let (init, m1) = Initiator::start(&t, Role::Agent, &gw.public().0, &[]).unwrap();
         let (resp, m2) = Responder::read1(&[&gw], Role::Agent, &m1, &offer()).unwrap();
         let (i2, _) = init.read2(&m2).unwrap();
-        let (_, m3) = i2.finish(&t, &Binding::default(), &[0; 32]).unwrap();
+        let (_, m3) = i2.finish(&t, &Binding::default()).unwrap();
         resp.read3(&m3).unwrap();
         // The replay: the same msg1 (answered: it is anonymous), then the same msg3.
         let (resp2, _) = Responder::read1(&[&gw], Role::Agent, &m1, &offer()).unwrap();
@@ -563,13 +578,13 @@ mod tests {
     fn an_answer_from_anyone_but_the_tokens_gateway_key_is_refused() {
         let (issuer, gw, mitm) = (Issuer::generate(), KeyPair::generate(), KeyPair::generate());
         let t = token(&issuer, &gw);
-        let (init, m1) = Initiator::start(&t, Role::Agent, &gw.public().0).unwrap();
+        let (init, m1) = Initiator::start(&t, Role::Agent, &gw.public().0, &[]).unwrap();
         // The middlebox does not hold gw's key: it cannot even read msg1...
         assert!(Responder::read1(&[&mitm], Role::Agent, &m1, &offer()).is_err());
         // ...and an answer made with its own key does not pass for the gateway's.
         let mut forged = m1.to_vec();
         forged[1..5].copy_from_slice(&key_id(&mitm.public().0));
-        let (init_m, m1m) = Initiator::start(&t, Role::Agent, &mitm.public().0).unwrap();
+        let (init_m, m1m) = Initiator::start(&t, Role::Agent, &mitm.public().0, &[]).unwrap();
         drop(init_m);
         let (_, m2m) = Responder::read1(&[&mitm], Role::Agent, &m1m, &offer()).unwrap();
         assert!(init.read2(&m2m).is_err());
@@ -580,7 +595,7 @@ mod tests {
         let (issuer, gw) = (Issuer::generate(), KeyPair::generate());
         let t = token(&issuer, &gw);
         for (which, at) in [(1, 1), (1, 20), (2, 10), (3, 40), (3, 2000)] {
-            let (init, mut m1) = Initiator::start(&t, Role::Agent, &gw.public().0).unwrap();
+            let (init, mut m1) = Initiator::start(&t, Role::Agent, &gw.public().0, &[]).unwrap();
             if which == 1 {
                 let mut v = m1.to_vec();
                 v[at] ^= 1;
@@ -597,7 +612,7 @@ mod tests {
                 continue;
             }
             let (i2, _) = init.read2(&m2).unwrap();
-            let (_, m3) = i2.finish(&t, &Binding::default(), &[0; 32]).unwrap();
+            let (_, m3) = i2.finish(&t, &Binding::default()).unwrap();
             let mut v = m3.to_vec();
             v[at] ^= 1;
             assert!(resp.read3(&v).is_err());
@@ -608,7 +623,7 @@ mod tests {
     fn an_agent_hello_does_not_pass_as_a_connector() {
         let (issuer, gw) = (Issuer::generate(), KeyPair::generate());
         let t = token(&issuer, &gw);
-        let (_, m1) = Initiator::start(&t, Role::Agent, &gw.public().0).unwrap();
+        let (_, m1) = Initiator::start(&t, Role::Agent, &gw.public().0, &[]).unwrap();
         // The prologues differ: a connector endpoint cannot even read an agent's msg1.
         assert!(Responder::read1(&[&gw], Role::Connector, &m1, &offer()).is_err());
     }

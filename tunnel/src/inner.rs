@@ -408,20 +408,46 @@ impl<T: Transport> InnerTransport<T> {
     }
 }
 
+/// The sending half: seals every message, or (version 2's mode `Outer`, `None`) passes it on
+/// as is, once the handshake proved the outer TLS ends at the gateway.
 pub struct InnerTx<Tx> {
     tx: Tx,
-    sealer: Sealer,
+    sealer: Option<Sealer>,
 }
 
+/// The receiving half: opens every message, or passes it on as is (mode `Outer`).
 pub struct InnerRx<Rx> {
     rx: Rx,
-    opener: Opener,
+    opener: Option<Opener>,
+}
+
+/// A session transport from a finished handshake's halves: sealed with `cipher`'s keys when
+/// they are given, plain (mode `Outer`) when not.
+pub fn joined<Tx, Rx>(
+    tx: Tx,
+    rx: Rx,
+    keys: Option<(Sealer, Opener)>,
+) -> Joined<InnerTx<Tx>, InnerRx<Rx>> {
+    let (sealer, opener) = match keys {
+        Some((s, o)) => (Some(s), Some(o)),
+        None => (None, None),
+    };
+    Joined(InnerTx { tx, sealer }, InnerRx { rx, opener })
+}
+
+impl<Tx> InnerTx<Tx> {
+    /// Whether messages are sealed (not version 2's mode `Outer`).
+    pub fn is_sealed(&self) -> bool {
+        self.sealer.is_some()
+    }
 }
 
 impl<Tx: TransportTx> TransportTx for InnerTx<Tx> {
     async fn send(&mut self, msg: Bytes) -> Result<(), TransportError> {
-        let sealed = self
-            .sealer
+        let Some(sealer) = &mut self.sealer else {
+            return self.tx.send(msg).await;
+        };
+        let sealed = sealer
             .seal(&msg)
             .map_err(|e| TransportError::Io(e.to_string()))?;
         self.tx.send(sealed).await
@@ -438,9 +464,10 @@ impl<Rx: TransportRx> InnerRx<Rx> {
     /// The next message, opened; a message that fails authentication is
     /// [`InnerError::Tampered`] (the authentication exchange tells it apart).
     pub async fn recv_open(&mut self) -> Result<Option<Bytes>, InnerError> {
-        match self.rx.recv().await? {
-            None => Ok(None),
-            Some(m) => self.opener.open(&m).map(Some),
+        match (self.rx.recv().await?, &mut self.opener) {
+            (None, _) => Ok(None),
+            (Some(m), Some(opener)) => opener.open(&m).map(Some),
+            (Some(m), None) => Ok(Some(m)),
         }
     }
 }
@@ -460,7 +487,16 @@ impl<T: Transport> Transport for InnerTransport<T> {
     fn split(self) -> (Self::Tx, Self::Rx) {
         let (tx, rx) = self.carrier.split();
         let (sealer, opener) = self.cipher.split();
-        (InnerTx { tx, sealer }, InnerRx { rx, opener })
+        (
+            InnerTx {
+                tx,
+                sealer: Some(sealer),
+            },
+            InnerRx {
+                rx,
+                opener: Some(opener),
+            },
+        )
     }
 }
 
@@ -499,6 +535,42 @@ pub async fn connect<T: Transport>(
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| InnerError::Timeout(timeout))?
+}
+
+/// Version 2, the agent's end after msg2: sends msg3 and reads the verdict (by `timeout`);
+/// returns the session transport in the mode the gateway chose. `Outer` is accepted only when
+/// this agent's own view allows it ([`crate::handshake::agent_allows_outer`]).
+pub async fn finish_v2<Tx: TransportTx, Rx: TransportRx>(
+    mut tx: Tx,
+    mut rx: Rx,
+    init: crate::handshake::Initiator2,
+    offer: &crate::handshake::Offer,
+    token: &crate::token::Token,
+    binding: &crate::handshake::Binding,
+    timeout: Duration,
+) -> Result<Joined<InnerTx<Tx>, InnerRx<Rx>>, InnerError> {
+    use crate::handshake::{open_verdict, Mode, Verdict};
+    let (cipher, msg3) = init.finish(token, binding)?;
+    let (sealer, mut opener) = cipher.split();
+    let exchange = async {
+        tx.send(msg3).await?;
+        tx.flush().await?;
+        rx.recv().await?.ok_or(TransportError::Closed)
+    };
+    let verdict = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| InnerError::Timeout(timeout))??;
+    match open_verdict(&mut opener, &verdict)? {
+        Verdict::Ok(Mode::Sealed) => Ok(joined(tx, rx, Some((sealer, opener)))),
+        Verdict::Ok(Mode::Outer) if crate::handshake::agent_allows_outer(offer, binding) => {
+            Ok(joined(tx, rx, None))
+        }
+        Verdict::Ok(Mode::Outer) => Err(InnerError::Protocol(
+            "the gateway chose outer mode, which this agent cannot confirm on this TLS connection"
+                .into(),
+        )),
+        Verdict::Refused { status, text } => Err(InnerError::Auth { status, text }),
+    }
 }
 
 /// Sends the token over an established inner channel and waits for the gateway's verdict.

@@ -99,7 +99,29 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // A load balancer that accepts TLS and then stalls the upgrade must not hang the caller.
-    tokio::time::timeout(timeout, client_inner(io, url, bearer, max_frame))
+    tokio::time::timeout(timeout, client_inner(io, url, bearer, None, max_frame))
+        .await
+        .map_err(|_| HandshakeError::Timeout(timeout))?
+        .map(|(t, _)| t)
+}
+
+/// The header that carries version 2's first handshake message in the upgrade request, and
+/// the gateway's answer in the `101` (base64url): the handshake costs no extra round trip.
+pub const HELLO_HEADER: &str = "sallyport-hello";
+
+/// The upgrade for protocol version 2: `hello` (msg1, base64url) rides the request; returns
+/// the transport and the `101`'s [`HELLO_HEADER`] value, if it had one.
+pub async fn client_v2<S>(
+    io: S,
+    url: &str,
+    hello: &str,
+    max_frame: u32,
+    timeout: std::time::Duration,
+) -> Result<(WsTransport<S>, Option<String>), HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::time::timeout(timeout, client_inner(io, url, None, Some(hello), max_frame))
         .await
         .map_err(|_| HandshakeError::Timeout(timeout))?
 }
@@ -108,8 +130,9 @@ async fn client_inner<S>(
     io: S,
     url: &str,
     bearer: Option<&str>,
+    hello: Option<&str>,
     max_frame: u32,
-) -> Result<WsTransport<S>, HandshakeError>
+) -> Result<(WsTransport<S>, Option<String>), HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -126,12 +149,25 @@ where
         v.set_sensitive(true);
         req.headers_mut().insert("authorization", v);
     }
-    req.headers_mut().insert(
-        "sallyport-protocol",
-        HeaderValue::from_static(concat!("1; ", env!("CARGO_PKG_VERSION"))),
-    );
+    let version = match hello {
+        Some(h) => {
+            let v = HeaderValue::from_str(h)
+                .map_err(|_| HandshakeError::Other("hello is not a header value".into()))?;
+            req.headers_mut().insert(HELLO_HEADER, v);
+            HeaderValue::from_static(concat!("2; ", env!("CARGO_PKG_VERSION")))
+        }
+        None => HeaderValue::from_static(concat!("1; ", env!("CARGO_PKG_VERSION"))),
+    };
+    req.headers_mut().insert("sallyport-protocol", version);
     match tokio_tungstenite::client_async_with_config(req, io, Some(config(max_frame))).await {
-        Ok((inner, _resp)) => Ok(WsTransport { inner }),
+        Ok((inner, resp)) => {
+            let reply = resp
+                .headers()
+                .get(HELLO_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            Ok((WsTransport { inner }, reply))
+        }
         Err(tungstenite::Error::Http(resp)) => {
             let status = resp.status().as_u16();
             let body = resp

@@ -10,11 +10,13 @@
 //! |---|---|
 //! | [`error`] | [`ConnectError`]: no way out, the upgrade, the HTTP transport, the inner channel, the token, the hello |
 //! | [`backoff`] | [`Backoff`]: exponential, full jitter, reset after a stable session |
+//! | [`v2`] | protocol v2's handshake over a WebSocket or the HTTP fallback, for both roles |
 
 #![forbid(unsafe_code)]
 
 pub mod backoff;
 pub mod error;
+pub mod v2;
 
 pub use backoff::Backoff;
 pub use error::ConnectError;

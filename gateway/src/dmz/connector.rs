@@ -8,23 +8,17 @@ use crate::logsafe::Clean;
 use crate::policy::Route;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
-pub(crate) async fn connector_session<S>(
+pub(crate) async fn connector_session<T: tunnel::Transport>(
     shared: Arc<Shared>,
-    io: S,
-    leftover: Vec<u8>,
+    transport: T,
     id: Identity,
     client: SocketAddr,
     _slot: CountGuard<String>,
     deadline: tokio::time::Instant,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     // Connectors never open streams towards the DMZ.
-    let transport =
-        tunnel::ws::WsTransport::server(io, leftover, shared.config.session.max_frame).await;
     let Some((session, _incoming)) = start_session(&shared, transport, false, deadline).await
     else {
         return;

@@ -52,9 +52,20 @@ pub(crate) async fn handle_connection(shared: Arc<Shared>, tcp: TcpStream, peer:
                     return;
                 }
             };
-            serve_http(shared, tls, peer, deadline, slot).await
+            // The TLS exporter value of this connection: an agent whose own value matches
+            // talks to us over one TLS connection, with nobody in between (protocol v2).
+            let exporter = {
+                let mut out = [0u8; 32];
+                let ok = tls
+                    .get_ref()
+                    .1
+                    .export_keying_material(&mut out, tunnel::handshake::EXPORTER_LABEL, None)
+                    .is_ok();
+                ok.then_some(out)
+            };
+            serve_http(shared, tls, peer, deadline, slot, exporter).await
         }
-        None => serve_http(shared, tcp, peer, deadline, slot).await,
+        None => serve_http(shared, tcp, peer, deadline, slot, None).await,
     }
 }
 
@@ -96,6 +107,7 @@ pub(crate) async fn serve_http<S>(
     peer: SocketAddr,
     deadline: tokio::time::Instant,
     mut slot: Slot,
+    exporter: Option<[u8; 32]>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -192,7 +204,7 @@ pub(crate) async fn serve_http<S>(
             let is_agent = endpoint == "/agent";
             let inner = is_agent && head.query_has("inner", "1");
             let up = tokio::select! {
-                u = tokio::time::timeout_at(deadline, upgrade(&shared, io, head, client, is_agent, inner)) => u,
+                u = tokio::time::timeout_at(deadline, upgrade(&shared, io, head, client, is_agent, inner, exporter.is_some())) => u,
                 _ = slot.evicted() => return,
             };
             let Ok(Some(up)) = up else {
@@ -229,9 +241,45 @@ pub(crate) async fn serve_http<S>(
                     .instrument(span)
                     .await
                 }
+                Upgraded::V2 {
+                    io,
+                    head,
+                    client,
+                    responder,
+                    offer,
+                    is_agent,
+                } => {
+                    let max_frame = shared.config.session.max_frame;
+                    let t = tunnel::ws::WsTransport::server(io, head.leftover, max_frame).await;
+                    let (tx, rx) = tunnel::Transport::split(t);
+                    async {
+                        // msg3 within the same deadline, and the slot held until then.
+                        let accept = crate::dmz::v2::accept(
+                            &shared, tx, rx, *responder, &offer, exporter, true, client, deadline,
+                            is_agent,
+                        );
+                        let authed = tokio::select! {
+                            a = accept => a,
+                            _ = slot.evicted() => None,
+                        };
+                        drop(slot);
+                        let Some((t, id, count)) = authed else {
+                            return;
+                        };
+                        if is_agent {
+                            agent_session(shared.clone(), t, id, client, count, deadline).await
+                        } else {
+                            connector_session(shared.clone(), t, id, client, count, deadline).await
+                        }
+                    }
+                    .instrument(span)
+                    .await
+                }
                 Upgraded::Connector(io, head, id, client, count) => {
                     drop(slot);
-                    connector_session(shared, io, head.leftover, id, client, count, deadline)
+                    let max_frame = shared.config.session.max_frame;
+                    let t = tunnel::ws::WsTransport::server(io, head.leftover, max_frame).await;
+                    connector_session(shared, t, id, client, count, deadline)
                         .instrument(span)
                         .await
                 }

@@ -313,10 +313,18 @@ async fn create(
     client: SocketAddr,
     auth: &ConnAuth,
 ) -> Response<Body> {
-    let inner = req
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|kv| kv == "inner=1"));
+    let query_has = |want: &str| {
+        req.uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv == want))
+    };
+    let inner = query_has("inner=1");
+    if query_has("v=2") {
+        return create_v2(shared, req, client).await;
+    }
+    if !shared.config.v2.v1_open(std::time::SystemTime::now()) {
+        return text(StatusCode::UPGRADE_REQUIRED, super::v2::V1_CLOSED);
+    }
     let presented = bearer(
         req.headers()
             .get("authorization")
@@ -419,6 +427,82 @@ async fn create(
         .instrument(span),
     );
     created(h.sid(), accepted.reply)
+}
+
+/// `POST {prefix}/agent/http?v=2`: a new session with protocol v2. The body is msg1 (with the
+/// request key); the answer is msg2; msg3 comes as the first record, the verdict as the first
+/// record down. The session stays sealed: each request may ride another TLS connection.
+async fn create_v2(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Response<Body> {
+    let span = tracing::info_span!("session", client = %client, transport = "http");
+    let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
+    // Every msg1 costs key generation and two X25519 operations: each one counts, not only
+    // each TCP connection.
+    if !shared
+        .handshakes
+        .allow(&super::preauth::addr_key(client.ip()))
+    {
+        return text(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many handshakes from this address; retry later",
+        );
+    }
+    let body = match body_of(req, PREAUTH_BODY).await {
+        Ok(b) => b,
+        Err((status, msg)) => return text(status, &msg),
+    };
+    let (responder, offer, msg2) = match super::v2::answer1(shared, &body, true, false) {
+        Ok(x) => x,
+        Err(t) => return text(StatusCode::FORBIDDEN, &t),
+    };
+    let Ok(mac_key) = <[u8; 32]>::try_from(responder.payload()) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "the v2 hello must carry a 32-byte request key",
+        );
+    };
+    let Some(pending_slot) = shared.preauth.enter(client.ip()) else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many unauthenticated sessions; retry later",
+        );
+    };
+    let Some((h, transport)) = shared.http_sessions.create_pending(
+        RequestAuth::Mac(mac_key),
+        shared.config.limits.handshake_timeout,
+    ) else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "gateway is at its limit of sessions waiting for their token; retry later",
+        );
+    };
+    let sh = shared.clone();
+    let handle = h.clone();
+    shared.tracker.spawn(
+        async move {
+            let (tx, rx) = tunnel::Transport::split(transport);
+            let accept = super::v2::accept(
+                &sh, tx, rx, responder, &offer, None, false, client, deadline, true,
+            );
+            let authed = tokio::select! {
+                a = accept => a,
+                _ = pending_slot.evicted() => {
+                    debug!("pending HTTP session evicted by a newer unauthenticated one from the same address");
+                    None
+                }
+            };
+            drop(pending_slot);
+            if let Some((t, id, slot)) = authed {
+                handle.confirm();
+                agent_session(sh.clone(), t, id, client, slot, deadline).await;
+            }
+        }
+        .instrument(span),
+    );
+    created(h.sid(), msg2)
 }
 
 fn created(sid: &str, body: Bytes) -> Response<Body> {

@@ -32,7 +32,7 @@ pub fn load_or_create(path: &Path) -> Result<(KeyPair, bool), String> {
     }
 }
 
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -132,6 +132,10 @@ pub(crate) async fn authenticate<T: Transport>(
             return None;
         }
     };
+    if !shared.config.v2.v1_open(std::time::SystemTime::now()) {
+        inner::refuse_auth(&mut tx, 426, super::v2::V1_CLOSED).await;
+        return None;
+    }
     let id = match verify_token(shared, &token, client, true) {
         Ok(id) => id,
         Err(msg) => {

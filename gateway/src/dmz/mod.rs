@@ -37,6 +37,7 @@ pub mod router;
 mod session;
 mod streams;
 mod upgrade;
+pub mod v2;
 
 pub use upgrade::client_addr;
 
@@ -82,6 +83,8 @@ pub struct DmzConfig {
     /// the inner key, so they pin the gateway's own TLS key even when enrolling through an
     /// inspecting proxy. `None` behind a TLS-terminating load balancer.
     pub tls_key_pin: Option<String>,
+    /// Protocol version 2 (see [`v2`]).
+    pub v2: v2::V2Config,
 }
 
 impl std::fmt::Debug for DmzConfig {

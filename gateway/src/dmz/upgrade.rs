@@ -20,6 +20,15 @@ pub(crate) enum Upgraded<S> {
     /// An agent that authenticates inside the inner channel (after the upgrade).
     InnerAgent(S, RequestHead, SocketAddr),
     Connector(S, RequestHead, Identity, SocketAddr, CountGuard<String>),
+    /// Protocol version 2: msg2 went out with the `101`; msg3 comes as the first message.
+    V2 {
+        io: S,
+        head: RequestHead,
+        client: SocketAddr,
+        responder: Box<tunnel::handshake::Responder>,
+        offer: tunnel::handshake::Offer,
+        is_agent: bool,
+    },
 }
 
 /// The client's real address: the TCP peer, or, when the peer is a trusted load balancer, the
@@ -84,6 +93,7 @@ fn forwarded_ip(s: &str) -> Option<IpAddr> {
 }
 
 /// Validates the upgrade request and the token; answers 101 or a reasoned refusal.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn upgrade<S>(
     shared: &Shared,
     mut io: S,
@@ -91,6 +101,7 @@ pub(crate) async fn upgrade<S>(
     client: SocketAddr,
     is_agent: bool,
     inner: bool,
+    exporter: bool,
 ) -> Option<Upgraded<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -121,6 +132,46 @@ where
         return None;
     }
     let accept = tunnel::ws::accept_key(key.unwrap_or_default().as_bytes());
+    if let Some(hello) = head.header(tunnel::ws::HELLO_HEADER) {
+        use base64::Engine;
+        let msg1 = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(hello.trim())
+            .unwrap_or_default();
+        let (responder, offer, msg2) = match super::v2::answer1(shared, &msg1, is_agent, exporter) {
+            Ok(x) => x,
+            Err(text) => {
+                // A hint only (unauthenticated), but the honest one.
+                let _ = http::respond(&mut io, 403, &[], &format!("sallyport: {text}\n")).await;
+                return None;
+            }
+        };
+        let reply = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&msg2);
+        if let Err(e) =
+            http::switch_to_websocket_with(&mut io, &accept, &[(tunnel::ws::HELLO_HEADER, &reply)])
+                .await
+        {
+            debug!(error = %e, "client left during the upgrade");
+            return None;
+        }
+        return Some(Upgraded::V2 {
+            io,
+            head,
+            client,
+            responder: Box::new(responder),
+            offer,
+            is_agent,
+        });
+    }
+    if !shared.config.v2.v1_open(SystemTime::now()) {
+        let _ = http::respond(
+            &mut io,
+            426,
+            &[],
+            &format!("sallyport: {}\n", super::v2::V1_CLOSED),
+        )
+        .await;
+        return None;
+    }
     if inner {
         // The token comes later, inside the channel: nothing readable on the way.
         if let Err(e) = http::switch_to_websocket(&mut io, &accept).await {

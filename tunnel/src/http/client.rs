@@ -278,6 +278,19 @@ pub async fn connect(
     opts: Options,
     first: Bytes,
 ) -> Result<Created, HttpError> {
+    let query = opts.mac_key.map(|_| "inner=1");
+    connect_query(dial, io, opts, first, query.unwrap_or("")).await
+}
+
+/// [`connect`] with the create request's query given (`v=2` for protocol version 2; empty for
+/// none).
+pub async fn connect_query(
+    dial: Redial,
+    io: Option<GatewayIo>,
+    opts: Options,
+    first: Bytes,
+    query: &str,
+) -> Result<Created, HttpError> {
     let shared = Arc::new(Shared {
         polling: AtomicBool::new(opts.mode == Some(DownMode::Poll)),
         opts,
@@ -299,9 +312,9 @@ pub async fn connect(
         None => None,
     };
     // A session inside the inner channel says so: its token comes later, sealed.
-    let create = match shared.opts.mac_key {
-        Some(_) => format!("{}?inner=1", shared.opts.base),
-        None => shared.opts.base.clone(),
+    let create = match query {
+        "" => shared.opts.base.clone(),
+        q => format!("{}?{q}", shared.opts.base),
     };
     let req = shared.request("POST", create, first, 0, 0);
     let resp = shared
