@@ -8,13 +8,13 @@
 use crate::config::{AgentConfig, Secret};
 use crate::connect::via_agent;
 use anyhow::{bail, Context};
-use gateway::auth::{self, ReloadingStore, TokenEntry};
+use gateway::auth::{self, ReloadingStore};
 use gateway::connector::ConnectorConfig;
 use gateway::dmz::{Dmz, DmzConfig};
 use gateway::policy::{Policy, Route, Rule};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -71,29 +71,6 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 
-fn token_file(
-    dir: &Path,
-    name: &str,
-    id: &str,
-    routes: Vec<String>,
-) -> anyhow::Result<(PathBuf, String)> {
-    let path = dir.join(name);
-    let (secret, sha256) = auth::generate(id)?;
-    auth::append_token(
-        &path,
-        &TokenEntry {
-            id: id.into(),
-            name: id.into(),
-            groups: vec!["demo".into()],
-            sha256: Some(sha256),
-            public_key: None,
-            expires: None,
-            routes,
-        },
-    )?;
-    Ok((path, secret.expose().to_string()))
-}
-
 /// Runs the demo until `shutdown` (or, with `once`, until the traffic went through).
 pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("sallyport-demo-{}", std::process::id()));
@@ -133,11 +110,20 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
             deployment: None,
         },
     )?;
-    let (conn_tokens, conn_token) = token_file(
-        dir,
-        "connectors.toml",
-        "demo-connector",
-        vec!["*.internal:*".into()],
+    let conn_tokens = dir.join("connectors.toml");
+    let conn_token = auth::mint_v2(
+        &conn_tokens,
+        auth::MintV2 {
+            kind: tunnel::token::Kind::Connector,
+            id: "demo-connector".into(),
+            name: None,
+            groups: vec![],
+            routes: vec!["*.internal:*".into()],
+            expires: None,
+            issuer: &issuer,
+            gateway_keys: vec![inner_key.public().0],
+            deployment: None,
+        },
     )?;
     let mut v2 = gateway::dmz::v2::V2Config::new(inner_key.clone());
     v2.issuers = vec![issuer.public()];
@@ -169,8 +155,9 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
     let rules: Vec<Rule> = vec![route.parse()?, format!("127.0.0.1/32:{svc_port}").parse()?];
     let conn_cfg = ConnectorConfig {
         gateway: gateway_url.clone(),
-        token: auth::TokenSecret::new(&conn_token),
-        tls: Some(gateway::connector::tls_config(Some(&ca_path))?),
+        token: auth::TokenSecret::new(&conn_token.expose()),
+        v2: Some(Arc::new(conn_token)),
+        tls: Some(gateway::connector::tls_config_v2()?),
         policy: Arc::new(Policy::with_local_addresses(rules)),
         // Advertise the whole site; the allow-list decides (so :1 is refused with a reason).
         routes: vec!["*.internal:*".parse::<Route>()?],

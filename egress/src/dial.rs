@@ -46,17 +46,20 @@ impl GatewayStream {
         }
     }
 
-    /// The TLS exporter value (RFC 8446 §7.5) of this connection under `label`: equal at both
-    /// ends only when they share one TLS connection, with nobody re-encrypting in between.
+    /// The TLS exporter value (RFC 8446 §7.5) of this connection under `label`, on TLS 1.3:
+    /// equal at both ends only when they share one TLS connection, with nobody re-encrypting in
+    /// between.
     pub fn exporter(&self, label: &[u8]) -> Option<[u8; 32]> {
         match self {
             GatewayStream::Plain(_) => None,
             GatewayStream::Tls(s) => {
+                let conn = &s.get_ref().1;
+                // TLS 1.3 only: its exporter is bound to the whole handshake.
+                if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+                    return None;
+                }
                 let mut out = [0u8; 32];
-                s.get_ref()
-                    .1
-                    .export_keying_material(&mut out, label, None)
-                    .ok()?;
+                conn.export_keying_material(&mut out, label, None).ok()?;
                 Some(out)
             }
         }

@@ -156,8 +156,8 @@ pub struct DmzFile {
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct V2File {
-    /// Issuers (`ed25519/<base64>`) whose tokens are accepted [default: the public half of
-    /// `issuer.key` beside the agent token file, when there is one].
+    /// Issuers (`ed25519/<base64>`) whose tokens are accepted [default: the keys in
+    /// `issuer.pub` beside the agent token file, which `token new` writes].
     #[serde(default)]
     pub issuer_keys: Vec<String>,
     /// This deployment's name; tokens minted for another are refused.
@@ -217,11 +217,19 @@ fn v2_config(
         );
     }
     if issuers.is_empty() {
-        let path = default_issuer_key_path(agent_tokens);
+        // The public half `token new` wrote beside the issuer key: the DMZ never needs (nor
+        // reads) the private one.
+        let path = default_issuer_key_path(agent_tokens).with_extension("pub");
         if let Ok(text) = std::fs::read_to_string(&path) {
-            let issuer = tunnel::token::Issuer::from_file_text(&text)
-                .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-            issuers.push(issuer.public());
+            for line in text.lines().map(str::trim) {
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                issuers.push(
+                    line.parse::<tunnel::token::IssuerKey>()
+                        .map_err(|e| invalid(format!("{}: {e}", path.display())))?,
+                );
+            }
         }
     }
     let mut tls_keys = Vec::new();
@@ -624,6 +632,16 @@ pub fn read_token(file: Option<&Path>) -> Result<TokenSecret, ConfigError> {
             .map_err(|_| invalid("no token: pass --token-file FILE or set SALLYPORT_TOKEN"))?,
     };
     let t = text.trim();
+    if tunnel::token::is_v2(t) {
+        t.parse::<tunnel::token::Token>().map_err(|e| {
+            invalid(format!(
+                "the token in {}: {e}",
+                file.map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "SALLYPORT_TOKEN".into())
+            ))
+        })?;
+        return Ok(TokenSecret::new(t));
+    }
     crate::auth::parse_token(t).map_err(|e| {
         invalid(format!(
             "the token in {} is malformed ({e}); tokens look like sp_<id>_<64 hex>",
@@ -648,8 +666,25 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         .token_file
         .or(file.token_file.map(|p| relative_to(base, p)));
     let token = read_token(token_file.as_deref())?;
+    let v2 = if tunnel::token::is_v2(token.expose()) {
+        let t: tunnel::token::Token = token
+            .expose()
+            .parse()
+            .map_err(|e: tunnel::token::TokenError| invalid(e.to_string()))?;
+        if t.claims().kind != tunnel::token::Kind::Connector {
+            return Err(invalid(format!(
+                "the token for {} is an agent token; a connector needs one made with `token new --kind connector`",
+                t.claims().id
+            )));
+        }
+        Some(Arc::new(t))
+    } else {
+        None
+    };
     let ca = args.ca.or(file.ca.map(|p| relative_to(base, p)));
-    let tls = if gateway.tls {
+    let tls = if gateway.tls && v2.is_some() {
+        Some(crate::connector::tls_config_v2().map_err(|e| invalid(e.to_string()))?)
+    } else if gateway.tls {
         Some(crate::connector::tls_config(ca.as_deref()).map_err(|e| invalid(e.to_string()))?)
     } else {
         None
@@ -721,6 +756,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         gateway,
         way: egress::Way::new(egress),
         token,
+        v2,
         tls,
         policy: Arc::new(Policy::with_local_addresses(rules)),
         routes,

@@ -38,6 +38,9 @@ pub struct ConnectorConfig {
     pub connect_timeout: Duration,
     pub instance_id: String,
     pub session: tunnel::Config,
+    /// A protocol v2 token (`sp2_…`, kind `connector`): the token-bound handshake, any outer
+    /// certificate (the handshake authenticates the gateway), nothing secret sent.
+    pub v2: Option<Arc<tunnel::token::Token>>,
 }
 
 impl std::fmt::Debug for ConnectorConfig {
@@ -68,6 +71,16 @@ pub fn tls_config(
         key_pin: None,
         inner_channel: false,
         any_certificate: false,
+    })
+}
+
+/// The TLS client configuration with a v2 token: any certificate (the handshake inside
+/// authenticates the gateway by the key in the token), so a TLS-inspecting egress at the
+/// trusted site does not stop the connector, and reads nothing.
+pub fn tls_config_v2() -> Result<Arc<rustls::ClientConfig>, egress::EgressError> {
+    egress::client_config(&TlsOptions {
+        any_certificate: true,
+        ..Default::default()
     })
 }
 
@@ -149,6 +162,22 @@ async fn start_session(
     url: &str,
     io: egress::GatewayStream,
 ) -> Result<(Session, tunnel::Incoming), ConnectError> {
+    let mut cfg = config.session.clone();
+    cfg.role = Role::Connector;
+    cfg.initiator = true;
+    cfg.instance_id = config.instance_id.clone();
+    if let Some(token) = &config.v2 {
+        let (t, sealed) = uplink::v2::over_websocket(
+            io,
+            url,
+            token,
+            config.session.max_frame,
+            config.connect_timeout,
+        )
+        .await?;
+        debug!(sealed, "v2 handshake done");
+        return Ok(Session::start(t, cfg).await?);
+    }
     let transport = tunnel::ws::client(
         io,
         url,
@@ -157,10 +186,6 @@ async fn start_session(
         config.connect_timeout,
     )
     .await?;
-    let mut cfg = config.session.clone();
-    cfg.role = Role::Connector;
-    cfg.initiator = true;
-    cfg.instance_id = config.instance_id.clone();
     Ok(Session::start(transport, cfg).await?)
 }
 

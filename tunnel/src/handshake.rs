@@ -45,8 +45,9 @@ pub const MSG3_PAYLOAD: usize = 2304;
 /// The plain text of the verdict, always this long.
 pub const VERDICT_LEN: usize = 256;
 /// Label of the TLS exporter (RFC 8446 §7.5) both ends compute to bind the session to the TLS
-/// connection it rides.
-pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-sallyport-v2";
+/// connection it rides (unregistered labels begin `EXPERIMENTAL-`, RFC 5705 §4). Both ends
+/// compute it only on TLS 1.3 and with no context.
+pub const EXPORTER_LABEL: &[u8] = b"EXPERIMENTAL-sallyport-v2";
 /// Largest msg1 and msg2 (a fallback create body is capped well above these).
 pub const MAX_MSG1: usize = 5 + 32 + 32 + 16;
 const FIXED3: usize = 32 + 32 + 64 + 2;
@@ -147,11 +148,17 @@ pub enum Mode {
 }
 
 /// The mode the rule allows (both ends apply it): `Outer` only when the agent's TLS exporter
-/// equals the gateway's own (same TLS connection end to end), or when the admin trusts the load
-/// balancer and the key the agent saw is one of its listed keys.
+/// equals the gateway's own (same TLS connection end to end), or, on a connection the gateway
+/// does not terminate itself, when the admin trusts the load balancer and the key the agent saw
+/// is one of its listed keys. (Where the gateway terminates TLS there is no balancer to trust:
+/// a holder of a copy of a listed key, such as an appliance loaded with the server key, must
+/// not qualify.)
 pub fn choose_mode(offer: &Offer, gateway_exporter: Option<&[u8; 32]>, agent: &Binding) -> Mode {
     let bound = matches!((gateway_exporter, &agent.exporter), (Some(g), Some(a)) if g == a);
-    let trusted_lb = offer.trust_lb && agent.seen.is_some_and(|k| offer.tls_keys.contains(&k));
+    let trusted_lb = gateway_exporter.is_none()
+        && !offer.exporter
+        && offer.trust_lb
+        && agent.seen.is_some_and(|k| offer.tls_keys.contains(&k));
     if bound || trusted_lb {
         Mode::Outer
     } else {
@@ -164,8 +171,11 @@ pub fn choose_mode(offer: &Offer, gateway_exporter: Option<&[u8; 32]>, agent: &B
 /// TLS connection and the gateway can bind to its TLS, or when the gateway trusts its load
 /// balancer and the key seen is one of the listed ones.
 pub fn agent_allows_outer(offer: &Offer, agent: &Binding) -> bool {
-    (offer.exporter && agent.exporter.is_some())
-        || (offer.trust_lb && agent.seen.is_some_and(|k| offer.tls_keys.contains(&k)))
+    if offer.exporter {
+        agent.exporter.is_some()
+    } else {
+        offer.trust_lb && agent.seen.is_some_and(|k| offer.tls_keys.contains(&k))
+    }
 }
 
 fn hs_err(e: snow::Error) -> InnerError {
@@ -642,6 +652,7 @@ mod tests {
         assert_eq!(choose_mode(&o, None, &mine), Mode::Sealed);
         let lb = Offer {
             trust_lb: true,
+            exporter: false,
             ..o.clone()
         };
         assert_eq!(choose_mode(&lb, None, &mine), Mode::Outer);
@@ -650,5 +661,32 @@ mod tests {
             seen: Some([8; 32]),
         };
         assert_eq!(choose_mode(&lb, None, &other), Mode::Sealed);
+    }
+
+    /// An inspection appliance loaded with a copy of the gateway's own certificate key: with
+    /// `trust_lb` set and that key listed, it used to qualify for outer mode on a connection the
+    /// gateway terminates itself (its exporter value differs).
+    #[test]
+    fn a_copy_of_a_listed_tls_key_does_not_unseal_a_connection_the_gateway_terminates() {
+        let o = Offer {
+            exporter: true,
+            trust_lb: true,
+            time: 0,
+            tls_keys: vec![[9; 32]],
+        };
+        let appliance = Binding {
+            exporter: Some([3; 32]),
+            seen: Some([9; 32]),
+        };
+        assert_eq!(choose_mode(&o, Some(&[4; 32]), &appliance), Mode::Sealed);
+        assert!(
+            agent_allows_outer(&o, &appliance),
+            "the agent trusts the gateway's check"
+        );
+        let no_exporter = Binding {
+            exporter: None,
+            seen: Some([9; 32]),
+        };
+        assert!(!agent_allows_outer(&o, &no_exporter));
     }
 }

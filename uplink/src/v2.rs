@@ -11,7 +11,7 @@
 use crate::ConnectError;
 use base64::Engine;
 use egress::GatewayStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 use tunnel::handshake::{Binding, Initiator, Initiator2, Offer, Role, EXPORTER_LABEL};
 use tunnel::inner::{InnerError, InnerRx, InnerTx, Joined};
@@ -21,20 +21,60 @@ use tunnel::{Transport, TransportRx, TransportTx};
 /// A version 2 session transport over a carrier.
 pub type V2Transport<Tx, Rx> = Joined<InnerTx<Tx>, InnerRx<Rx>>;
 
-/// Which of the token's gateway keys to use: the last one that completed a handshake; moves to
-/// the next only after a handshake failed with this one, never back.
-static KEY_INDEX: AtomicUsize = AtomicUsize::new(0);
-
-fn gateway_key(token: &Token) -> (usize, [u8; 32]) {
-    let keys = &token.claims().gateway_keys;
-    let i = KEY_INDEX.load(Ordering::Relaxed).min(keys.len() - 1);
-    (i, keys[i])
+/// Which of a token's gateway keys to try, per token (keyed by its claim 10): `confirmed` is
+/// the last key a handshake completed with (an authenticated verdict), `trying` the one the
+/// next attempt uses. Any failure before msg2 authenticates (a refusal, a reset, an answer made
+/// with another key: all forgeable) moves `trying` to the next key, wrapping around but never
+/// below `confirmed`; only a completed handshake moves `confirmed`. So a forged refusal can make
+/// the agent cycle among the token's own keys, never go back to one it moved past, and a
+/// gateway that retired a key is found on the next attempt.
+#[derive(Clone, Copy, Default)]
+struct KeyState {
+    confirmed: usize,
+    trying: usize,
 }
 
+static KEYS: Mutex<Vec<([u8; 32], KeyState)>> = Mutex::new(Vec::new());
+
+fn token_tag(token: &Token) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.claims().gateway_keys.concat()).into()
+}
+
+fn with_state<R>(token: &Token, f: impl FnOnce(&mut KeyState, usize) -> R) -> R {
+    let tag = token_tag(token);
+    let n = token.claims().gateway_keys.len();
+    let mut all = KEYS.lock().unwrap_or_else(|e| e.into_inner());
+    let i = match all.iter().position(|(t, _)| *t == tag) {
+        Some(i) => i,
+        None => {
+            all.push((tag, KeyState::default()));
+            all.len() - 1
+        }
+    };
+    f(&mut all[i].1, n)
+}
+
+fn gateway_key(token: &Token) -> (usize, [u8; 32]) {
+    let i = with_state(token, |st, n| st.trying.min(n - 1));
+    (i, token.claims().gateway_keys[i])
+}
+
+/// A failure before msg2 authenticated, with key `i`: the next attempt tries the next key.
 fn key_failed(token: &Token, i: usize) {
-    if i + 1 < token.claims().gateway_keys.len() {
-        let _ = KEY_INDEX.compare_exchange(i, i + 1, Ordering::Relaxed, Ordering::Relaxed);
-    }
+    with_state(token, |st, n| {
+        if st.trying == i {
+            st.trying = if i + 1 < n { i + 1 } else { st.confirmed };
+        }
+    })
+}
+
+/// A completed handshake with key `i`: never go below it again.
+fn key_worked(token: &Token, i: usize) {
+    with_state(token, |st, _| {
+        st.confirmed = st.confirmed.max(i);
+        st.trying = st.confirmed;
+    })
 }
 
 /// What this side saw of the outer TLS: its exporter value and the certificate's key.
@@ -69,9 +109,7 @@ fn read2(
     msg2: &[u8],
 ) -> Result<(Initiator2, Offer), ConnectError> {
     init.read2(msg2).map_err(|e| {
-        if matches!(e, InnerError::Handshake(_)) {
-            key_failed(token, key_index);
-        }
+        key_failed(token, key_index);
         error(e)
     })
 }
@@ -97,8 +135,17 @@ pub async fn over_websocket(
     let (i, key) = gateway_key(token);
     let (init, msg1) = Initiator::start(token, role_of(token), &key, &[]).map_err(error)?;
     let hello = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&msg1);
-    let (ws, reply) = tunnel::ws::client_v2(io, url, &hello, max_frame, timeout).await?;
+    let (ws, reply) = tunnel::ws::client_v2(io, url, &hello, max_frame, timeout)
+        .await
+        .inspect_err(|e| {
+            // A refusal of msg1 (403: "not this gateway's key") may mean the gateway retired
+            // this key; it may also be forged. Either way the next attempt tries the next one.
+            if e.status() == Some(403) {
+                key_failed(token, i);
+            }
+        })?;
     let Some(reply) = reply else {
+        key_failed(token, i);
         return Err(ConnectError::Inner(
             "the gateway speaks protocol v1 only (no v2 answer in its 101); upgrade the gateway (this side speaks v2)".into(),
         ));
@@ -108,7 +155,9 @@ pub async fn over_websocket(
         .map_err(|_| ConnectError::Inner("the gateway's v2 answer is not base64url".into()))?;
     let (init2, offer) = read2(token, init, i, &msg2)?;
     let (tx, rx) = ws.split();
-    finish(tx, rx, init2, &offer, token, &b, timeout).await
+    let r = finish(tx, rx, init2, &offer, token, &b, timeout).await?;
+    key_worked(token, i);
+    Ok(r)
 }
 
 /// msg1 for the HTTP fallback (the create body), carrying the request key.
@@ -133,7 +182,15 @@ pub async fn over_http<T: Transport>(
     let (init2, offer) = read2(token, init, key_index, msg2)?;
     let (tx, rx) = transport.split();
     // No binding: each request may ride another TLS connection, so outer mode is never asked.
-    finish(tx, rx, init2, &offer, token, &Binding::default(), timeout).await
+    let r = finish(tx, rx, init2, &offer, token, &Binding::default(), timeout).await?;
+    key_worked(token, key_index);
+    Ok(r)
+}
+
+/// The HTTP fallback's create request was refused before msg2 (e.g. `403`, not this gateway's
+/// key): the next attempt tries the token's next key.
+pub fn http_refused(token: &Token, key_index: usize) {
+    key_failed(token, key_index);
 }
 
 /// msg3 and the verdict; `true` with the transport when it is sealed.
@@ -153,4 +210,58 @@ async fn finish<Tx: TransportTx, Rx: TransportRx>(
     let sealed = t.0.is_sealed();
     debug_assert!(sealed || !sealed_possible);
     Ok((t, sealed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tunnel::token::{Claims, Issuer, Kind};
+
+    fn token(keys: usize) -> Token {
+        Token::mint(
+            &Issuer::generate(),
+            Claims {
+                kind: Kind::Agent,
+                id: "a".into(),
+                name: None,
+                groups: vec![],
+                routes: vec![],
+                issued_at: 1,
+                not_before: None,
+                expires: Some(u64::MAX),
+                agent_key: [0; 32],
+                gateway_keys: (0..keys)
+                    .map(|_| tunnel::inner::KeyPair::generate().public().0)
+                    .collect(),
+                deployment: None,
+                issuer: [0; 32],
+            },
+        )
+        .unwrap()
+    }
+
+    /// A forged refusal moves the agent to the token's next key; it cycles among the token's
+    /// keys at or after the last one that worked, never back below it.
+    #[test]
+    fn a_forged_refusal_cannot_push_the_agent_back_to_a_key_it_moved_past() {
+        let t = token(3);
+        assert_eq!(gateway_key(&t).0, 0);
+        key_failed(&t, 0);
+        assert_eq!(gateway_key(&t).0, 1);
+        key_worked(&t, 1);
+        key_failed(&t, 1);
+        assert_eq!(gateway_key(&t).0, 2);
+        key_failed(&t, 2);
+        assert_eq!(gateway_key(&t).0, 1, "wraps to the confirmed key, not to 0");
+        // Another token has its own state.
+        let other = token(2);
+        assert_eq!(gateway_key(&other).0, 0);
+    }
+
+    #[test]
+    fn a_retired_key_is_left_on_the_next_attempt_with_one_key_nothing_moves() {
+        let t = token(1);
+        key_failed(&t, 0);
+        assert_eq!(gateway_key(&t).0, 0);
+    }
 }

@@ -55,12 +55,12 @@ pub(crate) async fn handle_connection(shared: Arc<Shared>, tcp: TcpStream, peer:
             // The TLS exporter value of this connection: an agent whose own value matches
             // talks to us over one TLS connection, with nobody in between (protocol v2).
             let exporter = {
+                let conn = &tls.get_ref().1;
                 let mut out = [0u8; 32];
-                let ok = tls
-                    .get_ref()
-                    .1
-                    .export_keying_material(&mut out, tunnel::handshake::EXPORTER_LABEL, None)
-                    .is_ok();
+                let ok = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+                    && conn
+                        .export_keying_material(&mut out, tunnel::handshake::EXPORTER_LABEL, None)
+                        .is_ok();
                 ok.then_some(out)
             };
             serve_http(shared, tls, peer, deadline, slot, exporter).await
@@ -169,7 +169,7 @@ pub(crate) async fn serve_http<S>(
     };
     if endpoint == "/agent/http" || endpoint.starts_with("/agent/http/") {
         // The fallback transport: ordinary requests, served by a full HTTP server.
-        crate::dmz::fallback::serve(shared, io, head, client, deadline, slot).await;
+        crate::dmz::fallback::serve(shared, io, head, peer, deadline, slot).await;
         return;
     }
     match endpoint {

@@ -83,7 +83,7 @@ pub(crate) async fn serve<S>(
     shared: Arc<Shared>,
     io: S,
     head: RequestHead,
-    client: SocketAddr,
+    peer: SocketAddr,
     deadline: tokio::time::Instant,
     slot: Slot,
 ) where
@@ -104,7 +104,7 @@ pub(crate) async fn serve<S>(
         let (shared, auth) = (shared.clone(), auth.clone());
         hyper::service::service_fn(move |req| {
             let (shared, auth) = (shared.clone(), auth.clone());
-            async move { Ok::<_, std::convert::Infallible>(handle(shared, req, client, &auth).await) }
+            async move { Ok::<_, std::convert::Infallible>(handle(shared, req, peer, &auth).await) }
         })
     };
     let conn = hyper::server::conn::http1::Builder::new()
@@ -171,9 +171,10 @@ fn cookie(shared: &Shared) -> String {
 async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-    client: SocketAddr,
+    peer: SocketAddr,
     auth: &ConnAuth,
 ) -> Response<Body> {
+    let client = request_client(&shared, peer, &req);
     let mut resp = route(&shared, req, client, auth).await;
     if let Ok(v) = hyper::header::HeaderValue::from_str(&cookie(&shared)) {
         resp.headers_mut().append("set-cookie", v);
@@ -183,6 +184,32 @@ async fn handle(
         hyper::header::HeaderValue::from_static("no-store"),
     );
     resp
+}
+
+/// The client of one request: a load balancer reuses its connections to us for requests of
+/// different clients, so behind a trusted one each request's forwarded header names its client
+/// (limits and audit lines are charged to it, not to whoever opened the connection).
+fn request_client(shared: &Shared, peer: SocketAddr, req: &Request<Incoming>) -> SocketAddr {
+    if !super::endpoints::is_trusted(&shared.config.trusted_proxies, peer.ip()) {
+        return peer;
+    }
+    let head = RequestHead {
+        method: req.method().to_string(),
+        path: String::new(),
+        headers: req
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect(),
+        leftover: Vec::new(),
+        raw: Vec::new(),
+    };
+    super::upgrade::client_addr(
+        &shared.config.trusted_proxies,
+        shared.config.forwarded_header,
+        peer,
+        &head,
+    )
 }
 
 /// A refusal: status and one line.

@@ -113,20 +113,14 @@ pub(crate) fn answer1(
             debug!(error = %e, "v2 hello refused");
             Err(format!(
                 "the hello is not for this gateway's key ({}); is the token for this gateway?",
-                shared
-                    .config
-                    .v2
-                    .keys
-                    .iter()
-                    .map(|k| k.public().to_string())
-                    .collect::<Vec<_>>()
-                    .join(" or ")
+                shared.config.v2.keys[0].public()
             ))
         }
     }
 }
 
-/// The checks of msg3, cheapest first. `Err` is the status and one line for the agent (the
+/// The checks of msg3, cheapest first (the proved key against the claims, the token file,
+/// kind, dates, deployment and gateway key, then the issuer's signature). `Err` is the status and one line for the agent (the
 /// channel is authenticated by now: the agent may learn why) and the reason for our log.
 pub(crate) fn verify(
     shared: &Shared,
@@ -145,22 +139,8 @@ pub(crate) fn verify(
             ),
         ));
     }
-    let kind = if is_agent {
-        Kind::Agent
-    } else {
-        Kind::Connector
-    };
-    let v2 = &shared.config.v2;
-    c.check(kind, now_secs(), v2.deployment.as_deref(), gateway_key)
-        .map_err(|e| {
-            let msg = match e {
-                TokenError::Expired { .. } => "token expired",
-                TokenError::NotYet { .. } => "token not valid yet",
-                TokenError::WrongDeployment { .. } => "token is for another deployment",
-                _ => "invalid token",
-            };
-            (401, msg, e.to_string())
-        })?;
+    // The token file first: until the key is known here, every refusal reads the same, so
+    // nobody learns deployment names or dates from made-up claims.
     let store = if is_agent {
         shared.config.agent_tokens.current()
     } else {
@@ -171,9 +151,29 @@ pub(crate) fn verify(
         .map_err(|e| {
             let msg = match e {
                 AuthError::Expired { .. } => "token expired",
-                AuthError::UnknownId { .. } | AuthError::WrongKey { .. } => {
-                    "token revoked or unknown here"
-                }
+                _ => "token revoked or unknown here",
+            };
+            (401, msg, e.to_string())
+        })?;
+    let kind = if is_agent {
+        Kind::Agent
+    } else {
+        Kind::Connector
+    };
+    let v2 = &shared.config.v2;
+    if is_agent && c.expires.is_none() {
+        return Err((
+            401,
+            "invalid token",
+            format!("token {:?}: an agent token without expiry", c.id),
+        ));
+    }
+    c.check(kind, now_secs(), v2.deployment.as_deref(), gateway_key)
+        .map_err(|e| {
+            let msg = match e {
+                TokenError::Expired { .. } => "token expired",
+                TokenError::NotYet { .. } => "token not valid yet",
+                TokenError::WrongDeployment { .. } => "token is for another deployment",
                 _ => "invalid token",
             };
             (401, msg, e.to_string())
