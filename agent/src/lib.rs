@@ -14,7 +14,7 @@
 //! | [`doctor`] | `sallyport doctor`: every way out, tried and explained |
 //! | [`enroll`] | `sallyport enroll` / `logout`: token, CA and key pins saved for later runs |
 //! | [`pages`] | the HTTP port's local pages: the PAC file for browsers, the status page |
-//! | [`status`] | `sallyport status` and its per-user control socket |
+//! | [`status`] | `sallyport status` and its per-user control socket (Windows: a named pipe) |
 //! | `demo` | `sallyport demo`: the whole system on loopback |
 
 pub mod config;
@@ -90,7 +90,7 @@ impl Agent {
             pool: pool.clone(),
             listening: self.addrs(),
         });
-        #[cfg(unix)]
+        #[cfg(any(unix, windows))]
         if let Some(path) = self.config.control.clone() {
             tracker.spawn(status::serve(
                 path,

@@ -192,7 +192,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }),
         Command::Status => rt.block_on(async {
             let path = agent::status::control_path()
-                .ok_or_else(|| anyhow::anyhow!("no per-user config folder on this system"))?;
+                .ok_or_else(|| anyhow::anyhow!("no per-user control socket on this system (no config folder; on Windows: our own user cannot be read)"))?;
             match agent::status::query(&path).await {
                 Ok(text) => {
                     print!("{text}");

@@ -4,7 +4,9 @@
 //! The agent listens on a Unix socket in its per-user config folder (`agent.sock`, the folder
 //! mode 0700 and the socket 0600), and checks the connecting process's uid (`SO_PEERCRED`) as
 //! well: nobody else can read which gateway, proxy and destinations this user has. A connection
-//! gets the status as `key: value` lines and is closed. Windows has no control socket yet.
+//! gets the status as `key: value` lines and is closed. On Windows the same text is served on a
+//! named pipe only the user's SID may open, and both ends check each other's user
+//! ([`windows`]).
 
 use crate::config::AgentConfig;
 use crate::pool::Pool;
@@ -12,9 +14,18 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-/// The control socket of the agent of this user.
+pub mod windows;
+
+/// The control socket of the agent of this user (on Windows, the name of its status pipe).
 pub fn control_path() -> Option<PathBuf> {
-    crate::config::default_config_path().and_then(|p| p.parent().map(|d| d.join("agent.sock")))
+    #[cfg(windows)]
+    {
+        windows::pipe_of_this_user()
+    }
+    #[cfg(not(windows))]
+    {
+        crate::config::default_config_path().and_then(|p| p.parent().map(|d| d.join("agent.sock")))
+    }
 }
 
 /// The status text.
@@ -114,28 +125,41 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
 }
 
+#[cfg(windows)]
+pub use windows::serve;
+
+/// The agent's answer on the control socket or pipe: at most 64 KiB, within 5 s.
+#[cfg(any(unix, windows))]
+async fn read_answer(r: impl tokio::io::AsyncRead + Unpin) -> Result<String, String> {
+    use tokio::io::AsyncReadExt;
+    let mut text = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        r.take(64 * 1024).read_to_string(&mut text),
+    )
+    .await
+    .map_err(|_| "the agent did not answer within 5 s".to_string())?
+    .map_err(|e| e.to_string())?;
+    Ok(text)
+}
+
 /// `sallyport status`: asks the running agent; `Err` says why there is no answer.
 pub async fn query(path: &Path) -> Result<String, String> {
     #[cfg(unix)]
     {
-        use tokio::io::AsyncReadExt;
-        let mut s = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+        let s = tokio::net::UnixStream::connect(path).await.map_err(|e| {
             format!(
                 "no agent is running for this user ({}: {e}); start it with `sallyport run` or `sallyport service start`",
                 path.display()
             )
         })?;
-        let mut text = String::new();
-        tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            (&mut s).take(64 * 1024).read_to_string(&mut text),
-        )
-        .await
-        .map_err(|_| "the agent did not answer within 5 s".to_string())?
-        .map_err(|e| e.to_string())?;
-        Ok(text)
+        read_answer(s).await
     }
-    #[cfg(not(unix))]
+    #[cfg(windows)]
+    {
+        windows::query(path).await
+    }
+    #[cfg(not(any(unix, windows)))]
     {
         let _ = path;
         Err("`sallyport status` is not available on this system yet".into())

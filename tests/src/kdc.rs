@@ -123,6 +123,14 @@ impl Kdc {
         ]
     }
 
+    /// The part of [`Kdc::env`] a Kerberos client needs: the realm's config and the ticket cache.
+    pub fn client_env(&self) -> Vec<(String, String)> {
+        self.env()
+            .into_iter()
+            .filter(|(k, _)| k == "KRB5_CONFIG" || k == "KRB5CCNAME")
+            .collect()
+    }
+
     /// Gets a ticket for `user` into [`Kdc::ccache`] (kinit reads the password from stdin).
     pub fn kinit(&self, user: &str, password: &str) -> Result<()> {
         self.kinit_with(user, password, &[])

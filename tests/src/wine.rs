@@ -28,6 +28,29 @@ pub const TARGET: &str = "x86_64-pc-windows-gnu";
 pub const INTERNET_SETTINGS: &str =
     r"HKCU\Software\Microsoft\Windows\CurrentVersion\Internet Settings";
 
+/// Where `netsh winhttp set proxy` keeps WinHTTP's machine-wide proxy (value
+/// [`WINHTTP_SETTINGS`], binary).
+pub const WINHTTP_KEY: &str =
+    r"HKLM\SOFTWARE\Microsoft\Windows\CurrentVersion\Internet Settings\Connections";
+pub const WINHTTP_SETTINGS: &str = "WinHttpSettings";
+
+/// The `WinHttpSettings` blob naming `proxy` with the exceptions `bypass`, as hex for `reg add
+/// /t REG_BINARY /d`: a 12-byte header (0x18, 0, the flags: 1 direct + 2 proxy), then each
+/// string as a little-endian length and its bytes: the layout Wine's
+/// `WinHttpGetDefaultProxyConfiguration` reads. The agent never parses the blob itself (it calls
+/// that function, on Windows too), so the test exercises the agent's real path.
+pub fn winhttp_settings_hex(proxy: &str, bypass: &str) -> String {
+    let mut b = Vec::new();
+    for word in [0x18u32, 0, 3] {
+        b.extend(word.to_le_bytes());
+    }
+    for s in [proxy, bypass] {
+        b.extend((s.len() as u32).to_le_bytes());
+        b.extend(s.as_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// A ready Wine prefix and the folder holding `sallyport.exe`, the shim and `sp-wnc.exe`.
 pub struct Wine {
     pub prefix: PathBuf,
@@ -296,7 +319,8 @@ impl Wine {
         .map(|_| ())
     }
 
-    /// Removes the proxy values a test may have set (absent ones are fine).
+    /// Removes the proxy values a test may have set, WinINET's and WinHTTP's (absent ones are
+    /// fine).
     pub fn clear_internet_settings(&self) {
         for v in [
             "ProxyEnable",
@@ -313,6 +337,23 @@ impl Wine {
             "DefaultConnectionSettings",
             "/f",
         ]);
+        let _ = self.reg(&["delete", WINHTTP_KEY, "/v", WINHTTP_SETTINGS, "/f"]);
+    }
+
+    /// Sets WinHTTP's machine-wide proxy as `netsh winhttp set proxy PROXY BYPASS` does.
+    pub fn set_winhttp_proxy(&self, proxy: &str, bypass: &str) -> Result<()> {
+        self.reg(&[
+            "add",
+            WINHTTP_KEY,
+            "/v",
+            WINHTTP_SETTINGS,
+            "/t",
+            "REG_BINARY",
+            "/d",
+            &winhttp_settings_hex(proxy, bypass),
+            "/f",
+        ])
+        .map(|_| ())
     }
 
     /// Runs a Windows program to completion with `input` (a file) on stdin; returns its output.

@@ -208,12 +208,8 @@ fn squid_with_negotiate_kerberos() {
     let squid = Squid::start_with("sq-krb", SquidAuth::Negotiate { kdc: &kdc }).unwrap();
     // The service name comes from the proxy's host name: HTTP@localhost.
     let proxy = format!("http://localhost:{}", squid.port);
-    let env = kdc.env();
-    let env: Vec<(&str, &str)> = env
-        .iter()
-        .filter(|(k, _)| k == "KRB5_CONFIG" || k == "KRB5CCNAME")
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let env = kdc.client_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let sys = system_via("via-sq-krb", &["--proxy", &proxy], &env);
     let user = format!("{ALICE}@{REALM}");
     tunnel_logged(sys, &squid, &user);

@@ -101,3 +101,71 @@ fn the_user_unit_verifies_installs_idempotently_and_uninstalls_cleanly() {
         .collect();
     assert_eq!(after, before, "uninstall left something behind");
 }
+
+/// The macOS LaunchAgent, written by the installer's own `install` (no macOS here, so into a
+/// scratch `LaunchAgents` folder), is read back with Python's `plistlib`, the parser of Apple's
+/// format: an unescaped `&` or `<` in a path (a folder like "Sally & Co") would make launchd
+/// refuse the file. It has the label, runs `<agent> run -c <config>` at load, and carries no
+/// secret: no token on the command line and no environment block.
+#[test]
+fn the_launch_agent_plist_parses_with_plistlib_and_carries_no_secret() {
+    // Installed when missing, else the test fails naming it.
+    sallyport_e2e::wine::ensure_apt("python3", &["python3"]).unwrap();
+    let dir = TempDir::new("launchd-plist");
+    let exe = dir.path().join("Sally & Co <agent>").join("sallyport");
+    let config = dir.path().join("config & <more>").join("agent.toml");
+    let service = installer::Service {
+        spec: installer::ServiceSpec {
+            exe: exe.clone(),
+            config: Some(config.clone()),
+        },
+        manager: installer::service::Manager::Launchd,
+        dir: dir.path().join("LaunchAgents"),
+        log: dir.path().join("Logs").join("sallyport.log"),
+        manage: false,
+    };
+    service.install().unwrap();
+    let plist = service.file().unwrap();
+    assert_eq!(
+        plist.file_name().unwrap().to_string_lossy(),
+        "com.sallyport.agent.plist"
+    );
+    let script = r#"
+import json, plistlib, sys
+with open(sys.argv[1], "rb") as f:
+    p = plistlib.load(f)
+print(json.dumps(p))
+"#;
+    let (code, out, err) = run(Command::new("python3").arg("-c").arg(script).arg(&plist)).unwrap();
+    assert_eq!(
+        code,
+        0,
+        "plistlib refused the LaunchAgent: {err}\n{}",
+        std::fs::read_to_string(&plist).unwrap()
+    );
+    let keys = |k: &str| format!("\"{k}\": ");
+    assert!(
+        out.contains(&format!("{}\"com.sallyport.agent\"", keys("Label"))),
+        "{out}"
+    );
+    assert!(out.contains(&format!("{}true", keys("RunAtLoad"))), "{out}");
+    let json_str = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+    let args = format!(
+        "{}[{}, \"run\", \"-c\", {}]",
+        keys("ProgramArguments"),
+        json_str(&exe.display().to_string()),
+        json_str(&config.display().to_string())
+    );
+    assert!(out.contains(&args), "want {args}\nin {out}");
+    // No secret anywhere launchd would show (`launchctl print`, `ps`): no token option, no
+    // token-shaped word, no environment variables.
+    for secret in [
+        "--token",
+        "sp_",
+        "SALLYPORT_TOKEN",
+        "PASSWORD",
+        "EnvironmentVariables",
+    ] {
+        assert!(!out.contains(secret), "{secret} in the LaunchAgent: {out}");
+    }
+}

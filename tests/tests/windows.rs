@@ -59,6 +59,32 @@ fn listening(agent: &Proc, kind: &str) -> SocketAddr {
     agent.addr(&["listening", kind]).unwrap()
 }
 
+/// A gateway (tagged `tag`) and a Windows agent connected to it: (the service's port, the
+/// gateway, the agent, its SOCKS5 and HTTP addresses).
+fn connected_agent(wine: &Wine, tag: &str) -> (u16, Gateway, Proc, SocketAddr, SocketAddr) {
+    let (port, gw) = gateway(tag);
+    let agent = windows_agent(wine, &gw, &[]);
+    let socks = listening(&agent, "socks5");
+    let http = listening(&agent, "http");
+    agent
+        .wait_for(&["connected to the gateway"], Duration::from_secs(30))
+        .unwrap();
+    (port, gw, agent, socks, http)
+}
+
+/// A Windows client's `GET /` through the agent's HTTP proxy reaches the service.
+fn hello_through_http(wine: &Wine, agent: &Proc, http: SocketAddr, port: u16) {
+    let out = proxy_get(wine, http, port, "/");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hello from backend.internal"),
+        "{:?} {:?} {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        agent.log()
+    );
+}
+
 /// `GET http://backend.internal:PORT{path}` through the agent's HTTP proxy `http`, from
 /// `sp-wnc.exe` (which lets the proxy close after `Connection: close`).
 fn proxy_get(wine: &Wine, http: SocketAddr, port: u16, path: &str) -> std::process::Output {
@@ -219,6 +245,38 @@ fn windows_doctor(
     .unwrap()
 }
 
+/// Whether `sallyport doctor`'s output shows the candidate `127.0.0.1:PORT` from `source`
+/// reaching the gateway (its line, then `ok in …`).
+fn candidate_ok(out: &str, port: u16, source: &str) -> bool {
+    out.lines()
+        .skip_while(|l| !(l.contains(&format!("127.0.0.1:{port}")) && l.contains(source)))
+        .nth(1)
+        .is_some_and(|l| l.trim_start().starts_with("ok in"))
+}
+
+/// `sallyport.exe doctor` as user `alice` with `password` (in its environment only): the
+/// candidate `squid` from `source` reaches the gateway, the password shows in no output, and
+/// squid logs alice's tunnel.
+fn doctor_through_squid(wine: &Wine, gw: &Gateway, squid: &Squid, source: &str, password: &str) {
+    let (code, out, err) = windows_doctor(
+        wine,
+        gw,
+        &gw.gw_url,
+        &["--proxy-user", "alice"],
+        &[("SALLYPORT_PROXY_PASSWORD", password)],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(candidate_ok(&out, squid.port, source), "{out}{err}");
+    assert!(!format!("{out}{err}").contains(password), "password shown");
+    let log = squid
+        .wait_for_log(
+            &[&format!("CONNECT 127.0.0.1:{}", gw_port(gw)), "alice"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(log.contains("TCP_TUNNEL/200"), "{log}");
+}
+
 /// Clears the proxy values from the registry when dropped (the prefix is shared).
 struct ClearSettings<'a>(&'a Wine);
 
@@ -270,29 +328,8 @@ fn registry_proxy_settings_lead_the_windows_agent_through_squid_with_basic() {
     // host:port, switched on: the agent's candidate from the registry goes through squid,
     // authenticated (the gateway is on loopback, so direct works too and is listed after it).
     manual_proxy(wine, &format!("127.0.0.1:{}", squid.port));
-    let ok_via_squid = |out: &str| {
-        out.lines()
-            .skip_while(|l| {
-                !(l.contains(&format!("127.0.0.1:{}", squid.port))
-                    && l.contains("Windows Internet Options"))
-            })
-            .nth(1)
-            .is_some_and(|l| l.trim_start().starts_with("ok in"))
-    };
-    let (code, out, err) = windows_doctor(wine, &gw, &gw.gw_url, auth, &pw);
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(ok_via_squid(&out), "{out}{err}");
-    assert!(
-        !format!("{out}{err}").contains("w1n-s3cret"),
-        "password shown"
-    );
-    let log = squid
-        .wait_for_log(
-            &[&format!("127.0.0.1:{gw_port}"), "alice"],
-            Duration::from_secs(10),
-        )
-        .unwrap();
-    assert!(log.contains("CONNECT"), "{log}");
+    let ok_via_squid = |out: &str| candidate_ok(out, squid.port, "Windows Internet Options");
+    doctor_through_squid(wine, &gw, &squid, "Windows Internet Options", "w1n-s3cret");
 
     // http=…;https=…: the https= entry is the proxy for the tunnel.
     wine.set_internet_setting(
@@ -508,22 +545,8 @@ fn service_install_writes_the_hkcu_run_value_and_uninstall_removes_it() {
 #[test]
 fn a_process_without_a_windows_owner_is_refused_and_a_windows_one_served() {
     let (_l, wine) = windows();
-    let (port, gw) = gateway("win-peer");
-    let agent = windows_agent(wine, &gw, &[]);
-    let socks = listening(&agent, "socks5");
-    let http = listening(&agent, "http");
-    agent
-        .wait_for(&["connected to the gateway"], Duration::from_secs(30))
-        .unwrap();
-    let out = proxy_get(wine, http, port, "/");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("hello from backend.internal"),
-        "{:?} {:?} {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        agent.log()
-    );
+    let (port, _gw, agent, socks, http) = connected_agent(wine, "win-peer");
+    hello_through_http(wine, &agent, http, port);
     require_tool("curl");
     let (code, body, err) = run(std::process::Command::new("curl")
         .args(["-sS", "--max-time", "20", "--socks5-hostname"])
@@ -688,4 +711,170 @@ fn registry_proxy_through_squid_with_digest_and_ntlm() {
             .unwrap_or_else(|e| panic!("{tag}: {e}\n{out}{err}"));
         assert!(log.contains("TCP_TUNNEL/200"), "{tag}: {log}");
     }
+}
+
+/// `sallyport.exe status` asks the running Windows agent over its named pipe
+/// (`\\.\pipe\sallyport-<SID>-status`, owner-only DACL, each end checking the other's user) and
+/// prints what it is doing; a second agent of the same user does not take the pipe over (the
+/// first instance of the name wins, and the second says so); with no agent running, status says
+/// none is. Wine has one user and does not enforce pipe DACLs: refusing another user is shown by
+/// the unit tests in `agent/src/status/windows.rs` only.
+#[test]
+fn status_over_the_named_pipe_answers_for_the_running_windows_agent_only() {
+    let (_l, wine) = windows();
+    let (port, gw, agent, socks, http) = connected_agent(wine, "win-status");
+    // Some traffic, so the byte counters move.
+    hello_through_http(wine, &agent, http, port);
+    let status = || run(wine.exe("sallyport.exe").arg("status")).unwrap();
+    // Several times: each answer is served by a fresh pipe instance.
+    for _ in 0..3 {
+        let (code, out, err) = status();
+        assert_eq!(code, 0, "{out}{err}\n{}", agent.log());
+        assert!(out.contains(&format!("gateway: {}", gw.gw_url)), "{out}");
+        assert!(out.contains("connected: yes (gateway instance "), "{out}");
+        assert!(out.contains(&format!("listening: socks5 {socks}")), "{out}");
+        assert!(out.contains(&format!("listening: http {http}")), "{out}");
+        let bytes_in: u64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("bytes: "))
+            .and_then(|b| b.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no bytes line: {out}"));
+        assert!(bytes_in > 0, "{out}");
+    }
+    assert!(
+        !agent.log().contains("status request refused"),
+        "{}",
+        agent.log()
+    );
+
+    // A second agent of this user: the pipe stays the first one's, and the second says why.
+    let second = windows_agent(wine, &gw, &[]);
+    second
+        .wait_for(
+            &["another agent of yours answers on the status pipe"],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    let (code, out, err) = status();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("listening: socks5 {socks}")), "{out}");
+    drop(second);
+
+    // No agent: says so, exit code 1.
+    drop(agent);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (code, out, err) = loop {
+        let r = status();
+        if r.0 != 0 || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("no agent is running for this user"), "{err}");
+    assert!(err.contains(r"\\.\pipe\sallyport-S-1-"), "{err}");
+}
+
+/// WinHTTP's machine-wide proxy (`netsh winhttp set proxy`, the binary `WinHttpSettings` under
+/// `HKLM\…\Internet Settings\Connections`, written here with `wine reg add`) is a candidate after
+/// the user's Internet Options: read by the agent through `WinHttpGetDefaultProxyConfiguration`,
+/// it leads through squid with Basic; its bypass list is honoured; a bad proxy in it is left out
+/// with a warning naming WinHTTP's value.
+#[test]
+fn winhttp_machine_proxy_from_netsh_leads_the_windows_agent_through_squid() {
+    let (_l, wine) = windows();
+    let _clear = ClearSettings(wine);
+    let (_port, gw) = gateway("win-winhttp");
+    let gw_port = gw_port(&gw);
+    let squid = Squid::start_with(
+        "win-sq-winhttp",
+        SquidAuth::Basic {
+            user: "alice",
+            password: "w1nhttp-s3cret",
+        },
+    )
+    .unwrap();
+    let auth: &[&str] = &["--proxy-user", "alice"];
+    let pw = [("SALLYPORT_PROXY_PASSWORD", "w1nhttp-s3cret")];
+    wine.set_winhttp_proxy(&format!("127.0.0.1:{}", squid.port), "")
+        .unwrap();
+    doctor_through_squid(
+        wine,
+        &gw,
+        &squid,
+        egress::system::windows::WINHTTP_SOURCE,
+        "w1nhttp-s3cret",
+    );
+
+    // The bypass list: `<local>` exempts a gateway named without a dot.
+    wine.set_winhttp_proxy(&format!("127.0.0.1:{}", squid.port), "<local>")
+        .unwrap();
+    let local_url = format!("wss://localhost:{gw_port}/");
+    let (code, out, err) = windows_doctor(wine, &gw, &local_url, auth, &pw);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "{}: its exceptions exempt localhost",
+            egress::system::windows::WINHTTP_SOURCE
+        )),
+        "{out}"
+    );
+
+    // A bad value: left out, named as WinHTTP's.
+    wine.set_winhttp_proxy("127.0.0.1:99999", "").unwrap();
+    let (code, out, err) = windows_doctor(wine, &gw, &gw.gw_url, &[], &[]);
+    assert!(
+        err.contains(
+            r#"WinHTTP proxy (WinHttpSettings) "127.0.0.1:99999": port `99999` is not a number from 1 to 65535"#
+        ),
+        "{err}"
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        !out.contains(egress::system::windows::WINHTTP_SOURCE),
+        "{out}"
+    );
+}
+
+/// SSPI Negotiate under Wine: squid asks for Negotiate (`negotiate_kerberos_auth`, a real MIT
+/// KDC on loopback), the Windows agent answers through SSPI (`secur32`) with no password
+/// configured at all; Wine's Kerberos package takes the ticket `kinit` put in the Linux
+/// credential cache (`KRB5CCNAME`), as a domain logon would on Windows. squid logs the tunnel
+/// for `alice@REALM`.
+#[test]
+fn sspi_negotiate_takes_the_users_kerberos_ticket_through_squid() {
+    let (_l, wine) = windows();
+    let (_port, gw) = gateway("win-sspi");
+    let gw_port = gw_port(&gw);
+    let kdc = sallyport_e2e::kdc::Kdc::start("win-krb").unwrap();
+    std::fs::set_permissions(
+        kdc.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    kdc.kinit(
+        sallyport_e2e::kdc::ALICE,
+        sallyport_e2e::kdc::ALICE_PASSWORD,
+    )
+    .unwrap();
+    let squid = Squid::start_with("win-sq-krb", SquidAuth::Negotiate { kdc: &kdc }).unwrap();
+    let env = kdc.client_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // The service name comes from the proxy's host name: HTTP/localhost.
+    let proxy = format!("http://localhost:{}", squid.port);
+    let (code, out, err) = windows_doctor(wine, &gw, &gw.gw_url, &["--proxy", &proxy], &env);
+    assert_eq!(code, 0, "{out}{err}");
+    let user = format!(
+        "{}@{}",
+        sallyport_e2e::kdc::ALICE,
+        sallyport_e2e::kdc::REALM
+    );
+    let log = squid
+        .wait_for_log(
+            &[&format!("CONNECT 127.0.0.1:{gw_port}"), &user],
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{out}{err}"));
+    assert!(log.contains("TCP_TUNNEL/200"), "{log}");
 }

@@ -131,6 +131,9 @@ impl fmt::Display for Owner {
 }
 
 #[cfg(windows)]
+pub use sys::{my_user, process_user};
+
+#[cfg(windows)]
 mod sys {
     use super::*;
     use std::ptr;

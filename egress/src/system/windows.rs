@@ -22,6 +22,11 @@ pub const WININET_SOURCE: &str =
     r"Windows Internet Options (HKCU\Software\Microsoft\Windows\CurrentVersion\Internet Settings)";
 /// The `source` of the machine-wide WinHTTP candidate.
 pub const WINHTTP_SOURCE: &str = "WinHTTP machine settings (netsh winhttp show proxy)";
+/// How warnings name WinHTTP's proxy string: `netsh winhttp set proxy` stores it in the binary
+/// value `WinHttpSettings` under
+/// `HKLM\SOFTWARE\Microsoft\Windows\CurrentVersion\Internet Settings\Connections`, which
+/// `WinHttpGetDefaultProxyConfiguration` decodes for us.
+pub const WINHTTP_VALUE: &str = "WinHTTP proxy (WinHttpSettings)";
 
 /// The WinINET values as read from the registry (absent values are `None`/`false`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -97,6 +102,11 @@ fn proxy_address(entry: &str, default_port: u16) -> Result<(String, u16), String
 /// be used (a bad port, no host, an unknown scheme, a bare address in a `scheme=` list) is left
 /// out and described in `problems`, naming the whole value.
 pub fn parse_proxy_server(value: &str) -> ProxyServer {
+    parse_proxy_string(value, "ProxyServer")
+}
+
+/// [`parse_proxy_server`] for a proxy string stored under another `name` (WinHTTP's).
+fn parse_proxy_string(value: &str, name: &str) -> ProxyServer {
     let mut out = ProxyServer::default();
     let mut why_not = Vec::new();
     let trimmed = value.trim();
@@ -135,7 +145,7 @@ pub fn parse_proxy_server(value: &str) -> ProxyServer {
     }
     out.problems = why_not
         .into_iter()
-        .map(|why| format!("ProxyServer \"{}\": {why}", value.escape_debug()))
+        .map(|why| format!("{name} \"{}\": {why}", value.escape_debug()))
         .collect();
     out
 }
@@ -215,7 +225,7 @@ pub fn winhttp_candidate(proxy: &str, bypass: &str) -> Option<SystemProxy> {
         https,
         socks,
         problems,
-    } = parse_proxy_server(proxy);
+    } = parse_proxy_string(proxy, WINHTTP_VALUE);
     for p in problems {
         tracing::warn!("WinHTTP setting ignored: {p}");
     }
@@ -562,5 +572,24 @@ mod tests {
             }
         );
         assert_eq!(winhttp_candidate("", ""), None);
+    }
+
+    #[test]
+    fn a_bad_winhttp_proxy_is_named_as_winhttps_value_not_as_proxyserver() {
+        // `netsh winhttp set proxy 127.0.0.1:99999` is accepted by netsh; the agent leaves it
+        // out and the warning names WinHTTP's value, so nobody looks in Internet Options.
+        assert_eq!(winhttp_candidate("127.0.0.1:99999", ""), None);
+        let p = parse_proxy_string("127.0.0.1:99999", WINHTTP_VALUE);
+        assert_eq!(
+            p.problems,
+            vec![
+                r#"WinHTTP proxy (WinHttpSettings) "127.0.0.1:99999": port `99999` is not a number from 1 to 65535"#
+            ]
+        );
+        // The good entries of a list are still used.
+        let c = winhttp_candidate("https=tls.corp:3128;socks=s.corp:0", "").unwrap();
+        assert!(
+            matches!(c.mode, SystemMode::Manual { ref https, ref socks, .. } if *https == http("tls.corp", 3128) && socks.is_none())
+        );
     }
 }

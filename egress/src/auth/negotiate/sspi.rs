@@ -1,7 +1,12 @@
 //! Windows SSPI: the logged-on user's credentials (`AcquireCredentialsHandleW` with no
 //! principal and no auth data) and `InitializeSecurityContextW` for the target `HTTP/host`.
 //! The security package is a parameter, so `Negotiate` (Kerberos/SPNEGO) and `NTLM` single
-//! sign-on both work without a password. Compile-checked on Linux; runs only on Windows.
+//! sign-on both work without a password. Compile-checked on Linux; runs on Windows, and under
+//! Wine in `tests/tests/windows.rs` (Negotiate with a Kerberos ticket).
+//!
+//! The output token goes into a buffer of our own, as large as the package's `cbMaxToken`
+//! (`QuerySecurityPackageInfoW`), rather than one SSPI allocates (`ISC_REQ_ALLOCATE_MEMORY`):
+//! Wine's Kerberos package does not support that flag and fails with "incomplete message".
 
 use super::{NegotiateError, Package, Step};
 use std::ptr;
@@ -14,8 +19,8 @@ use windows_sys::Win32::Foundation::{
 };
 use windows_sys::Win32::Security::Authentication::Identity::{
     AcquireCredentialsHandleW, CompleteAuthToken, DeleteSecurityContext, FreeContextBuffer,
-    FreeCredentialsHandle, InitializeSecurityContextW, SecBuffer, SecBufferDesc,
-    ISC_REQ_ALLOCATE_MEMORY, SECBUFFER_TOKEN, SECBUFFER_VERSION, SECPKG_CRED_OUTBOUND,
+    FreeCredentialsHandle, InitializeSecurityContextW, QuerySecurityPackageInfoW, SecBuffer,
+    SecBufferDesc, SecPkgInfoW, SECBUFFER_TOKEN, SECBUFFER_VERSION, SECPKG_CRED_OUTBOUND,
     SECURITY_NATIVE_DREP,
 };
 use windows_sys::Win32::Security::Credentials::SecHandle;
@@ -53,10 +58,36 @@ pub(super) struct Context {
     target: Vec<u16>,
     cred: SecHandle,
     ctx: Option<SecHandle>,
+    /// The largest token the package makes (`cbMaxToken`): the output buffer's size.
+    max_token: usize,
+}
+
+/// The largest token `package` makes, from `QuerySecurityPackageInfoW`.
+fn max_token(package: Package, service: &str) -> Result<usize, NegotiateError> {
+    let name = wide(package.sspi_name());
+    let mut info: *mut SecPkgInfoW = ptr::null_mut();
+    // SAFETY: `name` is NUL-terminated UTF-16 alive for the call; on success `info` points to a
+    // SecPkgInfoW that SSPI allocated, read once and freed with FreeContextBuffer.
+    let status = unsafe { QuerySecurityPackageInfoW(name.as_ptr(), &mut info) };
+    if status != SEC_E_OK || info.is_null() {
+        return Err(sspi_error(
+            "QuerySecurityPackageInfoW",
+            package,
+            service,
+            status,
+        ));
+    }
+    // SAFETY: see above.
+    let n = unsafe { (*info).cbMaxToken };
+    // SAFETY: allocated by SSPI for us, freed once.
+    unsafe { FreeContextBuffer(info.cast()) };
+    // Windows' Kerberos says 48000 (MaxTokenSize; up to 65535); never below a page.
+    Ok((n as usize).clamp(4096, 1 << 20))
 }
 
 impl Context {
     pub(super) fn new(service: &str, package: Package) -> Result<Context, NegotiateError> {
+        let max_token = max_token(package, service)?;
         let cred = acquire(package, service)?;
         // SSPI names services `HTTP/host`; `service` arrives as `HTTP@host`.
         let target = wide(&service.replacen('@', "/", 1));
@@ -66,6 +97,7 @@ impl Context {
             target,
             cred,
             ctx: None,
+            max_token,
         })
     }
 
@@ -84,10 +116,11 @@ impl Context {
             cBuffers: 1,
             pBuffers: &mut in_buf,
         };
+        let mut out = vec![0u8; self.max_token];
         let mut out_buf = SecBuffer {
-            cbBuffer: 0,
+            cbBuffer: out.len() as u32,
             BufferType: SECBUFFER_TOKEN,
-            pvBuffer: ptr::null_mut(),
+            pvBuffer: out.as_mut_ptr().cast(),
         };
         let mut out_desc = SecBufferDesc {
             ulVersion: SECBUFFER_VERSION,
@@ -102,8 +135,8 @@ impl Context {
         let mut expiry = 0i64;
         // SAFETY: `self.cred` is a live credentials handle; the context handle is null on the
         // first call and our live context afterwards; `self.target` is NUL-terminated UTF-16;
-        // the input token is only read; ISC_REQ_ALLOCATE_MEMORY makes SSPI allocate the output
-        // buffer, freed below with FreeContextBuffer. All pointers are to live locals.
+        // the input token is only read; the output buffer is `out`, `cbBuffer` bytes long, and
+        // SSPI writes the token's length back into `cbBuffer`. All pointers are to live locals.
         let status = unsafe {
             InitializeSecurityContextW(
                 &self.cred,
@@ -111,7 +144,7 @@ impl Context {
                     .as_ref()
                     .map_or(ptr::null(), |c| c as *const SecHandle),
                 self.target.as_ptr(),
-                ISC_REQ_ALLOCATE_MEMORY,
+                0,
                 0,
                 SECURITY_NATIVE_DREP,
                 if input.is_some() {
@@ -139,19 +172,8 @@ impl Context {
             // produced for it.
             complete_status = unsafe { CompleteAuthToken(&new_ctx, &out_desc) };
         }
-        let token = if out_buf.pvBuffer.is_null() {
-            Vec::new()
-        } else {
-            // SAFETY: SSPI allocated `cbBuffer` bytes at `pvBuffer` (ISC_REQ_ALLOCATE_MEMORY);
-            // they are copied, then freed exactly once.
-            let t = unsafe {
-                std::slice::from_raw_parts(out_buf.pvBuffer as *const u8, out_buf.cbBuffer as usize)
-            }
-            .to_vec();
-            // SAFETY: see above; the buffer came from SSPI.
-            unsafe { FreeContextBuffer(out_buf.pvBuffer) };
-            t
-        };
+        out.truncate((out_buf.cbBuffer as usize).min(out.len()));
+        let token = out;
         if !ok {
             return Err(self.err("InitializeSecurityContextW", status));
         }
