@@ -23,14 +23,29 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
         if net.is_empty() { "(unknown)" } else { &net }
     );
     let way = &config.way;
+    // With a v2 token, the authenticated handshake says whether the certificate seen is the
+    // gateway's own: remember what each winning connection found.
+    let resigned = std::sync::Mutex::new(Vec::<String>::new());
     let (discovery, attempts) = way
         .diagnose(
             &config.gateway,
             config.tls.as_ref(),
             config.connect_timeout,
-            |io| start_ws(config, io),
+            |io| async {
+                let r = start_ws(config, io).await;
+                if let Ok((_, carried, cert)) = &r {
+                    if carried.contains("re-signed on the way") {
+                        resigned
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(cert.clone());
+                    }
+                }
+                r
+            },
         )
         .await;
+    let resigned = resigned.into_inner().unwrap_or_else(|e| e.into_inner());
     if !discovery.notes.is_empty() {
         let _ = writeln!(out, "\nwhat was looked at:");
         for n in &discovery.notes {
@@ -59,7 +74,11 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
                     continue;
                 }
                 seen_certs.push((a.candidate.proxy.to_string(), how.clone()));
-                intercepted_note(config, how, &mut out);
+                if resigned.contains(how) {
+                    resigned_note(config, how, &mut out);
+                } else {
+                    intercepted_note(config, how, &mut out);
+                }
             }
             Err(why) => {
                 let _ = writeln!(
@@ -106,6 +125,26 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
         }
     }
     (out, winner.is_some() || fallback.is_some())
+}
+
+/// Protocol v2: the gateway's authenticated offer did not list the certificate key seen, so
+/// someone on the way re-signs the TLS. Who, and the request for the proxy's admins.
+fn resigned_note(config: &AgentConfig, seen: &str, out: &mut String) {
+    let issuer = seen
+        .split("; ")
+        .next()
+        .and_then(|leaf| leaf.rsplit_once(" issued by "))
+        .map(|(_, i)| i)
+        .unwrap_or("an unknown issuer");
+    let _ = writeln!(
+        out,
+        "     TLS on this path is intercepted: the certificate was re-signed by {issuer} (the gateway's handshake lists other keys as its own); the session stays sealed by protocol v2, so the proxy reads neither token nor traffic"
+    );
+    let _ = writeln!(
+        out,
+        "     for the proxy's admins: please exempt {} from TLS inspection. Sallyport authenticates the gateway itself and encrypts end to end; re-signing its certificate cannot let the proxy inspect the traffic, it only costs a second layer of encryption.",
+        config.gateway.host
+    );
 }
 
 /// When the certificate seen (`TLS, certificate <subject> issued by <issuer>; …`) was not
@@ -167,7 +206,9 @@ async fn fallback_note(
                 .and_then(|leaf| leaf.rsplit_once(" issued by "))
                 .map(|(_, i)| i.to_string())
                 .unwrap_or_else(|| "unknown".into());
-            let inner = if conn.carried.contains("inner") {
+            let inner = if conn.carried.contains("v2 sealed") {
+                "sealed by protocol v2 (the proxy reads nothing)"
+            } else if conn.carried.contains("inner") {
                 "inside the pinned inner channel"
             } else {
                 "WITHOUT the inner channel, over TLS proven the gateway's own"
@@ -177,6 +218,9 @@ async fn fallback_note(
                 "     {} inspects TLS (issuer: {issuer}) and strips WebSocket upgrades; using HTTP streaming {inner} ({})",
                 c.proxy, conn.carried
             );
+            if conn.carried.contains("re-signed on the way") {
+                resigned_note(config, &conn.cert, out);
+            }
             fallback.get_or_insert(c.clone());
         }
         Err(e) => {

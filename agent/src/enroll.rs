@@ -79,6 +79,9 @@ pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, Enrol
     args.config = None;
     // Probe the way out like `run`, but with nothing from an earlier enrollment.
     let mut cfg = config::agent_config_with(args.clone(), Some(token.clone()), false)?;
+    if let Some(v2) = cfg.v2.clone() {
+        return enroll_v2(&cfg, &args, &token, &v2).await;
+    }
     // First the gateway's keys, before the token goes anywhere: with the inner key, the token
     // travels only inside the inner channel, even through a TLS-inspecting proxy.
     let keys = cfg
@@ -193,6 +196,73 @@ pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, Enrol
             "gateway inner key pinned: {k} (compare it with `sallyport-gateway inner-key`)"
         ));
     }
+    out.push(format!("session carried by {}", connected.carried));
+    if let Some(p) = &args.proxy {
+        toml.push_str(&format!("proxy = {}\n", toml_str(p)));
+    }
+    if let Some(p) = &args.pac {
+        toml.push_str(&format!("pac = {}\n", toml_str(p)));
+    }
+    let conf = dir.join("agent.toml");
+    write_private(&conf, &toml)?;
+    out.push(format!("config written to {}", conf.display()));
+    out.push(
+        "next: `sallyport service install` to run it at every login, or `sallyport run`".into(),
+    );
+    Ok(out)
+}
+
+/// Enrollment with a protocol v2 token: the token itself names the gateway's key, so there is
+/// nothing to fetch and nothing to pin (no trust on first use); the check is one real session,
+/// then the token is stored.
+async fn enroll_v2(
+    cfg: &config::AgentConfig,
+    args: &AgentArgs,
+    token: &Secret,
+    v2: &tunnel::token::Token,
+) -> Result<Vec<String>, EnrollError> {
+    let connected = match connect_with(cfg, cfg.transport).await {
+        Ok(ok) => ok,
+        Err(e) if e.token_status() == Some(401) => return Err(EnrollError::Refused(e.to_string())),
+        Err(e) => return Err(EnrollError::Unreachable(e.to_string())),
+    };
+    let dmz = connected.session.peer().instance_id.clone();
+    connected
+        .session
+        .close(ErrorCode::Shutdown, "enrollment check done");
+    let dir = config_dir()?;
+    create_private_dir(&dir)?;
+    let mut out = vec![format!(
+        "token {} accepted by the gateway {} (instance {dmz}), reached via {}",
+        v2.claims().id,
+        cfg.gateway,
+        connected.way
+    )];
+    let mut toml = format!(
+        "{MARKER}\ngateway = {}\n",
+        toml_str(&cfg.gateway.to_string())
+    );
+    let _ = keychain_delete(&cfg.gateway.to_string());
+    let token_path = dir.join("agent.token");
+    if keychain_store(&cfg.gateway.to_string(), token.expose()) {
+        let _ = std::fs::remove_file(&token_path);
+        toml.push_str("token_keychain = true\n");
+        out.push(format!(
+            "token stored in the OS keychain (service {KEYCHAIN_SERVICE}, account {})",
+            cfg.gateway
+        ));
+    } else {
+        write_private(&token_path, &format!("{}\n", token.expose()))?;
+        toml.push_str("token_file = \"agent.token\"\n");
+        out.push(format!(
+            "token stored in {} (mode 0600): no OS keychain is reachable here",
+            token_path.display()
+        ));
+    }
+    out.push(format!(
+        "the gateway is authenticated by the key in the token ({}): nothing to pin, any TLS certificate on the way is only transport",
+        tunnel::inner::PublicKey(v2.claims().gateway_keys[0])
+    ));
     out.push(format!("session carried by {}", connected.carried));
     if let Some(p) = &args.proxy {
         toml.push_str(&format!("proxy = {}\n", toml_str(p)));

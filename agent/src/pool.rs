@@ -212,7 +212,7 @@ pub async fn start_ws(
         // Protocol v2: whatever the certificate, the handshake inside authenticates the gateway
         // by the key in the token; nothing secret is sent.
         let url = config.gateway.endpoint("agent");
-        let (t, sealed) = uplink::v2::over_websocket(
+        let (t, done) = uplink::v2::over_websocket(
             io,
             &url,
             token,
@@ -220,12 +220,9 @@ pub async fn start_ws(
             config.connect_timeout,
         )
         .await?;
-        let carried = if sealed {
-            "websocket, v2 sealed"
-        } else {
-            "websocket, v2 over the gateway's own TLS"
-        };
-        return Ok((start(config, t).await?, carried.into(), cert));
+        note_tls(&done, &cert);
+        let carried = format!("websocket, {}", done.describe());
+        return Ok((start(config, t).await?, carried, cert));
     }
     let key = match carry(config, &io)? {
         Carry::Inner(key) => Some(key),
@@ -401,29 +398,41 @@ async fn start_http_v2(
         mode: config.http_mode,
         timeout: config.connect_timeout,
     };
-    let carried = match opts.mode {
-        Some(tunnel::http::DownMode::Poll) => "http long-poll, v2 sealed",
-        _ => "http, v2 sealed",
+    let mode = match opts.mode {
+        Some(tunnel::http::DownMode::Poll) => "http long-poll",
+        _ => "http",
     };
+    let seen = io.tls_key();
     let (init, key_index, msg1) = uplink::v2::http_hello(token, &mac)?;
     let created =
         tunnel::http::client::connect_query(dial, Some(Box::new(io)), opts, msg1, "v=2").await?;
-    let (t, _) = uplink::v2::over_http(
+    let (t, done) = uplink::v2::over_http(
         created.transport,
         init,
         key_index,
         &created.reply,
         token,
+        seen,
         config.connect_timeout,
     )
     .await?;
+    note_tls(&done, &cert);
     Ok(Connected {
         session: start(config, t).await?,
         way: way.clone(),
-        carried: carried.into(),
+        carried: format!("{mode}, {}", done.describe()),
         cert,
         http: true,
     })
+}
+
+/// Says once per process that the TLS on the way is re-signed (v2 carries on sealed), naming
+/// the certificate seen.
+fn note_tls(done: &uplink::v2::Done, cert: &str) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if done.tls_listed == Some(false) && !SAID.swap(true, Ordering::Relaxed) {
+        warn!(seen = %cert, "the TLS certificate on the way to the gateway is not the gateway's own (a TLS-inspecting proxy re-signs it); the session stays sealed, so the proxy reads nothing (`sallyport doctor` names who re-signed it)");
+    }
 }
 
 pub struct Pool {

@@ -721,21 +721,34 @@ pub fn append_token(path: &Path, entry: &TokenEntry) -> Result<(), AuthError> {
 /// Returns the key and whether it was created.
 pub fn load_or_create_issuer(path: &Path) -> Result<(tunnel::token::Issuer, bool), String> {
     use tunnel::token::Issuer;
-    match std::fs::read_to_string(path) {
+    let (key, created) = match std::fs::read_to_string(path) {
         Ok(text) => Issuer::from_file_text(&text)
             .map(|k| (k, false))
-            .map_err(|e| format!("issuer key file {}: {e}", path.display())),
+            .map_err(|e| format!("issuer key file {}: {e}", path.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = Issuer::generate();
             crate::dmz::inner::write_private(path, &key.to_file_text())
                 .map_err(|e| format!("cannot create issuer key file {}: {e}", path.display()))?;
-            Ok((key, true))
+            (key, true)
         }
-        Err(e) => Err(format!(
-            "cannot read issuer key file {}: {e}",
-            path.display()
-        )),
+        Err(e) => {
+            return Err(format!(
+                "cannot read issuer key file {}: {e}",
+                path.display()
+            ))
+        }
+    };
+    // The public half beside it: all a gateway needs (this file, or `v2.issuer_keys`).
+    let public = path.with_extension("pub");
+    if created || !public.exists() {
+        let text = format!(
+            "# sallyport token issuer, public key: gateways accept the tokens it signs\n{}\n",
+            key.public()
+        );
+        std::fs::write(&public, text)
+            .map_err(|e| format!("cannot write {}: {e}", public.display()))?;
     }
+    Ok((key, created))
 }
 
 /// What a version 2 token is minted with.

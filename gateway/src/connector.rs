@@ -167,7 +167,7 @@ async fn start_session(
     cfg.initiator = true;
     cfg.instance_id = config.instance_id.clone();
     if let Some(token) = &config.v2 {
-        let (t, sealed) = uplink::v2::over_websocket(
+        let (t, done) = uplink::v2::over_websocket(
             io,
             url,
             token,
@@ -175,7 +175,7 @@ async fn start_session(
             config.connect_timeout,
         )
         .await?;
-        debug!(sealed, "v2 handshake done");
+        info!(carried = %done.describe(), "v2 handshake done");
         return Ok(Session::start(t, cfg).await?);
     }
     let transport = tunnel::ws::client(

@@ -424,6 +424,21 @@ impl Pki {
         }
         Ok(out)
     }
+
+    /// Makes `{id}.token` hold a protocol v1 bearer token (id `{id}-v1`, name `alice`, group
+    /// `dev`) instead of the v2 one: for the tests of v1's own protections (bearer, inner
+    /// channel, pins), which a gateway keeps serving until its cut-off.
+    pub fn use_v1_token(&self, kind: &str, id: &str) -> Result<PathBuf> {
+        let v1 = format!("{id}-v1");
+        let mut extra = vec!["--v1", "--name", "alice", "--groups", "dev"];
+        if kind == "connector" {
+            extra = vec!["--v1", "--route", "*.internal:*"];
+        }
+        let made = self.token(kind, &v1, &extra)?;
+        let path = self.p(&format!("{id}.token"));
+        std::fs::copy(&made, &path)?;
+        Ok(path)
+    }
 }
 
 /// The Linux side of a [`System`]: the DMZ gateway (trial CA, an agent token `alice-laptop`

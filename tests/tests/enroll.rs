@@ -41,6 +41,9 @@ fn enroll_checks_the_token_pins_the_key_and_logout_removes_it() {
         &[],
     )
     .unwrap();
+    // A v1 token: fetching `/key` and pinning are v1's enrollment (v2's is below).
+    sys.pki.use_v1_token("agent", "alice-laptop").unwrap();
+    std::thread::sleep(Duration::from_millis(2500)); // the DMZ reloads its token file
     let home = TempDir::new("enroll-home");
     let conf_dir = home.path().join(".config/sallyport");
     let token = std::fs::read_to_string(sys.pki.p("alice-laptop.token")).unwrap();
@@ -192,5 +195,80 @@ fn enroll_checks_the_token_pins_the_key_and_logout_removes_it() {
         file_names(&conf_dir).is_empty(),
         "{:?}",
         file_names(&conf_dir)
+    );
+}
+
+/// Enrollment with a v2 token needs no `--ca` and pins nothing: the token names the gateway's
+/// key, so nothing is fetched or trusted on first use. A token for another gateway changes
+/// nothing on disk.
+#[test]
+fn enroll_with_a_v2_token_needs_no_ca_and_pins_nothing() {
+    let svc = http_service().unwrap();
+    let sys = System::start(
+        "enroll-v2",
+        &allow_backend(svc.port()),
+        &["backend.internal=127.0.0.1"],
+        &[],
+    )
+    .unwrap();
+    let home = TempDir::new("enroll-v2-home");
+    let conf_dir = home.path().join(".config/sallyport");
+    let token = std::fs::read_to_string(sys.pki.p("alice-laptop.token")).unwrap();
+    assert!(token.starts_with("sp2_"), "{token}");
+    let gw = sys.gw_url.clone();
+
+    // A token minted for another gateway (another issuer, another gateway key).
+    let other = TempDir::new("enroll-v2-other");
+    let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
+        .args([
+            "token",
+            "new",
+            "--kind",
+            "agent",
+            "--id",
+            "alice-laptop",
+            "--tokens",
+        ])
+        .arg(other.path().join("agents.toml"))
+        .arg("--out")
+        .arg(other.path().join("t")))
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let foreign = std::fs::read_to_string(other.path().join("t")).unwrap();
+    let (code, out, err) = sallyport(&home, &["enroll", &gw, "--proxy", "direct"], &foreign);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("Nothing was written"), "{err}");
+    assert!(err.contains("is the token for this gateway?"), "{err}");
+    assert!(file_names(&conf_dir).is_empty());
+
+    let (code, out, err) = sallyport(&home, &["enroll", &gw, "--proxy", "direct"], &token);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("nothing to pin"), "{out}");
+    assert!(out.contains("v2 over the gateway's own TLS"), "{out}");
+    let conf = std::fs::read_to_string(conf_dir.join("agent.toml")).unwrap();
+    assert!(!conf.contains("gateway_key"), "{conf}");
+    assert!(!conf.contains("gateway_inner_key"), "{conf}");
+    assert!(!out.contains(token.trim()), "the token was printed");
+    let agent = Proc::spawn(
+        "enrolled-v2-agent",
+        Command::new(bin("sallyport"))
+            .args(["run", "--socks", "127.0.0.1:0", "--http", "off"])
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", home.path().join(".config")),
+    )
+    .unwrap();
+    let socks = agent.addr(&["listening", "socks5"]).unwrap();
+    agent
+        .wait_for(&["connected to the gateway"], Duration::from_secs(15))
+        .unwrap();
+    let (code, body, err) = run(Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--socks5-hostname"])
+        .arg(socks.to_string())
+        .arg(format!("http://backend.internal:{}/", svc.port())))
+    .unwrap();
+    assert_eq!(
+        (code, body.as_str()),
+        (0, "hello from backend.internal\n"),
+        "{err}"
     );
 }

@@ -131,6 +131,8 @@ fn forced_http_transport_carries_bulk_and_interactive_traffic() {
 fn the_inner_channel_carries_websocket_and_http_sessions() {
     // Same gateway, the key learnt from the admin's command.
     let (port, echo, sys) = system("inner", &[]);
+    // The v1 inner channel, for v1 tokens (v2 sessions are sealed by their own handshake).
+    sys.pki.use_v1_token("agent", "alice-laptop").unwrap();
     let key = inner_key(&sys);
     for transport in ["websocket", "http"] {
         let agent = sys
@@ -182,6 +184,7 @@ fn the_inner_channel_carries_websocket_and_http_sessions() {
 #[test]
 fn a_wrong_pinned_inner_key_fails_showing_both_keys() {
     let (_, _, sys) = system("inner-wrong", &[]);
+    sys.pki.use_v1_token("agent", "alice-laptop").unwrap();
     let right = inner_key(&sys);
     // Any other valid key.
     let wrong = "x25519/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";

@@ -13,6 +13,8 @@
 
 #[path = "hostile/agent.rs"]
 mod agent;
+#[path = "hostile/v2.rs"]
+mod v2;
 
 use sallyport_e2e::*;
 use std::io::{Read, Write};
@@ -34,13 +36,17 @@ struct Gw {
 
 fn gateway(tag: &str, limits: &str, tls: bool) -> Gw {
     let pki = Pki::new(tag).unwrap();
+    // Protocol v1 bearer tokens: these attacks target v1's paths (bearer, inner channel),
+    // which a gateway serves until its cut-off; v2's are in `hostile/v2.rs`.
     pki.token(
         "agent",
         "alice-laptop",
-        &["--name", "alice", "--groups", "dev"],
+        &["--v1", "--name", "alice", "--groups", "dev"],
     )
     .unwrap();
     pki.token("connector", "site-a", &["--route", "*.internal:*"])
+        .unwrap();
+    pki.token("agent", "bob-laptop", &["--name", "bob"])
         .unwrap();
     std::fs::write(pki.p("dmz.toml"), format!("[limits]\n{limits}\n")).unwrap();
     let mut cmd = Command::new(bin("sallyport-gateway"));
@@ -88,6 +94,15 @@ impl Gw {
             .to_string()
     }
 
+    /// Bob's protocol v2 token.
+    fn v2_token(&self) -> tunnel::token::Token {
+        std::fs::read_to_string(self.pki.p("bob-laptop.token"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     /// A connector serving `backend.internal` on loopback with these `--allow` rules.
     fn connector(&self, allow: &[String], extra: &[&str]) -> Proc {
         let mut cmd = Command::new(bin("sallyport-gateway"));
@@ -106,6 +121,22 @@ impl Gw {
             .wait_for(&["connector routes"], Duration::from_secs(15))
             .unwrap();
         c
+    }
+
+    /// The real agent with the token in `file` (e.g. Bob's v2 token), no `--ca`.
+    fn agent_with_token(&self, name: &str, file: &str) -> (Proc, SocketAddr) {
+        let mut cmd = Command::new(bin("sallyport"));
+        cmd.args(["run", "--gateway", &self.url(), "--socks", "127.0.0.1:0"])
+            .args(["--http", "off", "--token-file"])
+            .arg(self.pki.p(file))
+            .env("HOME", self.pki.dir.path())
+            .env("XDG_CONFIG_HOME", self.pki.dir.path().join(".config"));
+        for k in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+            cmd.env_remove(k);
+        }
+        let a = Proc::spawn(name, &mut cmd).unwrap();
+        let socks = a.addr(&["listening", "socks5"]).unwrap();
+        (a, socks)
     }
 
     /// The real agent, on 127.0.0.1.

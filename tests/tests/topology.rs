@@ -519,8 +519,9 @@ fn four_sites_only_443_leaves_and_nothing_listens_inside() {
     assert!(attempts < 30, "{attempts} reconnect failures:\n{log}");
 }
 
-/// A TLS-inspecting corporate proxy (squid `ssl_bump`, re-signing with a corporate CA), the
-/// agent deployed as the README shows (`--ca` with the gateway's CA, no inner key):
+/// A TLS-inspecting corporate proxy (squid `ssl_bump`, re-signing with a corporate CA), an
+/// agent with a **v1** bearer token deployed as the README showed before v2 (`--ca` with the
+/// gateway's CA, no inner key):
 /// - with the corporate CA in the desktop's trust store and upgrades allowed, the agent knows the
 ///   certificate is not issued by `--ca` and **does not send its token** (the measured leak:
 ///   it used to, and squid's header log showed it); it says why, naming the issuer, and
@@ -532,6 +533,8 @@ fn four_sites_only_443_leaves_and_nothing_listens_inside() {
 #[test]
 fn through_a_tls_inspecting_proxy_the_token_is_never_sent() {
     let mut s = start("bump");
+    // A v1 bearer token: the leak this pins down is v1's (a v2 token is never sent at all).
+    s.pki.use_v1_token("agent", "alice-laptop").unwrap();
     let (_ca, cert, key) = corp_ca_for_squid();
     let mut opts = s.squid_opts.clone();
     opts.extra.push_str("log_mime_hdrs on\n");
@@ -732,40 +735,33 @@ fn behind_nginx_and_haproxy_in_the_dmz() {
     }
 }
 
-/// The inner channel and the HTTP fallback through a TLS-inspecting squid in its **default**
-/// configuration (`ssl_bump`, WebSocket upgrades stripped), the desktop trusting the corporate
-/// CA, and the gateway plain behind nginx in the DMZ, where a capture of nginx → gateway shows
-/// exactly what squid forwarded, decrypted:
-/// - the agent falls back to HTTP inside the inner channel, says so, and carries 20 MiB each
-///   way intact and an interactive session;
-/// - neither squid's access log nor the capture holds the token or any payload bytes (while
-///   the capture does show the HTTP requests in clear: the check would see them);
-/// - once upgrades are allowed, the running agent moves to WebSocket by itself (background
-///   retry), still inside the inner channel, and a fresh agent takes WebSocket at once.
+/// Protocol v2 through a TLS-inspecting squid (`ssl_bump`, re-signing with a corporate CA), in
+/// the four ways a desktop meets one: upgrades stripped (squid's default) or allowed, each with
+/// the desktop trusting the corporate CA or not. The agent runs as the README deploys it: the
+/// token and nothing else (no `--ca`, no key, no pin). The gateway runs plain behind nginx in
+/// the DMZ, where a capture of nginx → gateway shows exactly what squid forwarded, decrypted.
+/// In every case:
+/// - the session comes up sealed (HTTP fallback when upgrades are stripped, WebSocket when
+///   not), and 20 MiB go each way, hash-checked; an interactive session echoes at once;
+/// - the capture holds no token, no key derived from it, no user id and no payload bytes (while
+///   it does show the forwarded requests in clear: the check would see them), and squid's log
+///   holds no token.
 #[test]
-fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything() {
+fn through_a_tls_inspecting_proxy_v2_is_sealed_in_all_four_cases_and_leaks_nothing() {
     require_tool("tcpdump");
-    let mut s = start_with("bump-inner", Some(LbKind::Nginx));
+    let mut s = start_with("bump-v2", Some(LbKind::Nginx));
     let (_ca, cert, key) = corp_ca_for_squid();
-    let bump =
-        |websocket: bool| bump_squid(&s.squid_opts, "topo-bump-inner", &cert, &key, websocket);
+    let bump = |websocket: bool| bump_squid(&s.squid_opts, "topo-bump-v2", &cert, &key, websocket);
     s.agent.kill();
     s.squid.kill();
-    s.squid = bump(false);
-    // The admin's view of the inner key (the DMZ created it beside the token file).
-    let (code, out, err) = run(std::process::Command::new(gateway_bin())
-        .args(["inner-key", "--agent-tokens"])
-        .arg(s.pki.p("agents.toml")))
-    .unwrap();
-    assert_eq!(code, 0, "{err}");
-    let inner_key = out.trim().to_string();
-    let token = std::fs::read_to_string(s.pki.p("alice-laptop.token"))
+    let token_text = std::fs::read_to_string(s.pki.p("alice-laptop.token"))
         .unwrap()
         .trim()
         .to_string();
+    let token: tunnel::token::Token = token_text.parse().unwrap();
 
     // Everything nginx forwards to the gateway, in clear.
-    let cap_dir = TempDir::new("bump-capture");
+    let cap_dir = TempDir::new("bump-v2-capture");
     let pcap = cap_dir.path().join("dmz.pcap");
     let mut tcpdump = Proc::spawn(
         "tcpdump",
@@ -781,13 +777,17 @@ fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything()
         .unwrap();
 
     let p = |f: &str| s.pki.p(f).display().to_string();
-    // Pings every second (nginx cuts idle connections after 3 s); WebSocket retried every 2 s.
-    std::fs::write(
-        s.pki.p("bumped.toml"),
-        "[tunnel]\nping_interval = \"1s\"\nwebsocket_retry = \"2s\"\n",
-    )
-    .unwrap();
-    let agent_cmd = |name: &str| {
+    // Pings every second (nginx cuts idle connections after 3 s).
+    std::fs::write(s.pki.p("bumped.toml"), "[tunnel]\nping_interval = \"1s\"\n").unwrap();
+    const N: u64 = 20 * 1024 * 1024;
+    for (websocket, trusted) in [(false, true), (false, false), (true, true), (true, false)] {
+        s.squid.kill();
+        s.squid = bump(websocket);
+        let name = format!(
+            "agent-{}-{}",
+            if websocket { "ws" } else { "stripped" },
+            if trusted { "trusting" } else { "untrusting" }
+        );
         let mut c = s.topo.cmd(Site::Desktop, bin("sallyport"));
         c.args([
             "run",
@@ -801,111 +801,112 @@ fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything()
             "127.0.0.1:0",
             "--token-file",
             &p("alice-laptop.token"),
-            "--ca",
-            &p("ca.crt"),
-            "--gateway-inner-key",
-            &inner_key,
             "-c",
             &p("bumped.toml"),
         ])
-        .env("HOME", s.pki.dir.path())
-        // The desktop's trust store, as IT would have installed the corporate CA.
-        .env("SSL_CERT_FILE", &cert);
-        Proc::spawn(name, &mut c).unwrap()
-    };
-    let agent = agent_cmd("agent-bumped");
-    let socks = agent.addr(&["listening", "socks5"]).unwrap();
-    let http = agent.addr(&["listening", "http"]).unwrap();
-    let line = agent
-        .wait_for(&["connected to the gateway"], Duration::from_secs(30))
-        .unwrap();
-    assert!(line.contains("http, inner channel"), "{line}");
-    agent
-        .wait_for(
-            &["strips it", "using the HTTP transport"],
-            Duration::from_secs(1),
-        )
-        .unwrap();
+        .env("HOME", s.pki.dir.path());
+        if trusted {
+            // The desktop's trust store, as IT would have installed the corporate CA.
+            c.env("SSL_CERT_FILE", &cert);
+        }
+        let agent = Proc::spawn(&name, &mut c).unwrap();
+        let socks = agent.addr(&["listening", "socks5"]).unwrap();
+        let http = agent.addr(&["listening", "http"]).unwrap();
+        let line = agent
+            .wait_for(&["connected to the gateway"], Duration::from_secs(30))
+            .unwrap();
+        let want = if websocket {
+            "websocket, v2 sealed"
+        } else {
+            "http, v2 sealed"
+        };
+        assert!(line.contains(want), "{name}: {line}");
 
-    // 20 MiB down, 20 MiB up, checked by hash.
-    const N: u64 = 20 * 1024 * 1024;
-    let down = cap_dir.path().join("down.bin");
-    let started = Instant::now();
-    let (code, _, err) = s.curl_via(
-        socks,
-        &format!("/bytes/{N}"),
-        &["-o", &down.display().to_string()],
-    );
-    assert_eq!(code, 0, "{err}\n{}", agent.log());
-    assert_eq!(sha256_file(&down).unwrap(), pattern_sha256(N));
-    let up = cap_dir.path().join("up.bin");
-    write_pattern_file(&up, N).unwrap();
-    let (code, out, err) = s
-        .topo
-        .run(
-            Site::Desktop,
-            "curl",
-            &[
-                "-sS",
-                "--max-time",
-                "120",
-                "-p",
-                "-x",
-                &format!("http://{http}"),
-                "--data-binary",
-                &format!("@{}", up.display()),
-                "-H",
-                "Expect:",
-                &format!("http://backend.internal:{}/sha256", s.web_port),
-            ],
-        )
-        .unwrap();
-    assert_eq!(code, 0, "{err}\n{}", agent.log());
-    assert_eq!(out, pattern_sha256(N));
-    eprintln!(
-        "through ssl_bump squid, HTTP transport + inner channel: 20 MiB each way in {:?}",
-        started.elapsed()
-    );
-    // Interactive: keystrokes echo at once.
-    let mut child = s
-        .topo
-        .cmd(Site::Desktop, bin("sallyport"))
-        .args([
-            "connect",
-            "shell.internal",
-            &s.echo_port.to_string(),
-            "--socks",
-            &socks.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut worst = Duration::ZERO;
-    for i in 0..10 {
-        let line = format!("keystroke {i}\n");
-        let t = Instant::now();
-        stdin.write_all(line.as_bytes()).unwrap();
-        stdin.flush().unwrap();
-        let mut back = String::new();
-        stdout.read_line(&mut back).unwrap();
-        assert_eq!(back, line);
-        worst = worst.max(t.elapsed());
-        std::thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        let down = cap_dir.path().join("down.bin");
+        let (code, _, err) = s.curl_via(
+            socks,
+            &format!("/bytes/{N}"),
+            &["-o", &down.display().to_string()],
+        );
+        assert_eq!(code, 0, "{name}: {err}\n{}", agent.log());
+        assert_eq!(sha256_file(&down).unwrap(), pattern_sha256(N), "{name}");
+        let up = cap_dir.path().join("up.bin");
+        write_pattern_file(&up, N).unwrap();
+        let (code, out, err) = s
+            .topo
+            .run(
+                Site::Desktop,
+                "curl",
+                &[
+                    "-sS",
+                    "--max-time",
+                    "120",
+                    "-p",
+                    "-x",
+                    &format!("http://{http}"),
+                    "--data-binary",
+                    &format!("@{}", up.display()),
+                    "-H",
+                    "Expect:",
+                    &format!("http://backend.internal:{}/sha256", s.web_port),
+                ],
+            )
+            .unwrap();
+        assert_eq!(code, 0, "{name}: {err}\n{}", agent.log());
+        assert_eq!(out, pattern_sha256(N), "{name}");
+        eprintln!(
+            "{name}: 20 MiB each way through ssl_bump squid, {want}, in {:?}",
+            started.elapsed()
+        );
+        if !websocket && trusted {
+            // Interactive: keystrokes echo at once.
+            let mut child = s
+                .topo
+                .cmd(Site::Desktop, bin("sallyport"))
+                .args([
+                    "connect",
+                    "shell.internal",
+                    &s.echo_port.to_string(),
+                    "--socks",
+                    &socks.to_string(),
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            let mut stdout = BufReader::new(child.stdout.take().unwrap());
+            let mut worst = Duration::ZERO;
+            for i in 0..10 {
+                let line = format!("keystroke {i}\n");
+                let t = Instant::now();
+                stdin.write_all(line.as_bytes()).unwrap();
+                stdin.flush().unwrap();
+                let mut back = String::new();
+                stdout.read_line(&mut back).unwrap();
+                assert_eq!(back, line);
+                worst = worst.max(t.elapsed());
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            drop(stdin);
+            let _ = child.wait();
+            eprintln!("slowest keystroke round trip: {worst:?}");
+            assert!(worst < Duration::from_secs(2), "{worst:?}");
+        }
+        assert!(
+            !agent.log().contains(&token_text),
+            "the agent logged its token"
+        );
+        drop(agent);
     }
-    drop(stdin);
-    let _ = child.wait();
-    eprintln!("slowest keystroke round trip: {worst:?}");
-    assert!(worst < Duration::from_secs(2), "{worst:?}");
     std::thread::sleep(Duration::from_millis(500));
     tcpdump.terminate(Duration::from_secs(5));
 
-    // What squid saw and forwarded: no token, no payload. Only the agent's connections count
-    // (all opened after the capture started, each with requests for /sallyport/agent…); the
-    // connector's session also passes nginx → gateway and carries the payload, as it must.
+    // What squid saw and forwarded. Only the agents' connections count (each with requests for
+    // /sallyport/agent…); the connector's session also passes nginx → gateway and carries the
+    // payload, as it must.
     let flows = tcp_flows(&std::fs::read(&pcap).unwrap(), 8080);
     let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
     let capture: Vec<u8> = flows
@@ -915,19 +916,24 @@ fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything()
         .copied()
         .collect();
     assert!(
-        contains(&capture, b"POST /sallyport/agent/http"),
-        "the capture does not show the forwarded requests: it would prove nothing ({} bytes)",
+        contains(&capture, b"POST /sallyport/agent/http?v=2"),
+        "the capture does not show the forwarded fallback requests: it would prove nothing ({} bytes)",
         capture.len()
     );
     assert!(
-        !contains(&capture, token.as_bytes()),
-        "token in the capture"
+        contains(&capture, b"GET /sallyport/agent"),
+        "the capture does not show the forwarded upgrades"
     );
-    let secret_part = token.rsplit('_').next().unwrap();
-    assert!(
-        !contains(&capture, secret_part.as_bytes()),
-        "token secret in the capture"
-    );
+    let secrets: [(&str, Vec<u8>); 5] = [
+        ("token", token_text.as_bytes().to_vec()),
+        ("part of the token", token_text.as_bytes()[4..40].to_vec()),
+        ("the agent's private key", token.private_key().to_vec()),
+        ("the agent's public key", token.claims().agent_key.to_vec()),
+        ("the token id", b"alice-laptop".to_vec()),
+    ];
+    for (what, needle) in &secrets {
+        assert!(!contains(&capture, needle), "{what} in the capture");
+    }
     let mut window = [0u8; 32];
     for i in 0..16u64 {
         let off = i * (N / 16) + 12_345;
@@ -938,55 +944,8 @@ fn through_a_stripping_tls_inspecting_proxy_the_inner_channel_hides_everything()
         );
     }
     let access = s.squid.access_log();
-    assert!(access.contains("agent/http"), "{access}");
-    assert!(!access.contains(secret_part), "token in squid's log");
-
-    // doctor explains it.
-    let (code, out, err) = run(s
-        .topo
-        .cmd(Site::Desktop, bin("sallyport"))
-        .args([
-            "doctor",
-            "--gateway",
-            &format!("wss://{GW_NAME}/sallyport/"),
-            "--proxy",
-            &format!("http://{}:3128", Site::Proxy.ip()),
-            "--token-file",
-            &p("alice-laptop.token"),
-            "--ca",
-            &p("ca.crt"),
-            "--gateway-inner-key",
-            &inner_key,
-        ])
-        .env("HOME", s.pki.dir.path())
-        .env("SSL_CERT_FILE", &cert))
-    .unwrap();
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(
-        out.contains("inspects TLS (issuer: CN=Corp Inspection CA, O=Corp) and strips WebSocket upgrades; using HTTP streaming inside the pinned inner channel"),
-        "{out}"
-    );
-
-    // Upgrades allowed now: the running agent's background retry moves it to WebSocket, still
-    // inside the inner channel.
-    s.squid.kill();
-    s.squid = bump(true);
-    let line = agent
-        .wait_for(&["WebSocket gets through again"], Duration::from_secs(30))
-        .unwrap();
-    assert!(line.contains("websocket, inner channel"), "{line}");
-    // A fresh agent takes WebSocket at once.
-    let fresh = agent_cmd("agent-bumped-ws");
-    let line = fresh
-        .wait_for(&["connected to the gateway"], Duration::from_secs(30))
-        .unwrap();
-    assert!(line.contains("websocket, inner channel"), "{line}");
-    let (code, out, err) = s.curl_via(socks, "/", &[]);
-    assert_eq!(
-        (code, out.as_str()),
-        (0, "hello from backend.internal\n"),
-        "{err}"
-    );
+    assert!(access.contains("CONNECT"), "{access}");
+    assert!(!access.contains(&token_text[4..40]), "token in squid's log");
 }
 
 /// The TCP payload of each connection to or from `port` in a pcap file (Ethernet, IPv4), keyed

@@ -445,14 +445,9 @@ fn enroll_keeps_the_token_in_credential_manager_and_logout_removes_it() {
     let conf = appdata_sallyport(wine);
     let out = wine
         .run_with_input(
-            wine.exe("sallyport.exe").args([
-                "enroll",
-                &gw.gw_url,
-                "--ca",
-                &Wine::path(&gw.pki.p("ca.crt")),
-                "--proxy",
-                "direct",
-            ]),
+            // A v2 token: no --ca, nothing to pin; the token names the gateway's key.
+            wine.exe("sallyport.exe")
+                .args(["enroll", &gw.gw_url, "--proxy", "direct"]),
             token.as_bytes(),
         )
         .unwrap();
@@ -461,12 +456,9 @@ fn enroll_keeps_the_token_in_credential_manager_and_logout_removes_it() {
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("nothing to pin"), "{stdout}{stderr}");
     assert!(!stdout.contains(token.trim()) && !stderr.contains(token.trim()));
-    assert_eq!(
-        file_names(&conf),
-        ["agent.toml", "ca.crt"],
-        "{stdout}{stderr}"
-    );
+    assert_eq!(file_names(&conf), ["agent.toml"], "{stdout}{stderr}");
     let toml = std::fs::read_to_string(conf.join("agent.toml")).unwrap();
     assert!(!toml.contains(token.trim()), "token in agent.toml");
     let creds = wine

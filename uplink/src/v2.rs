@@ -77,6 +77,39 @@ fn key_worked(token: &Token, i: usize) {
     })
 }
 
+/// How a v2 session came up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    /// Every frame is sealed (mode `Sealed`); `false`: mode `Outer`.
+    pub sealed: bool,
+    /// Whether the certificate key this side saw is one the gateway listed as legitimate (its
+    /// own, its load balancer's), from the authenticated offer: `Some(false)` means someone on
+    /// the way re-signed the TLS; `None` when the gateway listed none or there was no TLS.
+    pub tls_listed: Option<bool>,
+}
+
+impl Done {
+    /// Words for logs and `status`: `v2 sealed`, and what the TLS check found.
+    pub fn describe(&self) -> String {
+        let mode = if self.sealed {
+            "v2 sealed"
+        } else {
+            "v2 over the gateway's own TLS"
+        };
+        match self.tls_listed {
+            Some(false) => format!(
+                "{mode}; the TLS certificate seen is not the gateway's (re-signed on the way)"
+            ),
+            _ => mode.to_string(),
+        }
+    }
+}
+
+fn listed(offer: &Offer, seen: Option<[u8; 32]>) -> Option<bool> {
+    let seen = seen?;
+    (!offer.tls_keys.is_empty()).then(|| offer.tls_keys.contains(&seen))
+}
+
 /// What this side saw of the outer TLS: its exporter value and the certificate's key.
 pub fn binding(io: &GatewayStream) -> Binding {
     Binding {
@@ -127,7 +160,7 @@ pub async fn over_websocket(
             <tunnel::ws::WsTransport<GatewayStream> as Transport>::Tx,
             <tunnel::ws::WsTransport<GatewayStream> as Transport>::Rx,
         >,
-        bool,
+        Done,
     ),
     ConnectError,
 > {
@@ -155,9 +188,15 @@ pub async fn over_websocket(
         .map_err(|_| ConnectError::Inner("the gateway's v2 answer is not base64url".into()))?;
     let (init2, offer) = read2(token, init, i, &msg2)?;
     let (tx, rx) = ws.split();
-    let r = finish(tx, rx, init2, &offer, token, &b, timeout).await?;
+    let (t, sealed) = finish(tx, rx, init2, &offer, token, &b, timeout).await?;
     key_worked(token, i);
-    Ok(r)
+    Ok((
+        t,
+        Done {
+            sealed,
+            tls_listed: listed(&offer, b.seen),
+        },
+    ))
 }
 
 /// msg1 for the HTTP fallback (the create body), carrying the request key.
@@ -170,21 +209,29 @@ pub fn http_hello(
     Ok((init, i, msg1))
 }
 
-/// The HTTP fallback's session after the create answer (`msg2`): always sealed.
+/// The HTTP fallback's session after the create answer (`msg2`): always sealed. `seen`: the
+/// certificate key of the first connection (for [`Done::tls_listed`] only).
 pub async fn over_http<T: Transport>(
     transport: T,
     init: Initiator,
     key_index: usize,
     msg2: &[u8],
     token: &Token,
+    seen: Option<[u8; 32]>,
     timeout: Duration,
-) -> Result<(V2Transport<T::Tx, T::Rx>, bool), ConnectError> {
+) -> Result<(V2Transport<T::Tx, T::Rx>, Done), ConnectError> {
     let (init2, offer) = read2(token, init, key_index, msg2)?;
     let (tx, rx) = transport.split();
     // No binding: each request may ride another TLS connection, so outer mode is never asked.
-    let r = finish(tx, rx, init2, &offer, token, &Binding::default(), timeout).await?;
+    let (t, sealed) = finish(tx, rx, init2, &offer, token, &Binding::default(), timeout).await?;
     key_worked(token, key_index);
-    Ok(r)
+    Ok((
+        t,
+        Done {
+            sealed,
+            tls_listed: listed(&offer, seen),
+        },
+    ))
 }
 
 /// The HTTP fallback's create request was refused before msg2 (e.g. `403`, not this gateway's
