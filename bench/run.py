@@ -191,6 +191,8 @@ class Sallyport:
         t = self.tmp
         run([str(GW), "cert", "--name", "127.0.0.1", "--out", str(t)])
         run([str(GW), "token", "new", "--kind", "agent", "--id", "bench", "--tokens", str(t / "agents.toml"), "--out", str(t / "agent.token")])
+        # A protocol v1 bearer token too: the baseline of the v2 variants.
+        run([str(GW), "token", "new", "--v1", "--kind", "agent", "--id", "bench-v1", "--tokens", str(t / "agents.toml"), "--out", str(t / "agent-v1.token")])
         run([str(GW), "token", "new", "--kind", "connector", "--id", "site", "--route", "127.0.0.1/32:*", "--route", "*.internal:*",
              "--tokens", str(t / "connectors.toml"), "--out", str(t / "connector.token")])
         (t / "dmz.toml").write_text(f"""
@@ -229,13 +231,13 @@ handshakes_per_ip = 1000.0
     def inner_key(self):
         return run([str(GW), "inner-key", "-c", str(self.tmp / "dmz.toml")]).stdout.strip()
 
-    def variant(self, name, args, conf=""):
+    def variant(self, name, args, conf="", token="agent.token"):
         """One more agent on the same DMZ and connector, with its own forwards."""
         t = self.tmp
         cfg = t / f"{name}.toml"
         cfg.write_text(conf)
         fi, fe = free_port(), free_port()
-        a = Proc(f"agent-{name}", [str(AGENT), "run", "-c", str(cfg), "--gateway", self.url, "--token-file", str(t / "agent.token"),
+        a = Proc(f"agent-{name}", [str(AGENT), "run", "-c", str(cfg), "--gateway", self.url, "--token-file", str(t / token),
                                   "--ca", str(t / "ca.crt"), "--socks", "off", "--http", "off",
                                   "--forward", f"127.0.0.1:{fi}=127.0.0.1:{self.iperf_port}",
                                   "--forward", f"127.0.0.1:{fe}=127.0.0.1:{self.echo_port}",
@@ -438,6 +440,8 @@ def main():
     ap.add_argument("--streams", type=int, default=10000)
     ap.add_argument("--idle-seconds", type=int, default=60)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.md"))
+    ap.add_argument("--start-n", dest="start_n", type=int, default=15,
+                    help="session starts timed per protocol version (v1 bearer, v2)")
     ap.add_argument("--variants", action="store_true",
                     help="also the inner channel and the HTTP fallback transport (one agent each)")
     a = ap.parse_args()
@@ -469,14 +473,17 @@ def main():
     if a.variants:
         key = sp.inner_key()
         inner = ["--gateway-inner-key", key]
-        for name, args, conf in [
-            ("ws + inner", inner, ""),
-            ("http stream + inner", inner + ["--transport", "http"], ""),
-            ("http poll + inner", inner + ["--transport", "http"], "[tunnel]\nhttp_mode = \"poll\"\n"),
-            ("http stream, no inner", ["--transport", "http"], ""),
+        v1 = "agent-v1.token"
+        for name, args, conf, token in [
+            ("v1 ws (bearer)", [], "", v1),
+            ("v2 ws sealed", [], "[tunnel]\ninner = \"always\"\n", "agent.token"),
+            ("v2 http stream sealed", ["--transport", "http"], "", "agent.token"),
+            ("v2 http poll sealed", ["--transport", "http"], "[tunnel]\nhttp_mode = \"poll\"\n", "agent.token"),
+            ("v1 ws + inner", inner, "", v1),
+            ("v1 http stream, no inner", ["--transport", "http"], "", v1),
         ]:
-            slug = re.sub(r"[^a-z]+", "-", name)
-            agent, fi, fe = sp.variant(slug, args, conf)
+            slug = re.sub(r"[^a-z0-9]+", "-", name)
+            agent, fi, fe = sp.variant(slug, args, conf, token)
             variants[name] = (agent, fi, fe)
             chains[f"sallyport {name}"] = fi
             procs[f"sallyport {name}"] = [agent, sp.dmz, sp.connector]
@@ -519,6 +526,19 @@ def main():
     nginx_echo.stop()
     lat = {k: (med([x[0] for x in v]), med([x[1] for x in v])) for k, v in lat.items() if v}
 
+    # Session start, v1 bearer against v2: `sallyport doctor` times TCP + TLS + upgrade (+ the
+    # v2 handshake) + the tunnel hello for one way out; interleaved, a.start_n each.
+    start = {"v1 (bearer)": [], "v2": []}
+    for _ in range(a.start_n):
+        for label, tok in (("v1 (bearer)", "agent-v1.token"), ("v2", "agent.token")):
+            # One failed sample is skipped, never the end of the run.
+            out = subprocess.run([str(AGENT), "doctor", "--gateway", sp.url, "--token-file", str(Path(tmp) / tok),
+                                  "--ca", str(Path(tmp) / "ca.crt"), "--proxy", "direct"], capture_output=True, text=True,
+                                 env={**os.environ, "HOME": str(tmp)}, timeout=60).stdout
+            m = re.search(r"ok in ([0-9.]+) (ms|s)", out)
+            if m:
+                start[label].append(float(m.group(1)) * (1000.0 if m.group(2) == "s" else 1.0))
+
     # 10,000 concurrent streams through one agent session.
     before = {p.name: p.rss_mib() for p in sp.procs}
     ok, took, after = asyncio.run(open_many(sp.fwd_10k, a.streams, lambda: {p.name: p.rss_mib() for p in sp.procs}))
@@ -553,16 +573,31 @@ def main():
     ng = res["nginx chain"]
     s = res["sallyport"]
     if variants:
+        # The baseline: v1's plain WebSocket (bearer token), the transport before v2.
+        base_name = "sallyport v1 ws (bearer)"
+        b = res[base_name]
         lines.append("")
-        lines.append("| transport (vs plain WebSocket, same run) | 1 stream up | 1 stream down | 8 streams |")
+        lines.append("| transport (vs v1 plain WebSocket, same run: ratio of medians; per-round ratios min–max) | 1 stream up | 1 stream down | 8 streams |")
         lines.append("|---|---:|---:|---:|")
-        for name in variants:
-            r = res[f"sallyport {name}"]
-            lines.append(f"| {name} | " + " | ".join(f"{med(r[k]) / med(s[k]):.2f}×" for k in ("up", "down", "p8")) + " |")
+
+        def cell(r, k):
+            per = [x / y for x, y in zip(r[k], b[k]) if y]
+            span = f" ({min(per):.2f}–{max(per):.2f})" if per else ""
+            return f"{med(r[k]) / med(b[k]):.2f}×{span}"
+        rows = ["sallyport"] + [f"sallyport {n}" for n in variants if f"sallyport {n}" != base_name]
+        for name in rows:
+            r = res[name]
+            label = "v2 outer (default: exporter matches)" if name == "sallyport" else name.removeprefix("sallyport ")
+            lines.append(f"| {label} | " + " | ".join(cell(r, k) for k in ("up", "down", "p8")) + " |")
     lines.append("")
     lines.append(f"sallyport vs nginx chain: up {med(s['up']) / med(ng['up']):.2f}×, down {med(s['down']) / med(ng['down']):.2f}×, "
                  f"8 streams {med(s['p8']) / med(ng['p8']):.2f}×; CPU per GB by process: "
                  + ", ".join(f"{k} {v:.2f}" for k, v in per_proc_cpu.items()))
+    lines.append("")
+    lines.append("| session start (doctor: TCP + TLS + upgrade + handshake + hello, loopback) | median ms | samples |")
+    lines.append("|---|---:|---:|")
+    for k, v in start.items():
+        lines.append(f"| {k} | {med(v):.1f} | {len(v)} |")
     lines.append("")
     lines.append("| new connection (connect + 1-byte echo + close) | median ms | p99 ms | median vs direct |")
     lines.append("|---|---:|---:|---:|")

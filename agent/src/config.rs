@@ -504,7 +504,7 @@ pub fn agent_config_with(
             )))
         }
     };
-    if always_inner && inner_key.is_none() {
+    if always_inner && inner_key.is_none() && !tunnel::token::is_v2(token.expose()) {
         return Err(invalid(
             "tunnel.inner = \"always\" needs gateway_inner_key (from `sallyport-gateway inner-key`, or enroll again)",
         ));

@@ -218,6 +218,7 @@ pub async fn start_ws(
             token,
             config.session.max_frame,
             config.connect_timeout,
+            config.always_inner,
         )
         .await?;
         note_tls(&done, &cert);

@@ -173,6 +173,7 @@ async fn start_session(
             token,
             config.session.max_frame,
             config.connect_timeout,
+            false,
         )
         .await?;
         info!(carried = %done.describe(), "v2 handshake done");

@@ -147,13 +147,16 @@ fn read2(
     })
 }
 
-/// The session transport over a fresh WebSocket upgrade on `io` to `url`.
+/// The session transport over a fresh WebSocket upgrade on `io` to `url`. `always_sealed`
+/// (`[tunnel] inner = "always"`) offers no TLS binding, so the session stays sealed even over
+/// the gateway's own TLS.
 pub async fn over_websocket(
     io: GatewayStream,
     url: &str,
     token: &Token,
     max_frame: u32,
     timeout: Duration,
+    always_sealed: bool,
 ) -> Result<
     (
         V2Transport<
@@ -164,7 +167,10 @@ pub async fn over_websocket(
     ),
     ConnectError,
 > {
-    let b = binding(&io);
+    let mut b = binding(&io);
+    if always_sealed {
+        b.exporter = None;
+    }
     let (i, key) = gateway_key(token);
     let (init, msg1) = Initiator::start(token, role_of(token), &key, &[]).map_err(error)?;
     let hello = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&msg1);
