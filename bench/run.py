@@ -532,9 +532,12 @@ def main():
     for _ in range(a.start_n):
         for label, tok in (("v1 (bearer)", "agent-v1.token"), ("v2", "agent.token")):
             # One failed sample is skipped, never the end of the run.
-            out = subprocess.run([str(AGENT), "doctor", "--gateway", sp.url, "--token-file", str(Path(tmp) / tok),
-                                  "--ca", str(Path(tmp) / "ca.crt"), "--proxy", "direct"], capture_output=True, text=True,
-                                 env={**os.environ, "HOME": str(tmp)}, timeout=60).stdout
+            try:
+                out = subprocess.run([str(AGENT), "doctor", "--gateway", sp.url, "--token-file", str(Path(tmp) / tok),
+                                      "--ca", str(Path(tmp) / "ca.crt"), "--proxy", "direct"], capture_output=True, text=True,
+                                     env={**os.environ, "HOME": str(tmp)}, timeout=60).stdout
+            except subprocess.TimeoutExpired:
+                continue
             m = re.search(r"ok in ([0-9.]+) (ms|s)", out)
             if m:
                 start[label].append(float(m.group(1)) * (1000.0 if m.group(2) == "s" else 1.0))
