@@ -77,6 +77,18 @@ def status_of(pid, key):
     return 0
 
 
+STARTED = []
+
+
+def stop_all():
+    """Ends every process the benchmark started, whatever happened (atexit and signals)."""
+    for p in reversed(STARTED):
+        try:
+            p.stop()
+        except Exception:
+            pass
+
+
 class Proc:
     """A child process with its stderr in a file."""
 
@@ -85,7 +97,8 @@ class Proc:
         self.log_path = Path(tmp) / f"{name}.log"
         self.log = open(self.log_path, "w")
         self.p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log, stdin=subprocess.DEVNULL,
-                                  env={**os.environ, **(env or {})})
+                                  env={**os.environ, **(env or {})}, start_new_session=True)
+        STARTED.append(self)
 
     def wait_for(self, pattern, timeout=20):
         end = time.time() + timeout
@@ -139,12 +152,20 @@ class Proc:
 
     def stop(self):
         if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
+            # The whole process group: nginx's workers, iperf3's children.
+            try:
+                os.killpg(self.p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
             try:
                 self.p.wait(3)
             except subprocess.TimeoutExpired:
-                self.p.kill()
-        self.log.close()
+                try:
+                    os.killpg(self.p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if not self.log.closed:
+            self.log.close()
 
 
 def run(args, **kw):
@@ -336,12 +357,18 @@ def iperf(port, seconds, reverse=False, parallel=1):
     args = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J", "-P", str(parallel)]
     if reverse:
         args.append("-R")
-    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30)
-    if out.returncode != 0:
-        raise RuntimeError(f"iperf3 failed: {out.stdout[-500:]} {out.stderr[-500:]}")
-    j = json.loads(out.stdout)
-    s = j["end"]["sum_received"]
-    return s["bits_per_second"] / 1e9, s["bytes"]
+    # One failed sample (iperf3 error, timeout, no summary) is tried once more, then recorded
+    # as missing (nan): it never ends the run.
+    for attempt in range(2):
+        try:
+            out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30)
+            j = json.loads(out.stdout)
+            s = j["end"]["sum_received"]
+            return s["bits_per_second"] / 1e9, s["bytes"]
+        except (subprocess.TimeoutExpired, ValueError, KeyError, TypeError) as e:
+            print(f"  iperf3 to port {port} failed (attempt {attempt + 1}): {e!r}", file=sys.stderr)
+            time.sleep(1)
+    return float("nan"), 0
 
 
 def latency(port, n, socks_target=None):
@@ -424,6 +451,7 @@ async def echo10k_server(port, ready):
 
 
 def med(xs):
+    xs = [x for x in xs if x == x]  # missing samples are nan
     return statistics.median(xs) if xs else float("nan")
 
 
@@ -440,6 +468,8 @@ def main():
     ap.add_argument("--streams", type=int, default=10000)
     ap.add_argument("--idle-seconds", type=int, default=60)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.md"))
+    ap.add_argument("--only", action="append", default=[],
+                    help="with --variants: only this variant (repeatable; v1 ws is always there as the baseline)")
     ap.add_argument("--start-n", dest="start_n", type=int, default=15,
                     help="session starts timed per protocol version (v1 bearer, v2)")
     ap.add_argument("--variants", action="store_true",
@@ -481,7 +511,10 @@ def main():
             ("v2 http poll sealed", ["--transport", "http"], "[tunnel]\nhttp_mode = \"poll\"\n", "agent.token"),
             ("v1 ws + inner", inner, "", v1),
             ("v1 http stream, no inner", ["--transport", "http"], "", v1),
+            ("v1 http stream + inner", inner + ["--transport", "http"], "", v1),
         ]:
+            if a.only and name not in a.only and name != "v1 ws (bearer)":
+                continue
             slug = re.sub(r"[^a-z0-9]+", "-", name)
             agent, fi, fe = sp.variant(slug, args, conf, token)
             variants[name] = (agent, fi, fe)
@@ -499,7 +532,7 @@ def main():
             gbps, nbytes = iperf(port, a.seconds)
             c1 = sum(p.cpu() for p in ps)
             res[name]["up"].append(gbps)
-            if ps:
+            if ps and nbytes:
                 res[name]["cpu_gb"].append((c1 - c0) / (nbytes / 1e9))
             res[name]["down"].append(iperf(port, a.seconds, reverse=True)[0])
             res[name]["p8"].append(iperf(port, a.seconds, parallel=8)[0])
@@ -511,7 +544,7 @@ def main():
         per_proc_cpu[p.name] = c0
     _, nb = iperf(sp.fwd_iperf, a.seconds)
     for p in sp.procs:
-        per_proc_cpu[p.name] = (p.cpu() - per_proc_cpu[p.name]) / (nb / 1e9)
+        per_proc_cpu[p.name] = (p.cpu() - per_proc_cpu[p.name]) / (nb / 1e9) if nb else float("nan")
 
     # Latency, interleaved in blocks.
     lat = {"direct": [], "sallyport forward": [], "sallyport socks5": [], "nginx chain": []}
@@ -584,7 +617,7 @@ def main():
         lines.append("|---|---:|---:|---:|")
 
         def cell(r, k):
-            per = [x / y for x, y in zip(r[k], b[k]) if y]
+            per = [x / y for x, y in zip(r[k], b[k]) if y and x == x and y == y]
             span = f" ({min(per):.2f}–{max(per):.2f})" if per else ""
             return f"{med(r[k]) / med(b[k]):.2f}×{span}"
         rows = ["sallyport"] + [f"sallyport {n}" for n in variants if f"sallyport {n}" != base_name]
@@ -629,4 +662,8 @@ def main():
 
 
 if __name__ == "__main__":
+    import atexit
+    atexit.register(stop_all)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(130))
     main()

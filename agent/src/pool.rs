@@ -303,7 +303,7 @@ pub async fn start_http(
     };
     let cert = io.peer_summary();
     if let Some(token) = &config.v2 {
-        return start_http_v2(config, token, way, io, dial(false), cert).await;
+        return start_http_v2(config, token, way, io).await;
     }
     let key = match carry(config, &io)? {
         Carry::Inner(key) => Some(key),
@@ -379,44 +379,27 @@ pub async fn start_http(
     }
 }
 
-/// The HTTP transport with protocol v2: msg1 is the create body, and the session is always
-/// sealed (each request may ride another TLS connection).
+/// The HTTP transport with protocol v2 (`uplink::v2::http_session`): msg1 is the create body,
+/// and the session is always sealed (each request may ride another TLS connection).
 async fn start_http_v2(
     config: &AgentConfig,
     token: &tunnel::token::Token,
     way: &Candidate,
     io: GatewayStream,
-    dial: Redial,
-    cert: String,
 ) -> Result<Connected, ConnectError> {
-    let mut mac = [0u8; 32];
-    rand::thread_rng().fill(&mut mac);
-    let opts = Options {
-        host: config.gateway.authority(),
-        base: format!("{}/agent/http", config.gateway.prefix),
-        bearer: None,
-        mac_key: Some(mac),
-        mode: config.http_mode,
-        timeout: config.connect_timeout,
-    };
-    let mode = match opts.mode {
+    let mode = match config.http_mode {
         Some(tunnel::http::DownMode::Poll) => "http long-poll",
         _ => "http",
     };
-    let seen = io.tls_key();
-    let (init, key_index, msg1) = uplink::v2::http_hello(token, &mac)?;
-    let created =
-        tunnel::http::client::connect_query(dial, Some(Box::new(io)), opts, msg1, "v=2").await?;
-    let (t, done) = uplink::v2::over_http(
-        created.transport,
-        init,
-        key_index,
-        &created.reply,
-        token,
-        seen,
-        config.connect_timeout,
-    )
-    .await?;
+    let dial = uplink::v2::HttpDial {
+        way: config.way.clone(),
+        gateway: config.gateway.clone(),
+        tls: config.tls.clone(),
+        timeout: config.connect_timeout,
+        candidate: way.clone(),
+    };
+    let (t, done, cert) =
+        uplink::v2::http_session(dial, Some(io), token, "agent", config.http_mode).await?;
     note_tls(&done, &cert);
     Ok(Connected {
         session: start(config, t).await?,

@@ -144,7 +144,7 @@ async fn keep_session(
 
 async fn connect(config: &ConnectorConfig) -> Result<(Session, tunnel::Incoming), ConnectError> {
     let url = config.gateway.endpoint("connector");
-    let (session, _way) = config
+    let r = config
         .way
         .connect(
             &config.gateway,
@@ -152,8 +152,34 @@ async fn connect(config: &ConnectorConfig) -> Result<(Session, tunnel::Incoming)
             config.connect_timeout,
             |io| start_session(config, &url, io),
         )
-        .await?;
-    Ok(session)
+        .await;
+    match (r, &config.v2) {
+        (Ok((session, _way)), _) => Ok(session),
+        // A site whose egress strips WebSocket upgrades (a TLS-inspecting proxy in its
+        // default configuration): the HTTP transport, sealed by protocol v2, on the same way out.
+        (Err(egress::probe::ProbeError::Gateway(e)), Some(token)) if e.upgrade_stripped() => {
+            let Some(way) = config.way.remembered() else {
+                return Err(e);
+            };
+            warn!(way = %way, error = %e, "the WebSocket upgrade does not get through this way out (a proxy strips it); using the HTTP transport, sealed by protocol v2");
+            let dial = uplink::v2::HttpDial {
+                way: config.way.clone(),
+                gateway: config.gateway.clone(),
+                tls: config.tls.clone(),
+                timeout: config.connect_timeout,
+                candidate: way,
+            };
+            let (t, done, _cert) =
+                uplink::v2::http_session(dial, None, token, "connector", None).await?;
+            info!(carried = %format!("http, {}", done.describe()), "v2 handshake done");
+            let mut cfg = config.session.clone();
+            cfg.role = Role::Connector;
+            cfg.initiator = true;
+            cfg.instance_id = config.instance_id.clone();
+            Ok(Session::start(t, cfg).await?)
+        }
+        (Err(e), _) => Err(e.into()),
+    }
 }
 
 /// The WebSocket upgrade and the tunnel hello on a fresh connection to the gateway.

@@ -375,3 +375,65 @@ fn a_tampering_proxy_gets_a_clear_failure_not_a_downgrade() {
     );
     drop(b);
 }
+
+/// A trusted site whose own egress is a TLS-inspecting proxy in its default configuration
+/// (squid `ssl_bump` re-signing with a CA the connector does not trust, WebSocket upgrades
+/// stripped): the connector, with its v2 token, falls back to the HTTP transport sealed by
+/// protocol v2, and agents reach the site's services through it.
+#[test]
+fn a_connector_behind_a_stripping_inspecting_proxy_runs_the_sealed_http_transport() {
+    require_tool("openssl");
+    let (port, _echo, mut sys) = system("conn-http", &[]);
+    let ca = TempDir::new("corp-ca-conn");
+    let (cert, key) = corp_ca(ca.path()).unwrap();
+    let squid = Squid::start_with(
+        "sq-bump-conn",
+        SquidAuth::Bump {
+            ca_cert: &cert,
+            ca_key: &key,
+        },
+    )
+    .unwrap();
+    sys.connector.kill();
+    let mut args = sys.connector_args.clone();
+    args.extend(["--proxy".into(), format!("http://127.0.0.1:{}", squid.port)]);
+    let connector = Proc::spawn(
+        "connector-bumped",
+        std::process::Command::new(bin("sallyport-gateway")).args(&args),
+    )
+    .unwrap();
+    connector
+        .wait_for(
+            &["using the HTTP transport, sealed by protocol v2"],
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    let line = connector
+        .wait_for(&["connected to the gateway"], Duration::from_secs(20))
+        .unwrap();
+    assert!(!line.is_empty());
+    assert!(
+        connector.log().contains("http, v2 sealed"),
+        "{}",
+        connector.log()
+    );
+    // The agent reaches the internal service through the connector's HTTP session.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, err) = run(curl()
+            .arg("--socks5-hostname")
+            .arg(sys.socks.to_string())
+            .arg(format!("http://backend.internal:{port}/")))
+        .unwrap();
+        if code == 0 && out == "hello from backend.internal\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{err}\n{}", connector.log());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        squid.access_log().contains("connector/http"),
+        "{}",
+        squid.access_log()
+    );
+}

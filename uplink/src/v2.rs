@@ -240,6 +240,95 @@ pub async fn over_http<T: Transport>(
     ))
 }
 
+/// Where and how a v2 session over the HTTP fallback dials its connections (each new TLS
+/// connection of the fallback goes the same way out).
+#[derive(Clone)]
+pub struct HttpDial {
+    pub way: std::sync::Arc<egress::Way>,
+    pub gateway: egress::GatewayUrl,
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    pub timeout: Duration,
+    pub candidate: egress::probe::Candidate,
+}
+
+/// A v2 session over the HTTP fallback (`POST {prefix}/{endpoint}/http?v=2`, `endpoint`
+/// `agent` or `connector`), on `io` when a connection is already open; returns the sealed
+/// transport, how it came up, and the certificate seen on the first connection.
+pub async fn http_session(
+    d: HttpDial,
+    io: Option<GatewayStream>,
+    token: &Token,
+    endpoint: &str,
+    mode: Option<tunnel::http::DownMode>,
+) -> Result<
+    (
+        V2Transport<
+            <tunnel::http::client::HttpTransport as Transport>::Tx,
+            <tunnel::http::client::HttpTransport as Transport>::Rx,
+        >,
+        Done,
+        String,
+    ),
+    ConnectError,
+> {
+    let redial: tunnel::http::client::Redial = {
+        let d = d.clone();
+        std::sync::Arc::new(move || {
+            let d = d.clone();
+            Box::pin(async move {
+                let s = d
+                    .way
+                    .dial(&d.gateway, d.tls.as_ref(), d.timeout, &d.candidate)
+                    .await?;
+                Ok(Box::new(s) as tunnel::http::client::GatewayIo)
+            })
+        })
+    };
+    let io = match io {
+        Some(io) => io,
+        None => d
+            .way
+            .dial(&d.gateway, d.tls.as_ref(), d.timeout, &d.candidate)
+            .await
+            .map_err(|summary| ConnectError::NoWay {
+                summary,
+                rejected_only: false,
+            })?,
+    };
+    let cert = io.peer_summary();
+    let seen = io.tls_key();
+    let mut mac = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut mac);
+    let opts = tunnel::http::client::Options {
+        host: d.gateway.authority(),
+        base: format!("{}/{endpoint}/http", d.gateway.prefix),
+        bearer: None,
+        mac_key: Some(mac),
+        mode,
+        timeout: d.timeout,
+    };
+    let (init, key_index, msg1) = http_hello(token, &mac)?;
+    let created =
+        tunnel::http::client::connect_query(redial, Some(Box::new(io)), opts, msg1, "v=2")
+            .await
+            .inspect_err(|e| {
+                if e.status() == Some(403) {
+                    key_failed(token, key_index);
+                }
+            })?;
+    let (t, done) = over_http(
+        created.transport,
+        init,
+        key_index,
+        &created.reply,
+        token,
+        seen,
+        d.timeout,
+    )
+    .await?;
+    Ok((t, done, cert))
+}
+
 /// The HTTP fallback's create request was refused before msg2 (e.g. `403`, not this gateway's
 /// key): the next attempt tries the token's next key.
 pub fn http_refused(token: &Token, key_index: usize) {

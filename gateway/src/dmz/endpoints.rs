@@ -167,7 +167,11 @@ pub(crate) async fn serve_http<S>(
         answer(&mut io, deadline, 404, &[], "sallyport: not found\n").await;
         return;
     };
-    if endpoint == "/agent/http" || endpoint.starts_with("/agent/http/") {
+    if endpoint == "/agent/http"
+        || endpoint.starts_with("/agent/http/")
+        || endpoint == "/connector/http"
+        || endpoint.starts_with("/connector/http/")
+    {
         // The fallback transport: ordinary requests, served by a full HTTP server.
         crate::dmz::fallback::serve(shared, io, head, peer, deadline, slot).await;
         return;

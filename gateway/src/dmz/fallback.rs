@@ -239,15 +239,31 @@ async fn route(
 ) -> Response<Body> {
     let prefix = shared.config.prefix.as_str();
     let path = req.uri().path().to_string();
-    let Some(rest) = path
-        .strip_prefix(prefix)
-        .and_then(|p| p.strip_prefix("/agent/http"))
-    else {
+    let under = path.strip_prefix(prefix).unwrap_or("");
+    let (rest, is_agent) = if let Some(rest) = under.strip_prefix("/agent/http") {
+        (rest, true)
+    } else if let Some(rest) = under.strip_prefix("/connector/http") {
+        (rest, false)
+    } else {
         return text(StatusCode::NOT_FOUND, "not found");
     };
     if rest.is_empty() {
         if req.method() != Method::POST {
             return text(StatusCode::METHOD_NOT_ALLOWED, "create a session with POST");
+        }
+        if !is_agent {
+            // Connectors reach the fallback with protocol v2 only.
+            let v2 = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "v=2"));
+            if !v2 {
+                return text(
+                    StatusCode::UPGRADE_REQUIRED,
+                    "the connector's HTTP transport needs protocol v2 (an sp2_ connector token)",
+                );
+            }
+            return create_v2(shared, req, client, false).await;
         }
         return create(shared, req, client, auth).await;
     }
@@ -347,7 +363,7 @@ async fn create(
     };
     let inner = query_has("inner=1");
     if query_has("v=2") {
-        return create_v2(shared, req, client).await;
+        return create_v2(shared, req, client, true).await;
     }
     if !shared.config.v2.v1_open(std::time::SystemTime::now()) {
         return text(StatusCode::UPGRADE_REQUIRED, super::v2::V1_CLOSED);
@@ -456,13 +472,15 @@ async fn create(
     created(h.sid(), accepted.reply)
 }
 
-/// `POST {prefix}/agent/http?v=2`: a new session with protocol v2. The body is msg1 (with the
-/// request key); the answer is msg2; msg3 comes as the first record, the verdict as the first
-/// record down. The session stays sealed: each request may ride another TLS connection.
+/// `POST {prefix}/agent/http?v=2` (or `/connector/http?v=2`): a new session with protocol v2.
+/// The body is msg1 (with the request key); the answer is msg2; msg3 comes as the first record,
+/// the verdict as the first record down. The session stays sealed: each request may ride
+/// another TLS connection.
 async fn create_v2(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
     client: SocketAddr,
+    is_agent: bool,
 ) -> Response<Body> {
     let span = tracing::info_span!("session", client = %client, transport = "http");
     let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
@@ -481,7 +499,7 @@ async fn create_v2(
         Ok(b) => b,
         Err((status, msg)) => return text(status, &msg),
     };
-    let (responder, offer, msg2) = match super::v2::answer1(shared, &body, true, false) {
+    let (responder, offer, msg2) = match super::v2::answer1(shared, &body, is_agent, false) {
         Ok(x) => x,
         Err(t) => return text(StatusCode::FORBIDDEN, &t),
     };
@@ -512,7 +530,7 @@ async fn create_v2(
         async move {
             let (tx, rx) = tunnel::Transport::split(transport);
             let accept = super::v2::accept(
-                &sh, tx, rx, responder, &offer, None, false, client, deadline, true,
+                &sh, tx, rx, responder, &offer, None, false, client, deadline, is_agent,
             );
             let authed = tokio::select! {
                 a = accept => a,
@@ -524,7 +542,12 @@ async fn create_v2(
             drop(pending_slot);
             if let Some((t, id, slot)) = authed {
                 handle.confirm();
-                agent_session(sh.clone(), t, id, client, slot, deadline).await;
+                if is_agent {
+                    agent_session(sh.clone(), t, id, client, slot, deadline).await;
+                } else {
+                    super::connector::connector_session(sh.clone(), t, id, client, slot, deadline)
+                        .await;
+                }
             }
         }
         .instrument(span),

@@ -239,3 +239,38 @@ async fn handshake_as(addr: SocketAddr, token: &tunnel::token::Token) -> ((), ()
     };
     ((), (), Some(ok))
 }
+
+/// After the admin's cut-off (`[v2] accept_v1_until`), a v1 agent's bearer upgrade gets a `426`
+/// that names both versions, and the real v1 agent logs it; a v2 agent still connects.
+#[test]
+fn after_the_v1_cut_off_an_old_agent_is_told_both_versions() {
+    let gw = gateway(
+        "v2-cutoff",
+        "\n[v2]\naccept_v1_until = \"2020-01-01\"",
+        false,
+    );
+    let mut c = TcpStream::connect(gw.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        c,
+        "GET /agent HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {}\r\n\r\n",
+        gw.token()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = c.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
+    assert!(
+        answer.contains("protocol v1 is no longer accepted") && answer.contains("v2"),
+        "{answer}"
+    );
+    let (old, _) = gw.agent("agent-v1-after-cutoff", &[]);
+    old.wait_for(
+        &["protocol v1 is no longer accepted"],
+        Duration::from_secs(15),
+    )
+    .unwrap();
+    let (new, _) = gw.agent_with_token("agent-v2-after-cutoff", "bob-laptop.token");
+    new.wait_for(&["connected to the gateway"], Duration::from_secs(15))
+        .unwrap();
+}
