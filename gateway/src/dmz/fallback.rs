@@ -303,8 +303,9 @@ async fn route(
     } else {
         Bytes::new()
     };
-    if let RequestAuth::Mac(key) = h.auth() {
-        if !verify_mac(
+    let mac_ok = match h.auth() {
+        RequestAuth::Token(_) => true,
+        RequestAuth::Mac(key) => verify_mac(
             key,
             method.as_str(),
             h.sid(),
@@ -312,9 +313,19 @@ async fn route(
             q.ack,
             &body,
             &presented_mac,
-        ) {
-            return text(StatusCode::UNAUTHORIZED, "request MAC missing or wrong");
-        }
+        ),
+        RequestAuth::MacHead(key) => tunnel::http::verify_mac_head(
+            key,
+            method.as_str(),
+            h.sid(),
+            q.seq,
+            q.ack,
+            body.len(),
+            &presented_mac,
+        ),
+    };
+    if !mac_ok {
+        return text(StatusCode::UNAUTHORIZED, "request MAC missing or wrong");
     }
     if h.is_confirmed() {
         auth.done.store(true, Ordering::Release);
@@ -516,7 +527,7 @@ async fn create_v2(
         );
     };
     let Some((h, transport)) = shared.http_sessions.create_pending(
-        RequestAuth::Mac(mac_key),
+        RequestAuth::MacHead(mac_key),
         shared.config.limits.handshake_timeout,
     ) else {
         return text(

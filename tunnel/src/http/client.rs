@@ -126,6 +126,9 @@ struct Shared {
     /// Random per session, sent as `sallyport-affinity` on every request (the create request
     /// too): a load balancer that hashes on it keeps a session on one gateway instance.
     affinity: String,
+    /// The MAC covers the body (v1's inner channel); protocol v2 MACs the head and the body's
+    /// length only: its records are sealed, and their AEAD is what protects their content.
+    mac_body: bool,
 }
 
 /// One HTTP/1.1 connection.
@@ -184,10 +187,12 @@ impl Shared {
         if let Some(k) = &self.opts.mac_key {
             let sid = self.sid();
             if !sid.is_empty() {
-                b = b.header(
-                    MAC_HEADER,
-                    super::request_mac(k, method, &sid, seq, ack, &body),
-                );
+                let mac = if self.mac_body {
+                    super::request_mac(k, method, &sid, seq, ack, &body)
+                } else {
+                    super::request_mac_head(k, method, &sid, seq, ack, body.len())
+                };
+                b = b.header(MAC_HEADER, mac);
             }
         }
         let cookies = self.cookies.lock().unwrap_or_else(|e| e.into_inner());
@@ -279,17 +284,29 @@ pub async fn connect(
     first: Bytes,
 ) -> Result<Created, HttpError> {
     let query = opts.mac_key.map(|_| "inner=1");
-    connect_query(dial, io, opts, first, query.unwrap_or("")).await
+    connect_query(dial, io, opts, first, query.unwrap_or(""), true).await
 }
 
-/// [`connect`] with the create request's query given (`v=2` for protocol version 2; empty for
-/// none).
-pub async fn connect_query(
+/// A protocol v2 session (`?v=2`, `first` is msg1): requests carry a MAC of their head and
+/// body length under `opts.mac_key`; the sealed records protect the body.
+pub async fn connect_v2(
+    dial: Redial,
+    io: Option<GatewayIo>,
+    opts: Options,
+    first: Bytes,
+) -> Result<Created, HttpError> {
+    connect_query(dial, io, opts, first, "v=2", false).await
+}
+
+/// [`connect`] with the create request's query given (empty for none), and whether the MAC
+/// covers request bodies.
+async fn connect_query(
     dial: Redial,
     io: Option<GatewayIo>,
     opts: Options,
     first: Bytes,
     query: &str,
+    mac_body: bool,
 ) -> Result<Created, HttpError> {
     let shared = Arc::new(Shared {
         polling: AtomicBool::new(opts.mode == Some(DownMode::Poll)),
@@ -306,6 +323,7 @@ pub async fn connect_query(
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
             hex::encode(raw)
         },
+        mac_body,
     });
     let mut conn = match io {
         Some(io) => Some(shared.handshake(io).await.map_err(HttpError::Io)?),

@@ -35,6 +35,9 @@ pub enum RequestAuth {
     Token(String),
     /// Every request carries a MAC under this key (inner channel).
     Mac([u8; 32]),
+    /// Protocol v2: a MAC of each request's head and body length under this key (the body is
+    /// sealed records).
+    MacHead([u8; 32]),
 }
 
 impl std::fmt::Debug for RequestAuth {
@@ -42,6 +45,7 @@ impl std::fmt::Debug for RequestAuth {
         match self {
             RequestAuth::Token(id) => write!(f, "Token({id})"),
             RequestAuth::Mac(_) => f.write_str("Mac(****)"),
+            RequestAuth::MacHead(_) => f.write_str("MacHead(****)"),
         }
     }
 }
