@@ -75,7 +75,8 @@ enum TokenCommand {
         /// Comma-separated groups, used by connector allow rules.
         #[arg(long, value_delimiter = ',')]
         groups: Vec<String>,
-        /// Lifetime, e.g. 90d or 12h [default: no expiry].
+        /// Lifetime, e.g. 90d or 12h, or `never` [default: 90d for agent tokens, which must expire;
+        /// no expiry for connector and --v1 tokens].
         #[arg(long)]
         expires: Option<String>,
         /// Connectors: a route this credential may advertise. Repeatable.

@@ -394,7 +394,11 @@ mod tests {
         key_failed(&t, 0);
         key_worked(&t, 1);
         key_failed(&t, 1);
-        assert_eq!(gateway_key(&t).0, 1, "wraps to the confirmed key, never back to 0");
+        assert_eq!(
+            gateway_key(&t).0,
+            1,
+            "wraps to the confirmed key, never back to 0"
+        );
         // Another token has its own state.
         let other = token(2);
         assert_eq!(gateway_key(&other).0, 0);
