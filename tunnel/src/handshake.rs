@@ -248,7 +248,7 @@ pub struct Initiator2 {
 
 impl Initiator2 {
     /// msg3: the agent's identity and claims, and its view of the TLS. After
-    /// sending it, the agent reads the verdict with [`read_verdict`] on the returned cipher.
+    /// sending it, the agent reads the verdict with [`open_verdict`] on the returned cipher.
     pub fn finish(
         mut self,
         token: &Token,
