@@ -11,27 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tunnel::Dest;
 
-/// A configuration problem; the binary exits with code 64 on it.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} line {line}: {message}")]
-    Parse {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-fn invalid(s: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid(s.into())
-}
+pub use uplink::config::ConfigError;
+use uplink::config::{duration, invalid};
 
 /// A secret string whose `Debug` never shows it.
 #[derive(Clone)]
@@ -333,33 +314,11 @@ pub fn default_credentials_path() -> Option<PathBuf> {
 }
 
 pub fn read_file(path: &Path) -> Result<AgentFile, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    parse_file(&text, path)
+    uplink::config::read_toml(path)
 }
 
 pub fn parse_file(text: &str, path: &Path) -> Result<AgentFile, ConfigError> {
-    toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-            .unwrap_or(0);
-        ConfigError::Parse {
-            path: path.to_path_buf(),
-            line,
-            message: e.message().to_string(),
-        }
-    })
-}
-
-fn duration(s: &str, key: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s).map_err(|e| {
-        invalid(format!(
-            "{key}: `{s}` is not a duration ({e}); write e.g. 30s"
-        ))
-    })
+    uplink::config::parse_toml(text, path)
 }
 
 fn listen_addr(
@@ -597,18 +556,14 @@ pub fn agent_config_with(
         }
     }
     let mut session = tunnel::Config::new(tunnel::Role::Agent, true);
-    if let Some(w) = file.tunnel.stream_window {
-        session.stream_window = w.clamp(16 * 1024, 64 * 1024 * 1024);
+    uplink::tuning::Tuning {
+        stream_window: file.tunnel.stream_window,
+        session_window: file.tunnel.session_window,
+        ping_interval: file.tunnel.ping_interval.as_deref(),
+        ping_timeout: file.tunnel.ping_timeout.as_deref(),
     }
-    if let Some(w) = file.tunnel.session_window {
-        session.session_window = w.max(session.stream_window);
-    }
-    if let Some(p) = &file.tunnel.ping_interval {
-        session.ping_interval = duration(p, "tunnel.ping_interval")?;
-    }
-    if let Some(p) = &file.tunnel.ping_timeout {
-        session.ping_timeout = duration(p, "tunnel.ping_timeout")?;
-    }
+    .apply(&mut session)
+    .map_err(|e| invalid(e.0))?;
     Ok(AgentConfig {
         gateway,
         token,

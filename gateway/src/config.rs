@@ -18,66 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A configuration problem; the binaries exit with code 64 on it.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} line {line}: {message}")]
-    Parse {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-fn invalid(s: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid(s.into())
-}
-
-/// Reads and deserializes a TOML file with errors that give file and line.
-pub fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    parse_toml(&text, path)
-}
-
-pub fn parse_toml<T: for<'de> Deserialize<'de>>(text: &str, path: &Path) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-            .unwrap_or(0);
-        ConfigError::Parse {
-            path: path.to_path_buf(),
-            line,
-            message: e.message().to_string(),
-        }
-    })
-}
-
-/// Resolves a path from a config file relative to the file's folder.
-fn relative_to(base: Option<&Path>, p: PathBuf) -> PathBuf {
-    match base.and_then(Path::parent) {
-        Some(dir) if p.is_relative() => dir.join(p),
-        _ => p,
-    }
-}
-
-fn duration(s: &str, key: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s).map_err(|e| {
-        invalid(format!(
-            "{key}: `{s}` is not a duration ({e}); write e.g. 10s or 2m"
-        ))
-    })
-}
+pub use uplink::config::{invalid, parse_toml, read_toml, relative_to, ConfigError};
+use uplink::config::duration;
 
 // ---------------------------------------------------------------------------------------------
 // DMZ
@@ -305,30 +247,16 @@ pub struct TunnelFile {
 }
 
 impl TunnelFile {
+    /// The shared validation (`uplink::tuning`): the same rules as the agent's `[tunnel]`.
     pub fn apply(&self, cfg: &mut tunnel::Config) -> Result<(), ConfigError> {
-        if let Some(w) = self.stream_window {
-            if !(16 * 1024..=64 * 1024 * 1024).contains(&w) {
-                return Err(invalid(
-                    "tunnel.stream_window must be between 16 KiB and 64 MiB",
-                ));
-            }
-            cfg.stream_window = w;
+        uplink::tuning::Tuning {
+            stream_window: self.stream_window,
+            session_window: self.session_window,
+            ping_interval: self.ping_interval.as_deref(),
+            ping_timeout: self.ping_timeout.as_deref(),
         }
-        if let Some(w) = self.session_window {
-            if w < cfg.stream_window {
-                return Err(invalid(
-                    "tunnel.session_window must be at least tunnel.stream_window",
-                ));
-            }
-            cfg.session_window = w;
-        }
-        if let Some(s) = &self.ping_interval {
-            cfg.ping_interval = duration(s, "tunnel.ping_interval")?;
-        }
-        if let Some(s) = &self.ping_timeout {
-            cfg.ping_timeout = duration(s, "tunnel.ping_timeout")?;
-        }
-        Ok(())
+        .apply(cfg)
+        .map_err(|e| invalid(e.0))
     }
 }
 

@@ -10,12 +10,16 @@
 //! |---|---|
 //! | [`error`] | [`ConnectError`]: no way out, the upgrade, the HTTP transport, the inner channel, the token, the hello |
 //! | [`backoff`] | [`Backoff`]: exponential, full jitter, reset after a stable session |
+//! | [`config`] | `ConfigError` (exit 64), TOML with file and line, durations, relative paths |
+//! | [`tuning`] | `[tunnel]` windows and pings, one validation for every role |
 //! | [`v2`] | protocol v2's handshake over a WebSocket or the HTTP fallback, for both roles |
 
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod config;
 pub mod error;
+pub mod tuning;
 pub mod v2;
 
 pub use backoff::Backoff;
