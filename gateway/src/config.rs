@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use uplink::config::{invalid, parse_toml, read_toml, relative_to, ConfigError};
 use uplink::config::duration;
+pub use uplink::config::{invalid, parse_toml, read_toml, relative_to, ConfigError};
 
 // ---------------------------------------------------------------------------------------------
 // DMZ

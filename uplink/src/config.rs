@@ -86,7 +86,10 @@ mod tests {
         let e = parse_toml::<F>("\n\nb = 1\n", Path::new("x.toml")).unwrap_err();
         let text = e.to_string();
         assert!(text.starts_with("x.toml line 3"), "{text}");
-        assert!(duration("soon", "k").unwrap_err().to_string().contains("k: `soon`"));
+        assert!(duration("soon", "k")
+            .unwrap_err()
+            .to_string()
+            .contains("k: `soon`"));
         assert_eq!(
             relative_to(Some(Path::new("/etc/s/dmz.toml")), "t.toml".into()),
             PathBuf::from("/etc/s/t.toml")

@@ -68,7 +68,11 @@ mod tests {
     /// one rule for all now, with the key named.
     #[test]
     fn an_out_of_range_window_is_refused_naming_the_key_in_every_role() {
-        for role in [tunnel::Role::Agent, tunnel::Role::Dmz, tunnel::Role::Connector] {
+        for role in [
+            tunnel::Role::Agent,
+            tunnel::Role::Dmz,
+            tunnel::Role::Connector,
+        ] {
             let mut cfg = tunnel::Config::new(role, true);
             let e = Tuning {
                 stream_window: Some(1000),
@@ -102,10 +106,7 @@ mod tests {
         }
         .apply(&mut cfg)
         .unwrap();
-        assert_eq!(
-            (cfg.stream_window, cfg.session_window),
-            (1 << 20, 1 << 24)
-        );
+        assert_eq!((cfg.stream_window, cfg.session_window), (1 << 20, 1 << 24));
         assert_eq!(cfg.ping_interval, Duration::from_secs(5));
     }
 }
