@@ -1,7 +1,7 @@
 //! Dialling the gateway through one way out: TCP (or the proxy's handshake), then TLS, within
 //! one timeout, with errors that say which hop failed; and [`GatewayStream`], what callers get.
 
-use crate::tls::AcceptAny;
+use crate::tls::GatewayVerifier;
 use crate::*;
 use rustls::pki_types::ServerName;
 use std::io;
@@ -310,7 +310,7 @@ pub async fn peek_certificate(
             reason: e.to_string(),
         })?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_custom_certificate_verifier(Arc::new(GatewayVerifier::accept_any(provider)))
         .with_no_client_auth();
     let (stream, _) = dial_raw(url, Some(&Arc::new(cfg)), timeout, proxy, auth, None).await?;
     Ok(stream.peer_summary())

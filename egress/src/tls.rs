@@ -1,8 +1,9 @@
 //! Which certificates the agent and the connector trust for the gateway: the OS store plus
 //! `--ca`, or only a pinned CA, and the enrolled key pin; [`CaAnchor`] (is a connection issued
-//! by `--ca` itself?); and the verifier that accepts anything, used to read the names of a
-//! certificate that failed (for `doctor`) and for protocol v2, whose handshake authenticates
-//! the gateway inside the TLS.
+//! by `--ca` itself?); and the one custom verifier (`GatewayVerifier`): the enrolled pin on
+//! top of the usual check, or any certificate (to read the names of one that failed, for
+//! `doctor`, and for protocol v2, whose handshake authenticates the gateway inside the TLS),
+//! with the handshake signatures checked once for both.
 
 use crate::*;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -75,13 +76,13 @@ pub fn client_config(opts: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, Egr
     let mut cfg = match &opts.key_pin {
         _ if opts.any_certificate => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+            .with_custom_certificate_verifier(Arc::new(GatewayVerifier::accept_any(provider)))
             .with_no_client_auth(),
         None => builder.with_root_certificates(roots).with_no_client_auth(),
         Some(pin) => {
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
                 Arc::new(roots),
-                provider,
+                provider.clone(),
             )
             .build()
             .map_err(|e| EgressError::Tls {
@@ -90,10 +91,13 @@ pub fn client_config(opts: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, Egr
             })?;
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedKey {
-                    inner,
-                    pin: pin.clone(),
-                    mismatch_ok: opts.inner_channel,
+                .with_custom_certificate_verifier(Arc::new(GatewayVerifier {
+                    provider,
+                    check: Check::Pinned {
+                        inner,
+                        pin: pin.clone(),
+                        mismatch_ok: opts.inner_channel,
+                    },
                 }))
                 .with_no_client_auth()
         }
@@ -102,16 +106,40 @@ pub fn client_config(opts: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, Egr
     Ok(Arc::new(cfg))
 }
 
-/// The usual certificate check, then the enrolled key pin.
+/// The one verifier of the gateway connection: which certificates pass ([`Check`]), then the
+/// handshake signatures, checked once for every kind with the provider's algorithms.
 #[derive(Debug)]
-struct PinnedKey {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
-    pin: String,
-    /// Another key is allowed (the inner channel protects the session then).
-    mismatch_ok: bool,
+pub(crate) struct GatewayVerifier {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    check: Check,
 }
 
-impl rustls::client::danger::ServerCertVerifier for PinnedKey {
+/// What a certificate must be.
+#[derive(Debug)]
+enum Check {
+    /// Anything: for [`peek_certificate`] (reading the names of a certificate that failed) and
+    /// protocol v2, whose handshake authenticates the gateway inside the TLS.
+    Any,
+    /// The usual certificate check, then the enrolled key pin (`mismatch_ok`: another key is
+    /// allowed, the v1 inner channel protects the session then).
+    Pinned {
+        inner: Arc<rustls::client::WebPkiServerVerifier>,
+        pin: String,
+        mismatch_ok: bool,
+    },
+}
+
+impl GatewayVerifier {
+    /// Accepts every certificate (the signatures of the handshake are still checked).
+    pub(crate) fn accept_any(provider: Arc<rustls::crypto::CryptoProvider>) -> GatewayVerifier {
+        GatewayVerifier {
+            provider,
+            check: Check::Any,
+        }
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for GatewayVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -120,16 +148,23 @@ impl rustls::client::danger::ServerCertVerifier for PinnedKey {
         ocsp: &[u8],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let (inner, pin, mismatch_ok) = match &self.check {
+            Check::Any => return Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            Check::Pinned {
+                inner,
+                pin,
+                mismatch_ok,
+            } => (inner, pin, *mismatch_ok),
+        };
         let verified =
-            self.inner
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+            inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
         match cert::key_pin(end_entity) {
-            Some(seen) if seen == self.pin => Ok(verified),
-            _ if self.mismatch_ok => Ok(verified),
+            Some(seen) if seen == *pin => Ok(verified),
+            _ if mismatch_ok => Ok(verified),
             seen => Err(rustls::Error::General(format!(
                 "the gateway presented key {} but this agent is pinned to {} (from enrollment): something re-signs TLS on the way (an inspecting proxy) or this is another gateway; re-enroll only if the gateway's key really changed",
                 seen.as_deref().unwrap_or("(unreadable)"),
-                self.pin
+                pin
             ))),
         }
     }
@@ -139,7 +174,12 @@ impl rustls::client::danger::ServerCertVerifier for PinnedKey {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -147,10 +187,17 @@ impl rustls::client::danger::ServerCertVerifier for PinnedKey {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -201,51 +248,5 @@ impl CaAnchor {
         self.verifier
             .verify_server_cert(leaf, rest, &name, &[], rustls::pki_types::UnixTime::now())
             .is_ok()
-    }
-}
-
-/// Accepts every certificate: only for [`peek_certificate`].
-#[derive(Debug)]
-pub(crate) struct AcceptAny(pub(crate) Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
