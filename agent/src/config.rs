@@ -14,27 +14,8 @@ use tunnel::Dest;
 pub use uplink::config::ConfigError;
 use uplink::config::{duration, invalid};
 
-/// A secret string whose `Debug` never shows it.
-#[derive(Clone)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0.strip_prefix("sp_").and_then(|r| r.rsplit_once('_')) {
-            Some((id, _)) => write!(f, "sp_{id}_****"),
-            None => f.write_str("****"),
-        }
-    }
-}
+/// A token as text (shared with the connector: `uplink::Secret`); `Debug` never shows it.
+pub use uplink::Secret;
 
 /// A static forward: a local port that always leads to one destination.
 #[derive(Clone, Debug, PartialEq, Eq)]

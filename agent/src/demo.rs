@@ -155,7 +155,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
     let rules: Vec<Rule> = vec![route.parse()?, format!("127.0.0.1/32:{svc_port}").parse()?];
     let conn_cfg = ConnectorConfig {
         gateway: gateway_url.clone(),
-        token: auth::TokenSecret::new(&conn_token.expose()),
+        token: auth::TokenSecret::new(conn_token.expose()),
         v2: Some(Arc::new(conn_token)),
         tls: Some(gateway::connector::tls_config_v2()?),
         policy: Arc::new(Policy::with_local_addresses(rules)),

@@ -102,39 +102,11 @@ impl AuthError {
 // Token strings
 // ---------------------------------------------------------------------------------------------
 
-/// A full token string. Prints as `sp_<id>_****`; call [`expose`](Self::expose) to get the real thing
-/// (to show it once to the person who asked for it, or to send it in an `Authorization` header).
-#[derive(Clone, PartialEq, Eq)]
-pub struct TokenSecret(String);
-
-impl TokenSecret {
-    /// Wraps a token string (e.g. read from an agent's config), trimming whitespace.
-    pub fn new(token: &str) -> TokenSecret {
-        TokenSecret(token.trim().to_string())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    /// The id part if the token is well-formed.
-    pub fn id(&self) -> Option<&str> {
-        parse_token(&self.0).ok().map(|(id, _)| id)
-    }
-}
-
-impl fmt::Debug for TokenSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl fmt::Display for TokenSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.id() {
-            Some(id) => write!(f, "sp_{id}_****"),
-            None => f.write_str("sp_****"),
-        }
-    }
-}
+/// A full token string (the one type of agent, connector and `token new`: `uplink::Secret`).
+/// Prints as `sp_<id>_****` or `sp2_****`; [`expose`](uplink::Secret::expose) gives the real
+/// thing (to show it once to the person who asked for it, or to send a v1 token in an
+/// `Authorization` header).
+pub type TokenSecret = uplink::Secret;
 
 fn valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
@@ -163,7 +135,7 @@ pub fn generate(id: &str) -> Result<(TokenSecret, String), AuthError> {
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     let secret = hex::encode(bytes);
     let hash = hex::encode(hash_secret(&secret));
-    Ok((TokenSecret(format!("sp_{id}_{secret}")), hash))
+    Ok((TokenSecret::new(format!("sp_{id}_{secret}")), hash))
 }
 
 /// Splits `sp_<id>_<secret>` (surrounding whitespace ignored) into `(id, secret)`, borrowing from `s`.

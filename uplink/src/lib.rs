@@ -11,6 +11,7 @@
 //! | [`error`] | [`ConnectError`]: no way out, the upgrade, the HTTP transport, the inner channel, the token, the hello |
 //! | [`backoff`] | [`Backoff`]: exponential, full jitter, reset after a stable session |
 //! | [`config`] | `ConfigError` (exit 64), TOML with file and line, durations, relative paths |
+//! | [`secret`] | [`Secret`]: a token as text (v1 or v2), never shown in `Debug`/`Display` |
 //! | [`tuning`] | `[tunnel]` windows and pings, one validation for every role |
 //! | [`v2`] | protocol v2's handshake over a WebSocket or the HTTP fallback, for both roles |
 
@@ -19,11 +20,13 @@
 pub mod backoff;
 pub mod config;
 pub mod error;
+pub mod secret;
 pub mod tuning;
 pub mod v2;
 
 pub use backoff::Backoff;
 pub use error::ConnectError;
+pub use secret::Secret;
 
 use tokio_util::sync::CancellationToken;
 
