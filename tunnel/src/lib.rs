@@ -8,11 +8,12 @@
 //! | file | layer |
 //! |---|---|
 //! | [`frame`] | frame types and their encoding; pure |
-//! | [`transport`] | the transport traits, and an in-memory transport for tests |
-//! | [`session`] | the session: hello, stream table, flow control, liveness, reader/writer tasks |
+//! | `machine` | the session's rules as an I/O-free state machine (`now` and frames in, frames out): credit, stream ids, resets, limits, liveness; unit-tested without a runtime |
+//! | [`session`] | the session: hello, then the reader, writer and pinger tasks that drive the machine |
 //! | [`stream`] | one stream: `AsyncRead`/`AsyncWrite` and the chunk API relays use |
-//! | [`ws`] | the WebSocket transport over any byte stream |
-//! | [`http`] | the HTTP fallback transport (POSTs up, a streamed or long-polled GET down) |
+//! | [`transport`] | the transport traits and an in-memory pair for tests; one file per transport beneath: |
+//! | [`transport::ws`] | the WebSocket transport over any byte stream |
+//! | [`transport::http`] | the HTTP fallback transport (POSTs up, a streamed or long-polled GET down) |
 //! | [`inner`] | the inner channel: Noise bound to the gateway's key, inside either transport |
 //! | [`token`] | version 2 tokens: the secret, the signed claims, the issuer; pure |
 //! | [`handshake`] | version 2's Noise XK handshake bound to the token; pure |
@@ -24,17 +25,18 @@
 
 pub mod frame;
 pub mod handshake;
-pub mod http;
 pub mod inner;
+mod machine;
 pub mod session;
 pub mod stream;
 pub mod token;
 pub mod transport;
-pub mod ws;
 
 pub use frame::{Dest, ErrorCode, Frame, Hello, Meta, Role, PROTOCOL_VERSION};
 pub use session::{Config, Incoming, Session, SessionError, SessionStats, StreamError};
 pub use stream::{OpenRequest, Stream};
+/// The transports, also at the crate root: `tunnel::ws`, `tunnel::http`.
+pub use transport::{http, ws};
 pub use transport::{
     memory_pair, MemoryTransport, Transport, TransportError, TransportRx, TransportTx,
 };

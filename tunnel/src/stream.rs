@@ -6,7 +6,8 @@
 //! without an intermediate buffer. `StreamState` is the per-stream part of the session state;
 //! its methods are the pure bookkeeping (credit, half-close, reset) the reader task applies.
 
-use crate::frame::{encode_data, Dest, ErrorCode, Frame, Meta};
+use crate::frame::{Dest, ErrorCode, Meta};
+use crate::machine::Sent;
 use crate::session::{Shared, StreamError};
 use bytes::{Buf, Bytes};
 use std::collections::VecDeque;
@@ -44,20 +45,20 @@ pub(crate) enum OpenState {
 
 pub(crate) struct StreamState {
     pub(crate) incoming: bool,
-    open: OpenState,
+    pub(crate) open: OpenState,
     // Receive side.
     recv_buf: VecDeque<Bytes>,
-    recv_window: u32,
+    pub(crate) recv_window: u32,
     /// Credit granted to the peer and not yet used.
-    recv_avail: u32,
+    pub(crate) recv_avail: u32,
     /// Bytes the application consumed that we have not yet handed back as credit.
-    recv_unacked: u32,
-    recv_fin: bool,
+    pub(crate) recv_unacked: u32,
+    pub(crate) recv_fin: bool,
     // Send side.
-    send_credit: u64,
+    pub(crate) send_credit: u64,
     pub(crate) send_queue: VecDeque<Out>,
     pub(crate) in_ready: bool,
-    fin_queued: bool,
+    pub(crate) fin_queued: bool,
     pub(crate) fin_sent: bool,
     /// Payload bytes queued and not yet handed to the transport.
     pub(crate) queued_payload: u64,
@@ -66,9 +67,9 @@ pub(crate) struct StreamState {
     pub(crate) refund: u64,
     // Lifecycle.
     error: Option<StreamError>,
-    handle_alive: bool,
+    pub(crate) handle_alive: bool,
     read_waker: Option<Waker>,
-    write_waker: Option<Waker>,
+    pub(crate) write_waker: Option<Waker>,
     open_waker: Option<Waker>,
     fail_waker: Option<Waker>,
     pub(crate) bytes_in: u64,
@@ -101,6 +102,11 @@ impl StreamState {
             bytes_in: 0,
             bytes_out: 0,
         }
+    }
+
+    /// Why the stream failed, once it has.
+    pub(crate) fn error(&self) -> Option<&StreamError> {
+        self.error.as_ref()
     }
 
     fn wake_all(&mut self) {
@@ -292,7 +298,7 @@ impl Stream {
 
     /// Accepts a stream the peer opened (`OPEN_OK`).
     pub fn accept(&self) {
-        self.answer(Frame::OpenOk { stream: self.id });
+        self.shared.lock().answer(self.id, None);
     }
 
     /// Refuses a stream the peer opened (`OPEN_ERR`) with a reason the user will read.
@@ -303,66 +309,16 @@ impl Stream {
 
     /// Like [`Stream::reject`], for a caller that keeps the handle (a relay).
     pub fn refuse(&self, code: ErrorCode, reason: &str) {
-        let mut st = self.shared.lock();
-        if let Some(s) = st.streams.get_mut(&self.id) {
-            if matches!(s.open, OpenState::Incoming { answered: false }) {
-                s.open = OpenState::Incoming { answered: true };
-                s.fail(StreamError::LocalReset {
-                    code,
-                    reason: reason.to_string(),
-                });
-                self.shared.push_control(
-                    &mut st,
-                    Frame::OpenErr {
-                        stream: self.id,
-                        code,
-                        reason: reason.to_string(),
-                    },
-                );
-            }
-        }
-    }
-
-    fn answer(&self, frame: Frame) {
-        let mut st = self.shared.lock();
-        if let Some(s) = st.streams.get_mut(&self.id) {
-            if matches!(s.open, OpenState::Incoming { answered: false }) && s.error.is_none() {
-                s.open = OpenState::Incoming { answered: true };
-                self.shared.push_control(&mut st, frame);
-            }
-        }
+        self.shared.lock().answer(self.id, Some((code, reason)));
     }
 
     /// Resets the stream with a code and reason; both directions end at once.
     pub fn reset(&self, code: ErrorCode, reason: &str) {
-        let mut st = self.shared.lock();
-        let Some(s) = st.streams.get_mut(&self.id) else {
-            return;
-        };
-        if s.error.is_some() {
-            return;
-        }
-        s.fail(StreamError::LocalReset {
-            code,
-            reason: reason.to_string(),
-        });
-        self.shared.push_control(
-            &mut st,
-            Frame::Rst {
-                stream: self.id,
-                code,
-                reason: reason.to_string(),
-            },
-        );
+        self.shared.lock().reset(self.id, code, reason);
     }
 
     fn missing(&self, closed: Option<crate::session::SessionError>) -> StreamError {
-        closed
-            .map(StreamError::SessionLost)
-            .unwrap_or(StreamError::LocalReset {
-                code: ErrorCode::Internal,
-                reason: "stream state gone".into(),
-            })
+        crate::machine::missing(closed)
     }
 
     /// Takes the next received chunk as it arrived (`None` at end of stream). Used by relays.
@@ -378,7 +334,7 @@ impl Stream {
         };
         if let Some(chunk) = s.recv_buf.pop_front() {
             let n = chunk.len() as u32;
-            consumed(shared, &mut st, self.id, n);
+            st.consumed(self.id, n);
             return Poll::Ready(Ok(Some(chunk)));
         }
         if let Some(e) = &s.error {
@@ -407,52 +363,20 @@ impl Stream {
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let shared = &self.shared;
-        let mut st = shared.lock();
-        let closed = st.closed.clone();
-        let session_room = st
-            .send_session_credit
-            .min((shared.config.session_window as u64).saturating_sub(st.queued_total));
-        let Some(s) = st.streams.get_mut(&self.id) else {
-            return Poll::Ready(Err(self.missing(closed)));
-        };
-        if let Some(e) = &s.error {
-            return Poll::Ready(Err(e.clone()));
-        }
-        if s.fin_queued {
-            return Poll::Ready(Err(StreamError::LocalReset {
-                code: ErrorCode::Protocol,
-                reason: "write after shutdown".into(),
-            }));
-        }
-        let stream_room = s
-            .send_credit
-            .min((shared.config.stream_window as u64).saturating_sub(s.queued_payload));
-        let cap = stream_room.min(session_room).min(shared.max_send as u64) as usize;
-        if cap == 0 {
-            s.write_waker = Some(cx.waker().clone());
-            if session_room == 0 && !st.session_waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                st.session_waiters.push(cx.waker().clone());
+        let mut st = self.shared.lock();
+        match st.send(self.id, data) {
+            Sent::Queued(n) => Poll::Ready(Ok(n)),
+            Sent::Failed(e) => Poll::Ready(Err(e)),
+            Sent::Blocked { session } => {
+                if let Some(s) = st.streams.get_mut(&self.id) {
+                    s.write_waker = Some(cx.waker().clone());
+                }
+                if session {
+                    st.wait_for_session(cx.waker());
+                }
+                Poll::Pending
             }
-            return Poll::Pending;
         }
-        let n = cap.min(data.len());
-        s.send_queue
-            .push_back(Out::Data(encode_data(self.id, &data[..n])));
-        let n64 = n as u64;
-        s.send_credit -= n64;
-        s.queued_payload += n64;
-        s.bytes_out += n64;
-        let newly_ready = !s.in_ready;
-        s.in_ready = true;
-        st.send_session_credit -= n64;
-        st.queued_total += n64;
-        st.bytes_out += n64;
-        if newly_ready {
-            st.ready.push_back(self.id);
-            shared.writer_wake.notify_one();
-        }
-        Poll::Ready(Ok(n))
     }
 
     /// Ready with the error once the stream has failed (reset by either side, refused, or its
@@ -484,20 +408,7 @@ impl Stream {
 
     /// Half-closes our sending direction (`FIN` after everything queued).
     pub fn finish(&self) {
-        let mut st = self.shared.lock();
-        let Some(s) = st.streams.get_mut(&self.id) else {
-            return;
-        };
-        if s.fin_queued || s.error.is_some() {
-            return;
-        }
-        s.fin_queued = true;
-        s.send_queue.push_back(Out::Fin);
-        if !s.in_ready {
-            s.in_ready = true;
-            st.ready.push_back(self.id);
-            self.shared.writer_wake.notify_one();
-        }
+        self.shared.lock().finish(self.id);
     }
 }
 
@@ -529,22 +440,6 @@ impl std::future::Future for Failure {
     }
 }
 
-/// The application consumed `n` bytes of stream `id`: hand credit back once a quarter window
-/// has accumulated (fewer, larger `WINDOW` frames).
-fn consumed(shared: &Shared, st: &mut crate::session::State, id: u32, n: u32) {
-    let Some(s) = st.streams.get_mut(&id) else {
-        return;
-    };
-    s.recv_unacked += n;
-    if s.recv_fin || s.recv_unacked < (s.recv_window / 4).max(1) {
-        return;
-    }
-    let credit = s.recv_unacked;
-    s.recv_avail += credit;
-    s.recv_unacked = 0;
-    shared.push_control(st, Frame::Window { stream: id, credit });
-}
-
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -565,7 +460,7 @@ impl AsyncRead for Stream {
             if front.is_empty() {
                 s.recv_buf.pop_front();
             }
-            consumed(shared, &mut st, this.id, n as u32);
+            st.consumed(this.id, n as u32);
             return Poll::Ready(Ok(()));
         }
         if let Some(e) = &s.error {
@@ -600,33 +495,6 @@ impl AsyncWrite for Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        let mut st = self.shared.lock();
-        let Some(s) = st.streams.get_mut(&self.id) else {
-            return;
-        };
-        s.handle_alive = false;
-        let finished = s.fin_queued && s.recv_fin;
-        if s.error.is_none() && !finished {
-            let unanswered = matches!(s.open, OpenState::Incoming { answered: false });
-            s.fail(StreamError::LocalReset {
-                code: ErrorCode::Cancel,
-                reason: "stream dropped".into(),
-            });
-            let frame = if unanswered {
-                Frame::OpenErr {
-                    stream: self.id,
-                    code: ErrorCode::Internal,
-                    reason: "stream was dropped before it was answered".into(),
-                }
-            } else {
-                Frame::Rst {
-                    stream: self.id,
-                    code: ErrorCode::Cancel,
-                    reason: "stream dropped".into(),
-                }
-            };
-            self.shared.push_control(&mut st, frame);
-        }
-        self.shared.maybe_remove(&mut st, self.id);
+        self.shared.lock().drop_handle(self.id);
     }
 }

@@ -2,8 +2,13 @@
 //!
 //! A transport moves whole messages in order, both ways, like a WebSocket does. The session
 //! splits it into a sending half (owned by the writer task) and a receiving half (owned by the
-//! reader task), so reading never waits for writing. WebSocket lives in [`crate::ws`]; an HTTP
-//! fallback transport fits behind the same two traits without the protocol knowing.
+//! reader task), so reading never waits for writing. One file (or folder) per transport:
+//! [`ws`] (WebSocket over any byte stream), [`http`] (the HTTP fallback: POSTs up, a streamed
+//! or long-polled GET down), and the in-memory pair below for tests. A new transport goes here,
+//! behind the same two traits, without the protocol knowing.
+
+pub mod http;
+pub mod ws;
 
 use bytes::Bytes;
 use std::future::Future;
