@@ -12,7 +12,7 @@ use std::time::Duration;
 use tunnel::Dest;
 
 pub use uplink::config::ConfigError;
-use uplink::config::{duration, invalid};
+use uplink::config::{duration, invalid, UplinkArgs};
 
 /// A token as text (shared with the connector: `uplink::Secret`); `Debug` never shows it.
 pub use uplink::Secret;
@@ -64,27 +64,7 @@ pub fn parse_dest(d: &str) -> Result<Dest, String> {
     Ok(Dest::new(host, port))
 }
 
-/// Which transport carries the session to the gateway.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum TransportChoice {
-    /// WebSocket, falling back to HTTP when a proxy strips the upgrade.
-    #[default]
-    Auto,
-    WebSocket,
-    Http,
-}
-
-impl std::str::FromStr for TransportChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(TransportChoice::Auto),
-            "websocket" | "ws" => Ok(TransportChoice::WebSocket),
-            "http" => Ok(TransportChoice::Http),
-            other => Err(format!("transport `{other}`: use auto, websocket or http")),
-        }
-    }
-}
+pub use uplink::TransportChoice;
 
 /// `sallyport run` flags.
 #[derive(Args, Debug, Default, Clone)]
@@ -92,30 +72,9 @@ pub struct AgentArgs {
     /// TOML config file [default: agent.toml in the per-user config folder, if present].
     #[arg(long, short = 'c')]
     pub config: Option<PathBuf>,
-    /// The DMZ gateway, e.g. wss://gw.example.com/
-    #[arg(long)]
-    pub gateway: Option<String>,
-    /// File holding the agent token (or set SALLYPORT_TOKEN).
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    /// Extra CA certificate (PEM) to trust for the gateway, besides the OS store.
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
-    /// The way out: `http://[USER@]HOST:PORT`, `socks5://…`, `socks5h://…`, `direct`, or `auto`
-    /// (default: the environment as curl reads it, the OS settings, WPAD, then direct).
-    #[arg(long)]
-    pub proxy: Option<String>,
-    /// Proxy auto-config: a PAC URL (http://…/proxy.pac) or file; its answer is tried in order.
-    #[arg(long)]
-    pub pac: Option<String>,
-    /// User for the corporate proxy (DOMAIN\user for NTLM). The password comes from
-    /// SALLYPORT_PROXY_PASSWORD or --proxy-credentials, never from a flag.
-    #[arg(long)]
-    pub proxy_user: Option<String>,
-    /// File with `user:password` (or the password alone) for the corporate proxy, mode 0600
-    /// [default: proxy-credentials in the per-user config folder, if present].
-    #[arg(long)]
-    pub proxy_credentials: Option<PathBuf>,
+    /// How to reach the gateway (shared with the connector).
+    #[command(flatten)]
+    pub uplink: UplinkArgs,
     /// SOCKS5 listen address, or `off` [default: 127.0.0.1:1080].
     #[arg(long)]
     pub socks: Option<String>,
@@ -149,6 +108,8 @@ pub struct AgentArgs {
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct AgentFile {
+    // The keys of `UplinkArgs` (gateway, token_file, ca, proxy, pac, proxy_user,
+    // proxy_credentials): serde's `flatten` cannot be combined with `deny_unknown_fields`.
     pub gateway: Option<String>,
     pub token_file: Option<PathBuf>,
     /// The token is in the OS keychain (written by `sallyport enroll`).
@@ -188,6 +149,21 @@ pub struct ProxyAuthFile {
     pub wpad_credentials: Option<String>,
 }
 
+impl AgentFile {
+    /// The keys shared with the connector, as `UplinkArgs`.
+    fn uplink(&self) -> UplinkArgs {
+        UplinkArgs {
+            gateway: self.gateway.clone(),
+            token_file: self.token_file.clone(),
+            ca: self.ca.clone(),
+            proxy: self.proxy.clone(),
+            pac: self.pac.clone(),
+            proxy_user: self.proxy_user.clone(),
+            proxy_credentials: self.proxy_credentials.clone(),
+        }
+    }
+}
+
 impl ProxyAuthFile {
     fn wpad_credentials(&self) -> Result<bool, ConfigError> {
         match self.wpad_credentials.as_deref() {
@@ -208,24 +184,7 @@ pub struct LocalAuthFile {
     pub password_file: PathBuf,
 }
 
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-pub struct TunnelFile {
-    pub stream_window: Option<u32>,
-    pub session_window: Option<u32>,
-    pub ping_interval: Option<String>,
-    /// How long past a missed ping the gateway is declared dead (as in dmz/connector configs).
-    pub ping_timeout: Option<String>,
-    /// auto, websocket or http (as `--transport`).
-    pub transport: Option<String>,
-    /// HTTP transport downstream: `stream` or `poll` [default: stream, long-poll when a proxy
-    /// buffers responses].
-    pub http_mode: Option<String>,
-    /// `auto` (inner channel when the outer TLS is not proven the gateway's own) or `always`.
-    pub inner: Option<String>,
-    /// While on the HTTP fallback (chosen automatically), how often WebSocket is tried again.
-    pub websocket_retry: Option<String>,
-}
+pub use uplink::tuning::TunnelFile;
 
 /// The validated agent configuration.
 #[derive(Clone)]
@@ -268,6 +227,37 @@ pub struct AgentConfig {
     /// A protocol v2 token (`sp2_…`): the session runs the token-bound handshake and never
     /// sends a secret; `None` for a v1 bearer token.
     pub v2: Option<Arc<tunnel::token::Token>>,
+}
+
+impl AgentConfig {
+    /// How this agent reaches the gateway and sets up its session (shared with the connector).
+    pub fn uplink(&self) -> uplink::Uplink {
+        let mut session = self.session.clone();
+        session.role = tunnel::Role::Agent;
+        session.accept_streams = false;
+        session.instance_id = self.instance_id.clone();
+        uplink::Uplink {
+            gateway: self.gateway.clone(),
+            way: self.way.clone(),
+            tls: self.tls.clone(),
+            connect_timeout: self.connect_timeout,
+            session,
+            credential: match &self.v2 {
+                Some(t) => uplink::Credential::V2(t.clone()),
+                None => uplink::Credential::V1(uplink::v1::V1 {
+                    token: self.token.clone(),
+                    trust: uplink::v1::Trust::Prove {
+                        inner_key: self.inner_key,
+                        key_pin: self.gateway_key.clone(),
+                        anchor: self.gateway_anchor.clone(),
+                    },
+                }),
+            },
+            transport: self.transport,
+            http_mode: self.http_mode,
+            always_inner: self.always_inner,
+        }
+    }
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -317,39 +307,7 @@ fn listen_addr(
     }
 }
 
-/// Reads the token from a file or `SALLYPORT_TOKEN`; never from a flag (argv is visible to
-/// every local user).
-pub fn read_token(file: Option<&Path>) -> Result<Secret, ConfigError> {
-    let text = match file {
-        Some(p) => std::fs::read_to_string(p)
-            .map_err(|e| invalid(format!("cannot read token file {}: {e}", p.display())))?,
-        None => std::env::var("SALLYPORT_TOKEN")
-            .map_err(|_| invalid("no token: pass --token-file FILE or set SALLYPORT_TOKEN"))?,
-    };
-    check_token(
-        &text,
-        &file
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "SALLYPORT_TOKEN".into()),
-    )
-}
-
-/// A token as read from `source` (trimmed), if it has the shape of one (`sp_<id>_<64 hex>`, or
-/// a version 2 token `sp2_…` that parses).
-pub fn check_token(text: &str, source: &str) -> Result<Secret, ConfigError> {
-    let t = text.trim();
-    if tunnel::token::is_v2(t) {
-        t.parse::<tunnel::token::Token>()
-            .map_err(|e| invalid(format!("the token in {source}: {e}")))?;
-        return Ok(Secret::new(t));
-    }
-    if !t.starts_with("sp_") || t.len() < 69 || t.contains(char::is_whitespace) {
-        return Err(invalid(format!(
-            "the token in {source} does not look like a sallyport token (sp_<id>_<64 hex>)"
-        )));
-    }
-    Ok(Secret::new(t))
-}
+pub use uplink::config::{check_token, read_token};
 
 pub fn agent_config(args: AgentArgs) -> Result<AgentConfig, ConfigError> {
     agent_config_with(args, None, true)
@@ -370,18 +328,12 @@ pub fn agent_config_with(
         Some(p) => read_file(p)?,
         None => AgentFile::default(),
     };
-    let rel = |p: PathBuf| match path.as_deref().and_then(Path::parent) {
-        Some(dir) if p.is_relative() => dir.join(p),
-        _ => p,
-    };
-    let gateway = args
-        .gateway
-        .or(file.gateway)
-        .ok_or_else(|| invalid("--gateway URL is required, e.g. --gateway wss://gw.example.com/ (or run `sallyport demo` to try it locally)"))?;
-    let gateway = GatewayUrl::parse(&gateway).map_err(|e| invalid(e.to_string()))?;
+    let given_token_file = args.uplink.token_file.is_some();
+    let up = args.uplink.clone().or_file(file.uplink(), path.as_deref());
+    let gateway = up.gateway_url(" (or run `sallyport demo` to try it locally)")?;
     let token = match token {
         Some(t) => t,
-        None if args.token_file.is_none() && file.token_keychain => {
+        None if !given_token_file && file.token_keychain => {
             let gw = gateway.to_string();
             crate::enroll::keychain_token(&gw).ok_or_else(|| {
                 invalid(format!(
@@ -389,9 +341,9 @@ pub fn agent_config_with(
                 ))
             })?
         }
-        None => read_token(args.token_file.or(file.token_file.map(rel)).as_deref())?,
+        None => read_token(up.token_file.as_deref())?,
     };
-    let ca = args.ca.or(file.ca.map(rel));
+    let ca = up.ca.clone();
     // The gateway CA's own name, so that `doctor` can tell a re-signed certificate.
     let gateway_ca_names = match &ca {
         Some(path) => egress::read_pem_certs(path)
@@ -417,33 +369,12 @@ pub fn agent_config_with(
         })?),
         None => None,
     };
-    let transport = match args
-        .transport
-        .as_deref()
-        .or(file.tunnel.transport.as_deref())
-    {
+    let transport = match args.transport.as_deref() {
         Some(t) => t.parse::<TransportChoice>().map_err(invalid)?,
-        None => TransportChoice::Auto,
+        None => file.tunnel.transport()?.unwrap_or_default(),
     };
-    let http_mode = match file.tunnel.http_mode.as_deref() {
-        None => None,
-        Some("stream") => Some(tunnel::http::DownMode::Stream),
-        Some("poll") => Some(tunnel::http::DownMode::Poll),
-        Some(other) => {
-            return Err(invalid(format!(
-                "tunnel.http_mode `{other}`: use stream or poll"
-            )))
-        }
-    };
-    let always_inner = match file.tunnel.inner.as_deref() {
-        None | Some("auto") => false,
-        Some("always") => true,
-        Some(other) => {
-            return Err(invalid(format!(
-                "tunnel.inner `{other}`: use auto or always"
-            )))
-        }
-    };
+    let http_mode = file.tunnel.http_mode()?;
+    let always_inner = file.tunnel.inner_always()?;
     if always_inner && inner_key.is_none() && !tunnel::token::is_v2(token.expose()) {
         return Err(invalid(
             "tunnel.inner = \"always\" needs gateway_inner_key (from `sallyport-gateway inner-key`, or enroll again)",
@@ -473,18 +404,14 @@ pub fn agent_config_with(
     } else {
         None
     };
-    let credentials_file = args
+    let credentials_file = up
         .proxy_credentials
-        .or(file.proxy_credentials.map(rel))
+        .clone()
         .or_else(|| default_credentials_path().filter(|p| p.exists()));
-    let egress = egress::Egress::from_settings(&egress::EgressSettings {
-        proxy: args.proxy.as_deref().or(file.proxy.as_deref()),
-        pac: args.pac.as_deref().or(file.pac.as_deref()),
-        proxy_user: args.proxy_user.as_deref().or(file.proxy_user.as_deref()),
-        credentials_file: credentials_file.as_deref(),
-        wpad_credentials: file.proxy_auth.wpad_credentials()?,
-    })
-    .map_err(invalid)?;
+    let egress = up.egress(
+        credentials_file.as_deref(),
+        file.proxy_auth.wpad_credentials()?,
+    )?;
     let way = egress::Way::new(egress);
     let socks = listen_addr(
         args.socks.as_deref().or(file.socks.as_deref()),
@@ -537,14 +464,7 @@ pub fn agent_config_with(
         }
     }
     let mut session = tunnel::Config::new(tunnel::Role::Agent, true);
-    uplink::tuning::Tuning {
-        stream_window: file.tunnel.stream_window,
-        session_window: file.tunnel.session_window,
-        ping_interval: file.tunnel.ping_interval.as_deref(),
-        ping_timeout: file.tunnel.ping_timeout.as_deref(),
-    }
-    .apply(&mut session)
-    .map_err(|e| invalid(e.0))?;
+    file.tunnel.apply(&mut session)?;
     Ok(AgentConfig {
         gateway,
         token,
@@ -582,10 +502,7 @@ pub fn agent_config_with(
         always_inner,
         transport,
         http_mode,
-        websocket_retry: match &file.tunnel.websocket_retry {
-            Some(d) => duration(d, "tunnel.websocket_retry")?.max(Duration::from_secs(1)),
-            None => crate::pool::RETRY_WEBSOCKET,
-        },
+        websocket_retry: file.tunnel.websocket_retry()?,
         v2,
     })
 }

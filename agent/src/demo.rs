@@ -165,6 +165,9 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         hosts: HashMap::from([(INTERNAL_NAME.to_string(), vec!["127.0.0.1".parse()?])]),
         sessions: 2,
         connect_timeout: Duration::from_secs(5),
+        transport: uplink::TransportChoice::Auto,
+        http_mode: None,
+        always_inner: false,
         instance_id: "demo-connector".into(),
         session: tunnel::Config::new(tunnel::Role::Connector, true),
     };

@@ -8,7 +8,6 @@
 //! something on the path stripped the WebSocket upgrade. Exit code 0 when a path works.
 
 use crate::config::AgentConfig;
-use crate::pool::{start_http, start_ws};
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -26,26 +25,33 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
     // With a v2 token, the authenticated handshake says whether the certificate seen is the
     // gateway's own: remember what each winning connection found.
     let resigned = std::sync::Mutex::new(Vec::<String>::new());
+    // And the certificates a v1 bearer token was not sent over (not the gateway's own).
+    let untrusted = std::sync::Mutex::new(Vec::<String>::new());
+    let up = config.uplink();
     let (discovery, attempts) = way
         .diagnose(
             &config.gateway,
             config.tls.as_ref(),
             config.connect_timeout,
             |io| async {
-                let r = start_ws(config, io).await;
-                if let Ok((_, carried, cert)) = &r {
-                    if carried.contains("re-signed on the way") {
-                        resigned
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push(cert.clone());
-                    }
+                let r = up.over_websocket(io).await;
+                match &r {
+                    Ok(c) if c.carried.resigned() => resigned
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(c.cert.clone()),
+                    Err(uplink::ConnectError::Untrusted { seen }) => untrusted
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(seen.clone()),
+                    _ => {}
                 }
-                r
+                r.map(|c| (c.session, c.carried.to_string(), c.cert))
             },
         )
         .await;
     let resigned = resigned.into_inner().unwrap_or_else(|e| e.into_inner());
+    let untrusted = untrusted.into_inner().unwrap_or_else(|e| e.into_inner());
     if !discovery.notes.is_empty() {
         let _ = writeln!(out, "\nwhat was looked at:");
         for n in &discovery.notes {
@@ -91,7 +97,7 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
                 if stripped(why) {
                     fallback_note(config, &a.candidate, &mut out, &mut fallback).await;
                 }
-                if let Some((_, seen)) = why.split_once(crate::pool::UNTRUSTED_SEEN) {
+                if let Some(seen) = untrusted.iter().find(|seen| why.contains(seen.as_str())) {
                     intercepted_note(config, seen, &mut out);
                 }
             }
@@ -195,7 +201,7 @@ async fn fallback_note(
     if config.transport == crate::config::TransportChoice::WebSocket {
         return;
     }
-    match start_http(config, c, None).await {
+    match config.uplink().over_http(c, None).await {
         Ok(conn) => {
             conn.session
                 .close(tunnel::ErrorCode::Shutdown, "doctor done");
@@ -206,19 +212,22 @@ async fn fallback_note(
                 .and_then(|leaf| leaf.rsplit_once(" issued by "))
                 .map(|(_, i)| i.to_string())
                 .unwrap_or_else(|| "unknown".into());
-            let inner = if conn.carried.contains("v2 sealed") {
-                "sealed by protocol v2 (the proxy reads nothing)"
-            } else if conn.carried.contains("inner") {
-                "inside the pinned inner channel"
-            } else {
-                "WITHOUT the inner channel, over TLS proven the gateway's own"
+            let inner = match conn.carried.protection {
+                uplink::connect::Protection::V2(d) if d.sealed => {
+                    "sealed by protocol v2 (the proxy reads nothing)"
+                }
+                uplink::connect::Protection::V2(_) => "by protocol v2",
+                uplink::connect::Protection::V1Inner => "inside the pinned inner channel",
+                uplink::connect::Protection::Tls => {
+                    "WITHOUT the inner channel, over TLS proven the gateway's own"
+                }
             };
             let _ = writeln!(
                 out,
                 "     {} inspects TLS (issuer: {issuer}) and strips WebSocket upgrades; using HTTP streaming {inner} ({})",
                 c.proxy, conn.carried
             );
-            if conn.carried.contains("re-signed on the way") {
+            if conn.carried.resigned() {
                 resigned_note(config, &conn.cert, out);
             }
             fallback.get_or_insert(c.clone());

@@ -55,7 +55,7 @@ pub fn config_dir() -> Result<PathBuf, EnrollError> {
 }
 
 fn read_token(args: &AgentArgs) -> Result<Secret, EnrollError> {
-    if let Some(f) = &args.token_file {
+    if let Some(f) = &args.uplink.token_file {
         return Ok(config::read_token(Some(f))?);
     }
     let text = if std::io::stdin().is_terminal() {
@@ -75,7 +75,7 @@ fn read_token(args: &AgentArgs) -> Result<Secret, EnrollError> {
 /// Enrolls; returns the lines to print.
 pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, EnrollError> {
     let token = read_token(&args)?;
-    args.gateway = Some(url.to_string());
+    args.uplink.gateway = Some(url.to_string());
     args.config = None;
     // Probe the way out like `run`, but with nothing from an earlier enrollment.
     let mut cfg = config::agent_config_with(args.clone(), Some(token.clone()), false)?;
@@ -104,13 +104,12 @@ pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, Enrol
         cfg.inner_key = keys.inner;
     }
     let result = connect_with(&cfg, cfg.transport).await;
-    let connected = match result {
+    let (connected, way) = match result {
         Ok(ok) => ok,
         Err(e) if e.token_status() == Some(401) => return Err(EnrollError::Refused(e.to_string())),
         Err(e) => return Err(EnrollError::Unreachable(e.to_string())),
     };
     let session = connected.session;
-    let way = connected.way;
     let dmz = session.peer().instance_id.clone();
     session.close(ErrorCode::Shutdown, "enrollment check done");
     // The TLS key to pin: the one the gateway says it has (through an inspecting proxy, the
@@ -154,7 +153,7 @@ pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, Enrol
             token_path.display()
         ));
     }
-    if let Some(ca) = &args.ca {
+    if let Some(ca) = &args.uplink.ca {
         let copy = dir.join("ca.crt");
         let pem = std::fs::read(ca).map_err(|source| EnrollError::Write {
             path: ca.clone(),
@@ -197,10 +196,10 @@ pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, Enrol
         ));
     }
     out.push(format!("session carried by {}", connected.carried));
-    if let Some(p) = &args.proxy {
+    if let Some(p) = &args.uplink.proxy {
         toml.push_str(&format!("proxy = {}\n", toml_str(p)));
     }
-    if let Some(p) = &args.pac {
+    if let Some(p) = &args.uplink.pac {
         toml.push_str(&format!("pac = {}\n", toml_str(p)));
     }
     let conf = dir.join("agent.toml");
@@ -221,7 +220,7 @@ async fn enroll_v2(
     token: &Secret,
     v2: &tunnel::token::Token,
 ) -> Result<Vec<String>, EnrollError> {
-    let connected = match connect_with(cfg, cfg.transport).await {
+    let (connected, way) = match connect_with(cfg, cfg.transport).await {
         Ok(ok) => ok,
         Err(e) if e.token_status() == Some(401) => return Err(EnrollError::Refused(e.to_string())),
         Err(e) => return Err(EnrollError::Unreachable(e.to_string())),
@@ -236,7 +235,7 @@ async fn enroll_v2(
         "token {} accepted by the gateway {} (instance {dmz}), reached via {}",
         v2.claims().id,
         cfg.gateway,
-        connected.way
+        way
     )];
     let mut toml = format!(
         "{MARKER}\ngateway = {}\n",
@@ -264,10 +263,10 @@ async fn enroll_v2(
         tunnel::inner::PublicKey(v2.claims().gateway_keys[0])
     ));
     out.push(format!("session carried by {}", connected.carried));
-    if let Some(p) = &args.proxy {
+    if let Some(p) = &args.uplink.proxy {
         toml.push_str(&format!("proxy = {}\n", toml_str(p)));
     }
-    if let Some(p) = &args.pac {
+    if let Some(p) = &args.uplink.pac {
         toml.push_str(&format!("pac = {}\n", toml_str(p)));
     }
     let conf = dir.join("agent.toml");

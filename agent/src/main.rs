@@ -98,13 +98,9 @@ enum ServiceAction {
 fn main() -> ExitCode {
     // Usage errors are configuration errors: exit 64 like every other bad input (help and
     // --version still exit 0).
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match uplink::cli::parse() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 64 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(code) => return code,
     };
     // `connect` talks on stdout and the demo prints its own summary: keep their logs quiet.
     #[cfg(feature = "demo")]
@@ -128,49 +124,21 @@ fn main() -> ExitCode {
             | Command::Logout
             | Command::Status
     );
-    let quiet_default = quiet && cli.log == "info";
-    egress::logging::init(if quiet_default { "warn" } else { &cli.log });
+    uplink::cli::logging(&cli.log, quiet);
     match real_main(cli) {
         Ok(code) => code,
-        Err(e) => {
-            let bad_config = e.downcast_ref::<ConfigError>().is_some();
-            eprintln!("sallyport: error: {e:#}");
-            ExitCode::from(if bad_config { 64 } else { 1 })
-        }
+        Err(e) => uplink::cli::fail("sallyport", &e, e.downcast_ref::<ConfigError>().is_some()),
     }
 }
 
-fn shutdown_on_signal(token: CancellationToken) {
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            if let Ok(mut term) = signal(SignalKind::terminate()) {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            } else {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        token.cancel();
-    });
-}
-
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cli.threads.clamp(1, 64))
-        .enable_all()
-        .build()?;
+    let rt = uplink::cli::runtime(Some(cli.threads.clamp(1, 64)))?;
     match cli.command {
         Command::Run(args) => {
             let cfg = config::agent_config(args)?;
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
-                shutdown_on_signal(shutdown.clone());
+                uplink::cli::shutdown_on_signal(shutdown.clone());
                 agent::run(cfg, shutdown).await?;
                 Ok(ExitCode::SUCCESS)
             })
@@ -295,7 +263,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         #[cfg(feature = "demo")]
         Command::Demo { socks, http, once } => rt.block_on(async {
             let shutdown = CancellationToken::new();
-            shutdown_on_signal(shutdown.clone());
+            uplink::cli::shutdown_on_signal(shutdown.clone());
             agent::demo::run(agent::demo::DemoOptions { socks, http, once }, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }),

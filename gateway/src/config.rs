@@ -3,13 +3,12 @@
 //!
 //! Every error names what to fix: the flag, or the file, line and key.
 
-use crate::auth::{ReloadingStore, TokenSecret};
+use crate::auth::ReloadingStore;
 use crate::connector::ConnectorConfig;
 use crate::dmz::limits::Limits;
 use crate::dmz::DmzConfig;
 use crate::policy::{self, Policy, Route, Rule};
 use clap::Args;
-use egress::GatewayUrl;
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -18,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use uplink::config::duration;
+use uplink::config::{duration, UplinkArgs};
 pub use uplink::config::{invalid, parse_toml, read_toml, relative_to, ConfigError};
 
 // ---------------------------------------------------------------------------------------------
@@ -236,29 +235,8 @@ pub struct LimitsFile {
     pub pending_inner_sessions: Option<usize>,
 }
 
-/// Tunnel tuning shared by all roles.
-#[derive(Deserialize, Debug, Default, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct TunnelFile {
-    pub stream_window: Option<u32>,
-    pub session_window: Option<u32>,
-    pub ping_interval: Option<String>,
-    pub ping_timeout: Option<String>,
-}
-
-impl TunnelFile {
-    /// The shared validation (`uplink::tuning`): the same rules as the agent's `[tunnel]`.
-    pub fn apply(&self, cfg: &mut tunnel::Config) -> Result<(), ConfigError> {
-        uplink::tuning::Tuning {
-            stream_window: self.stream_window,
-            session_window: self.session_window,
-            ping_interval: self.ping_interval.as_deref(),
-            ping_timeout: self.ping_timeout.as_deref(),
-        }
-        .apply(cfg)
-        .map_err(|e| invalid(e.0))
-    }
-}
+/// `[tunnel]`, one struct for every role (`uplink::tuning`).
+pub use uplink::tuning::TunnelFile;
 
 pub fn default_instance_id() -> String {
     std::fs::read_to_string("/etc/hostname")
@@ -405,6 +383,7 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     }
     let mut session = tunnel::Config::new(tunnel::Role::Dmz, false);
     file.tunnel.apply(&mut session)?;
+    file.tunnel.refuse_keys_of_others("DMZ", true)?;
     let mut trusted = file
         .trusted_proxies
         .iter()
@@ -474,30 +453,9 @@ pub struct ConnectorArgs {
     /// TOML config file; flags override its values.
     #[arg(long, short = 'c')]
     pub config: Option<PathBuf>,
-    /// The DMZ gateway, e.g. wss://gw.example.com/
-    #[arg(long)]
-    pub gateway: Option<String>,
-    /// File holding the connector token (or set SALLYPORT_TOKEN).
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    /// The DMZ's CA certificate (PEM); when given, only it is trusted (pinned).
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
-    /// The way out to the DMZ: `http://[USER@]HOST:PORT`, `socks5://…`, `socks5h://…`,
-    /// `direct`, or `auto` (default: the environment as curl reads it, the OS settings, WPAD,
-    /// then direct).
-    #[arg(long)]
-    pub proxy: Option<String>,
-    /// Proxy auto-config: a PAC URL or file; its answer is tried in order.
-    #[arg(long)]
-    pub pac: Option<String>,
-    /// User for the outbound proxy (DOMAIN\user for NTLM); the password comes from
-    /// SALLYPORT_PROXY_PASSWORD or --proxy-credentials.
-    #[arg(long)]
-    pub proxy_user: Option<String>,
-    /// File with `user:password` (or the password alone) for the outbound proxy, mode 0600.
-    #[arg(long)]
-    pub proxy_credentials: Option<PathBuf>,
+    /// How to reach the DMZ (shared with the agent; `--ca` pins the DMZ's CA for v1 tokens).
+    #[command(flatten)]
+    pub uplink: UplinkArgs,
     /// Allow-list rule: `db.internal:5432`, `*.internal:22`, `10.20.0.0/16:443`, optionally
     /// followed by ` users=a,b groups=c`. Repeatable.
     #[arg(long = "allow")]
@@ -522,6 +480,8 @@ pub struct ConnectorArgs {
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorFile {
+    // The keys of `UplinkArgs` (serde's `flatten` cannot be combined with
+    // `deny_unknown_fields`).
     pub gateway: Option<String>,
     pub token_file: Option<PathBuf>,
     pub ca: Option<PathBuf>,
@@ -542,6 +502,21 @@ pub struct ConnectorFile {
     pub tunnel: TunnelFile,
 }
 
+impl ConnectorFile {
+    /// The keys shared with the agent, as `UplinkArgs`.
+    fn uplink(&self) -> UplinkArgs {
+        UplinkArgs {
+            gateway: self.gateway.clone(),
+            token_file: self.token_file.clone(),
+            ca: self.ca.clone(),
+            proxy: self.proxy.clone(),
+            pac: self.pac.clone(),
+            proxy_user: self.proxy_user.clone(),
+            proxy_credentials: self.proxy_credentials.clone(),
+        }
+    }
+}
+
 /// `hosts` values: one address or a list.
 #[derive(Deserialize, Debug)]
 #[serde(untagged)]
@@ -550,35 +525,7 @@ pub enum HostsValue {
     Many(Vec<IpAddr>),
 }
 
-/// Reads a token from a file or `SALLYPORT_TOKEN` (never from a flag: argv is visible to every
-/// local user).
-pub fn read_token(file: Option<&Path>) -> Result<TokenSecret, ConfigError> {
-    let text = match file {
-        Some(p) => std::fs::read_to_string(p)
-            .map_err(|e| invalid(format!("cannot read token file {}: {e}", p.display())))?,
-        None => std::env::var("SALLYPORT_TOKEN")
-            .map_err(|_| invalid("no token: pass --token-file FILE or set SALLYPORT_TOKEN"))?,
-    };
-    let t = text.trim();
-    if tunnel::token::is_v2(t) {
-        t.parse::<tunnel::token::Token>().map_err(|e| {
-            invalid(format!(
-                "the token in {}: {e}",
-                file.map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "SALLYPORT_TOKEN".into())
-            ))
-        })?;
-        return Ok(TokenSecret::new(t));
-    }
-    crate::auth::parse_token(t).map_err(|e| {
-        invalid(format!(
-            "the token in {} is malformed ({e}); tokens look like sp_<id>_<64 hex>",
-            file.map(|p| p.display().to_string())
-                .unwrap_or_else(|| "SALLYPORT_TOKEN".into())
-        ))
-    })?;
-    Ok(TokenSecret::new(t))
-}
+pub use uplink::config::read_token;
 
 pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigError> {
     let file: ConnectorFile = match &args.config {
@@ -586,14 +533,9 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         None => ConnectorFile::default(),
     };
     let base = args.config.as_deref();
-    let gateway = args.gateway.or(file.gateway).ok_or_else(|| {
-        invalid("--gateway URL is required, e.g. --gateway wss://gw.example.com/")
-    })?;
-    let gateway = GatewayUrl::parse(&gateway).map_err(|e| invalid(e.to_string()))?;
-    let token_file = args
-        .token_file
-        .or(file.token_file.map(|p| relative_to(base, p)));
-    let token = read_token(token_file.as_deref())?;
+    let up = args.uplink.clone().or_file(file.uplink(), base);
+    let gateway = up.gateway_url("")?;
+    let token = read_token(up.token_file.as_deref())?;
     let v2 = if tunnel::token::is_v2(token.expose()) {
         let t: tunnel::token::Token = token
             .expose()
@@ -609,7 +551,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
     } else {
         None
     };
-    let ca = args.ca.or(file.ca.map(|p| relative_to(base, p)));
+    let ca = up.ca.clone();
     let tls = if gateway.tls && v2.is_some() {
         Some(crate::connector::tls_config_v2().map_err(|e| invalid(e.to_string()))?)
     } else if gateway.tls {
@@ -669,17 +611,16 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
     }
     let mut session = tunnel::Config::new(tunnel::Role::Connector, true);
     file.tunnel.apply(&mut session)?;
-    let credentials_file = args
-        .proxy_credentials
-        .or(file.proxy_credentials.map(|p| relative_to(base, p)));
-    let egress = egress::Egress::from_settings(&egress::EgressSettings {
-        proxy: args.proxy.as_deref().or(file.proxy.as_deref()),
-        pac: args.pac.as_deref().or(file.pac.as_deref()),
-        proxy_user: args.proxy_user.as_deref().or(file.proxy_user.as_deref()),
-        credentials_file: credentials_file.as_deref(),
-        ..Default::default()
-    })
-    .map_err(invalid)?;
+    file.tunnel.refuse_keys_of_others("connector", false)?;
+    let transport = file.tunnel.transport()?.unwrap_or_default();
+    let http_mode = file.tunnel.http_mode()?;
+    let always_inner = file.tunnel.inner_always()?;
+    if always_inner && v2.is_none() {
+        return Err(invalid(
+            "tunnel.inner = \"always\" needs a version 2 connector token (`sallyport-gateway token new --kind connector`): a v1 connector has no inner channel",
+        ));
+    }
+    let egress = up.egress(up.proxy_credentials.as_deref(), false)?;
     Ok(ConnectorConfig {
         gateway,
         way: egress::Way::new(egress),
@@ -691,6 +632,9 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         hosts,
         sessions,
         connect_timeout,
+        transport,
+        http_mode,
+        always_inner,
         instance_id: args
             .instance_id
             .or(file.instance_id)

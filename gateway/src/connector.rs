@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{info, info_span, Instrument};
 use tunnel::{meta, ErrorCode, Role, Session, Stream};
-use uplink::{Backoff, ConnectError};
 
 /// Everything the connector needs, validated before anything is dialled.
 #[derive(Clone)]
@@ -36,11 +35,42 @@ pub struct ConnectorConfig {
     /// Sessions kept up to the gateway.
     pub sessions: usize,
     pub connect_timeout: Duration,
+    /// `[tunnel] transport`, `http_mode`, `inner` (as the agent's).
+    pub transport: uplink::TransportChoice,
+    pub http_mode: Option<tunnel::http::DownMode>,
+    pub always_inner: bool,
     pub instance_id: String,
     pub session: tunnel::Config,
     /// A protocol v2 token (`sp2_…`, kind `connector`): the token-bound handshake, any outer
     /// certificate (the handshake authenticates the gateway), nothing secret sent.
     pub v2: Option<Arc<tunnel::token::Token>>,
+}
+
+impl ConnectorConfig {
+    /// How this connector reaches the gateway and sets up its session (shared with the agent).
+    pub fn uplink(&self) -> uplink::Uplink {
+        let mut session = self.session.clone();
+        session.role = Role::Connector;
+        session.instance_id = self.instance_id.clone();
+        uplink::Uplink {
+            gateway: self.gateway.clone(),
+            way: self.way.clone(),
+            tls: self.tls.clone(),
+            connect_timeout: self.connect_timeout,
+            session,
+            credential: match &self.v2 {
+                Some(t) => uplink::Credential::V2(t.clone()),
+                // v1: `tls_config` admits only the DMZ's CA when `--ca` is given.
+                None => uplink::Credential::V1(uplink::v1::V1 {
+                    token: self.token.clone(),
+                    trust: uplink::v1::Trust::Config,
+                }),
+            },
+            transport: self.transport,
+            http_mode: self.http_mode,
+            always_inner: self.always_inner,
+        }
+    }
 }
 
 impl std::fmt::Debug for ConnectorConfig {
@@ -107,113 +137,22 @@ async fn keep_session(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut backoff = Backoff::default();
-    while !shutdown.is_cancelled() {
-        let started = Instant::now();
-        let attempt = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = connect(&config) => r,
-        };
-        match attempt {
-            Ok((session, incoming)) => {
-                info!(dmz = %session.peer().instance_id, "connected to the gateway");
-                session.advertise_routes(config.routes.iter().map(|r| r.to_string()).collect());
-                serve(&config, &session, incoming, &shutdown, &tracker).await;
-                let why = session.closed().await;
-                if shutdown.is_cancelled() {
-                    break;
-                }
-                warn!(reason = %why, "gateway session ended; reconnecting");
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot reach the gateway");
-                if uplink::park_after_rejected_credentials(&e, "the connector", &shutdown).await {
-                    break;
-                }
+    let up = config.uplink();
+    let serve_one = |c: uplink::Connected, _way| {
+        let (config, shutdown, tracker) = (&config, &shutdown, &tracker);
+        async move {
+            c.session
+                .advertise_routes(config.routes.iter().map(|r| r.to_string()).collect());
+            serve(config, &c.session, c.incoming, shutdown, tracker).await;
+            let why = c.session.closed().await;
+            if shutdown.is_cancelled() {
+                uplink::Ended::Shutdown
+            } else {
+                uplink::Ended::Lost(why)
             }
         }
-        backoff.after(started.elapsed());
-        let wait = backoff.delay();
-        debug!(?wait, "waiting before reconnecting");
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
-}
-
-async fn connect(config: &ConnectorConfig) -> Result<(Session, tunnel::Incoming), ConnectError> {
-    let url = config.gateway.endpoint("connector");
-    let r = config
-        .way
-        .connect(
-            &config.gateway,
-            config.tls.as_ref(),
-            config.connect_timeout,
-            |io| start_session(config, &url, io),
-        )
-        .await;
-    match (r, &config.v2) {
-        (Ok((session, _way)), _) => Ok(session),
-        // A site whose egress strips WebSocket upgrades (a TLS-inspecting proxy in its
-        // default configuration): the HTTP transport, sealed by protocol v2, on the same way out.
-        (Err(egress::probe::ProbeError::Gateway(e)), Some(token)) if e.upgrade_stripped() => {
-            let Some(way) = config.way.remembered() else {
-                return Err(e);
-            };
-            warn!(way = %way, error = %e, "the WebSocket upgrade does not get through this way out (a proxy strips it); using the HTTP transport, sealed by protocol v2");
-            let dial = uplink::v2::HttpDial {
-                way: config.way.clone(),
-                gateway: config.gateway.clone(),
-                tls: config.tls.clone(),
-                timeout: config.connect_timeout,
-                candidate: way,
-            };
-            let (t, done, _cert) =
-                uplink::v2::http_session(dial, None, token, "connector", None).await?;
-            info!(carried = %format!("http, {}", done.describe()), "v2 handshake done");
-            let mut cfg = config.session.clone();
-            cfg.role = Role::Connector;
-            cfg.initiator = true;
-            cfg.instance_id = config.instance_id.clone();
-            Ok(Session::start(t, cfg).await?)
-        }
-        (Err(e), _) => Err(e.into()),
-    }
-}
-
-/// The WebSocket upgrade and the tunnel hello on a fresh connection to the gateway.
-async fn start_session(
-    config: &ConnectorConfig,
-    url: &str,
-    io: egress::GatewayStream,
-) -> Result<(Session, tunnel::Incoming), ConnectError> {
-    let mut cfg = config.session.clone();
-    cfg.role = Role::Connector;
-    cfg.initiator = true;
-    cfg.instance_id = config.instance_id.clone();
-    if let Some(token) = &config.v2 {
-        let (t, done) = uplink::v2::over_websocket(
-            io,
-            url,
-            token,
-            config.session.max_frame,
-            config.connect_timeout,
-            false,
-        )
-        .await?;
-        info!(carried = %done.describe(), "v2 handshake done");
-        return Ok(Session::start(t, cfg).await?);
-    }
-    let transport = tunnel::ws::client(
-        io,
-        url,
-        Some(config.token.expose()),
-        config.session.max_frame,
-        config.connect_timeout,
-    )
-    .await?;
-    Ok(Session::start(transport, cfg).await?)
+    };
+    uplink::keep(&up, "the connector", &shutdown, serve_one, |_| {}).await;
 }
 
 async fn serve(

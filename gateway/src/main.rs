@@ -111,68 +111,30 @@ enum TokenCommand {
 fn main() -> ExitCode {
     // Usage errors are configuration errors: exit 64 like every other bad input (help and
     // --version still exit 0).
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match uplink::cli::parse() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 64 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(code) => return code,
     };
-    egress::logging::init(&cli.log);
+    uplink::cli::logging(&cli.log, false);
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let bad_config = e.downcast_ref::<ConfigError>().is_some();
-            eprintln!("sallyport-gateway: error: {e:#}");
-            ExitCode::from(if bad_config { 64 } else { 1 })
-        }
+        Err(e) => uplink::cli::fail(
+            "sallyport-gateway",
+            &e,
+            e.downcast_ref::<ConfigError>().is_some(),
+        ),
     }
-}
-
-fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        b.worker_threads(n.clamp(1, 256));
-    }
-    Ok(b.enable_all().build()?)
-}
-
-/// Cancels the token on Ctrl-C or SIGTERM.
-fn shutdown_on_signal(token: CancellationToken) {
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = match signal(SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    token.cancel();
-                    return;
-                }
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
-        token.cancel();
-    });
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dmz(args) => {
-            let rt = runtime(cli.threads)?;
+            let rt = uplink::cli::runtime(cli.threads)?;
             rt.block_on(async {
                 // Token files are read inside the runtime (the reloader is a task).
                 let cfg = config::dmz_config(args)?;
                 let shutdown = CancellationToken::new();
-                shutdown_on_signal(shutdown.clone());
+                uplink::cli::shutdown_on_signal(shutdown.clone());
                 gateway::dmz::run(cfg, shutdown)
                     .await
                     .map_err(anyhow::Error::from)
@@ -180,10 +142,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Connector(args) => {
             let cfg = config::connector_config(args)?;
-            let rt = runtime(cli.threads)?;
+            let rt = uplink::cli::runtime(cli.threads)?;
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
-                shutdown_on_signal(shutdown.clone());
+                uplink::cli::shutdown_on_signal(shutdown.clone());
                 gateway::connector::run(cfg, shutdown).await;
                 Ok(())
             })

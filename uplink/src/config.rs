@@ -96,3 +96,117 @@ mod tests {
         );
     }
 }
+
+/// Reads a token from `file`, or from `SALLYPORT_TOKEN` without one; never from a flag (argv
+/// is visible to every local user).
+pub fn read_token(file: Option<&Path>) -> Result<crate::Secret, ConfigError> {
+    let text = match file {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| invalid(format!("cannot read token file {}: {e}", p.display())))?,
+        None => std::env::var("SALLYPORT_TOKEN")
+            .map_err(|_| invalid("no token: pass --token-file FILE or set SALLYPORT_TOKEN"))?,
+    };
+    check_token(
+        &text,
+        &file
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "SALLYPORT_TOKEN".into()),
+    )
+}
+
+/// A token as read from `source` (trimmed), if it is one: a version 2 token `sp2_…` that
+/// parses, or a version 1 token `sp_<id>_<64 lowercase hex>`. The error never shows the text.
+pub fn check_token(text: &str, source: &str) -> Result<crate::Secret, ConfigError> {
+    let t = text.trim();
+    if tunnel::token::is_v2(t) {
+        t.parse::<tunnel::token::Token>()
+            .map_err(|e| invalid(format!("the token in {source}: {e}")))?;
+        return Ok(crate::Secret::new(t));
+    }
+    let secret = crate::Secret::new(t);
+    if secret.id().is_none() {
+        return Err(invalid(format!(
+            "the token in {source} does not look like a sallyport token (sp2_… or sp_<id>_<64 hex>)"
+        )));
+    }
+    Ok(secret)
+}
+
+/// The flags both the agent and the connector take to reach the gateway (flattened into each
+/// role's arguments); each also has a key of the same name in the role's config file.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct UplinkArgs {
+    /// The DMZ gateway, e.g. wss://gw.example.com/ (port 443 unless given).
+    #[arg(long)]
+    pub gateway: Option<String>,
+    /// File holding the token (or set SALLYPORT_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// The gateway's CA certificate (PEM), for v1 tokens (v2 tokens carry the gateway's key).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// The way out: `http://[USER@]HOST:PORT`, `socks5://…`, `socks5h://…`, `direct`, or `auto`
+    /// (default: the environment as curl reads it, the OS settings, WPAD, then direct).
+    #[arg(long)]
+    pub proxy: Option<String>,
+    /// Proxy auto-config: a PAC URL (http://…/proxy.pac) or file; its answer is tried in order.
+    #[arg(long)]
+    pub pac: Option<String>,
+    /// User for the proxy on the way out (DOMAIN\user for NTLM). The password comes from
+    /// SALLYPORT_PROXY_PASSWORD or --proxy-credentials, never from a flag.
+    #[arg(long)]
+    pub proxy_user: Option<String>,
+    /// File with `user:password` (or the password alone) for the proxy, mode 0600.
+    #[arg(long)]
+    pub proxy_credentials: Option<PathBuf>,
+}
+
+impl UplinkArgs {
+    /// The flags, each falling back to the config file's value (`file`, whose paths are
+    /// relative to the config file `base`).
+    pub fn or_file(self, file: UplinkArgs, base: Option<&Path>) -> UplinkArgs {
+        let rel = |p: Option<PathBuf>| p.map(|p| relative_to(base, p));
+        UplinkArgs {
+            gateway: self.gateway.or(file.gateway),
+            token_file: self.token_file.or(rel(file.token_file)),
+            ca: self.ca.or(rel(file.ca)),
+            proxy: self.proxy.or(file.proxy),
+            pac: self.pac.or(file.pac),
+            proxy_user: self.proxy_user.or(file.proxy_user),
+            proxy_credentials: self.proxy_credentials.or(rel(file.proxy_credentials)),
+        }
+    }
+
+    /// The gateway URL, required (`hint`: what else the user could do).
+    pub fn gateway_url(&self, hint: &str) -> Result<egress::GatewayUrl, ConfigError> {
+        let g = self.gateway.as_deref().ok_or_else(|| {
+            invalid(format!(
+                "--gateway URL is required, e.g. --gateway wss://gw.example.com/{hint}"
+            ))
+        })?;
+        egress::GatewayUrl::parse(g).map_err(|e| invalid(e.to_string()))
+    }
+
+    /// The way out from these settings (`wpad_credentials`: whether proxy credentials may be
+    /// sent to proxies found by WPAD, an admin's choice).
+    pub fn egress(
+        &self,
+        credentials_file: Option<&Path>,
+        wpad_credentials: bool,
+    ) -> Result<egress::Egress, ConfigError> {
+        egress::Egress::from_settings(&egress::EgressSettings {
+            proxy: self.proxy.as_deref(),
+            pac: self.pac.as_deref(),
+            proxy_user: self.proxy_user.as_deref(),
+            credentials_file,
+            wpad_credentials,
+        })
+        .map_err(invalid)
+    }
+}
+
+impl From<crate::tuning::TuningError> for ConfigError {
+    fn from(e: crate::tuning::TuningError) -> ConfigError {
+        ConfigError::Invalid(e.0)
+    }
+}

@@ -26,6 +26,10 @@ pub enum ConnectError {
     /// on the token (sent inside).
     #[error("{0}")]
     Inner(String),
+    /// The gateway's inner key is not the pinned one (v1's inner channel): re-enroll only if
+    /// the gateway's key really changed.
+    #[error("{0}")]
+    KeyMismatch(String),
     /// The gateway refused the token (inside the inner channel).
     #[error("gateway refused the session with {status}: {text}")]
     Refused { status: u16, text: String },
@@ -72,7 +76,9 @@ impl GatewayReached for ConnectError {
                 matches!(h.status(), Some(401 | 429)) || self.upgrade_stripped()
             }
             ConnectError::Http(h) => matches!(h.status(), Some(401 | 403 | 429)),
-            ConnectError::Inner(_) | ConnectError::Refused { .. } => true,
+            ConnectError::Inner(_)
+            | ConnectError::KeyMismatch(_)
+            | ConnectError::Refused { .. } => true,
             ConnectError::Session(tunnel::SessionError::Version { .. }) => true,
             _ => false,
         }

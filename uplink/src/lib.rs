@@ -1,6 +1,7 @@
 //! # sallyport-uplink: reaching the gateway and keeping a session up
 //!
-//! What the agent and the connector both do, once: the reasons a session could not be set up
+//! What the agent and the connector both do, once: reaching the gateway and keeping a session
+//! up ([`Uplink`], [`keep`]), the reasons a session could not be set up
 //! ([`ConnectError`], one type that says which hop failed), how long to wait before the next
 //! try ([`Backoff`], one set of constants), and the rule that a proxy credential that got `407`
 //! is never tried again ([`park_after_rejected_credentials`]): a domain account locks after a
@@ -8,8 +9,12 @@
 //!
 //! | file | what |
 //! |---|---|
+//! | [`connect`] | [`Uplink`]: probe → dial → upgrade (or the HTTP transport) → handshake → hello, for both roles |
+//! | [`keep`] | the reconnect loop: backoff, 407 parking, the once-per-process warnings |
+//! | [`v1`] | protocol v1: when a bearer token may ride a connection, the v1 inner channel |
 //! | [`error`] | [`ConnectError`]: no way out, the upgrade, the HTTP transport, the inner channel, the token, the hello |
 //! | [`backoff`] | [`Backoff`]: exponential, full jitter, reset after a stable session |
+//! | [`cli`] | both binaries' start-up: usage errors exit 64, logging, runtime, signals, exit codes |
 //! | [`config`] | `ConfigError` (exit 64), TOML with file and line, durations, relative paths |
 //! | [`secret`] | [`Secret`]: a token as text (v1 or v2), never shown in `Debug`/`Display` |
 //! | [`tuning`] | `[tunnel]` windows and pings, one validation for every role |
@@ -18,14 +23,20 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod error;
+pub mod keep;
 pub mod secret;
 pub mod tuning;
+pub mod v1;
 pub mod v2;
 
 pub use backoff::Backoff;
+pub use connect::{Carried, Connected, Credential, TransportChoice, Uplink};
 pub use error::ConnectError;
+pub use keep::{keep, Ended};
 pub use secret::Secret;
 
 use tokio_util::sync::CancellationToken;

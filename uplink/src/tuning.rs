@@ -110,3 +110,95 @@ mod tests {
         assert_eq!(cfg.ping_interval, Duration::from_secs(5));
     }
 }
+
+/// `[tunnel]` as every role's config file holds it: the tuning (all roles) and how an uplink
+/// carries its session (the agent and the connector; the DMZ refuses those keys).
+#[derive(serde::Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelFile {
+    pub stream_window: Option<u32>,
+    pub session_window: Option<u32>,
+    pub ping_interval: Option<String>,
+    /// How long past a missed ping the peer is declared dead.
+    pub ping_timeout: Option<String>,
+    /// auto, websocket or http (as the agent's `--transport`).
+    pub transport: Option<String>,
+    /// HTTP transport downstream: `stream` or `poll` [default: stream, long-poll when a proxy
+    /// buffers responses].
+    pub http_mode: Option<String>,
+    /// `auto` (sealed, or v1's inner channel, when the outer TLS is not proven the gateway's
+    /// own) or `always`.
+    pub inner: Option<String>,
+    /// While on the HTTP fallback (chosen automatically), how often WebSocket is tried again
+    /// (the agent; a connector tries WebSocket first on every reconnect).
+    pub websocket_retry: Option<String>,
+}
+
+impl TunnelFile {
+    /// Applies the windows and ping timings to `cfg` (see [`Tuning::apply`]).
+    pub fn apply(&self, cfg: &mut tunnel::Config) -> Result<(), TuningError> {
+        Tuning {
+            stream_window: self.stream_window,
+            session_window: self.session_window,
+            ping_interval: self.ping_interval.as_deref(),
+            ping_timeout: self.ping_timeout.as_deref(),
+        }
+        .apply(cfg)
+    }
+
+    /// Refuses the keys `role` does not use, naming them: the DMZ (`uplink_keys`) uses none
+    /// of the uplink's, the connector all but `websocket_retry`.
+    pub fn refuse_keys_of_others(&self, role: &str, uplink_keys: bool) -> Result<(), TuningError> {
+        let set = [
+            ("transport", uplink_keys && self.transport.is_some()),
+            ("http_mode", uplink_keys && self.http_mode.is_some()),
+            ("inner", uplink_keys && self.inner.is_some()),
+            ("websocket_retry", self.websocket_retry.is_some()),
+        ];
+        match set.iter().find(|(_, on)| *on) {
+            Some((key, _)) => Err(TuningError(format!(
+                "tunnel.{key} is not a setting of the {role}: remove it"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// `transport` (default auto).
+    pub fn transport(&self) -> Result<Option<crate::TransportChoice>, TuningError> {
+        self.transport
+            .as_deref()
+            .map(|t| t.parse().map_err(TuningError))
+            .transpose()
+    }
+
+    /// `http_mode`: `None` lets the transport choose.
+    pub fn http_mode(&self) -> Result<Option<tunnel::http::DownMode>, TuningError> {
+        match self.http_mode.as_deref() {
+            None => Ok(None),
+            Some("stream") => Ok(Some(tunnel::http::DownMode::Stream)),
+            Some("poll") => Ok(Some(tunnel::http::DownMode::Poll)),
+            Some(other) => Err(TuningError(format!(
+                "tunnel.http_mode `{other}`: use stream or poll"
+            ))),
+        }
+    }
+
+    /// `inner = "always"`.
+    pub fn inner_always(&self) -> Result<bool, TuningError> {
+        match self.inner.as_deref() {
+            None | Some("auto") => Ok(false),
+            Some("always") => Ok(true),
+            Some(other) => Err(TuningError(format!(
+                "tunnel.inner `{other}`: use auto or always"
+            ))),
+        }
+    }
+
+    /// `websocket_retry`, at least a second (default `crate::keep::RETRY_WEBSOCKET`).
+    pub fn websocket_retry(&self) -> Result<Duration, TuningError> {
+        match &self.websocket_retry {
+            Some(d) => Ok(duration(d, "tunnel.websocket_retry")?.max(Duration::from_secs(1))),
+            None => Ok(crate::keep::RETRY_WEBSOCKET),
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! What both binaries do before and after their command: parse the command line (a usage
+//! error exits 64 like any other bad input; `--help` and `--version` exit 0), start logging,
+//! build the runtime, turn Ctrl-C and SIGTERM into a shutdown, and map an error to its exit
+//! code (64 bad configuration, 1 anything else).
+
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code of a configuration or usage error (BSD `EX_USAGE`).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// Parses the command line; on a usage error, prints clap's message and says the exit code.
+pub fn parse<C: clap::Parser>() -> Result<C, ExitCode> {
+    C::try_parse().map_err(|e| {
+        let code = if e.use_stderr() { EXIT_CONFIG } else { 0 };
+        let _ = e.print();
+        ExitCode::from(code)
+    })
+}
+
+/// Starts logging with `filter` (RUST_LOG syntax); `quiet` commands (those that talk on
+/// stdout) log only warnings unless a filter other than the default `info` was asked for.
+pub fn logging(filter: &str, quiet: bool) {
+    let quiet_default = quiet && filter == "info";
+    egress::logging::init(if quiet_default { "warn" } else { filter });
+}
+
+/// Prints `program: error: …` (with its causes) and gives the exit code: 64 when
+/// `bad_config`, else 1.
+pub fn fail(program: &str, e: &impl std::fmt::Display, bad_config: bool) -> ExitCode {
+    eprintln!("{program}: error: {e:#}");
+    ExitCode::from(if bad_config { EXIT_CONFIG } else { 1 })
+}
+
+/// A multi-threaded runtime with `threads` workers (default: one per core).
+pub fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n.clamp(1, 256));
+    }
+    b.enable_all().build()
+}
+
+/// Cancels `token` on Ctrl-C or SIGTERM (call inside the runtime).
+pub fn shutdown_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+}

@@ -1,0 +1,101 @@
+//! Keeping a session up: connect, hand the session to the role (the connector serves streams,
+//! the agent lends it to app connections), and when it ends or cannot be set up, wait
+//! ([`Backoff`]) and try again. A way out whose proxy rejected our credentials is never retried
+//! (a domain account locks after a few failures). Also the warnings that are news once per
+//! process, not on every reconnect.
+
+use crate::connect::{Connected, TransportChoice, Uplink};
+use crate::{Backoff, ConnectError};
+use egress::probe::Candidate;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// What the role says happened to a session it was handed.
+pub enum Ended {
+    /// The session ended (the reason is logged): reconnect.
+    Lost(tunnel::SessionError),
+    /// Shutdown: stop.
+    Shutdown,
+}
+
+/// Keeps a session to `up.gateway` until `shutdown`: `serve` gets each session that comes up
+/// and returns when it ends; `failed` hears every attempt that failed. `who` names the process
+/// for the log (`the agent`, `the connector`).
+pub async fn keep<S, F>(
+    up: &Uplink,
+    who: &str,
+    shutdown: &CancellationToken,
+    mut serve: S,
+    mut failed: impl FnMut(&ConnectError),
+) where
+    S: FnMut(Connected, Candidate) -> F,
+    F: Future<Output = Ended>,
+{
+    let mut backoff = Backoff::default();
+    while !shutdown.is_cancelled() {
+        let started = Instant::now();
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = up.connect(up.transport) => r,
+        };
+        match attempt {
+            Ok((c, way)) => {
+                info!(gateway = %up.gateway, dmz = %c.session.peer().instance_id, carried = %c.carried, way = %way, "connected to the gateway");
+                match serve(c, way).await {
+                    Ended::Shutdown => break,
+                    Ended::Lost(why) => {
+                        if shutdown.is_cancelled() {
+                            break;
+                        }
+                        warn!(reason = %why, "gateway session lost; reconnecting");
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot reach the gateway");
+                failed(&e);
+                if crate::park_after_rejected_credentials(&e, who, shutdown).await {
+                    break;
+                }
+            }
+        }
+        backoff.after(started.elapsed());
+        let wait = backoff.delay();
+        debug!(?wait, "waiting before reconnecting");
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// While on the HTTP transport (chosen automatically), how often WebSocket is tried again
+/// (default of `[tunnel] websocket_retry`).
+pub const RETRY_WEBSOCKET: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// Says that the WebSocket upgrade does not get through `way`, once per process.
+pub(crate) fn said_fallback(way: &Candidate, e: &ConnectError, endpoint: &str) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        warn!(way = %way, error = %e, role = endpoint, "the WebSocket upgrade does not get through this way out (a proxy strips it); using the HTTP transport (POST up, streamed GET down) and trying WebSocket again in the background");
+    } else {
+        info!(way = %way, "WebSocket upgrade still stripped; HTTP transport");
+    }
+}
+
+/// Says once per process that the TLS on the way is re-signed (v2 carries on sealed), naming
+/// the certificate seen.
+pub(crate) fn said_resigned(cert: &str) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        warn!(seen = %cert, "the TLS certificate on the way to the gateway is not the gateway's own (a TLS-inspecting proxy re-signs it); the session stays sealed, so the proxy reads nothing (`sallyport doctor` names who re-signed it)");
+    }
+}
+
+/// Whether `choice` may move back to WebSocket from an automatic HTTP fallback.
+pub fn retries_websocket(choice: TransportChoice, on_http: bool) -> bool {
+    on_http && choice == TransportChoice::Auto
+}
