@@ -185,7 +185,12 @@ impl Uplink {
                         let Some(way) = self.way.remembered() else {
                             return Err(e);
                         };
-                        crate::keep::said_fallback(&way, &e, self.endpoint());
+                        crate::keep::said_fallback(
+                            &way,
+                            &e,
+                            matches!(self.credential, Credential::V2(_)),
+                            self.session.role != Role::Connector,
+                        );
                         Ok((self.over_http(&way, None).await?, way))
                     }
                     Err(e) => Err(e.into()),

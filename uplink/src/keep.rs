@@ -76,11 +76,23 @@ pub async fn keep<S, F>(
 /// (default of `[tunnel] websocket_retry`).
 pub const RETRY_WEBSOCKET: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
-/// Says that the WebSocket upgrade does not get through `way`, once per process.
-pub(crate) fn said_fallback(way: &Candidate, e: &ConnectError, endpoint: &str) {
+/// Says that the WebSocket upgrade does not get through `way`, once per process: the HTTP
+/// transport (`sealed`: by protocol v2) carries on; the agent (`retries`) tries WebSocket again
+/// in the background, a connector on its next reconnect.
+pub(crate) fn said_fallback(way: &Candidate, e: &ConnectError, sealed: bool, retries: bool) {
     static SAID: AtomicBool = AtomicBool::new(false);
     if !SAID.swap(true, Ordering::Relaxed) {
-        warn!(way = %way, error = %e, role = endpoint, "the WebSocket upgrade does not get through this way out (a proxy strips it); using the HTTP transport (POST up, streamed GET down) and trying WebSocket again in the background");
+        let how = if sealed {
+            "the HTTP transport, sealed by protocol v2"
+        } else {
+            "the HTTP transport"
+        };
+        let again = if retries {
+            "trying WebSocket again in the background"
+        } else {
+            "trying WebSocket first again on every reconnect"
+        };
+        warn!(way = %way, error = %e, "the WebSocket upgrade does not get through this way out (a proxy strips it); using {how} (POST up, streamed GET down) and {again}");
     } else {
         info!(way = %way, "WebSocket upgrade still stripped; HTTP transport");
     }
