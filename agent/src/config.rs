@@ -232,6 +232,9 @@ pub struct TunnelFile {
 pub struct AgentConfig {
     pub gateway: GatewayUrl,
     pub token: Secret,
+    /// Where the token came from, for messages: the token file, `SALLYPORT_TOKEN`, the OS
+    /// keychain or enrollment.
+    pub token_source: String,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// How to leave the network: candidates, probing and what worked (see `egress::probe`).
     pub way: Arc<egress::Way>,
@@ -321,8 +324,7 @@ fn listen_addr(
 /// every local user).
 pub fn read_token(file: Option<&Path>) -> Result<Secret, ConfigError> {
     let text = match file {
-        Some(p) => std::fs::read_to_string(p)
-            .map_err(|e| invalid(format!("cannot read token file {}: {e}", p.display())))?,
+        Some(p) => uplink::config::read_secret_file(p)?,
         None => std::env::var("SALLYPORT_TOKEN")
             .map_err(|_| invalid("no token: pass --token-file FILE or set SALLYPORT_TOKEN"))?,
     };
@@ -379,17 +381,25 @@ pub fn agent_config_with(
         .or(file.gateway)
         .ok_or_else(|| invalid("--gateway URL is required, e.g. --gateway wss://gw.example.com/ (or run `sallyport demo` to try it locally)"))?;
     let gateway = GatewayUrl::parse(&gateway).map_err(|e| invalid(e.to_string()))?;
-    let token = match token {
-        Some(t) => t,
+    let (token, token_source) = match token {
+        Some(t) => (t, "the token given to enroll".to_string()),
         None if args.token_file.is_none() && file.token_keychain => {
             let gw = gateway.to_string();
-            crate::enroll::keychain_token(&gw).ok_or_else(|| {
+            let t = crate::enroll::keychain_token(&gw).ok_or_else(|| {
                 invalid(format!(
                     "the token for {gw} is not in the OS keychain any more: run `sallyport enroll {gw}` again"
                 ))
-            })?
+            })?;
+            (t, format!("the OS keychain (entry for {gw})"))
         }
-        None => read_token(args.token_file.or(file.token_file.map(rel)).as_deref())?,
+        None => {
+            let f = args.token_file.or(file.token_file.map(rel));
+            let source = match &f {
+                Some(p) => p.display().to_string(),
+                None => "SALLYPORT_TOKEN".to_string(),
+            };
+            (read_token(f.as_deref())?, source)
+        }
     };
     let ca = args.ca.or(file.ca.map(rel));
     // The gateway CA's own name, so that `doctor` can tell a re-signed certificate.
@@ -450,12 +460,19 @@ pub fn agent_config_with(
         ));
     }
     let v2 = if tunnel::token::is_v2(token.expose()) {
-        Some(Arc::new(
-            token
-                .expose()
-                .parse::<tunnel::token::Token>()
-                .map_err(|e| invalid(format!("token: {e}")))?,
-        ))
+        let t = token
+            .expose()
+            .parse::<tunnel::token::Token>()
+            .map_err(|e| invalid(format!("token: {e}")))?;
+        // The kind is in the token's claims: a connector's credential is told apart here,
+        // before any connection.
+        if t.claims().kind != tunnel::token::Kind::Agent {
+            return Err(ConfigError::WrongKind {
+                origin: token_source,
+                id: t.claims().id.clone(),
+            });
+        }
+        Some(Arc::new(t))
     } else {
         None
     };
@@ -587,6 +604,7 @@ pub fn agent_config_with(
             None => crate::pool::RETRY_WEBSOCKET,
         },
         v2,
+        token_source,
     })
 }
 

@@ -174,6 +174,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
     let agent_cfg = AgentConfig {
         gateway: gateway_url,
         token: Secret::new(agent_token.expose()),
+        token_source: "the demo".into(),
         tls: Some(egress::client_config(&egress::TlsOptions {
             any_certificate: true,
             ..Default::default()

@@ -134,7 +134,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             let bad_config = e.downcast_ref::<ConfigError>().is_some();
-            eprintln!("sallyport: error: {e:#}");
+            eprintln!("sallyport: error: {}", uplink::error::one_line(e.as_ref()));
             ExitCode::from(if bad_config { 64 } else { 1 })
         }
     }

@@ -241,7 +241,18 @@ pub async fn start_ws(
         config.session.max_frame,
         config.connect_timeout,
     )
-    .await?;
+    .await
+    .map_err(|e| match e {
+        // The bearer token went only over TLS proven the gateway's own: its 401 is the
+        // gateway's own word, not a middlebox's.
+        tunnel::ws::HandshakeError::Refused { status: 401, body } if bearer.is_some() => {
+            ConnectError::Refused {
+                status: 401,
+                text: body,
+            }
+        }
+        e => e.into(),
+    })?;
     match key {
         Some(key) => {
             let t = tunnel::inner::connect(ws, &key, config.token.expose(), config.connect_timeout)
@@ -537,6 +548,18 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
                 *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(format!("gateway session lost: {why}"));
             }
+            Err(e) if egress::probe::GatewayReached::refused_credential(&e) => {
+                // Authenticated (never a middlebox's status): slow down, still retry.
+                backoff.after(started.elapsed());
+                let wait = backoff.refused();
+                let why = refused_text(&config, &e);
+                warn!(error = %e, retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())), "{why}");
+                *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
+            }
             Err(e) => {
                 warn!(error = %e, "cannot reach the gateway");
                 *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -554,6 +577,14 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
         }
     }
     pool.current.send_replace(None);
+}
+
+/// What the user is told when the gateway refused the credential: which token, and what to do.
+pub fn refused_text(config: &AgentConfig, e: &ConnectError) -> String {
+    format!(
+        "the token in {} was refused by the gateway (expired, revoked or mistyped); ask your admin or run `sallyport enroll` ({e})",
+        config.token_source
+    )
 }
 
 /// Closes a replaced session once its last stream has ended (at most an hour later).

@@ -124,7 +124,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let bad_config = e.downcast_ref::<ConfigError>().is_some();
-            eprintln!("sallyport-gateway: error: {e:#}");
+            eprintln!(
+                "sallyport-gateway: error: {}",
+                uplink::error::one_line(e.as_ref())
+            );
             ExitCode::from(if bad_config { 64 } else { 1 })
         }
     }
