@@ -108,13 +108,9 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
     let refused = attempts.iter().find(|a| a.refused);
     match (winner, &fallback) {
         (None, None) if refused.is_some() => {
-            let why = refused
-                .and_then(|a| a.outcome.as_ref().err())
-                .map(String::as_str)
-                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "\nthe way out works, but the token in {} was refused by the gateway (expired, revoked or mistyped); ask your admin or run `sallyport enroll` ({why})",
+                "\nthe way out works, but the token in {} was refused by the gateway (expired, revoked or mistyped); ask your admin or run `sallyport enroll`",
                 config.token_source
             );
         }

@@ -553,7 +553,7 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
                 backoff.after(started.elapsed());
                 let wait = backoff.refused();
                 let why = refused_text(&config, &e);
-                warn!(error = %e, retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())), "{why}");
+                warn!(retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())), "{why}");
                 *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
