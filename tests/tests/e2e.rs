@@ -1042,19 +1042,16 @@ fn a_loopback_service_refusal_gives_the_rule_and_default_advertise_is_as_documen
         }
         args.push(a.clone());
     }
-    args.extend(
-        [
-            "--allow".to_string(),
-            format!("web.internal:{port}"),
-            "--allow".into(),
-            format!("127.0.0.1/32:{port}"),
-            "--sessions".into(),
-            "4".into(),
-            "--instance-id".into(),
-            "readme-connector".into(),
-        ]
-        .into_iter(),
-    );
+    args.extend([
+        "--allow".to_string(),
+        format!("web.internal:{port}"),
+        "--allow".into(),
+        format!("127.0.0.1/32:{port}"),
+        "--sessions".into(),
+        "4".into(),
+        "--instance-id".into(),
+        "readme-connector".into(),
+    ]);
     let mut sys = sys;
     sys.connector.kill();
     for round in 0..2 {
