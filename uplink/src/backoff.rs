@@ -31,13 +31,15 @@ impl Backoff {
     /// A session that stayed up this long resets the backoff.
     pub const STABLE: Duration = Duration::from_secs(60);
 
-    /// The first wait after the gateway refused the credential.
-    pub const REFUSED_FIRST: Duration = Duration::from_secs(60);
+    /// The first wait after the gateway refused the credential: 40 times the first wait for an
+    /// unreachable gateway, yet short enough that a token minted a moment ago (the DMZ reads
+    /// its token files every 2 s) works at the next try.
+    pub const REFUSED_FIRST: Duration = Duration::from_secs(10);
     /// The longest wait after refusals: still retried (a token revoked by mistake and put back
     /// works again without a restart).
     pub const REFUSED_MAX: Duration = Duration::from_secs(15 * 60);
 
-    /// The next wait after the gateway itself refused the credential: a minute doubling to
+    /// The next wait after the gateway itself refused the credential: 10 s doubling to
     /// [`Backoff::REFUSED_MAX`], with jitter. Call it only on an authenticated refusal
     /// (`ConnectError::Refused`, `GatewayReached::refused_credential`), never on an HTTP status
     /// that something on the way could have written, or a middlebox could slow every desktop
@@ -93,7 +95,8 @@ mod tests {
     fn a_refused_credential_waits_longer_than_an_unreachable_gateway_and_still_retries() {
         let mut b = Backoff::default();
         let first = b.refused();
-        assert!(first >= Backoff::REFUSED_FIRST / 2 && first > Backoff::MAX);
+        assert!(first >= Backoff::REFUSED_FIRST / 2 && first >= Backoff::FIRST * 20);
+        assert!(b.refused() >= Backoff::REFUSED_FIRST);
         for _ in 0..20 {
             let w = b.refused();
             assert!(w <= Backoff::REFUSED_MAX, "always retried: {w:?}");
