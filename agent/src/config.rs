@@ -191,6 +191,9 @@ pub use uplink::tuning::TunnelFile;
 pub struct AgentConfig {
     pub gateway: GatewayUrl,
     pub token: Secret,
+    /// Where the token came from, for messages: the token file, `SALLYPORT_TOKEN`, the OS
+    /// keychain or enrollment.
+    pub token_source: String,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// How to leave the network: candidates, probing and what worked (see `egress::probe`).
     pub way: Arc<egress::Way>,
@@ -253,6 +256,7 @@ impl AgentConfig {
                     },
                 }),
             },
+            token_source: self.token_source.clone(),
             transport: self.transport,
             http_mode: self.http_mode,
             always_inner: self.always_inner,
@@ -331,17 +335,25 @@ pub fn agent_config_with(
     let given_token_file = args.uplink.token_file.is_some();
     let up = args.uplink.clone().or_file(file.uplink(), path.as_deref());
     let gateway = up.gateway_url(" (or run `sallyport demo` to try it locally)")?;
-    let token = match token {
-        Some(t) => t,
+    let (token, token_source) = match token {
+        Some(t) => (t, "the token given to enroll".to_string()),
         None if !given_token_file && file.token_keychain => {
             let gw = gateway.to_string();
-            crate::enroll::keychain_token(&gw).ok_or_else(|| {
+            let t = crate::enroll::keychain_token(&gw).ok_or_else(|| {
                 invalid(format!(
                     "the token for {gw} is not in the OS keychain any more: run `sallyport enroll {gw}` again"
                 ))
-            })?
+            })?;
+            (t, format!("the OS keychain (entry for {gw})"))
         }
-        None => read_token(up.token_file.as_deref())?,
+        None => {
+            let f = up.token_file.clone();
+            let source = match &f {
+                Some(p) => p.display().to_string(),
+                None => "SALLYPORT_TOKEN".to_string(),
+            };
+            (read_token(f.as_deref())?, source)
+        }
     };
     let ca = up.ca.clone();
     // The gateway CA's own name, so that `doctor` can tell a re-signed certificate.
@@ -381,12 +393,19 @@ pub fn agent_config_with(
         ));
     }
     let v2 = if tunnel::token::is_v2(token.expose()) {
-        Some(Arc::new(
-            token
-                .expose()
-                .parse::<tunnel::token::Token>()
-                .map_err(|e| invalid(format!("token: {e}")))?,
-        ))
+        let t = token
+            .expose()
+            .parse::<tunnel::token::Token>()
+            .map_err(|e| invalid(format!("token: {e}")))?;
+        // The kind is in the token's claims: a connector's credential is told apart here,
+        // before any connection.
+        if t.claims().kind != tunnel::token::Kind::Agent {
+            return Err(ConfigError::WrongKind {
+                origin: token_source,
+                id: t.claims().id.clone(),
+            });
+        }
+        Some(Arc::new(t))
     } else {
         None
     };
@@ -504,6 +523,7 @@ pub fn agent_config_with(
         http_mode,
         websocket_retry: file.tunnel.websocket_retry()?,
         v2,
+        token_source,
     })
 }
 

@@ -19,6 +19,10 @@ pub enum ProxyCommandError {
     Refused(#[from] egress::ProxyError),
     #[error("no agent is listening at {agent} and {why}")]
     NoAgent { agent: SocketAddr, why: String },
+    /// The agent refused because it has no session to the gateway; `why` is its own reason
+    /// (from its control socket, as `sallyport status` shows it).
+    #[error("the agent at {agent} has no session to the gateway: {why}")]
+    AgentOffline { agent: SocketAddr, why: String },
 }
 
 /// SOCKS5 CONNECT by name through the local agent (the same client the egress uses for
@@ -30,8 +34,29 @@ pub async fn via_agent(
 ) -> Result<TcpStream, ProxyCommandError> {
     let mut s = TcpStream::connect(agent).await?;
     let _ = s.set_nodelay(true);
-    egress::proxy::socks5_connect(&mut s, &format!("agent {agent}"), host, port, None).await?;
+    if let Err(e) =
+        egress::proxy::socks5_connect(&mut s, &format!("agent {agent}"), host, port, None).await
+    {
+        // A SOCKS5 reply code says little ("general failure"): when the agent is offline, its
+        // own reason says what is wrong.
+        return Err(match offline_reason().await {
+            Some(why) => ProxyCommandError::AgentOffline { agent, why },
+            None => e.into(),
+        });
+    }
     Ok(s)
+}
+
+/// Why this user's running agent has no gateway session, from its control socket (`None`
+/// when it has one, or cannot be asked).
+async fn offline_reason() -> Option<String> {
+    let path = crate::status::control_path()?;
+    let text = crate::status::query(&path).await.ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix("connected: no (")?
+            .strip_suffix(')')
+            .map(str::to_string)
+    })
 }
 
 /// Copies stdin → `io` and `io` → stdout until the far end closes.

@@ -165,6 +165,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         hosts: HashMap::from([(INTERNAL_NAME.to_string(), vec!["127.0.0.1".parse()?])]),
         sessions: 2,
         connect_timeout: Duration::from_secs(5),
+        token_source: "the demo".into(),
         transport: uplink::TransportChoice::Auto,
         http_mode: None,
         always_inner: false,
@@ -177,6 +178,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
     let agent_cfg = AgentConfig {
         gateway: gateway_url,
         token: Secret::new(agent_token.expose()),
+        token_source: "the demo".into(),
         tls: Some(egress::client_config(&egress::TlsOptions {
             any_certificate: true,
             ..Default::default()

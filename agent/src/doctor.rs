@@ -111,7 +111,15 @@ pub async fn run(config: &AgentConfig) -> (String, bool) {
         }
     }
     let winner = attempts.iter().find(|a| a.outcome.is_ok());
+    let refused = attempts.iter().find(|a| a.refused);
     match (winner, &fallback) {
+        (None, None) if refused.is_some() => {
+            let _ = writeln!(
+                out,
+                "\nthe way out works, but the token in {} was refused by the gateway (expired, revoked or mistyped); ask your admin or run `sallyport enroll`",
+                config.token_source
+            );
+        }
         (Some(a), _) => {
             let _ = writeln!(
                 out,

@@ -203,7 +203,7 @@ pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, Enrol
         toml.push_str(&format!("pac = {}\n", toml_str(p)));
     }
     let conf = dir.join("agent.toml");
-    write_private(&conf, &toml)?;
+    write_private(&conf, &seal(toml))?;
     out.push(format!("config written to {}", conf.display()));
     out.push(
         "next: `sallyport service install` to run it at every login, or `sallyport run`".into(),
@@ -270,7 +270,7 @@ async fn enroll_v2(
         toml.push_str(&format!("pac = {}\n", toml_str(p)));
     }
     let conf = dir.join("agent.toml");
-    write_private(&conf, &toml)?;
+    write_private(&conf, &seal(toml))?;
     out.push(format!("config written to {}", conf.display()));
     out.push(
         "next: `sallyport service install` to run it at every login, or `sallyport run`".into(),
@@ -392,13 +392,55 @@ pub fn logout() -> Result<Vec<String>, EnrollError> {
             let _ = std::fs::remove_file(&sock);
         }
     }
-    for f in ["agent.token", "ca.crt", "agent.toml"] {
+    // A config the user edited after enrolling keeps their edits (and the CA it may name);
+    // the token goes either way.
+    let edited = !unedited(&text);
+    let files: &[&str] = if edited {
+        &["agent.token"]
+    } else {
+        &["agent.token", "ca.crt", "agent.toml"]
+    };
+    for f in files {
         let p = dir.join(f);
         if std::fs::remove_file(&p).is_ok() {
             out.push(format!("removed {}", p.display()));
         }
     }
+    if edited {
+        out.push(format!(
+            "kept {}: it was edited after `sallyport enroll` wrote it, so your changes stay; its token is gone (enroll again, or remove the file yourself)",
+            conf.display()
+        ));
+    }
     Ok(out)
+}
+
+/// The last line of an `agent.toml` that enroll wrote: the SHA-256 of everything before it,
+/// so that `logout` can tell a file the user edited since.
+const SEAL: &str = "# enroll-sha256: ";
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `toml` with its [`SEAL`] line.
+fn seal(toml: String) -> String {
+    let hash = sha256_hex(&toml);
+    format!("{toml}{SEAL}{hash}\n")
+}
+
+/// Is `text` exactly what enroll wrote? A file without the seal line (written by an older
+/// enroll) counts as unedited, as before.
+fn unedited(text: &str) -> bool {
+    let Some(at) = text.rfind(SEAL) else {
+        return true;
+    };
+    let (body, line) = text.split_at(at);
+    line.trim_end() == format!("{SEAL}{}", sha256_hex(body)) && line.ends_with('\n')
 }
 
 /// The token for `gateway` from the OS keychain (written by enroll).
@@ -462,6 +504,15 @@ fn write_private(path: &Path, content: &str) -> Result<(), EnrollError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_edited_agent_toml_is_told_apart_from_what_enroll_wrote() {
+        let written = seal(format!("{MARKER}\ngateway = \"wss://gw/\"\n"));
+        assert!(unedited(&written));
+        assert!(!unedited(&written.replace("gw/", "gw2/")));
+        assert!(!unedited(&format!("{written}socks = \"127.0.0.1:1081\"\n")));
+        assert!(unedited(&format!("{MARKER}\ngateway = \"wss://gw/\"\n")));
+    }
 
     #[test]
     fn toml_strings_are_escaped() {

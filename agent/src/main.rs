@@ -127,7 +127,11 @@ fn main() -> ExitCode {
     uplink::cli::logging(&cli.log, quiet);
     match real_main(cli) {
         Ok(code) => code,
-        Err(e) => uplink::cli::fail("sallyport", &e, e.downcast_ref::<ConfigError>().is_some()),
+        Err(e) => uplink::cli::fail(
+            "sallyport",
+            e.as_ref(),
+            e.downcast_ref::<ConfigError>().is_some(),
+        ),
     }
 }
 

@@ -165,7 +165,13 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
         }
     };
     uplink::keep(&up, "the agent", &shutdown, serve, |e| {
-        set_error(Some(format!("gateway unreachable: {e}")))
+        set_error(Some(
+            if egress::probe::GatewayReached::refused_credential(e) {
+                up.refused_text(e)
+            } else {
+                format!("gateway unreachable: {e}")
+            },
+        ))
     })
     .await;
     pool.current.send_replace(None);

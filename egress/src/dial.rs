@@ -426,7 +426,14 @@ async fn finish_dial(
 
 fn explain_tls(e: &io::Error) -> String {
     let text = e.to_string();
-    if text.contains("UnknownIssuer") {
+    let ours = matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::General(_))
+    );
+    if ours {
+        // Our verifier's own explanation (it names the --ca file and the issuer).
+        text
+    } else if text.contains("UnknownIssuer") {
         format!("{text}: the gateway's certificate is not signed by a CA this machine trusts (pass --ca FILE with the gateway's CA)")
     } else if text.contains("NotValidForName") {
         format!("{text}: the certificate does not name this host; use the name the certificate was issued for")

@@ -89,6 +89,9 @@ pub struct Attempt {
     /// `Ok` with a description of the gateway's certificate when TLS was used, or why it failed.
     pub outcome: Result<String, String>,
     pub elapsed: Duration,
+    /// The way out works but the gateway refused the credential (an authenticated refusal,
+    /// see [`GatewayReached::refused_credential`]); `outcome` is then `Err` with its text.
+    pub refused: bool,
 }
 
 /// Errors of the gateway handshake run on a fresh connection (the WebSocket upgrade and the
@@ -96,6 +99,11 @@ pub struct Attempt {
 /// (a bad token, too many sessions) is the gateway's answer, not the path's.
 pub trait GatewayReached {
     fn reached_gateway(&self) -> bool;
+    /// The gateway itself (authenticated, not a forgeable HTTP status) refused the credential:
+    /// the way out works, the token does not.
+    fn refused_credential(&self) -> bool {
+        false
+    }
 }
 
 /// Why no session could be set up.
@@ -353,6 +361,7 @@ impl Way {
                         candidate: c.clone(),
                         outcome: Err(why),
                         elapsed: started.elapsed(),
+                        refused: false,
                     });
                 }
             }
@@ -396,7 +405,7 @@ impl Way {
                         }
                         Outcome::Failed(why) => {
                             tracing::info!(way = %c, %why, "way out failed");
-                            attempts.push(Attempt { candidate: c.clone(), outcome: Err(why), elapsed: started.elapsed() });
+                            attempts.push(Attempt { candidate: c.clone(), outcome: Err(why), elapsed: started.elapsed(), refused: false });
                             // Happy eyeballs: a failure starts the next one at once.
                             timer.as_mut().reset(tokio::time::Instant::now());
                         }
@@ -439,8 +448,15 @@ impl Way {
             async move {
                 tokio::time::sleep(self.stagger * i as u32).await;
                 let started = Instant::now();
+                let mut refused = false;
                 let outcome = match self.attempt(url, tls, timeout, c, verify).await {
                     Outcome::Won(_, cert) => Ok(cert),
+                    Outcome::Reached(e) if e.refused_credential() => {
+                        refused = true;
+                        Err(format!(
+                            "reached the gateway, which refused the credential: {e}"
+                        ))
+                    }
                     Outcome::Reached(e) => Ok(format!("reached the gateway, which answered: {e}")),
                     Outcome::Failed(why) => Err(why),
                 };
@@ -448,6 +464,7 @@ impl Way {
                     candidate: c.clone(),
                     outcome,
                     elapsed: started.elapsed(),
+                    refused,
                 }
             }
         });

@@ -78,6 +78,29 @@ pub fn client_config(opts: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, Egr
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(GatewayVerifier::accept_any(provider)))
             .with_no_client_auth(),
+        // With --ca: the usual check, and a failure that names the CA file and the issuer.
+        None if opts.ca.is_some() => {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| EgressError::Tls {
+                host: String::new(),
+                reason: e.to_string(),
+            })?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(GatewayVerifier {
+                    provider,
+                    check: Check::Ca {
+                        inner,
+                        file: opts.ca.clone().unwrap_or_default(),
+                        only: opts.pin,
+                    },
+                }))
+                .with_no_client_auth()
+        }
         None => builder.with_root_certificates(roots).with_no_client_auth(),
         Some(pin) => {
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -120,6 +143,13 @@ enum Check {
     /// Anything: for [`peek_certificate`] (reading the names of a certificate that failed) and
     /// protocol v2, whose handshake authenticates the gateway inside the TLS.
     Any,
+    /// The usual certificate check against `--ca` (`only`: it alone, else with the OS store);
+    /// a certificate it did not sign is refused naming the file and the issuer seen.
+    Ca {
+        inner: Arc<rustls::client::WebPkiServerVerifier>,
+        file: PathBuf,
+        only: bool,
+    },
     /// The usual certificate check, then the enrolled key pin (`mismatch_ok`: another key is
     /// allowed, the v1 inner channel protects the session then).
     Pinned {
@@ -150,6 +180,29 @@ impl rustls::client::danger::ServerCertVerifier for GatewayVerifier {
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         let (inner, pin, mismatch_ok) = match &self.check {
             Check::Any => return Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            Check::Ca { inner, file, only } => {
+                return inner
+                    .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+                    .map_err(|e| match e {
+                        rustls::Error::InvalidCertificate(
+                            rustls::CertificateError::UnknownIssuer
+                            | rustls::CertificateError::BadSignature,
+                        ) => {
+                            let issuer = cert::names(end_entity)
+                                .map(|(_, issuer)| issuer)
+                                .unwrap_or_else(|| "unreadable".into());
+                            // The issuer seen is who signed it on this path: behind a
+                            // TLS-inspecting proxy, the proxy's CA. ("UnknownIssuer" stays,
+                            // so that `dial_via` names the certificate seen.)
+                            rustls::Error::General(format!(
+                                "UnknownIssuer: the CA in {} did not sign the gateway's certificate (issuer: {issuer}){}",
+                                file.display(),
+                                if *only { "" } else { " and neither did a CA in the OS store" }
+                            ))
+                        }
+                        e => e,
+                    });
+            }
             Check::Pinned {
                 inner,
                 pin,

@@ -101,7 +101,7 @@ fn set_validity(params: &mut CertificateParams, now: SystemTime) {
     params.not_after = rcgen::date_time_ymd(y, m, d);
 }
 
-/// Makes a trial CA ("Sallyport trial CA") and a server certificate for `names` (DNS names, or IP
+/// Makes a trial CA ("Sallyport trial CA <date> <random>", unique per run) and a server certificate for `names` (DNS names, or IP
 /// addresses which become IP SANs), valid from yesterday for about a year.
 pub fn trial_pki(names: &[String]) -> Result<TrialPki, CertError> {
     if names.is_empty() {
@@ -113,7 +113,14 @@ pub fn trial_pki(names: &[String]) -> Result<TrialPki, CertError> {
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "Sallyport trial CA");
+    // A name of its own (date and a random suffix): a CA from another `cert` run then reads
+    // as another issuer, not as a bad signature by "the" trial CA.
+    let (y, m, d) = ymd(now);
+    let suffix: u32 = rand::random();
+    dn.push(
+        DnType::CommonName,
+        format!("Sallyport trial CA {y:04}-{m:02}-{d:02} {suffix:08x}"),
+    );
     ca.distinguished_name = dn;
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![

@@ -517,12 +517,50 @@ impl ConnectorFile {
     }
 }
 
-/// `hosts` values: one address or a list.
+/// `hosts` values: one address or a list; anything else is kept as read, so that the error
+/// can name the key and the expected form (see [`hosts_entry`]).
 #[derive(Deserialize, Debug)]
 #[serde(untagged)]
 pub enum HostsValue {
     One(IpAddr),
     Many(Vec<IpAddr>),
+    Other(toml::Value),
+}
+
+/// One `[hosts]` entry as addresses, or an error naming the key and the form expected. An
+/// unquoted name with dots (`db.internal = "10.0.0.1"`) is a TOML table (`db` → `internal`):
+/// said so, with the quoted form.
+fn hosts_entry(key: &str, v: HostsValue, file: &Path) -> Result<Vec<IpAddr>, ConfigError> {
+    let example =
+        |k: &str| format!("\"{k}\" = \"10.0.0.1\" or \"{k}\" = [\"10.0.0.1\", \"10.0.0.2\"]");
+    match v {
+        HostsValue::One(a) => Ok(vec![a]),
+        HostsValue::Many(a) => Ok(a),
+        HostsValue::Other(toml::Value::Table(t)) => {
+            // The dotted name the admin wrote, as far as it goes (first entry).
+            let mut name = key.to_string();
+            let mut inner = Some(&t);
+            while let Some((k, v)) = inner.and_then(|t| t.iter().next()) {
+                name.push('.');
+                name.push_str(k);
+                inner = v.as_table();
+            }
+            Err(invalid(format!(
+                "{}: [hosts] key `{name}`: a host name with dots must be quoted, or TOML reads it as nested tables; write {}",
+                file.display(),
+                example(&name)
+            )))
+        }
+        HostsValue::Other(other) => Err(invalid(format!(
+            "{}: [hosts] key `{key}`: expected an IP address or a list of them, as strings, not {}; write {}",
+            file.display(),
+            match &other {
+                toml::Value::String(s) => format!("`{s}`"),
+                v => format!("a {}", v.type_str()),
+            },
+            example(key)
+        ))),
+    }
 }
 
 pub use uplink::config::read_token;
@@ -578,17 +616,26 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
     }
     if routes.is_empty() {
         routes = rules.iter().map(|r| r.route.clone()).collect();
+        // By default, advertise only what a v2 credential covers: an address rule that is
+        // there to list a special address (`127.0.0.1/32:23080`) is not a route the DMZ would
+        // keep, and advertising it only makes the DMZ warn.
+        if let Some(t) = &v2 {
+            let covered: Vec<Route> = t
+                .claims()
+                .routes
+                .iter()
+                .filter_map(|r| r.parse().ok())
+                .collect();
+            if !covered.is_empty() {
+                routes.retain(|r| covered.iter().any(|c| c.covers(r)));
+            }
+        }
     }
     let mut hosts: HashMap<String, Vec<IpAddr>> = HashMap::new();
     for (k, v) in file.hosts {
+        let ips = hosts_entry(&k, v, base.unwrap_or(Path::new("the config file")))?;
         let name = normalize_host_key(&k)?;
-        hosts.insert(
-            name,
-            match v {
-                HostsValue::One(a) => vec![a],
-                HostsValue::Many(a) => a,
-            },
-        );
+        hosts.insert(name, ips);
     }
     for h in &args.hosts {
         let (name, ips) = h
@@ -632,6 +679,11 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         hosts,
         sessions,
         connect_timeout,
+        token_source: up
+            .token_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "SALLYPORT_TOKEN".into()),
         transport,
         http_mode,
         always_inner,

@@ -35,6 +35,8 @@ pub struct ConnectorConfig {
     /// Sessions kept up to the gateway.
     pub sessions: usize,
     pub connect_timeout: Duration,
+    /// Where the token came from (its file, or `SALLYPORT_TOKEN`), for messages.
+    pub token_source: String,
     /// `[tunnel] transport`, `http_mode`, `inner` (as the agent's).
     pub transport: uplink::TransportChoice,
     pub http_mode: Option<tunnel::http::DownMode>,
@@ -66,6 +68,7 @@ impl ConnectorConfig {
                     trust: uplink::v1::Trust::Config,
                 }),
             },
+            token_source: self.token_source.clone(),
             transport: self.transport,
             http_mode: self.http_mode,
             always_inner: self.always_inner,

@@ -120,7 +120,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => uplink::cli::fail(
             "sallyport-gateway",
-            &e,
+            e.as_ref(),
             e.downcast_ref::<ConfigError>().is_some(),
         ),
     }

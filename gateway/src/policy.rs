@@ -817,9 +817,18 @@ impl Policy {
         if explicitly_listed {
             return Ok(());
         }
+        // The rule that would list it, for the admin (`--allow 127.0.0.1/32:23080`).
+        let rule = match ip {
+            IpAddr::V4(v4) => format!("{v4}/32:{port}"),
+            IpAddr::V6(v6) => format!("[{v6}/128]:{port}"),
+        };
         let reason = match name {
-            Some(h @ Host::Name(_)) => format!("{h} resolved to {ip}, {kind}, which no rule lists"),
-            _ => format!("{dest} is {kind}, which no rule lists"),
+            Some(h @ Host::Name(_)) => format!(
+                "{h} resolved to {ip}, {kind}, which no rule lists (to allow it, add the connector rule --allow '{rule}')"
+            ),
+            _ => format!(
+                "{dest} is {kind}, which no rule lists (to allow it, add the connector rule --allow '{rule}')"
+            ),
         };
         Err(Denied { reason })
     }
@@ -1157,7 +1166,7 @@ mod tests {
             p.check_resolved(&h, 80, &alice(), "127.0.0.1".parse().unwrap())
                 .unwrap_err()
                 .reason,
-            "app.internal resolved to 127.0.0.1, a loopback address, which no rule lists"
+            "app.internal resolved to 127.0.0.1, a loopback address, which no rule lists (to allow it, add the connector rule --allow '127.0.0.1/32:80')"
         );
         assert!(p
             .check_resolved(&h, 80, &alice(), "10.1.1.1".parse().unwrap())
@@ -1185,7 +1194,7 @@ mod tests {
             let a: IpAddr = addr.parse().unwrap();
             let err = p.check_resolved(&h, 80, &alice(), a).unwrap_err().reason;
             assert!(
-                err.ends_with(", a cloud metadata address, which no rule lists"),
+                err.contains(", a cloud metadata address, which no rule lists"),
                 "{addr}: {err}"
             );
             // As an IP literal too, even though `*:*` (and the wider fd00::/16) match it.

@@ -185,11 +185,17 @@ fn policy_denial_and_missing_routes_reach_curl_as_the_right_errors() {
     assert_eq!(out, "403");
 }
 
+/// Writes a token file as `token new --out` does: mode 0600 (the agent refuses any other).
+fn write_token_file(path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+}
+
 #[test]
 fn a_bad_agent_token_is_refused_with_401() {
     let (_, sys) = backend();
     let bad = sys.pki.p("bad.token");
-    std::fs::write(&bad, format!("sp_alice-laptop_{}\n", "0".repeat(64))).unwrap();
+    write_token_file(&bad, &format!("sp_alice-laptop_{}\n", "0".repeat(64)));
     let agent = Proc::spawn(
         "bad-agent",
         Command::new(bin("sallyport"))
@@ -208,9 +214,22 @@ fn a_bad_agent_token_is_refused_with_401() {
             .arg(sys.pki.p("ca.crt")),
     )
     .unwrap();
-    agent
-        .wait_for(&["HTTP 401", "invalid token"], Duration::from_secs(15))
+    // The bearer token went only over the gateway's own TLS (--ca): its 401 is the gateway's
+    // word. The agent names the file and what to do, and waits long before the next try.
+    let line = agent
+        .wait_for(
+            &[
+                &format!("the token in {} was refused by the gateway (expired, revoked or mistyped); ask your admin or run `sallyport enroll`", bad.display()),
+                "401",
+                "invalid token",
+            ],
+            Duration::from_secs(15),
+        )
         .unwrap();
+    let retry: u64 = field(&line, "retry_in")
+        .and_then(|r| r.trim_end_matches('s').parse().ok())
+        .unwrap_or_else(|| panic!("no retry_in in {line}"));
+    assert!(retry >= 5, "{line}");
     sys.dmz
         .wait_for(&["refused token"], Duration::from_secs(5))
         .unwrap();
@@ -222,6 +241,166 @@ fn a_bad_agent_token_is_refused_with_401() {
         !sys.dmz.log().contains(&"0".repeat(64)),
         "the token leaked into the gateway log"
     );
+}
+
+/// A revoked v2 token: the refusal arrives sealed inside the handshake (authenticated), so the
+/// agent names the token file, says what to do and backs off for 5 s or more (one try in
+/// several seconds, where an unreachable gateway is tried again within a second); `doctor`
+/// does not call it "ok" and exits 1; `status` shows the same reason.
+#[test]
+fn a_refused_v2_token_names_the_file_backs_off_and_doctor_exits_1() {
+    let (_, sys) = backend();
+    drop(revoke_alice(&sys));
+    let token = sys.pki.p("alice-laptop.token");
+    let agent = sys.spawn_agent("refused-agent", &[], &[]).unwrap();
+    let want = format!(
+        "the token in {} was refused by the gateway (expired, revoked or mistyped); ask your admin or run `sallyport enroll`",
+        token.display()
+    );
+    agent
+        .wait_for(&[&want, "401"], Duration::from_secs(15))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let tries = agent.log().matches("was refused by the gateway").count();
+    assert_eq!(tries, 1, "no harder backoff:\n{}", agent.log());
+    let (code, out, err) = sys.doctor(&["--proxy", "direct"], &[]).unwrap();
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(!out.contains(" ok in "), "{out}");
+    assert!(
+        out.contains("reached the gateway, which refused the credential"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "the way out works, but {}",
+            &want[..want.find(';').unwrap()]
+        )),
+        "{out}"
+    );
+}
+
+/// Removes the only `[[token]]` of the DMZ's agent token file and waits for the reload.
+fn revoke_alice(sys: &System) -> String {
+    let tokens = sys.pki.p("agents.toml");
+    let text = std::fs::read_to_string(&tokens).unwrap();
+    let kept: String = text
+        .lines()
+        .take_while(|l| !l.starts_with("[[token]]"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&tokens, kept).unwrap();
+    sys.dmz
+        .wait_for(&["token revoked or expired"], Duration::from_secs(10))
+        .unwrap();
+    text
+}
+
+/// Something on the way (not the gateway) answers the upgrade with 401: a v2 agent cannot take
+/// that for the gateway's verdict, so it keeps its usual quick retries and blames nothing on
+/// the token. The long backoff cannot be forged into a lockout.
+#[test]
+fn a_forged_401_on_the_way_does_not_slow_a_v2_agent_down() {
+    let pki = Pki::new("forged401").unwrap();
+    let token = pki
+        .token("agent", "alice-laptop", &["--name", "alice"])
+        .unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c2 = count.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            c2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 13\r\nConnection: close\r\n\r\ninvalid token",
+            );
+        }
+    });
+    let agent = Proc::spawn(
+        "forged-agent",
+        Command::new(bin("sallyport"))
+            .args(["run", "--gateway", &format!("ws://127.0.0.1:{port}/")])
+            .args([
+                "--socks",
+                "127.0.0.1:0",
+                "--http",
+                "off",
+                "--proxy",
+                "direct",
+                "--token-file",
+            ])
+            .arg(&token)
+            .env("HOME", pki.dir.path())
+            .env("XDG_CONFIG_HOME", pki.dir.path().join(".config")),
+    )
+    .unwrap();
+    agent
+        .wait_for(
+            &["cannot reach the gateway", "401"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let n = count.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(n >= 3, "only {n} tries in 4 s:\n{}", agent.log());
+    assert!(
+        !agent.log().contains("was refused by the gateway"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// A connector's credential given to an agent: a v2 token says its kind, so the agent says so
+/// before connecting (exit 64); a v1 token cannot, and the gateway's refusal says it.
+#[test]
+fn an_agent_told_it_holds_a_connector_credential() {
+    let (_, sys) = backend();
+    let v2 = sys.pki.p("site-a.token");
+    let with_token = |name: &str, token: &std::path::Path| {
+        let mut c = Command::new(bin("sallyport"));
+        c.args(["run", "--gateway", &sys.gw_url, "--ca"])
+            .arg(sys.pki.p("ca.crt"))
+            .args([
+                "--socks",
+                "127.0.0.1:0",
+                "--http",
+                "off",
+                "--proxy",
+                "direct",
+            ])
+            .arg("--token-file")
+            .arg(token)
+            .env("HOME", sys.pki.dir.path().join(name))
+            .env("XDG_CONFIG_HOME", sys.pki.dir.path().join(name));
+        c
+    };
+    let (code, _, err) = run(&mut with_token("h1", &v2)).unwrap();
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains(&format!(
+            "the token in {} is a connector credential (id site-a), not an agent's",
+            v2.display()
+        )),
+        "{err}"
+    );
+    let v1 = sys
+        .pki
+        .token("connector", "site-b", &["--v1", "--route", "*.internal:*"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500)); // the DMZ reloads its token file
+    let agent = Proc::spawn("agent-with-connector-token", &mut with_token("h2", &v1)).unwrap();
+    agent
+        .wait_for(
+            &[
+                "this is a connector token; an agent needs an agent token",
+                "was refused by the gateway",
+            ],
+            Duration::from_secs(15),
+        )
+        .unwrap();
 }
 
 #[test]
@@ -561,6 +740,116 @@ fn bad_configuration_exits_64_with_one_line_naming_the_fix() {
     .unwrap();
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("open proxy"), "{err}");
+
+    // Unknown flags: 64 too, as the README says.
+    for (b, sub) in [
+        ("sallyport", "run"),
+        ("sallyport-gateway", "dmz"),
+        ("sallyport-gateway", "connector"),
+    ] {
+        let (code, _, err) = run(Command::new(bin(b)).args([sub, "--no-such-flag"])).unwrap();
+        assert_eq!(code, 64, "{b} {sub}: {err}");
+        assert!(err.contains("--no-such-flag"), "{err}");
+    }
+
+    // A token file other users may read is refused, with the chmod that fixes it, by the
+    // agent and by the connector.
+    let pki = Pki::new("exit64").unwrap();
+    let agent_token = pki.token("agent", "alice-laptop", &[]).unwrap();
+    let conn_token = pki
+        .token("connector", "site-a", &["--route", "*.internal:*"])
+        .unwrap();
+    for t in [&agent_token, &conn_token] {
+        std::fs::set_permissions(t, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    }
+    let exposed = |t: &std::path::Path| {
+        format!(
+            "token file {} is readable by other users (mode 0644), so it is not used: run `chmod 600 {}`",
+            t.display(),
+            t.display()
+        )
+    };
+    let (code, _, err) = run(Command::new(bin("sallyport"))
+        .args([
+            "run",
+            "--gateway",
+            "wss://127.0.0.1:9/",
+            "--socks",
+            "127.0.0.1:0",
+            "--token-file",
+        ])
+        .arg(&agent_token)
+        .env("HOME", pki.dir.path()))
+    .unwrap();
+    assert_eq!(code, 64, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(&exposed(&agent_token)), "{err}");
+    let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
+        .args([
+            "connector",
+            "--gateway",
+            "wss://127.0.0.1:9/",
+            "--allow",
+            "db.internal:5432",
+            "--token-file",
+        ])
+        .arg(&conn_token))
+    .unwrap();
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains(&exposed(&conn_token)), "{err}");
+    std::fs::set_permissions(
+        &conn_token,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+
+    // A host name left unquoted under [hosts] is a TOML table: the key and the quoted form.
+    let conf = pki.p("connector.toml");
+    std::fs::write(
+        &conf,
+        "gateway = \"wss://127.0.0.1:9/\"\ntoken_file = \"site-a.token\"\nallow = [\"db.internal:5432\"]\n\n[hosts]\ndb.internal = \"10.0.0.1\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
+        .args(["connector", "-c"])
+        .arg(&conf))
+    .unwrap();
+    assert_eq!(code, 64, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("[hosts] key `db.internal`: a host name with dots must be quoted")
+            && err.contains(r#""db.internal" = "10.0.0.1""#)
+            && err.contains(&conf.display().to_string()),
+        "{err}"
+    );
+    assert!(!err.contains("untagged enum"), "{err}");
+}
+
+/// A port in use by something the agent cannot name (here the DMZ's listen port): the OS's
+/// reason appears once, not twice in one line.
+#[test]
+fn a_port_in_use_is_said_once() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let pki = Pki::new("inuse").unwrap();
+    pki.token("agent", "alice-laptop", &[]).unwrap();
+    pki.token("connector", "site-a", &["--route", "*.internal:*"])
+        .unwrap();
+    let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
+        .args([
+            "dmz",
+            "--plain",
+            "--listen",
+            &addr.to_string(),
+            "--agent-tokens",
+        ])
+        .arg(pki.p("agents.toml"))
+        .arg("--connector-tokens")
+        .arg(pki.p("connectors.toml")))
+    .unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert_eq!(err.matches("ddress already in use").count(), 1, "{err}");
 }
 
 /// A second agent for the same user on the same port names the running one and its pid, rather
@@ -710,4 +999,201 @@ fn the_agent_serves_a_pac_for_browsers_and_a_status_page() {
     assert!(rebound.starts_with("HTTP/1.1 400"), "{rebound}");
     let (_, missing, _) = get("/nope", None);
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+}
+
+/// A service on the connector's own host (a name resolving to loopback): the refusal gives the
+/// rule to add; with the connector's default advertise, a port outside the allow-list is the
+/// DMZ's 502 "no connector serves", as the README says; once the rule is added the service
+/// answers and the DMZ does not warn about the rule's route on every session.
+#[test]
+fn a_loopback_service_refusal_gives_the_rule_and_default_advertise_is_as_documented() {
+    let svc = http_service().unwrap();
+    let port = svc.port();
+    let sys = System::start(
+        "loopback",
+        &[format!("web.internal:{port}")],
+        &["web.internal=127.0.0.1"],
+        &[],
+    )
+    .unwrap();
+    let proxy = format!("http://{}", sys.http);
+    let (_, out, _) = run(curl()
+        .args(["-w", "\n%{http_code}", "-x", &proxy])
+        .arg(format!("http://web.internal:{port}/")))
+    .unwrap();
+    assert!(out.ends_with("403"), "{out}");
+    assert!(
+        out.contains(&format!("web.internal resolved to 127.0.0.1, a loopback address, which no rule lists (to allow it, add the connector rule --allow '127.0.0.1/32:{port}')")),
+        "{out}"
+    );
+
+    // The README's connector: no --advertise (its allow-list's routes), the rule added, four
+    // sessions, restarted once.
+    let mut args: Vec<String> = Vec::new();
+    let mut skip = false;
+    for a in &sys.connector_args {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if a == "--advertise" || a == "--allow" || a == "--instance-id" {
+            skip = true;
+            continue;
+        }
+        args.push(a.clone());
+    }
+    args.extend([
+        "--allow".to_string(),
+        format!("web.internal:{port}"),
+        "--allow".into(),
+        format!("127.0.0.1/32:{port}"),
+        "--sessions".into(),
+        "4".into(),
+        "--instance-id".into(),
+        "readme-connector".into(),
+    ]);
+    let mut sys = sys;
+    sys.connector.kill();
+    for round in 0..2 {
+        let c = Proc::spawn(
+            "readme-connector",
+            Command::new(bin("sallyport-gateway")).args(&args),
+        )
+        .unwrap();
+        c.wait_for(&["connector starting"], Duration::from_secs(10))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (_, out, _) = run(curl()
+                .args(["-w", "\n%{http_code}", "-x", &proxy])
+                .arg(format!("http://web.internal:{port}/")))
+            .unwrap();
+            if out.ends_with("200") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "round {round}: {out}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (_, out, _) = run(curl()
+            .args(["-w", "\n%{http_code}", "-x", &proxy])
+            .arg("http://web.internal:1/"))
+        .unwrap();
+        assert!(
+            out.ends_with("502") && out.contains("no connector serves web.internal:1"),
+            "{out}"
+        );
+        sys.connector = c;
+        sys.connector.kill();
+    }
+    assert!(
+        !sys.dmz
+            .log()
+            .contains("not covered by this connector's credential"),
+        "{}",
+        sys.dmz.log()
+    );
+}
+
+/// A CA file from another `cert` run: every trial CA has a name of its own, and the error
+/// names the CA file and the issuer of the certificate seen.
+#[test]
+fn a_wrong_ca_file_is_named_with_the_issuer_seen() {
+    let (_, sys) = backend();
+    let other = Pki::new("other-ca").unwrap();
+    let subject = |p: &std::path::Path| {
+        let der = egress::read_pem_certs(p).unwrap().remove(0);
+        egress::cert::names(&der).unwrap().0
+    };
+    let (mine, theirs) = (subject(&sys.pki.p("ca.crt")), subject(&other.p("ca.crt")));
+    assert!(mine.starts_with("CN=Sallyport trial CA "), "{mine}");
+    assert_ne!(mine, theirs);
+    // A v1 connector pins its --ca.
+    let token = sys
+        .pki
+        .token("connector", "site-v1", &["--v1", "--route", "*.internal:*"])
+        .unwrap();
+    let c = Proc::spawn(
+        "connector-wrong-ca",
+        Command::new(bin("sallyport-gateway"))
+            .args([
+                "connector",
+                "--gateway",
+                &sys.gw_url,
+                "--allow",
+                "db.internal:5432",
+                "--token-file",
+            ])
+            .arg(&token)
+            .arg("--ca")
+            .arg(other.p("ca.crt")),
+    )
+    .unwrap();
+    c.wait_for(
+        &[
+            &format!(
+                "the CA in {} did not sign the gateway's certificate (issuer: {mine})",
+                other.p("ca.crt").display()
+            ),
+            "cannot reach the gateway",
+        ],
+        Duration::from_secs(15),
+    )
+    .unwrap();
+    assert!(!c.log().contains("BadSignature"), "{}", c.log());
+}
+
+/// `sallyport connect` through a running agent that cannot reach the gateway: the agent's own
+/// reason (from its control socket), once, not the SOCKS5 "general failure".
+#[test]
+fn connect_through_an_offline_agent_shows_its_reason_once() {
+    let pki = Pki::new("connect-offline").unwrap();
+    let token = pki.token("agent", "alice-laptop", &[]).unwrap();
+    let dead = dead_port().unwrap();
+    let gw = format!("wss://127.0.0.1:{dead}/");
+    let home = pki.dir.path().join("home");
+    let agent = Proc::spawn(
+        "offline-agent",
+        Command::new(bin("sallyport"))
+            .args([
+                "run",
+                "--gateway",
+                &gw,
+                "--socks",
+                "127.0.0.1:0",
+                "--http",
+                "off",
+                "--proxy",
+                "direct",
+                "--token-file",
+            ])
+            .arg(&token)
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join(".config")),
+    )
+    .unwrap();
+    let socks = agent.addr(&["listening", "socks5"]).unwrap();
+    agent
+        .wait_for(&["cannot reach the gateway"], Duration::from_secs(10))
+        .unwrap();
+    let (code, _, err) = run(Command::new(bin("sallyport"))
+        .args([
+            "connect",
+            "git.internal",
+            "22",
+            "--socks",
+            &socks.to_string(),
+        ])
+        .env("HOME", &home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .stdin(Stdio::null()))
+    .unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "the agent at {socks} has no session to the gateway: gateway unreachable"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("general failure"), "{err}");
+    assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
 }

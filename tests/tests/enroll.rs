@@ -271,4 +271,32 @@ fn enroll_with_a_v2_token_needs_no_ca_and_pins_nothing() {
         (0, "hello from backend.internal\n"),
         "{err}"
     );
+    drop(agent);
+
+    // The user edits agent.toml after enrolling: logout removes the token but keeps the edits.
+    let conf_path = conf_dir.join("agent.toml");
+    let edited = format!("{conf}socks = \"127.0.0.1:1081\"\n");
+    std::fs::write(&conf_path, &edited).unwrap();
+    let (code, out, err) = sallyport(&home, &["logout"], "");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "kept {}: it was edited after `sallyport enroll` wrote it, so your changes stay",
+            conf_path.display()
+        )),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_to_string(&conf_path).unwrap(), edited);
+    assert!(!conf_dir.join("agent.token").exists(), "{out}");
+    // Unedited, logout removes everything enroll wrote.
+    let (code, out, err) = sallyport(&home, &["enroll", &gw, "--proxy", "direct"], &token);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = sallyport(&home, &["logout"], "");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("kept"), "{out}");
+    assert!(
+        file_names(&conf_dir).is_empty(),
+        "{:?}",
+        file_names(&conf_dir)
+    );
 }

@@ -133,6 +133,9 @@ fn the_inner_channel_carries_websocket_and_http_sessions() {
     let (port, echo, sys) = system("inner", &[]);
     // The v1 inner channel, for v1 tokens (v2 sessions are sealed by their own handshake).
     sys.pki.use_v1_token("agent", "alice-laptop").unwrap();
+    // The DMZ reads its token files every 2 s: until then the new token is refused, and a
+    // refused agent waits 5 s or more before it tries again.
+    std::thread::sleep(Duration::from_millis(2500));
     let key = inner_key(&sys);
     for transport in ["websocket", "http"] {
         let agent = sys

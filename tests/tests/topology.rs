@@ -535,6 +535,8 @@ fn through_a_tls_inspecting_proxy_the_token_is_never_sent() {
     let mut s = start("bump");
     // A v1 bearer token: the leak this pins down is v1's (a v2 token is never sent at all).
     s.pki.use_v1_token("agent", "alice-laptop").unwrap();
+    // The DMZ reads its token files every 2 s; a refused agent would wait 5 s or more.
+    std::thread::sleep(Duration::from_millis(2500));
     let (_ca, cert, key) = corp_ca_for_squid();
     let mut opts = s.squid_opts.clone();
     opts.extra.push_str("log_mime_hdrs on\n");

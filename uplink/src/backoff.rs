@@ -10,11 +10,16 @@ use std::time::Duration;
 #[derive(Debug)]
 pub struct Backoff {
     next: Duration,
+    /// The next wait after the gateway refused the credential.
+    next_refused: Duration,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { next: Self::FIRST }
+        Backoff {
+            next: Self::FIRST,
+            next_refused: Self::REFUSED_FIRST,
+        }
     }
 }
 
@@ -25,6 +30,25 @@ impl Backoff {
     pub const MAX: Duration = Duration::from_secs(15);
     /// A session that stayed up this long resets the backoff.
     pub const STABLE: Duration = Duration::from_secs(60);
+
+    /// The first wait after the gateway refused the credential: 40 times the first wait for an
+    /// unreachable gateway, yet short enough that a token minted a moment ago (the DMZ reads
+    /// its token files every 2 s) works at the next try.
+    pub const REFUSED_FIRST: Duration = Duration::from_secs(10);
+    /// The longest wait after refusals: still retried (a token revoked by mistake and put back
+    /// works again without a restart).
+    pub const REFUSED_MAX: Duration = Duration::from_secs(15 * 60);
+
+    /// The next wait after the gateway itself refused the credential: 10 s doubling to
+    /// [`Backoff::REFUSED_MAX`], with jitter. Call it only on an authenticated refusal
+    /// (`ConnectError::Refused`, `GatewayReached::refused_credential`), never on an HTTP status
+    /// that something on the way could have written, or a middlebox could slow every desktop
+    /// down by answering 401.
+    pub fn refused(&mut self) -> Duration {
+        let base = self.next_refused;
+        self.next_refused = (self.next_refused * 2).min(Self::REFUSED_MAX);
+        base.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+    }
 
     /// The next wait (and doubles the one after, up to [`Backoff::MAX`]).
     pub fn delay(&mut self) -> Duration {
@@ -65,5 +89,20 @@ mod tests {
         );
         b.after(Backoff::STABLE);
         assert!(b.delay() <= Backoff::FIRST);
+    }
+
+    #[test]
+    fn a_refused_credential_waits_longer_than_an_unreachable_gateway_and_still_retries() {
+        let mut b = Backoff::default();
+        let first = b.refused();
+        assert!(first >= Backoff::REFUSED_FIRST / 2 && first >= Backoff::FIRST * 20);
+        assert!(b.refused() >= Backoff::REFUSED_FIRST);
+        for _ in 0..20 {
+            let w = b.refused();
+            assert!(w <= Backoff::REFUSED_MAX, "always retried: {w:?}");
+        }
+        assert!(b.refused() >= Backoff::REFUSED_MAX / 2);
+        b.after(Backoff::STABLE);
+        assert!(b.refused() <= Backoff::REFUSED_FIRST);
     }
 }

@@ -25,10 +25,10 @@ pub fn logging(filter: &str, quiet: bool) {
     egress::logging::init(if quiet_default { "warn" } else { filter });
 }
 
-/// Prints `program: error: …` (with its causes) and gives the exit code: 64 when
-/// `bad_config`, else 1.
-pub fn fail(program: &str, e: &impl std::fmt::Display, bad_config: bool) -> ExitCode {
-    eprintln!("{program}: error: {e:#}");
+/// Prints `program: error: …` (with its causes, each said once) and gives the exit code: 64
+/// when `bad_config`, else 1.
+pub fn fail(program: &str, e: &(dyn std::error::Error + 'static), bad_config: bool) -> ExitCode {
+    eprintln!("{program}: error: {}", crate::error::one_line(e));
     ExitCode::from(if bad_config { EXIT_CONFIG } else { 1 })
 }
 

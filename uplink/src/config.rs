@@ -20,8 +20,39 @@ pub enum ConfigError {
         line: usize,
         message: String,
     },
+    /// A token file that group or other users may read (Unix), refused as ssh refuses such a
+    /// private key.
+    #[error("token file {path} is readable by other users (mode {mode:04o}), so it is not used: run `chmod 600 {path}`", path = path.display())]
+    Exposed { path: PathBuf, mode: u32 },
+    /// An agent given a connector's credential (v2 tokens say their kind).
+    #[error("the token in {origin} is a connector credential (id {id}), not an agent's: it belongs in `sallyport-gateway connector --token-file`; ask your admin for an agent token (`sallyport-gateway token new --kind agent`) or run `sallyport enroll`")]
+    WrongKind { origin: String, id: String },
     #[error("{0}")]
     Invalid(String),
+}
+
+/// Reads a token file. On Unix, a file that group or other users may read is refused
+/// ([`ConfigError::Exposed`]), as ssh refuses such a private key; Windows has no mode bits.
+pub fn read_secret_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let cannot =
+        |e: std::io::Error| invalid(format!("cannot read token file {}: {e}", path.display()));
+    let mut f = std::fs::File::open(path).map_err(cannot)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // The mode of the file opened, not of whatever the name points to a moment later.
+        let mode = f.metadata().map_err(cannot)?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(ConfigError::Exposed {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(cannot)?;
+    Ok(text)
 }
 
 /// A [`ConfigError::Invalid`] with this text.
@@ -81,6 +112,27 @@ mod tests {
         a: u32,
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn a_token_file_others_may_read_is_refused_with_the_chmod_that_fixes_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("uplink-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("a.token");
+        std::fs::write(&f, "sp2_x\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_secret_file(&f).unwrap_err();
+        assert!(matches!(e, ConfigError::Exposed { mode: 0o644, .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("run `chmod 600 {}`", f.display())),
+            "{e}"
+        );
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_secret_file(&f).unwrap(), "sp2_x\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn a_toml_mistake_names_file_and_line() {
         let e = parse_toml::<F>("\n\nb = 1\n", Path::new("x.toml")).unwrap_err();
@@ -101,8 +153,7 @@ mod tests {
 /// is visible to every local user).
 pub fn read_token(file: Option<&Path>) -> Result<crate::Secret, ConfigError> {
     let text = match file {
-        Some(p) => std::fs::read_to_string(p)
-            .map_err(|e| invalid(format!("cannot read token file {}: {e}", p.display())))?,
+        Some(p) => read_secret_file(p)?,
         None => std::env::var("SALLYPORT_TOKEN")
             .map_err(|_| invalid("no token: pass --token-file FILE or set SALLYPORT_TOKEN"))?,
     };

@@ -60,6 +60,8 @@ pub struct Uplink {
     /// The tunnel settings; [`Uplink::connect`] sets `initiator` (we dial).
     pub session: tunnel::Config,
     pub credential: Credential,
+    /// Where the token came from (a file, `SALLYPORT_TOKEN`, the keychain), for messages.
+    pub token_source: String,
     pub transport: TransportChoice,
     /// The HTTP transport's downstream (`None`: stream, long-poll when a proxy buffers).
     pub http_mode: Option<DownMode>,
@@ -128,6 +130,19 @@ pub struct Connected {
 }
 
 impl Uplink {
+    /// What the user is told when the gateway refused the credential: which token, and what
+    /// to do.
+    pub fn refused_text(&self, e: &ConnectError) -> String {
+        let what = match self.session.role {
+            Role::Connector => "ask your admin for a new connector token",
+            _ => "ask your admin or run `sallyport enroll`",
+        };
+        format!(
+            "the token in {} was refused by the gateway (expired, revoked or mistyped); {what} ({e})",
+            self.token_source
+        )
+    }
+
     /// The gateway's endpoint name for our role: `agent` or `connector`.
     fn endpoint(&self) -> &'static str {
         match self.session.role {
@@ -249,7 +264,19 @@ impl Uplink {
             url.push_str("?inner=1");
         }
         let bearer = key.is_none().then(|| v1.token.expose());
-        let ws = tunnel::ws::client(io, &url, bearer, max_frame, self.connect_timeout).await?;
+        let ws = tunnel::ws::client(io, &url, bearer, max_frame, self.connect_timeout)
+            .await
+            .map_err(|e| match e {
+                // The bearer token went only over TLS proven the gateway's own: its 401 is the
+                // gateway's own word, not a middlebox's.
+                tunnel::ws::HandshakeError::Refused { status: 401, body } if bearer.is_some() => {
+                    ConnectError::Refused {
+                        status: 401,
+                        text: body,
+                    }
+                }
+                e => e.into(),
+            })?;
         match key {
             Some(key) => {
                 let t = tunnel::inner::connect(ws, &key, v1.token.expose(), self.connect_timeout)

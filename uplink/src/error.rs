@@ -30,7 +30,9 @@ pub enum ConnectError {
     /// the gateway's key really changed.
     #[error("{0}")]
     KeyMismatch(String),
-    /// The gateway refused the token (inside the inner channel).
+    /// The gateway refused the token, authenticated: v2's sealed verdict, v1's inner channel,
+    /// or a v1 bearer token's HTTP status over TLS proven the gateway's own. Never an HTTP
+    /// status a middlebox could have written.
     #[error("gateway refused the session with {status}: {text}")]
     Refused { status: u16, text: String },
     #[error("tunnel hello with the gateway failed: {0}")]
@@ -83,6 +85,12 @@ impl GatewayReached for ConnectError {
             _ => false,
         }
     }
+
+    /// Only [`ConnectError::Refused`] with the gateway's "bad credential" status: a refusal
+    /// that cannot be forged on the way, so it may slow the retries down (`Backoff::refused`).
+    fn refused_credential(&self) -> bool {
+        matches!(self, ConnectError::Refused { status: 401, .. })
+    }
 }
 
 impl From<ProbeError<ConnectError>> for ConnectError {
@@ -108,5 +116,40 @@ impl ConnectError {
                 ..
             }
         )
+    }
+}
+
+/// An error and its causes on one line, each said once: a message that already includes its
+/// cause's text (`cannot listen on …: Address already in use`) does not get it appended again,
+/// as `{:#}` would.
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot listen on 127.0.0.1:1080: {source}")]
+    struct Bind {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_said_once() {
+        let e = Bind {
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        };
+        let line = super::one_line(&e);
+        assert_eq!(line.matches("ddress in use").count(), 1, "{line}");
     }
 }

@@ -22,7 +22,8 @@ pub enum Ended {
 }
 
 /// Keeps a session to `up.gateway` until `shutdown`: `serve` gets each session that comes up
-/// and returns when it ends; `failed` hears every attempt that failed. `who` names the process
+/// and returns when it ends; `failed` hears every attempt that failed. An authenticated
+/// refusal of the credential waits longer ([`Backoff::refused`]) than an unreachable gateway. `who` names the process
 /// for the log (`the agent`, `the connector`).
 pub async fn keep<S, F>(
     up: &Uplink,
@@ -37,6 +38,7 @@ pub async fn keep<S, F>(
     let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         let started = Instant::now();
+        let mut refused = None;
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = up.connect(up.transport) => r,
@@ -55,7 +57,11 @@ pub async fn keep<S, F>(
                 }
             }
             Err(e) => {
-                warn!(error = %e, "cannot reach the gateway");
+                if egress::probe::GatewayReached::refused_credential(&e) {
+                    refused = Some(up.refused_text(&e));
+                } else {
+                    warn!(error = %e, "cannot reach the gateway");
+                }
                 failed(&e);
                 if crate::park_after_rejected_credentials(&e, who, shutdown).await {
                     break;
@@ -63,7 +69,17 @@ pub async fn keep<S, F>(
             }
         }
         backoff.after(started.elapsed());
-        let wait = backoff.delay();
+        // The gateway itself (authenticated, never a status a middlebox could write) refused
+        // the credential: slow down, still retry.
+        let wait = match &refused {
+            Some(why) => {
+                let wait = backoff.refused();
+                let secs = std::time::Duration::from_secs(wait.as_secs());
+                warn!(retry_in = %humantime::format_duration(secs), "{why}");
+                wait
+            }
+            None => backoff.delay(),
+        };
         debug!(?wait, "waiting before reconnecting");
         tokio::select! {
             _ = shutdown.cancelled() => break,

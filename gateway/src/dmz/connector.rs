@@ -36,9 +36,21 @@ pub(crate) async fn connector_session<T: tunnel::Transport>(
                 match text.parse::<Route>() {
                     Ok(r) if id.routes.iter().any(|allowed| allowed.covers(&r)) => accepted.push(r),
                     Ok(r) => {
-                        uncovered += 1;
-                        if uncovered <= 3 {
-                            warn!(connector = %id.token_id, route = %Clean(&r.to_string()), "route not covered by this connector's credential: ignored")
+                        // Once per credential and route, not on every session (a connector
+                        // keeps several and reconnects).
+                        let first = {
+                            let mut said = shared
+                                .routes_uncovered
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner());
+                            // Bounded: past this, nothing more is said.
+                            said.len() < 10_000 && said.insert((id.token_id.clone(), r.to_string()))
+                        };
+                        if first {
+                            uncovered += 1;
+                            if uncovered <= 3 {
+                                warn!(connector = %id.token_id, route = %Clean(&r.to_string()), "route not covered by this connector's credential: ignored (said once per route)")
+                            }
                         }
                     }
                     Err(e) => {

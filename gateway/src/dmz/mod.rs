@@ -152,6 +152,9 @@ pub(crate) struct Shared {
     agent_streams: Arc<Counts<String>>,
     /// Connector credentials whose route list was cut to the limit (logged once each).
     routes_capped: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// (connector token id, route) already warned about as not covered by the credential:
+    /// each is said once, not on every session of that connector.
+    routes_uncovered: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
     agent_sessions: Arc<Counts<String>>,
     connector_sessions: Arc<Counts<String>>,
     streams: Arc<Semaphore>,
@@ -195,6 +198,7 @@ impl Dmz {
             opens: Buckets::new(limits.opens_per_token, 65_536),
             agent_streams: Arc::new(Counts::new(limits.streams_per_token)),
             routes_capped: Default::default(),
+            routes_uncovered: Default::default(),
             agent_sessions: Arc::new(Counts::new(limits.sessions_per_agent_token)),
             connector_sessions: Arc::new(Counts::new(limits.sessions_per_connector_token)),
             streams: Arc::new(Semaphore::new(limits.max_streams)),

@@ -90,7 +90,7 @@ pub(crate) async fn route_stream(
         return refuse(
             stream,
             ErrorCode::NoRoute,
-            format!("no connector serves {dest_text}"),
+            format!("no connector serves {dest_text} (no connector that is up advertises it: it is in no allow-list, or its connector is down)"),
         );
     };
     m.set(meta::TOKEN_ID, id.token_id.clone());

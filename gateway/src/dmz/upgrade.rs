@@ -245,7 +245,22 @@ pub(crate) fn verify_token(
         if let Some(left_out) = LOG.allow() {
             warn!(%client, role = if is_agent { "agent" } else { "connector" }, reason = %Clean(&e.to_string()), left_out, "refused token");
         }
-        e.client_message()
+        // A valid token of the other kind (its secret matches there, so this tells its holder
+        // nothing they could not know): say what it is, so the mix-up is plain on their side.
+        let other = if is_agent {
+            shared.config.connector_tokens.current()
+        } else {
+            shared.config.agent_tokens.current()
+        };
+        match other.verify(presented, SystemTime::now()) {
+            Ok(_) if is_agent => {
+                "invalid token: this is a connector token; an agent needs an agent token (token new --kind agent)"
+            }
+            Ok(_) => {
+                "invalid token: this is an agent token; a connector needs a connector token (token new --kind connector)"
+            }
+            Err(_) => e.client_message(),
+        }
     })
 }
 
