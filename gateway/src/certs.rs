@@ -101,7 +101,7 @@ fn set_validity(params: &mut CertificateParams, now: SystemTime) {
     params.not_after = rcgen::date_time_ymd(y, m, d);
 }
 
-/// Makes a trial CA ("Sallyport trial CA <date> <random>", unique per run) and a server certificate for `names` (DNS names, or IP
+/// Makes a trial CA ("Sallyport trial CA `<date> <random>`", unique per run) and a server certificate for `names` (DNS names, or IP
 /// addresses which become IP SANs), valid from yesterday for about a year.
 pub fn trial_pki(names: &[String]) -> Result<TrialPki, CertError> {
     if names.is_empty() {

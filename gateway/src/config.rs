@@ -518,7 +518,7 @@ impl ConnectorFile {
 }
 
 /// `hosts` values: one address or a list; anything else is kept as read, so that the error
-/// can name the key and the expected form (see [`hosts_entry`]).
+/// can name the key and the expected form (see `hosts_entry`).
 #[derive(Deserialize, Debug)]
 #[serde(untagged)]
 pub enum HostsValue {

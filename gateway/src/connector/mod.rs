@@ -2,7 +2,7 @@
 //!
 //! This file: the validated configuration, and `sessions` sessions kept up to the DMZ
 //! (`uplink::keep`, shared with the agent: backoff with jitter, reset after a stable period),
-//! each advertising its routes in-band. [`streams`]: each stream the DMZ opens (allow-list,
+//! each advertising its routes in-band. `streams`: each stream the DMZ opens (allow-list,
 //! resolution, address checks, connect, copy, audit).
 
 mod streams;

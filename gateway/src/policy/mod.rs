@@ -23,8 +23,8 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | [`routes`] | destinations: [`Host`] and [`parse_host`], [`HostPattern`], [`PortRange`], [`Route`] |
-//! | [`rules`] | who may go where: [`Rule`], and the allow-list [`Policy`] with its special-address checks |
+//! | `routes` | destinations: [`Host`] and [`parse_host`], [`HostPattern`], [`PortRange`], [`Route`] |
+//! | `rules` | who may go where: [`Rule`], and the allow-list [`Policy`] with its special-address checks |
 
 mod routes;
 mod rules;
