@@ -44,6 +44,9 @@ pub struct ConnectorConfig {
     /// A protocol v2 token (`sp2_…`, kind `connector`): the token-bound handshake, any outer
     /// certificate (the handshake authenticates the gateway), nothing secret sent.
     pub v2: Option<Arc<tunnel::token::Token>>,
+    /// The admin listener (`/metrics`, the admin page), and what it shows.
+    pub admin: Option<crate::admin::AdminConfig>,
+    pub ops: Arc<crate::admin::connector::ConnectorOps>,
 }
 
 impl ConnectorConfig {
@@ -138,9 +141,10 @@ async fn keep_session(
     tracker: TaskTracker,
 ) {
     let up = config.uplink();
-    let serve_one = |c: uplink::Connected, _way| {
+    let serve_one = |c: uplink::Connected, way: egress::Candidate| {
         let (config, shutdown, tracker) = (&config, &shutdown, &tracker);
         async move {
+            let _up = config.ops.up(&c, &way, c.took);
             c.session
                 .advertise_routes(config.routes.iter().map(|r| r.to_string()).collect());
             serve(config, &c.session, c.incoming, shutdown, tracker).await;
@@ -206,11 +210,17 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
         }
         Err(Refusal(code, reason)) => {
             info!(target: "audit", event = "refused", %token, name = %user, %client, %dest, %code, %reason, "stream refused");
+            let who = crate::logsafe::Clean(&user).to_string();
+            config
+                .ops
+                .metrics
+                .refused(code, &who, &dest.to_string(), &reason);
             stream.reject(code, &reason);
             return;
         }
     };
     stream.accept();
+    let _open = config.ops.metrics.stream_open();
     let mut tcp = tcp;
     let mut stream = stream;
     // A reset from the agent side must end the copy even while the service is not reading
@@ -221,6 +231,7 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
         e = failure => Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, e)),
     };
     let (up, down) = stream.byte_counts();
+    config.ops.metrics.bytes(up, down);
     let outcome = match &result {
         Ok(_) => "closed".to_string(),
         Err(e) => format!("reset: {e}"),

@@ -125,6 +125,8 @@ pub struct Connected {
     pub carried: Carried,
     /// The outer certificate seen (for `doctor`).
     pub cert: String,
+    /// From the first dial to the session being up (set by `crate::keep`; zero elsewhere).
+    pub took: Duration,
 }
 
 impl Uplink {
@@ -157,6 +159,7 @@ impl Uplink {
             incoming,
             carried,
             cert,
+            took: Duration::ZERO,
         })
     }
 
