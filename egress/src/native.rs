@@ -215,6 +215,91 @@ mod tests {
         assert!("schannel".parse::<TlsStack>().is_err());
     }
 
+    /// A PKCS#12 file (key and self-signed certificate valid from `from` to `to` days from
+    /// now) under `password`.
+    #[cfg(not(any(windows, target_vendor = "apple")))]
+    fn p12(from: i64, to: i64, password: &str) -> Vec<u8> {
+        use openssl::asn1::Asn1Time;
+        use openssl::ec::{EcGroup, EcKey};
+        use openssl::hash::MessageDigest;
+        use openssl::nid::Nid;
+        use openssl::pkey::PKey;
+        use openssl::x509::{X509Builder, X509NameBuilder};
+        let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+        let mut name = X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "alice-laptop").unwrap();
+        let name = name.build();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let mut b = X509Builder::new().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&Asn1Time::from_unix(now + from * 86_400).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::from_unix(now + to * 86_400).unwrap())
+            .unwrap();
+        b.sign(&key, MessageDigest::sha256()).unwrap();
+        let cert = b.build();
+        openssl::pkcs12::Pkcs12::builder()
+            .name("alice-laptop")
+            .pkey(&key)
+            .cert(&cert)
+            .build2(password)
+            .unwrap()
+            .to_der()
+            .unwrap()
+    }
+
+    /// What `NativeTls::new` says of the PKCS#12 `der` opened with `password`.
+    #[cfg(not(any(windows, target_vendor = "apple")))]
+    fn open(name: &str, der: &[u8], password: &str) -> Result<(), String> {
+        let dir = std::env::temp_dir().join(format!("sp-p12-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join(format!("{name}.p12"));
+        std::fs::write(&f, der).unwrap();
+        let r = NativeTls::new(&NativeOptions {
+            client_cert: Some((f, CertPassword::new(password))),
+            ..Default::default()
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        r.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    #[cfg(not(any(windows, target_vendor = "apple")))]
+    #[test]
+    fn a_valid_pkcs12_client_certificate_opens() {
+        open("good", &p12(-1, 30, "pw-good"), "pw-good").unwrap();
+    }
+
+    /// A stolen PKCS#12 file is useless without its password, and the one who typed it wrong
+    /// is told so in one line naming the file (not a handshake failure later).
+    #[cfg(not(any(windows, target_vendor = "apple")))]
+    #[test]
+    fn a_wrong_pkcs12_password_is_refused_in_one_line_naming_the_file() {
+        let e = open("wrongpw", &p12(-1, 30, "right"), "wrong").unwrap_err();
+        assert!(
+            e.starts_with("client certificate ") && e.contains("wrongpw.p12"),
+            "{e}"
+        );
+        assert!(e.contains("wrong password"), "{e}");
+        assert!(!e.contains('\n') && !e.contains("right"), "{e}");
+    }
+
+    #[cfg(not(any(windows, target_vendor = "apple")))]
+    #[test]
+    fn an_expired_client_certificate_is_refused_in_one_line_naming_the_file() {
+        let e = open("expired", &p12(-30, -1, "pw"), "pw").unwrap_err();
+        assert!(e.contains("expired.p12") && e.contains("expired on"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = open("future", &p12(2, 30, "pw"), "pw").unwrap_err();
+        assert!(e.contains("not valid before"), "{e}");
+    }
+
     #[test]
     fn a_missing_or_garbage_pkcs12_file_is_named() {
         let dir = std::env::temp_dir().join(format!("sp-native-{}", std::process::id()));

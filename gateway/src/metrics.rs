@@ -291,7 +291,7 @@ impl Metrics {
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
         let mut o = String::with_capacity(8 * 1024);
-        let role_label = if self.dmz { "role" } else { "peer" };
+        let role_label = "role";
         family(
             &mut o,
             "sallyport_sessions",
