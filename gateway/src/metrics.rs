@@ -288,6 +288,14 @@ impl Metrics {
         self.sessions[role as usize].load(Relaxed)
     }
 
+    /// Streams open now, and opened since start.
+    pub fn streams(&self) -> (i64, u64) {
+        (
+            self.streams_open.load(Relaxed),
+            self.streams_total.load(Relaxed),
+        )
+    }
+
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
         let mut o = String::with_capacity(8 * 1024);

@@ -7,7 +7,6 @@
 //! Missing tools are installed (`promtool` from Debian's `prometheus` package) or the test
 //! fails: nothing is skipped.
 
-use sallyport_e2e::lb::{LbConfig, Nginx, PREFIX};
 use sallyport_e2e::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -44,7 +43,8 @@ fn repo() -> PathBuf {
 struct Ops {
     pki: Pki,
     dmz: Proc,
-    connector: Proc,
+    /// Kept running for the test's length.
+    _connector: Proc,
     gw_url: String,
     dmz_admin: SocketAddr,
     connector_admin: SocketAddr,
@@ -126,7 +126,7 @@ impl Ops {
         Ops {
             pki,
             dmz,
-            connector,
+            _connector: connector,
             gw_url,
             dmz_admin,
             connector_admin,

@@ -95,8 +95,9 @@ impl View for ConnectorView {
         &self.ops.metrics
     }
     fn summary(&self) -> String {
+        let (open, total) = self.ops.metrics.streams();
         format!(
-            "{} sessions to {}",
+            "{} sessions to {}; {open} streams open, {total} since start",
             self.ops.metrics.sessions(Role::Connector),
             self.gateway
         )

@@ -385,7 +385,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
         .get("host")
         .and_then(|h| h.to_str().ok())
         .map(|h| h.trim().to_ascii_lowercase());
-    if !host.is_some_and(|h| state.hosts.iter().any(|a| *a == h)) {
+    if !host.is_some_and(|h| state.hosts.contains(&h)) {
         return plain(
             StatusCode::FORBIDDEN,
             "sallyport admin: unexpected Host header (add the name to [admin] hosts)\n",

@@ -109,8 +109,9 @@ impl View for DmzView {
     }
 
     fn summary(&self) -> String {
+        let (open, total) = self.metrics.streams();
         format!(
-            "{} agent sessions, {} connector sessions",
+            "{} agent sessions, {} connector sessions; {open} streams open, {total} since start",
             self.metrics.sessions(Role::Agent),
             self.metrics.sessions(Role::Connector)
         )
