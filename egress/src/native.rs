@@ -12,6 +12,12 @@
 //! A PKCS#12 file whose password is wrong, or whose certificate has expired (or is not valid
 //! yet), is refused at start-up with one line naming the file. The password comes from a file
 //! or the environment, never from a flag.
+//!
+//! On Windows the certificate may come from the user's store instead (`store:<SHA-1
+//! thumbprint>`, as `certutil -user -store My` shows it): it is looked up in
+//! `CurrentUser\My`, checked for its dates, and handed to SChannel through an in-memory
+//! PKCS#12 export, so its private key must be marked exportable (`native-tls` takes an identity
+//! only as PKCS#12 or PKCS#8). Compile-checked only: no test runs real Windows.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,6 +97,13 @@ impl NativeTls {
             b.add_root_certificate(cert);
         }
         if let Some((path, password)) = &opts.client_cert {
+            #[cfg(windows)]
+            if let Some(thumbprint) = path.to_str().and_then(|p| p.strip_prefix("store:")) {
+                b.identity(store_identity(thumbprint)?);
+            } else {
+                b.identity(identity(path, password)?);
+            }
+            #[cfg(not(windows))]
             b.identity(identity(path, password)?);
         }
         let c = b
@@ -136,6 +149,56 @@ fn identity(path: &Path, password: &CertPassword) -> Result<native_tls::Identity
             "cannot open it ({e}): wrong password (set {CLIENT_CERT_PASSWORD_ENV} or --client-cert-password-file) or not a PKCS#12 file"
         ))
     })
+}
+
+/// The certificate with this SHA-1 thumbprint in the user's store (`CurrentUser\My`), as an
+/// identity for SChannel.
+#[cfg(windows)]
+fn store_identity(thumbprint: &str) -> Result<native_tls::Identity, NativeTlsError> {
+    use schannel::cert_store::{CertAdd, CertStore, Memory};
+    let want: String = thumbprint
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let err = |why: String| NativeTlsError::ClientCert {
+        path: PathBuf::from(format!("store:{want}")),
+        why,
+    };
+    let store = CertStore::open_current_user("My")
+        .map_err(|e| err(format!("cannot open the user's certificate store: {e}")))?;
+    let cert = store
+        .certs()
+        .find(|c| {
+            c.fingerprint(schannel::cert_context::HashAlgorithm::sha1())
+                .map(|h| h.iter().map(|b| format!("{b:02x}")).collect::<String>() == want)
+                .unwrap_or(false)
+        })
+        .ok_or_else(|| {
+            err("no certificate with this SHA-1 thumbprint in CurrentUser\\My".into())
+        })?;
+    if !cert.is_time_valid().unwrap_or(false) {
+        return Err(err(
+            "the certificate has expired or is not valid yet; get a new one".into(),
+        ));
+    }
+    let mut one = Memory::new().map_err(|e| err(e.to_string()))?.into_store();
+    one.add_cert(&cert, CertAdd::Always)
+        .map_err(|e| err(e.to_string()))?;
+    // A throwaway password for the in-memory export only.
+    let password: String = {
+        use rand::Rng;
+        let mut r = rand::thread_rng();
+        (0..24)
+            .map(|_| r.sample(rand::distributions::Alphanumeric) as char)
+            .collect()
+    };
+    let der = one.export_pkcs12(&password).map_err(|e| {
+        err(format!(
+            "cannot use its private key ({e}): mark it exportable, or give a PKCS#12 file"
+        ))
+    })?;
+    native_tls::Identity::from_pkcs12(&der, &password).map_err(|e| err(e.to_string()))
 }
 
 /// With OpenSSL (Linux and the other Unixes but macOS): opens the file with the password and

@@ -165,7 +165,8 @@ pub struct UplinkArgs {
     pub tls: Option<String>,
     /// With `--tls native`: a client certificate and key (PKCS#12 file) for a TLS terminator
     /// that asks for one. Its password comes from SALLYPORT_CLIENT_CERT_PASSWORD or
-    /// --client-cert-password-file, never from a flag.
+    /// --client-cert-password-file, never from a flag. On Windows also `store:<SHA-1
+    /// thumbprint>`, from the user's certificate store (its key marked exportable).
     #[arg(long)]
     pub client_cert: Option<PathBuf>,
     /// File whose first line is the PKCS#12 password.
