@@ -57,7 +57,9 @@ impl std::fmt::Debug for CertPassword {
 pub struct NativeOptions {
     /// Accept any certificate: a v2 token's handshake authenticates the gateway.
     pub any_certificate: bool,
-    /// A CA (PEM) to trust besides the OS store (v1 tokens).
+    /// A CA (PEM) to trust *instead of* the OS store (v1 tokens' `--ca`): a TLS-inspecting
+    /// proxy whose CA sits in the OS store must not pass for the gateway, since a v1 connector
+    /// sends its bearer token on whatever this TLS accepts.
     pub ca: Option<PathBuf>,
     /// A client certificate and key in a PKCS#12 file, and its password.
     pub client_cert: Option<(PathBuf, CertPassword)>,
@@ -95,6 +97,7 @@ impl NativeTls {
             let pem = std::fs::read(ca).map_err(|e| err(e.to_string()))?;
             let cert = native_tls::Certificate::from_pem(&pem).map_err(|e| err(e.to_string()))?;
             b.add_root_certificate(cert);
+            b.disable_built_in_roots(true);
         }
         if let Some((path, password)) = &opts.client_cert {
             #[cfg(windows)]

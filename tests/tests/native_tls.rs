@@ -268,3 +268,55 @@ fn agent_and_connector_present_a_pkcs12_client_certificate_to_nginx_over_native_
     );
     assert!(!err.contains("wrong password guess"), "{err}");
 }
+
+/// A TLS-inspecting proxy whose CA sits in the OS store (here `SSL_CERT_FILE`, which OpenSSL
+/// reads) re-signs the gateway's certificate. A v1 connector sends its bearer token on whatever
+/// its TLS accepts, so with `--ca` the OS stack must trust that CA alone, as rustls does: the
+/// connector refuses the interceptor and its token never leaves. Without `--ca` the OS store
+/// is what it trusts (the control: the interceptor is then accepted).
+#[test]
+fn a_v1_connector_over_native_tls_does_not_take_an_inspecting_proxy_for_the_gateway() {
+    let real = Pki::new("native-v1-real").unwrap();
+    let mitm = Pki::new("native-v1-mitm").unwrap();
+    let token = mitm.use_v1_token("connector", "site-a").unwrap();
+    // The "interceptor": a DMZ serving a certificate of the proxy's CA.
+    let dmz = Proc::spawn(
+        "dmz",
+        Command::new(bin("sallyport-gateway"))
+            .args(["dmz", "--listen", "127.0.0.1:0", "--tls-cert"])
+            .arg(mitm.p("gateway.crt"))
+            .arg("--tls-key")
+            .arg(mitm.p("gateway.key"))
+            .arg("--agent-tokens")
+            .arg(mitm.p("agents.toml"))
+            .arg("--connector-tokens")
+            .arg(mitm.p("connectors.toml")),
+    )
+    .unwrap();
+    std::fs::write(mitm.p("agents.toml"), "").unwrap();
+    let gw = dmz.addr(&["dmz gateway listening"]).unwrap();
+    let gw_url = format!("wss://127.0.0.1:{}/", gw.port());
+    let connector = |name: &str, ca: Option<&Path>| {
+        let mut cmd = Command::new(bin("sallyport-gateway"));
+        cmd.args(["connector", "--gateway", &gw_url, "--token-file"])
+            .arg(&token)
+            .args(["--proxy", "direct", "--tls", "native"])
+            .args(["--allow", "backend.internal:80"])
+            .env("SSL_CERT_FILE", mitm.p("ca.crt"));
+        if let Some(ca) = ca {
+            cmd.arg("--ca").arg(ca);
+        }
+        Proc::spawn(name, &mut cmd).unwrap()
+    };
+    let pinned = connector("connector-pinned", Some(&real.p("ca.crt")));
+    pinned
+        .wait_for(&["cannot reach the gateway"], Duration::from_secs(15))
+        .unwrap();
+    assert!(!dmz.log().contains("connector session up"), "{}", dmz.log());
+    assert!(!dmz.log().contains("refused token"), "{}", dmz.log());
+    drop(pinned);
+    // The control: trusting the OS store, the same connector takes the interceptor.
+    let _open = connector("connector-os-store", None);
+    dmz.wait_for(&["connector session up"], Duration::from_secs(15))
+        .unwrap();
+}
