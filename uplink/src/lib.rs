@@ -1,7 +1,7 @@
 //! # sallyport-uplink: reaching the gateway and keeping a session up
 //!
 //! What the agent and the connector both do, once: reaching the gateway and keeping a session
-//! up ([`Uplink`], [`keep`]), the reasons a session could not be set up
+//! up ([`Uplink`], [`mod@keep`]), the reasons a session could not be set up
 //! ([`ConnectError`], one type that says which hop failed), how long to wait before the next
 //! try ([`Backoff`], one set of constants), and the rule that a proxy credential that got `407`
 //! is never tried again ([`park_after_rejected_credentials`]): a domain account locks after a
@@ -10,7 +10,7 @@
 //! | file | what |
 //! |---|---|
 //! | [`connect`] | [`Uplink`]: probe → dial → upgrade (or the HTTP transport) → handshake → hello, for both roles |
-//! | [`keep`] | the reconnect loop: backoff, 407 parking, the once-per-process warnings |
+//! | [`mod@keep`] | the reconnect loop: backoff, 407 parking, the once-per-process warnings |
 //! | [`v1`] | protocol v1: when a bearer token may ride a connection, the v1 inner channel |
 //! | [`error`] | [`ConnectError`]: no way out, the upgrade, the HTTP transport, the inner channel, the token, the hello |
 //! | [`backoff`] | [`Backoff`]: exponential, full jitter, reset after a stable session |
