@@ -1,4 +1,5 @@
-//! Sallyport gateway library: the DMZ switch (`dmz`) and the trusted-network connector (`connector`).
+//! Sallyport gateway library: the DMZ switch (`dmz`) and the trusted-network connector (`connector`),
+//! and what both show their operators (`metrics`, `admin`).
 
 #![forbid(unsafe_code)]
 pub mod admin;

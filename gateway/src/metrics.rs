@@ -66,12 +66,10 @@ pub enum AuthFailure {
     Handshake = 6,
     /// The token's sessions are at their limit.
     SessionLimit = 7,
-    /// The address's handshake rate or unauthenticated-connection budget is used up.
-    RateLimited = 8,
 }
 
 impl AuthFailure {
-    const ALL: [AuthFailure; 9] = [
+    const ALL: [AuthFailure; 8] = [
         AuthFailure::Malformed,
         AuthFailure::Unknown,
         AuthFailure::WrongSecret,
@@ -80,7 +78,6 @@ impl AuthFailure {
         AuthFailure::WrongVersion,
         AuthFailure::Handshake,
         AuthFailure::SessionLimit,
-        AuthFailure::RateLimited,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -92,7 +89,6 @@ impl AuthFailure {
             AuthFailure::WrongVersion => "wrong_version",
             AuthFailure::Handshake => "handshake",
             AuthFailure::SessionLimit => "session_limit",
-            AuthFailure::RateLimited => "rate_limited",
         }
     }
 
@@ -171,7 +167,7 @@ pub struct Metrics {
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
     refusals: [AtomicU64; CODES],
-    auth_failures: [[AtomicU64; 9]; 2],
+    auth_failures: [[AtomicU64; 8]; 2],
     handshake_buckets: [AtomicU64; BUCKETS.len()],
     handshake_count: AtomicU64,
     handshake_sum_micros: AtomicU64,

@@ -21,6 +21,7 @@
 //! | `streams` | one agent stream: checks, routing, identity stamping, relay, audit |
 //! | [`relay`], [`router`] | the hop-by-hop pump; which connector serves a destination |
 //! | [`limits`], [`preauth`] | rates and counts; unauthenticated connections per address |
+//! | `ops` | counters and live sessions for the admin listener ([`crate::admin`]), the admin page's view |
 //!
 //! Dependencies run one way: `endpoints` → `upgrade`/`fallback`/`inner` → `agent`/`connector`
 //! → `session`/`streams` → `relay`/`router`, all reading `Shared`.
