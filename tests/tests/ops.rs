@@ -466,6 +466,33 @@ fn dns_rebinding_with_a_foreign_host_header_is_refused() {
     }
 }
 
+/// Cross-site login guessing: a page on another site posts the login form to the admin
+/// listener from an admin's browser (the Host is right: it is a plain cross-origin form). The
+/// browser names that page's origin: refused before the token is even compared.
+#[test]
+fn a_login_form_posted_from_another_site_is_refused() {
+    let ops = Ops::start("ops-csrf", &[]);
+    let form = ops.pki.p("right.form");
+    std::fs::write(&form, &ops.token).unwrap();
+    let login = format!("http://{}/login", ops.dmz_admin);
+    let data = format!("token@{}", form.display());
+    let (status, head, _) = http(
+        &login,
+        &[
+            "-H",
+            "Origin: https://evil.example",
+            "--data-urlencode",
+            &data,
+        ],
+    );
+    assert_eq!(status, 403, "{head}");
+    assert!(!head.to_ascii_lowercase().contains("set-cookie"), "{head}");
+    // From the page itself, it works.
+    let own = format!("Origin: http://127.0.0.1:{}", ops.dmz_admin.port());
+    let (status, head, _) = http(&login, &["-H", &own, "--data-urlencode", &data]);
+    assert_eq!(status, 303, "{head}");
+}
+
 /// Someone on another network (here: another loopback address than the one admin network)
 /// gets no answer at all: the connection is closed before a byte is read.
 #[test]

@@ -11,6 +11,8 @@
 //! 3. for the page only: the admin token, as `Authorization: Bearer` or the cookie the login form
 //!    sets (HttpOnly, SameSite=Strict, an HMAC under the token with its expiry). `/metrics`
 //!    holds only counts with fixed labels and needs no token, like most exporters.
+//! 4. a `POST` (login, logout) whose `Origin` is another site's is refused (login guessing
+//!    from an admin's browser).
 //!
 //! Bounded whatever the clients do: at most [`MAX_CONNECTIONS`] connections (no accept without
 //! a permit), one request per connection, the head within [`HEAD_TIMEOUT`], the whole exchange
@@ -358,7 +360,9 @@ fn html(status: StatusCode, body: String) -> Response<Body> {
     h.insert("cache-control", "no-store".parse().expect("ok"));
     h.insert("x-content-type-options", "nosniff".parse().expect("ok"));
     h.insert("x-frame-options", "DENY".parse().expect("ok"));
-    h.insert("referrer-policy", "no-referrer".parse().expect("ok"));
+    // `same-origin`: a form posted from the page names its origin (with `no-referrer`, Chromium
+    // sends `Origin: null`, which the POST check refuses); other sites learn nothing.
+    h.insert("referrer-policy", "same-origin".parse().expect("ok"));
     // No script at all; styles inline; forms only to this origin; never framed.
     h.insert(
         "content-security-policy",
@@ -390,6 +394,24 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             StatusCode::FORBIDDEN,
             "sallyport admin: unexpected Host header (add the name to [admin] hosts)\n",
         );
+    }
+    // A form posted from another site (login guessing from an admin's browser, logout):
+    // browsers name the page's origin, which must be this listener.
+    if req.method() == hyper::Method::POST {
+        let origin = req.headers().get("origin").and_then(|o| o.to_str().ok());
+        let same = |o: &str| {
+            let host = o
+                .strip_prefix("http://")
+                .or_else(|| o.strip_prefix("https://"))
+                .unwrap_or("");
+            state.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+        };
+        if origin.is_some_and(|o| !same(o)) {
+            return plain(
+                StatusCode::FORBIDDEN,
+                "sallyport admin: form from another site\n",
+            );
+        }
     }
     let path = req.uri().path().to_string();
     match (req.method().as_str(), path.as_str()) {
