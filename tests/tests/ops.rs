@@ -117,7 +117,9 @@ impl Ops {
                     "connector-test",
                     "--admin",
                     "127.0.0.1:0",
-                ]),
+                    "--admin-token-file",
+                ])
+                .arg(pki.p("admin.token")),
         )
         .unwrap();
         let connector_admin = connector.addr(&["admin listening"]).unwrap();
@@ -429,6 +431,26 @@ fn wrong_admin_credentials_get_401_and_leak_nothing() {
     assert!(body.contains("alice-laptop"));
     // The token never reaches a log.
     assert!(!ops.dmz.log().contains(&ops.token));
+    // The connector's page: its sessions to the DMZ, the way out, its allow-list.
+    let conn_page = format!("http://{}/", ops.connector_admin);
+    assert_eq!(http(&conn_page, &[]).0, 401);
+    let (status, _, body) = http(
+        &conn_page,
+        &["-H", &format!("@{}", ops.auth_header.display())],
+    );
+    assert_eq!(status, 200);
+    for want in [
+        "connector connector-test",
+        "dmz-test",
+        "direct",
+        "backend.internal:*",
+        "v2",
+    ] {
+        assert!(
+            body.contains(want),
+            "the connector's page lacks {want}: {body}"
+        );
+    }
 }
 
 /// DNS rebinding: a web page at evil.example whose name now resolves to 127.0.0.1 makes the
