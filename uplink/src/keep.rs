@@ -44,7 +44,8 @@ pub async fn keep<S, F>(
             r = up.connect(up.transport) => r,
         };
         match attempt {
-            Ok((c, way)) => {
+            Ok((mut c, way)) => {
+                c.took = started.elapsed();
                 info!(gateway = %up.gateway, dmz = %c.session.peer().instance_id, carried = %c.carried, way = %way, "connected to the gateway");
                 match serve(c, way).await {
                     Ended::Shutdown => break,

@@ -21,6 +21,7 @@
 //! | `streams` | one agent stream: checks, routing, identity stamping, relay, audit |
 //! | [`relay`], [`router`] | the hop-by-hop pump; which connector serves a destination |
 //! | [`limits`], [`preauth`] | rates and counts; unauthenticated connections per address |
+//! | `ops` | counters and live sessions for the admin listener ([`crate::admin`]), the admin page's view |
 //!
 //! Dependencies run one way: `endpoints` → `upgrade`/`fallback`/`inner` → `agent`/`connector`
 //! → `session`/`streams` → `relay`/`router`, all reading `Shared`.
@@ -31,6 +32,7 @@ mod endpoints;
 pub mod fallback;
 pub mod inner;
 pub mod limits;
+pub(crate) mod ops;
 pub mod preauth;
 pub mod relay;
 pub mod router;
@@ -85,6 +87,8 @@ pub struct DmzConfig {
     pub tls_key_pin: Option<String>,
     /// Protocol version 2 (see [`v2`]).
     pub v2: v2::V2Config,
+    /// The admin listener (`/metrics`, the admin page); `None`: none.
+    pub admin: Option<crate::admin::AdminConfig>,
 }
 
 impl std::fmt::Debug for DmzConfig {
@@ -137,6 +141,8 @@ pub enum DmzError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// State shared by every connection task.
@@ -162,12 +168,15 @@ pub(crate) struct Shared {
     pub(crate) http_sessions: Arc<tunnel::http::server::Registry>,
     pub(crate) tracker: TaskTracker,
     pub(crate) shutdown: CancellationToken,
+    /// Counters and live sessions, for the admin listener.
+    pub(crate) ops: ops::Ops,
 }
 
 /// A bound DMZ gateway, not yet serving.
 pub struct Dmz {
     listener: TcpListener,
     config: DmzConfig,
+    admin: Option<TcpListener>,
 }
 
 impl Dmz {
@@ -178,7 +187,15 @@ impl Dmz {
                 addr: config.listen,
                 source,
             })?;
-        Ok(Dmz { listener, config })
+        let admin = match &config.admin {
+            Some(a) => Some(crate::admin::bind(a).await?),
+            None => None,
+        };
+        Ok(Dmz {
+            listener,
+            config,
+            admin,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -209,8 +226,22 @@ impl Dmz {
             ),
             tracker: TaskTracker::new(),
             shutdown: shutdown.clone(),
+            ops: ops::Ops::new(),
             config,
         });
+        if let (Some(listener), Some(cfg)) = (self.admin, shared.config.admin.clone()) {
+            let view = ops::DmzView {
+                shared: Arc::downgrade(&shared),
+                metrics: shared.ops.metrics.clone(),
+                instance: shared.config.instance_id.clone(),
+            };
+            shared.tracker.spawn(crate::admin::serve(
+                listener,
+                cfg,
+                Arc::new(view),
+                shutdown.clone(),
+            ));
+        }
         for store in [&shared.config.agent_tokens, &shared.config.connector_tokens] {
             shared.tracker.spawn(
                 store
