@@ -110,7 +110,8 @@ pub struct AgentArgs {
 pub struct AgentFile {
     // The keys of `UplinkArgs` (gateway, token_file, ca, proxy, pac, proxy_user,
     // proxy_credentials): serde's `flatten` cannot be combined with `deny_unknown_fields`.
-    pub gateway: Option<String>,
+    /// One URL, or a list for several DMZ instances.
+    pub gateway: Option<uplink::config::Gateways>,
     pub token_file: Option<PathBuf>,
     /// The token is in the OS keychain (written by `sallyport enroll`).
     #[serde(default)]
@@ -153,7 +154,11 @@ impl AgentFile {
     /// The keys shared with the connector, as `UplinkArgs`.
     fn uplink(&self) -> UplinkArgs {
         UplinkArgs {
-            gateway: self.gateway.clone(),
+            gateway: self
+                .gateway
+                .clone()
+                .map(|g| g.into_vec())
+                .unwrap_or_default(),
             token_file: self.token_file.clone(),
             ca: self.ca.clone(),
             proxy: self.proxy.clone(),
@@ -191,7 +196,10 @@ pub use uplink::tuning::TunnelFile;
 /// The validated agent configuration.
 #[derive(Clone)]
 pub struct AgentConfig {
+    /// The first gateway given: the one `doctor` and `enroll` talk to.
     pub gateway: GatewayUrl,
+    /// The other DMZ instances (`--gateway` repeated), failed over to in order.
+    pub failover: Vec<GatewayUrl>,
     pub token: Secret,
     /// Where the token came from, for messages: the token file, `SALLYPORT_TOKEN`, the OS
     /// keychain or enrollment.
@@ -243,6 +251,7 @@ impl AgentConfig {
         session.instance_id = self.instance_id.clone();
         uplink::Uplink {
             gateway: self.gateway.clone(),
+            failover: self.failover.clone(),
             way: self.way.clone(),
             tls: self.tls.clone(),
             connect_timeout: self.connect_timeout,
@@ -336,7 +345,14 @@ pub fn agent_config_with(
     };
     let given_token_file = args.uplink.token_file.is_some();
     let up = args.uplink.clone().or_file(file.uplink(), path.as_deref());
-    let gateway = up.gateway_url(" (or run `sallyport demo` to try it locally)")?;
+    let gateways = up.gateway_urls(" (or run `sallyport demo` to try it locally)")?;
+    let gateway = gateways[0].clone();
+    let failover = gateways[1..].to_vec();
+    if failover.iter().any(|g| g.tls != gateway.tls) {
+        return Err(invalid(
+            "--gateway: give every instance the same scheme (all wss:// or all ws://)",
+        ));
+    }
     let (token, token_source) = match token {
         Some(t) => (t, "the token given to enroll".to_string()),
         None if !given_token_file && file.token_keychain => {
@@ -489,6 +505,7 @@ pub fn agent_config_with(
     file.tunnel.apply(&mut session)?;
     Ok(AgentConfig {
         gateway,
+        failover,
         token,
         tls,
         way,

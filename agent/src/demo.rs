@@ -128,6 +128,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
     let mut v2 = gateway::dmz::v2::V2Config::new(inner_key.clone());
     v2.issuers = vec![issuer.public()];
     let dmz_cfg = DmzConfig {
+        drain_delay: std::time::Duration::ZERO,
         listen: "127.0.0.1:0".parse()?,
         tls: Some(gateway::certs::server_config_from_pem(
             pki.cert_pem.as_bytes(),
@@ -155,7 +156,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
     let gateway_url = egress::GatewayUrl::parse(&gw)?;
     let rules: Vec<Rule> = vec![route.parse()?, format!("127.0.0.1/32:{svc_port}").parse()?];
     let conn_cfg = ConnectorConfig {
-        gateway: gateway_url.clone(),
+        gateways: vec![gateway_url.clone()],
         token: auth::TokenSecret::new(conn_token.expose()),
         v2: Some(Arc::new(conn_token)),
         tls: Some(gateway::connector::tls_config_v2()?),
@@ -180,6 +181,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
     // 4. The agent.
     let agent_cfg = AgentConfig {
         gateway: gateway_url,
+        failover: Vec::new(),
         token: Secret::new(agent_token.expose()),
         token_source: "the demo".into(),
         tls: Some(egress::client_config(&egress::TlsOptions {

@@ -75,7 +75,7 @@ fn read_token(args: &AgentArgs) -> Result<Secret, EnrollError> {
 /// Enrolls; returns the lines to print.
 pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, EnrollError> {
     let token = read_token(&args)?;
-    args.uplink.gateway = Some(url.to_string());
+    args.uplink.gateway = vec![url.to_string()];
     args.config = None;
     // Probe the way out like `run`, but with nothing from an earlier enrollment.
     let mut cfg = config::agent_config_with(args.clone(), Some(token.clone()), false)?;
@@ -379,8 +379,13 @@ pub fn logout() -> Result<Vec<String>, EnrollError> {
         ))));
     }
     let file = config::parse_file(&text, &conf)?;
-    if let Some(gw) = &file.gateway {
-        if file.token_keychain && keychain_delete(gw) {
+    for gw in file
+        .gateway
+        .clone()
+        .map(|g| g.into_vec())
+        .unwrap_or_default()
+    {
+        if file.token_keychain && keychain_delete(&gw) {
             out.push(format!("token removed from the OS keychain ({gw})"));
         }
     }

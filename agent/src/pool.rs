@@ -120,8 +120,8 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
     let set_error = |e: Option<String>| {
         *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
     };
-    let serve = |c: Connected, _way: Candidate| {
-        let (pool, config, up, shutdown) = (&pool, &config, &up, &shutdown);
+    let serve = |c: Connected, _way: Candidate, up: uplink::Uplink| {
+        let (pool, config, shutdown) = (&pool, &config, &shutdown);
         async move {
             let mut session = c.session;
             let mut on_http =

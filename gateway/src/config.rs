@@ -61,6 +61,11 @@ pub struct DmzArgs {
     /// Name of this instance in logs and hellos [default: host name].
     #[arg(long)]
     pub instance_id: Option<String>,
+    /// On SIGTERM, how long `/readyz` answers 503 while sessions are still served, so that the
+    /// load balancer's health check takes this instance out before its sessions are sent away
+    /// (GOAWAY) [default: 10s; 0s for no drain].
+    #[arg(long)]
+    pub drain_delay: Option<String>,
     /// Inner-channel key file (created, mode 0600, when missing) [default: inner.key beside
     /// the agent token file].
     #[arg(long)]
@@ -88,6 +93,7 @@ pub struct DmzFile {
     /// `x-forwarded-for` (default) or `forwarded`: the header the load balancer sets.
     pub forwarded_header: Option<String>,
     pub instance_id: Option<String>,
+    pub drain_delay: Option<String>,
     #[serde(default)]
     pub limits: LimitsFile,
     #[serde(default)]
@@ -420,8 +426,13 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
         inner_key.clone(),
         tls_key_pin.as_deref(),
     )?;
+    let drain_delay = match args.drain_delay.or(file.drain_delay) {
+        Some(d) => duration(&d, "drain_delay")?,
+        None => Duration::from_secs(10),
+    };
     Ok(DmzConfig {
         admin,
+        drain_delay,
         v2,
         inner_key: Some(inner_key),
         tls_key_pin,
@@ -492,7 +503,8 @@ pub struct ConnectorArgs {
 pub struct ConnectorFile {
     // The keys of `UplinkArgs` (serde's `flatten` cannot be combined with
     // `deny_unknown_fields`).
-    pub gateway: Option<String>,
+    /// One URL, or a list for several DMZ instances.
+    pub gateway: Option<uplink::config::Gateways>,
     pub token_file: Option<PathBuf>,
     pub ca: Option<PathBuf>,
     pub proxy: Option<String>,
@@ -521,7 +533,11 @@ impl ConnectorFile {
     /// The keys shared with the agent, as `UplinkArgs`.
     fn uplink(&self) -> UplinkArgs {
         UplinkArgs {
-            gateway: self.gateway.clone(),
+            gateway: self
+                .gateway
+                .clone()
+                .map(|g| g.into_vec())
+                .unwrap_or_default(),
             token_file: self.token_file.clone(),
             ca: self.ca.clone(),
             proxy: self.proxy.clone(),
@@ -591,7 +607,13 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
     let base = args.config.as_deref();
     let admin = crate::admin::config(&args.admin, &file.admin, base)?;
     let up = args.uplink.clone().or_file(file.uplink(), base);
-    let gateway = up.gateway_url("")?;
+    let gateways = up.gateway_urls("")?;
+    let gateway = gateways[0].clone();
+    if gateways.iter().any(|g| g.tls != gateway.tls) {
+        return Err(invalid(
+            "--gateway: give every instance the same scheme (all wss:// or all ws://)",
+        ));
+    }
     let token = read_token(up.token_file.as_deref())?;
     let v2 = if tunnel::token::is_v2(token.expose()) {
         let t: tunnel::token::Token = token
@@ -691,7 +713,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
     Ok(ConnectorConfig {
         admin,
         ops: Default::default(),
-        gateway,
+        gateways,
         way: egress::Way::new(egress),
         token,
         v2,

@@ -67,6 +67,7 @@ async fn gateway(connector_routes: &[&str], tweak: impl FnOnce(&mut DmzConfig)) 
     );
     let inner_key = Arc::new(tunnel::inner::KeyPair::generate());
     let mut cfg = DmzConfig {
+        drain_delay: std::time::Duration::ZERO,
         listen: "127.0.0.1:0".parse().unwrap(),
         tls: None,
         prefix: "/sp".into(),

@@ -183,13 +183,33 @@ pub fn check_token(text: &str, source: &str) -> Result<crate::Secret, ConfigErro
     Ok(secret)
 }
 
+/// `gateway` in a config file: one URL, or a list of them (several DMZ instances).
+#[derive(serde::Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum Gateways {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Gateways {
+    /// The URLs, in order.
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Gateways::One(g) => vec![g],
+            Gateways::Many(v) => v,
+        }
+    }
+}
+
 /// The flags both the agent and the connector take to reach the gateway (flattened into each
 /// role's arguments); each also has a key of the same name in the role's config file.
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct UplinkArgs {
-    /// The DMZ gateway, e.g. wss://gw.example.com/ (port 443 unless given).
-    #[arg(long)]
-    pub gateway: Option<String>,
+    /// The DMZ gateway, e.g. wss://gw.example.com/ (port 443 unless given). Repeatable, for
+    /// several DMZ instances: an agent fails over from one to the next, a connector keeps
+    /// sessions to every one.
+    #[arg(long = "gateway")]
+    pub gateway: Vec<String>,
     /// File holding the token (or set SALLYPORT_TOKEN).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
@@ -231,7 +251,11 @@ impl UplinkArgs {
     pub fn or_file(self, file: UplinkArgs, base: Option<&Path>) -> UplinkArgs {
         let rel = |p: Option<PathBuf>| p.map(|p| relative_to(base, p));
         UplinkArgs {
-            gateway: self.gateway.or(file.gateway),
+            gateway: if self.gateway.is_empty() {
+                file.gateway
+            } else {
+                self.gateway
+            },
             token_file: self.token_file.or(rel(file.token_file)),
             ca: self.ca.or(rel(file.ca)),
             proxy: self.proxy.or(file.proxy),
@@ -286,14 +310,22 @@ impl UplinkArgs {
         .map_err(|e| invalid(e.to_string()))
     }
 
-    /// The gateway URL, required (`hint`: what else the user could do).
-    pub fn gateway_url(&self, hint: &str) -> Result<egress::GatewayUrl, ConfigError> {
-        let g = self.gateway.as_deref().ok_or_else(|| {
-            invalid(format!(
+    /// The gateway URLs, at least one (`hint`: what else the user could do), without repeats.
+    pub fn gateway_urls(&self, hint: &str) -> Result<Vec<egress::GatewayUrl>, ConfigError> {
+        if self.gateway.is_empty() {
+            return Err(invalid(format!(
                 "--gateway URL is required, e.g. --gateway wss://gw.example.com/{hint}"
-            ))
-        })?;
-        egress::GatewayUrl::parse(g).map_err(|e| invalid(e.to_string()))
+            )));
+        }
+        let mut urls: Vec<egress::GatewayUrl> = Vec::new();
+        for g in &self.gateway {
+            let u = egress::GatewayUrl::parse(g).map_err(|e| invalid(e.to_string()))?;
+            if urls.iter().any(|v| v.to_string() == u.to_string()) {
+                return Err(invalid(format!("--gateway {u} is given twice")));
+            }
+            urls.push(u);
+        }
+        Ok(urls)
     }
 
     /// The way out from these settings (`wpad_credentials`: whether proxy credentials may be

@@ -52,7 +52,10 @@ pub enum Credential {
 /// Everything needed to reach the gateway and start a session on it.
 #[derive(Clone)]
 pub struct Uplink {
+    /// The gateway (the DMZ instance) to dial.
     pub gateway: GatewayUrl,
+    /// Other DMZ instances to fail over to, in order (`uplink::keep`); empty for one gateway.
+    pub failover: Vec<GatewayUrl>,
     pub way: Arc<egress::Way>,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// For each step: the TCP and TLS connection, the upgrade, the handshake.

@@ -25,6 +25,11 @@ pub enum Ended {
 /// and returns when it ends; `failed` hears every attempt that failed. An authenticated
 /// refusal of the credential waits longer ([`Backoff::refused`]) than an unreachable gateway. `who` names the process
 /// for the log (`the agent`, `the connector`).
+///
+/// With `up.failover` (several DMZ instances), an attempt that fails moves on to the next
+/// instance at once; only when every instance failed in a row does it wait. A session that ends
+/// is followed by a new attempt on the same instance first (a drain sends its sessions away
+/// with `GOAWAY`; a dead instance fails fast and the next one is tried).
 pub async fn keep<S, F>(
     up: &Uplink,
     who: &str,
@@ -32,28 +37,43 @@ pub async fn keep<S, F>(
     mut serve: S,
     mut failed: impl FnMut(&ConnectError),
 ) where
-    S: FnMut(Connected, Candidate) -> F,
+    S: FnMut(Connected, Candidate, Uplink) -> F,
     F: Future<Output = Ended>,
 {
     let mut backoff = Backoff::default();
+    let instances: Vec<egress::GatewayUrl> = std::iter::once(up.gateway.clone())
+        .chain(up.failover.iter().cloned())
+        .collect();
+    let mut at = 0;
+    let mut failed_in_a_row = 0;
     while !shutdown.is_cancelled() {
         let started = Instant::now();
         let mut refused = None;
+        let mut this = up.clone();
+        this.gateway = instances[at].clone();
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = up.connect(up.transport) => r,
+            r = this.connect(up.transport) => r,
         };
         match attempt {
             Ok((mut c, way)) => {
                 c.took = started.elapsed();
-                info!(gateway = %up.gateway, dmz = %c.session.peer().instance_id, carried = %c.carried, way = %way, "connected to the gateway");
-                match serve(c, way).await {
+                failed_in_a_row = 0;
+                info!(gateway = %this.gateway, dmz = %c.session.peer().instance_id, carried = %c.carried, way = %way, "connected to the gateway");
+                let lost_after = Instant::now();
+                match serve(c, way, this).await {
                     Ended::Shutdown => break,
                     Ended::Lost(why) => {
                         if shutdown.is_cancelled() {
                             break;
                         }
                         warn!(reason = %why, "gateway session lost; reconnecting");
+                        // A session that went away at once (a draining instance refusing to
+                        // keep it) counts as a failure of this instance.
+                        if instances.len() > 1 && lost_after.elapsed() < Backoff::STABLE {
+                            failed_in_a_row += 1;
+                            at = (at + 1) % instances.len();
+                        }
                     }
                 }
             }
@@ -66,6 +86,15 @@ pub async fn keep<S, F>(
                 failed(&e);
                 if crate::park_after_rejected_credentials(&e, who, shutdown).await {
                     break;
+                }
+                if refused.is_none() && instances.len() > 1 {
+                    failed_in_a_row += 1;
+                    at = (at + 1) % instances.len();
+                    if failed_in_a_row < instances.len() {
+                        // Another instance may be up: try it now.
+                        continue;
+                    }
+                    failed_in_a_row = 0;
                 }
             }
         }

@@ -172,7 +172,12 @@ pub async fn start(
     let view = ConnectorView {
         ops: cfg.ops.clone(),
         instance: cfg.instance_id.clone(),
-        gateway: cfg.gateway.to_string(),
+        gateway: cfg
+            .gateways
+            .iter()
+            .map(|g| g.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
         rules: cfg.policy.rules().iter().map(|r| r.to_string()).collect(),
         routes: cfg.routes.iter().map(|r| r.to_string()).collect(),
     };

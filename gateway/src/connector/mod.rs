@@ -21,7 +21,9 @@ use tunnel::Role;
 /// Everything the connector needs, validated before anything is dialled.
 #[derive(Clone)]
 pub struct ConnectorConfig {
-    pub gateway: GatewayUrl,
+    /// The DMZ instances (`--gateway` repeated): the connector keeps `sessions` sessions to
+    /// each, so that whichever instance an agent reaches can reach this site.
+    pub gateways: Vec<GatewayUrl>,
     pub token: crate::auth::TokenSecret,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub policy: Arc<Policy>,
@@ -52,13 +54,15 @@ pub struct ConnectorConfig {
 }
 
 impl ConnectorConfig {
-    /// How this connector reaches the gateway and sets up its session (shared with the agent).
-    pub fn uplink(&self) -> uplink::Uplink {
+    /// How this connector reaches DMZ instance `gateway` and sets up its session (shared with
+    /// the agent).
+    pub fn uplink(&self, gateway: &GatewayUrl) -> uplink::Uplink {
         let mut session = self.session.clone();
         session.role = Role::Connector;
         session.instance_id = self.instance_id.clone();
         uplink::Uplink {
-            gateway: self.gateway.clone(),
+            gateway: gateway.clone(),
+            failover: Vec::new(),
             way: self.way.clone(),
             tls: self.tls.clone(),
             connect_timeout: self.connect_timeout,
@@ -82,7 +86,14 @@ impl ConnectorConfig {
 impl std::fmt::Debug for ConnectorConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnectorConfig")
-            .field("gateway", &self.gateway.to_string())
+            .field(
+                "gateways",
+                &self
+                    .gateways
+                    .iter()
+                    .map(|g| g.to_string())
+                    .collect::<Vec<_>>(),
+            )
             .field("token", &self.token)
             .field(
                 "routes",
@@ -124,15 +135,28 @@ pub fn tls_config_v2() -> Result<Arc<rustls::ClientConfig>, egress::EgressError>
 pub async fn run(config: ConnectorConfig, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
     let config = Arc::new(config);
-    info!(gateway = %config.gateway, sessions = config.sessions, routes = %config.routes.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" "), "connector starting");
-    for n in 0..config.sessions.max(1) {
-        let config = config.clone();
-        let shutdown = shutdown.clone();
-        let tracker2 = tracker.clone();
-        tracker.spawn(
-            async move { keep_session(config, shutdown, tracker2).await }
-                .instrument(info_span!("session", n)),
-        );
+    let gateways = config
+        .gateways
+        .iter()
+        .map(|g| g.to_string())
+        .collect::<Vec<_>>();
+    info!(gateway = %gateways.join(" "), sessions = config.sessions, routes = %config.routes.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" "), "connector starting");
+    for (i, gateway) in config.gateways.iter().enumerate() {
+        for n in 0..config.sessions.max(1) {
+            let up = config.uplink(gateway);
+            let config = config.clone();
+            let shutdown = shutdown.clone();
+            let tracker2 = tracker.clone();
+            // With several instances, the span names which one (`dmz`: its place in the list).
+            let span = if config.gateways.len() > 1 {
+                info_span!("session", dmz = i, n)
+            } else {
+                info_span!("session", n)
+            };
+            tracker.spawn(
+                async move { keep_session(config, up, shutdown, tracker2).await }.instrument(span),
+            );
+        }
     }
     tracker.close();
     tracker.wait().await;
@@ -140,11 +164,11 @@ pub async fn run(config: ConnectorConfig, shutdown: CancellationToken) {
 
 async fn keep_session(
     config: Arc<ConnectorConfig>,
+    up: uplink::Uplink,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let up = config.uplink();
-    let serve_one = |c: uplink::Connected, way: egress::probe::Candidate| {
+    let serve_one = |c: uplink::Connected, way: egress::probe::Candidate, _up| {
         let (config, shutdown, tracker) = (&config, &shutdown, &tracker);
         async move {
             let _up = config.ops.up(&c, &way, c.took);

@@ -1,5 +1,5 @@
 //! What one accepted connection gets: the deadline and the address's unauthenticated slot
-//! ([`super::preauth`]), TLS, the request head, and dispatch by path (`/key`, `/healthz`, the
+//! ([`super::preauth`]), TLS, the request head, and dispatch by path (`/key`, `/healthz`, `/readyz`, the
 //! WebSocket endpoints, the HTTP fallback), until the session it becomes.
 
 use super::agent::agent_session;
@@ -196,6 +196,15 @@ pub(crate) async fn serve_http<S>(
                 .await;
             }
         },
+        "/readyz" => {
+            // "Can serve": never waits for connectors (a new instance must become ready for
+            // connectors to reach it); 503 once draining, so the load balancer stops sending.
+            if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                answer(&mut io, deadline, 503, &[], "draining\n").await;
+            } else {
+                answer(&mut io, deadline, 200, &[], "ready\n").await;
+            }
+        }
         "/healthz" => {
             let body = format!(
                 "ok\ninstance {}\nconnector sessions {}\n",

@@ -1,7 +1,9 @@
 //! The DMZ gateway: the only listener of the whole system.
 //!
 //! One port serves agents and connectors on distinct WebSocket paths under a prefix
-//! (`{prefix}/agent`, `{prefix}/connector`) plus `{prefix}/healthz`. The accept loop only
+//! (`{prefix}/agent`, `{prefix}/connector`) plus `{prefix}/healthz` (alive) and `{prefix}/readyz`
+//! (503 while draining: on SIGTERM the instance drains for `drain_delay` before it sends its
+//! sessions away). The accept loop only
 //! accepts: a permit from a [`Semaphore`] is taken *before* `accept`, and everything slow (TLS,
 //! the HTTP head, auth, the tunnel hello) runs in the connection's own task under one deadline,
 //! so a silent client stalls nobody.
@@ -89,6 +91,10 @@ pub struct DmzConfig {
     pub v2: v2::V2Config,
     /// The admin listener (`/metrics`, the admin page); `None`: none.
     pub admin: Option<crate::admin::AdminConfig>,
+    /// After `shutdown`, how long `/readyz` answers 503 while everything is still served,
+    /// before the sessions are sent away (`GOAWAY`): the load balancer's health check takes the
+    /// instance out meanwhile, so no new connection lands on an instance that is leaving.
+    pub drain_delay: Duration,
 }
 
 impl std::fmt::Debug for DmzConfig {
@@ -167,9 +173,12 @@ pub(crate) struct Shared {
     /// Sessions over the HTTP fallback transport, by session id.
     pub(crate) http_sessions: Arc<tunnel::http::server::Registry>,
     pub(crate) tracker: TaskTracker,
+    /// Cancelled when the sessions are to be sent away (after the drain delay).
     pub(crate) shutdown: CancellationToken,
     /// Counters and live sessions, for the admin listener.
     pub(crate) ops: ops::Ops,
+    /// Set on shutdown: `/readyz` answers 503.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
 }
 
 /// A bound DMZ gateway, not yet serving.
@@ -202,10 +211,14 @@ impl Dmz {
         self.listener.local_addr().unwrap_or(self.config.listen)
     }
 
-    /// Serves until `shutdown`, then closes every session with `GOAWAY(shutdown)` and waits
-    /// (briefly) for connection tasks to end.
+    /// Serves until `shutdown`; then drains: `/readyz` answers 503 for the drain delay while
+    /// everything is still served, then every session is closed with `GOAWAY(shutdown)` (agents
+    /// and connectors move to other instances), and connection tasks get a moment to end.
     pub async fn serve(self, shutdown: CancellationToken) {
         let config = self.config;
+        let drain_delay = config.drain_delay;
+        // What ends the sessions and the accept loop: `shutdown`, delayed by the drain.
+        let stop = CancellationToken::new();
         let limits = config.limits.clone();
         let shared = Arc::new(Shared {
             tls: config.tls.clone().map(TlsAcceptor::from),
@@ -225,7 +238,8 @@ impl Dmz {
                 HTTP_DOWN_BUFFER,
             ),
             tracker: TaskTracker::new(),
-            shutdown: shutdown.clone(),
+            shutdown: stop.clone(),
+            draining: Default::default(),
             ops: ops::Ops::new(),
             config,
         });
@@ -239,14 +253,29 @@ impl Dmz {
                 listener,
                 cfg,
                 Arc::new(view),
-                shutdown.clone(),
+                // Metrics and the admin page stay up while the instance drains.
+                shared.shutdown.clone(),
             ));
+        }
+        {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                shared
+                    .draining
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                if !drain_delay.is_zero() {
+                    info!(delay = %humantime::format_duration(drain_delay), "draining: /readyz answers 503; sessions are sent to other instances after the delay");
+                    tokio::time::sleep(drain_delay).await;
+                }
+                stop.cancel();
+            });
         }
         for store in [&shared.config.agent_tokens, &shared.config.connector_tokens] {
             shared.tracker.spawn(
                 store
                     .clone()
-                    .watch(shared.config.reload_every, shutdown.clone()),
+                    .watch(shared.config.reload_every, shared.shutdown.clone()),
             );
         }
         let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -262,11 +291,11 @@ impl Dmz {
             // Backpressure: no accept without a permit, so the number of connections (and the
             // memory they hold) is bounded.
             let permit = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shared.shutdown.cancelled() => break,
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             };
             let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shared.shutdown.cancelled() => break,
                 r = self.listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {

@@ -1,0 +1,231 @@
+//! Several DMZ instances on loopback: a connector keeps sessions to every instance, an agent
+//! fails over from one to the next when its instance dies, and an instance that is told to stop
+//! drains (`/readyz` 503, still serving, then `GOAWAY`) before its sessions move.
+
+use sallyport_e2e::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn curl() -> Command {
+    require_tool("curl");
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--max-time", "10"]);
+    c
+}
+
+/// Two DMZ instances sharing their token files and keys (as a cluster's instances share a
+/// Secret), one connector holding sessions to both, and a backend it may reach.
+struct Cluster {
+    pki: Pki,
+    dmz: Vec<Proc>,
+    urls: Vec<String>,
+    _connector: Proc,
+    port: u16,
+}
+
+fn cluster(tag: &str, drain_delay: &str) -> Cluster {
+    let port = http_service().unwrap().port();
+    let pki = Pki::new(tag).unwrap();
+    pki.token(
+        "agent",
+        "alice-laptop",
+        &["--name", "alice", "--groups", "dev"],
+    )
+    .unwrap();
+    pki.token("connector", "site-a", &["--route", "*.internal:*"])
+        .unwrap();
+    let mut dmz = Vec::new();
+    let mut urls = Vec::new();
+    for i in 0..2 {
+        let p = Proc::spawn(
+            &format!("dmz-{i}"),
+            Command::new(bin("sallyport-gateway"))
+                .args([
+                    "dmz",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--instance-id",
+                    &format!("dmz-{i}"),
+                    "--drain-delay",
+                    drain_delay,
+                    "--tls-cert",
+                ])
+                .arg(pki.p("gateway.crt"))
+                .arg("--tls-key")
+                .arg(pki.p("gateway.key"))
+                .arg("--agent-tokens")
+                .arg(pki.p("agents.toml"))
+                .arg("--connector-tokens")
+                .arg(pki.p("connectors.toml")),
+        )
+        .unwrap();
+        let addr = p.addr(&["dmz gateway listening"]).unwrap();
+        urls.push(format!("wss://127.0.0.1:{}/", addr.port()));
+        dmz.push(p);
+    }
+    let mut args: Vec<String> = vec!["connector".into()];
+    for u in &urls {
+        args.extend(["--gateway".into(), u.clone()]);
+    }
+    args.extend([
+        "--token-file".into(),
+        pki.p("site-a.token").display().to_string(),
+    ]);
+    for a in allow_backend(port) {
+        args.extend(["--allow".into(), a]);
+    }
+    args.extend([
+        "--host".into(),
+        "backend.internal=127.0.0.1".into(),
+        "--advertise".into(),
+        "*.internal:*".into(),
+    ]);
+    let connector = Proc::spawn(
+        "connector",
+        Command::new(bin("sallyport-gateway")).args(&args),
+    )
+    .unwrap();
+    // Every instance hears from the connector: whichever one an agent lands on reaches the site.
+    for d in &dmz {
+        d.wait_for(&["connector routes"], Duration::from_secs(20))
+            .unwrap();
+    }
+    Cluster {
+        pki,
+        dmz,
+        urls,
+        _connector: connector,
+        port,
+    }
+}
+
+fn agent(c: &Cluster) -> (Proc, std::net::SocketAddr) {
+    let mut cmd = Command::new(bin("sallyport"));
+    cmd.arg("run");
+    for u in &c.urls {
+        cmd.args(["--gateway", u]);
+    }
+    cmd.args(["--socks", "127.0.0.1:0", "--http", "off", "--token-file"])
+        .arg(c.pki.p("alice-laptop.token"))
+        .env("HOME", c.pki.dir.path())
+        .env("XDG_CONFIG_HOME", c.pki.dir.path().join(".config"));
+    for k in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+        cmd.env_remove(k);
+    }
+    let a = Proc::spawn("agent", &mut cmd).unwrap();
+    let socks = a.addr(&["listening", "socks5"]).unwrap();
+    a.wait_for(&["connected to the gateway"], Duration::from_secs(20))
+        .unwrap();
+    (a, socks)
+}
+
+fn fetch(socks: std::net::SocketAddr, port: u16) -> bool {
+    let (code, out, _) = run(curl()
+        .arg("--socks5-hostname")
+        .arg(socks.to_string())
+        .arg(format!("http://backend.internal:{port}/")))
+    .unwrap();
+    code == 0 && out.contains("hello from backend.internal")
+}
+
+/// Which instance (index in `urls`) the agent's latest session is on.
+fn agent_instance(agent: &Proc, urls: &[String]) -> usize {
+    let log = agent.log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("connected to the gateway"))
+        .expect("a session");
+    urls.iter()
+        .position(|u| line.contains(&format!("gateway={u}")))
+        .unwrap_or_else(|| panic!("no known gateway in {line}"))
+}
+
+/// The reconnect budget: failing over must not wait for a backoff that grew while the instance
+/// was down (the next instance is tried at once).
+const RECONNECT_BUDGET: Duration = Duration::from_secs(15);
+
+#[test]
+fn a_killed_dmz_instance_loses_no_new_connection_for_long_the_agent_fails_over() {
+    let mut c = cluster("cluster-kill", "0s");
+    let (agent, socks) = agent(&c);
+    assert!(fetch(socks, c.port));
+    let on = agent_instance(&agent, &c.urls);
+    c.dmz[on].kill();
+    let killed = Instant::now();
+    let mut ok = false;
+    while killed.elapsed() < RECONNECT_BUDGET {
+        if fetch(socks, c.port) {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        ok,
+        "no connection within {RECONNECT_BUDGET:?}: {}",
+        agent.log()
+    );
+    assert_eq!(agent_instance(&agent, &c.urls), 1 - on, "{}", agent.log());
+    eprintln!("failover took {:?}", killed.elapsed());
+}
+
+#[test]
+fn a_draining_instance_answers_readyz_503_keeps_serving_then_moves_its_sessions() {
+    let mut c = cluster("cluster-drain", "3s");
+    let (agent, socks) = agent(&c);
+    let on = agent_instance(&agent, &c.urls);
+    let readyz = |i: usize| -> String {
+        let (_, out, _) = run(curl()
+            .args(["-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(c.pki.p("ca.crt"))
+            .arg(format!("{}readyz", c.urls[i].replace("wss://", "https://"))))
+        .unwrap();
+        out
+    };
+    assert_eq!(readyz(on), "200");
+    let _ = Command::new("kill")
+        .args(["-TERM", &c.dmz[on].pid().to_string()])
+        .output();
+    c.dmz[on]
+        .wait_for(&["draining"], Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(readyz(on), "503", "a draining instance is not ready");
+    assert_eq!(readyz(1 - on), "200");
+    // Still served while the load balancer takes it out.
+    assert!(fetch(socks, c.port), "served during the drain");
+    assert_eq!(agent_instance(&agent, &c.urls), on);
+    // Then its sessions are sent away, and the agent moves to the other instance.
+    agent
+        .wait_for(&["gateway session lost"], Duration::from_secs(10))
+        .unwrap();
+    let moved = Instant::now();
+    let mut ok = false;
+    while moved.elapsed() < RECONNECT_BUDGET {
+        if fetch(socks, c.port) && agent_instance(&agent, &c.urls) == 1 - on {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ok, "the agent did not move: {}", agent.log());
+    c.dmz[on].terminate(Duration::from_secs(10));
+}
+
+#[test]
+fn a_gateway_listed_twice_is_a_configuration_error() {
+    let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
+        .args([
+            "connector",
+            "--gateway",
+            "wss://a.example/",
+            "--gateway",
+            "wss://a.example/",
+            "--allow",
+            "db.internal:5432",
+        ])
+        .env("SALLYPORT_TOKEN", format!("sp_x_{}", "0".repeat(64))))
+    .unwrap();
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("is given twice"), "{err}");
+}
