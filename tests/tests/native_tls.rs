@@ -279,6 +279,8 @@ fn a_v1_connector_over_native_tls_does_not_take_an_inspecting_proxy_for_the_gate
     let real = Pki::new("native-v1-real").unwrap();
     let mitm = Pki::new("native-v1-mitm").unwrap();
     let token = mitm.use_v1_token("connector", "site-a").unwrap();
+    // Its agent token file, before the DMZ reads it.
+    std::fs::write(mitm.p("agents.toml"), "").unwrap();
     // The "interceptor": a DMZ serving a certificate of the proxy's CA.
     let dmz = Proc::spawn(
         "dmz",
@@ -293,7 +295,6 @@ fn a_v1_connector_over_native_tls_does_not_take_an_inspecting_proxy_for_the_gate
             .arg(mitm.p("connectors.toml")),
     )
     .unwrap();
-    std::fs::write(mitm.p("agents.toml"), "").unwrap();
     let gw = dmz.addr(&["dmz gateway listening"]).unwrap();
     let gw_url = format!("wss://127.0.0.1:{}/", gw.port());
     let connector = |name: &str, ca: Option<&Path>| {
