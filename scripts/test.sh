@@ -14,6 +14,8 @@ command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# native-tls (`--tls native`) builds against OpenSSL's headers.
+pkg-config --exists openssl 2>/dev/null || need+=(libssl-dev pkg-config)
 # squid-openssl: squid with TLS inspection and the same auth helpers (conflicts with `squid`).
 command -v squid >/dev/null 2>&1 || need+=(squid-openssl)
 # dante: the SOCKS5 proxy of the egress tests (with and without username/password).
@@ -36,6 +38,9 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # nginx and HAProxy: real load balancers in front of the --plain gateway (tests/tests/lb.rs).
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+# promtool (Debian's prometheus package) checks the scraped /metrics and deploy/alerts.yml
+# (tests/tests/ops.rs, which also installs it when run alone).
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # The Windows agent under Wine (tests/tests/windows.rs): Wine, the mingw-w64 C compiler (ring's C
 # code, the ProcessPrng shim and the test client), and the rustup target below.
 command -v wine >/dev/null 2>&1 || need+=(wine64 wine)

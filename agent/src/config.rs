@@ -165,6 +165,8 @@ impl AgentFile {
             pac: self.pac.clone(),
             proxy_user: self.proxy_user.clone(),
             proxy_credentials: self.proxy_credentials.clone(),
+            // `--tls`, `--client-cert`: flags only.
+            ..Default::default()
         }
     }
 }
@@ -443,10 +445,11 @@ pub fn agent_config_with(
         .proxy_credentials
         .clone()
         .or_else(|| default_credentials_path().filter(|p| p.exists()));
-    let egress = up.egress(
+    let mut egress = up.egress(
         credentials_file.as_deref(),
         file.proxy_auth.wpad_credentials()?,
     )?;
+    egress.native_tls = up.native_tls(v2.is_some())?;
     let way = egress::Way::new(egress);
     let socks = listen_addr(
         args.socks.as_deref().or(file.socks.as_deref()),

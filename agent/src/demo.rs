@@ -146,6 +146,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         inner_key: Some(inner_key.clone()),
         tls_key_pin: None,
         v2,
+        admin: None,
     };
     let dmz = Dmz::bind(dmz_cfg).await?;
     let gw = format!("wss://127.0.0.1:{}/", dmz.local_addr().port());
@@ -172,6 +173,8 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         always_inner: false,
         instance_id: "demo-connector".into(),
         session: tunnel::Config::new(tunnel::Role::Connector, true),
+        admin: None,
+        ops: Default::default(),
     };
     tokio::spawn(gateway::connector::run(conn_cfg, shutdown.clone()));
 

@@ -140,7 +140,7 @@ pub async fn serve(
                 // not in the accept loop. The client's socket is found by both ends: ours is the
                 // address this connection reached, not the listener's (which may be 0.0.0.0).
                 let check = match tcp.local_addr() {
-                    Ok(local) => peer::check_peer(peer_addr, local, allow_remote),
+                    Ok(local) => peer::check(peer_addr, local, allow_remote).await,
                     Err(e) => Err(format!("cannot read the connection's own address: {e}")),
                 };
                 if let Err(why) = check {

@@ -200,8 +200,14 @@ pub fn check_peer(peer: SocketAddr, local: SocketAddr, allow_remote: bool) -> Re
     admit(peer, allow_remote, my_uid().map(Uid), owner.map(Uid))
 }
 
-#[cfg(windows)]
-pub use windows::check_peer;
+/// Whether the client at `peer` (connected to our `local`) may use this agent: [`admit`] with
+/// the owner of its socket (on Windows read from the TCP table, which may need a moment).
+pub async fn check(peer: SocketAddr, local: SocketAddr, allow_remote: bool) -> Result<(), String> {
+    #[cfg(windows)]
+    return windows::check_peer(peer, local, allow_remote).await;
+    #[cfg(not(windows))]
+    check_peer(peer, local, allow_remote)
+}
 
 #[cfg(not(any(target_os = "linux", windows)))]
 pub fn check_peer(peer: SocketAddr, _local: SocketAddr, allow_remote: bool) -> Result<(), String> {

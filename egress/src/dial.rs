@@ -18,6 +18,8 @@ use tokio_rustls::TlsConnector;
 pub enum GatewayStream {
     Plain(TcpStream),
     Tls(Box<TlsStream<BufReader<TcpStream>>>),
+    /// `--tls native`: the OS TLS stack ([`crate::native`]).
+    Native(Box<tokio_native_tls::TlsStream<TcpStream>>),
 }
 
 impl GatewayStream {
@@ -31,6 +33,7 @@ impl GatewayStream {
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|der| cert::key_pin(der)),
+            GatewayStream::Native(s) => cert::key_pin(&native_peer(s)?),
         }
     }
 
@@ -43,6 +46,11 @@ impl GatewayStream {
                 let der = s.get_ref().1.peer_certificates()?.first()?;
                 Some(sha2::Sha256::digest(cert::spki(der)?).into())
             }
+            GatewayStream::Native(s) => {
+                use sha2::Digest;
+                let der = native_peer(s)?;
+                Some(sha2::Sha256::digest(cert::spki(&der)?).into())
+            }
         }
     }
 
@@ -51,7 +59,8 @@ impl GatewayStream {
     /// between.
     pub fn exporter(&self, label: &[u8]) -> Option<[u8; 32]> {
         match self {
-            GatewayStream::Plain(_) => None,
+            // native-tls exposes no exporter: a v2 session over it stays sealed.
+            GatewayStream::Plain(_) | GatewayStream::Native(_) => None,
             GatewayStream::Tls(s) => {
                 let conn = &s.get_ref().1;
                 // TLS 1.3 only: its exporter is bound to the whole handshake.
@@ -84,6 +93,12 @@ impl GatewayStream {
                     format!("TLS, certificate {}", names.join("; "))
                 }
             }
+            GatewayStream::Native(s) => match native_peer(s).and_then(|d| cert::names(&d)) {
+                Some((subject, issuer)) => {
+                    format!("TLS (OS stack), certificate {subject} issued by {issuer}")
+                }
+                None => "TLS (OS stack; certificate names unreadable)".into(),
+            },
         }
     }
 }
@@ -97,6 +112,7 @@ impl AsyncRead for GatewayStream {
         match self.get_mut() {
             GatewayStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             GatewayStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            GatewayStream::Native(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -110,18 +126,21 @@ impl AsyncWrite for GatewayStream {
         match self.get_mut() {
             GatewayStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             GatewayStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            GatewayStream::Native(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             GatewayStream::Plain(s) => Pin::new(s).poll_flush(cx),
             GatewayStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            GatewayStream::Native(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             GatewayStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             GatewayStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            GatewayStream::Native(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
     fn poll_write_vectored(
@@ -132,12 +151,14 @@ impl AsyncWrite for GatewayStream {
         match self.get_mut() {
             GatewayStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             GatewayStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            GatewayStream::Native(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
             GatewayStream::Plain(s) => s.is_write_vectored(),
             GatewayStream::Tls(s) => s.is_write_vectored(),
+            GatewayStream::Native(s) => s.is_write_vectored(),
         }
     }
 }
@@ -195,6 +216,61 @@ async fn dial_raw(
 ) -> Result<(GatewayStream, Option<Scheme>), EgressError> {
     let authority = url.authority();
     let deadline = tokio::time::Instant::now() + timeout;
+    let (tcp, scheme) = dial_tcp(url, timeout, deadline, proxy, auth, remembered).await?;
+    let stream = finish_dial(url, tls, timeout, deadline, tcp, &authority).await?;
+    Ok((stream, scheme))
+}
+
+/// Like [`dial_via`], with the outer TLS through the OS stack (`--tls native`).
+pub async fn dial_via_native(
+    url: &GatewayUrl,
+    native: &crate::native::NativeTls,
+    timeout: Duration,
+    proxy: &Proxy,
+    auth: &AuthOptions,
+    remembered: Option<Scheme>,
+) -> Result<(GatewayStream, Option<Scheme>), EgressError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (tcp, scheme) = dial_tcp(url, timeout, deadline, proxy, auth, remembered).await?;
+    if !url.tls {
+        return Ok((GatewayStream::Plain(tcp), scheme));
+    }
+    let tls = tokio::time::timeout_at(deadline, native.connector.connect(&url.host, tcp)).await;
+    match tls {
+        Err(_) => Err(EgressError::ConnectTimeout {
+            role: "gateway",
+            addr: url.authority(),
+            after: timeout,
+        }),
+        Ok(Err(e)) => Err(EgressError::Tls {
+            host: url.host.clone(),
+            reason: match &native.client_cert {
+                Some(p) => format!(
+                    "{e} (OS TLS stack, client certificate {}: a terminator that refuses it ends the handshake)",
+                    p.display()
+                ),
+                None => format!("{e} (OS TLS stack)"),
+            },
+        }),
+        Ok(Ok(s)) => Ok((GatewayStream::Native(Box::new(s)), scheme)),
+    }
+}
+
+/// The peer's leaf certificate (DER) on a native-tls connection.
+fn native_peer(s: &tokio_native_tls::TlsStream<TcpStream>) -> Option<Vec<u8>> {
+    s.get_ref().peer_certificate().ok()??.to_der().ok()
+}
+
+/// TCP to the gateway, or through the proxy's handshake, by `deadline`.
+async fn dial_tcp(
+    url: &GatewayUrl,
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+    proxy: &Proxy,
+    auth: &AuthOptions,
+    remembered: Option<Scheme>,
+) -> Result<(TcpStream, Option<Scheme>), EgressError> {
+    let authority = url.authority();
     let name = proxy.to_string();
     let timed_out = || ProxyError::Timeout {
         proxy: name.clone(),
@@ -288,8 +364,7 @@ async fn dial_raw(
             tcp
         }
     };
-    let stream = finish_dial(url, tls, timeout, deadline, tcp, &authority).await?;
-    Ok((stream, scheme))
+    Ok((tcp, scheme))
 }
 
 /// Dials like [`dial_via`] but accepts any certificate, only to show who signed the one

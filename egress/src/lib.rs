@@ -18,6 +18,7 @@
 //! | [`proxy`], [`http`], [`auth`] | corporate proxies: `--proxy`, environment, SOCKS5; `CONNECT` and its auth rounds |
 //! | [`pac`], [`system`] | PAC (sandboxed), WPAD; OS proxy settings |
 //! | [`cert`], [`keychain`] | certificate names and key pins; the OS keychain |
+//! | [`native`] | `--tls native`: the outer TLS through the OS stack, a PKCS#12 client certificate |
 //! | [`logging`] | the binaries' tracing setup (tungstenite capped: it would print the upgrade request) |
 
 pub mod auth;
@@ -25,6 +26,7 @@ pub mod cert;
 pub mod http;
 pub mod keychain;
 pub mod logging;
+pub mod native;
 pub mod pac;
 pub mod proxy;
 pub mod system;

@@ -532,7 +532,13 @@ impl Way {
                 }
             }
         }
-        match dial_via(url, tls, timeout, &c.proxy, &auth, remembered).await {
+        let dialled = match &self.egress.native_tls {
+            Some(native) => {
+                crate::dial_via_native(url, native, timeout, &c.proxy, &auth, remembered).await
+            }
+            None => dial_via(url, tls, timeout, &c.proxy, &auth, remembered).await,
+        };
+        match dialled {
             Ok((stream, scheme)) => {
                 if let (Some(s), Ok(mut m)) = (scheme, self.memory.lock()) {
                     m.schemes.insert(proxy_key, s);

@@ -22,6 +22,8 @@ pub struct Egress {
     /// NTLM-capable Negotiate from proxies found by WPAD. Off by default: anyone on the LAN can
     /// answer WPAD.
     pub wpad_credentials: bool,
+    /// `--tls native`: the outer TLS through the OS stack ([`crate::native`]); `None`: rustls.
+    pub native_tls: Option<std::sync::Arc<crate::native::NativeTls>>,
 }
 
 impl Default for Egress {
@@ -36,6 +38,7 @@ impl Default for Egress {
             system: true,
             wpad: true,
             wpad_credentials: false,
+            native_tls: None,
         }
     }
 }

@@ -70,6 +70,9 @@ pub struct DmzArgs {
     /// the agent token file].
     #[arg(long)]
     pub inner_key: Option<PathBuf>,
+    /// The admin listener: `/metrics` and the admin page.
+    #[command(flatten)]
+    pub admin: crate::admin::AdminArgs,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -97,6 +100,8 @@ pub struct DmzFile {
     pub tunnel: TunnelFile,
     #[serde(default)]
     pub v2: V2File,
+    #[serde(default)]
+    pub admin: crate::admin::AdminFile,
 }
 
 /// `[v2]`: protocol version 2 (see `docs/protocol.md`).
@@ -312,6 +317,7 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
         None => DmzFile::default(),
     };
     let base = args.config.as_deref();
+    let admin = crate::admin::config(&args.admin, &file.admin, base)?;
     let rel = |p: PathBuf| relative_to(base, p);
     let plain = args.plain || file.plain;
     let cert = args.tls_cert.or(file.tls_cert.map(rel));
@@ -425,6 +431,7 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
         None => Duration::from_secs(10),
     };
     Ok(DmzConfig {
+        admin,
         drain_delay,
         v2,
         inner_key: Some(inner_key),
@@ -486,6 +493,9 @@ pub struct ConnectorArgs {
     /// Name of this connector in logs [default: host name].
     #[arg(long)]
     pub instance_id: Option<String>,
+    /// The admin listener: `/metrics` and the admin page.
+    #[command(flatten)]
+    pub admin: crate::admin::AdminArgs,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -501,6 +511,9 @@ pub struct ConnectorFile {
     pub pac: Option<String>,
     pub proxy_user: Option<String>,
     pub proxy_credentials: Option<PathBuf>,
+    pub tls: Option<String>,
+    pub client_cert: Option<PathBuf>,
+    pub client_cert_password_file: Option<PathBuf>,
     #[serde(default)]
     pub allow: Vec<Rule>,
     #[serde(default)]
@@ -512,6 +525,8 @@ pub struct ConnectorFile {
     pub instance_id: Option<String>,
     #[serde(default)]
     pub tunnel: TunnelFile,
+    #[serde(default)]
+    pub admin: crate::admin::AdminFile,
 }
 
 impl ConnectorFile {
@@ -529,6 +544,9 @@ impl ConnectorFile {
             pac: self.pac.clone(),
             proxy_user: self.proxy_user.clone(),
             proxy_credentials: self.proxy_credentials.clone(),
+            tls: self.tls.clone(),
+            client_cert: self.client_cert.clone(),
+            client_cert_password_file: self.client_cert_password_file.clone(),
         }
     }
 }
@@ -587,6 +605,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         None => ConnectorFile::default(),
     };
     let base = args.config.as_deref();
+    let admin = crate::admin::config(&args.admin, &file.admin, base)?;
     let up = args.uplink.clone().or_file(file.uplink(), base);
     let gateways = up.gateway_urls("")?;
     let gateway = gateways[0].clone();
@@ -689,8 +708,11 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
             "tunnel.inner = \"always\" needs a version 2 connector token (`sallyport-gateway token new --kind connector`): a v1 connector has no inner channel",
         ));
     }
-    let egress = up.egress(up.proxy_credentials.as_deref(), false)?;
+    let mut egress = up.egress(up.proxy_credentials.as_deref(), false)?;
+    egress.native_tls = up.native_tls(v2.is_some())?;
     Ok(ConnectorConfig {
+        admin,
+        ops: Default::default(),
         gateways,
         way: egress::Way::new(egress),
         token,

@@ -1,6 +1,8 @@
-//! Sallyport gateway library: the DMZ switch (`dmz`) and the trusted-network connector (`connector`).
+//! Sallyport gateway library: the DMZ switch (`dmz`) and the trusted-network connector (`connector`),
+//! and what both show their operators (`metrics`, `admin`).
 
 #![forbid(unsafe_code)]
+pub mod admin;
 pub mod auth;
 pub mod certs;
 pub mod config;
@@ -8,4 +10,5 @@ pub mod connector;
 pub mod dmz;
 pub mod http;
 pub mod logsafe;
+pub mod metrics;
 pub mod policy;

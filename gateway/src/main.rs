@@ -146,6 +146,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 uplink::cli::shutdown_on_signal(shutdown.clone());
+                gateway::admin::connector::start(&cfg, shutdown.clone()).await?;
                 gateway::connector::run(cfg, shutdown).await;
                 Ok(())
             })

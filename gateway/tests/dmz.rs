@@ -82,6 +82,7 @@ async fn gateway(connector_routes: &[&str], tweak: impl FnOnce(&mut DmzConfig)) 
         inner_key: Some(inner_key.clone()),
         tls_key_pin: None,
         v2: gateway::dmz::v2::V2Config::new(inner_key),
+        admin: None,
     };
     cfg.limits.handshake_timeout = Duration::from_millis(500);
     tweak(&mut cfg);

@@ -53,6 +53,9 @@ pub struct LbConfig<'a> {
     /// and keeps each HTTP-transport session on one instance (docs/deploy.md, "Several DMZ
     /// instances").
     pub more_upstreams: Vec<SocketAddr>,
+    /// nginx only: demand a client certificate issued by this CA (PEM): `ssl_verify_client on`
+    /// (tests of the agent's `--tls native --client-cert`).
+    pub client_ca: Option<&'a Path>,
 }
 
 impl<'a> LbConfig<'a> {
@@ -69,6 +72,7 @@ impl<'a> LbConfig<'a> {
             source: None,
             netns: None,
             more_upstreams: Vec::new(),
+            client_ca: None,
         }
     }
 
@@ -241,6 +245,13 @@ impl Nginx {
         } else {
             "\n    location / {\n        return 404;\n    }\n".to_string()
         };
+        let client_ca = match cfg.client_ca {
+            Some(ca) => format!(
+                "    ssl_client_certificate {};\n    ssl_verify_client on;\n",
+                ca.display()
+            ),
+            None => String::new(),
+        };
         format!(
             r#"upstream sallyport_dmz {{
 {servers}}}
@@ -257,7 +268,7 @@ server {{
     ssl_certificate     {cert};
     ssl_certificate_key {key};
     ssl_protocols       TLSv1.2 TLSv1.3;
-
+{client_ca}
     location {prefix}/ {{
         proxy_pass http://sallyport_dmz;    # no URI part: {prefix}/... is passed unchanged
         proxy_http_version 1.1;             # WebSocket needs HTTP/1.1 to the gateway

@@ -230,6 +230,19 @@ pub struct UplinkArgs {
     /// File with `user:password` (or the password alone) for the proxy, mode 0600.
     #[arg(long)]
     pub proxy_credentials: Option<PathBuf>,
+    /// The TLS stack of the outer TLS: `rustls` (default) or `native` (the OS's: OpenSSL,
+    /// SChannel, Security.framework). The v2 protection inside is the same.
+    #[arg(long)]
+    pub tls: Option<String>,
+    /// With `--tls native`: a client certificate and key (PKCS#12 file) for a TLS terminator
+    /// that asks for one. Its password comes from SALLYPORT_CLIENT_CERT_PASSWORD or
+    /// --client-cert-password-file, never from a flag. On Windows also `store:<SHA-1
+    /// thumbprint>`, from the user's certificate store (its key marked exportable).
+    #[arg(long)]
+    pub client_cert: Option<PathBuf>,
+    /// File whose first line is the PKCS#12 password.
+    #[arg(long)]
+    pub client_cert_password_file: Option<PathBuf>,
 }
 
 impl UplinkArgs {
@@ -249,7 +262,52 @@ impl UplinkArgs {
             pac: self.pac.or(file.pac),
             proxy_user: self.proxy_user.or(file.proxy_user),
             proxy_credentials: self.proxy_credentials.or(rel(file.proxy_credentials)),
+            tls: self.tls.or(file.tls),
+            client_cert: self.client_cert.or(rel(file.client_cert)),
+            client_cert_password_file: self
+                .client_cert_password_file
+                .or(rel(file.client_cert_password_file)),
         }
+    }
+
+    /// `--tls native`: the OS TLS stack, set up now (a bad client certificate stops the program
+    /// here); `None` for rustls. `any_certificate`: a v2 token authenticates the gateway itself.
+    pub fn native_tls(
+        &self,
+        any_certificate: bool,
+    ) -> Result<Option<std::sync::Arc<egress::native::NativeTls>>, ConfigError> {
+        use egress::native::{NativeOptions, NativeTls, TlsStack};
+        let stack = match &self.tls {
+            Some(s) => s.parse::<TlsStack>().map_err(invalid)?,
+            None => TlsStack::Rustls,
+        };
+        if stack == TlsStack::Rustls {
+            if self.client_cert.is_some() {
+                return Err(invalid(
+                    "--client-cert needs --tls native (the OS TLS stack presents it)",
+                ));
+            }
+            return Ok(None);
+        }
+        let client_cert = match &self.client_cert {
+            Some(p) => Some((
+                p.clone(),
+                egress::native::read_password(self.client_cert_password_file.as_deref())
+                    .map_err(|e| invalid(e.to_string()))?,
+            )),
+            None => None,
+        };
+        NativeTls::new(&NativeOptions {
+            any_certificate,
+            ca: if any_certificate {
+                None
+            } else {
+                self.ca.clone()
+            },
+            client_cert,
+        })
+        .map(Some)
+        .map_err(|e| invalid(e.to_string()))
     }
 
     /// The gateway URLs, at least one (`hint`: what else the user could do), without repeats.

@@ -130,6 +130,8 @@ pub struct Connected {
     pub carried: Carried,
     /// The outer certificate seen (for `doctor`).
     pub cert: String,
+    /// From the first dial to the session being up (set by `crate::keep`; zero elsewhere).
+    pub took: Duration,
 }
 
 impl Uplink {
@@ -175,6 +177,7 @@ impl Uplink {
             incoming,
             carried,
             cert,
+            took: Duration::ZERO,
         })
     }
 

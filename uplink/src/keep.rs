@@ -56,7 +56,8 @@ pub async fn keep<S, F>(
             r = this.connect(up.transport) => r,
         };
         match attempt {
-            Ok((c, way)) => {
+            Ok((mut c, way)) => {
+                c.took = started.elapsed();
                 failed_in_a_row = 0;
                 info!(gateway = %this.gateway, dmz = %c.session.peer().instance_id, carried = %c.carried, way = %way, "connected to the gateway");
                 let lost_after = Instant::now();

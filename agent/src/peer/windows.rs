@@ -253,8 +253,35 @@ mod sys {
 
 /// [`super::admit`] with the connecting socket's owner found through the TCP table and the
 /// owning process's token. When the table cannot be read the connection is refused.
+///
+/// Wine (and, briefly, Windows itself) may list a socket that was just connected with process
+/// 0, which owns no socket: the table is read again a few times (up to 200 ms) before the
+/// owner counts as unreadable.
 #[cfg(windows)]
-pub fn check_peer(peer: SocketAddr, local: SocketAddr, allow_remote: bool) -> Result<(), String> {
+pub async fn check_peer(
+    peer: SocketAddr,
+    local: SocketAddr,
+    allow_remote: bool,
+) -> Result<(), String> {
+    let mut pid = owner_pid(peer, local)?;
+    for _ in 0..10 {
+        if matches!(pid, Some(p) if p != 0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        pid = owner_pid(peer, local)?;
+    }
+    let owner = pid.map(|pid| match sys::process_user(pid) {
+        Ok(sid) => Owner::User(sid),
+        Err(why) => Owner::Unreadable { pid, why },
+    });
+    super::admit(peer, allow_remote, sys::my_user().map(Owner::User), owner)
+}
+
+/// The process that owns the client end (`peer`) of a connection to `local`, from the TCP
+/// table; `None` when it is not listed.
+#[cfg(windows)]
+fn owner_pid(peer: SocketAddr, local: SocketAddr) -> Result<Option<u32>, String> {
     let mut rows = Vec::new();
     for v6 in [false, true] {
         match sys::tcp_table(v6) {
@@ -270,11 +297,7 @@ pub fn check_peer(peer: SocketAddr, local: SocketAddr, allow_remote: bool) -> Re
             .collect();
         tracing::debug!(%peer, %local, rows = rows.len(), ?near, "connecting socket not in the TCP table");
     }
-    let owner = pid.map(|pid| match sys::process_user(pid) {
-        Ok(sid) => Owner::User(sid),
-        Err(why) => Owner::Unreadable { pid, why },
-    });
-    super::admit(peer, allow_remote, sys::my_user().map(Owner::User), owner)
+    Ok(pid)
 }
 
 #[cfg(test)]

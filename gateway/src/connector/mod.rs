@@ -48,6 +48,9 @@ pub struct ConnectorConfig {
     /// A protocol v2 token (`sp2_…`, kind `connector`): the token-bound handshake, any outer
     /// certificate (the handshake authenticates the gateway), nothing secret sent.
     pub v2: Option<Arc<tunnel::token::Token>>,
+    /// The admin listener (`/metrics`, the admin page), and what it shows.
+    pub admin: Option<crate::admin::AdminConfig>,
+    pub ops: Arc<crate::admin::connector::ConnectorOps>,
 }
 
 impl ConnectorConfig {
@@ -165,9 +168,10 @@ async fn keep_session(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let serve_one = |c: uplink::Connected, _way, _up| {
+    let serve_one = |c: uplink::Connected, way: egress::probe::Candidate, _up| {
         let (config, shutdown, tracker) = (&config, &shutdown, &tracker);
         async move {
+            let _up = config.ops.up(&c, &way, c.took);
             c.session
                 .advertise_routes(config.routes.iter().map(|r| r.to_string()).collect());
             streams::serve(config, &c.session, c.incoming, shutdown, tracker).await;

@@ -64,11 +64,17 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
         }
         Err(Refusal(code, reason)) => {
             info!(target: "audit", event = "refused", %token, name = %user, %client, %dest, %code, %reason, "stream refused");
+            let who = crate::logsafe::Clean(&user).to_string();
+            config
+                .ops
+                .metrics
+                .refused(code, &who, &dest.to_string(), &reason);
             stream.reject(code, &reason);
             return;
         }
     };
     stream.accept();
+    let _open = config.ops.metrics.stream_open();
     let mut tcp = tcp;
     let mut stream = stream;
     // A reset from the agent side must end the copy even while the service is not reading
@@ -79,6 +85,7 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
         e = failure => Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, e)),
     };
     let (up, down) = stream.byte_counts();
+    config.ops.metrics.bytes(up, down);
     let outcome = match &result {
         Ok(_) => "closed".to_string(),
         Err(e) => format!("reset: {e}"),

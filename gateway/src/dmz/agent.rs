@@ -24,6 +24,14 @@ pub(crate) async fn agent_session<T: tunnel::Transport>(
         return;
     };
     info!(token = %id.token_id, name = %id.name, agent = %Clean(&session.peer().instance_id), "agent session up");
+    let _up = shared.ops.up(
+        crate::metrics::Role::Agent,
+        &id,
+        client,
+        &session.peer().instance_id,
+        deadline,
+        shared.config.limits.handshake_timeout,
+    );
     let id = Arc::new(id);
     let streams = async {
         while let Some(stream) = incoming.accept().await {

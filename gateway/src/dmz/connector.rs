@@ -25,6 +25,14 @@ pub(crate) async fn connector_session<T: tunnel::Transport>(
     };
     let key = shared.router.add(&id.token_id, session.clone());
     info!(connector = %id.token_id, instance = %Clean(&session.peer().instance_id), %client, "connector session up");
+    let _up = shared.ops.up(
+        crate::metrics::Role::Connector,
+        &id,
+        client,
+        &session.peer().instance_id,
+        deadline,
+        shared.config.limits.handshake_timeout,
+    );
     let mut routes = session.peer_routes();
     let watch_routes = async {
         loop {

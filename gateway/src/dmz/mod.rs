@@ -23,6 +23,7 @@
 //! | `streams` | one agent stream: checks, routing, identity stamping, relay, audit |
 //! | [`relay`], [`router`] | the hop-by-hop pump; which connector serves a destination |
 //! | [`limits`], [`preauth`] | rates and counts; unauthenticated connections per address |
+//! | `ops` | counters and live sessions for the admin listener ([`crate::admin`]), the admin page's view |
 //!
 //! Dependencies run one way: `endpoints` → `upgrade`/`fallback`/`inner` → `agent`/`connector`
 //! → `session`/`streams` → `relay`/`router`, all reading `Shared`.
@@ -33,6 +34,7 @@ mod endpoints;
 pub mod fallback;
 pub mod inner;
 pub mod limits;
+pub(crate) mod ops;
 pub mod preauth;
 pub mod relay;
 pub mod router;
@@ -87,6 +89,8 @@ pub struct DmzConfig {
     pub tls_key_pin: Option<String>,
     /// Protocol version 2 (see [`v2`]).
     pub v2: v2::V2Config,
+    /// The admin listener (`/metrics`, the admin page); `None`: none.
+    pub admin: Option<crate::admin::AdminConfig>,
     /// After `shutdown`, how long `/readyz` answers 503 while everything is still served,
     /// before the sessions are sent away (`GOAWAY`): the load balancer's health check takes the
     /// instance out meanwhile, so no new connection lands on an instance that is leaving.
@@ -143,6 +147,8 @@ pub enum DmzError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// State shared by every connection task.
@@ -169,6 +175,8 @@ pub(crate) struct Shared {
     pub(crate) tracker: TaskTracker,
     /// Cancelled when the sessions are to be sent away (after the drain delay).
     pub(crate) shutdown: CancellationToken,
+    /// Counters and live sessions, for the admin listener.
+    pub(crate) ops: ops::Ops,
     /// Set on shutdown: `/readyz` answers 503.
     pub(crate) draining: std::sync::atomic::AtomicBool,
 }
@@ -177,6 +185,7 @@ pub(crate) struct Shared {
 pub struct Dmz {
     listener: TcpListener,
     config: DmzConfig,
+    admin: Option<TcpListener>,
 }
 
 impl Dmz {
@@ -187,7 +196,15 @@ impl Dmz {
                 addr: config.listen,
                 source,
             })?;
-        Ok(Dmz { listener, config })
+        let admin = match &config.admin {
+            Some(a) => Some(crate::admin::bind(a).await?),
+            None => None,
+        };
+        Ok(Dmz {
+            listener,
+            config,
+            admin,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -223,8 +240,23 @@ impl Dmz {
             tracker: TaskTracker::new(),
             shutdown: stop.clone(),
             draining: Default::default(),
+            ops: ops::Ops::new(),
             config,
         });
+        if let (Some(listener), Some(cfg)) = (self.admin, shared.config.admin.clone()) {
+            let view = ops::DmzView {
+                shared: Arc::downgrade(&shared),
+                metrics: shared.ops.metrics.clone(),
+                instance: shared.config.instance_id.clone(),
+            };
+            shared.tracker.spawn(crate::admin::serve(
+                listener,
+                cfg,
+                Arc::new(view),
+                // Metrics and the admin page stay up while the instance drains.
+                shared.shutdown.clone(),
+            ));
+        }
         {
             let shared = shared.clone();
             tokio::spawn(async move {

@@ -103,6 +103,15 @@ impl Router {
         all.into_iter().filter(|r| seen.insert(r.clone())).collect()
     }
 
+    /// Each connector session's credential id and routes (for the admin page).
+    pub fn by_connector(&self) -> Vec<(String, Vec<Route>)> {
+        let entries = self.lock();
+        entries
+            .iter()
+            .map(|e| (e.connector.clone(), e.routes.clone()))
+            .collect()
+    }
+
     /// Number of registered connector sessions (for `/healthz` and logs).
     pub fn sessions(&self) -> usize {
         self.lock().len()

@@ -33,6 +33,10 @@ pub(crate) async fn route_stream(
     // Every refusal is audited with the same fields as an open, then answered with OPEN_ERR.
     let refuse = |stream: Stream, code: ErrorCode, reason: String| {
         info!(target: "audit", event = "refused", token = %id.token_id, name = %id.name, client = %client_ip, %agent, dest = %dest_text, %code, reason = %Clean(&reason), "stream refused");
+        shared
+            .ops
+            .metrics
+            .refused(code, &id.token_id, &dest_text, &Clean(&reason).to_string());
         stream.reject(code, &reason);
     };
     let host = match policy::parse_host(&dest.host) {
@@ -114,6 +118,7 @@ pub(crate) async fn route_stream(
     info!(target: "audit", event = "open", token = %id.token_id, name = %id.name, client = %client_ip, %agent, dest = %dest_text, connector = %chosen.connector, "stream open");
     // Early data from the agent flows at once (`up` starts now); data back flows only after
     // the connector's answer, which is relayed to the agent first.
+    let _open = shared.ops.metrics.stream_open();
     let up = pump(&stream, &upstream);
     let rest = async {
         match upstream.opened().await {
@@ -122,6 +127,11 @@ pub(crate) async fn route_stream(
                 Ok(pump(&upstream, &stream).await)
             }
             Err(e) => {
+                let reason = Clean(&e.to_string()).to_string();
+                shared
+                    .ops
+                    .metrics
+                    .refused(e.code(), &id.token_id, &dest_text, &reason);
                 stream.refuse(e.code(), &e.to_string());
                 Err(e)
             }
@@ -130,6 +140,7 @@ pub(crate) async fn route_stream(
     let (up_end, rest) = tokio::join!(up, rest);
     let bytes_up = stream.byte_counts().0;
     let bytes_down = upstream.byte_counts().0;
+    shared.ops.metrics.bytes(bytes_up, bytes_down);
     let why = |p: &PumpEnd| match p {
         PumpEnd::SourceFailed(e) | PumpEnd::DestFailed(e) => Some(e.to_string()),
         PumpEnd::Done => None,

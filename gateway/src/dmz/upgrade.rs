@@ -7,6 +7,7 @@ use super::{ForwardedHeader, Shared};
 use crate::auth::{Identity, TokenStore};
 use crate::http::{self, RequestHead};
 use crate::logsafe::Clean;
+use crate::metrics::AuthFailure;
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -140,6 +141,10 @@ where
         let (responder, offer, msg2) = match super::v2::answer1(shared, &msg1, is_agent, exporter) {
             Ok(x) => x,
             Err(text) => {
+                shared
+                    .ops
+                    .metrics
+                    .auth_failed(role_of(is_agent), AuthFailure::Handshake);
                 // A hint only (unauthenticated), but the honest one.
                 let _ = http::respond(&mut io, 403, &[], &format!("sallyport: {text}\n")).await;
                 return None;
@@ -163,6 +168,10 @@ where
         });
     }
     if !shared.config.v2.v1_open(SystemTime::now()) {
+        shared
+            .ops
+            .metrics
+            .auth_failed(role_of(is_agent), AuthFailure::WrongVersion);
         let _ = http::respond(
             &mut io,
             426,
@@ -216,6 +225,15 @@ where
     })
 }
 
+/// The `role` label of a client on the agent or the connector endpoint.
+pub(crate) fn role_of(is_agent: bool) -> crate::metrics::Role {
+    if is_agent {
+        crate::metrics::Role::Agent
+    } else {
+        crate::metrics::Role::Connector
+    }
+}
+
 /// The token of an `Authorization: Bearer …` header value ("" when there is none).
 pub(crate) fn bearer(header: Option<&str>) -> &str {
     header
@@ -240,6 +258,10 @@ pub(crate) fn verify_token(
         shared.config.connector_tokens.current()
     };
     store.verify(presented, SystemTime::now()).map_err(|e| {
+        shared
+            .ops
+            .metrics
+            .auth_failed(role_of(is_agent), AuthFailure::of(&e));
         // Anyone can cause this line: at most a few a second, the rest counted.
         static LOG: crate::logsafe::Throttle = crate::logsafe::Throttle::new(20);
         if let Some(left_out) = LOG.allow() {
@@ -277,6 +299,10 @@ pub(crate) fn count_session(
     };
     let slot = counts.acquire(&id.token_id);
     if slot.is_none() {
+        shared
+            .ops
+            .metrics
+            .auth_failed(role_of(is_agent), AuthFailure::SessionLimit);
         warn!(token = %id.token_id, role = if is_agent { "agent" } else { "connector" }, "session limit per token reached");
     }
     slot

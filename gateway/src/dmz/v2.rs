@@ -226,6 +226,11 @@ pub(crate) async fn accept<Tx: TransportTx, Rx: TransportRx>(
         Err(e) => {
             // Nothing authenticated to answer to: end the connection.
             info!(%client, error = %e, "v2 handshake failed at msg3");
+            let role = super::upgrade::role_of(is_agent);
+            shared
+                .ops
+                .metrics
+                .auth_failed(role, crate::metrics::AuthFailure::Handshake);
             return None;
         }
     };
@@ -233,6 +238,14 @@ pub(crate) async fn accept<Tx: TransportTx, Rx: TransportRx>(
     let id = match verify(shared, &hello, &key, is_agent) {
         Ok(id) => id,
         Err((status, msg, why)) => {
+            use crate::metrics::AuthFailure as F;
+            let reason = match msg {
+                "token expired" => F::Expired,
+                "token revoked or unknown here" => F::Unknown,
+                _ => F::InvalidToken,
+            };
+            let role = super::upgrade::role_of(is_agent);
+            shared.ops.metrics.auth_failed(role, reason);
             static LOG: crate::logsafe::Throttle = crate::logsafe::Throttle::new(20);
             if let Some(left_out) = LOG.allow() {
                 warn!(%client, role = if is_agent { "agent" } else { "connector" }, reason = %Clean(&why), left_out, "refused v2 token");

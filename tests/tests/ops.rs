@@ -1,0 +1,800 @@
+//! Operating it: the admin listeners of a real DMZ and connector (`/metrics` checked by
+//! Prometheus's own `promtool`, the alert rules and the dashboard in `deploy/`, the admin page
+//! and each protection around it, with a test named after the attack it stops, and the page in
+//! headless Chromium), and the agent and connector over the OS TLS stack (`--tls native`) with
+//! a client certificate through nginx that demands one.
+//!
+//! Missing tools are installed (`promtool` from Debian's `prometheus` package) or the test
+//! fails: nothing is skipped.
+
+use sallyport_e2e::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// `promtool`, installed from Debian's `prometheus` package when missing.
+fn promtool() -> &'static str {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let have = Command::new("promtool").arg("--version").output().is_ok();
+        if !have {
+            let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+            let st = Command::new("apt-get")
+                .args(["install", "-y", "-qq", "prometheus"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status();
+            assert!(
+                st.is_ok_and(|s| s.success()),
+                "promtool is missing and `apt-get install prometheus` failed"
+            );
+        }
+    });
+    require_tool("promtool");
+    "promtool"
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A DMZ and a connector, each with an admin listener on loopback, and an admin token.
+struct Ops {
+    pki: Pki,
+    dmz: Proc,
+    /// Kept running for the test's length.
+    _connector: Proc,
+    gw_url: String,
+    dmz_admin: SocketAddr,
+    connector_admin: SocketAddr,
+    /// A file holding `Authorization: Bearer <admin token>` (curl `-H @file`: no secret in argv).
+    auth_header: PathBuf,
+    /// The admin token, for the browser (sent through its pipe, not a command line).
+    token: String,
+}
+
+impl Ops {
+    fn start(tag: &str, dmz_extra: &[&str]) -> Ops {
+        let pki = Pki::new(tag).unwrap();
+        pki.token(
+            "agent",
+            "alice-laptop",
+            &["--name", "alice", "--groups", "dev"],
+        )
+        .unwrap();
+        pki.token("connector", "site-a", &["--route", "*.internal:*"])
+            .unwrap();
+        let token = format!("admin-{}", sha256_hex(tag.as_bytes()));
+        std::fs::write(pki.p("admin.token"), format!("{token}\n")).unwrap();
+        let auth_header = pki.p("auth.header");
+        std::fs::write(&auth_header, format!("Authorization: Bearer {token}\n")).unwrap();
+        let dmz = Proc::spawn(
+            "dmz",
+            Command::new(bin("sallyport-gateway"))
+                .args([
+                    "dmz",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--instance-id",
+                    "dmz-test",
+                    "--admin",
+                    "127.0.0.1:0",
+                    "--admin-token-file",
+                ])
+                .arg(pki.p("admin.token"))
+                .arg("--tls-cert")
+                .arg(pki.p("gateway.crt"))
+                .arg("--tls-key")
+                .arg(pki.p("gateway.key"))
+                .arg("--agent-tokens")
+                .arg(pki.p("agents.toml"))
+                .arg("--connector-tokens")
+                .arg(pki.p("connectors.toml"))
+                .args(dmz_extra),
+        )
+        .unwrap();
+        let gw = dmz.addr(&["dmz gateway listening"]).unwrap();
+        let dmz_admin = dmz.addr(&["admin listening"]).unwrap();
+        let gw_url = format!("wss://127.0.0.1:{}/", gw.port());
+        let connector = Proc::spawn(
+            "connector",
+            Command::new(bin("sallyport-gateway"))
+                .args(["connector", "--gateway", &gw_url, "--token-file"])
+                .arg(pki.p("site-a.token"))
+                .args([
+                    "--proxy",
+                    "direct",
+                    "--advertise",
+                    "*.internal:*",
+                    "--allow",
+                    "backend.internal:*",
+                    "--allow",
+                    "127.0.0.1/32:*",
+                    "--host",
+                    "backend.internal=127.0.0.1",
+                    "--instance-id",
+                    "connector-test",
+                    "--admin",
+                    "127.0.0.1:0",
+                    "--admin-token-file",
+                ])
+                .arg(pki.p("admin.token")),
+        )
+        .unwrap();
+        let connector_admin = connector.addr(&["admin listening"]).unwrap();
+        dmz.wait_for(&["connector routes"], Duration::from_secs(15))
+            .unwrap();
+        Ops {
+            pki,
+            dmz,
+            _connector: connector,
+            gw_url,
+            dmz_admin,
+            connector_admin,
+            auth_header,
+            token,
+        }
+    }
+
+    /// An agent (SOCKS5 on a free port), connected.
+    fn agent(&self) -> (Proc, SocketAddr) {
+        let agent = Proc::spawn(
+            "agent",
+            Command::new(bin("sallyport"))
+                .args(["run", "--gateway", &self.gw_url, "--token-file"])
+                .arg(self.pki.p("alice-laptop.token"))
+                .args([
+                    "--socks",
+                    "127.0.0.1:0",
+                    "--http",
+                    "off",
+                    "--proxy",
+                    "direct",
+                ])
+                .env("HOME", self.pki.dir.path()),
+        )
+        .unwrap();
+        let socks = agent.addr(&["listening", "socks5"]).unwrap();
+        agent
+            .wait_for(&["connected to the gateway"], Duration::from_secs(15))
+            .unwrap();
+        (agent, socks)
+    }
+}
+
+/// An HTTP exchange with curl: (status, headers, body). `args` go before the URL.
+fn http(url: &str, args: &[&str]) -> (u16, String, String) {
+    let (code, out, err) = run(Command::new("curl")
+        .args(["-sS", "-i", "--noproxy", "*", "--max-time", "20"])
+        .args(args)
+        .arg(url))
+    .unwrap();
+    assert_eq!(code, 0, "curl {url}: {err}");
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+fn metrics(addr: SocketAddr) -> String {
+    let (status, head, body) = http(&format!("http://{addr}/metrics"), &[]);
+    assert_eq!(status, 200, "{head}\n{body}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body
+}
+
+/// The value of the series `name` (with its labels, exactly as written) in `text`.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// `promtool check metrics` on `text`: no error, no lint warning.
+fn promtool_check(what: &str, text: &str) {
+    let mut child = Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics on the {what}'s /metrics: {said}\n{text}"
+    );
+}
+
+#[test]
+fn promtool_accepts_the_metrics_scraped_from_a_running_dmz_and_connector() {
+    let ops = Ops::start("ops-metrics", &[]);
+    let svc = http_service().unwrap();
+    let (agent, socks) = ops.agent();
+    // One stream that works, one the allow-list refuses (no connector serves 10.9.9.9).
+    let ok = run(Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--socks5-hostname"])
+        .arg(socks.to_string())
+        .arg(format!("http://backend.internal:{}/", svc.port())))
+    .unwrap();
+    assert!(ok.1.contains("hello from backend.internal"), "{ok:?}");
+    let refused = run(Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--socks5-hostname"])
+        .arg(socks.to_string())
+        .arg("http://elsewhere.example:80/"))
+    .unwrap();
+    assert_ne!(refused.0, 0);
+    ops.dmz
+        .wait_for(&["stream closed"], Duration::from_secs(10))
+        .unwrap();
+    let dmz = metrics(ops.dmz_admin);
+    promtool_check("DMZ", &dmz);
+    assert_eq!(value(&dmz, "sallyport_sessions{role=\"agent\"}"), 1.0);
+    assert_eq!(value(&dmz, "sallyport_sessions{role=\"connector\"}"), 2.0);
+    assert!(value(&dmz, "sallyport_streams_total") >= 1.0);
+    assert!(value(&dmz, "sallyport_stream_bytes_total{direction=\"down\"}") > 0.0);
+    assert_eq!(
+        value(&dmz, "sallyport_open_refusals_total{code=\"no-route\"}"),
+        1.0
+    );
+    assert!(value(&dmz, "sallyport_handshake_seconds_count") >= 3.0);
+    let conn = metrics(ops.connector_admin);
+    promtool_check("connector", &conn);
+    assert_eq!(value(&conn, "sallyport_sessions{role=\"connector\"}"), 2.0);
+    assert_eq!(value(&conn, "sallyport_egress_path{path=\"direct\"}"), 2.0);
+    assert!(value(&conn, "sallyport_streams_total") >= 1.0);
+    // When the agent leaves, its session gauge goes back down.
+    drop(agent);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while value(
+        &metrics(ops.dmz_admin),
+        "sallyport_sessions{role=\"agent\"}",
+    ) != 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the agent session stayed counted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every metric the dashboard and the alerts use exists, in one role or the other.
+    let scraped = format!("{dmz}\n{conn}");
+    for f in ["deploy/grafana-dashboard.json", "deploy/alerts.yml"] {
+        let text = std::fs::read_to_string(repo().join(f)).unwrap();
+        for name in text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("sallyport_"))
+        {
+            assert!(
+                scraped.contains(&format!("\n{name}{{")) || scraped.contains(&format!("\n{name} ")),
+                "{f} uses {name}, which neither role exports"
+            );
+        }
+    }
+}
+
+#[test]
+fn promtool_accepts_the_alert_rules_and_their_unit_test() {
+    let dir = repo().join("deploy");
+    let (code, out, err) = run(Command::new(promtool())
+        .args(["check", "rules"])
+        .arg(dir.join("alerts.yml")))
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    // The "no connector session for 1 minute" alert fires after a minute, not before.
+    let (code, out, err) =
+        run(Command::new(promtool())
+            .current_dir(&dir)
+            .args(["test", "rules", "alerts.test.yml"]))
+        .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = run(Command::new("python3")
+        .args(["-m", "json.tool"])
+        .arg(dir.join("grafana-dashboard.json")))
+    .unwrap();
+    assert_eq!(code, 0, "the dashboard is not JSON: {err}");
+}
+
+/// Labels are a fixed set: a client that presents made-up tokens (whose ids it chose) adds to
+/// a counter, never a series, so it can neither grow the scrape nor plant text in it.
+#[test]
+fn a_failed_logins_token_id_never_becomes_a_metric_label() {
+    let ops = Ops::start("ops-labels", &[]);
+    let before = metrics(ops.dmz_admin).lines().count();
+    let ws = ops.gw_url.replace("wss://", "https://");
+    for i in 0..5 {
+        let hdr = ops.pki.p(&format!("evil{i}.header"));
+        std::fs::write(
+            &hdr,
+            format!(
+                "Authorization: Bearer sp_evil-label-{i}_{}\n",
+                "0".repeat(64)
+            ),
+        )
+        .unwrap();
+        let (status, _, _) = http(
+            &format!("{ws}agent"),
+            &[
+                "-k",
+                "-H",
+                &format!("@{}", hdr.display()),
+                "-H",
+                "Connection: Upgrade",
+                "-H",
+                "Upgrade: websocket",
+                "-H",
+                "Sec-WebSocket-Version: 13",
+                "-H",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            ],
+        );
+        assert_eq!(status, 401);
+    }
+    let text = metrics(ops.dmz_admin);
+    assert!(!text.contains("evil"), "{text}");
+    assert_eq!(text.lines().count(), before);
+    assert_eq!(
+        value(
+            &text,
+            "sallyport_auth_failures_total{role=\"agent\",reason=\"unknown_token\"}"
+        ),
+        5.0
+    );
+}
+
+/// Guessing the admin token: every wrong answer is the same 401 with the login form, and
+/// nothing of the sessions, users or routes; the right token (header or login form and its
+/// cookie) opens the page.
+#[test]
+fn wrong_admin_credentials_get_401_and_leak_nothing() {
+    let ops = Ops::start("ops-401", &[]);
+    let (_agent, _) = ops.agent();
+    let page = format!("http://{}/", ops.dmz_admin);
+    let wrong = ops.pki.p("wrong.header");
+    std::fs::write(&wrong, "Authorization: Bearer admin-not-the-token-at-all\n").unwrap();
+    let wrong_form = ops.pki.p("wrong.form");
+    std::fs::write(&wrong_form, "admin-not-the-token-at-all").unwrap();
+    let forged_cookie = format!("sallyport_admin=99999999999.{}", "ab".repeat(32));
+    let attempts: Vec<(u16, String, String)> = vec![
+        http(&page, &[]),
+        http(&page, &["-H", &format!("@{}", wrong.display())]),
+        http(&page, &["-H", "Authorization: Basic YWRtaW46YWRtaW4="]),
+        http(&page, &["--cookie", &forged_cookie]),
+        http(
+            &format!("http://{}/login", ops.dmz_admin),
+            &[
+                "--data-urlencode",
+                &format!("token@{}", wrong_form.display()),
+            ],
+        ),
+    ];
+    for (status, head, body) in &attempts {
+        assert_eq!(*status, 401, "{head}\n{body}");
+        for secret in ["alice", "site-a", "internal", "connector-test", "Sessions"] {
+            assert!(!body.contains(secret), "a 401 shows `{secret}`:\n{body}");
+        }
+        assert!(!head.to_ascii_lowercase().contains("set-cookie"), "{head}");
+        assert!(body.contains("name=\"token\""), "{body}");
+    }
+    // The right token, as a header.
+    let (status, head, body) = http(&page, &["-H", &format!("@{}", ops.auth_header.display())]);
+    assert_eq!(status, 200, "{head}\n{body}");
+    assert!(
+        body.contains("alice-laptop") && body.contains("site-a"),
+        "{body}"
+    );
+    assert!(body.contains("*.internal:*"), "{body}");
+    assert!(!body.contains("<script"), "{body}");
+    assert!(
+        head.contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
+    // The right token in the login form: a cookie that the browser keeps to itself.
+    let form = ops.pki.p("right.form");
+    std::fs::write(&form, &ops.token).unwrap();
+    let (status, head, _) = http(
+        &format!("http://{}/login", ops.dmz_admin),
+        &["--data-urlencode", &format!("token@{}", form.display())],
+    );
+    assert_eq!(status, 303, "{head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("no cookie: {head}"));
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(
+        !cookie.contains(&ops.token),
+        "the cookie carries the token: {cookie}"
+    );
+    let value = cookie.split(';').next().unwrap();
+    let (status, _, body) = http(&page, &["--cookie", value]);
+    assert_eq!(status, 200);
+    assert!(body.contains("alice-laptop"));
+    // The token never reaches a log.
+    assert!(!ops.dmz.log().contains(&ops.token));
+    // The connector's page: its sessions to the DMZ, the way out, its allow-list.
+    let conn_page = format!("http://{}/", ops.connector_admin);
+    assert_eq!(http(&conn_page, &[]).0, 401);
+    let (status, _, body) = http(
+        &conn_page,
+        &["-H", &format!("@{}", ops.auth_header.display())],
+    );
+    assert_eq!(status, 200);
+    for want in [
+        "connector connector-test",
+        "dmz-test",
+        "direct",
+        "backend.internal:*",
+        "v2",
+    ] {
+        assert!(
+            body.contains(want),
+            "the connector's page lacks {want}: {body}"
+        );
+    }
+}
+
+/// DNS rebinding: a web page at evil.example whose name now resolves to 127.0.0.1 makes the
+/// admin's browser send `Host: evil.example`: refused, even with valid credentials.
+#[test]
+fn dns_rebinding_with_a_foreign_host_header_is_refused() {
+    let ops = Ops::start("ops-rebind", &[]);
+    for path in ["/", "/metrics"] {
+        let url = format!("http://{}{path}", ops.dmz_admin);
+        let (status, _, body) = http(
+            &url,
+            &[
+                "-H",
+                &format!("@{}", ops.auth_header.display()),
+                "-H",
+                &format!("Host: evil.example:{}", ops.dmz_admin.port()),
+            ],
+        );
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(
+            !body.contains("sallyport_") && !body.contains("site-a"),
+            "{body}"
+        );
+        // The names it expects still work.
+        let (status, _, _) = http(
+            &url,
+            &[
+                "-H",
+                &format!("@{}", ops.auth_header.display()),
+                "-H",
+                &format!("Host: localhost:{}", ops.dmz_admin.port()),
+            ],
+        );
+        assert_eq!(status, 200, "{path}");
+    }
+}
+
+/// Cross-site login guessing: a page on another site posts the login form to the admin
+/// listener from an admin's browser (the Host is right: it is a plain cross-origin form). The
+/// browser names that page's origin: refused before the token is even compared.
+#[test]
+fn a_login_form_posted_from_another_site_is_refused() {
+    let ops = Ops::start("ops-csrf", &[]);
+    let form = ops.pki.p("right.form");
+    std::fs::write(&form, &ops.token).unwrap();
+    let login = format!("http://{}/login", ops.dmz_admin);
+    let data = format!("token@{}", form.display());
+    let (status, head, _) = http(
+        &login,
+        &[
+            "-H",
+            "Origin: https://evil.example",
+            "--data-urlencode",
+            &data,
+        ],
+    );
+    assert_eq!(status, 403, "{head}");
+    assert!(!head.to_ascii_lowercase().contains("set-cookie"), "{head}");
+    // From the page itself, it works.
+    let own = format!("Origin: http://127.0.0.1:{}", ops.dmz_admin.port());
+    let (status, head, _) = http(&login, &["-H", &own, "--data-urlencode", &data]);
+    assert_eq!(status, 303, "{head}");
+}
+
+/// Someone on another network (here: another loopback address than the one admin network)
+/// gets no answer at all: the connection is closed before a byte is read.
+#[test]
+fn a_peer_outside_the_admin_networks_is_cut_before_a_byte_is_read() {
+    let ops = Ops::start("ops-networks", &["--admin-network", "127.0.0.2/32"]);
+    let url = format!("http://{}/metrics", ops.dmz_admin);
+    let (code, out, _) = run(Command::new("curl")
+        .args([
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "5",
+            "--interface",
+            "127.0.0.1",
+        ])
+        .arg(&url))
+    .unwrap();
+    assert_ne!(code, 0, "answered from outside the admin networks: {out}");
+    assert!(!out.contains("sallyport_"));
+    let (code, out, err) = run(Command::new("curl")
+        .args([
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "5",
+            "--interface",
+            "127.0.0.2",
+        ])
+        .arg(&url))
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("sallyport_sessions"), "{out}");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A scrape storm (many scrapers at once) and slow scrapers (heads that never end, answers
+/// never read) cost bounded memory: connections beyond the limit wait in the kernel, each one
+/// ends by its deadline, and the listener answers again afterwards.
+#[test]
+fn a_scrape_storm_and_slow_scrapers_cost_bounded_memory() {
+    let ops = Ops::start("ops-storm", &[]);
+    let addr = ops.dmz_admin;
+    let pid = ops.dmz.pid();
+    let before = rss_kib(pid);
+    // 100 slow scrapers: half a head each, then silence.
+    let mut slow = Vec::new();
+    for _ in 0..100 {
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ");
+            slow.push(s);
+        }
+    }
+    // 16 clients at once, 10 requests each, that send a body far over the limit and never
+    // read the answer beyond its first bytes.
+    let started = Instant::now();
+    let storm: Vec<_> = (0..16)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..10 {
+                    if let Ok(mut s) = TcpStream::connect(addr) {
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
+                        let _ = s.write_all(
+                            b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10000000\r\n\r\n",
+                        );
+                        let _ = s.write_all(&[b'a'; 64 * 1024]);
+                        let mut buf = [0u8; 16];
+                        let _ = s.read(&mut buf);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in storm {
+        t.join().unwrap();
+    }
+    let peak = rss_kib(pid);
+    drop(slow);
+    // Once the slow ones are gone (or timed out), scrapes work again at once.
+    let m = metrics(addr);
+    assert!(m.contains("sallyport_sessions"));
+    let grown = peak.saturating_sub(before);
+    eprintln!(
+        "RSS before {before} KiB, during the storm {peak} KiB (+{grown} KiB); storm took {:?}",
+        started.elapsed()
+    );
+    assert!(grown < 16 * 1024, "the storm grew the DMZ by {grown} KiB");
+}
+
+/// Headless Chromium, driven over its DevTools pipe (`--remote-debugging-pipe`: JSON messages
+/// ending in NUL on fds 3 and 4, here two FIFOs).
+struct Browser {
+    _proc: Proc,
+    to: std::fs::File,
+    from: std::io::BufReader<std::fs::File>,
+    next: u64,
+    _dir: TempDir,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        require_tool("chromium");
+        require_tool("mkfifo");
+        let dir = TempDir::new("cdp");
+        let (to, from) = (dir.path().join("to"), dir.path().join("from"));
+        for f in [&to, &from] {
+            assert!(Command::new("mkfifo").arg(f).status().unwrap().success());
+        }
+        let script = format!(
+            "exec timeout 90 chromium --headless=new --no-sandbox --disable-gpu --no-first-run \
+             --disable-extensions --disable-dev-shm-usage --user-data-dir={p}/profile \
+             --window-size=1100,760 --remote-debugging-pipe 3<{to} 4>{from}",
+            p = dir.path().display(),
+            to = to.display(),
+            from = from.display()
+        );
+        let proc = Proc::spawn("chromium", Command::new("bash").args(["-c", &script])).unwrap();
+        let to = std::fs::OpenOptions::new().write(true).open(&to).unwrap();
+        let from = std::io::BufReader::new(std::fs::File::open(&from).unwrap());
+        Browser {
+            _proc: proc,
+            to,
+            from,
+            next: 1,
+            _dir: dir,
+        }
+    }
+
+    /// Sends one command and returns its answer (events in between are skipped).
+    fn call(&mut self, session: Option<&str>, method: &str, params: &str) -> String {
+        use std::io::BufRead;
+        let id = self.next;
+        self.next += 1;
+        let session = session
+            .map(|s| format!(",\"sessionId\":\"{s}\""))
+            .unwrap_or_default();
+        let msg = format!("{{\"id\":{id}{session},\"method\":\"{method}\",\"params\":{params}}}\0");
+        self.to.write_all(msg.as_bytes()).unwrap();
+        let want = format!("{{\"id\":{id},");
+        loop {
+            let mut buf = Vec::new();
+            let n = self.from.read_until(0, &mut buf).unwrap();
+            assert!(n > 0, "chromium closed its pipe");
+            let text = String::from_utf8_lossy(&buf)
+                .trim_end_matches('\0')
+                .to_string();
+            if text.starts_with(&want) {
+                assert!(!text.contains("\"error\":{"), "{method}: {text}");
+                return text;
+            }
+        }
+    }
+
+    /// A JavaScript expression's string value in the page.
+    fn eval(&mut self, session: &str, expr: &str) -> String {
+        let params = format!(
+            "{{\"expression\":{},\"returnByValue\":true}}",
+            json_string(expr)
+        );
+        let r = self.call(Some(session), "Runtime.evaluate", &params);
+        str_field(&r, "value").unwrap_or_default()
+    }
+}
+
+fn json_string(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+/// The first string value of `"key":"…"` in a JSON text (escapes kept as written).
+fn str_field(json: &str, key: &str) -> Option<String> {
+    let start = json.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let rest = &json[start..];
+    let mut end = 0;
+    let b = rest.as_bytes();
+    while end < b.len() && b[end] != b'"' {
+        end += if b[end] == b'\\' { 2 } else { 1 };
+    }
+    Some(rest[..end.min(rest.len())].to_string())
+}
+
+/// What an admin sees: Chromium opens the admin page, gets the login form, signs in with the
+/// token and sees sessions, users, connectors, routes and refusals; the page runs no script.
+/// The screenshot is `docs/admin.png` (with SALLYPORT_SCREENSHOT_DIR set).
+#[test]
+fn chromium_signs_in_to_the_admin_page_and_sees_the_sessions() {
+    let ops = Ops::start("ops-browser", &[]);
+    let svc = http_service().unwrap();
+    let (_agent, socks) = ops.agent();
+    for url in [
+        format!("http://backend.internal:{}/", svc.port()),
+        "http://wiki.example:80/".to_string(),
+    ] {
+        let _ = run(Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--socks5-hostname"])
+            .arg(socks.to_string())
+            .arg(url));
+    }
+    let mut b = Browser::start();
+    let target = b.call(None, "Target.createTarget", "{\"url\":\"about:blank\"}");
+    let target = str_field(&target, "targetId").unwrap();
+    let attached = b.call(
+        None,
+        "Target.attachToTarget",
+        &format!("{{\"targetId\":\"{target}\",\"flatten\":true}}"),
+    );
+    let s = str_field(&attached, "sessionId").unwrap();
+    b.call(
+        Some(&s),
+        "Page.navigate",
+        &format!("{{\"url\":\"http://127.0.0.1:{}/\"}}", ops.dmz_admin.port()),
+    );
+    let wait_for = |b: &mut Browser, expr: &str, want: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = b.eval(&s, expr);
+            if got.contains(want) {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "never saw {want:?}; last: {got}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for(
+        &mut b,
+        "document.readyState + ' ' + document.querySelectorAll('input[name=token]').length",
+        "complete 1",
+    );
+    // Typing the token is the test's doing, not the page's: the page itself has no script.
+    b.eval(
+        &s,
+        &format!(
+            "document.querySelector('input[name=token]').value = {}; document.forms[0].submit(); 'sent'",
+            json_string(&ops.token)
+        ),
+    );
+    let text = wait_for(
+        &mut b,
+        "document.body ? document.body.innerText : ''",
+        "Recent refusals",
+    );
+    for want in [
+        "alice-laptop",
+        "site-a",
+        "*.internal:*",
+        "wiki.example",
+        "no-route",
+    ] {
+        assert!(text.contains(want), "the page lacks {want}: {text}");
+    }
+    assert_eq!(b.eval(&s, "String(document.scripts.length)"), "0");
+    let shot = b.call(Some(&s), "Page.captureScreenshot", "{\"format\":\"png\"}");
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(str_field(&shot, "data").unwrap())
+        .unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 5_000,
+        "{} bytes",
+        png.len()
+    );
+    if let Ok(dir) = std::env::var("SALLYPORT_SCREENSHOT_DIR") {
+        std::fs::write(Path::new(&dir).join("admin.png"), &png).unwrap();
+    }
+}
