@@ -86,6 +86,11 @@ pub enum AuthError {
     V1Only { id: String },
     #[error("token {id:?}: the key it proved is not the one in the token file")]
     WrongKey { id: String },
+    #[error("revocation list {path}: {source}")]
+    RevocationList {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl AuthError {
@@ -179,6 +184,34 @@ pub struct Identity {
     pub sha256: [u8; 32],
     /// A protocol v2 token (`sha256` then holds its public key).
     pub v2: bool,
+    /// In a token file; `false`: a v2 token accepted by its issuer's signature alone
+    /// (`[v2] require_listed = false`), revoked only by the revocation list.
+    pub listed: bool,
+}
+
+impl Identity {
+    /// The identity of a v2 token accepted by its signed claims alone (not in a token file).
+    pub fn from_claims(c: &tunnel::token::Claims) -> Result<Identity, String> {
+        let mut routes = Vec::with_capacity(c.routes.len());
+        for r in &c.routes {
+            routes.push(
+                r.parse::<Route>()
+                    .map_err(|e| format!("token {:?}: {e}", c.id))?,
+            );
+        }
+        Ok(Identity {
+            token_id: c.id.clone(),
+            name: c.name.clone().unwrap_or_else(|| c.id.clone()),
+            groups: c.groups.clone(),
+            routes,
+            expires: c
+                .expires
+                .map(|e| std::time::UNIX_EPOCH + Duration::from_secs(e)),
+            sha256: c.agent_key,
+            v2: true,
+            listed: false,
+        })
+    }
 }
 
 impl fmt::Debug for Identity {
@@ -409,6 +442,7 @@ impl TokenStore {
                     expires,
                     sha256,
                     v2,
+                    listed: true,
                 },
             );
         }
@@ -503,18 +537,44 @@ impl TokenStore {
 /// What we last saw of the file, to notice changes cheaply.
 type Stamp = (Option<SystemTime>, u64);
 
-/// A token store that follows its file. Readers take [`current`](Self::current) (a cheap `Arc` clone)
-/// or [`subscribe`](Self::subscribe) to hear about reloads; [`watch`](Self::watch) does the polling.
-pub struct ReloadingStore {
+/// What a [`Reloading`] file holds: loaded whole, replaced whole.
+pub trait Loaded: fmt::Debug + Send + Sync + Sized + 'static {
+    /// For logs: `token file`, `revocation list`.
+    const WHAT: &'static str;
+    fn load(path: &Path) -> Result<Self, AuthError>;
+    /// Entries, for the reload log line.
+    fn entries(&self) -> usize;
+}
+
+impl Loaded for TokenStore {
+    const WHAT: &'static str = "token file";
+    fn load(path: &Path) -> Result<Self, AuthError> {
+        TokenStore::load(path)
+    }
+    fn entries(&self) -> usize {
+        self.len()
+    }
+}
+
+/// A token store that follows its file (see [`Reloading`]).
+pub type ReloadingStore = Reloading<TokenStore>;
+
+/// The revocation list that follows its file (see [`Reloading`]).
+pub type ReloadingRevocations = Reloading<Revoked>;
+
+/// A file that is followed: readers take [`current`](Self::current) (a cheap `Arc` clone) or
+/// [`subscribe`](Self::subscribe) to hear about reloads; [`watch`](Self::watch) does the
+/// polling. A file that turns bad keeps the previous contents in force.
+pub struct Reloading<T: Loaded> {
     path: PathBuf,
-    tx: watch::Sender<Arc<TokenStore>>,
+    tx: watch::Sender<Arc<T>>,
     /// Last seen file stamp and last logged error (so a bad file is reported once, not every poll).
     seen: Mutex<(Option<Stamp>, Option<String>)>,
 }
 
-impl fmt::Debug for ReloadingStore {
+impl<T: Loaded> fmt::Debug for Reloading<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReloadingStore")
+        f.debug_struct("Reloading")
             .field("path", &self.path)
             .field("current", &*self.current())
             .finish()
@@ -526,14 +586,14 @@ fn stamp(path: &Path) -> std::io::Result<Stamp> {
     Ok((m.modified().ok(), m.len()))
 }
 
-impl ReloadingStore {
+impl<T: Loaded> Reloading<T> {
     /// Loads the file now; fails if it is missing or invalid (startup should stop on a bad file).
-    pub fn open(path: &Path) -> Result<ReloadingStore, AuthError> {
+    pub fn open(path: &Path) -> Result<Reloading<T>, AuthError> {
         let st = stamp(path).ok();
-        let store = TokenStore::load(path)?;
-        Ok(ReloadingStore {
+        let loaded = T::load(path)?;
+        Ok(Reloading {
             path: path.to_path_buf(),
-            tx: watch::Sender::new(Arc::new(store)),
+            tx: watch::Sender::new(Arc::new(loaded)),
             seen: Mutex::new((st, None)),
         })
     }
@@ -542,16 +602,17 @@ impl ReloadingStore {
         &self.path
     }
 
-    pub fn current(&self) -> Arc<TokenStore> {
+    pub fn current(&self) -> Arc<T> {
         self.tx.borrow().clone()
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<TokenStore>> {
+    pub fn subscribe(&self) -> watch::Receiver<Arc<T>> {
         self.tx.subscribe()
     }
 
-    /// Reloads if the file's mtime or length changed. Returns `Ok(true)` if a new store was installed.
-    /// On error the old store stays in force; the error is logged once per distinct problem.
+    /// Reloads if the file's mtime or length changed. Returns `Ok(true)` if new contents were
+    /// installed. On error the old contents stay in force; the error is logged once per
+    /// distinct problem.
     pub fn reload_if_changed(&self) -> Result<bool, AuthError> {
         let now_stamp = stamp(&self.path).ok();
         {
@@ -560,20 +621,23 @@ impl ReloadingStore {
                 return Ok(false);
             }
         }
-        let result = TokenStore::load(&self.path);
+        let result = T::load(&self.path);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         seen.0 = now_stamp;
         match result {
-            Ok(store) => {
-                tracing::info!(file = %self.path.display(), tokens = store.len(), "token file reloaded");
+            Ok(loaded) => {
+                tracing::info!(file = %self.path.display(), what = T::WHAT, entries = loaded.entries(), "reloaded");
                 seen.1 = None;
-                self.tx.send_replace(Arc::new(store));
+                self.tx.send_replace(Arc::new(loaded));
                 Ok(true)
             }
             Err(e) => {
                 let msg = e.to_string();
                 if seen.1.as_deref() != Some(msg.as_str()) {
-                    tracing::error!("token file not reloaded, keeping the previous tokens: {msg}");
+                    tracing::error!(
+                        what = T::WHAT,
+                        "not reloaded, keeping the previous contents: {msg}"
+                    );
                     seen.1 = Some(msg);
                 }
                 Err(e)
@@ -589,6 +653,58 @@ impl ReloadingStore {
                 _ = tokio::time::sleep(every) => { let _ = self.reload_if_changed(); }
             }
         }
+    }
+}
+
+/// The revocation list (`[v2] revoked`): token ids, one a line (`#` starts a comment), that no
+/// instance accepts any more, listed in a token file or not. Every instance reloads it; the
+/// sessions of an id added are cut.
+#[derive(Debug, Default)]
+pub struct Revoked {
+    ids: std::collections::HashSet<String>,
+}
+
+impl Revoked {
+    pub fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    /// Parses the list's text (`origin` names it in errors).
+    pub fn parse(text: &str, origin: &str) -> Result<Revoked, AuthError> {
+        let mut ids = std::collections::HashSet::new();
+        for (n, line) in text.lines().enumerate() {
+            let id = line.split('#').next().unwrap_or("").trim();
+            if id.is_empty() {
+                continue;
+            }
+            if !valid_id(id) {
+                return Err(AuthError::Invalid {
+                    origin: origin.to_string(),
+                    line: n + 1,
+                    key: None,
+                    message: format!(
+                        "`{}` is not a token id (1-64 of a-z, 0-9, '-'); write one id a line",
+                        crate::logsafe::Clean(id)
+                    ),
+                });
+            }
+            ids.insert(id.to_string());
+        }
+        Ok(Revoked { ids })
+    }
+}
+
+impl Loaded for Revoked {
+    const WHAT: &'static str = "revocation list";
+    fn load(path: &Path) -> Result<Self, AuthError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AuthError::RevocationList {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Revoked::parse(&text, &path.display().to_string())
+    }
+    fn entries(&self) -> usize {
+        self.ids.len()
     }
 }
 

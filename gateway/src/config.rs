@@ -114,6 +114,12 @@ pub struct V2File {
     pub issuer_keys: Vec<String>,
     /// This deployment's name; tokens minted for another are refused.
     pub deployment: Option<String>,
+    /// `false`: a token signed by an issuer is accepted without an entry in the token file
+    /// (every instance of a cluster verifies it alone); only `revoked` takes one back
+    /// [default: true].
+    pub require_listed: Option<bool>,
+    /// The revocation list: a file of token ids, one a line, that every instance reloads.
+    pub revoked: Option<PathBuf>,
     /// A second static key file, for rotation: new tokens list both.
     pub next_inner_key: Option<PathBuf>,
     /// The TLS-terminating load balancer in front may read sessions (mode `outer`).
@@ -217,9 +223,31 @@ fn v2_config(
             return Err(invalid("v2.deployment: 1-64 characters"));
         }
     }
+    let revoked = match &file.revoked {
+        Some(p) => {
+            let path = relative_to(base, p.clone());
+            Some(Arc::new(
+                crate::auth::ReloadingRevocations::open(&path).map_err(|e| {
+                    invalid(format!(
+                        "v2.revoked: {e} (create it empty: `touch {}`)",
+                        path.display()
+                    ))
+                })?,
+            ))
+        }
+        None => None,
+    };
+    let require_listed = file.require_listed.unwrap_or(true);
+    if !require_listed && issuers.is_empty() {
+        return Err(invalid(
+            "v2.require_listed = false needs an issuer key (v2.issuer_keys, or issuer.pub beside the agent token file): only signed tokens are accepted unlisted",
+        ));
+    }
     Ok(crate::dmz::v2::V2Config {
         keys,
         issuers,
+        require_listed,
+        revoked,
         deployment: file.deployment.clone(),
         trust_lb: file.trust_lb,
         tls_keys,

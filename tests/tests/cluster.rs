@@ -24,6 +24,11 @@ struct Cluster {
 }
 
 fn cluster(tag: &str, drain_delay: &str) -> Cluster {
+    cluster_with(tag, drain_delay, None)
+}
+
+/// [`cluster`] with a DMZ config file (`dmz.toml` in the PKI folder) holding `config`.
+fn cluster_with(tag: &str, drain_delay: &str, config: Option<&str>) -> Cluster {
     let port = http_service().unwrap().port();
     let pki = Pki::new(tag).unwrap();
     pki.token(
@@ -36,27 +41,35 @@ fn cluster(tag: &str, drain_delay: &str) -> Cluster {
         .unwrap();
     let mut dmz = Vec::new();
     let mut urls = Vec::new();
+    if let Some(text) = config {
+        std::fs::write(pki.p("dmz.toml"), text).unwrap();
+        // An empty revocation list to start from.
+        std::fs::write(pki.p("revoked.txt"), "# ids, one a line\n").unwrap();
+    }
     for i in 0..2 {
+        let mut cmd = Command::new(bin("sallyport-gateway"));
+        cmd.arg("dmz");
+        if config.is_some() {
+            cmd.arg("--config").arg(pki.p("dmz.toml"));
+        }
         let p = Proc::spawn(
             &format!("dmz-{i}"),
-            Command::new(bin("sallyport-gateway"))
-                .args([
-                    "dmz",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--instance-id",
-                    &format!("dmz-{i}"),
-                    "--drain-delay",
-                    drain_delay,
-                    "--tls-cert",
-                ])
-                .arg(pki.p("gateway.crt"))
-                .arg("--tls-key")
-                .arg(pki.p("gateway.key"))
-                .arg("--agent-tokens")
-                .arg(pki.p("agents.toml"))
-                .arg("--connector-tokens")
-                .arg(pki.p("connectors.toml")),
+            cmd.args([
+                "--listen",
+                "127.0.0.1:0",
+                "--instance-id",
+                &format!("dmz-{i}"),
+                "--drain-delay",
+                drain_delay,
+                "--tls-cert",
+            ])
+            .arg(pki.p("gateway.crt"))
+            .arg("--tls-key")
+            .arg(pki.p("gateway.key"))
+            .arg("--agent-tokens")
+            .arg(pki.p("agents.toml"))
+            .arg("--connector-tokens")
+            .arg(pki.p("connectors.toml")),
         )
         .unwrap();
         let addr = p.addr(&["dmz gateway listening"]).unwrap();
@@ -100,13 +113,17 @@ fn cluster(tag: &str, drain_delay: &str) -> Cluster {
 }
 
 fn agent(c: &Cluster) -> (Proc, std::net::SocketAddr) {
+    agent_with(c, &c.pki.p("alice-laptop.token"))
+}
+
+fn agent_with(c: &Cluster, token: &std::path::Path) -> (Proc, std::net::SocketAddr) {
     let mut cmd = Command::new(bin("sallyport"));
     cmd.arg("run");
     for u in &c.urls {
         cmd.args(["--gateway", u]);
     }
     cmd.args(["--socks", "127.0.0.1:0", "--http", "off", "--token-file"])
-        .arg(c.pki.p("alice-laptop.token"))
+        .arg(token)
         .env("HOME", c.pki.dir.path())
         .env("XDG_CONFIG_HOME", c.pki.dir.path().join(".config"));
     for k in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
@@ -228,4 +245,98 @@ fn a_gateway_listed_twice_is_a_configuration_error() {
     .unwrap();
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("is given twice"), "{err}");
+}
+
+/// Without a shared token file: every instance accepts a token its issuer signed, by the signed
+/// claims alone (`[v2] require_listed = false`), and the revocation list that every instance
+/// reloads takes it back, cutting its live session.
+#[test]
+fn a_signed_token_no_instance_lists_works_everywhere_until_the_revocation_list_cuts_it() {
+    let c = cluster_with(
+        "cluster-stateless",
+        "0s",
+        Some("[v2]\nrequire_listed = false\nrevoked = \"revoked.txt\"\n"),
+    );
+    // Minted on the admin host with the same issuer, into a token file no instance reads.
+    let bob = c.pki.p("bob-laptop.token");
+    let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
+        .args([
+            "token",
+            "new",
+            "--kind",
+            "agent",
+            "--id",
+            "bob-laptop",
+            "--tokens",
+        ])
+        .arg(c.pki.p("admin-host-only.toml"))
+        .arg("--out")
+        .arg(&bob))
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let listed = std::fs::read_to_string(c.pki.p("agents.toml")).unwrap();
+    assert!(!listed.contains("bob-laptop"), "{listed}");
+    let (agent, socks) = agent_with(&c, &bob);
+    assert!(fetch(socks, c.port), "{}", agent.log());
+    let on = agent_instance(&agent, &c.urls);
+    std::fs::write(c.pki.p("revoked.txt"), "bob-laptop # lost laptop\n").unwrap();
+    c.dmz[on]
+        .wait_for(
+            &["token revoked or expired: cutting its session"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    // Refused on every instance from now on.
+    agent
+        .wait_for(&["was refused by the gateway"], Duration::from_secs(20))
+        .unwrap();
+    assert!(
+        !fetch(socks, c.port),
+        "a revoked token still reaches the site"
+    );
+    for d in &c.dmz {
+        assert!(
+            d.log().contains("on the revocation list") || d.log().contains("cutting its session"),
+            "{}",
+            d.log()
+        );
+    }
+}
+
+#[test]
+fn an_unlisted_token_is_refused_where_listing_is_required() {
+    let c = cluster("cluster-listed", "0s");
+    let bob = c.pki.p("bob-laptop.token");
+    let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
+        .args([
+            "token",
+            "new",
+            "--kind",
+            "agent",
+            "--id",
+            "bob-laptop",
+            "--tokens",
+        ])
+        .arg(c.pki.p("admin-host-only.toml"))
+        .arg("--out")
+        .arg(&bob))
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let mut cmd = Command::new(bin("sallyport"));
+    cmd.args([
+        "run",
+        "--gateway",
+        &c.urls[0],
+        "--socks",
+        "127.0.0.1:0",
+        "--http",
+        "off",
+        "--token-file",
+    ])
+    .arg(&bob)
+    .env("HOME", c.pki.dir.path())
+    .env("XDG_CONFIG_HOME", c.pki.dir.path().join(".config"));
+    let a = Proc::spawn("agent-unlisted", &mut cmd).unwrap();
+    a.wait_for(&["was refused by the gateway"], Duration::from_secs(20))
+        .unwrap();
 }

@@ -278,6 +278,13 @@ impl Dmz {
                     .watch(shared.config.reload_every, shared.shutdown.clone()),
             );
         }
+        if let Some(revoked) = &shared.config.v2.revoked {
+            shared.tracker.spawn(
+                revoked
+                    .clone()
+                    .watch(shared.config.reload_every, shared.shutdown.clone()),
+            );
+        }
         let permits = Arc::new(Semaphore::new(limits.max_connections));
         info!(
             addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),

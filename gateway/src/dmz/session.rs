@@ -41,8 +41,16 @@ pub(crate) async fn guard_session(
     id: &Identity,
 ) {
     let mut changes = store.subscribe();
+    let revoked = shared.config.v2.revoked.clone();
+    let mut revocations = revoked.as_ref().map(|r| r.subscribe());
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     loop {
+        let revocation = async {
+            match revocations.as_mut() {
+                Some(r) => r.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = session.closed() => return,
             _ = shared.shutdown.cancelled() => {
@@ -50,9 +58,22 @@ pub(crate) async fn guard_session(
                 return;
             }
             r = changes.changed() => if r.is_err() { return },
+            r = revocation => if r.is_err() { return },
             _ = tick.tick() => {}
         }
-        if !store.current().is_valid(id, SystemTime::now()) {
+        let now = SystemTime::now();
+        let valid = if id.listed {
+            store.current().is_valid(id, now)
+        } else {
+            // Accepted by its signed claims: only its expiry and the revocation list end it.
+            !matches!(id.expires, Some(e) if e <= now)
+        };
+        // The revocation list is version 2's (version 1 tokens leave their token file).
+        let on_list = id.v2
+            && revoked
+                .as_ref()
+                .is_some_and(|r| r.current().contains(&id.token_id));
+        if !valid || on_list {
             warn!(token = %id.token_id, "token revoked or expired: cutting its session");
             session.close(ErrorCode::Unauthorized, "token revoked or expired");
             return;
