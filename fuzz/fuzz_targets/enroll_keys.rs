@@ -54,7 +54,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let file = agent::config::parse_file(&toml, Path::new("agent.toml"))
         .unwrap_or_else(|e| panic!("enroll would write an agent.toml it cannot read: {e}\n{toml}"));
-    assert_eq!(file.gateway.as_deref(), Some("wss://gw.example.com"));
+    assert_eq!(
+        file.gateway.map(|g| g.into_vec()),
+        Some(vec!["wss://gw.example.com".to_string()])
+    );
     assert_eq!(file.gateway_key, tls);
     assert_eq!(file.gateway_inner_key, inner.map(|k| k.to_string()));
     assert!(
