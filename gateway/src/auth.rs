@@ -192,6 +192,15 @@ pub struct Identity {
 impl Identity {
     /// The identity of a v2 token accepted by its signed claims alone (not in a token file).
     pub fn from_claims(c: &tunnel::token::Claims) -> Result<Identity, String> {
+        // The name and groups go into logs and into every OPEN: no control characters, even
+        // from an issuer.
+        let text_ok = |t: &str| !t.chars().any(char::is_control);
+        if !c.name.as_deref().is_none_or(text_ok) || !c.groups.iter().all(|g| text_ok(g)) {
+            return Err(format!(
+                "token {:?}: a name or group with control characters",
+                c.id
+            ));
+        }
         let mut routes = Vec::with_capacity(c.routes.len());
         for r in &c.routes {
             routes.push(

@@ -238,10 +238,24 @@ fn v2_config(
         None => None,
     };
     let require_listed = file.require_listed.unwrap_or(true);
-    if !require_listed && issuers.is_empty() {
-        return Err(invalid(
-            "v2.require_listed = false needs an issuer key (v2.issuer_keys, or issuer.pub beside the agent token file): only signed tokens are accepted unlisted",
-        ));
+    if !require_listed {
+        // Accepting tokens by their signature alone needs a way to take one back, and a name
+        // that keeps another deployment's tokens (from a shared issuer) out.
+        if issuers.is_empty() {
+            return Err(invalid(
+                "v2.require_listed = false needs an issuer key (v2.issuer_keys, or issuer.pub beside the agent token file): only signed tokens are accepted unlisted",
+            ));
+        }
+        if revoked.is_none() {
+            return Err(invalid(
+                "v2.require_listed = false needs v2.revoked (a revocation list, e.g. revoked = \"revoked.txt\"): without one, a token accepted by its signature could never be taken back",
+            ));
+        }
+        if file.deployment.is_none() {
+            return Err(invalid(
+                "v2.require_listed = false needs v2.deployment (mint tokens with `token new --deployment NAME`): otherwise a token of another deployment signed by the same issuer is accepted here",
+            ));
+        }
     }
     Ok(crate::dmz::v2::V2Config {
         keys,

@@ -24,20 +24,32 @@ struct Cluster {
 }
 
 fn cluster(tag: &str, drain_delay: &str) -> Cluster {
-    cluster_with(tag, drain_delay, None)
+    cluster_with(tag, drain_delay, None, &[])
 }
 
-/// [`cluster`] with a DMZ config file (`dmz.toml` in the PKI folder) holding `config`.
-fn cluster_with(tag: &str, drain_delay: &str, config: Option<&str>) -> Cluster {
+/// [`cluster`] with a DMZ config file (`dmz.toml` in the PKI folder) holding `config`, and
+/// `token_args` for every token minted.
+fn cluster_with(
+    tag: &str,
+    drain_delay: &str,
+    config: Option<&str>,
+    token_args: &[&str],
+) -> Cluster {
     let port = http_service().unwrap().port();
     let pki = Pki::new(tag).unwrap();
+    let with = |a: &[&'static str]| -> Vec<&str> {
+        a.iter()
+            .copied()
+            .chain(token_args.iter().copied())
+            .collect()
+    };
     pki.token(
         "agent",
         "alice-laptop",
-        &["--name", "alice", "--groups", "dev"],
+        &with(&["--name", "alice", "--groups", "dev"]),
     )
     .unwrap();
-    pki.token("connector", "site-a", &["--route", "*.internal:*"])
+    pki.token("connector", "site-a", &with(&["--route", "*.internal:*"]))
         .unwrap();
     let mut dmz = Vec::new();
     let mut urls = Vec::new();
@@ -255,7 +267,8 @@ fn a_signed_token_no_instance_lists_works_everywhere_until_the_revocation_list_c
     let c = cluster_with(
         "cluster-stateless",
         "0s",
-        Some("[v2]\nrequire_listed = false\nrevoked = \"revoked.txt\"\n"),
+        Some("[v2]\nrequire_listed = false\nrevoked = \"revoked.txt\"\ndeployment = \"test\"\n"),
+        &["--deployment", "test"],
     );
     // Minted on the admin host with the same issuer, into a token file no instance reads.
     let bob = c.pki.p("bob-laptop.token");
@@ -267,6 +280,8 @@ fn a_signed_token_no_instance_lists_works_everywhere_until_the_revocation_list_c
             "agent",
             "--id",
             "bob-laptop",
+            "--deployment",
+            "test",
             "--tokens",
         ])
         .arg(c.pki.p("admin-host-only.toml"))
@@ -339,4 +354,38 @@ fn an_unlisted_token_is_refused_where_listing_is_required() {
     let a = Proc::spawn("agent-unlisted", &mut cmd).unwrap();
     a.wait_for(&["was refused by the gateway"], Duration::from_secs(20))
         .unwrap();
+}
+
+/// Accepting tokens by their signature alone is refused at start without a revocation list or
+/// a deployment name: a token of another deployment (same issuer) would get in, and none could
+/// be taken back.
+#[test]
+fn unlisted_tokens_need_a_revocation_list_and_a_deployment() {
+    let pki = Pki::new("cluster-unsafe").unwrap();
+    pki.token("agent", "alice-laptop", &[]).unwrap();
+    pki.token("connector", "site-a", &["--route", "*.internal:*"])
+        .unwrap();
+    for (config, want) in [
+        (
+            "[v2]\nrequire_listed = false\ndeployment = \"x\"\n",
+            "needs v2.revoked",
+        ),
+        (
+            "[v2]\nrequire_listed = false\nrevoked = \"revoked.txt\"\n",
+            "needs v2.deployment",
+        ),
+    ] {
+        std::fs::write(pki.p("dmz.toml"), config).unwrap();
+        std::fs::write(pki.p("revoked.txt"), "").unwrap();
+        let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
+            .args(["dmz", "--config"])
+            .arg(pki.p("dmz.toml"))
+            .args(["--listen", "127.0.0.1:0", "--plain", "--agent-tokens"])
+            .arg(pki.p("agents.toml"))
+            .arg("--connector-tokens")
+            .arg(pki.p("connectors.toml")))
+        .unwrap();
+        assert_eq!(code, 64, "{err}");
+        assert!(err.contains(want), "{err}");
+    }
 }
