@@ -31,8 +31,8 @@ fuzz_target!(|data: &[u8]| {
             for f in &file.forwards {
                 let _ = f.parse::<agent::config::Forward>();
             }
-            if let Some(g) = &file.gateway {
-                let _ = egress::GatewayUrl::parse(g);
+            for g in file.gateway.clone().map(|g| g.into_vec()).unwrap_or_default() {
+                let _ = egress::GatewayUrl::parse(&g);
             }
         }
         Err(agent::config::ConfigError::Parse { line, .. }) => {

@@ -400,7 +400,7 @@ pub struct Haproxy {
 
 impl Haproxy {
     /// The part of the configuration an operator copies: a `frontend` that terminates TLS and
-    /// adds `X-Forwarded-For`, and a `backend` with a health check on `{prefix}/healthz`.
+    /// adds `X-Forwarded-For`, and a `backend` with a health check on `{prefix}/readyz`.
     /// `pem` is the certificate chain followed by its key, in one file (HAProxy's `crt`).
     pub fn site_config(cfg: &LbConfig<'_>, pem: &Path) -> String {
         let prefix = cfg.prefix();
@@ -447,7 +447,7 @@ backend be_sallyport
     # Idle limit of the upgraded (WebSocket) connection: keep it above the tunnel ping (20 s).
     timeout tunnel {idle}
     option httpchk
-    http-check send meth GET uri {prefix}/healthz
+    http-check send meth GET uri {prefix}/readyz
     http-check expect status 200
 {servers}"#,
             listen = hp(cfg.listen),

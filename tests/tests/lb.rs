@@ -113,7 +113,7 @@ fn whole_path(kind: LbKind) {
     wait_until(&sys, &[&agent], || {
         sys.lb.access_log().contains("GET /sallyport/healthz")
     });
-    // HAProxy's own health check (`http-check` on /sallyport/healthz) passes against the
+    // HAProxy's own health check (`http-check` on /sallyport/readyz, 503 while the instance drains) passes against the
     // gateway. (nginx's open-source edition has no active health checks.)
     if kind == LbKind::Haproxy {
         wait_until(&sys, &[&agent], || {
