@@ -116,21 +116,6 @@ impl View for ConnectorView {
                 ]
             })
             .collect();
-        let refusals = self
-            .ops
-            .metrics
-            .recent_refusals()
-            .into_iter()
-            .map(|r| {
-                vec![
-                    since(r.at),
-                    r.who,
-                    r.dest,
-                    r.code.as_str().to_string(),
-                    r.reason,
-                ]
-            })
-            .collect();
         vec![
             Table {
                 title: "Sessions to the DMZ",
@@ -150,12 +135,10 @@ impl View for ConnectorView {
                 rows: self.routes.iter().map(|r| vec![r.clone()]).collect(),
                 empty: "no route",
             },
-            Table {
-                title: "Recent refusals",
-                columns: &["ago", "user", "destination", "code", "reason"],
-                rows: refusals,
-                empty: "no refusal since start",
-            },
+            crate::admin::page::refusals(
+                &self.ops.metrics,
+                &["ago", "user", "destination", "code", "reason"],
+            ),
         ]
     }
 }

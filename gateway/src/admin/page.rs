@@ -46,6 +46,29 @@ pub fn escape(s: &str) -> String {
 }
 
 /// `12m ago`, `3h 4m`: how long since `t`.
+/// The "Recent refusals" table, newest first; `columns` names them for the role (the DMZ shows
+/// the token, a connector the user).
+pub fn refusals(metrics: &crate::metrics::Metrics, columns: &'static [&'static str]) -> Table {
+    Table {
+        title: "Recent refusals",
+        columns,
+        rows: metrics
+            .recent_refusals()
+            .into_iter()
+            .map(|r| {
+                vec![
+                    since(r.at),
+                    r.who,
+                    r.dest,
+                    r.code.as_str().to_string(),
+                    r.reason,
+                ]
+            })
+            .collect(),
+        empty: "no refusal since start",
+    }
+}
+
 pub fn since(t: SystemTime) -> String {
     let s = SystemTime::now()
         .duration_since(t)

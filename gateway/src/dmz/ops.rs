@@ -176,20 +176,6 @@ impl View for DmzView {
             .into_iter()
             .map(|r| vec![r.to_string()])
             .collect();
-        let refusals = self
-            .metrics
-            .recent_refusals()
-            .into_iter()
-            .map(|r| {
-                vec![
-                    since(r.at),
-                    r.who,
-                    r.dest,
-                    r.code.as_str().to_string(),
-                    r.reason,
-                ]
-            })
-            .collect();
         vec![
             Table {
                 title: "Sessions",
@@ -215,12 +201,10 @@ impl View for DmzView {
                 rows: routes,
                 empty: "no route",
             },
-            Table {
-                title: "Recent refusals",
-                columns: &["ago", "token", "destination", "code", "reason"],
-                rows: refusals,
-                empty: "no refusal since start",
-            },
+            crate::admin::page::refusals(
+                &self.metrics,
+                &["ago", "token", "destination", "code", "reason"],
+            ),
         ]
     }
 }
