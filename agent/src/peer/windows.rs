@@ -264,8 +264,10 @@ pub async fn check_peer(
     allow_remote: bool,
 ) -> Result<(), String> {
     let mut pid = owner_pid(peer, local)?;
+    // Only process 0 is read again: a client on another host has no row at all, and must not
+    // wait 200 ms for one.
     for _ in 0..10 {
-        if matches!(pid, Some(p) if p != 0) {
+        if pid != Some(0) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
