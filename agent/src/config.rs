@@ -365,12 +365,8 @@ pub fn agent_config_with(
             (t, format!("the OS keychain (entry for {gw})"))
         }
         None => {
-            let f = up.token_file.clone();
-            let source = match &f {
-                Some(p) => p.display().to_string(),
-                None => "SALLYPORT_TOKEN".to_string(),
-            };
-            (read_token(f.as_deref())?, source)
+            let f = up.token_file.as_deref();
+            (read_token(f)?, uplink::config::token_source(f))
         }
     };
     let ca = up.ca.clone();

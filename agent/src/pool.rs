@@ -28,7 +28,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use tunnel::{ErrorCode, Session};
-pub use uplink::error::UNTRUSTED_SEEN;
 pub use uplink::keep::RETRY_WEBSOCKET;
 pub use uplink::{ConnectError, Connected, TransportChoice};
 

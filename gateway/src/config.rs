@@ -765,11 +765,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         hosts,
         sessions,
         connect_timeout,
-        token_source: up
-            .token_file
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "SALLYPORT_TOKEN".into()),
+        token_source: uplink::config::token_source(up.token_file.as_deref()),
         transport,
         http_mode,
         always_inner,

@@ -864,6 +864,15 @@ mod tests {
             .collect()
     }
 
+    /// The peer's `OPEN` of stream `id`.
+    fn open(id: u32) -> Frame {
+        Frame::Open {
+            stream: id,
+            dest: dest(),
+            meta: Meta::default(),
+        }
+    }
+
     fn data(stream: u32, n: usize) -> Frame {
         Frame::Data {
             stream,
@@ -899,11 +908,6 @@ mod tests {
     fn an_open_with_our_parity_or_a_used_id_ends_the_session() {
         let t = Instant::now();
         let mut st = State::new(rules(true), t); // the peer's ids are even
-        let open = |id| Frame::Open {
-            stream: id,
-            dest: dest(),
-            meta: Meta::default(),
-        };
         let (code, _) = st.on_frame(t, open(3), 10).unwrap_err();
         assert_eq!(code, ErrorCode::Protocol);
         let mut st = State::new(rules(true), t);
@@ -918,16 +922,7 @@ mod tests {
         let t = Instant::now();
         let mut st = State::new(rules(true), t);
         for id in [2, 4, 6] {
-            st.on_frame(
-                t,
-                Frame::Open {
-                    stream: id,
-                    dest: dest(),
-                    meta: Meta::default(),
-                },
-                10,
-            )
-            .unwrap();
+            st.on_frame(t, open(id), 10).unwrap();
         }
         // accept_backlog is 2: the third waits nowhere, it is refused.
         assert_eq!(st.accept_queue.len(), 2);
@@ -944,16 +939,7 @@ mod tests {
         st.next_incoming(waker).unwrap();
         st.next_incoming(waker).unwrap();
         for id in [8, 10, 12] {
-            st.on_frame(
-                t,
-                Frame::Open {
-                    stream: id,
-                    dest: dest(),
-                    meta: Meta::default(),
-                },
-                10,
-            )
-            .unwrap();
+            st.on_frame(t, open(id), 10).unwrap();
         }
         let out = sent(&mut st);
         assert!(
@@ -1257,15 +1243,7 @@ mod tests {
         let result = loop {
             // Every OPEN to a side that refuses streams is answered by an OPEN_ERR nobody reads.
             st.rules.accept_streams = false;
-            let r = st.on_frame(
-                t,
-                Frame::Open {
-                    stream: id,
-                    dest: dest(),
-                    meta: Meta::default(),
-                },
-                10,
-            );
+            let r = st.on_frame(t, open(id), 10);
             if r.is_err() {
                 break r;
             }
@@ -1301,16 +1279,7 @@ mod tests {
         let t = Instant::now();
         let mut st = State::new(rules(true), t);
         for id in [2, 4] {
-            st.on_frame(
-                t,
-                Frame::Open {
-                    stream: id,
-                    dest: dest(),
-                    meta: Meta::default(),
-                },
-                10,
-            )
-            .unwrap();
+            st.on_frame(t, open(id), 10).unwrap();
         }
         let waker = std::task::Waker::noop();
         let (first, _) = st.next_incoming(waker).unwrap();

@@ -157,12 +157,14 @@ pub fn read_token(file: Option<&Path>) -> Result<crate::Secret, ConfigError> {
         None => std::env::var("SALLYPORT_TOKEN")
             .map_err(|_| invalid("no token: pass --token-file FILE or set SALLYPORT_TOKEN"))?,
     };
-    check_token(
-        &text,
-        &file
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "SALLYPORT_TOKEN".into()),
-    )
+    check_token(&text, &token_source(file))
+}
+
+/// Where a token read by [`read_token`] comes from, for messages: the file, or
+/// `SALLYPORT_TOKEN`.
+pub fn token_source(file: Option<&Path>) -> String {
+    file.map(|p| p.display().to_string())
+        .unwrap_or_else(|| "SALLYPORT_TOKEN".into())
 }
 
 /// A token as read from `source` (trimmed), if it is one: a version 2 token `sp2_…` that

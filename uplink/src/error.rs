@@ -5,9 +5,6 @@
 use egress::probe::{GatewayReached, ProbeError};
 use tunnel::http::client::HttpError;
 
-/// Where [`ConnectError::Untrusted`]'s text names the certificate seen (`doctor` reads it).
-pub const UNTRUSTED_SEEN: &str = "Seen: ";
-
 /// Why a session to the gateway could not be set up; says which hop failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -39,7 +36,7 @@ pub enum ConnectError {
     Session(#[from] tunnel::SessionError),
     /// The outer TLS is not proven the gateway's own and no inner key is known: the token is
     /// not sent.
-    #[error("not sending the token: the TLS to the gateway is not proven to be the gateway's own (its certificate is neither issued by --ca nor the enrolled key), so something on the way, such as a TLS-inspecting proxy, could read it; pass --ca with the gateway's own CA, or run `sallyport enroll` (or pass --gateway-inner-key from `sallyport-gateway inner-key`) so that the token travels only inside the inner channel. {UNTRUSTED_SEEN}{seen}")]
+    #[error("not sending the token: the TLS to the gateway is not proven to be the gateway's own (its certificate is neither issued by --ca nor the enrolled key), so something on the way, such as a TLS-inspecting proxy, could read it; pass --ca with the gateway's own CA, or run `sallyport enroll` (or pass --gateway-inner-key from `sallyport-gateway inner-key`) so that the token travels only inside the inner channel. Seen: {seen}")]
     Untrusted { seen: String },
 }
 

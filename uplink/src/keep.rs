@@ -22,9 +22,9 @@ pub enum Ended {
 }
 
 /// Keeps a session to `up.gateway` until `shutdown`: `serve` gets each session that comes up
-/// and returns when it ends; `failed` hears every attempt that failed. An authenticated
-/// refusal of the credential waits longer ([`Backoff::refused`]) than an unreachable gateway. `who` names the process
-/// for the log (`the agent`, `the connector`).
+/// and returns when it ends; `failed` hears every attempt that failed; `who` names the process
+/// for the log (`the agent`, `the connector`). An authenticated refusal of the credential waits
+/// longer ([`Backoff::refused`]) than an unreachable gateway.
 ///
 /// With `up.failover` (several DMZ instances), an attempt that fails moves on to the next
 /// instance at once; only when every instance failed in a row does it wait. A session that ends
