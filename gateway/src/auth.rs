@@ -86,6 +86,8 @@ pub enum AuthError {
     V1Only { id: String },
     #[error("token {id:?}: the key it proved is not the one in the token file")]
     WrongKey { id: String },
+    #[error("revocation list {path}: {why}")]
+    SignedList { path: PathBuf, why: String },
     #[error("revocation list {path}: {source}")]
     RevocationList {
         path: PathBuf,
@@ -187,6 +189,9 @@ pub struct Identity {
     /// In a token file; `false`: a v2 token accepted by its issuer's signature alone
     /// (`[v2] require_listed = false`), revoked only by the revocation list.
     pub listed: bool,
+    /// A v2 token's claim 6 (issued at, Unix seconds; 0 otherwise): the list's `before`
+    /// entries compare with it.
+    pub issued_at: u64,
 }
 
 impl Identity {
@@ -219,6 +224,7 @@ impl Identity {
             sha256: c.agent_key,
             v2: true,
             listed: false,
+            issued_at: c.issued_at,
         })
     }
 }
@@ -452,6 +458,7 @@ impl TokenStore {
                     sha256,
                     v2,
                     listed: true,
+                    issued_at: 0,
                 },
             );
         }
@@ -550,14 +557,18 @@ type Stamp = (Option<SystemTime>, u64);
 pub trait Loaded: fmt::Debug + Send + Sync + Sized + 'static {
     /// For logs: `token file`, `revocation list`.
     const WHAT: &'static str;
-    fn load(path: &Path) -> Result<Self, AuthError>;
+    /// What loading needs besides the file (the issuer keys that sign a list).
+    type Ctx: Send + Sync + 'static;
+    /// Loads the file; `current` is what is in force (a list refuses to roll back from it).
+    fn load(path: &Path, ctx: &Self::Ctx, current: Option<&Self>) -> Result<Self, AuthError>;
     /// Entries, for the reload log line.
     fn entries(&self) -> usize;
 }
 
 impl Loaded for TokenStore {
     const WHAT: &'static str = "token file";
-    fn load(path: &Path) -> Result<Self, AuthError> {
+    type Ctx = ();
+    fn load(path: &Path, _: &(), _: Option<&Self>) -> Result<Self, AuthError> {
         TokenStore::load(path)
     }
     fn entries(&self) -> usize {
@@ -569,13 +580,14 @@ impl Loaded for TokenStore {
 pub type ReloadingStore = Reloading<TokenStore>;
 
 /// The revocation list that follows its file (see [`Reloading`]).
-pub type ReloadingRevocations = Reloading<Revoked>;
+pub type ReloadingRevocations = Reloading<crate::revocation::RevocationList>;
 
 /// A file that is followed: readers take [`current`](Self::current) (a cheap `Arc` clone) or
 /// [`subscribe`](Self::subscribe) to hear about reloads; [`watch`](Self::watch) does the
 /// polling. A file that turns bad keeps the previous contents in force.
 pub struct Reloading<T: Loaded> {
     path: PathBuf,
+    ctx: T::Ctx,
     tx: watch::Sender<Arc<T>>,
     /// Last seen file stamp and last logged error (so a bad file is reported once, not every poll).
     seen: Mutex<(Option<Stamp>, Option<String>)>,
@@ -597,11 +609,20 @@ fn stamp(path: &Path) -> std::io::Result<Stamp> {
 
 impl<T: Loaded> Reloading<T> {
     /// Loads the file now; fails if it is missing or invalid (startup should stop on a bad file).
-    pub fn open(path: &Path) -> Result<Reloading<T>, AuthError> {
+    pub fn open(path: &Path) -> Result<Reloading<T>, AuthError>
+    where
+        T::Ctx: Default,
+    {
+        Reloading::open_with(path, T::Ctx::default())
+    }
+
+    /// [`open`](Self::open) with what loading needs besides the file.
+    pub fn open_with(path: &Path, ctx: T::Ctx) -> Result<Reloading<T>, AuthError> {
         let st = stamp(path).ok();
-        let loaded = T::load(path)?;
+        let loaded = T::load(path, &ctx, None)?;
         Ok(Reloading {
             path: path.to_path_buf(),
+            ctx,
             tx: watch::Sender::new(Arc::new(loaded)),
             seen: Mutex::new((st, None)),
         })
@@ -630,7 +651,7 @@ impl<T: Loaded> Reloading<T> {
                 return Ok(false);
             }
         }
-        let result = T::load(&self.path);
+        let result = T::load(&self.path, &self.ctx, Some(&self.current()));
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         seen.0 = now_stamp;
         match result {
@@ -662,58 +683,6 @@ impl<T: Loaded> Reloading<T> {
                 _ = tokio::time::sleep(every) => { let _ = self.reload_if_changed(); }
             }
         }
-    }
-}
-
-/// The revocation list (`[v2] revoked`): token ids, one a line (`#` starts a comment), that no
-/// instance accepts any more, listed in a token file or not. Every instance reloads it; the
-/// sessions of an id added are cut.
-#[derive(Debug, Default)]
-pub struct Revoked {
-    ids: std::collections::HashSet<String>,
-}
-
-impl Revoked {
-    pub fn contains(&self, id: &str) -> bool {
-        self.ids.contains(id)
-    }
-
-    /// Parses the list's text (`origin` names it in errors).
-    pub fn parse(text: &str, origin: &str) -> Result<Revoked, AuthError> {
-        let mut ids = std::collections::HashSet::new();
-        for (n, line) in text.lines().enumerate() {
-            let id = line.split('#').next().unwrap_or("").trim();
-            if id.is_empty() {
-                continue;
-            }
-            if !valid_id(id) {
-                return Err(AuthError::Invalid {
-                    origin: origin.to_string(),
-                    line: n + 1,
-                    key: None,
-                    message: format!(
-                        "`{}` is not a token id (1-64 of a-z, 0-9, '-'); write one id a line",
-                        crate::logsafe::Clean(id)
-                    ),
-                });
-            }
-            ids.insert(id.to_string());
-        }
-        Ok(Revoked { ids })
-    }
-}
-
-impl Loaded for Revoked {
-    const WHAT: &'static str = "revocation list";
-    fn load(path: &Path) -> Result<Self, AuthError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AuthError::RevocationList {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Revoked::parse(&text, &path.display().to_string())
-    }
-    fn entries(&self) -> usize {
-        self.ids.len()
     }
 }
 

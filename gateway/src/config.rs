@@ -118,8 +118,12 @@ pub struct V2File {
     /// (every instance of a cluster verifies it alone); only `revoked` takes one back
     /// [default: true].
     pub require_listed: Option<bool>,
-    /// The revocation list: a file of token ids, one a line, that every instance reloads.
+    /// The signed revocation list (`sallyport-gateway token revoke` writes it) that every
+    /// instance reloads.
     pub revoked: Option<PathBuf>,
+    /// Past this age (since the list was signed), tokens accepted by their claims alone are
+    /// refused until a newer list arrives (fail closed) [default: 7d].
+    pub revoked_max_age: Option<String>,
     /// A second static key file, for rotation: new tokens list both.
     pub next_inner_key: Option<PathBuf>,
     /// The TLS-terminating load balancer in front may read sessions (mode `outer`).
@@ -226,10 +230,15 @@ fn v2_config(
     let revoked = match &file.revoked {
         Some(p) => {
             let path = relative_to(base, p.clone());
+            if issuers.is_empty() {
+                return Err(invalid(
+                    "v2.revoked: the list is signed by the issuer, and no issuer key is configured (v2.issuer_keys, or issuer.pub beside the agent token file)",
+                ));
+            }
             Some(Arc::new(
-                crate::auth::ReloadingRevocations::open(&path).map_err(|e| {
+                crate::auth::ReloadingRevocations::open_with(&path, issuers.clone()).map_err(|e| {
                     invalid(format!(
-                        "v2.revoked: {e} (create it empty: `touch {}`)",
+                        "v2.revoked: {e} (create or re-sign it on the admin host: `sallyport-gateway token revoke --list {} --issuer-key issuer.key`)",
                         path.display()
                     ))
                 })?,
@@ -257,11 +266,20 @@ fn v2_config(
             ));
         }
     }
+    let revoked_max_age = match &file.revoked_max_age {
+        None => Duration::from_secs(7 * 86_400),
+        Some(s) => humantime::parse_duration(s.trim()).map_err(|_| {
+            invalid(format!(
+                "v2.revoked_max_age `{s}`: write a duration like 7d or 36h"
+            ))
+        })?,
+    };
     Ok(crate::dmz::v2::V2Config {
         keys,
         issuers,
         require_listed,
         revoked,
+        revoked_max_age,
         deployment: file.deployment.clone(),
         trust_lb: file.trust_lb,
         tls_keys,

@@ -12,3 +12,4 @@ pub mod http;
 pub mod logsafe;
 pub mod metrics;
 pub mod policy;
+pub mod revocation;

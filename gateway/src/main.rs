@@ -106,6 +106,27 @@ enum TokenCommand {
         #[arg(long)]
         deployment: Option<String>,
     },
+    /// Revoke v2 tokens on the signed revocation list that every DMZ instance reloads
+    /// (`[v2] revoked`), on the admin host; with no --id or --remove, re-sign the list as it is
+    /// (run it from cron well inside `v2.revoked_max_age`).
+    Revoke {
+        /// The list to change (created when missing); copy it to every instance.
+        #[arg(long)]
+        list: PathBuf,
+        /// The issuer key that signs it (the one that signs the tokens).
+        #[arg(long)]
+        issuer: PathBuf,
+        /// A token id to revoke. Repeatable.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Revoke only the tokens of these ids issued before this time (RFC 3339, e.g.
+        /// 2026-12-01T00:00:00Z): tokens re-issued since keep working.
+        #[arg(long)]
+        before: Option<String>,
+        /// A token id to take off the list again. Repeatable.
+        #[arg(long = "remove")]
+        remove: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -179,6 +200,59 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     println!("gateway key pin: {pin} (`sallyport enroll` shows the same)");
                 }
             }
+            Ok(())
+        }
+        Command::Token(TokenCommand::Revoke {
+            list,
+            issuer,
+            ids,
+            before,
+            remove,
+        }) => {
+            use gateway::revocation::{Revocation, RevocationList};
+            for id in ids.iter().chain(&remove) {
+                if !tunnel::token::valid_id(id) {
+                    return Err(ConfigError::Invalid(format!(
+                        "--id {id:?}: a token id is 1-64 of a-z, 0-9 and '-'"
+                    ))
+                    .into());
+                }
+            }
+            let how = match before.as_deref() {
+                None => Revocation::All,
+                Some(t) => Revocation::Before(
+                    humantime::parse_rfc3339_weak(t.trim())
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs())
+                        .ok_or_else(|| {
+                            ConfigError::Invalid(format!(
+                                "--before {t:?}: write a time like 2026-12-01T00:00:00Z"
+                            ))
+                        })?,
+                ),
+            };
+            let text = std::fs::read_to_string(&issuer).map_err(|e| {
+                ConfigError::Invalid(format!("issuer key {}: {e}", issuer.display()))
+            })?;
+            let key = tunnel::token::Issuer::from_file_text(&text).map_err(|e| {
+                ConfigError::Invalid(format!("issuer key {}: {e}", issuer.display()))
+            })?;
+            let done = RevocationList::update(&list, &key, std::time::SystemTime::now(), |l| {
+                for id in &ids {
+                    l.add(id, how);
+                }
+                for id in &remove {
+                    l.entries.remove(id);
+                }
+            })
+            .map_err(ConfigError::Invalid)?;
+            eprintln!(
+                "revocation list {}: serial {}, {} ids; every instance that reads it refuses them within 2 s",
+                list.display(),
+                done.serial,
+                done.entries.len()
+            );
             Ok(())
         }
         Command::Token(TokenCommand::New {

@@ -173,6 +173,8 @@ pub struct Metrics {
     handshake_sum_micros: AtomicU64,
     egress: [AtomicI64; 4],
     resumes: AtomicU64,
+    /// The signed revocation list in force: when it was signed (Unix seconds; 0: no list).
+    revocation_signed_at: AtomicU64,
     recent: Mutex<VecDeque<Refusal>>,
     /// Which families are written: the DMZ has no egress path, a connector no auth failures.
     dmz: bool,
@@ -204,6 +206,7 @@ impl Metrics {
             handshake_sum_micros: AtomicU64::new(0),
             egress: Default::default(),
             resumes: AtomicU64::new(0),
+            revocation_signed_at: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_REFUSALS)),
             dmz,
         }
@@ -459,7 +462,25 @@ impl Metrics {
             "sallyport_stream_resumes_total {}",
             self.resumes.load(Relaxed)
         );
+        let signed = self.revocation_signed_at.load(Relaxed);
+        if self.dmz && signed > 0 {
+            family(
+                &mut o,
+                "sallyport_revocation_list_signed_timestamp_seconds",
+                "gauge",
+                "When the signed revocation list in force was signed (Unix time); past v2.revoked_max_age, tokens accepted by claims alone are refused.",
+            );
+            let _ = writeln!(
+                o,
+                "sallyport_revocation_list_signed_timestamp_seconds {signed}"
+            );
+        }
         o
+    }
+
+    /// The signed revocation list now in force was signed at `unix` seconds.
+    pub fn revocation_list(&self, unix: u64) {
+        self.revocation_signed_at.store(unix, Relaxed);
     }
 
     fn roles(&self) -> &'static [Role] {

@@ -23,6 +23,19 @@ struct Cluster {
     port: u16,
 }
 
+/// `sallyport-gateway token revoke` on the PKI's signed revocation list `revoked.txt`, as the
+/// admin host runs it (no `args`: re-sign the list as it is).
+fn revoke(pki: &Pki, args: &[&str]) {
+    let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
+        .args(["token", "revoke", "--list"])
+        .arg(pki.p("revoked.txt"))
+        .arg("--issuer")
+        .arg(pki.p("issuer.key"))
+        .args(args))
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+}
+
 fn cluster(tag: &str, drain_delay: &str) -> Cluster {
     cluster_with(tag, drain_delay, None, &[])
 }
@@ -55,8 +68,8 @@ fn cluster_with(
     let mut urls = Vec::new();
     if let Some(text) = config {
         std::fs::write(pki.p("dmz.toml"), text).unwrap();
-        // An empty revocation list to start from.
-        std::fs::write(pki.p("revoked.txt"), "# ids, one a line\n").unwrap();
+        // An empty signed revocation list to start from.
+        revoke(&pki, &[]);
     }
     for i in 0..2 {
         let mut cmd = Command::new(bin("sallyport-gateway"));
@@ -129,6 +142,15 @@ fn agent(c: &Cluster) -> (Proc, std::net::SocketAddr) {
 }
 
 fn agent_with(c: &Cluster, token: &std::path::Path) -> (Proc, std::net::SocketAddr) {
+    let a = agent_spawn(c, token);
+    let socks = a.addr(&["listening", "socks5"]).unwrap();
+    a.wait_for(&["connected to the gateway"], Duration::from_secs(20))
+        .unwrap();
+    (a, socks)
+}
+
+/// An agent with `token` and every instance's URL, not waited for.
+fn agent_spawn(c: &Cluster, token: &std::path::Path) -> Proc {
     let mut cmd = Command::new(bin("sallyport"));
     cmd.arg("run");
     for u in &c.urls {
@@ -141,11 +163,7 @@ fn agent_with(c: &Cluster, token: &std::path::Path) -> (Proc, std::net::SocketAd
     for k in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
         cmd.env_remove(k);
     }
-    let a = Proc::spawn("agent", &mut cmd).unwrap();
-    let socks = a.addr(&["listening", "socks5"]).unwrap();
-    a.wait_for(&["connected to the gateway"], Duration::from_secs(20))
-        .unwrap();
-    (a, socks)
+    Proc::spawn("agent", &mut cmd).unwrap()
 }
 
 fn fetch(socks: std::net::SocketAddr, port: u16) -> bool {
@@ -259,6 +277,20 @@ fn a_gateway_listed_twice_is_a_configuration_error() {
     assert!(err.contains("is given twice"), "{err}");
 }
 
+/// Mints `id` on the admin host: signed by the cluster's issuer, in no instance's token file.
+fn unlisted(c: &Cluster, id: &str) -> std::path::PathBuf {
+    let out = c.pki.p(&format!("{id}.token"));
+    let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
+        .args(["token", "new", "--kind", "agent", "--id", id])
+        .args(["--deployment", "test", "--tokens"])
+        .arg(c.pki.p("admin-host-only.toml"))
+        .arg("--out")
+        .arg(&out))
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    out
+}
+
 /// Without a shared token file: every instance accepts a token its issuer signed, by the signed
 /// claims alone (`[v2] require_listed = false`), and the revocation list that every instance
 /// reloads takes it back, cutting its live session.
@@ -271,30 +303,13 @@ fn a_signed_token_no_instance_lists_works_everywhere_until_the_revocation_list_c
         &["--deployment", "test"],
     );
     // Minted on the admin host with the same issuer, into a token file no instance reads.
-    let bob = c.pki.p("bob-laptop.token");
-    let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
-        .args([
-            "token",
-            "new",
-            "--kind",
-            "agent",
-            "--id",
-            "bob-laptop",
-            "--deployment",
-            "test",
-            "--tokens",
-        ])
-        .arg(c.pki.p("admin-host-only.toml"))
-        .arg("--out")
-        .arg(&bob))
-    .unwrap();
-    assert_eq!(code, 0, "{err}");
+    let bob = unlisted(&c, "bob-laptop");
     let listed = std::fs::read_to_string(c.pki.p("agents.toml")).unwrap();
     assert!(!listed.contains("bob-laptop"), "{listed}");
     let (agent, socks) = agent_with(&c, &bob);
     assert!(fetch(socks, c.port), "{}", agent.log());
     let on = agent_instance(&agent, &c.urls);
-    std::fs::write(c.pki.p("revoked.txt"), "bob-laptop # lost laptop\n").unwrap();
+    revoke(&c.pki, &["--id", "bob-laptop"]);
     c.dmz[on]
         .wait_for(
             &["token revoked or expired: cutting its session"],
@@ -318,41 +333,54 @@ fn a_signed_token_no_instance_lists_works_everywhere_until_the_revocation_list_c
     }
 }
 
+/// Whoever can write the list file puts an older signed list back (a rollback that would
+/// un-revoke a token): every instance keeps the newer list. And a list nobody re-signed within
+/// `revoked_max_age` fails closed: tokens accepted by claims alone are refused.
+#[test]
+fn a_rolled_back_revocation_list_is_refused_and_a_stale_one_fails_closed() {
+    let c = cluster_with(
+        "cluster-list-age",
+        "0s",
+        Some("[v2]\nrequire_listed = false\nrevoked = \"revoked.txt\"\ndeployment = \"test\"\nrevoked_max_age = \"6s\"\n"),
+        &["--deployment", "test"],
+    );
+    let carol = unlisted(&c, "carol-laptop");
+    let old = std::fs::read_to_string(c.pki.p("revoked.txt")).unwrap();
+    revoke(&c.pki, &["--id", "mallory-laptop"]);
+    for d in &c.dmz {
+        d.wait_for(&["revocation list", "entries=1"], Duration::from_secs(10))
+            .unwrap();
+    }
+    std::fs::write(c.pki.p("revoked.txt"), &old).unwrap();
+    for d in &c.dmz {
+        d.wait_for(&["lower than serial 2 in force"], Duration::from_secs(10))
+            .unwrap();
+    }
+    // Fresh (just re-signed): carol gets in by her claims alone.
+    revoke(&c.pki, &[]);
+    let (agent, socks) = agent_with(&c, &carol);
+    assert!(fetch(socks, c.port), "{}", agent.log());
+    drop(agent);
+    // Nobody re-signs: past max_age a new session of carol's is refused, naming the cause.
+    std::thread::sleep(Duration::from_secs(7));
+    agent_spawn(&c, &carol)
+        .wait_for(&["was refused by the gateway"], Duration::from_secs(20))
+        .unwrap();
+    assert!(
+        c.dmz
+            .iter()
+            .any(|d| d.log().contains("more than v2.revoked_max_age")),
+        "{}",
+        c.dmz[0].log()
+    );
+}
+
 #[test]
 fn an_unlisted_token_is_refused_where_listing_is_required() {
     let c = cluster("cluster-listed", "0s");
-    let bob = c.pki.p("bob-laptop.token");
-    let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
-        .args([
-            "token",
-            "new",
-            "--kind",
-            "agent",
-            "--id",
-            "bob-laptop",
-            "--tokens",
-        ])
-        .arg(c.pki.p("admin-host-only.toml"))
-        .arg("--out")
-        .arg(&bob))
-    .unwrap();
-    assert_eq!(code, 0, "{err}");
-    let mut cmd = Command::new(bin("sallyport"));
-    cmd.args([
-        "run",
-        "--gateway",
-        &c.urls[0],
-        "--socks",
-        "127.0.0.1:0",
-        "--http",
-        "off",
-        "--token-file",
-    ])
-    .arg(&bob)
-    .env("HOME", c.pki.dir.path())
-    .env("XDG_CONFIG_HOME", c.pki.dir.path().join(".config"));
-    let a = Proc::spawn("agent-unlisted", &mut cmd).unwrap();
-    a.wait_for(&["was refused by the gateway"], Duration::from_secs(20))
+    let bob = unlisted(&c, "bob-laptop");
+    agent_spawn(&c, &bob)
+        .wait_for(&["was refused by the gateway"], Duration::from_secs(20))
         .unwrap();
 }
 
@@ -376,7 +404,7 @@ fn unlisted_tokens_need_a_revocation_list_and_a_deployment() {
         ),
     ] {
         std::fs::write(pki.p("dmz.toml"), config).unwrap();
-        std::fs::write(pki.p("revoked.txt"), "").unwrap();
+        revoke(&pki, &[]);
         let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
             .args(["dmz", "--config"])
             .arg(pki.p("dmz.toml"))

@@ -372,14 +372,7 @@ impl SignedClaims {
     /// Whether one of `issuers` signed these claims. Every accepted key is tried: the issuer
     /// named inside the (unverified) claims picks nothing.
     pub fn verify(&self, issuers: &[IssuerKey]) -> Result<(), TokenError> {
-        let mut msg = Vec::with_capacity(SIG_CONTEXT.len() + self.bytes.len());
-        msg.extend_from_slice(SIG_CONTEXT);
-        msg.extend_from_slice(&self.bytes);
-        if issuers.iter().any(|k| {
-            signature::UnparsedPublicKey::new(&signature::ED25519, &k.0)
-                .verify(&msg, &self.sig)
-                .is_ok()
-        }) {
+        if signed_by(issuers, SIG_CONTEXT, &self.bytes, &self.sig) {
             Ok(())
         } else {
             Err(TokenError::BadSignature {
@@ -565,6 +558,18 @@ pub fn low_order(k: &[u8; 32]) -> bool {
     })
 }
 
+/// Whether one of `issuers` signed `context || bytes` (see [`Issuer::sign_in`]).
+pub fn signed_by(issuers: &[IssuerKey], context: &[u8], bytes: &[u8], sig: &[u8; 64]) -> bool {
+    let mut msg = Vec::with_capacity(context.len() + bytes.len());
+    msg.extend_from_slice(context);
+    msg.extend_from_slice(bytes);
+    issuers.iter().any(|k| {
+        signature::UnparsedPublicKey::new(&signature::ED25519, &k.0)
+            .verify(&msg, sig)
+            .is_ok()
+    })
+}
+
 /// An issuer's Ed25519 public key, written `ed25519/<base64>`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct IssuerKey(pub [u8; 32]);
@@ -638,9 +643,15 @@ impl Issuer {
 
     /// Ed25519 over [`SIG_CONTEXT`] `|| claims`.
     pub fn sign(&self, claims: &[u8]) -> [u8; 64] {
-        let mut msg = Vec::with_capacity(SIG_CONTEXT.len() + claims.len());
-        msg.extend_from_slice(SIG_CONTEXT);
-        msg.extend_from_slice(claims);
+        self.sign_in(SIG_CONTEXT, claims)
+    }
+
+    /// Ed25519 over `context || bytes`: every signed thing has its own context, so that a
+    /// signature on one kind of thing never passes for another.
+    pub fn sign_in(&self, context: &[u8], bytes: &[u8]) -> [u8; 64] {
+        let mut msg = Vec::with_capacity(context.len() + bytes.len());
+        msg.extend_from_slice(context);
+        msg.extend_from_slice(bytes);
         self.pair
             .sign(&msg)
             .as_ref()

@@ -284,6 +284,7 @@ impl Dmz {
                     .clone()
                     .watch(shared.config.reload_every, shared.shutdown.clone()),
             );
+            shared.tracker.spawn(watch_revocation_list(shared.clone()));
         }
         let permits = Arc::new(Semaphore::new(limits.max_connections));
         info!(
@@ -335,4 +336,30 @@ const HTTP_DOWN_BUFFER: usize = 4 * 1024 * 1024;
 pub async fn run(config: DmzConfig, shutdown: CancellationToken) -> Result<(), DmzError> {
     Dmz::bind(config).await?.serve(shutdown).await;
     Ok(())
+}
+
+/// Follows the signed revocation list: its signing time into the metrics, and, while it is
+/// older than `v2.revoked_max_age` (tokens accepted by claims alone are refused), a warning
+/// every minute.
+async fn watch_revocation_list(shared: Arc<Shared>) {
+    let Some(list) = shared.config.v2.revoked.clone() else {
+        return;
+    };
+    let mut changes = list.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        shared
+            .ops
+            .metrics
+            .revocation_list(changes.borrow_and_update().signed_at);
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+            _ = tick.tick() => {
+                if let Some(why) = shared.config.v2.stale_list(std::time::SystemTime::now()) {
+                    warn!("{why}");
+                }
+            }
+        }
+    }
 }

@@ -72,7 +72,7 @@ pub(crate) async fn guard_session(
         let on_list = id.v2
             && revoked
                 .as_ref()
-                .is_some_and(|r| r.current().contains(&id.token_id));
+                .is_some_and(|r| r.current().revokes(&id.token_id, id.issued_at));
         if !valid || on_list {
             warn!(token = %id.token_id, "token revoked or expired: cutting its session");
             session.close(ErrorCode::Unauthorized, "token revoked or expired");

@@ -39,8 +39,10 @@ pub struct V2Config {
     /// token file): a token signed by one of `issuers` is accepted by its claims alone, and
     /// only `revoked` takes it back.
     pub require_listed: bool,
-    /// The revocation list every instance reloads (`[v2] revoked`).
+    /// The signed revocation list every instance reloads (`[v2] revoked`).
     pub revoked: Option<Arc<crate::auth::ReloadingRevocations>>,
+    /// Past this age the list is stale: tokens accepted by claims alone are refused.
+    pub revoked_max_age: std::time::Duration,
     /// The admin trusts the TLS-terminating load balancer in front (its keys in `tls_keys`):
     /// sessions through it may run in mode `Outer`, readable by that balancer.
     pub trust_lb: bool,
@@ -52,6 +54,21 @@ pub struct V2Config {
 }
 
 impl V2Config {
+    /// Why tokens accepted by claims alone are refused now (for the log), if they are: the
+    /// signed list is older than `revoked_max_age`.
+    pub fn stale_list(&self, now: SystemTime) -> Option<String> {
+        let list = self.revoked.as_ref()?.current();
+        let age = list.age(now);
+        (age > self.revoked_max_age).then(|| {
+            format!(
+                "the revocation list (serial {}) was signed {} ago, more than v2.revoked_max_age ({}): tokens not in the token file are refused until a newer list is installed (re-sign it: `sallyport-gateway token revoke --list FILE --issuer-key issuer.key`)",
+                list.serial,
+                humantime::format_duration(Duration::from_secs(age.as_secs())),
+                humantime::format_duration(self.revoked_max_age)
+            )
+        })
+    }
+
     /// With one static key, no issuer (no v2 token is accepted until one is added), no
     /// deployment name, no trusted load balancer, and the default v1 cut-off.
     pub fn new(key: Arc<KeyPair>) -> V2Config {
@@ -61,6 +78,7 @@ impl V2Config {
             deployment: None,
             require_listed: true,
             revoked: None,
+            revoked_max_age: std::time::Duration::from_secs(7 * 86_400),
             trust_lb: false,
             tls_keys: Vec::new(),
             accept_v1_until: V2Config::default_v1_cutoff(),
@@ -156,7 +174,7 @@ pub(crate) fn verify(
     };
     let v2 = &shared.config.v2;
     if let Some(revoked) = &v2.revoked {
-        if revoked.current().contains(&c.id) {
+        if revoked.current().revokes(&c.id, c.issued_at) {
             return Err((
                 401,
                 "token revoked or unknown here",
@@ -165,7 +183,11 @@ pub(crate) fn verify(
         }
     }
     let id = match store.verify_v2(&c.id, &hello.remote_static, SystemTime::now()) {
-        Ok(id) => id,
+        // The signed issue time, so that the list's `revoke ID before T` reaches it too.
+        Ok(id) => Identity {
+            issued_at: c.issued_at,
+            ..id
+        },
         // Not listed here, and this cluster does not list tokens: the claims are the identity.
         // The issuer's signature first, so that made-up claims learn nothing from the checks
         // below (a deployment name, whether an id is listed): every refusal before it reads
@@ -175,6 +197,10 @@ pub(crate) fn verify(
                 .signed
                 .verify(&v2.issuers)
                 .map_err(|e| (401, "token revoked or unknown here", e.to_string()))?;
+            // Fail closed: a list nobody re-signed for too long may be missing revocations.
+            if let Some(stale) = v2.stale_list(SystemTime::now()) {
+                return Err((401, "token revoked or unknown here", stale));
+            }
             Identity::from_claims(c).map_err(|why| (401, "token revoked or unknown here", why))?
         }
         Err(e) => {
