@@ -142,6 +142,18 @@ impl KeyPair {
         self.public
     }
 
+    /// X25519 of our private key and `their` public key.
+    pub fn agree(&self, their: &[u8; 32]) -> [u8; 32] {
+        let mut dh = DefaultResolver
+            .resolve_dh(&snow::params::DHChoice::Curve25519)
+            .expect("the default resolver has X25519");
+        dh.set(&self.private);
+        let mut out = [0u8; 32];
+        // snow's X25519 never fails for 32-byte keys (low-order keys are refused by callers).
+        let _ = dh.dh(their, &mut out);
+        out
+    }
+
     pub(crate) fn private(&self) -> &[u8; 32] {
         &self.private
     }

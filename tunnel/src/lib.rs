@@ -27,6 +27,7 @@ pub mod frame;
 pub mod handshake;
 pub mod inner;
 mod machine;
+pub mod renew;
 pub mod session;
 pub mod stream;
 pub mod token;

@@ -436,13 +436,16 @@ impl std::str::FromStr for Token {
 }
 
 impl Token {
-    /// Mints a token: a fresh secret, its public key in the claims (`claims.agent_key` and
-    /// `claims.issuer` are overwritten), signed by `issuer`.
+    /// Mints a token: a fresh secret, its public key in the claims (`claims.agent_key` is
+    /// overwritten), signed by `issuer`. `claims.issuer` (claim 12, the key the agent accepts
+    /// renewals from) is kept when set, else it is `issuer`'s own.
     pub fn mint(issuer: &Issuer, mut claims: Claims) -> Result<Token, TokenError> {
         let mut secret = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
         claims.agent_key = agent_public_key(&secret);
-        claims.issuer = issuer.public().0;
+        if claims.issuer == [0; 32] {
+            claims.issuer = issuer.public().0;
+        }
         let bytes = claims.encode();
         if bytes.len() > MAX_CLAIMS {
             return Err(TokenError::BadClaims(format!(
@@ -453,6 +456,21 @@ impl Token {
         let sig = issuer.sign(&bytes);
         let signed = SignedClaims::parse(&bytes, &sig)?;
         Ok(Token { secret, signed })
+    }
+
+    /// A token from a secret and claims signed for its key (a renewal's answer).
+    pub fn from_parts(secret: [u8; 32], signed: SignedClaims) -> Result<Token, TokenError> {
+        if agent_public_key(&secret) != signed.claims.agent_key {
+            return Err(TokenError::KeyMismatch {
+                id: signed.claims.id.clone(),
+            });
+        }
+        Ok(Token { secret, signed })
+    }
+
+    /// The secret (for a renewal's proof; never sent).
+    pub(crate) fn secret(&self) -> &[u8; 32] {
+        &self.secret
     }
 
     /// The token string (a secret: for the token file or keychain only).
