@@ -239,7 +239,20 @@ pub struct AgentConfig {
     pub websocket_retry: Duration,
     /// A protocol v2 token (`sp2_…`): the session runs the token-bound handshake and never
     /// sends a secret; `None` for a v1 bearer token.
-    pub v2: Option<Arc<tunnel::token::Token>>,
+    pub v2: Option<Arc<uplink::TokenCell>>,
+    /// Where a renewed token is written back (`agent/src/renew.rs`).
+    pub token_home: TokenHome,
+}
+
+/// Where the token lives, for writing a renewed one back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenHome {
+    /// A 0600 file (`--token-file`).
+    File(PathBuf),
+    /// The OS keychain entry of this gateway URL (`sallyport enroll`).
+    Keychain(String),
+    /// `SALLYPORT_TOKEN`, or a token given on the way (enroll): nowhere to write to.
+    Nowhere,
 }
 
 impl AgentConfig {
@@ -257,7 +270,7 @@ impl AgentConfig {
             connect_timeout: self.connect_timeout,
             session,
             credential: match &self.v2 {
-                Some(t) => uplink::Credential::V2(t.clone()),
+                Some(cell) => uplink::Credential::V2(cell.clone()),
                 None => uplink::Credential::V1(uplink::v1::V1 {
                     token: self.token.clone(),
                     trust: uplink::v1::Trust::Prove {
@@ -353,6 +366,7 @@ pub fn agent_config_with(
             "--gateway: give every instance the same scheme (all wss:// or all ws://)",
         ));
     }
+    let mut token_home = TokenHome::Nowhere;
     let (token, token_source) = match token {
         Some(t) => (t, "the token given to enroll".to_string()),
         None if !given_token_file && file.token_keychain => {
@@ -362,10 +376,14 @@ pub fn agent_config_with(
                     "the token for {gw} is not in the OS keychain any more: run `sallyport enroll {gw}` again"
                 ))
             })?;
+            token_home = TokenHome::Keychain(gw.clone());
             (t, format!("the OS keychain (entry for {gw})"))
         }
         None => {
             let f = up.token_file.as_deref();
+            if let Some(f) = f {
+                token_home = TokenHome::File(f.to_path_buf());
+            }
             (read_token(f)?, uplink::config::token_source(f))
         }
     };
@@ -419,7 +437,7 @@ pub fn agent_config_with(
                 id: t.claims().id.clone(),
             });
         }
-        Some(Arc::new(t))
+        Some(uplink::TokenCell::new(Arc::new(t)))
     } else {
         None
     };
@@ -540,6 +558,7 @@ pub fn agent_config_with(
         websocket_retry: file.tunnel.websocket_retry()?,
         v2,
         token_source,
+        token_home,
     })
 }
 

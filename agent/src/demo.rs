@@ -108,6 +108,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
             issuer: &issuer,
             gateway_keys: vec![inner_key.public().0],
             deployment: None,
+            renewer: None,
         },
     )?;
     let conn_tokens = dir.join("connectors.toml");
@@ -123,6 +124,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
             issuer: &issuer,
             gateway_keys: vec![inner_key.public().0],
             deployment: None,
+            renewer: None,
         },
     )?;
     let mut v2 = gateway::dmz::v2::V2Config::new(inner_key.clone());
@@ -175,6 +177,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         session: tunnel::Config::new(tunnel::Role::Connector, true),
         admin: None,
         ops: Default::default(),
+        issuer: None,
     };
     tokio::spawn(gateway::connector::run(conn_cfg, shutdown.clone()));
 
@@ -208,7 +211,8 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         transport: crate::config::TransportChoice::Auto,
         http_mode: None,
         websocket_retry: crate::pool::RETRY_WEBSOCKET,
-        v2: Some(Arc::new(agent_token)),
+        v2: Some(uplink::TokenCell::new(Arc::new(agent_token))),
+        token_home: crate::config::TokenHome::Nowhere,
     };
     let agent = crate::Agent::bind(agent_cfg).await?;
     let addrs = agent.addrs();

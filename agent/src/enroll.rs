@@ -79,7 +79,7 @@ pub async fn enroll(url: &str, mut args: AgentArgs) -> Result<Vec<String>, Enrol
     args.config = None;
     // Probe the way out like `run`, but with nothing from an earlier enrollment.
     let mut cfg = config::agent_config_with(args.clone(), Some(token.clone()), false)?;
-    if let Some(v2) = cfg.v2.clone() {
+    if let Some(v2) = cfg.v2.as_ref().map(|c| c.get()) {
         return enroll_v2(&cfg, &args, &token, &v2).await;
     }
     // First the gateway's keys, before the token goes anywhere: with the inner key, the token
@@ -457,6 +457,12 @@ pub fn keychain_token(gateway: &str) -> Option<Secret> {
 /// none is reachable.
 fn keychain_store(gateway: &str, token: &str) -> bool {
     egress::keychain::store(KEYCHAIN_SERVICE, gateway, token)
+}
+
+/// Replaces the token for `gateway` in the OS keychain (a renewed token); `false` when none is
+/// reachable.
+pub fn keychain_replace(gateway: &str, token: &str) -> bool {
+    keychain_store(gateway, token)
 }
 
 fn keychain_delete(gateway: &str) -> bool {

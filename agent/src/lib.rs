@@ -28,6 +28,7 @@ pub mod listen;
 pub mod pages;
 pub mod peer;
 pub mod pool;
+pub mod renew;
 pub mod status;
 
 use config::AgentConfig;
@@ -85,6 +86,11 @@ impl Agent {
     pub async fn serve(self, shutdown: CancellationToken) {
         let pool = pool::Pool::start(self.config.clone(), shutdown.clone());
         let tracker = TaskTracker::new();
+        tracker.spawn(renew::run(
+            pool.clone(),
+            self.config.clone(),
+            shutdown.clone(),
+        ));
         let pages: Arc<dyn socks::LocalPages> = Arc::new(pages::Pages {
             config: self.config.clone(),
             pool: pool.clone(),

@@ -829,6 +829,8 @@ pub struct MintV2<'a> {
     /// The gateway static keys the token trusts (current, then next).
     pub gateway_keys: Vec<[u8; 32]>,
     pub deployment: Option<String>,
+    /// Claim 12: the key the agent accepts renewals from [default: the issuer's].
+    pub renewer: Option<tunnel::token::IssuerKey>,
 }
 
 /// Mints a version 2 token and appends its public key to the token file at `tokens`: the file
@@ -855,7 +857,7 @@ pub fn mint_v2(tokens: &Path, m: MintV2<'_>) -> Result<tunnel::token::Token, Aut
         agent_key: [0; 32],
         gateway_keys: m.gateway_keys,
         deployment: m.deployment,
-        issuer: [0; 32],
+        issuer: m.renewer.map(|k| k.0).unwrap_or([0; 32]),
     };
     let token = Token::mint(m.issuer, claims).map_err(|e| AuthError::Serialize(e.to_string()))?;
     let entry = TokenEntry {

@@ -118,6 +118,10 @@ pub struct V2File {
     /// (every instance of a cluster verifies it alone); only `revoked` takes one back
     /// [default: true].
     pub require_listed: Option<bool>,
+    /// Keys of the issuer connector (`renew.pub`) whose renewed agent tokens are accepted
+    /// [default: the keys in `renew.pub` beside the agent token file]. Never for connectors.
+    #[serde(default)]
+    pub renewal_keys: Vec<String>,
     /// The signed revocation list (`sallyport-gateway token revoke` writes it) that every
     /// instance reloads.
     pub revoked: Option<PathBuf>,
@@ -158,6 +162,37 @@ pub fn pin_bytes(pin: &str) -> Result<[u8; 32], String> {
         .ok_or_else(|| format!("TLS key {pin:?}: not base64 of 32 bytes"))
 }
 
+/// Ed25519 public keys (`ed25519/…`): those `listed` (named `what` in errors), or else the
+/// lines of `file` when it exists.
+fn keys_or_file(
+    listed: &[String],
+    what: &str,
+    file: &Path,
+) -> Result<Vec<tunnel::token::IssuerKey>, ConfigError> {
+    if !listed.is_empty() {
+        return listed
+            .iter()
+            .map(|k| k.parse().map_err(|e| invalid(format!("{what}: {e}"))))
+            .collect();
+    }
+    match std::fs::read_to_string(file) {
+        Ok(text) => read_key_lines(&text, file),
+        Err(_) => Ok(Vec::new()),
+    }
+}
+
+/// The keys of a `.pub` file's text, one a line (`#` comments).
+fn read_key_lines(text: &str, file: &Path) -> Result<Vec<tunnel::token::IssuerKey>, ConfigError> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            l.parse()
+                .map_err(|e| invalid(format!("{}: {e}", file.display())))
+        })
+        .collect()
+}
+
 fn v2_config(
     file: &V2File,
     base: Option<&Path>,
@@ -171,29 +206,20 @@ fn v2_config(
         let (k, _) = crate::dmz::inner::load_or_create(&path).map_err(invalid)?;
         keys.push(Arc::new(k));
     }
-    let mut issuers = Vec::new();
-    for k in &file.issuer_keys {
-        issuers.push(
-            k.parse::<tunnel::token::IssuerKey>()
-                .map_err(|e| invalid(format!("v2.issuer_keys: {e}")))?,
-        );
-    }
-    if issuers.is_empty() {
-        // The public half `token new` wrote beside the issuer key: the DMZ never needs (nor
-        // reads) the private one.
-        let path = default_issuer_key_path(agent_tokens).with_extension("pub");
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            for line in text.lines().map(str::trim) {
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                issuers.push(
-                    line.parse::<tunnel::token::IssuerKey>()
-                        .map_err(|e| invalid(format!("{}: {e}", path.display())))?,
-                );
-            }
-        }
-    }
+    // The public halves `token new` wrote beside the issuer key (the DMZ never needs, nor
+    // reads, a private one), unless the config lists keys. Renewal keys (docs/protocol.md,
+    // "Renewal") are accepted for agent tokens only.
+    let beside = default_issuer_key_path(agent_tokens);
+    let issuers = keys_or_file(
+        &file.issuer_keys,
+        "v2.issuer_keys",
+        &beside.with_extension("pub"),
+    )?;
+    let renewal_keys = keys_or_file(
+        &file.renewal_keys,
+        "v2.renewal_keys",
+        &beside.with_file_name("renew.pub"),
+    )?;
     let mut tls_keys = Vec::new();
     if let Some(pin) = own_pin {
         tls_keys.push(pin_bytes(pin).map_err(invalid)?);
@@ -276,6 +302,7 @@ fn v2_config(
     };
     Ok(crate::dmz::v2::V2Config {
         keys,
+        renewal_keys,
         issuers,
         require_listed,
         revoked,
@@ -556,6 +583,25 @@ pub struct ConnectorArgs {
     /// The admin listener: `/metrics` and the admin page.
     #[command(flatten)]
     pub admin: crate::admin::AdminArgs,
+    /// Be the issuer: answer agents' token renewals with this renewal key (`renew.key`, made by
+    /// `token new`), and nothing else (docs/protocol.md, "Renewal"). Advertises only
+    /// `issuer.sallyport.invalid:1`, which its token's routes must name exactly.
+    #[arg(long)]
+    pub renewal_key: Option<PathBuf>,
+    /// The issuer: the public key file of the admin's token issuer [default: issuer.pub beside
+    /// --renewal-key].
+    #[arg(long)]
+    pub issuer_pub: Option<PathBuf>,
+    /// The issuer: its ledger of the last key signed for each id [default: renew.ledger beside
+    /// --renewal-key].
+    #[arg(long)]
+    pub ledger: Option<PathBuf>,
+    /// The issuer: ids whose renewal the admin stopped, one a line (re-read on every request).
+    #[arg(long)]
+    pub no_renew: Option<PathBuf>,
+    /// The issuer: longest lifetime of a renewed token [default: 90d].
+    #[arg(long)]
+    pub max_lifetime: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -705,8 +751,12 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
                 .map_err(|e| invalid(format!("--allow: {e}")))?,
         );
     }
-    if rules.is_empty() {
+    let issuer = issuer_config(&args)?;
+    if rules.is_empty() && issuer.is_none() {
         return Err(invalid("the allow-list is empty: add --allow 'db.internal:5432' (or allow = [...] in the config); a connector without rules serves nothing"));
+    }
+    if issuer.is_some() && !(rules.is_empty() && args.advertise.is_empty()) {
+        return Err(invalid("--renewal-key makes this connector the issuer, which serves nothing else: run it as its own process, without --allow or --advertise"));
     }
     let mut routes = file.advertise;
     for a in &args.advertise {
@@ -715,7 +765,11 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
                 .map_err(|e| invalid(format!("--advertise: {e}")))?,
         );
     }
-    if routes.is_empty() {
+    if issuer.is_some() {
+        routes = vec![format!("{}:{}", tunnel::renew::HOST, tunnel::renew::PORT)
+            .parse::<Route>()
+            .expect("the reserved route parses")];
+    } else if routes.is_empty() {
         routes = rules.iter().map(|r| r.route.clone()).collect();
         // By default, advertise only what a v2 credential covers: an address rule that is
         // there to list a special address (`127.0.0.1/32:23080`) is not a route the DMZ would
@@ -772,6 +826,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
     egress.native_tls = up.native_tls(v2.is_some())?;
     Ok(ConnectorConfig {
         admin,
+        issuer,
         ops: Default::default(),
         gateways,
         way: egress::Way::new(egress),
@@ -793,6 +848,56 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
             .unwrap_or_else(default_instance_id),
         session,
     })
+}
+
+/// The issuer's settings (`--renewal-key` and friends), checked before anything is dialled.
+fn issuer_config(
+    args: &ConnectorArgs,
+) -> Result<Option<Arc<crate::connector::IssuerConfig>>, ConfigError> {
+    let Some(key_path) = &args.renewal_key else {
+        for (set, flag) in [
+            (args.issuer_pub.is_some(), "--issuer-pub"),
+            (args.ledger.is_some(), "--ledger"),
+            (args.no_renew.is_some(), "--no-renew"),
+            (args.max_lifetime.is_some(), "--max-lifetime"),
+        ] {
+            if set {
+                return Err(invalid(format!(
+                    "{flag} is a setting of the issuer: give --renewal-key too"
+                )));
+            }
+        }
+        return Ok(None);
+    };
+    let text = uplink::config::read_secret_file(key_path)?;
+    let key = tunnel::token::Issuer::from_file_text(&text)
+        .map_err(|e| invalid(format!("--renewal-key {}: {e}", key_path.display())))?;
+    let beside = |name: &str| key_path.with_file_name(name);
+    let pub_path = args
+        .issuer_pub
+        .clone()
+        .unwrap_or_else(|| beside("issuer.pub"));
+    let pub_text = std::fs::read_to_string(&pub_path).map_err(|e| {
+        invalid(format!(
+            "--issuer-pub {}: {e} (copy issuer.pub from the admin host)",
+            pub_path.display()
+        ))
+    })?;
+    let mut accept = vec![key.public()];
+    accept.extend(read_key_lines(&pub_text, &pub_path)?);
+    let max_lifetime = match &args.max_lifetime {
+        Some(s) => duration(s, "max_lifetime")?,
+        None => Duration::from_secs(90 * 86_400),
+    };
+    Ok(Some(Arc::new(crate::connector::IssuerConfig::new(
+        key,
+        accept,
+        args.ledger
+            .clone()
+            .unwrap_or_else(|| beside("renew.ledger")),
+        args.no_renew.clone(),
+        max_lifetime,
+    ))))
 }
 
 fn normalize_host_key(name: &str) -> Result<String, ConfigError> {

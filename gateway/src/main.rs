@@ -35,7 +35,7 @@ enum Command {
     /// Run the DMZ gateway: the only listener of the system.
     Dmz(DmzArgs),
     /// Run a connector inside the trusted network (dials out; listens on nothing).
-    Connector(ConnectorArgs),
+    Connector(Box<ConnectorArgs>),
     /// Manage tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -162,7 +162,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Connector(args) => {
-            let cfg = config::connector_config(args)?;
+            let cfg = config::connector_config(*args)?;
             let rt = uplink::cli::runtime(cli.threads)?;
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
@@ -323,6 +323,23 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         issuer.public()
                     );
                 }
+                // Agent tokens name the renewal key (claim 12): the issuer connector holds it,
+                // never the admin's issuer key, and gateways accept it for agent tokens only.
+                let renewer = if matches!(kind, Kind::Agent) {
+                    let path = issuer_path.with_file_name("renew.key");
+                    let (k, created) =
+                        auth::load_or_create_issuer(&path).map_err(ConfigError::Invalid)?;
+                    if created {
+                        eprintln!(
+                            "created the renewal key {} (public {}): copy it to the issuer connector's host (`connector --renewal-key`), and renew.pub beside the DMZ's agent token file",
+                            path.display(),
+                            k.public()
+                        );
+                    }
+                    Some(k.public())
+                } else {
+                    None
+                };
                 let inner_path =
                     inner_key.unwrap_or_else(|| config::default_inner_key_path(&tokens));
                 let mut keys = Vec::new();
@@ -349,6 +366,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         issuer: &issuer,
                         gateway_keys: keys,
                         deployment,
+                        renewer,
                     },
                 )
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;

@@ -417,3 +417,87 @@ fn unlisted_tokens_need_a_revocation_list_and_a_deployment() {
         assert!(err.contains(want), "{err}");
     }
 }
+
+/// Agent tokens expire; a fleet must not break when they do. The agent renews its own token
+/// over its session, with a secret made on the desktop, from the issuer connector (the only one
+/// holding the renewal key), and writes it back to its token file. A copy of the old token that
+/// tries to renew afterwards is refused and raises the alarm.
+#[test]
+fn an_agent_renews_its_token_before_expiry_and_a_copy_cannot() {
+    let c = cluster_with(
+        "cluster-renew",
+        "0s",
+        Some("[v2]\nrequire_listed = false\nrevoked = \"revoked.txt\"\ndeployment = \"test\"\n"),
+        &["--deployment", "test"],
+    );
+    let route = format!("{}:{}", tunnel::renew::HOST, tunnel::renew::PORT);
+    let issuer_token = c
+        .pki
+        .token(
+            "connector",
+            "issuer",
+            &["--route", &route, "--deployment", "test"],
+        )
+        .unwrap();
+    let mut cmd = Command::new(bin("sallyport-gateway"));
+    cmd.arg("connector");
+    for u in &c.urls {
+        cmd.args(["--gateway", u]);
+    }
+    cmd.arg("--token-file")
+        .arg(&issuer_token)
+        .arg("--renewal-key")
+        .arg(c.pki.p("renew.key"))
+        .args(["--instance-id", "issuer"]);
+    let issuer = Proc::spawn("issuer", &mut cmd).unwrap();
+    for d in &c.dmz {
+        d.wait_for(
+            &["connector routes", "issuer.sallyport.invalid"],
+            Duration::from_secs(15),
+        )
+        .unwrap();
+    }
+    // A short life: due for renewal after two thirds of it.
+    let dana = c.pki.p("dana-laptop.token");
+    let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
+        .args(["token", "new", "--kind", "agent", "--id", "dana-laptop"])
+        .args(["--deployment", "test", "--expires", "15s", "--tokens"])
+        .arg(c.pki.p("admin-host-only.toml"))
+        .arg("--out")
+        .arg(&dana))
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let original = std::fs::read_to_string(&dana).unwrap();
+    let (agent, socks) = agent_with(&c, &dana);
+    assert!(fetch(socks, c.port), "{}", agent.log());
+    agent
+        .wait_for(&["token renewed"], Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\nthe issuer's log:\n{}", issuer.log()));
+    let renewed = std::fs::read_to_string(&dana).unwrap();
+    assert_ne!(renewed.trim(), original.trim());
+    let new: tunnel::token::Token = renewed.trim().parse().unwrap();
+    let old: tunnel::token::Token = original.trim().parse().unwrap();
+    assert_eq!(new.claims().id, "dana-laptop");
+    assert!(new.claims().expires > old.claims().expires);
+    assert_ne!(new.claims().agent_key, old.claims().agent_key);
+    // The renewed token opens sessions on every instance (signed by the renewal key).
+    let (second, socks2) = agent_with(&c, &dana);
+    assert!(fetch(socks2, c.port), "{}", second.log());
+    drop(second);
+    // The old token, copied before the renewal: its own renewal is refused as a copy.
+    let copy = c.pki.p("dana-copy.token");
+    std::fs::write(&copy, &original).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let thief = agent_spawn(&c, &copy);
+    issuer
+        .wait_for(&["copied token", "dana-laptop"], Duration::from_secs(20))
+        .unwrap();
+    thief
+        .wait_for(&["already renewed elsewhere"], Duration::from_secs(10))
+        .unwrap();
+    assert!(!agent.log().contains(renewed.trim()), "a token in the log");
+}

@@ -1,7 +1,7 @@
 //! Token renewal (docs/protocol.md, "Renewal"): the three messages an agent and the issuer
-//! exchange over an ordinary stream to [`HOST`]:[`PORT`], and what each side checks. Pure code:
-//! no I/O, no clock (`now` is passed in); the agent (`agent/src/renew.rs`) and the issuer
-//! (`gateway/src/connector/issuer.rs`) carry the bytes.
+//! exchange over an ordinary stream to [`HOST`]:[`PORT`], and what each side checks. Pure code
+//! (no clock: `now` is passed in) but for [`read_message`]; the agent (`agent/src/renew.rs`) and
+//! the issuer (`gateway/src/connector/issuer.rs`) carry the bytes.
 //!
 //! ```text
 //! every message: len:u16 | body (len ≤ MAX_MSG)
@@ -64,6 +64,27 @@ pub fn unframe(buf: &[u8]) -> Result<Option<(&[u8], usize)>, RenewError> {
         return Err(RenewError::Malformed("a message longer than 4096 bytes"));
     }
     Ok(buf.get(2..2 + n).map(|b| (b, 2 + n)))
+}
+
+/// Reads one framed message (at most [`MAX_MSG`] bytes: a longer length is refused before it
+/// is buffered).
+pub async fn read_message<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some((body, _)) = unframe(&buf).map_err(|e| e.to_string())? {
+            return Ok(body.to_vec());
+        }
+        let n = r
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("stream: {e}"))?;
+        if n == 0 {
+            return Err("the stream ended mid-message".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// Message 1: the issuer's fresh ephemeral key, signed by the renewal key.
@@ -219,7 +240,7 @@ impl Request {
 /// Message 3.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
-    Renewed(SignedClaims),
+    Renewed(Box<SignedClaims>),
     Refused(String),
 }
 
@@ -259,7 +280,7 @@ impl Answer {
                     ));
                 }
                 SignedClaims::parse(&r[2..2 + n], &r[2 + n..])
-                    .map(Answer::Renewed)
+                    .map(|s| Answer::Renewed(Box::new(s)))
                     .map_err(|_| RenewError::Malformed("claims that do not parse"))
             }
             Some((1, r)) if !r.is_empty() && r.len() == 1 + r[0] as usize => {
@@ -389,9 +410,9 @@ mod tests {
         let req = Request::decode(&Request::new(old, &new_secret, &ch).encode())?;
         req.verify_proof(&e)?;
         let claims = renewed_claims(req.signed.claims(), req.new_pub, 60 * 86_400, 90 * 86_400);
-        let answer = Answer::decode(&Answer::Renewed(sign(renewer, &claims)?).encode())?;
+        let answer = Answer::decode(&Answer::Renewed(Box::new(sign(renewer, &claims)?)).encode())?;
         match answer {
-            Answer::Renewed(s) => accept(old, new_secret, s),
+            Answer::Renewed(s) => accept(old, new_secret, *s),
             Answer::Refused(why) => Err(RenewError::Refused(why)),
         }
     }

@@ -40,11 +40,30 @@ impl std::str::FromStr for TransportChoice {
     }
 }
 
+/// A v2 token that a renewal replaces while sessions come and go: each new session takes the
+/// token in force when it starts.
+#[derive(Debug)]
+pub struct TokenCell(std::sync::RwLock<Arc<Token>>);
+
+impl TokenCell {
+    pub fn new(token: Arc<Token>) -> Arc<TokenCell> {
+        Arc::new(TokenCell(std::sync::RwLock::new(token)))
+    }
+
+    pub fn get(&self) -> Arc<Token> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, token: Token) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(token);
+    }
+}
+
 /// The credential a session is set up with.
 #[derive(Clone)]
 pub enum Credential {
     /// Protocol v2: the token's key proves the gateway; nothing secret is sent.
-    V2(Arc<Token>),
+    V2(Arc<TokenCell>),
     /// Protocol v1: a bearer token, sent only where [`v1::Trust`] allows.
     V1(V1),
 }
@@ -241,7 +260,8 @@ impl Uplink {
         let url = self.gateway.endpoint(self.endpoint());
         let max_frame = self.session.max_frame;
         let v1 = match &self.credential {
-            Credential::V2(token) => {
+            Credential::V2(cell) => {
+                let token = &cell.get();
                 // Whatever the certificate, the handshake inside authenticates the gateway by
                 // the key in the token; nothing secret is sent.
                 let (t, done) = crate::v2::over_websocket(
@@ -323,7 +343,8 @@ impl Uplink {
                 })?,
         };
         let v1 = match &self.credential {
-            Credential::V2(token) => {
+            Credential::V2(cell) => {
+                let token = &cell.get();
                 // msg1 is the create body, and the session is always sealed (each request may
                 // ride another TLS connection).
                 let dial = crate::v2::HttpDial {

@@ -34,7 +34,7 @@ pub mod v1;
 pub mod v2;
 
 pub use backoff::Backoff;
-pub use connect::{Carried, Connected, Credential, TransportChoice, Uplink};
+pub use connect::{Carried, Connected, Credential, TokenCell, TransportChoice, Uplink};
 pub use error::ConnectError;
 pub use keep::{keep, Ended};
 pub use secret::Secret;

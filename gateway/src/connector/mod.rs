@@ -5,7 +5,10 @@
 //! each advertising its routes in-band. `streams`: each stream the DMZ opens (allow-list,
 //! resolution, address checks, connect, copy, audit).
 
+mod issuer;
 mod streams;
+
+pub use issuer::IssuerConfig;
 
 use crate::policy::{Policy, Route};
 use egress::{GatewayUrl, TlsOptions};
@@ -51,6 +54,8 @@ pub struct ConnectorConfig {
     /// The admin listener (`/metrics`, the admin page), and what it shows.
     pub admin: Option<crate::admin::AdminConfig>,
     pub ops: Arc<crate::admin::connector::ConnectorOps>,
+    /// `--renewal-key`: this connector is the issuer, answering token renewals only.
+    pub issuer: Option<Arc<IssuerConfig>>,
 }
 
 impl ConnectorConfig {
@@ -68,7 +73,7 @@ impl ConnectorConfig {
             connect_timeout: self.connect_timeout,
             session,
             credential: match &self.v2 {
-                Some(t) => uplink::Credential::V2(t.clone()),
+                Some(t) => uplink::Credential::V2(uplink::TokenCell::new(t.clone())),
                 // v1: `tls_config` admits only the DMZ's CA when `--ca` is given.
                 None => uplink::Credential::V1(uplink::v1::V1 {
                     token: self.token.clone(),

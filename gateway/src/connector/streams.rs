@@ -52,6 +52,17 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
         .filter(|g| !g.is_empty())
         .map(str::to_string)
         .collect();
+    let reserved = dest.host == tunnel::renew::HOST && dest.port == tunnel::renew::PORT;
+    match (&config.issuer, reserved) {
+        (Some(issuer), true) => return super::issuer::serve(issuer, stream, &token).await,
+        (Some(_), false) => {
+            return stream.reject(
+                ErrorCode::NotAllowed,
+                "this connector is the issuer: it answers token renewals only",
+            )
+        }
+        _ => {}
+    }
     let started = Instant::now();
     let who = Who {
         user: &user,

@@ -43,8 +43,11 @@ pub(crate) async fn route_stream(
         Ok(h) => h,
         Err(e) => return refuse(stream, ErrorCode::NotAllowed, e.to_string()),
     };
-    // A token issued with routes reaches only those, whatever the connectors serve.
-    if !id.routes.is_empty() && !id.routes.iter().any(|r| r.matches(&host, dest.port)) {
+    // A token issued with routes reaches only those, whatever the connectors serve (and the
+    // issuer, to renew itself).
+    let renewal = matches!(&host, policy::Host::Name(h) if h == tunnel::renew::HOST)
+        && dest.port == tunnel::renew::PORT;
+    if !renewal && !id.routes.is_empty() && !id.routes.iter().any(|r| r.matches(&host, dest.port)) {
         return refuse(
             stream,
             ErrorCode::NotAllowed,

@@ -41,6 +41,8 @@ pub struct V2Config {
     pub require_listed: bool,
     /// The signed revocation list every instance reloads (`[v2] revoked`).
     pub revoked: Option<Arc<crate::auth::ReloadingRevocations>>,
+    /// Renewal keys (`renew.pub`): they sign renewed agent tokens, and only those.
+    pub renewal_keys: Vec<IssuerKey>,
     /// Past this age the list is stale: tokens accepted by claims alone are refused.
     pub revoked_max_age: std::time::Duration,
     /// The admin trusts the TLS-terminating load balancer in front (its keys in `tls_keys`):
@@ -54,6 +56,18 @@ pub struct V2Config {
 }
 
 impl V2Config {
+    /// The keys whose signature a token of this kind may carry: the issuers', and for agent
+    /// tokens the renewal keys too (an issuer connector never signs a connector token).
+    pub fn signers(&self, agent: bool) -> std::borrow::Cow<'_, [IssuerKey]> {
+        if agent && !self.renewal_keys.is_empty() {
+            let mut all = self.issuers.clone();
+            all.extend_from_slice(&self.renewal_keys);
+            std::borrow::Cow::Owned(all)
+        } else {
+            std::borrow::Cow::Borrowed(&self.issuers)
+        }
+    }
+
     /// Why tokens accepted by claims alone are refused now (for the log), if they are: the
     /// signed list is older than `revoked_max_age`.
     pub fn stale_list(&self, now: SystemTime) -> Option<String> {
@@ -78,6 +92,7 @@ impl V2Config {
             deployment: None,
             require_listed: true,
             revoked: None,
+            renewal_keys: Vec::new(),
             revoked_max_age: std::time::Duration::from_secs(7 * 86_400),
             trust_lb: false,
             tls_keys: Vec::new(),
@@ -195,7 +210,7 @@ pub(crate) fn verify(
         Err(AuthError::UnknownId { .. }) if !v2.require_listed => {
             hello
                 .signed
-                .verify(&v2.issuers)
+                .verify(&v2.signers(is_agent))
                 .map_err(|e| (401, "token revoked or unknown here", e.to_string()))?;
             // Fail closed: a list nobody re-signed for too long may be missing revocations.
             if let Some(stale) = v2.stale_list(SystemTime::now()) {
@@ -235,7 +250,7 @@ pub(crate) fn verify(
         })?;
     hello
         .signed
-        .verify(&v2.issuers)
+        .verify(&v2.signers(is_agent))
         .map_err(|e| (401, "invalid token", e.to_string()))?;
     Ok(id)
 }

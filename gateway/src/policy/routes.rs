@@ -206,8 +206,15 @@ pub enum HostPattern {
 }
 
 impl HostPattern {
-    /// Does this pattern match the (already normalised) host?
+    /// Does this pattern match the (already normalised) host? The renewal destination
+    /// (`tunnel::renew::HOST`) is matched only by a pattern naming it exactly: no wildcard
+    /// reaches the issuer.
     pub fn matches(&self, host: &Host) -> bool {
+        if let Host::Name(h) = host {
+            if h == tunnel::renew::HOST {
+                return matches!(self, HostPattern::Name(n) if n == h);
+            }
+        }
         match (self, host) {
             (HostPattern::Any, _) => true,
             (HostPattern::Name(n), Host::Name(h)) => n == h,
@@ -217,8 +224,14 @@ impl HostPattern {
         }
     }
 
-    /// Is every host matched by `other` also matched by `self`?
+    /// Is every host matched by `other` also matched by `self`? Only the exact name covers the
+    /// renewal destination (a `*:*` connector token cannot advertise it).
     pub fn covers(&self, other: &HostPattern) -> bool {
+        if let HostPattern::Name(n) = other {
+            if n == tunnel::renew::HOST {
+                return self == other;
+            }
+        }
         match (self, other) {
             (HostPattern::Any, _) => true,
             (_, HostPattern::Any) => false,

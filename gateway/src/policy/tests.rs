@@ -149,6 +149,20 @@ fn route_matching_respects_kind_and_ports() {
     assert!(route("host:1-1024").matches(&name("host"), 1024));
 }
 
+/// A connector token for `*:*` (or `*.invalid:*`) must not attract the renewal requests that
+/// only the issuer may answer, and no wildcard allow rule reaches them.
+#[test]
+fn no_wildcard_matches_or_covers_the_renewal_destination() {
+    let issuer = format!("{}:{}", tunnel::renew::HOST, tunnel::renew::PORT);
+    let host = parse_host(tunnel::renew::HOST).unwrap();
+    for wild in ["*:*", "*.invalid:*", "*.sallyport.invalid:1"] {
+        assert!(!route(wild).covers(&route(&issuer)), "{wild}");
+        assert!(!route(wild).matches(&host, tunnel::renew::PORT), "{wild}");
+    }
+    assert!(route(&issuer).covers(&route(&issuer)));
+    assert!(route(&issuer).matches(&host, tunnel::renew::PORT));
+}
+
 #[test]
 fn covers_only_when_every_destination_is_included() {
     assert!(route("*:*").covers(&route("db.internal:5432")));
