@@ -158,6 +158,9 @@ pub const UNCONFIRMED_HOLD: Duration = Duration::from_secs(10 * 60);
 pub struct Way {
     egress: Egress,
     memory: Mutex<Memory>,
+    /// The credentials in use, and the stamp of the credentials file they were read from
+    /// ([`Way::refresh_credentials`]).
+    credentials: Mutex<(Option<crate::Credentials>, Option<crate::FileStamp>)>,
     stagger: Duration,
     /// One probe at a time: sessions that connect together (a connector's N sessions) wait
     /// for the first one's answer instead of each sending the password.
@@ -172,7 +175,9 @@ enum Outcome<T, E> {
 
 impl Way {
     pub fn new(egress: Egress) -> Arc<Way> {
+        let stamp = egress.credentials_file.as_ref().and_then(|f| f.stamp());
         Arc::new(Way {
+            credentials: Mutex::new((egress.auth.credentials.clone(), stamp)),
             egress,
             memory: Mutex::new(Memory::default()),
             stagger: STAGGER,
@@ -184,6 +189,56 @@ impl Way {
         &self.egress
     }
 
+    /// Re-reads the proxy credentials file when it changed since it was last read (a corrected
+    /// password): the new credentials are used from the next attempt on, and what an earlier
+    /// password earned (a 407 that parks every way out, a hold after no clear answer) is
+    /// forgotten. True when the file changed. Errors in the new file are logged (never the
+    /// password) and leave no credentials until it is fixed.
+    pub fn refresh_credentials(&self) -> bool {
+        let Some(file) = &self.egress.credentials_file else {
+            return false;
+        };
+        let stamp = file.stamp();
+        let Ok(mut cur) = self.credentials.lock() else {
+            return false;
+        };
+        if stamp == cur.1 {
+            return false;
+        }
+        cur.1 = stamp;
+        cur.0 = match file.read() {
+            Ok(c) => {
+                tracing::info!(file = %file.path.display(), user = %c.user, "the proxy credentials file changed; its credentials are used from the next attempt on");
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!("{e}; no proxy password until the file is fixed");
+                None
+            }
+        };
+        drop(cur);
+        if let Ok(mut m) = self.memory.lock() {
+            m.rejected.clear();
+            m.held = None;
+            m.schemes.clear();
+        }
+        true
+    }
+
+    /// Returns when the credentials file changes (polled every second); never without one.
+    /// Ends the wait of a way out parked after a 407 for our credentials.
+    pub async fn credentials_changed(&self) {
+        if self.egress.credentials_file.is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if self.refresh_credentials() {
+                return;
+            }
+        }
+    }
+
     /// The way that worked last on the current network, if any.
     pub fn remembered(&self) -> Option<Candidate> {
         let key = crate::network::key();
@@ -193,6 +248,8 @@ impl Way {
     /// Lists the candidates for reaching `url`, in the order they are tried.
     pub async fn discover(&self, url: &GatewayUrl) -> Discovery {
         let mut d = Discovery::default();
+        let policy = &self.egress.auth.policy;
+        d.notes.extend(policy.describe());
         if let Some(p) = &self.egress.proxy {
             d.candidates.push(Candidate {
                 proxy: p.clone(),
@@ -274,13 +331,24 @@ impl Way {
                     }
                     system::SystemMode::Wpad => {
                         wpad_done = true;
-                        self.wpad(url, &mut d).await;
+                        match &policy.wpad {
+                            Some(why) => d.notes.push(format!(
+                                "{}: automatic detection (WPAD) not used: turned off by {why}",
+                                sp.source
+                            )),
+                            None => self.wpad(url, &mut d).await,
+                        }
                     }
                 }
             }
         }
         if self.egress.wpad && !wpad_done {
-            self.wpad(url, &mut d).await;
+            match &policy.wpad {
+                Some(why) => d
+                    .notes
+                    .push(format!("WPAD: not looked up: turned off by {why}")),
+                None => self.wpad(url, &mut d).await,
+            }
         }
         d.candidates.push(Candidate {
             proxy: Proxy::Direct,
@@ -519,7 +587,9 @@ impl Way {
         if let Some(why) = rejected {
             return Err(format!("not tried again: {why}"));
         }
+        self.refresh_credentials();
         let mut auth = self.egress.auth.clone();
+        auth.credentials = self.credentials.lock().ok().and_then(|c| c.0.clone());
         auth.no_cleartext = !c.trusted();
         auth.wpad_guard = c.origin == Origin::Wpad && !self.egress.wpad_credentials;
         if let Ok(mut m) = self.memory.lock() {

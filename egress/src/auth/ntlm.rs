@@ -204,9 +204,11 @@ pub struct ChallengeMessage {
 }
 
 impl ChallengeMessage {
-    /// Reads a CHALLENGE_MESSAGE: signature, type 2, every offset/length inside the message, and a
-    /// target info made of whole AV_PAIRs. A message of 32 to 47 bytes (no TargetInfo fields, as
-    /// very old servers send) parses with an empty target info.
+    /// Reads a CHALLENGE_MESSAGE: signature, type 2, the server challenge, and (when the flags
+    /// announce it) a target info inside the message made of whole AV_PAIRs. As lenient as curl
+    /// where a field is not needed: a TargetName outside the message is read as empty, and a
+    /// TargetInfo descriptor without `NEGOTIATE_TARGET_INFO` is not read. A message of 32 to 47
+    /// bytes (no TargetInfo fields, as very old servers send) parses with an empty target info.
     pub fn parse(bytes: &[u8]) -> Result<ChallengeMessage, NtlmError> {
         check_header(bytes, TYPE_CHALLENGE, CHALLENGE_MIN)?;
         let flags = u32_at(bytes, 20).ok_or(NtlmError::Truncated {
@@ -221,17 +223,24 @@ impl ChallengeMessage {
                     need: CHALLENGE_MIN,
                     have: bytes.len(),
                 })?;
-        let name = payload(bytes, 12, "TargetName")?;
+        // TargetName is only shown, never computed with: a descriptor that points outside
+        // the message (squid's stock `ntlm_fake_auth` sends offset 0xaaaaaaae) leaves it
+        // empty, as curl ignores it.
+        let name = payload(bytes, 12, "TargetName").unwrap_or_default();
         let target_name = if flags & NEGOTIATE_UNICODE != 0 {
             utf16le_lossy(name)
         } else {
             String::from_utf8_lossy(name).into_owned()
         };
-        let target_info = if bytes.len() >= CHALLENGE_WITH_INFO {
-            payload(bytes, 40, "TargetInfo")?.to_vec()
-        } else {
-            Vec::new()
-        };
+        // TargetInfo is echoed into the NTLMv2 proof, so a bad one is an error; but only when
+        // the server says it sent one (NEGOTIATE_TARGET_INFO), as curl reads it. Without it
+        // the proof is computed over an empty list, as curl does.
+        let target_info =
+            if bytes.len() >= CHALLENGE_WITH_INFO && flags & NEGOTIATE_TARGET_INFO != 0 {
+                payload(bytes, 40, "TargetInfo")?.to_vec()
+            } else {
+                Vec::new()
+            };
         // Walk the list once so that later lookups, and the server, see whole pairs; the
         // timestamp, when present, must be a FILETIME.
         for pair in AvPairs::new(&target_info) {
@@ -1093,9 +1102,15 @@ mod tests {
 
     #[test]
     fn truncated_challenges_are_errors() {
-        for n in 0..SPEC_CHALLENGE_MESSAGE.len() {
+        // Shorter than the header, or cut inside the TargetInfo the flags announce: errors.
+        // 32 to 47 bytes have no TargetInfo descriptor at all: read as none, as curl does.
+        for n in (0..32).chain(48..SPEC_CHALLENGE_MESSAGE.len()) {
             let r = ChallengeMessage::parse(&SPEC_CHALLENGE_MESSAGE[..n]);
             assert!(r.is_err(), "{n} bytes parsed: {r:?}");
+        }
+        for n in 32..48 {
+            let ch = ChallengeMessage::parse(&SPEC_CHALLENGE_MESSAGE[..n]).unwrap();
+            assert!(ch.target_info.is_empty() && ch.target_name.is_empty());
         }
         assert_eq!(
             ChallengeMessage::parse(&SPEC_CHALLENGE_MESSAGE[..20]),
@@ -1158,13 +1173,32 @@ mod tests {
         ));
     }
 
+    /// squid's stock `ntlm_fake_auth` sent TargetName offset 2863311534 (0xaaaaaaae): curl got
+    /// through, we refused the challenge. The name is not needed for NTLMv2.
+    #[test]
+    fn squid_ntlm_fake_auth_target_name_outside_the_message_is_ignored() {
+        for (len, offset) in [(9, 0xaaaa_aaae), (12, 0x68), (12, 0x60), (0xffff, 0x38)] {
+            let mut m = SPEC_CHALLENGE_MESSAGE;
+            set_u16(&mut m, 12, len);
+            set_u16(&mut m, 14, len);
+            set_u32(&mut m, 16, offset);
+            let ch = ChallengeMessage::parse(&m).unwrap();
+            assert_eq!(ch.target_name, "", "len {len} offset {offset:#x}");
+            assert_eq!(ch.target_info, SPEC_TARGET_INFO);
+        }
+        // Without NEGOTIATE_TARGET_INFO the TargetInfo descriptor is not read (curl does not),
+        // even when it points nowhere; the proof then covers an empty list.
+        let mut m = SPEC_CHALLENGE_MESSAGE;
+        let flags = u32_at(&m, 20).unwrap() & !NEGOTIATE_TARGET_INFO;
+        set_u32(&mut m, 20, flags);
+        set_u32(&mut m, 44, 0xaaaa_aaae);
+        assert!(ChallengeMessage::parse(&m).unwrap().target_info.is_empty());
+    }
+
     #[test]
     fn offsets_past_the_end_and_huge_lengths_are_errors() {
         let cases: &[(usize, u16, u32, &str)] = &[
             // (descriptor at, len, offset, field)
-            (12, 12, 0x68, "TargetName"),          // starts at the end
-            (12, 12, 0x60, "TargetName"),          // ends past the end
-            (12, 0xffff, 0x38, "TargetName"),      // huge length
             (40, 0x24, 0xffff_ffff, "TargetInfo"), // offset + length overflows u32
             (40, 0xffff, 0xffff_ffff, "TargetInfo"),
             (40, 0x25, 0x44, "TargetInfo"), // one byte too many
