@@ -598,6 +598,7 @@ fn admins_could_not_turn_off_wpad_ntlm_or_basic() {
         assert!(out.contains(&line), "{out}");
     }
     // WPAD: not looked up at all (nor the OS's auto-detect); direct still works.
+    let env = [("SALLYPORT_POLICY", shown.as_str())];
     let (code, out, err) = sys.doctor(&[], &env).unwrap();
     assert_eq!(code, 0, "{out}{err}");
     assert!(
