@@ -143,10 +143,12 @@ struct Memory {
     chosen: HashMap<String, Candidate>,
     /// Proxy → the scheme it accepted (Basic is then sent at once).
     schemes: HashMap<String, Scheme>,
-    /// Proxy → why its credentials were rejected. Never retried.
+    /// Proxy → why its credentials were rejected. Never retried (until the credentials file
+    /// changes).
     rejected: HashMap<String, String>,
-    /// Our credentials are held back from every proxy: after a 407 on them (until restart:
-    /// `None`), or after they went out without a clear answer (until the instant).
+    /// Our credentials are held back from every proxy: after a 407 on them (until restart or a
+    /// change of the credentials file: `None`), or after they went out without a clear answer
+    /// (until the instant).
     held: Option<(Option<Instant>, String)>,
 }
 
@@ -618,7 +620,7 @@ impl Way {
             Err(e) => {
                 if let EgressError::Proxy(pe) = &e {
                     if pe.credentials_rejected() {
-                        tracing::warn!(proxy = %c.proxy, error = %pe, "proxy rejected our credentials; they go to no proxy again until restart");
+                        tracing::warn!(proxy = %c.proxy, error = %pe, "proxy rejected our credentials; they go to no proxy again until restart (or until the credentials file changes)");
                         if let Ok(mut m) = self.memory.lock() {
                             m.rejected.insert(proxy_key, pe.to_string());
                             m.held = Some((None, format!("{} rejected them", c.proxy)));
