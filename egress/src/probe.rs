@@ -129,6 +129,8 @@ impl<E: fmt::Display + fmt::Debug> ProbeError<E> {
                     && attempts.iter().all(|a| {
                         a.outcome.as_ref().err().is_some_and(|e| {
                             e.contains("rejected the") && e.contains("credentials")
+                                || e.contains("our credentials are held back")
+                                    && e.contains("rejected them")
                         })
                     })
             }
@@ -227,16 +229,34 @@ impl Way {
         true
     }
 
-    /// Returns when the credentials file changes (polled every second); never without one.
-    /// Ends the wait of a way out parked after a 407 for our credentials.
+    /// Returns when the credentials file changes, or a Kerberos ticket cache appears or changes
+    /// (`kinit`; [`crate::auth::negotiate::ccache_file`]), polled every second; never when
+    /// there is neither to watch. Ends the wait of a way out parked after a 407 for our
+    /// credentials: a corrected password, or a ticket that needs no password (the rejected one
+    /// stays held back).
     pub async fn credentials_changed(&self) {
-        if self.egress.credentials_file.is_none() {
+        let ccache = self
+            .egress
+            .auth
+            .negotiate
+            .then(crate::auth::negotiate::ccache_file)
+            .flatten();
+        if self.egress.credentials_file.is_none() && ccache.is_none() {
             return std::future::pending().await;
         }
+        let mut ticket = ccache.as_deref().and_then(crate::FileStamp::of);
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             if self.refresh_credentials() {
                 return;
+            }
+            if let Some(path) = &ccache {
+                let now = crate::FileStamp::of(path);
+                if now != ticket && now.is_some() {
+                    tracing::info!(cache = %path.display(), "the Kerberos ticket cache changed; trying again with the ticket");
+                    return;
+                }
+                ticket = now;
             }
         }
     }
@@ -579,6 +599,8 @@ impl Way {
         c: &Candidate,
     ) -> Result<GatewayStream, String> {
         let proxy_key = c.proxy.to_string();
+        // A proxy that rejected our credentials is still asked, without them (they are held
+        // back from every proxy): a Kerberos ticket obtained since needs no password.
         let (rejected, remembered) = match self.memory.lock() {
             Ok(m) => (
                 m.rejected.get(&proxy_key).cloned(),
@@ -586,9 +608,6 @@ impl Way {
             ),
             Err(_) => (None, None),
         };
-        if let Some(why) = rejected {
-            return Err(format!("not tried again: {why}"));
-        }
         self.refresh_credentials();
         let mut auth = self.egress.auth.clone();
         auth.credentials = self.credentials.lock().ok().and_then(|c| c.0.clone());
@@ -603,6 +622,10 @@ impl Way {
                     auth.withheld = Some(why);
                 }
             }
+        }
+        if let (Some(why), Some(_)) = (rejected, &auth.credentials) {
+            auth.credentials = None;
+            auth.withheld = Some(why);
         }
         let dialled = match &self.egress.native_tls {
             Some(native) => {

@@ -61,7 +61,22 @@ impl CredentialsFile {
     /// What tells a change of the file: its modification time, size and (on Unix) inode.
     /// `None` when it cannot be read.
     pub fn stamp(&self) -> Option<FileStamp> {
-        let m = std::fs::metadata(&self.path).ok()?;
+        FileStamp::of(&self.path)
+    }
+}
+
+/// What tells that a file changed: its modification time, size and (on Unix) inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    ino: u64,
+}
+
+impl FileStamp {
+    /// `None` when the file cannot be read.
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        let m = std::fs::metadata(path).ok()?;
         #[cfg(unix)]
         let ino = std::os::unix::fs::MetadataExt::ino(&m);
         #[cfg(not(unix))]
@@ -72,14 +87,6 @@ impl CredentialsFile {
             ino,
         })
     }
-}
-
-/// See [`CredentialsFile::stamp`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileStamp {
-    modified: Option<std::time::SystemTime>,
-    len: u64,
-    ino: u64,
 }
 
 impl Default for Egress {

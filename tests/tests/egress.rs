@@ -533,7 +533,10 @@ fn a_corrected_credentials_file_needed_a_restart() {
 }
 
 /// A Kerberos ticket obtained after the agent started was not used until a restart: without a
-/// ticket the attempt fails saying `kinit`, and after kinit the next attempt gets through.
+/// ticket the attempt fails saying `kinit`, and after kinit the next attempt gets through. An
+/// agent whose password the same proxy rejected (Basic, offered too) was parked for good, and
+/// the proxy was never asked again: the new ticket ends the parking, and the rejected password
+/// stays held back.
 #[test]
 fn a_kerberos_ticket_obtained_after_start_was_not_used() {
     let kdc = Kdc::start("krb-later").unwrap();
@@ -542,27 +545,60 @@ fn a_kerberos_ticket_obtained_after_start_was_not_used() {
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .unwrap();
-    let squid = Squid::start_with("sq-krb-later", SquidAuth::Negotiate { kdc: &kdc }).unwrap();
+    // Negotiate, and Basic with an empty user list: every password is rejected.
+    let opts = SquidOpts {
+        extra: "auth_param basic program /usr/lib/squid/basic_ncsa_auth /dev/null\nauth_param basic realm corp\n".into(),
+        ..Default::default()
+    };
+    let squid =
+        Squid::start_opts("sq-krb-later", SquidAuth::Negotiate { kdc: &kdc }, &opts).unwrap();
     let proxy = format!("http://localhost:{}", squid.port);
     let sys = system_via("krb-later", &["--proxy", "direct"], &[]);
     let env = kdc.client_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let agent = sys
         .spawn_agent("agent-krb-later", &["--proxy", &proxy], &env)
         .unwrap();
     agent
         .wait_for(&["no Kerberos ticket: run kinit"], Duration::from_secs(10))
         .unwrap();
-    kdc.kinit(ALICE, ALICE_PASSWORD).unwrap();
-    agent
-        .wait_for(&["connected to the gateway"], Duration::from_secs(20))
+    env.push(("SALLYPORT_PROXY_PASSWORD", "Not-the-pw-1"));
+    let parked = sys
+        .spawn_agent(
+            "agent-krb-parked",
+            &["--proxy", &proxy, "--proxy-user", "alice"],
+            &env,
+        )
         .unwrap();
-    let connect = format!("CONNECT localhost:{}", sys.gw_port());
-    drop(agent);
+    parked
+        .wait_for(
+            &["rejected the Basic credentials of user `alice`"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    parked
+        .wait_for(&["not retrying"], Duration::from_secs(10))
+        .unwrap();
+    kdc.kinit(ALICE, ALICE_PASSWORD).unwrap();
+    for a in [&agent, &parked] {
+        a.wait_for(&["connected to the gateway"], Duration::from_secs(20))
+            .unwrap();
+    }
+    let basic_tries = squid
+        .access_log()
+        .lines()
+        .filter(|l| l.contains("TCP_DENIED/407") && l.contains("alice"))
+        .count();
+    assert!(
+        basic_tries <= 1,
+        "the rejected password went out again:\n{}",
+        squid.access_log()
+    );
+    drop((agent, parked));
     let user = format!("{ALICE}@{REALM}");
     squid
         .wait_for_log(&["TCP_TUNNEL/200", &user], Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{e} ({connect})"));
+        .unwrap();
 }
 
 /// Admins could not turn off WPAD, NTLM or Basic: with `ntlm = off` / `basic = off` /
