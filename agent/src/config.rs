@@ -464,6 +464,9 @@ pub fn agent_config_with(
         file.proxy_auth.wpad_credentials()?,
     )?;
     egress.native_tls = up.native_tls(v2.is_some())?;
+    // Admin policy: /etc/sallyport/policy.toml (%ProgramData%\Sallyport on Windows), the
+    // registry on Windows.
+    egress.auth.policy = egress::policy::load().map_err(invalid)?;
     let way = egress::Way::new(egress);
     let socks = listen_addr(
         args.socks.as_deref().or(file.socks.as_deref()),

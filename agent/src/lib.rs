@@ -84,6 +84,9 @@ impl Agent {
 
     /// Serves until `shutdown`.
     pub async fn serve(self, shutdown: CancellationToken) {
+        for line in self.config.way.egress().auth.policy.describe() {
+            info!("{line}");
+        }
         let pool = pool::Pool::start(self.config.clone(), shutdown.clone());
         let tracker = TaskTracker::new();
         tracker.spawn(renew::run(

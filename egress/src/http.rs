@@ -394,6 +394,8 @@ where
             let Some(scheme) = auth::choose(&head.challenges, c.auth, &skip) else {
                 let mut why = if let Some(w) = &c.auth.withheld {
                     format!("our credentials are held back: {w}")
+                } else if let Some(refusal) = auth::policy_refusal(&head.challenges, c.auth) {
+                    refusal
                 } else if let Some(refusal) = auth::wpad_refusal(&head.challenges, c.auth) {
                     refusal
                 } else if creds.is_none() {
@@ -449,9 +451,9 @@ where
                     // Without a password NTLM is only possible as Windows single sign-on.
                     let package = if scheme == Scheme::Ntlm {
                         auth::negotiate::Package::Ntlm
-                    } else if c.auth.wpad_guard {
+                    } else if auth::kerberos_only(c.auth) {
                         // SPNEGO may fall back to NTLM (Windows): Kerberos alone for WPAD's
-                        // proxies.
+                        // proxies, and when the admin policy turned NTLM off.
                         auth::negotiate::Package::Kerberos
                     } else {
                         auth::negotiate::Package::Negotiate

@@ -18,6 +18,7 @@
 //! | [`proxy`], [`http`], [`auth`] | corporate proxies: `--proxy`, environment, SOCKS5; `CONNECT` and its auth rounds |
 //! | [`pac`], [`system`] | PAC (sandboxed), WPAD; OS proxy settings |
 //! | [`cert`], [`keychain`] | certificate names and key pins; the OS keychain |
+//! | [`policy`] | admin policy: `wpad`, `ntlm`, `basic` off (file, Windows registry) |
 //! | [`native`] | `--tls native`: the outer TLS through the OS stack, a PKCS#12 client certificate |
 //! | [`logging`] | the binaries' tracing setup (tungstenite capped: it would print the upgrade request) |
 
@@ -28,6 +29,7 @@ pub mod keychain;
 pub mod logging;
 pub mod native;
 pub mod pac;
+pub mod policy;
 pub mod proxy;
 pub mod system;
 
@@ -168,6 +170,77 @@ mod tests {
             ("bob", "only-a-password")
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The environment's proxy URL: its user counts (percent-decoded) with
+    /// SALLYPORT_PROXY_PASSWORD, and a password in it is used with its own user; mixing
+    /// sources is refused without showing a password.
+    #[test]
+    fn credentials_in_the_environments_proxy_url_were_refused() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let auto = EgressSettings::default();
+        let eg = Egress::from_settings_in(
+            &auto,
+            env(&[
+                ("https_proxy", "http://CORP%5Calice@proxy:3128"),
+                ("SALLYPORT_PROXY_PASSWORD", "pw1"),
+            ]),
+        )
+        .unwrap();
+        let c = eg.auth.credentials.unwrap();
+        assert_eq!(
+            (c.user.as_str(), c.password.expose()),
+            ("CORP\\alice", "pw1")
+        );
+        let eg = Egress::from_settings_in(
+            &auto,
+            env(&[("HTTPS_PROXY", "http://bob:s3%3Acret@proxy:3128")]),
+        )
+        .unwrap();
+        let c = eg.auth.credentials.clone().unwrap();
+        assert_eq!((c.user.as_str(), c.password.expose()), ("bob", "s3:cret"));
+        assert!(!format!("{eg:?}").contains("s3"));
+        let e = Egress::from_settings_in(
+            &auto,
+            env(&[
+                ("https_proxy", "http://bob:s3cret@proxy:3128"),
+                ("SALLYPORT_PROXY_PASSWORD", "other"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("keep one") && !e.contains("s3cret") && !e.contains("other"),
+            "{e}"
+        );
+        let e = Egress::from_settings_in(
+            &EgressSettings {
+                proxy_user: Some("carol"),
+                ..Default::default()
+            },
+            env(&[("https_proxy", "http://bob:s3cret@proxy:3128")]),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("`carol`") && e.contains("`bob`") && !e.contains("s3cret"),
+            "{e}"
+        );
+        // --proxy wins over the environment (as curl's -x): its URL's credentials are not read.
+        let eg = Egress::from_settings_in(
+            &EgressSettings {
+                proxy: Some("direct"),
+                ..Default::default()
+            },
+            env(&[("https_proxy", "http://bob:s3cret@proxy:3128")]),
+        )
+        .unwrap();
+        assert!(eg.auth.credentials.is_none());
     }
 
     #[test]

@@ -129,6 +129,8 @@ impl<E: fmt::Display + fmt::Debug> ProbeError<E> {
                     && attempts.iter().all(|a| {
                         a.outcome.as_ref().err().is_some_and(|e| {
                             e.contains("rejected the") && e.contains("credentials")
+                                || e.contains("our credentials are held back")
+                                    && e.contains("rejected them")
                         })
                     })
             }
@@ -143,10 +145,12 @@ struct Memory {
     chosen: HashMap<String, Candidate>,
     /// Proxy → the scheme it accepted (Basic is then sent at once).
     schemes: HashMap<String, Scheme>,
-    /// Proxy → why its credentials were rejected. Never retried.
+    /// Proxy → why its credentials were rejected. Never retried (until the credentials file
+    /// changes).
     rejected: HashMap<String, String>,
-    /// Our credentials are held back from every proxy: after a 407 on them (until restart:
-    /// `None`), or after they went out without a clear answer (until the instant).
+    /// Our credentials are held back from every proxy: after a 407 on them (until restart or a
+    /// change of the credentials file: `None`), or after they went out without a clear answer
+    /// (until the instant).
     held: Option<(Option<Instant>, String)>,
 }
 
@@ -158,6 +162,9 @@ pub const UNCONFIRMED_HOLD: Duration = Duration::from_secs(10 * 60);
 pub struct Way {
     egress: Egress,
     memory: Mutex<Memory>,
+    /// The credentials in use, and the stamp of the credentials file they were read from
+    /// ([`Way::refresh_credentials`]).
+    credentials: Mutex<(Option<crate::Credentials>, Option<crate::FileStamp>)>,
     stagger: Duration,
     /// One probe at a time: sessions that connect together (a connector's N sessions) wait
     /// for the first one's answer instead of each sending the password.
@@ -172,7 +179,9 @@ enum Outcome<T, E> {
 
 impl Way {
     pub fn new(egress: Egress) -> Arc<Way> {
+        let stamp = egress.credentials_file.as_ref().and_then(|f| f.stamp());
         Arc::new(Way {
+            credentials: Mutex::new((egress.auth.credentials.clone(), stamp)),
             egress,
             memory: Mutex::new(Memory::default()),
             stagger: STAGGER,
@@ -184,6 +193,74 @@ impl Way {
         &self.egress
     }
 
+    /// Re-reads the proxy credentials file when it changed since it was last read (a corrected
+    /// password): the new credentials are used from the next attempt on, and what an earlier
+    /// password earned (a 407 that parks every way out, a hold after no clear answer) is
+    /// forgotten. True when the file changed. Errors in the new file are logged (never the
+    /// password) and leave no credentials until it is fixed.
+    pub fn refresh_credentials(&self) -> bool {
+        let Some(file) = &self.egress.credentials_file else {
+            return false;
+        };
+        let stamp = file.stamp();
+        let Ok(mut cur) = self.credentials.lock() else {
+            return false;
+        };
+        if stamp == cur.1 {
+            return false;
+        }
+        cur.1 = stamp;
+        cur.0 = match file.read() {
+            Ok(c) => {
+                tracing::info!(file = %file.path.display(), user = %c.user, "the proxy credentials file changed; its credentials are used from the next attempt on");
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!("{e}; no proxy password until the file is fixed");
+                None
+            }
+        };
+        drop(cur);
+        if let Ok(mut m) = self.memory.lock() {
+            m.rejected.clear();
+            m.held = None;
+            m.schemes.clear();
+        }
+        true
+    }
+
+    /// Returns when the credentials file changes, or a Kerberos ticket cache appears or changes
+    /// (`kinit`; [`crate::auth::negotiate::ccache_file`]), polled every second; never when
+    /// there is neither to watch. Ends the wait of a way out parked after a 407 for our
+    /// credentials: a corrected password, or a ticket that needs no password (the rejected one
+    /// stays held back).
+    pub async fn credentials_changed(&self) {
+        let ccache = self
+            .egress
+            .auth
+            .negotiate
+            .then(crate::auth::negotiate::ccache_file)
+            .flatten();
+        if self.egress.credentials_file.is_none() && ccache.is_none() {
+            return std::future::pending().await;
+        }
+        let mut ticket = ccache.as_deref().and_then(crate::FileStamp::of);
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if self.refresh_credentials() {
+                return;
+            }
+            if let Some(path) = &ccache {
+                let now = crate::FileStamp::of(path);
+                if now != ticket && now.is_some() {
+                    tracing::info!(cache = %path.display(), "the Kerberos ticket cache changed; trying again with the ticket");
+                    return;
+                }
+                ticket = now;
+            }
+        }
+    }
+
     /// The way that worked last on the current network, if any.
     pub fn remembered(&self) -> Option<Candidate> {
         let key = crate::network::key();
@@ -193,6 +270,8 @@ impl Way {
     /// Lists the candidates for reaching `url`, in the order they are tried.
     pub async fn discover(&self, url: &GatewayUrl) -> Discovery {
         let mut d = Discovery::default();
+        let policy = &self.egress.auth.policy;
+        d.notes.extend(policy.describe());
         if let Some(p) = &self.egress.proxy {
             d.candidates.push(Candidate {
                 proxy: p.clone(),
@@ -274,13 +353,24 @@ impl Way {
                     }
                     system::SystemMode::Wpad => {
                         wpad_done = true;
-                        self.wpad(url, &mut d).await;
+                        match &policy.wpad {
+                            Some(why) => d.notes.push(format!(
+                                "{}: automatic detection (WPAD) not used: turned off by {why}",
+                                sp.source
+                            )),
+                            None => self.wpad(url, &mut d).await,
+                        }
                     }
                 }
             }
         }
         if self.egress.wpad && !wpad_done {
-            self.wpad(url, &mut d).await;
+            match &policy.wpad {
+                Some(why) => d
+                    .notes
+                    .push(format!("WPAD: not looked up: turned off by {why}")),
+                None => self.wpad(url, &mut d).await,
+            }
         }
         d.candidates.push(Candidate {
             proxy: Proxy::Direct,
@@ -509,6 +599,8 @@ impl Way {
         c: &Candidate,
     ) -> Result<GatewayStream, String> {
         let proxy_key = c.proxy.to_string();
+        // A proxy that rejected our credentials is still asked, without them (they are held
+        // back from every proxy): a Kerberos ticket obtained since needs no password.
         let (rejected, remembered) = match self.memory.lock() {
             Ok(m) => (
                 m.rejected.get(&proxy_key).cloned(),
@@ -516,10 +608,9 @@ impl Way {
             ),
             Err(_) => (None, None),
         };
-        if let Some(why) = rejected {
-            return Err(format!("not tried again: {why}"));
-        }
+        self.refresh_credentials();
         let mut auth = self.egress.auth.clone();
+        auth.credentials = self.credentials.lock().ok().and_then(|c| c.0.clone());
         auth.no_cleartext = !c.trusted();
         auth.wpad_guard = c.origin == Origin::Wpad && !self.egress.wpad_credentials;
         if let Ok(mut m) = self.memory.lock() {
@@ -531,6 +622,10 @@ impl Way {
                     auth.withheld = Some(why);
                 }
             }
+        }
+        if let (Some(why), Some(_)) = (rejected, &auth.credentials) {
+            auth.credentials = None;
+            auth.withheld = Some(why);
         }
         let dialled = match &self.egress.native_tls {
             Some(native) => {
@@ -548,7 +643,7 @@ impl Way {
             Err(e) => {
                 if let EgressError::Proxy(pe) = &e {
                     if pe.credentials_rejected() {
-                        tracing::warn!(proxy = %c.proxy, error = %pe, "proxy rejected our credentials; they go to no proxy again until restart");
+                        tracing::warn!(proxy = %c.proxy, error = %pe, "proxy rejected our credentials; they go to no proxy again until restart (or until the credentials file changes)");
                         if let Ok(mut m) = self.memory.lock() {
                             m.rejected.insert(proxy_key, pe.to_string());
                             m.held = Some((None, format!("{} rejected them", c.proxy)));

@@ -83,37 +83,75 @@ fn bracket(h: &str) -> String {
 impl FromStr for Proxy {
     type Err = String;
     /// `direct`, `http://[user@]host[:port]`, `socks5://…`, `socks5h://…`; a bare `host:port`
-    /// means HTTP, as in curl. The default port is 1080, as in curl.
+    /// means HTTP, as in curl. The default port is 1080, as in curl. The user is
+    /// percent-decoded (`CORP%5Calice` is `CORP\alice`). A password is refused: this is the
+    /// form for `--proxy` and the config file, and every local user can read a command line
+    /// (the environment's URL may carry one: [`Proxy::parse_with_password`]).
     fn from_str(s: &str) -> Result<Proxy, String> {
+        match Proxy::parse_with_password(s)? {
+            (_, Some(_)) => Err(format!(
+                "proxy `{}`: a password does not belong in the URL (it would be visible to every local user); set SALLYPORT_PROXY_PASSWORD",
+                redact(s)
+            )),
+            (p, None) => Ok(p),
+        }
+    }
+}
+
+impl Proxy {
+    /// Like [`Proxy::from_str`], and a password in the URL (`http://user:pa%40ss@proxy:3128`)
+    /// is accepted and returned percent-decoded, as curl reads `https_proxy`: the environment is
+    /// private to the user. Errors never show what is between `://` and `@`.
+    pub fn parse_with_password(s: &str) -> Result<(Proxy, Option<Password>), String> {
         let s = s.trim();
         if s.eq_ignore_ascii_case("direct") || s.is_empty() {
-            return Ok(Proxy::Direct);
+            return Ok((Proxy::Direct, None));
         }
         let (scheme, rest) = match s.split_once("://") {
             Some((sc, r)) => (sc.to_ascii_lowercase(), r),
             None => ("http".to_string(), s),
         };
         let rest = rest.trim_end_matches('/');
-        let (user, hostport) = match rest.rsplit_once('@') {
-            Some((u, hp)) => {
-                if u.contains(':') {
-                    return Err(format!(
-                        "proxy `{}`: a password does not belong in the URL (it would be visible to every local user); set SALLYPORT_PROXY_PASSWORD",
-                        redact(s)
-                    ));
-                }
-                (Some(u.to_string()), hp)
+        let bad_escape = || {
+            format!(
+                "proxy `{}`: a bad %-escape in the user or password",
+                redact(s)
+            )
+        };
+        let (user, password, hostport) = match rest.rsplit_once('@') {
+            Some((userinfo, hp)) => {
+                let (u, p) = match userinfo.split_once(':') {
+                    Some((u, p)) => (u, Some(p)),
+                    None => (userinfo, None),
+                };
+                let user = crate::url::percent_decode(u).ok_or_else(bad_escape)?;
+                let password = match p {
+                    Some(p) => Some(Password::new(
+                        crate::url::percent_decode(p).ok_or_else(bad_escape)?,
+                    )),
+                    None => None,
+                };
+                ((!user.is_empty()).then_some(user), password, hp)
             }
-            None => (None, rest),
+            None => (None, None, rest),
         };
         let (host, port) = split_host_port(hostport)
-            .ok_or_else(|| format!("proxy `{s}`: expected SCHEME://HOST[:PORT]"))?;
+            .ok_or_else(|| format!("proxy `{}`: expected SCHEME://HOST[:PORT]", redact(s)))?;
         let port = port.unwrap_or(1080);
-        match scheme.as_str() {
-            "http" => Ok(Proxy::Http { host, port, user }),
-            "socks5" => Ok(Proxy::Socks5 { host, port, user, remote_dns: false }),
-            "socks5h" => Ok(Proxy::Socks5 { host, port, user, remote_dns: true }),
-            other => Err(format!("proxy `{s}`: scheme `{other}` is not supported (use http://, socks5://, socks5h:// or direct)")),
+        let proxy = match scheme.as_str() {
+            "http" => Proxy::Http { host, port, user },
+            "socks5" => Proxy::Socks5 { host, port, user, remote_dns: false },
+            "socks5h" => Proxy::Socks5 { host, port, user, remote_dns: true },
+            other => return Err(format!("proxy `{}`: scheme `{other}` is not supported (use http://, socks5://, socks5h:// or direct)", redact(s))),
+        };
+        Ok((proxy, password))
+    }
+
+    /// The user named in the URL, if any.
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            Proxy::Http { user, .. } | Proxy::Socks5 { user, .. } => user.as_deref(),
+            Proxy::Direct => None,
         }
     }
 }
@@ -257,20 +295,33 @@ impl IpNetLite {
     }
 }
 
-/// The proxy the environment asks for to reach `host` over TLS, with curl's precedence:
-/// `https_proxy`, `HTTPS_PROXY`, `all_proxy`, `ALL_PROXY`; `no_proxy`/`NO_PROXY` exempt hosts.
-/// `None` when the environment names none (or exempts `host`).
-pub fn from_env(get: impl Fn(&str) -> Option<String>, host: &str) -> Option<Result<Proxy, String>> {
-    let value = ["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"]
+/// The environment variables naming a proxy, in curl's order of precedence.
+pub const ENV_VARS: [&str; 4] = ["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"];
+
+/// The environment's proxy URL (the first of [`ENV_VARS`] that is set), parsed with its user
+/// and password, as curl reads it. `None` when none is set.
+pub fn env_proxy(
+    get: impl Fn(&str) -> Option<String>,
+) -> Option<Result<(Proxy, Option<Password>), String>> {
+    let value = ENV_VARS
         .iter()
         .find_map(|k| get(k).filter(|v| !v.trim().is_empty()))?;
+    Some(Proxy::parse_with_password(&value))
+}
+
+/// The proxy the environment asks for to reach `host` over TLS, with curl's precedence:
+/// `https_proxy`, `HTTPS_PROXY`, `all_proxy`, `ALL_PROXY`; `no_proxy`/`NO_PROXY` exempt hosts.
+/// `None` when the environment names none (or exempts `host`). A password in the URL is not
+/// returned here: [`crate::Egress::from_settings`] takes it, with the user, as the credentials.
+pub fn from_env(get: impl Fn(&str) -> Option<String>, host: &str) -> Option<Result<Proxy, String>> {
+    let parsed = env_proxy(&get)?;
     let no = get("no_proxy")
         .or_else(|| get("NO_PROXY"))
         .unwrap_or_default();
     if no_proxy_matches(&no, host) {
         return None;
     }
-    Some(value.parse::<Proxy>())
+    Some(parsed.map(|(p, _)| p))
 }
 
 /// Why a proxy did not give us a tunnel. The messages name the proxy and what to do.
@@ -502,6 +553,38 @@ mod tests {
             .contains("not supported"));
         assert!("http://:1".parse::<Proxy>().is_err());
         assert_eq!(format!("{:?}", Password::new("s3cret")), "****");
+    }
+
+    /// `https_proxy=http://CORP%5Calice@proxy:3128` and `http://user:password@proxy:3128` were
+    /// refused; curl, pip, git and apt accept them.
+    #[test]
+    fn the_environments_proxy_url_may_carry_an_escaped_user_and_a_password() {
+        let env = |v: &'static str| move |k: &str| (k == "HTTPS_PROXY").then(|| v.to_string());
+        let (p, pw) = env_proxy(env("http://CORP%5Calice@proxy.corp:3128"))
+            .unwrap()
+            .unwrap();
+        assert_eq!((p.user(), pw.is_none()), (Some("CORP\\alice"), true));
+        let (p, pw) = env_proxy(env("http://user:pa%40ss%3Aw0rd@proxy.corp:3128/"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.to_string(), "http://user@proxy.corp:3128");
+        assert_eq!(pw.unwrap().expose(), "pa@ss:w0rd");
+        // The password is not part of the candidate, and no error shows it.
+        let p = from_env(env("http://user:s3cret@proxy.corp:3128"), "gw")
+            .unwrap()
+            .unwrap();
+        assert!(!format!("{p} {p:?}").contains("s3cret"));
+        for bad in [
+            "http://user:s3cret@proxy.corp:notaport",
+            "http://user:s3cret%zz@p:1",
+            "ftp://user:s3cret@p:1",
+        ] {
+            let e = from_env(env(bad), "gw").unwrap().unwrap_err();
+            assert!(!e.contains("s3cret") && e.contains("****"), "{e}");
+        }
+        // --proxy (a command line) still refuses a password, and the user is decoded there too.
+        assert!("http://CORP%5Calice@p:1".parse::<Proxy>().unwrap().user() == Some("CORP\\alice"));
+        assert!("http://u:pw@p:1".parse::<Proxy>().is_err());
     }
 
     #[test]

@@ -102,3 +102,24 @@ impl std::fmt::Display for GatewayUrl {
         write!(f, "{scheme}://{}{}/", self.authority(), self.prefix)
     }
 }
+
+/// `%XX` escapes decoded (in proxy URLs' user and password, `file:` URLs' paths); `None` for a
+/// bad escape or bytes that are not UTF-8.
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}

@@ -759,6 +759,9 @@ pub enum SquidAuth<'a> {
     Ntlm {
         password: &'a str,
     },
+    /// squid's stock `ntlm_fake_auth` (Debian ships it): accepts any user, and sends a
+    /// challenge whose TargetName points outside the message.
+    NtlmFake,
     /// `negotiate_kerberos_auth` for `HTTP/localhost` with the realm's keytab.
     Negotiate {
         kdc: &'a crate::kdc::Kdc,
@@ -835,6 +838,9 @@ impl Squid {
                     d.join("ntlm-password").display()
                 )
             }
+            SquidAuth::NtlmFake => format!(
+                "auth_param ntlm program /usr/lib/squid/ntlm_fake_auth\nauth_param ntlm children 2\n{require_auth}"
+            ),
             SquidAuth::Negotiate { kdc } => {
                 // The helper runs as squid's user: it must read the keytab.
                 world_readable(&kdc.keytab())?;

@@ -382,3 +382,273 @@ fn a_looping_pac_is_cut_off_and_the_next_candidate_used() {
     );
     assert!(out.contains("would use: direct"), "{out}");
 }
+
+/// `https_proxy=http://user:password@proxy:3128` was refused at start-up; curl, pip, git and
+/// apt accept it. The password (percent-decoded) is used, and shown in no log line, error or
+/// `doctor` output; a wrong one is still reported once, without it.
+#[test]
+fn a_password_in_https_proxy_was_refused() {
+    let squid = Squid::start_with(
+        "sq-env-pw",
+        SquidAuth::Basic {
+            user: "alice",
+            password: "s3cr@t-env",
+        },
+    )
+    .unwrap();
+    let url = format!("http://alice:s3cr%40t-env@127.0.0.1:{}", squid.port);
+    let sys = system_via("via-env-pw", &[], &[("https_proxy", &url)]);
+    let (code, out, err) = sys.doctor(&[], &[("https_proxy", &url)]).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("http://alice@127.0.0.1"), "{out}");
+    for shown in [out.as_str(), err.as_str(), &sys.agent.log()] {
+        assert!(
+            !shown.contains("s3cr") && !shown.contains("%40t"),
+            "password shown:\n{shown}"
+        );
+    }
+    let bad_url = format!("http://alice:wr0ng-env@127.0.0.1:{}", squid.port);
+    let bad = sys
+        .spawn_agent("agent-env-pw-bad", &[], &[("https_proxy", &bad_url)])
+        .unwrap();
+    bad.wait_for(
+        &["rejected the Basic credentials of user `alice`"],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(!bad.log().contains("wr0ng"), "password in the log");
+    tunnel_logged(sys, &squid, "alice");
+}
+
+/// `https_proxy=http://CORP%5Calice@proxy:3128` with SALLYPORT_PROXY_PASSWORD was refused at
+/// start-up ("no proxy user"): the user in the environment's URL counts, percent-decoded, and
+/// our strict NTLM helper checks the NTLMv2 proof for `CORP\alice`.
+#[test]
+fn the_user_in_https_proxy_was_not_counted() {
+    let squid = Squid::start_with(
+        "sq-env-user",
+        SquidAuth::Ntlm {
+            password: "Ntlm-Env-1",
+        },
+    )
+    .unwrap();
+    let url = format!("http://CORP%5Calice@127.0.0.1:{}", squid.port);
+    let sys = system_via(
+        "via-env-user",
+        &[],
+        &[
+            ("https_proxy", &url),
+            ("SALLYPORT_PROXY_PASSWORD", "Ntlm-Env-1"),
+        ],
+    );
+    assert!(
+        !sys.agent.log().contains("Ntlm-Env-1"),
+        "password in the log"
+    );
+    tunnel_logged(sys, &squid, "alice");
+}
+
+/// squid's stock `ntlm_fake_auth` sends a challenge whose TargetName lies outside the message
+/// (offset 2863311534): curl --proxy-ntlm gets through, the agent refused it.
+#[test]
+fn squid_ntlm_fake_auth_target_name_outside_the_message() {
+    let squid = Squid::start_with("sq-ntlm-fake", SquidAuth::NtlmFake).unwrap();
+    let proxy = format!("http://127.0.0.1:{}", squid.port);
+    let sys = system_via(
+        "via-sq-ntlm-fake",
+        &["--proxy", &proxy, "--proxy-user", "CORP\\alice"],
+        &[("SALLYPORT_PROXY_PASSWORD", "anything")],
+    );
+    // curl, as the reference: the CONNECT gets 200 through the same squid.
+    let (_, connect, err) = run(curl()
+        .args(["-k", "-o", "/dev/null", "-w", "%{http_connect}"])
+        .args(["-x", &proxy, "--proxy-ntlm", "-U", "CORP\\alice:anything"])
+        .arg(format!("https://127.0.0.1:{}/", sys.gw_port())))
+    .unwrap();
+    assert_eq!(connect, "200", "curl: {err}");
+    tunnel_logged(sys, &squid, "alice");
+}
+
+/// A corrected password in the credentials file was not picked up until a restart: the agent
+/// parks after the 407 (so the account does not lock), and a change of the file ends that.
+#[test]
+fn a_corrected_credentials_file_needed_a_restart() {
+    let squid = Squid::start_with(
+        "sq-creds-reload",
+        SquidAuth::Basic {
+            user: "alice",
+            password: "Right-pw-1",
+        },
+    )
+    .unwrap();
+    let proxy = format!("http://127.0.0.1:{}", squid.port);
+    let sys = system_via("creds-reload", &["--proxy", "direct"], &[]);
+    let creds = TempDir::new("creds-reload");
+    let file = creds.path().join("proxy-credentials");
+    std::fs::write(&file, "alice:Wrong-pw-1\n").unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let file_arg = file.display().to_string();
+    let agent = sys
+        .spawn_agent(
+            "agent-creds-reload",
+            &["--proxy", &proxy, "--proxy-credentials", &file_arg],
+            &[],
+        )
+        .unwrap();
+    agent
+        .wait_for(
+            &["rejected the Basic credentials of user `alice`"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    agent
+        .wait_for(
+            &["not retrying", "it is read again when it changes"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    std::fs::write(&file, "alice:Right-pw-1\n").unwrap();
+    agent
+        .wait_for(
+            &["the proxy credentials file changed"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    agent
+        .wait_for(&["connected to the gateway"], Duration::from_secs(10))
+        .unwrap();
+    let log = agent.log();
+    assert!(
+        !log.contains("Wrong-pw") && !log.contains("Right-pw"),
+        "{log}"
+    );
+    let connect = format!("CONNECT 127.0.0.1:{}", sys.gw_port());
+    drop(agent);
+    squid
+        .wait_for_log(
+            &["TCP_TUNNEL/200", &connect, "alice"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+}
+
+/// A Kerberos ticket obtained after the agent started was not used until a restart: without a
+/// ticket the attempt fails saying `kinit`, and after kinit the next attempt gets through. An
+/// agent whose password the same proxy rejected (Basic, offered too) was parked for good, and
+/// the proxy was never asked again: the new ticket ends the parking, and the rejected password
+/// stays held back.
+#[test]
+fn a_kerberos_ticket_obtained_after_start_was_not_used() {
+    let kdc = Kdc::start("krb-later").unwrap();
+    std::fs::set_permissions(
+        kdc.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    // Negotiate, and Basic with an empty user list: every password is rejected.
+    let opts = SquidOpts {
+        extra: "auth_param basic program /usr/lib/squid/basic_ncsa_auth /dev/null\nauth_param basic realm corp\n".into(),
+        ..Default::default()
+    };
+    let squid =
+        Squid::start_opts("sq-krb-later", SquidAuth::Negotiate { kdc: &kdc }, &opts).unwrap();
+    let proxy = format!("http://localhost:{}", squid.port);
+    let sys = system_via("krb-later", &["--proxy", "direct"], &[]);
+    let env = kdc.client_env();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let agent = sys
+        .spawn_agent("agent-krb-later", &["--proxy", &proxy], &env)
+        .unwrap();
+    agent
+        .wait_for(&["no Kerberos ticket: run kinit"], Duration::from_secs(10))
+        .unwrap();
+    env.push(("SALLYPORT_PROXY_PASSWORD", "Not-the-pw-1"));
+    let parked = sys
+        .spawn_agent(
+            "agent-krb-parked",
+            &["--proxy", &proxy, "--proxy-user", "alice"],
+            &env,
+        )
+        .unwrap();
+    parked
+        .wait_for(
+            &["rejected the Basic credentials of user `alice`"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    parked
+        .wait_for(&["not retrying"], Duration::from_secs(10))
+        .unwrap();
+    kdc.kinit(ALICE, ALICE_PASSWORD).unwrap();
+    for a in [&agent, &parked] {
+        a.wait_for(&["connected to the gateway"], Duration::from_secs(20))
+            .unwrap();
+    }
+    let basic_tries = squid
+        .access_log()
+        .lines()
+        .filter(|l| l.contains("TCP_DENIED/407") && l.contains("alice"))
+        .count();
+    assert!(
+        basic_tries <= 1,
+        "the rejected password went out again:\n{}",
+        squid.access_log()
+    );
+    drop((agent, parked));
+    let user = format!("{ALICE}@{REALM}");
+    squid
+        .wait_for_log(&["TCP_TUNNEL/200", &user], Duration::from_secs(10))
+        .unwrap();
+}
+
+/// Admins could not turn off WPAD, NTLM or Basic: with `ntlm = off` / `basic = off` /
+/// `wpad = off` in a policy file, each refusal names the policy and its file in one line.
+#[test]
+fn admins_could_not_turn_off_wpad_ntlm_or_basic() {
+    let squid = Squid::start_with(
+        "sq-policy",
+        SquidAuth::Basic {
+            user: "alice",
+            password: "Pol-pw-1",
+        },
+    )
+    .unwrap();
+    let ntlm = Squid::start_with("sq-policy-ntlm", SquidAuth::NtlmFake).unwrap();
+    let sys = system_via("policy", &["--proxy", "direct"], &[]);
+    let dir = TempDir::new("policy");
+    let file = dir.path().join("policy.toml");
+    std::fs::write(&file, "wpad = \"off\"\nntlm = \"off\"\nbasic = \"off\"\n").unwrap();
+    let shown = file.display().to_string();
+    let env = [
+        ("SALLYPORT_POLICY", shown.as_str()),
+        ("SALLYPORT_PROXY_PASSWORD", "Pol-pw-1"),
+    ];
+    for (port, scheme) in [(squid.port, "basic"), (ntlm.port, "ntlm")] {
+        let proxy = format!("http://alice@127.0.0.1:{port}");
+        let (code, out, err) = sys.doctor(&["--proxy", &proxy], &env).unwrap();
+        assert_eq!(code, 1, "{out}{err}");
+        let line = format!(
+            "{} not answered: turned off by admin policy `{scheme} = off` in {shown}",
+            if scheme == "ntlm" { "NTLM" } else { "Basic" }
+        );
+        assert!(out.contains(&line), "{out}");
+    }
+    // WPAD: not looked up at all (nor the OS's auto-detect); direct still works.
+    let env = [("SALLYPORT_POLICY", shown.as_str())];
+    let (code, out, err) = sys.doctor(&[], &env).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "WPAD: not looked up: turned off by admin policy `wpad = off` in {shown}"
+        )),
+        "{out}"
+    );
+    // A typo in the policy stops the agent with the file and the key.
+    std::fs::write(&file, "ntlm = \"of\"\n").unwrap();
+    let (code, _, err) = sys.doctor(&[], &env).unwrap();
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains(&format!("policy file {shown}: `ntlm` must be")),
+        "{err}"
+    );
+}

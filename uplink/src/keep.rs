@@ -84,8 +84,13 @@ pub async fn keep<S, F>(
                     warn!(error = %e, "cannot reach the gateway");
                 }
                 failed(&e);
-                if crate::park_after_rejected_credentials(&e, who, shutdown).await {
-                    break;
+                match crate::park_after_rejected_credentials(&e, who, &up.way, shutdown).await {
+                    crate::Parked::Shutdown => break,
+                    crate::Parked::CredentialsChanged => {
+                        backoff = Backoff::default();
+                        continue;
+                    }
+                    crate::Parked::No => {}
                 }
                 if refused.is_none() && instances.len() > 1 {
                     failed_in_a_row += 1;

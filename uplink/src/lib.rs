@@ -41,20 +41,39 @@ pub use secret::Secret;
 
 use tokio_util::sync::CancellationToken;
 
-/// After every way out failed on rejected proxy credentials: say so once and wait for shutdown
-/// instead of retrying (`restart` names what to restart, e.g. `the agent`). Returns `true` when
-/// it parked, `false` when `e` is another failure.
+/// What [`park_after_rejected_credentials`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parked {
+    /// `e` was another failure: not parked.
+    No,
+    /// Parked until shutdown.
+    Shutdown,
+    /// Parked until the proxy credentials file changed: try again now.
+    CredentialsChanged,
+}
+
+/// After every way out failed on rejected proxy credentials: say so once and wait, instead of
+/// retrying, for shutdown or a change of the proxy credentials file (a corrected password;
+/// `way` re-reads it). `restart` names what to restart, e.g. `the agent`.
 pub async fn park_after_rejected_credentials(
     e: &ConnectError,
     restart: &str,
+    way: &egress::Way,
     shutdown: &CancellationToken,
-) -> bool {
+) -> Parked {
     if !e.credentials_rejected() {
-        return false;
+        return Parked::No;
     }
-    tracing::error!(
-        "not retrying with rejected proxy credentials; fix the password and restart {restart}"
-    );
-    shutdown.cancelled().await;
-    true
+    let fix = match &way.egress().credentials_file {
+        Some(f) => format!(
+            "fix the password in {} (it is read again when it changes) or restart {restart}",
+            f.path.display()
+        ),
+        None => format!("fix the password and restart {restart}"),
+    };
+    tracing::error!("not retrying with rejected proxy credentials; {fix}");
+    tokio::select! {
+        _ = shutdown.cancelled() => Parked::Shutdown,
+        _ = way.credentials_changed() => Parked::CredentialsChanged,
+    }
 }

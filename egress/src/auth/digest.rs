@@ -67,16 +67,10 @@ pub enum DigestError {
     ExpectedName { at: usize },
     #[error("auth parameter `{name}` has no `=` and value")]
     ExpectedValue { name: String },
-    #[error("auth parameter `{name}`: quoted value has no closing quote")]
-    UnterminatedQuote { name: String },
-    #[error("auth parameter `{name}`: expected `,` after the value, found more text")]
-    ExpectedComma { name: String },
     #[error("Digest challenge has no `{0}` parameter")]
     MissingParam(&'static str),
     #[error("Digest algorithm `{0}` is not supported (MD5, MD5-sess, SHA-256, SHA-256-sess are)")]
     UnsupportedAlgorithm(String),
-    #[error("Digest qop `{0}` offers no `auth` (auth-int is not supported)")]
-    UnsupportedQop(String),
     #[error("Digest algorithm `{0}` needs qop=auth, which the server did not offer")]
     SessWithoutQop(&'static str),
     #[error("Digest {0} contains a control character")]
@@ -87,6 +81,11 @@ pub enum DigestError {
 /// lowercased, `quoted-string` values unescaped (`\x` is `x`), token values as they are. An
 /// empty (or all-blank) input is an empty list. Order is kept; duplicates are kept too (the
 /// lookups in this module use the first).
+///
+/// As lenient as curl where it costs nothing: parameters separated by blanks without a comma,
+/// a bare name (an empty value), an empty value (`opaque=`), and a quote left open (the value
+/// runs to the end) are all read. A token68 (`abc==`) and a name that is not a token are
+/// errors.
 pub fn parse_params(s: &str) -> Result<Vec<(String, String)>, DigestError> {
     if s.len() > MAX_PARAMS_LEN {
         return Err(DigestError::TooLong {
@@ -118,7 +117,10 @@ pub fn parse_params(s: &str) -> Result<Vec<(String, String)>, DigestError> {
         let name = s.get(start..i).unwrap_or_default().to_ascii_lowercase();
         skip_blanks(b, &mut i);
         if b.get(i) != Some(&b'=') {
-            return Err(DigestError::ExpectedValue { name });
+            // A bare name (`stale`, or a flag some server invents): an empty value, as curl
+            // reads it; the lookups ignore names they do not know.
+            out.push((name, String::new()));
+            continue;
         }
         i += 1;
         skip_blanks(b, &mut i);
@@ -127,7 +129,8 @@ pub fn parse_params(s: &str) -> Result<Vec<(String, String)>, DigestError> {
             let mut v = Vec::new();
             loop {
                 match b.get(i) {
-                    None => return Err(DigestError::UnterminatedQuote { name }),
+                    // An unterminated quote runs to the end, as curl reads it.
+                    None => break,
                     Some(b'"') => {
                         i += 1;
                         break;
@@ -137,7 +140,10 @@ pub fn parse_params(s: &str) -> Result<Vec<(String, String)>, DigestError> {
                             v.push(c);
                             i += 2;
                         }
-                        None => return Err(DigestError::UnterminatedQuote { name }),
+                        None => {
+                            i += 1;
+                            break;
+                        }
                     },
                     Some(&c) => {
                         v.push(c);
@@ -154,6 +160,7 @@ pub fn parse_params(s: &str) -> Result<Vec<(String, String)>, DigestError> {
             if b.get(i) == Some(&b'=') {
                 return Err(DigestError::ExpectedValue { name });
             }
+            // An empty value (`opaque=,`) is an empty string, as curl reads it.
             let vstart = i;
             while b
                 .get(i)
@@ -161,15 +168,11 @@ pub fn parse_params(s: &str) -> Result<Vec<(String, String)>, DigestError> {
             {
                 i += 1;
             }
-            if i == vstart {
-                return Err(DigestError::ExpectedValue { name });
-            }
             s.get(vstart..i).unwrap_or_default().to_string()
         };
+        // The next parameter may follow after blanks without a comma (`realm="a" nonce="b"`),
+        // as curl accepts; a quote right after a value is not a name, and is an error.
         skip_blanks(b, &mut i);
-        if i < b.len() && b.get(i) != Some(&b',') {
-            return Err(DigestError::ExpectedComma { name });
-        }
         out.push((name, value));
     }
 }
@@ -252,24 +255,20 @@ pub fn authorization(
     nc: u32,
     cnonce: &str,
 ) -> Result<String, DigestError> {
-    let realm = param(params, "realm").ok_or(DigestError::MissingParam("realm"))?;
+    // No realm: an empty one, as curl does (it only enters the hash).
+    let realm = param(params, "realm").unwrap_or("");
     let nonce = param(params, "nonce").ok_or(DigestError::MissingParam("nonce"))?;
     let (hash, sess, alg_name) = algorithm(param(params, "algorithm").unwrap_or("MD5"))?;
-    let qop = match param(params, "qop") {
-        None => None,
-        Some(offered) => {
-            if offered
+    // `auth` when offered, else `auth-int` (a CONNECT has no body: the hash of nothing), else
+    // none of the qops we know: the RFC 2069 form, as curl falls back.
+    let qop = param(params, "qop").and_then(|offered| {
+        let offers = |want: &str| {
+            offered
                 .split(',')
-                .any(|q| q.trim().eq_ignore_ascii_case("auth"))
-            {
-                Some("auth")
-            } else {
-                return Err(DigestError::UnsupportedQop(
-                    offered.chars().take(64).collect(),
-                ));
-            }
-        }
-    };
+                .any(|q| q.trim().eq_ignore_ascii_case(want))
+        };
+        ["auth", "auth-int"].into_iter().find(|q| offers(q))
+    });
     if sess && qop.is_none() {
         return Err(DigestError::SessWithoutQop(alg_name));
     }
@@ -281,7 +280,10 @@ pub fn authorization(
     if sess {
         ha1 = hash.hex(&format!("{ha1}:{nonce}:{cnonce}"));
     }
-    let ha2 = hash.hex(&format!("{method}:{uri}"));
+    let ha2 = match qop {
+        Some("auth-int") => hash.hex(&format!("{method}:{uri}:{}", hash.hex(""))),
+        _ => hash.hex(&format!("{method}:{uri}")),
+    };
     let nc = format!("{nc:08x}");
     let response = match qop {
         Some(q) => hash.hex(&format!("{ha1}:{nonce}:{nc}:{cnonce}:{q}:{ha2}")),
@@ -501,20 +503,50 @@ mod tests {
         let e = authorization(&p, "u", "p", "GET", "/", 1, "c").unwrap_err();
         assert_eq!(e, DigestError::UnsupportedAlgorithm("SHA-512-256".into()));
         assert!(e.to_string().contains("SHA-512-256"));
-        let p = params(r#"realm="r", nonce="n", qop="auth-int""#);
-        assert_eq!(
-            authorization(&p, "u", "p", "GET", "/", 1, "c"),
-            Err(DigestError::UnsupportedQop("auth-int".into()))
-        );
         let p = params(r#"realm="r""#);
         assert_eq!(
             authorization(&p, "u", "p", "GET", "/", 1, "c"),
             Err(DigestError::MissingParam("nonce"))
         );
+    }
+
+    /// Challenges curl answers and we refused: no realm, only `auth-int`, an unknown qop,
+    /// unquoted values, algorithm in lower case, unknown parameters.
+    #[test]
+    fn digest_challenges_curl_answers_are_answered() {
+        // No realm: an empty one enters the hash (curl's answer, computed by hand:
+        // MD5("u::p"), MD5("CONNECT:h:1"), then the RFC 2069 form).
         let p = params(r#"nonce="n""#);
+        let h = authorization(&p, "u", "p", "CONNECT", "h:1", 1, "c").unwrap();
+        let ha1 = hex(&Md5::digest(b"u::p"));
+        let ha2 = hex(&Md5::digest(b"CONNECT:h:1"));
+        let want = hex(&Md5::digest(format!("{ha1}:n:{ha2}").as_bytes()));
+        assert_eq!(field(&h, "response"), Some(want.as_str()), "{h}");
+        assert_eq!(field(&h, "realm"), Some(""));
+        // Only auth-int: the body of a CONNECT is empty, so A2 = method:uri:H("").
+        let p = params(r#"realm="r", nonce="n", qop="auth-int""#);
+        let h = authorization(&p, "u", "p", "CONNECT", "h:1", 1, "c").unwrap();
+        let ha1 = hex(&Md5::digest(b"u:r:p"));
+        let ha2 = hex(&Md5::digest(
+            format!("CONNECT:h:1:{}", hex(&Md5::digest(b""))).as_bytes(),
+        ));
+        let want = hex(&Md5::digest(
+            format!("{ha1}:n:00000001:c:auth-int:{ha2}").as_bytes(),
+        ));
+        assert_eq!(field(&h, "response"), Some(want.as_str()), "{h}");
+        assert_eq!(field(&h, "qop"), Some("auth-int"));
+        // A qop we do not know: the RFC 2069 form (no qop, nc or cnonce), as curl.
+        let p = params(r#"realm="r", nonce="n", qop="auth-conf""#);
+        let h = authorization(&p, "u", "p", "CONNECT", "h:1", 1, "c").unwrap();
+        assert_eq!((field(&h, "qop"), field(&h, "nc")), (None, None), "{h}");
+        // Unquoted values, lower-case algorithm, unknown parameters, no commas, a bare flag.
+        let loose = params(
+            r#"realm=r nonce=n algorithm=md5-sess qop=auth charset=x domain="/a /b" whatever"#,
+        );
+        let strict = params(r#"realm="r", nonce="n", algorithm="MD5-sess", qop="auth""#);
         assert_eq!(
-            authorization(&p, "u", "p", "GET", "/", 1, "c"),
-            Err(DigestError::MissingParam("realm"))
+            authorization(&loose, "u", "p", "CONNECT", "h:1", 1, "c"),
+            authorization(&strict, "u", "p", "CONNECT", "h:1", 1, "c")
         );
     }
 
@@ -624,50 +656,9 @@ mod tests {
     #[test]
     fn parser_errors() {
         let cases: &[(&str, DigestError)] = &[
-            (
-                r#"realm="open"#,
-                DigestError::UnterminatedQuote {
-                    name: "realm".into(),
-                },
-            ),
-            (
-                r#"realm="ends in escape\"#,
-                DigestError::UnterminatedQuote {
-                    name: "realm".into(),
-                },
-            ),
-            (
-                "realm",
-                DigestError::ExpectedValue {
-                    name: "realm".into(),
-                },
-            ),
-            (
-                "realm=",
-                DigestError::ExpectedValue {
-                    name: "realm".into(),
-                },
-            ),
-            (
-                "realm=, nonce=x",
-                DigestError::ExpectedValue {
-                    name: "realm".into(),
-                },
-            ),
-            (
-                r#"realm="a" "b""#,
-                DigestError::ExpectedComma {
-                    name: "realm".into(),
-                },
-            ),
-            (
-                "realm=a b",
-                DigestError::ExpectedComma {
-                    name: "realm".into(),
-                },
-            ),
             (r#"="x""#, DigestError::ExpectedName { at: 0 }),
             ("a=1, (b)=2", DigestError::ExpectedName { at: 5 }),
+            (r#"realm="a" "b""#, DigestError::ExpectedName { at: 10 }),
             // A token68 (NTLM/Negotiate) is not an auth-param list.
             (
                 "TlRMTVNTUAACAAAA==",
@@ -679,6 +670,27 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(parse_params(input).as_ref(), Err(want), "{input:?}");
         }
+    }
+
+    /// What curl reads and we refused: a quote left open, a bare name, an empty value,
+    /// parameters without commas.
+    #[test]
+    fn parser_is_as_lenient_as_curl() {
+        assert_eq!(params(r#"realm="open"#), pairs(&[("realm", "open")]));
+        assert_eq!(
+            params(r#"realm="ends in escape\"#),
+            pairs(&[("realm", "ends in escape")])
+        );
+        assert_eq!(params("realm"), pairs(&[("realm", "")]));
+        assert_eq!(params("realm="), pairs(&[("realm", "")]));
+        assert_eq!(
+            params("realm=, nonce=x"),
+            pairs(&[("realm", ""), ("nonce", "x")])
+        );
+        assert_eq!(
+            params(r#"realm=a b nonce="n""#),
+            pairs(&[("realm", "a"), ("b", ""), ("nonce", "n")])
+        );
     }
 
     #[test]

@@ -191,6 +191,8 @@ pub struct AuthOptions {
     pub wpad_guard: bool,
     /// Why the credentials are held back (an earlier rejection), for the error message.
     pub withheld: Option<String>,
+    /// Admin policy: NTLM or Basic turned off (and by which file or registry key).
+    pub policy: crate::policy::Policy,
 }
 
 /// The scheme to answer with, from what the proxy offers and what we have; `skip` lists schemes
@@ -205,12 +207,39 @@ pub fn choose(offered: &[Challenge], opts: &AuthOptions, skip: &[Scheme]) -> Opt
                 Scheme::Negotiate => opts.negotiate,
                 Scheme::Ntlm => {
                     !opts.wpad_guard
+                        && opts.policy.ntlm.is_none()
                         && (opts.credentials.is_some() || cfg!(windows) && opts.negotiate)
                 }
                 Scheme::Digest => opts.credentials.is_some() && !opts.wpad_guard,
-                Scheme::Basic => opts.credentials.is_some() && !opts.no_cleartext,
+                Scheme::Basic => {
+                    opts.credentials.is_some() && !opts.no_cleartext && opts.policy.basic.is_none()
+                }
             }
     })
+}
+
+/// Negotiate may use SPNEGO (which can fall back to NTLM) unless NTLM is not allowed here: for
+/// a proxy found by WPAD, or when the admin policy turned NTLM off. Then Kerberos alone.
+pub fn kerberos_only(opts: &AuthOptions) -> bool {
+    opts.wpad_guard || opts.policy.ntlm.is_some()
+}
+
+/// The one-line refusal when the proxy asks for schemes the admin policy turned off, naming
+/// the policy and its file or registry key (`None` when it asks for none of them).
+pub fn policy_refusal(offered: &[Challenge], opts: &AuthOptions) -> Option<String> {
+    let refused: Vec<String> = offered
+        .iter()
+        .filter_map(Challenge::known)
+        .filter_map(|s| {
+            let why = match s {
+                Scheme::Ntlm => opts.policy.ntlm.as_ref(),
+                Scheme::Basic => opts.policy.basic.as_ref(),
+                _ => None,
+            }?;
+            Some(format!("{s} not answered: turned off by {why}"))
+        })
+        .collect();
+    (!refused.is_empty()).then(|| refused.join("; "))
 }
 
 /// The one-line refusal when a proxy found by WPAD asks for a scheme [`AuthOptions::wpad_guard`]
@@ -264,6 +293,7 @@ mod tests {
             no_cleartext: true,
             wpad_guard: true,
             withheld: None,
+            policy: Default::default(),
         };
         assert_eq!(choose(&offered, &guarded, &[]), None);
         let why = wpad_refusal(&offered, &guarded).unwrap();

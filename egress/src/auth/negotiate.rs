@@ -249,6 +249,42 @@ pub fn header_value(token: &[u8]) -> String {
     )
 }
 
+/// The file (or folder) of the user's Kerberos ticket cache, to notice a ticket obtained later
+/// (`kinit`): `KRB5CCNAME` as `FILE:path`, `DIR:path` or a bare path, else MIT's default
+/// `/tmp/krb5cc_<uid>`. `None` for caches that are not files (`KEYRING:`, `KCM:`, `API:`,
+/// `MEMORY:`), and off Linux: those are looked up on each attempt only.
+pub fn ccache_file() -> Option<std::path::PathBuf> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let uid = std::fs::metadata("/proc/self").ok()?.uid();
+        ccache_path(std::env::var("KRB5CCNAME").ok().as_deref(), uid)
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
+}
+
+/// [`ccache_file`] for a `KRB5CCNAME` value and a uid.
+pub fn ccache_path(krb5ccname: Option<&str>, uid: u32) -> Option<std::path::PathBuf> {
+    let name = krb5ccname
+        .filter(|n| !n.is_empty())
+        .map(String::from)
+        .unwrap_or_else(|| format!("FILE:/tmp/krb5cc_{uid}"));
+    let path = match name.split_once(':') {
+        Some(("FILE" | "DIR", p)) => p,
+        Some(_) => return None,
+        None => name.as_str(),
+    };
+    // `DIR::/path/tkt` names one cache inside the collection: watch the collection.
+    let path = path.strip_prefix(':').map_or(path, |p| {
+        std::path::Path::new(p)
+            .parent()
+            .and_then(|d| d.to_str())
+            .unwrap_or(p)
+    });
+    path.starts_with('/').then(|| path.into())
+}
+
 /// The token in a `Proxy-Authenticate` value: `Some(None)` for a bare `Negotiate` (the proxy
 /// offers the scheme), `Some(Some(bytes))` for `Negotiate <base64>`, `None` when the value is
 /// another scheme or the base64 is broken.
@@ -298,6 +334,30 @@ fn split_service(name: &str) -> Result<(&str, &str), NegotiateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ticket_cache_file_is_found_to_notice_a_later_kinit() {
+        let p = |v: Option<&str>| ccache_path(v, 1000).map(|p| p.display().to_string());
+        assert_eq!(p(None).as_deref(), Some("/tmp/krb5cc_1000"));
+        assert_eq!(p(Some("FILE:/run/k/cc")).as_deref(), Some("/run/k/cc"));
+        assert_eq!(p(Some("/run/k/cc")).as_deref(), Some("/run/k/cc"));
+        assert_eq!(
+            p(Some("DIR:/run/user/1000/krb5cc")).as_deref(),
+            Some("/run/user/1000/krb5cc")
+        );
+        assert_eq!(
+            p(Some("DIR::/run/user/1000/krb5cc/tkt1")).as_deref(),
+            Some("/run/user/1000/krb5cc")
+        );
+        for not_a_file in [
+            "KEYRING:persistent:1000",
+            "KCM:",
+            "MEMORY:x",
+            "FILE:relative",
+        ] {
+            assert_eq!(p(Some(not_a_file)), None, "{not_a_file}");
+        }
+    }
 
     #[test]
     fn service_names_are_checked_and_normalised() {

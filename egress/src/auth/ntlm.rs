@@ -204,9 +204,12 @@ pub struct ChallengeMessage {
 }
 
 impl ChallengeMessage {
-    /// Reads a CHALLENGE_MESSAGE: signature, type 2, every offset/length inside the message, and a
-    /// target info made of whole AV_PAIRs. A message of 32 to 47 bytes (no TargetInfo fields, as
-    /// very old servers send) parses with an empty target info.
+    /// Reads a CHALLENGE_MESSAGE: signature, type 2, the server challenge, and (when the flags
+    /// announce it) a target info made of whole AV_PAIRs. As lenient as curl where a field is
+    /// not needed: a TargetName outside the message is read as empty, a TargetInfo descriptor
+    /// without `NEGOTIATE_TARGET_INFO`, or pointing outside the message, is no target info. A
+    /// message of 32 to 47 bytes (no TargetInfo fields, as very old servers send) parses with an
+    /// empty target info.
     pub fn parse(bytes: &[u8]) -> Result<ChallengeMessage, NtlmError> {
         check_header(bytes, TYPE_CHALLENGE, CHALLENGE_MIN)?;
         let flags = u32_at(bytes, 20).ok_or(NtlmError::Truncated {
@@ -221,17 +224,28 @@ impl ChallengeMessage {
                     need: CHALLENGE_MIN,
                     have: bytes.len(),
                 })?;
-        let name = payload(bytes, 12, "TargetName")?;
+        // TargetName is only shown, never computed with: a descriptor that points outside
+        // the message (squid's stock `ntlm_fake_auth` sends offset 0xaaaaaaae) leaves it
+        // empty, as curl ignores it.
+        let name = payload(bytes, 12, "TargetName").unwrap_or_default();
         let target_name = if flags & NEGOTIATE_UNICODE != 0 {
             utf16le_lossy(name)
         } else {
             String::from_utf8_lossy(name).into_owned()
         };
-        let target_info = if bytes.len() >= CHALLENGE_WITH_INFO {
-            payload(bytes, 40, "TargetInfo")?.to_vec()
-        } else {
-            Vec::new()
-        };
+        // TargetInfo is echoed into the NTLMv2 proof. It is read only when the server says it
+        // sent one (NEGOTIATE_TARGET_INFO), as curl reads it; a descriptor that points outside
+        // the message is no TargetInfo: squid's `ntlm_fake_auth` echoes our flags, TargetInfo
+        // included, in a 49-byte message whose bytes 40..48 are the domain name. Without one
+        // the proof covers an empty list, as curl computes it.
+        let target_info =
+            if bytes.len() >= CHALLENGE_WITH_INFO && flags & NEGOTIATE_TARGET_INFO != 0 {
+                payload(bytes, 40, "TargetInfo")
+                    .unwrap_or_default()
+                    .to_vec()
+            } else {
+                Vec::new()
+            };
         // Walk the list once so that later lookups, and the server, see whole pairs; the
         // timestamp, when present, must be a FILETIME.
         for pair in AvPairs::new(&target_info) {
@@ -1092,10 +1106,16 @@ mod tests {
     }
 
     #[test]
-    fn truncated_challenges_are_errors() {
-        for n in 0..SPEC_CHALLENGE_MESSAGE.len() {
+    fn truncated_challenges_are_errors_or_have_no_target_info() {
+        // Shorter than the header: errors. Longer, but cut before the end of the TargetInfo
+        // the flags announce: no target info (the proof then covers an empty list, as curl's).
+        for n in 0..32 {
             let r = ChallengeMessage::parse(&SPEC_CHALLENGE_MESSAGE[..n]);
             assert!(r.is_err(), "{n} bytes parsed: {r:?}");
+        }
+        for n in 32..SPEC_CHALLENGE_MESSAGE.len() {
+            let ch = ChallengeMessage::parse(&SPEC_CHALLENGE_MESSAGE[..n]).unwrap();
+            assert!(ch.target_info.is_empty(), "{n} bytes");
         }
         assert_eq!(
             ChallengeMessage::parse(&SPEC_CHALLENGE_MESSAGE[..20]),
@@ -1105,14 +1125,6 @@ mod tests {
             ChallengeMessage::parse(b"NTLM"),
             Err(NtlmError::Truncated { need: 32, have: 4 })
         );
-        // Cut inside the payload: the TargetInfo field points past the end.
-        assert!(matches!(
-            ChallengeMessage::parse(&SPEC_CHALLENGE_MESSAGE[..0x60]),
-            Err(NtlmError::OutOfBounds {
-                field: "TargetInfo",
-                ..
-            })
-        ));
     }
 
     #[test]
@@ -1158,32 +1170,43 @@ mod tests {
         ));
     }
 
+    /// squid's stock `ntlm_fake_auth` sent TargetName offset 2863311534 (0xaaaaaaae): curl got
+    /// through, we refused the challenge. The name is not needed for NTLMv2.
     #[test]
-    fn offsets_past_the_end_and_huge_lengths_are_errors() {
-        let cases: &[(usize, u16, u32, &str)] = &[
-            // (descriptor at, len, offset, field)
-            (12, 12, 0x68, "TargetName"),          // starts at the end
-            (12, 12, 0x60, "TargetName"),          // ends past the end
-            (12, 0xffff, 0x38, "TargetName"),      // huge length
-            (40, 0x24, 0xffff_ffff, "TargetInfo"), // offset + length overflows u32
-            (40, 0xffff, 0xffff_ffff, "TargetInfo"),
-            (40, 0x25, 0x44, "TargetInfo"), // one byte too many
-        ];
-        for &(at, len, offset, field) in cases {
+    fn squid_ntlm_fake_auth_target_name_outside_the_message_is_ignored() {
+        for (len, offset) in [(9, 0xaaaa_aaae), (12, 0x68), (12, 0x60), (0xffff, 0x38)] {
             let mut m = SPEC_CHALLENGE_MESSAGE;
-            set_u16(&mut m, at, len);
-            set_u16(&mut m, at + 2, len);
-            set_u32(&mut m, at + 4, offset);
-            assert_eq!(
-                ChallengeMessage::parse(&m),
-                Err(NtlmError::OutOfBounds {
-                    field,
-                    offset,
-                    len,
-                    total: 0x68
-                }),
-                "{field} len {len} offset {offset:#x}"
-            );
+            set_u16(&mut m, 12, len);
+            set_u16(&mut m, 14, len);
+            set_u32(&mut m, 16, offset);
+            let ch = ChallengeMessage::parse(&m).unwrap();
+            assert_eq!(ch.target_name, "", "len {len} offset {offset:#x}");
+            assert_eq!(ch.target_info, SPEC_TARGET_INFO);
+        }
+        // Without NEGOTIATE_TARGET_INFO the TargetInfo descriptor is not read (curl does not),
+        // even when it points nowhere; the proof then covers an empty list.
+        let mut m = SPEC_CHALLENGE_MESSAGE;
+        let flags = u32_at(&m, 20).unwrap() & !NEGOTIATE_TARGET_INFO;
+        set_u32(&mut m, 20, flags);
+        set_u32(&mut m, 44, 0xaaaa_aaae);
+        assert!(ChallengeMessage::parse(&m).unwrap().target_info.is_empty());
+    }
+
+    #[test]
+    fn offsets_past_the_end_and_huge_lengths_are_no_target_info() {
+        for (len, offset) in [
+            (0x24, 0xffff_ffff), // offset + length overflows u32
+            (0xffff, 0xffff_ffff),
+            (0x25, 0x44),          // one byte too many
+            (0x4f57, 0x554f_5247), // squid's ntlm_fake_auth: "WORKGROUP" read as a descriptor
+        ] {
+            let mut m = SPEC_CHALLENGE_MESSAGE;
+            set_u16(&mut m, 40, len);
+            set_u16(&mut m, 42, len);
+            set_u32(&mut m, 44, offset);
+            let ch = ChallengeMessage::parse(&m).unwrap();
+            assert!(ch.target_info.is_empty(), "len {len} offset {offset:#x}");
+            assert_eq!(ch.target_name, "Server");
         }
         // An empty field's offset is not judged.
         let mut m = SPEC_CHALLENGE_MESSAGE;

@@ -299,7 +299,7 @@ fn file_url_path(rest: &str) -> Result<String, FetchProblem> {
             "a file URL needs an absolute path, file:///path".into(),
         ));
     }
-    let path = percent_decode(path)
+    let path = crate::url::percent_decode(path)
         .ok_or_else(|| FetchProblem::BadLocation("bad %-escape in the file URL".into()))?;
     #[cfg(windows)]
     let path = match path.as_bytes() {
@@ -307,23 +307,6 @@ fn file_url_path(rest: &str) -> Result<String, FetchProblem> {
         _ => path,
     };
     Ok(path)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 async fn read_file(path: &str) -> Result<Vec<u8>, FetchProblem> {

@@ -113,6 +113,15 @@ fn read_platform() -> Vec<SystemProxy> {
     windows::read()
 }
 
+/// The admin policy in the Windows registry ([`crate::policy`]): Sallyport's key and Windows'
+/// own switch that turns WPAD off. Nothing elsewhere.
+pub fn registry_policy() -> Result<crate::policy::Policy, String> {
+    #[cfg(windows)]
+    return windows::policy();
+    #[cfg(not(windows))]
+    Ok(crate::policy::Policy::default())
+}
+
 #[cfg(target_os = "macos")]
 fn read_platform() -> Vec<SystemProxy> {
     macos::read()

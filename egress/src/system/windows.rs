@@ -243,18 +243,21 @@ pub fn winhttp_candidate(proxy: &str, bypass: &str) -> Option<SystemProxy> {
 }
 
 #[cfg(windows)]
-pub(super) use reading::read;
+pub(super) use reading::{policy, read};
 
 #[cfg(windows)]
 mod reading {
     use super::*;
+    use crate::policy::{self, Policy, RegValue};
     use std::ptr;
     use windows_sys::Win32::Foundation::{GlobalFree, ERROR_MORE_DATA, ERROR_SUCCESS};
     use windows_sys::Win32::Networking::WinHttp::{
         WinHttpGetDefaultProxyConfiguration, WINHTTP_ACCESS_TYPE_NAMED_PROXY, WINHTTP_PROXY_INFO,
     };
     use windows_sys::Win32::System::Registry::{
-        RegGetValueW, HKEY_CURRENT_USER, RRF_RT_REG_BINARY, RRF_RT_REG_DWORD, RRF_RT_REG_SZ,
+        RegCloseKey, RegEnumValueW, RegGetValueW, RegOpenKeyExW, HKEY, HKEY_CURRENT_USER,
+        HKEY_LOCAL_MACHINE, KEY_READ, REG_DWORD, REG_SZ, RRF_RT_REG_BINARY, RRF_RT_REG_DWORD,
+        RRF_RT_REG_SZ,
     };
 
     const KEY: &str = r"Software\Microsoft\Windows\CurrentVersion\Internet Settings";
@@ -267,6 +270,11 @@ mod reading {
 
     /// The raw data of `HKCU\subkey\name` of the types in `flags`; `None` when absent.
     fn value(subkey: &str, name: &str, flags: u32) -> Option<Vec<u8>> {
+        hive_value(HKEY_CURRENT_USER, subkey, name, flags)
+    }
+
+    /// The raw data of `hive\subkey\name` of the types in `flags`; `None` when absent.
+    fn hive_value(hive: HKEY, subkey: &str, name: &str, flags: u32) -> Option<Vec<u8>> {
         let subkey_w = wide(subkey);
         let name_w = wide(name);
         let mut size = 0u32;
@@ -274,7 +282,7 @@ mod reading {
         // asks only for the size, written to `size`.
         let rc = unsafe {
             RegGetValueW(
-                HKEY_CURRENT_USER,
+                hive,
                 subkey_w.as_ptr(),
                 name_w.as_ptr(),
                 flags,
@@ -298,7 +306,7 @@ mod reading {
             // SAFETY: `buf` has `size` writable bytes and `size` says so; the names as above.
             let rc = unsafe {
                 RegGetValueW(
-                    HKEY_CURRENT_USER,
+                    hive,
                     subkey_w.as_ptr(),
                     name_w.as_ptr(),
                     flags,
@@ -333,13 +341,87 @@ mod reading {
     }
 
     fn string(subkey: &str, name: &str) -> Option<String> {
-        let b = value(subkey, name, RRF_RT_REG_SZ)?;
+        Some(utf16_bytes(&value(subkey, name, RRF_RT_REG_SZ)?))
+    }
+
+    fn utf16_bytes(b: &[u8]) -> String {
         let units: Vec<u16> = b
             .chunks_exact(2)
             .map(|c| u16::from_le_bytes([c[0], c[1]]))
             .take_while(|u| *u != 0)
             .collect();
-        Some(String::from_utf16_lossy(&units))
+        String::from_utf16_lossy(&units)
+    }
+
+    /// A DWORD under HKLM (`key` as written in [`crate::policy`], with its `HKLM\` prefix).
+    fn machine_dword(key: &str, name: &str) -> Option<u32> {
+        let subkey = key.strip_prefix(r"HKLM\").unwrap_or(key);
+        let b = hive_value(HKEY_LOCAL_MACHINE, subkey, name, RRF_RT_REG_DWORD)?;
+        Some(u32::from_le_bytes(b.get(..4)?.try_into().ok()?))
+    }
+
+    /// Every string and DWORD value of an HKLM key (at most 64); empty when it is absent.
+    fn machine_values(key: &str) -> Vec<(String, RegValue)> {
+        let subkey = wide(key.strip_prefix(r"HKLM\").unwrap_or(key));
+        let mut hkey: HKEY = ptr::null_mut();
+        // SAFETY: the name is NUL-terminated UTF-16; `hkey` receives an open key, closed below.
+        if unsafe { RegOpenKeyExW(HKEY_LOCAL_MACHINE, subkey.as_ptr(), 0, KEY_READ, &mut hkey) }
+            != ERROR_SUCCESS
+        {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for index in 0..64u32 {
+            let mut name = [0u16; 256];
+            let mut name_len = name.len() as u32;
+            let mut kind = 0u32;
+            let mut data = [0u8; 512];
+            let mut data_len = data.len() as u32;
+            // SAFETY: every buffer is as long as the length passed with it.
+            let rc = unsafe {
+                RegEnumValueW(
+                    hkey,
+                    index,
+                    name.as_mut_ptr(),
+                    &mut name_len,
+                    ptr::null(),
+                    &mut kind,
+                    data.as_mut_ptr(),
+                    &mut data_len,
+                )
+            };
+            if rc == ERROR_MORE_DATA {
+                continue; // not one of ours: our values are short
+            }
+            if rc != ERROR_SUCCESS {
+                break;
+            }
+            let name = String::from_utf16_lossy(&name[..name_len as usize]);
+            let data = &data[..data_len as usize];
+            let value = match kind {
+                REG_SZ => RegValue::Sz(utf16_bytes(data)),
+                REG_DWORD if data.len() >= 4 => {
+                    RegValue::Dword(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
+                }
+                _ => continue,
+            };
+            out.push((name, value));
+        }
+        // SAFETY: `hkey` was opened above and is closed once.
+        unsafe { RegCloseKey(hkey) };
+        out
+    }
+
+    /// Sallyport's policy key, and Windows' own WPAD switch.
+    pub(in crate::system) fn policy() -> Result<Policy, String> {
+        let mut p = Policy::from_registry(&machine_values(policy::REGISTRY_KEY))?;
+        if p.wpad.is_none() {
+            p.wpad = policy::windows_wpad_off(
+                policy::WINHTTP_KEYS.map(|k| machine_dword(k, "DisableWpad")),
+                machine_dword(policy::AUTOPROXY_SERVICE_KEY, "Start"),
+            );
+        }
+        Ok(p)
     }
 
     /// A WinHTTP-allocated wide string, copied and freed.
