@@ -233,6 +233,8 @@ connector_tokens = "connectors.toml"
 [limits]
 opens_per_token = 1000000.0
 handshakes_per_ip = 1000.0
+streams_per_token = 1000000
+streams_per_session = 1000000
 """)
         self.dmz = Proc("dmz", [str(GW), "dmz", "-c", str(t / "dmz.toml"), "--threads", str(THREADS), "--log", "warn,gateway::dmz=info"], t)
         port = int(self.dmz.wait_for(r"dmz gateway listening addr=127\.0\.0\.1:(\d+)").group(1))
@@ -241,7 +243,7 @@ handshakes_per_ip = 1000.0
         for p in (iperf_port, echo_port, echo10k_port):
             allow += ["--allow", f"127.0.0.1/32:{p}"]
         self.connector = Proc("connector", [str(GW), "connector", "--gateway", url, "--token-file", str(t / "connector.token"),
-                                            "--ca", str(t / "ca.crt"), "--threads", str(THREADS), "--log", "warn,gateway::connector=info"] + allow, t)
+                                            "--ca", str(t / "ca.crt"), "--threads", str(THREADS), "--log", "warn,gateway::connector=info,uplink=info"] + allow, t)
         self.connector.wait_for("connected to the gateway")
         self.fwd_iperf, self.fwd_echo, self.fwd_10k = free_port(), free_port(), free_port()
         self.agent = Proc("agent", [str(AGENT), "run", "--gateway", url, "--token-file", str(t / "agent.token"), "--ca", str(t / "ca.crt"),
@@ -249,7 +251,7 @@ handshakes_per_ip = 1000.0
                                     "--forward", f"127.0.0.1:{self.fwd_iperf}=127.0.0.1:{iperf_port}",
                                     "--forward", f"127.0.0.1:{self.fwd_echo}=127.0.0.1:{echo_port}",
                                     "--forward", f"127.0.0.1:{self.fwd_10k}=127.0.0.1:{echo10k_port}",
-                                    "--log", "warn,agent=info"], t, env={"HOME": str(t)})
+                                    "--log", "warn,agent=info,uplink=info"], t, env={"HOME": str(t)})
         self.socks = int(self.agent.wait_for(r'front="socks5" addr=127\.0\.0\.1:(\d+)').group(1))
         self.agent.wait_for("connected to the gateway")
         time.sleep(0.3)
@@ -271,7 +273,7 @@ handshakes_per_ip = 1000.0
                                   "--ca", str(t / "ca.crt"), "--socks", "off", "--http", "off",
                                   "--forward", f"127.0.0.1:{fi}=127.0.0.1:{self.iperf_port}",
                                   "--forward", f"127.0.0.1:{fe}=127.0.0.1:{self.echo_port}",
-                                  "--log", "warn,agent=info"] + args, t, env={"HOME": str(t)})
+                                  "--log", "warn,agent=info,uplink=info"] + args, t, env={"HOME": str(t)})
         a.wait_for("connected to the gateway")
         return a, fi, fe
 
