@@ -387,12 +387,18 @@ def part_streams(a, cl, spread, echo_addrs, connectors, lines):
 
 
 def part_recovery(a, cl, spread, echo_addrs, connectors, lines):
-    # One more agent given both URLs, with a forward; kill -9 the instance it is on.
-    port = bench.free_port()
-    ra = cl.agent("agent-recovery", cl.urls, [(port, echo_addrs[0])])
+    # An agent given both URLs, with a forward; kill -9 the instance it is on. By default a fresh
+    # agent per sample (its reconnect backoff starts from the beginning, as after a real loss);
+    # --same-agent keeps one agent, so losses follow each other within the backoff's 60 s.
+    ra = None
     times, failures = [], 0
     for s in range(a.samples):
         try:
+            if ra is None or not a.same_agent:
+                if ra is not None:
+                    ra.stop()
+                port = bench.free_port()
+                ra = cl.agent(f"agent-recovery{s}", [cl.urls[s % 2], cl.urls[(s + 1) % 2]], [(port, echo_addrs[0])])
             # The agent works (both instances are up; the connector came back after the last).
             t_ok = time.time() + 30
             while not one_connection(port) and time.time() < t_ok:
@@ -422,7 +428,8 @@ def part_recovery(a, cl, spread, echo_addrs, connectors, lines):
         except Exception as e:  # one failed sample never ends the run
             failures += 1
             print(f"  recovery sample {s + 1} failed: {e!r}", file=sys.stderr)
-    lines.append(f"| recovery after kill -9 of the agent's instance ({a.samples} samples) | value |")
+    how = "one agent for all samples" if a.same_agent else "a fresh agent each sample"
+    lines.append(f"| recovery after kill -9 of the agent's instance ({a.samples} samples, {how}) | value |")
     lines.append("|---|---:|")
     lines.append(f"| recovered | {len(times)}/{a.samples} |")
     if times:
@@ -488,6 +495,8 @@ def main():
                     help="connector processes [default: 1, or as many as the open-file limit needs: each holds "
                          "one socket per stream]")
     ap.add_argument("--samples", type=int, default=20, help="recovery samples")
+    ap.add_argument("--same-agent", dest="same_agent", action="store_true",
+                    help="recovery: one agent for all samples (kills 2-15 s apart) instead of a fresh one each")
     ap.add_argument("--rounds", type=int, default=5, help="cps rounds (one and two instances each)")
     ap.add_argument("--seconds", type=float, default=4.0, help="cps: length of one measurement")
     ap.add_argument("--concurrency", type=int, default=64, help="cps: connections at once")
