@@ -77,6 +77,20 @@ def status_of(pid, key):
     return 0
 
 
+def sum_fields(path, prefixes):
+    """The sum of the first number on every line of a /proc file that starts with one of
+    `prefixes` (0 when the file is gone)."""
+    total = 0
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefixes):
+                    total += int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return total
+
+
 STARTED = []
 
 
@@ -139,16 +153,8 @@ class Proc:
         return sum(status_of(pid, "VmHWM") for pid in [self.p.pid] + children(self.p.pid)) / 1024
 
     def ctx_switches(self):
-        total = 0
-        for t in os.listdir(f"/proc/{self.p.pid}/task"):
-            try:
-                with open(f"/proc/{self.p.pid}/task/{t}/status") as f:
-                    for line in f:
-                        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                            total += int(line.split()[1])
-            except FileNotFoundError:
-                pass
-        return total
+        return sum(sum_fields(f"/proc/{self.p.pid}/task/{t}/status", ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
+                   for t in os.listdir(f"/proc/{self.p.pid}/task"))
 
     def stop(self):
         if self.p.poll() is None:
@@ -207,8 +213,10 @@ def echo_server_thread(port):
 # Chains
 
 class Sallyport:
-    def __init__(self, tmp, iperf_port, echo_port, echo10k_port):
+    def __init__(self, tmp, iperf_port, echo_port, echo10k_port, bindir=REL):
         self.tmp = Path(tmp)
+        self.gw, self.agent_bin = bindir / "sallyport-gateway", bindir / "sallyport"
+        GW, AGENT = self.gw, self.agent_bin
         t = self.tmp
         run([str(GW), "cert", "--name", "127.0.0.1", "--out", str(t)])
         run([str(GW), "token", "new", "--kind", "agent", "--id", "bench", "--tokens", str(t / "agents.toml"), "--out", str(t / "agent.token")])
@@ -225,6 +233,8 @@ connector_tokens = "connectors.toml"
 [limits]
 opens_per_token = 1000000.0
 handshakes_per_ip = 1000.0
+streams_per_token = 1000000
+streams_per_session = 1000000
 """)
         self.dmz = Proc("dmz", [str(GW), "dmz", "-c", str(t / "dmz.toml"), "--threads", str(THREADS), "--log", "warn,gateway::dmz=info"], t)
         port = int(self.dmz.wait_for(r"dmz gateway listening addr=127\.0\.0\.1:(\d+)").group(1))
@@ -233,7 +243,7 @@ handshakes_per_ip = 1000.0
         for p in (iperf_port, echo_port, echo10k_port):
             allow += ["--allow", f"127.0.0.1/32:{p}"]
         self.connector = Proc("connector", [str(GW), "connector", "--gateway", url, "--token-file", str(t / "connector.token"),
-                                            "--ca", str(t / "ca.crt"), "--threads", str(THREADS), "--log", "warn,gateway::connector=info"] + allow, t)
+                                            "--ca", str(t / "ca.crt"), "--threads", str(THREADS), "--log", "warn,gateway::connector=info,uplink=info"] + allow, t)
         self.connector.wait_for("connected to the gateway")
         self.fwd_iperf, self.fwd_echo, self.fwd_10k = free_port(), free_port(), free_port()
         self.agent = Proc("agent", [str(AGENT), "run", "--gateway", url, "--token-file", str(t / "agent.token"), "--ca", str(t / "ca.crt"),
@@ -241,7 +251,7 @@ handshakes_per_ip = 1000.0
                                     "--forward", f"127.0.0.1:{self.fwd_iperf}=127.0.0.1:{iperf_port}",
                                     "--forward", f"127.0.0.1:{self.fwd_echo}=127.0.0.1:{echo_port}",
                                     "--forward", f"127.0.0.1:{self.fwd_10k}=127.0.0.1:{echo10k_port}",
-                                    "--log", "warn,agent=info"], t, env={"HOME": str(t)})
+                                    "--log", "warn,agent=info,uplink=info"], t, env={"HOME": str(t)})
         self.socks = int(self.agent.wait_for(r'front="socks5" addr=127\.0\.0\.1:(\d+)').group(1))
         self.agent.wait_for("connected to the gateway")
         time.sleep(0.3)
@@ -250,11 +260,12 @@ handshakes_per_ip = 1000.0
         self.iperf_port, self.echo_port = iperf_port, echo_port
 
     def inner_key(self):
-        return run([str(GW), "inner-key", "-c", str(self.tmp / "dmz.toml")]).stdout.strip()
+        return run([str(self.gw), "inner-key", "-c", str(self.tmp / "dmz.toml")]).stdout.strip()
 
     def variant(self, name, args, conf="", token="agent.token"):
         """One more agent on the same DMZ and connector, with its own forwards."""
         t = self.tmp
+        AGENT = self.agent_bin
         cfg = t / f"{name}.toml"
         cfg.write_text(conf)
         fi, fe = free_port(), free_port()
@@ -262,7 +273,7 @@ handshakes_per_ip = 1000.0
                                   "--ca", str(t / "ca.crt"), "--socks", "off", "--http", "off",
                                   "--forward", f"127.0.0.1:{fi}=127.0.0.1:{self.iperf_port}",
                                   "--forward", f"127.0.0.1:{fe}=127.0.0.1:{self.echo_port}",
-                                  "--log", "warn,agent=info"] + args, t, env={"HOME": str(t)})
+                                  "--log", "warn,agent=info,uplink=info"] + args, t, env={"HOME": str(t)})
         a.wait_for("connected to the gateway")
         return a, fi, fe
 
@@ -431,7 +442,7 @@ async def open_many(port, n, measure):
     return ok, took, measured
 
 
-async def echo10k_server(port, ready):
+async def echo10k_server(port, ready, host="127.0.0.1"):
     async def handle(r, w):
         try:
             while True:
@@ -444,7 +455,7 @@ async def echo10k_server(port, ready):
             pass
         w.close()
 
-    srv = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
+    srv = await asyncio.start_server(handle, host, port, backlog=4096)
     ready.set()
     async with srv:
         await srv.serve_forever()
@@ -472,6 +483,9 @@ def main():
                     help="with --variants: only this variant (repeatable; v1 ws is always there as the baseline)")
     ap.add_argument("--start-n", dest="start_n", type=int, default=15,
                     help="session starts timed per protocol version (v1 bearer, v2)")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also a second chain with the release binaries in DIR (e.g. another branch's), "
+                         "measured in the same rounds: `sallyport (baseline)`")
     ap.add_argument("--variants", action="store_true",
                     help="also the inner channel and the HTTP fallback transport (one agent each)")
     a = ap.parse_args()
@@ -496,9 +510,16 @@ def main():
         rathole = Rathole(tmp, iperf_port)
 
     chains = {"direct": iperf_port, "sallyport": sp.fwd_iperf, "nginx chain": nginx.port}
+    base = None
+    if a.baseline:
+        (Path(tmp) / "baseline").mkdir()
+        base = Sallyport(Path(tmp) / "baseline", iperf_port, echo_port, echo10k_port, bindir=Path(a.baseline))
+        chains["sallyport (baseline)"] = base.fwd_iperf
     if rathole:
         chains["rathole ws (2 hops)"] = rathole.port
     procs = {"sallyport": sp.procs, "nginx chain": nginx.procs}
+    if base:
+        procs["sallyport (baseline)"] = base.procs
     variants = {}
     if a.variants:
         key = sp.inner_key()
@@ -579,6 +600,12 @@ def main():
     before = {p.name: p.rss_mib() for p in sp.procs}
     ok, took, after = asyncio.run(open_many(sp.fwd_10k, a.streams, lambda: {p.name: p.rss_mib() for p in sp.procs}))
     time.sleep(2)
+    base_streams = None
+    if base:
+        b0 = {p.name: p.rss_mib() for p in base.procs}
+        bok, btook, b1 = asyncio.run(open_many(base.fwd_10k, a.streams, lambda: {p.name: p.rss_mib() for p in base.procs}))
+        base_streams = (bok, btook, b0, b1)
+        time.sleep(2)
 
     # Idle agent.
     sw0 = sp.agent.ctx_switches()
@@ -589,7 +616,7 @@ def main():
 
     for agent, _, _ in variants.values():
         agent.stop()
-    for x in ([sp, nginx] + ([rathole] if rathole else [])):
+    for x in ([sp, nginx] + ([rathole] if rathole else []) + ([base] if base else [])):
         x.stop()
     iperf_srv.stop()
     echo10k.stop()
@@ -647,6 +674,22 @@ def main():
     lines.append(f"| time to open all (each with a 1-byte echo) | {took:.2f} s |")
     for k in after:
         lines.append(f"| {k} resident with all open | {after[k]:.1f} MiB ({per_stream[k]:.1f} KiB per stream) |")
+    if base_streams:
+        bok, btook, b0, b1 = base_streams
+        lines.append(f"| baseline ({a.baseline}): success, time | {bok}/{a.streams}, {btook:.2f} s |")
+        for k in b1:
+            lines.append(f"| baseline {k} resident with all open | {b1[k]:.1f} MiB ({(b1[k] - b0[k]) * 1024 / max(bok, 1):.1f} KiB per stream) |")
+    if base:
+        r, b = res["sallyport"], res["sallyport (baseline)"]
+        lines.append("")
+        lines.append("| sallyport vs baseline, same run (ratio of medians; per-round min–max) | 1 stream up | 1 stream down | 8 streams | CPU s/GB |")
+        lines.append("|---|---:|---:|---:|---:|")
+
+        def vs(k):
+            per = [x / y for x, y in zip(r[k], b[k]) if y and x == x and y == y]
+            span = f" ({min(per):.2f}–{max(per):.2f})" if per else ""
+            return f"{med(r[k]) / med(b[k]):.2f}×{span}"
+        lines.append("| sallyport / baseline | " + " | ".join(vs(k) for k in ("up", "down", "p8", "cpu_gb")) + " |")
     lines.append("")
     lines.append("| other | value |")
     lines.append("|---|---:|")
@@ -654,16 +697,30 @@ def main():
     lines.append(f"| idle agent resident (fresh, one session) | {idle_rss:.1f} MiB |")
     lines.append(f"| idle agent wake-ups (context switches) per minute | {wake_per_min:.0f} |")
     lines.append(f"| idle agent CPU over {a.idle_seconds} s | {idle_cpu:.3f} s |")
+    write_table(lines, a.out)
+
+
+def write_table(lines, out):
+    """Prints the result table and writes it to `out`."""
     table = "\n".join(lines)
     print(table)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(table + "\n")
-    print(f"\nwritten to {a.out}", file=sys.stderr)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(table + "\n")
+    print(f"\nwritten to {out}", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def run_guarded(main):
+    """Runs `main` so that every process started is ended: on return, on an exception, on
+    Ctrl-C and on SIGTERM/SIGHUP."""
     import atexit
     atexit.register(stop_all)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(130))
-    main()
+    try:
+        main()
+    finally:
+        stop_all()
+
+
+if __name__ == "__main__":
+    run_guarded(main)

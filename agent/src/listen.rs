@@ -183,14 +183,7 @@ async fn handle(
             match dialer.dial(target.clone(), OpenMode::Early).await {
                 Ok(mut stream) => {
                     let mut tcp = tcp;
-                    match tokio::io::copy_bidirectional_with_sizes(
-                        &mut tcp,
-                        &mut stream,
-                        64 * 1024,
-                        64 * 1024,
-                    )
-                    .await
-                    {
+                    match tunnel::splice(&mut tcp, &mut stream).await {
                         Ok((up, down)) => debug!(%target, up, down, "forward done"),
                         Err(e) => info!(%target, error = %e, "forward ended with an error"),
                     }

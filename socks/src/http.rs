@@ -50,9 +50,6 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upper bound on one request head (request line plus headers).
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// Relay buffer per direction for CONNECT tunnels.
-const RELAY_BUF: usize = 64 * 1024;
-
 /// How long we wait for a kept upstream connection to become ready again
 /// before giving up on it and dialing a new one. The previous response has
 /// been fully delivered by then, so this is normally immediate.
@@ -138,14 +135,9 @@ where
     }) = tunnel
     {
         let mut client = TokioIo::new(on_upgrade.await?);
-        let (up, down) = tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
-            &mut stream,
-            RELAY_BUF,
-            RELAY_BUF,
-        )
-        .await
-        .inspect_err(|e| debug!(%target, error = %e, "CONNECT relay ended with an error"))?;
+        let (up, down) = tunnel::splice(&mut client, &mut stream)
+            .await
+            .inspect_err(|e| debug!(%target, error = %e, "CONNECT relay ended with an error"))?;
         debug!(%target, up, down, "CONNECT relay finished");
     }
     Ok(())

@@ -13,9 +13,9 @@
 //! - the dial uses [`OpenMode::Confirmed`], so a refusal on the far side
 //!   becomes the matching SOCKS5 reply code instead of a dead stream.
 //!
-//! After a success reply the two streams are spliced with
-//! `copy_bidirectional`, which forwards EOF as a write shutdown in each
-//! direction independently (half-close works end to end).
+//! After a success reply the two streams are joined by `tunnel::splice`,
+//! which forwards EOF as a write shutdown in each direction independently
+//! (half-close works end to end) and holds a buffer only while data waits.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -34,9 +34,6 @@ use crate::{Dialer, FrontError, LocalAuth, OpenMode, RelayStats, Target};
 /// How long a client may take from connecting to having sent its command.
 /// Bounds the resources an idle or dribbling client can pin.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Relay buffer per direction.
-const RELAY_BUF: usize = 64 * 1024;
 
 /// The bound address we report on success. Clients ignore it for CONNECT,
 /// and the real one lives on the far side of the tunnel anyway.
@@ -76,10 +73,9 @@ where
         .reply_success(UNSPECIFIED)
         .await
         .map_err(protocol_error)?;
-    let (up, down) =
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUF, RELAY_BUF)
-            .await
-            .inspect_err(|e| debug!(%target, error = %e, "socks5 relay ended with an error"))?;
+    let (up, down) = tunnel::splice(&mut client, &mut upstream)
+        .await
+        .inspect_err(|e| debug!(%target, error = %e, "socks5 relay ended with an error"))?;
     debug!(%target, up, down, "socks5 relay finished");
     Ok(RelayStats {
         target: Some(target),

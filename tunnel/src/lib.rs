@@ -11,6 +11,7 @@
 //! | `machine` | the session's rules as an I/O-free state machine (`now` and frames in, frames out): credit, stream ids, resets, limits, liveness; unit-tested without a runtime |
 //! | [`session`] | the session: hello, then the reader, writer and pinger tasks that drive the machine |
 //! | [`stream`] | one stream: `AsyncRead`/`AsyncWrite` and the chunk API relays use |
+//! | [`splice`] | the one copy loop joining a stream (or any byte stream) to a socket; holds a buffer only while data waits |
 //! | [`transport`] | the transport traits and an in-memory pair for tests; one file per transport beneath: |
 //! | [`transport::ws`] | the WebSocket transport over any byte stream |
 //! | [`transport::http`] | the HTTP fallback transport (POSTs up, a streamed or long-polled GET down) |
@@ -29,12 +30,14 @@ pub mod inner;
 mod machine;
 pub mod renew;
 pub mod session;
+pub mod splice;
 pub mod stream;
 pub mod token;
 pub mod transport;
 
 pub use frame::{Dest, ErrorCode, Frame, Hello, Meta, Role, PROTOCOL_VERSION};
 pub use session::{Config, Incoming, Session, SessionError, SessionStats, StreamError};
+pub use splice::splice;
 pub use stream::{OpenRequest, Stream};
 /// The transports, also at the crate root: `tunnel::ws`, `tunnel::http`.
 pub use transport::{http, ws};

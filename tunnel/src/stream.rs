@@ -454,6 +454,9 @@ impl AsyncRead for Stream {
             return Poll::Ready(Err(this.missing(closed).to_io()));
         };
         if let Some(front) = s.recv_buf.front_mut() {
+            if buf.remaining() == 0 {
+                return Poll::Ready(Ok(())); // a readiness check (`splice`): data waits
+            }
             let n = front.len().min(buf.remaining());
             buf.put_slice(&front[..n]);
             front.advance(n);

@@ -92,7 +92,7 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
     // (the copy would not poll the tunnel again until the service made room).
     let failure = stream.failure();
     let result = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, 64 * 1024, 64 * 1024) => r,
+        r = tunnel::splice(&mut stream, &mut tcp) => r,
         e = failure => Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, e)),
     };
     let (up, down) = stream.byte_counts();
