@@ -172,7 +172,7 @@ fn agent_instance(agent: &Proc, urls: &[String]) -> usize {
 
 /// The reconnect budget: failing over must not wait for a backoff that grew while the instance
 /// was down (the next instance is tried at once).
-const RECONNECT_BUDGET: Duration = Duration::from_secs(15);
+use uplink::keep::RECONNECT_BUDGET;
 
 #[test]
 fn a_killed_dmz_instance_loses_no_new_connection_for_long_the_agent_fails_over() {
