@@ -1180,21 +1180,29 @@ fn start_cluster() -> Cluster {
         c.wait_connectors(i);
     }
     // Agents on the desktop: two with the balancer's one URL (round robin puts them on
-    // different instances), one with both instances' own URLs (it fails over down its list).
-    let balanced = format!("wss://{dmz_ip}/sallyport/");
-    let own: Vec<String> = INSTANCES
-        .iter()
-        .rev()
-        .flat_map(|n| ["--gateway".to_string(), format!("wss://{dmz_ip}/i/{n}/")])
-        .collect();
-    for (i, gateways) in [
-        vec!["--gateway".to_string(), balanced.clone()],
-        vec!["--gateway".to_string(), balanced],
-        own,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    // different instances), and one with both instances' own URLs (it fails over down its
+    // list), the one no agent is on yet first.
+    let balanced = vec![
+        "--gateway".to_string(),
+        format!("wss://{dmz_ip}/sallyport/"),
+    ];
+    for i in 0..3 {
+        let gateways = if i < 2 {
+            balanced.clone()
+        } else {
+            let on: Vec<usize> = c.agents.iter().map(ClusterAgent::instance).collect();
+            let mut order: Vec<usize> = (0..INSTANCES.len()).collect();
+            order.sort_by_key(|k| on.contains(k));
+            order
+                .iter()
+                .flat_map(|k| {
+                    [
+                        "--gateway".to_string(),
+                        format!("wss://{dmz_ip}/i/{}/", INSTANCES[*k]),
+                    ]
+                })
+                .collect()
+        };
         let mut cmd = c.topo.cmd(Site::Desktop, bin("sallyport"));
         cmd.arg("run")
             .args(&gateways)
