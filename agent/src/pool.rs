@@ -145,14 +145,16 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
                     }
                     why = session.closed() => break why,
                     _ = session.peer_going_away() => {
+                        if session.is_closed() {
+                            break session.closed().await;
+                        }
                         // A draining instance: new app connections wait for the next session,
                         // which starts now; the streams open here finish on this one.
-                        let why = tunnel::SessionError::GoAway {
-                            code: ErrorCode::Shutdown,
-                            reason: "the gateway instance is going away".into(),
-                        };
+                        let (code, reason) = session
+                            .peer_goaway()
+                            .unwrap_or((ErrorCode::Shutdown, String::new()));
                         tokio::spawn(drain(session.clone(), "moved to another gateway session"));
-                        break why;
+                        break tunnel::SessionError::GoAway { code, reason };
                     }
                     _ = retry => {
                         // Back to WebSocket when the way lets it through now; the HTTP session

@@ -447,13 +447,16 @@ impl Session {
         self.shared.lock().drain_heard
     }
 
-    /// Waits until the peer said `GOAWAY` (its session may still carry streams for a while) or
-    /// the session ended: from then on, new streams belong on another session.
+    /// Waits until the peer said `GOAWAY` (its session may still carry streams for a while):
+    /// from then on, new streams belong on another session. Pending for ever on a session that
+    /// ends without one (wait for [`Session::closed`] too).
     pub async fn peer_going_away(&self) {
-        tokio::select! {
-            _ = self.shared.peer_goaway.cancelled() => {}
-            _ = self.shared.cancel.cancelled() => {}
-        }
+        self.shared.peer_goaway.cancelled().await
+    }
+
+    /// The peer's `GOAWAY` (code and reason), once it sent one.
+    pub fn peer_goaway(&self) -> Option<(ErrorCode, String)> {
+        self.shared.lock().goaway.clone()
     }
 
     /// Waits until the session has ended and says why.
