@@ -24,7 +24,7 @@ command -v danted >/dev/null 2>&1 || need+=(dante-server)
 [ -x /usr/sbin/krb5kdc ] || need+=(krb5-kdc)
 [ -x /usr/sbin/kadmin.local ] || need+=(krb5-admin-server)
 command -v kinit >/dev/null 2>&1 || need+=(krb5-user)
-# The four-site topology test: network namespaces, veth, nftables, ss.
+# The topology tests (four sites; two DMZ instances and two trusted sites): network namespaces, veth, nftables, ss.
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ss >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)

@@ -49,16 +49,21 @@ fn dial_error(e: &StreamError) -> DialError {
 impl TunnelDialer {
     /// Opens a tunnel stream to `target`; with `confirm`, waits for the far end's answer.
     pub async fn open(&self, target: &Target, confirm: bool) -> Result<Stream, DialError> {
-        let session = self
-            .pool
-            .session(self.session_wait)
-            .await
-            .map_err(|e| DialError::new(DialErrorKind::Unavailable, e))?;
-        let mut m = Meta::default();
-        m.set(meta::FRONT, self.front);
-        let stream = session
-            .open(Dest::new(target.host.clone(), target.port), m)
-            .map_err(|e| dial_error(&e))?;
+        let stream = loop {
+            let session = self
+                .pool
+                .session(self.session_wait)
+                .await
+                .map_err(|e| DialError::new(DialErrorKind::Unavailable, e))?;
+            let mut m = Meta::default();
+            m.set(meta::FRONT, self.front);
+            match session.open(Dest::new(target.host.clone(), target.port), m) {
+                // The gateway said GOAWAY after the pool lent this session: the pool lends
+                // only sessions that are not going away, so this waits for the next one.
+                Err(StreamError::GoingAway) => continue,
+                r => break r.map_err(|e| dial_error(&e))?,
+            }
+        };
         if confirm {
             match tokio::time::timeout(self.open_timeout, stream.opened()).await {
                 Ok(Ok(())) => {}

@@ -3,7 +3,8 @@
 //! One long-lived session carries every app connection as a stream, so a new app connection
 //! costs no TCP or TLS handshake. When the session drops, the pool reconnects with exponential
 //! backoff and jitter; app connections that arrive meanwhile wait (bounded) for the next
-//! session instead of failing at once.
+//! session instead of failing at once. When the gateway says `GOAWAY` (an instance draining),
+//! the pool reconnects at once and the old session carries its open streams to their end.
 //!
 //! How a session is set up and kept is shared with the connector (`uplink`: `Uplink::connect`,
 //! `uplink::keep`); this file adds what only the agent does: lending the session to app
@@ -143,6 +144,18 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
                         return uplink::Ended::Shutdown;
                     }
                     why = session.closed() => break why,
+                    _ = session.peer_going_away() => {
+                        if session.is_closed() {
+                            break session.closed().await;
+                        }
+                        // A draining instance: new app connections wait for the next session,
+                        // which starts now; the streams open here finish on this one.
+                        let (code, reason) = session
+                            .peer_goaway()
+                            .unwrap_or((ErrorCode::Shutdown, String::new()));
+                        tokio::spawn(drain(session.clone(), "moved to another gateway session"));
+                        break tunnel::SessionError::GoAway { code, reason };
+                    }
                     _ = retry => {
                         // Back to WebSocket when the way lets it through now; the HTTP session
                         // ends once its streams have.
@@ -152,7 +165,7 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
                             *pool.carried.lock().unwrap_or_else(|e| e.into_inner()) = ws.carried.to_string();
                             pool.current.send_replace(Some(session.clone()));
                             on_http = false;
-                            tokio::spawn(drain(old));
+                            tokio::spawn(drain(old, "moved to another transport"));
                         }
                     }
                 }
@@ -176,11 +189,12 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
     pool.current.send_replace(None);
 }
 
-/// Closes a replaced session once its last stream has ended (at most an hour later).
-async fn drain(old: Session) {
+/// Closes a replaced session once its last stream has ended (at most an hour later; a
+/// draining gateway closes it sooner).
+async fn drain(old: Session, why: &'static str) {
     let until = Instant::now() + Duration::from_secs(3600);
     while old.stream_count() > 0 && Instant::now() < until && !old.is_closed() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    old.close(ErrorCode::Shutdown, "moved to another transport");
+    old.close(ErrorCode::Shutdown, why);
 }

@@ -56,6 +56,15 @@ pub struct LbConfig<'a> {
     /// nginx only: demand a client certificate issued by this CA (PEM): `ssl_verify_client on`
     /// (tests of the agent's `--tls native --client-cert`).
     pub client_ca: Option<&'a Path>,
+    /// HAProxy only: the instance names of `upstream` and `more_upstreams`, in order (stable
+    /// names, such as a StatefulSet's). Given, each instance also gets its own path,
+    /// `/i/NAME/`, that reaches that instance only (with the path rewritten to `{prefix}/`): the
+    /// route a connector that may reach only the load balancer takes to every instance
+    /// (docs/deploy.md, "Several DMZ instances"). Empty: servers are named `dmz1`, `dmz2`, ….
+    pub instances: Vec<&'a str>,
+    /// HAProxy only: the health check's interval (`inter`; taken out after 2 failures, back after
+    /// 2 successes). A draining instance's `--drain-delay` must exceed twice this.
+    pub check_interval: Duration,
 }
 
 impl<'a> LbConfig<'a> {
@@ -73,6 +82,8 @@ impl<'a> LbConfig<'a> {
             netns: None,
             more_upstreams: Vec::new(),
             client_ca: None,
+            instances: Vec::new(),
+            check_interval: Duration::from_secs(2),
         }
     }
 
@@ -400,7 +411,8 @@ pub struct Haproxy {
 
 impl Haproxy {
     /// The part of the configuration an operator copies: a `frontend` that terminates TLS and
-    /// adds `X-Forwarded-For`, and a `backend` with a health check on `{prefix}/readyz`.
+    /// adds `X-Forwarded-For`, and a `backend` with a health check on `{prefix}/readyz`. With
+    /// [`LbConfig::instances`], also a backend per instance for its own path `/i/NAME/`.
     /// `pem` is the certificate chain followed by its key, in one file (HAProxy's `crt`).
     pub fn site_config(cfg: &LbConfig<'_>, pem: &Path) -> String {
         let prefix = cfg.prefix();
@@ -411,23 +423,76 @@ impl Haproxy {
             Some(ip) => format!(" source {ip}"),
             None => String::new(),
         };
+        let upstreams: Vec<(String, SocketAddr)> = std::iter::once(&cfg.upstream)
+            .chain(&cfg.more_upstreams)
+            .enumerate()
+            .map(|(i, u)| {
+                let name = match cfg.instances.get(i) {
+                    Some(n) => n.to_string(),
+                    None => format!("dmz{}", i + 1),
+                };
+                (name, *u)
+            })
+            .collect();
+        let own_paths: Vec<&(String, SocketAddr)> = if cfg.instances.is_empty() {
+            Vec::new()
+        } else {
+            upstreams.iter().collect()
+        };
         let elsewhere = if prefix.is_empty() {
             String::new()
         } else {
-            format!("    http-request deny deny_status 404 unless {{ path_beg {prefix}/ }}\n")
+            let paths: Vec<String> = std::iter::once(format!("{prefix}/"))
+                .chain(own_paths.iter().map(|(n, _)| format!("/i/{n}/")))
+                .collect();
+            format!(
+                "    http-request deny deny_status 404 unless {{ path_beg {} }}\n",
+                paths.join(" ")
+            )
         };
+        let mut routes = String::new();
+        if !own_paths.is_empty() {
+            routes.push_str("    # Each instance's own path (for connectors): /i/NAME/ reaches that instance only.\n");
+        }
+        for (n, _) in &own_paths {
+            routes.push_str(&format!(
+                "    use_backend be_{n} if {{ path_beg /i/{n}/ }}\n"
+            ));
+        }
+        let inter = lb_duration(cfg.check_interval);
         let mut servers = String::new();
         if !cfg.more_upstreams.is_empty() {
             servers.push_str("    # HTTP-transport sessions stay on one instance.\n");
             servers.push_str("    balance hdr(sallyport-affinity)\n    hash-type consistent\n");
+            servers.push_str(
+                "    # A connection refused by an instance that just died goes to another one.\n",
+            );
+            servers.push_str("    retries 2\n    option redispatch\n");
         }
-        for (i, u) in std::iter::once(&cfg.upstream)
-            .chain(&cfg.more_upstreams)
-            .enumerate()
-        {
+        for (name, u) in &upstreams {
             servers.push_str(&format!(
-                "    server dmz{} {} check{source}\n",
-                i + 1,
+                "    server {name} {} check inter {inter} fall 2 rise 2{source}\n",
+                hp(*u)
+            ));
+        }
+        let backend_head = format!(
+            "    mode http
+    timeout connect 5s
+    timeout server 30s
+    # Idle limit of the upgraded (WebSocket) connection: keep it above the tunnel ping (20 s).
+    timeout tunnel {idle}
+"
+        );
+        let mut own = String::new();
+        for (n, u) in &own_paths {
+            own.push_str(&format!(
+                "
+backend be_{n}
+{backend_head}    # The instance serves {prefix}/: /i/{n}/connector reaches it as {prefix}/connector.
+    http-request replace-path ^/i/{n}(/.*) {prefix}\\1
+    # No health check: connectors attach as soon as it listens and stay while it drains.
+    server {n} {}{source}
+",
                 hp(*u)
             ));
         }
@@ -438,21 +503,15 @@ impl Haproxy {
     timeout http-request 10s
     timeout client 30s
     option forwardfor                   # adds X-Forwarded-For: <client address>
-{elsewhere}    use_backend be_sallyport if {{ path_beg {prefix}/ }}
+{elsewhere}{routes}    use_backend be_sallyport if {{ path_beg {prefix}/ }}
 
 backend be_sallyport
-    mode http
-    timeout connect 5s
-    timeout server 30s
-    # Idle limit of the upgraded (WebSocket) connection: keep it above the tunnel ping (20 s).
-    timeout tunnel {idle}
-    option httpchk
+{backend_head}    option httpchk
     http-check send meth GET uri {prefix}/readyz
     http-check expect status 200
-{servers}"#,
+{servers}{own}"#,
             listen = hp(cfg.listen),
             pem = pem.display(),
-            servers = servers,
         )
     }
 

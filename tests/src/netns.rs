@@ -1,6 +1,9 @@
-//! Four sites on one machine, made of network namespaces, veth pairs, a router namespace and
+//! Sites on one machine, made of network namespaces, veth pairs, a router namespace and
 //! nftables: the network the product's claim is about ("neither site opens an inbound port, and
-//! only 443 leaves either site").
+//! only 443 leaves either site"). Two layouts ([`Layout`]): four sites with a corporate proxy
+//! ([`Layout::Proxied`], below), and a DMZ with a desktop and two trusted sites that each may
+//! reach only the DMZ's 443 ([`Layout::TwoSites`], for several DMZ instances behind a load
+//! balancer).
 //!
 //! ```text
 //!   desktop 10.99.1.2 ─┐                       ┌─ DMZ 10.99.3.2      (gateway :443)
@@ -17,6 +20,9 @@
 //! | DMZ | anything (it is shown not to reach the trusted site) | only TCP 443 |
 //! | trusted | only to the DMZ, TCP 443 | **none at all** |
 //!
+//! In [`Layout::TwoSites`] there is no proxy: the desktop, the trusted site and the second trusted
+//! site (`TrustedB`, 10.99.5.2) may each open only TCP 443 to the DMZ and accept nothing.
+//!
 //! Loopback is open everywhere (the agent's local ports, the services on the trusted site).
 //! Everything is created by [`Topology::new`] and removed on drop, also when a test fails.
 //! Needs root, `ip` (iproute2) and `nft` (nftables).
@@ -27,24 +33,43 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-/// One of the four sites.
+/// One of the sites.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Site {
     Desktop,
     Proxy,
     Dmz,
     Trusted,
+    /// A second trusted site ([`Layout::TwoSites`] only).
+    TrustedB,
+}
+
+/// Which sites a [`Topology`] has, and what each may reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Desktop, proxy, DMZ, trusted site: the desktop goes out through the proxy.
+    Proxied,
+    /// Desktop, DMZ and two trusted sites, each allowed only TCP 443 to the DMZ.
+    TwoSites,
+}
+
+impl Layout {
+    pub fn sites(self) -> &'static [Site] {
+        match self {
+            Layout::Proxied => &[Site::Desktop, Site::Proxy, Site::Dmz, Site::Trusted],
+            Layout::TwoSites => &[Site::Desktop, Site::Dmz, Site::Trusted, Site::TrustedB],
+        }
+    }
 }
 
 impl Site {
-    pub const ALL: [Site; 4] = [Site::Desktop, Site::Proxy, Site::Dmz, Site::Trusted];
-
     fn index(self) -> u8 {
         match self {
             Site::Desktop => 1,
             Site::Proxy => 2,
             Site::Dmz => 3,
             Site::Trusted => 4,
+            Site::TrustedB => 5,
         }
     }
 
@@ -54,6 +79,7 @@ impl Site {
             Site::Proxy => "proxy",
             Site::Dmz => "dmz",
             Site::Trusted => "trust",
+            Site::TrustedB => "trustb",
         }
     }
 
@@ -63,7 +89,7 @@ impl Site {
     }
 }
 
-/// The four sites and the router; removed on drop.
+/// The sites and the router; removed on drop.
 pub struct Topology {
     prefix: String,
     namespaces: Vec<String>,
@@ -85,7 +111,12 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 impl Topology {
+    /// The four sites of [`Layout::Proxied`].
     pub fn new(tag: &str) -> Result<Topology> {
+        Topology::with_layout(tag, Layout::Proxied)
+    }
+
+    pub fn with_layout(tag: &str, layout: Layout) -> Result<Topology> {
         require_tool("ip");
         require_tool("nft");
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -100,7 +131,7 @@ impl Topology {
         t.namespaces.push(router.clone());
         ip(&["-n", &router, "link", "set", "lo", "up"])?;
         t.sysctl(&router, "net.ipv4.ip_forward=1")?;
-        for site in Site::ALL {
+        for &site in layout.sites() {
             let ns = t.ns(site);
             ip(&["netns", "add", &ns])?;
             t.namespaces.push(ns.clone());
@@ -140,7 +171,7 @@ impl Topology {
                 &peer,
             ])?;
             ip(&["-n", &router, "link", "set", &peer, "up"])?;
-            t.nft(&ns, &firewall(site))?;
+            t.nft(&ns, &firewall(site, layout))?;
         }
         Ok(t)
     }
@@ -204,11 +235,15 @@ impl Drop for Topology {
 }
 
 /// The nftables ruleset of a site (see the module table).
-fn firewall(site: Site) -> String {
+fn firewall(site: Site, layout: Layout) -> String {
     let proxy = Site::Proxy.ip();
     let desk = Site::Desktop.ip();
     let dmz = Site::Dmz.ip();
     let (inbound, outbound) = match site {
+        Site::Desktop if layout == Layout::TwoSites => (
+            String::new(),
+            format!("ip daddr {dmz} tcp dport 443 accept"),
+        ),
         Site::Desktop => (
             String::new(),
             format!("ip daddr {proxy} tcp dport 3128 accept"),
@@ -218,7 +253,7 @@ fn firewall(site: Site) -> String {
             "tcp dport 443 accept".to_string(),
         ),
         Site::Dmz => ("tcp dport 443 accept".to_string(), "accept".to_string()),
-        Site::Trusted => (
+        Site::Trusted | Site::TrustedB => (
             String::new(),
             format!("ip daddr {dmz} tcp dport 443 accept"),
         ),

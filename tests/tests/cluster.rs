@@ -1,6 +1,7 @@
 //! Several DMZ instances on loopback: a connector keeps sessions to every instance, an agent
 //! fails over from one to the next when its instance dies, and an instance that is told to stop
-//! drains (`/readyz` 503, still serving, then `GOAWAY`) before its sessions move.
+//! drains (`/readyz` 503, still serving, then `GOAWAY`) before its sessions move, while the
+//! streams open on it finish there.
 
 use sallyport_e2e::*;
 use std::process::Command;
@@ -190,7 +191,7 @@ fn agent_instance(agent: &Proc, urls: &[String]) -> usize {
 
 /// The reconnect budget: failing over must not wait for a backoff that grew while the instance
 /// was down (the next instance is tried at once).
-const RECONNECT_BUDGET: Duration = Duration::from_secs(15);
+use uplink::keep::RECONNECT_BUDGET;
 
 #[test]
 fn a_killed_dmz_instance_loses_no_new_connection_for_long_the_agent_fails_over() {
@@ -257,6 +258,69 @@ fn a_draining_instance_answers_readyz_503_keeps_serving_then_moves_its_sessions(
     }
     assert!(ok, "the agent did not move: {}", agent.log());
     c.dmz[on].terminate(Duration::from_secs(10));
+}
+
+/// A draining instance used to close every session right after its `GOAWAY`: a download
+/// running through it broke off (`session-lost`). Now it finishes there, within the drain's
+/// grace, while the agent's new connections already go to the other instance.
+#[test]
+fn a_download_running_when_its_instance_drains_finishes_there() {
+    // Far more than the buffers on the way hold (stream windows, socket buffers): the stream
+    // through the DMZ is busy until close to the end.
+    const N: u64 = 12 * 1024 * 1024;
+    let c = cluster("cluster-grace", "0s");
+    let (agent, socks) = agent(&c);
+    let on = agent_instance(&agent, &c.urls);
+    let dir = TempDir::new("cluster-grace");
+    let file = dir.path().join("download.bin");
+    let download = curl()
+        .args(["--limit-rate", "4M", "-o"])
+        .arg(&file)
+        .arg("--socks5-hostname")
+        .arg(socks.to_string())
+        .arg(format!("http://backend.internal:{}/bytes/{N}", c.port))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) < 128 * 1024 {
+        assert!(Instant::now() < deadline, "the download did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &c.dmz[on].pid().to_string()])
+        .output();
+    let stopped = Instant::now();
+    agent
+        .wait_for(&["gateway session lost"], Duration::from_secs(10))
+        .unwrap();
+    // New connections go to the other instance at once...
+    assert!(fetch(socks, c.port), "{}", agent.log());
+    assert_eq!(agent_instance(&agent, &c.urls), 1 - on, "{}", agent.log());
+    // ...and the download on the draining one completes intact.
+    let out = download.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the download broke off: {}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.log(),
+        c.dmz[on].log()
+    );
+    assert_eq!(sha256_file(&file).unwrap(), pattern_sha256(N));
+    // The draining instance carried it to the end.
+    let log = c.dmz[on].log();
+    assert!(
+        log.lines().any(|l| l.contains("stream closed")
+            && field(l, "outcome").as_deref() == Some("closed")
+            && field(l, "bytes_down")
+                .and_then(|b| b.parse::<u64>().ok())
+                .is_some_and(|b| b >= N)),
+        "{log}"
+    );
+    eprintln!(
+        "the download ended {:?} after SIGTERM, intact",
+        stopped.elapsed()
+    );
 }
 
 #[test]

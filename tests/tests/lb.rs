@@ -437,7 +437,8 @@ fn haproxy_passes_the_client_address_and_forged_headers_lose() {
 // The documentation shows the tested configurations
 
 /// docs/deploy.md shows the site part of both configurations exactly as the harness renders
-/// it with example addresses; when they differ, this fails and prints what the harness renders.
+/// it with example addresses, and HAProxy's for several instances with their own paths; when
+/// they differ, this fails and prints what the harness renders.
 #[test]
 fn the_documented_configs_are_the_ones_tested() {
     let docs =
@@ -451,8 +452,19 @@ fn the_documented_configs_are_the_ones_tested() {
         ..LbConfig::new("10.0.1.10:8080".parse().unwrap(), crt, key)
     };
     let nginx = Nginx::site_config(&cfg);
-    let haproxy = Haproxy::site_config(&cfg, Path::new("/etc/haproxy/gw.example.com.pem"));
-    let missing: Vec<String> = [("nginx", nginx), ("haproxy", haproxy)]
+    let pem = Path::new("/etc/haproxy/gw.example.com.pem");
+    let haproxy = Haproxy::site_config(&cfg, pem);
+    // Several instances, each with its own path for connectors (tests/tests/topology.rs,
+    // `two_sites_reach_through_either_instance_behind_haproxy_…`).
+    let several = Haproxy::site_config(
+        &LbConfig {
+            more_upstreams: vec!["10.0.1.11:8080".parse().unwrap()],
+            instances: vec!["dmz-1", "dmz-2"],
+            ..cfg.clone()
+        },
+        pem,
+    );
+    let missing: Vec<String> = [("nginx", nginx), ("haproxy", haproxy), ("haproxy", several)]
         .into_iter()
         .filter(|(name, text)| !docs.contains(&format!("```{name}\n{text}```")))
         .map(|(name, text)| format!("```{name}\n{text}```"))

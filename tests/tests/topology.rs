@@ -6,10 +6,14 @@
 //! on nothing; and restarting the proxy, the gateway or the connector heals without touching the
 //! agent.
 //!
+//! And a cluster ([`Layout::TwoSites`]): two DMZ instances behind HAProxy on the DMZ's 443, two
+//! trusted sites with a connector each that may reach only that 443, agents on a desktop that
+//! may reach only that 443; an instance killed, then both restarted one after the other.
+//!
 //! Runs as root (namespaces, nftables, port 443 in the DMZ namespace).
 
 use sallyport_e2e::lb::{LbConfig, LbKind, LoadBalancer};
-use sallyport_e2e::netns::{Site, Topology};
+use sallyport_e2e::netns::{Layout, Site, Topology};
 use sallyport_e2e::*;
 use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
@@ -981,4 +985,608 @@ fn tcp_flows(pcap: &[u8], port: u16) -> std::collections::HashMap<u16, Vec<u8>> 
         }
     }
     flows
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several DMZ instances behind HAProxy, two trusted sites
+
+/// The instances' stable names (a StatefulSet's, say): each has its own path through HAProxy,
+/// `/i/NAME/`, for connectors.
+const INSTANCES: [&str; 2] = ["dmz-1", "dmz-2"];
+/// The trusted sites: site, connector token id, the name its service answers to.
+const SITES: [(Site, &str, &str); 2] = [
+    (Site::Trusted, "site-a", "a.internal"),
+    (Site::TrustedB, "site-b", "b.internal"),
+];
+/// HAProxy's health check interval here (a draining instance is out after two failed checks,
+/// well within its drain delay of 2 s).
+const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Two DMZ instances behind HAProxy in the DMZ, a connector in each of two trusted sites, and
+/// agents on the desktop. Fields drop in order: agents, connectors, HAProxy, the instances,
+/// the services, then the namespaces.
+struct Cluster {
+    agents: Vec<ClusterAgent>,
+    connectors: Vec<Proc>,
+    lb: Box<dyn LoadBalancer>,
+    dmz: Vec<Proc>,
+    dmz_args: Vec<Vec<String>>,
+    _services: Vec<Proc>,
+    /// The port of each site's service (`a.internal`, `b.internal`), in [`SITES`] order.
+    ports: Vec<u16>,
+    pki: Pki,
+    topo: Topology,
+}
+
+struct ClusterAgent {
+    proc: Proc,
+    socks: std::net::SocketAddr,
+}
+
+impl ClusterAgent {
+    /// The DMZ instance its latest session is on (`dmz=` of its "connected to the gateway").
+    fn instance(&self) -> usize {
+        let log = self.proc.log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("connected to the gateway"))
+            .expect("a session");
+        let dmz = field(line, "dmz").unwrap_or_default();
+        INSTANCES
+            .iter()
+            .position(|n| *n == dmz)
+            .unwrap_or_else(|| panic!("no known instance in `{line}`"))
+    }
+
+    fn sessions(&self) -> usize {
+        self.proc.log().matches("connected to the gateway").count()
+    }
+}
+
+fn start_cluster() -> Cluster {
+    require_tool("curl");
+    let topo = Topology::with_layout("sites", Layout::TwoSites).unwrap();
+    let dmz_ip = Site::Dmz.ip().to_string();
+    let pki = Pki::with_names("sites", &[GW_NAME, &dmz_ip]).unwrap();
+    pki.token("agent", "alice-laptop", &["--name", "alice"])
+        .unwrap();
+    for (_, id, host) in SITES {
+        pki.token("connector", id, &["--route", &format!("{host}:*")])
+            .unwrap();
+    }
+    let p = |f: &str| pki.p(f).display().to_string();
+    let svc = bin("sp-testsvc").display().to_string();
+    let mut services = Vec::new();
+    let mut ports = Vec::new();
+    for (site, _, host) in SITES {
+        let s = spawn_in(
+            &topo,
+            site,
+            host,
+            &svc,
+            &["http".into(), "127.0.0.1:0".into()],
+        );
+        ports.push(s.addr(&["listening"]).unwrap().port());
+        services.push(s);
+    }
+    // The instances, plain on the DMZ host's loopback; one after the other (the first creates
+    // the inner key they share).
+    let upstreams: Vec<std::net::SocketAddr> = (0..INSTANCES.len())
+        .map(|i| format!("127.0.0.1:{}", 8081 + i).parse().unwrap())
+        .collect();
+    let dmz_args: Vec<Vec<String>> = INSTANCES
+        .iter()
+        .zip(&upstreams)
+        .map(|(name, addr)| {
+            let (agents, connectors) = (p("agents.toml"), p("connectors.toml"));
+            let addr = addr.to_string();
+            [
+                "dmz",
+                "--plain",
+                "--listen",
+                addr.as_str(),
+                "--prefix",
+                "/sallyport",
+                "--trusted-proxy",
+                "127.0.0.1/32",
+                "--instance-id",
+                name,
+                "--drain-delay",
+                "2s",
+                "--agent-tokens",
+                agents.as_str(),
+                "--connector-tokens",
+                connectors.as_str(),
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+        })
+        .collect();
+    let dmz: Vec<Proc> = INSTANCES
+        .iter()
+        .zip(&dmz_args)
+        .map(|(name, args)| {
+            let d = spawn_in(&topo, Site::Dmz, name, &gateway_bin(), args);
+            d.wait_for(&["dmz gateway listening"], Duration::from_secs(15))
+                .unwrap();
+            d
+        })
+        .collect();
+    // HAProxy on the DMZ's 443, configured as docs/deploy.md shows for several instances.
+    let (cert, key) = (pki.p("gateway.crt"), pki.p("gateway.key"));
+    let dmz_ns = topo.ns(Site::Dmz);
+    let lb = LbKind::Haproxy
+        .start(&LbConfig {
+            listen: format!("{dmz_ip}:443").parse().unwrap(),
+            netns: Some(&dmz_ns),
+            more_upstreams: upstreams[1..].to_vec(),
+            instances: INSTANCES.to_vec(),
+            check_interval: CHECK_INTERVAL,
+            ..LbConfig::new(upstreams[0], &cert, &key)
+        })
+        .unwrap();
+    // A connector in each trusted site, to every instance by its own path through HAProxy (the
+    // only thing the site may reach).
+    let connectors: Vec<Proc> = SITES
+        .iter()
+        .zip(&ports)
+        .map(|((site, id, host), port)| {
+            let mut args: Vec<String> = vec!["connector".into()];
+            for name in INSTANCES {
+                args.extend(["--gateway".into(), format!("wss://{dmz_ip}/i/{name}/")]);
+            }
+            args.extend([
+                "--token-file".into(),
+                p(&format!("{id}.token")),
+                "--ca".into(),
+                p("ca.crt"),
+                "--proxy".into(),
+                "direct".into(),
+                "--advertise".into(),
+                format!("{host}:*"),
+                "--allow".into(),
+                format!("{host}:{port}"),
+                "--allow".into(),
+                format!("127.0.0.1/32:{port}"),
+                "--host".into(),
+                format!("{host}=127.0.0.1"),
+                "--instance-id".into(),
+                format!("connector-{id}"),
+            ]);
+            spawn_in(
+                &topo,
+                *site,
+                &format!("connector-{id}"),
+                &gateway_bin(),
+                &args,
+            )
+        })
+        .collect();
+    let (token, ca) = (p("alice-laptop.token"), p("ca.crt"));
+    let mut c = Cluster {
+        agents: Vec::new(),
+        connectors,
+        lb,
+        dmz,
+        dmz_args,
+        _services: services,
+        ports,
+        pki,
+        topo,
+    };
+    for i in 0..INSTANCES.len() {
+        c.wait_connectors(i);
+    }
+    // Agents on the desktop: two with the balancer's one URL (round robin puts them on
+    // different instances), and one with both instances' own URLs (it fails over down its
+    // list), the one no agent is on yet first.
+    let balanced = vec![
+        "--gateway".to_string(),
+        format!("wss://{dmz_ip}/sallyport/"),
+    ];
+    for i in 0..3 {
+        let gateways = if i < 2 {
+            balanced.clone()
+        } else {
+            let on: Vec<usize> = c.agents.iter().map(ClusterAgent::instance).collect();
+            let mut order: Vec<usize> = (0..INSTANCES.len()).collect();
+            order.sort_by_key(|k| on.contains(k));
+            order
+                .iter()
+                .flat_map(|k| {
+                    [
+                        "--gateway".to_string(),
+                        format!("wss://{dmz_ip}/i/{}/", INSTANCES[*k]),
+                    ]
+                })
+                .collect()
+        };
+        let mut cmd = c.topo.cmd(Site::Desktop, bin("sallyport"));
+        cmd.arg("run")
+            .args(&gateways)
+            .args([
+                "--socks",
+                "127.0.0.1:0",
+                "--http",
+                "off",
+                "--proxy",
+                "direct",
+            ])
+            .args(["--token-file", &token, "--ca", &ca])
+            .env("HOME", c.pki.dir.path());
+        let proc = Proc::spawn(&format!("agent-{}", i + 1), &mut cmd).unwrap();
+        let socks = proc.addr(&["listening", "socks5"]).unwrap();
+        proc.wait_for(&["connected to the gateway"], Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+        c.agents.push(ClusterAgent { proc, socks });
+    }
+    c
+}
+
+impl Cluster {
+    /// Waits until instance `i` (its current process) has a session from every site's connector.
+    fn wait_connectors(&self, i: usize) {
+        for (_, id, _) in SITES {
+            self.dmz[i]
+                .wait_for(
+                    &["connector routes", &format!("connector={id}")],
+                    Duration::from_secs(20),
+                )
+                .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
+        }
+    }
+
+    /// `GET /` of site `site`'s service through an agent's SOCKS5 port, on the desktop.
+    fn fetch(&self, agent: &ClusterAgent, site: usize) -> Result<(), String> {
+        fetch_via(&self.topo, agent.socks, &self.ports, site)
+            .map_err(|e| format!("{e} (via {})", agent.proc.name))
+    }
+
+    /// Whether HAProxy has instance `i` in its pool: every "is DOWN" it logged for it was
+    /// followed by an "is UP".
+    fn in_pool(&self, i: usize) -> bool {
+        let log = self.lb.log();
+        let says = |state: &str| {
+            log.matches(&format!("be_sallyport/{} is {state}", INSTANCES[i]))
+                .count()
+        };
+        says("DOWN") == says("UP")
+    }
+
+    /// Waits until HAProxy has (`true`) or has not instance `i` in its pool.
+    fn wait_pool(&self, i: usize, want: bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.in_pool(i) != want {
+            assert!(
+                Instant::now() < deadline,
+                "HAProxy never took {} {}\n{}",
+                INSTANCES[i],
+                if want { "back" } else { "out" },
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts instance `i` again (same arguments), once HAProxy has taken the old one out, and
+    /// waits until it is ready to take agents: listening, both sites' connectors attached, and
+    /// back in HAProxy's pool.
+    fn restart(&mut self, i: usize) {
+        self.wait_pool(i, false);
+        self.dmz[i] = spawn_in(
+            &self.topo,
+            Site::Dmz,
+            &format!("{}-again", INSTANCES[i]),
+            &gateway_bin(),
+            &self.dmz_args[i],
+        );
+        self.wait_connectors(i);
+        self.wait_pool(i, true);
+    }
+
+    fn logs(&self) -> String {
+        let mut out = format!("--- haproxy\n{}\n{}", self.lb.config_text(), self.lb.log());
+        for p in self
+            .dmz
+            .iter()
+            .chain(&self.connectors)
+            .chain(self.agents.iter().map(|a| &a.proc))
+        {
+            out.push_str(&format!("\n--- {}\n{}", p.name, p.log()));
+        }
+        out
+    }
+}
+
+/// `GET /` of site `site`'s service (`ports` in [`SITES`] order) through the SOCKS5 port
+/// `socks`, on the desktop.
+fn fetch_via(
+    topo: &Topology,
+    socks: std::net::SocketAddr,
+    ports: &[u16],
+    site: usize,
+) -> Result<(), String> {
+    let url = format!("http://{}:{}/", SITES[site].2, ports[site]);
+    let socks = socks.to_string();
+    let (code, out, err) = topo
+        .run(
+            Site::Desktop,
+            "curl",
+            &["-sS", "--max-time", "5", "--socks5-hostname", &socks, &url],
+        )
+        .unwrap();
+    if code == 0 && out == "hello from backend.internal\n" {
+        Ok(())
+    } else {
+        Err(format!("{url}: curl exit {code}: {err}"))
+    }
+}
+
+/// A client on the desktop opening new connections through `agent` the whole time, to both
+/// sites in turn, until `stop` exists: one line per connection on stderr.
+fn client_loop(c: &Cluster, agent: &ClusterAgent, stop: &std::path::Path) -> Proc {
+    let script = r#"
+while [ ! -e "$1" ]; do
+  for t in "a.internal:$3" "b.internal:$4"; do
+    out=$(curl -sS --max-time 10 --socks5-hostname "$2" "http://$t/" 2>&1)
+    if [ "$out" = "hello from backend.internal" ]; then
+      echo "fetch ok $t" >&2
+    else
+      echo "fetch FAILED $t: $out" >&2
+    fi
+  done
+done
+echo "loop done" >&2
+"#;
+    Proc::spawn(
+        &format!("loop-{}", agent.proc.name),
+        c.topo.cmd(Site::Desktop, "bash").args([
+            "-c",
+            script,
+            "client-loop",
+            &stop.display().to_string(),
+            &agent.socks.to_string(),
+            &c.ports[0].to_string(),
+            &c.ports[1].to_string(),
+        ]),
+    )
+    .unwrap()
+}
+
+/// Several DMZ instances behind a real HAProxy on the DMZ's 443 (TLS there, the instances
+/// `--plain`, configured as docs/deploy.md shows), two trusted sites that may each reach only
+/// that 443, each with a connector that reaches every instance by the instance's own path
+/// (`/i/dmz-1/`, `/i/dmz-2/`), and agents on a desktop that may reach only that 443:
+/// - agents reach `a.internal` (site A) and `b.internal` (site B) through either instance;
+/// - `kill -9` of one instance during transfers: new connections from every agent work again
+///   within the reconnect budget, and the transfers on the other instance complete intact;
+/// - a rolling SIGTERM restart of both instances (each back, with its connectors, before the
+///   next stops; HAProxy checks `/readyz`) loses no new connection of a client that opens them
+///   the whole time.
+#[test]
+fn two_sites_reach_through_either_instance_behind_haproxy_and_survive_a_kill_and_a_rolling_restart()
+{
+    let started = Instant::now();
+    let mut c = start_cluster();
+    eprintln!("set up in {:?}", started.elapsed());
+
+    // 1. Both sites through either instance.
+    let on: Vec<usize> = c.agents.iter().map(ClusterAgent::instance).collect();
+    for (i, name) in INSTANCES.iter().enumerate() {
+        assert!(on.contains(&i), "no agent on {name} ({on:?})\n{}", c.logs());
+    }
+    for a in &c.agents {
+        for site in 0..SITES.len() {
+            c.fetch(a, site)
+                .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+        }
+    }
+    for d in &c.dmz {
+        for (_, id, host) in SITES {
+            d.wait_for(
+                &[
+                    "stream open",
+                    &format!("dest={host}:"),
+                    &format!("connector={id}"),
+                ],
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+        }
+    }
+    // Each site's connector served its own name only.
+    for (k, (_, _, host)) in SITES.iter().enumerate() {
+        let log = c.connectors[k].log();
+        let other = SITES[1 - k].2;
+        assert!(log.contains(&format!("dest={host}:")), "{log}");
+        assert!(!log.contains(&format!("dest={other}:")), "{log}");
+    }
+    eprintln!(
+        "agents on {:?}; both sites reached through both instances",
+        on.iter().map(|i| INSTANCES[*i]).collect::<Vec<_>>()
+    );
+
+    // 2. kill -9 of the first agent's instance, with two transfers running through every agent.
+    const N: u64 = 3 * 1024 * 1024;
+    let dir = TempDir::new("sites-transfers");
+    let transfers: Vec<(usize, usize, std::process::Child, std::path::PathBuf)> = c
+        .agents
+        .iter()
+        .enumerate()
+        .flat_map(|(k, a)| (0..SITES.len()).map(move |site| (k, a, site)))
+        .map(|(k, a, site)| {
+            let file = dir.path().join(format!("agent{k}-site{site}.bin"));
+            let child = c
+                .topo
+                .cmd(Site::Desktop, "curl")
+                .args(["-sS", "--max-time", "60", "--limit-rate", "1M", "-o"])
+                .arg(&file)
+                .args(["--socks5-hostname", &a.socks.to_string()])
+                .arg(format!(
+                    "http://{}:{}/bytes/{N}",
+                    SITES[site].2, c.ports[site]
+                ))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            (k, site, child, file)
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while transfers
+        .iter()
+        .any(|(_, _, _, f)| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0) < 128 * 1024)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "transfers did not start\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let victim = on[0];
+    c.dmz[victim].kill();
+    let killed = Instant::now();
+    let budget = uplink::keep::RECONNECT_BUDGET;
+    let recovered: Vec<Result<Duration, String>> = std::thread::scope(|scope| {
+        let (topo, ports) = (&c.topo, &c.ports);
+        let handles: Vec<_> = c
+            .agents
+            .iter()
+            .map(|a| {
+                let socks = a.socks;
+                scope.spawn(move || loop {
+                    let r =
+                        (0..SITES.len()).try_for_each(|site| fetch_via(topo, socks, ports, site));
+                    match r {
+                        Ok(()) => return Ok(killed.elapsed()),
+                        Err(e) if killed.elapsed() > budget => return Err(e),
+                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (k, (a, r)) in c.agents.iter().zip(&recovered).enumerate() {
+        match r {
+            Ok(t) => eprintln!(
+                "kill -9 of {}: {} (was on {}) reaches both sites again after {t:?} (budget {budget:?})",
+                INSTANCES[victim],
+                a.proc.name,
+                INSTANCES[on[k]]
+            ),
+            Err(e) => panic!(
+                "{}: no new connection within {budget:?} of the kill: {e}\n{}",
+                a.proc.name,
+                c.logs()
+            ),
+        }
+    }
+    // Back, while the transfers on the other instance run on.
+    c.restart(victim);
+    eprintln!(
+        "{} back (connectors attached, in HAProxy's pool) {:?} after the kill",
+        INSTANCES[victim],
+        killed.elapsed()
+    );
+    for (k, site, child, file) in transfers {
+        let out = child.wait_with_output().unwrap();
+        let name = &c.agents[k].proc.name;
+        if on[k] == victim {
+            eprintln!(
+                "{name} → {}: cut with its instance (curl exit {:?})",
+                SITES[site].2,
+                out.status.code()
+            );
+            continue;
+        }
+        assert!(
+            out.status.success(),
+            "{name} → {} on the other instance: {}\n{}",
+            SITES[site].2,
+            String::from_utf8_lossy(&out.stderr),
+            c.logs()
+        );
+        assert_eq!(
+            sha256_file(&file).unwrap(),
+            pattern_sha256(N),
+            "{name} → {}",
+            SITES[site].2
+        );
+    }
+    for (k, a) in c.agents.iter().enumerate() {
+        if on[k] != victim {
+            assert!(
+                !a.proc.log().contains("gateway session lost"),
+                "{}\n{}",
+                a.proc.name,
+                a.proc.log()
+            );
+        }
+    }
+
+    // 3. A rolling SIGTERM restart of both, while a client opens new connections through
+    // every agent the whole time.
+    let stop = dir.path().join("stop");
+    let loops: Vec<Proc> = c.agents.iter().map(|a| client_loop(&c, a, &stop)).collect();
+    let before: Vec<usize> = c.agents.iter().map(ClusterAgent::sessions).collect();
+    // Every client is under way before the first instance stops, and still gets answers
+    // after the last one is back.
+    let answers_after = |done: &[usize]| {
+        for (l, n) in loops.iter().zip(done) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while l.log().matches("fetch ok").count() <= *n {
+                assert!(Instant::now() < deadline, "{}: {}", l.name, l.log());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    answers_after(&vec![0; loops.len()]);
+    let rolling = Instant::now();
+    for (i, name) in INSTANCES.iter().enumerate() {
+        c.dmz[i].terminate(Duration::from_secs(30));
+        c.restart(i);
+        eprintln!("{name} restarted, at {:?}", rolling.elapsed());
+    }
+    let done: Vec<usize> = loops
+        .iter()
+        .map(|l| l.log().matches("fetch ok").count())
+        .collect();
+    answers_after(&done);
+    std::fs::write(&stop, "").unwrap();
+    let mut total = 0;
+    for l in &loops {
+        l.wait_for(&["loop done"], Duration::from_secs(20)).unwrap();
+        let log = l.log();
+        let failed: Vec<&str> = log.lines().filter(|x| x.contains("fetch FAILED")).collect();
+        let ok = log.matches("fetch ok").count();
+        assert!(
+            failed.is_empty(),
+            "{}: {} of {} new connections failed during the rolling restart:\n{}\n{}",
+            l.name,
+            failed.len(),
+            failed.len() + ok,
+            failed.join("\n"),
+            c.logs()
+        );
+        assert!(ok > 10, "{}: only {ok} connections", l.name);
+        total += ok;
+    }
+    for (a, b) in c.agents.iter().zip(&before) {
+        assert!(
+            a.sessions() > *b,
+            "{} never moved\n{}",
+            a.proc.name,
+            a.proc.log()
+        );
+    }
+    eprintln!(
+        "rolling restart of both instances in {:?}: {total} new connections, none failed; whole test {:?}",
+        rolling.elapsed(),
+        started.elapsed()
+    );
 }

@@ -106,6 +106,10 @@ pub(crate) struct State {
     ping_counter: u64,
     ping_sent: Option<(u64, Instant)>,
     pub(crate) rtt: Option<Duration>,
+    /// Our graceful `GOAWAY` ([`State::go_away`]): the `PING` sent right after it, and whether
+    /// a `PONG` for it (or a later one) came back.
+    drain_ping: Option<u64>,
+    pub(crate) drain_heard: bool,
     /// Routes of `ROUTES_PART` frames, waiting for the `ROUTES` that ends the list.
     routes_partial: Vec<String>,
     /// Bytes of route text in `routes_partial`.
@@ -153,6 +157,8 @@ impl State {
             pings_since: now,
             ping_counter: 0,
             ping_sent: None,
+            drain_ping: None,
+            drain_heard: false,
             rtt: None,
             routes_partial: Vec::new(),
             routes_bytes: 0,
@@ -361,6 +367,11 @@ impl State {
                 self.wake_writer = true;
             }
             Frame::Pong(v) => {
+                // The peer answers the latest PING it read: any answer from ours on means it
+                // read our GOAWAY too.
+                if self.drain_ping.is_some_and(|d| v >= d) {
+                    self.drain_heard = true;
+                }
                 if let Some((sent_v, at)) = self.ping_sent {
                     if sent_v == v {
                         self.rtt = Some(now.saturating_duration_since(at));
@@ -802,6 +813,20 @@ impl State {
             // Streams held back by our own session queue limit may go on.
             self.wake_session_waiters();
         }
+    }
+
+    /// Queues a graceful `GOAWAY` (once) and a `PING` right behind it: the session stays up,
+    /// and once that `PING`'s answer is back ([`State::drain_heard`]), every stream the peer
+    /// opened before it read the `GOAWAY` has arrived (the transport keeps order).
+    pub(crate) fn go_away(&mut self, now: Instant, code: ErrorCode, reason: String) {
+        if self.drain_ping.is_some() || self.closed.is_some() {
+            return;
+        }
+        self.push_control(Frame::GoAway { code, reason });
+        self.ping_counter += 1;
+        self.ping_sent = Some((self.ping_counter, now));
+        self.drain_ping = Some(self.ping_counter);
+        self.push_control(Frame::Ping(self.ping_counter));
     }
 
     /// The ping interval elapsed at `now`: `Err` when nothing at all arrived for `dead_after`

@@ -185,6 +185,8 @@ pub(crate) struct Shared {
     /// Largest DATA payload we send: the smaller of both sides' limits.
     pub(crate) max_send: usize,
     cancel: CancellationToken,
+    /// Cancelled when the peer's `GOAWAY` arrives (the session may still carry its streams).
+    peer_goaway: CancellationToken,
     routes_tx: watch::Sender<Vec<String>>,
 }
 
@@ -377,6 +379,7 @@ impl Session {
             peer,
             max_send,
             cancel: CancellationToken::new(),
+            peer_goaway: CancellationToken::new(),
             routes_tx: watch::Sender::new(Vec::new()),
         });
         tokio::spawn(run_writer(shared.clone(), tx));
@@ -425,6 +428,35 @@ impl Session {
             SessionError::Local(reason.to_string()),
             Some((code, reason.to_string())),
         );
+    }
+
+    /// Tells the peer to open no new streams here (`GOAWAY(code, reason)`, then a `PING`) while
+    /// the session keeps carrying the streams it has, and those the peer opened before it read
+    /// the `GOAWAY`: a graceful drain. Close it later ([`Session::close`]), once
+    /// [`Session::go_away_heard`] and [`Session::stream_count`] is 0, or a grace period is over.
+    /// Sent once; nothing after the session is closed.
+    pub fn go_away(&self, code: ErrorCode, reason: &str) {
+        self.shared
+            .lock()
+            .go_away(Instant::now(), code, reason.to_string());
+    }
+
+    /// True once the peer answered the `PING` sent right after our [`Session::go_away`]: it has
+    /// read the `GOAWAY`, and every stream it opened before that has arrived.
+    pub fn go_away_heard(&self) -> bool {
+        self.shared.lock().drain_heard
+    }
+
+    /// Waits until the peer said `GOAWAY` (its session may still carry streams for a while):
+    /// from then on, new streams belong on another session. Pending for ever on a session that
+    /// ends without one (wait for [`Session::closed`] too).
+    pub async fn peer_going_away(&self) {
+        self.shared.peer_goaway.cancelled().await
+    }
+
+    /// The peer's `GOAWAY` (code and reason), once it sent one.
+    pub fn peer_goaway(&self) -> Option<(ErrorCode, String)> {
+        self.shared.lock().goaway.clone()
     }
 
     /// Waits until the session has ended and says why.
@@ -552,7 +584,11 @@ async fn run_reader<Rx: TransportRx>(shared: Arc<Shared>, mut rx: Rx) {
         let len = msg.len();
         match Frame::decode(msg, max_frame) {
             Ok(frame) => {
+                let goaway = matches!(frame, Frame::GoAway { .. });
                 let applied = shared.lock().on_frame(Instant::now(), frame, len);
+                if goaway {
+                    shared.peer_goaway.cancel();
+                }
                 match applied {
                     Ok(None) => {}
                     Ok(Some(routes)) => {

@@ -745,3 +745,54 @@ async fn an_endless_route_list_is_capped() {
     assert!(got.iter().all(|r| r.len() <= tunnel::frame::MAX_ROUTE_LEN));
     assert!(!session.is_closed());
 }
+
+/// A draining gateway used to close the session right after its `GOAWAY`, so a stream that was
+/// open then (a download, a request in flight) ended with `session-lost`. `go_away` keeps the
+/// session for the open streams; the peer hears it, opens no new stream there, and the open
+/// one finishes.
+#[tokio::test]
+async fn a_stream_open_when_the_gateway_says_goaway_finishes() {
+    let ((client, _), (server, incoming)) = pair().await;
+    spawn_echo(incoming);
+    let mut s = client
+        .open(Dest::new("db.internal", 5432), Meta::default())
+        .unwrap();
+    s.opened().await.unwrap();
+    server.go_away(ErrorCode::Shutdown, "gateway shutting down");
+    tokio::time::timeout(Duration::from_secs(5), client.peer_going_away())
+        .await
+        .expect("the GOAWAY arrives");
+    assert!(client.is_going_away());
+    // The PING behind the GOAWAY comes back: the client has read it.
+    for _ in 0..100 {
+        if server.go_away_heard() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(server.go_away_heard());
+    assert!(matches!(
+        client.open(Dest::new("db.internal", 5432), Meta::default()),
+        Err(StreamError::GoingAway)
+    ));
+    s.write_all(b"still here").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    assert_eq!(out, b"still here");
+    assert!(!client.is_closed() && !server.is_closed());
+    server.close(ErrorCode::Shutdown, "gateway shutting down");
+    let why = tokio::time::timeout(Duration::from_secs(5), client.closed())
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            why,
+            SessionError::GoAway {
+                code: ErrorCode::Shutdown,
+                ..
+            }
+        ),
+        "{why}"
+    );
+}

@@ -68,6 +68,19 @@ pub async fn keep<S, F>(
                             break;
                         }
                         warn!(reason = %why, "gateway session lost; reconnecting");
+                        if matches!(
+                            why,
+                            tunnel::SessionError::GoAway {
+                                code: tunnel::ErrorCode::Shutdown,
+                                ..
+                            }
+                        ) {
+                            // An instance drained on purpose (a rolling restart) failed at
+                            // nothing: come back from the first wait, not from one that grew
+                            // over earlier losses (the restarted instance would lack its
+                            // connectors for that long).
+                            backoff.reset();
+                        }
                         // A session that went away at once (a draining instance refusing to
                         // keep it) counts as a failure of this instance.
                         if instances.len() > 1 && lost_after.elapsed() < Backoff::STABLE {
@@ -122,6 +135,15 @@ pub async fn keep<S, F>(
         }
     }
 }
+
+/// How long after losing its DMZ instance (`kill -9`, a host that went away and closed its
+/// connections) an agent or a connector may take to have a working session again while another
+/// instance is up: the longest backoff wait ([`Backoff::MAX`], when the loss follows a short
+/// session) and one more attempt. A dead instance fails its attempt at once and the next
+/// instance (or, behind a load balancer, the next server) is tried without waiting. What the
+/// failover tests assert; measured times are far below it.
+pub const RECONNECT_BUDGET: std::time::Duration =
+    std::time::Duration::from_secs(Backoff::MAX.as_secs() + 5);
 
 /// While on the HTTP transport (chosen automatically), how often WebSocket is tried again
 /// (default of `[tunnel] websocket_retry`).

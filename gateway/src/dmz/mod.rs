@@ -212,8 +212,9 @@ impl Dmz {
     }
 
     /// Serves until `shutdown`; then drains: `/readyz` answers 503 for the drain delay while
-    /// everything is still served, then every session is closed with `GOAWAY(shutdown)` (agents
-    /// and connectors move to other instances), and connection tasks get a moment to end.
+    /// everything is still served, then the listener closes and every session gets
+    /// `GOAWAY(shutdown)` (agents and connectors move to other instances) and is closed once its
+    /// streams have ended, or after [`DRAIN_GRACE`].
     pub async fn serve(self, shutdown: CancellationToken) {
         let config = self.config;
         let drain_delay = config.drain_delay;
@@ -323,10 +324,18 @@ impl Dmz {
                 .instrument(info_span!("conn", %peer)),
             );
         }
+        // New connections are refused from now on, not left waiting in the backlog of a
+        // listener nobody accepts on (a balancer or a connector would wait for its timeout).
+        drop(self.listener);
         shared.tracker.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), shared.tracker.wait()).await;
+        let _ =
+            tokio::time::timeout(DRAIN_GRACE + Duration::from_secs(1), shared.tracker.wait()).await;
     }
 }
+
+/// After `GOAWAY(shutdown)`, how long a draining instance keeps carrying the streams that are
+/// open (a download, an interactive session) before it closes their sessions.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Unacknowledged bytes an HTTP-transport session may hold for the agent (beyond it, the
 /// session's writer waits: backpressure, not memory).

@@ -33,7 +33,29 @@ pub(crate) async fn start_session<T: tunnel::Transport>(
     }
 }
 
-/// Closes `session` when its token is revoked or expires, or when the gateway shuts down.
+/// The gateway is going away: `GOAWAY(shutdown)` tells the peer to open new streams elsewhere
+/// (an agent reconnects at once), while the streams already open, and those an agent opened
+/// before it read it, finish here. An agent's session closes once the peer has read it (the
+/// `PING` behind it is answered) and no stream is left; a connector's
+/// once, in addition, no agent session is left (a stream an agent opens in the last moment
+/// still needs a connector to go to). At most [`super::DRAIN_GRACE`] after the `GOAWAY`.
+async fn drain(shared: &Shared, session: &Session) {
+    session.go_away(ErrorCode::Shutdown, "gateway shutting down");
+    let until = tokio::time::Instant::now() + super::DRAIN_GRACE;
+    let serves_agents = session.peer().role == Role::Connector;
+    let busy = || {
+        !session.go_away_heard()
+            || session.stream_count() > 0
+            || (serves_agents && shared.ops.metrics.sessions(crate::metrics::Role::Agent) > 0)
+    };
+    while busy() && !session.is_closed() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    session.close(ErrorCode::Shutdown, "gateway shutting down");
+}
+
+/// Closes `session` when its token is revoked or expires, or when the gateway shuts down
+/// (gracefully: [`drain`]).
 pub(crate) async fn guard_session(
     shared: &Shared,
     session: &Session,
@@ -54,7 +76,7 @@ pub(crate) async fn guard_session(
         tokio::select! {
             _ = session.closed() => return,
             _ = shared.shutdown.cancelled() => {
-                session.close(ErrorCode::Shutdown, "gateway shutting down");
+                drain(shared, session).await;
                 return;
             }
             r = changes.changed() => if r.is_err() { return },
