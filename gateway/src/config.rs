@@ -532,6 +532,9 @@ pub struct ConnectorArgs {
     /// Timeout for connecting to internal services and to the gateway [default: 10s].
     #[arg(long)]
     pub connect_timeout: Option<String>,
+    /// How long a client on a rule with `protocol=` has to send its first bytes [default: 5s].
+    #[arg(long)]
+    pub protocol_timeout: Option<String>,
     /// Name of this connector in logs [default: host name].
     #[arg(long)]
     pub instance_id: Option<String>,
@@ -564,6 +567,7 @@ pub struct ConnectorFile {
     pub hosts: HashMap<String, HostsValue>,
     pub sessions: Option<usize>,
     pub connect_timeout: Option<String>,
+    pub protocol_timeout: Option<String>,
     pub instance_id: Option<String>,
     #[serde(default)]
     pub tunnel: TunnelFile,
@@ -735,6 +739,10 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         Some(s) => duration(&s, "connect_timeout")?,
         None => Duration::from_secs(10),
     };
+    let protocol_timeout = match args.protocol_timeout.or(file.protocol_timeout) {
+        Some(s) => duration(&s, "protocol_timeout")?,
+        None => crate::connector::PROTOCOL_TIMEOUT,
+    };
     let sessions = args.sessions.or(file.sessions).unwrap_or(2);
     if sessions == 0 || sessions > 64 {
         return Err(invalid("--sessions must be between 1 and 64"));
@@ -765,6 +773,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         hosts,
         sessions,
         connect_timeout,
+        protocol_timeout,
         token_source: uplink::config::token_source(up.token_file.as_deref()),
         transport,
         http_mode,
