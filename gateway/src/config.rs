@@ -743,6 +743,11 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         Some(s) => duration(&s, "protocol_timeout")?,
         None => crate::connector::PROTOCOL_TIMEOUT,
     };
+    if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&protocol_timeout) {
+        return Err(invalid(format!(
+            "protocol_timeout {protocol_timeout:?}: must be between 100ms and 60s (how long a client on a rule with protocol= has to send its first bytes)"
+        )));
+    }
     let sessions = args.sessions.or(file.sessions).unwrap_or(2);
     if sessions == 0 || sessions > 64 {
         return Err(invalid("--sessions must be between 1 and 64"));

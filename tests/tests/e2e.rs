@@ -850,6 +850,35 @@ fn bad_configuration_exits_64_with_one_line_naming_the_fix() {
         "{err}"
     );
     assert!(!err.contains("untagged enum"), "{err}");
+
+    // A protocol the connector does not know, an SNI list on an ssh rule, a zero timeout.
+    for (extra, says) in [
+        (
+            ["--allow", "db.internal:5432 protocol=ftp"],
+            "protocol=\"ftp\" is not one of tls, ssh, postgres, http, any",
+        ),
+        (
+            ["--allow", "db.internal:22 protocol=ssh sni=db.internal"],
+            "sni= needs protocol=tls",
+        ),
+        (["--protocol-timeout", "0s"], "protocol_timeout"),
+    ] {
+        let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
+            .args([
+                "connector",
+                "--gateway",
+                "wss://127.0.0.1:9/",
+                "--allow",
+                "db.internal:5432",
+            ])
+            .args(extra)
+            .arg("--token-file")
+            .arg(&conn_token))
+        .unwrap();
+        assert_eq!(code, 64, "{extra:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
 }
 
 /// A port in use by something the agent cannot name (here the DMZ's listen port): the OS's

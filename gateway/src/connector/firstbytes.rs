@@ -91,8 +91,14 @@ pub(super) async fn admit(
     }
 }
 
+/// Reads the client's bytes may arrive in before the check decides: each read judges everything
+/// held so far again, so a client trickling a byte at a time cannot make it quadratic beyond
+/// this.
+const MAX_READS: usize = 64;
+
 /// Reads the client's first bytes until the requirement decides, the client ends, `PEEK_CAP`
-/// bytes are held or `deadline` passes (each of the last three decides as "no more").
+/// bytes are held, `MAX_READS` reads were made or `deadline` passes (each of the last four
+/// decides as "no more").
 /// `Err`: the stream failed. The flag: the deadline passed.
 async fn peek(
     stream: &mut Stream,
@@ -100,8 +106,9 @@ async fn peek(
     deadline: tokio::time::Instant,
 ) -> (Vec<u8>, std::io::Result<Verdict>, bool) {
     let mut buf = Vec::with_capacity(1024);
+    let mut reads = 0;
     loop {
-        let verdict = need.judge(&buf, buf.len() >= PEEK_CAP);
+        let verdict = need.judge(&buf, buf.len() >= PEEK_CAP || reads >= MAX_READS);
         if verdict != Verdict::More {
             return (buf, Ok(verdict), false);
         }
@@ -116,7 +123,10 @@ async fn peek(
                 let verdict = need.judge(&buf, true);
                 return (buf, Ok(verdict), true);
             }
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(n)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                reads += 1;
+            }
             Ok(Err(e)) => return (buf, Err(e), false),
         }
     }
