@@ -283,6 +283,7 @@ pub fn postgres_first(buf: &[u8]) -> Sniff<PgFirst> {
         80877102 if !(16..=12 + 256).contains(&len) => {
             not(format!("PostgreSQL cancel request of length {len}"))
         }
+        80877102 if buf.len() < len => Sniff::More,
         80877102 => Sniff::Is(PgFirst::CancelRequest),
         c if c >> 16 == 3 => {
             if buf.len() < len {
@@ -590,6 +591,7 @@ mod tests {
         assert_eq!(postgres_first(&gss), Sniff::Is(PgFirst::GssEncRequest));
         let mut cancel = vec![0, 0, 0, 16, 4, 0xd2, 0x16, 0x2e];
         cancel.extend_from_slice(&[1; 8]);
+        prefixes_wait(&cancel, postgres_first);
         assert_eq!(postgres_first(&cancel), Sniff::Is(PgFirst::CancelRequest));
         // Hostile lengths and bodies.
         for bad in [
