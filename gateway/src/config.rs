@@ -517,7 +517,8 @@ pub struct ConnectorArgs {
     #[command(flatten)]
     pub uplink: UplinkArgs,
     /// Allow-list rule: `db.internal:5432`, `*.internal:22`, `10.20.0.0/16:443`, optionally
-    /// followed by ` users=a,b groups=c`. Repeatable.
+    /// followed by ` users=a,b groups=c` and ` protocol=tls|ssh|postgres|http|any` (for tls,
+    /// ` sni=NAME,*.SUFFIX`). Repeatable.
     #[arg(long = "allow")]
     pub allow: Vec<String>,
     /// Route to advertise to the DMZ (default: the routes of the allow-list). Repeatable.
