@@ -14,6 +14,8 @@ command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# psql: a real PostgreSQL client on a `protocol=postgres` rule (tests/tests/e2e.rs).
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 # native-tls (`--tls native`) builds against OpenSSL's headers.
 pkg-config --exists openssl 2>/dev/null || need+=(libssl-dev pkg-config)
 # squid-openssl: squid with TLS inspection and the same auth helpers (conflicts with `squid`).

@@ -169,6 +169,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         hosts: HashMap::from([(INTERNAL_NAME.to_string(), vec!["127.0.0.1".parse()?])]),
         sessions: 2,
         connect_timeout: Duration::from_secs(5),
+        protocol_timeout: gateway::connector::PROTOCOL_TIMEOUT,
         token_source: "the demo".into(),
         transport: uplink::TransportChoice::Auto,
         http_mode: None,

@@ -562,7 +562,8 @@ pub struct ConnectorArgs {
     #[command(flatten)]
     pub uplink: UplinkArgs,
     /// Allow-list rule: `db.internal:5432`, `*.internal:22`, `10.20.0.0/16:443`, optionally
-    /// followed by ` users=a,b groups=c`. Repeatable.
+    /// followed by ` users=a,b groups=c` and ` protocol=tls|ssh|postgres|http|any` (for tls,
+    /// ` sni=NAME,*.SUFFIX`). Repeatable.
     #[arg(long = "allow")]
     pub allow: Vec<String>,
     /// Route to advertise to the DMZ (default: the routes of the allow-list). Repeatable.
@@ -577,6 +578,9 @@ pub struct ConnectorArgs {
     /// Timeout for connecting to internal services and to the gateway [default: 10s].
     #[arg(long)]
     pub connect_timeout: Option<String>,
+    /// How long a client on a rule with `protocol=` has to send its first bytes [default: 5s].
+    #[arg(long)]
+    pub protocol_timeout: Option<String>,
     /// Name of this connector in logs [default: host name].
     #[arg(long)]
     pub instance_id: Option<String>,
@@ -628,6 +632,7 @@ pub struct ConnectorFile {
     pub hosts: HashMap<String, HostsValue>,
     pub sessions: Option<usize>,
     pub connect_timeout: Option<String>,
+    pub protocol_timeout: Option<String>,
     pub instance_id: Option<String>,
     #[serde(default)]
     pub tunnel: TunnelFile,
@@ -807,6 +812,15 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         Some(s) => duration(&s, "connect_timeout")?,
         None => Duration::from_secs(10),
     };
+    let protocol_timeout = match args.protocol_timeout.or(file.protocol_timeout) {
+        Some(s) => duration(&s, "protocol_timeout")?,
+        None => crate::connector::PROTOCOL_TIMEOUT,
+    };
+    if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&protocol_timeout) {
+        return Err(invalid(format!(
+            "protocol_timeout {protocol_timeout:?}: must be between 100ms and 60s (how long a client on a rule with protocol= has to send its first bytes)"
+        )));
+    }
     let sessions = args.sessions.or(file.sessions).unwrap_or(2);
     if sessions == 0 || sessions > 64 {
         return Err(invalid("--sessions must be between 1 and 64"));
@@ -838,6 +852,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         hosts,
         sessions,
         connect_timeout,
+        protocol_timeout,
         token_source: uplink::config::token_source(up.token_file.as_deref()),
         transport,
         http_mode,

@@ -1147,3 +1147,23 @@ pub fn corp_ca(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     }
     Ok((cert, key))
 }
+
+/// SOCKS5 (no authentication) `CONNECT host:port` by name through `socks`; the stream after a
+/// success reply, or the reply code as an error.
+pub fn socks5_connect(socks: SocketAddr, host: &str, port: u16) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(socks)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(&[5, 1, 0])?;
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b)?;
+    let mut req = vec![5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req)?;
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep)?;
+    if rep[1] != 0 {
+        bail!("SOCKS5 reply {}", rep[1]);
+    }
+    Ok(s)
+}

@@ -571,8 +571,8 @@ fn sallyport_connect_pipes_stdio_for_proxycommand() {
 }
 
 /// A real OpenSSH session through `ProxyCommand='sallyport connect %h %p'` to an sshd inside.
-#[test]
-fn ssh_through_proxycommand_reaches_an_internal_sshd() {
+/// A real sshd on 127.0.0.1 (keys and config in `d`), and its port.
+fn start_sshd(d: &std::path::Path) -> (Proc, u16) {
     require_tool("ssh");
     require_tool("ssh-keygen");
     let sshd = "/usr/sbin/sshd";
@@ -580,8 +580,6 @@ fn ssh_through_proxycommand_reaches_an_internal_sshd() {
         std::path::Path::new(sshd).exists(),
         "sshd is required: run scripts/test.sh (installs openssh-server)"
     );
-    let tmp = TempDir::new("ssh");
-    let d = tmp.path();
     for (name, kind) in [("host_key", "ed25519"), ("client_key", "ed25519")] {
         let (code, _, err) = run(Command::new("ssh-keygen")
             .args(["-q", "-t", kind, "-N", "", "-f"])
@@ -590,14 +588,8 @@ fn ssh_through_proxycommand_reaches_an_internal_sshd() {
         assert_eq!(code, 0, "{err}");
     }
     std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
-    // A free port for sshd (sshd needs a number; we bind 0, read it, release it).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     std::fs::create_dir_all("/run/sshd").ok();
-    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
     let cfg = format!(
         "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPidFile {pid}\nStrictModes no\nPermitRootLogin yes\n",
         hk = d.join("host_key").display(),
@@ -605,27 +597,48 @@ fn ssh_through_proxycommand_reaches_an_internal_sshd() {
         pid = d.join("sshd.pid").display()
     );
     std::fs::write(d.join("sshd_config"), cfg).unwrap();
-    let _sshd = Proc::spawn(
+    let proc = Proc::spawn(
         "sshd",
         Command::new(sshd)
             .args(["-D", "-e", "-f"])
             .arg(d.join("sshd_config")),
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let sys = System::start(
-        "sshd",
-        &allow_backend(port),
-        &["backend.internal=127.0.0.1"],
-        &[],
-    )
-    .unwrap();
+    wait_listening(port);
+    (proc, port)
+}
+
+/// A free port on 127.0.0.1 (bound to 0, read, released), for programs that need a number.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls until something listens on 127.0.0.1:`port`.
+fn wait_listening(port: u16) {
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "nothing listens on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Real ssh to `backend.internal:port` through the agent (`sallyport connect` as ProxyCommand),
+/// with the client key from [`start_sshd`], running `echo through-the-tunnel`.
+fn ssh_through(sys: &System, d: &std::path::Path, port: u16) -> (i32, String, String) {
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
     let proxy = format!(
         "ProxyCommand={} connect %h %p --socks {}",
         bin("sallyport").display(),
         sys.socks
     );
-    let (code, out, err) = run(Command::new("ssh")
+    run(Command::new("ssh")
         .args([
             "-F",
             "/dev/null",
@@ -646,7 +659,21 @@ fn ssh_through_proxycommand_reaches_an_internal_sshd() {
         .args(["-p", &port.to_string()])
         .arg(format!("{user}@backend.internal"))
         .arg("echo through-the-tunnel"))
+    .unwrap()
+}
+
+#[test]
+fn ssh_through_proxycommand_reaches_an_internal_sshd() {
+    let tmp = TempDir::new("ssh");
+    let (_sshd, port) = start_sshd(tmp.path());
+    let sys = System::start(
+        "sshd",
+        &allow_backend(port),
+        &["backend.internal=127.0.0.1"],
+        &[],
+    )
     .unwrap();
+    let (code, out, err) = ssh_through(&sys, tmp.path(), port);
     assert_eq!(code, 0, "ssh failed: {err}\n{}", sys.agent.log());
     assert_eq!(out.trim(), "through-the-tunnel");
 }
@@ -879,6 +906,35 @@ fn bad_configuration_exits_64_with_one_line_naming_the_fix() {
         "{err}"
     );
     assert!(!err.contains("untagged enum"), "{err}");
+
+    // A protocol the connector does not know, an SNI list on an ssh rule, a zero timeout.
+    for (extra, says) in [
+        (
+            ["--allow", "db.internal:5432 protocol=ftp"],
+            "protocol=\"ftp\" is not one of tls, ssh, postgres, http, any",
+        ),
+        (
+            ["--allow", "db.internal:22 protocol=ssh sni=db.internal"],
+            "sni= needs protocol=tls",
+        ),
+        (["--protocol-timeout", "0s"], "protocol_timeout"),
+    ] {
+        let (code, _, err) = run(Command::new(bin("sallyport-gateway"))
+            .args([
+                "connector",
+                "--gateway",
+                "wss://127.0.0.1:9/",
+                "--allow",
+                "db.internal:5432",
+            ])
+            .args(extra)
+            .arg("--token-file")
+            .arg(&conn_token))
+        .unwrap();
+        assert_eq!(code, 64, "{extra:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
 }
 
 /// A port in use by something the agent cannot name (here the DMZ's listen port): the OS's
@@ -1252,4 +1308,298 @@ fn connect_through_an_offline_agent_shows_its_reason_once() {
     );
     assert!(!err.contains("general failure"), "{err}");
     assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Protocol policy: rules that name what the client must speak (`protocol=`), checked by the
+// connector on the client's first bytes.
+
+/// `allow_backend(port)` with `words` (`protocol=…`) on both rules.
+fn allow_backend_speaking(port: u16, words: &str) -> Vec<String> {
+    allow_backend(port)
+        .into_iter()
+        .map(|r| format!("{r} {words}"))
+        .collect()
+}
+
+/// The connector's audit line for a protocol violation on `dest`.
+fn violation(sys: &System, needles: &[&str]) -> String {
+    let mut all = vec!["stream reset: protocol not allowed"];
+    all.extend_from_slice(needles);
+    let line = sys
+        .connector
+        .wait_for(&all, Duration::from_secs(10))
+        .unwrap();
+    eprintln!("connector: {line}");
+    line
+}
+
+#[test]
+fn a_tls_client_naming_a_server_outside_the_sni_list_is_reset() {
+    require_tool("openssl");
+    let port = free_port();
+    let rules: Vec<String> = [
+        format!("*.internal:{port} protocol=tls sni=ok.internal"),
+        format!("127.0.0.1/32:{port} protocol=tls sni=ok.internal"),
+    ]
+    .to_vec();
+    let sys = System::start(
+        "sni",
+        &rules,
+        &["ok.internal=127.0.0.1", "evil.internal=127.0.0.1"],
+        &[],
+    )
+    .unwrap();
+    // A real TLS server: openssl s_server answering HTTP with a status page.
+    let _tls = Proc::spawn(
+        "s_server",
+        Command::new("openssl")
+            .args(["s_server", "-www", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-cert")
+            .arg(sys.pki.p("gateway.crt"))
+            .arg("-key")
+            .arg(sys.pki.p("gateway.key")),
+    )
+    .unwrap();
+    wait_listening(port);
+    let via = |name: &str| {
+        run(curl()
+            .args(["-k", "--socks5-hostname"])
+            .arg(sys.socks.to_string())
+            .arg(format!("https://{name}:{port}/")))
+        .unwrap()
+    };
+    let (code, out, err) = via("ok.internal");
+    assert_eq!(code, 0, "allowed SNI: {err}\n{}", sys.connector.log());
+    assert!(out.contains("s_server"), "{out}");
+    sys.connector
+        .wait_for(
+            &["protocol allowed", "TLS ClientHello SNI ok.internal"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let (code, _, err) = via("evil.internal");
+    assert_ne!(code, 0, "a disallowed SNI got through");
+    let line = violation(
+        &sys,
+        &["name=alice", "SNI evil.internal", "sni=ok.internal"],
+    );
+    assert!(line.contains(&format!("evil.internal:{port}")), "{line}");
+    eprintln!("curl said: {err}");
+}
+
+#[test]
+fn tls_to_an_http_rule_is_reset_and_plain_http_passes() {
+    let (port, sys) = {
+        let svc = http_service().unwrap();
+        let sys = System::start(
+            "http-rule",
+            &allow_backend_speaking(svc.port(), "protocol=http"),
+            &["backend.internal=127.0.0.1"],
+            &[],
+        )
+        .unwrap();
+        (svc.port(), sys)
+    };
+    let url = format!("http://backend.internal:{port}/");
+    for proxy in [
+        vec!["--socks5-hostname".to_string(), sys.socks.to_string()],
+        vec!["-x".to_string(), format!("http://{}", sys.http)],
+    ] {
+        let (code, out, err) = run(curl().args(&proxy).arg(&url)).unwrap();
+        assert_eq!(
+            (code, out.as_str()),
+            (0, "hello from backend.internal\n"),
+            "{proxy:?}: {err}"
+        );
+    }
+    let (code, _, err) = run(curl()
+        .args(["-k", "--socks5-hostname"])
+        .arg(sys.socks.to_string())
+        .arg(format!("https://backend.internal:{port}/")))
+    .unwrap();
+    assert_ne!(code, 0, "TLS passed an http rule");
+    violation(
+        &sys,
+        &["TLS ClientHello SNI backend.internal", "protocol=http"],
+    );
+    eprintln!("curl said: {err}");
+}
+
+#[test]
+fn ssh_passes_an_ssh_rule_and_http_to_it_is_reset_before_the_server_banner_leaks() {
+    let tmp = TempDir::new("ssh-rule");
+    let (_sshd, port) = start_sshd(tmp.path());
+    let sys = System::start(
+        "ssh-rule",
+        &allow_backend_speaking(port, "protocol=ssh"),
+        &["backend.internal=127.0.0.1"],
+        &[],
+    )
+    .unwrap();
+    let (code, out, err) = ssh_through(&sys, tmp.path(), port);
+    assert_eq!(code, 0, "ssh failed: {err}\n{}", sys.connector.log());
+    assert_eq!(out.trim(), "through-the-tunnel");
+    sys.connector
+        .wait_for(
+            &["protocol allowed", "SSH identification SSH-2.0-OpenSSH"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    // curl speaks HTTP to the ssh port: refused, and sshd's banner never reaches it (curl
+    // would say "Received HTTP/0.9" if it had).
+    let (code, out, err) = run(curl()
+        .arg("--socks5-hostname")
+        .arg(sys.socks.to_string())
+        .arg(format!("http://backend.internal:{port}/")))
+    .unwrap();
+    assert_ne!(code, 0, "HTTP passed an ssh rule: {out}");
+    assert!(
+        !err.contains("HTTP/0.9") && !out.contains("SSH-"),
+        "the server's banner leaked: {err} {out}"
+    );
+    violation(&sys, &["HTTP/1.1 request GET", "protocol=ssh"]);
+    // Through the HTTP proxy port the refusal arrives as a status with the reason.
+    let (_, out, _) = run(curl()
+        .args(["-w", "\n%{http_code}"])
+        .arg("-x")
+        .arg(format!("http://{}", sys.http))
+        .arg(format!("http://backend.internal:{port}/")))
+    .unwrap();
+    assert!(
+        out.ends_with("403") && out.contains("allows only SSH: saw HTTP/1.1 request GET"),
+        "{out}"
+    );
+}
+
+/// A stand-in PostgreSQL server: answers an SSLRequest or GSSENCRequest with `N`, reads the
+/// startup packet and refuses it with an ErrorResponse naming the user it read.
+fn fake_postgres() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().map_while(|s| s.ok()) {
+            let _ = (|| -> std::io::Result<()> {
+                loop {
+                    let mut head = [0u8; 8];
+                    s.read_exact(&mut head)?;
+                    let len = u32::from_be_bytes(head[..4].try_into().unwrap()) as usize;
+                    let code = u32::from_be_bytes(head[4..].try_into().unwrap());
+                    if code == 80877103 || code == 80877104 {
+                        s.write_all(b"N")?;
+                        continue;
+                    }
+                    let mut body = vec![0u8; len.saturating_sub(8).min(10_000)];
+                    s.read_exact(&mut body)?;
+                    let params: Vec<&[u8]> = body.split(|&b| b == 0).collect();
+                    let user = params
+                        .iter()
+                        .position(|p| *p == b"user")
+                        .and_then(|i| params.get(i + 1))
+                        .map(|u| String::from_utf8_lossy(u).into_owned())
+                        .unwrap_or_default();
+                    let mut fields = Vec::new();
+                    for (t, v) in [
+                        (b'S', "FATAL".to_string()),
+                        (b'C', "28000".to_string()),
+                        (b'M', format!("fake postgres read the startup of {user}")),
+                    ] {
+                        fields.push(t);
+                        fields.extend_from_slice(v.as_bytes());
+                        fields.push(0);
+                    }
+                    fields.push(0);
+                    let mut msg = vec![b'E'];
+                    msg.extend_from_slice(&((fields.len() + 4) as u32).to_be_bytes());
+                    msg.extend_from_slice(&fields);
+                    s.write_all(&msg)?;
+                    return Ok(());
+                }
+            })();
+        }
+    });
+    port
+}
+
+#[test]
+fn a_psql_startup_passes_a_postgres_rule() {
+    require_tool("psql");
+    let port = fake_postgres();
+    let sys = System::start(
+        "postgres-rule",
+        &allow_backend_speaking(port, "protocol=postgres"),
+        &["backend.internal=127.0.0.1"],
+        &[format!("127.0.0.1:0=backend.internal:{port}")],
+    )
+    .unwrap();
+    let fw = sys.forwards[0];
+    // sslmode=disable: the startup message comes first; prefer: an SSLRequest, then (after
+    // the server's N) the startup message.
+    for (sslmode, seen) in [
+        ("disable", "PostgreSQL startup, protocol 3."),
+        ("prefer", "PostgreSQL SSLRequest"),
+    ] {
+        let (code, _, err) = run(Command::new("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={} user=alice dbname=app sslmode={sslmode} gssencmode=disable connect_timeout=10",
+                fw.port()
+            ))
+            .args(["-c", "select 1"]))
+        .unwrap();
+        assert_ne!(code, 0);
+        assert!(
+            err.contains("fake postgres read the startup of alice"),
+            "sslmode={sslmode}: psql said {err}\n{}",
+            sys.connector.log()
+        );
+        sys.connector
+            .wait_for(&["protocol allowed", seen], Duration::from_secs(5))
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_client_that_never_speaks_is_given_up_and_a_server_first_banner_never_reaches_it() {
+    // A service that greets first, as sshd or a database does.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().map_while(|s| s.ok()) {
+            let _ = s.write_all(b"SSH-2.0-Greeter\r\n");
+            std::thread::spawn(move || {
+                let mut sink = [0u8; 1024];
+                while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let mut sys = System::start(
+        "silent",
+        &allow_backend_speaking(port, "protocol=ssh"),
+        &["backend.internal=127.0.0.1"],
+        &[],
+    )
+    .unwrap();
+    sys.connector_args
+        .extend(["--protocol-timeout".to_string(), "1s".to_string()]);
+    sys.restart_connector().unwrap();
+    // Until the DMZ has the restarted connector, an OPEN may fail: try again.
+    let started = Instant::now();
+    let mut s = loop {
+        match socks5_connect(sys.socks, "backend.internal", port) {
+            Ok(s) => break s,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "never connected: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Say nothing: the connector gives up after 1 s. Until then, and after, not a byte of the
+    // server's greeting arrives.
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(got.is_empty(), "the server's banner leaked: {got:?}");
+    violation(&sys, &["no bytes within 1s", "protocol=ssh"]);
 }

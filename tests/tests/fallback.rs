@@ -6,7 +6,6 @@
 
 use sallyport_e2e::*;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -82,20 +81,7 @@ fn twenty_mib_both_ways(sys: &System, port: u16) {
 /// An interactive exchange (an ssh-like conversation through SOCKS5): 20 round trips, each
 /// answered promptly. Returns the slowest round trip.
 fn interactive(socks: std::net::SocketAddr, echo_port: u16) -> Duration {
-    let mut s = TcpStream::connect(socks).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    // SOCKS5, no auth, CONNECT by name.
-    s.write_all(&[5, 1, 0]).unwrap();
-    let mut b = [0u8; 2];
-    s.read_exact(&mut b).unwrap();
-    let host = b"backend.internal";
-    let mut req = vec![5, 1, 0, 3, host.len() as u8];
-    req.extend_from_slice(host);
-    req.extend_from_slice(&echo_port.to_be_bytes());
-    s.write_all(&req).unwrap();
-    let mut rep = [0u8; 10];
-    s.read_exact(&mut rep).unwrap();
-    assert_eq!(rep[1], 0, "SOCKS5 refused: {rep:?}");
+    let mut s = socks5_connect(socks, "backend.internal", echo_port).unwrap();
     let mut worst = Duration::ZERO;
     for i in 0..20 {
         let msg = format!("keystroke {i}\n");

@@ -3,8 +3,10 @@
 //! This file: the validated configuration, and `sessions` sessions kept up to the DMZ
 //! (`uplink::keep`, shared with the agent: backoff with jitter, reset after a stable period),
 //! each advertising its routes in-band. `streams`: each stream the DMZ opens (allow-list,
-//! resolution, address checks, connect, copy, audit).
+//! resolution, address checks, connect, copy, audit). `firstbytes`: a rule's protocol, checked
+//! on the client's first bytes. `issuer`: token renewals, when this connector is the issuer.
 
+mod firstbytes;
 mod issuer;
 mod streams;
 
@@ -20,6 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, Instrument};
 use tunnel::Role;
+
+/// The default `protocol_timeout`: a client that connects through a rule naming a protocol
+/// and says nothing for this long is given up.
+pub const PROTOCOL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything the connector needs, validated before anything is dialled.
 #[derive(Clone)]
@@ -40,6 +46,9 @@ pub struct ConnectorConfig {
     /// Sessions kept up to the gateway.
     pub sessions: usize,
     pub connect_timeout: Duration,
+    /// How long a client on a rule that names a protocol has to send the first bytes that
+    /// are checked (`protocol_timeout`, default [`PROTOCOL_TIMEOUT`]).
+    pub protocol_timeout: Duration,
     /// Where the token came from (its file, or `SALLYPORT_TOKEN`), for messages.
     pub token_source: String,
     /// `[tunnel] transport`, `http_mode`, `inner` (as the agent's).

@@ -1,8 +1,9 @@
 //! One stream the DMZ opened on a connector session: check the allow-list against the identity
 //! the DMZ stamped, resolve the name here, check every address it resolved to, connect with a
-//! timeout, answer `OPEN_OK`/`OPEN_ERR`, copy bytes both ways and write the audit line.
+//! timeout, answer `OPEN_OK`/`OPEN_ERR`, check the first bytes where a rule names a protocol
+//! (`firstbytes`), copy bytes both ways and write the audit line.
 
-use super::ConnectorConfig;
+use super::{firstbytes, ConnectorConfig};
 use crate::policy::{self, Host, Who};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -68,10 +69,10 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
         user: &user,
         groups: &groups,
     };
-    let tcp = match dial_checked(&config, &dest, &who).await {
+    let (tcp, addr) = match dial_checked(&config, &dest, &who).await {
         Ok((tcp, addr)) => {
             info!(target: "audit", event = "open", %token, name = %user, %client, %dest, %addr, "stream open");
-            tcp
+            (tcp, addr)
         }
         Err(Refusal(code, reason)) => {
             info!(target: "audit", event = "refused", %token, name = %user, %client, %dest, %code, %reason, "stream refused");
@@ -88,6 +89,16 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
     let _open = config.ops.metrics.stream_open();
     let mut tcp = tcp;
     let mut stream = stream;
+    let audit = firstbytes::Audit {
+        token: &token,
+        user: &user,
+        client: &client,
+        dest: &dest,
+        addr,
+    };
+    if !firstbytes::admit(&config, &mut stream, &mut tcp, &who, &audit).await {
+        return;
+    }
     // A reset from the agent side must end the copy even while the service is not reading
     // (the copy would not poll the tunnel again until the service made room).
     let failure = stream.failure();

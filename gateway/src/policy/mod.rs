@@ -25,10 +25,15 @@
 //! |---|---|
 //! | `routes` | destinations: [`Host`] and [`parse_host`], [`HostPattern`], [`PortRange`], [`Route`] |
 //! | `rules` | who may go where: [`Rule`], and the allow-list [`Policy`] with its special-address checks |
+//! | `protocol` | what a rule lets the client speak ([`Protocol`]), and the verdict on its first bytes ([`Requirement`]) |
+//! | `sniff` | recognisers for those first bytes: TLS ClientHello, SSH line, PostgreSQL packet, HTTP request line |
 
+mod protocol;
 mod routes;
 mod rules;
+pub mod sniff;
 
+pub use protocol::*;
 pub use routes::*;
 pub use rules::*;
 

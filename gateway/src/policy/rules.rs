@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
+use super::protocol::Protocol;
 use super::routes::*;
 use super::{rule_err, PolicyError};
 
@@ -21,11 +22,13 @@ use super::{rule_err, PolicyError};
 
 /// One allow-list entry: a route, optionally restricted to some users and/or groups.
 /// Empty `users` and `groups` means everyone; otherwise a caller must be listed in either.
+/// `protocol` is what the client must speak there (`any` by default; see `protocol.rs`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     pub route: Route,
     pub users: Vec<String>,
     pub groups: Vec<String>,
+    pub protocol: Protocol,
 }
 
 impl Rule {
@@ -35,6 +38,7 @@ impl Rule {
             route,
             users: Vec::new(),
             groups: Vec::new(),
+            protocol: Protocol::Any,
         }
     }
 
@@ -49,23 +53,31 @@ impl Rule {
 impl FromStr for Rule {
     type Err = PolicyError;
 
-    /// `db.internal:5432` or `db.internal:5432 users=alice,bob groups=dba`.
+    /// `db.internal:5432` or `db.internal:5432 users=alice,bob groups=dba`, optionally with
+    /// `protocol=tls|ssh|postgres|http|any` and, for tls, `sni=NAME,*.SUFFIX`.
     fn from_str(s: &str) -> Result<Self, PolicyError> {
         let mut words = s.split_whitespace();
         let route = words.next().ok_or_else(|| rule_err(s, "empty rule"))?;
         let route: Route = route.parse().map_err(|e| rule_err(s, inner_why(&e)))?;
-        let (mut users, mut groups) = (None, None);
+        let (mut users, mut groups, mut protocol, mut sni) = (None, None, None, None);
         for word in words {
             let (key, value) = word.split_once('=').ok_or_else(|| {
-                rule_err(s, format!("{word:?} should be users=a,b or groups=c,d"))
+                rule_err(
+                    s,
+                    format!("{word:?} should be users=a,b, groups=c,d, protocol=P or sni=a,b"),
+                )
             })?;
             let slot = match key {
                 "users" => &mut users,
                 "groups" => &mut groups,
+                "protocol" => &mut protocol,
+                "sni" => &mut sni,
                 _ => {
                     return Err(rule_err(
                         s,
-                        format!("unknown key {key:?} (expected users= or groups=)"),
+                        format!(
+                            "unknown key {key:?} (expected users=, groups=, protocol= or sni=)"
+                        ),
                     ))
                 }
             };
@@ -77,10 +89,23 @@ impl FromStr for Rule {
             }
             *slot = Some(split_names(value).map_err(|why| rule_err(s, format!("{key}=: {why}")))?);
         }
+        let protocol = match protocol.as_deref() {
+            Some([one]) => Some(one.as_str()),
+            Some(_) => {
+                return Err(rule_err(
+                    s,
+                    "protocol= takes one of tls, ssh, postgres, http, any",
+                ))
+            }
+            None => None,
+        };
+        let protocol =
+            Protocol::from_parts(protocol, sni.as_deref()).map_err(|why| rule_err(s, why))?;
         Ok(Rule {
             route,
             users: users.unwrap_or_default(),
             groups: groups.unwrap_or_default(),
+            protocol,
         })
     }
 }
@@ -107,11 +132,15 @@ impl fmt::Display for Rule {
         if !self.groups.is_empty() {
             write!(f, " groups={}", self.groups.join(","))?;
         }
+        if self.protocol != Protocol::Any {
+            write!(f, " {}", self.protocol)?;
+        }
         Ok(())
     }
 }
 
-/// The table form of a rule in TOML: `{ route = "...", users = [...], groups = [...] }`.
+/// The table form of a rule in TOML: `{ route = "...", users = [...], groups = [...],
+/// protocol = "tls", sni = [...] }`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RuleTable {
@@ -120,6 +149,8 @@ struct RuleTable {
     users: Vec<String>,
     #[serde(default)]
     groups: Vec<String>,
+    protocol: Option<String>,
+    sni: Option<Vec<String>>,
 }
 
 impl<'de> Deserialize<'de> for Rule {
@@ -137,10 +168,13 @@ impl<'de> Deserialize<'de> for Rule {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Rule, A::Error> {
                 let t = RuleTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                let protocol = Protocol::from_parts(t.protocol.as_deref(), t.sni.as_deref())
+                    .map_err(de::Error::custom)?;
                 Ok(Rule {
                     route: t.route,
                     users: t.users,
                     groups: t.groups,
+                    protocol,
                 })
             }
         }
@@ -315,14 +349,10 @@ impl Policy {
         let Some(kind) = self.special_kind(ip) else {
             return Ok(());
         };
-        let only_itself = CLOUD_METADATA.contains(&ip);
-        let explicitly_listed = self.rules.iter().any(|r| {
-            matches!(&r.route.host, HostPattern::Net(net)
-                if net.contains(&ip) && (!only_itself || net.prefix_len() == net.max_prefix_len()))
-                && r.route.ports.contains(port)
-                && r.applies_to(who)
-        });
-        if explicitly_listed {
+        if self
+            .listing_special(ip, port, who)
+            .is_some_and(|mut r| r.next().is_some())
+        {
             return Ok(());
         }
         // The rule that would list it, for the admin (`--allow 127.0.0.1/32:23080`).
@@ -339,6 +369,42 @@ impl Policy {
             ),
         };
         Err(Denied { reason })
+    }
+
+    /// The rules that match `host:port` (IP literals folded to IPv4) and apply to `who`.
+    pub(super) fn allowing<'a>(
+        &'a self,
+        host: &'a Host,
+        port: u16,
+        who: &'a Who,
+    ) -> impl Iterator<Item = &'a Rule> + 'a {
+        let host = match host {
+            Host::Ip(ip) => Host::Ip(canonical_ip(*ip)),
+            name => name.clone(),
+        };
+        self.rules
+            .iter()
+            .filter(move |r| r.route.matches(&host, port) && r.applies_to(who))
+    }
+
+    /// For a special address (loopback, …): the rules applying to `who` and `port` that list
+    /// a network containing it (a cloud metadata address only by itself). `None` if `ip` is
+    /// not special.
+    pub(super) fn listing_special<'a>(
+        &'a self,
+        ip: IpAddr,
+        port: u16,
+        who: &'a Who,
+    ) -> Option<impl Iterator<Item = &'a Rule> + 'a> {
+        let ip = canonical_ip(ip);
+        self.special_kind(ip)?;
+        let only_itself = CLOUD_METADATA.contains(&ip);
+        Some(self.rules.iter().filter(move |r| {
+            matches!(&r.route.host, HostPattern::Net(net)
+                if net.contains(&ip) && (!only_itself || net.prefix_len() == net.max_prefix_len()))
+                && r.route.ports.contains(port)
+                && r.applies_to(who)
+        }))
     }
 
     fn special_kind(&self, ip: IpAddr) -> Option<&'static str> {
