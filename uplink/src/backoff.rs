@@ -30,6 +30,10 @@ impl Backoff {
     pub const MAX: Duration = Duration::from_secs(15);
     /// A session that stayed up this long resets the backoff.
     pub const STABLE: Duration = Duration::from_secs(60);
+    /// A session that was up at least this long and then lost starts the backoff over: it
+    /// failed at nothing. Shorter (a gateway that accepts and drops at once) counts as a
+    /// failed attempt, so a flapping peer still meets a growing wait.
+    pub const UP_AT_LEAST: Duration = Duration::from_secs(2);
 
     /// The first wait after the gateway refused the credential: 40 times the first wait for an
     /// unreachable gateway, yet short enough that a token minted a moment ago (the DMZ reads

@@ -68,17 +68,19 @@ pub async fn keep<S, F>(
                             break;
                         }
                         warn!(reason = %why, "gateway session lost; reconnecting");
-                        if matches!(
+                        let drained = matches!(
                             why,
                             tunnel::SessionError::GoAway {
                                 code: tunnel::ErrorCode::Shutdown,
                                 ..
                             }
-                        ) {
-                            // An instance drained on purpose (a rolling restart) failed at
+                        );
+                        if drained || lost_after.elapsed() >= Backoff::UP_AT_LEAST {
+                            // A session that was up and then lost (an instance killed, drained
+                            // for a rolling restart, a load balancer's timeout) failed at
                             // nothing: come back from the first wait, not from one that grew
-                            // over earlier losses (the restarted instance would lack its
-                            // connectors for that long).
+                            // over earlier losses. Losses seconds apart (one instance killed
+                            // after the other) once made the wait grow to 15 s.
                             backoff.reset();
                         }
                         // A session that went away at once (a draining instance refusing to
@@ -117,6 +119,8 @@ pub async fn keep<S, F>(
             }
         }
         backoff.after(started.elapsed());
+        // (A session lost after `UP_AT_LEAST` reset the backoff above; `after` covers the
+        // attempts that failed.)
         // The gateway itself (authenticated, never a status a middlebox could write) refused
         // the credential: slow down, still retry.
         let wait = match &refused {

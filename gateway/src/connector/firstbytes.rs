@@ -106,13 +106,15 @@ async fn peek(
     deadline: tokio::time::Instant,
 ) -> (Vec<u8>, std::io::Result<Verdict>, bool) {
     let mut buf = Vec::with_capacity(1024);
+    // On the heap, not in the future: every stream's task is as large as its largest await
+    // state, and idle streams must stay light (tests: idle_streams_held_two_copy_buffers_each).
+    let mut chunk = vec![0u8; 4096];
     let mut reads = 0;
     loop {
         let verdict = need.judge(&buf, buf.len() >= PEEK_CAP || reads >= MAX_READS);
         if verdict != Verdict::More {
             return (buf, Ok(verdict), false);
         }
-        let mut chunk = [0u8; 4096];
         let room = (PEEK_CAP - buf.len()).min(chunk.len());
         match tokio::time::timeout_at(deadline, stream.read(&mut chunk[..room])).await {
             Ok(Ok(0)) => {

@@ -55,7 +55,9 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
         .collect();
     let reserved = dest.host == tunnel::renew::HOST && dest.port == tunnel::renew::PORT;
     match (&config.issuer, reserved) {
-        (Some(issuer), true) => return super::issuer::serve(issuer, stream, &token).await,
+        (Some(issuer), true) => {
+            return Box::pin(super::issuer::serve(issuer, stream, &token)).await
+        }
         (Some(_), false) => {
             return stream.reject(
                 ErrorCode::NotAllowed,
@@ -96,7 +98,8 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
         dest: &dest,
         addr,
     };
-    if !firstbytes::admit(&config, &mut stream, &mut tcp, &who, &audit).await {
+    // Boxed: its state is not part of every stream's task (idle streams stay light).
+    if !Box::pin(firstbytes::admit(&config, &mut stream, &mut tcp, &who, &audit)).await {
         return;
     }
     // A reset from the agent side must end the copy even while the service is not reading
