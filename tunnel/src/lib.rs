@@ -11,6 +11,8 @@
 //! | `machine` | the session's rules as an I/O-free state machine (`now` and frames in, frames out): credit, stream ids, resets, limits, liveness; unit-tested without a runtime |
 //! | [`session`] | the session: hello, then the reader, writer and pinger tasks that drive the machine |
 //! | [`stream`] | one stream: `AsyncRead`/`AsyncWrite` and the chunk API relays use |
+//! | [`datagram`] | datagram associations (SOCKS5 UDP) as I/O-free rules: bounded queues, drops |
+//! | [`association`] | one association: send and receive datagrams |
 //! | [`transport`] | the transport traits and an in-memory pair for tests; one file per transport beneath: |
 //! | [`transport::ws`] | the WebSocket transport over any byte stream |
 //! | [`transport::http`] | the HTTP fallback transport (POSTs up, a streamed or long-polled GET down) |
@@ -23,6 +25,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod association;
+pub mod datagram;
 pub mod frame;
 pub mod handshake;
 pub mod inner;
@@ -34,6 +38,8 @@ pub mod transport;
 
 pub use frame::{Dest, ErrorCode, Frame, Hello, Meta, Role, PROTOCOL_VERSION};
 pub use session::{Config, Incoming, Session, SessionError, SessionStats, StreamError};
+pub use association::{Association, Datagram};
+pub use datagram::Dropped;
 pub use stream::{OpenRequest, Stream};
 /// The transports, also at the crate root: `tunnel::ws`, `tunnel::http`.
 pub use transport::{http, ws};
