@@ -436,6 +436,7 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
         limits.pending_inner_sessions = v;
     }
     let mut session = tunnel::Config::new(tunnel::Role::Dmz, false);
+    session.datagrams = true;
     file.tunnel.apply(&mut session)?;
     file.tunnel.refuse_keys_of_others("DMZ", true)?;
     let mut trusted = file
@@ -520,6 +521,10 @@ pub struct ConnectorArgs {
     /// followed by ` users=a,b groups=c`. Repeatable.
     #[arg(long = "allow")]
     pub allow: Vec<String>,
+    /// UDP allow-list rule (SOCKS5 UDP), same form as --allow: `dns.internal:53 groups=dev`.
+    /// Without any, no UDP is relayed. Repeatable.
+    #[arg(long = "allow-udp")]
+    pub allow_udp: Vec<String>,
     /// Route to advertise to the DMZ (default: the routes of the allow-list). Repeatable.
     #[arg(long = "advertise")]
     pub advertise: Vec<String>,
@@ -558,6 +563,9 @@ pub struct ConnectorFile {
     pub client_cert_password_file: Option<PathBuf>,
     #[serde(default)]
     pub allow: Vec<Rule>,
+    /// The UDP allow-list (SOCKS5 UDP); empty: no UDP.
+    #[serde(default)]
+    pub udp: Vec<Rule>,
     #[serde(default)]
     pub advertise: Vec<Route>,
     #[serde(default)]
@@ -690,6 +698,13 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
     if rules.is_empty() {
         return Err(invalid("the allow-list is empty: add --allow 'db.internal:5432' (or allow = [...] in the config); a connector without rules serves nothing"));
     }
+    let mut udp_rules = file.udp;
+    for a in &args.allow_udp {
+        udp_rules.push(
+            a.parse::<Rule>()
+                .map_err(|e| invalid(format!("--allow-udp: {e}")))?,
+        );
+    }
     let mut routes = file.advertise;
     for a in &args.advertise {
         routes.push(
@@ -698,7 +713,8 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         );
     }
     if routes.is_empty() {
-        routes = rules.iter().map(|r| r.route.clone()).collect();
+        routes = rules.iter().chain(&udp_rules).map(|r| r.route.clone()).collect();
+        routes.dedup();
         // By default, advertise only what a v2 credential covers: an address rule that is
         // there to list a special address (`127.0.0.1/32:23080`) is not a route the DMZ would
         // keep, and advertising it only makes the DMZ warn.
@@ -740,6 +756,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         return Err(invalid("--sessions must be between 1 and 64"));
     }
     let mut session = tunnel::Config::new(tunnel::Role::Connector, true);
+    session.datagrams = true;
     file.tunnel.apply(&mut session)?;
     file.tunnel.refuse_keys_of_others("connector", false)?;
     let transport = file.tunnel.transport()?.unwrap_or_default();
@@ -761,6 +778,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         v2,
         tls,
         policy: Arc::new(Policy::with_local_addresses(rules)),
+        udp: Arc::new(Policy::with_local_addresses(udp_rules)),
         routes,
         hosts,
         sessions,

@@ -10,6 +10,9 @@
 //! Besides the counters, [`Metrics`] keeps a small ring of recent refusals for the admin page
 //! ([`Metrics::recent_refusals`]); its size is fixed ([`RECENT_REFUSALS`]).
 
+mod udp;
+pub use udp::{UdpDrop, UdpMetrics};
+
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -174,6 +177,8 @@ pub struct Metrics {
     egress: [AtomicI64; 4],
     resumes: AtomicU64,
     recent: Mutex<VecDeque<Refusal>>,
+    /// Datagrams (SOCKS5 UDP).
+    pub udp: UdpMetrics,
     /// Which families are written: the DMZ has no egress path, a connector no auth failures.
     dmz: bool,
 }
@@ -205,6 +210,7 @@ impl Metrics {
             egress: Default::default(),
             resumes: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_REFUSALS)),
+            udp: UdpMetrics::default(),
             dmz,
         }
     }
@@ -459,6 +465,7 @@ impl Metrics {
             "sallyport_stream_resumes_total {}",
             self.resumes.load(Relaxed)
         );
+        self.udp.render(&mut o);
         o
     }
 

@@ -472,6 +472,11 @@ impl Session {
         }
     }
 
+    /// Whether `other` is a handle to this same session.
+    pub fn same_session(&self, other: &Session) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Whether datagrams (SOCKS5 UDP) flow on this session: both hellos announced them.
     pub fn datagrams(&self) -> bool {
         self.shared.lock().rules.datagrams
