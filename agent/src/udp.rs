@@ -85,9 +85,9 @@ impl Associator for UdpAssociator {
                 .map_err(|e| DialError::new(DialErrorKind::Other, format!("UDP relay: {e}")))?;
             let mut m = Meta::default();
             m.set(meta::FRONT, "socks5");
-            let assoc = session.open_association(m).map_err(|e| {
-                DialError::new(crate::dialer::kind_for(e.code()), e.to_string())
-            })?;
+            let assoc = session
+                .open_association(m)
+                .map_err(|e| DialError::new(crate::dialer::kind_for(e.code()), e.to_string()))?;
             let span = info_span!("udp", assoc = assoc.id(), relay = %bound);
             let run = async move {
                 let _permit = permit;
@@ -209,10 +209,13 @@ fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(canonical_ip(a.ip()), a.port())
 }
 
+/// A source address's verdict and when it was made.
+type Verdict = (Instant, Result<(), String>);
+
 /// The same-user check for datagram sources, with a small cache.
 struct OwnerCheck {
     allow_remote: bool,
-    cache: Mutex<HashMap<SocketAddr, (Instant, Result<(), String>)>>,
+    cache: Mutex<HashMap<SocketAddr, Verdict>>,
 }
 
 impl OwnerCheck {
@@ -270,8 +273,8 @@ pub fn udp_owners(table: &str, src: SocketAddr) -> Vec<u32> {
             }
             let local = peer::parse_addr(f[1])?;
             let ip = canonical_ip(local.ip());
-            let matches = local.port() == src.port()
-                && (ip.is_unspecified() || ip == canonical_ip(src.ip()));
+            let matches =
+                local.port() == src.port() && (ip.is_unspecified() || ip == canonical_ip(src.ip()));
             if matches {
                 f[7].parse().ok()
             } else {

@@ -713,7 +713,11 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         );
     }
     if routes.is_empty() {
-        routes = rules.iter().chain(&udp_rules).map(|r| r.route.clone()).collect();
+        routes = rules
+            .iter()
+            .chain(&udp_rules)
+            .map(|r| r.route.clone())
+            .collect();
         routes.dedup();
         // By default, advertise only what a v2 credential covers: an address rule that is
         // there to list a special address (`127.0.0.1/32:23080`) is not a route the DMZ would

@@ -87,9 +87,7 @@ where
     .map_err(|_| FrontError::HandshakeTimeout)??;
     let target = match (target, udp) {
         (Command::Connect(t), _) => t,
-        (Command::Associate(declared), Some(udp)) => {
-            return associate(proto, udp, declared).await
-        }
+        (Command::Associate(declared), Some(udp)) => return associate(proto, udp, declared).await,
         // `handshake` answers 0x07 itself when there is no associator.
         (Command::Associate(_), None) => {
             return Err(FrontError::Socks5("UDP ASSOCIATE is not served".into()))

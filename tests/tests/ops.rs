@@ -906,7 +906,18 @@ fn dns_server() -> u16 {
             let end = (i + 5).min(n);
             let known = labels.join(".") == "wiki.internal";
             let mut r = q[..2].to_vec();
-            r.extend_from_slice(&[0x81, if known { 0x80 } else { 0x83 }, 0, 1, 0, u8::from(known), 0, 0, 0, 0]);
+            r.extend_from_slice(&[
+                0x81,
+                if known { 0x80 } else { 0x83 },
+                0,
+                1,
+                0,
+                u8::from(known),
+                0,
+                0,
+                0,
+                0,
+            ]);
             r.extend_from_slice(&q[12..end]);
             if known {
                 r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 1, 2, 3]);
@@ -1019,7 +1030,12 @@ fn pysocks_reaches_a_udp_echo_and_resolves_a_name_with_a_dns_server_in_the_trust
     let echo = site.echo.to_string();
     let out = pysocks_client(site.socks, &["echo", "echo.internal", &echo]);
     // The reply names its source as the app wrote the destination.
-    assert_eq!(out, format!("echo ping echo.internal {echo}"), "{}", site.agent.log());
+    assert_eq!(
+        out,
+        format!("echo ping echo.internal {echo}"),
+        "{}",
+        site.agent.log()
+    );
     let dns = site.dns.to_string();
     let out = pysocks_client(site.socks, &["dns", "dns.internal", &dns, "wiki.internal"]);
     assert_eq!(out, "dns 10.1.2.3");
@@ -1059,7 +1075,8 @@ fn a_datagram_from_another_local_users_socket_is_dropped_by_the_agent() {
         .unwrap();
     // Alice's own datagrams still go through, and the attacker's never reached the service.
     let mine = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    mine.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    mine.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let mut buf = [0u8; 256];
     let mut got = None;
     for _ in 0..10 {
@@ -1071,7 +1088,10 @@ fn a_datagram_from_another_local_users_socket_is_dropped_by_the_agent() {
     }
     assert_eq!(got.as_deref(), Some(&to_echo(site.echo, b"mine")[..]));
     let seen = site.seen.lock().unwrap();
-    assert!(!seen.iter().any(|d| d == b"attack"), "the other user's datagram was relayed");
+    assert!(
+        !seen.iter().any(|d| d == b"attack"),
+        "the other user's datagram was relayed"
+    );
 }
 
 #[test]
@@ -1088,12 +1108,19 @@ fn a_udp_port_outside_the_users_udp_rules_is_dropped_and_counted() {
         "sallyport_udp_dropped_total{reason=\"not_allowed\"}",
         3.0,
     );
-    assert!(dropped >= 3.0, "dropped {dropped}\n{}", site.ops.connector.log());
+    assert!(
+        dropped >= 3.0,
+        "dropped {dropped}\n{}",
+        site.ops.connector.log()
+    );
     site.ops
         .connector
         .wait_for(&["udp-refused", "not in"], Duration::from_secs(5))
         .unwrap();
-    assert!(seen_other.lock().unwrap().is_empty(), "a datagram reached a port without a rule");
+    assert!(
+        seen_other.lock().unwrap().is_empty(),
+        "a datagram reached a port without a rule"
+    );
 }
 
 #[test]
@@ -1102,7 +1129,8 @@ fn a_udp_flood_past_the_limits_is_dropped_and_counted_and_memory_stays_bounded()
     let (_control, relay) = associate(site.socks);
     let app = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     // One datagram through first (the connector leg exists, the addresses are fixed).
-    app.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    app.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let mut buf = vec![0u8; 2048];
     for _ in 0..10 {
         app.send_to(&to_echo(site.echo, b"warm"), relay).unwrap();
@@ -1110,7 +1138,11 @@ fn a_udp_flood_past_the_limits_is_dropped_and_counted_and_memory_stays_bounded()
             break;
         }
     }
-    let pids = [("agent", site.agent.pid()), ("dmz", site.ops.dmz.pid()), ("connector", site.ops.connector.pid())];
+    let pids = [
+        ("agent", site.agent.pid()),
+        ("dmz", site.ops.dmz.pid()),
+        ("connector", site.ops.connector.pid()),
+    ];
     let before: Vec<u64> = pids.iter().map(|(_, p)| rss_kib(*p)).collect();
     let datagram = to_echo(site.echo, &[7u8; 1000]);
     let started = Instant::now();

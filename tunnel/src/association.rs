@@ -91,9 +91,7 @@ impl Association {
 
     /// Closes the association with `code` and `reason` for the peer.
     pub fn close(self, code: ErrorCode, reason: &str) {
-        self.shared
-            .lock()
-            .close_association(self.id, code, reason);
+        self.shared.lock().close_association(self.id, code, reason);
         // Drop finds the state gone and sends nothing more.
     }
 }

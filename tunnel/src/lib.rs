@@ -36,10 +36,10 @@ pub mod stream;
 pub mod token;
 pub mod transport;
 
-pub use frame::{Dest, ErrorCode, Frame, Hello, Meta, Role, PROTOCOL_VERSION};
-pub use session::{Config, Incoming, Session, SessionError, SessionStats, StreamError};
 pub use association::{Association, Datagram};
 pub use datagram::Dropped;
+pub use frame::{Dest, ErrorCode, Frame, Hello, Meta, Role, PROTOCOL_VERSION};
+pub use session::{Config, Incoming, Session, SessionError, SessionStats, StreamError};
 pub use stream::{OpenRequest, Stream};
 /// The transports, also at the crate root: `tunnel::ws`, `tunnel::http`.
 pub use transport::{http, ws};

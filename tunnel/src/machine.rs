@@ -250,7 +250,8 @@ impl State {
         // States whose handle is gone go now; the others stay (failed, with their byte counts)
         // until their handle drops.
         self.streams.retain(|_, s| !s.removable());
-        self.dgrams.end_all(ErrorCode::SessionLost, &err.to_string());
+        self.dgrams
+            .end_all(ErrorCode::SessionLost, &err.to_string());
         self.ready.clear();
         self.control.clear();
         self.induced_bytes = 0;
@@ -402,8 +403,7 @@ impl State {
                     return Ok(None);
                 }
                 let accept = self.rules.accept_streams && self.accepting;
-                if let OpenAnswer::Refuse(code, reason) = self.dgrams.on_open(assoc, meta, accept)
-                {
+                if let OpenAnswer::Refuse(code, reason) = self.dgrams.on_open(assoc, meta, accept) {
                     debug!(assoc, %reason, "refusing datagram association");
                     self.push_induced(Frame::DgramClose {
                         assoc,

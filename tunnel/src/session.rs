@@ -28,12 +28,12 @@
 //! Memory per session is therefore bounded by `max_incoming_streams × stream_window` on the
 //! receive side and by the peer's windows on the send side.
 
+use crate::association::Association;
 use crate::frame::{Dest, ErrorCode, Frame, Hello, Meta, Role, PROTOCOL_VERSION};
 use crate::machine::{Rules, State};
 pub use crate::machine::{
     MAX_INDUCED_CONTROL, MAX_PEER_ROUTES, MAX_PEER_ROUTE_BYTES, MAX_PINGS_PER_SECOND,
 };
-use crate::association::Association;
 use crate::stream::Stream;
 use crate::transport::{Transport, TransportError, TransportRx, TransportTx};
 use bytes::Bytes;

@@ -260,13 +260,16 @@ impl Relay<'_> {
             }
         }
         let lookup = tokio::net::lookup_host((name, port));
-        let addrs: Vec<IpAddr> = match tokio::time::timeout(self.config.connect_timeout, lookup)
-            .await
-        {
-            Ok(Ok(it)) => it.map(|sa| sa.ip()).collect(),
-            Ok(Err(e)) => return Err(format!("cannot resolve {name} inside the trusted network: {e}")),
-            Err(_) => return Err(format!("resolving {name} timed out")),
-        };
+        let addrs: Vec<IpAddr> =
+            match tokio::time::timeout(self.config.connect_timeout, lookup).await {
+                Ok(Ok(it)) => it.map(|sa| sa.ip()).collect(),
+                Ok(Err(e)) => {
+                    return Err(format!(
+                        "cannot resolve {name} inside the trusted network: {e}"
+                    ))
+                }
+                Err(_) => return Err(format!("resolving {name} timed out")),
+            };
         if self.names.len() >= NAMES {
             self.names.clear();
         }

@@ -89,10 +89,7 @@ pub(crate) async fn route_association(
     let mut m = assoc.meta().clone();
     m.remove_prefix(meta::IDENTITY_PREFIX);
     if m.wire_len() > shared.config.limits.open_meta_bytes {
-        assoc.close(
-            ErrorCode::Limit,
-            "association metadata is over the limit",
-        );
+        assoc.close(ErrorCode::Limit, "association metadata is over the limit");
         return;
     }
     m.set(meta::TOKEN_ID, id.token_id.clone());
