@@ -34,6 +34,10 @@ const OWNER_TTL: Duration = Duration::from_secs(1);
 /// Source addresses whose owner is remembered (the cache is emptied when full).
 const OWNER_CACHE: usize = 256;
 
+/// Owner lookups (each reads the kernel's UDP table) per second per listener: a flood from many
+/// source ports costs at most this many, the rest are dropped unlooked.
+const OWNER_LOOKUPS_PER_SECOND: u32 = 200;
+
 /// Serves `UDP ASSOCIATE` for one SOCKS5 listener.
 pub struct UdpAssociator {
     pool: Arc<Pool>,
@@ -51,6 +55,7 @@ impl UdpAssociator {
             owners: Arc::new(OwnerCheck {
                 allow_remote,
                 cache: Mutex::new(HashMap::new()),
+                lookups: Mutex::new((Instant::now(), 0)),
             }),
         }
     }
@@ -216,6 +221,8 @@ type Verdict = (Instant, Result<(), String>);
 struct OwnerCheck {
     allow_remote: bool,
     cache: Mutex<HashMap<SocketAddr, Verdict>>,
+    /// Lookups in the second that started at the instant.
+    lookups: Mutex<(Instant, u32)>,
 }
 
 impl OwnerCheck {
@@ -225,6 +232,16 @@ impl OwnerCheck {
             if at.elapsed() < OWNER_TTL {
                 return verdict.clone();
             }
+        }
+        {
+            let mut l = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
+            if l.0.elapsed() >= Duration::from_secs(1) {
+                *l = (Instant::now(), 0);
+            }
+            if l.1 >= OWNER_LOOKUPS_PER_SECOND {
+                return Err("too many new source addresses this second".into());
+            }
+            l.1 += 1;
         }
         let verdict = owner_verdict(src, self.allow_remote);
         if cache.len() >= OWNER_CACHE {
