@@ -1175,3 +1175,23 @@ fn a_udp_flood_past_the_limits_is_dropped_and_counted_and_memory_stays_bounded()
         );
     }
 }
+
+#[test]
+fn a_lost_gateway_session_ends_the_association_and_closes_its_control_connection() {
+    let mut site = udp_site("udp-session-lost");
+    let (mut control, relay) = associate(site.socks);
+    let app = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    app.send_to(&to_echo(site.echo, b"hello"), relay).unwrap();
+    site.ops.dmz.kill();
+    // The app learns at once that its association is gone (RFC 1928: the control connection
+    // ends with it), instead of sending into a relay that leads nowhere.
+    let mut b = [0u8; 1];
+    let n = control.read(&mut b).unwrap_or(0);
+    assert_eq!(n, 0, "the control connection stayed open");
+    site.agent
+        .wait_for(
+            &["udp association ended", "ended by the gateway"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+}
