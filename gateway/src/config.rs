@@ -286,6 +286,9 @@ pub struct LimitsFile {
     pub routes_per_connector: Option<usize>,
     pub open_meta_bytes: Option<usize>,
     pub pending_inner_sessions: Option<usize>,
+    pub udp_associations_per_token: Option<usize>,
+    pub udp_datagrams_per_token: Option<f64>,
+    pub udp_datagrams: Option<f64>,
 }
 
 /// `[tunnel]`, one struct for every role (`uplink::tuning`).
@@ -434,6 +437,15 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     }
     if let Some(v) = l.pending_inner_sessions {
         limits.pending_inner_sessions = v;
+    }
+    if let Some(v) = l.udp_associations_per_token {
+        limits.udp_associations_per_token = v;
+    }
+    if let Some(v) = l.udp_datagrams_per_token {
+        limits.udp_datagrams_per_token = v;
+    }
+    if let Some(v) = l.udp_datagrams {
+        limits.udp_datagrams = v;
     }
     let mut session = tunnel::Config::new(tunnel::Role::Dmz, false);
     session.datagrams = true;

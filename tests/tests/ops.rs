@@ -1059,20 +1059,22 @@ fn a_datagram_from_another_local_users_socket_is_dropped_by_the_agent() {
     // Another user's process sends first, to the same relay port, from 127.0.0.1.
     let attack = to_echo(site.echo, b"attack");
     let hex: String = attack.iter().map(|b| format!("{b:02x}")).collect();
-    let (code, _, err) = run(Command::new("setpriv")
+    // Its socket stays open (the agent looks its owner up), until the test ends it.
+    let mut attacker = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "perl", "-MIO::Socket::INET", "-e"])
         .arg(format!(
-            r#"$s=IO::Socket::INET->new(Proto=>"udp",PeerAddr=>"127.0.0.1:{}") or die "socket: $!"; $s->send(pack("H*","{hex}")) or die "send: $!";"#,
+            r#"$s=IO::Socket::INET->new(Proto=>"udp",PeerAddr=>"127.0.0.1:{}") or die "socket: $!"; $s->send(pack("H*","{hex}")) or die "send: $!"; sleep 20;"#,
             relay.port()
-        )))
-    .unwrap();
-    assert_eq!(code, 0, "{err}");
-    site.agent
-        .wait_for(
-            &["dropping datagrams from another user's socket", "uid 65534"],
-            Duration::from_secs(5),
-        )
+        ))
+        .spawn()
         .unwrap();
+    let seen_log = site.agent.wait_for(
+        &["dropping datagrams from another user's socket", "uid 65534"],
+        Duration::from_secs(5),
+    );
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    seen_log.unwrap();
     // Alice's own datagrams still go through, and the attacker's never reached the service.
     let mine = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     mine.set_read_timeout(Some(Duration::from_millis(500)))

@@ -230,7 +230,7 @@ impl Dmz {
             preauth: PreAuth::new(limits.unauth_per_addr, 65_536),
             opens: Buckets::new(limits.opens_per_token, 65_536),
             agent_streams: Arc::new(Counts::new(limits.streams_per_token)),
-            udp: Default::default(),
+            udp: udp::UdpShared::new(&limits),
             routes_capped: Default::default(),
             routes_uncovered: Default::default(),
             agent_sessions: Arc::new(Counts::new(limits.sessions_per_agent_token)),

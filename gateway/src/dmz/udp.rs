@@ -9,7 +9,7 @@
 //! association, the tunnel's queues) drops the datagram and counts it in
 //! `sallyport_udp_dropped_total`; nothing waits. See `docs/protocol.md`, "Datagrams".
 
-use super::limits::{Buckets, Counts};
+use super::limits::{Buckets, Counts, Limits};
 use super::Shared;
 use crate::auth::Identity;
 use crate::logsafe::Clean;
@@ -23,35 +23,30 @@ use tokio::task::JoinSet;
 use tracing::info;
 use tunnel::{meta, Association, Datagram, Dest, ErrorCode, Meta, Session};
 
-/// Associations open at once per agent token.
-pub const ASSOCIATIONS_PER_TOKEN: usize = 32;
-/// Datagrams per second per agent token, both directions (burst: twice that).
-pub const DATAGRAMS_PER_TOKEN: f64 = 2_000.0;
-/// Datagrams per second through the whole gateway, both directions.
-pub const DATAGRAMS_GLOBAL: f64 = 50_000.0;
 /// Destinations one agent association may use.
 pub const DESTINATIONS_PER_ASSOCIATION: usize = 256;
 /// Connector legs (sessions) one agent association may use.
 pub const LEGS_PER_ASSOCIATION: usize = 8;
 
 /// The DMZ's datagram limits, shared by every agent session.
+/// (`[limits]` `udp_associations_per_token`, `udp_datagrams_per_token`, `udp_datagrams`.)
 pub(crate) struct UdpShared {
     associations: Arc<Counts<String>>,
+    per_token_max: usize,
     per_token: Buckets<String>,
     global: Buckets<()>,
 }
 
-impl Default for UdpShared {
-    fn default() -> UdpShared {
+impl UdpShared {
+    pub(crate) fn new(limits: &Limits) -> UdpShared {
         UdpShared {
-            associations: Arc::new(Counts::new(ASSOCIATIONS_PER_TOKEN)),
-            per_token: Buckets::new(DATAGRAMS_PER_TOKEN, 65_536),
-            global: Buckets::new(DATAGRAMS_GLOBAL, 1),
+            associations: Arc::new(Counts::new(limits.udp_associations_per_token)),
+            per_token_max: limits.udp_associations_per_token,
+            per_token: Buckets::new(limits.udp_datagrams_per_token, 65_536),
+            global: Buckets::new(limits.udp_datagrams, 1),
         }
     }
-}
 
-impl UdpShared {
     /// One datagram of `token`'s, either way: within its rate and the gateway's?
     fn allow(&self, token: &String) -> bool {
         self.per_token.allow(token) && self.global.allow(&())
@@ -82,7 +77,10 @@ pub(crate) async fn route_association(
         info!(target: "audit", event = "udp-refused", token = %id.token_id, name = %id.name, client = %client_ip, %agent, "datagram association refused: too many for this token");
         assoc.close(
             ErrorCode::Limit,
-            &format!("this token has {ASSOCIATIONS_PER_TOKEN} UDP associations open, its limit"),
+            &format!(
+                "this token has {} UDP associations open, its limit",
+                shared.udp.per_token_max
+            ),
         );
         return;
     };
