@@ -2,7 +2,9 @@
 //! Prometheus's own `promtool`, the alert rules and the dashboard in `deploy/`, the admin page
 //! and each protection around it, with a test named after the attack it stops, and the page in
 //! headless Chromium), and the agent and connector over the OS TLS stack (`--tls native`) with
-//! a client certificate through nginx that demands one.
+//! a client certificate through nginx that demands one. Also SOCKS5 UDP (`UDP ASSOCIATE`) with a
+//! real client (PySocks from PyPI) to a UDP echo and a DNS server in the trusted site, and its
+//! protections, each test named after the attack, checked against the `sallyport_udp_*` metrics.
 //!
 //! Missing tools are installed (`promtool` from Debian's `prometheus` package) or the test
 //! fails: nothing is skipped.
