@@ -66,6 +66,19 @@ impl Associator for UdpAssociator {
         let (pool, wait) = (self.pool.clone(), self.session_wait);
         let (permits, owners) = (self.permits.clone(), self.owners.clone());
         Box::pin(async move {
+            // Datagrams carry no password: only local apps whose socket's owner is checked.
+            if !cfg!(target_os = "linux") {
+                return Err(DialError::new(
+                    DialErrorKind::NotSupported,
+                    "UDP ASSOCIATE needs the owner check of UDP sockets, not built on this system",
+                ));
+            }
+            if !canonical_ip(request.client.ip()).is_loopback() {
+                return Err(DialError::new(
+                    DialErrorKind::NotSupported,
+                    "UDP ASSOCIATE is served to local apps only (datagrams carry no password)",
+                ));
+            }
             let permit = permits.try_acquire_owned().map_err(|_| {
                 DialError::new(
                     DialErrorKind::Unavailable,
@@ -177,6 +190,11 @@ async fn relay(socket: UdpSocket, assoc: Association, req: UdpRequest, owners: A
                         drops.no_client += 1;
                         continue;
                     };
+                    // The client's socket may have closed and its port gone to another user.
+                    if owners.check(to).is_err() {
+                        drops.other_user += 1;
+                        continue;
+                    }
                     write_header(&Target::new(d.addr.host, d.addr.port), &d.payload, &mut out);
                     if let Err(e) = socket.send_to(&out, to).await {
                         debug!(error = %e, "udp relay send failed");

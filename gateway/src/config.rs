@@ -730,7 +730,8 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
             .chain(&udp_rules)
             .map(|r| r.route.clone())
             .collect();
-        routes.dedup();
+        let mut seen = std::collections::HashSet::new();
+        routes.retain(|r| seen.insert(r.to_string()));
         // By default, advertise only what a v2 credential covers: an address rule that is
         // there to list a special address (`127.0.0.1/32:23080`) is not a route the DMZ would
         // keep, and advertising it only makes the DMZ warn.

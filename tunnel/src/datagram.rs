@@ -207,16 +207,15 @@ impl Datagrams {
         Ok(None)
     }
 
-    /// The application closed (or dropped) `id`: its state goes; true when the peer must be
-    /// told (`DGRAM_CLOSE`), i.e. it had not ended already.
-    pub(crate) fn close(&mut self, id: u32) -> bool {
-        let Some(a) = self.assocs.remove(&id) else {
-            return false;
-        };
+    /// The application closed (or dropped) `id`: its state goes. `Some(incoming)` when the peer
+    /// must be told (`DGRAM_CLOSE`), i.e. it had not ended already; `incoming`: the peer opened
+    /// it, so the close answers the peer's frame (counted as such).
+    pub(crate) fn close(&mut self, id: u32) -> Option<bool> {
+        let a = self.assocs.remove(&id)?;
         if a.incoming {
             self.incoming_live -= 1;
         }
-        a.closed.is_none()
+        a.closed.is_none().then_some(a.incoming)
     }
 
     /// The next association the peer opened, if one waits.
@@ -479,5 +478,25 @@ mod tests {
         ));
         // Datagrams for a closed id are dropped silently.
         st.on_frame(Instant::now(), dgram(id2, 10), 20).unwrap();
+    }
+
+    #[test]
+    fn a_peer_that_opens_associations_we_refuse_and_never_reads_is_cut_off() {
+        let mut st = state(true);
+        let mut cut = false;
+        for i in 0..40_000u32 {
+            let f = Frame::DgramOpen {
+                assoc: 2 + 2 * i,
+                meta: Meta::default(),
+            };
+            if st.on_frame(Instant::now(), f, 10).is_err() {
+                cut = true;
+                break;
+            }
+            let (id, _) = st.dgrams.next_incoming(&waker()).unwrap();
+            // What the DMZ does over a token's limit: refuse by closing.
+            st.close_association(id, ErrorCode::Limit, "too many associations for this token");
+        }
+        assert!(cut, "the refusals queued without bound");
     }
 }

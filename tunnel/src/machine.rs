@@ -672,13 +672,24 @@ impl State {
     }
 
     /// The application closed association `id`; the peer is told unless it ended already.
+    /// Closing one the peer opened answers the peer's `DGRAM_OPEN`: it counts against
+    /// [`MAX_INDUCED_CONTROL`], so a peer that opens and refuses to read cannot grow our queue.
     pub(crate) fn close_association(&mut self, id: u32, code: ErrorCode, reason: &str) {
-        if self.dgrams.close(id) && self.closed.is_none() {
-            self.push_control(Frame::DgramClose {
-                assoc: id,
-                code,
-                reason: reason.to_string(),
-            });
+        let Some(incoming) = self.dgrams.close(id) else {
+            return;
+        };
+        if self.closed.is_some() {
+            return;
+        }
+        let frame = Frame::DgramClose {
+            assoc: id,
+            code,
+            reason: reason.to_string(),
+        };
+        if incoming {
+            self.push_induced(frame);
+        } else {
+            self.push_control(frame);
         }
     }
 

@@ -72,6 +72,16 @@ pub(crate) async fn route_association(
     let metrics = &shared.ops.metrics;
     let agent = Clean(&agent).to_string();
     let client_ip = client.ip();
+    // An association costs what a stream open costs (legs, sockets, audit lines): the same
+    // per-token rate, checked before anything is logged.
+    if !shared.opens.allow(&id.token_id) {
+        metrics.udp.dropped(UdpDrop::Associations);
+        assoc.close(
+            ErrorCode::Limit,
+            "too many new associations per second for this token",
+        );
+        return;
+    }
     let Some(_slot) = shared.udp.associations.acquire(&id.token_id) else {
         metrics.udp.dropped(UdpDrop::Associations);
         info!(target: "audit", event = "udp-refused", token = %id.token_id, name = %id.name, client = %client_ip, %agent, "datagram association refused: too many for this token");
