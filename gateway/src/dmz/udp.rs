@@ -58,6 +58,9 @@ struct Leg {
     connector: String,
     session: Session,
     assoc: Arc<Association>,
+    /// The destinations mapped to this leg: the only sources its replies may name (a
+    /// connector cannot answer "from" a destination routed to another connector).
+    dests: Arc<std::sync::Mutex<std::collections::HashSet<Dest>>>,
 }
 
 /// Serves one association an agent opened, until it ends (closed by the agent, or its session
@@ -222,11 +225,13 @@ impl Switch<'_> {
                     return None;
                 };
                 let leg = Arc::new(leg);
+                let dests = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
                 self.downs.spawn(down(
                     self.shared.clone(),
                     self.id.token_id.clone(),
                     leg.clone(),
                     self.agent.clone(),
+                    dests.clone(),
                 ));
                 let k = self.next_leg;
                 self.next_leg += 1;
@@ -236,20 +241,40 @@ impl Switch<'_> {
                         connector: chosen.connector,
                         session: chosen.session,
                         assoc: leg,
+                        dests,
                     },
                 );
                 k
             }
         };
         self.dests.insert(dest.clone(), k);
-        self.legs.get(&k).map(|l| l.assoc.clone())
+        let leg = self.legs.get(&k)?;
+        leg.dests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(dest.clone());
+        Some(leg.assoc.clone())
     }
 }
 
 /// Carries a leg's datagrams back to the agent association until the leg ends.
-async fn down(shared: Arc<Shared>, token: String, leg: Arc<Association>, agent: Arc<Association>) {
+async fn down(
+    shared: Arc<Shared>,
+    token: String,
+    leg: Arc<Association>,
+    agent: Arc<Association>,
+    dests: Arc<std::sync::Mutex<std::collections::HashSet<Dest>>>,
+) {
     let metrics = &shared.ops.metrics.udp;
     while let Ok(d) = leg.recv().await {
+        let mapped = dests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&d.addr);
+        if !mapped {
+            metrics.dropped(UdpDrop::ForeignReply);
+            continue;
+        }
         if !shared.udp.allow(&token) {
             metrics.dropped(UdpDrop::Rate);
             continue;
