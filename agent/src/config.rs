@@ -519,6 +519,7 @@ pub fn agent_config_with(
         }
     }
     let mut session = tunnel::Config::new(tunnel::Role::Agent, true);
+    session.datagrams = true;
     file.tunnel.apply(&mut session)?;
     Ok(AgentConfig {
         gateway,

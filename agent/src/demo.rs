@@ -164,6 +164,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         tls: Some(gateway::connector::tls_config_v2()?),
         policy: Arc::new(Policy::with_local_addresses(rules)),
         // Advertise the whole site; the allow-list decides (so :1 is refused with a reason).
+        udp: Arc::new(gateway::policy::Policy::new(Vec::new(), Vec::new())),
         routes: vec!["*.internal:*".parse::<Route>()?],
         way: egress::Way::new(egress::Egress::direct()),
         hosts: HashMap::from([(INTERNAL_NAME.to_string(), vec!["127.0.0.1".parse()?])]),

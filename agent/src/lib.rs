@@ -10,6 +10,7 @@
 //! | [`dialer`] | opens tunnel streams for the front ends; maps tunnel errors to SOCKS5/HTTP |
 //! | [`listen`] | local listeners (SOCKS5, HTTP, forwards) with the same-user check on every connection |
 //! | [`peer`] | who owns a local TCP connection (Linux netlink / `/proc/net/tcp`; Windows, macOS) |
+//! | [`udp`] | SOCKS5 `UDP ASSOCIATE`: relay sockets, the same-user check per datagram, the tunnel association |
 //! | [`connect`] | `sallyport connect HOST PORT` for ssh's `ProxyCommand` |
 //! | [`doctor`] | `sallyport doctor`: every way out, tried and explained |
 //! | [`enroll`] | `sallyport enroll` / `logout`: token, CA and key pins saved for later runs |
@@ -30,6 +31,7 @@ pub mod peer;
 pub mod pool;
 pub mod renew;
 pub mod status;
+pub mod udp;
 
 use config::AgentConfig;
 use dialer::TunnelDialer;

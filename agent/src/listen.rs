@@ -111,6 +111,11 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_LOCAL_CONNECTIONS));
+    let udp: Arc<dyn socks::udp::Associator> = Arc::new(crate::udp::UdpAssociator::new(
+        dialer.pool.clone(),
+        dialer.session_wait,
+        allow_remote,
+    ));
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -132,6 +137,7 @@ pub async fn serve(
         let dialer = dialer.clone();
         let auth = auth.clone();
         let pages = pages.clone();
+        let udp = udp.clone();
         tracker.spawn(
             async move {
                 // Only the user running the agent may use it, whatever the source address (a
@@ -139,15 +145,22 @@ pub async fn serve(
                 // --allow-remote-clients, and then they pass local authentication. Checked here,
                 // not in the accept loop. The client's socket is found by both ends: ours is the
                 // address this connection reached, not the listener's (which may be 0.0.0.0).
-                let check = match tcp.local_addr() {
-                    Ok(local) => peer::check(peer_addr, local, allow_remote).await,
+                let local = tcp.local_addr();
+                let check = match &local {
+                    Ok(local) => peer::check(peer_addr, *local, allow_remote).await,
                     Err(e) => Err(format!("cannot read the connection's own address: {e}")),
                 };
-                if let Err(why) = check {
+                let (Ok(local), Ok(())) = (local, check.as_ref()) else {
+                    let why = check.err().unwrap_or_default();
                     warn!(peer = %peer_addr, front = front.name(), reason = %why, "refused a client connection");
                     return;
-                }
-                handle(tcp, front, dialer, auth, pages).await;
+                };
+                let udp = socks::UdpFront {
+                    associator: udp,
+                    client: peer_addr,
+                    local,
+                };
+                handle(tcp, front, dialer, auth, pages, udp).await;
                 drop(permit);
             }
             .instrument(info_span!("app", peer = %peer_addr)),
@@ -161,9 +174,10 @@ async fn handle(
     dialer: Arc<TunnelDialer>,
     auth: Option<Arc<LocalAuth>>,
     pages: Option<Arc<dyn socks::LocalPages>>,
+    udp: socks::UdpFront,
 ) {
     match front {
-        Front::Socks5 => match socks::serve_socks5(tcp, dialer, auth).await {
+        Front::Socks5 => match socks::serve_socks5_with(tcp, dialer, auth, Some(udp)).await {
             Ok(stats) => {
                 debug!(target = ?stats.target.map(|t| t.to_string()), up = stats.up, down = stats.down, "socks5 connection done")
             }

@@ -26,7 +26,7 @@ impl fmt::Display for Uid {
 }
 
 /// Parses a `/proc/net/tcp{,6}` address such as `0100007F:1F90`.
-fn parse_addr(s: &str) -> Option<SocketAddr> {
+pub(crate) fn parse_addr(s: &str) -> Option<SocketAddr> {
     let (ip, port) = s.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     let ip = match ip.len() {

@@ -9,7 +9,8 @@
 //! * the re-encoding is the original message byte for byte wherever the encoding is lossless:
 //!   a `HELLO` re-encodes to a prefix of the message (a hello tolerates trailing bytes, later
 //!   versions may append fields), every other frame to the same length (and the same bytes unless
-//!   it carries an error code this build does not know, which reads as `internal`).
+//!   it carries an error code this build does not know, which reads as `internal`; so may a
+//!   `DGRAM_CLOSE`).
 #![no_main]
 
 use bytes::Bytes;
@@ -66,6 +67,18 @@ fn expected_after_roundtrip(f: &Frame) -> (Frame, bool) {
             },
             reason.len() > 512,
         ),
+        Frame::DgramClose {
+            assoc,
+            code,
+            reason,
+        } => (
+            Frame::DgramClose {
+                assoc: *assoc,
+                code: *code,
+                reason: clip(reason),
+            },
+            reason.len() > 512,
+        ),
         other => (other.clone(), false),
     }
 }
@@ -88,7 +101,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(enc.len() <= data.len(), "hello re-encoded longer than read");
             assert_eq!(&enc[..], &data[..enc.len()], "hello re-encoding differs");
         }
-        Frame::OpenErr { .. } | Frame::Rst { .. } | Frame::GoAway { .. } => {
+        Frame::OpenErr { .. }
+        | Frame::Rst { .. }
+        | Frame::GoAway { .. }
+        | Frame::DgramClose { .. } => {
             if !clipped {
                 assert_eq!(enc.len(), data.len(), "re-encoding changed the length");
                 // Byte 5 is the error code; unknown codes read (and re-encode) as `internal`.

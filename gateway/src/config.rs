@@ -331,6 +331,9 @@ pub struct LimitsFile {
     pub routes_per_connector: Option<usize>,
     pub open_meta_bytes: Option<usize>,
     pub pending_inner_sessions: Option<usize>,
+    pub udp_associations_per_token: Option<usize>,
+    pub udp_datagrams_per_token: Option<f64>,
+    pub udp_datagrams: Option<f64>,
 }
 
 /// `[tunnel]`, one struct for every role (`uplink::tuning`).
@@ -480,7 +483,17 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     if let Some(v) = l.pending_inner_sessions {
         limits.pending_inner_sessions = v;
     }
+    if let Some(v) = l.udp_associations_per_token {
+        limits.udp_associations_per_token = v;
+    }
+    if let Some(v) = l.udp_datagrams_per_token {
+        limits.udp_datagrams_per_token = v;
+    }
+    if let Some(v) = l.udp_datagrams {
+        limits.udp_datagrams = v;
+    }
     let mut session = tunnel::Config::new(tunnel::Role::Dmz, false);
+    session.datagrams = true;
     file.tunnel.apply(&mut session)?;
     file.tunnel.refuse_keys_of_others("DMZ", true)?;
     let mut trusted = file
@@ -566,6 +579,10 @@ pub struct ConnectorArgs {
     /// ` sni=NAME,*.SUFFIX`). Repeatable.
     #[arg(long = "allow")]
     pub allow: Vec<String>,
+    /// UDP allow-list rule (SOCKS5 UDP), same form as --allow: `dns.internal:53 groups=dev`.
+    /// Without any, no UDP is relayed. Repeatable.
+    #[arg(long = "allow-udp")]
+    pub allow_udp: Vec<String>,
     /// Route to advertise to the DMZ (default: the routes of the allow-list). Repeatable.
     #[arg(long = "advertise")]
     pub advertise: Vec<String>,
@@ -626,6 +643,9 @@ pub struct ConnectorFile {
     pub client_cert_password_file: Option<PathBuf>,
     #[serde(default)]
     pub allow: Vec<Rule>,
+    /// The UDP allow-list (SOCKS5 UDP); empty: no UDP.
+    #[serde(default)]
+    pub udp: Vec<Rule>,
     #[serde(default)]
     pub advertise: Vec<Route>,
     #[serde(default)]
@@ -760,8 +780,16 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
     if rules.is_empty() && issuer.is_none() {
         return Err(invalid("the allow-list is empty: add --allow 'db.internal:5432' (or allow = [...] in the config); a connector without rules serves nothing"));
     }
-    if issuer.is_some() && !(rules.is_empty() && args.advertise.is_empty()) {
-        return Err(invalid("--renewal-key makes this connector the issuer, which serves nothing else: run it as its own process, without --allow or --advertise"));
+    let mut udp_rules = file.udp;
+    for a in &args.allow_udp {
+        udp_rules.push(
+            a.parse::<Rule>()
+                .map_err(|e| invalid(format!("--allow-udp: {e}")))?,
+        );
+    }
+    if issuer.is_some() && !(rules.is_empty() && udp_rules.is_empty() && args.advertise.is_empty())
+    {
+        return Err(invalid("--renewal-key makes this connector the issuer, which serves nothing else: run it as its own process, without --allow, --allow-udp or --advertise"));
     }
     let mut routes = file.advertise;
     for a in &args.advertise {
@@ -775,7 +803,13 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
             .parse::<Route>()
             .expect("the reserved route parses")];
     } else if routes.is_empty() {
-        routes = rules.iter().map(|r| r.route.clone()).collect();
+        routes = rules
+            .iter()
+            .chain(&udp_rules)
+            .map(|r| r.route.clone())
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        routes.retain(|r| seen.insert(r.to_string()));
         // By default, advertise only what a v2 credential covers: an address rule that is
         // there to list a special address (`127.0.0.1/32:23080`) is not a route the DMZ would
         // keep, and advertising it only makes the DMZ warn.
@@ -826,6 +860,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         return Err(invalid("--sessions must be between 1 and 64"));
     }
     let mut session = tunnel::Config::new(tunnel::Role::Connector, true);
+    session.datagrams = true;
     file.tunnel.apply(&mut session)?;
     file.tunnel.refuse_keys_of_others("connector", false)?;
     let transport = file.tunnel.transport()?.unwrap_or_default();
@@ -848,6 +883,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         v2,
         tls,
         policy: Arc::new(Policy::with_local_addresses(rules)),
+        udp: Arc::new(Policy::with_local_addresses(udp_rules)),
         routes,
         hosts,
         sessions,

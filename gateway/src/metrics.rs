@@ -10,6 +10,9 @@
 //! Besides the counters, [`Metrics`] keeps a small ring of recent refusals for the admin page
 //! ([`Metrics::recent_refusals`]); its size is fixed ([`RECENT_REFUSALS`]).
 
+mod udp;
+pub use udp::{UdpDrop, UdpMetrics};
+
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -176,6 +179,8 @@ pub struct Metrics {
     /// The signed revocation list in force: when it was signed (Unix seconds; 0: no list).
     revocation_signed_at: AtomicU64,
     recent: Mutex<VecDeque<Refusal>>,
+    /// Datagrams (SOCKS5 UDP).
+    pub udp: UdpMetrics,
     /// Which families are written: the DMZ has no egress path, a connector no auth failures.
     dmz: bool,
 }
@@ -208,6 +213,7 @@ impl Metrics {
             resumes: AtomicU64::new(0),
             revocation_signed_at: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_REFUSALS)),
+            udp: UdpMetrics::default(),
             dmz,
         }
     }
@@ -475,6 +481,7 @@ impl Metrics {
                 "sallyport_revocation_list_signed_timestamp_seconds {signed}"
             );
         }
+        self.udp.render(&mut o);
         o
     }
 

@@ -325,6 +325,7 @@ async fn a_wrong_protocol_version_is_closed_with_a_reason() {
         session_window: 1 << 20,
         max_frame: 65536,
         instance_id: "old".into(),
+        features: 0,
     });
     tx.send(hello.encode()).await.unwrap();
     tx.flush().await.unwrap();

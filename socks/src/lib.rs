@@ -10,7 +10,9 @@
 //! - this file: the shared vocabulary ([`Target`], [`OpenMode`], [`Dialer`],
 //!   [`DialError`], [`LocalAuth`], [`FrontError`], [`RelayStats`]);
 //! - `socks5.rs`: the SOCKS5 server ([`serve_socks5`]);
-//! - `http.rs`: the HTTP proxy front end ([`serve_http`]).
+//! - `http.rs`: the HTTP proxy front end ([`serve_http`]);
+//! - `udp.rs`: SOCKS5 UDP: the datagram header ([`udp::parse_header`]) and the
+//!   [`udp::Associator`] hook through which `UDP ASSOCIATE` reaches the caller.
 //!
 //! Both entry points serve exactly one accepted client connection; the caller
 //! owns the listener, spawns one task per connection and decides what to log.
@@ -26,9 +28,10 @@ use subtle::ConstantTimeEq;
 
 mod http;
 mod socks5;
+pub mod udp;
 
 pub use crate::http::{serve_http, serve_http_with, LocalPages};
-pub use crate::socks5::serve_socks5;
+pub use crate::socks5::{serve_socks5, serve_socks5_with, UdpFront};
 
 /// Where an application wants to go.
 ///
@@ -154,6 +157,8 @@ pub enum DialErrorKind {
     Unavailable,
     /// Anything else.
     Other,
+    /// The command is not offered on this path (UDP through an older gateway): SOCKS5 0x07.
+    NotSupported,
 }
 
 impl DialErrorKind {
@@ -168,6 +173,7 @@ impl DialErrorKind {
             DialErrorKind::TimedOut => 0x06,
             DialErrorKind::Unavailable => 0x01,
             DialErrorKind::Other => 0x01,
+            DialErrorKind::NotSupported => 0x07,
         }
     }
 
@@ -181,7 +187,8 @@ impl DialErrorKind {
             | DialErrorKind::Refused
             | DialErrorKind::Unreachable
             | DialErrorKind::HostNotFound
-            | DialErrorKind::Other => 502,
+            | DialErrorKind::Other
+            | DialErrorKind::NotSupported => 502,
         }
     }
 
@@ -196,6 +203,7 @@ impl DialErrorKind {
             DialErrorKind::TimedOut => "timed-out",
             DialErrorKind::Unavailable => "unavailable",
             DialErrorKind::Other => "other",
+            DialErrorKind::NotSupported => "not-supported",
         }
     }
 }

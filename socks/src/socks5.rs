@@ -4,7 +4,8 @@
 //! (`Socks5ServerProtocol`): greeting → authentication → command → reply.
 //! This file adds what is Sallyport-specific:
 //!
-//! - only `CONNECT` is offered; `BIND` and `UDP ASSOCIATE` get reply 0x07;
+//! - `CONNECT` is offered; `UDP ASSOCIATE` when the caller gives an
+//!   [`Associator`] (`udp.rs`), else it gets reply 0x07 as `BIND` always does;
 //! - domain names are **not** resolved here: they reach the [`Dialer`]
 //!   verbatim, because names are resolved inside the trusted network;
 //! - the username/password check is our own small [`AuthMethod`] so the
@@ -29,6 +30,7 @@ use fast_socks5::{ReplyError, Socks5Command};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
+use crate::udp::{Associator, UdpRequest};
 use crate::{Dialer, FrontError, LocalAuth, OpenMode, RelayStats, Target};
 
 /// How long a client may take from connecting to having sent its command.
@@ -53,9 +55,41 @@ pub async fn serve_socks5<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (proto, target) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(io, auth.as_deref()))
-        .await
-        .map_err(|_| FrontError::HandshakeTimeout)??;
+    serve_socks5_with(io, dialer, auth, None).await
+}
+
+/// How `UDP ASSOCIATE` is served on one control connection: the caller's [`Associator`], and
+/// the connection's peer and local addresses.
+pub struct UdpFront {
+    pub associator: Arc<dyn Associator>,
+    pub client: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// [`serve_socks5`], serving `UDP ASSOCIATE` too when `udp` is given (else reply 0x07).
+pub async fn serve_socks5_with<S>(
+    io: S,
+    dialer: Arc<dyn Dialer>,
+    auth: Option<Arc<LocalAuth>>,
+    udp: Option<UdpFront>,
+) -> Result<RelayStats, FrontError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (proto, target) = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(io, auth.as_deref(), udp.is_some()),
+    )
+    .await
+    .map_err(|_| FrontError::HandshakeTimeout)??;
+    let target = match (target, udp) {
+        (Command::Connect(t), _) => t,
+        (Command::Associate(declared), Some(udp)) => return associate(proto, udp, declared).await,
+        // `handshake` answers 0x07 itself when there is no associator.
+        (Command::Associate(_), None) => {
+            return Err(FrontError::Socks5("UDP ASSOCIATE is not served".into()))
+        }
+    };
 
     let mut upstream = match dialer.dial(target.clone(), OpenMode::Confirmed).await {
         Ok(stream) => stream,
@@ -84,12 +118,74 @@ where
     })
 }
 
+/// `UDP ASSOCIATE`: the associator's relay, the success reply with its address, then relay
+/// until the app closes the control connection (RFC 1928: that ends the association) or the
+/// relay ends (then the control connection is closed, which tells the app).
+async fn associate<S>(
+    proto: Socks5ServerProtocol<S, states::CommandRead>,
+    udp: UdpFront,
+    declared: SocketAddr,
+) -> Result<RelayStats, FrontError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let request = UdpRequest {
+        client: udp.client,
+        local: udp.local,
+        declared_ip: Some(declared.ip()).filter(|ip| !ip.is_unspecified()),
+        declared_port: Some(declared.port()).filter(|p| *p != 0),
+    };
+    let relay = match udp.associator.associate(request).await {
+        Ok(r) => r,
+        Err(source) => {
+            debug!(kind = %source.kind, reason = %source, "socks5 udp associate refused");
+            proto
+                .reply_error(&reply_for_code(source.kind.socks5_reply()))
+                .await
+                .map_err(protocol_error)?;
+            return Err(FrontError::Socks5(format!(
+                "UDP ASSOCIATE refused: {source}"
+            )));
+        }
+    };
+    let mut client = proto
+        .reply_success(relay.bound)
+        .await
+        .map_err(protocol_error)?;
+    let mut sink = [0u8; 512];
+    let control = async {
+        // Anything the app sends on the control connection is ignored; EOF or an error ends it.
+        while let Ok(n) = client.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = control => debug!("socks5 udp association ended by the app"),
+        _ = relay.run => debug!("socks5 udp association ended by the relay"),
+    }
+    Ok(RelayStats {
+        target: None,
+        up: 0,
+        down: 0,
+    })
+}
+
+/// What the app asked for.
+enum Command {
+    Connect(Target),
+    /// `UDP ASSOCIATE` with the source the app named (`0.0.0.0:0` when it named none).
+    Associate(SocketAddr),
+}
+
 /// Greeting, authentication and command: everything up to the point where
 /// we know the target and still owe the client its reply.
 async fn handshake<S>(
     io: S,
     auth: Option<&LocalAuth>,
-) -> Result<(Socks5ServerProtocol<S, states::CommandRead>, Target), FrontError>
+    udp: bool,
+) -> Result<(Socks5ServerProtocol<S, states::CommandRead>, Command), FrontError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -111,6 +207,14 @@ where
     let (proto, command, addr) = proto.read_command().await.map_err(protocol_error)?;
     let name = match command {
         Socks5Command::TCPConnect => None,
+        Socks5Command::UDPAssociate if udp => {
+            // A name names no address (PySocks sends "0"); only an address or port counts.
+            let declared = match addr {
+                TargetAddr::Ip(sa) => sa,
+                TargetAddr::Domain(_, port) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+            };
+            return Ok((proto, Command::Associate(declared)));
+        }
         Socks5Command::TCPBind => Some("BIND"),
         Socks5Command::UDPAssociate => Some("UDP ASSOCIATE"),
     };
@@ -139,7 +243,7 @@ where
             target.host
         )));
     }
-    Ok((proto, target))
+    Ok((proto, Command::Connect(target)))
 }
 
 /// Turn a reply code from [`crate::DialErrorKind::socks5_reply`] into the

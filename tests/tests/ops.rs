@@ -2,7 +2,9 @@
 //! Prometheus's own `promtool`, the alert rules and the dashboard in `deploy/`, the admin page
 //! and each protection around it, with a test named after the attack it stops, and the page in
 //! headless Chromium), and the agent and connector over the OS TLS stack (`--tls native`) with
-//! a client certificate through nginx that demands one.
+//! a client certificate through nginx that demands one. Also SOCKS5 UDP (`UDP ASSOCIATE`) with a
+//! real client (PySocks from PyPI) to a UDP echo and a DNS server in the trusted site, and its
+//! protections, each test named after the attack, checked against the `sallyport_udp_*` metrics.
 //!
 //! Missing tools are installed (`promtool` from Debian's `prometheus` package) or the test
 //! fails: nothing is skipped.
@@ -44,7 +46,7 @@ struct Ops {
     pki: Pki,
     dmz: Proc,
     /// Kept running for the test's length.
-    _connector: Proc,
+    connector: Proc,
     gw_url: String,
     dmz_admin: SocketAddr,
     connector_admin: SocketAddr,
@@ -56,6 +58,11 @@ struct Ops {
 
 impl Ops {
     fn start(tag: &str, dmz_extra: &[&str]) -> Ops {
+        Ops::start_with(tag, dmz_extra, &[])
+    }
+
+    /// [`Ops::start`] with extra connector arguments.
+    fn start_with(tag: &str, dmz_extra: &[&str], connector_extra: &[String]) -> Ops {
         let pki = Pki::new(tag).unwrap();
         pki.token(
             "agent",
@@ -119,7 +126,8 @@ impl Ops {
                     "127.0.0.1:0",
                     "--admin-token-file",
                 ])
-                .arg(pki.p("admin.token")),
+                .arg(pki.p("admin.token"))
+                .args(connector_extra),
         )
         .unwrap();
         let connector_admin = connector.addr(&["admin listening"]).unwrap();
@@ -128,7 +136,7 @@ impl Ops {
         Ops {
             pki,
             dmz,
-            _connector: connector,
+            connector,
             gw_url,
             dmz_admin,
             connector_admin,
@@ -797,4 +805,397 @@ fn chromium_signs_in_to_the_admin_page_and_sees_the_sessions() {
     if let Ok(dir) = std::env::var("SALLYPORT_SCREENSHOT_DIR") {
         std::fs::write(Path::new(&dir).join("admin.png"), &png).unwrap();
     }
+}
+
+// --- Datagrams (SOCKS5 UDP ASSOCIATE) -------------------------------------------------------
+
+/// PySocks from PyPI (pip, into `target/pysocks` once), the real SOCKS5 UDP client the tests use.
+fn pysocks() -> PathBuf {
+    let dir = repo().join("target").join("pysocks");
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if !dir.join("socks.py").exists() {
+            let st = Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--target"])
+                .arg(&dir)
+                .arg("PySocks==1.7.1")
+                .current_dir(std::env::temp_dir())
+                .status();
+            assert!(
+                st.is_ok_and(|s| s.success()),
+                "PySocks is missing and `python3 -m pip install PySocks` failed"
+            );
+        }
+    });
+    assert!(dir.join("socks.py").exists(), "PySocks is not installed");
+    dir
+}
+
+/// A PySocks client: `echo HOST PORT` sends `ping` and prints `echo DATA SRCHOST SRCPORT`;
+/// `dns HOST PORT NAME` asks an A record and prints `dns IP` (the DNS message built and read
+/// with the standard library).
+const UDP_CLIENT: &str = r#"
+import socket, struct, sys
+import socks
+proxy, mode, host, port = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+s.set_proxy(socks.SOCKS5, "127.0.0.1", proxy)
+s.settimeout(1)
+if mode == "echo":
+    msg = b"ping"
+else:
+    name = sys.argv[5]
+    q = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
+    msg = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + q + struct.pack(">HH", 1, 1)
+for attempt in range(10):
+    s.sendto(msg, (host, port))
+    try:
+        data, src = s.recvfrom(65535)
+    except socket.timeout:
+        continue
+    if mode == "echo":
+        h = src[0].decode() if isinstance(src[0], bytes) else src[0]
+        print("echo", data.decode(), h, src[1])
+    else:
+        ident, flags, qd, an = struct.unpack(">HHHH", data[:8])
+        assert ident == 0x1234 and an == 1, data
+        print("dns", socket.inet_ntoa(data[-4:]))
+    break
+else:
+    print("timeout")
+"#;
+
+/// A UDP echo on loopback: every datagram goes back; their payloads are kept for the test.
+fn udp_echo() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = s.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let mut v = seen2.lock().unwrap();
+            if v.len() < 1000 {
+                v.push(buf[..n].to_vec());
+            }
+            drop(v);
+            let _ = s.send_to(&buf[..n], from);
+        }
+    });
+    (port, seen)
+}
+
+/// A tiny DNS server on loopback (the trusted site's): `wiki.internal` A is 10.1.2.3, every
+/// other name NXDOMAIN.
+fn dns_server() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = s.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 512];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let q = &buf[..n];
+            if n < 17 {
+                continue;
+            }
+            // The question: labels from byte 12 to the zero byte, then type and class.
+            let mut i = 12;
+            let mut labels = Vec::new();
+            while i < n && q[i] != 0 {
+                let l = q[i] as usize;
+                labels.push(String::from_utf8_lossy(&q[i + 1..(i + 1 + l).min(n)]).to_string());
+                i += 1 + l;
+            }
+            let end = (i + 5).min(n);
+            let known = labels.join(".") == "wiki.internal";
+            let mut r = q[..2].to_vec();
+            r.extend_from_slice(&[
+                0x81,
+                if known { 0x80 } else { 0x83 },
+                0,
+                1,
+                0,
+                u8::from(known),
+                0,
+                0,
+                0,
+                0,
+            ]);
+            r.extend_from_slice(&q[12..end]);
+            if known {
+                r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 1, 2, 3]);
+            }
+            let _ = s.send_to(&r, from);
+        }
+    });
+    port
+}
+
+/// The DMZ, a connector with UDP rules for the echo and DNS services (by name, and their
+/// loopback addresses), and an agent.
+struct UdpSite {
+    ops: Ops,
+    agent: Proc,
+    socks: SocketAddr,
+    echo: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    dns: u16,
+}
+
+fn udp_site(tag: &str) -> UdpSite {
+    let (echo, seen) = udp_echo();
+    let dns = dns_server();
+    let mut extra = Vec::new();
+    for rule in [
+        format!("echo.internal:{echo}"),
+        format!("127.0.0.1/32:{echo}"),
+        format!("dns.internal:{dns}"),
+        format!("127.0.0.1/32:{dns}"),
+    ] {
+        extra.push("--allow-udp".to_string());
+        extra.push(rule);
+    }
+    for h in ["echo.internal=127.0.0.1", "dns.internal=127.0.0.1"] {
+        extra.push("--host".to_string());
+        extra.push(h.to_string());
+    }
+    let ops = Ops::start_with(tag, &[], &extra);
+    let (agent, socks) = ops.agent();
+    UdpSite {
+        ops,
+        agent,
+        socks,
+        echo,
+        seen,
+        dns,
+    }
+}
+
+/// Runs the PySocks client; its one line of output.
+fn pysocks_client(socks: SocketAddr, args: &[&str]) -> String {
+    let dir = pysocks();
+    let script = dir.join("udp_client.py");
+    std::fs::write(&script, UDP_CLIENT).unwrap();
+    let (code, out, err) = run(Command::new("python3")
+        .arg(&script)
+        .arg(socks.port().to_string())
+        .args(args)
+        .env("PYTHONPATH", &dir)
+        .current_dir(std::env::temp_dir()))
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    out.trim().to_string()
+}
+
+/// A raw SOCKS5 `UDP ASSOCIATE` naming no source (0.0.0.0:0, as RFC 1928 allows): the control
+/// connection (kept open by the caller) and the relay's address.
+fn associate(socks: SocketAddr) -> (TcpStream, SocketAddr) {
+    let mut c = TcpStream::connect(socks).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(&[5, 1, 0]).unwrap();
+    let mut b = [0u8; 2];
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(b, [5, 0]);
+    c.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).unwrap();
+    let mut r = [0u8; 10];
+    c.read_exact(&mut r).unwrap();
+    assert_eq!(r[..4], [5, 0, 0, 1], "UDP ASSOCIATE refused: {r:?}");
+    let relay = SocketAddr::from(([r[4], r[5], r[6], r[7]], u16::from_be_bytes([r[8], r[9]])));
+    (c, relay)
+}
+
+/// The SOCKS5 UDP header for `echo.internal:port` (a name: resolved by the connector), then
+/// `data`.
+fn to_echo(port: u16, data: &[u8]) -> Vec<u8> {
+    let name = b"echo.internal";
+    let mut v = vec![0, 0, 0, 3, name.len() as u8];
+    v.extend_from_slice(name);
+    v.extend_from_slice(&port.to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// Polls `/metrics` at `addr` until `series` is at least `min`; its value.
+fn wait_metric(addr: SocketAddr, series: &str, min: f64) -> f64 {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = value(&metrics(addr), series);
+        if v >= min || Instant::now() > until {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn pysocks_reaches_a_udp_echo_and_resolves_a_name_with_a_dns_server_in_the_trusted_site() {
+    let site = udp_site("udp-pysocks");
+    let echo = site.echo.to_string();
+    let out = pysocks_client(site.socks, &["echo", "echo.internal", &echo]);
+    // The reply names its source as the app wrote the destination.
+    assert_eq!(
+        out,
+        format!("echo ping echo.internal {echo}"),
+        "{}",
+        site.agent.log()
+    );
+    let dns = site.dns.to_string();
+    let out = pysocks_client(site.socks, &["dns", "dns.internal", &dns, "wiki.internal"]);
+    assert_eq!(out, "dns 10.1.2.3");
+    let conn = &site.ops.connector;
+    conn.wait_for(&["udp-open", "name=alice"], Duration::from_secs(5))
+        .unwrap();
+    conn.wait_for(&["udp-dest", "dns.internal"], Duration::from_secs(5))
+        .unwrap();
+    let m = metrics(site.ops.connector_admin);
+    assert!(value(&m, "sallyport_udp_datagrams_total{direction=\"down\"}") >= 2.0);
+}
+
+#[test]
+fn a_datagram_from_another_local_users_socket_is_dropped_by_the_agent() {
+    require_tool("setpriv");
+    require_tool("perl");
+    let site = udp_site("udp-other-user");
+    // Alice's app opens an association naming no source address, so any port of 127.0.0.1
+    // could be the client until its first datagram.
+    let (_control, relay) = associate(site.socks);
+    // Another user's process sends first, to the same relay port, from 127.0.0.1.
+    let attack = to_echo(site.echo, b"attack");
+    let hex: String = attack.iter().map(|b| format!("{b:02x}")).collect();
+    // Its socket stays open (the agent looks its owner up), until the test ends it.
+    let mut attacker = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "perl", "-MIO::Socket::INET", "-e"])
+        .arg(format!(
+            r#"$s=IO::Socket::INET->new(Proto=>"udp",PeerAddr=>"127.0.0.1:{}") or die "socket: $!"; $s->send(pack("H*","{hex}")) or die "send: $!"; sleep 20;"#,
+            relay.port()
+        ))
+        .spawn()
+        .unwrap();
+    let seen_log = site.agent.wait_for(
+        &["dropping datagrams from another user's socket", "uid 65534"],
+        Duration::from_secs(5),
+    );
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    seen_log.unwrap();
+    // Alice's own datagrams still go through, and the attacker's never reached the service.
+    let mine = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    mine.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let mut got = None;
+    for _ in 0..10 {
+        mine.send_to(&to_echo(site.echo, b"mine"), relay).unwrap();
+        if let Ok((n, _)) = mine.recv_from(&mut buf) {
+            got = Some(buf[..n].to_vec());
+            break;
+        }
+    }
+    assert_eq!(got.as_deref(), Some(&to_echo(site.echo, b"mine")[..]));
+    let seen = site.seen.lock().unwrap();
+    assert!(
+        !seen.iter().any(|d| d == b"attack"),
+        "the other user's datagram was relayed"
+    );
+}
+
+#[test]
+fn a_udp_port_outside_the_users_udp_rules_is_dropped_and_counted() {
+    let site = udp_site("udp-not-allowed");
+    let (other, seen_other) = udp_echo();
+    let (_control, relay) = associate(site.socks);
+    let app = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..3 {
+        app.send_to(&to_echo(other, b"sneak"), relay).unwrap();
+    }
+    let dropped = wait_metric(
+        site.ops.connector_admin,
+        "sallyport_udp_dropped_total{reason=\"not_allowed\"}",
+        3.0,
+    );
+    assert!(
+        dropped >= 3.0,
+        "dropped {dropped}\n{}",
+        site.ops.connector.log()
+    );
+    site.ops
+        .connector
+        .wait_for(&["udp-refused", "not in"], Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        seen_other.lock().unwrap().is_empty(),
+        "a datagram reached a port without a rule"
+    );
+}
+
+#[test]
+fn a_udp_flood_past_the_limits_is_dropped_and_counted_and_memory_stays_bounded() {
+    let site = udp_site("udp-flood");
+    let (_control, relay) = associate(site.socks);
+    let app = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    // One datagram through first (the connector leg exists, the addresses are fixed).
+    app.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = vec![0u8; 2048];
+    for _ in 0..10 {
+        app.send_to(&to_echo(site.echo, b"warm"), relay).unwrap();
+        if app.recv_from(&mut buf).is_ok() {
+            break;
+        }
+    }
+    let pids = [
+        ("agent", site.agent.pid()),
+        ("dmz", site.ops.dmz.pid()),
+        ("connector", site.ops.connector.pid()),
+    ];
+    let before: Vec<u64> = pids.iter().map(|(_, p)| rss_kib(*p)).collect();
+    let datagram = to_echo(site.echo, &[7u8; 1000]);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_secs(2) {
+        if app.send_to(&datagram, relay).is_ok() {
+            sent += 1;
+        }
+    }
+    let rate = wait_metric(
+        site.ops.dmz_admin,
+        "sallyport_udp_dropped_total{reason=\"rate\"}",
+        1000.0,
+    );
+    let after: Vec<u64> = pids.iter().map(|(_, p)| rss_kib(*p)).collect();
+    let m = metrics(site.ops.dmz_admin);
+    let up = value(&m, "sallyport_udp_datagrams_total{direction=\"up\"}");
+    eprintln!(
+        "flood: {sent} datagrams sent in 2 s; the DMZ carried {up} up and dropped {rate} over the rate; RSS KiB before {before:?}, after {after:?} (agent, dmz, connector)"
+    );
+    assert!(rate >= 1000.0, "no datagram dropped over the rate limit");
+    // The DMZ forwards at most its per-token rate (2,000/s, burst 4,000) over 2 s and a bit.
+    assert!(up <= 12_000.0, "{up} datagrams carried up");
+    for (i, (name, _)) in pids.iter().enumerate() {
+        assert!(
+            after[i] < before[i] + 24 * 1024,
+            "{name} grew from {} to {} KiB",
+            before[i],
+            after[i]
+        );
+    }
+}
+
+#[test]
+fn a_lost_gateway_session_ends_the_association_and_closes_its_control_connection() {
+    let mut site = udp_site("udp-session-lost");
+    let (mut control, relay) = associate(site.socks);
+    let app = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    app.send_to(&to_echo(site.echo, b"hello"), relay).unwrap();
+    site.ops.dmz.kill();
+    // The app learns at once that its association is gone (RFC 1928: the control connection
+    // ends with it), instead of sending into a relay that leads nowhere.
+    let mut b = [0u8; 1];
+    let n = control.read(&mut b).unwrap_or(0);
+    assert_eq!(n, 0, "the control connection stayed open");
+    site.agent
+        .wait_for(
+            &["udp association ended", "ended by the gateway"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
 }

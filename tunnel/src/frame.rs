@@ -46,7 +46,20 @@ mod kind {
     pub const GOAWAY: u8 = 0x0a;
     pub const ROUTES: u8 = 0x0b;
     pub const ROUTES_PART: u8 = 0x0c;
+    pub const DGRAM_OPEN: u8 = 0x10;
+    pub const DGRAM: u8 = 0x11;
+    pub const DGRAM_CLOSE: u8 = 0x12;
 }
+
+/// Bits of the hello's `features` field. A hello without the field (older peers) means none.
+pub mod features {
+    /// Datagram frames (`DGRAM_OPEN`, `DGRAM`, `DGRAM_CLOSE`): SOCKS5 UDP.
+    pub const DATAGRAMS: u32 = 1;
+}
+
+/// Largest datagram a `DGRAM` frame carries: with the longest address, the frame's payload still
+/// fits [`MAX_CONTROL_PAYLOAD`] (and so every transport's message limit).
+pub const MAX_DATAGRAM: usize = 65_000;
 
 /// Which program is at the other end of a session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,6 +221,8 @@ pub struct Hello {
     /// Identifies one gateway instance (or one agent/connector process) in logs and, for
     /// connectors, tells them which DMZ instance they reached.
     pub instance_id: String,
+    /// What the sender speaks beyond version 1 ([`features`] bits); 0 when absent.
+    pub features: u32,
 }
 
 /// Where a stream should go: a host name or address literal, and a port.
@@ -315,6 +330,23 @@ pub enum Frame {
     /// A part of a long route list, more to follow (a list of thousands of routes does not fit
     /// one control frame; see [`split_routes`]).
     RoutesPart(Vec<String>),
+    /// Opens a datagram association (SOCKS5 UDP); no answer unless refused (`DGRAM_CLOSE`).
+    DgramOpen {
+        assoc: u32,
+        meta: Meta,
+    },
+    /// One datagram: to `addr` from the association's opener, from `addr` back.
+    Dgram {
+        assoc: u32,
+        addr: Dest,
+        payload: Bytes,
+    },
+    /// Ends an association (either side; a refusal of `DGRAM_OPEN` too).
+    DgramClose {
+        assoc: u32,
+        code: ErrorCode,
+        reason: String,
+    },
 }
 
 /// Longest route text sent in a `ROUTES` frame; longer ones are not valid routes anyway.
@@ -361,7 +393,7 @@ pub enum FrameError {
     NotUtf8(&'static str),
     #[error("hello names unknown role {0}")]
     UnknownRole(u8),
-    #[error("OPEN frame has an empty or overlong host ({0} bytes)")]
+    #[error("OPEN or DGRAM frame has an empty or overlong host ({0} bytes)")]
     BadHost(usize),
 }
 
@@ -415,6 +447,30 @@ impl<'a> Reader<'a> {
             .map(str::to_owned)
             .map_err(|_| FrameError::NotUtf8(self.what))
     }
+    /// `host_len:u8 | host | port:u16`, as in `OPEN` and `DGRAM`.
+    fn dest(&mut self) -> Result<Dest, FrameError> {
+        let n = self.u8()? as usize;
+        let host = self.take(n)?;
+        if host.is_empty() {
+            return Err(FrameError::BadHost(0));
+        }
+        let host = std::str::from_utf8(host)
+            .map_err(|_| FrameError::NotUtf8(self.what))?
+            .to_owned();
+        let port = self.u16()?;
+        Ok(Dest { host, port })
+    }
+    /// `count:u16`, then `count` × (`key:str16`, `value:str16`).
+    fn meta(&mut self) -> Result<Meta, FrameError> {
+        let count = self.u16()? as usize;
+        let mut meta = Vec::with_capacity(count.min(32));
+        for _ in 0..count {
+            let k = self.str16()?;
+            let v = self.str16()?;
+            meta.push((k, v));
+        }
+        Ok(Meta(meta))
+    }
     fn end(&self) -> Result<(), FrameError> {
         if self.buf.is_empty() {
             Ok(())
@@ -466,19 +522,32 @@ impl Frame {
                 b.put_u32(h.session_window);
                 b.put_u32(h.max_frame);
                 put_str16(&mut b, &h.instance_id);
+                if h.features != 0 {
+                    b.put_u32(h.features);
+                }
             }
             Frame::Open { stream, dest, meta } => {
                 header(&mut b, kind::OPEN, *stream);
-                let host = &dest.host.as_bytes()[..dest.host.len().min(MAX_HOST_LEN)];
-                b.put_u8(host.len() as u8);
-                b.put_slice(host);
-                b.put_u16(dest.port);
-                let n = meta.0.len().min(u16::MAX as usize);
-                b.put_u16(n as u16);
-                for (k, v) in meta.0.iter().take(n) {
-                    put_str16(&mut b, k);
-                    put_str16(&mut b, v);
-                }
+                put_dest(&mut b, dest);
+                put_meta(&mut b, meta);
+            }
+            Frame::DgramOpen { assoc, meta } => {
+                header(&mut b, kind::DGRAM_OPEN, *assoc);
+                put_meta(&mut b, meta);
+            }
+            Frame::Dgram {
+                assoc,
+                addr,
+                payload,
+            } => return encode_dgram(*assoc, addr, payload),
+            Frame::DgramClose {
+                assoc,
+                code,
+                reason,
+            } => {
+                header(&mut b, kind::DGRAM_CLOSE, *assoc);
+                b.put_u8(code.to_u8());
+                b.put_slice(clip_reason(reason).as_bytes());
             }
             Frame::OpenOk { stream } => header(&mut b, kind::OPEN_OK, *stream),
             Frame::OpenErr {
@@ -582,7 +651,9 @@ impl Frame {
                 let session_window = r.u32()?;
                 let max_frame = r.u32()?;
                 let instance_id = r.str16()?;
-                // Later versions may append fields: a hello tolerates trailing bytes.
+                // Older peers end here (no features); later versions may append fields after
+                // `features`: a hello tolerates trailing bytes.
+                let features = if r.buf.len() >= 4 { r.u32()? } else { 0 };
                 return Ok(Frame::Hello(Hello {
                     version,
                     role,
@@ -590,29 +661,41 @@ impl Frame {
                     session_window,
                     max_frame,
                     instance_id,
+                    features,
                 }));
             }
             kind::OPEN => {
-                let n = r.u8()? as usize;
-                let host = r.take(n)?;
-                if host.is_empty() {
-                    return Err(FrameError::BadHost(0));
-                }
-                let host = std::str::from_utf8(host)
-                    .map_err(|_| FrameError::NotUtf8("OPEN"))?
-                    .to_owned();
-                let port = r.u16()?;
-                let count = r.u16()? as usize;
-                let mut meta = Vec::with_capacity(count.min(32));
-                for _ in 0..count {
-                    let k = r.str16()?;
-                    let v = r.str16()?;
-                    meta.push((k, v));
-                }
+                let dest = r.dest()?;
                 Frame::Open {
                     stream,
-                    dest: Dest { host, port },
-                    meta: Meta(meta),
+                    dest,
+                    meta: r.meta()?,
+                }
+            }
+            kind::DGRAM_OPEN => Frame::DgramOpen {
+                assoc: stream,
+                meta: r.meta()?,
+            },
+            kind::DGRAM => {
+                let addr = r.dest()?;
+                let start = msg.len() - r.buf.len();
+                if r.buf.len() > MAX_DATAGRAM {
+                    return Err(FrameError::TooLarge(name, r.buf.len()));
+                }
+                // Zero copy, as for DATA.
+                return Ok(Frame::Dgram {
+                    assoc: stream,
+                    addr,
+                    payload: msg.slice(start..),
+                });
+            }
+            kind::DGRAM_CLOSE => {
+                let code = ErrorCode::from_u8(r.u8()?);
+                let reason = r.rest_str()?;
+                Frame::DgramClose {
+                    assoc: stream,
+                    code,
+                    reason,
                 }
             }
             kind::OPEN_OK => Frame::OpenOk { stream },
@@ -665,6 +748,32 @@ impl Frame {
     }
 }
 
+fn put_dest(b: &mut BytesMut, dest: &Dest) {
+    let host = &dest.host.as_bytes()[..dest.host.len().min(MAX_HOST_LEN)];
+    b.put_u8(host.len() as u8);
+    b.put_slice(host);
+    b.put_u16(dest.port);
+}
+
+fn put_meta(b: &mut BytesMut, meta: &Meta) {
+    let n = meta.0.len().min(u16::MAX as usize);
+    b.put_u16(n as u16);
+    for (k, v) in meta.0.iter().take(n) {
+        put_str16(b, k);
+        put_str16(b, v);
+    }
+}
+
+/// Encodes a `DGRAM` frame (header, address, one copy of the payload). The caller keeps the
+/// payload within [`MAX_DATAGRAM`].
+pub fn encode_dgram(assoc: u32, addr: &Dest, payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(HEADER_LEN + 3 + addr.host.len() + payload.len());
+    header(&mut b, kind::DGRAM, assoc);
+    put_dest(&mut b, addr);
+    b.put_slice(payload);
+    b.freeze()
+}
+
 /// Encodes a `DATA` frame (header plus one copy of the payload).
 pub fn encode_data(stream: u32, payload: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(HEADER_LEN + payload.len());
@@ -688,6 +797,9 @@ fn kind_name(t: u8) -> Option<&'static str> {
         kind::GOAWAY => "GOAWAY",
         kind::ROUTES => "ROUTES",
         kind::ROUTES_PART => "ROUTES_PART",
+        kind::DGRAM_OPEN => "DGRAM_OPEN",
+        kind::DGRAM => "DGRAM",
+        kind::DGRAM_CLOSE => "DGRAM_CLOSE",
         _ => return None,
     })
 }
@@ -742,6 +854,7 @@ mod tests {
             session_window: 1 << 24,
             max_frame: 65536,
             instance_id: "gw-1".into(),
+            features: 0,
         }));
         let mut meta = Meta::default();
         meta.set("sp-user", "alice");
@@ -780,6 +893,56 @@ mod tests {
             "db.internal:5432".into(),
             "*.internal:22".into(),
         ]));
+    }
+
+    #[test]
+    fn datagram_frames_roundtrip_and_an_old_hello_reads_as_no_features() {
+        let mut meta = Meta::default();
+        meta.set("sp-front", "socks5");
+        roundtrip(Frame::DgramOpen { assoc: 3, meta });
+        roundtrip(Frame::Dgram {
+            assoc: 3,
+            addr: Dest::new("dns.internal", 53),
+            payload: Bytes::from_static(b"\x12\x34query"),
+        });
+        roundtrip(Frame::DgramClose {
+            assoc: 3,
+            code: ErrorCode::NotAllowed,
+            reason: "no UDP rule".into(),
+        });
+        let hello = Hello {
+            version: 1,
+            role: Role::Agent,
+            stream_window: 1,
+            session_window: 1,
+            max_frame: 1024,
+            instance_id: "a".into(),
+            features: features::DATAGRAMS,
+        };
+        roundtrip(Frame::Hello(hello.clone()));
+        // An older peer's hello ends after instance_id: no features.
+        let mut old = Frame::Hello(hello.clone()).encode();
+        old.truncate(old.len() - 4);
+        match Frame::decode(old, 1024).unwrap() {
+            Frame::Hello(h) => assert_eq!(h.features, 0),
+            f => panic!("{f:?}"),
+        }
+    }
+
+    #[test]
+    fn an_oversize_or_addressless_datagram_frame_is_malformed() {
+        let big = encode_dgram(1, &Dest::new("a", 1), &vec![0u8; MAX_DATAGRAM + 1]);
+        assert!(matches!(
+            Frame::decode(big, 1024),
+            Err(FrameError::TooLarge("DGRAM", _))
+        ));
+        // The largest datagram with the longest host fits the control payload limit.
+        let max = encode_dgram(1, &Dest::new("h".repeat(255), 1), &vec![0u8; MAX_DATAGRAM]);
+        assert!(Frame::decode(max, 1024).is_ok());
+        let empty_host = encode_dgram(1, &Dest::new("", 1), b"x");
+        assert!(Frame::decode(empty_host, 1024).is_err());
+        let on_zero = encode_dgram(0, &Dest::new("a", 1), b"x");
+        assert!(Frame::decode(on_zero, 1024).is_err());
     }
 
     #[test]
@@ -838,6 +1001,7 @@ mod tests {
                 session_window: 1,
                 max_frame: 1,
                 instance_id: "x".into(),
+                features: 0,
             })
             .encode(),
             Frame::Routes(vec!["a:1".into()]).encode(),

@@ -12,6 +12,8 @@
 //! | [`session`] | the session: hello, then the reader, writer and pinger tasks that drive the machine |
 //! | [`stream`] | one stream: `AsyncRead`/`AsyncWrite` and the chunk API relays use |
 //! | [`splice`] | the one copy loop joining a stream (or any byte stream) to a socket; holds a buffer only while data waits |
+//! | [`datagram`] | datagram associations (SOCKS5 UDP) as I/O-free rules: bounded queues, drops |
+//! | [`association`] | one association: send and receive datagrams |
 //! | [`transport`] | the transport traits and an in-memory pair for tests; one file per transport beneath: |
 //! | [`transport::ws`] | the WebSocket transport over any byte stream |
 //! | [`transport::http`] | the HTTP fallback transport (POSTs up, a streamed or long-polled GET down) |
@@ -24,6 +26,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod association;
+pub mod datagram;
 pub mod frame;
 pub mod handshake;
 pub mod inner;
@@ -35,6 +39,8 @@ pub mod stream;
 pub mod token;
 pub mod transport;
 
+pub use association::{Association, Datagram};
+pub use datagram::Dropped;
 pub use frame::{Dest, ErrorCode, Frame, Hello, Meta, Role, PROTOCOL_VERSION};
 pub use session::{Config, Incoming, Session, SessionError, SessionStats, StreamError};
 pub use splice::splice;

@@ -13,6 +13,7 @@
 //! Wakers are stored here (calling one is not I/O), and [`State::wake_writer`] tells the caller
 //! that the writer has something to send.
 
+use crate::datagram::{Datagrams, Dropped, OpenAnswer};
 use crate::frame::{Dest, ErrorCode, Frame, Meta, Role};
 use crate::session::{SessionError, StreamError};
 use crate::stream::{OpenRequest, OpenState, Out, StreamState};
@@ -62,6 +63,8 @@ pub(crate) struct Rules {
     pub max_frame: u32,
     /// Largest `DATA` payload we send (the smaller of both sides' limits).
     pub max_send: usize,
+    /// Both hellos announced datagrams: `DGRAM*` frames may flow.
+    pub datagrams: bool,
 }
 
 /// What one state change asks the writer to send, in order.
@@ -141,6 +144,8 @@ pub(crate) struct State {
     pub(crate) bytes_out: u64,
     /// Something was queued for the writer since the caller last looked.
     pub(crate) wake_writer: bool,
+    /// Datagram associations (`datagram.rs`).
+    pub(crate) dgrams: Datagrams,
 }
 
 impl State {
@@ -179,6 +184,7 @@ impl State {
             bytes_in: 0,
             bytes_out: 0,
             wake_writer: false,
+            dgrams: Datagrams::default(),
         }
     }
 
@@ -250,6 +256,8 @@ impl State {
         // States whose handle is gone go now; the others stay (failed, with their byte counts)
         // until their handle drops.
         self.streams.retain(|_, s| !s.removable());
+        self.dgrams
+            .end_all(ErrorCode::SessionLost, &err.to_string());
         self.ready.clear();
         self.control.clear();
         self.induced_bytes = 0;
@@ -392,8 +400,55 @@ impl State {
                 return Ok(Some(all));
             }
             Frame::Hello(_) => return Err((ErrorCode::Protocol, "second hello".into())),
+            Frame::DgramOpen { .. } | Frame::Dgram { .. } | Frame::DgramClose { .. }
+                if !self.rules.datagrams =>
+            {
+                return Err((
+                    ErrorCode::Protocol,
+                    "datagram frame, but datagrams were not announced in both hellos".into(),
+                ))
+            }
+            Frame::DgramOpen { assoc, meta } => {
+                self.check_peer_id(assoc, "DGRAM_OPEN")?;
+                if self.closed.is_some() {
+                    return Ok(None);
+                }
+                let accept = self.rules.accept_streams && self.accepting;
+                if let OpenAnswer::Refuse(code, reason) = self.dgrams.on_open(assoc, meta, accept) {
+                    debug!(assoc, %reason, "refusing datagram association");
+                    self.push_induced(Frame::DgramClose {
+                        assoc,
+                        code,
+                        reason,
+                    });
+                }
+            }
+            Frame::Dgram {
+                assoc,
+                addr,
+                payload,
+            } => self.dgrams.on_dgram(assoc, addr, payload),
+            Frame::DgramClose {
+                assoc,
+                code,
+                reason,
+            } => self.dgrams.on_close(assoc, code, reason),
         }
         Ok(None)
+    }
+
+    /// A new id of the peer's (its parity, above every id it used for a stream or an
+    /// association), else a protocol violation.
+    fn check_peer_id(&mut self, id: u32, what: &str) -> Result<(), Violation> {
+        let peer_parity = if self.rules.initiator { 0 } else { 1 };
+        if id % 2 != peer_parity || id <= self.last_peer_id {
+            return Err((
+                ErrorCode::Protocol,
+                format!("{what} for id {id}, which is not a new id of the peer's"),
+            ));
+        }
+        self.last_peer_id = id;
+        Ok(())
     }
 
     fn on_data(&mut self, stream: u32, payload: Bytes) -> Result<(), Violation> {
@@ -446,14 +501,7 @@ impl State {
     }
 
     fn on_open(&mut self, stream: u32, dest: Dest, meta: Meta) -> Result<(), Violation> {
-        let peer_parity = if self.rules.initiator { 0 } else { 1 };
-        if stream % 2 != peer_parity || stream <= self.last_peer_id {
-            return Err((
-                ErrorCode::Protocol,
-                format!("OPEN for stream {stream}, which is not a new id of the peer's"),
-            ));
-        }
-        self.last_peer_id = stream;
+        self.check_peer_id(stream, "OPEN")?;
         let refusal = if !self.rules.accept_streams {
             Some((
                 ErrorCode::NotAllowed,
@@ -586,6 +634,74 @@ impl State {
         self.control.push_back(Pending::Control(open));
         self.wake_writer = true;
         Ok(id)
+    }
+
+    /// Opens a datagram association: the next id of ours, and its `DGRAM_OPEN` queued.
+    pub(crate) fn open_association(&mut self, meta: Meta) -> Result<u32, StreamError> {
+        if let Some(e) = &self.closed {
+            return Err(StreamError::SessionLost(e.clone()));
+        }
+        if !self.rules.datagrams {
+            return Err(StreamError::NoDatagrams);
+        }
+        if self.goaway.is_some() {
+            return Err(StreamError::GoingAway);
+        }
+        let id = self.next_id;
+        if id > u32::MAX - 2 {
+            return Err(StreamError::IdsExhausted);
+        }
+        let open = Frame::DgramOpen { assoc: id, meta }.encode();
+        let max = crate::frame::MAX_CONTROL_PAYLOAD + crate::frame::HEADER_LEN;
+        if open.len() > max {
+            return Err(StreamError::OpenTooLarge {
+                bytes: open.len(),
+                max,
+            });
+        }
+        self.next_id += 2;
+        self.dgrams.opened(id);
+        self.control.push_back(Pending::Control(open));
+        self.wake_writer = true;
+        Ok(id)
+    }
+
+    /// Queues one datagram of association `id` for the writer, or says why it was dropped.
+    pub(crate) fn send_datagram(
+        &mut self,
+        id: u32,
+        addr: &Dest,
+        payload: &[u8],
+    ) -> Result<(), Dropped> {
+        if self.closed.is_some() {
+            return Err(Dropped::Closed);
+        }
+        self.dgrams.send(id, addr, payload)?;
+        self.bytes_out += payload.len() as u64;
+        self.wake_writer = true;
+        Ok(())
+    }
+
+    /// The application closed association `id`; the peer is told unless it ended already.
+    /// Closing one the peer opened answers the peer's `DGRAM_OPEN`: it counts against
+    /// [`MAX_INDUCED_CONTROL`], so a peer that opens and refuses to read cannot grow our queue.
+    pub(crate) fn close_association(&mut self, id: u32, code: ErrorCode, reason: &str) {
+        let Some(incoming) = self.dgrams.close(id) else {
+            return;
+        };
+        if self.closed.is_some() {
+            return;
+        }
+        let frame = Frame::DgramClose {
+            assoc: id,
+            code,
+            reason: reason.to_string(),
+        };
+        if incoming {
+            self.push_induced(frame);
+        } else {
+            self.push_control(frame);
+        }
     }
 
     /// Queues as much of `data` on stream `id` as may be sent now: at most one frame, within
@@ -780,6 +896,11 @@ impl State {
             bytes += b.len();
             batch.push(b);
         }
+        // Datagrams get up to a quarter of the batch before stream data (so busy streams cannot
+        // starve them) and at most that while streams have data (so datagrams cannot starve
+        // streams); they may fill what streams leave over.
+        let dgram_share = (bytes + max_bytes / 4).min(max_bytes);
+        self.dgrams.take(dgram_share, &mut bytes, batch);
         while bytes < max_bytes {
             let Some(id) = self.ready.pop_front() else {
                 break;
@@ -808,6 +929,7 @@ impl State {
                 self.ready.push_back(id);
             }
         }
+        self.dgrams.take(max_bytes, &mut bytes, batch);
         if sent_payload > 0 {
             self.queued_total = self.queued_total.saturating_sub(sent_payload);
             // Streams held back by our own session queue limit may go on.
@@ -872,6 +994,7 @@ mod tests {
             peer_session_window: 2500,
             max_frame: 16 * 1024,
             max_send: 600,
+            datagrams: false,
         }
     }
 

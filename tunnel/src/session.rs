@@ -28,6 +28,7 @@
 //! Memory per session is therefore bounded by `max_incoming_streams × stream_window` on the
 //! receive side and by the peer's windows on the send side.
 
+use crate::association::Association;
 use crate::frame::{Dest, ErrorCode, Frame, Hello, Meta, Role, PROTOCOL_VERSION};
 use crate::machine::{Rules, State};
 pub use crate::machine::{
@@ -72,6 +73,9 @@ pub struct Config {
     pub ping_timeout: Duration,
     /// How long we wait for the peer's hello.
     pub hello_timeout: Duration,
+    /// Announce datagrams (SOCKS5 UDP) in the hello; they flow when the peer announces them
+    /// too. Off by default: only sides that handle associations turn it on.
+    pub datagrams: bool,
 }
 
 impl Config {
@@ -89,6 +93,7 @@ impl Config {
             ping_interval: Duration::from_secs(20),
             ping_timeout: Duration::from_secs(20),
             hello_timeout: Duration::from_secs(10),
+            datagrams: false,
         }
     }
 }
@@ -139,6 +144,9 @@ pub enum StreamError {
     /// The `OPEN` (destination and metadata) would not fit one control frame.
     #[error("stream request too large: its OPEN frame would be {bytes} bytes, at most {max} are allowed")]
     OpenTooLarge { bytes: usize, max: usize },
+    /// The peer did not announce datagrams in its hello (an older gateway or connector).
+    #[error("the peer does not carry datagrams (UDP): it runs an older version")]
+    NoDatagrams,
 }
 
 impl StreamError {
@@ -152,6 +160,7 @@ impl StreamError {
                 ErrorCode::SessionLost
             }
             StreamError::OpenTooLarge { .. } => ErrorCode::Limit,
+            StreamError::NoDatagrams => ErrorCode::NotAllowed,
         }
     }
 
@@ -308,6 +317,11 @@ impl Session {
             session_window: config.session_window,
             max_frame: config.max_frame,
             instance_id: config.instance_id.clone(),
+            features: if config.datagrams {
+                crate::frame::features::DATAGRAMS
+            } else {
+                0
+            },
         };
         tx.send(Frame::Hello(hello).encode())
             .await
@@ -371,6 +385,7 @@ impl Session {
             peer_session_window: peer.session_window,
             max_frame: config.max_frame,
             max_send,
+            datagrams: config.datagrams && peer.features & crate::frame::features::DATAGRAMS != 0,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new(rules, Instant::now())),
@@ -489,6 +504,38 @@ impl Session {
         }
     }
 
+    /// Whether `other` is a handle to this same session.
+    pub fn same_session(&self, other: &Session) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// Whether datagrams (SOCKS5 UDP) flow on this session: both hellos announced them.
+    pub fn datagrams(&self) -> bool {
+        self.shared.lock().rules.datagrams
+    }
+
+    /// Opens a datagram association; datagrams may be sent on it at once.
+    pub fn open_association(&self, meta: Meta) -> Result<Association, StreamError> {
+        let id = self.shared.lock().open_association(meta)?;
+        Ok(Association::new(id, self.shared.clone(), Meta::default()))
+    }
+
+    /// The next association the peer opened, or `None` once the session is closed.
+    pub async fn accept_association(&self) -> Option<Association> {
+        poll_fn(|cx| {
+            let mut st = self.shared.lock();
+            match st.dgrams.next_incoming(cx.waker()) {
+                Some((id, meta)) => {
+                    drop(st);
+                    Poll::Ready(Some(Association::new(id, self.shared.clone(), meta)))
+                }
+                None if st.closed.is_some() => Poll::Ready(None),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+
     /// Number of streams currently tracked by this session.
     pub fn stream_count(&self) -> usize {
         self.shared.lock().streams.len()
@@ -510,6 +557,9 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::GoAway { .. } => "GOAWAY",
         Frame::Routes(_) => "ROUTES",
         Frame::RoutesPart(_) => "ROUTES_PART",
+        Frame::DgramOpen { .. } => "DGRAM_OPEN",
+        Frame::Dgram { .. } => "DGRAM",
+        Frame::DgramClose { .. } => "DGRAM_CLOSE",
     }
 }
 

@@ -241,6 +241,7 @@ async fn raw_peer(config: Config) -> ((Session, Incoming), MemoryTransport) {
         session_window: 1 << 20,
         max_frame: 16 * 1024,
         instance_id: "raw".into(),
+        features: 0,
     });
     raw.send_raw(hello.encode()).await.unwrap();
     let s = Session::start(a, config).await.unwrap();
@@ -405,6 +406,7 @@ async fn a_peer_of_another_version_gets_a_clear_reason() {
         session_window: 1 << 20,
         max_frame: 1 << 14,
         instance_id: "future".into(),
+        features: 0,
     });
     raw.send_raw(hello.encode()).await.unwrap();
     let err = Session::start(a, Config::new(Role::Dmz, false))
@@ -542,6 +544,7 @@ async fn session_credit_of_data_dropped_by_a_reset_is_not_lost() {
         session_window: 256 * 1024,
         max_frame: 16 * 1024,
         instance_id: "raw".into(),
+        features: 0,
     });
     raw.send_raw(hello.encode()).await.unwrap();
     let (session, _) = Session::start(a, Config::new(Role::Agent, true))

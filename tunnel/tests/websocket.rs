@@ -63,6 +63,7 @@ async fn server_session_against_raw_client(msg: Message) -> SessionError {
         session_window: 1 << 20,
         max_frame: 65536,
         instance_id: "raw".into(),
+        features: 0,
     });
     raw.send(Message::Binary(hello.encode())).await.unwrap();
     let _ = raw.send(msg).await;

@@ -5,10 +5,13 @@
 //! each advertising its routes in-band. `streams`: each stream the DMZ opens (allow-list,
 //! resolution, address checks, connect, copy, audit). `firstbytes`: a rule's protocol, checked
 //! on the client's first bytes. `issuer`: token renewals, when this connector is the issuer.
+//! `udp`: each datagram association (SOCKS5 UDP): the UDP allow-list, one socket, replies only
+//! from peers it sent to.
 
 mod firstbytes;
 mod issuer;
 mod streams;
+mod udp;
 
 pub use issuer::IssuerConfig;
 
@@ -36,6 +39,8 @@ pub struct ConnectorConfig {
     pub token: crate::auth::TokenSecret,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub policy: Arc<Policy>,
+    /// The UDP allow-list (`--allow-udp`, `udp = [...]`): empty, no UDP at all.
+    pub udp: Arc<Policy>,
     /// Routes advertised to the DMZ (by default, the allow-list's routes).
     pub routes: Vec<Route>,
     /// How to reach the DMZ (a trusted network may force its own proxy too): candidates,
@@ -149,6 +154,7 @@ pub fn tls_config_v2() -> Result<Arc<rustls::ClientConfig>, egress::EgressError>
 pub async fn run(config: ConnectorConfig, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
     let config = Arc::new(config);
+    let udp = Arc::new(udp::UdpState::default());
     let gateways = config
         .gateways
         .iter()
@@ -159,6 +165,7 @@ pub async fn run(config: ConnectorConfig, shutdown: CancellationToken) {
         for n in 0..config.sessions.max(1) {
             let up = config.uplink(gateway);
             let config = config.clone();
+            let udp = udp.clone();
             let shutdown = shutdown.clone();
             let tracker2 = tracker.clone();
             // With several instances, the span names which one (`dmz`: its place in the list).
@@ -168,7 +175,8 @@ pub async fn run(config: ConnectorConfig, shutdown: CancellationToken) {
                 info_span!("session", n)
             };
             tracker.spawn(
-                async move { keep_session(config, up, shutdown, tracker2).await }.instrument(span),
+                async move { keep_session(config, udp, up, shutdown, tracker2).await }
+                    .instrument(span),
             );
         }
     }
@@ -178,17 +186,22 @@ pub async fn run(config: ConnectorConfig, shutdown: CancellationToken) {
 
 async fn keep_session(
     config: Arc<ConnectorConfig>,
+    udp: Arc<udp::UdpState>,
     up: uplink::Uplink,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let serve_one = |c: uplink::Connected, way: egress::probe::Candidate, _up| {
-        let (config, shutdown, tracker) = (&config, &shutdown, &tracker);
+        let (config, shutdown, tracker, udp) = (&config, &shutdown, &tracker, &udp);
         async move {
             let _up = config.ops.up(&c, &way, c.took);
             c.session
                 .advertise_routes(config.routes.iter().map(|r| r.to_string()).collect());
-            streams::serve(config, &c.session, c.incoming, shutdown, tracker).await;
+            let datagrams = udp::serve(config, udp, &c.session, shutdown, tracker);
+            tokio::join!(
+                streams::serve(config, &c.session, c.incoming, shutdown, tracker),
+                datagrams
+            );
             let why = c.session.closed().await;
             if shutdown.is_cancelled() {
                 uplink::Ended::Shutdown

@@ -99,7 +99,15 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
         addr,
     };
     // Boxed: its state is not part of every stream's task (idle streams stay light).
-    if !Box::pin(firstbytes::admit(&config, &mut stream, &mut tcp, &who, &audit)).await {
+    if !Box::pin(firstbytes::admit(
+        &config,
+        &mut stream,
+        &mut tcp,
+        &who,
+        &audit,
+    ))
+    .await
+    {
         return;
     }
     // A reset from the agent side must end the copy even while the service is not reading

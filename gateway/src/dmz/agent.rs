@@ -46,6 +46,16 @@ pub(crate) async fn agent_session<T: tunnel::Transport>(
             );
         }
     };
+    let associations = async {
+        while let Some(assoc) = session.accept_association().await {
+            let agent = session.peer().instance_id.clone();
+            shared.tracker.spawn(
+                super::udp::route_association(shared.clone(), assoc, id.clone(), client, agent)
+                    .in_current_span(),
+            );
+        }
+        std::future::pending::<()>().await
+    };
     // Tell the agent what it can reach (for its browser PAC file): the connectors' routes,
     // narrowed to the agent credential's routes when it has any. The connectors' allow-lists
     // may still refuse some destinations by user or group. Recomputed when the router changes.
@@ -79,6 +89,7 @@ pub(crate) async fn agent_session<T: tunnel::Transport>(
     };
     tokio::select! {
         _ = streams => {}
+        _ = associations => {}
         _ = advertise => {}
         _ = guard_session(&shared, &session, &shared.config.agent_tokens, &id) => {}
     }

@@ -47,6 +47,12 @@ pub struct Limits {
     /// frame in the relay and the destination's send queue (one stream window), so
     /// `max_streams × 2 × (2 × stream_window + 64 KiB)` at worst.
     pub max_streams: usize,
+    /// Datagram (SOCKS5 UDP) associations open at once per agent token.
+    pub udp_associations_per_token: usize,
+    /// Datagrams per second per agent token, both directions (burst 2×); over it, dropped.
+    pub udp_datagrams_per_token: f64,
+    /// Datagrams per second through the whole gateway (burst 2×); over it, dropped.
+    pub udp_datagrams: f64,
 }
 
 impl Default for Limits {
@@ -66,6 +72,9 @@ impl Default for Limits {
             open_meta_bytes: 4 * 1024,
             pending_inner_sessions: 1_024,
             max_streams: 65_536,
+            udp_associations_per_token: 32,
+            udp_datagrams_per_token: 2_000.0,
+            udp_datagrams: 50_000.0,
         }
     }
 }

@@ -40,6 +40,7 @@ pub mod relay;
 pub mod router;
 mod session;
 mod streams;
+mod udp;
 mod upgrade;
 pub mod v2;
 
@@ -162,6 +163,8 @@ pub(crate) struct Shared {
     opens: Buckets<String>,
     /// Streams open at once per agent token.
     agent_streams: Arc<Counts<String>>,
+    /// Datagram (SOCKS5 UDP) limits.
+    udp: udp::UdpShared,
     /// Connector credentials whose route list was cut to the limit (logged once each).
     routes_capped: std::sync::Mutex<std::collections::HashSet<String>>,
     /// (connector token id, route) already warned about as not covered by the credential:
@@ -228,6 +231,7 @@ impl Dmz {
             preauth: PreAuth::new(limits.unauth_per_addr, 65_536),
             opens: Buckets::new(limits.opens_per_token, 65_536),
             agent_streams: Arc::new(Counts::new(limits.streams_per_token)),
+            udp: udp::UdpShared::new(&limits),
             routes_capped: Default::default(),
             routes_uncovered: Default::default(),
             agent_sessions: Arc::new(Counts::new(limits.sessions_per_agent_token)),

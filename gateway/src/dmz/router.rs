@@ -76,10 +76,20 @@ impl Router {
 
     /// The least loaded live session that serves `host:port`.
     pub fn pick(&self, host: &Host, port: u16) -> Option<Chosen> {
+        self.pick_by(host, port, false)
+    }
+
+    /// [`Router::pick`] among the sessions that carry datagrams (SOCKS5 UDP).
+    pub fn pick_datagrams(&self, host: &Host, port: u16) -> Option<Chosen> {
+        self.pick_by(host, port, true)
+    }
+
+    fn pick_by(&self, host: &Host, port: u16, datagrams: bool) -> Option<Chosen> {
         let entries = self.lock();
         entries
             .iter()
             .filter(|e| !e.session.is_going_away())
+            .filter(|e| !datagrams || e.session.datagrams())
             .filter(|e| e.routes.iter().any(|r| r.matches(host, port)))
             .min_by_key(|e| e.session.stream_count())
             .map(|e| Chosen {

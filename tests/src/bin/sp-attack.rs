@@ -512,6 +512,7 @@ async fn ping_session(ctx: &Ctx, url: &str, token: &str) -> Result<(), &'static 
         session_window: 16 * 1024 * 1024,
         max_frame: 65536,
         instance_id: "sp-attack".into(),
+        features: 0,
     };
     tx.send(tunnel::Frame::Hello(hello).encode())
         .await
