@@ -3,7 +3,7 @@
 //!
 //! Datagrams spend no credit and never send `WINDOW`: every queue here is bounded instead, and a
 //! datagram that does not fit is **dropped and counted**, never buffered beyond the bound (see
-//! `docs/protocol.md`, "Datagrams"). [`Datagrams`] is one field of the session's `State`
+//! `docs/protocol.md`, "Datagrams"). `Datagrams` is one field of the session's `State`
 //! (`machine.rs`), which checks ids (shared with streams) and calls in here; the application
 //! handle is `association.rs`.
 

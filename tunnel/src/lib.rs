@@ -11,7 +11,7 @@
 //! | `machine` | the session's rules as an I/O-free state machine (`now` and frames in, frames out): credit, stream ids, resets, limits, liveness; unit-tested without a runtime |
 //! | [`session`] | the session: hello, then the reader, writer and pinger tasks that drive the machine |
 //! | [`stream`] | one stream: `AsyncRead`/`AsyncWrite` and the chunk API relays use |
-//! | [`splice`] | the one copy loop joining a stream (or any byte stream) to a socket; holds a buffer only while data waits |
+//! | [`mod@splice`] | the one copy loop joining a stream (or any byte stream) to a socket; holds a buffer only while data waits |
 //! | [`datagram`] | datagram associations (SOCKS5 UDP) as I/O-free rules: bounded queues, drops |
 //! | [`association`] | one association: send and receive datagrams |
 //! | [`transport`] | the transport traits and an in-memory pair for tests; one file per transport beneath: |
