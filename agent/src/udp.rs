@@ -5,7 +5,9 @@
 //! Who may send to a relay socket: the association's client only (RFC 1928: the address the
 //! request named, else the control connection's address; the first datagram that passes fixes
 //! the port), **and** only a socket of the user running the agent — looked up per source
-//! address in the kernel's UDP table, as `peer.rs` does for TCP connections, with a small cache.
+//! address in the kernel's UDP table (`/proc/net/udp{,6}` on Linux, `GetExtendedUdpTable` and
+//! the owning process's user on Windows), as `peer.rs` does for TCP connections, with a small
+//! cache. Other systems (macOS) have no lookup and answer `0x07`.
 //! Everything else, fragments and malformed headers included, is dropped and counted; the counts
 //! are logged once when the association ends.
 
@@ -67,7 +69,7 @@ impl Associator for UdpAssociator {
         let (permits, owners) = (self.permits.clone(), self.owners.clone());
         Box::pin(async move {
             // Datagrams carry no password: only local apps whose socket's owner is checked.
-            if !cfg!(target_os = "linux") {
+            if !cfg!(any(target_os = "linux", windows)) {
                 return Err(DialError::new(
                     DialErrorKind::NotSupported,
                     "UDP ASSOCIATE needs the owner check of UDP sockets, not built on this system",
@@ -275,24 +277,58 @@ impl OwnerCheck {
 /// users' sockets can share a port with `SO_REUSEADDR`).
 #[cfg(target_os = "linux")]
 fn owner_verdict(src: SocketAddr, allow_remote: bool) -> Result<(), String> {
-    let me = peer::my_uid();
+    let me = peer::my_uid().map(peer::Uid);
     let mut owners = Vec::new();
     for p in ["/proc/net/udp", "/proc/net/udp6"] {
         if let Ok(table) = std::fs::read_to_string(p) {
-            owners.extend(udp_owners(&table, src));
+            owners.extend(udp_owners(&table, src).into_iter().map(peer::Uid));
         }
     }
-    let owner = match owners.iter().find(|o| Some(**o) != me) {
-        Some(other) => Some(*other),
-        None => owners.first().copied(),
-    };
-    peer::admit(src, allow_remote, me.map(peer::Uid), owner.map(peer::Uid))
+    let owner = deciding_owner(owners, &me);
+    peer::admit(src, allow_remote, me, owner)
 }
 
-#[cfg(not(target_os = "linux"))]
+/// [`peer::admit`] for the UDP socket that sent from `src`, as on Linux: every socket in the UDP
+/// tables that could have sent it counts, through the user of its owning process (one that
+/// cannot be read is refused). When the tables cannot be read the datagram is refused.
+#[cfg(windows)]
+fn owner_verdict(src: SocketAddr, allow_remote: bool) -> Result<(), String> {
+    use peer::windows;
+    let rows = windows::udp_rows().map_err(|e| format!("cannot check who sent: {e}"))?;
+    let mut pids: Vec<u32> = rows
+        .iter()
+        .filter(|r| could_send(r.local, src))
+        .map(|r| r.pid)
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    let me = windows::me();
+    let owner = deciding_owner(pids.into_iter().map(windows::owner).collect(), &me);
+    peer::admit(src, allow_remote, me, owner)
+}
+
+#[cfg(not(any(target_os = "linux", windows)))]
 fn owner_verdict(src: SocketAddr, allow_remote: bool) -> Result<(), String> {
     // No owner lookup here (as for TCP on these systems): the address rules still apply.
     peer::admit(src, allow_remote, Some(peer::Uid(0)), Some(peer::Uid(0)))
+}
+
+/// Of the owners of every socket that could have sent a datagram, the one that decides: any
+/// other than `me` (refused), else the first (ours), else none.
+fn deciding_owner<T: PartialEq>(owners: Vec<T>, me: &Option<T>) -> Option<T> {
+    let mut owners = owners.into_iter();
+    let first = owners.next()?;
+    if me.as_ref() != Some(&first) {
+        return Some(first);
+    }
+    owners.find(|o| me.as_ref() != Some(o)).or(Some(first))
+}
+
+/// Whether a UDP socket bound to `local` could have sent from `src`: same port, and bound to
+/// its address or the unspecified one.
+fn could_send(local: SocketAddr, src: SocketAddr) -> bool {
+    let ip = canonical_ip(local.ip());
+    local.port() == src.port() && (ip.is_unspecified() || ip == canonical_ip(src.ip()))
 }
 
 /// The owners of the sockets in a `/proc/net/udp{,6}` table that could have sent from `src`:
@@ -303,18 +339,10 @@ pub fn udp_owners(table: &str, src: SocketAddr) -> Vec<u32> {
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 8 {
+            if f.len() < 8 || !could_send(peer::parse_addr(f[1])?, src) {
                 return None;
             }
-            let local = peer::parse_addr(f[1])?;
-            let ip = canonical_ip(local.ip());
-            let matches =
-                local.port() == src.port() && (ip.is_unspecified() || ip == canonical_ip(src.ip()));
-            if matches {
-                f[7].parse().ok()
-            } else {
-                None
-            }
+            f[7].parse().ok()
         })
         .collect()
 }
@@ -343,6 +371,72 @@ mod tests {
     fn a_port_shared_with_another_users_socket_counts_both_owners() {
         let shared: SocketAddr = "127.0.0.1:50002".parse().unwrap();
         assert_eq!(udp_owners(UDP, shared), vec![1000, 1001]);
+    }
+
+    #[test]
+    fn another_users_socket_sharing_the_port_decides_whatever_the_order() {
+        let me = Some(peer::Uid(1000));
+        for owners in [vec![1000, 1001], vec![1001, 1000], vec![1001]] {
+            let owners = owners.into_iter().map(peer::Uid).collect();
+            assert_eq!(deciding_owner(owners, &me), Some(peer::Uid(1001)));
+        }
+        assert_eq!(
+            deciding_owner(vec![peer::Uid(1000)], &me),
+            Some(peer::Uid(1000))
+        );
+        assert_eq!(deciding_owner(Vec::new(), &me), None);
+    }
+
+    /// `MIB_UDPTABLE_OWNER_PID` / `MIB_UDP6TABLE_OWNER_PID` as Windows lays them out.
+    fn windows_udp_table(rows: &[(IpAddr, u16, u32)]) -> Vec<u8> {
+        let mut buf = (rows.len() as u32).to_ne_bytes().to_vec();
+        for (ip, port, pid) in rows {
+            match ip {
+                IpAddr::V4(v4) => buf.extend(v4.octets()),
+                IpAddr::V6(v6) => {
+                    buf.extend(v6.octets());
+                    buf.extend(0u32.to_ne_bytes()); // scope
+                }
+            }
+            buf.extend(u32::from(port.swap_bytes()).to_ne_bytes());
+            buf.extend(pid.to_ne_bytes());
+        }
+        buf
+    }
+
+    #[test]
+    fn a_datagrams_sender_is_found_in_the_windows_udp_tables() {
+        use peer::windows::parse_udp_table;
+        let lo4: IpAddr = "127.0.0.1".parse().unwrap();
+        let any4: IpAddr = "0.0.0.0".parse().unwrap();
+        let any6: IpAddr = "::".parse().unwrap();
+        let v4 = windows_udp_table(&[(lo4, 50000, 4242), (any4, 50001, 77), (lo4, 53, 4)]);
+        let v6 = windows_udp_table(&[(any6, 50002, 99), ("::1".parse().unwrap(), 50003, 5)]);
+        let mut rows = parse_udp_table(&v4, false);
+        rows.extend(parse_udp_table(&v6, true));
+        assert_eq!(rows.len(), 5);
+        assert_eq!(rows[0].local, "127.0.0.1:50000".parse().unwrap());
+        assert_eq!(rows[4].local, "[::1]:50003".parse().unwrap());
+        let senders = |src: &str| -> Vec<u32> {
+            let src: SocketAddr = src.parse().unwrap();
+            rows.iter()
+                .filter(|r| could_send(r.local, src))
+                .map(|r| r.pid)
+                .collect()
+        };
+        assert_eq!(senders("127.0.0.1:50000"), vec![4242]);
+        assert_eq!(senders("127.0.0.1:50001"), vec![77]);
+        // A dual-stack socket bound to `::` sends IPv4 datagrams too.
+        assert_eq!(senders("127.0.0.1:50002"), vec![99]);
+        assert_eq!(senders("[::1]:50003"), vec![5]);
+        assert!(senders("127.0.0.1:50003").is_empty());
+        assert!(senders("127.0.0.2:50000").is_empty());
+        // A count larger than the rows present is cut; a short buffer is empty.
+        let mut lying = v6.clone();
+        lying[..4].copy_from_slice(&9u32.to_ne_bytes());
+        assert_eq!(parse_udp_table(&lying, true).len(), 2);
+        assert!(parse_udp_table(&v4[..3], false).is_empty());
+        assert!(parse_udp_table(&v4[..20], false).len() == 1);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The same-user check on Windows: the TCP table (`GetExtendedTcpTable`,
 //! `TCP_TABLE_OWNER_PID_ALL`; Wine 8 lists only a few rows for `…_CONNECTIONS`) names the
-//! process owning the connecting socket; that
+//! process owning the connecting socket, and the UDP table (`GetExtendedUdpTable`,
+//! `UDP_TABLE_OWNER_PID`) the processes owning the sockets a datagram may have come from; that
 //! process's token names its user (a SID), compared with the user of our own token.
 //!
 //! Another user's process cannot be opened by a normal user, and kernel-owned sockets (pid 0, 4)
@@ -74,6 +75,38 @@ pub fn parse_tcp_table(buf: &[u8], v6: bool) -> Vec<TcpRow> {
         .collect()
 }
 
+/// One row of a UDP table with owning process ids: a bound socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpRow {
+    pub local: SocketAddr,
+    pub pid: u32,
+}
+
+/// The rows of a `MIB_UDPTABLE_OWNER_PID` (IPv4: `dwNumEntries`, then 12-byte rows of local
+/// address, port and pid) or a `MIB_UDP6TABLE_OWNER_PID` (IPv6: 28-byte rows of local address,
+/// scope, port and pid). A count larger than the buffer holds is cut to the rows present.
+pub fn parse_udp_table(buf: &[u8], v6: bool) -> Vec<UdpRow> {
+    let Some(count) = u32_at(buf, 0) else {
+        return Vec::new();
+    };
+    let (row_len, port, pid) = if v6 { (28, 20, 24) } else { (12, 4, 8) };
+    let rows = buf.get(4..).unwrap_or(&[]);
+    rows.chunks_exact(row_len)
+        .take(count as usize)
+        .filter_map(|r| {
+            let ip = if v6 {
+                IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(r.get(..16)?).ok()?))
+            } else {
+                IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(r.get(..4)?).ok()?))
+            };
+            Some(UdpRow {
+                local: SocketAddr::new(ip, port_at(r, port)?),
+                pid: u32_at(r, pid)?,
+            })
+        })
+        .collect()
+}
+
 /// The pid owning the live socket `local → remote` (the client's side of a connection to us:
 /// its local address is our peer, its remote address our listener). Established or already
 /// half-closed: a client that sent its request and shut down its side (FIN_WAIT) still owns it.
@@ -141,7 +174,7 @@ mod sys {
         CloseHandle, ERROR_INSUFFICIENT_BUFFER, HANDLE, NO_ERROR,
     };
     use windows_sys::Win32::NetworkManagement::IpHelper::{
-        GetExtendedTcpTable, TCP_TABLE_OWNER_PID_ALL,
+        GetExtendedTcpTable, GetExtendedUdpTable, TCP_TABLE_OWNER_PID_ALL, UDP_TABLE_OWNER_PID,
     };
     use windows_sys::Win32::Networking::WinSock::{AF_INET, AF_INET6};
     use windows_sys::Win32::Security::{
@@ -153,6 +186,21 @@ mod sys {
 
     /// The raw TCP table of one address family, with owning pids.
     pub fn tcp_table(v6: bool) -> Result<Vec<u8>, String> {
+        owner_table(v6, false)
+    }
+
+    /// The raw UDP table of one address family, with owning pids.
+    pub fn udp_table(v6: bool) -> Result<Vec<u8>, String> {
+        owner_table(v6, true)
+    }
+
+    /// The raw TCP or UDP table of one address family, with owning pids.
+    fn owner_table(v6: bool, udp: bool) -> Result<Vec<u8>, String> {
+        let name = if udp {
+            "GetExtendedUdpTable"
+        } else {
+            "GetExtendedTcpTable"
+        };
         let af = u32::from(if v6 { AF_INET6 } else { AF_INET });
         let mut size = 0u32;
         for _ in 0..5 {
@@ -164,8 +212,13 @@ mod sys {
                 buf.as_mut_ptr().cast()
             };
             // SAFETY: `p` is null (size query) or points to `size` writable bytes.
-            let rc =
-                unsafe { GetExtendedTcpTable(p, &mut size, 0, af, TCP_TABLE_OWNER_PID_ALL, 0) };
+            let rc = unsafe {
+                if udp {
+                    GetExtendedUdpTable(p, &mut size, 0, af, UDP_TABLE_OWNER_PID, 0)
+                } else {
+                    GetExtendedTcpTable(p, &mut size, 0, af, TCP_TABLE_OWNER_PID_ALL, 0)
+                }
+            };
             match rc {
                 NO_ERROR => {
                     let mut bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).collect();
@@ -173,10 +226,10 @@ mod sys {
                     return Ok(bytes);
                 }
                 ERROR_INSUFFICIENT_BUFFER => continue,
-                e => return Err(format!("GetExtendedTcpTable failed (error {e})")),
+                e => return Err(format!("{name} failed (error {e})")),
             }
         }
-        Err("GetExtendedTcpTable: the table kept growing".into())
+        Err(format!("{name}: the table kept growing"))
     }
 
     fn last_error() -> String {
@@ -273,11 +326,32 @@ pub async fn check_peer(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         pid = owner_pid(peer, local)?;
     }
-    let owner = pid.map(|pid| match sys::process_user(pid) {
+    super::admit(peer, allow_remote, me(), pid.map(owner))
+}
+
+/// The user of process `pid`, or why it cannot be read.
+#[cfg(windows)]
+pub fn owner(pid: u32) -> Owner {
+    match sys::process_user(pid) {
         Ok(sid) => Owner::User(sid),
         Err(why) => Owner::Unreadable { pid, why },
-    });
-    super::admit(peer, allow_remote, sys::my_user().map(Owner::User), owner)
+    }
+}
+
+/// The user running this agent, as an [`Owner`].
+#[cfg(windows)]
+pub fn me() -> Option<Owner> {
+    sys::my_user().map(Owner::User)
+}
+
+/// The rows of the UDP tables (IPv4 and IPv6) with their owning pids.
+#[cfg(windows)]
+pub fn udp_rows() -> Result<Vec<UdpRow>, String> {
+    let mut rows = Vec::new();
+    for v6 in [false, true] {
+        rows.extend(parse_udp_table(&sys::udp_table(v6)?, v6));
+    }
+    Ok(rows)
 }
 
 /// The process that owns the client end (`peer`) of a connection to `local`, from the TCP

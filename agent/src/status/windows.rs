@@ -125,7 +125,7 @@ pub use sys::{pipe_of_this_user, query, serve};
 mod sys {
     use super::*;
     use crate::config::AgentConfig;
-    use crate::peer::windows::{my_user, process_user};
+    use crate::peer::windows::my_user;
     use crate::pool::Pool;
     use std::net::SocketAddr;
     use std::os::windows::io::AsRawHandle;
@@ -206,10 +206,7 @@ mod sys {
                 why: format!("its pid: {}", std::io::Error::last_os_error()),
             };
         }
-        match process_user(pid) {
-            Ok(sid) => Owner::User(sid),
-            Err(why) => Owner::Unreadable { pid, why },
-        }
+        crate::peer::windows::owner(pid)
     }
 
     /// Serves the status pipe until `shutdown` (see the module docs).
