@@ -469,12 +469,12 @@ impl Metrics {
             self.resumes.load(Relaxed)
         );
         let signed = self.revocation_signed_at.load(Relaxed);
-        if self.dmz && signed > 0 {
+        if self.dmz {
             family(
                 &mut o,
                 "sallyport_revocation_list_signed_timestamp_seconds",
                 "gauge",
-                "When the signed revocation list in force was signed (Unix time); past v2.revoked_max_age, tokens accepted by claims alone are refused.",
+                "When the signed revocation list in force was signed (Unix time; 0: no list configured); past v2.revoked_max_age, tokens accepted by claims alone are refused.",
             );
             let _ = writeln!(
                 o,

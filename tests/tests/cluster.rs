@@ -565,3 +565,26 @@ fn an_agent_renews_its_token_before_expiry_and_a_copy_cannot() {
         .unwrap();
     assert!(!agent.log().contains(renewed.trim()), "a token in the log");
 }
+
+/// Where tokens must be listed, the token file pins each token's key: a renewed token would be
+/// refused at its next session, locking the agent out. Such a gateway does not offer renewal,
+/// even with an issuer connected.
+#[test]
+fn renewal_is_not_offered_where_tokens_are_listed() {
+    let c = cluster("cluster-listed-renew", "0s");
+    let (agent, socks) = agent(&c);
+    let (code, _, _) = run(curl()
+        .arg("--socks5-hostname")
+        .arg(socks.to_string())
+        .arg(format!(
+            "http://{}:{}/",
+            tunnel::renew::HOST,
+            tunnel::renew::PORT
+        )))
+    .unwrap();
+    assert_ne!(code, 0, "{}", agent.log());
+    let on = agent_instance(&agent, &c.urls);
+    c.dmz[on]
+        .wait_for(&["token renewal is not offered"], Duration::from_secs(10))
+        .unwrap();
+}

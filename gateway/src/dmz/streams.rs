@@ -47,6 +47,15 @@ pub(crate) async fn route_stream(
     // issuer, to renew itself).
     let renewal = matches!(&host, policy::Host::Name(h) if h == tunnel::renew::HOST)
         && dest.port == tunnel::renew::PORT;
+    // Renewal gives the token a new key; where tokens must be listed, the file pins the old one
+    // and the renewed token would be refused at the next session: not offered here.
+    if renewal && shared.config.v2.require_listed {
+        return refuse(
+            stream,
+            ErrorCode::NotAllowed,
+            "token renewal is not offered by this gateway (its tokens are listed in a token file; re-issue instead)".to_string(),
+        );
+    }
     if !renewal && !id.routes.is_empty() && !id.routes.iter().any(|r| r.matches(&host, dest.port)) {
         return refuse(
             stream,
