@@ -332,6 +332,7 @@ pub struct LimitsFile {
     pub open_meta_bytes: Option<usize>,
     pub pending_inner_sessions: Option<usize>,
     pub udp_associations_per_token: Option<usize>,
+    pub udp_associations: Option<usize>,
     pub udp_datagrams_per_token: Option<f64>,
     pub udp_datagrams: Option<f64>,
 }
@@ -485,6 +486,9 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     }
     if let Some(v) = l.udp_associations_per_token {
         limits.udp_associations_per_token = v;
+    }
+    if let Some(v) = l.udp_associations {
+        limits.udp_associations = v;
     }
     if let Some(v) = l.udp_datagrams_per_token {
         limits.udp_datagrams_per_token = v;

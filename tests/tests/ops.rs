@@ -942,6 +942,11 @@ struct UdpSite {
 }
 
 fn udp_site(tag: &str) -> UdpSite {
+    udp_site_with(tag, &[])
+}
+
+/// [`udp_site`] with more arguments for the DMZ.
+fn udp_site_with(tag: &str, dmz_extra: &[&str]) -> UdpSite {
     let (echo, seen) = udp_echo();
     let dns = dns_server();
     let mut extra = Vec::new();
@@ -958,7 +963,7 @@ fn udp_site(tag: &str) -> UdpSite {
         extra.push("--host".to_string());
         extra.push(h.to_string());
     }
-    let ops = Ops::start_with(tag, &[], &extra);
+    let ops = Ops::start_with(tag, dmz_extra, &extra);
     let (agent, socks) = ops.agent();
     UdpSite {
         ops,
@@ -1178,6 +1183,44 @@ fn a_udp_flood_past_the_limits_is_dropped_and_counted_and_memory_stays_bounded()
             after[i]
         );
     }
+}
+
+/// Every limit per credential has a global one: many tokens (here one, under its own limit of
+/// 32) cannot hold more associations than the gateway allows (`[limits] udp_associations`).
+#[test]
+fn associations_past_the_gateways_global_limit_are_refused_and_counted() {
+    let dir = std::env::temp_dir().join(format!("sp-udp-global-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("dmz.toml");
+    std::fs::write(&config, "[limits]\nudp_associations = 1\n").unwrap();
+    let site = udp_site_with("udp-global", &["--config", config.to_str().unwrap()]);
+    let echoes = |relay: SocketAddr| -> bool {
+        let app = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        app.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        (0..10).any(|_| {
+            app.send_to(&to_echo(site.echo, b"ping"), relay).unwrap();
+            app.recv_from(&mut buf).is_ok()
+        })
+    };
+    let (_first, relay1) = associate(site.socks);
+    assert!(echoes(relay1), "the first association does not echo");
+    let (_second, relay2) = associate(site.socks);
+    assert!(
+        !echoes(relay2),
+        "a second association got past the global limit of 1"
+    );
+    wait_metric(
+        site.ops.dmz_admin,
+        "sallyport_udp_dropped_total{reason=\"associations\"}",
+        1.0,
+    );
+    site.ops
+        .dmz
+        .wait_for(&["the gateway's limit is reached"], Duration::from_secs(5))
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

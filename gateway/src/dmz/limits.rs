@@ -49,6 +49,9 @@ pub struct Limits {
     pub max_streams: usize,
     /// Datagram (SOCKS5 UDP) associations open at once per agent token.
     pub udp_associations_per_token: usize,
+    /// Datagram associations open at once in the whole gateway (many tokens cannot add up to
+    /// more).
+    pub udp_associations: usize,
     /// Datagrams per second per agent token, both directions (burst 2×); over it, dropped.
     pub udp_datagrams_per_token: f64,
     /// Datagrams per second through the whole gateway (burst 2×); over it, dropped.
@@ -73,6 +76,7 @@ impl Default for Limits {
             pending_inner_sessions: 1_024,
             max_streams: 65_536,
             udp_associations_per_token: 32,
+            udp_associations: 4_096,
             udp_datagrams_per_token: 2_000.0,
             udp_datagrams: 50_000.0,
         }

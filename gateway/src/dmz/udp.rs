@@ -29,10 +29,14 @@ pub const DESTINATIONS_PER_ASSOCIATION: usize = 256;
 pub const LEGS_PER_ASSOCIATION: usize = 8;
 
 /// The DMZ's datagram limits, shared by every agent session.
-/// (`[limits]` `udp_associations_per_token`, `udp_datagrams_per_token`, `udp_datagrams`.)
+/// (`[limits]` `udp_associations_per_token`, `udp_associations`, `udp_datagrams_per_token`,
+/// `udp_datagrams`.)
 pub(crate) struct UdpShared {
     associations: Arc<Counts<String>>,
     per_token_max: usize,
+    /// Associations open in the whole gateway: every limit per credential has a global one.
+    all: Arc<Counts<()>>,
+    all_max: usize,
     per_token: Buckets<String>,
     global: Buckets<()>,
 }
@@ -42,6 +46,8 @@ impl UdpShared {
         UdpShared {
             associations: Arc::new(Counts::new(limits.udp_associations_per_token)),
             per_token_max: limits.udp_associations_per_token,
+            all: Arc::new(Counts::new(limits.udp_associations)),
+            all_max: limits.udp_associations,
             per_token: Buckets::new(limits.udp_datagrams_per_token, 65_536),
             global: Buckets::new(limits.udp_datagrams, 1),
         }
@@ -93,6 +99,18 @@ pub(crate) async fn route_association(
             &format!(
                 "this token has {} UDP associations open, its limit",
                 shared.udp.per_token_max
+            ),
+        );
+        return;
+    };
+    let Some(_all) = shared.udp.all.acquire(&()) else {
+        metrics.udp.dropped(UdpDrop::Associations);
+        info!(target: "audit", event = "udp-refused", token = %id.token_id, name = %id.name, client = %client_ip, %agent, "datagram association refused: the gateway's limit is reached");
+        assoc.close(
+            ErrorCode::Limit,
+            &format!(
+                "the gateway has {} UDP associations open, its limit",
+                shared.udp.all_max
             ),
         );
         return;
