@@ -603,25 +603,7 @@ impl State {
         if self.goaway.is_some() {
             return Err(StreamError::GoingAway);
         }
-        let id = self.next_id;
-        if id > u32::MAX - 2 {
-            return Err(StreamError::IdsExhausted);
-        }
-        // A request that cannot be one frame is refused here, not sent to cut the session.
-        let open = Frame::Open {
-            stream: id,
-            dest,
-            meta,
-        }
-        .encode();
-        let max = crate::frame::MAX_CONTROL_PAYLOAD + crate::frame::HEADER_LEN;
-        if open.len() > max {
-            return Err(StreamError::OpenTooLarge {
-                bytes: open.len(),
-                max,
-            });
-        }
-        self.next_id += 2;
+        let id = self.queue_open(|stream| Frame::Open { stream, dest, meta })?;
         self.streams.insert(
             id,
             StreamState::new(
@@ -631,6 +613,26 @@ impl State {
                 false,
             ),
         );
+        Ok(id)
+    }
+
+    /// Takes the next id of ours for `frame(id)` (an `OPEN` or a `DGRAM_OPEN`) and queues the
+    /// frame. A request that cannot be one control frame is refused here, not sent to cut the
+    /// session; nothing is taken then.
+    fn queue_open(&mut self, frame: impl FnOnce(u32) -> Frame) -> Result<u32, StreamError> {
+        let id = self.next_id;
+        if id > u32::MAX - 2 {
+            return Err(StreamError::IdsExhausted);
+        }
+        let open = frame(id).encode();
+        let max = crate::frame::MAX_CONTROL_PAYLOAD + crate::frame::HEADER_LEN;
+        if open.len() > max {
+            return Err(StreamError::OpenTooLarge {
+                bytes: open.len(),
+                max,
+            });
+        }
+        self.next_id += 2;
         self.control.push_back(Pending::Control(open));
         self.wake_writer = true;
         Ok(id)
@@ -647,22 +649,8 @@ impl State {
         if self.goaway.is_some() {
             return Err(StreamError::GoingAway);
         }
-        let id = self.next_id;
-        if id > u32::MAX - 2 {
-            return Err(StreamError::IdsExhausted);
-        }
-        let open = Frame::DgramOpen { assoc: id, meta }.encode();
-        let max = crate::frame::MAX_CONTROL_PAYLOAD + crate::frame::HEADER_LEN;
-        if open.len() > max {
-            return Err(StreamError::OpenTooLarge {
-                bytes: open.len(),
-                max,
-            });
-        }
-        self.next_id += 2;
+        let id = self.queue_open(|assoc| Frame::DgramOpen { assoc, meta })?;
         self.dgrams.opened(id);
-        self.control.push_back(Pending::Control(open));
-        self.wake_writer = true;
         Ok(id)
     }
 
