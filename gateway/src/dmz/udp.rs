@@ -9,7 +9,7 @@
 //! association, the tunnel's queues) drops the datagram and counts it in
 //! `sallyport_udp_dropped_total`; nothing waits. See `docs/protocol.md`, "Datagrams".
 
-use super::limits::{Buckets, Counts, Limits};
+use super::limits::{Buckets, CountGuard, Counts, Limits};
 use super::Shared;
 use crate::auth::Identity;
 use crate::logsafe::Clean;
@@ -53,6 +53,29 @@ impl UdpShared {
         }
     }
 
+    /// An association's places: one of `token`'s and one of the gateway's, held while it is
+    /// open; or why not (for the log, for the agent).
+    fn slots(
+        &self,
+        token: &String,
+    ) -> Result<(CountGuard<String>, CountGuard<()>), (&'static str, String)> {
+        let mine = self.associations.acquire(token).ok_or_else(|| {
+            let told = format!(
+                "this token has {} UDP associations open, its limit",
+                self.per_token_max
+            );
+            ("too many for this token", told)
+        })?;
+        let all = self.all.acquire(&()).ok_or_else(|| {
+            let told = format!(
+                "the gateway has {} UDP associations open, its limit",
+                self.all_max
+            );
+            ("the gateway's limit is reached", told)
+        })?;
+        Ok((mine, all))
+    }
+
     /// One datagram of `token`'s, either way: within its rate and the gateway's?
     fn allow(&self, token: &String) -> bool {
         self.per_token.allow(token) && self.global.allow(&())
@@ -91,29 +114,14 @@ pub(crate) async fn route_association(
         );
         return;
     }
-    let Some(_slot) = shared.udp.associations.acquire(&id.token_id) else {
-        metrics.udp.dropped(UdpDrop::Associations);
-        info!(target: "audit", event = "udp-refused", token = %id.token_id, name = %id.name, client = %client_ip, %agent, "datagram association refused: too many for this token");
-        assoc.close(
-            ErrorCode::Limit,
-            &format!(
-                "this token has {} UDP associations open, its limit",
-                shared.udp.per_token_max
-            ),
-        );
-        return;
-    };
-    let Some(_all) = shared.udp.all.acquire(&()) else {
-        metrics.udp.dropped(UdpDrop::Associations);
-        info!(target: "audit", event = "udp-refused", token = %id.token_id, name = %id.name, client = %client_ip, %agent, "datagram association refused: the gateway's limit is reached");
-        assoc.close(
-            ErrorCode::Limit,
-            &format!(
-                "the gateway has {} UDP associations open, its limit",
-                shared.udp.all_max
-            ),
-        );
-        return;
+    let _slots = match shared.udp.slots(&id.token_id) {
+        Ok(slots) => slots,
+        Err((why, told)) => {
+            metrics.udp.dropped(UdpDrop::Associations);
+            info!(target: "audit", event = "udp-refused", token = %id.token_id, name = %id.name, client = %client_ip, %agent, "datagram association refused: {why}");
+            assoc.close(ErrorCode::Limit, &told);
+            return;
+        }
     };
     let mut m = assoc.meta().clone();
     m.remove_prefix(meta::IDENTITY_PREFIX);
