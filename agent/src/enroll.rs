@@ -494,11 +494,20 @@ fn create_private_dir(dir: &Path) -> Result<(), EnrollError> {
 
 /// Writes a file only the user can read (mode 0600 on Unix), replacing it.
 fn write_private(path: &Path, content: &str) -> Result<(), EnrollError> {
-    let err = |source| EnrollError::Write {
+    replace_private(path, content).map_err(|source| EnrollError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let _ = std::fs::remove_file(path);
+    })
+}
+
+/// Replaces `path` atomically with a file only the user can read (0600 on Unix) holding
+/// `text`: written beside it, synced, renamed over it (enrollment, and a renewed token).
+pub(crate) fn replace_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -506,10 +515,11 @@ fn write_private(path: &Path, content: &str) -> Result<(), EnrollError> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    use std::io::Write;
-    opts.open(path)
-        .and_then(|mut f| f.write_all(content.as_bytes()))
-        .map_err(err)
+    let mut f = opts.open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! instead of taking it for a copied token.
 
 use crate::config::{AgentConfig, TokenHome};
+use crate::enroll::replace_private;
 use crate::pool::Pool;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -123,31 +124,10 @@ fn pending_secret(home: &TokenHome) -> Result<[u8; 32], String> {
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut s);
     if let TokenHome::File(f) = home {
         // Also proves the token's folder is writable before anything is asked.
-        write_private(&pending_path(f), &hex::encode(s))
+        replace_private(&pending_path(f), &hex::encode(s))
             .map_err(|e| format!("cannot write beside the token file {}: {e}", f.display()))?;
     }
     Ok(s)
-}
-
-/// Replaces `path` atomically with a 0600 file holding `text`.
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)
 }
 
 async fn attempt(pool: &Pool, config: &AgentConfig, token: &Token) -> Result<Token, String> {
@@ -190,7 +170,7 @@ async fn attempt(pool: &Pool, config: &AgentConfig, token: &Token) -> Result<Tok
 fn save(home: &TokenHome, token: &Token) -> Result<(), String> {
     match home {
         TokenHome::File(f) => {
-            write_private(f, &format!("{}\n", token.expose()))
+            replace_private(f, &format!("{}\n", token.expose()))
                 .map_err(|e| format!("cannot write the renewed token to {}: {e}", f.display()))?;
             let _ = std::fs::remove_file(pending_path(f));
             Ok(())

@@ -28,6 +28,9 @@ pub const DESTINATIONS_PER_ASSOCIATION: usize = 256;
 /// Connector legs (sessions) one agent association may use.
 pub const LEGS_PER_ASSOCIATION: usize = 8;
 
+/// An open association's places: one of its token's, one of the gateway's.
+type Slots = (CountGuard<String>, CountGuard<()>);
+
 /// The DMZ's datagram limits, shared by every agent session.
 /// (`[limits]` `udp_associations_per_token`, `udp_associations`, `udp_datagrams_per_token`,
 /// `udp_datagrams`.)
@@ -55,10 +58,7 @@ impl UdpShared {
 
     /// An association's places: one of `token`'s and one of the gateway's, held while it is
     /// open; or why not (for the log, for the agent).
-    fn slots(
-        &self,
-        token: &String,
-    ) -> Result<(CountGuard<String>, CountGuard<()>), (&'static str, String)> {
+    fn slots(&self, token: &String) -> Result<Slots, (&'static str, String)> {
         let mine = self.associations.acquire(token).ok_or_else(|| {
             let told = format!(
                 "this token has {} UDP associations open, its limit",
