@@ -248,6 +248,7 @@ impl StreamState {
     pub(crate) fn removable(&self) -> bool {
         !self.handle_alive
             && self.send_queue.is_empty()
+            && !self.ack_queued
             && (self.error.is_some() || (self.fin_sent && self.recv_fin))
     }
 }
@@ -305,7 +306,12 @@ impl Stream {
     /// Waits for the answer to our `OPEN`: `Ok` on `OPEN_OK`, the peer's reason on `OPEN_ERR`,
     /// or the session's failure.
     pub async fn opened(&self) -> Result<(), StreamError> {
-        poll_fn(|cx| {
+        poll_fn(|cx| self.poll_opened(cx)).await
+    }
+
+    /// [`Stream::opened`] as a poll function.
+    pub fn poll_opened(&self, cx: &mut Context<'_>) -> Poll<Result<(), StreamError>> {
+        {
             let mut st = self.shared.lock();
             let closed = st.closed.clone();
             let Some(s) = st.streams.get_mut(&self.id) else {
@@ -323,8 +329,7 @@ impl Stream {
                 }
                 _ => Poll::Ready(Ok(())),
             }
-        })
-        .await
+        }
     }
 
     /// Accepts a stream the peer opened (`OPEN_OK`).
