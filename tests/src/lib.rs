@@ -449,6 +449,8 @@ pub struct Gateway {
     pub connector: Proc,
     pub gw_url: String,
     pub connector_args: Vec<String>,
+    /// The DMZ's arguments, listening on the port it got (for a restart).
+    pub dmz_args: Vec<String>,
 }
 
 impl Gateway {
@@ -461,26 +463,28 @@ impl Gateway {
             &["--name", "alice", "--groups", "dev"],
         )?;
         pki.token("connector", "site-a", &["--route", "*.internal:*"])?;
-        let dmz = Proc::spawn(
+        let mut dmz_args: Vec<String> = [
             "dmz",
-            at.cmd("sallyport-gateway")
-                .args([
-                    "dmz",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--instance-id",
-                    "dmz-test",
-                    "--tls-cert",
-                ])
-                .arg(pki.p("gateway.crt"))
-                .arg("--tls-key")
-                .arg(pki.p("gateway.key"))
-                .arg("--agent-tokens")
-                .arg(pki.p("agents.toml"))
-                .arg("--connector-tokens")
-                .arg(pki.p("connectors.toml")),
-        )?;
+            "--listen",
+            "127.0.0.1:0",
+            "--instance-id",
+            "dmz-test",
+        ]
+        .map(String::from)
+        .to_vec();
+        for (flag, file) in [
+            ("--tls-cert", "gateway.crt"),
+            ("--tls-key", "gateway.key"),
+            ("--agent-tokens", "agents.toml"),
+            ("--connector-tokens", "connectors.toml"),
+        ] {
+            dmz_args.push(flag.into());
+            dmz_args.push(pki.p(file).display().to_string());
+        }
+        let dmz = Proc::spawn("dmz", at.cmd("sallyport-gateway").args(&dmz_args))?;
         let gw = dmz.addr(&["dmz gateway listening"])?;
+        // A restart listens where the first one did.
+        dmz_args[2] = gw.to_string();
         let gw_url = format!("wss://127.0.0.1:{}/", gw.port());
         let mut connector_args: Vec<String> = vec![
             "connector".into(),
@@ -514,6 +518,7 @@ impl Gateway {
             connector,
             gw_url,
             connector_args,
+            dmz_args,
         })
     }
 }
@@ -529,6 +534,7 @@ pub struct System {
     pub http: SocketAddr,
     pub forwards: Vec<SocketAddr>,
     pub connector_args: Vec<String>,
+    pub dmz_args: Vec<String>,
     /// Where its programs run.
     pub at: Where,
 }
@@ -605,6 +611,7 @@ impl System {
             connector,
             gw_url,
             connector_args,
+            dmz_args,
         } = Gateway::start(tag, allow, hosts, at)?;
         let mut cmd = at.cmd("sallyport");
         cmd.args([
@@ -672,8 +679,19 @@ impl System {
             http,
             forwards: fw,
             connector_args,
+            dmz_args,
             at: at.clone(),
         })
+    }
+
+    /// `kill -9` of the DMZ, then a new one on the same port (same arguments), up once the
+    /// connector is back.
+    pub fn restart_dmz(&mut self) -> Result<()> {
+        self.dmz.kill();
+        self.dmz = Proc::spawn("dmz", self.at.cmd("sallyport-gateway").args(&self.dmz_args))?;
+        self.dmz
+            .wait_for(&["connector routes"], Duration::from_secs(20))?;
+        Ok(())
     }
 
     /// Restarts the connector process (same arguments).
