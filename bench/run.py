@@ -385,42 +385,45 @@ streams_per_session = 1000000
 
 class NginxChain:
     """Three nginx processes: plain -> TLS -> TLS -> plain, each `worker_processes 1`; with
-    `master=False` also `master_process off` (one process each, as in the independent harness)."""
+    `master=False` also `master_process off` (one process each, as in the independent harness).
+    `target_port` may be a list: one such chain per target in the same three processes, entered
+    at `self.ports` (`self.port` is the first)."""
 
     def __init__(self, tmp, target_port, name="nginx", master=True):
         t = Path(tmp) / name
         t.mkdir()
         run([str(BIN / "sallyport-gateway"), "cert", "--name", "127.0.0.1", "--out", str(t)])
-        self.port = free_port()
-        b, c = free_port(), free_port()
+        targets = target_port if isinstance(target_port, list) else [target_port]
+        # hops[i][k]: where process i listens for target k; hop 3 is the target itself.
+        hops = [[free_port() for _ in targets] for _ in range(3)] + [targets]
+        self.ports = hops[0]
+        self.port = self.ports[0]
         mod = "/usr/lib/nginx/modules/ngx_stream_module.so"
         load = f"load_module {mod};" if os.path.exists(mod) else ""
-        confs = [
-            (self.port, False, b, True),
-            (b, True, c, True),
-            (c, True, target_port, False),
-        ]
         self.procs = []
-        for i, (listen, ssl_in, up, ssl_out) in enumerate(confs):
+        for i in range(3):
+            ssl_in, ssl_out = i > 0, i < 2
             d = t / f"n{i}"
             d.mkdir()
-            conf = f"""{load}
-worker_processes 1; daemon off;{'' if master else ' master_process off;'} pid {d}/nginx.pid; error_log {d}/error.log warn;
-events {{ worker_connections 20000; }}
-stream {{
+            servers = "".join(f"""
   server {{
     listen 127.0.0.1:{listen}{' ssl' if ssl_in else ''};
     {f'ssl_certificate {t}/gateway.crt; ssl_certificate_key {t}/gateway.key;' if ssl_in else ''}
     proxy_pass 127.0.0.1:{up};
     {'proxy_ssl on;' if ssl_out else ''}
     tcp_nodelay on;
-  }}
+  }}""" for listen, up in zip(hops[i], hops[i + 1]))
+            conf = f"""{load}
+worker_processes 1; daemon off;{'' if master else ' master_process off;'} pid {d}/nginx.pid; error_log {d}/error.log warn;
+events {{ worker_connections 20000; }}
+stream {{{servers}
 }}
 """
             (d / "nginx.conf").write_text(conf)
             self.procs.append(Proc(f"{name}{i}", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")], t))
-        for (listen, _, _, _), p in zip(confs, self.procs):
-            wait_listening(listen, p)
+        for i, p in enumerate(self.procs):
+            for port in hops[i]:
+                wait_listening(port, p)
 
     def stop(self):
         for p in self.procs:
@@ -614,7 +617,15 @@ def main():
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         asyncio.run(echo10k_server(int(sys.argv[2]), threading.Event()))
         return
-    ap = argparse.ArgumentParser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--mode", choices=["interleaved", "independent"], default="interleaved")
+    mode, rest = pre.parse_known_args()
+    if mode.mode == "independent":
+        import independent
+        return independent.main(rest)
+    sys.argv[1:] = rest
+    ap = argparse.ArgumentParser(description="Interleaved rounds on long-lived processes (the default mode); "
+                                             "--mode independent: bench/independent.py")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--latency-n", type=int, default=300)
