@@ -198,7 +198,6 @@ def main(argv):
         echo = bench.Proc("echo", [sys.executable, str(bench.ROOT / "bench" / "run.py"), "--echo-server", str(echo_port)], rt)
         bench.wait_listening(iperf_port, iperf_srv)
         bench.wait_listening(echo_port, echo)
-        bench.broken_step()
         for name in order:
             pt = rt / name.replace(" ", "-")
             pt.mkdir()
@@ -214,6 +213,10 @@ def main(argv):
                     peer = NginxPeer(pt, iperf_port, echo_port)
                 else:
                     peer = WstunnelPeer(pt, wst, iperf_port, echo_port, a.wstunnel_threads)
+                if name == order[-1]:
+                    bench.broken_step()
+                if bench.BREAK == "iperf" and name == "nginx chain":
+                    peer.port = bench.free_port()
                 figures = measure(peer, a)
             except Exception as e:  # a peer that does not start is a failed round for it, not the end of the run
                 print(f"  round {rnd + 1}: {name} failed: {e}", file=sys.stderr)

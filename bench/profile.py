@@ -6,10 +6,9 @@ framing and masking, the tokio scheduler, allocation).
 
     python3 bench/profile.py --bin-dir DIR [--role dmz|agent|connector] [--reverse] [--seconds 10]
 
-DIR holds binaries with symbols (the release profile strips them), e.g.
-    CARGO_TARGET_DIR=/tmp/sp-prof CARGO_PROFILE_RELEASE_STRIP=false \\
-        RUSTFLAGS="-C force-frame-pointers=yes" cargo build --release --bins
-    python3 bench/profile.py --bin-dir /tmp/sp-prof/release
+DIR holds binaries with symbols (the release profile strips them): `cargo build --profile
+profiling --bins` (target/profiling); with RUSTFLAGS="-C force-frame-pointers=yes" in a separate
+CARGO_TARGET_DIR, the call graphs (-g) are whole as well.
 Needs `perf` (Debian: linux-perf). Prints the grouped table and the top symbols.
 """
 

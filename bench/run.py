@@ -876,9 +876,14 @@ def write_table(lines, out):
 BREAK = os.environ.get("BENCH_BREAK", "")
 
 
+class BrokenStep(BaseException):
+    """The deliberate failure of BENCH_BREAK=raise: a BaseException, so that no `except
+    Exception` of a measurement takes it for a failed sample."""
+
+
 def broken_step():
     if BREAK == "raise":
-        raise RuntimeError("BENCH_BREAK=raise: a deliberately broken step")
+        raise BrokenStep("BENCH_BREAK=raise: a deliberately broken step")
     if BREAK == "leak":
         spawn(["sleep", "600"])  # not registered: the leftover check must name it
     if BREAK == "hang":
@@ -908,14 +913,26 @@ def run_guarded(main):
         # Only the benchmark itself looks: its helpers (echo servers, clients) run this module too.
         left = [] if os.environ.get("SALLYPORT_BENCH_CHILD") else leftovers()
         if left:
+            named = []
+            for pid in left:
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+                    named.append(f"{pid} {cmd}")
+                except FileNotFoundError:
+                    named.append(str(pid))
             for pid in left:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            print(f"bench: processes left behind (now killed): {left}", file=sys.stderr)
+            print(f"bench: processes left behind (now killed): {'; '.join(named)}", file=sys.stderr)
             sys.exit(1)
 
 
 if __name__ == "__main__":
-    run_guarded(main)
+    # One copy of this module's state (the process registry, the mark): bench/independent.py
+    # imports it as `run`, so the script runs that module rather than a second `__main__` copy.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run as this
+    this.run_guarded(this.main)

@@ -7,6 +7,7 @@
 # for it in /proc/*/environ (all processes) and with `pgrep -f` (the run's temporary folder is on
 # the command line of every Sallyport and nginx process) once the run is over.
 #   bench/selfcheck.sh [extra run.py arguments, e.g. --mode independent]
+# With WSTUNNEL set, the independent mode's wstunnel processes are part of the check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 fail=0
@@ -60,7 +61,7 @@ check "exception" "$m" nonzero "$code"
 m=sc-term-$$; run "$m" hang "$@"; wait_line "waiting for a signal" && kill -TERM "$pid"; wait "$pid"; code=$?
 check "SIGTERM" "$m" nonzero "$code"
 
-m=sc-int-$$; run "$m" "" "$@"; wait_line "interleaved rounds" && sleep 1.5 && kill -INT "$pid"; wait "$pid"; code=$?
+m=sc-int-$$; run "$m" "" "$@"; wait_line "rounds of" && sleep 1.5 && kill -INT "$pid"; wait "$pid"; code=$?
 check "Ctrl-C during iperf3" "$m" nonzero "$code"
 
 # The negative control: a process the registry does not know is found, named, and fails the run.
