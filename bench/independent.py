@@ -31,6 +31,7 @@ import argparse
 import os
 import platform
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -184,6 +185,7 @@ def main(argv):
             a.out = str(bench.ROOT / "target" / "bench-smoke-independent.md")
     bench.BIN = Path(a.bin_dir) if a.bin_dir else (bench.ROOT / "target" / ("debug" if a.smoke else "release"))
     wst = os.environ.get("WSTUNNEL")
+    a.load_start = os.getloadavg()[0]
 
     peers = ["direct", "sallyport", "sallyport default threads", "nginx chain"] + (["wstunnel wss"] if wst else [])
     res = {p: [] for p in peers}
@@ -229,6 +231,7 @@ def main(argv):
         echo.stop()
         print(f"  round {rnd + 1} ({', '.join(order)}): up " + ", ".join(f"{n} {bench.fmt(res[n][-1].get('up'))}" for n in peers),
               file=sys.stderr)
+    a.load_end = os.getloadavg()[0]
     bench.write_table(table(res, peers, a, wst), a.out)
 
 
@@ -242,9 +245,21 @@ def per_round(xs, ys):
     return " ".join(bench.fmt(r) for r in rs), rs
 
 
+def commit():
+    """The commit measured (with `+changes` when the work tree differs from it)."""
+    try:
+        head = subprocess.run(["git", "-C", str(bench.ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(bench.ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+changes" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
 def table(res, peers, a, wst):
     f, med = bench.fmt, bench.med
-    lines = [f"Machine: {os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}; "
+    lines = [f"Commit {commit()}. Machine: {os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}, "
+             f"load average {a.load_start:.1f} at the start, {a.load_end:.1f} at the end; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {a.rounds} rounds of {a.seconds} s, fresh processes per "
              f"round, peer order rotated; binaries {bench.BIN}" + (f"; wstunnel {wst}, {a.wstunnel_threads or 'default'} worker(s)" if wst else ""),
              ""]
