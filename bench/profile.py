@@ -29,7 +29,7 @@ GROUPS = [
     ("WebSocket framing and masking", r"mask|websocket|tungstenite|frame"),
     ("memcpy / memmove (user space)", r"memcpy|memmove|memset"),
     ("kernel: copy to/from user", r"copy_user|copy_to_user|copy_from_user|_copy_to_iter|_copy_from_iter|rep_movs"),
-    ("kernel: TCP/IP, loopback, softirq", r"tcp_|ip_|skb|__dev_queue|net_rx|loopback|napi|sock_|inet_|__netif|process_backlog|sk_"),
+    ("kernel: TCP/IP, loopback, softirq", r"softirq|tcp_|ip_|skb|__dev_queue|net_rx|loopback|napi|sock_|inet_|__netif|process_backlog|sk_"),
     ("kernel: epoll, futex, scheduler, syscall entry", r"epoll|futex|schedule|switch_to|task_switch|entry_SYSCALL|syscall|pick_next|enqueue|dequeue|try_to_wake|__x64_sys|do_syscall"),
     ("tokio runtime and wakers", r"tokio|mio|waker|wake_by"),
     ("kernel: page faults", r"page_fault|handle_mm_fault|clear_page"),

@@ -117,15 +117,18 @@ def sum_fields(path, prefixes):
 STARTED = []
 MARK = os.environ.get("SALLYPORT_BENCH_MARK") or f"{os.getpid()}-{time.time_ns()}"
 _PR_SET_PDEATHSIG = 1
+try:
+    import ctypes
+    # Looked up once here: the child between fork and exec only calls it (no dlopen there).
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (ImportError, OSError, AttributeError):
+    _prctl = None
 
 
 def _die_with_parent():
     """In the child before exec: SIGKILL when the benchmark dies without cleaning up (kill -9)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except Exception:
-        pass
+    if _prctl:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def spawn(args, env=None, **kw):

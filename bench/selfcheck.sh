@@ -2,7 +2,8 @@
 # Proves the benchmark's two promises on a smoke run (debug binaries, ~2 min in all):
 #   1. a failed iperf3 test is retried once, then shows as `failed` in the table, and the run goes on;
 #   2. no process it started (DMZ, connector, agent, nginx, iperf3, echo server, wstunnel) outlives it:
-#      after a normal end, an exception, SIGTERM, and Ctrl-C (SIGINT) in the middle of an iperf3 test.
+#      after a normal end, an exception, SIGTERM, Ctrl-C (SIGINT) in the middle of an iperf3 test,
+#      and even kill -9 of the benchmark.
 # Every child carries SALLYPORT_BENCH_MARK in its environment; this script sets the mark, then looks
 # for it in /proc/*/environ (all processes) and with `pgrep -f` (the run's temporary folder is on
 # the command line of every Sallyport and nginx process) once the run is over.
@@ -63,6 +64,11 @@ check "SIGTERM" "$m" nonzero "$code"
 
 m=sc-int-$$; run "$m" "" "$@"; wait_line "rounds of" && sleep 1.5 && kill -INT "$pid"; wait "$pid"; code=$?
 check "Ctrl-C during iperf3" "$m" nonzero "$code"
+
+# kill -9 runs no cleanup: its children die with it (PR_SET_PDEATHSIG), nginx's workers with their master.
+m=sc-kill9-$$; run "$m" hang "$@"; wait_line "waiting for a signal" && kill -KILL "$pid"; wait "$pid"; code=$?
+sleep 1
+check "kill -9" "$m" nonzero "$code"
 
 # The negative control: a process the registry does not know is found, named, and fails the run.
 m=sc-leak-$$; run "$m" leak "$@"; wait "$pid"; code=$?
