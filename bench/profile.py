@@ -23,14 +23,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402
 
-# First match wins: (group, regular expression on the symbol or DSO).
+# First match wins: (group, regular expression on the symbol). The scheduler comes before TCP/IP
+# (`finish_task_switch` holds `sk_`).
 GROUPS = [
     ("crypto (AES-GCM, GHASH, ChaCha: ring / aws-lc)", r"aes|gcm|ghash|gfmul|chacha|poly1305|ring_core|aws_lc|ecp_nistz|x25519|sha"),
     ("WebSocket framing and masking", r"mask|websocket|tungstenite|frame"),
     ("memcpy / memmove (user space)", r"memcpy|memmove|memset"),
     ("kernel: copy to/from user", r"copy_user|copy_to_user|copy_from_user|_copy_to_iter|_copy_from_iter|rep_movs"),
-    ("kernel: TCP/IP, loopback, softirq", r"softirq|tcp_|ip_|skb|__dev_queue|net_rx|loopback|napi|sock_|inet_|__netif|process_backlog|sk_"),
     ("kernel: epoll, futex, scheduler, syscall entry", r"epoll|futex|schedule|switch_to|task_switch|entry_SYSCALL|syscall|pick_next|enqueue|dequeue|try_to_wake|__x64_sys|do_syscall"),
+    ("kernel: TCP/IP, loopback, softirq", r"softirq|tcp_|ip_|skb|__dev_queue|net_rx|loopback|napi|sock_|inet_|__netif|process_backlog|sk_"),
     ("tokio runtime and wakers", r"tokio|mio|waker|wake_by"),
     ("kernel: page faults", r"page_fault|handle_mm_fault|clear_page"),
     ("allocation", r"malloc|free|alloc|realloc|cfree|_int_"),
