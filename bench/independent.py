@@ -256,12 +256,29 @@ def commit():
         return "unknown"
 
 
+def shown(path):
+    """`path` relative to the repository when it is inside (the table names no machine's folders)."""
+    try:
+        return str(Path(path).resolve().relative_to(bench.ROOT))
+    except ValueError:
+        return str(path)
+
+
+def version(binary):
+    """`wstunnel --version`'s line (e.g. `wstunnel-cli 10.6.2`), or the binary's name."""
+    try:
+        return subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout.strip() or Path(binary).name
+    except (OSError, subprocess.TimeoutExpired):
+        return Path(binary).name
+
+
 def table(res, peers, a, wst):
     f, med = bench.fmt, bench.med
     lines = [f"Commit {commit()}. Machine: {os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}, "
              f"load average {a.load_start:.1f} at the start, {a.load_end:.1f} at the end; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {a.rounds} rounds of {a.seconds} s, fresh processes per "
-             f"round, peer order rotated; binaries {bench.BIN}" + (f"; wstunnel {wst}, {a.wstunnel_threads or 'default'} worker(s)" if wst else ""),
+             f"round, peer order rotated; binaries {shown(bench.BIN)}"
+             + (f"; {version(wst)}, {a.wstunnel_threads or 'default'} worker(s)" if wst else ""),
              ""]
     targets = []
     ng = "nginx chain"
