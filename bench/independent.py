@@ -21,7 +21,8 @@ Peers, each in the same three-process shape where it has one:
 Per round and peer: iperf3 upload, download (-R) and 8 streams (-P 8), each --seconds; CPU
 (user+system of the chain's processes) per GB during the upload; peak resident memory of the
 chain; new connection (connect + 1-byte echo + close, --latency-n times) through the forward and,
-for Sallyport, through SOCKS5; cold start (a fresh agent / wstunnel client process started, to
+for Sallyport, through SOCKS5; an interactive 1-byte echo every 10 ms on its own connection
+through the same chain during the reverse test (latency under load: median and p99); cold start (a fresh agent / wstunnel client process started, to
 the first byte echoed through its forward: process start, TCP, TLS, upgrade, handshake, hello,
 first open). Every ratio is taken within a round, then the median and the per-round values are
 printed side by side. A failed measurement is a `failed` cell; the run goes on.
@@ -34,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -150,6 +152,22 @@ def first_echo(port, t0, proc, timeout=20):
     return None
 
 
+def echo_under_load(port, stop, out):
+    """1-byte echoes every 10 ms on one connection until `stop`: round trips in ms into `out`."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                s.sendall(b"x")
+                if s.recv(1) != b"x":
+                    break
+                out.append((time.perf_counter() - t0) * 1000)
+                stop.wait(0.01)
+    except OSError as e:
+        print(f"  echo under load through port {port} failed: {e!r}", file=sys.stderr)
+
+
 def measure(peer, a):
     """One peer's figures in one round (None for what failed)."""
     out = {}
@@ -157,7 +175,18 @@ def measure(peer, a):
     out["up"], nbytes = bench.iperf(peer.port, a.seconds)
     c1 = sum(p.cpu() for p in peer.procs)
     out["cpu_gb"] = (c1 - c0) / (nbytes / 1e9) if peer.procs and nbytes else None
-    out["down"] = bench.iperf(peer.port, a.seconds, reverse=True)[0]
+    # Interactive echo on its own connection through the same chain while the reverse test runs.
+    stop, pings = threading.Event(), []
+    t = threading.Thread(target=echo_under_load, args=(peer.echo, stop, pings))
+    t.start()
+    try:
+        out["down"] = bench.iperf(peer.port, a.seconds, reverse=True)[0]
+    finally:
+        stop.set()
+        t.join()
+    pings.sort()
+    out["ping"] = bench.med(pings) if pings else None
+    out["ping99"] = pings[min(len(pings) - 1, int(len(pings) * 0.99))] if pings else None
     out["p8"] = bench.iperf(peer.port, a.seconds, parallel=8)[0]
     out["mem"] = sum(p.hwm_mib() for p in peer.procs) if peer.procs else None
     out["conn"] = bench.latency(peer.echo, a.latency_n)[0]
@@ -338,6 +367,9 @@ def table(res, peers, a, wst):
     lines.append("|---|" + "---:|" * (len(peers) - 1))
     lines.append("| peak resident memory of the chain's processes, MiB | "
                  + " | ".join(f(med(series(res, p, "mem")), ".1f") for p in peers if p != "direct") + " |")
+    for key, what in (("ping", "median"), ("ping99", "p99")):
+        lines.append(f"| interactive 1-byte echo every 10 ms during the reverse bulk test, same chain, {what} ms | "
+                     + " | ".join(f(med(series(res, p, key)), ".2f") for p in peers if p != "direct") + " |")
     lines.append("| cold start: process start to first echo through a fresh forward, ms | "
                  + " | ".join(f(med(series(res, p, "cold")), ".1f") if any(series(res, p, "cold")) else "–"
                               for p in peers if p != "direct") + " |")
