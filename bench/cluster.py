@@ -242,9 +242,9 @@ class Client:
     """A client_worker process, ended with the others on exit."""
 
     def __init__(self, port, n):
-        self.p = subprocess.Popen([sys.executable, __file__, "--client", str(port), str(n)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
         bench.STARTED.append(self)
+        self.p = bench.spawn([sys.executable, __file__, "--client", str(port), str(n)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
     def opened(self):
         line = self.p.stdout.readline().split(" ", 2)

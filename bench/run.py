@@ -43,6 +43,26 @@ CLK = os.sysconf("SC_CLK_TCK")
 # so one worker each (like `worker_processes 1` for the nginx chain) is the fair setting; on a
 # real DMZ host the default (one per core) applies. The agent defaults to one.
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+# The binaries measured: target/release, or target/debug in the smoke run (--bin-dir).
+BIN = REL
+
+
+def listening(port):
+    """Whether a socket listens on 127.0.0.1:port (from /proc/net/tcp: connecting to find out
+    would open a connection through a relay to the server behind it)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        return any(line.split()[1] == want and line.split()[3] == "0A" for line in list(f)[1:])
+
+
+def wait_listening(port, proc, timeout=10):
+    """Until `proc` listens on 127.0.0.1:port; RuntimeError naming it when it exits or the time is up."""
+    end = time.time() + timeout
+    while time.time() < end and proc.p.poll() is None:
+        if listening(port):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"{proc.name} is not listening on {port}: {proc.log_path.read_text(errors='replace')[-2000:]}")
 
 
 def free_port():
@@ -91,12 +111,86 @@ def sum_fields(path, prefixes):
     return total
 
 
+# Every process the benchmark starts is in STARTED, in its own process group (nginx's workers,
+# iperf3's children), and carries MARK in its environment: stop_all ends them all on every exit
+# path, and leftovers() finds any that escaped (the smoke run fails on one).
 STARTED = []
+MARK = os.environ.get("SALLYPORT_BENCH_MARK") or f"{os.getpid()}-{time.time_ns()}"
+_PR_SET_PDEATHSIG = 1
+try:
+    import ctypes
+    # Looked up once here: the child between fork and exec only calls it (no dlopen there).
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (ImportError, OSError, AttributeError):
+    _prctl = None
+
+
+def _die_with_parent():
+    """In the child before exec: SIGKILL when the benchmark dies without cleaning up (kill -9)."""
+    if _prctl:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def spawn(args, env=None, **kw):
+    """Popen in a new process group, marked, registered (ended by stop_all)."""
+    p = subprocess.Popen(args, env={**os.environ, **(env or {}), "SALLYPORT_BENCH_MARK": MARK, "SALLYPORT_BENCH_CHILD": "1"},
+                         start_new_session=True, preexec_fn=_die_with_parent, **kw)
+    return p
+
+
+def kill_group(p, grace=3):
+    """SIGTERM to the process group of `p` (its own session), SIGKILL after `grace` seconds."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    # The group may outlive its leader (a worker that ignored SIGTERM): always SIGKILL what is left.
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def leftovers():
+    """Pids of live processes that carry this run's MARK (none after stop_all), except this one
+    and its parents (a helper process started by the benchmark, such as the echo server, runs
+    this module too)."""
+    needle = f"SALLYPORT_BENCH_MARK={MARK}".encode()
+    mine, pid = set(), os.getpid()
+    while pid > 1 and pid not in mine:
+        mine.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as st:
+                pid = int(st.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ValueError):
+            break
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) not in mine:
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        with open(f"/proc/{d}/stat") as st:
+                            if st.read().rsplit(")", 1)[1].split()[0] != "Z":
+                                out.append(int(d))
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
+    return out
 
 
 def stop_all():
     """Ends every process the benchmark started, whatever happened (atexit and signals)."""
-    for p in reversed(STARTED):
+    while STARTED:
+        p = STARTED.pop()
         try:
             p.stop()
         except Exception:
@@ -110,9 +204,8 @@ class Proc:
         self.name = name
         self.log_path = Path(tmp) / f"{name}.log"
         self.log = open(self.log_path, "w")
-        self.p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log, stdin=subprocess.DEVNULL,
-                                  env={**os.environ, **(env or {})}, start_new_session=True)
         STARTED.append(self)
+        self.p = spawn(args, env=env, stdout=subprocess.DEVNULL, stderr=self.log, stdin=subprocess.DEVNULL)
 
     def wait_for(self, pattern, timeout=20):
         end = time.time() + timeout
@@ -124,7 +217,7 @@ class Proc:
                 return m
             if self.p.poll() is not None:
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         raise RuntimeError(f"{self.name} never logged {pattern!r}:\n{self.log_path.read_text(errors='replace')[-3000:]}")
 
     def cpu(self):
@@ -139,13 +232,6 @@ class Proc:
                 pass
         return total
 
-    def status(self, key):
-        with open(f"/proc/{self.p.pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])  # kB
-        return 0
-
     def rss_mib(self):
         return sum(status_of(pid, "VmRSS") for pid in [self.p.pid] + children(self.p.pid)) / 1024
 
@@ -157,21 +243,35 @@ class Proc:
                    for t in os.listdir(f"/proc/{self.p.pid}/task"))
 
     def stop(self):
-        if self.p.poll() is None:
-            # The whole process group: nginx's workers, iperf3's children.
-            try:
-                os.killpg(self.p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.p.wait(3)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        if hasattr(self, "p"):
+            kill_group(self.p)
+        if self in STARTED:
+            STARTED.remove(self)
         if not self.log.closed:
             self.log.close()
+
+
+class Child:
+    """A short-lived registered child (an iperf3 client, `doctor`): its output, ended on every exit path."""
+
+    def __init__(self, args, timeout, env=None):
+        self.args, self.timeout, self.env = args, timeout, env
+
+    def run(self):
+        """(returncode, stdout); raises subprocess.TimeoutExpired after `timeout` (the child is ended)."""
+        STARTED.append(self)
+        try:
+            self.p = spawn(self.args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+            out, _ = self.p.communicate(timeout=self.timeout)
+            return self.p.returncode, out
+        finally:
+            self.stop()
+
+    def stop(self):
+        if hasattr(self, "p"):
+            kill_group(self.p, grace=1)
+        if self in STARTED:
+            STARTED.remove(self)
 
 
 def run(args, **kw):
@@ -213,9 +313,13 @@ def echo_server_thread(port):
 # Chains
 
 class Sallyport:
-    def __init__(self, tmp, iperf_port, echo_port, echo10k_port, bindir=REL):
+    def __init__(self, tmp, iperf_port, echo_port, echo10k_port, bindir=None, threads=THREADS, name=""):
+        """`threads`: worker threads of the DMZ and the connector (None: their default, one per
+        core); the agent runs with one (its default)."""
         self.tmp = Path(tmp)
+        bindir = bindir or BIN
         self.gw, self.agent_bin = bindir / "sallyport-gateway", bindir / "sallyport"
+        gw_threads = ["--threads", str(threads)] if threads else []
         GW, AGENT = self.gw, self.agent_bin
         t = self.tmp
         run([str(GW), "cert", "--name", "127.0.0.1", "--out", str(t)])
@@ -236,17 +340,17 @@ handshakes_per_ip = 1000.0
 streams_per_token = 1000000
 streams_per_session = 1000000
 """)
-        self.dmz = Proc("dmz", [str(GW), "dmz", "-c", str(t / "dmz.toml"), "--threads", str(THREADS), "--log", "warn,gateway::dmz=info"], t)
+        self.dmz = Proc(f"{name}dmz", [str(GW), "dmz", "-c", str(t / "dmz.toml"), *gw_threads, "--log", "warn,gateway::dmz=info"], t)
         port = int(self.dmz.wait_for(r"dmz gateway listening addr=127\.0\.0\.1:(\d+)").group(1))
         url = f"wss://127.0.0.1:{port}/"
         allow = []
         for p in (iperf_port, echo_port, echo10k_port):
             allow += ["--allow", f"127.0.0.1/32:{p}"]
-        self.connector = Proc("connector", [str(GW), "connector", "--gateway", url, "--token-file", str(t / "connector.token"),
-                                            "--ca", str(t / "ca.crt"), "--threads", str(THREADS), "--log", "warn,gateway::connector=info,uplink=info"] + allow, t)
+        self.connector = Proc(f"{name}connector", [str(GW), "connector", "--gateway", url, "--token-file", str(t / "connector.token"),
+                                                   "--ca", str(t / "ca.crt"), *gw_threads, "--log", "warn,gateway::connector=info,uplink=info"] + allow, t)
         self.connector.wait_for("connected to the gateway")
         self.fwd_iperf, self.fwd_echo, self.fwd_10k = free_port(), free_port(), free_port()
-        self.agent = Proc("agent", [str(AGENT), "run", "--gateway", url, "--token-file", str(t / "agent.token"), "--ca", str(t / "ca.crt"),
+        self.agent = Proc(f"{name}agent", [str(AGENT), "--threads", "1", "run", "--gateway", url, "--token-file", str(t / "agent.token"), "--ca", str(t / "ca.crt"),
                                     "--socks", "127.0.0.1:0", "--http", "off",
                                     "--forward", f"127.0.0.1:{self.fwd_iperf}=127.0.0.1:{iperf_port}",
                                     "--forward", f"127.0.0.1:{self.fwd_echo}=127.0.0.1:{echo_port}",
@@ -283,44 +387,46 @@ streams_per_session = 1000000
 
 
 class NginxChain:
-    """Three nginx processes: plain -> TLS -> TLS -> plain, each `worker_processes 1`."""
+    """Three nginx processes: plain -> TLS -> TLS -> plain, each `worker_processes 1`; with
+    `master=False` also `master_process off` (one process each, as in the independent harness).
+    `target_port` may be a list: one such chain per target in the same three processes, entered
+    at `self.ports` (`self.port` is the first)."""
 
-    def __init__(self, tmp, target_port, name="nginx"):
+    def __init__(self, tmp, target_port, name="nginx", master=True):
         t = Path(tmp) / name
         t.mkdir()
-        run([str(GW), "cert", "--name", "127.0.0.1", "--out", str(t)])
-        self.port = free_port()
-        b, c = free_port(), free_port()
+        run([str(BIN / "sallyport-gateway"), "cert", "--name", "127.0.0.1", "--out", str(t)])
+        targets = target_port if isinstance(target_port, list) else [target_port]
+        # hops[i][k]: where process i listens for target k; hop 3 is the target itself.
+        hops = [[free_port() for _ in targets] for _ in range(3)] + [targets]
+        self.ports = hops[0]
+        self.port = self.ports[0]
         mod = "/usr/lib/nginx/modules/ngx_stream_module.so"
         load = f"load_module {mod};" if os.path.exists(mod) else ""
-        confs = [
-            (self.port, False, b, True),
-            (b, True, c, True),
-            (c, True, target_port, False),
-        ]
         self.procs = []
-        for i, (listen, ssl_in, up, ssl_out) in enumerate(confs):
+        for i in range(3):
+            ssl_in, ssl_out = i > 0, i < 2
             d = t / f"n{i}"
             d.mkdir()
-            conf = f"""{load}
-worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/error.log warn;
-events {{ worker_connections 20000; }}
-stream {{
+            servers = "".join(f"""
   server {{
     listen 127.0.0.1:{listen}{' ssl' if ssl_in else ''};
     {f'ssl_certificate {t}/gateway.crt; ssl_certificate_key {t}/gateway.key;' if ssl_in else ''}
     proxy_pass 127.0.0.1:{up};
     {'proxy_ssl on;' if ssl_out else ''}
     tcp_nodelay on;
-  }}
+  }}""" for listen, up in zip(hops[i], hops[i + 1]))
+            conf = f"""{load}
+worker_processes 1; daemon off;{'' if master else ' master_process off;'} pid {d}/nginx.pid; error_log {d}/error.log warn;
+events {{ worker_connections 20000; }}
+stream {{{servers}
 }}
 """
             (d / "nginx.conf").write_text(conf)
             self.procs.append(Proc(f"{name}{i}", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")], t))
-        time.sleep(0.5)
-        for p in self.procs:
-            if p.p.poll() is not None:
-                raise RuntimeError(f"{p.name} failed: {p.log_path.read_text()}")
+        for i, p in enumerate(self.procs):
+            for port in hops[i]:
+                wait_listening(port, p)
 
     def stop(self):
         for p in self.procs:
@@ -365,51 +471,72 @@ local_addr = "127.0.0.1:{target_port}"
 # Measurements
 
 def iperf(port, seconds, reverse=False, parallel=1):
+    """One iperf3 test: (Gbit/s, bytes received), or (None, 0) when it failed twice. A failed
+    try (nonzero exit, an error or no `sum_received` in its JSON, a timeout) is retried once after
+    a second, then recorded as a failure: it never ends the run."""
     args = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J", "-P", str(parallel)]
     if reverse:
         args.append("-R")
-    # One failed sample (iperf3 error, timeout, no summary) is tried once more, then recorded
-    # as missing (nan): it never ends the run.
     for attempt in range(2):
+        why = None
         try:
-            out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30)
-            j = json.loads(out.stdout)
-            s = j["end"]["sum_received"]
-            return s["bits_per_second"] / 1e9, s["bytes"]
-        except (subprocess.TimeoutExpired, ValueError, KeyError, TypeError) as e:
-            print(f"  iperf3 to port {port} failed (attempt {attempt + 1}): {e!r}", file=sys.stderr)
-            time.sleep(1)
-    return float("nan"), 0
+            code, out = Child(args, timeout=seconds + 20).run()
+            j = json.loads(out)
+            if code != 0 or "error" in j:
+                why = f"exit {code}: {j.get('error', '')}"
+            else:
+                s = j["end"]["sum_received"]
+                return s["bits_per_second"] / 1e9, s["bytes"]
+        except (subprocess.TimeoutExpired, ValueError, KeyError, TypeError, OSError) as e:
+            why = repr(e)
+        print(f"  iperf3 to port {port}{' -R' if reverse else ''}{f' -P {parallel}' if parallel > 1 else ''} failed "
+              f"(attempt {attempt + 1} of 2): {why}", file=sys.stderr)
+        time.sleep(1)
+    return None, 0
+
+
+def fmt(x, spec=".2f"):
+    """A figure for a table cell: `failed` when the measurement failed."""
+    return "failed" if x is None or x != x else format(x, spec)
 
 
 def latency(port, n, socks_target=None):
-    """connect + 1-byte echo + close, n times; returns (median ms, p99 ms)."""
+    """connect + 1-byte echo + close, n times; returns (median ms, p99 ms), or (None, None) when
+    a connection failed (said on stderr; the run goes on)."""
     times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        s = socket.create_connection(("127.0.0.1", port))
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if socks_target:
-            host, tport = socks_target
-            s.sendall(b"\x05\x01\x00")
-            s.recv(2)
-            hb = host.encode()
-            s.sendall(b"\x05\x01\x00\x03" + bytes([len(hb)]) + hb + tport.to_bytes(2, "big"))
-            r = b""
-            while len(r) < 10:
-                chunk = s.recv(10 - len(r))
-                if not chunk:
-                    raise RuntimeError("socks closed")
-                r += chunk
-            if r[1] != 0:
-                raise RuntimeError(f"socks reply {r[1]}")
-        s.sendall(b"x")
-        if s.recv(1) != b"x":
-            raise RuntimeError("echo failed")
-        s.close()
-        times.append((time.perf_counter() - t0) * 1000)
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if socks_target:
+                    socks5_connect(s, *socks_target)
+                s.sendall(b"x")
+                if s.recv(1) != b"x":
+                    raise RuntimeError("echo failed")
+            times.append((time.perf_counter() - t0) * 1000)
+    except (OSError, RuntimeError) as e:
+        print(f"  new connections to port {port} failed after {len(times)}: {e!r}", file=sys.stderr)
+        return None, None
     times.sort()
     return statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
+
+
+def socks5_connect(s, host, port):
+    """The SOCKS5 greeting (no auth) and CONNECT to host:port on socket s, up to the reply."""
+    s.sendall(b"\x05\x01\x00")
+    if len(s.recv(2)) != 2:
+        raise RuntimeError("socks closed")
+    hb = host.encode()
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(hb)]) + hb + port.to_bytes(2, "big"))
+    r = b""
+    while len(r) < 10:
+        chunk = s.recv(10 - len(r))
+        if not chunk:
+            raise RuntimeError("socks closed")
+        r += chunk
+    if r[1] != 0:
+        raise RuntimeError(f"socks reply {r[1]}")
 
 
 async def open_many(port, n, measure):
@@ -462,8 +589,29 @@ async def echo10k_server(port, ready, host="127.0.0.1"):
 
 
 def med(xs):
-    xs = [x for x in xs if x == x]  # missing samples are nan
+    xs = [x for x in xs if x is not None and x == x]  # a failed sample is None (or nan)
     return statistics.median(xs) if xs else float("nan")
+
+
+def ratio_of(x, y):
+    """x / y, or None when either failed."""
+    if x is None or y is None or x != x or y != y or not y:
+        return None
+    return x / y
+
+
+def vs(xs, ys):
+    """`xs` against `ys`, measured in the same rounds: the ratio of the medians, then the
+    per-round ratios (min–max) in brackets."""
+    per = [q for q in map(ratio_of, xs, ys) if q is not None]
+    span = f" ({min(per):.2f}–{max(per):.2f})" if per else ""
+    return f"{fmt(ratio_of(med(xs), med(ys)))}×{span}"
+
+
+def failures(xs):
+    """` (n failed)` when some samples of `xs` failed."""
+    n = sum(1 for x in xs if x is None or x != x)
+    return f" ({n} failed)" if n else ""
 
 
 def main():
@@ -472,7 +620,15 @@ def main():
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         asyncio.run(echo10k_server(int(sys.argv[2]), threading.Event()))
         return
-    ap = argparse.ArgumentParser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--mode", choices=["interleaved", "independent"], default="interleaved")
+    mode, rest = pre.parse_known_args()
+    if mode.mode == "independent":
+        import independent
+        return independent.main(rest)
+    sys.argv[1:] = rest
+    ap = argparse.ArgumentParser(description="Interleaved rounds on long-lived processes (the default mode); "
+                                             "--mode independent: bench/independent.py")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--latency-n", type=int, default=300)
@@ -488,12 +644,22 @@ def main():
                          "measured in the same rounds: `sallyport (baseline)`")
     ap.add_argument("--variants", action="store_true",
                     help="also the inner channel and the HTTP fallback transport (one agent each)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CI: one round of 1 s tests, small counts, the debug binaries; figures printed, never asserted; "
+                         "fails only when a started process is left behind")
+    ap.add_argument("--bin-dir", help="the Sallyport binaries to measure (default target/release; target/debug with --smoke)")
     a = ap.parse_args()
+    global BIN
+    if a.smoke:
+        a.rounds, a.seconds, a.latency_n, a.streams, a.idle_seconds, a.start_n = 1, 1, 30, 200, 2, 2
+        if a.out == ap.get_default("out"):
+            a.out = str(ROOT / "target" / "bench-smoke.md")
+    BIN = Path(a.bin_dir) if a.bin_dir else (ROOT / "target" / "debug" if a.smoke else REL)
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    tmp = tempfile.mkdtemp(prefix="sallyport-bench-")
+    tmp = tempfile.mkdtemp(prefix=f"sallyport-bench-{MARK}-")
     iperf_port, echo_port, echo10k_port = free_port(), free_port(), free_port()
     iperf_srv = Proc("iperf3", ["iperf3", "-s", "-p", str(iperf_port), "-B", "127.0.0.1"], tmp)
     echo_server_thread(echo_port)
@@ -510,6 +676,7 @@ def main():
         rathole = Rathole(tmp, iperf_port)
 
     chains = {"direct": iperf_port, "sallyport": sp.fwd_iperf, "nginx chain": nginx.port}
+    broken_step()
     base = None
     if a.baseline:
         (Path(tmp) / "baseline").mkdir()
@@ -550,14 +717,14 @@ def main():
         for name, port in chains.items():
             ps = procs.get(name, [])
             c0 = sum(p.cpu() for p in ps)
-            gbps, nbytes = iperf(port, a.seconds)
+            gbps, nbytes = iperf(free_port() if BREAK == "iperf" and name == "nginx chain" else port, a.seconds)
             c1 = sum(p.cpu() for p in ps)
             res[name]["up"].append(gbps)
             if ps and nbytes:
                 res[name]["cpu_gb"].append((c1 - c0) / (nbytes / 1e9))
             res[name]["down"].append(iperf(port, a.seconds, reverse=True)[0])
             res[name]["p8"].append(iperf(port, a.seconds, parallel=8)[0])
-        print(f"  round {rnd + 1}: " + ", ".join(f"{n} {res[n]['up'][-1]:.2f}" for n in chains), file=sys.stderr)
+        print(f"  round {rnd + 1}: " + ", ".join(f"{n} {fmt(res[n]['up'][-1])}" for n in chains), file=sys.stderr)
     load_mem = sum(p.hwm_mib() for p in sp.procs)
     per_proc_cpu = {}
     for p in sp.procs:
@@ -587,10 +754,9 @@ def main():
         for label, tok in (("v1 (bearer)", "agent-v1.token"), ("v2", "agent.token")):
             # One failed sample is skipped, never the end of the run.
             try:
-                out = subprocess.run([str(AGENT), "doctor", "--gateway", sp.url, "--token-file", str(Path(tmp) / tok),
-                                      "--ca", str(Path(tmp) / "ca.crt"), "--proxy", "direct"], capture_output=True, text=True,
-                                     env={**os.environ, "HOME": str(tmp)}, timeout=60).stdout
-            except subprocess.TimeoutExpired:
+                _, out = Child([str(sp.agent_bin), "doctor", "--gateway", sp.url, "--token-file", str(Path(tmp) / tok),
+                                "--ca", str(Path(tmp) / "ca.crt"), "--proxy", "direct"], timeout=60, env={"HOME": str(tmp)}).run()
+            except (subprocess.TimeoutExpired, OSError):
                 continue
             m = re.search(r"ok in ([0-9.]+) (ms|s)", out)
             if m:
@@ -630,8 +796,11 @@ def main():
     lines.append("|---|---:|---:|---:|---:|")
     for n in chains:
         r = res[n]
-        ratio = lambda k: f"{med(r[k]):.2f} ({med(r[k]) / med(d[k]):.2f}× direct)"
-        cpu = f"{med(r['cpu_gb']):.2f}" if r["cpu_gb"] else "–"
+        def ratio(k):
+            if med(r[k]) != med(r[k]):
+                return "failed"
+            return f"{fmt(med(r[k]))} ({fmt(ratio_of(med(r[k]), med(d[k])))}× direct){failures(r[k])}"
+        cpu = fmt(med(r['cpu_gb'])) if r["cpu_gb"] else "–"
         lines.append(f"| {n} | {ratio('up')} | {ratio('down')} | {ratio('p8')} | {cpu} |")
     ng = res["nginx chain"]
     s = res["sallyport"]
@@ -644,28 +813,26 @@ def main():
         lines.append("|---|---:|---:|---:|")
 
         def cell(r, k):
-            per = [x / y for x, y in zip(r[k], b[k]) if y and x == x and y == y]
-            span = f" ({min(per):.2f}–{max(per):.2f})" if per else ""
-            return f"{med(r[k]) / med(b[k]):.2f}×{span}"
+            return vs(r[k], b[k])
         rows = ["sallyport"] + [f"sallyport {n}" for n in variants if f"sallyport {n}" != base_name]
         for name in rows:
             r = res[name]
             label = "v2 outer (default: exporter matches)" if name == "sallyport" else name.removeprefix("sallyport ")
             lines.append(f"| {label} | " + " | ".join(cell(r, k) for k in ("up", "down", "p8")) + " |")
     lines.append("")
-    lines.append(f"sallyport vs nginx chain: up {med(s['up']) / med(ng['up']):.2f}×, down {med(s['down']) / med(ng['down']):.2f}×, "
-                 f"8 streams {med(s['p8']) / med(ng['p8']):.2f}×; CPU per GB by process: "
-                 + ", ".join(f"{k} {v:.2f}" for k, v in per_proc_cpu.items()))
+    lines.append(f"sallyport vs nginx chain (ratio of medians, per-round min–max): up {vs(s['up'], ng['up'])}, down {vs(s['down'], ng['down'])}, "
+                 f"8 streams {vs(s['p8'], ng['p8'])}; CPU per GB by process: "
+                 + ", ".join(f"{k} {fmt(v)}" for k, v in per_proc_cpu.items()))
     lines.append("")
     lines.append("| session start (doctor: TCP + TLS + upgrade + handshake + hello, loopback) | median ms | samples |")
     lines.append("|---|---:|---:|")
     for k, v in start.items():
-        lines.append(f"| {k} | {med(v):.1f} | {len(v)} |")
+        lines.append(f"| {k} | {fmt(med(v), '.1f')} | {len(v)} |")
     lines.append("")
     lines.append("| new connection (connect + 1-byte echo + close) | median ms | p99 ms | median vs direct |")
     lines.append("|---|---:|---:|---:|")
     for k, (m, p) in lat.items():
-        lines.append(f"| {k} | {m:.3f} | {p:.3f} | {m / lat['direct'][0]:.1f}× |")
+        lines.append(f"| {k} | {fmt(m, '.3f')} | {fmt(p, '.3f')} | {fmt(ratio_of(m, lat['direct'][0]), '.1f')}× |")
     lines.append("")
     per_stream = {k: (after[k] - before[k]) * 1024 / max(ok, 1) for k in after}
     lines.append(f"| {a.streams} concurrent streams, one agent session | value |")
@@ -685,11 +852,7 @@ def main():
         lines.append("| sallyport vs baseline, same run (ratio of medians; per-round min–max) | 1 stream up | 1 stream down | 8 streams | CPU s/GB |")
         lines.append("|---|---:|---:|---:|---:|")
 
-        def vs(k):
-            per = [x / y for x, y in zip(r[k], b[k]) if y and x == x and y == y]
-            span = f" ({min(per):.2f}–{max(per):.2f})" if per else ""
-            return f"{med(r[k]) / med(b[k]):.2f}×{span}"
-        lines.append("| sallyport / baseline | " + " | ".join(vs(k) for k in ("up", "down", "p8", "cpu_gb")) + " |")
+        lines.append("| sallyport / baseline | " + " | ".join(vs(r[k], b[k]) for k in ("up", "down", "p8", "cpu_gb")) + " |")
     lines.append("")
     lines.append("| other | value |")
     lines.append("|---|---:|")
@@ -709,18 +872,70 @@ def write_table(lines, out):
     print(f"\nwritten to {out}", file=sys.stderr)
 
 
+# A deliberately broken step, for bench/selfcheck.sh: `raise` (an exception once every chain is
+# up), `hang` (waits there for a signal), `iperf` (the nginx chain's upload test goes to a port
+# nobody listens on: a failed cell), `leak` (a process the registry does not know: the run must
+# name it and fail).
+BREAK = os.environ.get("BENCH_BREAK", "")
+
+
+class BrokenStep(BaseException):
+    """The deliberate failure of BENCH_BREAK=raise: a BaseException, so that no `except
+    Exception` of a measurement takes it for a failed sample."""
+
+
+def broken_step():
+    if BREAK == "raise":
+        raise BrokenStep("BENCH_BREAK=raise: a deliberately broken step")
+    if BREAK == "leak":
+        spawn(["sleep", "600"])  # not registered: the leftover check must name it
+    if BREAK == "hang":
+        print("BENCH_BREAK=hang: every chain is up, waiting for a signal", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
+def _on_signal(sig, _frame):
+    """The first SIGINT/SIGTERM/SIGHUP ends the run through the `finally` of run_guarded (which
+    ends every started process); later ones are ignored so that nothing interrupts that."""
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    raise SystemExit(128 + sig)
+
+
 def run_guarded(main):
     """Runs `main` so that every process started is ended: on return, on an exception, on
-    Ctrl-C and on SIGTERM/SIGHUP."""
+    Ctrl-C and on SIGTERM/SIGHUP. Exits 1 naming any process of this run still alive after that."""
     import atexit
     atexit.register(stop_all)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: sys.exit(130))
+        signal.signal(sig, _on_signal)
     try:
         main()
     finally:
         stop_all()
+        # Only the benchmark itself looks: its helpers (echo servers, clients) run this module too.
+        left = [] if os.environ.get("SALLYPORT_BENCH_CHILD") else leftovers()
+        if left:
+            named = []
+            for pid in left:
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+                    named.append(f"{pid} {cmd}")
+                except FileNotFoundError:
+                    named.append(str(pid))
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            print(f"bench: processes left behind (now killed): {'; '.join(named)}", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":
-    run_guarded(main)
+    # One copy of this module's state (the process registry, the mark): bench/independent.py
+    # imports it as `run`, so the script runs that module rather than a second `__main__` copy.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run as this
+    this.run_guarded(this.main)

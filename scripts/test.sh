@@ -39,6 +39,9 @@ command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # nginx and HAProxy: real load balancers in front of the --plain gateway (tests/tests/lb.rs).
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
+# iperf3 and nginx's stream module: the benchmark's smoke run at the end (bench/run.sh --smoke).
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 # promtool (Debian's prometheus package) checks the scraped /metrics and deploy/alerts.yml
 # (tests/tests/ops.rs, which also installs it when run alone).
@@ -79,3 +82,11 @@ start=$(date +%s)
 cargo build --target x86_64-pc-windows-gnu -p sallyport
 echo "windows build: $(( $(date +%s) - start )) s"
 cargo test --workspace
+
+# The benchmark's smoke run on the debug binaries built above (both modes, one round of 1 s
+# tests): its figures are printed, never asserted; it fails only when the benchmark itself is
+# broken (a chain that does not start, a process left behind).
+start=$(date +%s)
+bench/run.sh --smoke
+bench/run.sh --smoke --mode independent
+echo "benchmark smoke: $(( $(date +%s) - start )) s"
