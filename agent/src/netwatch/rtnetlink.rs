@@ -340,6 +340,15 @@ pub mod kinds {
 mod tests {
     use super::*;
 
+    /// An `ifinfomsg` (family 0, type 1).
+    fn ifinfo(index: u32, flags: u32, change: u32) -> Vec<u8> {
+        let mut m = vec![0, 0, 1, 0];
+        m.extend(index.to_ne_bytes());
+        m.extend(flags.to_ne_bytes());
+        m.extend(change.to_ne_bytes());
+        m
+    }
+
     fn new_default_route(via: [u8; 4]) -> Vec<u8> {
         // AF_INET, dst_len 0, src_len 0, tos 0, table main (254), proto boot, scope universe, unicast
         let rtmsg = [AF_INET, 0, 0, 0, 254, 3, 0, RTN_UNICAST, 0, 0, 0, 0];
@@ -371,37 +380,27 @@ mod tests {
 
     #[test]
     fn container_and_ipv6_detection_noise_does_not_count_as_a_network_change() {
-        let mut ifaddr6 = vec![AF_INET6, 64, IFA_F_TENTATIVE, 0];
-        ifaddr6.extend(9u32.to_ne_bytes());
-        let tentative = encode(
-            RTM_NEWADDR,
-            &ifaddr6,
-            &[(
-                IFA_ADDRESS,
-                &[0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
-            )],
+        let v6_addr = |flags: u8, addr: [u8; 16]| {
+            let mut ifaddr6 = vec![AF_INET6, 64, flags, 0];
+            ifaddr6.extend(9u32.to_ne_bytes());
+            encode(RTM_NEWADDR, &ifaddr6, &[(IFA_ADDRESS, &addr)])
+        };
+        let tentative = v6_addr(
+            IFA_F_TENTATIVE,
+            [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
         );
-        let mut ll = ifaddr6.clone();
-        ll[2] = 0;
-        let link_local = encode(
-            RTM_NEWADDR,
-            &ll,
-            &[(
-                IFA_ADDRESS,
-                &[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
-            )],
-        );
+        let link_local = v6_addr(0, [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
         let local_table = encode(
             RTM_NEWROUTE,
             &[AF_INET, 32, 0, 0, 255, 2, 254, 2, 0, 0, 0, 0],
             &[(RTA_DST, &[10, 0, 0, 1])],
         );
         // a link whose statistics or MTU changed, not its up/running flags
-        let mut ifinfo = vec![0, 0, 1, 0];
-        ifinfo.extend(4u32.to_ne_bytes());
-        ifinfo.extend((IFF_UP | IFF_RUNNING).to_ne_bytes());
-        ifinfo.extend(0u32.to_ne_bytes());
-        let mtu = encode(RTM_NEWLINK, &ifinfo, &[(IFLA_IFNAME, b"veth1\0")]);
+        let mtu = encode(
+            RTM_NEWLINK,
+            &ifinfo(4, IFF_UP | IFF_RUNNING, 0),
+            &[(IFLA_IFNAME, b"veth1\0")],
+        );
         for msg in [tentative, link_local, local_table, mtu] {
             let c = parse(&msg);
             assert_eq!(c.len(), 1);
@@ -429,10 +428,7 @@ mod tests {
 
     #[test]
     fn a_hostile_interface_name_cannot_write_to_the_log() {
-        let mut ifinfo = vec![0, 0, 1, 0];
-        ifinfo.extend(3u32.to_ne_bytes());
-        ifinfo.extend(0u32.to_ne_bytes());
-        ifinfo.extend(IFF_UP.to_ne_bytes());
+        let ifinfo = ifinfo(3, 0, IFF_UP);
         let msg = encode(
             RTM_NEWLINK,
             &ifinfo,
