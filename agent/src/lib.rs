@@ -8,6 +8,7 @@
 //! | [`config`] | flags + TOML → validated [`config::AgentConfig`] |
 //! | [`pool`] | the session to the gateway: transport (WebSocket, HTTP fallback), inner channel or not, whether the token may be sent, reconnecting in the background |
 //! | [`dialer`] | opens tunnel streams for the front ends; maps tunnel errors to SOCKS5/HTTP |
+//! | [`netwatch`] | network changes (Linux netlink, Windows notifications) and wakes from sleep: re-probe the way out and move to a new session at once |
 //! | [`listen`] | local listeners (SOCKS5, HTTP, forwards) with the same-user check on every connection |
 //! | [`peer`] | who owns a local TCP connection (Linux netlink / `/proc/net/tcp`; Windows, macOS) |
 //! | [`udp`] | SOCKS5 `UDP ASSOCIATE`: relay sockets, the same-user check per datagram, the tunnel association |
@@ -26,6 +27,7 @@ pub mod dialer;
 pub mod doctor;
 pub mod enroll;
 pub mod listen;
+pub mod netwatch;
 pub mod pages;
 pub mod peer;
 pub mod pool;
@@ -96,6 +98,7 @@ impl Agent {
             self.config.clone(),
             shutdown.clone(),
         ));
+        tracker.spawn(netwatch::react::run(pool.clone(), shutdown.clone()));
         let pages: Arc<dyn socks::LocalPages> = Arc::new(pages::Pages {
             config: self.config.clone(),
             pool: pool.clone(),

@@ -5,6 +5,8 @@
 //! backoff and jitter; app connections that arrive meanwhile wait (bounded) for the next
 //! session instead of failing at once. When the gateway says `GOAWAY` (an instance draining),
 //! the pool reconnects at once and the old session carries its open streams to their end.
+//! When the network changes or the machine wakes (`crate::netwatch`), [`Pool::moved`] ends
+//! the session and a new one is set up at once, without the backoff wait.
 //!
 //! How a session is set up and kept is shared with the connector (`uplink`: `Uplink::connect`,
 //! `uplink::keep`); this file adds what only the agent does: lending the session to app
@@ -22,9 +24,10 @@
 //!   the token is sent only there: a TLS-inspecting proxy reads neither token nor payload.
 
 use crate::config::AgentConfig;
+use crate::netwatch::{react::Whereabouts, Event};
 use egress::probe::Candidate;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -52,6 +55,21 @@ pub struct Pool {
     last_error: Mutex<Option<String>>,
     /// How the current session is carried (for status).
     carried: Mutex<String>,
+    /// Where the machine was on the network when the current session came up.
+    whereabouts: Mutex<Option<Whereabouts>>,
+    /// Changed by [`Pool::moved`]: end the session (or the wait) and connect again now.
+    nudge: watch::Sender<()>,
+    /// Why the session was last moved (the log and the close reason say it).
+    moved_why: Mutex<String>,
+    /// The last network change and the last wake, for status.
+    events: Mutex<Events>,
+}
+
+/// The last network change and wake from sleep: when, what, what was done.
+#[derive(Clone, Debug, Default)]
+pub struct Events {
+    pub change: Option<(SystemTime, String, &'static str)>,
+    pub wake: Option<(SystemTime, String, &'static str)>,
 }
 
 impl Pool {
@@ -61,6 +79,10 @@ impl Pool {
             current: watch::Sender::new(None),
             last_error: Mutex::new(None),
             carried: Mutex::new(String::new()),
+            whereabouts: Mutex::new(None),
+            nudge: watch::Sender::new(()),
+            moved_why: Mutex::new(String::new()),
+            events: Mutex::new(Events::default()),
         });
         tokio::spawn(keep(pool.clone(), config, shutdown));
         pool
@@ -113,6 +135,38 @@ impl Pool {
     pub fn current(&self) -> Option<Session> {
         self.current.borrow().clone()
     }
+
+    /// Where the machine was on the network when the current session came up.
+    pub fn whereabouts(&self) -> Option<Whereabouts> {
+        lock(&self.whereabouts).clone()
+    }
+
+    /// The network changed or the machine woke (`why`): end the current session and set up a
+    /// new one at once (the way out probed again, the one remembered for this network first),
+    /// or, between sessions, end the wait and try now.
+    pub fn moved(&self, why: &str) {
+        *lock(&self.moved_why) = why.to_string();
+        self.nudge.send_replace(());
+    }
+
+    /// Notes an event and what was done about it, for status.
+    pub fn record_event(&self, event: &Event, outcome: &'static str) {
+        let mut e = lock(&self.events);
+        let entry = Some((SystemTime::now(), event.to_string(), outcome));
+        match event {
+            Event::Changed(_) => e.change = entry,
+            Event::Woke(_) => e.wake = entry,
+        }
+    }
+
+    /// The last network change and wake (for status).
+    pub fn events(&self) -> Events {
+        lock(&self.events).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationToken) {
@@ -128,6 +182,8 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
                 uplink::keep::retries_websocket(config.transport, c.carried.http.is_some());
             *pool.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
             *pool.carried.lock().unwrap_or_else(|e| e.into_inner()) = c.carried.to_string();
+            *lock(&pool.whereabouts) = Some(Whereabouts::current());
+            let mut moved = pool.nudge.subscribe();
             pool.current.send_replace(Some(session.clone()));
             let why = loop {
                 let retry = async {
@@ -144,6 +200,14 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
                         return uplink::Ended::Shutdown;
                     }
                     why = session.closed() => break why,
+                    Ok(()) = moved.changed() => {
+                        // The network changed or the machine woke: this session's path may be
+                        // gone. A new one now (with stream resume, the streams follow it).
+                        let why = lock(&pool.moved_why).clone();
+                        session.close(ErrorCode::SessionLost, &why);
+                        pool.current.send_replace(None);
+                        return uplink::Ended::Replaced;
+                    }
                     _ = session.peer_going_away() => {
                         if session.is_closed() {
                             break session.closed().await;
@@ -176,15 +240,23 @@ async fn keep(pool: Arc<Pool>, config: Arc<AgentConfig>, shutdown: CancellationT
             uplink::Ended::Lost(why)
         }
     };
-    uplink::keep(&up, "the agent", &shutdown, serve, |e| {
-        set_error(Some(
-            if egress::probe::GatewayReached::refused_credential(e) {
-                up.refused_text(e)
-            } else {
-                format!("gateway unreachable: {e}")
-            },
-        ))
-    })
+    let nudge = pool.nudge.subscribe();
+    uplink::keep_nudged(
+        &up,
+        "the agent",
+        &shutdown,
+        serve,
+        |e| {
+            set_error(Some(
+                if egress::probe::GatewayReached::refused_credential(e) {
+                    up.refused_text(e)
+                } else {
+                    format!("gateway unreachable: {e}")
+                },
+            ))
+        },
+        nudge,
+    )
     .await;
     pool.current.send_replace(None);
 }

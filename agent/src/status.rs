@@ -66,6 +66,16 @@ pub fn render(
             let _ = writeln!(out, "way out: (none found yet on this network)");
         }
     }
+    let events = pool.events();
+    for (name, e) in [
+        ("last network change", events.change),
+        ("last wake", events.wake),
+    ] {
+        if let Some((at, what, outcome)) = e {
+            let at = humantime::format_rfc3339_seconds(at);
+            let _ = writeln!(out, "{name}: {at} ({what}; {outcome})");
+        }
+    }
     for (front, addr) in listening {
         let _ = writeln!(out, "listening: {front} {addr}");
     }

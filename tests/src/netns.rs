@@ -302,6 +302,22 @@ impl Namespace {
         c
     }
 
+    /// The `/etc/resolv.conf` that programs run with [`Namespace::cmd`] (or `ip netns exec`)
+    /// see: `ip netns exec` mounts `/etc/netns/NAME/resolv.conf` over it. Removed on drop.
+    pub fn resolv_conf(&self, text: &str) -> Result<()> {
+        let dir = std::path::Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("resolv.conf"), text)?;
+        Ok(())
+    }
+
+    /// Runs `ip -n NAME ARGS…`.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
     /// Links this namespace to `other` with a veth pair: `mine` (e.g. `10.77.0.1/24`) on this
     /// side, `theirs` on the other.
     pub fn link(&self, other: &Namespace, mine: &str, theirs: &str) -> Result<()> {
@@ -332,5 +348,6 @@ impl Drop for Namespace {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
+        let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(&self.name));
     }
 }

@@ -1760,4 +1760,102 @@ fn after_the_grace_the_app_sees_a_reset() {
         "the app must see the end of the stream, got {r:?}"
     );
     assert!(t.elapsed() < Duration::from_secs(25), "{:?}", t.elapsed());
+
+/// Issue 17, network changes: a laptop that gets a new network (here a namespace that gets a
+/// link, an address and a default route while the agent runs) re-probes its way out and has a
+/// new session at once, not after its pings time out and a backoff wait; a later change that
+/// leaves the default route and addresses alone keeps the session (no reconnect storm). The
+/// gateway, the connector and the agent run in the namespace, on its loopback.
+#[test]
+fn a_new_default_route_ends_the_session_and_reconnects_without_the_backoff_wait() {
+    use sallyport_e2e::netns::Namespace;
+    let ns = Namespace::new("roam").unwrap();
+    // No DNS search domain: no WPAD lookups over the new route's black hole.
+    ns.resolv_conf("nameserver 127.0.0.1\n").unwrap();
+    let svc_port = dead_port().unwrap();
+    let at = Where {
+        netns: Some(ns.name.clone()),
+        env: Vec::new(),
+    };
+    let sys = System::start_opts(
+        "roam",
+        &allow_backend(svc_port),
+        &["backend.internal=127.0.0.1"],
+        &[],
+        &[],
+        &[(
+            "SALLYPORT_LOG",
+            "info,uplink::keep=debug,agent::netwatch=debug",
+        )],
+        &at,
+    )
+    .unwrap();
+    let connected = || sys.agent.log().matches("connected to the gateway").count();
+    assert_eq!(connected(), 1);
+    // The new network: a link, an address on it and a default route through it.
+    ns.ip(&[
+        "link", "add", "wlan0", "type", "veth", "peer", "name", "wlan0p",
+    ])
+    .unwrap();
+    ns.ip(&["addr", "add", "10.77.0.2/24", "dev", "wlan0"])
+        .unwrap();
+    ns.ip(&["link", "set", "wlan0p", "up"]).unwrap();
+    ns.ip(&["link", "set", "wlan0", "up"]).unwrap();
+    ns.ip(&["route", "add", "default", "via", "10.77.0.1"])
+        .unwrap();
+    let changed = sys
+        .agent
+        .wait_for(
+            &["network changed", "re-probing the way out"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(
+        changed.contains("route default via 10.77.0.1 added"),
+        "{changed}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connected() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no new session:\n{}",
+            sys.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = sys.agent.log();
+    let after = &log[log.find("re-probing the way out").unwrap()..];
+    assert!(
+        !after.contains("waiting before reconnecting") && !after.contains("gateway session lost"),
+        "the new session waited for a backoff:\n{log}"
+    );
+    // A route that does not move the default route or the addresses: the session stays.
+    ns.ip(&["route", "add", "10.88.0.0/16", "via", "10.77.0.1"])
+        .unwrap();
+    sys.agent
+        .wait_for(
+            &[
+                "route 10.88.0.0/16 via 10.77.0.1 added",
+                "keeping the session",
+            ],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert_eq!(connected(), 2, "{}", sys.agent.log());
+    // `sallyport status` says when the network last changed.
+    let (code, out, err) = run(Command::new(bin("sallyport"))
+        .arg("status")
+        .env("HOME", sys.pki.dir.path())
+        .env("XDG_CONFIG_HOME", sys.pki.dir.path().join(".config")))
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("connected: yes"), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("last network change: "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("route 10.88.0.0/16") && line.contains("kept the session"),
+        "{out}"
+    );
 }

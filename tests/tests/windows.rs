@@ -741,11 +741,22 @@ fn status_over_the_named_pipe_answers_for_the_running_windows_agent_only() {
     );
 
     // A second agent of this user: the pipe stays the first one's, and the second says why.
-    let second = windows_agent(wine, &gw, &[]);
+    // (It also shows that the network change notifications and the sleep clocks work here.)
+    let second = windows_agent(
+        wine,
+        &gw,
+        &["--log".into(), "info,agent::netwatch=debug".into()],
+    );
     second
         .wait_for(
             &["another agent of yours answers on the status pipe"],
             Duration::from_secs(30),
+        )
+        .unwrap();
+    second
+        .wait_for(
+            &["watching for network changes and wakes from sleep"],
+            Duration::from_secs(10),
         )
         .unwrap();
     let (code, out, err) = status();

@@ -1,8 +1,9 @@
 //! Keeping a session up: connect, hand the session to the role (the connector serves streams,
 //! the agent lends it to app connections), and when it ends or cannot be set up, wait
 //! ([`Backoff`]) and try again. A way out whose proxy rejected our credentials is never retried
-//! (a domain account locks after a few failures). Also the warnings that are news once per
-//! process, not on every reconnect.
+//! (a domain account locks after a few failures). A nudge ([`keep_nudged`]: the network changed,
+//! the machine woke) ends the wait, or an attempt in progress, and tries again at once. Also the
+//! warnings that are news once per process, not on every reconnect.
 
 use crate::connect::{Connected, TransportChoice, Uplink};
 use crate::{Backoff, ConnectError};
@@ -10,6 +11,7 @@ use egress::probe::Candidate;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -17,6 +19,10 @@ use tracing::{debug, info, warn};
 pub enum Ended {
     /// The session ended (the reason is logged): reconnect.
     Lost(tunnel::SessionError),
+    /// The role ended the session on purpose because a new one will do better (the network
+    /// changed, the machine woke from sleep; the role logged why): reconnect at once, without
+    /// a wait, and start the backoff over.
+    Replaced,
     /// Shutdown: stop.
     Shutdown,
 }
@@ -34,8 +40,27 @@ pub async fn keep<S, F>(
     up: &Uplink,
     who: &str,
     shutdown: &CancellationToken,
+    serve: S,
+    failed: impl FnMut(&ConnectError),
+) where
+    S: FnMut(Connected, Candidate, Uplink) -> F,
+    F: Future<Output = Ended>,
+{
+    let (_never, nudge) = watch::channel(());
+    keep_nudged(up, who, shutdown, serve, failed, nudge).await
+}
+
+/// [`keep`], and every change sent on `nudge` (the network changed, the machine woke) ends a
+/// wait or an attempt in progress and tries again at once, with the backoff started over: what
+/// failed on the old network says nothing about the new one. The sender debounces (a flapping
+/// network sends one nudge per quiet spell, not one per event).
+pub async fn keep_nudged<S, F>(
+    up: &Uplink,
+    who: &str,
+    shutdown: &CancellationToken,
     mut serve: S,
     mut failed: impl FnMut(&ConnectError),
+    mut nudge: watch::Receiver<()>,
 ) where
     S: FnMut(Connected, Candidate, Uplink) -> F,
     F: Future<Output = Ended>,
@@ -51,8 +76,14 @@ pub async fn keep<S, F>(
         let mut refused = None;
         let mut this = up.clone();
         this.gateway = instances[at].clone();
+        nudge.borrow_and_update();
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => break,
+            Ok(()) = nudge.changed() => {
+                debug!("the network changed during an attempt: starting it over");
+                backoff.reset();
+                continue;
+            }
             r = this.connect(up.transport) => r,
         };
         match attempt {
@@ -63,6 +94,10 @@ pub async fn keep<S, F>(
                 let lost_after = Instant::now();
                 match serve(c, way, this).await {
                     Ended::Shutdown => break,
+                    Ended::Replaced => {
+                        backoff.reset();
+                        continue;
+                    }
                     Ended::Lost(why) => {
                         if shutdown.is_cancelled() {
                             break;
@@ -136,6 +171,10 @@ pub async fn keep<S, F>(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
+            Ok(()) = nudge.changed() => {
+                debug!("the network changed: trying again now");
+                backoff.reset();
+            }
         }
     }
 }

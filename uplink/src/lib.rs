@@ -36,7 +36,7 @@ pub mod v2;
 pub use backoff::Backoff;
 pub use connect::{Carried, Connected, Credential, TokenCell, TransportChoice, Uplink};
 pub use error::ConnectError;
-pub use keep::{keep, Ended};
+pub use keep::{keep, keep_nudged, Ended};
 pub use secret::Secret;
 
 use tokio_util::sync::CancellationToken;
