@@ -33,8 +33,9 @@ pub(crate) async fn handle_connection(shared: Arc<Shared>, tcp: TcpStream, peer:
     match &shared.tls {
         Some(acceptor) => {
             let acceptor = acceptor.clone();
-            // rustls reads at most 4 KiB per call: buffer under it (one syscall per 64 KiB).
-            let tcp = tokio::io::BufReader::with_capacity(egress::TLS_READ_BUFFER, tcp);
+            // rustls reads at most 4 KiB per call: buffer under it (one syscall per 64 KiB), a
+            // buffer that an idle connection gives back.
+            let tcp = egress::ReadBuffer::new(egress::TLS_READ_BUFFER, tcp);
             let tls = tokio::select! {
                 r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => match r {
                     Ok(Ok(s)) => s,
