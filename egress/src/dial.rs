@@ -1,7 +1,7 @@
 //! Dialling the gateway through one way out: TCP (or the proxy's handshake), then TLS, within
 //! one timeout, with errors that say which hop failed; and [`GatewayStream`], what callers get.
 
-use crate::readbuf::{ReadBuffer, TLS_READ_BUFFER};
+use crate::readbuf::ReadBuffer;
 use crate::tls::GatewayVerifier;
 use crate::*;
 use rustls::pki_types::ServerName;
@@ -481,7 +481,7 @@ async fn finish_dial(
     })?;
     let connector = TlsConnector::from(cfg.clone());
     // rustls reads at most 4 KiB per call: buffer under it (crate::readbuf).
-    let tcp = ReadBuffer::new(TLS_READ_BUFFER, tcp);
+    let tcp = ReadBuffer::new(tcp);
     match tokio::time::timeout_at(deadline, connector.connect(name, tcp)).await {
         Err(_) => Err(EgressError::ConnectTimeout {
             role: "gateway",

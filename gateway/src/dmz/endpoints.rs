@@ -35,7 +35,7 @@ pub(crate) async fn handle_connection(shared: Arc<Shared>, tcp: TcpStream, peer:
             let acceptor = acceptor.clone();
             // rustls reads at most 4 KiB per call: buffer under it (one syscall per 64 KiB), a
             // buffer that an idle connection gives back.
-            let tcp = egress::ReadBuffer::new(egress::TLS_READ_BUFFER, tcp);
+            let tcp = egress::ReadBuffer::new(tcp);
             let tls = tokio::select! {
                 // Boxed, like every step before the session: the connection's task keeps only
                 // what the session needs (14.5 KiB per idle session when inline).
