@@ -37,11 +37,13 @@ pub mod network;
 pub mod probe;
 
 mod dial;
+mod readbuf;
 mod settings;
 mod tls;
 mod url;
 
 pub use dial::*;
+pub use readbuf::{ReadBuffer, TLS_READ_BUFFER};
 pub use settings::*;
 pub use tls::*;
 pub use url::*;

@@ -600,7 +600,9 @@ const WRITE_BATCH_BYTES: usize = 256 * 1024;
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    // Grows with the batches and is given back whenever the writer waits: an idle session
+    // keeps no batch.
+    let mut batch: Vec<Bytes> = Vec::new();
     loop {
         let closing = {
             let mut st = shared.lock();
@@ -632,6 +634,7 @@ async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
         if closing {
             break;
         }
+        batch = Vec::new();
         shared.writer_wake.notified().await;
     }
     let _ = tokio::time::timeout(CLOSE_GRACE, tx.close()).await;

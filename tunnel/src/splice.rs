@@ -44,12 +44,23 @@ static IN_USE: AtomicUsize = AtomicUsize::new(0);
 
 fn take() -> Box<[u8]> {
     IN_USE.fetch_add(1, Ordering::Relaxed);
-    let reused = POOL.lock().ok().and_then(|mut p| p.pop());
-    reused.unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
+    take_buffer()
 }
 
 fn give(buf: Box<[u8]>) {
     IN_USE.fetch_sub(1, Ordering::Relaxed);
+    give_buffer(buf);
+}
+
+/// A [`BUF_SIZE`] buffer from the shared pool, for a reader that holds one only while data
+/// waits (this copy loop, and the read buffer under TLS, `egress::ReadBuffer`).
+pub fn take_buffer() -> Box<[u8]> {
+    let reused = POOL.lock().ok().and_then(|mut p| p.pop());
+    reused.unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
+}
+
+/// Hands a buffer from [`take_buffer`] back to the pool (freed when the pool is full).
+pub fn give_buffer(buf: Box<[u8]>) {
     if let Ok(mut p) = POOL.lock() {
         if p.len() < POOL_MAX {
             p.push(buf);

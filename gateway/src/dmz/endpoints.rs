@@ -33,10 +33,13 @@ pub(crate) async fn handle_connection(shared: Arc<Shared>, tcp: TcpStream, peer:
     match &shared.tls {
         Some(acceptor) => {
             let acceptor = acceptor.clone();
-            // rustls reads at most 4 KiB per call: buffer under it (one syscall per 64 KiB).
-            let tcp = tokio::io::BufReader::with_capacity(egress::TLS_READ_BUFFER, tcp);
+            // rustls reads at most 4 KiB per call: buffer under it (one syscall per 64 KiB), a
+            // buffer that an idle connection gives back.
+            let tcp = egress::ReadBuffer::new(tcp);
             let tls = tokio::select! {
-                r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => match r {
+                // Boxed, like every step before the session: the connection's task keeps only
+                // what the session needs (14.5 KiB per idle session when inline).
+                r = tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(tcp))) => match r {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         debug!(error = %e, "TLS handshake failed");
@@ -217,7 +220,7 @@ pub(crate) async fn serve_http<S>(
             let is_agent = endpoint == "/agent";
             let inner = is_agent && head.query_has("inner", "1");
             let up = tokio::select! {
-                u = tokio::time::timeout_at(deadline, upgrade(&shared, io, head, client, is_agent, inner, exporter.is_some())) => u,
+                u = tokio::time::timeout_at(deadline, Box::pin(upgrade(&shared, io, head, client, is_agent, inner, exporter.is_some()))) => u,
                 _ = slot.evicted() => return,
             };
             let Ok(Some(up)) = up else {
@@ -227,21 +230,19 @@ pub(crate) async fn serve_http<S>(
             match up {
                 Upgraded::Agent(io, head, id, client, count) => {
                     drop(slot);
-                    let max_frame = shared.config.session.max_frame;
-                    let t = tunnel::ws::WsTransport::server(io, head.leftover, max_frame).await;
+                    let t = ws_transport(&shared, io, head).await;
                     agent_session(shared, t, id, client, count, deadline)
                         .instrument(span)
                         .await
                 }
                 Upgraded::InnerAgent(io, head, client) => {
-                    let max_frame = shared.config.session.max_frame;
-                    let t = tunnel::ws::WsTransport::server(io, head.leftover, max_frame).await;
+                    let t = ws_transport(&shared, io, head).await;
                     async {
                         // Hello and token within the same deadline, and the slot held until then.
-                        let auth = async {
+                        let auth = Box::pin(async {
                             let t = crate::dmz::inner::handshake(&shared, t, deadline).await?;
                             crate::dmz::inner::authenticate(&shared, t, client, deadline).await
-                        };
+                        });
                         let authed = tokio::select! {
                             a = auth => a,
                             _ = slot.evicted() => None,
@@ -262,15 +263,14 @@ pub(crate) async fn serve_http<S>(
                     offer,
                     is_agent,
                 } => {
-                    let max_frame = shared.config.session.max_frame;
-                    let t = tunnel::ws::WsTransport::server(io, head.leftover, max_frame).await;
+                    let t = ws_transport(&shared, io, head).await;
                     let (tx, rx) = tunnel::Transport::split(t);
                     async {
                         // msg3 within the same deadline, and the slot held until then.
-                        let accept = crate::dmz::v2::accept(
+                        let accept = Box::pin(crate::dmz::v2::accept(
                             &shared, tx, rx, *responder, &offer, exporter, true, client, deadline,
                             is_agent,
-                        );
+                        ));
                         let authed = tokio::select! {
                             a = accept => a,
                             _ = slot.evicted() => None,
@@ -290,8 +290,7 @@ pub(crate) async fn serve_http<S>(
                 }
                 Upgraded::Connector(io, head, id, client, count) => {
                     drop(slot);
-                    let max_frame = shared.config.session.max_frame;
-                    let t = tunnel::ws::WsTransport::server(io, head.leftover, max_frame).await;
+                    let t = ws_transport(&shared, io, head).await;
                     connector_session(shared, t, id, client, count, deadline)
                         .instrument(span)
                         .await
@@ -302,4 +301,17 @@ pub(crate) async fn serve_http<S>(
             answer(&mut io, deadline, 404, &[], "sallyport: not found\n").await;
         }
     }
+}
+
+/// The WebSocket transport on an upgraded connection; the request head is dropped here, not
+/// kept for the session's life (only the bytes read past it are needed).
+async fn ws_transport<S>(
+    shared: &Shared,
+    io: S,
+    head: http::RequestHead,
+) -> tunnel::ws::WsTransport<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tunnel::ws::WsTransport::server(io, head.leftover, shared.config.session.max_frame).await
 }

@@ -17,6 +17,11 @@ use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
+/// tungstenite's read buffer: allocated (and zeroed) for every connection and never shrunk, so
+/// its default of 128 KiB was most of what an idle session cost the DMZ. A frame larger than
+/// this still arrives whole (the buffer grows to the frame); only the read chunk is smaller.
+pub const READ_BUFFER: usize = 8 * 1024;
+
 /// The WebSocket configuration for a session whose largest `DATA` payload is `max_frame`.
 pub fn config(max_frame: u32) -> WebSocketConfig {
     // The largest control frame (an OPEN with metadata, ROUTES) is bounded well below this.
@@ -25,6 +30,7 @@ pub fn config(max_frame: u32) -> WebSocketConfig {
     // Inside the inner channel a message is a sealed frame: a few bytes more per chunk.
     let limit = frame + crate::inner::overhead(frame);
     WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(limit))
         .max_frame_size(Some(limit))
         .write_buffer_size(128 * 1024)
