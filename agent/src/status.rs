@@ -58,6 +58,13 @@ pub fn render(
             );
         }
     }
+    // Streams that outlive their session (docs/protocol.md, "Streams that survive").
+    let r = tunnel::resumable::stats();
+    let _ = writeln!(
+        out,
+        "resumable streams: {} ({} suspended now), resumed {} times, {} lost past the grace",
+        r.live, r.suspended, r.resumed, r.expired
+    );
     match config.way.remembered() {
         Some(c) => {
             let _ = writeln!(out, "way out: {c}");

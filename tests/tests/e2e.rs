@@ -1760,6 +1760,7 @@ fn after_the_grace_the_app_sees_a_reset() {
         "the app must see the end of the stream, got {r:?}"
     );
     assert!(t.elapsed() < Duration::from_secs(25), "{:?}", t.elapsed());
+}
 
 /// Issue 17, network changes: a laptop that gets a new network (here a namespace that gets a
 /// link, an address and a default route while the agent runs) re-probes its way out and has a

@@ -200,3 +200,105 @@ impl Resumes {
 pub fn reject(stream: Stream, r: Refusal) {
     stream.reject(r.0, &r.1);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tunnel::{memory_pair, Config, Meta, Role, Session};
+
+    /// An incoming stream on a fresh session pair (what a resume `OPEN` arrives as).
+    async fn incoming() -> (Session, ResumeRequest) {
+        let (a, b) = memory_pair(16);
+        let (dmz, conn) = tokio::join!(
+            Session::start(a, Config::new(Role::Dmz, false)),
+            Session::start(b, Config::new(Role::Connector, true))
+        );
+        let (dmz, _) = dmz.unwrap();
+        let (_c, mut inc) = conn.unwrap();
+        let _s = dmz
+            .open(Dest::new("db.internal", 5432), Meta::default())
+            .unwrap();
+        let stream = inc.accept().await.unwrap();
+        std::mem::forget(_s);
+        (
+            dmz,
+            ResumeRequest {
+                stream,
+                attach: 1,
+                peer_recv: 0,
+            },
+        )
+    }
+
+    fn policy(rules: &[&str]) -> Policy {
+        Policy::new(rules.iter().map(|r| r.parse().unwrap()).collect(), vec![])
+    }
+
+    const ALICE: Who<'static> = Who {
+        user: "alice",
+        groups: &[],
+    };
+
+    #[tokio::test]
+    async fn a_resume_with_another_agents_credential_is_refused() {
+        let resumes = Arc::new(Resumes::default());
+        let dest = Dest::new("db.internal", 5432);
+        let addr: SocketAddr = "10.0.0.5:5432".parse().unwrap();
+        let (key, _rx, _reg, _s) = resumes
+            .register("alice-laptop", &dest, addr, 1 << 20)
+            .unwrap();
+        let p = policy(&["db.internal:5432"]);
+        let (_keep, req) = incoming().await;
+        let Err((Refusal(code, reason), _)) =
+            resumes.deliver(&p, &key, "mallory-laptop", &ALICE, &dest, req)
+        else {
+            panic!("another credential resumed alice's stream");
+        };
+        assert_eq!(code, ErrorCode::NotAllowed);
+        assert!(reason.contains("another credential"), "{reason}");
+        // The owner may; a stream that ended may not be resumed by anyone.
+        let (_keep, req) = incoming().await;
+        assert!(resumes
+            .deliver(&p, &key, "alice-laptop", &ALICE, &dest, req)
+            .is_ok());
+        drop(_reg);
+        let (_keep, req) = incoming().await;
+        let Err((Refusal(code, _), _)) =
+            resumes.deliver(&p, &key, "alice-laptop", &ALICE, &dest, req)
+        else {
+            panic!("a stream that ended was resumed");
+        };
+        assert_eq!(code, ErrorCode::SessionLost);
+    }
+
+    #[tokio::test]
+    async fn a_rule_removed_since_the_open_refuses_the_resume() {
+        let resumes = Arc::new(Resumes::default());
+        let dest = Dest::new("db.internal", 5432);
+        let addr: SocketAddr = "10.0.0.5:5432".parse().unwrap();
+        let (key, _rx, _reg, _s) = resumes
+            .register("alice-laptop", &dest, addr, 1 << 20)
+            .unwrap();
+        let (_keep, req) = incoming().await;
+        let now = policy(&["other.internal:22"]);
+        let Err((Refusal(code, _), _)) =
+            resumes.deliver(&now, &key, "alice-laptop", &ALICE, &dest, req)
+        else {
+            panic!("resumed against the allow-list");
+        };
+        assert_eq!(code, ErrorCode::NotAllowed);
+    }
+
+    #[test]
+    fn one_token_cannot_hold_more_than_its_share() {
+        let resumes = Arc::new(Resumes::default());
+        let dest = Dest::new("db.internal", 5432);
+        let addr: SocketAddr = "10.0.0.5:5432".parse().unwrap();
+        let mut held = Vec::new();
+        for _ in 0..HELD_PER_TOKEN {
+            held.push(resumes.register("mallory", &dest, addr, 1).unwrap());
+        }
+        assert!(resumes.register("mallory", &dest, addr, 1).is_none());
+        assert!(resumes.register("alice", &dest, addr, 1).is_some());
+    }
+}
