@@ -235,7 +235,10 @@ fn idle_sessions(kind: LbKind) {
     // The connection that was open on it outlives it: the agent resumes it on its next session
     // (it used to die with the session: docs/protocol.md, "Streams that survive").
     echo(&mut cut, "after the cut\n").unwrap_or_else(|e| {
-        panic!("the idle connection did not survive the cut: {e}\n{}", logs(&sys, &all))
+        panic!(
+            "the idle connection did not survive the cut: {e}\n{}",
+            logs(&sys, &all)
+        )
     });
     // After the reconnect, new connections work again.
     let deadline = Instant::now() + Duration::from_secs(10);

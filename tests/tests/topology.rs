@@ -16,7 +16,7 @@ use sallyport_e2e::lb::{LbConfig, LbKind, LoadBalancer};
 use sallyport_e2e::netns::{Layout, Site, Topology};
 use sallyport_e2e::*;
 use std::io::{BufRead, BufReader, Write};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const GW_NAME: &str = "gw.sallyport.test";
@@ -410,6 +410,75 @@ fn interactive_session_with_pause(s: &Sites, pause: Duration) {
     let _ = child.wait();
 }
 
+/// An interactive session held open across failures (issue 17): `sallyport connect`, ssh's
+/// `ProxyCommand`, on the desktop; each keystroke must come back, on the same connection.
+struct Keystrokes {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    n: usize,
+}
+
+impl Keystrokes {
+    fn start(s: &Sites) -> Keystrokes {
+        let mut child = s
+            .topo
+            .cmd(Site::Desktop, bin("sallyport"))
+            .args([
+                "connect",
+                "shell.internal",
+                &s.echo_port.to_string(),
+                "--socks",
+                &s.socks.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || loop {
+            let mut l = String::new();
+            match stdout.read_line(&mut l) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    if tx.send(l).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Keystrokes {
+            child,
+            stdin,
+            lines,
+            n: 0,
+        }
+    }
+
+    fn echo(&mut self, s: &Sites, after: &str) {
+        self.n += 1;
+        let line = format!("keystroke {} {after}\n", self.n);
+        let t = Instant::now();
+        self.stdin.write_all(line.as_bytes()).unwrap();
+        self.stdin.flush().unwrap();
+        match self.lines.recv_timeout(Duration::from_secs(45)) {
+            Ok(back) => assert_eq!(back, line),
+            Err(e) => panic!("no echo {after} ({e})\n{}", s.agent.log()),
+        }
+        eprintln!("keystroke echoed {after} in {:?}", t.elapsed());
+    }
+}
+
+impl Drop for Keystrokes {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn four_sites_only_443_leaves_and_nothing_listens_inside() {
     let mut s = start("four");
@@ -470,7 +539,10 @@ fn four_sites_only_443_leaves_and_nothing_listens_inside() {
     );
     assert!(listening.contains("sp-testsvc"), "{listening}");
 
-    // 4. Failure and recovery, without touching the agent.
+    // 4. Failure and recovery, without touching the agent. An interactive session stays open
+    // through the proxy's restart, the gateway's, and the desktop's link down for 10 s.
+    let mut keys = Keystrokes::start(&s);
+    keys.echo(&s, "before any failure");
     // The corporate proxy restarts. (Its log, written as tunnels end, proves the way the
     // session took: CONNECT to the gateway's name, as alice.)
     s.squid.kill();
@@ -494,6 +566,7 @@ fn four_sites_only_443_leaves_and_nothing_listens_inside() {
     s.agent
         .wait_for(&["gateway session lost"], Duration::from_secs(1))
         .unwrap();
+    keys.echo(&s, "after a proxy restart");
 
     // The gateway restarts.
     s.dmz.kill();
@@ -504,6 +577,34 @@ fn four_sites_only_443_leaves_and_nothing_listens_inside() {
         .unwrap();
     let took = s.works_again_within(Duration::from_secs(30), "a gateway restart");
     eprintln!("gateway restart: new connections work again after {took:?}");
+    keys.echo(&s, "after a gateway restart");
+
+    // The desktop's link goes down for 10 s and comes back.
+    let ns = s.topo.ns(Site::Desktop);
+    let link = |state: &str| {
+        let ok = Command::new("ip")
+            .args(["-n", &ns, "link", "set", "eth0", state])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip link set eth0 {state}");
+    };
+    // Setting a link down drops its routes; DHCP would give the default route back.
+    let (_, default_route, _) = s
+        .topo
+        .run(Site::Desktop, "ip", &["route", "show", "default"])
+        .unwrap();
+    link("down");
+    std::thread::sleep(Duration::from_secs(10));
+    link("up");
+    let mut args = vec!["-n", &ns, "route", "replace"];
+    args.extend(default_route.split_whitespace());
+    assert!(
+        Command::new("ip").args(&args).status().unwrap().success(),
+        "{args:?}"
+    );
+    keys.echo(&s, "after the link was down for 10 s");
+    drop(keys);
 
     // The connector restarts.
     s.connector.kill();
