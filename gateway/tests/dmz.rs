@@ -411,7 +411,11 @@ async fn a_slow_agent_never_stalls_a_connector_session_shared_with_others() {
 
 #[tokio::test]
 async fn handshakes_beyond_the_per_address_rate_are_closed_unanswered() {
-    let gw = gateway(&["*:*"], |c| c.limits.handshakes_per_ip = 5.0).await;
+    let gw = gateway(&["*:*"], |c| {
+        c.limits.handshakes_per_ip = 5.0;
+        c.limits.handshake_burst = 10.0;
+    })
+    .await;
     let mut answered = 0;
     for _ in 0..30 {
         if raw_request(gw.addr, b"GET /sp/healthz HTTP/1.1\r\n\r\n")
