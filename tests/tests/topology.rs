@@ -1584,7 +1584,9 @@ const STORM_FIRST_PORT: u16 = 21_000;
 /// The DMZ's per-address handshake budget, scaled down with the agents (× 200 / 5,000): the
 /// defaults (20/s after a burst of 64) against 5,000 desktops are these against 200. Without
 /// refunds, 200 handshakes at 0.8/s would take 246 s, as 5,000 would at 20/s.
-const STORM_LIMITS: &str = "[limits]\nhandshakes_per_ip = 0.8\nhandshake_burst = 3.0\n";
+const STORM_RATE: f64 = 0.8;
+/// The burst of the same budget: 64 × 200 / 5,000, rounded up.
+const STORM_BURST: f64 = 3.0;
 /// The grace within which suspended streams may resume (issue 17): what the storm must fit in.
 const RESUME_GRACE: Duration = Duration::from_secs(60);
 
@@ -1678,7 +1680,13 @@ fn a_reconnect_storm_of_200_agents_behind_one_nat_comes_back_within_the_grace() 
     let svc = bin("sp-testsvc").display().to_string();
     let (_echo, echo_port) = service_in(&topo, Site::Trusted, "echo", "echo", "127.0.0.1:0");
 
-    std::fs::write(pki.p("storm.toml"), STORM_LIMITS).unwrap();
+    std::fs::write(
+        pki.p("storm.toml"),
+        format!(
+            "[limits]\nhandshakes_per_ip = {STORM_RATE:?}\nhandshake_burst = {STORM_BURST:?}\n"
+        ),
+    )
+    .unwrap();
     let dmz_args: Vec<String> = [
         "dmz",
         "-c",
@@ -1819,8 +1827,8 @@ fn a_reconnect_storm_of_200_agents_behind_one_nat_comes_back_within_the_grace() 
     let back = all_agents_up(&topo, n, killed, RESUME_GRACE, &dmz);
     println!(
         "storm: {n} agents behind one NAT address had a session again {back:.1?} after kill -9 \
-         (the DMZ listened again after {restarted:.1?}; per-address budget {} /s, burst {})",
-        0.8, 3
+         (the DMZ listened again after {restarted:.1?}; per-address budget {STORM_RATE}/s after \
+         a burst of {STORM_BURST})"
     );
 
     // Every agent's forward works again: a new connection through each echoes.
