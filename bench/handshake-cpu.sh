@@ -64,8 +64,8 @@ for r in $(seq 1 "$ROUNDS"); do
   for _ in $(seq 1200); do [ "$(sessions)" = "$N" ] && break; sleep 0.05; done
   t1=$(date +%s.%N)
   c1=$(cpu_ms "$DMZ")
-  awk -v n="$N" -v r="$r" -v c="$(echo "$c1 - $c0" | bc)" -v t="$(echo "$t1 - $t0" | bc)" -v up="$(sessions)" \
-    'BEGIN { printf "round %d: %d of %d agents up in %.1f s; DMZ CPU %.0f ms: %.2f ms per handshake\n", r, up, n, t, c, c / n }'
+  awk -v n="$N" -v r="$r" -v c0="$c0" -v c1="$c1" -v t0="$t0" -v t1="$t1" -v up="$(sessions)" \
+    'BEGIN { printf "round %d: %d of %d agents up in %.1f s; DMZ CPU %.0f ms: %.2f ms per handshake\n", r, up, n, t1 - t0, c1 - c0, (c1 - c0) / n }'
   kill "${agents[@]}" 2>/dev/null || true
   wait "${agents[@]}" 2>/dev/null || true
   kill "$DMZ" 2>/dev/null || true

@@ -81,12 +81,12 @@ fn hold(first: SocketAddr, count: u16) {
         }
     });
     say("held", &results);
-    let mut round = 0;
-    for cmd in BufReader::new(std::io::stdin())
+    for (round, cmd) in BufReader::new(std::io::stdin())
         .lines()
         .map_while(Result::ok)
+        .enumerate()
     {
-        round += 1;
+        let round = round + 1;
         match cmd.trim() {
             "echo" => {
                 let (results, back) = each(std::mem::take(&mut held), |port, s| match s {
