@@ -326,6 +326,7 @@ async fn a_wrong_protocol_version_is_closed_with_a_reason() {
         max_frame: 65536,
         instance_id: "old".into(),
         features: 0,
+        resume_id: String::new(),
     });
     tx.send(hello.encode()).await.unwrap();
     tx.flush().await.unwrap();

@@ -274,6 +274,7 @@ mod tests {
             max_frame: 16 * 1024,
             max_send: 16 * 1024,
             datagrams,
+            resume: false,
         }
     }
 
@@ -389,8 +390,15 @@ mod tests {
         let id = st.open_association(Meta::default()).unwrap();
         let s = st.open(to(), Meta::default()).unwrap();
         sent(&mut st, usize::MAX); // the opens
-        st.on_frame(Instant::now(), Frame::OpenOk { stream: s }, 5)
-            .unwrap();
+        st.on_frame(
+            Instant::now(),
+            Frame::OpenOk {
+                stream: s,
+                meta: Default::default(),
+            },
+            5,
+        )
+        .unwrap();
         for _ in 0..200 {
             let _ = st.send_datagram(id, &to(), &[0u8; 1000]);
         }

@@ -46,6 +46,7 @@ mod kind {
     pub const GOAWAY: u8 = 0x0a;
     pub const ROUTES: u8 = 0x0b;
     pub const ROUTES_PART: u8 = 0x0c;
+    pub const ACK: u8 = 0x0d;
     pub const DGRAM_OPEN: u8 = 0x10;
     pub const DGRAM: u8 = 0x11;
     pub const DGRAM_CLOSE: u8 = 0x12;
@@ -55,6 +56,9 @@ mod kind {
 pub mod features {
     /// Datagram frames (`DGRAM_OPEN`, `DGRAM`, `DGRAM_CLOSE`): SOCKS5 UDP.
     pub const DATAGRAMS: u32 = 1;
+    /// Resumable streams: `ACK` frames, `OPEN_OK` with metadata, `sp-resume*` keys
+    /// (docs/protocol.md, "Streams that survive their session").
+    pub const RESUME: u32 = 2;
 }
 
 /// Largest datagram a `DGRAM` frame carries: with the longest address, the frame's payload still
@@ -135,6 +139,9 @@ pub enum ErrorCode {
     Version,
     /// Orderly shutdown (used in `GOAWAY`).
     Shutdown,
+    /// The path to the other end of a resumable stream broke (its session was lost): the stream
+    /// waits to be resumed instead of ending. Only on streams opened as resumable.
+    Suspended,
 }
 
 impl ErrorCode {
@@ -155,6 +162,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 12,
             ErrorCode::Version => 13,
             ErrorCode::Shutdown => 14,
+            ErrorCode::Suspended => 15,
         }
     }
 
@@ -175,6 +183,7 @@ impl ErrorCode {
             12 => ErrorCode::Unauthorized,
             13 => ErrorCode::Version,
             14 => ErrorCode::Shutdown,
+            15 => ErrorCode::Suspended,
             _ => ErrorCode::Internal,
         }
     }
@@ -197,6 +206,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Version => "version",
             ErrorCode::Shutdown => "shutdown",
+            ErrorCode::Suspended => "suspended",
         }
     }
 }
@@ -223,6 +233,9 @@ pub struct Hello {
     pub instance_id: String,
     /// What the sender speaks beyond version 1 ([`features`] bits); 0 when absent.
     pub features: u32,
+    /// A connector's resume id (32 hex digits, random per process) when it announces
+    /// [`features::RESUME`]; empty otherwise. Resume tickets name it.
+    pub resume_id: String,
 }
 
 /// Where a stream should go: a host name or address literal, and a port.
@@ -291,8 +304,11 @@ pub enum Frame {
         dest: Dest,
         meta: Meta,
     },
+    /// The stream is open. `meta` is empty except towards a peer that announced
+    /// [`features::RESUME`] (a ticket, or the offset a resume starts from).
     OpenOk {
         stream: u32,
+        meta: Meta,
     },
     OpenErr {
         stream: u32,
@@ -307,6 +323,12 @@ pub enum Frame {
     Window {
         stream: u32,
         credit: u32,
+    },
+    /// End-to-end acknowledgement on a resumable stream: `offset` bytes of `DATA` arrived in
+    /// order since the stream began. The DMZ passes it on unchanged.
+    Ack {
+        stream: u32,
+        offset: u64,
     },
     /// Half-close: the sender will send no more `DATA` on this stream.
     Fin {
@@ -522,8 +544,11 @@ impl Frame {
                 b.put_u32(h.session_window);
                 b.put_u32(h.max_frame);
                 put_str16(&mut b, &h.instance_id);
-                if h.features != 0 {
+                if h.features != 0 || !h.resume_id.is_empty() {
                     b.put_u32(h.features);
+                }
+                if !h.resume_id.is_empty() {
+                    put_str16(&mut b, &h.resume_id);
                 }
             }
             Frame::Open { stream, dest, meta } => {
@@ -549,7 +574,12 @@ impl Frame {
                 b.put_u8(code.to_u8());
                 b.put_slice(clip_reason(reason).as_bytes());
             }
-            Frame::OpenOk { stream } => header(&mut b, kind::OPEN_OK, *stream),
+            Frame::OpenOk { stream, meta } => {
+                header(&mut b, kind::OPEN_OK, *stream);
+                if !meta.0.is_empty() {
+                    put_meta(&mut b, meta);
+                }
+            }
             Frame::OpenErr {
                 stream,
                 code,
@@ -565,6 +595,10 @@ impl Frame {
                 b.put_u32(*credit);
             }
             Frame::Fin { stream } => header(&mut b, kind::FIN, *stream),
+            Frame::Ack { stream, offset } => {
+                header(&mut b, kind::ACK, *stream);
+                b.put_u64(*offset);
+            }
             Frame::Rst {
                 stream,
                 code,
@@ -654,6 +688,12 @@ impl Frame {
                 // Older peers end here (no features); later versions may append fields after
                 // `features`: a hello tolerates trailing bytes.
                 let features = if r.buf.len() >= 4 { r.u32()? } else { 0 };
+                // A resume id follows when the sender announces resume (and is a connector).
+                let resume_id = if features & features::RESUME != 0 && r.buf.len() >= 2 {
+                    r.str16()?
+                } else {
+                    String::new()
+                };
                 return Ok(Frame::Hello(Hello {
                     version,
                     role,
@@ -662,6 +702,7 @@ impl Frame {
                     max_frame,
                     instance_id,
                     features,
+                    resume_id,
                 }));
             }
             kind::OPEN => {
@@ -698,7 +739,14 @@ impl Frame {
                     reason,
                 }
             }
-            kind::OPEN_OK => Frame::OpenOk { stream },
+            kind::OPEN_OK => Frame::OpenOk {
+                stream,
+                meta: if r.buf.is_empty() {
+                    Meta::default()
+                } else {
+                    r.meta()?
+                },
+            },
             kind::OPEN_ERR => {
                 let code = ErrorCode::from_u8(r.u8()?);
                 let reason = r.rest_str()?;
@@ -713,6 +761,10 @@ impl Frame {
                 credit: r.u32()?,
             },
             kind::FIN => Frame::Fin { stream },
+            kind::ACK => Frame::Ack {
+                stream,
+                offset: r.u64()?,
+            },
             kind::RST => {
                 let code = ErrorCode::from_u8(r.u8()?);
                 let reason = r.rest_str()?;
@@ -797,6 +849,7 @@ fn kind_name(t: u8) -> Option<&'static str> {
         kind::GOAWAY => "GOAWAY",
         kind::ROUTES => "ROUTES",
         kind::ROUTES_PART => "ROUTES_PART",
+        kind::ACK => "ACK",
         kind::DGRAM_OPEN => "DGRAM_OPEN",
         kind::DGRAM => "DGRAM",
         kind::DGRAM_CLOSE => "DGRAM_CLOSE",
@@ -855,6 +908,7 @@ mod tests {
             max_frame: 65536,
             instance_id: "gw-1".into(),
             features: 0,
+            resume_id: String::new(),
         }));
         let mut meta = Meta::default();
         meta.set("sp-user", "alice");
@@ -863,7 +917,17 @@ mod tests {
             dest: Dest::new("db.internal", 5432),
             meta,
         });
-        roundtrip(Frame::OpenOk { stream: 7 });
+        roundtrip(Frame::OpenOk {
+            stream: 7,
+            meta: Meta::default(),
+        });
+        let mut m = Meta::default();
+        m.set("sp-resume-recv", "12345");
+        roundtrip(Frame::OpenOk { stream: 7, meta: m });
+        roundtrip(Frame::Ack {
+            stream: 9,
+            offset: u64::MAX,
+        });
         roundtrip(Frame::OpenErr {
             stream: 7,
             code: ErrorCode::NotAllowed,
@@ -918,6 +982,7 @@ mod tests {
             max_frame: 1024,
             instance_id: "a".into(),
             features: features::DATAGRAMS,
+            resume_id: String::new(),
         };
         roundtrip(Frame::Hello(hello.clone()));
         // An older peer's hello ends after instance_id: no features.
@@ -1002,6 +1067,7 @@ mod tests {
                 max_frame: 1,
                 instance_id: "x".into(),
                 features: 0,
+                resume_id: String::new(),
             })
             .encode(),
             Frame::Routes(vec!["a:1".into()]).encode(),

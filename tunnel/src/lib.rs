@@ -33,6 +33,8 @@ pub mod handshake;
 pub mod inner;
 mod machine;
 pub mod renew;
+pub mod resumable;
+pub mod resume;
 pub mod session;
 pub mod splice;
 pub mod stream;

@@ -65,6 +65,8 @@ pub(crate) struct Rules {
     pub max_send: usize,
     /// Both hellos announced datagrams: `DGRAM*` frames may flow.
     pub datagrams: bool,
+    /// Both hellos announced resumable streams: `ACK` frames and `OPEN_OK` metadata may flow.
+    pub resume: bool,
 }
 
 /// What one state change asks the writer to send, in order.
@@ -121,6 +123,8 @@ pub(crate) struct State {
     routes_truncated: bool,
     /// Streams with queued data, served round robin.
     ready: VecDeque<u32>,
+    /// Streams with an `ACK` waiting (each once; the value is in the stream's state).
+    acks: VecDeque<u32>,
     /// Credit the peer granted us for the whole session.
     send_session_credit: u64,
     /// Streams waiting for session credit (or for room in our own send queue).
@@ -169,6 +173,7 @@ impl State {
             routes_bytes: 0,
             routes_truncated: false,
             ready: VecDeque::new(),
+            acks: VecDeque::new(),
             send_session_credit: rules.peer_session_window as u64,
             session_waiters: Vec::new(),
             queued_total: 0,
@@ -259,6 +264,7 @@ impl State {
         self.dgrams
             .end_all(ErrorCode::SessionLost, &err.to_string());
         self.ready.clear();
+        self.acks.clear();
         self.control.clear();
         self.induced_bytes = 0;
         self.pong = None;
@@ -327,9 +333,26 @@ impl State {
                 }
             }
             Frame::Open { stream, dest, meta } => self.on_open(stream, dest, meta)?,
-            Frame::OpenOk { stream } => {
+            Frame::OpenOk { stream, meta } => {
                 if let Some(s) = self.streams.get_mut(&stream) {
-                    s.on_open_ok();
+                    // Metadata only from a peer that announced resume; otherwise ignored.
+                    let meta = if self.rules.resume {
+                        meta
+                    } else {
+                        Meta::default()
+                    };
+                    s.on_open_ok(meta);
+                }
+            }
+            Frame::Ack { .. } if !self.rules.resume => {
+                return Err((
+                    ErrorCode::Protocol,
+                    "ACK frame, but resume was not announced in both hellos".into(),
+                ))
+            }
+            Frame::Ack { stream, offset } => {
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.on_ack(offset);
                 }
             }
             Frame::OpenErr {
@@ -794,8 +817,25 @@ impl State {
         });
     }
 
-    /// Answers a stream the peer opened: `OPEN_OK`, or `OPEN_ERR(code, reason)`.
-    pub(crate) fn answer(&mut self, id: u32, refuse: Option<(ErrorCode, &str)>) {
+    /// Queues our end-to-end `ACK(offset)` for stream `id`; a value not yet sent is replaced.
+    pub(crate) fn send_ack(&mut self, id: u32, offset: u64) {
+        if !self.rules.resume || self.closed.is_some() {
+            return;
+        }
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        s.ack_out = Some(offset);
+        if !s.ack_queued {
+            s.ack_queued = true;
+            self.acks.push_back(id);
+            self.wake_writer = true;
+        }
+    }
+
+    /// Answers a stream the peer opened: `OPEN_OK` (with `meta`, towards a peer that announced
+    /// resume), or `OPEN_ERR(code, reason)`.
+    pub(crate) fn answer(&mut self, id: u32, refuse: Option<(ErrorCode, &str)>, meta: Meta) {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
@@ -805,7 +845,12 @@ impl State {
         match refuse {
             None if s.error().is_none() => {
                 s.open = OpenState::Incoming { answered: true };
-                self.push_control(Frame::OpenOk { stream: id });
+                let meta = if self.rules.resume {
+                    meta
+                } else {
+                    Meta::default()
+                };
+                self.push_control(Frame::OpenOk { stream: id, meta });
             }
             None => {}
             Some((code, reason)) => {
@@ -883,6 +928,17 @@ impl State {
             };
             bytes += b.len();
             batch.push(b);
+        }
+        // End-to-end acknowledgements: small, one per stream at most, ahead of data.
+        while let Some(id) = self.acks.pop_front() {
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.ack_queued = false;
+                if let Some(offset) = s.ack_out.take() {
+                    let b = Frame::Ack { stream: id, offset }.encode();
+                    bytes += b.len();
+                    batch.push(b);
+                }
+            }
         }
         // Datagrams get up to a quarter of the batch before stream data (so busy streams cannot
         // starve them) and at most that while streams have data (so datagrams cannot starve
@@ -983,6 +1039,7 @@ mod tests {
             max_frame: 16 * 1024,
             max_send: 600,
             datagrams: false,
+            resume: false,
         }
     }
 
@@ -1420,7 +1477,7 @@ mod tests {
         let waker = std::task::Waker::noop();
         let (first, _) = st.next_incoming(waker).unwrap();
         let (second, _) = st.next_incoming(waker).unwrap();
-        st.answer(second, None);
+        st.answer(second, None, Meta::default());
         st.drop_handle(first);
         st.drop_handle(second);
         let out = sent(&mut st);
@@ -1428,7 +1485,7 @@ mod tests {
             matches!(
                 &out[..],
                 [
-                    Frame::OpenOk { stream: 4 },
+                    Frame::OpenOk { stream: 4, .. },
                     Frame::OpenErr { stream: 2, .. },
                     Frame::Rst {
                         stream: 4,

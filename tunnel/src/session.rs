@@ -76,6 +76,11 @@ pub struct Config {
     /// Announce datagrams (SOCKS5 UDP) in the hello; they flow when the peer announces them
     /// too. Off by default: only sides that handle associations turn it on.
     pub datagrams: bool,
+    /// Announce resumable streams (`ACK`, `OPEN_OK` metadata); they are used when the peer
+    /// announces them too. Off by default: only sides that keep resumable streams turn it on.
+    pub resume: bool,
+    /// A connector's resume id, sent in its hello with `resume` (empty for agents and the DMZ).
+    pub resume_id: String,
 }
 
 impl Config {
@@ -94,6 +99,8 @@ impl Config {
             ping_timeout: Duration::from_secs(20),
             hello_timeout: Duration::from_secs(10),
             datagrams: false,
+            resume: false,
+            resume_id: String::new(),
         }
     }
 }
@@ -321,6 +328,15 @@ impl Session {
                 crate::frame::features::DATAGRAMS
             } else {
                 0
+            } | if config.resume {
+                crate::frame::features::RESUME
+            } else {
+                0
+            },
+            resume_id: if config.resume {
+                config.resume_id.clone()
+            } else {
+                String::new()
             },
         };
         tx.send(Frame::Hello(hello).encode())
@@ -386,6 +402,7 @@ impl Session {
             max_frame: config.max_frame,
             max_send,
             datagrams: config.datagrams && peer.features & crate::frame::features::DATAGRAMS != 0,
+            resume: config.resume && peer.features & crate::frame::features::RESUME != 0,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new(rules, Instant::now())),
@@ -551,6 +568,7 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Data { .. } => "DATA",
         Frame::Window { .. } => "WINDOW",
         Frame::Fin { .. } => "FIN",
+        Frame::Ack { .. } => "ACK",
         Frame::Rst { .. } => "RST",
         Frame::Ping(_) => "PING",
         Frame::Pong(_) => "PONG",

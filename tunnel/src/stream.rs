@@ -74,6 +74,16 @@ pub(crate) struct StreamState {
     fail_waker: Option<Waker>,
     pub(crate) bytes_in: u64,
     pub(crate) bytes_out: u64,
+    // Resumable streams (docs/protocol.md, "Streams that survive their session").
+    /// The peer's latest `ACK` offset, and the one the handle last reported.
+    ack_in: u64,
+    ack_seen: u64,
+    ack_waker: Option<Waker>,
+    /// Our `ACK` waiting for the writer (the latest value only: acks coalesce).
+    pub(crate) ack_out: Option<u64>,
+    pub(crate) ack_queued: bool,
+    /// Metadata of the peer's `OPEN_OK` (a resume ticket or offset), when it sent any.
+    open_meta: Option<Box<Meta>>,
 }
 
 impl StreamState {
@@ -101,6 +111,12 @@ impl StreamState {
             fail_waker: None,
             bytes_in: 0,
             bytes_out: 0,
+            ack_in: 0,
+            ack_seen: 0,
+            ack_waker: None,
+            ack_out: None,
+            ack_queued: false,
+            open_meta: None,
         }
     }
 
@@ -115,6 +131,7 @@ impl StreamState {
             self.write_waker.take(),
             self.open_waker.take(),
             self.fail_waker.take(),
+            self.ack_waker.take(),
         ]
         .into_iter()
         .flatten()
@@ -200,12 +217,26 @@ impl StreamState {
         }
     }
 
-    pub(crate) fn on_open_ok(&mut self) {
+    pub(crate) fn on_open_ok(&mut self, meta: Meta) {
         if matches!(self.open, OpenState::Opening) {
             self.open = OpenState::Open;
+            if !meta.0.is_empty() {
+                self.open_meta = Some(Box::new(meta));
+            }
         }
         if let Some(w) = self.open_waker.take() {
             w.wake();
+        }
+    }
+
+    /// The peer's `ACK`: offsets only grow (an older value, from a superseded path, is
+    /// ignored).
+    pub(crate) fn on_ack(&mut self, offset: u64) {
+        if offset > self.ack_in {
+            self.ack_in = offset;
+            if let Some(w) = self.ack_waker.take() {
+                w.wake();
+            }
         }
     }
 
@@ -217,6 +248,7 @@ impl StreamState {
     pub(crate) fn removable(&self) -> bool {
         !self.handle_alive
             && self.send_queue.is_empty()
+            && !self.ack_queued
             && (self.error.is_some() || (self.fin_sent && self.recv_fin))
     }
 }
@@ -274,7 +306,12 @@ impl Stream {
     /// Waits for the answer to our `OPEN`: `Ok` on `OPEN_OK`, the peer's reason on `OPEN_ERR`,
     /// or the session's failure.
     pub async fn opened(&self) -> Result<(), StreamError> {
-        poll_fn(|cx| {
+        poll_fn(|cx| self.poll_opened(cx)).await
+    }
+
+    /// [`Stream::opened`] as a poll function.
+    pub fn poll_opened(&self, cx: &mut Context<'_>) -> Poll<Result<(), StreamError>> {
+        {
             let mut st = self.shared.lock();
             let closed = st.closed.clone();
             let Some(s) = st.streams.get_mut(&self.id) else {
@@ -292,13 +329,55 @@ impl Stream {
                 }
                 _ => Poll::Ready(Ok(())),
             }
-        })
-        .await
+        }
     }
 
     /// Accepts a stream the peer opened (`OPEN_OK`).
     pub fn accept(&self) {
-        self.shared.lock().answer(self.id, None);
+        self.shared.lock().answer(self.id, None, Meta::default());
+    }
+
+    /// Accepts with metadata in the `OPEN_OK` (sent only to a peer that announced resume).
+    pub fn accept_with(&self, meta: Meta) {
+        self.shared.lock().answer(self.id, None, meta);
+    }
+
+    /// The metadata of the peer's `OPEN_OK` (empty when it sent none, or before it came).
+    pub fn open_meta(&self) -> Meta {
+        let st = self.shared.lock();
+        st.streams
+            .get(&self.id)
+            .and_then(|s| s.open_meta.as_deref().cloned())
+            .unwrap_or_default()
+    }
+
+    /// Whether both hellos announced resumable streams (`ACK` may flow).
+    pub fn resume_negotiated(&self) -> bool {
+        self.shared.lock().rules.resume
+    }
+
+    /// Queues an end-to-end `ACK(offset)` (coalesced with one not yet sent). Nothing happens on
+    /// a session where resume was not negotiated.
+    pub fn send_ack(&self, offset: u64) {
+        self.shared.lock().send_ack(self.id, offset);
+    }
+
+    /// Ready with the peer's latest `ACK` offset when it grew since the last call; `None` once
+    /// no more can come (the stream failed or is gone); pending otherwise.
+    pub fn poll_ack(&self, cx: &mut Context<'_>) -> Poll<Option<u64>> {
+        let mut st = self.shared.lock();
+        let Some(s) = st.streams.get_mut(&self.id) else {
+            return Poll::Ready(None);
+        };
+        if s.ack_in > s.ack_seen {
+            s.ack_seen = s.ack_in;
+            return Poll::Ready(Some(s.ack_in));
+        }
+        if s.error.is_some() {
+            return Poll::Ready(None);
+        }
+        s.ack_waker = Some(cx.waker().clone());
+        Poll::Pending
     }
 
     /// Refuses a stream the peer opened (`OPEN_ERR`) with a reason the user will read.
@@ -309,7 +388,9 @@ impl Stream {
 
     /// Like [`Stream::reject`], for a caller that keeps the handle (a relay).
     pub fn refuse(&self, code: ErrorCode, reason: &str) {
-        self.shared.lock().answer(self.id, Some((code, reason)));
+        self.shared
+            .lock()
+            .answer(self.id, Some((code, reason)), Meta::default());
     }
 
     /// Resets the stream with a code and reason; both directions end at once.

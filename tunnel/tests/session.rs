@@ -242,6 +242,7 @@ async fn raw_peer(config: Config) -> ((Session, Incoming), MemoryTransport) {
         max_frame: 16 * 1024,
         instance_id: "raw".into(),
         features: 0,
+        resume_id: String::new(),
     });
     raw.send_raw(hello.encode()).await.unwrap();
     let s = Session::start(a, config).await.unwrap();
@@ -312,7 +313,10 @@ async fn a_peer_that_ignores_credit_is_reset_and_nothing_beyond_the_grant_is_kep
     s3.accept();
     assert!(matches!(
         next_frame(&mut raw).await,
-        Frame::OpenOk { stream: 3 }
+        Frame::OpenOk {
+            stream: 3,
+            meta: Default::default()
+        }
     ));
     assert!(!session.is_closed());
 }
@@ -367,11 +371,17 @@ async fn more_streams_than_allowed_are_refused_and_the_rest_keep_working() {
     b.accept();
     assert!(matches!(
         next_frame(&mut raw).await,
-        Frame::OpenOk { stream: 1 }
+        Frame::OpenOk {
+            stream: 1,
+            meta: Default::default()
+        }
     ));
     assert!(matches!(
         next_frame(&mut raw).await,
-        Frame::OpenOk { stream: 3 }
+        Frame::OpenOk {
+            stream: 3,
+            meta: Default::default()
+        }
     ));
 }
 
@@ -407,6 +417,7 @@ async fn a_peer_of_another_version_gets_a_clear_reason() {
         max_frame: 1 << 14,
         instance_id: "future".into(),
         features: 0,
+        resume_id: String::new(),
     });
     raw.send_raw(hello.encode()).await.unwrap();
     let err = Session::start(a, Config::new(Role::Dmz, false))
@@ -545,6 +556,7 @@ async fn session_credit_of_data_dropped_by_a_reset_is_not_lost() {
         max_frame: 16 * 1024,
         instance_id: "raw".into(),
         features: 0,
+        resume_id: String::new(),
     });
     raw.send_raw(hello.encode()).await.unwrap();
     let (session, _) = Session::start(a, Config::new(Role::Agent, true))

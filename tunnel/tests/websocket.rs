@@ -64,6 +64,7 @@ async fn server_session_against_raw_client(msg: Message) -> SessionError {
         max_frame: 65536,
         instance_id: "raw".into(),
         features: 0,
+        resume_id: String::new(),
     });
     raw.send(Message::Binary(hello.encode())).await.unwrap();
     let _ = raw.send(msg).await;

@@ -513,6 +513,7 @@ async fn ping_session(ctx: &Ctx, url: &str, token: &str) -> Result<(), &'static 
         max_frame: 65536,
         instance_id: "sp-attack".into(),
         features: 0,
+        resume_id: String::new(),
     };
     tx.send(tunnel::Frame::Hello(hello).encode())
         .await

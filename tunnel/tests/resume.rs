@@ -1,0 +1,176 @@
+//! Resumable streams over in-memory sessions (no DMZ, no sockets): an opener and a holder end
+//! keep an echo going while the session under them is dropped and replaced.
+
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tunnel::resumable::{
+    keys, Reattached, Reopen, ReopenError, ReopenFuture, Resumable, ResumeRequest, Settings,
+};
+use tunnel::{memory_pair, Config, Dest, Incoming, Meta, Role, Session};
+
+fn config(role: Role, initiator: bool) -> Config {
+    let mut c = Config::new(role, initiator);
+    c.resume = true;
+    c.stream_window = 64 * 1024;
+    c
+}
+
+async fn pair() -> ((Session, Incoming), (Session, Incoming)) {
+    let (a, b) = memory_pair(64);
+    let (c, s) = tokio::join!(
+        Session::start(a, config(Role::Agent, true)),
+        Session::start(b, config(Role::Connector, false))
+    );
+    (c.unwrap(), s.unwrap())
+}
+
+struct TestReopen {
+    session: watch::Receiver<Option<Session>>,
+}
+
+impl Reopen for TestReopen {
+    fn reopen(&self, ticket: &str, attach: u32, recv: u64) -> ReopenFuture {
+        let mut rx = self.session.clone();
+        let ticket = ticket.to_string();
+        Box::pin(async move {
+            let session = loop {
+                if let Some(s) = rx.borrow_and_update().clone() {
+                    if !s.is_closed() {
+                        break s;
+                    }
+                }
+                rx.changed()
+                    .await
+                    .map_err(|_| ReopenError::Gone("no more sessions".into()))?;
+            };
+            let mut m = Meta::default();
+            m.set(keys::RESUME, ticket);
+            m.set(keys::ATTACH, attach.to_string());
+            m.set(keys::RECV, recv.to_string());
+            let stream = session
+                .open(Dest::new("echo", 7), m)
+                .map_err(|e| ReopenError::Retry(e.to_string()))?;
+            stream
+                .opened()
+                .await
+                .map_err(|e| ReopenError::Retry(e.to_string()))?;
+            let peer_recv = stream
+                .open_meta()
+                .get(keys::RECV)
+                .and_then(tunnel::resume::parse_offset)
+                .ok_or_else(|| ReopenError::Gone("no offset".into()))?;
+            Ok(Reattached { stream, peer_recv })
+        })
+    }
+}
+
+fn settings(grace: Duration) -> Settings {
+    Settings {
+        buffer: 256 * 1024,
+        grace,
+        charge: None,
+    }
+}
+
+/// The connector's side: new streams become echoing holders; resumes go to their holder.
+fn serve(
+    mut incoming: Incoming,
+    holders: Arc<std::sync::Mutex<Vec<mpsc::Sender<ResumeRequest>>>>,
+    grace: Duration,
+) {
+    tokio::spawn(async move {
+        while let Some(s) = incoming.accept().await {
+            let meta = s.request().unwrap().meta.clone();
+            match meta.get(keys::RESUME) {
+                Some("new") => {
+                    let (tx, rx) = mpsc::channel(2);
+                    let mut m = Meta::default();
+                    m.set(keys::RESUME, "ticket-1");
+                    s.accept_with(m);
+                    holders.lock().unwrap().push(tx);
+                    let mut end = Resumable::holder(s, rx, settings(grace));
+                    // One task polls a resumable end (as `splice` does): here an echo.
+                    let (mut near, far) = tokio::io::duplex(64 * 1024);
+                    tokio::spawn(async move {
+                        let _ = tunnel::splice(&mut end, &mut near).await;
+                    });
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = tokio::io::split(far);
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = w.shutdown().await;
+                    });
+                }
+                Some(_) => {
+                    let attach = meta.get(keys::ATTACH).unwrap().parse().unwrap();
+                    let peer_recv = meta.get(keys::RECV).unwrap().parse().unwrap();
+                    let tx = holders.lock().unwrap()[0].clone();
+                    let _ = tx
+                        .send(ResumeRequest {
+                            stream: s,
+                            attach,
+                            peer_recv,
+                        })
+                        .await;
+                }
+                None => panic!("not resumable"),
+            }
+        }
+    });
+}
+
+#[tokio::test]
+async fn an_echo_survives_two_dropped_sessions_byte_for_byte() {
+    let grace = Duration::from_secs(10);
+    let holders = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let ((client, _ci), (_server, si)) = pair().await;
+    serve(si, holders.clone(), grace);
+    let (tx, rx) = watch::channel(Some(client.clone()));
+    let mut m = Meta::default();
+    m.set(keys::RESUME, "new");
+    let stream = client.open(Dest::new("echo", 7), m).unwrap();
+    let mut end = Resumable::opener(
+        stream,
+        Box::new(TestReopen { session: rx }),
+        settings(grace),
+    );
+    let (mut near, app) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move { tunnel::splice(&mut near, &mut end).await });
+    let (mut r, mut w) = tokio::io::split(app);
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(10_000) {
+            w.write_all(chunk).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 50_000];
+    let mut drops = 0;
+    let mut current = client;
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(20), r.read(&mut buf))
+            .await
+            .expect("echo stalled")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if (got.len() > 700_000 && drops == 0) || (got.len() > 1_900_000 && drops == 1) {
+            drops += 1;
+            current.close(tunnel::ErrorCode::Shutdown, "test drops the session");
+            let ((c, _ci), (_s, si)) = pair().await;
+            serve(si, holders.clone(), grace);
+            current = c.clone();
+            tx.send(Some(c)).unwrap();
+        }
+    }
+    writer.await.unwrap();
+    assert_eq!(drops, 2);
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "the echo differs");
+    assert_eq!(tunnel::resumable::stats().resumed >= 2, true);
+}
