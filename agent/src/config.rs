@@ -93,6 +93,10 @@ pub struct AgentArgs {
     /// How long a SOCKS5/CONNECT client waits for the far end to accept [default: 30s].
     #[arg(long)]
     pub open_timeout: Option<String>,
+    /// How long a connection whose gateway session was lost keeps trying to resume before the
+    /// app sees a reset [default: 60s].
+    #[arg(long)]
+    pub resume_grace: Option<String>,
     /// Timeout for connecting to the gateway [default: 10s].
     #[arg(long)]
     pub connect_timeout: Option<String>,
@@ -133,6 +137,7 @@ pub struct AgentFile {
     pub allow_remote_clients: bool,
     pub local_auth: Option<LocalAuthFile>,
     pub open_timeout: Option<String>,
+    pub resume_grace: Option<String>,
     pub connect_timeout: Option<String>,
     pub instance_id: Option<String>,
     #[serde(default)]
@@ -218,6 +223,8 @@ pub struct AgentConfig {
     pub allow_remote_clients: bool,
     pub local_auth: Option<Arc<LocalAuth>>,
     pub open_timeout: Duration,
+    /// How long a stream whose session was lost keeps trying to resume.
+    pub resume_grace: Duration,
     pub connect_timeout: Duration,
     /// How long an app connection waits for a gateway session while reconnecting.
     pub session_wait: Duration,
@@ -520,6 +527,7 @@ pub fn agent_config_with(
     }
     let mut session = tunnel::Config::new(tunnel::Role::Agent, true);
     session.datagrams = true;
+    session.resume = true;
     file.tunnel.apply(&mut session)?;
     Ok(AgentConfig {
         gateway,
@@ -539,6 +547,13 @@ pub fn agent_config_with(
                 .or(file.open_timeout.as_deref())
                 .unwrap_or("30s"),
             "open_timeout",
+        )?,
+        resume_grace: duration(
+            args.resume_grace
+                .as_deref()
+                .or(file.resume_grace.as_deref())
+                .unwrap_or("60s"),
+            "resume_grace",
         )?,
         connect_timeout: duration(
             args.connect_timeout

@@ -157,6 +157,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
     // 3. The connector: dials out, allowed to reach only the internal service.
     let gateway_url = egress::GatewayUrl::parse(&gw)?;
     let rules: Vec<Rule> = vec![route.parse()?, format!("127.0.0.1/32:{svc_port}").parse()?];
+    let resume = std::sync::Arc::new(gateway::connector::resume::Resumes::default());
     let conn_cfg = ConnectorConfig {
         gateways: vec![gateway_url.clone()],
         token: auth::TokenSecret::new(conn_token.expose()),
@@ -176,10 +177,16 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         http_mode: None,
         always_inner: false,
         instance_id: "demo-connector".into(),
-        session: tunnel::Config::new(tunnel::Role::Connector, true),
+        session: {
+            let mut s = tunnel::Config::new(tunnel::Role::Connector, true);
+            s.resume = true;
+            s.resume_id = resume.id.clone();
+            s
+        },
         admin: None,
         ops: Default::default(),
         issuer: None,
+        resume,
     };
     tokio::spawn(gateway::connector::run(conn_cfg, shutdown.clone()));
 
@@ -202,11 +209,16 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         allow_remote_clients: false,
         local_auth: None,
         open_timeout: Duration::from_secs(10),
+        resume_grace: tunnel::resumable::DEFAULT_GRACE,
         connect_timeout: Duration::from_secs(5),
         session_wait: Duration::from_secs(10),
         control: None,
         instance_id: "demo-agent".into(),
-        session: tunnel::Config::new(tunnel::Role::Agent, true),
+        session: {
+            let mut s = tunnel::Config::new(tunnel::Role::Agent, true);
+            s.resume = true;
+            s
+        },
         gateway_key: None,
         inner_key: None,
         always_inner: false,

@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
+use tunnel::resumable::{keys, Reattached, Reopen, ReopenError, ReopenFuture, Resumable, Settings};
 use tunnel::{meta, Dest, ErrorCode, Meta, Stream, StreamError};
 
 pub struct TunnelDialer {
@@ -21,6 +22,72 @@ pub struct TunnelDialer {
     pub session_wait: Duration,
     /// How long a confirmed open waits for `OPEN_OK`.
     pub open_timeout: Duration,
+    /// How long a stream whose session was lost keeps trying to resume.
+    pub resume_grace: Duration,
+}
+
+/// How a resumable stream of the agent asks for a new attachment: on whatever session the pool
+/// has now, `OPEN` to the same target with the ticket, the attachment number and our offset.
+struct AgentReopen {
+    pool: Arc<Pool>,
+    target: Target,
+    front: &'static str,
+}
+
+/// One resume attempt gets this long (a path that died without a word must not eat the
+/// grace); the next attempt has a higher attachment number.
+const ATTEMPT: Duration = Duration::from_secs(3);
+
+impl Reopen for AgentReopen {
+    fn reopen(&self, ticket: &str, attach: u32, recv: u64) -> ReopenFuture {
+        let pool = self.pool.clone();
+        let dest = Dest::new(self.target.host.clone(), self.target.port);
+        let front = self.front;
+        let ticket = ticket.to_string();
+        Box::pin(async move {
+            let attempt = async {
+                let session = pool.session(ATTEMPT).await.map_err(ReopenError::Retry)?;
+                if !session.resume_negotiated() {
+                    return Err(ReopenError::Retry(
+                        "this gateway does not resume streams (an older version)".into(),
+                    ));
+                }
+                let mut m = Meta::default();
+                m.set(meta::FRONT, front);
+                m.set(keys::RESUME, ticket);
+                m.set(keys::ATTACH, attach.to_string());
+                m.set(keys::RECV, recv.to_string());
+                let stream = session
+                    .open(dest, m)
+                    .map_err(|e| ReopenError::Retry(e.to_string()))?;
+                match stream.opened().await {
+                    Ok(()) => {}
+                    Err(StreamError::Refused { code, reason }) => {
+                        return Err(match code {
+                            ErrorCode::NoRoute | ErrorCode::Limit | ErrorCode::TimedOut => {
+                                ReopenError::Retry(reason)
+                            }
+                            _ => ReopenError::Gone(reason),
+                        })
+                    }
+                    Err(e) => return Err(ReopenError::Retry(e.to_string())),
+                }
+                let peer_recv = stream
+                    .open_meta()
+                    .get(keys::RECV)
+                    .and_then(tunnel::resume::parse_offset)
+                    .ok_or_else(|| {
+                        ReopenError::Gone("the gateway's answer carries no offset".into())
+                    })?;
+                Ok(Reattached { stream, peer_recv })
+            };
+            tokio::time::timeout(ATTEMPT, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ReopenError::Retry(format!("no answer within {ATTEMPT:?}")))
+                })
+        })
+    }
 }
 
 pub fn kind_for(code: ErrorCode) -> DialErrorKind {
@@ -49,6 +116,17 @@ fn dial_error(e: &StreamError) -> DialError {
 impl TunnelDialer {
     /// Opens a tunnel stream to `target`; with `confirm`, waits for the far end's answer.
     pub async fn open(&self, target: &Target, confirm: bool) -> Result<Stream, DialError> {
+        self.open_as(target, confirm, false).await
+    }
+
+    /// [`TunnelDialer::open`], asking for a resumable stream when `resumable` and the session
+    /// negotiated resume.
+    async fn open_as(
+        &self,
+        target: &Target,
+        confirm: bool,
+        resumable: bool,
+    ) -> Result<Stream, DialError> {
         let stream = loop {
             let session = self
                 .pool
@@ -57,6 +135,9 @@ impl TunnelDialer {
                 .map_err(|e| DialError::new(DialErrorKind::Unavailable, e))?;
             let mut m = Meta::default();
             m.set(meta::FRONT, self.front);
+            if resumable && session.resume_negotiated() {
+                m.set(keys::RESUME, "new");
+            }
             match session.open(Dest::new(target.host.clone(), target.port), m) {
                 // The gateway said GOAWAY after the pool lent this session: the pool lends
                 // only sessions that are not going away, so this waits for the next one.
@@ -90,14 +171,37 @@ impl Dialer for TunnelDialer {
             front: self.front,
             session_wait: self.session_wait,
             open_timeout: self.open_timeout,
+            resume_grace: self.resume_grace,
         };
         Box::pin(async move {
             let confirm = mode == OpenMode::Confirmed;
-            let stream = this.open(&target, confirm).await?;
-            Ok(if confirm {
-                Box::new(stream) as BoxIo
-            } else {
-                Box::new(EarlyStream(stream)) as BoxIo
+            let stream = this.open_as(&target, confirm, true).await?;
+            let asked = stream.resume_negotiated();
+            Ok(match (asked, confirm) {
+                (true, _) => {
+                    let buffer = tunnel::resumable::buffer_for(512 * 1024, 64 * 1024);
+                    let reopen = AgentReopen {
+                        pool: this.pool.clone(),
+                        target: target.clone(),
+                        front: this.front,
+                    };
+                    let end = Resumable::opener(
+                        stream,
+                        Box::new(reopen),
+                        Settings {
+                            buffer,
+                            grace: this.resume_grace,
+                            charge: None,
+                        },
+                    );
+                    if confirm {
+                        Box::new(end) as BoxIo
+                    } else {
+                        Box::new(EarlyStream(end)) as BoxIo
+                    }
+                }
+                (false, true) => Box::new(stream) as BoxIo,
+                (false, false) => Box::new(EarlyStream(stream)) as BoxIo,
             })
         })
     }
@@ -105,7 +209,7 @@ impl Dialer for TunnelDialer {
 
 /// A stream opened without waiting: a later refusal surfaces as an I/O error that carries the
 /// [`DialError`], so the HTTP front end still answers 403/502/504 with the reason.
-pub struct EarlyStream(pub Stream);
+pub struct EarlyStream<S = Stream>(pub S);
 
 fn map_io(e: io::Error) -> io::Error {
     let dial = e
@@ -118,7 +222,7 @@ fn map_io(e: io::Error) -> io::Error {
     }
 }
 
-impl AsyncRead for EarlyStream {
+impl<S: AsyncRead + Unpin> AsyncRead for EarlyStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -130,7 +234,7 @@ impl AsyncRead for EarlyStream {
     }
 }
 
-impl AsyncWrite for EarlyStream {
+impl<S: AsyncWrite + Unpin> AsyncWrite for EarlyStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

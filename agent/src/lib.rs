@@ -129,6 +129,7 @@ impl Agent {
                 front: front.name(),
                 session_wait: self.config.session_wait,
                 open_timeout: self.config.open_timeout,
+                resume_grace: self.config.resume_grace,
             });
             tracker.spawn(listen::serve(
                 l,

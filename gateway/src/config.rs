@@ -502,6 +502,7 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     }
     let mut session = tunnel::Config::new(tunnel::Role::Dmz, false);
     session.datagrams = true;
+    session.resume = true;
     file.tunnel.apply(&mut session)?;
     file.tunnel.refuse_keys_of_others("DMZ", true)?;
     let mut trusted = file
@@ -606,6 +607,10 @@ pub struct ConnectorArgs {
     /// How long a client on a rule with `protocol=` has to send its first bytes [default: 5s].
     #[arg(long)]
     pub protocol_timeout: Option<String>,
+    /// How long a stream whose agent lost its session waits to be resumed before its service
+    /// connection is closed [default: 60s].
+    #[arg(long)]
+    pub resume_grace: Option<String>,
     /// Name of this connector in logs [default: host name].
     #[arg(long)]
     pub instance_id: Option<String>,
@@ -661,6 +666,7 @@ pub struct ConnectorFile {
     pub sessions: Option<usize>,
     pub connect_timeout: Option<String>,
     pub protocol_timeout: Option<String>,
+    pub resume_grace: Option<String>,
     pub instance_id: Option<String>,
     #[serde(default)]
     pub tunnel: TunnelFile,
@@ -869,6 +875,18 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
     }
     let mut session = tunnel::Config::new(tunnel::Role::Connector, true);
     session.datagrams = true;
+    let grace = match args.resume_grace.clone().or(file.resume_grace.clone()) {
+        Some(s) => duration(&s, "resume_grace")?,
+        None => tunnel::resumable::DEFAULT_GRACE,
+    };
+    if grace > Duration::from_secs(3600) {
+        return Err(invalid(format!(
+            "resume_grace {grace:?}: at most 1h (a suspended stream holds its service connection that long)"
+        )));
+    }
+    let resume = Arc::new(crate::connector::resume::Resumes::new(grace));
+    session.resume = true;
+    session.resume_id = resume.id.clone();
     file.tunnel.apply(&mut session)?;
     file.tunnel.refuse_keys_of_others("connector", false)?;
     let transport = file.tunnel.transport()?.unwrap_or_default();
@@ -906,6 +924,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
             .or(file.instance_id)
             .unwrap_or_else(default_instance_id),
         session,
+        resume,
     })
 }
 

@@ -249,7 +249,10 @@ impl State {
             return false;
         }
         match &err {
-            SessionError::PeerClosed | SessionError::Local(_) | SessionError::GoAway { .. } => {
+            SessionError::PeerClosed
+            | SessionError::Local(_)
+            | SessionError::Closed { .. }
+            | SessionError::GoAway { .. } => {
                 debug!(error = %err, "session closed")
             }
             _ => warn!(error = %err, "session closed"),

@@ -279,8 +279,16 @@ pub fn suspends(e: &StreamError) -> bool {
             ..
         } => true,
         StreamError::SessionLost(s) => match s {
-            SessionError::GoAway { code, .. } => {
-                matches!(code, ErrorCode::Shutdown | ErrorCode::TimedOut)
+            // The peer's GOAWAY, or ours: a drain or a dead path suspends; a revoked token, a
+            // broken peer or another version ends the stream.
+            SessionError::GoAway { code, .. } | SessionError::Closed { code, .. } => {
+                matches!(
+                    code,
+                    ErrorCode::Shutdown
+                        | ErrorCode::TimedOut
+                        | ErrorCode::Suspended
+                        | ErrorCode::SessionLost
+                )
             }
             SessionError::Transport(_)
             | SessionError::PeerClosed

@@ -124,6 +124,9 @@ pub enum SessionError {
     Unresponsive(Duration),
     #[error("session closed: {0}")]
     Local(String),
+    /// We closed it with `GOAWAY(code, reason)` ([`Session::close`]).
+    #[error("session closed ({code}): {reason}")]
+    Closed { code: ErrorCode, reason: String },
 }
 
 impl SessionError {
@@ -425,6 +428,11 @@ impl Session {
         ))
     }
 
+    /// Both hellos announced resumable streams.
+    pub fn resume_negotiated(&self) -> bool {
+        self.shared.lock().rules.resume
+    }
+
     /// What the peer announced in its hello.
     pub fn peer(&self) -> &Hello {
         &self.shared.peer
@@ -457,7 +465,10 @@ impl Session {
     /// Closes the session: sends `GOAWAY(code, reason)` and fails every stream.
     pub fn close(&self, code: ErrorCode, reason: &str) {
         self.shared.close(
-            SessionError::Local(reason.to_string()),
+            SessionError::Closed {
+                code,
+                reason: reason.to_string(),
+            },
             Some((code, reason.to_string())),
         );
     }

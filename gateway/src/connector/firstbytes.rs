@@ -14,7 +14,25 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::info;
+use tunnel::resumable::Resumable;
 use tunnel::{ErrorCode, Stream};
+
+/// The connector's end of a stream, plain or resumable: read, and reset for good.
+pub(super) trait End: tokio::io::AsyncRead + Unpin {
+    fn reset_with(&mut self, code: ErrorCode, reason: &str);
+}
+
+impl End for Stream {
+    fn reset_with(&mut self, code: ErrorCode, reason: &str) {
+        self.reset(code, reason);
+    }
+}
+
+impl End for Resumable {
+    fn reset_with(&mut self, code: ErrorCode, reason: &str) {
+        self.reset(code, reason);
+    }
+}
 
 /// The stream's identity and destination, as the audit lines name them.
 pub(super) struct Audit<'a> {
@@ -30,7 +48,7 @@ pub(super) struct Audit<'a> {
 /// spoke, or a failure), and the audit line is written.
 pub(super) async fn admit(
     config: &ConnectorConfig,
-    stream: &mut Stream,
+    stream: &mut impl End,
     tcp: &mut TcpStream,
     who: &Who<'_>,
     audit: &Audit<'_>,
@@ -51,7 +69,7 @@ pub(super) async fn admit(
             info!(target: "audit", event = "protocol", token = %audit.token, name = %audit.user, client = %audit.client,
                 dest = %audit.dest, %rule, %seen, "protocol allowed");
             if let Err(e) = tcp.write_all(&buf).await {
-                stream.reset(
+                stream.reset_with(
                     ErrorCode::Cancel,
                     &format!("connection to the service failed ({e})"),
                 );
@@ -79,7 +97,7 @@ pub(super) async fn admit(
                 &audit.dest.to_string(),
                 &reason,
             );
-            stream.reset(ErrorCode::NotAllowed, &reason);
+            stream.reset_with(ErrorCode::NotAllowed, &reason);
             false
         }
         Ok(Verdict::More) | Err(_) => {
@@ -101,7 +119,7 @@ const MAX_READS: usize = 64;
 /// decides as "no more").
 /// `Err`: the stream failed. The flag: the deadline passed.
 async fn peek(
-    stream: &mut Stream,
+    stream: &mut impl End,
     need: &Requirement,
     deadline: tokio::time::Instant,
 ) -> (Vec<u8>, std::io::Result<Verdict>, bool) {

@@ -10,6 +10,7 @@
 
 mod firstbytes;
 mod issuer;
+pub mod resume;
 mod streams;
 mod udp;
 
@@ -70,6 +71,8 @@ pub struct ConnectorConfig {
     pub ops: Arc<crate::admin::connector::ConnectorOps>,
     /// `--renewal-key`: this connector is the issuer, answering token renewals only.
     pub issuer: Option<Arc<IssuerConfig>>,
+    /// Resumable streams held here (`resume.rs`); its id is in every hello.
+    pub resume: Arc<resume::Resumes>,
 }
 
 impl ConnectorConfig {

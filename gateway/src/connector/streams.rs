@@ -12,7 +12,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, Instrument};
-use tunnel::{meta, ErrorCode, Session, Stream};
+use tunnel::resumable::{keys, Resumable, ResumeRequest};
+use tunnel::{meta, ErrorCode, Meta, Session, Stream};
 
 pub(super) async fn serve(
     config: &Arc<ConnectorConfig>,
@@ -71,6 +72,47 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
         user: &user,
         groups: &groups,
     };
+    // A resume of a stream this connector holds (only on a session that negotiated resume: an
+    // older DMZ passes an agent's keys through, and they mean nothing then).
+    let resume = if stream.resume_negotiated() {
+        req.meta.get(keys::RESUME).map(str::to_string)
+    } else {
+        None
+    };
+    if let Some(key) = resume.as_deref().filter(|k| *k != "new") {
+        let attach = req
+            .meta
+            .get(keys::ATTACH)
+            .and_then(|v| v.parse::<u32>().ok());
+        let peer_recv = req
+            .meta
+            .get(keys::RECV)
+            .and_then(tunnel::resume::parse_offset);
+        let (Some(attach), Some(peer_recv)) = (attach, peer_recv) else {
+            return stream.reject(
+                ErrorCode::Protocol,
+                "resume without a valid attachment or offset",
+            );
+        };
+        let request = ResumeRequest {
+            stream,
+            attach,
+            peer_recv,
+        };
+        match config
+            .resume
+            .deliver(&config.policy, key, &token, &who, &dest, request)
+        {
+            Ok(()) => {
+                info!(target: "audit", event = "resume", %token, name = %user, %client, %dest, attach, "stream resumed")
+            }
+            Err((refusal, request)) => {
+                info!(target: "audit", event = "refused", %token, name = %user, %client, %dest, code = %refusal.0, reason = %refusal.1, "resume refused");
+                super::resume::reject(request.stream, refusal);
+            }
+        }
+        return;
+    }
     let (tcp, addr) = match dial_checked(&config, &dest, &who).await {
         Ok((tcp, addr)) => {
             info!(target: "audit", event = "open", %token, name = %user, %client, %dest, %addr, "stream open");
@@ -87,9 +129,38 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
             return;
         }
     };
-    stream.accept();
     let _open = config.ops.metrics.stream_open();
     let mut tcp = tcp;
+    let buffer =
+        tunnel::resumable::buffer_for(config.session.stream_window, config.session.max_frame);
+    let held = match resume {
+        Some(_) => config.resume.register(&token, &dest, addr, buffer),
+        None => None,
+    };
+    if let Some((key, requests, _registration, settings)) = held {
+        let mut m = Meta::default();
+        m.set(keys::KEY, key);
+        stream.accept_with(m);
+        let mut end = Resumable::holder(stream, requests, settings);
+        let audit = firstbytes::Audit {
+            token: &token,
+            user: &user,
+            client: &client,
+            dest: &dest,
+            addr,
+        };
+        if !Box::pin(firstbytes::admit(&config, &mut end, &mut tcp, &who, &audit)).await {
+            return;
+        }
+        let result = tunnel::splice(&mut end, &mut tcp).await;
+        let (up, down) = end.byte_counts();
+        finish(&config, &audit, started, up, down, &result);
+        if result.is_err() {
+            end.reset(ErrorCode::Cancel, "connection to the service failed");
+        }
+        return;
+    }
+    stream.accept();
     let mut stream = stream;
     let audit = firstbytes::Audit {
         token: &token,
@@ -118,18 +189,30 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
         e = failure => Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, e)),
     };
     let (up, down) = stream.byte_counts();
+    finish(&config, &audit, started, up, down, &result);
+    if result.is_err() {
+        stream.reset(ErrorCode::Cancel, "connection to the service failed");
+    }
+}
+
+/// The close of a stream: byte counters and the audit line.
+fn finish(
+    config: &ConnectorConfig,
+    audit: &firstbytes::Audit<'_>,
+    started: Instant,
+    up: u64,
+    down: u64,
+    result: &std::io::Result<(u64, u64)>,
+) {
     config.ops.metrics.bytes(up, down);
-    let outcome = match &result {
+    let outcome = match result {
         Ok(_) => "closed".to_string(),
         Err(e) => format!("reset: {e}"),
     };
     info!(
-        target: "audit", event = "close", %token, name = %user, %client, %dest, bytes_up = up, bytes_down = down,
-        duration_ms = started.elapsed().as_millis() as u64, %outcome, "stream closed"
+        target: "audit", event = "close", token = %audit.token, name = %audit.user, client = %audit.client, dest = %audit.dest,
+        bytes_up = up, bytes_down = down, duration_ms = started.elapsed().as_millis() as u64, %outcome, "stream closed"
     );
-    if result.is_err() {
-        stream.reset(ErrorCode::Cancel, "connection to the service failed");
-    }
 }
 
 /// Policy check, resolution, per-address check, connect.

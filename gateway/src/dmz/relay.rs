@@ -24,7 +24,9 @@ pub enum PumpEnd {
 }
 
 /// Copies `src` → `dst` chunk by chunk until `src` ends; propagates FIN and resets.
-pub async fn pump(src: &Stream, dst: &Stream) -> PumpEnd {
+/// `resumable`: the path of a resumable stream, where a side that lost its session makes the
+/// other side suspend (`RST(suspended)`) instead of ending.
+pub async fn pump(src: &Stream, dst: &Stream, resumable: bool) -> PumpEnd {
     loop {
         let chunk: Bytes = match src.recv_chunk().await {
             Ok(Some(c)) => c,
@@ -33,7 +35,7 @@ pub async fn pump(src: &Stream, dst: &Stream) -> PumpEnd {
                 return PumpEnd::Done;
             }
             Err(e) => {
-                dst.reset(relay_code(&e), &e.to_string());
+                dst.reset(relay_code(&e, resumable), &e.to_string());
                 return PumpEnd::SourceFailed(e);
             }
         };
@@ -52,26 +54,37 @@ pub async fn pump(src: &Stream, dst: &Stream) -> PumpEnd {
             match sent {
                 Ok(n) => chunk.advance(n),
                 Err((true, e)) => {
-                    dst.reset(relay_code(&e), &e.to_string());
+                    dst.reset(relay_code(&e, resumable), &e.to_string());
                     return PumpEnd::SourceFailed(e);
                 }
-                Err((false, e)) => return dest_failed(src, e),
+                Err((false, e)) => return dest_failed(src, e, resumable),
             }
         }
     }
 }
 
-fn dest_failed(src: &Stream, e: StreamError) -> PumpEnd {
+fn dest_failed(src: &Stream, e: StreamError, resumable: bool) -> PumpEnd {
     // A refused open (OPEN_ERR) is answered to the source by the caller as OPEN_ERR, which
     // carries the reason to the app better than a reset would.
     if !matches!(e, StreamError::Refused { .. }) {
-        src.reset(relay_code(&e), &e.to_string());
+        src.reset(relay_code(&e, resumable), &e.to_string());
     }
     PumpEnd::DestFailed(e)
 }
 
 /// The code a reset carries on to the other side: the same one, so "refused by the service"
-/// or "cancelled by the app" reaches the far end as such.
-fn relay_code(e: &StreamError) -> ErrorCode {
-    e.code()
+/// or "cancelled by the app" reaches the far end as such. On a resumable path, a side whose
+/// session was lost makes the other suspend; `suspended` itself is the DMZ's word only: a
+/// peer that sends it is passed on as `cancelled` (it cannot park streams at the far end).
+fn relay_code(e: &StreamError, resumable: bool) -> ErrorCode {
+    match e {
+        StreamError::Reset {
+            code: ErrorCode::Suspended,
+            ..
+        } => ErrorCode::Cancel,
+        StreamError::SessionLost(_) if resumable && tunnel::resumable::suspends(e) => {
+            ErrorCode::Suspended
+        }
+        _ => e.code(),
+    }
 }

@@ -98,6 +98,49 @@ impl Router {
             })
     }
 
+    /// [`Router::pick`], preferring sessions that hold resumable streams (new resumable streams
+    /// go there; an older connector serves them as plain ones when it is the only one).
+    pub fn pick_resumable(&self, host: &Host, port: u16) -> Option<Chosen> {
+        let entries = self.lock();
+        let live = || {
+            entries
+                .iter()
+                .filter(|e| !e.session.is_going_away())
+                .filter(|e| e.routes.iter().any(|r| r.matches(host, port)))
+        };
+        live()
+            .filter(|e| e.session.resume_negotiated())
+            .min_by_key(|e| e.session.stream_count())
+            .or_else(|| live().min_by_key(|e| e.session.stream_count()))
+            .map(|e| Chosen {
+                connector: e.connector.clone(),
+                session: e.session.clone(),
+            })
+    }
+
+    /// The session of the connector that holds a resumable stream: authenticated with token
+    /// `connector` *and* announcing `resume_id` (a copied resume id under another credential
+    /// attracts nothing). The newest such session that is not closed, preferring those not
+    /// going away.
+    pub fn holder(&self, connector: &str, resume_id: &str) -> Option<Chosen> {
+        let entries = self.lock();
+        let matching = || {
+            entries.iter().rev().filter(|e| {
+                e.connector == connector
+                    && !e.session.is_closed()
+                    && e.session.resume_negotiated()
+                    && e.session.peer().resume_id == resume_id
+            })
+        };
+        matching()
+            .find(|e| !e.session.is_going_away())
+            .or_else(|| matching().next())
+            .map(|e| Chosen {
+                connector: e.connector.clone(),
+                session: e.session.clone(),
+            })
+    }
+
     /// Every route some live connector session serves (for telling agents what they can reach).
     pub fn routes(&self) -> Vec<Route> {
         // Cloned out first: de-duplicating thousands of routes does not hold the router's lock.

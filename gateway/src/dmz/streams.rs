@@ -10,7 +10,82 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::info;
-use tunnel::{meta, ErrorCode, Stream};
+use tunnel::resumable::keys;
+use tunnel::{meta, ErrorCode, Meta, Stream};
+
+/// How long a finished resumable stream's relay still passes acknowledgements on.
+const ACK_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What an agent's `OPEN` asked for.
+enum Resume {
+    No,
+    New,
+    Of {
+        key: String,
+        resume_id: String,
+        connector: String,
+        attach: u32,
+        recv: u64,
+    },
+}
+
+impl Resume {
+    /// `<key>.<resume id>@<connector token id>`, with the attachment and offset beside it.
+    fn parse(ticket: &str, m: &Meta) -> Option<Resume> {
+        let (ids, connector) = ticket.rsplit_once('@')?;
+        let (key, resume_id) = ids.split_once('.')?;
+        if !is_hex32(key) || !is_hex32(resume_id) || connector.is_empty() || connector.len() > 256 {
+            return None;
+        }
+        Some(Resume::Of {
+            key: key.to_string(),
+            resume_id: resume_id.to_string(),
+            connector: connector.to_string(),
+            attach: m.get(keys::ATTACH)?.parse().ok()?,
+            recv: tunnel::resume::parse_offset(m.get(keys::RECV)?)?,
+        })
+    }
+}
+
+fn is_hex32(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Passes each side's latest `ACK` to the other, until neither side can send more (or, with
+/// `one`, once one has passed).
+async fn relay_acks(agent: &Stream, connector: &Stream, one: bool) {
+    let mut agent_done = false;
+    let mut connector_done = false;
+    let mut passed = false;
+    std::future::poll_fn(|cx| {
+        while !agent_done {
+            match agent.poll_ack(cx) {
+                std::task::Poll::Ready(Some(v)) => {
+                    connector.send_ack(v);
+                    passed = true;
+                }
+                std::task::Poll::Ready(None) => agent_done = true,
+                std::task::Poll::Pending => break,
+            }
+        }
+        while !connector_done {
+            match connector.poll_ack(cx) {
+                std::task::Poll::Ready(Some(v)) => {
+                    agent.send_ack(v);
+                    passed = true;
+                }
+                std::task::Poll::Ready(None) => connector_done = true,
+                std::task::Poll::Pending => break,
+            }
+        }
+        if (agent_done && connector_done) || (one && passed) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
 
 /// Routes one agent stream to a connector, stamps identity, relays, and audits.
 pub(crate) async fn route_stream(
@@ -67,6 +142,28 @@ pub(crate) async fn route_stream(
     // refused here, never forwarded to cut a connector session shared by everyone.
     let mut m = req.meta.clone();
     m.remove_prefix(meta::IDENTITY_PREFIX);
+    // Resumable streams: what the agent asked for counts only on a session that negotiated
+    // resume; its keys go, and the DMZ writes its own (docs/protocol.md, "Resuming").
+    let asked = if stream.resume_negotiated() {
+        req.meta.get(keys::RESUME).map(str::to_string)
+    } else {
+        None
+    };
+    m.remove_prefix(keys::PREFIX);
+    let resume = match asked.as_deref() {
+        None => Resume::No,
+        Some("new") => Resume::New,
+        Some(ticket) => match Resume::parse(ticket, &req.meta) {
+            Some(r) => r,
+            None => {
+                return refuse(
+                    stream,
+                    ErrorCode::Protocol,
+                    "malformed resume: ticket, attachment or offset".into(),
+                )
+            }
+        },
+    };
     let meta_bytes = m.wire_len();
     if meta_bytes > shared.config.limits.open_meta_bytes {
         return refuse(
@@ -78,7 +175,9 @@ pub(crate) async fn route_stream(
             ),
         );
     }
-    if !shared.opens.allow(&id.token_id) {
+    // A resume is not a new stream: it does not spend the opens-per-second budget (a session
+    // that dropped resumes all its streams at once), but counts as a stream like any other.
+    if !matches!(resume, Resume::Of { .. }) && !shared.opens.allow(&id.token_id) {
         return refuse(
             stream,
             ErrorCode::Limit,
@@ -102,13 +201,43 @@ pub(crate) async fn route_stream(
             "gateway is at its stream limit".into(),
         );
     };
-    let Some(chosen) = shared.router.pick(&host, dest.port) else {
+    let chosen = match &resume {
+        Resume::Of {
+            connector,
+            resume_id,
+            ..
+        } => shared.router.holder(connector, resume_id),
+        Resume::New => shared.router.pick_resumable(&host, dest.port),
+        Resume::No => shared.router.pick(&host, dest.port),
+    };
+    let Some(chosen) = chosen else {
+        if let Resume::Of { .. } = resume {
+            return refuse(
+                stream,
+                ErrorCode::NoRoute,
+                "the connector holding this stream is not connected here (yet)".into(),
+            );
+        }
         return refuse(
             stream,
             ErrorCode::NoRoute,
             format!("no connector serves {dest_text} (no connector that is up advertises it: it is in no allow-list, or its connector is down)"),
         );
     };
+    let resumable = !matches!(resume, Resume::No) && chosen.session.resume_negotiated();
+    if resumable {
+        match &resume {
+            Resume::New => m.set(keys::RESUME, "new"),
+            Resume::Of {
+                key, attach, recv, ..
+            } => {
+                m.set(keys::RESUME, key.clone());
+                m.set(keys::ATTACH, attach.to_string());
+                m.set(keys::RECV, recv.to_string());
+            }
+            Resume::No => {}
+        }
+    }
     m.set(meta::TOKEN_ID, id.token_id.clone());
     m.set(meta::NAME, id.name.clone());
     m.set(meta::GROUPS, id.groups.join(","));
@@ -131,12 +260,32 @@ pub(crate) async fn route_stream(
     // Early data from the agent flows at once (`up` starts now); data back flows only after
     // the connector's answer, which is relayed to the agent first.
     let _open = shared.ops.metrics.stream_open();
-    let up = pump(&stream, &upstream);
+    let up = pump(&stream, &upstream, resumable);
     let rest = async {
         match upstream.opened().await {
             Ok(()) => {
-                stream.accept();
-                Ok(pump(&upstream, &stream).await)
+                let mut answer = Meta::default();
+                let theirs = upstream.open_meta();
+                match &resume {
+                    // The ticket names the stream key, this connector's resume id and credential.
+                    Resume::New if resumable => {
+                        if let Some(key) = theirs.get(keys::KEY).filter(|k| is_hex32(k)) {
+                            let resume_id = chosen.session.peer().resume_id.clone();
+                            answer.set(
+                                keys::RESUME,
+                                format!("{key}.{resume_id}@{}", chosen.connector),
+                            );
+                        }
+                    }
+                    Resume::Of { .. } => {
+                        if let Some(r) = theirs.get(keys::RECV) {
+                            answer.set(keys::RECV, r);
+                        }
+                    }
+                    _ => {}
+                }
+                stream.accept_with(answer);
+                Ok(pump(&upstream, &stream, resumable).await)
             }
             Err(e) => {
                 let reason = Clean(&e.to_string()).to_string();
@@ -149,7 +298,23 @@ pub(crate) async fn route_stream(
             }
         }
     };
-    let (up_end, rest) = tokio::join!(up, rest);
+    let (up_end, rest) = if resumable {
+        // End-to-end acknowledgements cross the DMZ beside the pumps, and a little after them:
+        // the acknowledgement of the last FIN comes once both pumps are done.
+        let both = async { tokio::join!(up, rest) };
+        tokio::pin!(both);
+        let r = tokio::select! {
+            r = &mut both => r,
+            _ = relay_acks(&stream, &upstream, false) => both.await,
+        };
+        if matches!(&r, (PumpEnd::Done, Ok(PumpEnd::Done))) {
+            // Usually one more: the far end's acknowledgement of the FIN that came last.
+            let _ = tokio::time::timeout(ACK_LINGER, relay_acks(&stream, &upstream, true)).await;
+        }
+        r
+    } else {
+        tokio::join!(up, rest)
+    };
     let bytes_up = stream.byte_counts().0;
     let bytes_down = upstream.byte_counts().0;
     shared.ops.metrics.bytes(bytes_up, bytes_down);
