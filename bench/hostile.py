@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sallyport under attack (issue 13): a DMZ gateway with its DEFAULT limits (TLS), a connector
 and an internal HTTP service on loopback. One address (127.0.0.2, `sp-attack`) attacks at the
-highest rate the default limits allow (`handshakes_per_ip` = 50/s, burst 100), mixing stalled
+highest rate the default limits allow (`handshakes_per_ip` = 20/s, `handshake_burst` 64), mixing stalled
 fallback bodies, slowloris heads, pre-auth inner-channel floods, and a PING flood from an
 authenticated session that never reads. Meanwhile a legitimate agent (127.0.0.1) is started
 fresh, connects and moves 20 MiB through SOCKS5 (hash-checked), and is stopped: `--rounds`
@@ -310,8 +310,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=20, help="rounds under attack (and as many quiet)")
     ap.add_argument("--mib", type=int, default=20)
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds of attack before the agent starts")
-    ap.add_argument("--rate", type=float, default=50.0, help="attack connections per second (default: handshakes_per_ip)")
-    ap.add_argument("--burst", type=int, default=100)
+    ap.add_argument("--rate", type=float, default=20.0, help="attack connections per second (default: handshakes_per_ip)")
+    ap.add_argument("--burst", type=int, default=64)
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--ping-sessions", type=int, default=1,
                     help="PING-flooding sessions of the attacker's token (sessions_per_agent_token allows 16)")

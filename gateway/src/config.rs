@@ -320,6 +320,7 @@ pub struct LimitsFile {
     pub max_connections: Option<usize>,
     pub handshake_timeout: Option<String>,
     pub handshakes_per_ip: Option<f64>,
+    pub handshake_burst: Option<f64>,
     pub sessions_per_agent_token: Option<usize>,
     pub sessions_per_connector_token: Option<usize>,
     pub opens_per_token: Option<f64>,
@@ -450,6 +451,9 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     }
     if let Some(v) = l.handshakes_per_ip {
         limits.handshakes_per_ip = v;
+    }
+    if let Some(v) = l.handshake_burst {
+        limits.handshake_burst = v;
     }
     if let Some(v) = l.sessions_per_agent_token {
         limits.sessions_per_agent_token = v;

@@ -412,7 +412,11 @@ async fn a_slow_agent_never_stalls_a_connector_session_shared_with_others() {
 
 #[tokio::test]
 async fn handshakes_beyond_the_per_address_rate_are_closed_unanswered() {
-    let gw = gateway(&["*:*"], |c| c.limits.handshakes_per_ip = 5.0).await;
+    let gw = gateway(&["*:*"], |c| {
+        c.limits.handshakes_per_ip = 5.0;
+        c.limits.handshake_burst = 10.0;
+    })
+    .await;
     let mut answered = 0;
     for _ in 0..30 {
         if raw_request(gw.addr, b"GET /sp/healthz HTTP/1.1\r\n\r\n")
@@ -464,4 +468,64 @@ async fn an_agent_reset_reaches_a_connector_stream_whose_service_is_not_reading(
         .await
         .expect("the reset never reached the connector side");
     assert_eq!(err.code(), ErrorCode::Cancel, "{err}");
+}
+
+/// Whether the gateway answered a session attempt at all (a session, or an HTTP refusal such
+/// as 401 or 429); `false`: closed unanswered at accept, over the address's handshake budget.
+fn answered(r: &Result<(Session, Incoming), String>) -> bool {
+    match r {
+        Ok(_) => true,
+        Err(e) => e.contains("401") || e.contains("429"),
+    }
+}
+
+/// Authenticated handshakes give their charge back, so desktops behind one NAT do not use up
+/// the address's budget; an attacker behind the same NAT whose handshakes fail still does, and
+/// then the desktops wait too (the budget is per address, whoever spends it).
+#[tokio::test]
+async fn failed_handshakes_still_exhaust_the_per_address_budget_when_authenticated_ones_are_refunded(
+) {
+    let gw = gateway(&["*:*"], |c| {
+        c.limits.handshakes_per_ip = 0.01;
+        c.limits.handshake_burst = 4.0;
+    })
+    .await;
+    // Twelve sessions one after the other: three times the burst, each refunded.
+    for i in 0..12 {
+        let (s, _) = session(&gw, "agent", &gw.agent_token, Role::Agent)
+            .await
+            .unwrap_or_else(|e| panic!("session {i}: {e}"));
+        s.close(ErrorCode::Shutdown, "bye");
+    }
+    // The attacker's bad tokens: answered (401) until the burst is spent, then closed unanswered.
+    let bad = format!("sp_alice-laptop_{}", "0".repeat(64));
+    let mut attempts = Vec::new();
+    for _ in 0..10 {
+        attempts.push(session(&gw, "agent", &bad, Role::Agent).await);
+    }
+    assert_eq!(attempts.iter().filter(|r| answered(r)).count(), 4);
+    let good = session(&gw, "agent", &gw.agent_token, Role::Agent).await;
+    assert!(!answered(&good), "the address's budget is spent");
+}
+
+/// A stolen token reconnecting in a loop is refunded only its own burst of refunds (its
+/// session limit), then pays from the address's budget like anyone, then gets nothing.
+#[tokio::test]
+async fn a_stolen_token_reconnecting_in_a_loop_is_refunded_only_its_burst() {
+    let gw = gateway(&["*:*"], |c| {
+        c.limits.handshakes_per_ip = 0.01;
+        c.limits.handshake_burst = 4.0;
+        c.limits.sessions_per_agent_token = 24;
+        c.limits.sessions_per_connector_token = 2;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        held.push(session(&gw, "agent", &gw.agent_token, Role::Agent).await);
+    }
+    // 24 refunded sessions, then four charged attempts (refused 429: the session limit), then
+    // closed unanswered. (The refunds refill at 1/s: one more if the loop took over a second.)
+    let answered = held.iter().filter(|r| answered(r)).count();
+    assert!((28..=29).contains(&answered), "{answered} answered");
+    assert_eq!(held.iter().filter(|r| r.is_ok()).count(), 24);
 }

@@ -176,6 +176,29 @@ impl Topology {
         Ok(t)
     }
 
+    /// Masquerades everything `site` sends through the router to `to` (nftables NAT in the
+    /// router): `to` sees every connection of the site come from one address, the router's on
+    /// `to`'s link (10.99.n.1), like desktops behind a corporate NAT.
+    pub fn masquerade(&self, site: Site, to: Site) -> Result<()> {
+        let rules = format!(
+            "table ip nat {{
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr 10.99.{}.0/24 oifname \"s{}\" masquerade
+  }}
+}}
+",
+            site.index(),
+            to.index()
+        );
+        self.nft(&self.router(), &rules)
+    }
+
+    /// The address `site` is seen from on `to`'s link when [`Topology::masquerade`]d there.
+    pub fn nat_address(to: Site) -> Ipv4Addr {
+        Ipv4Addr::new(10, 99, to.index(), 1)
+    }
+
     fn router(&self) -> String {
         format!("{}-r", self.prefix)
     }

@@ -1,5 +1,8 @@
 //! How long to wait before the next connection attempt: exponential, with full jitter, so that
-//! thousands of desktops and connectors that lost the same gateway do not come back in step.
+//! thousands of desktops and connectors that lost the same gateway do not come back in step; and
+//! an agent's first attempt after losing a session that was up, spread evenly over
+//! [`Backoff::SPREAD`] (a restarted gateway meets thousands of desktops behind one corporate NAT
+//! over seconds, not in one instant; the arithmetic is in `docs/deploy.md`, "Reconnect storms").
 
 use rand::Rng;
 use std::time::Duration;
@@ -34,6 +37,12 @@ impl Backoff {
     /// failed at nothing. Shorter (a gateway that accepts and drops at once) counts as a
     /// failed attempt, so a flapping peer still meets a growing wait.
     pub const UP_AT_LEAST: Duration = Duration::from_secs(2);
+    /// An agent's first attempt after a session that was up is lost ([`Backoff::spread`]) is
+    /// drawn evenly from zero to this: 5,000 desktops that lost one gateway arrive at 1,000 a
+    /// second instead of all within the first wait (0.125–0.25 s), which keeps their
+    /// handshakes under one address's `handshake_burst` running at once at typical round trips,
+    /// and costs a lone desktop 2.5 s on average (its streams resume).
+    pub const SPREAD: Duration = Duration::from_secs(5);
 
     /// The first wait after the gateway refused the credential: 40 times the first wait for an
     /// unreachable gateway, yet short enough that a token minted a moment ago (the DMZ reads
@@ -59,6 +68,13 @@ impl Backoff {
         let base = self.next;
         self.next = (self.next * 2).min(Self::MAX);
         base.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+    }
+
+    /// The first wait of an agent after it lost a session that was up: evenly from zero to
+    /// [`Backoff::SPREAD`]. Does not move the backoff on: should that attempt fail, the waits
+    /// grow from [`Backoff::FIRST`].
+    pub fn spread(&self) -> Duration {
+        Self::SPREAD.mul_f64(rand::thread_rng().gen_range(0.0..=1.0))
     }
 
     pub fn reset(&mut self) {
@@ -93,6 +109,20 @@ mod tests {
         );
         b.after(Backoff::STABLE);
         assert!(b.delay() <= Backoff::FIRST);
+    }
+
+    #[test]
+    fn a_lost_session_spreads_the_first_attempt_and_then_backs_off_from_the_start() {
+        let mut b = Backoff::default();
+        let waits: Vec<Duration> = (0..200).map(|_| b.spread()).collect();
+        assert!(waits.iter().all(|w| *w <= Backoff::SPREAD));
+        // Spread over the whole window, not bunched at its start (a chance of 2^-200 each).
+        assert!(waits.iter().any(|w| *w < Backoff::SPREAD / 2));
+        assert!(waits.iter().any(|w| *w > Backoff::SPREAD / 2));
+        assert!(
+            b.delay() <= Backoff::FIRST,
+            "spreading does not grow the backoff"
+        );
     }
 
     #[test]

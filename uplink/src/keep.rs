@@ -32,6 +32,11 @@ pub enum Ended {
 /// for the log (`the agent`, `the connector`). An authenticated refusal of the credential waits
 /// longer ([`Backoff::refused`]) than an unreachable gateway.
 ///
+/// An agent (`up.session.role`) that lost a session that was up waits [`Backoff::spread`]
+/// before its first attempt: the desktops behind one NAT that lost the same gateway come back
+/// over [`Backoff::SPREAD`], not in one instant. A connector does not: connectors are few, and
+/// the streams that resume need them back at once.
+///
 /// With `up.failover` (several DMZ instances), an attempt that fails moves on to the next
 /// instance at once; only when every instance failed in a row does it wait. A session that ends
 /// is followed by a new attempt on the same instance first (a drain sends its sessions away
@@ -74,6 +79,7 @@ pub async fn keep_nudged<S, F>(
     while !shutdown.is_cancelled() {
         let started = Instant::now();
         let mut refused = None;
+        let mut spread = false;
         let mut this = up.clone();
         this.gateway = instances[at].clone();
         nudge.borrow_and_update();
@@ -117,6 +123,7 @@ pub async fn keep_nudged<S, F>(
                             // over earlier losses. Losses seconds apart (one instance killed
                             // after the other) once made the wait grow to 15 s.
                             backoff.reset();
+                            spread = up.session.role == tunnel::Role::Agent;
                         }
                         // A session that went away at once (a draining instance refusing to
                         // keep it) counts as a failure of this instance.
@@ -165,6 +172,7 @@ pub async fn keep_nudged<S, F>(
                 warn!(retry_in = %humantime::format_duration(secs), "{why}");
                 wait
             }
+            None if spread => backoff.spread(),
             None => backoff.delay(),
         };
         debug!(?wait, "waiting before reconnecting");
@@ -182,11 +190,12 @@ pub async fn keep_nudged<S, F>(
 /// How long after losing its DMZ instance (`kill -9`, a host that went away and closed its
 /// connections) an agent or a connector may take to have a working session again while another
 /// instance is up: the longest backoff wait ([`Backoff::MAX`], when the loss follows a short
-/// session) and one more attempt. A dead instance fails its attempt at once and the next
+/// session; longer than an agent's [`Backoff::SPREAD`]) and one more attempt. A dead instance fails its attempt at once and the next
 /// instance (or, behind a load balancer, the next server) is tried without waiting. What the
 /// failover tests assert; measured times are far below it.
 pub const RECONNECT_BUDGET: std::time::Duration =
     std::time::Duration::from_secs(Backoff::MAX.as_secs() + 5);
+const _: () = assert!(Backoff::SPREAD.as_secs() <= Backoff::MAX.as_secs());
 
 /// While on the HTTP transport (chosen automatically), how often WebSocket is tried again
 /// (default of `[tunnel] websocket_retry`).

@@ -4,7 +4,7 @@
 
 use super::agent::agent_session;
 use super::connector::connector_session;
-use super::preauth::{addr_key, Slot};
+use super::preauth::Slot;
 use super::upgrade::{client_addr, upgrade, Upgraded};
 use super::Shared;
 use crate::http::{self};
@@ -75,7 +75,7 @@ pub(crate) async fn handle_connection(shared: Arc<Shared>, tcp: TcpStream, peer:
 /// The handshake rate and an unauthenticated slot for a client address; `None`: refused (the
 /// reason is logged at debug level: nothing to tell a flood).
 pub(crate) fn admit(shared: &Shared, ip: IpAddr) -> Option<Slot> {
-    if !shared.handshakes.allow(&addr_key(ip)) {
+    if !shared.handshakes.charge(ip) {
         debug!(client = %ip, "handshake rate limit for this address");
         return None;
     }

@@ -395,7 +395,7 @@ async fn create(
             Err(msg) => return text(StatusCode::UNAUTHORIZED, msg),
         };
         auth.done.store(true, Ordering::Release);
-        let Some(slot) = count_session(shared, &id, true) else {
+        let Some(slot) = count_session(shared, &id, true, client) else {
             return text(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many sessions for this token",
@@ -497,10 +497,7 @@ async fn create_v2(
     let deadline = tokio::time::Instant::now() + shared.config.limits.handshake_timeout;
     // Every msg1 costs key generation and two X25519 operations: each one counts, not only
     // each TCP connection.
-    if !shared
-        .handshakes
-        .allow(&super::preauth::addr_key(client.ip()))
-    {
+    if !shared.handshakes.charge(client.ip()) {
         return text(
             StatusCode::TOO_MANY_REQUESTS,
             "too many handshakes from this address; retry later",

@@ -143,7 +143,7 @@ pub(crate) async fn authenticate<T: Transport>(
             return None;
         }
     };
-    let Some(slot) = count_session(shared, &id, true) else {
+    let Some(slot) = count_session(shared, &id, true, client) else {
         inner::refuse_auth(&mut tx, 429, "too many sessions for this token").await;
         return None;
     };

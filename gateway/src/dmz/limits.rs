@@ -22,10 +22,19 @@ pub struct Limits {
     /// Unauthenticated connections one client address (an IPv6 /64) holds at once; a new one
     /// beyond this evicts the address's oldest.
     pub unauth_per_addr: usize,
-    /// Handshakes per second from one client address (burst: twice this): a bound on the CPU
-    /// one address can spend on TLS handshakes. Behind a trusted load balancer it counts the
-    /// forwarded client address, not the balancer's.
+    /// Handshakes per second from one client address, after a burst of
+    /// [`Limits::handshake_burst`]: a bound on the CPU one address can spend on TLS and v2
+    /// handshakes. A handshake that authenticates gives its charge back (within its token's
+    /// [`crate::dmz::preauth::HandshakeBudget`] refunds), so the budget is spent only by
+    /// handshakes that fail or are still running: thousands of desktops behind one corporate NAT
+    /// reconnecting at once are held to this many *at once*, not per second. Behind a trusted load
+    /// balancer it counts the forwarded client address, not the balancer's.
     pub handshakes_per_ip: f64,
+    /// The per-address bucket's size: handshakes one address may start at once before
+    /// [`Limits::handshakes_per_ip`] applies. With refunds it is also the most handshakes of one
+    /// address that can be running at once, so keep it at most [`Limits::unauth_per_addr`]
+    /// (beyond that, a storm's own handshakes would evict each other).
+    pub handshake_burst: f64,
     /// Live sessions per agent token.
     pub sessions_per_agent_token: usize,
     /// Live sessions per connector token.
@@ -65,7 +74,8 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             head_timeout: Duration::from_secs(30),
             unauth_per_addr: 64,
-            handshakes_per_ip: 50.0,
+            handshakes_per_ip: 20.0,
+            handshake_burst: 64.0,
             sessions_per_agent_token: 16,
             sessions_per_connector_token: 32,
             opens_per_token: 500.0,
@@ -92,12 +102,27 @@ pub struct Buckets<K> {
 }
 
 impl<K: Hash + Eq + Clone> Buckets<K> {
+    /// `rate` per second, burst twice that.
     pub fn new(rate: f64, cap: usize) -> Self {
+        Buckets::with_burst(rate, rate * 2.0, cap)
+    }
+
+    /// `rate` per second after a burst of `burst` (at least one).
+    pub fn with_burst(rate: f64, burst: f64, cap: usize) -> Self {
         Buckets {
             rate,
-            burst: (rate * 2.0).max(1.0),
+            burst: burst.max(1.0),
             cap,
             map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Gives one token back to `key` (never beyond the burst). A key no longer tracked was
+    /// forgotten because its bucket was full: nothing to give back.
+    pub fn refund(&self, key: &K) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = map.get_mut(key) {
+            entry.0 = (entry.0 + 1.0).min(self.burst);
         }
     }
 
@@ -180,6 +205,21 @@ mod tests {
         let allowed = (0..20).filter(|_| b.allow(&"k")).count();
         assert_eq!(allowed, 10);
         assert!(b.allow(&"other"));
+    }
+
+    #[test]
+    fn a_refund_gives_one_token_back_never_beyond_the_burst() {
+        let b = Buckets::with_burst(0.001, 3.0, 10);
+        assert_eq!((0..5).filter(|_| b.allow(&"k")).count(), 3);
+        b.refund(&"k");
+        assert!(b.allow(&"k"));
+        assert!(!b.allow(&"k"));
+        for _ in 0..10 {
+            b.refund(&"k");
+        }
+        assert_eq!((0..10).filter(|_| b.allow(&"k")).count(), 3);
+        b.refund(&"unknown");
+        assert_eq!(b.map.lock().unwrap().len(), 1, "a refund creates no key");
     }
 
     #[test]

@@ -47,11 +47,11 @@ pub mod v2;
 pub use upgrade::client_addr;
 
 use self::limits::{Buckets, Counts, Limits};
-use self::preauth::PreAuth;
+use self::preauth::{HandshakeBudget, PreAuth};
 use self::router::Router;
 use crate::auth::ReloadingStore;
 use ipnet::IpNet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -157,7 +157,8 @@ pub(crate) struct Shared {
     pub(crate) config: DmzConfig,
     router: Router,
     tls: Option<TlsAcceptor>,
-    handshakes: Buckets<IpAddr>,
+    /// Handshakes per client address, refunded when they authenticate.
+    pub(crate) handshakes: HandshakeBudget,
     /// Unauthenticated connections per client address.
     pub(crate) preauth: Arc<PreAuth>,
     opens: Buckets<String>,
@@ -227,7 +228,7 @@ impl Dmz {
         let shared = Arc::new(Shared {
             tls: config.tls.clone().map(TlsAcceptor::from),
             router: Router::default(),
-            handshakes: Buckets::new(limits.handshakes_per_ip, 65_536),
+            handshakes: HandshakeBudget::new(&limits, 65_536),
             preauth: PreAuth::new(limits.unauth_per_addr, 65_536),
             opens: Buckets::new(limits.opens_per_token, 65_536),
             agent_streams: Arc::new(Counts::new(limits.streams_per_token)),

@@ -10,10 +10,21 @@
 //! reconnect storm of thousands of desktops behind one corporate NAT still gets through (each
 //! of their handshakes is quick, so eviction only ever takes the slowest).
 //!
+//! What one address may spend on handshakes (CPU) is a token bucket, [`HandshakeBudget`]: every
+//! new connection (and every v2 msg1 on the HTTP fallback) takes a token, and a handshake that
+//! authenticates gives its token back. Failed and unfinished handshakes keep theirs, so an
+//! attacker at one address gets `handshake_burst` at once and `handshakes_per_ip` a second,
+//! whatever its neighbours behind the same NAT do; the desktops themselves are held only to
+//! `handshake_burst` handshakes *running* at once. A token's own refunds are limited too
+//! ([`HandshakeBudget::REFUNDS_PER_SECOND`]), so a stolen credential reconnecting in a loop is
+//! back under the address's rate after its burst. The arithmetic: `docs/deploy.md`, "Reconnect
+//! storms".
+//!
 //! Addresses are keyed by [`addr_key`]: an IPv6 client counts as its /64 (one host rotates
 //! freely within it), and behind a trusted load balancer the client is the forwarded address,
 //! never the balancer's own.
 
+use super::limits::{Buckets, Limits};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
@@ -28,6 +39,48 @@ pub fn addr_key(ip: IpAddr) -> IpAddr {
             IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
         }
         v4 => v4,
+    }
+}
+
+/// The handshake budget of every client address, and the refunds of every token.
+pub struct HandshakeBudget {
+    per_addr: Buckets<IpAddr>,
+    /// Keyed by (agent?, token id): agent and connector ids are separate namespaces.
+    refunds: Buckets<(bool, String)>,
+}
+
+impl HandshakeBudget {
+    /// Refunds one token gets per second, after a burst of its session limit
+    /// (`sessions_per_agent_token`, `sessions_per_connector_token`: a connector with `--sessions
+    /// 4`, or an agent and its fallback, come back at once). An agent that lost its session
+    /// reconnects once; one that reconnects faster than this is charged like anyone else.
+    pub const REFUNDS_PER_SECOND: f64 = 1.0;
+
+    pub fn new(limits: &Limits, max_addrs: usize) -> HandshakeBudget {
+        let burst = limits
+            .sessions_per_agent_token
+            .max(limits.sessions_per_connector_token) as f64;
+        HandshakeBudget {
+            per_addr: Buckets::with_burst(
+                limits.handshakes_per_ip,
+                limits.handshake_burst,
+                max_addrs,
+            ),
+            refunds: Buckets::with_burst(Self::REFUNDS_PER_SECOND, burst, max_addrs),
+        }
+    }
+
+    /// Takes one handshake from `ip`'s budget (keyed by [`addr_key`]); false: over it.
+    pub fn charge(&self, ip: IpAddr) -> bool {
+        self.per_addr.allow(&addr_key(ip))
+    }
+
+    /// A handshake from `ip` authenticated `token_id`: gives its charge back, unless the token
+    /// has used up its own refunds.
+    pub fn authenticated(&self, ip: IpAddr, is_agent: bool, token_id: &str) {
+        if self.refunds.allow(&(is_agent, token_id.to_string())) {
+            self.per_addr.refund(&addr_key(ip));
+        }
     }
 }
 
@@ -178,6 +231,66 @@ mod tests {
             })
             .collect();
         assert_eq!(slots.iter().filter(|s| !s.is_evicted()).count(), 2);
+    }
+
+    fn budget(rate: f64, burst: f64) -> HandshakeBudget {
+        let limits = Limits {
+            handshakes_per_ip: rate,
+            handshake_burst: burst,
+            sessions_per_agent_token: 4,
+            sessions_per_connector_token: 2,
+            ..Limits::default()
+        };
+        HandshakeBudget::new(&limits, 2_000)
+    }
+
+    #[test]
+    fn a_reconnect_storm_behind_one_address_is_held_to_handshakes_at_once_not_per_second() {
+        let b = budget(0.001, 8.0);
+        let nat: IpAddr = "198.51.100.7".parse().unwrap();
+        // 1,000 desktops, each with its own token, eight handshakes running at a time.
+        for wave in 0..125 {
+            for i in 0..8 {
+                assert!(b.charge(nat), "wave {wave}: refused");
+                b.authenticated(nat, true, &format!("desk-{wave}-{i}"));
+            }
+        }
+        // Nine at once is one too many.
+        let running = (0..9).filter(|_| b.charge(nat)).count();
+        assert_eq!(running, 8);
+    }
+
+    #[test]
+    fn failed_handshakes_still_exhaust_the_per_address_budget_when_successful_ones_are_refunded() {
+        let b = budget(0.001, 8.0);
+        let nat: IpAddr = "198.51.100.7".parse().unwrap();
+        // Desktops behind the NAT authenticate and are refunded...
+        for i in 0..20 {
+            assert!(b.charge(nat));
+            b.authenticated(nat, true, &format!("desk-{i}"));
+        }
+        // ...an attacker behind the same NAT never authenticates: its budget is spent.
+        let attacker = (0..100).filter(|_| b.charge(nat)).count();
+        assert_eq!(attacker, 8);
+        // Another address is not touched.
+        assert!(b.charge("198.51.100.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_stolen_token_reconnecting_in_a_loop_is_refunded_only_its_burst() {
+        let b = budget(0.001, 8.0);
+        let ip: IpAddr = "203.0.113.9".parse().unwrap();
+        let mut allowed = 0;
+        for _ in 0..100 {
+            if b.charge(ip) {
+                allowed += 1;
+                b.authenticated(ip, true, "stolen");
+            }
+        }
+        // Its own burst of refunds (4, the agent session limit here), then the address's 8.
+        assert_eq!(allowed, 4 + 8);
+        // A connector token of the same id is another key.
+        assert!(b.refunds.allow(&(false, "stolen".to_string())));
     }
 
     #[test]

@@ -204,7 +204,7 @@ where
         }
     };
     // Sessions per token are counted before the upgrade, so a refusal is a plain HTTP 429.
-    let Some(slot) = count_session(shared, &identity, is_agent) else {
+    let Some(slot) = count_session(shared, &identity, is_agent, client) else {
         let _ = http::respond(
             &mut io,
             429,
@@ -286,11 +286,14 @@ pub(crate) fn verify_token(
     })
 }
 
-/// Counts a session against its token's limit; `None` when the limit is reached.
+/// Counts a session of `client` against its token's limit; `None` when the limit is reached.
+/// Counted, the handshake authenticated: its charge goes back to the address's budget
+/// ([`super::preauth::HandshakeBudget::authenticated`]).
 pub(crate) fn count_session(
     shared: &Shared,
     id: &Identity,
     is_agent: bool,
+    client: SocketAddr,
 ) -> Option<CountGuard<String>> {
     let counts = if is_agent {
         &shared.agent_sessions
@@ -304,6 +307,10 @@ pub(crate) fn count_session(
             .metrics
             .auth_failed(role_of(is_agent), AuthFailure::SessionLimit);
         warn!(token = %id.token_id, role = if is_agent { "agent" } else { "connector" }, "session limit per token reached");
+    } else {
+        shared
+            .handshakes
+            .authenticated(client.ip(), is_agent, &id.token_id);
     }
     slot
 }

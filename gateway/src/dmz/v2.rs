@@ -324,7 +324,7 @@ pub(crate) async fn accept<Tx: TransportTx, Rx: TransportRx>(
             return None;
         }
     };
-    let Some(slot) = count_session(shared, &id, is_agent) else {
+    let Some(slot) = count_session(shared, &id, is_agent, client) else {
         refuse(
             &mut tx,
             &mut sealer,

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! sp-attack run --gateway 127.0.0.1:PORT [--ca ca.crt | --plain] --source 127.0.0.2 \
-//!     --token-file rogue.token --duration 60 --rate 50 --burst 100 [--kinds body,slowloris,inner,ping]
+//!     --token-file rogue.token --duration 60 --rate 20 --burst 64 [--kinds body,slowloris,inner,ping]
 //! sp-attack pattern-sha256 N      # SHA-256 of the N bytes sp-testsvc's /bytes/N serves
 //! ```
 //!
@@ -72,11 +72,11 @@ struct RunArgs {
     /// Seconds until it stops by itself.
     #[arg(long, default_value_t = 60.0)]
     duration: f64,
-    /// New attack connections per second (`handshakes_per_ip` by default: 50).
-    #[arg(long, default_value_t = 50.0)]
+    /// New attack connections per second (`handshakes_per_ip` by default: 20).
+    #[arg(long, default_value_t = 20.0)]
     rate: f64,
-    /// Connections opened at once at the start (the bucket's burst: 2 × rate).
-    #[arg(long, default_value_t = 100)]
+    /// Connections opened at once at the start (the bucket's burst, `handshake_burst`: 64).
+    #[arg(long, default_value_t = 64)]
     burst: u32,
     /// Which attacks: any of body, slowloris, inner, ping.
     #[arg(
