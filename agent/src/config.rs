@@ -94,7 +94,7 @@ pub struct AgentArgs {
     #[arg(long)]
     pub open_timeout: Option<String>,
     /// How long a connection whose gateway session was lost keeps trying to resume before the
-    /// app sees a reset [default: 60s].
+    /// app sees a reset; `0s` turns resumable streams off [default: 60s].
     #[arg(long)]
     pub resume_grace: Option<String>,
     /// Timeout for connecting to the gateway [default: 10s].

@@ -175,8 +175,10 @@ impl Dialer for TunnelDialer {
         };
         Box::pin(async move {
             let confirm = mode == OpenMode::Confirmed;
-            let stream = this.open_as(&target, confirm, true).await?;
-            let asked = stream.resume_negotiated();
+            // `resume_grace = 0s` turns resumable streams off (plain streams, as before).
+            let resumable = !this.resume_grace.is_zero();
+            let stream = this.open_as(&target, confirm, resumable).await?;
+            let asked = resumable && stream.resume_negotiated();
             Ok(match (asked, confirm) {
                 (true, _) => {
                     let buffer = tunnel::resumable::buffer_for(512 * 1024, 64 * 1024);
