@@ -41,6 +41,55 @@ pub mod keys {
     pub const PREFIX: &str = "sp-resume";
 }
 
+/// A resume ticket: `<stream key>.<resume id>@<connector token id>` (32 hex digits each, then
+/// the connector's credential). The DMZ writes it into a new stream's `OPEN_OK` and routes a
+/// resume by it; the agent keeps it as opaque text.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub key: String,
+    pub resume_id: String,
+    pub connector: String,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key names a live stream: not for logs.
+        f.debug_struct("Ticket")
+            .field("connector", &self.connector)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ticket {
+    /// Strict: exact lengths, hex only, a token id of 1–256 bytes without `@`.
+    pub fn parse(text: &str) -> Option<Ticket> {
+        let (ids, connector) = text.split_once('@')?;
+        let (key, resume_id) = ids.split_once('.')?;
+        if !is_hex32(key)
+            || !is_hex32(resume_id)
+            || connector.is_empty()
+            || connector.len() > 256
+            || connector.contains('@')
+        {
+            return None;
+        }
+        Some(Ticket {
+            key: key.to_string(),
+            resume_id: resume_id.to_string(),
+            connector: connector.to_string(),
+        })
+    }
+
+    pub fn text(&self) -> String {
+        format!("{}.{}@{}", self.key, self.resume_id, self.connector)
+    }
+}
+
+/// 32 hex digits (a stream key or a resume id).
+pub fn is_hex32(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// Retained bytes per stream by default: more than the three windows that can be in flight
 /// between the ends, so throughput never waits for an `ACK`.
 pub const DEFAULT_BUFFER: usize = 2 * 1024 * 1024;

@@ -82,6 +82,12 @@ fn relay_code(e: &StreamError, resumable: bool) -> ErrorCode {
             code: ErrorCode::Suspended,
             ..
         } => ErrorCode::Cancel,
+        // The agent or connector said it is stopping: the streams it held end with it (a
+        // stopping connector's apps learn at once, not after the grace).
+        StreamError::SessionLost(tunnel::SessionError::GoAway {
+            code: ErrorCode::Shutdown,
+            ..
+        }) => ErrorCode::Shutdown,
         StreamError::SessionLost(_) if resumable && tunnel::resumable::suspends(e) => {
             ErrorCode::Suspended
         }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::info;
-use tunnel::resumable::keys;
+use tunnel::resumable::{is_hex32, keys, Ticket};
 use tunnel::{meta, ErrorCode, Meta, Stream};
 
 /// How long a finished resumable stream's relay still passes acknowledgements on.
@@ -30,25 +30,21 @@ enum Resume {
 }
 
 impl Resume {
-    /// `<key>.<resume id>@<connector token id>`, with the attachment and offset beside it.
+    /// A [`Ticket`], with the attachment and offset beside it.
     fn parse(ticket: &str, m: &Meta) -> Option<Resume> {
-        let (ids, connector) = ticket.rsplit_once('@')?;
-        let (key, resume_id) = ids.split_once('.')?;
-        if !is_hex32(key) || !is_hex32(resume_id) || connector.is_empty() || connector.len() > 256 {
-            return None;
-        }
+        let Ticket {
+            key,
+            resume_id,
+            connector,
+        } = Ticket::parse(ticket)?;
         Some(Resume::Of {
-            key: key.to_string(),
-            resume_id: resume_id.to_string(),
-            connector: connector.to_string(),
+            key,
+            resume_id,
+            connector,
             attach: m.get(keys::ATTACH)?.parse().ok()?,
             recv: tunnel::resume::parse_offset(m.get(keys::RECV)?)?,
         })
     }
-}
-
-fn is_hex32(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Passes each side's latest `ACK` to the other, until neither side can send more (or, with
@@ -270,11 +266,12 @@ pub(crate) async fn route_stream(
                     // The ticket names the stream key, this connector's resume id and credential.
                     Resume::New if resumable => {
                         if let Some(key) = theirs.get(keys::KEY).filter(|k| is_hex32(k)) {
-                            let resume_id = chosen.session.peer().resume_id.clone();
-                            answer.set(
-                                keys::RESUME,
-                                format!("{key}.{resume_id}@{}", chosen.connector),
-                            );
+                            let ticket = Ticket {
+                                key: key.to_string(),
+                                resume_id: chosen.session.peer().resume_id.clone(),
+                                connector: chosen.connector.clone(),
+                            };
+                            answer.set(keys::RESUME, ticket.text());
                         }
                     }
                     Resume::Of { .. } => {
