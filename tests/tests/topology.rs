@@ -360,17 +360,10 @@ impl Sites {
     }
 }
 
-/// An interactive session (like ssh): `sallyport connect` on the desktop, lines typed with
-/// pauses, each echoed back by the internal service.
-fn interactive_session(s: &Sites) {
-    interactive_session_with_pause(s, Duration::from_millis(300));
-}
-
-/// [`interactive_session`] with `pause` between keystrokes (longer than a load balancer's idle
-/// timeout, to show the tunnel's pings keep the connection).
-fn interactive_session_with_pause(s: &Sites, pause: Duration) {
-    let mut child = s
-        .topo
+/// `sallyport connect shell.internal PORT` on the desktop (ssh's `ProxyCommand`), its stdin and
+/// stdout piped.
+fn connect_to_shell(s: &Sites, stderr: Stdio) -> std::process::Child {
+    s.topo
         .cmd(Site::Desktop, bin("sallyport"))
         .args([
             "connect",
@@ -381,9 +374,21 @@ fn interactive_session_with_pause(s: &Sites, pause: Duration) {
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// An interactive session (like ssh): `sallyport connect` on the desktop, lines typed with
+/// pauses, each echoed back by the internal service.
+fn interactive_session(s: &Sites) {
+    interactive_session_with_pause(s, Duration::from_millis(300));
+}
+
+/// [`interactive_session`] with `pause` between keystrokes (longer than a load balancer's idle
+/// timeout, to show the tunnel's pings keep the connection).
+fn interactive_session_with_pause(s: &Sites, pause: Duration) {
+    let mut child = connect_to_shell(s, Stdio::piped());
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let rounds = if pause > Duration::from_secs(1) { 2 } else { 5 };
@@ -413,21 +418,7 @@ struct Keystrokes {
 
 impl Keystrokes {
     fn start(s: &Sites) -> Keystrokes {
-        let mut child = s
-            .topo
-            .cmd(Site::Desktop, bin("sallyport"))
-            .args([
-                "connect",
-                "shell.internal",
-                &s.echo_port.to_string(),
-                "--socks",
-                &s.socks.to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = connect_to_shell(s, Stdio::null());
         let stdin = child.stdin.take().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let (tx, lines) = std::sync::mpsc::channel();

@@ -137,18 +137,18 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
         Some(_) => config.resume.register(&token, &dest, addr, buffer),
         None => None,
     };
+    let audit = firstbytes::Audit {
+        token: &token,
+        user: &user,
+        client: &client,
+        dest: &dest,
+        addr,
+    };
     if let Some((key, requests, _registration, settings)) = held {
         let mut m = Meta::default();
         m.set(keys::KEY, key);
         stream.accept_with(m);
         let mut end = Resumable::holder(stream, requests, settings);
-        let audit = firstbytes::Audit {
-            token: &token,
-            user: &user,
-            client: &client,
-            dest: &dest,
-            addr,
-        };
         if !Box::pin(firstbytes::admit(&config, &mut end, &mut tcp, &who, &audit)).await {
             return;
         }
@@ -162,13 +162,6 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
     }
     stream.accept();
     let mut stream = stream;
-    let audit = firstbytes::Audit {
-        token: &token,
-        user: &user,
-        client: &client,
-        dest: &dest,
-        addr,
-    };
     // Boxed: its state is not part of every stream's task (idle streams stay light).
     if !Box::pin(firstbytes::admit(
         &config,
