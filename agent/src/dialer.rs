@@ -34,9 +34,13 @@ struct AgentReopen {
     front: &'static str,
 }
 
-/// One resume attempt gets this long (a path that died without a word must not eat the
-/// grace); the next attempt has a higher attachment number.
+/// One resume attempt gets this long once it has a session (a path that died without a word
+/// must not eat the grace); the next attempt has a higher attachment number.
 const ATTEMPT: Duration = Duration::from_secs(3);
+
+/// How long an attempt waits for the pool's next session: longer than the spread of the first
+/// reconnect after a lost session (`uplink::Backoff::SPREAD`).
+const SESSION_WAIT: Duration = Duration::from_secs(8);
 
 impl Reopen for AgentReopen {
     fn reopen(&self, ticket: &str, attach: u32, recv: u64) -> ReopenFuture {
@@ -45,8 +49,14 @@ impl Reopen for AgentReopen {
         let front = self.front;
         let ticket = ticket.to_string();
         Box::pin(async move {
+            // Waiting for a session is not the attempt's time: after a lost session the pool
+            // spreads its first reconnect over up to `Backoff::SPREAD`, and a resume that gave up
+            // just before it came back would wait for its next retry.
+            let session = pool
+                .session(SESSION_WAIT)
+                .await
+                .map_err(ReopenError::Retry)?;
             let attempt = async {
-                let session = pool.session(ATTEMPT).await.map_err(ReopenError::Retry)?;
                 if !session.resume_negotiated() {
                     return Err(ReopenError::Retry(
                         "this gateway does not resume streams (an older version)".into(),

@@ -739,14 +739,20 @@ impl Frame {
                     reason,
                 }
             }
-            kind::OPEN_OK => Frame::OpenOk {
-                stream,
-                meta: if r.buf.is_empty() {
+            kind::OPEN_OK => {
+                let meta = if r.buf.is_empty() {
                     Meta::default()
                 } else {
-                    r.meta()?
-                },
-            },
+                    let len = r.buf.len();
+                    let m = r.meta()?;
+                    // No metadata is written as no payload: one encoding per frame.
+                    if m.0.is_empty() {
+                        return Err(FrameError::Trailing("OPEN_OK", len));
+                    }
+                    m
+                };
+                Frame::OpenOk { stream, meta }
+            }
             kind::OPEN_ERR => {
                 let code = ErrorCode::from_u8(r.u8()?);
                 let reason = r.rest_str()?;
@@ -924,6 +930,9 @@ mod tests {
         let mut m = Meta::default();
         m.set("sp-resume-recv", "12345");
         roundtrip(Frame::OpenOk { stream: 7, meta: m });
+        // An empty metadata list has one encoding, the empty payload (found by frame_decode).
+        let empty_list = Bytes::from_static(&[2, 3, 0, 8, 7, 0, 0]);
+        assert!(Frame::decode(empty_list, 1 << 16).is_err());
         roundtrip(Frame::Ack {
             stream: 9,
             offset: u64::MAX,
