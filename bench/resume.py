@@ -131,7 +131,7 @@ def echo_line(s, msg):
         raise RuntimeError(f"echo mismatch: {got!r} != {msg!r}")
 
 
-def resume_latency(tmp, echo_port, kills):
+def resume_latency(tmp, echo_port, kills, up_for):
     """[(kill->echo s, listening->echo s)] over `kills` kill -9s of the DMZ."""
     c = Chain(tmp, "lat", [echo_port])
     out = []
@@ -141,8 +141,10 @@ def resume_latency(tmp, echo_port, kills):
         s.settimeout(90)
         echo_line(s, b"before\n")
         for i in range(kills):
-            # The session has been up for a moment (the agent's spread applies to a session that was up).
-            time.sleep(0.5)
+            # Let the new sessions live past uplink's `Backoff::UP_AT_LEAST` (2 s): a session lost
+            # sooner counts as a failed attempt (a growing wait, no spread), one lost later as a
+            # session that was up (the agent's first attempt spread over `Backoff::SPREAD`).
+            time.sleep(up_for)
             t0 = c.kill9_dmz()
             msg = f"after kill {i}\n".encode()
             s.sendall(msg)
@@ -240,6 +242,7 @@ def throughput(tmp, iperf_port, rounds, seconds):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=30)
+    ap.add_argument("--up-for", type=float, default=2.5, help="seconds between a resumed echo and the next kill")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--out", default=str(R.ROOT / "bench" / "results" / "resume.md"))
@@ -256,7 +259,7 @@ def main():
 
     lines = []
     if a.kills > 0:
-        lat, lat_status = resume_latency(tmp, echo_port, a.kills)
+        lat, lat_status = resume_latency(tmp, echo_port, a.kills, a.up_for)
         k = [x[0] for x in lat]
         ls = [x[1] for x in lat]
         lines += [f"Machine: {os.cpu_count()} cores, load average {load0:.1f} at the start; {started}; binaries {R.BIN}", "",
