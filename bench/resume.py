@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -119,6 +120,18 @@ streams_per_session = 1000000
             p.stop()
 
 
+def connected_at(log_path):
+    """Wall-clock times (s) of the "connected to the gateway" lines of a log."""
+    out = []
+    for line in Path(log_path).read_text(errors="replace").splitlines():
+        if "connected to the gateway" in line:
+            try:
+                out.append(datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp())
+            except ValueError:
+                pass
+    return out
+
+
 def echo_line(s, msg):
     s.sendall(msg)
     got = b""
@@ -145,6 +158,7 @@ def resume_latency(tmp, echo_port, kills, up_for):
             # sooner counts as a failed attempt (a growing wait, no spread), one lost later as a
             # session that was up (the agent's first attempt spread over `Backoff::SPREAD`).
             time.sleep(up_for)
+            t0w = time.time()
             t0 = c.kill9_dmz()
             msg = f"after kill {i}\n".encode()
             s.sendall(msg)
@@ -172,8 +186,16 @@ def resume_latency(tmp, echo_port, kills, up_for):
             w.join()
             if got != msg:
                 raise RuntimeError(f"kill {i}: echo mismatch {got!r}")
-            out.append((t1 - t0, t1 - t_listen[0]))
-            print(f"  kill {i + 1}/{kills}: {t1 - t0:.3f} s from the kill, {t1 - t_listen[0]:.3f} s from listening", file=sys.stderr, flush=True)
+            t1w = time.time()
+            # The agent's session up again (its log, wall clock): what is left after it is the resume itself.
+            ups = [u for u in connected_at(c.agent.log_path) if t0w < u <= t1w]
+            up = (t1w - ups[0]) if ups else float("nan")
+            # The connector's sessions up again (the last of them): a resume needs it back too.
+            cups = [u for u in connected_at(c.connector.log_path) if t0w < u <= t1w]
+            cup = (t1w - max(cups)) if cups else float("nan")
+            out.append((t1 - t0, t1 - t_listen[0], up, cup, t1w - t0w))
+            print(f"  kill {i + 1}/{kills}: {t1 - t0:.3f} s from the kill, {t1 - t_listen[0]:.3f} s from listening, "
+                  f"{up:.3f} s from the agent's session up, {cup:.3f} s from the connector's", file=sys.stderr, flush=True)
         s.close()
         status = c.status()
     finally:
@@ -262,11 +284,17 @@ def main():
         lat, lat_status = resume_latency(tmp, echo_port, a.kills, a.up_for)
         k = [x[0] for x in lat]
         ls = [x[1] for x in lat]
+        us = [x[2] for x in lat if x[2] == x[2]]
+        cs = [x[3] for x in lat if x[3] == x[3]]
+        both = [min(x[2], x[3]) for x in lat if x[2] == x[2] and x[3] == x[3]]
         lines += [f"Machine: {os.cpu_count()} cores, load average {load0:.1f} at the start; {started}; binaries {R.BIN}", "",
                   f"| session loss to resumed data, {len(lat)} kill -9s of the DMZ | median | p99 | min | max |",
                   "|---|---:|---:|---:|---:|",
                   f"| kill -9 → echo on the same socket | {statistics.median(k) * 1000:.0f} ms | {pct(k, 99) * 1000:.0f} ms | {min(k) * 1000:.0f} ms | {max(k) * 1000:.0f} ms |",
                   f"| DMZ listening again → echo | {statistics.median(ls) * 1000:.0f} ms | {pct(ls, 99) * 1000:.0f} ms | {min(ls) * 1000:.0f} ms | {max(ls) * 1000:.0f} ms |",
+                  f"| connector's last session up again (its log) → echo ({len(cs)} samples) | {R.med(cs) * 1000:.0f} ms | {pct(cs, 99) * 1000:.0f} ms | {min(cs, default=float('nan')) * 1000:.0f} ms | {max(cs, default=float('nan')) * 1000:.0f} ms |",
+                  f"| both ends up again (the later of the two) → echo ({len(both)} samples) | {R.med(both) * 1000:.0f} ms | {pct(both, 99) * 1000:.0f} ms | {min(both, default=float('nan')) * 1000:.0f} ms | {max(both, default=float('nan')) * 1000:.0f} ms |",
+                  f"| agent's session up again (its log) → echo ({len(us)} samples) | {R.med(us) * 1000:.0f} ms | {pct(us, 99) * 1000:.0f} ms | {min(us, default=float('nan')) * 1000:.0f} ms | {max(us, default=float('nan')) * 1000:.0f} ms |",
                   "", "agent status after the run: `" + " ".join(l for l in lat_status.splitlines() if "resumable" in l) + "`", ""]
     if a.rounds > 0:
         tests, res, mem, statuses = throughput(tmp, iperf_port, a.rounds, a.seconds)
