@@ -746,6 +746,23 @@ pub struct Squid {
     pub port: u16,
     pub dir: TempDir,
     _proc: Proc,
+    /// Its service name, the prefix of its shared memory segments.
+    service: String,
+}
+
+impl Drop for Squid {
+    fn drop(&mut self) {
+        self._proc.kill();
+        // A squid that is killed leaves its segments in /dev/shm.
+        let prefix = format!("{}-", self.service);
+        if let Ok(dir) = std::fs::read_dir("/dev/shm") {
+            for e in dir.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
 }
 
 /// Where a test squid runs (default: on 127.0.0.1, a free port, in this namespace).
@@ -915,9 +932,20 @@ impl Squid {
             }
             None => Command::new("squid"),
         };
+        // A service name of its own: squid names its shared memory segments after it
+        // (`/dev/shm/<name>-cf__metadata.shm`), and two squids of one name (tests in parallel,
+        // or a segment a killed one left behind) refuse to start ("shm_open: File exists").
+        static SQUIDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let service = format!(
+            "sp{}x{}",
+            std::process::id(),
+            SQUIDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let proc = Proc::spawn(
             "squid",
-            cmd.args(["-N", "-f"]).arg(d.join("squid.conf")).envs(env),
+            cmd.args(["-N", "-n", &service, "-f"])
+                .arg(d.join("squid.conf"))
+                .envs(env),
         )?;
         // Ready when it accepts connections (in a namespace, when its log says so).
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -940,6 +968,7 @@ impl Squid {
             port,
             dir,
             _proc: proc,
+            service,
         })
     }
 
