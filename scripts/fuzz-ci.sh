@@ -2,7 +2,7 @@
 # CI: the fuzz targets of fuzz/ (see docs/fuzzing.md). Installs cargo-fuzz (from crates.io) and
 # a C++ compiler (for libFuzzer) when missing, builds every target once, replays every committed
 # regression and seed input, then fuzzes every target for an equal share of FUZZ_SECONDS
-# (default 300). Fails on any crash, timeout or leak, naming the target and the saved input;
+# (default 240). Fails on any crash, timeout or leak, naming the target and the saved input;
 # never skips a target.
 #
 # Knobs (environment): FUZZ_SECONDS (total fuzzing time, default 240), FUZZ_CORPUS (where the
