@@ -191,7 +191,10 @@ impl Dialer for TunnelDialer {
             let asked = resumable && stream.resume_negotiated();
             Ok(match (asked, confirm) {
                 (true, _) => {
-                    let buffer = tunnel::resumable::buffer_for(512 * 1024, 64 * 1024);
+                    let buffer = tunnel::resumable::buffer_for(
+                        stream.stream_window(),
+                        stream.max_frame() as u32,
+                    );
                     let reopen = AgentReopen {
                         pool: this.pool.clone(),
                         target: target.clone(),

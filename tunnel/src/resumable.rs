@@ -388,9 +388,9 @@ impl Resumable {
         }
     }
 
-    /// Bytes the app wrote and read through this end.
+    /// Data bytes received from the far end and written by our app (the `FIN` is not a byte).
     pub fn byte_counts(&self) -> (u64, u64) {
-        (self.end.ack_value(), self.end.written())
+        (self.end.received(), self.end.written())
     }
 
     /// The current attachment's stream (for a reset by the caller), if attached.

@@ -195,6 +195,11 @@ impl End {
         self.recv_fin = true;
     }
 
+    /// Data bytes received in order.
+    pub fn received(&self) -> u64 {
+        self.recv
+    }
+
     pub fn recv_fin(&self) -> bool {
         self.recv_fin
     }

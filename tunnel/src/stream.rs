@@ -289,6 +289,11 @@ impl Stream {
         self.request.as_deref()
     }
 
+    /// The credit this session grants per stream (its `stream_window`).
+    pub fn stream_window(&self) -> u32 {
+        self.shared.config.stream_window
+    }
+
     /// The most bytes one `DATA` frame carries on this session.
     pub fn max_frame(&self) -> usize {
         self.shared.max_send

@@ -234,6 +234,19 @@ mod tests {
         Policy::new(rules.iter().map(|r| r.parse().unwrap()).collect(), vec![])
     }
 
+    /// A stream of alice's to db.internal:5432 held by `resumes`: its key, destination, the
+    /// resumes it would receive, and its registration.
+    fn alice_holds(
+        resumes: &Arc<Resumes>,
+    ) -> (String, Dest, mpsc::Receiver<ResumeRequest>, Registration) {
+        let dest = Dest::new("db.internal", 5432);
+        let addr: SocketAddr = "10.0.0.5:5432".parse().unwrap();
+        let (key, rx, reg, _) = resumes
+            .register("alice-laptop", &dest, addr, 1 << 20)
+            .unwrap();
+        (key, dest, rx, reg)
+    }
+
     const ALICE: Who<'static> = Who {
         user: "alice",
         groups: &[],
@@ -242,11 +255,7 @@ mod tests {
     #[tokio::test]
     async fn a_resume_with_another_agents_credential_is_refused() {
         let resumes = Arc::new(Resumes::default());
-        let dest = Dest::new("db.internal", 5432);
-        let addr: SocketAddr = "10.0.0.5:5432".parse().unwrap();
-        let (key, _rx, _reg, _s) = resumes
-            .register("alice-laptop", &dest, addr, 1 << 20)
-            .unwrap();
+        let (key, dest, _rx, _reg) = alice_holds(&resumes);
         let p = policy(&["db.internal:5432"]);
         let (_keep, req) = incoming().await;
         let Err((Refusal(code, reason), _)) =
@@ -274,11 +283,7 @@ mod tests {
     #[tokio::test]
     async fn a_rule_removed_since_the_open_refuses_the_resume() {
         let resumes = Arc::new(Resumes::default());
-        let dest = Dest::new("db.internal", 5432);
-        let addr: SocketAddr = "10.0.0.5:5432".parse().unwrap();
-        let (key, _rx, _reg, _s) = resumes
-            .register("alice-laptop", &dest, addr, 1 << 20)
-            .unwrap();
+        let (key, dest, _rx, _reg) = alice_holds(&resumes);
         let (_keep, req) = incoming().await;
         let now = policy(&["other.internal:22"]);
         let Err((Refusal(code, _), _)) =

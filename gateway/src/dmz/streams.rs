@@ -171,9 +171,9 @@ pub(crate) async fn route_stream(
             ),
         );
     }
-    // A resume is not a new stream: it does not spend the opens-per-second budget (a session
-    // that dropped resumes all its streams at once), but counts as a stream like any other.
-    if !matches!(resume, Resume::Of { .. }) && !shared.opens.allow(&id.token_id) {
+    // A resume spends the opens-per-second budget like an open (a refusal for it is `limit`,
+    // which the agent retries within the grace): a flood of resumes costs the connector too.
+    if !shared.opens.allow(&id.token_id) {
         return refuse(
             stream,
             ErrorCode::Limit,
