@@ -461,9 +461,18 @@ fn enroll_keeps_the_token_in_credential_manager_and_logout_removes_it() {
     assert_eq!(file_names(&conf), ["agent.toml"], "{stdout}{stderr}");
     let toml = std::fs::read_to_string(conf.join("agent.toml")).unwrap();
     assert!(!toml.contains(token.trim()), "token in agent.toml");
-    let creds = wine
-        .reg(&["query", r"HKCU\Software\Wine\Credential Manager", "/s"])
-        .unwrap_or_default();
+    // `reg query` may run before wineserver has the key (seen once in CI with ten Wine tests
+    // at once): asked again for up to 10 s, the credential must be there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let creds = loop {
+        let creds = wine
+            .reg(&["query", r"HKCU\Software\Wine\Credential Manager", "/s"])
+            .unwrap_or_default();
+        if creds.contains("sallyport-token:") || Instant::now() > deadline {
+            break creds;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(
         creds.contains("sallyport-token:"),
         "no credential in Wine's Credential Manager:\n{creds}"
