@@ -312,6 +312,10 @@ def echo_server_thread(port):
 # ----------------------------------------------------------------------------------------------
 # Chains
 
+TUNNEL_TOML = ("\n[tunnel]\n" + os.environ["SALLYPORT_BENCH_TUNNEL"].replace(";", "\n") + "\n"
+               if os.environ.get("SALLYPORT_BENCH_TUNNEL") else "")
+
+
 class Sallyport:
     def __init__(self, tmp, iperf_port, echo_port, echo10k_port, bindir=None, threads=THREADS, name=""):
         """`threads`: worker threads of the DMZ and the connector (None: their default, one per
@@ -339,18 +343,21 @@ opens_per_token = 1000000.0
 handshakes_per_ip = 1000.0
 streams_per_token = 1000000
 streams_per_session = 1000000
-""")
+""" + TUNNEL_TOML)
+        # `SALLYPORT_BENCH_TUNNEL` ("stream_window = 4194304", ...): the same `[tunnel]` keys
+        # for all three roles, to measure a tuning without editing the benchmark.
+        (t / "role.toml").write_text(TUNNEL_TOML)
         self.dmz = Proc(f"{name}dmz", [str(GW), "dmz", "-c", str(t / "dmz.toml"), *gw_threads, "--log", "warn,gateway::dmz=info"], t)
         port = int(self.dmz.wait_for(r"dmz gateway listening addr=127\.0\.0\.1:(\d+)").group(1))
         url = f"wss://127.0.0.1:{port}/"
         allow = []
         for p in (iperf_port, echo_port, echo10k_port):
             allow += ["--allow", f"127.0.0.1/32:{p}"]
-        self.connector = Proc(f"{name}connector", [str(GW), "connector", "--gateway", url, "--token-file", str(t / "connector.token"),
+        self.connector = Proc(f"{name}connector", [str(GW), "connector", "-c", str(t / "role.toml"), "--gateway", url, "--token-file", str(t / "connector.token"),
                                                    "--ca", str(t / "ca.crt"), *gw_threads, "--log", "warn,gateway::connector=info,uplink=info"] + allow, t)
         self.connector.wait_for("connected to the gateway")
         self.fwd_iperf, self.fwd_echo, self.fwd_10k = free_port(), free_port(), free_port()
-        self.agent = Proc(f"{name}agent", [str(AGENT), "--threads", "1", "run", "--gateway", url, "--token-file", str(t / "agent.token"), "--ca", str(t / "ca.crt"),
+        self.agent = Proc(f"{name}agent", [str(AGENT), "--threads", "1", "run", "-c", str(t / "role.toml"), "--gateway", url, "--token-file", str(t / "agent.token"), "--ca", str(t / "ca.crt"),
                                     "--socks", "127.0.0.1:0", "--http", "off",
                                     "--forward", f"127.0.0.1:{self.fwd_iperf}=127.0.0.1:{iperf_port}",
                                     "--forward", f"127.0.0.1:{self.fwd_echo}=127.0.0.1:{echo_port}",

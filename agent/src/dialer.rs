@@ -192,7 +192,7 @@ impl Dialer for TunnelDialer {
             Ok(match (asked, confirm) {
                 (true, _) => {
                     let buffer = tunnel::resumable::buffer_for(
-                        stream.stream_window(),
+                        stream.window_max(),
                         stream.max_frame() as u32,
                     );
                     let reopen = AgentReopen {

@@ -275,6 +275,8 @@ mod tests {
             max_send: 16 * 1024,
             datagrams,
             resume: false,
+            window_max: 0,
+            session_growth: 0,
         }
     }
 

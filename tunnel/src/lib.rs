@@ -40,6 +40,7 @@ pub mod splice;
 pub mod stream;
 pub mod token;
 pub mod transport;
+pub mod window;
 
 pub use association::{Association, Datagram};
 pub use datagram::Dropped;

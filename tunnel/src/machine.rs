@@ -67,6 +67,11 @@ pub(crate) struct Rules {
     pub datagrams: bool,
     /// Both hellos announced resumable streams: `ACK` frames and `OPEN_OK` metadata may flow.
     pub resume: bool,
+    /// Largest receive window a stream may grow to (`window.rs`); `stream_window` disables
+    /// growth.
+    pub window_max: u32,
+    /// Most growth beyond the base windows on this session, all streams together.
+    pub session_growth: u64,
 }
 
 /// What one state change asks the writer to send, in order.
@@ -150,6 +155,15 @@ pub(crate) struct State {
     pub(crate) wake_writer: bool,
     /// Datagram associations (`datagram.rs`).
     pub(crate) dgrams: Datagrams,
+    /// Window growth granted on this session's streams (taken from the process budget too).
+    grown: u64,
+}
+
+impl Drop for State {
+    /// The session's window growth goes back to the process budget.
+    fn drop(&mut self) {
+        crate::window::give_global(self.grown);
+    }
 }
 
 impl State {
@@ -190,6 +204,7 @@ impl State {
             bytes_out: 0,
             wake_writer: false,
             dgrams: Datagrams::default(),
+            grown: 0,
         }
     }
 
@@ -238,6 +253,9 @@ impl State {
                 if s.incoming {
                     self.incoming_live -= 1;
                 }
+                let grown = s.recv_window.saturating_sub(self.rules.stream_window) as u64;
+                self.grown -= grown;
+                crate::window::give_global(grown);
             }
         }
     }
@@ -770,12 +788,29 @@ impl State {
 
     /// The application consumed `n` bytes of stream `id`: credit goes back once a quarter
     /// window has accumulated (fewer, larger `WINDOW` frames), never after the peer's `FIN`.
-    pub(crate) fn consumed(&mut self, id: u32, n: u32) {
+    ///
+    /// A reader that drains whole windows faster than the path returns credit gets a larger
+    /// window (`window.rs`): the growth rides the same `WINDOW` as extra credit.
+    pub(crate) fn consumed(&mut self, id: u32, n: u32, now: Instant) {
+        let interval = crate::window::interval(self.rtt);
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
         s.recv_unacked += n;
-        if s.recv_fin || s.recv_unacked < (s.recv_window / 4).max(1) {
+        if s.recv_fin {
+            return;
+        }
+        let want = s.tuner.consumed(now, n, s.recv_window, interval);
+        if want > 0 {
+            let room = (self.rules.window_max.saturating_sub(s.recv_window) as u64)
+                .min(want as u64)
+                .min(self.rules.session_growth.saturating_sub(self.grown));
+            let got = crate::window::take_global(room) as u32;
+            s.recv_window += got;
+            s.recv_unacked += got;
+            self.grown += got as u64;
+        }
+        if s.recv_unacked < (s.recv_window / 4).max(1) {
             return;
         }
         let credit = s.recv_unacked;
@@ -1043,6 +1078,8 @@ mod tests {
             max_send: 600,
             datagrams: false,
             resume: false,
+            window_max: 0,
+            session_growth: 0,
         }
     }
 
@@ -1174,6 +1211,61 @@ mod tests {
         assert!(st.streams[&b].error().is_none());
     }
 
+    /// Window autotuning (`window.rs`): a reader that drains whole windows fast gets a larger
+    /// window as extra credit in the same `WINDOW`, never beyond `window_max` nor the session's
+    /// growth budget, however fast it reads.
+    #[test]
+    fn a_fast_reader_grows_its_window_within_the_stream_and_session_caps() {
+        let t = Instant::now();
+        let ms = |n| t + Duration::from_millis(n);
+        let mut r = rules(true);
+        (r.window_max, r.session_growth) = (4000, 5000);
+        let mut st = State::new(r, t);
+        let a = st.open(dest(), Meta::default()).unwrap();
+        let b = st.open(dest(), Meta::default()).unwrap();
+        sent(&mut st);
+        let drain = |st: &mut State, id: u32, n: u32, at| {
+            st.on_frame(at, data(id, n as usize), n as usize + 10)
+                .unwrap();
+            st.consumed(id, n, at);
+            sent(st)
+                .into_iter()
+                .find_map(|f| match f {
+                    Frame::Window { stream, credit } if stream == id => Some(credit),
+                    _ => None,
+                })
+                .unwrap_or(0)
+        };
+        assert_eq!(
+            drain(&mut st, a, 1000, ms(0)),
+            2000,
+            "1000 read + 1000 more"
+        );
+        assert_eq!(drain(&mut st, a, 2000, ms(1)), 4000, "doubled again");
+        assert_eq!(
+            drain(&mut st, a, 4000, ms(2)),
+            4000,
+            "at window_max: no more"
+        );
+        assert_eq!(st.streams[&a].recv_window, 4000);
+        assert_eq!(drain(&mut st, b, 1000, ms(3)), 2000);
+        assert_eq!(
+            drain(&mut st, b, 2000, ms(4)),
+            3000,
+            "only 1000 left in the session"
+        );
+        assert_eq!(st.grown, 5000);
+        // A slow reader never grows.
+        let mut st = State::new(r, t);
+        let c = st.open(dest(), Meta::default()).unwrap();
+        sent(&mut st);
+        for i in 0..8 {
+            drain(&mut st, c, 250, ms(100 + 20 * i));
+        }
+        assert_eq!(st.streams[&c].recv_window, 1000);
+        assert_eq!(st.grown, 0);
+    }
+
     #[test]
     fn session_credit_returns_once_a_quarter_window_arrived() {
         let t = Instant::now();
@@ -1200,16 +1292,16 @@ mod tests {
         sent(&mut st);
         st.on_frame(t, data(id, 300), 310).unwrap();
         assert!(sent(&mut st).is_empty());
-        st.consumed(id, 249);
+        st.consumed(id, 249, Instant::now());
         assert!(sent(&mut st).is_empty(), "below a quarter of 1000");
-        st.consumed(id, 1);
+        st.consumed(id, 1, Instant::now());
         assert!(matches!(
             &sent(&mut st)[..],
             [Frame::Window { stream, credit: 250 }] if *stream == id
         ));
         // After the peer's FIN there is nothing left to grant.
         st.on_frame(t, Frame::Fin { stream: id }, 5).unwrap();
-        st.consumed(id, 50);
+        st.consumed(id, 50, Instant::now());
         assert!(sent(&mut st).is_empty());
     }
 

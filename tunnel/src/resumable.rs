@@ -90,8 +90,7 @@ pub fn is_hex32(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Retained bytes per stream by default: more than the three windows that can be in flight
-/// between the ends, so throughput never waits for an `ACK`.
+/// Retained bytes per stream at least (see [`buffer_for`]).
 pub const DEFAULT_BUFFER: usize = 2 * 1024 * 1024;
 
 /// How long a suspended stream waits to be resumed by default.
@@ -102,9 +101,12 @@ const ACK_EVERY: u64 = 256 * 1024;
 /// ...and otherwise this long after the last unacknowledged byte.
 const ACK_DELAY: Duration = Duration::from_millis(20);
 
-/// The retained buffer for a session's windows: room for every window in flight plus a frame.
-pub fn buffer_for(stream_window: u32, max_frame: u32) -> usize {
-    DEFAULT_BUFFER.max(4 * stream_window as usize + 256 * 1024 + max_frame as usize)
+/// The most a stream retains, for a session whose windows grow up to `window_max`
+/// (`window.rs`): room for both hops' windows in flight between the ends plus a frame, so
+/// throughput never waits for an `ACK`. A cap, not an allocation: only bytes sent and not yet
+/// acknowledged are held, and the connector's budget bounds them all.
+pub fn buffer_for(window_max: u32, max_frame: u32) -> usize {
+    DEFAULT_BUFFER.max(2 * window_max as usize + 256 * 1024 + max_frame as usize)
 }
 
 // --- counters (for `sallyport status`, the status page and the connector's metrics) ---------

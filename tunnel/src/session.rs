@@ -59,6 +59,12 @@ pub struct Config {
     pub stream_window: u32,
     /// How much may be in flight towards us on the whole session.
     pub session_window: u32,
+    /// Largest window a fast stream may grow to (`window.rs`); equal to `stream_window`, no
+    /// stream grows.
+    pub window_max: u32,
+    /// Most window growth on this session, all streams together (the process has its own
+    /// budget too, [`crate::window::set_budget`]).
+    pub session_growth: u64,
     /// Largest `DATA` payload we accept (the transport's message limit must allow it).
     pub max_frame: u32,
     /// Whether the peer may open streams towards us.
@@ -91,6 +97,8 @@ impl Config {
             instance_id: String::new(),
             stream_window: 512 * 1024,
             session_window: 16 * 1024 * 1024,
+            window_max: crate::window::DEFAULT_MAX,
+            session_growth: 4 * crate::window::DEFAULT_MAX as u64,
             max_frame: crate::frame::DEFAULT_MAX_FRAME,
             accept_streams: true,
             max_incoming_streams: 16_384,
@@ -406,6 +414,8 @@ impl Session {
             max_send,
             datagrams: config.datagrams && peer.features & crate::frame::features::DATAGRAMS != 0,
             resume: config.resume && peer.features & crate::frame::features::RESUME != 0,
+            window_max: config.window_max.max(config.stream_window),
+            session_growth: config.session_growth,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new(rules, Instant::now())),

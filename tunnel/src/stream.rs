@@ -54,6 +54,8 @@ pub(crate) struct StreamState {
     /// Bytes the application consumed that we have not yet handed back as credit.
     pub(crate) recv_unacked: u32,
     pub(crate) recv_fin: bool,
+    /// Measures how fast the reader drains the window (`window.rs`).
+    pub(crate) tuner: crate::window::Tuner,
     // Send side.
     pub(crate) send_credit: u64,
     pub(crate) send_queue: VecDeque<Out>,
@@ -96,6 +98,7 @@ impl StreamState {
             recv_avail: recv_window,
             recv_unacked: 0,
             recv_fin: false,
+            tuner: crate::window::Tuner::default(),
             send_credit: send_credit as u64,
             send_queue: VecDeque::new(),
             in_ready: false,
@@ -294,6 +297,14 @@ impl Stream {
         self.shared.config.stream_window
     }
 
+    /// The largest window a stream of this session may grow to (`window.rs`).
+    pub fn window_max(&self) -> u32 {
+        self.shared
+            .config
+            .window_max
+            .max(self.shared.config.stream_window)
+    }
+
     /// The most bytes one `DATA` frame carries on this session.
     pub fn max_frame(&self) -> usize {
         self.shared.max_send
@@ -420,7 +431,7 @@ impl Stream {
         };
         if let Some(chunk) = s.recv_buf.pop_front() {
             let n = chunk.len() as u32;
-            st.consumed(self.id, n);
+            st.consumed(self.id, n, tokio::time::Instant::now());
             return Poll::Ready(Ok(Some(chunk)));
         }
         if let Some(e) = &s.error {
@@ -549,7 +560,7 @@ impl AsyncRead for Stream {
             if front.is_empty() {
                 s.recv_buf.pop_front();
             }
-            st.consumed(this.id, n as u32);
+            st.consumed(this.id, n as u32, tokio::time::Instant::now());
             return Poll::Ready(Ok(()));
         }
         if let Some(e) = &s.error {

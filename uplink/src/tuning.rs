@@ -10,6 +10,8 @@ use std::time::Duration;
 pub struct Tuning<'a> {
     pub stream_window: Option<u32>,
     pub session_window: Option<u32>,
+    pub window_max: Option<u32>,
+    pub window_budget: Option<u64>,
     pub ping_interval: Option<&'a str>,
     pub ping_timeout: Option<&'a str>,
 }
@@ -49,6 +51,19 @@ impl Tuning<'_> {
                 )));
             }
             cfg.session_window = w;
+        }
+        if let Some(w) = self.window_max {
+            if w < cfg.stream_window || w > *STREAM_WINDOW.end() {
+                return Err(TuningError(format!(
+                    "tunnel.window_max = {w}: must be between tunnel.stream_window ({}) and 64 MiB (67108864); equal to it turns window growth off",
+                    cfg.stream_window
+                )));
+            }
+            cfg.window_max = w;
+        }
+        if let Some(b) = self.window_budget {
+            // Process-wide, like the memory it bounds.
+            tunnel::window::set_budget(b);
         }
         if let Some(s) = self.ping_interval {
             cfg.ping_interval = duration(s, "tunnel.ping_interval")?;
@@ -101,12 +116,23 @@ mod tests {
         Tuning {
             stream_window: Some(1 << 20),
             session_window: Some(1 << 24),
+            window_max: Some(1 << 22),
+            window_budget: None,
             ping_interval: Some("5s"),
             ping_timeout: Some("20s"),
         }
         .apply(&mut cfg)
         .unwrap();
         assert_eq!((cfg.stream_window, cfg.session_window), (1 << 20, 1 << 24));
+        assert_eq!(cfg.window_max, 1 << 22);
+        let e = Tuning {
+            stream_window: Some(1 << 20),
+            window_max: Some(1 << 19),
+            ..Default::default()
+        }
+        .apply(&mut cfg)
+        .unwrap_err();
+        assert!(e.0.contains("tunnel.window_max = 524288"), "{e}");
         assert_eq!(cfg.ping_interval, Duration::from_secs(5));
     }
 }
@@ -118,6 +144,10 @@ mod tests {
 pub struct TunnelFile {
     pub stream_window: Option<u32>,
     pub session_window: Option<u32>,
+    /// Largest window a fast stream grows to (bytes; `stream_window` turns growth off).
+    pub window_max: Option<u32>,
+    /// Most window growth in the whole process, beyond every stream's base window (bytes).
+    pub window_budget: Option<u64>,
     pub ping_interval: Option<String>,
     /// How long past a missed ping the peer is declared dead.
     pub ping_timeout: Option<String>,
@@ -140,6 +170,8 @@ impl TunnelFile {
         Tuning {
             stream_window: self.stream_window,
             session_window: self.session_window,
+            window_max: self.window_max,
+            window_budget: self.window_budget,
             ping_interval: self.ping_interval.as_deref(),
             ping_timeout: self.ping_timeout.as_deref(),
         }

@@ -131,8 +131,7 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
     };
     let _open = config.ops.metrics.stream_open();
     let mut tcp = tcp;
-    let buffer =
-        tunnel::resumable::buffer_for(config.session.stream_window, config.session.max_frame);
+    let buffer = tunnel::resumable::buffer_for(config.session.window_max, config.session.max_frame);
     let held = match resume {
         Some(_) => config.resume.register(&token, &dest, addr, buffer),
         None => None,
