@@ -65,11 +65,11 @@ fn a_replayed_v2_handshake_gets_nothing_and_locks_nobody_out() {
     a.wait_for(&["connected to the gateway"], Duration::from_secs(15))
         .unwrap();
     let _ = socks;
-    assert!(
-        gw.dmz.log().contains("v2 handshake failed at msg3"),
-        "{}",
-        gw.dmz.log()
-    );
+    // Polled: the test reads the DMZ's stderr through a thread, and a client's close says
+    // nothing about how far that thread got.
+    gw.dmz
+        .wait_for(&["v2 handshake failed at msg3"], Duration::from_secs(10))
+        .unwrap();
 }
 
 /// A fake gateway (what a proxy on the path can be) answers the agent with every refusal it
@@ -162,11 +162,14 @@ fn a_stolen_dmz_token_file_neither_connects_as_an_agent_nor_poses_as_the_gateway
     let rt = runtime();
     let (_, _, ok) = rt.block_on(handshake_as(gw.addr, &forged));
     assert_eq!(ok, Some(false), "a forged token got a session");
-    // The refusal is logged by the DMZ's task, which may write it after the client saw the close.
+    // Polled: the DMZ writes its refusal before the client sees the close, but the test reads
+    // the DMZ's stderr through a thread that may not have got that far yet (CI failed on it).
     gw.dmz
         .wait_for(&["refused v2 token"], Duration::from_secs(10))
         .unwrap();
-    assert!(gw.dmz.log().contains("bob-laptop"), "{}", gw.dmz.log());
+    gw.dmz
+        .wait_for(&["bob-laptop"], Duration::from_secs(10))
+        .unwrap();
     // 2. A DMZ of the thief's: the stolen token files, its own static key.
     let fake = Proc::spawn(
         "fake-dmz",
@@ -203,6 +206,8 @@ fn a_stolen_dmz_token_file_neither_connects_as_an_agent_nor_poses_as_the_gateway
     agent
         .wait_for(&["is the token for this gateway?"], Duration::from_secs(15))
         .unwrap();
+    // Negatives, read once: the agent's line above comes after any session it could have had,
+    // and the fake DMZ would log a session before sending the verdict the agent waited for.
     assert!(
         !agent.log().contains("connected to the gateway"),
         "{}",
