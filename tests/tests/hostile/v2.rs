@@ -117,10 +117,18 @@ fn forged_refusals_never_make_a_v2_agent_send_a_secret_or_speak_v1() {
     .arg(gw.pki.p("bob-laptop.token"))
     .env("HOME", gw.pki.dir.path());
     let agent = Proc::spawn("agent-forged", &mut cmd).unwrap();
-    std::thread::sleep(Duration::from_secs(8));
+    let started = Instant::now();
+    // Its first upgrade, polled (an agent slow to start on a loaded machine), then the rest of
+    // 8 s of its retries against the forged answers.
+    let seen_text = || String::from_utf8_lossy(&seen.lock().unwrap()).to_ascii_lowercase();
+    eventually(Duration::from_secs(15), seen_text, |t| {
+        t.contains("get /agent") && t.contains("sallyport-hello")
+    });
+    if let Some(left) = Duration::from_secs(8).checked_sub(started.elapsed()) {
+        std::thread::sleep(left);
+    }
     drop(agent);
-    let seen = seen.lock().unwrap().clone();
-    let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+    let text = seen_text();
     assert!(
         text.contains("get /agent"),
         "the fake gateway saw nothing: {text}"
