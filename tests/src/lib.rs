@@ -843,6 +843,7 @@ pub struct SquidOpts {
 }
 
 /// How the test squid authenticates (each with squid's own helper, except NTLM).
+#[derive(Clone, Copy)]
 pub enum SquidAuth<'a> {
     None,
     /// `basic_ncsa_auth` with an htpasswd file.
@@ -890,6 +891,23 @@ impl Squid {
     /// Like [`Squid::start_with`], anywhere: in a network namespace, on another address, with
     /// extra configuration lines.
     pub fn start_opts(tag: &str, how: SquidAuth<'_>, opts: &SquidOpts) -> Result<Squid> {
+        // A port picked here was free when picked, not necessarily when squid binds it (ten
+        // test binaries at once): squid then says so and exits, and another port is tried.
+        for _ in 0..2 {
+            match Squid::start_once(tag, how, opts) {
+                Err(e) if opts.port.is_none() && e.to_string().contains(PORT_TAKEN) => {
+                    eprintln!(
+                        "{e}
+(trying another port)"
+                    );
+                }
+                r => return r,
+            }
+        }
+        Squid::start_once(tag, how, opts)
+    }
+
+    fn start_once(tag: &str, how: SquidAuth<'_>, opts: &SquidOpts) -> Result<Squid> {
         require_tool("squid");
         require_tool("openssl");
         let dir = TempDir::new(tag);
@@ -1013,20 +1031,21 @@ impl Squid {
                 .arg(d.join("squid.conf"))
                 .envs(env),
         )?;
-        // Ready when it accepts connections (in a namespace, when its log says so).
+        // Ready when its log says it accepts connections on its port (and, here, it does): a
+        // connection alone could reach whoever took the port first.
         let deadline = Instant::now() + Duration::from_secs(15);
-        let ready = || match &opts.netns {
-            None => TcpStream::connect(("127.0.0.1", port)).is_ok(),
-            Some(_) => std::fs::read_to_string(d.join("cache.log"))
-                .is_ok_and(|l| l.contains("Accepting") && l.contains(&format!(":{port}"))),
-        };
-        while !ready() {
-            if Instant::now() > deadline {
-                bail!(
-                    "squid did not start: {}\n{}",
-                    proc.log(),
-                    std::fs::read_to_string(d.join("cache.log")).unwrap_or_default()
-                );
+        loop {
+            let log = std::fs::read_to_string(d.join("cache.log")).unwrap_or_default();
+            let accepting = log
+                .lines()
+                .any(|l| l.contains("Accepting") && l.contains(&format!(":{port}")));
+            if accepting
+                && (opts.netns.is_some() || TcpStream::connect(("127.0.0.1", port)).is_ok())
+            {
+                break;
+            }
+            if log.contains(PORT_TAKEN) || Instant::now() > deadline {
+                bail!("squid did not start on port {port}: {}\n{log}", proc.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -1060,6 +1079,9 @@ impl Squid {
         std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
     }
 }
+
+/// What squid (and the OS) say when its port is taken.
+const PORT_TAKEN: &str = "Address already in use";
 
 /// A plain HTTP server on loopback that answers every request with `body` (e.g. a PAC file);
 /// returns its port.
