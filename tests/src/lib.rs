@@ -191,7 +191,7 @@ impl Drop for Proc {
     }
 }
 
-/// Calls `check` every 20 ms until it gives `Some`, for up to `within` (`None` then).
+/// Calls `check` every 50 ms until it gives `Some`, for up to `within` (`None` then).
 ///
 /// For anything another process updates on its own time: its log as this process reads it
 /// (a reader thread collects each child's stderr), a file it writes, a counter it serves. A
@@ -206,7 +206,7 @@ pub fn poll<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option
         if Instant::now() > deadline {
             return None;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

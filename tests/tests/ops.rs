@@ -255,25 +255,14 @@ fn promtool_accepts_the_metrics_scraped_from_a_running_dmz_and_connector() {
     ops.dmz
         .wait_for(&["stream closed"], Duration::from_secs(10))
         .unwrap();
-    // The system is up once the DMZ has one of the connector's two sessions: the scrapes are
-    // polled until the second is counted on both sides (the values asserted below).
-    let settled = |text: &String, series: &[(&str, f64)]| {
-        series
-            .iter()
-            .all(|(name, want)| value_of(text, name).is_some_and(|v| v >= *want))
-    };
-    let dmz = eventually(
-        Duration::from_secs(10),
-        || metrics(ops.dmz_admin),
-        |m| {
-            settled(
-                m,
-                &[
-                    ("sallyport_sessions{role=\"connector\"}", 2.0),
-                    ("sallyport_handshake_seconds_count", 3.0),
-                ],
-            )
-        },
+    // The system is up once the DMZ has one of the connector's two sessions: the scrapes wait
+    // until the second is counted on both sides (the values asserted below).
+    let dmz = metrics_when(
+        ops.dmz_admin,
+        &[
+            ("sallyport_sessions{role=\"connector\"}", 2.0),
+            ("sallyport_handshake_seconds_count", 3.0),
+        ],
     );
     promtool_check("DMZ", &dmz);
     assert_eq!(value(&dmz, "sallyport_sessions{role=\"agent\"}"), 1.0);
@@ -285,18 +274,12 @@ fn promtool_accepts_the_metrics_scraped_from_a_running_dmz_and_connector() {
         1.0
     );
     assert!(value(&dmz, "sallyport_handshake_seconds_count") >= 3.0);
-    let conn = eventually(
-        Duration::from_secs(10),
-        || metrics(ops.connector_admin),
-        |m| {
-            settled(
-                m,
-                &[
-                    ("sallyport_sessions{role=\"connector\"}", 2.0),
-                    ("sallyport_egress_path{path=\"direct\"}", 2.0),
-                ],
-            )
-        },
+    let conn = metrics_when(
+        ops.connector_admin,
+        &[
+            ("sallyport_sessions{role=\"connector\"}", 2.0),
+            ("sallyport_egress_path{path=\"direct\"}", 2.0),
+        ],
     );
     promtool_check("connector", &conn);
     assert_eq!(value(&conn, "sallyport_sessions{role=\"connector\"}"), 2.0);
@@ -1056,14 +1039,20 @@ fn to_echo(port: u16, data: &[u8]) -> Vec<u8> {
 
 /// Polls `/metrics` at `addr` until `series` is at least `min`; its value.
 fn wait_metric(addr: SocketAddr, series: &str, min: f64) -> f64 {
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = value(&metrics(addr), series);
-        if v >= min || Instant::now() > until {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    value(&metrics_when(addr, &[(series, min)]), series)
+}
+
+/// `/metrics` at `addr` once every series in `want` is at least its value, polled for up to
+/// 10 s (the process counts on its own time); the last scrape, whatever it says.
+fn metrics_when(addr: SocketAddr, want: &[(&str, f64)]) -> String {
+    eventually(
+        Duration::from_secs(10),
+        || metrics(addr),
+        |m| {
+            want.iter()
+                .all(|(series, min)| value_of(m, series).is_some_and(|v| v >= *min))
+        },
+    )
 }
 
 #[test]
