@@ -109,27 +109,43 @@ impl Proc {
 
     /// Waits for a log line containing every one of `needles`; returns it.
     pub fn wait_for(&self, needles: &[&str], timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(l) = self
-                .lines
+        self.wait_for_nth(needles, 1, timeout)
+    }
+
+    /// Waits until `n` log lines contain every one of `needles`; returns the `n`-th (for a
+    /// line the process writes again, e.g. after a second reload or a reconnect).
+    pub fn wait_for_nth(&self, needles: &[&str], n: usize, timeout: Duration) -> Result<String> {
+        let found = poll(timeout, || {
+            self.lines
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return Ok(l.clone());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} never logged {:?}; its log:\n{}",
-                    self.name,
-                    needles,
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+                .filter(|l| needles.iter().all(|x| l.contains(x)))
+                .nth(n.saturating_sub(1))
+                .cloned()
+        });
+        found.with_context(|| {
+            format!(
+                "{} never logged {:?} {n} time(s); its log:\n{}",
+                self.name,
+                needles,
+                self.log()
+            )
+        })
+    }
+
+    /// Waits until a DMZ has read its token file (or revocation list) `file` again after the
+    /// test changed it (it looks every 2 s): its `reloaded` line for `file` with `entries`
+    /// entries. A fixed sleep for this failed on a loaded machine.
+    pub fn wait_for_reload(&self, file: &Path, entries: usize) -> Result<String> {
+        self.wait_for(
+            &[
+                "reloaded",
+                &format!("file={}", file.display()),
+                &format!("entries={entries}"),
+            ],
+            Duration::from_secs(15),
+        )
     }
 
     pub fn log(&self) -> String {
@@ -173,6 +189,64 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Calls `check` every 50 ms until it gives `Some`, for up to `within` (`None` then).
+///
+/// For anything another process updates on its own time: its log as this process reads it
+/// (a reader thread collects each child's stderr), a file it writes, a counter it serves. A
+/// line the child wrote before the event the test saw may still be on its way, so such state
+/// is never read once right after an event.
+pub fn poll<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads `read` until `done` holds for what it gives, for up to `within` (see [`poll`]);
+/// returns the last value read, for the caller's assertion and its message.
+pub fn eventually<T>(
+    within: Duration,
+    mut read: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let mut last = None;
+    poll(within, || {
+        let v = read();
+        if done(&v) {
+            return Some(v);
+        }
+        last = Some(v);
+        None
+    })
+    .or(last)
+    .expect("poll reads at least once")
+}
+
+/// Waits until the file `path` (a log another program writes) has a line containing every one
+/// of `needles`; returns that line.
+pub fn file_line(path: &Path, needles: &[&str], within: Duration) -> Result<String> {
+    let text = || std::fs::read_to_string(path).unwrap_or_default();
+    poll(within, || {
+        text()
+            .lines()
+            .find(|l| needles.iter().all(|n| l.contains(n)))
+            .map(str::to_string)
+    })
+    .with_context(|| {
+        format!(
+            "no line with {needles:?} in {}:\n{}",
+            path.display(),
+            text()
+        )
+    })
 }
 
 /// The value of `key=value` in a log line (quotes stripped): an event field, preceded by a
@@ -651,21 +725,13 @@ impl System {
         let socks = agent.addr(&["listening", "socks5"])?;
         let http = agent.addr(&["listening", "http"])?;
         let mut fw = Vec::new();
-        for (i, _) in forwards.iter().enumerate() {
-            let lines: Vec<String> = {
-                agent.wait_for(&["listening", "forward"], Duration::from_secs(10))?;
-                agent
-                    .log()
-                    .lines()
-                    .filter(|l| l.contains("listening") && l.contains("forward"))
-                    .map(str::to_string)
-                    .collect()
-            };
-            let a = lines
-                .get(i)
-                .and_then(|l| field(l, "addr"))
+        for i in 0..forwards.len() {
+            // Forwards are logged in the order given, each once.
+            let line =
+                agent.wait_for_nth(&["listening", "forward"], i + 1, Duration::from_secs(10))?;
+            let a = field(&line, "addr")
                 .and_then(|a| a.parse().ok())
-                .context("forward addr")?;
+                .with_context(|| format!("no addr= in `{line}`"))?;
             fw.push(a);
         }
         agent.wait_for(&["connected to the gateway"], Duration::from_secs(15))?;
@@ -777,6 +843,7 @@ pub struct SquidOpts {
 }
 
 /// How the test squid authenticates (each with squid's own helper, except NTLM).
+#[derive(Clone, Copy)]
 pub enum SquidAuth<'a> {
     None,
     /// `basic_ncsa_auth` with an htpasswd file.
@@ -824,6 +891,23 @@ impl Squid {
     /// Like [`Squid::start_with`], anywhere: in a network namespace, on another address, with
     /// extra configuration lines.
     pub fn start_opts(tag: &str, how: SquidAuth<'_>, opts: &SquidOpts) -> Result<Squid> {
+        // A port picked here was free when picked, not necessarily when squid binds it (ten
+        // test binaries at once): squid then says so and exits, and another port is tried.
+        for _ in 0..2 {
+            match Squid::start_once(tag, how, opts) {
+                Err(e) if opts.port.is_none() && e.to_string().contains(PORT_TAKEN) => {
+                    eprintln!(
+                        "{e}
+(trying another port)"
+                    );
+                }
+                r => return r,
+            }
+        }
+        Squid::start_once(tag, how, opts)
+    }
+
+    fn start_once(tag: &str, how: SquidAuth<'_>, opts: &SquidOpts) -> Result<Squid> {
         require_tool("squid");
         require_tool("openssl");
         let dir = TempDir::new(tag);
@@ -947,20 +1031,21 @@ impl Squid {
                 .arg(d.join("squid.conf"))
                 .envs(env),
         )?;
-        // Ready when it accepts connections (in a namespace, when its log says so).
+        // Ready when its log says it accepts connections on its port (and, here, it does): a
+        // connection alone could reach whoever took the port first.
         let deadline = Instant::now() + Duration::from_secs(15);
-        let ready = || match &opts.netns {
-            None => TcpStream::connect(("127.0.0.1", port)).is_ok(),
-            Some(_) => std::fs::read_to_string(d.join("cache.log"))
-                .is_ok_and(|l| l.contains("Accepting") && l.contains(&format!(":{port}"))),
-        };
-        while !ready() {
-            if Instant::now() > deadline {
-                bail!(
-                    "squid did not start: {}\n{}",
-                    proc.log(),
-                    std::fs::read_to_string(d.join("cache.log")).unwrap_or_default()
-                );
+        loop {
+            let log = std::fs::read_to_string(d.join("cache.log")).unwrap_or_default();
+            let accepting = log
+                .lines()
+                .any(|l| l.contains("Accepting") && l.contains(&format!(":{port}")));
+            if accepting
+                && (opts.netns.is_some() || TcpStream::connect(("127.0.0.1", port)).is_ok())
+            {
+                break;
+            }
+            if log.contains(PORT_TAKEN) || Instant::now() > deadline {
+                bail!("squid did not start on port {port}: {}\n{log}", proc.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -975,17 +1060,9 @@ impl Squid {
     /// Waits until the access log has a line containing every one of `needles` (squid logs a
     /// tunnel when it ends), and returns the log.
     pub fn wait_for_log(&self, needles: &[&str], within: Duration) -> Result<String> {
-        let deadline = Instant::now() + within;
-        loop {
-            let log = self.access_log();
-            if log.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
-                return Ok(log);
-            }
-            if Instant::now() > deadline {
-                bail!("no line with {needles:?} in squid's access log:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        file_line(&self.dir.path().join("access.log"), needles, within)
+            .map(|_| self.access_log())
+            .map_err(|e| anyhow::anyhow!("squid's access log: {e}"))
     }
 
     /// Stops squid (a restart is a new [`Squid::start_opts`] with the same port). It is asked
@@ -1002,6 +1079,9 @@ impl Squid {
         std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
     }
 }
+
+/// What squid (and the OS) say when its port is taken.
+const PORT_TAKEN: &str = "Address already in use";
 
 /// A plain HTTP server on loopback that answers every request with `body` (e.g. a PAC file);
 /// returns its port.

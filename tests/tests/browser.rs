@@ -62,7 +62,7 @@ fn chromium_with_the_agents_pac_tunnels_only_internal_pages() {
     sys.dmz
         .wait_for(
             &["stream open", &format!("backend.internal:{}", svc.port())],
-            Duration::from_secs(5),
+            Duration::from_secs(15),
         )
         .unwrap();
 

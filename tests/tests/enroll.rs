@@ -43,7 +43,10 @@ fn enroll_checks_the_token_pins_the_key_and_logout_removes_it() {
     .unwrap();
     // A v1 token: fetching `/key` and pinning are v1's enrollment (v2's is below).
     sys.pki.use_v1_token("agent", "alice-laptop").unwrap();
-    std::thread::sleep(Duration::from_millis(2500)); // the DMZ reloads its token file
+    // The DMZ reads its token files every 2 s (a fixed sleep for it was too short under load).
+    sys.dmz
+        .wait_for_reload(&sys.pki.p("agents.toml"), 2)
+        .unwrap();
     let home = TempDir::new("enroll-home");
     let conf_dir = home.path().join(".config/sallyport");
     let token = std::fs::read_to_string(sys.pki.p("alice-laptop.token")).unwrap();

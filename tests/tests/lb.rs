@@ -91,7 +91,7 @@ fn whole_path(kind: LbKind) {
     sys.dmz
         .wait_for(
             &["stream open", "alice-laptop", "backend.internal"],
-            Duration::from_secs(5),
+            Duration::from_secs(10),
         )
         .unwrap();
     // The health check endpoint through the load balancer, as monitoring would use it...
@@ -328,7 +328,7 @@ fn probe(url: &str, from: &str, id: &str, header: &str, ca: &Path) -> String {
 fn refused_client(sys: &LbSystem, id: &str) -> SocketAddr {
     let line = sys
         .dmz
-        .wait_for(&["refused token", id], Duration::from_secs(5))
+        .wait_for(&["refused token", id], Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}\n{}", logs(sys, &[])));
     logged_addr(&line, "client")
 }
@@ -346,7 +346,7 @@ fn client_address(kind: LbKind) {
         .dmz
         .wait_for(
             &["agent session up", "alice-laptop"],
-            Duration::from_secs(5),
+            Duration::from_secs(10),
         )
         .unwrap();
     assert_eq!(logged_addr(&up, "peer").ip(), lb_source, "{up}");
@@ -364,7 +364,10 @@ fn client_address(kind: LbKind) {
     assert_eq!(code, 0, "{err}\n{}", logs(&sys, &[&agent]));
     for p in [&sys.dmz, &sys.connector] {
         let open = p
-            .wait_for(&["stream open", "backend.internal"], Duration::from_secs(5))
+            .wait_for(
+                &["stream open", "backend.internal"],
+                Duration::from_secs(10),
+            )
             .unwrap();
         assert_eq!(
             field(&open, "client").as_deref(),
@@ -601,6 +604,13 @@ fn several_instances(kind: LbKind) {
         assert!(!p.log().contains("session lost"), "{}", p.log());
     }
     let count = |d: &Proc| d.log().matches("agent session up").count();
+    // Each instance logs a session before it serves it, but the test reads the logs through
+    // threads of its own: polled.
+    eventually(
+        Duration::from_secs(10),
+        || count(&dmz_a) + count(&dmz_b),
+        |n| *n == agents.len(),
+    );
     eprintln!(
         "{}: HTTP-transport sessions on dmz-a {}, dmz-b {}",
         lb.name(),

@@ -197,10 +197,14 @@ fn metrics(addr: SocketAddr) -> String {
 
 /// The value of the series `name` (with its labels, exactly as written) in `text`.
 fn value(text: &str, series: &str) -> f64 {
+    value_of(text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// [`value`], `None` when the series is missing.
+fn value_of(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }
 
 /// `promtool check metrics` on `text`: no error, no lint warning.
@@ -251,7 +255,15 @@ fn promtool_accepts_the_metrics_scraped_from_a_running_dmz_and_connector() {
     ops.dmz
         .wait_for(&["stream closed"], Duration::from_secs(10))
         .unwrap();
-    let dmz = metrics(ops.dmz_admin);
+    // The system is up once the DMZ has one of the connector's two sessions: the scrapes wait
+    // until the second is counted on both sides (the values asserted below).
+    let dmz = metrics_when(
+        ops.dmz_admin,
+        &[
+            ("sallyport_sessions{role=\"connector\"}", 2.0),
+            ("sallyport_handshake_seconds_count", 3.0),
+        ],
+    );
     promtool_check("DMZ", &dmz);
     assert_eq!(value(&dmz, "sallyport_sessions{role=\"agent\"}"), 1.0);
     assert_eq!(value(&dmz, "sallyport_sessions{role=\"connector\"}"), 2.0);
@@ -262,7 +274,13 @@ fn promtool_accepts_the_metrics_scraped_from_a_running_dmz_and_connector() {
         1.0
     );
     assert!(value(&dmz, "sallyport_handshake_seconds_count") >= 3.0);
-    let conn = metrics(ops.connector_admin);
+    let conn = metrics_when(
+        ops.connector_admin,
+        &[
+            ("sallyport_sessions{role=\"connector\"}", 2.0),
+            ("sallyport_egress_path{path=\"direct\"}", 2.0),
+        ],
+    );
     promtool_check("connector", &conn);
     assert_eq!(value(&conn, "sallyport_sessions{role=\"connector\"}"), 2.0);
     assert_eq!(value(&conn, "sallyport_egress_path{path=\"direct\"}"), 2.0);
@@ -1021,14 +1039,20 @@ fn to_echo(port: u16, data: &[u8]) -> Vec<u8> {
 
 /// Polls `/metrics` at `addr` until `series` is at least `min`; its value.
 fn wait_metric(addr: SocketAddr, series: &str, min: f64) -> f64 {
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = value(&metrics(addr), series);
-        if v >= min || Instant::now() > until {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    value(&metrics_when(addr, &[(series, min)]), series)
+}
+
+/// `/metrics` at `addr` once every series in `want` is at least its value, polled for up to
+/// 10 s (the process counts on its own time); the last scrape, whatever it says.
+fn metrics_when(addr: SocketAddr, want: &[(&str, f64)]) -> String {
+    eventually(
+        Duration::from_secs(10),
+        || metrics(addr),
+        |m| {
+            want.iter()
+                .all(|(series, min)| value_of(m, series).is_some_and(|v| v >= *min))
+        },
+    )
 }
 
 #[test]
@@ -1047,12 +1071,17 @@ fn pysocks_reaches_a_udp_echo_and_resolves_a_name_with_a_dns_server_in_the_trust
     let out = pysocks_client(site.socks, &["dns", "dns.internal", &dns, "wiki.internal"]);
     assert_eq!(out, "dns 10.1.2.3");
     let conn = &site.ops.connector;
-    conn.wait_for(&["udp-open", "name=alice"], Duration::from_secs(5))
+    conn.wait_for(&["udp-open", "name=alice"], Duration::from_secs(10))
         .unwrap();
-    conn.wait_for(&["udp-dest", "dns.internal"], Duration::from_secs(5))
+    conn.wait_for(&["udp-dest", "dns.internal"], Duration::from_secs(10))
         .unwrap();
-    let m = metrics(site.ops.connector_admin);
-    assert!(value(&m, "sallyport_udp_datagrams_total{direction=\"down\"}") >= 2.0);
+    // The connector counts a datagram on its own time: polled.
+    let down = wait_metric(
+        site.ops.connector_admin,
+        "sallyport_udp_datagrams_total{direction=\"down\"}",
+        2.0,
+    );
+    assert!(down >= 2.0, "{down}");
 }
 
 #[test]
@@ -1077,7 +1106,7 @@ fn a_datagram_from_another_local_users_socket_is_dropped_by_the_agent() {
         .unwrap();
     let seen_log = site.agent.wait_for(
         &["dropping datagrams from another user's socket", "uid 65534"],
-        Duration::from_secs(5),
+        Duration::from_secs(10),
     );
     let _ = attacker.kill();
     let _ = attacker.wait();
@@ -1124,7 +1153,7 @@ fn a_udp_port_outside_the_users_udp_rules_is_dropped_and_counted() {
     );
     site.ops
         .connector
-        .wait_for(&["udp-refused", "not in"], Duration::from_secs(5))
+        .wait_for(&["udp-refused", "not in"], Duration::from_secs(10))
         .unwrap();
     assert!(
         seen_other.lock().unwrap().is_empty(),
@@ -1218,7 +1247,7 @@ fn associations_past_the_gateways_global_limit_are_refused_and_counted() {
     );
     site.ops
         .dmz
-        .wait_for(&["the gateway's limit is reached"], Duration::from_secs(5))
+        .wait_for(&["the gateway's limit is reached"], Duration::from_secs(10))
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1238,7 +1267,7 @@ fn a_lost_gateway_session_ends_the_association_and_closes_its_control_connection
     site.agent
         .wait_for(
             &["udp association ended", "ended by the gateway"],
-            Duration::from_secs(5),
+            Duration::from_secs(10),
         )
         .unwrap();
 }

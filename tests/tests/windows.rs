@@ -202,7 +202,7 @@ fn the_windows_agent_carries_20_mib_each_way_over_socks5_http_and_a_forward_for_
     gw.dmz
         .wait_for(
             &["stream closed", "alice-laptop", "backend.internal"],
-            Duration::from_secs(5),
+            Duration::from_secs(15),
         )
         .unwrap();
 }

@@ -97,7 +97,7 @@ fn another_local_user_via_a_lan_source_address_is_refused() {
         .agent
         .wait_for(
             &["refused a client connection", "uid 65534", LAN],
-            Duration::from_secs(5),
+            Duration::from_secs(10),
         )
         .unwrap();
     // Without --allow-remote-clients a non-loopback source is refused even for the owner...
@@ -105,7 +105,7 @@ fn another_local_user_via_a_lan_source_address_is_refused() {
     assert_ne!(code, 0, "a LAN source got through: {out}{err}");
     l.sys
         .agent
-        .wait_for(&["not a loopback address"], Duration::from_secs(5))
+        .wait_for(&["not a loopback address"], Duration::from_secs(10))
         .unwrap();
     // ...who still gets through from loopback.
     let (code, out, err) = curl_in(&l.host, None, None, &socks, &l.url);
@@ -139,7 +139,7 @@ fn another_local_user_with_the_local_password_via_a_lan_address_is_refused() {
     assert_ne!(code, 0, "another local user got through: {out}{err}");
     open.wait_for(
         &["refused a client connection", "uid 65534"],
-        Duration::from_secs(5),
+        Duration::from_secs(10),
     )
     .unwrap();
     // Other hosts with the password still get through; without it they do not.
@@ -191,10 +191,10 @@ fn bearer_token_never_in_trace_logs() {
     assert_eq!((code, out.as_str()), (0, HELLO), "{err}");
     // Trace logging is really on (else the test proves nothing).
     sys.agent
-        .wait_for(&["TRACE"], Duration::from_secs(5))
+        .wait_for(&["TRACE"], Duration::from_secs(10))
         .unwrap();
     sys.dmz
-        .wait_for(&["TRACE"], Duration::from_secs(5))
+        .wait_for(&["TRACE"], Duration::from_secs(10))
         .unwrap();
     for token_file in ["alice-laptop.token", "site-a.token"] {
         let token = std::fs::read_to_string(sys.pki.p(token_file)).unwrap();
