@@ -228,14 +228,19 @@ impl Datagrams {
     }
 
     /// Moves queued datagrams into `batch` while `*bytes < limit`.
-    pub(crate) fn take(&mut self, limit: usize, bytes: &mut usize, batch: &mut Vec<Bytes>) {
+    pub(crate) fn take(
+        &mut self,
+        limit: usize,
+        bytes: &mut usize,
+        batch: &mut Vec<crate::transport::Outgoing>,
+    ) {
         while *bytes < limit {
             let Some(b) = self.out.pop_front() else {
                 break;
             };
             self.out_bytes -= b.len();
             *bytes += b.len();
-            batch.push(b);
+            batch.push(crate::transport::Outgoing::Frame(b));
         }
     }
 
@@ -289,7 +294,7 @@ mod tests {
         st.next_batch(max, &mut batch);
         batch
             .into_iter()
-            .map(|b| Frame::decode(b, 1 << 20).expect("our own frame decodes"))
+            .map(|b| Frame::decode(b.into_bytes(), 1 << 20).expect("our own frame decodes"))
             .collect()
     }
 

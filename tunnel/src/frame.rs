@@ -832,6 +832,12 @@ pub fn encode_dgram(assoc: u32, addr: &Dest, payload: &[u8]) -> Bytes {
     b.freeze()
 }
 
+/// The header of a `DATA` frame of `stream` (its payload follows).
+pub fn data_header(stream: u32) -> [u8; HEADER_LEN] {
+    let s = stream.to_be_bytes();
+    [kind::DATA, s[0], s[1], s[2], s[3]]
+}
+
 /// Encodes a `DATA` frame (header plus one copy of the payload).
 pub fn encode_data(stream: u32, payload: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(HEADER_LEN + payload.len());

@@ -464,6 +464,13 @@ impl<Tx: TransportTx> TransportTx for InnerTx<Tx> {
             .map_err(|e| TransportError::Io(e.to_string()))?;
         self.tx.send(sealed).await
     }
+    async fn send_data(&mut self, stream: u32, payload: Bytes) -> Result<(), TransportError> {
+        match self.sealer {
+            // Mode `Outer`: the carrier may write it without a copy.
+            None => self.tx.send_data(stream, payload).await,
+            Some(_) => self.send(crate::frame::encode_data(stream, &payload)).await,
+        }
+    }
     async fn flush(&mut self) -> Result<(), TransportError> {
         self.tx.flush().await
     }

@@ -17,6 +17,7 @@ use crate::datagram::{Datagrams, Dropped, OpenAnswer};
 use crate::frame::{Dest, ErrorCode, Frame, Meta, Role};
 use crate::session::{SessionError, StreamError};
 use crate::stream::{OpenRequest, OpenState, Out, StreamState};
+use crate::transport::Outgoing;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::task::Waker;
@@ -741,6 +742,17 @@ impl State {
     /// written (a peer that announces huge windows and stops reading cannot make us buffer more
     /// than we would grant it).
     pub(crate) fn send(&mut self, id: u32, data: &[u8]) -> Sent {
+        self.send_with(id, data.len(), |n| Bytes::copy_from_slice(&data[..n]))
+    }
+
+    /// [`State::send`] of a payload already in a `Bytes` (what the DMZ relays): the part that
+    /// may be sent now is split off `data` and queued as it is, without a copy.
+    pub(crate) fn send_bytes(&mut self, id: u32, data: &mut Bytes) -> Sent {
+        let len = data.len();
+        self.send_with(id, len, |n| data.split_to(n))
+    }
+
+    fn send_with(&mut self, id: u32, len: usize, take: impl FnOnce(usize) -> Bytes) -> Sent {
         let session_room = self
             .send_session_credit
             .min((self.rules.session_window as u64).saturating_sub(self.queued_total));
@@ -767,9 +779,8 @@ impl State {
                 session: session_room == 0,
             };
         }
-        let n = cap.min(data.len());
-        s.send_queue
-            .push_back(Out::Data(crate::frame::encode_data(id, &data[..n])));
+        let n = cap.min(len);
+        s.send_queue.push_back(Out::Data(take(n)));
         let n64 = n as u64;
         s.send_credit -= n64;
         s.queued_payload += n64;
@@ -943,7 +954,7 @@ impl State {
     /// Moves the next frames to send into `batch`, at most about `max_bytes`: the pong, control
     /// frames, then one `DATA` (or `FIN`) per ready stream in turn. What does not fit stays
     /// queued, where it is counted.
-    pub(crate) fn next_batch(&mut self, max_bytes: usize, batch: &mut Vec<Bytes>) {
+    pub(crate) fn next_batch(&mut self, max_bytes: usize, batch: &mut Vec<Outgoing>) {
         self.wake_writer = false;
         let mut bytes = 0;
         let mut sent_payload = 0u64;
@@ -951,7 +962,7 @@ impl State {
         if let Some(v) = self.pong.take() {
             let b = Frame::Pong(v).encode();
             bytes += b.len();
-            batch.push(b);
+            batch.push(Outgoing::Frame(b));
         }
         while bytes < max_bytes {
             let Some(p) = self.control.pop_front() else {
@@ -965,7 +976,7 @@ impl State {
                 }
             };
             bytes += b.len();
-            batch.push(b);
+            batch.push(Outgoing::Frame(b));
         }
         // End-to-end acknowledgements: small, one per stream at most, ahead of data.
         while let Some(id) = self.acks.pop_front() {
@@ -974,7 +985,7 @@ impl State {
                 if let Some(offset) = s.ack_out.take() {
                     let b = Frame::Ack { stream: id, offset }.encode();
                     bytes += b.len();
-                    batch.push(b);
+                    batch.push(Outgoing::Frame(b));
                 }
             }
         }
@@ -991,16 +1002,19 @@ impl State {
                 continue;
             };
             match s.send_queue.pop_front() {
-                Some(Out::Data(b)) => {
-                    let payload = (b.len() - crate::frame::HEADER_LEN) as u64;
-                    s.on_sent(payload);
-                    sent_payload += payload;
-                    bytes += b.len();
-                    batch.push(b);
+                Some(Out::Data(payload)) => {
+                    let n = payload.len() as u64;
+                    s.on_sent(n);
+                    sent_payload += n;
+                    bytes += crate::frame::HEADER_LEN + payload.len();
+                    batch.push(Outgoing::Data {
+                        stream: id,
+                        payload,
+                    });
                 }
                 Some(Out::Fin) => {
                     s.fin_sent = true;
-                    batch.push(Frame::Fin { stream: id }.encode());
+                    batch.push(Outgoing::Frame(Frame::Fin { stream: id }.encode()));
                 }
                 None => {}
             }
@@ -1093,7 +1107,7 @@ mod tests {
         st.next_batch(usize::MAX, &mut batch);
         batch
             .into_iter()
-            .map(|b| Frame::decode(b, 1 << 20).expect("our own frame decodes"))
+            .map(|b| Frame::decode(b.into_bytes(), 1 << 20).expect("our own frame decodes"))
             .collect()
     }
 

@@ -35,8 +35,7 @@ pub use crate::machine::{
     MAX_INDUCED_CONTROL, MAX_PEER_ROUTES, MAX_PEER_ROUTE_BYTES, MAX_PINGS_PER_SECOND,
 };
 use crate::stream::Stream;
-use crate::transport::{Transport, TransportError, TransportRx, TransportTx};
-use bytes::Bytes;
+use crate::transport::{Outgoing, Transport, TransportError, TransportRx, TransportTx};
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
@@ -612,7 +611,7 @@ const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
     // Grows with the batches and is given back whenever the writer waits: an idle session
     // keeps no batch.
-    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch: Vec<Outgoing> = Vec::new();
     loop {
         let closing = {
             let mut st = shared.lock();
@@ -622,7 +621,10 @@ async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
         if !batch.is_empty() {
             let send = async {
                 for b in batch.drain(..) {
-                    tx.send(b).await?;
+                    match b {
+                        Outgoing::Frame(b) => tx.send(b).await?,
+                        Outgoing::Data { stream, payload } => tx.send_data(stream, payload).await?,
+                    }
                 }
                 tx.flush().await
             };

@@ -461,7 +461,32 @@ impl Stream {
             return Poll::Ready(Ok(0));
         }
         let mut st = self.shared.lock();
-        match st.send(self.id, data) {
+        let sent = st.send(self.id, data);
+        self.blocked(&mut st, cx, sent)
+    }
+
+    /// [`Stream::poll_send`] of bytes already in a `Bytes` (a payload received on another
+    /// session): what may be sent now is split off `data` and queued without a copy.
+    pub fn poll_send_bytes(
+        &self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<Result<usize, StreamError>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let mut st = self.shared.lock();
+        let sent = st.send_bytes(self.id, data);
+        self.blocked(&mut st, cx, sent)
+    }
+
+    fn blocked(
+        &self,
+        st: &mut crate::session::Locked<'_>,
+        cx: &mut Context<'_>,
+        sent: Sent,
+    ) -> Poll<Result<usize, StreamError>> {
+        match sent {
             Sent::Queued(n) => Poll::Ready(Ok(n)),
             Sent::Failed(e) => Poll::Ready(Err(e)),
             Sent::Blocked { session } => {

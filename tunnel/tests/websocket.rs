@@ -1,6 +1,7 @@
 //! Sessions over the real WebSocket transport on an in-memory byte pipe: the message size limit
-//! matches the frame limit, and oversize or non-binary messages end the session with a reason
-//! instead of being buffered.
+//! matches the frame limit, oversize or non-binary messages end the session with a reason
+//! instead of being buffered, and our framing speaks with tungstenite's both ways (fragmented
+//! messages and pings included).
 
 use futures_util::SinkExt;
 use std::time::Duration;
@@ -28,9 +29,7 @@ async fn a_session_runs_over_websocket_and_carries_a_stream() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(s);
     });
-    let raw =
-        WebSocketStream::from_raw_socket(a, WsRole::Client, Some(tunnel::ws::config(65536))).await;
-    let t = WsTransport::from_stream(raw);
+    let t = WsTransport::client_upgraded(a, &[], 65536);
     let (c, _) = Session::start(t, Config::new(Role::Agent, true))
         .await
         .unwrap();
@@ -89,4 +88,52 @@ async fn a_text_message_ends_the_session_with_a_reason() {
         matches!(&err, SessionError::Transport(r) if r.contains("non-binary")),
         "{err}"
     );
+}
+
+/// Our client framing against tungstenite as the server: whole messages, a message tungstenite
+/// sends in fragments, and its `PING` (answered with our next write).
+#[tokio::test]
+async fn our_client_framing_speaks_with_tungstenite_as_the_server() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+    use tunnel::{TransportRx, TransportTx};
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let mut server = WebSocketStream::from_raw_socket(b, WsRole::Server, None).await;
+    let (mut tx, mut rx) = tunnel::Transport::split(WsTransport::client_upgraded(a, &[], 65536));
+    tx.send(bytes::Bytes::from(vec![5u8; 70_000]))
+        .await
+        .unwrap();
+    tx.send(bytes::Bytes::from_static(b"small")).await.unwrap();
+    tx.flush().await.unwrap();
+    let m = server.next().await.unwrap().unwrap();
+    assert_eq!(m, Message::Binary(vec![5u8; 70_000].into()));
+    let m = server.next().await.unwrap().unwrap();
+    assert_eq!(m, Message::Binary(bytes::Bytes::from_static(b"small")));
+    // A message in two fragments, with a ping between them.
+    let first = WsFrame::message(
+        bytes::Bytes::from_static(b"frag"),
+        OpCode::Data(Data::Binary),
+        false,
+    );
+    let last = WsFrame::message(
+        bytes::Bytes::from_static(b"ment"),
+        OpCode::Data(Data::Continue),
+        true,
+    );
+    server.send(Message::Frame(first)).await.unwrap();
+    server
+        .send(Message::Ping(bytes::Bytes::from_static(b"p1")))
+        .await
+        .unwrap();
+    server.send(Message::Frame(last)).await.unwrap();
+    assert_eq!(&rx.recv().await.unwrap().unwrap()[..], b"fragment");
+    tx.flush().await.unwrap();
+    let m = server.next().await.unwrap().unwrap();
+    assert_eq!(m, Message::Pong(bytes::Bytes::from_static(b"p1")));
+    tx.close().await;
+    assert!(matches!(
+        server.next().await,
+        Some(Ok(Message::Close(_))) | None
+    ));
 }

@@ -8,7 +8,7 @@
 //! the destination's own queue limit allows. A slow agent slows only its own stream, never the
 //! connector session it shares with others.
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use std::future::poll_fn;
 use std::task::Poll;
 use tunnel::{ErrorCode, Stream, StreamError};
@@ -48,11 +48,12 @@ pub async fn pump(src: &Stream, dst: &Stream, resumable: bool) -> PumpEnd {
                 if let Poll::Ready(e) = src.poll_failed(cx) {
                     return Poll::Ready(Err((true, e)));
                 }
-                dst.poll_send(cx, &chunk).map_err(|e| (false, e))
+                // The payload goes on as the bytes it arrived in (no copy).
+                dst.poll_send_bytes(cx, &mut chunk).map_err(|e| (false, e))
             })
             .await;
             match sent {
-                Ok(n) => chunk.advance(n),
+                Ok(_) => {}
                 Err((true, e)) => {
                     dst.reset(relay_code(&e, resumable), &e.to_string());
                     return PumpEnd::SourceFailed(e);

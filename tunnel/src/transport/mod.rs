@@ -9,6 +9,7 @@
 
 pub mod http;
 pub mod ws;
+pub mod wsframe;
 
 use bytes::Bytes;
 use std::future::Future;
@@ -27,10 +28,51 @@ pub enum TransportError {
     NotBinary,
 }
 
+/// One message for a session's writer: an encoded frame, or a `DATA` frame as its stream and
+/// payload apart, which a transport may write without joining them into one buffer
+/// ([`TransportTx::send_data`]): a payload the DMZ received on one session leaves on the other
+/// as the very bytes it arrived in.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    Frame(Bytes),
+    Data { stream: u32, payload: Bytes },
+}
+
+impl Outgoing {
+    /// The encoded frame's length.
+    pub fn len(&self) -> usize {
+        match self {
+            Outgoing::Frame(b) => b.len(),
+            Outgoing::Data { payload, .. } => crate::frame::HEADER_LEN + payload.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The encoded frame in one buffer (a copy for `Data`).
+    pub fn into_bytes(self) -> Bytes {
+        match self {
+            Outgoing::Frame(b) => b,
+            Outgoing::Data { stream, payload } => crate::frame::encode_data(stream, &payload),
+        }
+    }
+}
+
 /// The sending half of a transport.
 pub trait TransportTx: Send + 'static {
     /// Queues one message; it may sit in a buffer until [`TransportTx::flush`].
     fn send(&mut self, msg: Bytes) -> impl Future<Output = Result<(), TransportError>> + Send;
+    /// Queues a `DATA` frame of `stream` carrying `payload`; by default encoded into one
+    /// message (a copy), which a transport that writes header and payload apart avoids.
+    fn send_data(
+        &mut self,
+        stream: u32,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        self.send(crate::frame::encode_data(stream, &payload))
+    }
     /// Pushes every queued message towards the peer.
     fn flush(&mut self) -> impl Future<Output = Result<(), TransportError>> + Send;
     /// Closes the sending direction (a WebSocket close frame).

@@ -2,65 +2,77 @@
 //!
 //! This module knows nothing of sockets or TLS: it takes an `AsyncRead + AsyncWrite` (a TLS
 //! stream to the gateway, or an upgraded HTTP connection on the gateway side) and speaks
-//! WebSocket on it. The message size limit matches the frame limit, so a peer cannot make us
-//! buffer tungstenite's default of 64 MiB per message.
+//! WebSocket on it. The client's upgrade request is built by tungstenite (`generate_request`);
+//! the answer is parsed here ([`parse_answer`]) so that the bytes read past it stay ours. After
+//! the upgrade the framing is our own (`wsframe.rs`): a received message is a view of the bytes
+//! read, a sent payload goes out beside its header in a vectored write, and neither side keeps a
+//! buffer while the connection is idle. The message size limit matches the frame limit, so a
+//! peer cannot make us buffer more than one frame per message; a `PING` from the peer (none of
+//! ours sends one: liveness is the session's `PING` frame) is answered with our next write.
 
 use crate::frame::HEADER_LEN;
+use crate::transport::wsframe::{self, op, FrameError, From};
 use crate::transport::{Transport, TransportError, TransportRx, TransportTx};
-use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::{self};
 
-/// tungstenite's read buffer: allocated (and zeroed) for every connection and never shrunk, so
-/// its default of 128 KiB was most of what an idle session cost the DMZ. A frame larger than
-/// this still arrives whole (the buffer grows to the frame); only the read chunk is smaller.
-pub const READ_BUFFER: usize = 8 * 1024;
+/// How much the reader asks of the connection at once (a whole `DATA` frame). The buffer exists
+/// only while bytes wait: a session whose connection has nothing to read holds none.
+pub const READ_CHUNK: usize = 64 * 1024;
 
-/// The WebSocket configuration for a session whose largest `DATA` payload is `max_frame`.
-pub fn config(max_frame: u32) -> WebSocketConfig {
+/// Bytes queued by [`TransportTx::send`] before they are written without waiting for a flush.
+const WRITE_HIGH: usize = 256 * 1024;
+
+/// Payloads up to this size are copied beside their header instead of written as a slice of
+/// their own (a vectored write of many tiny slices costs more than the copy).
+const COPY_SMALL: usize = 1024;
+
+/// The largest WebSocket message of a session whose largest `DATA` payload is `max_frame`.
+pub fn message_limit(max_frame: u32) -> usize {
     // The largest control frame (an OPEN with metadata, ROUTES) is bounded well below this.
     let frame =
         (max_frame as usize + HEADER_LEN).max(crate::frame::MAX_CONTROL_PAYLOAD + HEADER_LEN);
     // Inside the inner channel a message is a sealed frame: a few bytes more per chunk.
-    let limit = frame + crate::inner::overhead(frame);
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .max_message_size(Some(limit))
-        .max_frame_size(Some(limit))
-        .write_buffer_size(128 * 1024)
-        .max_write_buffer_size(4 * 1024 * 1024)
+    frame + crate::inner::overhead(frame)
 }
 
-/// A session transport over a WebSocket.
+/// A session transport over a WebSocket connection whose upgrade is done.
 pub struct WsTransport<S> {
-    inner: WebSocketStream<S>,
+    io: S,
+    leftover: BytesMut,
+    client: bool,
+    max: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsTransport<S> {
     /// Wraps the server side of an upgraded connection; `leftover` holds bytes read past the
     /// HTTP request head.
     pub async fn server(io: S, leftover: Vec<u8>, max_frame: u32) -> Self {
-        let inner = WebSocketStream::from_partially_read(
+        WsTransport {
             io,
-            leftover,
-            WsRole::Server,
-            Some(config(max_frame)),
-        )
-        .await;
-        WsTransport { inner }
+            leftover: BytesMut::from(&leftover[..]),
+            client: false,
+            max: message_limit(max_frame),
+        }
     }
-}
 
-impl<S> WsTransport<S> {
-    /// Wraps an already established WebSocket.
-    pub fn from_stream(inner: WebSocketStream<S>) -> Self {
-        WsTransport { inner }
+    /// Wraps the client side of a connection whose upgrade is done; `leftover` holds bytes
+    /// read past the `101` answer.
+    pub fn client_upgraded(io: S, leftover: &[u8], max_frame: u32) -> Self {
+        WsTransport {
+            io,
+            leftover: BytesMut::from(leftover),
+            client: true,
+            max: message_limit(max_frame),
+        }
     }
 }
 
@@ -133,7 +145,7 @@ where
 }
 
 async fn client_inner<S>(
-    io: S,
+    mut io: S,
     url: &str,
     bearer: Option<&str>,
     hello: Option<&str>,
@@ -165,92 +177,360 @@ where
         None => HeaderValue::from_static(concat!("1; ", env!("CARGO_PKG_VERSION"))),
     };
     req.headers_mut().insert("sallyport-protocol", version);
-    match tokio_tungstenite::client_async_with_config(req, io, Some(config(max_frame))).await {
-        Ok((inner, resp)) => {
-            let reply = resp
-                .headers()
-                .get(HELLO_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            Ok((WsTransport { inner }, reply))
+    let (head, key) = tungstenite::handshake::client::generate_request(req)
+        .map_err(|e| HandshakeError::Other(e.to_string()))?;
+    io.write_all(&head).await.map_err(cut)?;
+    io.flush().await.map_err(cut)?;
+    // The answer's head; what follows it is the first WebSocket bytes (or a refusal's body).
+    let mut buf = BytesMut::with_capacity(4096);
+    let answer = loop {
+        if io.read_buf(&mut buf).await.map_err(cut)? == 0 {
+            return Err(HandshakeError::Cut(
+                "connection closed before the answer".into(),
+            ));
         }
-        Err(tungstenite::Error::Http(resp)) => {
-            let status = resp.status().as_u16();
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| {
-                    String::from_utf8_lossy(&b[..b.len().min(300)])
-                        .trim()
-                        .to_string()
-                })
-                .unwrap_or_default();
-            Err(HandshakeError::Refused { status, body })
+        match parse_answer(&buf)? {
+            Some(a) => break a,
+            None if buf.len() > MAX_ANSWER_HEAD => {
+                return Err(HandshakeError::Other(format!(
+                    "the answer's head is over {MAX_ANSWER_HEAD} bytes"
+                )))
+            }
+            None => {}
         }
-        Err(e) => Err(classify(e)),
-    }
-}
-
-/// A failed handshake, by cause: a cut connection is told apart from everything else by the
-/// error's kind, never by its text.
-fn classify(e: tungstenite::Error) -> HandshakeError {
-    use std::io::ErrorKind;
-    use tungstenite::error::ProtocolError;
-    let cut = match &e {
-        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => true,
-        tungstenite::Error::Io(io) => matches!(
-            io.kind(),
-            ErrorKind::ConnectionReset
-                | ErrorKind::ConnectionAborted
-                | ErrorKind::UnexpectedEof
-                | ErrorKind::BrokenPipe
-        ),
-        tungstenite::Error::Protocol(ProtocolError::HandshakeIncomplete) => true,
-        _ => false,
     };
-    if cut {
-        HandshakeError::Cut(e.to_string())
-    } else {
-        HandshakeError::Other(e.to_string())
+    let tail = buf.split_off(answer.head_len);
+    if answer.status != 101 {
+        let mut body = tail;
+        // A refusal's body may follow its head in a second write: wait for it briefly.
+        if body.len() < answer.content_length.unwrap_or(0).min(MAX_REFUSAL_BODY) {
+            let more = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+                while body.len() < answer.content_length.unwrap_or(0).min(MAX_REFUSAL_BODY) {
+                    if io.read_buf(&mut body).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                }
+            });
+            let _ = more.await;
+        }
+        let text = String::from_utf8_lossy(&body[..body.len().min(300)])
+            .trim()
+            .to_string();
+        return Err(HandshakeError::Refused {
+            status: answer.status,
+            body: text,
+        });
+    }
+    if !answer.upgrade_websocket {
+        return Err(HandshakeError::Other(
+            "the 101 answer does not upgrade to websocket".into(),
+        ));
+    }
+    if answer.accept.as_deref() != Some(accept_key(key.as_bytes()).as_str()) {
+        return Err(HandshakeError::Other(
+            "the 101 answer's Sec-WebSocket-Accept does not match our key".into(),
+        ));
+    }
+    Ok((
+        WsTransport::client_upgraded(io, &tail, max_frame),
+        answer.hello,
+    ))
+}
+
+/// The most bytes of an answer's head we read before giving up on it.
+const MAX_ANSWER_HEAD: usize = 16 * 1024;
+/// The most bytes of a refusal's body we wait for (its first 300 are shown).
+const MAX_REFUSAL_BODY: usize = 4096;
+
+/// What the client needs of the gateway's answer to the upgrade.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub head_len: usize,
+    pub upgrade_websocket: bool,
+    pub accept: Option<String>,
+    pub hello: Option<String>,
+    pub content_length: Option<usize>,
+}
+
+/// Parses the answer's head from the start of `buf`; `None` while it is incomplete. Lenient
+/// where curl is (header case, `Connection: keep-alive, Upgrade`), strict where RFC 6455 is.
+pub fn parse_answer(buf: &[u8]) -> Result<Option<Answer>, HandshakeError> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => {
+            return Err(HandshakeError::Other(format!(
+                "the gateway's answer is not HTTP: {e}"
+            )))
+        }
+    };
+    let mut a = Answer {
+        status: resp.code.unwrap_or(0),
+        head_len,
+        ..Answer::default()
+    };
+    let mut upgrade = false;
+    let mut connection = false;
+    for h in resp.headers.iter() {
+        let value = String::from_utf8_lossy(h.value);
+        let value = value.trim();
+        if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = value.eq_ignore_ascii_case("websocket");
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            connection = value
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        } else if h.name.eq_ignore_ascii_case("sec-websocket-accept") {
+            a.accept = Some(value.to_string());
+        } else if h.name.eq_ignore_ascii_case(HELLO_HEADER) {
+            a.hello = Some(value.to_string());
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            a.content_length = value.parse().ok();
+        }
+    }
+    a.upgrade_websocket = upgrade && connection;
+    Ok(Some(a))
+}
+
+/// A failed write or read during the upgrade: the connection was cut (what a proxy that strips
+/// upgrades often does), told apart from other failures by the error's kind, never its text.
+fn cut(e: std::io::Error) -> HandshakeError {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::ConnectionReset
+        | ErrorKind::ConnectionAborted
+        | ErrorKind::UnexpectedEof
+        | ErrorKind::BrokenPipe => HandshakeError::Cut(e.to_string()),
+        _ => HandshakeError::Other(e.to_string()),
     }
 }
 
-pub struct WsTx<S>(SplitSink<WebSocketStream<S>, Message>);
-pub struct WsRx<S>(SplitStream<WebSocketStream<S>>);
+/// The sending half: frames are queued (headers in one buffer, large payloads as they are) and
+/// written with vectored writes; a client masks each payload as it copies it beside its header.
+pub struct WsTx<S> {
+    io: WriteHalf<S>,
+    mask: bool,
+    /// Frames to write, in order; `scratch` holds what follows the last of them.
+    queue: VecDeque<Bytes>,
+    scratch: BytesMut,
+    queued: usize,
+    /// The payload of a `PING` the reader received, answered with the next write.
+    pong: Arc<Mutex<Option<Bytes>>>,
+}
 
-fn map_err(e: tungstenite::Error) -> TransportError {
+/// The receiving half: reads into a buffer that exists only while bytes wait, and hands out each
+/// message as a view of it (unmasked in place).
+pub struct WsRx<S> {
+    io: ReadHalf<S>,
+    from: From,
+    max: usize,
+    buf: BytesMut,
+    /// A message sent in fragments, until its last one.
+    partial: Option<BytesMut>,
+    pong: Arc<Mutex<Option<Bytes>>>,
+}
+
+fn frame_err(e: FrameError) -> TransportError {
     match e {
-        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
-            TransportError::Closed
+        FrameError::TooLarge { .. } => TransportError::Io(format!("message too large: {e}")),
+        FrameError::Protocol(_) => TransportError::Io(e.to_string()),
+    }
+}
+
+fn io_err(e: std::io::Error) -> TransportError {
+    TransportError::Io(e.to_string())
+}
+
+impl<S: AsyncWrite> WsTx<S> {
+    fn push(&mut self, opcode: u8, payload: &Bytes) {
+        if self.mask {
+            wsframe::put_masked(&mut self.scratch, opcode, payload, rand::random());
+        } else {
+            wsframe::put_header(&mut self.scratch, opcode, payload.len(), None);
+            if payload.len() <= COPY_SMALL {
+                self.scratch.put_slice(payload);
+            } else {
+                self.queue.push_back(self.scratch.split().freeze());
+                self.queue.push_back(payload.clone());
+            }
         }
-        tungstenite::Error::Capacity(c) => TransportError::Io(format!("message too large: {c}")),
-        other => TransportError::Io(other.to_string()),
+        self.queued += payload.len() + wsframe::MAX_HEADER;
+    }
+
+    fn take_pong(&mut self) {
+        let pong = self.pong.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(p) = pong {
+            self.push(op::PONG, &p);
+        }
+    }
+
+    /// Writes everything queued.
+    async fn write_queued(&mut self) -> Result<(), TransportError>
+    where
+        S: Unpin,
+    {
+        if !self.scratch.is_empty() {
+            self.queue.push_back(self.scratch.split().freeze());
+        }
+        while !self.queue.is_empty() {
+            let n = {
+                let mut slices = [IoSlice::new(&[]); 64];
+                let mut k = 0;
+                for (slot, b) in slices.iter_mut().zip(self.queue.iter()) {
+                    *slot = IoSlice::new(b);
+                    k += 1;
+                }
+                self.io.write_vectored(&slices[..k]).await.map_err(io_err)?
+            };
+            if n == 0 {
+                return Err(TransportError::Closed);
+            }
+            let mut left = n;
+            while left > 0 {
+                let front = self.queue.front_mut().expect("written bytes were queued");
+                if front.len() <= left {
+                    left -= front.len();
+                    self.queue.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+        }
+        self.queued = 0;
+        // Between bursts the session keeps no write buffer.
+        if self.scratch.capacity() > 4096 {
+            self.scratch = BytesMut::new();
+        }
+        self.queue.shrink_to(8);
+        Ok(())
     }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TransportTx for WsTx<S> {
     async fn send(&mut self, msg: Bytes) -> Result<(), TransportError> {
-        self.0.feed(Message::Binary(msg)).await.map_err(map_err)
+        self.take_pong();
+        self.push(op::BINARY, &msg);
+        if self.queued >= WRITE_HIGH {
+            self.write_queued().await?;
+        }
+        Ok(())
+    }
+    async fn send_data(&mut self, stream: u32, payload: Bytes) -> Result<(), TransportError> {
+        self.take_pong();
+        let head = crate::frame::data_header(stream);
+        let len = head.len() + payload.len();
+        if self.mask {
+            let key: [u8; 4] = rand::random();
+            wsframe::put_header(&mut self.scratch, op::BINARY, len, Some(key));
+            let start = self.scratch.len();
+            self.scratch.put_slice(&head);
+            self.scratch.put_slice(&payload);
+            wsframe::apply_mask(&mut self.scratch[start..], key);
+        } else {
+            wsframe::put_header(&mut self.scratch, op::BINARY, len, None);
+            self.scratch.put_slice(&head);
+            if payload.len() <= COPY_SMALL {
+                self.scratch.put_slice(&payload);
+            } else {
+                self.queue.push_back(self.scratch.split().freeze());
+                self.queue.push_back(payload);
+            }
+        }
+        self.queued += len + wsframe::MAX_HEADER;
+        if self.queued >= WRITE_HIGH {
+            self.write_queued().await?;
+        }
+        Ok(())
     }
     async fn flush(&mut self) -> Result<(), TransportError> {
-        self.0.flush().await.map_err(map_err)
+        self.take_pong();
+        self.write_queued().await?;
+        self.io.flush().await.map_err(io_err)
     }
     async fn close(&mut self) {
-        let _ = self.0.close().await;
+        // Close code 1000 (normal closure).
+        self.push(op::CLOSE, &Bytes::from_static(&[0x03, 0xe8]));
+        if self.write_queued().await.is_ok() {
+            let _ = self.io.flush().await;
+            let _ = self.io.shutdown().await;
+        }
     }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TransportRx for WsRx<S> {
     async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
         loop {
-            match self.0.next().await {
-                None => return Ok(None),
-                Some(Err(e)) => return Err(map_err(e)),
-                Some(Ok(Message::Binary(b))) => return Ok(Some(b)),
-                Some(Ok(Message::Close(_))) => return Ok(None),
-                // Transport-level pings are answered by tungstenite; liveness is ours (PING).
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                Some(Ok(Message::Text(_))) => return Err(TransportError::NotBinary),
+            while let Some(f) =
+                wsframe::parse(&mut self.buf, self.from, self.max).map_err(frame_err)?
+            {
+                match f.opcode {
+                    op::BINARY if self.partial.is_some() => {
+                        return Err(TransportError::Io(
+                            "WebSocket protocol violation: a new message inside a fragmented one"
+                                .into(),
+                        ))
+                    }
+                    op::BINARY if f.fin => return Ok(Some(f.payload)),
+                    op::BINARY => self.partial = Some(BytesMut::from(&f.payload[..])),
+                    op::CONTINUATION => {
+                        let Some(p) = self.partial.as_mut() else {
+                            return Err(TransportError::Io(
+                                "WebSocket protocol violation: a continuation without a message"
+                                    .into(),
+                            ));
+                        };
+                        if p.len() + f.payload.len() > self.max {
+                            return Err(TransportError::Io(format!(
+                                "message too large: over the limit of {}",
+                                self.max
+                            )));
+                        }
+                        p.extend_from_slice(&f.payload);
+                        if f.fin {
+                            let whole = self.partial.take().expect("checked above");
+                            return Ok(Some(whole.freeze()));
+                        }
+                    }
+                    op::TEXT => return Err(TransportError::NotBinary),
+                    op::CLOSE => return Ok(None),
+                    // Answered with our next write (the session writes at least every ping
+                    // interval); liveness is ours (`PING` frames), not the WebSocket's.
+                    op::PING => {
+                        *self.pong.lock().unwrap_or_else(|e| e.into_inner()) = Some(f.payload)
+                    }
+                    _ => {} // PONG
+                }
+            }
+            // Once a frame's header is in, read exactly the rest of it, into room made for
+            // all of it: the frame is split off whole and never copied. At a frame boundary,
+            // read at most a whole largest frame. (Reading past a frame's end would leave the
+            // next one's start in a buffer too small for it: a copy of it to grow it.)
+            let want = match wsframe::needed(&self.buf, self.from, self.max).map_err(frame_err)? {
+                Some(whole) => whole - self.buf.len(),
+                None => READ_CHUNK + wsframe::MAX_HEADER,
+            };
+            if self.buf.capacity() - self.buf.len() < want {
+                self.buf.reserve(want);
+            }
+            let n = poll_fn(|cx| {
+                let mut limited = (&mut self.buf).limit(want);
+                let r = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut limited);
+                if r.is_pending() && self.buf.is_empty() {
+                    // Nothing waits: an idle session holds no read buffer.
+                    self.buf = BytesMut::new();
+                }
+                r
+            })
+            .await
+            .map_err(io_err)?;
+            if n == 0 {
+                return Err(TransportError::Io(
+                    "connection closed without a WebSocket close".into(),
+                ));
             }
         }
     }
@@ -260,8 +540,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTranspo
     type Tx = WsTx<S>;
     type Rx = WsRx<S>;
     fn split(self) -> (WsTx<S>, WsRx<S>) {
-        let (tx, rx) = self.inner.split();
-        (WsTx(tx), WsRx(rx))
+        let (r, w) = tokio::io::split(self.io);
+        let pong = Arc::new(Mutex::new(None));
+        (
+            WsTx {
+                io: w,
+                mask: self.client,
+                queue: VecDeque::new(),
+                scratch: BytesMut::new(),
+                queued: 0,
+                pong: pong.clone(),
+            },
+            WsRx {
+                io: r,
+                from: if self.client {
+                    From::Server
+                } else {
+                    From::Client
+                },
+                max: self.max,
+                buf: self.leftover,
+                partial: None,
+                pong,
+            },
+        )
     }
 }
 
