@@ -94,8 +94,9 @@ impl End {
     }
 
     /// The next bytes to hand to the current attachment (`None`: all sent). At most one
-    /// retained chunk, from `sent` on.
-    pub fn unsent(&self) -> Option<&[u8]> {
+    /// retained chunk, from `sent` on: a view of it, so the frame shares the retained bytes
+    /// (no copy).
+    pub fn unsent(&self) -> Option<Bytes> {
         if self.sent >= self.written {
             return None;
         }
@@ -103,7 +104,7 @@ impl End {
         for chunk in &self.retained {
             let end = at + chunk.len() as u64;
             if self.sent < end {
-                return Some(&chunk[(self.sent - at) as usize..]);
+                return Some(chunk.slice((self.sent - at) as usize..));
             }
             at = end;
         }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tunnel::resumable::{
     keys, Reattached, Reopen, ReopenError, ReopenFuture, Resumable, ResumeRequest, Settings,
 };
@@ -77,7 +77,7 @@ fn settings(grace: Duration) -> Settings {
 /// The connector's side: new streams become echoing holders; resumes go to their holder.
 fn serve(
     mut incoming: Incoming,
-    holders: Arc<std::sync::Mutex<Vec<mpsc::Sender<ResumeRequest>>>>,
+    holders: Arc<std::sync::Mutex<Vec<tunnel::resumable::RequestTx>>>,
     grace: Duration,
 ) {
     tokio::spawn(async move {
@@ -85,7 +85,7 @@ fn serve(
             let meta = s.request().unwrap().meta.clone();
             match meta.get(keys::RESUME) {
                 Some("new") => {
-                    let (tx, rx) = mpsc::channel(2);
+                    let (tx, rx) = tunnel::resumable::requests();
                     let mut m = Meta::default();
                     m.set(keys::RESUME, "ticket-1");
                     s.accept_with(m);
@@ -106,13 +106,11 @@ fn serve(
                     let attach = meta.get(keys::ATTACH).unwrap().parse().unwrap();
                     let peer_recv = meta.get(keys::RECV).unwrap().parse().unwrap();
                     let tx = holders.lock().unwrap()[0].clone();
-                    let _ = tx
-                        .send(ResumeRequest {
-                            stream: s,
-                            attach,
-                            peer_recv,
-                        })
-                        .await;
+                    let _ = tx.try_send(ResumeRequest {
+                        stream: s,
+                        attach,
+                        peer_recv,
+                    });
                 }
                 None => panic!("not resumable"),
             }

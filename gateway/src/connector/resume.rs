@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tunnel::resumable::{Budget, Charge, ResumeRequest, Settings};
 use tunnel::{Dest, ErrorCode, Stream};
 
@@ -27,7 +26,7 @@ struct Held {
     token: String,
     dest: Dest,
     addr: SocketAddr,
-    tx: mpsc::Sender<ResumeRequest>,
+    tx: tunnel::resumable::RequestTx,
 }
 
 pub struct Resumes {
@@ -95,16 +94,11 @@ impl Resumes {
         dest: &Dest,
         addr: SocketAddr,
         buffer: usize,
-    ) -> Option<(
-        String,
-        mpsc::Receiver<ResumeRequest>,
-        Registration,
-        Settings,
-    )> {
+    ) -> Option<(String, tunnel::resumable::RequestRx, Registration, Settings)> {
         if !self.budget.has_room() {
             return None;
         }
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = tunnel::resumable::requests();
         let key = hex::encode(rand::random::<[u8; 16]>());
         {
             let mut t = self.lock();
@@ -179,12 +173,12 @@ impl Resumes {
         }
         match tx.try_send(req) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(req)) => refuse(
+            Err(tunnel::resumable::SendError::Full(req)) => refuse(
                 ErrorCode::Limit,
                 "too many resumes of this stream at once",
                 req,
             ),
-            Err(mpsc::error::TrySendError::Closed(req)) => {
+            Err(tunnel::resumable::SendError::Closed(req)) => {
                 refuse(ErrorCode::SessionLost, "stream is gone", req)
             }
         }
@@ -238,7 +232,7 @@ mod tests {
     /// resumes it would receive, and its registration.
     fn alice_holds(
         resumes: &Arc<Resumes>,
-    ) -> (String, Dest, mpsc::Receiver<ResumeRequest>, Registration) {
+    ) -> (String, Dest, tunnel::resumable::RequestRx, Registration) {
         let dest = Dest::new("db.internal", 5432);
         let addr: SocketAddr = "10.0.0.5:5432".parse().unwrap();
         let (key, rx, reg, _) = resumes
