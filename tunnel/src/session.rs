@@ -95,7 +95,10 @@ impl Config {
             initiator,
             instance_id: String::new(),
             stream_window: 512 * 1024,
-            session_window: 16 * 1024 * 1024,
+            // What may be in flight on the whole session bounds the queue that every other
+            // stream's bytes wait behind (docs/protocol.md, "Flow control"): 16 MiB let one
+            // bulk stream whose window had grown hold 30-40 ms of queue in front of keystrokes.
+            session_window: 4 * 1024 * 1024,
             window_max: crate::window::DEFAULT_MAX,
             session_growth: 4 * crate::window::DEFAULT_MAX as u64,
             max_frame: crate::frame::DEFAULT_MAX_FRAME,

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 pub const MIN_INTERVAL: Duration = Duration::from_millis(16);
 
 /// The default largest window of one stream.
-pub const DEFAULT_MAX: u32 = 16 * 1024 * 1024;
+pub const DEFAULT_MAX: u32 = 8 * 1024 * 1024;
 
 /// The default process-wide budget for growth beyond the base windows.
 pub const DEFAULT_BUDGET: u64 = 256 * 1024 * 1024;
