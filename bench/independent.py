@@ -11,7 +11,7 @@ Peers, each in the same three-process shape where it has one:
   sallyport                   client -> agent (forward / SOCKS5) -> DMZ (TLS) <- connector (TLS,
                               dialled out) -> server; `--threads 1` for all three
   sallyport default threads   the same, the DMZ and the connector on their default thread count
-                              (one per core), the agent on its default (one)
+                              (half the cores), the agent on its default (one)
   nginx chain                 three nginx `stream` processes, plain -> TLS -> TLS -> plain,
                               `worker_processes 1; master_process off` each
   wstunnel wss                (when WSTUNNEL is set) client -> wstunnel client (-L) -> wstunnel

@@ -25,7 +25,7 @@ struct Cli {
     /// Log filter (RUST_LOG syntax), e.g. info, debug, gateway=debug.
     #[arg(long, global = true, env = "SALLYPORT_LOG", default_value = "info")]
     log: String,
-    /// Worker threads [default: one per core].
+    /// Worker threads [default: half the cores, at least one].
     #[arg(long, global = true, env = "SALLYPORT_THREADS")]
     threads: Option<usize>,
 }

@@ -32,13 +32,24 @@ pub fn fail(program: &str, e: &(dyn std::error::Error + 'static), bad_config: bo
     ExitCode::from(if bad_config { EXIT_CONFIG } else { 1 })
 }
 
-/// A multi-threaded runtime with `threads` workers (default: one per core).
+/// A multi-threaded runtime with `threads` workers (default: [`default_threads`]).
 pub fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        b.worker_threads(n.clamp(1, 256));
-    }
-    b.enable_all().build()
+    let n = threads.unwrap_or_else(|| {
+        default_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    });
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(n.clamp(1, 256))
+        .enable_all()
+        .build()
+}
+
+/// The gateway roles' worker threads on a host with `cores` cores: half of them, at least one.
+/// The kernel's TCP work for the bytes a worker relays (copies, the loopback or NIC path,
+/// softirqs) is 45-60 % of the CPU per byte in the profiles (docs/benchmarks.md), and it runs on
+/// the same cores: with one worker per core on two cores, the chain moved 0.83x (0.78-1.07 per
+/// round) what one worker did, with 1.29x the CPU per GB.
+pub fn default_threads(cores: usize) -> usize {
+    (cores / 2).max(1)
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM (call inside the runtime).
@@ -64,4 +75,15 @@ pub fn shutdown_on_signal(token: CancellationToken) {
         tracing::info!("shutting down");
         token.cancel();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    /// One worker per core lost to one worker on two cores (the kernel's TCP work needs the
+    /// other core): the default is half the cores, never zero.
+    #[test]
+    fn the_gateway_default_leaves_half_the_cores_to_the_kernel() {
+        let d: Vec<usize> = [1, 2, 3, 4, 16].map(super::default_threads).to_vec();
+        assert_eq!(d, vec![1, 1, 1, 2, 8]);
+    }
 }
