@@ -39,18 +39,6 @@ pub enum Outgoing {
 }
 
 impl Outgoing {
-    /// The encoded frame's length.
-    pub fn len(&self) -> usize {
-        match self {
-            Outgoing::Frame(b) => b.len(),
-            Outgoing::Data { payload, .. } => crate::frame::HEADER_LEN + payload.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The encoded frame in one buffer (a copy for `Data`).
     pub fn into_bytes(self) -> Bytes {
         match self {

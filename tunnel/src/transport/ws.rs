@@ -345,25 +345,47 @@ fn io_err(e: std::io::Error) -> TransportError {
 }
 
 impl<S: AsyncWrite> WsTx<S> {
-    fn push(&mut self, opcode: u8, payload: &Bytes) {
-        if self.mask {
-            wsframe::put_masked(&mut self.scratch, opcode, payload, rand::random());
-        } else {
-            wsframe::put_header(&mut self.scratch, opcode, payload.len(), None);
-            if payload.len() <= COPY_SMALL {
-                self.scratch.put_slice(payload);
-            } else {
+    /// Queues a final frame whose payload is `head` then `payload` (a `DATA` frame's header and
+    /// its bytes; `head` is empty for a whole message). A client masks both as it copies them
+    /// beside the WebSocket header; a server copies only a small payload and queues a large
+    /// one as it is, for a vectored write.
+    fn push(&mut self, opcode: u8, head: &[u8], payload: Bytes) {
+        let len = head.len() + payload.len();
+        let key = self.mask.then(rand::random::<[u8; 4]>);
+        wsframe::put_header(&mut self.scratch, opcode, len, key);
+        let start = self.scratch.len();
+        self.scratch.put_slice(head);
+        match key {
+            Some(k) => {
+                self.scratch.put_slice(&payload);
+                wsframe::apply_mask(&mut self.scratch[start..], k);
+            }
+            None if payload.len() <= COPY_SMALL => self.scratch.put_slice(&payload),
+            None => {
                 self.queue.push_back(self.scratch.split().freeze());
-                self.queue.push_back(payload.clone());
+                self.queue.push_back(payload);
             }
         }
-        self.queued += payload.len() + wsframe::MAX_HEADER;
+        self.queued += len + wsframe::MAX_HEADER;
+    }
+
+    /// Queues a binary frame (after any pong owed), and writes once enough is queued.
+    async fn send_frame(&mut self, head: &[u8], payload: Bytes) -> Result<(), TransportError>
+    where
+        S: Unpin,
+    {
+        self.take_pong();
+        self.push(op::BINARY, head, payload);
+        if self.queued >= WRITE_HIGH {
+            self.write_queued().await?;
+        }
+        Ok(())
     }
 
     fn take_pong(&mut self) {
         let pong = self.pong.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(p) = pong {
-            self.push(op::PONG, &p);
+            self.push(op::PONG, &[], p);
         }
     }
 
@@ -412,39 +434,11 @@ impl<S: AsyncWrite> WsTx<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TransportTx for WsTx<S> {
     async fn send(&mut self, msg: Bytes) -> Result<(), TransportError> {
-        self.take_pong();
-        self.push(op::BINARY, &msg);
-        if self.queued >= WRITE_HIGH {
-            self.write_queued().await?;
-        }
-        Ok(())
+        self.send_frame(&[], msg).await
     }
     async fn send_data(&mut self, stream: u32, payload: Bytes) -> Result<(), TransportError> {
-        self.take_pong();
-        let head = crate::frame::data_header(stream);
-        let len = head.len() + payload.len();
-        if self.mask {
-            let key: [u8; 4] = rand::random();
-            wsframe::put_header(&mut self.scratch, op::BINARY, len, Some(key));
-            let start = self.scratch.len();
-            self.scratch.put_slice(&head);
-            self.scratch.put_slice(&payload);
-            wsframe::apply_mask(&mut self.scratch[start..], key);
-        } else {
-            wsframe::put_header(&mut self.scratch, op::BINARY, len, None);
-            self.scratch.put_slice(&head);
-            if payload.len() <= COPY_SMALL {
-                self.scratch.put_slice(&payload);
-            } else {
-                self.queue.push_back(self.scratch.split().freeze());
-                self.queue.push_back(payload);
-            }
-        }
-        self.queued += len + wsframe::MAX_HEADER;
-        if self.queued >= WRITE_HIGH {
-            self.write_queued().await?;
-        }
-        Ok(())
+        self.send_frame(&crate::frame::data_header(stream), payload)
+            .await
     }
     async fn flush(&mut self) -> Result<(), TransportError> {
         self.take_pong();
@@ -453,7 +447,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TransportTx for WsTx<S>
     }
     async fn close(&mut self) {
         // Close code 1000 (normal closure).
-        self.push(op::CLOSE, &Bytes::from_static(&[0x03, 0xe8]));
+        self.push(op::CLOSE, &[], Bytes::from_static(&[0x03, 0xe8]));
         if self.write_queued().await.is_ok() {
             let _ = self.io.flush().await;
             let _ = self.io.shutdown().await;
