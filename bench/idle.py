@@ -21,8 +21,6 @@ import argparse
 import json
 import os
 import resource
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,68 +28,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 REL = ROOT / "target" / "release"
-CLK = os.sysconf("SC_CLK_TCK")
-STARTED = []
+sys.path.insert(0, str(ROOT / "bench"))
+import run as bench  # noqa: E402  (bench/run.py: the process registry, ended on every exit path)
 
 
-def stop_all():
-    for p in reversed(STARTED):
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-    deadline = time.time() + 5
-    for p in reversed(STARTED):
-        try:
-            p.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            p.wait()
-    STARTED.clear()
-
-
-def spawn(args, log_path, **kw):
-    p = subprocess.Popen(args, stderr=open(log_path, "w"), start_new_session=True, **kw)
-    p.log_path = Path(log_path)
-    STARTED.append(p)
-    return p
-
-
-def wait_log(p, needle, timeout=20):
-    import re
-    rx = re.compile(needle)
-    end = time.time() + timeout
-    while time.time() < end:
-        m = rx.search(p.log_path.read_text(errors="replace"))
-        if m:
-            return m
-        if p.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise RuntimeError(f"{p.args[0]}: no `{needle}` in {p.log_path}:\n"
-                       + p.log_path.read_text(errors="replace")[-2000:])
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def cpu_s(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
-
-
-def run(args):
-    subprocess.run(args, check=True, capture_output=True, text=True)
+def rss_kib(proc):
+    return bench.status_of(proc.p.pid, "VmRSS")
 
 
 def measure(label, gw, t, steps, idle, settle, threads, burst):
@@ -99,10 +41,10 @@ def measure(label, gw, t, steps, idle, settle, threads, burst):
     after one burst per session (`burst` bytes echoed; 0: none)."""
     d = t / label
     d.mkdir()
-    run([str(gw), "cert", "--name", "127.0.0.1", "--out", str(d)])
-    run([str(gw), "token", "new", "--kind", "agent", "--id", "desk", "--tokens", str(d / "agents.toml"),
+    bench.run([str(gw), "cert", "--name", "127.0.0.1", "--out", str(d)])
+    bench.run([str(gw), "token", "new", "--kind", "agent", "--id", "desk", "--tokens", str(d / "agents.toml"),
          "--out", str(d / "agent.token")])
-    run([str(gw), "token", "new", "--kind", "connector", "--id", "site", "--route", "127.0.0.1/32:*",
+    bench.run([str(gw), "token", "new", "--kind", "connector", "--id", "site", "--route", "127.0.0.1/32:*",
          "--tokens", str(d / "connectors.toml"), "--out", str(d / "connector.token")])
     # One token for every session (per-token state is counted once, not per session): its
     # session limit and the address's handshake rate are raised, nothing else.
@@ -117,67 +59,67 @@ handshakes_per_ip = 100000.0
 max_connections = {max(steps) + 1000}
 """)
     targs = ["--threads", str(threads)] if threads else []
-    dmz = spawn([str(gw), "dmz", "-c", str(d / "dmz.toml"), "--log", "warn,gateway::dmz=info"] + targs,
-                d / "dmz.log")
-    port = int(wait_log(dmz, r"dmz gateway listening addr=127\.0\.0\.1:(\d+)").group(1))
+    dmz = bench.Proc("dmz", [str(gw), "dmz", "-c", str(d / "dmz.toml"), "--log", "warn,gateway::dmz=info"] + targs, d)
+    port = int(dmz.wait_for(r"dmz gateway listening addr=127\.0\.0\.1:(\d+)").group(1))
     url = f"wss://127.0.0.1:{port}/"
-    echo = spawn([str(REL / "sp-testsvc"), "echo", "127.0.0.1:0"], d / "echo.log")
-    echo_port = int(wait_log(echo, r"listening addr=127\.0\.0\.1:(\d+)").group(1))
-    conn = spawn([str(gw), "connector", "--gateway", url, "--token-file", str(d / "connector.token"),
-                  "--ca", str(d / "ca.crt"), "--allow", f"127.0.0.1/32:{echo_port}", "--log", "warn,uplink=info"],
-                 d / "connector.log")
-    wait_log(conn, "connected to the gateway")
+    echo = bench.Proc("echo", [str(REL / "sp-testsvc"), "echo", "127.0.0.1:0"], d)
+    echo_port = int(echo.wait_for(r"listening addr=127\.0\.0\.1:(\d+)").group(1))
+    conn = bench.Proc("connector", [str(gw), "connector", "--gateway", url, "--token-file", str(d / "connector.token"),
+                                    "--ca", str(d / "ca.crt"), "--allow", f"127.0.0.1/32:{echo_port}",
+                                    "--log", "warn,uplink=info"], d)
+    conn.wait_for("connected to the gateway")
     time.sleep(settle)
-    base = rss_kib(dmz.pid)
+    base = rss_kib(dmz)
     # Baseline CPU of the DMZ with no agent session (timers, the token file reload).
-    c0, w0 = cpu_s(dmz.pid), time.time()
+    c0, w0 = dmz.cpu(), time.time()
     time.sleep(10)
-    base_cpu_per_min = (cpu_s(dmz.pid) - c0) / (time.time() - w0) * 60
-    client = spawn([str(REL / "sp-idle"), "--gateway", url, "--token-file", str(d / "agent.token"),
-                    "--ca", str(d / "ca.crt"), "--steps", ",".join(map(str, steps)),
-                    "--max-seconds", str(int(idle) + 600)]
-                   + (["--burst-to", f"127.0.0.1:{echo_port}", "--burst", str(burst)] if burst else []),
-                   d / "sp-idle.log", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    base_cpu_per_min = (dmz.cpu() - c0) / (time.time() - w0) * 60
+    client = bench.Proc("sp-idle", [str(REL / "sp-idle"), "--gateway", url, "--token-file", str(d / "agent.token"),
+                                    "--ca", str(d / "ca.crt"), "--steps", ",".join(map(str, steps)),
+                                    "--max-seconds", str(int(idle) + 600)]
+                        + (["--burst-to", f"127.0.0.1:{echo_port}", "--burst", str(burst)] if burst else []),
+                        d, pipes=True)
     rows = []
     for i, n in enumerate(steps):
-        line = client.stdout.readline()
+        line = client.p.stdout.readline()
         if not line:
             raise RuntimeError("sp-idle ended early:\n" + client.log_path.read_text()[-2000:])
         st = json.loads(line)
         time.sleep(settle)
-        rss = rss_kib(dmz.pid)
+        rss = rss_kib(dmz)
         row = {"sessions": st["sessions"], "alive": st["alive"], "failed": st["failed"],
                "up_s": st["took_s"], "rss_kib": rss,
                "kib_per_session": (rss - base) / max(1, st["sessions"])}
         if i == len(steps) - 1:
-            c0, w0 = cpu_s(dmz.pid), time.time()
+            c0, w0 = dmz.cpu(), time.time()
             time.sleep(idle)
             span = time.time() - w0
-            used = cpu_s(dmz.pid) - c0
+            used = dmz.cpu() - c0
             row["idle_s"] = span
             row["cpu_s"] = used
             per_min = (used / span * 60 - base_cpu_per_min)
             row["cpu_ms_per_session_min"] = per_min / max(1, st["sessions"]) * 1000
-            row["rss_after_idle_kib"] = rss_kib(dmz.pid)
+            row["rss_after_idle_kib"] = rss_kib(dmz)
         rows.append(row)
         print(f"  {label}: {json.dumps(row)}", flush=True)
-        client.stdin.write("next\n")
-        client.stdin.flush()
+        client.p.stdin.write("next\n")
+        client.p.stdin.flush()
     after = None
     if burst:
-        b = json.loads(client.stdout.readline() or "{}")
+        b = json.loads(client.p.stdout.readline() or "{}")
         time.sleep(settle)
-        rss = rss_kib(dmz.pid)
+        rss = rss_kib(dmz)
         n = rows[-1]["sessions"]
         after = {"ok": b.get("ok"), "failed": b.get("failed"), "took_s": b.get("took_s"), "rss_kib": rss,
                  "kib_per_session": (rss - base) / max(1, n)}
         print(f"  {label} after a burst of {burst} bytes per session: {json.dumps(after)}", flush=True)
-        client.stdin.write("next\n")
-        client.stdin.flush()
-    client.stdin.close()
-    client.wait(30)
-    end = json.loads(client.stdout.readlines()[-1])
-    stop_all()
+        client.p.stdin.write("next\n")
+        client.p.stdin.flush()
+    client.p.stdin.close()
+    client.p.wait(30)
+    end = json.loads(client.p.stdout.readlines()[-1])
+    for p in (client, conn, echo, dmz):
+        p.stop()
     return {"label": label, "base_kib": base, "base_cpu_s_per_min": base_cpu_per_min, "rows": rows,
             "alive_at_end": end.get("alive"), "after_burst": after}
 
@@ -244,8 +186,4 @@ def main():
 
 
 if __name__ == "__main__":
-    import atexit
-    atexit.register(stop_all)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: sys.exit(130))
-    main()
+    bench.run_guarded(main)

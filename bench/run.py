@@ -200,12 +200,15 @@ def stop_all():
 class Proc:
     """A child process with its stderr in a file."""
 
-    def __init__(self, name, args, tmp, env=None):
+    def __init__(self, name, args, tmp, env=None, pipes=False):
+        """`pipes`: stdin and stdout are text pipes (`self.p.stdin`, `self.p.stdout`)."""
         self.name = name
         self.log_path = Path(tmp) / f"{name}.log"
         self.log = open(self.log_path, "w")
         STARTED.append(self)
-        self.p = spawn(args, env=env, stdout=subprocess.DEVNULL, stderr=self.log, stdin=subprocess.DEVNULL)
+        io = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) if pipes else \
+            dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self.p = spawn(args, env=env, stderr=self.log, **io)
 
     def wait_for(self, pattern, timeout=20):
         end = time.time() + timeout
