@@ -54,23 +54,8 @@ class Chain:
         self.t, self.name = t, name
         gw, ag = R.BIN / "sallyport-gateway", R.BIN / "sallyport"
         self.gw = gw
-        R.run([str(gw), "cert", "--name", "127.0.0.1", "--out", str(t)])
-        R.run([str(gw), "token", "new", "--kind", "agent", "--id", "bench", "--tokens", str(t / "agents.toml"), "--out", str(t / "agent.token")])
-        R.run([str(gw), "token", "new", "--kind", "connector", "--id", "site", "--route", "127.0.0.1/32:*", "--route", "*.internal:*",
-               "--tokens", str(t / "connectors.toml"), "--out", str(t / "connector.token")])
         self.port = R.free_port()
-        (t / "dmz.toml").write_text(f"""
-listen = "127.0.0.1:{self.port}"
-tls_cert = "gateway.crt"
-tls_key = "gateway.key"
-agent_tokens = "agents.toml"
-connector_tokens = "connectors.toml"
-[limits]
-opens_per_token = 1000000.0
-handshakes_per_ip = 1000.0
-streams_per_token = 1000000
-streams_per_session = 1000000
-""")
+        R.credentials(gw, t, listen=f"127.0.0.1:{self.port}")
         self.restarts = 0
         self.dmz = self.start_dmz()
         url = f"wss://127.0.0.1:{self.port}/"

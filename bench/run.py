@@ -319,6 +319,28 @@ TUNNEL_TOML = ("\n[tunnel]\n" + os.environ["SALLYPORT_BENCH_TUNNEL"].replace(";"
                if os.environ.get("SALLYPORT_BENCH_TUNNEL") else "")
 
 
+def credentials(gw, t, listen="127.0.0.1:0", tunnel=""):
+    """Into `t`: a CA and a certificate for 127.0.0.1, an agent token (`agent.token`), a connector
+    token (`connector.token`, routes 127.0.0.1/32 and *.internal) and `dmz.toml` listening on
+    `listen` with the benchmark's limits (rates and stream counts out of the way), then `tunnel`."""
+    run([str(gw), "cert", "--name", "127.0.0.1", "--out", str(t)])
+    run([str(gw), "token", "new", "--kind", "agent", "--id", "bench", "--tokens", str(t / "agents.toml"), "--out", str(t / "agent.token")])
+    run([str(gw), "token", "new", "--kind", "connector", "--id", "site", "--route", "127.0.0.1/32:*", "--route", "*.internal:*",
+         "--tokens", str(t / "connectors.toml"), "--out", str(t / "connector.token")])
+    (t / "dmz.toml").write_text(f"""
+listen = "{listen}"
+tls_cert = "gateway.crt"
+tls_key = "gateway.key"
+agent_tokens = "agents.toml"
+connector_tokens = "connectors.toml"
+[limits]
+opens_per_token = 1000000.0
+handshakes_per_ip = 1000.0
+streams_per_token = 1000000
+streams_per_session = 1000000
+""" + tunnel)
+
+
 class Sallyport:
     def __init__(self, tmp, iperf_port, echo_port, echo10k_port, bindir=None, threads=THREADS, name=""):
         """`threads`: worker threads of the DMZ and the connector (None: their default, one per
@@ -329,24 +351,9 @@ class Sallyport:
         gw_threads = ["--threads", str(threads)] if threads else []
         GW, AGENT = self.gw, self.agent_bin
         t = self.tmp
-        run([str(GW), "cert", "--name", "127.0.0.1", "--out", str(t)])
-        run([str(GW), "token", "new", "--kind", "agent", "--id", "bench", "--tokens", str(t / "agents.toml"), "--out", str(t / "agent.token")])
+        credentials(GW, t, tunnel=TUNNEL_TOML)
         # A protocol v1 bearer token too: the baseline of the v2 variants.
         run([str(GW), "token", "new", "--v1", "--kind", "agent", "--id", "bench-v1", "--tokens", str(t / "agents.toml"), "--out", str(t / "agent-v1.token")])
-        run([str(GW), "token", "new", "--kind", "connector", "--id", "site", "--route", "127.0.0.1/32:*", "--route", "*.internal:*",
-             "--tokens", str(t / "connectors.toml"), "--out", str(t / "connector.token")])
-        (t / "dmz.toml").write_text(f"""
-listen = "127.0.0.1:0"
-tls_cert = "gateway.crt"
-tls_key = "gateway.key"
-agent_tokens = "agents.toml"
-connector_tokens = "connectors.toml"
-[limits]
-opens_per_token = 1000000.0
-handshakes_per_ip = 1000.0
-streams_per_token = 1000000
-streams_per_session = 1000000
-""" + TUNNEL_TOML)
         # `SALLYPORT_BENCH_TUNNEL` ("stream_window = 4194304", ...): the same `[tunnel]` keys
         # for all three roles, to measure a tuning without editing the benchmark.
         (t / "role.toml").write_text(TUNNEL_TOML)
