@@ -54,26 +54,8 @@ async fn relay_acks(agent: &Stream, connector: &Stream, one: bool) {
     let mut connector_done = false;
     let mut passed = false;
     std::future::poll_fn(|cx| {
-        while !agent_done {
-            match agent.poll_ack(cx) {
-                std::task::Poll::Ready(Some(v)) => {
-                    connector.send_ack(v);
-                    passed = true;
-                }
-                std::task::Poll::Ready(None) => agent_done = true,
-                std::task::Poll::Pending => break,
-            }
-        }
-        while !connector_done {
-            match connector.poll_ack(cx) {
-                std::task::Poll::Ready(Some(v)) => {
-                    agent.send_ack(v);
-                    passed = true;
-                }
-                std::task::Poll::Ready(None) => connector_done = true,
-                std::task::Poll::Pending => break,
-            }
-        }
+        pass_acks(cx, agent, connector, &mut agent_done, &mut passed);
+        pass_acks(cx, connector, agent, &mut connector_done, &mut passed);
         if (agent_done && connector_done) || (one && passed) {
             std::task::Poll::Ready(())
         } else {
@@ -81,6 +63,27 @@ async fn relay_acks(agent: &Stream, connector: &Stream, one: bool) {
         }
     })
     .await
+}
+
+/// Passes every `ACK` of `from` that is ready to `to` (`passed` once one went); `done` once
+/// `from` can send no more.
+fn pass_acks(
+    cx: &mut std::task::Context<'_>,
+    from: &Stream,
+    to: &Stream,
+    done: &mut bool,
+    passed: &mut bool,
+) {
+    while !*done {
+        match from.poll_ack(cx) {
+            std::task::Poll::Ready(Some(v)) => {
+                to.send_ack(v);
+                *passed = true;
+            }
+            std::task::Poll::Ready(None) => *done = true,
+            std::task::Poll::Pending => break,
+        }
+    }
 }
 
 /// Routes one agent stream to a connector, stamps identity, relays, and audits.
