@@ -137,3 +137,38 @@ async fn our_client_framing_speaks_with_tungstenite_as_the_server() {
         Some(Ok(Message::Close(_))) | None
     ));
 }
+
+/// A peer that floods WebSocket `PING`s (10,000 before one message) cannot make us queue
+/// answers: one pong slot, overwritten by each ping, so one `PONG` (the latest) goes out with
+/// our next write, and the message behind the flood still arrives.
+#[tokio::test]
+async fn a_ping_flood_queues_one_pong_not_ten_thousand() {
+    use futures_util::StreamExt;
+    use tunnel::{TransportRx, TransportTx};
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let mut server = WebSocketStream::from_raw_socket(b, WsRole::Server, None).await;
+    let (mut tx, mut rx) = tunnel::Transport::split(WsTransport::client_upgraded(a, &[], 65536));
+    let flood = tokio::spawn(async move {
+        for i in 0..10_000u32 {
+            server
+                .feed(Message::Ping(bytes::Bytes::from(i.to_be_bytes().to_vec())))
+                .await
+                .unwrap();
+        }
+        server
+            .send(Message::Binary(bytes::Bytes::from_static(b"after")))
+            .await
+            .unwrap();
+        server
+    });
+    assert_eq!(&rx.recv().await.unwrap().unwrap()[..], b"after");
+    let mut server = flood.await.unwrap();
+    tx.send(bytes::Bytes::from_static(b"x")).await.unwrap();
+    tx.flush().await.unwrap();
+    let last = bytes::Bytes::from(9_999u32.to_be_bytes().to_vec());
+    assert_eq!(server.next().await.unwrap().unwrap(), Message::Pong(last));
+    assert_eq!(
+        server.next().await.unwrap().unwrap(),
+        Message::Binary(bytes::Bytes::from_static(b"x"))
+    );
+}
