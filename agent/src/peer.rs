@@ -96,21 +96,64 @@ fn lookup(local: SocketAddr, remote: Option<SocketAddr>, state: &str) -> Option<
 }
 
 /// Asks the kernel (sock_diag over netlink) for the owner of the TCP socket whose local address
-/// is `local` and remote address is `remote`: one hash lookup, however many sockets exist.
+/// is `local` and remote address is `remote`: one hash lookup, however many sockets exist. Each
+/// thread keeps its netlink socket (four system calls less per client connection, on the path
+/// of every new connection); a socket that fails, or answers out of turn, is dropped and the
+/// question asked once more on a fresh one.
 #[cfg(target_os = "linux")]
 fn diag_owner(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Option<u32>> {
+    use std::cell::RefCell;
+    thread_local! {
+        static DIAG: RefCell<Option<(netlink_sys::Socket, u32)>> = const { RefCell::new(None) };
+    }
+    DIAG.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let mut last = None;
+        for _ in 0..2 {
+            if slot.is_none() {
+                *slot = Some((diag_socket()?, 0));
+            }
+            let (socket, seq) = slot.as_mut().expect("just set");
+            *seq = seq.wrapping_add(1);
+            match diag_ask(socket, *seq, local, remote) {
+                Ok(owner) => return Ok(owner),
+                Err(e) => {
+                    *slot = None;
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("asked twice"))
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn diag_socket() -> std::io::Result<netlink_sys::Socket> {
+    use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NlAddr};
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NlAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+/// One question on `socket`: the answer must carry `seq` (a late answer to an earlier question
+/// is an error, and the caller starts over on a fresh socket).
+#[cfg(target_os = "linux")]
+fn diag_ask(
+    socket: &netlink_sys::Socket,
+    seq: u32,
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> std::io::Result<Option<u32>> {
     use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
     use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
     use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
     use netlink_packet_sock_diag::SockDiagMessage;
-    use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NlAddr};
 
     let family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&NlAddr::new(0, 0))?;
     let mut hdr = NetlinkHeader::default();
     hdr.flags = NLM_F_REQUEST;
+    hdr.sequence_number = seq;
     let mut packet = NetlinkMessage::new(
         hdr,
         SockDiagMessage::InetRequest(InetRequest {
@@ -130,20 +173,24 @@ fn diag_owner(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Option<u
         .into(),
     );
     packet.finalize();
-    let mut buf = vec![0; packet.buffer_len()];
-    packet.serialize(&mut buf[..]);
-    socket.send(&buf[..], 0)?;
-    let mut rx = vec![0u8; 8192];
+    let mut buf = [0u8; 128];
+    let len = packet.buffer_len();
+    if len > buf.len() {
+        return Err(std::io::Error::other("sock_diag request too long"));
+    }
+    packet.serialize(&mut buf[..len]);
+    socket.send(&buf[..len], 0)?;
+    let mut rx = [0u8; 1024];
     let n = socket.recv(&mut &mut rx[..], 0)?;
-    match <NetlinkMessage<SockDiagMessage>>::deserialize(&rx[..n]) {
-        Ok(m) => match m.payload {
-            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                Ok(Some(r.header.uid))
-            }
-            // ENOENT: no such socket (it closed already).
-            _ => Ok(None),
-        },
-        Err(e) => Err(std::io::Error::other(e.to_string())),
+    let m = <NetlinkMessage<SockDiagMessage>>::deserialize(&rx[..n])
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    if m.header.sequence_number != seq {
+        return Err(std::io::Error::other("sock_diag answer out of turn"));
+    }
+    match m.payload {
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => Ok(Some(r.header.uid)),
+        // ENOENT: no such socket (it closed already).
+        _ => Ok(None),
     }
 }
 
@@ -151,7 +198,9 @@ fn diag_owner(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Option<u
 #[cfg(target_os = "linux")]
 pub fn my_uid() -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+    // It does not change while we run; asked once (a `statx` less per client connection).
+    static UID: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UID.get_or_init(|| std::fs::metadata("/proc/self").ok().map(|m| m.uid()))
 }
 
 /// Whether the connection from `peer` to our `local` listening address may be served, whatever
@@ -311,6 +360,23 @@ mod tests {
         let owner = diag_owner(c.local_addr().unwrap(), l.local_addr().unwrap()).unwrap();
         assert_eq!(owner, my_uid());
         assert!(check_peer(c.local_addr().unwrap(), l.local_addr().unwrap(), false).is_ok());
+    }
+
+    /// The thread's netlink socket is kept between questions: an answer "no such socket" (a
+    /// client that closed before we asked) must not leave a reply behind that the next question
+    /// would take as its own.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_kept_netlink_socket_answers_each_question_with_its_own_socket() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        for _ in 0..50 {
+            let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let _s = l.accept().unwrap();
+            assert_eq!(diag_owner(gone, l.local_addr().unwrap()).unwrap(), None);
+            let owner = diag_owner(c.local_addr().unwrap(), l.local_addr().unwrap()).unwrap();
+            assert_eq!(owner, my_uid());
+        }
     }
 
     #[test]

@@ -274,6 +274,7 @@ mod tests {
             accept_backlog: 2,
             stream_window: 100_000,
             session_window: 1_000_000,
+            send_queue: 1_000_000,
             peer_stream_window: 100_000,
             peer_session_window: 1_000_000,
             max_frame: 16 * 1024,

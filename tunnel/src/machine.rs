@@ -56,6 +56,9 @@ pub(crate) struct Rules {
     /// What we buffer per stream and per session (the credit we grant).
     pub stream_window: u32,
     pub session_window: u32,
+    /// Most payload bytes queued here, all streams together, not yet handed to the transport
+    /// ([`send_queue`]); one stream may fill at most half of it.
+    pub send_queue: u32,
     /// The peer's per-stream grant (our initial send credit per stream).
     pub peer_stream_window: u32,
     /// The peer's session grant (our initial session send credit).
@@ -753,9 +756,10 @@ impl State {
     }
 
     fn send_with(&mut self, id: u32, len: usize, take: impl FnOnce(usize) -> Bytes) -> Sent {
+        let queue = self.rules.send_queue as u64;
         let session_room = self
             .send_session_credit
-            .min((self.rules.session_window as u64).saturating_sub(self.queued_total));
+            .min(queue.saturating_sub(self.queued_total));
         let Some(s) = self.streams.get_mut(&id) else {
             return Sent::Failed(missing(self.closed.clone()));
         };
@@ -768,9 +772,14 @@ impl State {
                 reason: "write after shutdown".into(),
             });
         }
+        // One stream's share of our queue: a bulk stream cannot fill it all, so a keystroke's
+        // frame on another stream always finds room and goes out in the next batch, not behind
+        // a whole queue of bulk data (docs/protocol.md, "Flow control").
+        let share = (queue / 2).max(self.rules.max_send as u64);
         let stream_room = s
             .send_credit
-            .min((self.rules.stream_window as u64).saturating_sub(s.queued_payload));
+            .min((self.rules.stream_window as u64).saturating_sub(s.queued_payload))
+            .min(share.saturating_sub(s.queued_payload));
         let cap = stream_room
             .min(session_room)
             .min(self.rules.max_send as u64) as usize;
@@ -1086,6 +1095,7 @@ mod tests {
             accept_backlog: 2,
             stream_window: 1000,
             session_window: 4000,
+            send_queue: 4000,
             peer_stream_window: 1000,
             peer_session_window: 2500,
             max_frame: 16 * 1024,
@@ -1394,6 +1404,45 @@ mod tests {
         assert_eq!(
             queued, 1000,
             "our own stream window bounds what waits unsent"
+        );
+    }
+
+    /// A download filled our whole send queue (it was as large as the session window, 4 MiB)
+    /// and a keystroke's echo on another stream waited for room behind it: 14-18 ms median
+    /// through the chain. One stream now fills at most half of the queue, so the other finds
+    /// room at once and its frame leaves in the next batch.
+    #[test]
+    fn a_bulk_stream_cannot_fill_the_send_queue_in_front_of_a_keystroke() {
+        let t = Instant::now();
+        let mut r = rules(true);
+        (r.stream_window, r.session_window) = (100_000, 100_000);
+        (r.peer_stream_window, r.peer_session_window) = (100_000, 100_000);
+        r.send_queue = 4000;
+        let mut st = State::new(r, t);
+        let bulk = st.open(dest(), Meta::default()).unwrap();
+        let keys = st.open(dest(), Meta::default()).unwrap();
+        sent(&mut st);
+        let big = vec![1u8; 100_000];
+        let mut queued = 0;
+        while let Sent::Queued(n) = st.send(bulk, &big) {
+            queued += n;
+        }
+        assert_eq!(queued, 2000, "half of the send queue");
+        assert_eq!(st.send(bulk, &big), Sent::Blocked { session: false });
+        assert_eq!(st.send(keys, b"x"), Sent::Queued(1));
+        // The next batch (the writer takes about one frame per ready stream in turn) carries
+        // the keystroke after at most one bulk frame.
+        let mut batch = Vec::new();
+        st.next_batch(1200, &mut batch);
+        let frames: Vec<Frame> = batch
+            .into_iter()
+            .map(|b| Frame::decode(b.into_bytes(), 1 << 20).unwrap())
+            .collect();
+        assert!(
+            frames
+                .iter()
+                .any(|f| matches!(f, Frame::Data { stream, .. } if *stream == keys)),
+            "{frames:?}"
         );
     }
 
