@@ -235,6 +235,17 @@ class Proc:
                 pass
         return total
 
+    def minflt(self):
+        """Minor page faults of the process and its children (fresh pages the kernel zeroed)."""
+        total = 0
+        for pid in [self.p.pid] + children(self.p.pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    total += int(f.read().rsplit(")", 1)[1].split()[7])
+            except FileNotFoundError:
+                pass
+        return total
+
     def rss_mib(self):
         return sum(status_of(pid, "VmRSS") for pid in [self.p.pid] + children(self.p.pid)) / 1024
 
@@ -743,13 +754,13 @@ def main():
             res[name]["p8"].append(iperf(port, a.seconds, parallel=8)[0])
         print(f"  round {rnd + 1}: " + ", ".join(f"{n} {fmt(res[n]['up'][-1])}" for n in chains), file=sys.stderr)
     load_mem = sum(p.hwm_mib() for p in sp.procs)
-    per_proc_cpu = {}
+    per_proc_cpu, per_proc_faults = {}, {}
     for p in sp.procs:
-        c0 = p.cpu()
-        per_proc_cpu[p.name] = c0
+        per_proc_cpu[p.name], per_proc_faults[p.name] = p.cpu(), p.minflt()
     _, nb = iperf(sp.fwd_iperf, a.seconds)
     for p in sp.procs:
         per_proc_cpu[p.name] = (p.cpu() - per_proc_cpu[p.name]) / (nb / 1e9) if nb else float("nan")
+        per_proc_faults[p.name] = (p.minflt() - per_proc_faults[p.name]) / (nb / 1e9) if nb else float("nan")
 
     # Latency, interleaved in blocks.
     lat = {"direct": [], "sallyport forward": [], "sallyport socks5": [], "nginx chain": []}
@@ -839,7 +850,9 @@ def main():
     lines.append("")
     lines.append(f"sallyport vs nginx chain (ratio of medians, per-round min–max): up {vs(s['up'], ng['up'])}, down {vs(s['down'], ng['down'])}, "
                  f"8 streams {vs(s['p8'], ng['p8'])}; CPU per GB by process: "
-                 + ", ".join(f"{k} {fmt(v)}" for k, v in per_proc_cpu.items()))
+                 + ", ".join(f"{k} {fmt(v)}" for k, v in per_proc_cpu.items())
+                 + "; page faults per GB by process (fresh pages, each zeroed by the kernel): "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in per_proc_faults.items()))
     lines.append("")
     lines.append("| session start (doctor: TCP + TLS + upgrade + handshake + hello, loopback) | median ms | samples |")
     lines.append("|---|---:|---:|")

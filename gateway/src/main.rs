@@ -148,6 +148,9 @@ fn main() -> ExitCode {
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
+    if matches!(cli.command, Command::Dmz(_) | Command::Connector(_)) {
+        uplink::cli::keep_freed_memory();
+    }
     match cli.command {
         Command::Dmz(args) => {
             let rt = uplink::cli::runtime(cli.threads)?;
