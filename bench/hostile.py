@@ -21,14 +21,12 @@ sample is recorded and the run goes on. Every process started is ended (own proc
 """
 
 import argparse
-import atexit
 import datetime
 import hashlib
 import json
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,73 +44,27 @@ CLK = os.sysconf("SC_CLK_TCK")
 GOAL_CONNECT_S = 2.0
 KINDS = ["body", "slowloris", "inner", "ping"]
 
-STARTED = []  # every Popen, for the cleanup
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench  # noqa: E402  (the one process registry: bench/run.py)
 
 
-def cleanup():
-    for p in reversed(STARTED):
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-    deadline = time.time() + 3
-    for p in reversed(STARTED):
-        try:
-            p.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            p.wait()
-
-
-def on_signal(signum, _frame):
-    cleanup()
-    sys.exit(128 + signum)
-
-
-def spawn(args, log_path, env=None, stdout=subprocess.DEVNULL):
-    """A child in its own process group, stderr to `log_path`."""
-    log = open(log_path, "w")
-    p = subprocess.Popen(args, stdout=stdout, stderr=log, stdin=subprocess.DEVNULL,
-                         env={**os.environ, **(env or {})}, start_new_session=True)
-    p.log_path = Path(log_path)
-    p.log_file = log
-    STARTED.append(p)
-    return p
+def spawn(args, log_path, env=None, stdout=None):
+    """A child through bench/run.py's registry (its own process group, marked, dies with the
+    benchmark, ended on every exit path), stderr to `log_path`."""
+    log_path = Path(log_path)
+    return bench.Proc(log_path.stem, args, log_path.parent, env=env, stdout=stdout)
 
 
 def stop(p, grace=3.0):
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            p.wait(grace)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-    p.log_file.close()
+    p.stop(grace)
 
 
 def wait_for(p, pattern, timeout):
     """The first match of `pattern` in p's log, and when it was seen; None on timeout/exit."""
-    rx = re.compile(pattern)
-    end = time.time() + timeout
-    while time.time() < end:
-        m = rx.search(p.log_path.read_text(errors="replace"))
-        if m:
-            return m, time.time()
-        if p.poll() is not None:
-            return None
-        time.sleep(0.01)
-    return None
+    try:
+        return p.wait_for(pattern, timeout), time.time()
+    except RuntimeError:
+        return None
 
 
 def status_kb(pid, key):
@@ -319,9 +271,6 @@ def main():
     ap.add_argument("--plain", action="store_true", help="the DMZ without TLS (as behind a TLS-terminating balancer)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "hostile.md"))
     a = ap.parse_args()
-    atexit.register(cleanup)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
 
     for b in (GW, AGENT, ATTACK, TESTSVC):
         if not b.exists():
@@ -331,7 +280,7 @@ def main():
     nbytes = a.mib * 1024 * 1024
     want = run([str(ATTACK), "pattern-sha256", str(nbytes)]).stdout.strip()
     s = Setup(tmp, a.plain)
-    dmz_pid = s.dmz.pid
+    dmz_pid = s.dmz.p.pid
     rss0 = status_kb(dmz_pid, "VmRSS") / 1024
     print(f"DMZ on {s.url} (default limits, {'plain' if a.plain else 'TLS'}), pid {dmz_pid}, {rss0:.1f} MiB resident; "
           f"logs in {tmp}", file=sys.stderr)
@@ -385,8 +334,8 @@ def main():
         alone[k] = [one("attacked", [k], f"{k} alone")[0] for _ in range(a.alone)]
     rss1 = status_kb(dmz_pid, "VmRSS") / 1024
     hwm = status_kb(dmz_pid, "VmHWM") / 1024
-    dmz_alive = s.dmz.poll() is None
-    cleanup()
+    dmz_alive = s.dmz.p.poll() is None
+    bench.stop_all()
 
     # ------------------------------------------------------------------------------------------
     A, Q = results["attacked"], results["quiet"]
@@ -490,4 +439,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    bench.run_guarded(main)

@@ -200,14 +200,15 @@ def stop_all():
 class Proc:
     """A child process with its stderr in a file."""
 
-    def __init__(self, name, args, tmp, env=None, pipes=False):
-        """`pipes`: stdin and stdout are text pipes (`self.p.stdin`, `self.p.stdout`)."""
+    def __init__(self, name, args, tmp, env=None, pipes=False, stdout=None):
+        """`pipes`: stdin and stdout are text pipes (`self.p.stdin`, `self.p.stdout`);
+        `stdout`: a file that takes its standard output (else it is discarded)."""
         self.name = name
         self.log_path = Path(tmp) / f"{name}.log"
         self.log = open(self.log_path, "w")
         STARTED.append(self)
         io = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) if pipes else \
-            dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            dict(stdin=subprocess.DEVNULL, stdout=stdout if stdout is not None else subprocess.DEVNULL)
         self.p = spawn(args, env=env, stderr=self.log, **io)
 
     def wait_for(self, pattern, timeout=20):
@@ -256,9 +257,9 @@ class Proc:
         return sum(sum_fields(f"/proc/{self.p.pid}/task/{t}/status", ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
                    for t in os.listdir(f"/proc/{self.p.pid}/task"))
 
-    def stop(self):
+    def stop(self, grace=3):
         if hasattr(self, "p"):
-            kill_group(self.p)
+            kill_group(self.p, grace)
         if self in STARTED:
             STARTED.remove(self)
         if not self.log.closed:
