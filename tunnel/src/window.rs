@@ -32,40 +32,70 @@ pub const DEFAULT_MAX: u32 = 8 * 1024 * 1024;
 /// The default process-wide budget for growth beyond the base windows.
 pub const DEFAULT_BUDGET: u64 = 256 * 1024 * 1024;
 
-static BUDGET: AtomicU64 = AtomicU64::new(DEFAULT_BUDGET);
-static GROWN: AtomicU64 = AtomicU64::new(0);
+/// Bytes of window growth allowed (`limit`) and granted (`grown`); the process has one,
+/// [`GLOBAL`], shared by every session.
+pub(crate) struct Budget {
+    limit: AtomicU64,
+    grown: AtomicU64,
+}
+
+impl Budget {
+    pub(crate) const fn new(limit: u64) -> Budget {
+        Budget {
+            limit: AtomicU64::new(limit),
+            grown: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes up to `want` bytes; returns what it got.
+    pub(crate) fn take(&self, want: u64) -> u64 {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let mut cur = self.grown.load(Ordering::Relaxed);
+        loop {
+            let got = want.min(limit.saturating_sub(cur));
+            if got == 0 {
+                return 0;
+            }
+            match self.grown.compare_exchange_weak(
+                cur,
+                cur + got,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return got,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Gives `bytes` back.
+    pub(crate) fn give(&self, bytes: u64) {
+        if bytes > 0 {
+            self.grown.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+static GLOBAL: Budget = Budget::new(DEFAULT_BUDGET);
 
 /// Sets the process-wide budget for window growth (bytes beyond every stream's base window).
 pub fn set_budget(bytes: u64) {
-    BUDGET.store(bytes, Ordering::Relaxed);
+    GLOBAL.limit.store(bytes, Ordering::Relaxed);
 }
 
 /// Bytes of window growth granted in this process right now.
 pub fn grown() -> u64 {
-    GROWN.load(Ordering::Relaxed)
+    GLOBAL.grown.load(Ordering::Relaxed)
 }
 
 /// Takes up to `want` bytes from the process budget; returns what it got.
 pub(crate) fn take_global(want: u64) -> u64 {
-    let limit = BUDGET.load(Ordering::Relaxed);
-    let mut cur = GROWN.load(Ordering::Relaxed);
-    loop {
-        let got = want.min(limit.saturating_sub(cur));
-        if got == 0 {
-            return 0;
-        }
-        match GROWN.compare_exchange_weak(cur, cur + got, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return got,
-            Err(now) => cur = now,
-        }
-    }
+    GLOBAL.take(want)
 }
 
 /// Gives `bytes` back to the process budget.
 pub(crate) fn give_global(bytes: u64) {
-    if bytes > 0 {
-        GROWN.fetch_sub(bytes, Ordering::Relaxed);
-    }
+    GLOBAL.give(bytes)
 }
 
 /// How long a window must last before it stops growing: twice the round trip, at least
@@ -158,6 +188,22 @@ mod tests {
     }
 
     /// The round trip sets the interval: a WAN stream grows until a window covers two of them.
+    /// Many sessions whose bulk streams all grow (one attacker's 16 sessions of a token, each
+    /// draining fast) cannot take more than the process budget between them: what one gets is
+    /// gone for the others until a stream ends and gives it back.
+    #[test]
+    fn many_sessions_growing_at_once_stay_within_the_process_budget() {
+        let b = Budget::new(10 * W as u64);
+        let mut got = 0;
+        for _ in 0..64 {
+            got += b.take(W as u64);
+        }
+        assert_eq!(got, 10 * W as u64);
+        assert_eq!(b.take(1), 0, "nothing left");
+        b.give(W as u64);
+        assert_eq!(b.take(2 * W as u64), W as u64, "only what was given back");
+    }
+
     #[test]
     fn the_interval_follows_the_round_trip() {
         assert_eq!(interval(None), MIN_INTERVAL);

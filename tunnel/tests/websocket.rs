@@ -44,6 +44,10 @@ async fn a_session_runs_over_websocket_and_carries_a_stream() {
 }
 
 async fn server_session_against_raw_client(msg: Message) -> SessionError {
+    server_session_against_raw_messages(vec![msg]).await
+}
+
+async fn server_session_against_raw_messages(msgs: Vec<Message>) -> SessionError {
     let (a, b) = tokio::io::duplex(1 << 20);
     let server = tokio::spawn(async move {
         let t = WsTransport::server(b, Vec::new(), 65536).await;
@@ -66,7 +70,11 @@ async fn server_session_against_raw_client(msg: Message) -> SessionError {
         resume_id: String::new(),
     });
     raw.send(Message::Binary(hello.encode())).await.unwrap();
-    let _ = raw.send(msg).await;
+    for msg in msgs {
+        if raw.send(msg).await.is_err() {
+            break;
+        }
+    }
     let err = server.await.unwrap();
     drop(raw);
     err
@@ -78,6 +86,68 @@ async fn an_oversize_message_ends_the_session_with_a_reason() {
     assert!(
         matches!(&err, SessionError::Transport(r) if r.contains("too large") || r.contains("too long")),
         "{err}"
+    );
+}
+
+/// A client that sends one message as an endless run of fragments, each small, cannot make the
+/// DMZ buffer more than one message's limit: the fragments are counted as they arrive, and the
+/// session ends with a reason once they pass the limit (64 KiB frames here; 200 fragments of 1
+/// KiB would be 200 KiB).
+#[tokio::test]
+async fn a_fragment_flood_cannot_grow_a_message_past_the_limit() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+    let piece = || bytes::Bytes::from(vec![1u8; 1024]);
+    let mut msgs = vec![Message::Frame(WsFrame::message(
+        piece(),
+        OpCode::Data(Data::Binary),
+        false,
+    ))];
+    for _ in 0..200 {
+        msgs.push(Message::Frame(WsFrame::message(
+            piece(),
+            OpCode::Data(Data::Continue),
+            false,
+        )));
+    }
+    let err = server_session_against_raw_messages(msgs).await;
+    assert!(
+        matches!(&err, SessionError::Transport(r) if r.contains("too large")),
+        "{err}"
+    );
+}
+
+/// A gateway (or a box in front of it) that answers the upgrade with a head that never ends:
+/// the client reads at most 16 KiB of it, then gives up with a reason, instead of buffering
+/// until the handshake deadline.
+#[tokio::test]
+async fn an_endless_upgrade_answer_is_refused_after_16_kib() {
+    let (a, mut b) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(async move {
+        let mut req = [0u8; 4096];
+        let _ = b.read(&mut req).await;
+        let _ = b
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nX-Pad: ")
+            .await;
+        let line = vec![b'a'; 4096];
+        let mut sent = 0usize;
+        while b.write_all(&line).await.is_ok() {
+            sent += line.len();
+            if sent > 1 << 20 {
+                break;
+            }
+        }
+        sent
+    });
+    let err = tunnel::ws::client(a, "ws://gw/", None, 65536, Duration::from_secs(10))
+        .await
+        .err()
+        .expect("an endless answer is refused");
+    assert!(err.to_string().contains("over 16384 bytes"), "{err}");
+    let sent = server.await.unwrap();
+    assert!(
+        sent < 1 << 20,
+        "the client stopped reading: {sent} bytes sent"
     );
 }
 
