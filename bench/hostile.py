@@ -40,7 +40,6 @@ GW = REL / "sallyport-gateway"
 AGENT = REL / "sallyport"
 ATTACK = REL / "sp-attack"
 TESTSVC = REL / "sp-testsvc"
-CLK = os.sysconf("SC_CLK_TCK")
 GOAL_CONNECT_S = 2.0
 KINDS = ["body", "slowloris", "inner", "ping"]
 
@@ -67,28 +66,8 @@ def wait_for(p, pattern, timeout):
         return None
 
 
-def status_kb(pid, key):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    return 0
-
-
-def cpu_s(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK
-    except FileNotFoundError:
-        return 0.0
-
-
-def run(args, **kw):
-    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
+# One reader of /proc and one `run` for every benchmark: bench/run.py's.
+status_kb, run = bench.status_of, bench.run
 
 
 def log_ts(line):
@@ -295,7 +274,7 @@ def main():
     def one(mode, kinds_now, label):
         nonlocal idx, rss_max
         idx += 1
-        c0, w0 = cpu_s(dmz_pid), time.time()
+        c0, w0 = s.dmz.cpu(), time.time()
         att = None
         if mode == "attacked":
             att = attacker(s, kinds_now, a.warmup + 120, a.rate, a.burst, idx, a.ping_sessions)
@@ -305,7 +284,7 @@ def main():
             rss_max = max(rss_max, status_kb(dmz_pid, "VmRSS") / 1024)
             res = attacker_result(att)
             r["attack"] = res
-        dmz_cpu_s = cpu_s(dmz_pid) - c0
+        dmz_cpu_s = s.dmz.cpu() - c0
         wall = time.time() - w0
         r["dmz_cpu_share"] = dmz_cpu_s / wall if wall > 0 else None
         print(f"  {label:>14} {idx:3d}: {'ok ' if r['ok'] else 'FAIL'} connect {fmt(r['connect_s'], ' s')}, "

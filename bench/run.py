@@ -224,28 +224,25 @@ class Proc:
             time.sleep(0.02)
         raise RuntimeError(f"{self.name} never logged {pattern!r}:\n{self.log_path.read_text(errors='replace')[-3000:]}")
 
-    def cpu(self):
-        """utime+stime in seconds of the process and its children (nginx workers)."""
-        total = 0.0
-        for pid in [self.p.pid] + children(self.p.pid):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / CLK
-            except FileNotFoundError:
-                pass
-        return total
-
-    def minflt(self):
-        """Minor page faults of the process and its children (fresh pages the kernel zeroed)."""
+    def _stat_sum(self, value):
+        """`value(fields)` of /proc/PID/stat (the fields after the command name) summed over the
+        process and its children (nginx workers)."""
         total = 0
         for pid in [self.p.pid] + children(self.p.pid):
             try:
                 with open(f"/proc/{pid}/stat") as f:
-                    total += int(f.read().rsplit(")", 1)[1].split()[7])
+                    total += value(f.read().rsplit(")", 1)[1].split())
             except FileNotFoundError:
                 pass
         return total
+
+    def cpu(self):
+        """utime+stime in seconds of the process and its children (nginx workers)."""
+        return self._stat_sum(lambda f: (int(f[11]) + int(f[12])) / CLK)
+
+    def minflt(self):
+        """Minor page faults of the process and its children (fresh pages the kernel zeroed)."""
+        return self._stat_sum(lambda f: int(f[7]))
 
     def rss_mib(self):
         return sum(status_of(pid, "VmRSS") for pid in [self.p.pid] + children(self.p.pid)) / 1024

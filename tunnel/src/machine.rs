@@ -57,7 +57,7 @@ pub(crate) struct Rules {
     pub stream_window: u32,
     pub session_window: u32,
     /// Most payload bytes queued here, all streams together, not yet handed to the transport
-    /// ([`send_queue`]); one stream may fill at most half of it.
+    /// (`Config::send_queue`); one stream may fill at most half of it.
     pub send_queue: u32,
     /// The peer's per-stream grant (our initial send credit per stream).
     pub peer_stream_window: u32,
@@ -776,10 +776,8 @@ impl State {
         // frame on another stream always finds room and goes out in the next batch, not behind
         // a whole queue of bulk data (docs/protocol.md, "Flow control").
         let share = (queue / 2).max(self.rules.max_send as u64);
-        let stream_room = s
-            .send_credit
-            .min((self.rules.stream_window as u64).saturating_sub(s.queued_payload))
-            .min(share.saturating_sub(s.queued_payload));
+        let own = (self.rules.stream_window as u64).min(share);
+        let stream_room = s.send_credit.min(own.saturating_sub(s.queued_payload));
         let cap = stream_room
             .min(session_room)
             .min(self.rules.max_send as u64) as usize;

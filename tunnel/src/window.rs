@@ -187,7 +187,6 @@ mod tests {
         assert!(grows <= 1, "grew {grows} times");
     }
 
-    /// The round trip sets the interval: a WAN stream grows until a window covers two of them.
     /// Many sessions whose bulk streams all grow (one attacker's 16 sessions of a token, each
     /// draining fast) cannot take more than the process budget between them: what one gets is
     /// gone for the others until a stream ends and gives it back.
@@ -204,6 +203,7 @@ mod tests {
         assert_eq!(b.take(2 * W as u64), W as u64, "only what was given back");
     }
 
+    /// The round trip sets the interval: a WAN stream grows until a window covers two of them.
     #[test]
     fn the_interval_follows_the_round_trip() {
         assert_eq!(interval(None), MIN_INTERVAL);

@@ -60,8 +60,9 @@ pub fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtim
 /// 128 KiB sit free there, large blocks mapped on their own above a threshold that moves) the
 /// DMZ faulted in 35,000-55,000 fresh pages per GB relayed, each zeroed by the kernel (4 % of
 /// its CPU in the profile); with blocks below 4 MiB taken from the heap and up to 16 MiB of it
-/// kept free, 2,200 (`bench/run.sh` prints page faults per GB by process). The desktop agent keeps glibc's
-/// defaults (it faulted 2,600 per GB either way, and its idle memory matters more there).
+/// kept free, 2,200 (`bench/run.sh` prints page faults per GB by process). The desktop agent
+/// keeps glibc's defaults (it faulted 2,600 per GB either way, and its idle memory matters more
+/// there).
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets two of the allocator's parameters; called before any thread
