@@ -3,23 +3,34 @@
 # (/usr/lib/systemd/user/sallyport.service; enable it for everyone with
 # `systemctl --global enable sallyport.service`, or per user with `sallyport service install`).
 #
-#   scripts/package-deb.sh [--profile dist|release|dev] [--out DIR]
+#   scripts/package-deb.sh [--profile dist|release|dev] [--bin PATH] [--out DIR]
+#
+# --bin packages an agent already built instead of building one (the tests pass the one
+# `cargo build --bins` made; `-p sallyport` resolves the dependencies' features apart from the
+# workspace's and rebuilt ~70 s of them in CI).
 #
 # Needs dpkg-deb (Debian's dpkg). Prints the path of the .deb.
 set -euo pipefail
+here=$PWD
 cd "$(dirname "$0")/.."
 profile=dist
 out=target/deb
+bin=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    *) echo "usage: $0 [--profile release|dev] [--out DIR]" >&2; exit 64 ;;
+    --bin) bin="$2"; shift 2 ;;
+    *) echo "usage: $0 [--profile dist|release|dev] [--bin PATH] [--out DIR]" >&2; exit 64 ;;
   esac
 done
-cargo build --profile "$profile" -p sallyport >&2
-dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
-bin="${CARGO_TARGET_DIR:-target}/$dir/sallyport"
+case "$bin" in /* | "") ;; *) bin="$here/$bin" ;; esac
+if [ -z "$bin" ]; then
+  cargo build --profile "$profile" -p sallyport >&2
+  dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
+  bin="${CARGO_TARGET_DIR:-target}/$dir/sallyport"
+fi
+[ -x "$bin" ] || { echo "$0: no agent at $bin (build it, or give --bin PATH)" >&2; exit 1; }
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 arch=$(dpkg --print-architecture)
 stage=$(mktemp -d)

@@ -11,7 +11,9 @@ fn the_deb_installs_the_agent_and_a_user_unit() {
     let out = TempDir::new("deb");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let (code, stdout, err) = run(Command::new(root.join("scripts/package-deb.sh"))
-        .args(["--profile", "dev", "--out"])
+        .arg("--bin")
+        .arg(bin("sallyport"))
+        .arg("--out")
         .arg(out.path()))
     .unwrap();
     assert_eq!(code, 0, "{err}");
