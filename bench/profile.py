@@ -13,6 +13,7 @@ Needs `perf` (Debian: linux-perf). Prints the grouped table and the top symbols.
 """
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def main():
         gbps=bench.iperf(sp.fwd_iperf, a.seconds + 4, reverse=a.reverse)[0]))
     t.start()
     data = a.out or str(tmp / "perf.data")
-    code, _ = bench.Child(["perf", "record", "-g", "-o", data, "-p", str(role.p.pid), "--", "sleep", str(a.seconds)],
+    code, _ = bench.Child(["perf", "record", *os.environ.get("PERF_CALLGRAPH", "-g").split(), "-o", data, "-p", str(role.p.pid), "--", "sleep", str(a.seconds)],
                           timeout=a.seconds + 30).run()
     t.join()
     if code != 0:

@@ -455,6 +455,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TransportTx for WsTx<S>
     }
 }
 
+/// What the read buffer holds room for at a frame boundary, `max` being the session's message
+/// limit: its largest message whose `DATA` payload is at most [`READ_CHUNK`] (the usual size),
+/// with its WebSocket header.
+fn boundary_room(max: usize) -> usize {
+    message_limit(READ_CHUNK as u32).min(max) + wsframe::MAX_HEADER
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TransportRx for WsRx<S> {
     async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
         loop {
@@ -503,12 +510,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TransportRx for WsRx<S>
             // all of it: the frame is split off whole and never copied. At a frame boundary,
             // read at most a whole largest frame. (Reading past a frame's end would leave the
             // next one's start in a buffer too small for it: a copy of it to grow it.)
-            let want = match wsframe::needed(&self.buf, self.from, self.max).map_err(frame_err)? {
-                Some(whole) => whole - self.buf.len(),
-                None => READ_CHUNK + wsframe::MAX_HEADER,
-            };
-            if self.buf.capacity() - self.buf.len() < want {
-                self.buf.reserve(want);
+            let (want, room) =
+                match wsframe::needed(&self.buf, self.from, self.max).map_err(frame_err)? {
+                    Some(whole) => (whole - self.buf.len(), whole - self.buf.len()),
+                    // Room for a whole `DATA` message of the usual size at once: a frame
+                    // found larger than the first read then never grows the buffer (a
+                    // reallocation copies all of it; a 64 KiB payload's message is 15 bytes
+                    // over `READ_CHUNK + MAX_HEADER`).
+                    None => (READ_CHUNK + wsframe::MAX_HEADER, boundary_room(self.max)),
+                };
+            if self.buf.capacity() - self.buf.len() < room {
+                self.buf.reserve(room);
             }
             let n = poll_fn(|cx| {
                 let mut limited = (&mut self.buf).limit(want);
@@ -564,4 +576,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for WsTranspo
 /// The `Sec-WebSocket-Accept` value for a client's `Sec-WebSocket-Key`.
 pub fn accept_key(key: &[u8]) -> String {
     tungstenite::handshake::derive_accept_key(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The read buffer was sized 15 bytes short of a 64 KiB `DATA` message, so every such
+    /// message grew it once it was partly read: a reallocation that copied the whole buffer
+    /// (7 % of the DMZ's samples during a bulk upload).
+    #[test]
+    fn a_full_data_message_fits_the_room_made_at_a_frame_boundary() {
+        let payload = crate::frame::DEFAULT_MAX_FRAME;
+        let len = HEADER_LEN + payload as usize;
+        for mask in [None, Some([1, 2, 3, 4])] {
+            let mut head = BytesMut::new();
+            wsframe::put_header(&mut head, op::BINARY, len, mask);
+            assert!(head.len() + len <= boundary_room(message_limit(payload)));
+        }
+    }
 }
