@@ -9,6 +9,8 @@ framing and masking, the tokio scheduler, allocation).
 DIR holds binaries with symbols (the release profile strips them): `cargo build --profile
 profiling --bins` (target/profiling); with RUSTFLAGS="-C force-frame-pointers=yes" in a separate
 CARGO_TARGET_DIR, the call graphs (-g) are whole as well.
+PERF_CALLGRAPH="--call-graph dwarf,16384" records whole call graphs without frame pointers (then
+`perf report -i OUT -g caller` shows who calls each copy).
 Needs `perf` (Debian: linux-perf). Prints the grouped table and the top symbols.
 """
 

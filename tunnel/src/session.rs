@@ -664,9 +664,18 @@ async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
     let _ = tokio::time::timeout(CLOSE_GRACE, tx.close()).await;
 }
 
+/// Bytes the reader hands on before it lets the tasks that carry them on run (a relay, the
+/// other session's writer): what they copy is then still in the core's cache.
+const READ_TURN_BYTES: usize = 256 * 1024;
+
 async fn run_reader<Rx: TransportRx>(shared: Arc<Shared>, mut rx: Rx) {
     let max_frame = shared.config.max_frame as usize;
+    let mut turn = 0usize;
     loop {
+        if turn >= READ_TURN_BYTES {
+            turn = 0;
+            tokio::task::yield_now().await;
+        }
         let msg = tokio::select! {
             _ = shared.cancel.cancelled() => return,
             m = rx.recv() => m,
@@ -688,6 +697,7 @@ async fn run_reader<Rx: TransportRx>(shared: Arc<Shared>, mut rx: Rx) {
         // this worker from every other connection's tasks.
         tokio::task::coop::consume_budget().await;
         let len = msg.len();
+        turn += len;
         match Frame::decode(msg, max_frame) {
             Ok(frame) => {
                 let goaway = matches!(frame, Frame::GoAway { .. });
