@@ -47,6 +47,7 @@ def main():
     ap.add_argument("--bin-dir", required=True, help="Sallyport binaries with symbols")
     ap.add_argument("--role", choices=["dmz", "agent", "connector"], default="dmz")
     ap.add_argument("--reverse", action="store_true", help="download (iperf3 -R) instead of upload")
+    ap.add_argument("--parallel", type=int, default=1, help="streams (iperf3 -P)")
     ap.add_argument("--seconds", type=int, default=10, help="of perf recording (iperf3 runs 4 s longer)")
     ap.add_argument("--out", help="keep perf.data here")
     ap.add_argument("--top", type=int, default=25)
@@ -60,7 +61,7 @@ def main():
     role = {"dmz": sp.dmz, "agent": sp.agent, "connector": sp.connector}[a.role]
     result = {}
     t = threading.Thread(target=lambda: result.update(
-        gbps=bench.iperf(sp.fwd_iperf, a.seconds + 4, reverse=a.reverse)[0]))
+        gbps=bench.iperf(sp.fwd_iperf, a.seconds + 4, reverse=a.reverse, parallel=a.parallel)[0]))
     t.start()
     data = a.out or str(tmp / "perf.data")
     code, _ = bench.Child(["perf", "record", *os.environ.get("PERF_CALLGRAPH", "-g").split(), "-o", data, "-p", str(role.p.pid), "--", "sleep", str(a.seconds)],
@@ -84,7 +85,7 @@ def main():
         else:
             rest = "kernel: other (mostly irq-restore points)" if dso == "[kernel.kallsyms]" else "other (user space)"
             groups[rest] = groups.get(rest, 0.0) + pct
-    print(f"{a.role}, single stream {'download' if a.reverse else 'upload'}, --threads 1, {bench.fmt(result.get('gbps'))} Gbit/s "
+    print(f"{a.role}, {'single stream' if a.parallel == 1 else f'{a.parallel} streams'} {'download' if a.reverse else 'upload'}, --threads 1, {bench.fmt(result.get('gbps'))} Gbit/s "
           f"while recorded; self time of its samples by group:\n")
     print("| group | % of the process's samples |\n|---|---:|")
     for g, pct in sorted(groups.items(), key=lambda kv: -kv[1]):
