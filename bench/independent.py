@@ -21,7 +21,8 @@ Peers, each in the same three-process shape where it has one:
 Per round and peer: iperf3 upload, download (-R) and 8 streams (-P 8), each --seconds; CPU
 (user+system of the chain's processes) per GB during the upload; peak resident memory of the
 chain; new connection (connect + 1-byte echo + close, --latency-n times) through the forward and,
-for Sallyport, through SOCKS5; an interactive 1-byte echo every 10 ms on its own connection
+for Sallyport, through SOCKS5, with the chain's CPU per connection (through the forward); CPU
+per keystroke at rest (--keys 1-byte echoes 10 ms apart on one connection); an interactive 1-byte echo every 10 ms on its own connection
 through the same chain during the reverse test (latency under load: median and p99); cold start (a fresh agent / wstunnel client process started, to
 the first byte echoed through its forward: process start, TCP, TLS, upgrade, handshake, hello,
 first open). Every ratio is taken within a round, then the median and the per-round values are
@@ -168,6 +169,33 @@ def echo_under_load(port, stop, out):
         print(f"  echo under load through port {port} failed: {e!r}", file=sys.stderr)
 
 
+def keystrokes(port, n):
+    """`n` 1-byte echoes 10 ms apart on one connection, nothing else running (an idle shell):
+    True when all came back."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(n):
+                s.sendall(b"x")
+                if s.recv(1) != b"x":
+                    return False
+                time.sleep(0.01)
+        return True
+    except OSError as e:
+        print(f"  keystrokes through port {port} failed: {e!r}", file=sys.stderr)
+        return False
+
+
+def cpu_per(peer, n, run):
+    """CPU µs of the chain's processes per unit of `run()` (n units), or None."""
+    if not peer.procs:
+        return None
+    c0 = sum(p.cpu_ns() for p in peer.procs)
+    ok = run()
+    c1 = sum(p.cpu_ns() for p in peer.procs)
+    return (c1 - c0) / n / 1000 if ok and c1 > c0 else None
+
+
 def measure(peer, a):
     """One peer's figures in one round (None for what failed)."""
     out = {}
@@ -189,7 +217,10 @@ def measure(peer, a):
     out["ping99"] = pings[min(len(pings) - 1, int(len(pings) * 0.99))] if pings else None
     out["p8"] = bench.iperf(peer.port, a.seconds, parallel=8)[0]
     out["mem"] = sum(p.hwm_mib() for p in peer.procs) if peer.procs else None
-    out["conn"] = bench.latency(peer.echo, a.latency_n)[0]
+    conn = []
+    out["conn_cpu"] = cpu_per(peer, a.latency_n, lambda: conn.append(bench.latency(peer.echo, a.latency_n)[0]) or conn[0])
+    out["conn"] = conn[0] if conn else None
+    out["key_cpu"] = cpu_per(peer, a.keys, lambda: keystrokes(peer.echo, a.keys))
     if peer.socks:
         out["socks"] = bench.latency(peer.socks, a.latency_n, socks_target=("127.0.0.1", peer.echo_target))[0]
     if hasattr(peer, "cold_start"):
@@ -202,6 +233,7 @@ def main(argv):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--latency-n", type=int, default=200, help="new connections per path and round")
+    ap.add_argument("--keys", type=int, default=200, help="1-byte echoes 10 ms apart at rest, per round (CPU per keystroke)")
     ap.add_argument("--cold-n", type=int, default=3, help="cold starts per peer and round")
     ap.add_argument("--wstunnel-threads", type=int, default=1, help="TOKIO_WORKER_THREADS for wstunnel (0: its default)")
     ap.add_argument("--smoke", action="store_true", help="one round of 1 s tests, small counts, the debug binaries")
@@ -209,7 +241,7 @@ def main(argv):
     ap.add_argument("--out", default=str(bench.ROOT / "bench" / "results" / "independent.md"))
     a = ap.parse_args(argv)
     if a.smoke:
-        a.rounds, a.seconds, a.latency_n, a.cold_n = 1, 1, 20, 1
+        a.rounds, a.seconds, a.latency_n, a.cold_n, a.keys = 1, 1, 20, 1, 20
         if a.out == ap.get_default("out"):
             a.out = str(bench.ROOT / "target" / "bench-smoke-independent.md")
     bench.BIN = Path(a.bin_dir) if a.bin_dir else (bench.ROOT / "target" / ("debug" if a.smoke else "release"))
@@ -375,6 +407,10 @@ def table(res, peers, a, wst):
     for key, what in (("ping", "median"), ("ping99", "p99")):
         lines.append(f"| interactive 1-byte echo every 10 ms during the reverse bulk test, same chain, {what} ms | "
                      + " | ".join(f(med(series(res, p, key)), ".2f") for p in peers if p != "direct") + " |")
+    lines.append("| CPU per new connection through the forward (connect + 1-byte echo + close), µs, all processes of the chain | "
+                 + " | ".join(f(med(series(res, p, "conn_cpu")), ".0f") for p in peers if p != "direct") + " |")
+    lines.append("| CPU per keystroke at rest (1-byte echo every 10 ms, nothing else running), µs, all processes of the chain | "
+                 + " | ".join(f(med(series(res, p, "key_cpu")), ".0f") for p in peers if p != "direct") + " |")
     lines.append("| cold start: process start to first echo through a fresh forward, ms | "
                  + " | ".join(f(med(series(res, p, "cold")), ".1f") if any(series(res, p, "cold")) else "–"
                               for p in peers if p != "direct") + " |")

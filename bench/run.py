@@ -240,6 +240,24 @@ class Proc:
         """utime+stime in seconds of the process and its children (nginx workers)."""
         return self._stat_sum(lambda f: (int(f[11]) + int(f[12])) / CLK)
 
+    def cpu_ns(self):
+        """Time on a CPU in ns of every thread of the process and its children (schedstat: exact,
+        where utime and stime count 10 ms ticks); for short figures such as CPU per connection.
+        A thread that ended in between is missing from the later sum."""
+        total = 0
+        for pid in [self.p.pid] + children(self.p.pid):
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except FileNotFoundError:
+                continue
+            for t in tasks:
+                try:
+                    with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                        total += int(f.read().split()[0])
+                except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+                    pass
+        return total
+
     def minflt(self):
         """Minor page faults of the process and its children (fresh pages the kernel zeroed)."""
         return self._stat_sum(lambda f: int(f[7]))

@@ -157,6 +157,9 @@ pub(crate) struct State {
     pub(crate) bytes_out: u64,
     /// Something was queued for the writer since the caller last looked.
     pub(crate) wake_writer: bool,
+    /// A lazy `ACK` was queued since the caller last looked: it goes with the writer's next
+    /// batch, or on its own once the writer has been idle for a short while.
+    pub(crate) wake_lazy: bool,
     /// Datagram associations (`datagram.rs`).
     pub(crate) dgrams: Datagrams,
     /// Window growth granted on this session's streams (taken from the process budget too).
@@ -207,6 +210,7 @@ impl State {
             bytes_in: 0,
             bytes_out: 0,
             wake_writer: false,
+            wake_lazy: false,
             dgrams: Datagrams::default(),
             grown: 0,
         }
@@ -875,18 +879,41 @@ impl State {
 
     /// Queues our end-to-end `ACK(offset)` for stream `id`; a value not yet sent is replaced.
     pub(crate) fn send_ack(&mut self, id: u32, offset: u64) {
-        if !self.rules.resume || self.closed.is_some() {
-            return;
-        }
-        let Some(s) = self.streams.get_mut(&id) else {
-            return;
-        };
-        s.ack_out = Some(offset);
-        if !s.ack_queued {
-            s.ack_queued = true;
-            self.acks.push_back(id);
+        if self.queue_ack(id, offset) {
             self.wake_writer = true;
         }
+    }
+
+    /// Queues `ACK(offset)` without waking the writer: it goes with the next batch written
+    /// for any reason (typically the `FIN` that answers the peer's), and the caller's writer
+    /// sends it on its own only after a short idle delay ([`State::wake_lazy`]). Nothing waits
+    /// on it but the peer's bookkeeping, so saving a message per close is worth the delay.
+    pub(crate) fn send_ack_lazy(&mut self, id: u32, offset: u64) {
+        if self.queue_ack(id, offset) {
+            self.wake_lazy = true;
+        }
+    }
+
+    /// An `ACK` is queued for the writer's next batch.
+    pub(crate) fn acks_waiting(&self) -> bool {
+        !self.acks.is_empty()
+    }
+
+    /// Records the offset to acknowledge; true when the stream is newly queued for it.
+    fn queue_ack(&mut self, id: u32, offset: u64) -> bool {
+        if !self.rules.resume || self.closed.is_some() {
+            return false;
+        }
+        let Some(s) = self.streams.get_mut(&id) else {
+            return false;
+        };
+        s.ack_out = Some(offset);
+        if s.ack_queued {
+            return false;
+        }
+        s.ack_queued = true;
+        self.acks.push_back(id);
+        true
     }
 
     /// Answers a stream the peer opened: `OPEN_OK` (with `meta`, towards a peer that announced
@@ -1654,5 +1681,52 @@ mod tests {
         );
         assert!(st.streams.is_empty());
         assert_eq!(st.incoming_live, 0);
+    }
+    #[test]
+    fn the_ack_of_a_peers_fin_waits_to_ride_with_our_own_fin() {
+        // Each close of a resumable stream cost an ACK each way on its own, eight TLS
+        // records across the chain that competed with the next connection.
+        let t = Instant::now();
+        let mut st = State::new(
+            Rules {
+                resume: true,
+                ..rules(true)
+            },
+            t,
+        );
+        st.on_frame(t, open(2), 10).unwrap();
+        let (id, _) = st.next_incoming(std::task::Waker::noop()).unwrap();
+        st.answer(id, None, Meta::default());
+        sent(&mut st);
+        st.wake_writer = false;
+        st.on_frame(t, Frame::Fin { stream: id }, 10).unwrap();
+        st.wake_writer = false;
+
+        st.send_ack_lazy(id, 1);
+        assert!(!st.wake_writer, "a lazy ACK alone does not wake the writer");
+        assert!(
+            st.wake_lazy,
+            "but the writer learns one waits (to send it after a delay)"
+        );
+        st.finish(id);
+        assert!(st.wake_writer);
+        let out = sent(&mut st);
+        assert!(
+            matches!(
+                &out[..],
+                [
+                    Frame::Ack {
+                        stream: 2,
+                        offset: 1
+                    },
+                    Frame::Fin { stream: 2 }
+                ]
+            ),
+            "{out:?}"
+        );
+
+        // An ACK that is not lazy wakes the writer at once, as before.
+        st.send_ack(id, 1);
+        assert!(st.wake_writer);
     }
 }

@@ -95,10 +95,11 @@ pub const DEFAULT_BUFFER: usize = 2 * 1024 * 1024;
 /// How long a suspended stream waits to be resumed by default.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(60);
 
-/// We acknowledge at once once this much arrived unacknowledged...
+/// We acknowledge at once once this much arrived unacknowledged; below it (and for the peer's
+/// `FIN`) lazily: with whatever the session sends next (an interactive stream's reply, our own
+/// `FIN`), or alone once the session's writer has been idle for
+/// [`crate::session::LAZY_ACK_DELAY`].
 const ACK_EVERY: u64 = 256 * 1024;
-/// ...and otherwise this long after the last unacknowledged byte.
-const ACK_DELAY: Duration = Duration::from_millis(20);
 
 /// The most a stream retains, for a session whose windows grow up to `window_max`
 /// (`window.rs`): room for both hops' windows in flight between the ends plus a frame, so
@@ -377,7 +378,6 @@ pub struct Resumable {
     grace: Duration,
     /// While suspended: when the grace ends.
     deadline: Option<Pin<Box<Sleep>>>,
-    ack_timer: Option<Pin<Box<Sleep>>>,
     charge: Option<Charge>,
     /// Bytes charged to the budget (what `end` retains).
     charged: usize,
@@ -453,7 +453,6 @@ impl Resumable {
             side,
             grace: settings.grace,
             deadline: None,
-            ack_timer: None,
             charge: settings.charge,
             charged: 0,
         }
@@ -733,7 +732,18 @@ impl Resumable {
                 s.send_ack(self.end.acked_now());
             }
         }
-        self.ack_timer = None;
+    }
+
+    /// Acknowledges everything received so far, lazily: the `ACK` rides with the next frames
+    /// the session sends (the reply to a keystroke, our own `FIN` after the peer's), saving a
+    /// message each way, and goes alone after a short delay otherwise. What counts towards
+    /// [`ACK_EVERY`] is not reset by it.
+    fn send_ack_lazy(&mut self) {
+        if let Link::Up(s) = &self.link {
+            if self.resumable() {
+                s.send_ack_lazy(self.end.ack_value());
+            }
+        }
     }
 }
 
@@ -764,10 +774,12 @@ impl AsyncRead for Resumable {
                         this.end.on_recv(n);
                         if this.end.unacked() >= ACK_EVERY {
                             this.send_ack();
+                        } else {
+                            this.send_ack_lazy();
                         }
                     } else {
                         this.end.on_recv_fin();
-                        this.send_ack();
+                        this.send_ack_lazy();
                     }
                     return Poll::Ready(Ok(()));
                 }
@@ -784,17 +796,7 @@ impl AsyncRead for Resumable {
                         None => return Poll::Ready(Err(e)),
                     }
                 }
-                Poll::Pending => {
-                    if this.resumable() && this.end.unacked() > 0 {
-                        let t = this
-                            .ack_timer
-                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(ACK_DELAY)));
-                        if t.as_mut().poll(cx).is_ready() {
-                            this.send_ack();
-                        }
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending => return Poll::Pending,
             }
         }
     }

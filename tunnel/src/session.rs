@@ -217,6 +217,8 @@ pub struct SessionStats {
 pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
     pub(crate) writer_wake: Notify,
+    /// A lazy `ACK` waits: the idle writer sends it after [`LAZY_ACK_DELAY`].
+    pub(crate) lazy_wake: Notify,
     pub(crate) config: Config,
     pub(crate) peer: Hello,
     /// Largest DATA payload we send: the smaller of both sides' limits.
@@ -232,6 +234,7 @@ pub(crate) struct Shared {
 pub(crate) struct Locked<'a> {
     guard: MutexGuard<'a, State>,
     writer_wake: &'a Notify,
+    lazy_wake: &'a Notify,
 }
 
 impl std::ops::Deref for Locked<'_> {
@@ -252,6 +255,9 @@ impl Drop for Locked<'_> {
         if std::mem::take(&mut self.guard.wake_writer) {
             self.writer_wake.notify_one();
         }
+        if std::mem::take(&mut self.guard.wake_lazy) {
+            self.lazy_wake.notify_one();
+        }
     }
 }
 
@@ -261,6 +267,7 @@ impl Shared {
             // A panic elsewhere must not wedge every stream of the session.
             guard: self.state.lock().unwrap_or_else(|e| e.into_inner()),
             writer_wake: &self.writer_wake,
+            lazy_wake: &self.lazy_wake,
         }
     }
 
@@ -431,6 +438,7 @@ impl Session {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new(rules, Instant::now())),
             writer_wake: Notify::new(),
+            lazy_wake: Notify::new(),
             config,
             peer,
             max_send,
@@ -618,6 +626,10 @@ const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
 /// After the session is closed, how long the writer may still spend sending (a GOAWAY) and
 /// closing before it drops the transport: a peer that stopped reading must not pin it forever.
+/// The longest a lazy `ACK` (below 256 KiB of data, or the peer's `FIN`: `resumable.rs`) waits
+/// for other frames to go with once the writer is idle.
+pub(crate) const LAZY_ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
@@ -659,9 +671,27 @@ async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
             break;
         }
         batch = Vec::new();
-        shared.writer_wake.notified().await;
+        // Idle. A lazy `ACK` queued since the last batch (or while it was written: its
+        // wake-up is kept) goes out on its own after a short delay, unless something else
+        // wakes the writer first and takes it along.
+        tokio::select! {
+            _ = shared.writer_wake.notified() => {}
+            _ = lazy_due(&shared) => {}
+        }
     }
     let _ = tokio::time::timeout(CLOSE_GRACE, tx.close()).await;
+}
+
+/// Ready [`LAZY_ACK_DELAY`] after a lazy `ACK` was queued and not yet taken into a batch. A
+/// wake-up whose `ACK` already went with a batch is stale: it starts no timer.
+async fn lazy_due(shared: &Shared) {
+    loop {
+        shared.lazy_wake.notified().await;
+        if shared.lock().acks_waiting() {
+            tokio::time::sleep(LAZY_ACK_DELAY).await;
+            return;
+        }
+    }
 }
 
 /// Bytes the reader hands on before it lets the tasks that carry them on run (a relay, the

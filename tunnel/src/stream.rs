@@ -378,6 +378,13 @@ impl Stream {
         self.shared.lock().send_ack(self.id, offset);
     }
 
+    /// Queues `ACK(offset)` lazily: with the session's next batch, or after a short delay when
+    /// nothing else is sent (the answer to the peer's `FIN`, which our own `FIN` usually
+    /// follows at once).
+    pub fn send_ack_lazy(&self, offset: u64) {
+        self.shared.lock().send_ack_lazy(self.id, offset);
+    }
+
     /// Ready with the peer's latest `ACK` offset when it grew since the last call; `None` once
     /// no more can come (the stream failed or is gone); pending otherwise.
     pub fn poll_ack(&self, cx: &mut Context<'_>) -> Poll<Option<u64>> {

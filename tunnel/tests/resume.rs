@@ -172,3 +172,43 @@ async fn an_echo_survives_two_dropped_sessions_byte_for_byte() {
     assert!(got == data, "the echo differs");
     assert!(tunnel::resumable::stats().resumed >= 2);
 }
+
+#[tokio::test]
+async fn a_fin_whose_peer_never_closes_is_still_acknowledged() {
+    // The acknowledgement of a peer's `FIN` waits to ride with our own `FIN`; a holder whose
+    // service half-closes nothing must still send it alone (after a short delay), or the
+    // opener's shutdown would never complete.
+    let grace = Duration::from_secs(10);
+    let ((client, _ci), (_server, mut si)) = pair().await;
+    let (tx, rx) = watch::channel(Some(client.clone()));
+    tokio::spawn(async move {
+        let s = si.accept().await.unwrap();
+        let (_req_tx, req_rx) = tunnel::resumable::requests();
+        let mut m = Meta::default();
+        m.set(keys::RESUME, "ticket-1");
+        s.accept_with(m);
+        let mut end = Resumable::holder(s, req_rx, settings(grace));
+        let mut got = Vec::new();
+        end.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"request");
+        // Holds its end open (no reply, no FIN), as a service that has not answered yet.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(end);
+    });
+    let mut m = Meta::default();
+    m.set(keys::RESUME, "new");
+    let stream = client.open(Dest::new("echo", 7), m).unwrap();
+    // Resumable from the start: the opener knows its ticket before it writes.
+    stream.opened().await.unwrap();
+    let mut end = Resumable::opener(
+        stream,
+        Box::new(TestReopen { session: rx }),
+        settings(grace),
+    );
+    end.write_all(b"request").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), end.shutdown())
+        .await
+        .expect("the opener's FIN was never acknowledged")
+        .unwrap();
+    drop(tx);
+}
