@@ -187,13 +187,12 @@ def keystrokes(port, n):
 
 
 def cpu_per(peer, n, run):
-    """CPU µs of the chain's processes per unit of `run()` (n units), or None."""
-    if not peer.procs:
-        return None
+    """Runs `run()` (n units; true when it succeeded) and returns the CPU µs of the chain's
+    processes per unit, or None (it failed, or the peer has no processes of its own)."""
     c0 = sum(p.cpu_ns() for p in peer.procs)
     ok = run()
     c1 = sum(p.cpu_ns() for p in peer.procs)
-    return (c1 - c0) / n / 1000 if ok and c1 > c0 else None
+    return (c1 - c0) / n / 1000 if peer.procs and ok and c1 > c0 else None
 
 
 def measure(peer, a):
