@@ -286,6 +286,9 @@ impl State {
         self.closed = Some(err.clone());
         for s in self.streams.values_mut() {
             s.fail(StreamError::SessionLost(err.clone()));
+            // `acks` is emptied below: nothing queued may keep a state.
+            s.ack_queued = false;
+            s.ack_out = None;
         }
         // States whose handle is gone go now; the others stay (failed, with their byte counts)
         // until their handle drops.
@@ -879,7 +882,8 @@ impl State {
 
     /// Queues our end-to-end `ACK(offset)` for stream `id`; a value not yet sent is replaced.
     pub(crate) fn send_ack(&mut self, id: u32, offset: u64) {
-        if self.queue_ack(id, offset) {
+        // Also when a lazy one was queued already: this one must not wait for it.
+        if self.queue_ack(id, offset).is_some() {
             self.wake_writer = true;
         }
     }
@@ -889,7 +893,7 @@ impl State {
     /// sends it on its own only after a short idle delay ([`State::wake_lazy`]). Nothing waits
     /// on it but the peer's bookkeeping, so saving a message per close is worth the delay.
     pub(crate) fn send_ack_lazy(&mut self, id: u32, offset: u64) {
-        if self.queue_ack(id, offset) {
+        if self.queue_ack(id, offset) == Some(true) {
             self.wake_lazy = true;
         }
     }
@@ -899,21 +903,20 @@ impl State {
         !self.acks.is_empty()
     }
 
-    /// Records the offset to acknowledge; true when the stream is newly queued for it.
-    fn queue_ack(&mut self, id: u32, offset: u64) -> bool {
+    /// Records the offset to acknowledge: `None` when no `ACK` can go (resume is off, the
+    /// session closed, the stream gone), else whether the stream is newly queued for it.
+    fn queue_ack(&mut self, id: u32, offset: u64) -> Option<bool> {
         if !self.rules.resume || self.closed.is_some() {
-            return false;
+            return None;
         }
-        let Some(s) = self.streams.get_mut(&id) else {
-            return false;
-        };
+        let s = self.streams.get_mut(&id)?;
         s.ack_out = Some(offset);
         if s.ack_queued {
-            return false;
+            return Some(false);
         }
         s.ack_queued = true;
         self.acks.push_back(id);
-        true
+        Some(true)
     }
 
     /// Answers a stream the peer opened: `OPEN_OK` (with `meta`, towards a peer that announced
@@ -1022,6 +1025,8 @@ impl State {
                     batch.push(Outgoing::Frame(b));
                 }
             }
+            // A state whose handle dropped while its ACK waited goes now.
+            self.maybe_remove(id);
         }
         // Datagrams get up to a quarter of the batch before stream data (so busy streams cannot
         // starve them) and at most that while streams have data (so datagrams cannot starve
@@ -1725,8 +1730,19 @@ mod tests {
             "{out:?}"
         );
 
-        // An ACK that is not lazy wakes the writer at once, as before.
+        // An ACK that is not lazy wakes the writer at once, as before, also when a lazy one
+        // for the same stream waits already (256 KiB arrived after a few small reads).
+        st.wake_writer = false;
+        st.send_ack_lazy(id, 1);
         st.send_ack(id, 1);
-        assert!(st.wake_writer);
+        assert!(st.wake_writer, "the 256 KiB ACK waited for the lazy one");
+
+        // A state whose handle dropped while its ACK waited is removed with that ACK's batch
+        // (it stayed for the session's life, and held its slot among the incoming streams).
+        st.drop_handle(id);
+        assert!(!st.streams.is_empty());
+        sent(&mut st);
+        assert!(st.streams.is_empty(), "the stream's state leaked");
+        assert_eq!(st.incoming_live, 0);
     }
 }

@@ -624,12 +624,12 @@ fn frame_name(f: &Frame) -> &'static str {
 /// Most bytes the writer moves between two flushes.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
-/// After the session is closed, how long the writer may still spend sending (a GOAWAY) and
-/// closing before it drops the transport: a peer that stopped reading must not pin it forever.
 /// The longest a lazy `ACK` (below 256 KiB of data, or the peer's `FIN`: `resumable.rs`) waits
 /// for other frames to go with once the writer is idle.
 pub(crate) const LAZY_ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// After the session is closed, how long the writer may still spend sending (a GOAWAY) and
+/// closing before it drops the transport: a peer that stopped reading must not pin it forever.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {

@@ -173,6 +173,20 @@ async fn an_echo_survives_two_dropped_sessions_byte_for_byte() {
     assert!(tunnel::resumable::stats().resumed >= 2);
 }
 
+/// A new resumable stream to the echo, opened and answered: the opener knows its ticket
+/// before it writes.
+async fn opened_resumable(
+    client: &Session,
+    session: watch::Receiver<Option<Session>>,
+    grace: Duration,
+) -> Resumable {
+    let mut m = Meta::default();
+    m.set(keys::RESUME, "new");
+    let stream = client.open(Dest::new("echo", 7), m).unwrap();
+    stream.opened().await.unwrap();
+    Resumable::opener(stream, Box::new(TestReopen { session }), settings(grace))
+}
+
 #[tokio::test]
 async fn a_fin_whose_peer_never_closes_is_still_acknowledged() {
     // The acknowledgement of a peer's `FIN` waits to ride with our own `FIN`; a holder whose
@@ -195,20 +209,43 @@ async fn a_fin_whose_peer_never_closes_is_still_acknowledged() {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         drop(end);
     });
-    let mut m = Meta::default();
-    m.set(keys::RESUME, "new");
-    let stream = client.open(Dest::new("echo", 7), m).unwrap();
-    // Resumable from the start: the opener knows its ticket before it writes.
-    stream.opened().await.unwrap();
-    let mut end = Resumable::opener(
-        stream,
-        Box::new(TestReopen { session: rx }),
-        settings(grace),
-    );
+    let mut end = opened_resumable(&client, rx, grace).await;
     end.write_all(b"request").await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), end.shutdown())
         .await
         .expect("the opener's FIN was never acknowledged")
         .unwrap();
     drop(tx);
+}
+
+#[tokio::test]
+async fn a_closed_resumable_echo_leaves_no_stream_state_behind() {
+    // The end that reads the last FIN drops its stream while the ACK of that FIN still waits
+    // to be sent; its state stayed for the session's life (and, in the connector, counted
+    // against the session's incoming streams until the DMZ refused new ones).
+    let grace = Duration::from_secs(10);
+    let holders = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let ((client, _ci), (server, si)) = pair().await;
+    serve(si, holders, grace);
+    let (_tx, rx) = watch::channel(Some(client.clone()));
+    for _ in 0..20 {
+        let mut end = opened_resumable(&client, rx.clone(), grace).await;
+        end.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        end.read_exact(&mut got).await.unwrap();
+        end.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        end.read_to_end(&mut rest).await.unwrap();
+        drop(end);
+    }
+    let t = std::time::Instant::now();
+    while client.stats().streams + server.stats().streams > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "stream states left: agent side {}, connector side {}",
+            client.stats().streams,
+            server.stats().streams
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -47,16 +47,42 @@ impl Resume {
     }
 }
 
-/// Passes each side's latest `ACK` to the other, until neither side can send more (or, with
-/// `one`, once one has passed).
-async fn relay_acks(agent: &Stream, connector: &Stream, one: bool) {
+/// The highest `ACK` passed each way on one resumable path.
+#[derive(Default)]
+struct Passed {
+    /// From the connector: what it acknowledged of the agent's bytes (and `FIN`).
+    to_agent: u64,
+    /// From the agent: what it acknowledged of the connector's bytes (and `FIN`).
+    to_connector: u64,
+}
+
+/// Passes each side's latest `ACK` to the other, until neither side can send more, or (with
+/// `until`) once both have acknowledged at least that much.
+async fn relay_acks(
+    agent: &Stream,
+    connector: &Stream,
+    passed: &mut Passed,
+    until: Option<(u64, u64)>,
+) {
     let mut agent_done = false;
     let mut connector_done = false;
-    let mut passed = false;
     std::future::poll_fn(|cx| {
-        pass_acks(cx, agent, connector, &mut agent_done, &mut passed);
-        pass_acks(cx, connector, agent, &mut connector_done, &mut passed);
-        if (agent_done && connector_done) || (one && passed) {
+        pass_acks(
+            cx,
+            agent,
+            connector,
+            &mut agent_done,
+            &mut passed.to_connector,
+        );
+        pass_acks(
+            cx,
+            connector,
+            agent,
+            &mut connector_done,
+            &mut passed.to_agent,
+        );
+        let enough = until.is_some_and(|(a, c)| passed.to_agent >= a && passed.to_connector >= c);
+        if (agent_done && connector_done) || enough {
             std::task::Poll::Ready(())
         } else {
             std::task::Poll::Pending
@@ -65,20 +91,20 @@ async fn relay_acks(agent: &Stream, connector: &Stream, one: bool) {
     .await
 }
 
-/// Passes every `ACK` of `from` that is ready to `to` (`passed` once one went); `done` once
-/// `from` can send no more.
+/// Passes every `ACK` of `from` that is ready to `to` (`highest` keeps the largest); `done`
+/// once `from` can send no more.
 fn pass_acks(
     cx: &mut std::task::Context<'_>,
     from: &Stream,
     to: &Stream,
     done: &mut bool,
-    passed: &mut bool,
+    highest: &mut u64,
 ) {
     while !*done {
         match from.poll_ack(cx) {
             std::task::Poll::Ready(Some(v)) => {
                 to.send_ack(v);
-                *passed = true;
+                *highest = (*highest).max(v);
             }
             std::task::Poll::Ready(None) => *done = true,
             std::task::Poll::Pending => break,
@@ -299,17 +325,40 @@ pub(crate) async fn route_stream(
         }
     };
     let (up_end, rest) = if resumable {
-        // End-to-end acknowledgements cross the DMZ beside the pumps, and a little after them:
-        // the acknowledgement of the last FIN comes once both pumps are done.
+        // End-to-end acknowledgements cross the DMZ beside the pumps, and after them until
+        // each end has acknowledged the other's last byte and FIN (lazy ACKs come up to 20 ms
+        // after, and one that left earlier may still be on its way): an end whose FIN is never
+        // acknowledged would hold its stream (and the service's socket) until its session ends.
+        let mut passed = Passed::default();
         let both = async { tokio::join!(up, rest) };
         tokio::pin!(both);
         let r = tokio::select! {
             r = &mut both => r,
-            _ = relay_acks(&stream, &upstream, false) => both.await,
+            _ = relay_acks(&stream, &upstream, &mut passed, None) => both.await,
         };
         if matches!(&r, (PumpEnd::Done, Ok(PumpEnd::Done))) {
-            // Usually one more: the far end's acknowledgement of the FIN that came last.
-            let _ = tokio::time::timeout(ACK_LINGER, relay_acks(&stream, &upstream, true)).await;
+            // Offsets count the stream's bytes since its start: this path carried them from
+            // where each end's peer said it had received (0 for a new stream).
+            let (agent_base, connector_base) = match &resume {
+                Resume::Of { recv, .. } => (
+                    upstream
+                        .open_meta()
+                        .get(keys::RECV)
+                        .and_then(tunnel::resume::parse_offset)
+                        .unwrap_or(0),
+                    *recv,
+                ),
+                _ => (0, 0),
+            };
+            let need = (
+                agent_base + stream.byte_counts().0 + 1,
+                connector_base + upstream.byte_counts().0 + 1,
+            );
+            let _ = tokio::time::timeout(
+                ACK_LINGER,
+                relay_acks(&stream, &upstream, &mut passed, Some(need)),
+            )
+            .await;
         }
         r
     } else {
