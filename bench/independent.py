@@ -22,8 +22,8 @@ Per round and peer: iperf3 upload, download (-R) and 8 streams (-P 8), each --se
 (user+system of the chain's processes) per GB during the upload; peak resident memory of the
 chain; new connection (connect + 1-byte echo + close, --latency-n times) through the forward and,
 for Sallyport, through SOCKS5, with the chain's CPU per connection (through the forward); CPU
-per keystroke at rest (--keys 1-byte echoes 10 ms apart on one connection); an interactive 1-byte echo every 10 ms on its own connection
-through the same chain during the reverse test (latency under load: median and p99); cold start (a fresh agent / wstunnel client process started, to
+per keystroke at rest (--keys 1-byte echoes 10 ms apart on one connection); an interactive
+1-byte echo every 10 ms on its own connection through the same chain during the reverse test (latency under load: median and p99); cold start (a fresh agent / wstunnel client process started, to
 the first byte echoed through its forward: process start, TCP, TLS, upgrade, handshake, hello,
 first open). Every ratio is taken within a round, then the median and the per-round values are
 printed side by side. A failed measurement is a `failed` cell; the run goes on.
@@ -153,12 +153,13 @@ def first_echo(port, t0, proc, timeout=20):
     return None
 
 
-def echo_under_load(port, stop, out):
-    """1-byte echoes every 10 ms on one connection until `stop`: round trips in ms into `out`."""
+def echo_under_load(port, stop, out, n=None):
+    """1-byte echoes every 10 ms on one connection until `stop` (or `n` of them): round trips in
+    ms into `out`."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            while not stop.is_set():
+            while not stop.is_set() and (n is None or len(out) < n):
                 t0 = time.perf_counter()
                 s.sendall(b"x")
                 if s.recv(1) != b"x":
@@ -172,27 +173,19 @@ def echo_under_load(port, stop, out):
 def keystrokes(port, n):
     """`n` 1-byte echoes 10 ms apart on one connection, nothing else running (an idle shell):
     True when all came back."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for _ in range(n):
-                s.sendall(b"x")
-                if s.recv(1) != b"x":
-                    return False
-                time.sleep(0.01)
-        return True
-    except OSError as e:
-        print(f"  keystrokes through port {port} failed: {e!r}", file=sys.stderr)
-        return False
+    rtts = []
+    echo_under_load(port, threading.Event(), rtts, n)
+    return len(rtts) == n
 
 
 def cpu_per(peer, n, run):
-    """Runs `run()` (n units; true when it succeeded) and returns the CPU µs of the chain's
-    processes per unit, or None (it failed, or the peer has no processes of its own)."""
+    """Runs `run()` (n units) and returns (CPU µs of the chain's processes per unit, what
+    `run()` returned); the first is None when `run()` returned a false value (it failed) or
+    the peer has no processes of its own."""
     c0 = sum(p.cpu_ns() for p in peer.procs)
-    ok = run()
+    result = run()
     c1 = sum(p.cpu_ns() for p in peer.procs)
-    return (c1 - c0) / n / 1000 if peer.procs and ok and c1 > c0 else None
+    return ((c1 - c0) / n / 1000 if peer.procs and result and c1 > c0 else None), result
 
 
 def measure(peer, a):
@@ -216,15 +209,13 @@ def measure(peer, a):
     out["ping99"] = pings[min(len(pings) - 1, int(len(pings) * 0.99))] if pings else None
     out["p8"] = bench.iperf(peer.port, a.seconds, parallel=8)[0]
     out["mem"] = sum(p.hwm_mib() for p in peer.procs) if peer.procs else None
-    conn = []
-    out["conn_cpu"] = cpu_per(peer, a.latency_n, lambda: conn.append(bench.latency(peer.echo, a.latency_n)[0]) or conn[0])
-    out["conn"] = conn[0] if conn else None
+    out["conn_cpu"], out["conn"] = cpu_per(peer, a.latency_n, lambda: bench.latency(peer.echo, a.latency_n)[0])
     if peer.socks:
         out["socks"] = bench.latency(peer.socks, a.latency_n, socks_target=("127.0.0.1", peer.echo_target))[0]
     if hasattr(peer, "cold_start"):
         out["cold"] = bench.med([peer.cold_start() for _ in range(a.cold_n)])
     # Last, so that the figures above are taken in the same order as in earlier runs.
-    out["key_cpu"] = cpu_per(peer, a.keys, lambda: keystrokes(peer.echo, a.keys))
+    out["key_cpu"], _ = cpu_per(peer, a.keys, lambda: keystrokes(peer.echo, a.keys))
     return out
 
 

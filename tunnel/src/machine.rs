@@ -1687,6 +1687,7 @@ mod tests {
         assert!(st.streams.is_empty());
         assert_eq!(st.incoming_live, 0);
     }
+
     #[test]
     fn the_ack_of_a_peers_fin_waits_to_ride_with_our_own_fin() {
         // Each close of a resumable stream cost an ACK each way on its own, eight TLS

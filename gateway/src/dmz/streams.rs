@@ -350,9 +350,15 @@ pub(crate) async fn route_stream(
                 ),
                 _ => (0, 0),
             };
+            // The bases come from the ends (the connector checks an agent's before it resumes):
+            // saturating, so that no value makes this overflow.
             let need = (
-                agent_base + stream.byte_counts().0 + 1,
-                connector_base + upstream.byte_counts().0 + 1,
+                agent_base
+                    .saturating_add(stream.byte_counts().0)
+                    .saturating_add(1),
+                connector_base
+                    .saturating_add(upstream.byte_counts().0)
+                    .saturating_add(1),
             );
             let _ = tokio::time::timeout(
                 ACK_LINGER,
