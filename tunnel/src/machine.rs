@@ -157,9 +157,14 @@ pub(crate) struct State {
     pub(crate) bytes_out: u64,
     /// Something was queued for the writer since the caller last looked.
     pub(crate) wake_writer: bool,
-    /// A lazy `ACK` was queued since the caller last looked: it goes with the writer's next
-    /// batch, or on its own once the writer has been idle for a short while.
+    /// A lazy `ACK` or `OPEN_OK` was queued since the caller last looked: it goes with the
+    /// writer's next batch, or on its own once the writer has been idle for a short while.
     pub(crate) wake_lazy: bool,
+    /// A lazy `OPEN_OK` waits in `control` (an answer to an `OPEN` that came with data).
+    lazy_control: bool,
+    /// The writer's lazy timer runs (it wrote less than [`crate::session::LAZY_DELAY`] ago):
+    /// a lazy frame needs no wake-up, the timer's end sends it.
+    pub(crate) lazy_armed: bool,
     /// Datagram associations (`datagram.rs`).
     pub(crate) dgrams: Datagrams,
     /// Window growth granted on this session's streams (taken from the process budget too).
@@ -211,6 +216,8 @@ impl State {
             bytes_out: 0,
             wake_writer: false,
             wake_lazy: false,
+            lazy_control: false,
+            lazy_armed: false,
             dgrams: Datagrams::default(),
             grown: 0,
         }
@@ -894,13 +901,22 @@ impl State {
     /// on it but the peer's bookkeeping, so saving a message per close is worth the delay.
     pub(crate) fn send_ack_lazy(&mut self, id: u32, offset: u64) {
         if self.queue_ack(id, offset) == Some(true) {
+            self.lazy_queued();
+        }
+    }
+
+    /// A lazy frame was queued: the writer must learn of it only when its timer is not running
+    /// already (so a busy session's lazy frames cost no task wake-up on the data's path).
+    fn lazy_queued(&mut self) {
+        if !self.lazy_armed {
             self.wake_lazy = true;
         }
     }
 
-    /// An `ACK` is queued for the writer's next batch.
-    pub(crate) fn acks_waiting(&self) -> bool {
-        !self.acks.is_empty()
+    /// A lazy frame (an `ACK` or an `OPEN_OK`) waits for the writer's next batch.
+    #[cfg(test)]
+    pub(crate) fn lazy_waiting(&self) -> bool {
+        !self.acks.is_empty() || self.lazy_control
     }
 
     /// Records the offset to acknowledge: `None` when no `ACK` can go (resume is off, the
@@ -936,7 +952,19 @@ impl State {
                 } else {
                     Meta::default()
                 };
-                self.push_control(Frame::OpenOk { stream: id, meta });
+                // The peer sent data before our answer: it opened without waiting for one (a
+                // forward, a plain HTTP request), so the answer is lazy. It rides with the
+                // first bytes of the reply, one message through the DMZ instead of two on the
+                // new connection's path, or goes alone once the writer has idled.
+                let early = s.bytes_in > 0;
+                let frame = Frame::OpenOk { stream: id, meta };
+                if early {
+                    self.control.push_back(Pending::Control(frame.encode()));
+                    self.lazy_control = true;
+                    self.lazy_queued();
+                } else {
+                    self.push_control(frame);
+                }
             }
             None => {}
             Some((code, reason)) => {
@@ -1014,6 +1042,9 @@ impl State {
             };
             bytes += b.len();
             batch.push(Outgoing::Frame(b));
+        }
+        if self.control.is_empty() {
+            self.lazy_control = false;
         }
         // End-to-end acknowledgements: small, one per stream at most, ahead of data.
         while let Some(id) = self.acks.pop_front() {
@@ -1149,6 +1180,19 @@ mod tests {
             .into_iter()
             .map(|b| Frame::decode(b.into_bytes(), 1 << 20).expect("our own frame decodes"))
             .collect()
+    }
+
+    /// After a lazy frame was queued: it woke no writer, the writer learnt that one waits (to
+    /// send it after a delay); our `FIN` of `id` then wakes it, and the batch is returned.
+    fn lazy_then_fin(st: &mut State, id: u32) -> Vec<Frame> {
+        assert!(!st.wake_writer, "a lazy frame alone woke the writer");
+        assert!(
+            st.wake_lazy,
+            "the writer must learn that a lazy frame waits"
+        );
+        st.finish(id);
+        assert!(st.wake_writer);
+        sent(st)
     }
 
     /// The peer's `OPEN` of stream `id`.
@@ -1709,14 +1753,7 @@ mod tests {
         st.wake_writer = false;
 
         st.send_ack_lazy(id, 1);
-        assert!(!st.wake_writer, "a lazy ACK alone does not wake the writer");
-        assert!(
-            st.wake_lazy,
-            "but the writer learns one waits (to send it after a delay)"
-        );
-        st.finish(id);
-        assert!(st.wake_writer);
-        let out = sent(&mut st);
+        let out = lazy_then_fin(&mut st, id);
         assert!(
             matches!(
                 &out[..],
@@ -1745,5 +1782,53 @@ mod tests {
         sent(&mut st);
         assert!(st.streams.is_empty(), "the stream's state leaked");
         assert_eq!(st.incoming_live, 0);
+    }
+
+    #[test]
+    fn the_answer_to_an_open_that_came_with_data_rides_with_the_reply() {
+        // A forward opens with the client's first bytes and does not wait for the answer. Its
+        // OPEN_OK went out on its own, a TLS record through the DMZ and the agent just ahead
+        // of the reply's, on every new connection's path.
+        let t = Instant::now();
+        let mut st = State::new(rules(true), t);
+        st.on_frame(t, open(2), 10).unwrap();
+        st.on_frame(t, data(2, 1), 10).unwrap();
+        let (id, _) = st.next_incoming(std::task::Waker::noop()).unwrap();
+        st.wake_writer = false;
+        st.answer(id, None, Meta::default());
+        assert!(st.lazy_waiting());
+        let out = lazy_then_fin(&mut st, id);
+        assert!(
+            matches!(
+                &out[..],
+                [Frame::OpenOk { stream: 2, .. }, Frame::Fin { stream: 2 }]
+            ),
+            "{out:?}"
+        );
+        assert!(
+            !st.lazy_waiting(),
+            "the writer's timer would fire for nothing"
+        );
+
+        // An OPEN without data waits for its answer (SOCKS5, CONNECT): at once, as before.
+        st.on_frame(t, open(4), 10).unwrap();
+        let (id, _) = st.next_incoming(std::task::Waker::noop()).unwrap();
+        st.wake_writer = false;
+        st.answer(id, None, Meta::default());
+        assert!(st.wake_writer, "a confirmed open's answer waited");
+        assert!(matches!(
+            &sent(&mut st)[..],
+            [Frame::OpenOk { stream: 4, .. }]
+        ));
+
+        // While the writer's lazy timer runs, a lazy frame wakes nobody: the timer sends it.
+        st.lazy_armed = true;
+        st.wake_lazy = false;
+        st.on_frame(t, open(6), 10).unwrap();
+        st.on_frame(t, data(6, 1), 10).unwrap();
+        let (id, _) = st.next_incoming(std::task::Waker::noop()).unwrap();
+        st.wake_writer = false;
+        st.answer(id, None, Meta::default());
+        assert!(!st.wake_writer && !st.wake_lazy && st.lazy_waiting());
     }
 }

@@ -217,7 +217,7 @@ pub struct SessionStats {
 pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
     pub(crate) writer_wake: Notify,
-    /// A lazy `ACK` waits: the idle writer sends it after [`LAZY_ACK_DELAY`].
+    /// A lazy `ACK` or `OPEN_OK` waits: the idle writer sends it after [`LAZY_DELAY`].
     pub(crate) lazy_wake: Notify,
     pub(crate) config: Config,
     pub(crate) peer: Hello,
@@ -624,9 +624,17 @@ fn frame_name(f: &Frame) -> &'static str {
 /// Most bytes the writer moves between two flushes.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
-/// The longest a lazy `ACK` (below 256 KiB of data, or the peer's `FIN`: `resumable.rs`) waits
-/// for other frames to go with once the writer is idle.
-pub(crate) const LAZY_ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+/// The longest a lazy frame waits for other frames to go with once the writer is idle: an
+/// `ACK` below 256 KiB of data or of the peer's `FIN` (`resumable.rs`), or the `OPEN_OK` of an
+/// `OPEN` that came with data (`State::answer`).
+pub(crate) const LAZY_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Batches closer together than this make a session busy: its writer keeps the lazy timer
+/// running (see `run_writer`).
+const BUSY: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Where a stopped lazy timer is parked (far enough never to fire).
+const PARKED: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// After the session is closed, how long the writer may still spend sending (a GOAWAY) and
 /// closing before it drops the transport: a peer that stopped reading must not pin it forever.
@@ -636,9 +644,19 @@ async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
     // Grows with the batches and is given back whenever the writer waits: an idle session
     // keeps no batch.
     let mut batch: Vec<Outgoing> = Vec::new();
+    // The lazy timer sends what lazy frames wait when it ends; while it runs, queueing a lazy
+    // frame wakes no task. On a busy session (batches less than `BUSY` apart) it runs all the
+    // time: its lazy frames cost nothing on the path of the data. On a quiet one (a keystroke
+    // now and then) a lazy frame starts it and the batch that takes the frame stops it: a
+    // timer that ran on would wake an idle process for nothing.
+    let lazy = tokio::time::sleep(LAZY_DELAY);
+    tokio::pin!(lazy);
+    let mut armed = false;
+    let mut last_write: Option<tokio::time::Instant> = None;
     loop {
         let closing = {
             let mut st = shared.lock();
+            st.lazy_armed = armed;
             st.next_batch(WRITE_BATCH_BYTES, &mut batch);
             st.closed.is_some()
         };
@@ -665,33 +683,44 @@ async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
                 shared.close(SessionError::from_transport(e), None);
                 break;
             }
+            // After the write, off the path of what was just sent. A lazy frame queued during
+            // it is taken by the next round's `next_batch`, whatever the timer does.
+            let now = tokio::time::Instant::now();
+            let busy = last_write.is_some_and(|t| now.duration_since(t) < BUSY);
+            last_write = Some(now);
+            if busy && !armed {
+                lazy.as_mut().reset(now + LAZY_DELAY);
+                armed = true;
+            } else if !busy && armed {
+                lazy.as_mut().reset(now + PARKED);
+                armed = false;
+            }
             continue;
         }
         if closing {
             break;
         }
         batch = Vec::new();
-        // Idle. A lazy `ACK` queued since the last batch (or while it was written: its
-        // wake-up is kept) goes out on its own after a short delay, unless something else
-        // wakes the writer first and takes it along.
-        tokio::select! {
-            _ = shared.writer_wake.notified() => {}
-            _ = lazy_due(&shared) => {}
+        // Idle. A lazy frame queued while the timer runs goes when it ends (or with whatever
+        // wakes the writer first); one queued while it was stopped starts it, and waits.
+        loop {
+            tokio::select! {
+                _ = shared.writer_wake.notified() => break,
+                _ = shared.lazy_wake.notified(), if !armed => {
+                    lazy.as_mut().reset(tokio::time::Instant::now() + LAZY_DELAY);
+                    armed = true;
+                    shared.lock().lazy_armed = true;
+                }
+                _ = &mut lazy, if armed => {
+                    // The next `next_batch` takes what waits; the state learns the timer
+                    // stopped under the same lock, so a frame queued after that wakes us.
+                    armed = false;
+                    break;
+                }
+            }
         }
     }
     let _ = tokio::time::timeout(CLOSE_GRACE, tx.close()).await;
-}
-
-/// Ready [`LAZY_ACK_DELAY`] after a lazy `ACK` was queued and not yet taken into a batch. A
-/// wake-up whose `ACK` already went with a batch is stale: it starts no timer.
-async fn lazy_due(shared: &Shared) {
-    loop {
-        shared.lazy_wake.notified().await;
-        if shared.lock().acks_waiting() {
-            tokio::time::sleep(LAZY_ACK_DELAY).await;
-            return;
-        }
-    }
 }
 
 /// Bytes the reader hands on before it lets the tasks that carry them on run (a relay, the

@@ -802,3 +802,26 @@ async fn a_stream_open_when_the_gateway_says_goaway_finishes() {
         "{why}"
     );
 }
+
+#[tokio::test]
+async fn an_early_open_whose_service_says_nothing_is_still_answered() {
+    // The answer to an OPEN that came with data waits to ride with the reply's first bytes;
+    // a service that never replies must not leave the opener without an answer.
+    let ((client, _), (_server, mut incoming)) = pair().await;
+    tokio::spawn(async move {
+        let mut s = incoming.accept().await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        s.accept();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(s);
+    });
+    let mut s = client
+        .open(Dest::new("db.internal", 5432), Meta::default())
+        .unwrap();
+    s.write_all(b"x").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.opened())
+        .await
+        .expect("the early open was never answered")
+        .unwrap();
+}
