@@ -157,13 +157,13 @@ pub(crate) struct State {
     pub(crate) bytes_out: u64,
     /// Something was queued for the writer since the caller last looked.
     pub(crate) wake_writer: bool,
-    /// A lazy `ACK` or `OPEN_OK` was queued since the caller last looked: it goes with the
-    /// writer's next batch, or on its own once the writer has been idle for a short while.
+    /// A lazy `ACK` or `OPEN_OK` was queued while the writer's lazy timer was stopped: the
+    /// writer starts it (the frame goes with the next batch, or alone when the timer ends).
     pub(crate) wake_lazy: bool,
     /// A lazy `OPEN_OK` waits in `control` (an answer to an `OPEN` that came with data).
     lazy_control: bool,
-    /// The writer's lazy timer runs (it wrote less than [`crate::session::LAZY_DELAY`] ago):
-    /// a lazy frame needs no wake-up, the timer's end sends it.
+    /// The writer's lazy timer runs (set by the writer under the lock of its `next_batch`): a
+    /// lazy frame needs no wake-up, the timer's end sends it.
     pub(crate) lazy_armed: bool,
     /// Datagram associations (`datagram.rs`).
     pub(crate) dgrams: Datagrams,
@@ -305,6 +305,7 @@ impl State {
         self.ready.clear();
         self.acks.clear();
         self.control.clear();
+        self.lazy_control = false;
         self.induced_bytes = 0;
         self.pong = None;
         self.wake_session_waiters();
@@ -914,7 +915,6 @@ impl State {
     }
 
     /// A lazy frame (an `ACK` or an `OPEN_OK`) waits for the writer's next batch.
-    #[cfg(test)]
     pub(crate) fn lazy_waiting(&self) -> bool {
         !self.acks.is_empty() || self.lazy_control
     }

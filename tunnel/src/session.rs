@@ -707,9 +707,14 @@ async fn run_writer<Tx: TransportTx>(shared: Arc<Shared>, mut tx: Tx) {
             tokio::select! {
                 _ = shared.writer_wake.notified() => break,
                 _ = shared.lazy_wake.notified(), if !armed => {
-                    lazy.as_mut().reset(tokio::time::Instant::now() + LAZY_DELAY);
-                    armed = true;
-                    shared.lock().lazy_armed = true;
+                    // A wake-up left from a frame that a batch took since starts nothing (the
+                    // timer would only fire for nothing).
+                    let mut st = shared.lock();
+                    if st.lazy_waiting() {
+                        lazy.as_mut().reset(tokio::time::Instant::now() + LAZY_DELAY);
+                        armed = true;
+                        st.lazy_armed = true;
+                    }
                 }
                 _ = &mut lazy, if armed => {
                     // The next `next_batch` takes what waits; the state learns the timer

@@ -3,8 +3,9 @@
 //! `protocol_timeout`), judge them, and either hand them to the service or reset the stream
 //! and write the audit line saying who, where, which rule and what was seen.
 //!
-//! The service is already connected (`OPEN_OK` went first: SOCKS clients wait for it before
-//! they speak), but nothing it sends is read, so nothing reaches the client, until the client's
+//! The service is already connected (`OPEN_OK` is queued: SOCKS clients wait for it before
+//! they speak; to an `OPEN` that came with data it goes lazily, with the next frames), but
+//! nothing it sends is read, so nothing reaches the client, until the client's
 //! bytes passed: a server that speaks first (an SSH banner, a database greeting) waits in the
 //! socket buffer.
 
