@@ -375,7 +375,7 @@ pub async fn peek_certificate(
     proxy: &Proxy,
     auth: &AuthOptions,
 ) -> Result<String, EgressError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::crypto_provider();
     let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| EgressError::Tls {

@@ -310,14 +310,12 @@ fn build(
             source,
         },
     };
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(tls)?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .map_err(tls)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(egress::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(tls)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(tls)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -338,13 +336,11 @@ mod tests {
         for c in CertificateDer::pem_slice_iter(pki.ca_cert_pem.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
         }
-        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let mut client = rustls::ClientConfig::builder_with_provider(egress::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         client.alpn_protocols = vec![b"http/1.1".to_vec()];
 
         let (c_io, s_io) = tokio::io::duplex(64 * 1024);
