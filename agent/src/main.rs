@@ -102,9 +102,6 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if matches!(cli.command, Command::Run(_)) {
-        egress::warm_crypto();
-    }
     // `connect` talks on stdout and the demo prints its own summary: keep their logs quiet.
     #[cfg(feature = "demo")]
     let quiet = matches!(

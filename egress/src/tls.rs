@@ -58,20 +58,6 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
         .clone()
 }
 
-/// Seeds the TLS crypto's random generator on a thread of its own, for the processes that
-/// will make or accept TLS connections. aws-lc seeds it from CPU timing jitter on first use
-/// (about 50 ms of CPU on the benchmark machine, once per process); begun at start, that
-/// overlaps reading the configuration, finding the proxy and the TCP connect instead of
-/// delaying the first handshake. The generator's root is shared by every thread.
-pub fn warm_crypto() {
-    let _ = std::thread::Builder::new()
-        .name("crypto-warm".into())
-        .spawn(|| {
-            let mut byte = [0u8; 1];
-            let _ = crypto_provider().secure_random.fill(&mut byte);
-        });
-}
-
 /// Reads every certificate in a PEM file.
 pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, EgressError> {
     use rustls::pki_types::pem::PemObject;

@@ -136,9 +136,6 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if matches!(cli.command, Command::Dmz(_) | Command::Connector(_)) {
-        egress::warm_crypto();
-    }
     uplink::cli::logging(&cli.log, false);
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
