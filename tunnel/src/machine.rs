@@ -897,9 +897,9 @@ impl State {
     }
 
     /// Queues `ACK(offset)` without waking the writer: it goes with the next batch written
-    /// for any reason (typically the `FIN` that answers the peer's), and the caller's writer
-    /// sends it on its own only after a short idle delay ([`State::wake_lazy`]). Nothing waits
-    /// on it but the peer's bookkeeping, so saving a message per close is worth the delay.
+    /// for any reason (typically the `FIN` that answers the peer's), or alone when the writer's
+    /// lazy timer ends ([`State::lazy_queued`]). Nothing waits on it but the peer's
+    /// bookkeeping, so saving a message per close is worth the delay.
     pub(crate) fn send_ack_lazy(&mut self, id: u32, offset: u64) {
         if self.queue_ack(id, offset) == Some(true) {
             self.lazy_queued();
@@ -955,7 +955,7 @@ impl State {
                 // The peer sent data before our answer: it opened without waiting for one (a
                 // forward, a plain HTTP request), so the answer is lazy. It rides with the
                 // first bytes of the reply, one message through the DMZ instead of two on the
-                // new connection's path, or goes alone once the writer has idled.
+                // new connection's path, or goes alone when the writer's lazy timer ends.
                 let early = s.bytes_in > 0;
                 let frame = Frame::OpenOk { stream: id, meta };
                 if early {

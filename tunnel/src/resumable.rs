@@ -97,8 +97,8 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(60);
 
 /// We acknowledge at once once this much arrived unacknowledged; below it (and for the peer's
 /// `FIN`) lazily: with whatever the session sends next (an interactive stream's reply, our own
-/// `FIN`), or alone once the session's writer has been idle for
-/// [`crate::session::LAZY_DELAY`].
+/// `FIN`), or alone when the writer's lazy timer ends, at most
+/// [`crate::session::LAZY_DELAY`] later.
 const ACK_EVERY: u64 = 256 * 1024;
 
 /// The most a stream retains, for a session whose windows grow up to `window_max`
