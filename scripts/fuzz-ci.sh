@@ -2,10 +2,10 @@
 # CI: the fuzz targets of fuzz/ (see docs/fuzzing.md). Installs cargo-fuzz (from crates.io) and
 # a C++ compiler (for libFuzzer) when missing, builds every target once, replays every committed
 # regression and seed input, then fuzzes every target for an equal share of FUZZ_SECONDS
-# (default 240). Fails on any crash, timeout or leak, naming the target and the saved input;
+# (default 180). Fails on any crash, timeout or leak, naming the target and the saved input;
 # never skips a target.
 #
-# Knobs (environment): FUZZ_SECONDS (total fuzzing time, default 240), FUZZ_CORPUS (where the
+# Knobs (environment): FUZZ_SECONDS (total fuzzing time, default 180), FUZZ_CORPUS (where the
 # corpora grow, default fuzz/corpus; keep it between runs to start from what was found),
 # FUZZ_TARGET_DIR (cargo's target dir, default fuzz/target), FUZZ_BUILD (`quick`, the default:
 # unoptimised and without AddressSanitizer, which builds all targets in ~3 min instead of ~14 on
@@ -19,7 +19,7 @@ export CARGO_TERM_COLOR=never
 export RUSTC_BOOTSTRAP=1
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
-total=${FUZZ_SECONDS:-240}
+total=${FUZZ_SECONDS:-180}
 corpus=${FUZZ_CORPUS:-$root/fuzz/corpus}
 target_dir=${FUZZ_TARGET_DIR:-$root/fuzz/target}
 t0=$SECONDS

@@ -5,8 +5,8 @@
 #
 #   scripts/package-deb.sh [--profile dist|release|dev] [--bin PATH] [--out DIR]
 #
-# --bin packages an agent already built instead of building one (the tests pass the one
-# `cargo build --bins` made; `-p sallyport` resolves the dependencies' features apart from the
+# --bin packages an agent already built instead of building one (the tests pass the one the
+# workspace's test build made; `-p sallyport` resolves the dependencies' features apart from the
 # workspace's and rebuilt ~70 s of them in CI).
 #
 # Needs dpkg-deb (Debian's dpkg). Prints the path of the .deb.

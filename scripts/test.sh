@@ -74,10 +74,12 @@ if ! rustup target list --installed | grep -qx x86_64-pc-windows-gnu; then
   rustup target add x86_64-pc-windows-gnu
 fi
 
-# The end-to-end tests run the real binaries from target/debug; the Windows tests run
+# The end-to-end tests run the real binaries from target/debug, which `cargo test --workspace`
+# builds before it runs any test (agent/tests and gateway/tests need them): a separate
+# `cargo build --bins` would build the whole tree a second time, without the dev-dependencies'
+# features (tokio's test-util), only to have the test build replace it. The Windows tests run
 # target/x86_64-pc-windows-gnu/debug/sallyport.exe under Wine (they build it too; building it
 # here first shows its build time on its own line).
-cargo build --bins
 start=$(date +%s)
 cargo build --target x86_64-pc-windows-gnu -p sallyport
 echo "windows build: $(( $(date +%s) - start )) s"

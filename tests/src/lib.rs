@@ -29,7 +29,7 @@ pub fn bin_dir() -> PathBuf {
     for b in ["sallyport", "sallyport-gateway"] {
         assert!(
             dir.join(b).exists(),
-            "{} is missing: build the binaries first (`cargo build --bins`; scripts/test.sh does it)",
+            "{} is missing: build the binaries first (`cargo build --bins`, or `cargo test --workspace`, which builds them)",
             dir.join(b).display()
         );
     }
