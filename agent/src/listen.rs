@@ -197,7 +197,8 @@ async fn handle(
             match dialer.dial(target.clone(), OpenMode::Early).await {
                 Ok(mut stream) => {
                     let mut tcp = tcp;
-                    match tunnel::splice(&mut tcp, &mut stream).await {
+                    // The app's first bytes are usually waiting already: they go with the OPEN.
+                    match tunnel::splice_fresh(&mut tcp, &mut stream).await {
                         Ok((up, down)) => debug!(%target, up, down, "forward done"),
                         Err(e) => info!(%target, error = %e, "forward ended with an error"),
                     }

@@ -17,6 +17,10 @@
 //! cost one buffer hand-out per wake-up, never a busy loop: the real read that follows registers
 //! the wake-up before the buffer goes back.
 //!
+//! [`splice_fresh`] is the same copy for a socket just accepted from an app that writes first (a
+//! forward): its first read is tried at once, before tokio's event loop has seen the socket, so
+//! those bytes leave with the stream's `OPEN` in one TLS record.
+//!
 //! Semantics are those of `copy_bidirectional`: end of input on one side is passed on as a write
 //! shutdown of the other, each direction on its own (half-close works end to end), and the first
 //! error of either direction ends both.
@@ -80,7 +84,29 @@ where
     A: AsyncRead + AsyncWrite + Unpin + 'static,
     B: AsyncRead + AsyncWrite + Unpin + 'static,
 {
+    copy_both(a, b, false).await
+}
+
+/// [`splice`] for a pair whose `a` is a TCP socket just accepted from an app that writes first
+/// (a forward): its first bytes are read at once, without waiting for the event loop to report
+/// them (see [`try_first_read`]), so they go out with the stream's `OPEN`. Elsewhere (SOCKS5
+/// and `CONNECT`, whose app writes only after our reply; the connector's service socket) the
+/// first read would find nothing and cost a system call.
+pub async fn splice_fresh<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + 'static,
+    B: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    copy_both(a, b, true).await
+}
+
+async fn copy_both<A, B>(a: &mut A, b: &mut B, eager_a: bool) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + 'static,
+    B: AsyncRead + AsyncWrite + Unpin + 'static,
+{
     let mut a_to_b = Half::default();
+    a_to_b.try_first = eager_a;
     let mut b_to_a = Half::default();
     poll_fn(|cx| {
         let ab = a_to_b.poll(cx, a, b)?;
@@ -99,6 +125,8 @@ struct Half {
     buf: Option<Box<[u8]>>,
     pos: usize,
     end: usize,
+    /// The first read is still to be tried without waiting for readiness ([`splice_fresh`]).
+    try_first: bool,
     read_done: bool,
     need_flush: bool,
     done: bool,
@@ -133,6 +161,24 @@ impl Half {
             }
             // Read while there is room: a fuller buffer makes larger writes.
             if !self.read_done && self.end < BUF_SIZE {
+                if self.buf.is_none() && self.try_first {
+                    self.try_first = false;
+                    match try_first_read(r) {
+                        Some(Ok((buf, 0))) => {
+                            give(buf);
+                            self.read_done = true;
+                            continue;
+                        }
+                        Some(Ok((buf, n))) => {
+                            self.buf = Some(buf);
+                            self.end = n;
+                            // Read on while there is room (a full buffer has none).
+                            continue;
+                        }
+                        Some(Err(e)) => return Poll::Ready(Err(e)),
+                        None => {}
+                    }
+                }
                 if self.buf.is_none() {
                     match poll_readable(r, cx) {
                         Poll::Ready(Ok(())) => self.buf = Some(take()),
@@ -195,6 +241,35 @@ impl Half {
     }
 }
 
+/// The first read of a fresh TCP socket, tried at once, into a pool buffer: `None` when `r` is
+/// not a `tokio::net::TcpStream` or nothing is there yet.
+///
+/// tokio knows nothing of a socket's readiness until its event loop has polled it once, so
+/// waiting for readiness first costs a turn of the loop even when the data is already there. An
+/// app that connects to a forward writes its first bytes at once, and they are usually in the
+/// socket by the time the agent has accepted it and sent the `OPEN`: read now, they ride in the
+/// same TLS record as the `OPEN` (one record instead of two at every hop, and the connector sees
+/// data with the `OPEN`, so its answer rides with the reply). One system call per spliced pair;
+/// a socket with nothing to read answers `WouldBlock` and the copy waits as before.
+fn try_first_read<R: AsyncRead + Unpin + 'static>(
+    r: &mut R,
+) -> Option<io::Result<(Box<[u8]>, usize)>> {
+    let tcp = (r as &mut dyn Any).downcast_mut::<TcpStream>()?;
+    // The socket is non-blocking (tokio made it so): this never waits.
+    let sock = socket2::SockRef::from(&*tcp);
+    let mut buf = take();
+    match std::io::Read::read(&mut &*sock, &mut buf) {
+        Ok(n) => Some(Ok((buf, n))),
+        Err(e) => {
+            give(buf);
+            match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => None,
+                _ => Some(Err(e)),
+            }
+        }
+    }
+}
+
 /// Ready once a read from `r` would not block (data, end of input or an error), without a buffer.
 fn poll_readable<R: AsyncRead + Unpin + 'static>(
     r: &mut R,
@@ -218,6 +293,63 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
         (c.unwrap(), s.unwrap().0)
+    }
+
+    /// A side that reads nothing and keeps what is written to it.
+    #[derive(Default)]
+    struct Sink(Vec<u8>);
+
+    impl AsyncRead for Sink {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Sink {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// An app's first bytes, already in the socket when the copy starts, go on in the copy's
+    /// first poll, before tokio's event loop has learnt the socket is readable: in the agent
+    /// they then ride in the same batch as the stream's `OPEN` (one TLS record, not two). The
+    /// copy used to wait for readiness first, which only the next turn of the loop brings.
+    #[tokio::test]
+    async fn first_bytes_already_in_the_socket_go_in_the_first_poll() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut app = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        std::io::Write::write_all(&mut app, b"hello").unwrap();
+        // Wait (blocking, outside tokio) until the bytes are in the socket.
+        let mut peek = [0u8; 5];
+        while a.peek(&mut peek).unwrap() < 5 {}
+        a.set_nonblocking(true).unwrap();
+        // Registered now: tokio has not seen it readable yet.
+        let mut a = TcpStream::from_std(a).unwrap();
+        let mut sink = Sink::default();
+        {
+            let copy = splice_fresh(&mut a, &mut sink);
+            tokio::pin!(copy);
+            assert!(futures_util::poll!(copy.as_mut()).is_pending());
+        }
+        assert_eq!(sink.0, b"hello");
+        assert_eq!(buffers_in_use(), 0, "no data waits: the buffer went back");
     }
 
     /// Bytes both ways, half-close passed on, and no buffer held while the pair is idle.
