@@ -37,7 +37,9 @@ pub struct TlsOptions {
 /// along the chain. ring on Windows, where the agent is cross-built with MinGW. Both offer the
 /// same key exchange groups (X25519, P-256, P-384: no post-quantum hybrid, whose larger
 /// ClientHello is a new thing for the corporate middleboxes between desktop and DMZ) and the
-/// same TLS 1.3 and 1.2 AES-GCM and ChaCha20 suites.
+/// same TLS 1.3 and 1.2 AES-GCM and ChaCha20 suites. aws-lc is built without its CPU-jitter
+/// entropy source (`.cargo/config.toml`): it seeds from the OS's generator and RDRAND, like
+/// ring, instead of spending ~50 ms of CPU on the first random bytes of every process.
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     static PROVIDER: std::sync::OnceLock<Arc<rustls::crypto::CryptoProvider>> =
         std::sync::OnceLock::new();
