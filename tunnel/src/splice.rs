@@ -89,7 +89,7 @@ where
 
 /// [`splice`] for a pair whose `a` is a TCP socket just accepted from an app that writes first
 /// (a forward): its first bytes are read at once, without waiting for the event loop to report
-/// them (see [`try_first_read`]), so they go out with the stream's `OPEN`. Elsewhere (SOCKS5
+/// them (see `try_first_read`), so they go out with the stream's `OPEN`. Elsewhere (SOCKS5
 /// and `CONNECT`, whose app writes only after our reply; the connector's service socket) the
 /// first read would find nothing and cost a system call.
 pub async fn splice_fresh<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
@@ -295,6 +295,9 @@ mod tests {
         (c.unwrap(), s.unwrap().0)
     }
 
+    /// The tests below count the process-wide buffers in use: one at a time.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     /// A side that reads nothing and keeps what is written to it.
     #[derive(Default)]
     struct Sink(Vec<u8>);
@@ -332,6 +335,7 @@ mod tests {
     /// copy used to wait for readiness first, which only the next turn of the loop brings.
     #[tokio::test]
     async fn first_bytes_already_in_the_socket_go_in_the_first_poll() {
+        let _one = ONE_AT_A_TIME.lock().await;
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut app = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (a, _) = l.accept().unwrap();
@@ -355,6 +359,7 @@ mod tests {
     /// Bytes both ways, half-close passed on, and no buffer held while the pair is idle.
     #[tokio::test]
     async fn idle_splice_holds_no_buffer() {
+        let _one = ONE_AT_A_TIME.lock().await;
         let (mut app, a) = pair().await;
         let (b, mut svc) = pair().await;
         let task = tokio::spawn(async move {
