@@ -3,6 +3,7 @@
 //! kinds (and so onto SOCKS5 reply codes and HTTP statuses).
 
 use crate::pool::Pool;
+use bytes::Bytes;
 use socks::{BoxIo, DialError, DialErrorKind, DialFuture, Dialer, OpenMode, Target};
 use std::io;
 use std::pin::Pin;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tracing::debug;
 use tunnel::resumable::{keys, Reattached, Reopen, ReopenError, ReopenFuture, Resumable, Settings};
 use tunnel::{meta, Dest, ErrorCode, Meta, Stream, StreamError};
@@ -246,6 +248,48 @@ impl<S: AsyncRead + Unpin> AsyncRead for EarlyStream<S> {
         Pin::new(&mut self.get_mut().0)
             .poll_read(cx, buf)
             .map_err(map_io)
+    }
+}
+
+impl<S: tunnel::Chunks> tunnel::Chunks for EarlyStream<S> {
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        self.0.poll_read_chunk(cx).map_err(map_io)
+    }
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        self.0.poll_write_chunk(cx, data).map_err(map_io)
+    }
+}
+
+/// Joins an app's TCP connection and the stream dialed for it. A tunnel stream moves its bytes
+/// as chunks, with no copy of ours ([`tunnel::splice_chunks`]); any other stream (a test
+/// dialer's socket) goes through the copy loop. `fresh`: the app writes first (a forward), so
+/// its first bytes are read at once, to leave with the `OPEN`.
+pub async fn splice_app(
+    tcp: &mut TcpStream,
+    stream: &mut BoxIo,
+    fresh: bool,
+) -> io::Result<(u64, u64)> {
+    let any = stream.as_mut().as_any_mut();
+    if let Some(s) = any.downcast_mut::<EarlyStream<Resumable>>() {
+        return tunnel::splice_chunks(tcp, s, fresh).await;
+    }
+    if let Some(s) = any.downcast_mut::<EarlyStream<Stream>>() {
+        return tunnel::splice_chunks(tcp, s, fresh).await;
+    }
+    if let Some(s) = any.downcast_mut::<Resumable>() {
+        return tunnel::splice_chunks(tcp, s, fresh).await;
+    }
+    if let Some(s) = any.downcast_mut::<Stream>() {
+        return tunnel::splice_chunks(tcp, s, fresh).await;
+    }
+    if fresh {
+        tunnel::splice_fresh(tcp, stream).await
+    } else {
+        tunnel::splice(tcp, stream).await
     }
 }
 

@@ -198,7 +198,7 @@ async fn handle(
                 Ok(mut stream) => {
                     let mut tcp = tcp;
                     // The app's first bytes are usually waiting already: they go with the OPEN.
-                    match tunnel::splice_fresh(&mut tcp, &mut stream).await {
+                    match crate::dialer::splice_app(&mut tcp, &mut stream, true).await {
                         Ok((up, down)) => debug!(%target, up, down, "forward done"),
                         Err(e) => info!(%target, error = %e, "forward ended with an error"),
                     }

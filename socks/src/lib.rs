@@ -104,8 +104,16 @@ pub enum OpenMode {
 }
 
 /// Any bidirectional byte stream the dialer can hand back.
-pub trait AsyncIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> AsyncIo for T {}
+pub trait AsyncIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {
+    /// The stream as what it is, for a caller that knows a faster way to move its bytes (the
+    /// agent joins a tunnel stream to a socket without copying through a buffer).
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> AsyncIo for T {
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
 
 /// A boxed stream from a [`Dialer`].
 pub type BoxIo = Box<dyn AsyncIo>;

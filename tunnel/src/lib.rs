@@ -46,7 +46,7 @@ pub use association::{Association, Datagram};
 pub use datagram::Dropped;
 pub use frame::{Dest, ErrorCode, Frame, Hello, Meta, Role, PROTOCOL_VERSION};
 pub use session::{Config, Incoming, Session, SessionError, SessionStats, StreamError};
-pub use splice::{splice, splice_fresh};
+pub use splice::{splice, splice_chunks, splice_fresh, Chunks};
 pub use stream::{OpenRequest, Stream};
 /// The transports, also at the crate root: `tunnel::ws`, `tunnel::http`.
 pub use transport::{http, ws};

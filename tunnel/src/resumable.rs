@@ -13,7 +13,9 @@
 use crate::frame::{ErrorCode, Meta};
 use crate::resume::End;
 use crate::session::{SessionError, StreamError};
+use crate::splice::Chunks;
 use crate::stream::Stream;
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -747,6 +749,87 @@ impl Resumable {
     }
 }
 
+impl Resumable {
+    /// After a read of `n` bytes (0: the end of input): counted, and acknowledged now or soon.
+    fn on_read(&mut self, n: usize) {
+        if n > 0 {
+            self.end.on_recv(n);
+            if self.end.unacked() >= ACK_EVERY {
+                self.send_ack();
+            } else {
+                self.send_ack_lazy();
+            }
+        } else {
+            self.end.on_recv_fin();
+            self.send_ack_lazy();
+        }
+    }
+
+    /// A write of up to `len` bytes: `take(end, n)` keeps the first `n` (what the retained
+    /// bytes and the budget allow) and returns how many it kept.
+    fn poll_take(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        take: impl FnOnce(&mut End, usize) -> usize,
+    ) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Err(e)) = self.poll_link(cx) {
+            return Poll::Ready(Err(e.to_io()));
+        }
+        let mut n = self.end.writable().min(len);
+        if n == 0 {
+            // Woken by the acknowledgement that makes room (registered in poll_link).
+            return if len == 0 {
+                Poll::Ready(Ok(0))
+            } else {
+                Poll::Pending
+            };
+        }
+        if let Some(c) = &self.charge {
+            n = ready!(c.budget.poll_grant(cx, &c.key, n));
+        }
+        let taken = take(&mut self.end, n);
+        self.charged += n;
+        RETAINED.fetch_add(n as i64, Ordering::Relaxed);
+        debug_assert_eq!(taken, n);
+        // Hand it over now where credit allows; the rest goes on later polls.
+        if let Poll::Ready(Err(e)) = self.poll_link(cx) {
+            return Poll::Ready(Err(e.to_io()));
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl Chunks for Resumable {
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        loop {
+            ready!(self.poll_link(cx)).map_err(|e| e.to_io())?;
+            if self.end.recv_fin() {
+                return Poll::Ready(Ok(None));
+            }
+            let Link::Up(stream) = &mut self.link else {
+                continue;
+            };
+            match stream.poll_recv_chunk(cx) {
+                Poll::Ready(Ok(chunk)) => {
+                    self.on_read(chunk.as_ref().map_or(0, Bytes::len));
+                    return Poll::Ready(Ok(chunk));
+                }
+                Poll::Ready(Err(se)) => self.lost(se),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_take(cx, data.len(), |end, n| end.write_bytes(data.split_to(n)))
+    }
+}
+
 impl AsyncRead for Resumable {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -769,18 +852,7 @@ impl AsyncRead for Resumable {
                     if check {
                         return Poll::Ready(Ok(())); // a readiness check: data or an end waits
                     }
-                    let n = buf.filled().len() - before;
-                    if n > 0 {
-                        this.end.on_recv(n);
-                        if this.end.unacked() >= ACK_EVERY {
-                            this.send_ack();
-                        } else {
-                            this.send_ack_lazy();
-                        }
-                    } else {
-                        this.end.on_recv_fin();
-                        this.send_ack_lazy();
-                    }
+                    this.on_read(buf.filled().len() - before);
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Ready(Err(e)) => {
@@ -808,31 +880,8 @@ impl AsyncWrite for Resumable {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Poll::Ready(Err(e)) = this.poll_link(cx) {
-            return Poll::Ready(Err(e.to_io()));
-        }
-        let mut n = this.end.writable().min(buf.len());
-        if n == 0 {
-            // Woken by the acknowledgement that makes room (registered in poll_link).
-            return if buf.is_empty() {
-                Poll::Ready(Ok(0))
-            } else {
-                Poll::Pending
-            };
-        }
-        if let Some(c) = &this.charge {
-            n = ready!(c.budget.poll_grant(cx, &c.key, n));
-        }
-        let taken = this.end.write(&buf[..n]);
-        this.charged += n;
-        RETAINED.fetch_add(n as i64, Ordering::Relaxed);
-        debug_assert_eq!(taken, n);
-        // Hand it over now where credit allows; the rest goes on later polls.
-        if let Poll::Ready(Err(e)) = this.poll_link(cx) {
-            return Poll::Ready(Err(e.to_io()));
-        }
-        Poll::Ready(Ok(n))
+        self.get_mut()
+            .poll_take(cx, buf.len(), |end, n| end.write(&buf[..n]))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -77,11 +77,18 @@ impl End {
         self.cap.saturating_sub(self.retained_len)
     }
 
-    /// Takes up to [`End::writable`] bytes of `data`; returns how many.
+    /// Takes up to [`End::writable`] bytes of `data` (a copy); returns how many.
     pub fn write(&mut self, data: &[u8]) -> usize {
         let n = data.len().min(self.writable());
+        self.write_bytes(Bytes::copy_from_slice(&data[..n]))
+    }
+
+    /// [`End::write`] of bytes already in a `Bytes`: up to [`End::writable`] of them are kept
+    /// as they are (no copy); returns how many.
+    pub fn write_bytes(&mut self, data: Bytes) -> usize {
+        let n = data.len().min(self.writable());
         if n > 0 {
-            self.retained.push_back(Bytes::copy_from_slice(&data[..n]));
+            self.retained.push_back(data.slice(..n));
             self.retained_len += n;
             self.written += n as u64;
         }

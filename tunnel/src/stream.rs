@@ -625,6 +625,20 @@ impl AsyncWrite for Stream {
     }
 }
 
+impl crate::splice::Chunks for Stream {
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        self.poll_recv_chunk(cx).map_err(|e| e.to_io())
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_send_bytes(cx, data).map_err(|e| e.to_io())
+    }
+}
+
 impl Drop for Stream {
     fn drop(&mut self) {
         self.shared.lock().drop_handle(self.id);

@@ -151,7 +151,7 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
         if !Box::pin(firstbytes::admit(&config, &mut end, &mut tcp, &who, &audit)).await {
             return;
         }
-        let result = tunnel::splice(&mut end, &mut tcp).await;
+        let result = tunnel::splice_chunks(&mut tcp, &mut end, false).await;
         let (up, down) = end.byte_counts();
         finish(&config, &audit, started, up, down, &result);
         if result.is_err() {
@@ -177,7 +177,7 @@ async fn handle_stream(config: Arc<ConnectorConfig>, stream: Stream) {
     // (the copy would not poll the tunnel again until the service made room).
     let failure = stream.failure();
     let result = tokio::select! {
-        r = tunnel::splice(&mut stream, &mut tcp) => r,
+        r = tunnel::splice_chunks(&mut tcp, &mut stream, false) => r,
         e = failure => Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, e)),
     };
     let (up, down) = stream.byte_counts();

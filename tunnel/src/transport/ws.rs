@@ -519,15 +519,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TransportRx for WsRx<S>
                     // over `READ_CHUNK + MAX_HEADER`).
                     None => (READ_CHUNK + wsframe::MAX_HEADER, boundary_room(self.max)),
                 };
-            if self.buf.capacity() - self.buf.len() < room {
-                self.buf.reserve(room);
-            }
             let n = poll_fn(|cx| {
+                // (Again at each poll: a pending read gave the buffer back.)
+                if self.buf.capacity() - self.buf.len() < room {
+                    if self.buf.is_empty() {
+                        self.buf = crate::splice::spare_bytes(room);
+                    } else {
+                        self.buf.reserve(room);
+                    }
+                }
                 let mut limited = (&mut self.buf).limit(want);
                 let r = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut limited);
                 if r.is_pending() && self.buf.is_empty() {
-                    // Nothing waits: an idle session holds no read buffer.
-                    self.buf = BytesMut::new();
+                    // Nothing waits: an idle session holds no read buffer. (A session that
+                    // gets one small message per wake-up, a new connection's `OPEN` or a
+                    // keystroke, reuses a spare one instead of allocating a frame's room.)
+                    crate::splice::keep_spare(std::mem::take(&mut self.buf));
                 }
                 r
             })
@@ -581,6 +588,8 @@ pub fn accept_key(key: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
+    use std::task::Poll;
 
     /// The read buffer was sized 15 bytes short of a 64 KiB `DATA` message, so every such
     /// message grew it once it was partly read: a reallocation that copied the whole buffer
@@ -593,6 +602,49 @@ mod tests {
             let mut head = BytesMut::new();
             wsframe::put_header(&mut head, op::BINARY, len, mask);
             assert!(head.len() + len <= boundary_room(message_limit(payload)));
+        }
+        // ...and a spare read buffer has that room: it is reused, not reallocated.
+        assert!(boundary_room(message_limit(payload)) <= crate::splice::SPARE_SIZE);
+    }
+
+    fn pair() -> (WsTx<tokio::io::DuplexStream>, WsRx<tokio::io::DuplexStream>) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let max = crate::frame::DEFAULT_MAX_FRAME;
+        let (tx, _) = WsTransport::client_upgraded(a, &[], max).split();
+        let (_, rx) = WsTransport {
+            io: b,
+            leftover: BytesMut::new(),
+            client: false,
+            max: message_limit(max),
+        }
+        .split();
+        (tx, rx)
+    }
+
+    /// An idle session holds no read buffer (the memory of 50,000 idle desktops on one DMZ),
+    /// and the spare buffers it takes and gives back never hand out memory a message still
+    /// points into (a message kept by a stalled stream would change under the app).
+    #[tokio::test]
+    async fn an_idle_reader_holds_no_buffer_and_kept_messages_stay_intact() {
+        let (mut tx, mut rx) = pair();
+        let mut kept = Vec::new();
+        for i in 0..40u8 {
+            let msg = Bytes::from(vec![i; 100 + i as usize * 500]);
+            tx.send(msg).await.unwrap();
+            tx.flush().await.unwrap();
+            // Each message is read on its own wake-up: the reader goes idle between them, and
+            // gives its buffer back (or keeps it spare) each time.
+            kept.push(rx.recv().await.unwrap().unwrap());
+            let idle = poll_fn(|cx| Poll::Ready(std::pin::pin!(rx.recv()).poll(cx).is_pending()));
+            assert!(idle.await);
+            assert_eq!(rx.buf.capacity(), 0, "an idle reader holds no buffer");
+        }
+        for (i, m) in kept.iter().enumerate() {
+            assert_eq!(m.len(), 100 + i * 500);
+            assert!(
+                m.iter().all(|b| *b == i as u8),
+                "message {i} was overwritten"
+            );
         }
     }
 }
