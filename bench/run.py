@@ -547,6 +547,16 @@ def fmt(x, spec=".2f"):
 def latency(port, n, socks_target=None):
     """connect + 1-byte echo + close, n times; returns (median ms, p99 ms), or (None, None) when
     a connection failed (said on stderr; the run goes on)."""
+    times = latency_times(port, n, socks_target)
+    if times is None:
+        return None, None
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
+
+
+def latency_times(port, n, socks_target=None):
+    """connect + 1-byte echo + close, n times: each one's ms, or None when a connection failed
+    (said on stderr; the run goes on)."""
     times = []
     try:
         for _ in range(n):
@@ -561,9 +571,8 @@ def latency(port, n, socks_target=None):
             times.append((time.perf_counter() - t0) * 1000)
     except (OSError, RuntimeError) as e:
         print(f"  new connections to port {port} failed after {len(times)}: {e!r}", file=sys.stderr)
-        return None, None
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
+        return None
+    return times
 
 
 def socks5_connect(s, host, port):
