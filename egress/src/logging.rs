@@ -53,14 +53,31 @@ enum Filter {
 /// document) becomes a [`Targets`], which costs nothing when a span is entered. An
 /// [`EnvFilter`] looks every span up in a locked table at each entry and exit, to know whether
 /// a directive names it: a span is entered at every poll of a task, and that lookup was 2 to 3 %
-/// of the chain's CPU per new connection. Span and field directives (`[session]=debug`) still
-/// get an `EnvFilter`.
+/// of the chain's CPU per new connection. Anything else (span and field directives such as
+/// `[session]=debug`, empty pieces, spaces, quotes) goes to the `EnvFilter` as before, so it
+/// means exactly what it meant; `info` when it does not parse.
 fn parse(filter: &str) -> Filter {
-    match filter.parse::<Targets>() {
-        Ok(t) if !filter.contains(['[', '{', '/']) => Filter::Static(Box::new(t)),
-        _ => Filter::Dynamic(Box::new(
-            EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info")),
-        )),
+    let is_level = |l: &str| {
+        [
+            "off", "error", "warn", "info", "debug", "trace", "0", "1", "2", "3", "4", "5",
+        ]
+        .iter()
+        .any(|k| l.eq_ignore_ascii_case(k))
+    };
+    let is_target = |t: &str| {
+        !t.is_empty()
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-'))
+    };
+    let plain = filter.split(',').all(|d| match d.split_once('=') {
+        Some((t, l)) => is_target(t) && is_level(l),
+        None => is_level(d) || is_target(d),
+    });
+    let env = EnvFilter::try_new(filter);
+    match (plain, env, filter.parse::<Targets>()) {
+        (true, Ok(_), Ok(t)) => Filter::Static(Box::new(t)),
+        (_, Ok(env), _) => Filter::Dynamic(Box::new(env)),
+        (_, Err(_), _) => Filter::Dynamic(Box::new(EnvFilter::new("info"))),
     }
 }
 
@@ -129,6 +146,10 @@ mod tests {
             "off",
             "error,tunnel=debug",
             "tunnel::session=trace",
+            "INFO",
+            "sallyport=4",
+            "sallyport-gateway=debug",
+            "tunnel",
         ] {
             let Filter::Static(t) = parse(f) else {
                 panic!("{f} is a plain table")
@@ -142,11 +163,24 @@ mod tests {
             parse("sallyport[app{peer}]=trace"),
             Filter::Dynamic(_)
         ));
-        // A filter that does not parse means `info`, as before.
-        let Filter::Dynamic(bad) = parse("sallyport=loud") else {
-            panic!("not a table")
-        };
-        assert_eq!(passed(*bad), passed(EnvFilter::new("info")));
+        // Anything else is the EnvFilter it was (or `info` when that did not parse): empty
+        // pieces, spaces, quotes, a target without a level.
+        for f in [
+            "sallyport=loud",
+            "info,",
+            "",
+            "debug,,tunnel=trace",
+            "warn, audit=info",
+            "\"info\"",
+            "tunnel=",
+            "*=debug",
+        ] {
+            let Filter::Dynamic(env) = parse(f) else {
+                panic!("{f:?} is not a plain table")
+            };
+            let before = EnvFilter::try_new(f).unwrap_or_else(|_| EnvFilter::new("info"));
+            assert_eq!(passed(*env), passed(before), "{f:?}");
+        }
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub fn give_buffer(buf: Box<[u8]>) {
 
 /// Read buffers that nothing points into any more, for the next reader with bytes to read: the
 /// WebSocket reader's and [`splice_chunks`]'s, which let go of theirs whenever a read would
-/// wait (an idle session or pair holds none). Without them, a reader woken for one small
+/// wait (an idle session or pair holds none). Only buffers of [`SPARE_SIZE`] are kept. Without them, a reader woken for one small
 /// message (a new connection's `OPEN`, a keystroke) allocated and freed a whole frame's room
 /// each time: 1.6 % of the chain's CPU per new connection, most of it the allocator merging a
 /// block that size.
@@ -109,7 +109,9 @@ pub(crate) fn spare_bytes(room: usize) -> BytesMut {
 /// or message read into it is still alive) and it has a spare's room; frees it otherwise.
 pub(crate) fn keep_spare(mut buf: BytesMut) {
     buf.clear();
-    if buf.capacity() == 0 || !buf.try_reclaim(SPARE_SIZE) {
+    // `try_reclaim` also answers yes for a shared buffer that has the room already: only one of
+    // exactly a spare's size, whole again, is ours alone (no larger one is kept either).
+    if buf.capacity() == 0 || !buf.try_reclaim(SPARE_SIZE) || buf.capacity() != SPARE_SIZE {
         return;
     }
     if let Ok(mut s) = SPARE.lock() {
@@ -193,11 +195,16 @@ pub async fn splice_chunks<S: Chunks>(
     .await
 }
 
-/// A read smaller than this is copied out of the read buffer (which then serves the next
-/// read); a larger one leaves as a view of it. A view keeps the whole buffer alive while the
-/// stream retains it, so this bounds what a trickle of writes can hold: at most
-/// `BUF_SIZE / COPY_BELOW` (4) times the bytes retained.
-const COPY_BELOW: usize = BUF_SIZE / 4;
+/// A read of at least this many bytes leaves as a view of the read buffer; a smaller one is
+/// copied out (and the buffer serves the next read). A view keeps its whole buffer alive while
+/// the stream retains it (a resumable stream until the far end acknowledges it, through a
+/// suspension), and no other view of at least this size fits beside it: the memory retained is
+/// at most twice the bytes the stream counts (and charges to its budget). Bulk transfers read
+/// whole frames, so they are never copied; a service writing 16 KiB TLS records is, as before.
+const VIEW_FROM: usize = SPARE_SIZE / 2;
+
+/// Less room than this left in the read buffer (the tail beside a view): a fresh one.
+const MIN_ROOM: usize = BUF_SIZE / 4;
 
 /// TCP socket → stream.
 #[derive(Default)]
@@ -250,30 +257,50 @@ impl ToChunks {
                     None => {}
                 }
             }
-            if self.buf.capacity() < COPY_BELOW {
-                self.buf = spare_bytes(BUF_SIZE);
+            if self.buf.capacity() < MIN_ROOM {
+                // No buffer (or only the tail beside a view): wait for the app without one,
+                // and take one only once it has written.
+                keep_spare(std::mem::take(&mut self.buf));
+                match tcp.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => self.buf = spare_bytes(BUF_SIZE),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return self.idle(cx, s),
+                }
             }
             // At most a frame's worth: the stream sends one `DATA` frame per chunk.
             let mut room = (&mut self.buf).limit(BUF_SIZE);
             match tokio_util::io::poll_read_buf(Pin::new(&mut *tcp), cx, &mut room) {
                 Poll::Ready(Ok(0)) => self.read_done = true,
-                Poll::Ready(Ok(n)) if n < COPY_BELOW => {
-                    self.out = Bytes::copy_from_slice(&self.buf);
-                    self.buf.clear();
-                }
-                Poll::Ready(Ok(_)) => self.out = self.buf.split().freeze(),
+                Poll::Ready(Ok(_)) => self.out = take_read(&mut self.buf),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
                     // Nothing waits: no buffer is held while the app is quiet.
                     keep_spare(std::mem::take(&mut self.buf));
-                    if self.need_flush {
-                        ready!(Pin::new(&mut *s).poll_flush(cx))?;
-                        self.need_flush = false;
-                    }
-                    return Poll::Pending;
+                    return self.idle(cx, s);
                 }
             }
         }
+    }
+
+    /// Nothing to read or to hand over: flush what the stream may hold, then wait.
+    fn idle<S: Chunks>(&mut self, cx: &mut Context<'_>, s: &mut S) -> Poll<io::Result<u64>> {
+        if self.need_flush {
+            ready!(Pin::new(&mut *s).poll_flush(cx))?;
+            self.need_flush = false;
+        }
+        Poll::Pending
+    }
+}
+
+/// The bytes just read into `buf`, as a chunk: a view of the buffer if there are at least
+/// [`VIEW_FROM`] of them, else a copy (and `buf` is empty again, for the next read).
+fn take_read(buf: &mut BytesMut) -> Bytes {
+    if buf.len() >= VIEW_FROM {
+        buf.split().freeze()
+    } else {
+        let chunk = Bytes::copy_from_slice(buf);
+        buf.clear();
+        chunk
     }
 }
 
@@ -317,6 +344,8 @@ impl FromChunks {
             }
             if self.out.is_empty() {
                 if !self.read_done {
+                    // An idle pair keeps no allocation (the queue grew during a burst).
+                    self.out = VecDeque::new();
                     return Poll::Pending;
                 }
                 ready!(Pin::new(&mut *tcp).poll_shutdown(cx))?;
@@ -653,6 +682,36 @@ mod tests {
         assert!(sent.ends_with(b"tail") && sent[..big.len()] == big[..]);
         assert!(mem.shut, "the app's end of input reaches the stream");
         assert_eq!(r.unwrap(), (big.len() as u64 + 4, want.len() as u64));
+    }
+
+    /// A resumable stream retains what it sends until acknowledged, and counts (and charges to
+    /// its budget) the chunk's bytes: a small read kept as a view would hold its whole 65 KiB
+    /// buffer for the sake of a few bytes (a service writing 16 KiB TLS records made every
+    /// chunk hold four times its size). Only a read of at least half a buffer is a view; the
+    /// buffer of a copied read is whole and unshared again.
+    #[test]
+    fn a_retained_chunk_holds_at_most_twice_its_size() {
+        for n in [1, 100, MIN_ROOM, VIEW_FROM - 1, VIEW_FROM, BUF_SIZE] {
+            let mut buf = BytesMut::with_capacity(SPARE_SIZE);
+            buf.extend_from_slice(&vec![5u8; n]);
+            let chunk = take_read(&mut buf);
+            assert_eq!(chunk.len(), n);
+            if n < VIEW_FROM {
+                assert!(
+                    buf.is_empty() && buf.try_reclaim(SPARE_SIZE),
+                    "{n}: the buffer is free"
+                );
+            } else {
+                assert!(
+                    2 * chunk.len() >= SPARE_SIZE,
+                    "{n}: a view is half its buffer or more"
+                );
+                assert!(
+                    !buf.try_reclaim(SPARE_SIZE),
+                    "{n}: the view still holds the buffer"
+                );
+            }
+        }
     }
 
     /// A forward's first bytes go with its `OPEN` in the chunk copy too.

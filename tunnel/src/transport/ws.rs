@@ -622,8 +622,8 @@ mod tests {
     }
 
     /// An idle session holds no read buffer (the memory of 50,000 idle desktops on one DMZ),
-    /// and the spare buffers it takes and gives back never hand out memory a message still
-    /// points into (a message kept by a stalled stream would change under the app).
+    /// now that it hands its buffer to the spare pool rather than dropping it too; and messages
+    /// kept while more are read, into reused buffers, stay as they were.
     #[tokio::test]
     async fn an_idle_reader_holds_no_buffer_and_kept_messages_stay_intact() {
         let (mut tx, mut rx) = pair();
