@@ -452,6 +452,11 @@ impl<Tx> InnerTx<Tx> {
     pub fn is_sealed(&self) -> bool {
         self.sealer.is_some()
     }
+
+    /// The transport the messages travel on.
+    pub fn carrier_mut(&mut self) -> &mut Tx {
+        &mut self.tx
+    }
 }
 
 impl<Tx: TransportTx> TransportTx for InnerTx<Tx> {

@@ -194,7 +194,10 @@ pub async fn over_websocket(
         .map_err(|_| ConnectError::Inner("the gateway's v2 answer is not base64url".into()))?;
     let (init2, offer) = read2(token, init, i, &msg2)?;
     let (tx, rx) = ws.split();
-    let (t, sealed) = finish(tx, rx, init2, &offer, token, &b, timeout).await?;
+    let (mut t, sealed) = finish(tx, rx, init2, &offer, token, &b, timeout).await?;
+    if masks_protect_nothing(sealed, &offer) {
+        t.0.carrier_mut().mask_with_zero_key();
+    }
     key_worked(token, i);
     Ok((
         t,
@@ -203,6 +206,20 @@ pub async fn over_websocket(
             tls_listed: listed(&offer, b.seen),
         },
     ))
+}
+
+/// Whether this session's WebSocket masks protect nothing, so that they may use the zero key
+/// (`WsTx::mask_with_zero_key`). Masks keep bytes an attacker chose (an app's data: a web page
+/// can send any through the agent's proxy) from reaching an intermediary that reads the
+/// connection in a form it could mistake for HTTP (RFC 6455 §10.3). That needs both, and here:
+/// - mode `Sealed`: every payload is sealed under the session's Noise keys: no attacker chooses
+///   a byte an intermediary sees;
+/// - mode `Outer` with the exporter binding: the gateway saw the same TLS exporter value, so the
+///   TLS connection ends at the gateway itself: no intermediary reads the frames at all;
+/// - mode `Outer` through a trusted load balancer (`trust_lb`): the balancer reads the frames
+///   and the data in them is the app's: the masks stay random.
+fn masks_protect_nothing(sealed: bool, offer: &Offer) -> bool {
+    sealed || offer.exporter
 }
 
 /// msg1 for the HTTP fallback (the create body), carrying the request key.
@@ -383,6 +400,27 @@ mod tests {
 
     /// A forged refusal moves the agent to the token's next key; it cycles among the token's
     /// keys at or after the last one that worked, never back below it.
+    /// Masks keep an app's bytes (a web page can send any through the agent's proxy) from an
+    /// intermediary that reads the connection. A load balancer trusted with mode `Outer` reads
+    /// the frames and the app's bytes in them, so its sessions keep random masks; the zero key
+    /// only where no intermediary reads the frames (the exporter binding) or none of the bytes
+    /// are chosen by an attacker (sealed).
+    #[test]
+    fn a_session_a_load_balancer_reads_keeps_random_masks() {
+        let offer = |exporter, trust_lb| Offer {
+            exporter,
+            trust_lb,
+            time: 0,
+            tls_keys: vec![],
+        };
+        // mode Outer through a trusted balancer: random masks.
+        assert!(!masks_protect_nothing(false, &offer(false, true)));
+        // mode Outer bound to the gateway's own TLS, and any sealed session: the zero key.
+        assert!(masks_protect_nothing(false, &offer(true, false)));
+        assert!(masks_protect_nothing(true, &offer(false, true)));
+        assert!(masks_protect_nothing(true, &offer(false, false)));
+    }
+
     #[test]
     fn a_forged_refusal_cannot_push_the_agent_back_to_a_key_it_moved_past() {
         let t = token(2);

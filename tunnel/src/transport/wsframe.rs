@@ -64,8 +64,10 @@ pub fn parse(buf: &mut BytesMut, from: From, max: usize) -> Result<Option<WsFram
     }
     buf.advance(h.header_len);
     let mut payload = buf.split_to(h.len);
-    if let Some(key) = h.mask {
-        apply_mask(&mut payload, key);
+    match h.mask {
+        // The zero key changes nothing: no pass over the payload.
+        Some(key) if key != [0; 4] => apply_mask(&mut payload, key),
+        _ => {}
     }
     Ok(Some(WsFrame {
         fin: h.fin,
