@@ -688,5 +688,8 @@ mod tests {
             seen: Some([9; 32]),
         };
         assert!(!agent_allows_outer(&o, &no_exporter));
+        // The same appliance over TLS 1.2 (no exporter on either side): the gateway still
+        // terminates it (the offer says so), so it is not a trusted balancer's connection.
+        assert_eq!(choose_mode(&o, None, &no_exporter), Mode::Sealed);
     }
 }

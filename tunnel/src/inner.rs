@@ -452,10 +452,12 @@ impl<Tx> InnerTx<Tx> {
     pub fn is_sealed(&self) -> bool {
         self.sealer.is_some()
     }
+}
 
-    /// The transport the messages travel on.
-    pub fn carrier_mut(&mut self) -> &mut Tx {
-        &mut self.tx
+impl<S> InnerTx<crate::ws::WsTx<S>> {
+    /// [`crate::ws::WsTx::mask_with_zero_key`] on the WebSocket underneath.
+    pub fn mask_with_zero_key(&mut self) {
+        self.tx.mask_with_zero_key()
     }
 }
 

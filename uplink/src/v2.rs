@@ -196,7 +196,7 @@ pub async fn over_websocket(
     let (tx, rx) = ws.split();
     let (mut t, sealed) = finish(tx, rx, init2, &offer, token, &b, timeout).await?;
     if masks_protect_nothing(sealed, &offer) {
-        t.0.carrier_mut().mask_with_zero_key();
+        t.0.mask_with_zero_key();
     }
     key_worked(token, i);
     Ok((
@@ -210,14 +210,18 @@ pub async fn over_websocket(
 
 /// Whether this session's WebSocket masks protect nothing, so that they may use the zero key
 /// (`WsTx::mask_with_zero_key`). Masks keep bytes an attacker chose (an app's data: a web page
-/// can send any through the agent's proxy) from reaching an intermediary that reads the
-/// connection in a form it could mistake for HTTP (RFC 6455 §10.3). That needs both, and here:
-/// - mode `Sealed`: every payload is sealed under the session's Noise keys: no attacker chooses
-///   a byte an intermediary sees;
-/// - mode `Outer` with the exporter binding: the gateway saw the same TLS exporter value, so the
-///   TLS connection ends at the gateway itself: no intermediary reads the frames at all;
+/// can send any through the agent's proxy) from reaching, as they were sent, an intermediary
+/// that reads the connection and could take them for HTTP (RFC 6455 §10.3). By the verdict:
+/// - mode `Sealed`: every payload is sealed under the session's Noise keys; what an attacker
+///   can still influence is only lengths (the frame's, each sealed chunk's 2-byte length),
+///   between blocks of ciphertext;
+/// - mode `Outer` with `offer.exporter` (the gateway terminates TLS itself): the gateway chose
+///   `Outer` only because our TLS exporter value, sent inside msg3, equals its own (the balancer
+///   rule needs `!offer.exporter`), so the TLS connection ends at the gateway and no
+///   intermediary reads the frames at all. (We infer this from the gateway's verdict; the
+///   verdict and the offer are authenticated by the handshake.)
 /// - mode `Outer` through a trusted load balancer (`trust_lb`): the balancer reads the frames
-///   and the data in them is the app's: the masks stay random.
+///   and the app's bytes in them: the masks stay random.
 fn masks_protect_nothing(sealed: bool, offer: &Offer) -> bool {
     sealed || offer.exporter
 }
@@ -398,8 +402,6 @@ mod tests {
         .unwrap()
     }
 
-    /// A forged refusal moves the agent to the token's next key; it cycles among the token's
-    /// keys at or after the last one that worked, never back below it.
     /// Masks keep an app's bytes (a web page can send any through the agent's proxy) from an
     /// intermediary that reads the connection. A load balancer trusted with mode `Outer` reads
     /// the frames and the app's bytes in them, so its sessions keep random masks; the zero key
@@ -417,10 +419,13 @@ mod tests {
         assert!(!masks_protect_nothing(false, &offer(false, true)));
         // mode Outer bound to the gateway's own TLS, and any sealed session: the zero key.
         assert!(masks_protect_nothing(false, &offer(true, false)));
+        assert!(masks_protect_nothing(false, &offer(true, true)));
         assert!(masks_protect_nothing(true, &offer(false, true)));
         assert!(masks_protect_nothing(true, &offer(false, false)));
     }
 
+    /// A forged refusal moves the agent to the token's next key; it cycles among the token's
+    /// keys at or after the last one that worked, never back below it.
     #[test]
     fn a_forged_refusal_cannot_push_the_agent_back_to_a_key_it_moved_past() {
         let t = token(2);

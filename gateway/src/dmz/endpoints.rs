@@ -66,7 +66,7 @@ pub(crate) async fn handle_connection(shared: Arc<Shared>, tcp: TcpStream, peer:
                         .is_ok();
                 ok.then_some(out)
             };
-            serve_http(shared, tls, peer, deadline, slot, exporter).await
+            serve_http(shared, tls, peer, deadline, slot, Some(exporter)).await
         }
         None => serve_http(shared, tcp, peer, deadline, slot, None).await,
     }
@@ -110,10 +110,16 @@ pub(crate) async fn serve_http<S>(
     peer: SocketAddr,
     deadline: tokio::time::Instant,
     mut slot: Slot,
-    exporter: Option<[u8; 32]>,
+    own_tls: Option<Option<[u8; 32]>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // `own_tls`: we terminated this connection's TLS (with its exporter value, TLS 1.3 only).
+    // Whether we did is what the offer says, not whether an exporter exists: a TLS 1.2
+    // connection we terminate has none, and must not pass for one a trusted load balancer
+    // terminated (a copy of a listed key would then qualify for mode `outer`).
+    let tls_here = own_tls.is_some();
+    let exporter = own_tls.flatten();
     let head = tokio::select! {
         r = tokio::time::timeout_at(deadline, http::read_head(&mut io)) => r,
         _ = slot.evicted() => return,
@@ -220,7 +226,7 @@ pub(crate) async fn serve_http<S>(
             let is_agent = endpoint == "/agent";
             let inner = is_agent && head.query_has("inner", "1");
             let up = tokio::select! {
-                u = tokio::time::timeout_at(deadline, Box::pin(upgrade(&shared, io, head, client, is_agent, inner, exporter.is_some()))) => u,
+                u = tokio::time::timeout_at(deadline, Box::pin(upgrade(&shared, io, head, client, is_agent, inner, tls_here))) => u,
                 _ = slot.evicted() => return,
             };
             let Ok(Some(up)) = up else {
