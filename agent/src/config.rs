@@ -239,6 +239,8 @@ pub struct AgentConfig {
     pub inner_key: Option<tunnel::inner::PublicKey>,
     /// Use the inner channel even over the gateway's own TLS.
     pub always_inner: bool,
+    /// `[tunnel] websocket_masks = "random"`.
+    pub random_masks: bool,
     pub transport: TransportChoice,
     /// Forced downstream mode of the HTTP transport (`None`: stream, switching when buffered).
     pub http_mode: Option<tunnel::http::DownMode>,
@@ -291,6 +293,7 @@ impl AgentConfig {
             transport: self.transport,
             http_mode: self.http_mode,
             always_inner: self.always_inner,
+            random_masks: self.random_masks,
         }
     }
 }
@@ -572,6 +575,7 @@ pub fn agent_config_with(
         gateway_key: file.gateway_key,
         inner_key,
         always_inner,
+        random_masks: file.tunnel.random_masks()?,
         transport,
         http_mode,
         websocket_retry: file.tunnel.websocket_retry()?,

@@ -176,6 +176,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         transport: uplink::TransportChoice::Auto,
         http_mode: None,
         always_inner: false,
+        random_masks: false,
         instance_id: "demo-connector".into(),
         session: {
             let mut s = tunnel::Config::new(tunnel::Role::Connector, true);
@@ -222,6 +223,7 @@ async fn run_in(dir: &Path, opts: DemoOptions, shutdown: CancellationToken) -> a
         gateway_key: None,
         inner_key: None,
         always_inner: false,
+        random_masks: false,
         transport: crate::config::TransportChoice::Auto,
         http_mode: None,
         websocket_retry: crate::pool::RETRY_WEBSOCKET,

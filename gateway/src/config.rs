@@ -919,6 +919,7 @@ pub fn connector_config(args: ConnectorArgs) -> Result<ConnectorConfig, ConfigEr
         transport,
         http_mode,
         always_inner,
+        random_masks: file.tunnel.random_masks()?,
         instance_id: args
             .instance_id
             .or(file.instance_id)

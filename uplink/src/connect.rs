@@ -90,6 +90,9 @@ pub struct Uplink {
     /// `[tunnel] inner = "always"`: sealed (v2) or inside the inner channel (v1) even over the
     /// gateway's own TLS.
     pub always_inner: bool,
+    /// `[tunnel] websocket_masks = "random"`: a random mask key on every frame, even where the
+    /// zero key would do.
+    pub random_masks: bool,
 }
 
 /// What protects a session's frames on the way.
@@ -271,6 +274,7 @@ impl Uplink {
                     max_frame,
                     self.connect_timeout,
                     self.always_inner,
+                    self.random_masks,
                 )
                 .await?;
                 let carried = Carried {

@@ -79,6 +79,35 @@ impl Tuning<'_> {
 mod tests {
     use super::*;
 
+    /// The way back to random mask keys, for an intermediary that cannot take the zero key: it
+    /// parses, a wrong value names what to write, and the DMZ (which sends no masked frames)
+    /// refuses the key.
+    #[test]
+    fn websocket_masks_is_auto_or_random_and_not_a_dmz_setting() {
+        let file = |v: &str| TunnelFile {
+            websocket_masks: Some(v.into()),
+            ..Default::default()
+        };
+        assert!(!TunnelFile::default().random_masks().unwrap());
+        assert!(!file("auto").random_masks().unwrap());
+        assert!(file("random").random_masks().unwrap());
+        let e = file("zero").random_masks().unwrap_err();
+        assert!(
+            e.0.contains("tunnel.websocket_masks `zero`: use auto or random"),
+            "{e}"
+        );
+        let e = file("random")
+            .refuse_keys_of_others("DMZ", true)
+            .unwrap_err();
+        assert!(
+            e.0.contains("tunnel.websocket_masks is not a setting of the DMZ"),
+            "{e}"
+        );
+        assert!(file("random")
+            .refuse_keys_of_others("connector", false)
+            .is_ok());
+    }
+
     /// The agent clamped an out-of-range window silently while the gateway roles refused it:
     /// one rule for all now, with the key named.
     #[test]
@@ -162,6 +191,21 @@ pub struct TunnelFile {
     /// While on the HTTP fallback (chosen automatically), how often WebSocket is tried again
     /// (the agent; a connector tries WebSocket first on every reconnect).
     pub websocket_retry: Option<String>,
+    /// `auto` (the zero key where masks protect nothing: docs/protocol.md, "Transport") or
+    /// `random` (a fresh random key on every frame, for an intermediary that cannot take the
+    /// zero key).
+    pub websocket_masks: Option<String>,
+}
+
+/// A `[tunnel]` setting that is `auto` (the default: `false`) or `other` (`true`).
+fn auto_or(value: Option<&str>, key: &str, other: &str) -> Result<bool, TuningError> {
+    match value {
+        None | Some("auto") => Ok(false),
+        Some(v) if v == other => Ok(true),
+        Some(v) => Err(TuningError(format!(
+            "tunnel.{key} `{v}`: use auto or {other}"
+        ))),
+    }
 }
 
 impl TunnelFile {
@@ -185,6 +229,10 @@ impl TunnelFile {
             ("transport", uplink_keys && self.transport.is_some()),
             ("http_mode", uplink_keys && self.http_mode.is_some()),
             ("inner", uplink_keys && self.inner.is_some()),
+            (
+                "websocket_masks",
+                uplink_keys && self.websocket_masks.is_some(),
+            ),
             ("websocket_retry", self.websocket_retry.is_some()),
         ];
         match set.iter().find(|(_, on)| *on) {
@@ -217,13 +265,12 @@ impl TunnelFile {
 
     /// `inner = "always"`.
     pub fn inner_always(&self) -> Result<bool, TuningError> {
-        match self.inner.as_deref() {
-            None | Some("auto") => Ok(false),
-            Some("always") => Ok(true),
-            Some(other) => Err(TuningError(format!(
-                "tunnel.inner `{other}`: use auto or always"
-            ))),
-        }
+        auto_or(self.inner.as_deref(), "inner", "always")
+    }
+
+    /// `websocket_masks = "random"`.
+    pub fn random_masks(&self) -> Result<bool, TuningError> {
+        auto_or(self.websocket_masks.as_deref(), "websocket_masks", "random")
     }
 
     /// `websocket_retry`, at least a second (default `crate::keep::RETRY_WEBSOCKET`).

@@ -157,6 +157,7 @@ pub async fn over_websocket(
     max_frame: u32,
     timeout: Duration,
     always_sealed: bool,
+    random_masks: bool,
 ) -> Result<
     (
         V2Transport<
@@ -195,7 +196,7 @@ pub async fn over_websocket(
     let (init2, offer) = read2(token, init, i, &msg2)?;
     let (tx, rx) = ws.split();
     let (mut t, sealed) = finish(tx, rx, init2, &offer, token, &b, timeout).await?;
-    if masks_protect_nothing(sealed, &offer) {
+    if !random_masks && masks_protect_nothing(sealed, &offer) {
         t.0.mask_with_zero_key();
     }
     key_worked(token, i);
@@ -209,7 +210,7 @@ pub async fn over_websocket(
 }
 
 /// Whether this session's WebSocket masks protect nothing, so that they may use the zero key
-/// (`WsTx::mask_with_zero_key`). Masks keep bytes an attacker chose (an app's data: a web page
+/// (`WsTx::mask_with_zero_key`; `[tunnel] websocket_masks = "random"` keeps them random anyway). Masks keep bytes an attacker chose (an app's data: a web page
 /// can send any through the agent's proxy) from reaching, as they were sent, an intermediary
 /// that reads the connection and could take them for HTTP (RFC 6455 §10.3). By the verdict:
 /// - mode `Sealed`: every payload is sealed under the session's Noise keys; what an attacker

@@ -57,10 +57,11 @@ pub struct ConnectorConfig {
     pub protocol_timeout: Duration,
     /// Where the token came from (its file, or `SALLYPORT_TOKEN`), for messages.
     pub token_source: String,
-    /// `[tunnel] transport`, `http_mode`, `inner` (as the agent's).
+    /// `[tunnel] transport`, `http_mode`, `inner`, `websocket_masks` (as the agent's).
     pub transport: uplink::TransportChoice,
     pub http_mode: Option<tunnel::http::DownMode>,
     pub always_inner: bool,
+    pub random_masks: bool,
     pub instance_id: String,
     pub session: tunnel::Config,
     /// A protocol v2 token (`sp2_…`, kind `connector`): the token-bound handshake, any outer
@@ -101,6 +102,7 @@ impl ConnectorConfig {
             transport: self.transport,
             http_mode: self.http_mode,
             always_inner: self.always_inner,
+            random_masks: self.random_masks,
         }
     }
 }

@@ -231,5 +231,6 @@ fn uplink(args: &Args) -> anyhow::Result<uplink::Uplink> {
         transport: uplink::TransportChoice::WebSocket,
         http_mode: None,
         always_inner: false,
+        random_masks: false,
     })
 }
