@@ -187,10 +187,7 @@ pub async fn splice_chunks<S: Chunks>(
     poll_fn(|cx| {
         let u = up.poll(cx, tcp, s)?;
         let d = down.poll(cx, s, tcp)?;
-        match (u, d) {
-            (Poll::Ready(u), Poll::Ready(d)) => Poll::Ready(Ok((u, d))),
-            _ => Poll::Pending,
-        }
+        both(u, d)
     })
     .await
 }
@@ -353,27 +350,47 @@ impl FromChunks {
                 continue;
             }
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let k = self.out.len();
-            for (slot, c) in slices.iter_mut().zip(&self.out) {
-                *slot = IoSlice::new(c);
-            }
-            let mut n = ready!(Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..k]))?;
+            let k = io_slices(&self.out, &mut slices);
+            let n = ready!(Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..k]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.bytes += n as u64;
             self.queued -= n;
-            while n > 0 {
-                let front = self.out.front_mut().expect("written bytes were queued");
-                if front.len() <= n {
-                    n -= front.len();
-                    self.out.pop_front();
-                } else {
-                    front.advance(n);
-                    n = 0;
-                }
-            }
+            consume(&mut self.out, n);
         }
+    }
+}
+
+/// Points `slots` at the front chunks of `queue`, for a vectored write; returns how many.
+pub(crate) fn io_slices<'a>(queue: &'a VecDeque<Bytes>, slots: &mut [IoSlice<'a>]) -> usize {
+    let mut k = 0;
+    for (slot, c) in slots.iter_mut().zip(queue) {
+        *slot = IoSlice::new(c);
+        k += 1;
+    }
+    k
+}
+
+/// Drops the first `n` bytes of `queue` (written): whole chunks, then the front of one.
+pub(crate) fn consume(queue: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let front = queue.front_mut().expect("written bytes were queued");
+        if front.len() <= n {
+            n -= front.len();
+            queue.pop_front();
+        } else {
+            front.advance(n);
+            n = 0;
+        }
+    }
+}
+
+/// Both directions of a pair: their byte counts once both are done.
+fn both(a: Poll<u64>, b: Poll<u64>) -> Poll<io::Result<(u64, u64)>> {
+    match (a, b) {
+        (Poll::Ready(a), Poll::Ready(b)) => Poll::Ready(Ok((a, b))),
+        _ => Poll::Pending,
     }
 }
 
@@ -388,10 +405,7 @@ where
     poll_fn(|cx| {
         let ab = a_to_b.poll(cx, a, b)?;
         let ba = b_to_a.poll(cx, b, a)?;
-        match (ab, ba) {
-            (Poll::Ready(up), Poll::Ready(down)) => Poll::Ready(Ok((up, down))),
-            _ => Poll::Pending,
-        }
+        both(ab, ba)
     })
     .await
 }

@@ -13,7 +13,7 @@
 use crate::frame::HEADER_LEN;
 use crate::transport::wsframe::{self, op, FrameError, From};
 use crate::transport::{Transport, TransportError, TransportRx, TransportTx};
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::IoSlice;
@@ -434,27 +434,13 @@ impl<S: AsyncWrite> WsTx<S> {
         while !self.queue.is_empty() {
             let n = {
                 let mut slices = [IoSlice::new(&[]); 64];
-                let mut k = 0;
-                for (slot, b) in slices.iter_mut().zip(self.queue.iter()) {
-                    *slot = IoSlice::new(b);
-                    k += 1;
-                }
+                let k = crate::splice::io_slices(&self.queue, &mut slices);
                 self.io.write_vectored(&slices[..k]).await.map_err(io_err)?
             };
             if n == 0 {
                 return Err(TransportError::Closed);
             }
-            let mut left = n;
-            while left > 0 {
-                let front = self.queue.front_mut().expect("written bytes were queued");
-                if front.len() <= left {
-                    left -= front.len();
-                    self.queue.pop_front();
-                } else {
-                    front.advance(left);
-                    left = 0;
-                }
-            }
+            crate::splice::consume(&mut self.queue, n);
         }
         self.queued = 0;
         // Between bursts the session keeps no write buffer.
