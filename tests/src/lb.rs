@@ -19,6 +19,8 @@
 
 use crate::{bin, field, require_tool, run, Pki, Proc, TempDir};
 use anyhow::{bail, Context, Result};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -65,6 +67,10 @@ pub struct LbConfig<'a> {
     /// HAProxy only: the health check's interval (`inter`; taken out after 2 failures, back after
     /// 2 successes). A draining instance's `--drain-delay` must exceed twice this.
     pub check_interval: Duration,
+    /// nginx only: reach the gateway over TLS 1.2 (`proxy_pass https://…`, `proxy_ssl_protocols
+    /// TLSv1.2`) instead of plain HTTP: a balancer that re-encrypts, in front of a gateway that
+    /// terminates TLS itself without an exporter value.
+    pub upstream_tls12: bool,
 }
 
 impl<'a> LbConfig<'a> {
@@ -84,6 +90,7 @@ impl<'a> LbConfig<'a> {
             client_ca: None,
             instances: Vec::new(),
             check_interval: Duration::from_secs(2),
+            upstream_tls12: false,
         }
     }
 
@@ -256,6 +263,11 @@ impl Nginx {
         } else {
             "\n    location / {\n        return 404;\n    }\n".to_string()
         };
+        let (scheme, upstream_tls) = if cfg.upstream_tls12 {
+            ("https", "        proxy_ssl_protocols TLSv1.2;\n")
+        } else {
+            ("http", "")
+        };
         let client_ca = match cfg.client_ca {
             Some(ca) => format!(
                 "    ssl_client_certificate {};\n    ssl_verify_client on;\n",
@@ -281,7 +293,7 @@ server {{
     ssl_protocols       TLSv1.2 TLSv1.3;
 {client_ca}
     location {prefix}/ {{
-        proxy_pass http://sallyport_dmz;    # no URI part: {prefix}/... is passed unchanged
+        proxy_pass {scheme}://sallyport_dmz;    # no URI part: {prefix}/... is passed unchanged
         proxy_http_version 1.1;             # WebSocket needs HTTP/1.1 to the gateway
         proxy_set_header Upgrade $http_upgrade;
         proxy_set_header Connection $sallyport_connection;
@@ -293,7 +305,7 @@ server {{
         proxy_buffering off;                # the HTTP fallback streams its downstream
         proxy_request_buffering off;        # ... and its upstream batches
         client_max_body_size 2m;            # upstream batches stay below 1 MiB
-{bind}    }}
+{upstream_tls}{bind}    }}
 {elsewhere}}}
 "#,
             servers = Nginx::servers(cfg),
@@ -518,6 +530,10 @@ backend be_sallyport
     /// Writes `combined.pem` and the configuration into a fresh folder, starts HAProxy in the
     /// foreground and waits until it accepts connections.
     pub fn start(cfg: &LbConfig<'_>) -> Result<Haproxy> {
+        anyhow::ensure!(
+            !cfg.upstream_tls12,
+            "upstream_tls12 is rendered for nginx only"
+        );
         let dir = TempDir::new("haproxy");
         let d = dir.path();
         let mut cfg = cfg.clone();
@@ -610,6 +626,12 @@ pub struct LbSetup<'a> {
     pub hosts: &'a [&'a str],
     /// The connector's `[tunnel] ping_interval` (None: the default, 20 s).
     pub connector_ping: Option<Duration>,
+    /// The gateway trusts the balancer to read sessions: `[v2] trust_lb = true` with the key of
+    /// the certificate the balancer presents (the gateway's) in `tls_keys`.
+    pub trust_lb: bool,
+    /// The gateway terminates TLS itself (`--tls-cert`, the same certificate as the balancer),
+    /// reached over TLS 1.2 by nginx ([`LbConfig::upstream_tls12`]); `false`: `--plain`.
+    pub dmz_tls12: bool,
 }
 
 /// DMZ gateway (`--plain --prefix /sallyport`), a load balancer in front of it, and a
@@ -656,12 +678,35 @@ impl LbSystem {
         )?;
         pki.token("connector", "site-a", &["--route", "*.internal:*"])?;
         let lb_ip = setup.lb_source.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let (cert, key) = (pki.p("gateway.crt"), pki.p("gateway.key"));
+        let mut dmz_cmd = Command::new(bin("sallyport-gateway"));
+        dmz_cmd.arg("dmz");
+        if setup.dmz_tls12 {
+            dmz_cmd
+                .arg("--tls-cert")
+                .arg(&cert)
+                .arg("--tls-key")
+                .arg(&key);
+        } else {
+            dmz_cmd.arg("--plain");
+        }
+        if setup.trust_lb {
+            let pem = std::fs::read(&cert)?;
+            let der = CertificateDer::pem_slice_iter(&pem)
+                .next()
+                .context("gateway.crt holds no certificate")??;
+            let pin = egress::cert::key_pin(&der).context("gateway.crt: no key")?;
+            let path = pki.p("dmz.toml");
+            std::fs::write(
+                &path,
+                format!("[v2]\ntrust_lb = true\ntls_keys = [\"{pin}\"]\n"),
+            )?;
+            dmz_cmd.arg("-c").arg(path);
+        }
         let dmz = Proc::spawn(
             "dmz",
-            Command::new(bin("sallyport-gateway"))
+            dmz_cmd
                 .args([
-                    "dmz",
-                    "--plain",
                     "--listen",
                     "127.0.0.1:0",
                     "--prefix",
@@ -677,10 +722,10 @@ impl LbSystem {
                 .arg(pki.p("connectors.toml")),
         )?;
         let dmz_addr = dmz.addr(&["dmz gateway listening"])?;
-        let (cert, key) = (pki.p("gateway.crt"), pki.p("gateway.key"));
         let lb = setup.kind.start(&LbConfig {
             idle_timeout: setup.idle_timeout,
             source: setup.lb_source,
+            upstream_tls12: setup.dmz_tls12,
             ..LbConfig::new(dmz_addr, &cert, &key)
         })?;
         let gw_url = format!("wss://127.0.0.1:{}{PREFIX}/", lb.addr().port());

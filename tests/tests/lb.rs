@@ -12,7 +12,11 @@
 //!    on the new session (the same socket keeps echoing);
 //! 3. the client's address: the gateway logs the address the load balancer saw, believes
 //!    `X-Forwarded-For`/`Forwarded` only from `--trusted-proxy` peers, and takes the right-most
-//!    untrusted address, so a forged header cannot pick the logged address.
+//!    untrusted address, so a forged header cannot pick the logged address;
+//! 4. several DMZ instances keep each HTTP-transport session on one;
+//! 5. which sessions a balancer may read (nginx): only one the admin trusts (`[v2] trust_lb`,
+//!    its key listed) that hands the gateway plain HTTP; a gateway that terminates TLS itself,
+//!    even TLS 1.2 (no exporter value), keeps every session sealed.
 
 use sallyport_e2e::lb::*;
 use sallyport_e2e::*;
@@ -43,6 +47,8 @@ fn backend_system(
         allow: &allow,
         hosts: &["backend.internal=127.0.0.1"],
         connector_ping: None,
+        trust_lb: false,
+        dmz_tls12: false,
     };
     setup(&mut s);
     (svc.port(), LbSystem::start(tag, &s).unwrap())
@@ -186,6 +192,8 @@ fn idle_sessions(kind: LbKind) {
             allow: &allow,
             hosts: &["backend.internal=127.0.0.1"],
             connector_ping: Some(Duration::from_secs(1)),
+            trust_lb: false,
+            dmz_tls12: false,
         },
     )
     .unwrap();
@@ -630,4 +638,69 @@ fn nginx_keeps_each_http_session_on_one_of_several_instances() {
 #[test]
 fn haproxy_keeps_each_http_session_on_one_of_several_instances() {
     several_instances(LbKind::Haproxy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Which sessions a balancer may read (`[v2] trust_lb`)
+
+/// The system with the gateway trusting nginx (`[v2] trust_lb`, the key nginx presents
+/// listed), the gateway plain or (`tls12`) terminating TLS 1.2 from nginx itself; returns the
+/// agent's "connected" line once curl reached the backend through the agent.
+fn trusted_balancer(tag: &str, tls12: bool) -> String {
+    let svc = http_service().unwrap();
+    let allow = allow_backend(svc.port());
+    let sys = LbSystem::start(
+        tag,
+        &LbSetup {
+            kind: LbKind::Nginx,
+            idle_timeout: Duration::from_secs(60),
+            lb_source: None,
+            allow: &allow,
+            hosts: &["backend.internal=127.0.0.1"],
+            connector_ping: None,
+            trust_lb: true,
+            dmz_tls12: tls12,
+        },
+    )
+    .unwrap();
+    let agent = sys.agent("agent", None, &[]).unwrap();
+    let (code, out, err) = run(curl()
+        .arg("--socks5-hostname")
+        .arg(agent.socks.to_string())
+        .arg(format!("http://backend.internal:{}/", svc.port())))
+    .unwrap();
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "hello from backend.internal\n"),
+        "{err}\n{}",
+        logs(&sys, &[&agent])
+    );
+    agent
+        .proc
+        .log()
+        .lines()
+        .find(|l| l.contains("connected to the gateway"))
+        .unwrap_or_else(|| panic!("{}", logs(&sys, &[&agent])))
+        .to_string()
+}
+
+/// The admin trusts nginx (`[v2] trust_lb`, its key listed) and nginx hands the gateway plain
+/// HTTP: sessions ride nginx's TLS alone (mode `outer`), and the agent says who reads them.
+#[test]
+fn a_trusted_balancer_carries_sessions_over_its_own_tls() {
+    let line = trusted_balancer("lb-trusted", false);
+    assert!(
+        line.contains("v2 over the TLS of a load balancer the gateway trusts"),
+        "{line}"
+    );
+}
+
+/// An appliance holding a copy of a listed key, re-encrypting to a gateway that terminates TLS
+/// 1.2 itself (no exporter value to compare): the gateway terminated that TLS, so the
+/// connection is not one a trusted balancer handed over, and the session stays sealed. (It got
+/// mode `outer` while the gateway took "no exporter value" for "a balancer terminated it".)
+#[test]
+fn a_copy_of_a_listed_key_in_front_of_a_gateway_on_tls_1_2_gets_a_sealed_session() {
+    let line = trusted_balancer("lb-tls12", true);
+    assert!(line.contains("v2 sealed"), "{line}");
 }

@@ -102,7 +102,7 @@ pub enum Protection {
     Tls,
     /// Protocol v1's inner channel, bound to the pinned inner key.
     V1Inner,
-    /// Protocol v2, sealed or over the gateway's own TLS.
+    /// Protocol v2: sealed, or over the gateway's own TLS or a trusted load balancer's.
     V2(crate::v2::Done),
 }
 

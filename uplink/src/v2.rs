@@ -86,6 +86,9 @@ pub struct Done {
     /// own, its load balancer's), from the authenticated offer: `Some(false)` means someone on
     /// the way re-signed the TLS; `None` when the gateway listed none or there was no TLS.
     pub tls_listed: Option<bool>,
+    /// Mode `Outer` over a load balancer's TLS that the gateway trusts (`[v2] trust_lb`), not
+    /// its own: that balancer reads the session.
+    pub balancer: bool,
 }
 
 impl Done {
@@ -93,6 +96,8 @@ impl Done {
     pub fn describe(&self) -> String {
         let mode = if self.sealed {
             "v2 sealed"
+        } else if self.balancer {
+            "v2 over the TLS of a load balancer the gateway trusts (it reads the session)"
         } else {
             "v2 over the gateway's own TLS"
         };
@@ -205,6 +210,8 @@ pub async fn over_websocket(
         Done {
             sealed,
             tls_listed: listed(&offer, b.seen),
+            // The gateway chose `Outer` without terminating the TLS: the trusted balancer rule.
+            balancer: !sealed && !offer.exporter,
         },
     ))
 }
@@ -258,6 +265,7 @@ pub async fn over_http<T: Transport>(
         Done {
             sealed,
             tls_listed: listed(&offer, seen),
+            balancer: false,
         },
     ))
 }
