@@ -269,6 +269,20 @@ pub fn run(cmd: &mut Command) -> Result<(i32, String, String)> {
     ))
 }
 
+/// What the test backend answers (`http_service`).
+pub const BACKEND_HELLO: &str = "hello from backend.internal\n";
+
+/// `curl --socks5-hostname SOCKS http://backend.internal:PORT/`: `(exit code, body, stderr)`.
+/// Compare `(code, body)` with `(0, BACKEND_HELLO)`.
+pub fn curl_backend(socks: std::net::SocketAddr, port: u16) -> (i32, String, String) {
+    require_tool("curl");
+    run(Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--socks5-hostname"])
+        .arg(socks.to_string())
+        .arg(format!("http://backend.internal:{port}/")))
+    .unwrap()
+}
+
 /// The names of the entries of `dir`, sorted (empty when it does not exist).
 pub fn file_names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)

@@ -34,14 +34,10 @@ fn system_via(tag: &str, args: &[&str], env: &[(&str, &str)]) -> System {
         env,
     )
     .unwrap();
-    let (code, out, err) = run(curl()
-        .arg("--socks5-hostname")
-        .arg(sys.socks.to_string())
-        .arg(format!("http://backend.internal:{}/", svc.port())))
-    .unwrap();
+    let (code, out, err) = curl_backend(sys.socks, svc.port());
     assert_eq!(
         (code, out.as_str()),
-        (0, "hello from backend.internal\n"),
+        (0, BACKEND_HELLO),
         "{err}\n{}",
         sys.agent.log()
     );

@@ -83,14 +83,10 @@ fn whole_path(kind: LbKind) {
     // The gateway speaks no TLS (`--plain`): the `wss://` sessions of the agent and the
     // connector can only have come through the load balancer.
     assert!(sys.gw_url.contains(&format!(":{}/sallyport/", lb.port())));
-    let (code, out, err) = run(curl()
-        .arg("--socks5-hostname")
-        .arg(agent.socks.to_string())
-        .arg(format!("http://backend.internal:{port}/")))
-    .unwrap();
+    let (code, out, err) = curl_backend(agent.socks, port);
     assert_eq!(
         (code, out.as_str()),
-        (0, "hello from backend.internal\n"),
+        (0, BACKEND_HELLO),
         "{err}\n{}",
         logs(&sys, &[&agent])
     );
@@ -589,14 +585,10 @@ fn several_instances(kind: LbKind) {
         .collect();
     for round in 0..2 {
         for (p, socks) in &agents {
-            let (code, out, err) = run(curl()
-                .arg("--socks5-hostname")
-                .arg(socks.to_string())
-                .arg(format!("http://backend.internal:{}/", svc.port())))
-            .unwrap();
+            let (code, out, err) = curl_backend(*socks, svc.port());
             assert_eq!(
                 (code, out.as_str()),
-                (0, "hello from backend.internal\n"),
+                (0, BACKEND_HELLO),
                 "{} round {round}: {err}\n{}\n--- {}\n{}\n--- dmz-a\n{}\n--- dmz-b\n{}",
                 p.name,
                 p.log(),
@@ -664,14 +656,10 @@ fn trusted_balancer(tag: &str, tls12: bool) -> String {
     )
     .unwrap();
     let agent = sys.agent("agent", None, &[]).unwrap();
-    let (code, out, err) = run(curl()
-        .arg("--socks5-hostname")
-        .arg(agent.socks.to_string())
-        .arg(format!("http://backend.internal:{}/", svc.port())))
-    .unwrap();
+    let (code, out, err) = curl_backend(agent.socks, svc.port());
     assert_eq!(
         (code, out.as_str()),
-        (0, "hello from backend.internal\n"),
+        (0, BACKEND_HELLO),
         "{err}\n{}",
         logs(&sys, &[&agent])
     );
