@@ -139,6 +139,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let rt = uplink::cli::runtime(Some(cli.threads.clamp(1, 64)))?;
     match cli.command {
         Command::Run(args) => {
+            uplink::cli::keep_freed_memory();
             let cfg = config::agent_config(args)?;
             rt.block_on(async {
                 let shutdown = CancellationToken::new();

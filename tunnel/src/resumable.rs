@@ -776,6 +776,15 @@ impl Resumable {
         if let Poll::Ready(Err(e)) = self.poll_link(cx) {
             return Poll::Ready(Err(e.to_io()));
         }
+        // While attached, the app waits like a plain stream's when the stream takes no more
+        // (its credit or queue is full; `poll_link` left its waker with the stream): the room
+        // for retained bytes is for what is sent and not yet acknowledged, not a second send
+        // queue. Filled ahead of the stream, it made a sender read about 1 MiB from its app
+        // before the session wrote any of it, every byte cold by then: 18 % more CPU per byte
+        // at the sending end (docs/benchmarks.md, "A send queue in front of the stream").
+        if len > 0 && matches!(self.link, Link::Up(_)) && self.end.has_unsent() {
+            return Poll::Pending;
+        }
         let mut n = self.end.writable().min(len);
         if n == 0 {
             // Woken by the acknowledgement that makes room (registered in poll_link).

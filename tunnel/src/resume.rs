@@ -118,6 +118,11 @@ impl End {
         None
     }
 
+    /// Whether bytes the app wrote still wait to be handed to the attachment.
+    pub fn has_unsent(&self) -> bool {
+        self.sent < self.written
+    }
+
     /// `n` bytes of [`End::unsent`] were handed to the attachment.
     pub fn on_sent(&mut self, n: usize) {
         self.sent = (self.sent + n as u64).min(self.written);

@@ -37,7 +37,7 @@ use std::future::poll_fn;
 use std::io;
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -96,8 +96,19 @@ const SPARE_MAX: usize = 8;
 /// headers (the WebSocket reader's room at a frame boundary).
 pub const SPARE_SIZE: usize = BUF_SIZE + 1024;
 
+/// Read buffers taken since start (see [`activity`]).
+static TAKEN: AtomicU64 = AtomicU64::new(0);
+
+/// A count that moves whenever a copy loop or a WebSocket reader takes a read buffer, i.e. when
+/// bytes arrive after a quiet spell and all through a transfer: a caller that sees it stand
+/// still knows the process went quiet (the agent then gives freed memory back).
+pub fn activity() -> u64 {
+    TAKEN.load(Ordering::Relaxed)
+}
+
 /// An empty buffer with room for at least `room` bytes: a spare one if there is one.
 pub(crate) fn spare_bytes(room: usize) -> BytesMut {
+    TAKEN.fetch_add(1, Ordering::Relaxed);
     let spare = SPARE.lock().ok().and_then(|mut s| s.pop());
     match spare {
         Some(b) if b.capacity() >= room => b,

@@ -55,14 +55,16 @@ pub fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtim
     b.event_interval(EVENT_INTERVAL).enable_all().build()
 }
 
-/// Keeps freed memory for reuse instead of handing it back to the kernel at once (the gateway
-/// roles call it first thing). With glibc's defaults (the top of the heap trimmed as soon as
-/// 128 KiB sit free there, large blocks mapped on their own above a threshold that moves) the
-/// DMZ faulted in 35,000-55,000 fresh pages per GB relayed, each zeroed by the kernel (4 % of
-/// its CPU in the profile); with blocks below 4 MiB taken from the heap and up to 16 MiB of it
-/// kept free, 2,200 (`bench/run.sh` prints page faults per GB by process). The desktop agent
-/// keeps glibc's defaults (it faulted 2,600 per GB either way, and its idle memory matters more
-/// there).
+/// Keeps freed memory for reuse instead of handing it back to the kernel at once (every role
+/// calls it first thing). With glibc's defaults (the top of the heap trimmed as soon as 128 KiB
+/// sit free there, large blocks mapped on their own above a threshold that moves) the DMZ
+/// faulted in 35,000-55,000 fresh pages per GB relayed, each zeroed by the kernel (4 % of its
+/// CPU in the profile); with blocks below 4 MiB taken from the heap and up to 16 MiB of it kept
+/// free, 2,200 (`bench/run.sh` prints page faults per GB by process). The desktop agent kept
+/// glibc's defaults until a sending end that waits for its stream (instead of reading ahead
+/// into the bytes it retains) freed and refaulted its read buffers: page faults were then 10 %
+/// of its CPU per byte. It calls [`give_back_freed_memory`] once it goes quiet, so its idle
+/// memory stays what it was.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets two of the allocator's parameters; called before any thread
@@ -71,6 +73,18 @@ pub fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
+    }
+}
+
+/// Hands the free memory the allocator keeps (see [`keep_freed_memory`]) back to the kernel:
+/// for a process that went quiet after a transfer.
+pub fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the kernel; it takes the allocator's
+    // locks like any allocation.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -20,7 +20,8 @@
 //! | [`tuning`] | `[tunnel]` windows and pings, one validation for every role |
 //! | [`v2`] | protocol v2's handshake over a WebSocket or the HTTP fallback, for both roles |
 
-// Denied everywhere but in one place: `cli::keep_freed_memory` (glibc's `mallopt`).
+// Denied everywhere but in `cli::keep_freed_memory` and `cli::give_back_freed_memory` (glibc's
+// `mallopt` and `malloc_trim`).
 #![deny(unsafe_code)]
 
 pub mod backoff;
