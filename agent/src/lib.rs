@@ -151,7 +151,6 @@ impl Agent {
     }
 }
 
-/// Binds and serves until `shutdown`.
 /// How often the agent looks whether it went quiet.
 const QUIET_CHECK: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -179,6 +178,7 @@ async fn give_back_when_quiet(shutdown: CancellationToken) {
     }
 }
 
+/// Binds and serves until `shutdown`.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), ListenError> {
     Agent::bind(config).await?.serve(shutdown).await;
     Ok(())

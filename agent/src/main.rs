@@ -136,10 +136,13 @@ fn main() -> ExitCode {
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Run(_) = &cli.command {
+        // Before any thread starts (the runtime's workers, with --threads above 1).
+        uplink::cli::keep_freed_memory();
+    }
     let rt = uplink::cli::runtime(Some(cli.threads.clamp(1, 64)))?;
     match cli.command {
         Command::Run(args) => {
-            uplink::cli::keep_freed_memory();
             let cfg = config::agent_config(args)?;
             rt.block_on(async {
                 let shutdown = CancellationToken::new();

@@ -893,9 +893,18 @@ impl AsyncWrite for Resumable {
             .poll_take(cx, buf.len(), |end, n| end.write(&buf[..n]))
     }
 
+    /// Ready once what the app wrote is handed to the stream (while attached; suspended, it
+    /// waits in the retained bytes as before). It was ready at once: a sender whose app went
+    /// quiet with a tail still waiting for credit, and whose other direction had ended, left
+    /// that tail until the app wrote again (the credit's wake-up found nothing polling).
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().poll_link(cx) {
+        let this = self.get_mut();
+        match this.poll_link(cx) {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e.to_io())),
+            // `poll_link` left our waker with the stream, which takes no more for now.
+            Poll::Ready(Ok(())) if matches!(this.link, Link::Up(_)) && this.end.has_unsent() => {
+                Poll::Pending
+            }
             _ => Poll::Ready(Ok(())),
         }
     }

@@ -265,11 +265,13 @@ async fn a_sender_waits_for_its_stream_instead_of_queueing_ahead_in_its_retained
     let grace = Duration::from_secs(10);
     let ((client, _ci), (_server, mut si)) = pair().await;
     let (_tx, rx) = watch::channel(Some(client.clone()));
-    tokio::spawn(async move {
-        // Holds the stream and reads nothing: the opener's credit runs out.
-        let end = accepted_holder(&mut si, grace).await;
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-        drop(end);
+    let (start_reading, reading) = tokio::sync::oneshot::channel::<usize>();
+    let reader = tokio::spawn(async move {
+        // Reads nothing at first: the opener's credit runs out. Then reads all it is told.
+        let mut end = accepted_holder(&mut si, grace).await;
+        let mut got = vec![0u8; reading.await.unwrap()];
+        end.read_exact(&mut got).await.unwrap();
+        got.iter().all(|b| *b == 7)
     });
     let mut end = opened_resumable(&client, rx, grace).await;
     let chunk = vec![7u8; 16 * 1024];
@@ -285,4 +287,21 @@ async fn a_sender_waits_for_its_stream_instead_of_queueing_ahead_in_its_retained
         "took {taken} bytes ahead of the stream"
     );
     assert!(taken >= 64 * 1024, "took only {taken} bytes");
+    // The waiting writer is woken by the credit the reader gives back, and its last bytes
+    // leave with the flush (not only when it writes again).
+    let more = 1024 * 1024;
+    start_reading.send(taken + more).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        for _ in 0..more / chunk.len() {
+            end.write_all(&chunk).await.unwrap();
+        }
+        end.flush().await.unwrap();
+    })
+    .await
+    .expect("the waiting writer was never woken");
+    let all_there = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the last bytes waited for another write")
+        .unwrap();
+    assert!(all_there);
 }
