@@ -65,12 +65,22 @@ def wait_listening(port, proc, timeout=10):
     raise RuntimeError(f"{proc.name} is not listening on {port}: {proc.log_path.read_text(errors='replace')[-2000:]}")
 
 
+_GIVEN = set()
+
+
 def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+    """A free loopback port, never one this process handed out before: the kernel may pick the
+    same port twice while the first taker has not bound it yet, and two hops of the nginx chain
+    given one port made nginx proxy into itself (a loop that grew to 765 MiB, its iperf3 runs
+    timed out, and the CI smoke run took two minutes more)."""
+    while True:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        p = s.getsockname()[1]
+        s.close()
+        if p not in _GIVEN:
+            _GIVEN.add(p)
+            return p
 
 
 def children(pid):
