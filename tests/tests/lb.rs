@@ -639,24 +639,12 @@ fn haproxy_keeps_each_http_session_on_one_of_several_instances() {
 /// listed), the gateway plain or (`tls12`) terminating TLS 1.2 from nginx itself; returns the
 /// agent's "connected" line once curl reached the backend through the agent.
 fn trusted_balancer(tag: &str, tls12: bool) -> String {
-    let svc = http_service().unwrap();
-    let allow = allow_backend(svc.port());
-    let sys = LbSystem::start(
-        tag,
-        &LbSetup {
-            kind: LbKind::Nginx,
-            idle_timeout: Duration::from_secs(60),
-            lb_source: None,
-            allow: &allow,
-            hosts: &["backend.internal=127.0.0.1"],
-            connector_ping: None,
-            trust_lb: true,
-            dmz_tls12: tls12,
-        },
-    )
-    .unwrap();
+    let (port, sys) = backend_system(tag, LbKind::Nginx, |s| {
+        s.trust_lb = true;
+        s.dmz_tls12 = tls12;
+    });
     let agent = sys.agent("agent", None, &[]).unwrap();
-    let (code, out, err) = curl_backend(agent.socks, svc.port());
+    let (code, out, err) = curl_backend(agent.socks, port);
     assert_eq!(
         (code, out.as_str()),
         (0, BACKEND_HELLO),

@@ -765,6 +765,13 @@ impl Resumable {
         }
     }
 
+    /// Attached, with bytes the app wrote that the stream took none of: right after
+    /// [`Resumable::poll_link`], which handed over what the stream's credit and queue allowed and
+    /// left our waker with the stream for the rest.
+    fn waits_for_stream(&self) -> bool {
+        matches!(self.link, Link::Up(_)) && self.end.has_unsent()
+    }
+
     /// A write of up to `len` bytes: `take(end, n)` keeps the first `n` (what the retained
     /// bytes and the budget allow) and returns how many it kept.
     fn poll_take(
@@ -782,7 +789,7 @@ impl Resumable {
         // queue. Filled ahead of the stream, it made a sender read about 1 MiB from its app
         // before the session wrote any of it, every byte cold by then: 18 % more CPU per byte
         // at the sending end (docs/benchmarks.md, "A send queue in front of the stream").
-        if len > 0 && matches!(self.link, Link::Up(_)) && self.end.has_unsent() {
+        if len > 0 && self.waits_for_stream() {
             return Poll::Pending;
         }
         let mut n = self.end.writable().min(len);
@@ -902,9 +909,7 @@ impl AsyncWrite for Resumable {
         match this.poll_link(cx) {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e.to_io())),
             // `poll_link` left our waker with the stream, which takes no more for now.
-            Poll::Ready(Ok(())) if matches!(this.link, Link::Up(_)) && this.end.has_unsent() => {
-                Poll::Pending
-            }
+            Poll::Ready(Ok(())) if this.waits_for_stream() => Poll::Pending,
             _ => Poll::Ready(Ok(())),
         }
     }
