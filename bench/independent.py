@@ -75,7 +75,7 @@ class SallyportPeer:
             "--ca", str(t / "ca.crt"), "--socks", "off", "--http", "off",
             "--forward", f"127.0.0.1:{fwd}=127.0.0.1:{self.echo_target}", "--log", "warn"], t, env={"HOME": str(t)})
         try:
-            return first_echo(fwd, t0, a)
+            return bench.first_echo(fwd, t0, a)
         finally:
             a.stop()
 
@@ -91,68 +91,6 @@ class NginxPeer:
 
     def stop(self):
         self.chain.stop()
-
-
-class WstunnelPeer:
-    """wstunnel's reverse shape: a client listening (-L) -> the server (wss) -> the server's own
-    reverse listener -> a client that dialled out (-R) -> the target."""
-
-    def __init__(self, tmp, binary, iperf_port, echo_port, threads):
-        t = Path(tmp) / "wstunnel"
-        t.mkdir()
-        bench.run([str(bench.BIN / "sallyport-gateway"), "cert", "--name", "127.0.0.1", "--out", str(t)])
-        self.bin, self.t = binary, t
-        self.env = {"TOKIO_WORKER_THREADS": str(threads)} if threads else {}
-        port = bench.free_port()
-        self.url = f"wss://127.0.0.1:{port}"
-        server = bench.Proc("wst-server", [binary, "server", self.url, "--tls-certificate", str(t / "gateway.crt"),
-                                           "--tls-private-key", str(t / "gateway.key"), "--log-lvl", "WARN"], t, env=self.env)
-        bench.wait_listening(port, server)
-        self.rev_iperf, self.rev_echo = bench.free_port(), bench.free_port()
-        reverse = bench.Proc("wst-reverse", [binary, "client", "-R", f"tcp://127.0.0.1:{self.rev_iperf}:127.0.0.1:{iperf_port}",
-                                             "-R", f"tcp://127.0.0.1:{self.rev_echo}:127.0.0.1:{echo_port}", self.url,
-                                             "--log-lvl", "WARN"], t, env=self.env)
-        bench.wait_listening(self.rev_iperf, server)
-        bench.wait_listening(self.rev_echo, server)
-        self.port, self.echo = bench.free_port(), bench.free_port()
-        forward = bench.Proc("wst-forward", [binary, "client", "-L", f"tcp://127.0.0.1:{self.port}:127.0.0.1:{self.rev_iperf}",
-                                             "-L", f"tcp://127.0.0.1:{self.echo}:127.0.0.1:{self.rev_echo}", self.url,
-                                             "--log-lvl", "WARN"], t, env=self.env)
-        bench.wait_listening(self.port, forward)
-        bench.wait_listening(self.echo, forward)
-        self.socks, self.procs = None, [forward, server, reverse]
-
-    def cold_start(self):
-        fwd = bench.free_port()
-        t0 = time.perf_counter()
-        c = bench.Proc(f"wst-cold-{time.monotonic_ns()}", [self.bin, "client", "-L", f"tcp://127.0.0.1:{fwd}:127.0.0.1:{self.rev_echo}",
-                                                           self.url, "--log-lvl", "WARN"], self.t, env=self.env)
-        try:
-            return first_echo(fwd, t0, c)
-        finally:
-            c.stop()
-
-    def stop(self):
-        for p in self.procs:
-            p.stop()
-
-
-def first_echo(port, t0, proc, timeout=20):
-    """Milliseconds from t0 to the first byte echoed through 127.0.0.1:port (tried every
-    millisecond until it works), or None."""
-    end = time.time() + timeout
-    while time.time() < end and proc.p.poll() is None:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                s.sendall(b"x")
-                if s.recv(1) == b"x":
-                    return (time.perf_counter() - t0) * 1000
-        except OSError:
-            pass
-        time.sleep(0.001)
-    print(f"  cold start: no echo through {proc.name}", file=sys.stderr)
-    return None
 
 
 def echo_under_load(port, stop, out, n=None):
@@ -296,7 +234,7 @@ def main(argv):
                 elif name == "nginx chain":
                     peer = NginxPeer(pt, iperf_port, echo_port)
                 else:
-                    peer = WstunnelPeer(pt, wst, iperf_port, echo_port, a.wstunnel_threads)
+                    peer = bench.WstunnelPeer(pt, wst, iperf_port, echo_port, a.wstunnel_threads)
                 if name == order[-1]:
                     bench.broken_step()
                 if bench.BREAK == "iperf" and name == "nginx chain":
@@ -321,12 +259,6 @@ def series(res, peer, key):
     return [r.get(key) for r in res[peer]]
 
 
-def per_round(xs, ys):
-    """Per-round ratios x/y as text, and their list (None where one failed)."""
-    rs = [bench.ratio_of(x, y) for x, y in zip(xs, ys)]
-    return " ".join(bench.fmt(r) for r in rs), rs
-
-
 def commit():
     """The commit measured (with `+changes` when the work tree differs from it)."""
     try:
@@ -346,21 +278,13 @@ def shown(path):
         return str(path)
 
 
-def version(binary):
-    """`wstunnel --version`'s line (e.g. `wstunnel-cli 10.6.2`), or the binary's name."""
-    try:
-        return subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout.strip() or Path(binary).name
-    except (OSError, subprocess.TimeoutExpired):
-        return Path(binary).name
-
-
 def table(res, peers, a, wst):
     f, med = bench.fmt, bench.med
     lines = [f"Commit {commit()}. Machine: {os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}, "
              f"load average {a.load_start:.1f} at the start, {a.load_end:.1f} at the end; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {a.rounds} rounds of {a.seconds} s, fresh processes per "
              f"round, peer order rotated; binaries {shown(bench.BIN)}"
-             + (f"; {version(wst)}, {a.wstunnel_threads or 'default'} worker(s)" if wst else ""),
+             + (f"; {bench.version(wst)}, {a.wstunnel_threads or 'default'} worker(s)" if wst else ""),
              ""]
     targets = []
     ng = "nginx chain"
@@ -371,7 +295,7 @@ def table(res, peers, a, wst):
             xs = series(res, p, key)
             if key == "cpu_gb" and p == "direct":
                 continue
-            text, rs = per_round(xs, series(res, ng, key))
+            text, rs = bench.per_round(xs, series(res, ng, key))
             ok = [r for r in rs if r is not None]
             worst = (max(ok) if key == "cpu_gb" else min(ok)) if ok else None
             lines.append(f"| {p} | {f(med(xs))}{bench.failures(xs)} | {f(med(rs))}× | {text} | {f(worst)}× |")
@@ -381,7 +305,7 @@ def table(res, peers, a, wst):
             if p == "sallyport" and key == "cpu_gb":
                 targets.append(("CPU per GB ≤ 0.85× nginx chain (median)", med(rs), med(rs) <= 0.85))
         if wst and key != "cpu_gb":
-            text, rs = per_round(series(res, "sallyport", key), series(res, "wstunnel wss", key))
+            text, rs = bench.per_round(series(res, "sallyport", key), series(res, "wstunnel wss", key))
             lines.append(f"| sallyport × wstunnel wss | | {f(med(rs))}× | {text} | |")
             targets.append((f"{key}: median ≥ 1.0× wstunnel wss", med(rs), med(rs) >= 1.0))
         lines.append("")
@@ -393,10 +317,10 @@ def table(res, peers, a, wst):
                                               ("sallyport default threads socks5", "sallyport default threads", "socks")]
     for label, p, key in rows:
         xs = series(res, p, key)
-        text, rs = per_round(xs, series(res, p, key + "_ref"))
+        text, rs = bench.per_round(xs, series(res, p, key + "_ref"))
         ok = [r for r in rs if r is not None]
         worst = max(ok) if ok else None
-        _, apart = per_round(xs, direct)
+        _, apart = bench.per_round(xs, direct)
         lines.append(f"| {label} | {f(med(xs), '.3f')} | {f(med(rs))}× | {text} | {f(worst)}× | {f(med(apart))}× |")
         if label == "sallyport":
             targets.append(("new connection through a forward ≤ 3× direct, every round", worst, worst is not None and worst <= 3))
@@ -407,7 +331,7 @@ def table(res, peers, a, wst):
     lines.append("| default threads (DMZ, connector) × `--threads 1`, same round | median | per round | worst round |")
     lines.append("|---|---:|---:|---:|")
     for key, title in METRICS + [("conn", "new connection ms (lower is better)")]:
-        text, rs = per_round(series(res, "sallyport default threads", key), series(res, "sallyport", key))
+        text, rs = bench.per_round(series(res, "sallyport default threads", key), series(res, "sallyport", key))
         ok = [r for r in rs if r is not None]
         lower_better = key in ("cpu_gb", "conn")
         worst = (max(ok) if lower_better else min(ok)) if ok else None
@@ -437,11 +361,7 @@ def table(res, peers, a, wst):
                  + " | ".join(f(med(series(res, p, "cold")), ".1f") if any(series(res, p, "cold")) else "–"
                               for p in peers if p != "direct") + " |")
     lines.append("")
-    lines.append("| target (issue 21), sallyport `--threads 1` unless said | value | met |")
-    lines.append("|---|---:|---|")
-    for what, value, met in targets:
-        said = met if isinstance(met, str) else ("yes" if met else "**no**")
-        lines.append(f"| {what} | {f(value)} | {said} |")
+    lines += bench.target_lines("target (issue 21), sallyport `--threads 1` unless said", targets)
     return lines
 
 

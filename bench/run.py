@@ -4,6 +4,7 @@ nginx `stream` TLS relay chain (the practical limit of a three-process TLS relay
 same run, interleaved rounds, medians.
 
     bench/run.sh            # installs iperf3/nginx if missing, builds release, runs this
+    WSTUNNEL=/path/to/wstunnel bench/run.sh   # with the optional wstunnel wss row
 
 Chains (TLS on both tunnel legs):
   direct    client -> server
@@ -13,6 +14,12 @@ Chains (TLS on both tunnel legs):
             without it: same DMZ and connector, one more agent each)
   nginx     client -> nginx (plain->TLS) -> nginx (TLS->TLS) -> nginx (TLS->plain) -> server
   rathole   (when `rathole` is on PATH) client -> rathole server <- rathole client -> server
+  wstunnel  (when the environment variable WSTUNNEL names a wstunnel binary; wstunnel is not on
+            crates.io) client -> wstunnel client (-L) -> wstunnel server (wss) <- wstunnel client
+            (-R, dialled out) -> server, the independent harness's shape; TOKIO_WORKER_THREADS =
+            BENCH_THREADS (default 1), like the Sallyport gateway roles here. Measured in the same
+            interleaved rounds, with its CPU per GB; the table adds sallyport against it (ratio of
+            medians, per-round min-max) and the issue's targets, met or not.
 
 Writes the table to bench/results/latest.md and prints it.
 """
@@ -24,6 +31,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -521,6 +529,75 @@ local_addr = "127.0.0.1:{target_port}"
             p.stop()
 
 
+class WstunnelPeer:
+    """wstunnel's reverse shape: a client listening (-L) -> the server (wss) -> the server's own
+    reverse listener -> a client that dialled out (-R) -> the target. `binary`: a wstunnel
+    executable (from the environment variable WSTUNNEL: wstunnel is not on crates.io);
+    `threads`: TOKIO_WORKER_THREADS of each of its three processes (0 or None: its default).
+    Used by both modes: the default one's optional `wstunnel wss` chain and the independent
+    harness's peer (bench/independent.py)."""
+
+    def __init__(self, tmp, binary, iperf_port, echo_port, threads):
+        t = Path(tmp) / "wstunnel"
+        t.mkdir()
+        run([str(BIN / "sallyport-gateway"), "cert", "--name", "127.0.0.1", "--out", str(t)])
+        self.bin, self.t = binary, t
+        self.env = {"TOKIO_WORKER_THREADS": str(threads)} if threads else {}
+        port = free_port()
+        self.url = f"wss://127.0.0.1:{port}"
+        server = Proc("wst-server", [binary, "server", self.url, "--tls-certificate", str(t / "gateway.crt"),
+                                     "--tls-private-key", str(t / "gateway.key"), "--log-lvl", "WARN"], t, env=self.env)
+        wait_listening(port, server)
+        self.rev_iperf, self.rev_echo = free_port(), free_port()
+        reverse = Proc("wst-reverse", [binary, "client", "-R", f"tcp://127.0.0.1:{self.rev_iperf}:127.0.0.1:{iperf_port}",
+                                       "-R", f"tcp://127.0.0.1:{self.rev_echo}:127.0.0.1:{echo_port}", self.url,
+                                       "--log-lvl", "WARN"], t, env=self.env)
+        wait_listening(self.rev_iperf, server)
+        wait_listening(self.rev_echo, server)
+        self.port, self.echo = free_port(), free_port()
+        forward = Proc("wst-forward", [binary, "client", "-L", f"tcp://127.0.0.1:{self.port}:127.0.0.1:{self.rev_iperf}",
+                                       "-L", f"tcp://127.0.0.1:{self.echo}:127.0.0.1:{self.rev_echo}", self.url,
+                                       "--log-lvl", "WARN"], t, env=self.env)
+        wait_listening(self.port, forward)
+        wait_listening(self.echo, forward)
+        self.socks, self.procs = None, [forward, server, reverse]
+
+    def cold_start(self):
+        """A fresh wstunnel client (-L): its start to the first byte echoed through its forward."""
+        fwd = free_port()
+        t0 = time.perf_counter()
+        c = Proc(f"wst-cold-{time.monotonic_ns()}", [self.bin, "client", "-L", f"tcp://127.0.0.1:{fwd}:127.0.0.1:{self.rev_echo}",
+                                                     self.url, "--log-lvl", "WARN"], self.t, env=self.env)
+        try:
+            return first_echo(fwd, t0, c)
+        finally:
+            c.stop()
+
+    def stop(self):
+        for p in self.procs:
+            p.stop()
+
+
+def wstunnel_binary():
+    """The wstunnel executable named by the environment variable WSTUNNEL (a path, or a name on
+    PATH), None when it is unset or empty; exits with one line when it names nothing executable."""
+    wst = os.environ.get("WSTUNNEL")
+    if not wst:
+        return None
+    found = shutil.which(wst)
+    if not found:
+        sys.exit(f"bench: WSTUNNEL={wst!r} is not an executable file (unset it, or point it at a wstunnel binary)")
+    return found
+
+
+def version(binary):
+    """`wstunnel --version`'s line (e.g. `wstunnel-cli 10.6.2`), or the binary's name."""
+    try:
+        return subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout.strip() or Path(binary).name
+    except (OSError, subprocess.TimeoutExpired):
+        return Path(binary).name
+
+
 # ----------------------------------------------------------------------------------------------
 # Measurements
 
@@ -547,6 +624,24 @@ def iperf(port, seconds, reverse=False, parallel=1):
               f"(attempt {attempt + 1} of 2): {why}", file=sys.stderr)
         time.sleep(1)
     return None, 0
+
+
+def first_echo(port, t0, proc, timeout=20):
+    """Milliseconds from t0 to the first byte echoed through 127.0.0.1:port (tried every
+    millisecond until it works), or None."""
+    end = time.time() + timeout
+    while time.time() < end and proc.p.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.sendall(b"x")
+                if s.recv(1) == b"x":
+                    return (time.perf_counter() - t0) * 1000
+        except OSError:
+            pass
+        time.sleep(0.001)
+    print(f"  cold start: no echo through {proc.name}", file=sys.stderr)
+    return None
 
 
 def fmt(x, spec=".2f"):
@@ -671,6 +766,22 @@ def vs(xs, ys):
     return f"{fmt(ratio_of(med(xs), med(ys)))}×{span}"
 
 
+def per_round(xs, ys):
+    """Per-round ratios x/y as text, and their list (None where one failed)."""
+    rs = [ratio_of(x, y) for x, y in zip(xs, ys)]
+    return " ".join(fmt(r) for r in rs), rs
+
+
+def target_lines(header, targets):
+    """The targets table: `header` (its first column's title), then one row per (what, value,
+    met): `met` a bool (yes / **no**) or a text said as it is."""
+    lines = [f"| {header} | value | met |", "|---|---:|---|"]
+    for what, value, met in targets:
+        said = met if isinstance(met, str) else ("yes" if met else "**no**")
+        lines.append(f"| {what} | {fmt(value)} | {said} |")
+    return lines
+
+
 def failures(xs):
     """` (n failed)` when some samples of `xs` failed."""
     n = sum(1 for x in xs if x is None or x != x)
@@ -691,7 +802,11 @@ def main():
         return independent.main(rest)
     sys.argv[1:] = rest
     ap = argparse.ArgumentParser(description="Interleaved rounds on long-lived processes (the default mode); "
-                                             "--mode independent: bench/independent.py")
+                                             "--mode independent: bench/independent.py",
+                                 epilog="Environment: WSTUNNEL=/path/to/wstunnel adds the optional `wstunnel wss` chain "
+                                        "(wstunnel is not on crates.io), measured in the same rounds, with TOKIO_WORKER_THREADS "
+                                        "= BENCH_THREADS like the gateway roles; BENCH_THREADS: worker threads of the DMZ and "
+                                        "the connector (default 1; 0: their default).")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--latency-n", type=int, default=300)
@@ -718,6 +833,7 @@ def main():
         if a.out == ap.get_default("out"):
             a.out = str(ROOT / "target" / "bench-smoke.md")
     BIN = Path(a.bin_dir) if a.bin_dir else (ROOT / "target" / "debug" if a.smoke else REL)
+    wst_bin = wstunnel_binary()  # before anything starts: a wrong WSTUNNEL ends the run in one line
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -737,8 +853,12 @@ def main():
     rathole = None
     if subprocess.run(["sh", "-c", "command -v rathole"], capture_output=True).returncode == 0:
         rathole = Rathole(tmp, iperf_port)
+    # Its processes are registered (Proc) like every other: stop_all ends them on every exit path.
+    wst = WstunnelPeer(tmp, wst_bin, iperf_port, echo_port, THREADS) if wst_bin else None
 
     chains = {"direct": iperf_port, "sallyport": sp.fwd_iperf, "nginx chain": nginx.port}
+    if wst:
+        chains["wstunnel wss"] = wst.port
     broken_step()
     base = None
     if a.baseline:
@@ -748,6 +868,8 @@ def main():
     if rathole:
         chains["rathole ws (2 hops)"] = rathole.port
     procs = {"sallyport": sp.procs, "nginx chain": nginx.procs}
+    if wst:
+        procs["wstunnel wss"] = wst.procs
     if base:
         procs["sallyport (baseline)"] = base.procs
     variants = {}
@@ -783,8 +905,10 @@ def main():
             gbps, nbytes = iperf(free_port() if BREAK == "iperf" and name == "nginx chain" else port, a.seconds)
             c1 = sum(p.cpu() for p in ps)
             res[name]["up"].append(gbps)
-            if ps and nbytes:
-                res[name]["cpu_gb"].append((c1 - c0) / (nbytes / 1e9))
+            if ps:
+                # None for a failed upload: the list stays one entry per round, so that
+                # per-round ratios (vs) pair the same rounds.
+                res[name]["cpu_gb"].append((c1 - c0) / (nbytes / 1e9) if nbytes else None)
             res[name]["down"].append(iperf(port, a.seconds, reverse=True)[0])
             res[name]["p8"].append(iperf(port, a.seconds, parallel=8)[0])
         print(f"  round {rnd + 1}: " + ", ".join(f"{n} {fmt(res[n]['up'][-1])}" for n in chains), file=sys.stderr)
@@ -845,7 +969,7 @@ def main():
 
     for agent, _, _ in variants.values():
         agent.stop()
-    for x in ([sp, nginx] + ([rathole] if rathole else []) + ([base] if base else [])):
+    for x in ([sp, nginx] + ([rathole] if rathole else []) + ([wst] if wst else []) + ([base] if base else [])):
         x.stop()
     iperf_srv.stop()
     echo10k.stop()
@@ -853,7 +977,8 @@ def main():
     d = res["direct"]
     lines = []
     lines.append(f"Machine: {os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-                 f"{a.rounds} interleaved rounds of {a.seconds} s, medians.")
+                 f"{a.rounds} interleaved rounds of {a.seconds} s, medians"
+                 + (f"; {version(wst_bin)}, {THREADS or 'default'} worker(s) per process" if wst else "") + ".")
     lines.append("")
     lines.append("| chain | 1 stream up Gbit/s | 1 stream down | 8 streams | CPU s/GB (all processes) |")
     lines.append("|---|---:|---:|---:|---:|")
@@ -884,10 +1009,18 @@ def main():
             lines.append(f"| {label} | " + " | ".join(cell(r, k) for k in ("up", "down", "p8")) + " |")
     lines.append("")
     lines.append(f"sallyport vs nginx chain (ratio of medians, per-round min–max): up {vs(s['up'], ng['up'])}, down {vs(s['down'], ng['down'])}, "
-                 f"8 streams {vs(s['p8'], ng['p8'])}; CPU per GB by process: "
+                 f"8 streams {vs(s['p8'], ng['p8'])}, CPU per GB {vs(s['cpu_gb'], ng['cpu_gb'])}; CPU per GB by process: "
                  + ", ".join(f"{k} {fmt(v)}" for k, v in per_proc_cpu.items())
                  + "; page faults per GB by process (fresh pages, each zeroed by the kernel): "
                  + ", ".join(f"{k} {v:.0f}" for k, v in per_proc_faults.items()))
+    if wst:
+        w = res["wstunnel wss"]
+        lines.append("")
+        lines.append(f"sallyport vs wstunnel wss (ratio of medians, per-round min–max): up {vs(s['up'], w['up'])}, "
+                     f"down {vs(s['down'], w['down'])}, 8 streams {vs(s['p8'], w['p8'])}, CPU per GB {vs(s['cpu_gb'], w['cpu_gb'])}")
+    lines.append("")
+    lines += target_lines("target (issue 21), this run: ratio of medians; worst = the lowest per-round ratio",
+                          targets(res, wst is not None))
     lines.append("")
     lines.append("| session start (doctor: TCP + TLS + upgrade + handshake + hello, loopback) | median ms | samples |")
     lines.append("|---|---:|---:|")
@@ -926,6 +1059,26 @@ def main():
     lines.append(f"| idle agent wake-ups (context switches) per minute | {wake_per_min:.0f} |")
     lines.append(f"| idle agent CPU over {a.idle_seconds} s | {idle_cpu:.3f} s |")
     write_table(lines, a.out)
+
+
+def targets(res, with_wstunnel):
+    """The issue's targets for `sallyport` in the interleaved rounds: (what, value, met) rows for
+    target_lines. Each median is the ratio of the medians (as in the `vs` lines), each worst round
+    the lowest per-round ratio."""
+    s, ng = res["sallyport"], res["nginx chain"]
+    out = []
+    for key, what in (("up", "1 stream up"), ("down", "1 stream down"), ("p8", "8 streams")):
+        m = ratio_of(med(s[key]), med(ng[key]))
+        out.append((f"{what}: median ≥ 1.1× nginx chain", m, m is not None and m >= 1.1))
+        per = [r for r in per_round(s[key], ng[key])[1] if r is not None]
+        worst = min(per) if per else None
+        out.append((f"{what}: worst round ≥ 1.0× nginx chain", worst, worst is not None and worst >= 1.0))
+        if with_wstunnel:
+            m = ratio_of(med(s[key]), med(res["wstunnel wss"][key]))
+            out.append((f"{what}: median ≥ 1.0× wstunnel wss", m, m is not None and m >= 1.0))
+    m = ratio_of(med(s["cpu_gb"]), med(ng["cpu_gb"]))
+    out.append(("CPU per GB ≤ 0.85× nginx chain (median)", m, m is not None and m <= 0.85))
+    return out
 
 
 def write_table(lines, out):

@@ -4,6 +4,8 @@
 #   bench/run.sh                     # interleaved rounds on long-lived processes (bench/run.py --help)
 #   bench/run.sh --mode independent  # fresh processes per round, rotated order (bench/independent.py)
 #   bench/run.sh --smoke             # CI: one round of 1 s tests on the debug binaries, figures printed
+#   WSTUNNEL=/path/to/wstunnel bench/run.sh   # either mode: also the optional `wstunnel wss` row (a wstunnel
+#                                    # binary built outside the tree: it is not on crates.io)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()

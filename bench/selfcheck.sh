@@ -8,7 +8,7 @@
 # for it in /proc/*/environ (all processes) and with `pgrep -f` (the run's temporary folder is on
 # the command line of every Sallyport and nginx process) once the run is over.
 #   bench/selfcheck.sh [extra run.py arguments, e.g. --mode independent]
-# With WSTUNNEL set, the independent mode's wstunnel processes are part of the check.
+# With WSTUNNEL set, wstunnel's processes (either mode) are part of the check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 fail=0
