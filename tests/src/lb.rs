@@ -67,10 +67,10 @@ pub struct LbConfig<'a> {
     /// HAProxy only: the health check's interval (`inter`; taken out after 2 failures, back after
     /// 2 successes). A draining instance's `--drain-delay` must exceed twice this.
     pub check_interval: Duration,
-    /// nginx only: reach the gateway over TLS 1.2 (`proxy_pass https://…`, `proxy_ssl_protocols
-    /// TLSv1.2`) instead of plain HTTP: a balancer that re-encrypts, in front of a gateway that
-    /// terminates TLS itself without an exporter value.
-    pub upstream_tls12: bool,
+    /// nginx only: reach the gateway over TLS (`proxy_pass https://…`, `proxy_ssl_protocols`
+    /// this version, `TLSv1.2` or `TLSv1.3`) instead of plain HTTP: a balancer that re-encrypts,
+    /// in front of a gateway that terminates TLS itself. `None`: plain HTTP.
+    pub upstream_tls: Option<&'static str>,
 }
 
 impl<'a> LbConfig<'a> {
@@ -90,7 +90,7 @@ impl<'a> LbConfig<'a> {
             client_ca: None,
             instances: Vec::new(),
             check_interval: Duration::from_secs(2),
-            upstream_tls12: false,
+            upstream_tls: None,
         }
     }
 
@@ -263,10 +263,9 @@ impl Nginx {
         } else {
             "\n    location / {\n        return 404;\n    }\n".to_string()
         };
-        let (scheme, upstream_tls) = if cfg.upstream_tls12 {
-            ("https", "        proxy_ssl_protocols TLSv1.2;\n")
-        } else {
-            ("http", "")
+        let (scheme, upstream_tls) = match cfg.upstream_tls {
+            Some(version) => ("https", format!("        proxy_ssl_protocols {version};\n")),
+            None => ("http", String::new()),
         };
         let client_ca = match cfg.client_ca {
             Some(ca) => format!(
@@ -531,8 +530,8 @@ backend be_sallyport
     /// foreground and waits until it accepts connections.
     pub fn start(cfg: &LbConfig<'_>) -> Result<Haproxy> {
         anyhow::ensure!(
-            !cfg.upstream_tls12,
-            "upstream_tls12 is rendered for nginx only"
+            cfg.upstream_tls.is_none(),
+            "upstream_tls is rendered for nginx only"
         );
         let dir = TempDir::new("haproxy");
         let d = dir.path();
@@ -630,8 +629,9 @@ pub struct LbSetup<'a> {
     /// the certificate the balancer presents (the gateway's) in `tls_keys`.
     pub trust_lb: bool,
     /// The gateway terminates TLS itself (`--tls-cert`, the same certificate as the balancer),
-    /// reached over TLS 1.2 by nginx ([`LbConfig::upstream_tls12`]); `false`: `--plain`.
-    pub dmz_tls12: bool,
+    /// reached by nginx over this TLS version, `TLSv1.2` or `TLSv1.3`
+    /// ([`LbConfig::upstream_tls`]); `None`: `--plain`.
+    pub dmz_tls: Option<&'static str>,
 }
 
 /// DMZ gateway (`--plain --prefix /sallyport`), a load balancer in front of it, and a
@@ -681,7 +681,7 @@ impl LbSystem {
         let (cert, key) = (pki.p("gateway.crt"), pki.p("gateway.key"));
         let mut dmz_cmd = Command::new(bin("sallyport-gateway"));
         dmz_cmd.arg("dmz");
-        if setup.dmz_tls12 {
+        if setup.dmz_tls.is_some() {
             dmz_cmd
                 .arg("--tls-cert")
                 .arg(&cert)
@@ -725,7 +725,7 @@ impl LbSystem {
         let lb = setup.kind.start(&LbConfig {
             idle_timeout: setup.idle_timeout,
             source: setup.lb_source,
-            upstream_tls12: setup.dmz_tls12,
+            upstream_tls: setup.dmz_tls,
             ..LbConfig::new(dmz_addr, &cert, &key)
         })?;
         let gw_url = format!("wss://127.0.0.1:{}{PREFIX}/", lb.addr().port());

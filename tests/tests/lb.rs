@@ -48,7 +48,7 @@ fn backend_system(
         hosts: &["backend.internal=127.0.0.1"],
         connector_ping: None,
         trust_lb: false,
-        dmz_tls12: false,
+        dmz_tls: None,
     };
     setup(&mut s);
     (svc.port(), LbSystem::start(tag, &s).unwrap())
@@ -189,7 +189,7 @@ fn idle_sessions(kind: LbKind) {
             hosts: &["backend.internal=127.0.0.1"],
             connector_ping: Some(Duration::from_secs(1)),
             trust_lb: false,
-            dmz_tls12: false,
+            dmz_tls: None,
         },
     )
     .unwrap();
@@ -636,12 +636,13 @@ fn haproxy_keeps_each_http_session_on_one_of_several_instances() {
 // 5. Which sessions a balancer may read (`[v2] trust_lb`)
 
 /// The system with the gateway trusting nginx (`[v2] trust_lb`, the key nginx presents
-/// listed), the gateway plain or (`tls12`) terminating TLS 1.2 from nginx itself; returns the
-/// agent's "connected" line once curl reached the backend through the agent.
-fn trusted_balancer(tag: &str, tls12: bool) -> String {
+/// listed), the gateway plain (`tls`: None) or terminating TLS from nginx itself (`TLSv1.2`,
+/// `TLSv1.3`); returns the agent's "connected" line once curl reached the backend through the
+/// agent.
+fn trusted_balancer(tag: &str, tls: Option<&'static str>) -> String {
     let (port, sys) = backend_system(tag, LbKind::Nginx, |s| {
         s.trust_lb = true;
-        s.dmz_tls12 = tls12;
+        s.dmz_tls = tls;
     });
     let agent = sys.agent("agent", None, &[]).unwrap();
     let (code, out, err) = curl_backend(agent.socks, port);
@@ -664,7 +665,7 @@ fn trusted_balancer(tag: &str, tls12: bool) -> String {
 /// HTTP: sessions ride nginx's TLS alone (mode `outer`), and the agent says who reads them.
 #[test]
 fn a_trusted_balancer_carries_sessions_over_its_own_tls() {
-    let line = trusted_balancer("lb-trusted", false);
+    let line = trusted_balancer("lb-trusted", None);
     assert!(
         line.contains("v2 over the TLS of a load balancer the gateway trusts"),
         "{line}"
@@ -677,6 +678,16 @@ fn a_trusted_balancer_carries_sessions_over_its_own_tls() {
 /// mode `outer` while the gateway took "no exporter value" for "a balancer terminated it".)
 #[test]
 fn a_copy_of_a_listed_key_in_front_of_a_gateway_on_tls_1_2_gets_a_sealed_session() {
-    let line = trusted_balancer("lb-tls12", true);
+    let line = trusted_balancer("lb-tls12", Some("TLSv1.2"));
+    assert!(line.contains("v2 sealed"), "{line}");
+}
+
+/// The same appliance re-encrypting with TLS 1.3, where both TLS connections have an exporter
+/// value: the agent's (with nginx) and the gateway's (with nginx) differ, and the gateway
+/// terminated the second itself, so the session stays sealed. The key nginx presents is listed
+/// and trusted; it still reads nothing.
+#[test]
+fn a_copy_of_a_listed_key_re_encrypting_with_tls_1_3_gets_a_sealed_session() {
+    let line = trusted_balancer("lb-tls13", Some("TLSv1.3"));
     assert!(line.contains("v2 sealed"), "{line}");
 }
