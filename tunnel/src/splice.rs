@@ -99,11 +99,19 @@ pub const SPARE_SIZE: usize = BUF_SIZE + 1024;
 /// Read buffers taken since start (see [`activity`]).
 static TAKEN: AtomicU64 = AtomicU64::new(0);
 
-/// A count that moves whenever a copy loop or a WebSocket reader takes a read buffer, i.e. when
-/// bytes arrive after a quiet spell and all through a transfer: a caller that sees it stand
-/// still knows the process went quiet (the agent then gives freed memory back).
+/// A count that moves whenever a copy loop or a WebSocket reader takes a read buffer, or the
+/// HTTP fallback transport receives a message ([`note_arrival`]), i.e. when bytes arrive after a
+/// quiet spell and all through a transfer: a caller that sees it stand still knows the process
+/// went quiet (the agent then gives freed memory back).
 pub fn activity() -> u64 {
     TAKEN.load(Ordering::Relaxed)
+}
+
+/// Moves [`activity`] for bytes that arrived without a read buffer from the pool: the HTTP
+/// fallback transport's messages, which hyper reads into its own buffers. Without it a download
+/// over that transport looked like a quiet process.
+pub(crate) fn note_arrival() {
+    TAKEN.fetch_add(1, Ordering::Relaxed);
 }
 
 /// An empty buffer with room for at least `room` bytes: a spare one if there is one.

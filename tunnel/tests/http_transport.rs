@@ -327,6 +327,28 @@ async fn eight_mib_each_way_arrive_intact_over_a_streamed_get() {
     .await;
 }
 
+/// The agent gives freed memory back once `tunnel::splice::activity` stands still after a
+/// transfer; that count moved only when a pool read buffer was taken, which the HTTP fallback's
+/// downloads never do (hyper reads them), so a download over it looked like a quiet process.
+/// Nothing else in this test binary takes a pool buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_over_the_http_fallback_counts_as_activity() {
+    let mut server = test_server().await;
+    let via = server.addr;
+    let before = tunnel::splice::activity();
+    timed(
+        "activity",
+        eight_mib_each_way(&mut server, via, Some(DownMode::Stream)),
+    )
+    .await;
+    let moved = tunnel::splice::activity() - before;
+    // 8 MiB down in messages of at most a frame (64 KiB): at least 128 of them.
+    assert!(
+        moved >= 128,
+        "activity moved by {moved} over an 8 MiB download"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_mib_each_way_arrive_intact_over_long_poll() {
     let mut server = test_server().await;
