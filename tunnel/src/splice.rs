@@ -100,7 +100,7 @@ pub const SPARE_SIZE: usize = BUF_SIZE + 1024;
 static TAKEN: AtomicU64 = AtomicU64::new(0);
 
 /// A count that moves whenever a copy loop or a WebSocket reader takes a read buffer, or the
-/// HTTP fallback transport receives a message ([`note_arrival`]), i.e. when bytes arrive after a
+/// HTTP fallback transport receives a message (`note_arrival`), i.e. when bytes arrive after a
 /// quiet spell and all through a transfer: a caller that sees it stand still knows the process
 /// went quiet (the agent then gives freed memory back).
 pub fn activity() -> u64 {
