@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sallyport benchmark: the full chain on loopback against the direct connection and the
 nginx `stream` TLS relay chain (the practical limit of a three-process TLS relay here), in the
-same run, interleaved rounds, medians.
+same run, interleaved rounds (the order of the chains rotated each round), medians.
 
     bench/run.sh            # installs iperf3/nginx if missing, builds release, runs this
     WSTUNNEL=/path/to/wstunnel bench/run.sh   # with the optional wstunnel wss row
@@ -899,7 +899,12 @@ def main():
 
     print(f"running {a.rounds} interleaved rounds of {a.seconds}s tests...", file=sys.stderr)
     for rnd in range(a.rounds):
-        for name, port in chains.items():
+        # The order rotates each round (as in the independent mode): no chain always runs
+        # right after the same one, or first in a round.
+        names = list(chains)
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        for name in order:
+            port = chains[name]
             ps = procs.get(name, [])
             c0 = sum(p.cpu() for p in ps)
             gbps, nbytes = iperf(free_port() if BREAK == "iperf" and name == "nginx chain" else port, a.seconds)
@@ -911,7 +916,7 @@ def main():
                 res[name]["cpu_gb"].append((c1 - c0) / (nbytes / 1e9) if nbytes else None)
             res[name]["down"].append(iperf(port, a.seconds, reverse=True)[0])
             res[name]["p8"].append(iperf(port, a.seconds, parallel=8)[0])
-        print(f"  round {rnd + 1}: " + ", ".join(f"{n} {fmt(res[n]['up'][-1])}" for n in chains), file=sys.stderr)
+        print(f"  round {rnd + 1} ({', '.join(order)}): " + ", ".join(f"{n} {fmt(res[n]['up'][-1])}" for n in chains), file=sys.stderr)
     load_mem = sum(p.hwm_mib() for p in sp.procs)
     per_proc_cpu, per_proc_faults = {}, {}
     for p in sp.procs:
@@ -977,7 +982,7 @@ def main():
     d = res["direct"]
     lines = []
     lines.append(f"Machine: {os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-                 f"{a.rounds} interleaved rounds of {a.seconds} s, medians"
+                 f"{a.rounds} interleaved rounds of {a.seconds} s, the order rotated each round, medians"
                  + (f"; {version(wst_bin)}, {THREADS or 'default'} worker(s) per process" if wst else "") + ".")
     lines.append("")
     lines.append("| chain | 1 stream up Gbit/s | 1 stream down | 8 streams | CPU s/GB (all processes) |")
