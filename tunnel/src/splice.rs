@@ -96,7 +96,7 @@ const SPARE_MAX: usize = 8;
 /// headers (the WebSocket reader's room at a frame boundary).
 pub const SPARE_SIZE: usize = BUF_SIZE + 1024;
 
-/// Read buffers taken since start (see [`activity`]).
+/// Read buffers taken, and HTTP fallback messages received, since start (see [`activity`]).
 static TAKEN: AtomicU64 = AtomicU64::new(0);
 
 /// A count that moves whenever a copy loop or a WebSocket reader takes a read buffer, or the
@@ -107,16 +107,16 @@ pub fn activity() -> u64 {
     TAKEN.load(Ordering::Relaxed)
 }
 
-/// Moves [`activity`] for bytes that arrived without a read buffer from the pool: the HTTP
-/// fallback transport's messages, which hyper reads into its own buffers. Without it a download
-/// over that transport looked like a quiet process.
+/// Moves [`activity`]: a read buffer taken from the pool ([`spare_bytes`]), or bytes that arrived
+/// without one (the HTTP fallback transport's messages, which hyper reads into its own buffers;
+/// without it a download over that transport looked like a quiet process).
 pub(crate) fn note_arrival() {
     TAKEN.fetch_add(1, Ordering::Relaxed);
 }
 
 /// An empty buffer with room for at least `room` bytes: a spare one if there is one.
 pub(crate) fn spare_bytes(room: usize) -> BytesMut {
-    TAKEN.fetch_add(1, Ordering::Relaxed);
+    note_arrival();
     let spare = SPARE.lock().ok().and_then(|mut s| s.pop());
     match spare {
         Some(b) if b.capacity() >= room => b,

@@ -219,8 +219,8 @@ pub async fn over_websocket(
 /// Whether this session's WebSocket masks protect nothing, so that they may use the zero key
 /// (`WsTx::mask_with_zero_key`; `[tunnel] websocket_masks = "random"` keeps them random
 /// anyway). Masks keep bytes an attacker chose (an app's data: a web page can send any through
-/// the agent's proxy) from reaching, as they were sent, an intermediary
-/// that reads the connection and could take them for HTTP (RFC 6455 §10.3). By the verdict:
+/// the agent's proxy) from reaching, as they were sent, an intermediary that reads the
+/// connection and could take them for HTTP (RFC 6455 §10.3). By the verdict:
 /// - mode `Sealed`: every payload is sealed under the session's Noise keys; what an attacker
 ///   can still influence is only lengths (the frame's, each sealed chunk's 2-byte length),
 ///   between blocks of ciphertext;
