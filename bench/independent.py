@@ -212,7 +212,7 @@ def main(argv):
     tmp = Path(tempfile.mkdtemp(prefix=f"sallyport-bench-{bench.MARK}-"))
     print(f"independent harness: {a.rounds} rounds of {a.seconds} s tests, peers {', '.join(peers)}", file=sys.stderr)
     for rnd in range(a.rounds):
-        order = peers[rnd % len(peers):] + peers[:rnd % len(peers)]
+        order = bench.rotated(peers, rnd)
         rt = tmp / f"round{rnd + 1}"
         rt.mkdir()
         iperf_port, echo_port = bench.free_port(), bench.free_port()

@@ -746,6 +746,13 @@ async def echo10k_server(port, ready, host="127.0.0.1"):
         await srv.serve_forever()
 
 
+def rotated(names, rnd):
+    """`names` in the order of round `rnd` (from 0): rotated by one each round, so that no chain
+    always runs right after the same one, or first in a round."""
+    k = rnd % len(names)
+    return names[k:] + names[:k]
+
+
 def med(xs):
     xs = [x for x in xs if x is not None and x == x]  # a failed sample is None (or nan)
     return statistics.median(xs) if xs else float("nan")
@@ -899,10 +906,7 @@ def main():
 
     print(f"running {a.rounds} interleaved rounds of {a.seconds}s tests...", file=sys.stderr)
     for rnd in range(a.rounds):
-        # The order rotates each round (as in the independent mode): no chain always runs
-        # right after the same one, or first in a round.
-        names = list(chains)
-        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        order = rotated(list(chains), rnd)
         for name in order:
             port = chains[name]
             ps = procs.get(name, [])
