@@ -46,7 +46,7 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     PROVIDER
         .get_or_init(|| {
             #[cfg(not(windows))]
-            let provider = {
+            let mut provider = {
                 use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
                 rustls::crypto::CryptoProvider {
                     kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
@@ -54,10 +54,31 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
                 }
             };
             #[cfg(windows)]
-            let provider = rustls::crypto::ring::default_provider();
+            let mut provider = rustls::crypto::ring::default_provider();
+            aes128_first(&mut provider.cipher_suites);
             Arc::new(provider)
         })
         .clone()
+}
+
+/// Puts the AES-128-GCM suites first, each protocol version's before its AES-256-GCM and
+/// ChaCha20 ones (the providers list AES-256 first), keeping every suite: our agent and
+/// connector offer it first, and the DMZ, which follows the client's order, picks it. It is TLS
+/// 1.3's mandatory suite and what Chrome and Go prefer, and the session's strength does not
+/// rest on AES-256's larger key: the key exchange (X25519, P-256, P-384) is the weaker part
+/// (docs/protocol.md, "Transport"). AES-128 runs 10 rounds where AES-256 runs 14, and every byte
+/// is sealed or opened four times along the chain (docs/benchmarks.md, "AES-128-GCM first").
+fn aes128_first(suites: &mut [rustls::SupportedCipherSuite]) {
+    use rustls::CipherSuite as C;
+    suites.sort_by_key(|s| {
+        let aes128 = matches!(
+            s.suite(),
+            C::TLS13_AES_128_GCM_SHA256
+                | C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        );
+        (s.tls13().is_none(), !aes128)
+    });
 }
 
 /// Reads every certificate in a PEM file.
@@ -330,5 +351,42 @@ impl CaAnchor {
         self.verifier
             .verify_server_cert(leaf, rest, &name, &[], rustls::pki_types::UnixTime::now())
             .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aes128_gcm_is_offered_first_and_no_suite_is_dropped() {
+        #[cfg(not(windows))]
+        let stock = rustls::crypto::aws_lc_rs::default_provider().cipher_suites;
+        #[cfg(windows)]
+        let stock = rustls::crypto::ring::default_provider().cipher_suites;
+        let ours = crypto_provider().cipher_suites.clone();
+        let names = |v: &[rustls::SupportedCipherSuite]| {
+            let mut n: Vec<_> = v.iter().map(|s| format!("{:?}", s.suite())).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&ours), names(&stock), "the same suites, reordered");
+        assert_eq!(
+            ours[0].suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        let first12 = ours.iter().find(|s| s.tls13().is_none()).map(|s| s.suite());
+        if let Some(first12) = first12 {
+            assert!(
+                format!("{first12:?}").contains("AES_128_GCM"),
+                "{first12:?}"
+            );
+        }
+        // Every TLS 1.3 suite comes before every TLS 1.2 one.
+        let split = ours
+            .iter()
+            .position(|s| s.tls13().is_none())
+            .unwrap_or(ours.len());
+        assert!(ours[split..].iter().all(|s| s.tls13().is_none()));
     }
 }

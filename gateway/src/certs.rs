@@ -6,9 +6,10 @@
 //!   signed, so a trial can run over real, verified TLS without anyone buying a certificate. Agents and
 //!   connectors pin `ca.crt`. Production deployments bring their own certificate instead.
 //! * **Server config** ([`load_server_config`], [`server_config_from_pem`]): a rustls
-//!   [`ServerConfig`](rustls::ServerConfig) from a PEM certificate chain and private key, using the
-//!   `ring` crypto provider explicitly (the process-wide default provider is never consulted), with
-//!   ALPN `http/1.1` because the WebSocket upgrade is an HTTP/1.1 request.
+//!   [`ServerConfig`](rustls::ServerConfig) from a PEM certificate chain and private key, using
+//!   `egress::crypto_provider` explicitly (the process-wide default provider is never consulted),
+//!   its suites narrowed to AES-256-GCM when [`Ciphers::Aes256Gcm`] is asked for, with ALPN
+//!   `http/1.1` because the WebSocket upgrade is an HTTP/1.1 request.
 //!
 //! Every error names the file to fix. Private keys never appear in `Debug` output.
 
@@ -60,6 +61,55 @@ pub enum CertError {
         key: String,
         source: rustls::Error,
     },
+}
+
+/// The DMZ's TLS cipher suites (`tls_ciphers` in its configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ciphers {
+    /// Every suite of `egress::crypto_provider`, AES-128-GCM first (`"default"`). The DMZ
+    /// follows the client's order, and our agents and connectors put AES-128-GCM first.
+    #[default]
+    Default,
+    /// Only the AES-256-GCM suites (`"aes-256-gcm"`), for a policy that asks for 256-bit keys on
+    /// the wire: every client then negotiates AES-256-GCM, or no session.
+    Aes256Gcm,
+}
+
+impl std::str::FromStr for Ciphers {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "default" => Ok(Ciphers::Default),
+            "aes-256-gcm" => Ok(Ciphers::Aes256Gcm),
+            other => Err(format!(
+                "tls_ciphers = {other:?}: must be \"default\" (AES-128-GCM first, AES-256-GCM and ChaCha20 offered too) or \"aes-256-gcm\" (AES-256-GCM only)"
+            )),
+        }
+    }
+}
+
+impl Ciphers {
+    /// The crypto provider for the listener: `egress::crypto_provider`, or a copy of it that
+    /// keeps only the AES-256-GCM suites.
+    fn provider(self) -> Arc<rustls::crypto::CryptoProvider> {
+        let all = egress::crypto_provider();
+        match self {
+            Ciphers::Default => all,
+            Ciphers::Aes256Gcm => {
+                use rustls::CipherSuite as C;
+                let mut p = (*all).clone();
+                p.cipher_suites.retain(|s| {
+                    matches!(
+                        s.suite(),
+                        C::TLS13_AES_256_GCM_SHA384
+                            | C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+                            | C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+                    )
+                });
+                Arc::new(p)
+            }
+        }
+    }
 }
 
 /// A trial CA and a gateway certificate it signed, all PEM. Debug omits the private keys.
@@ -242,11 +292,17 @@ pub fn server_config_from_pem(
         key_pem,
         "the certificate PEM",
         "the private key PEM",
+        Ciphers::Default,
     )
 }
 
-/// Builds a server config from a PEM certificate file and a PEM private-key file.
-pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, CertError> {
+/// Builds a server config from a PEM certificate file and a PEM private-key file, with the
+/// suites `ciphers` allows.
+pub fn load_server_config(
+    cert: &Path,
+    key: &Path,
+    ciphers: Ciphers,
+) -> Result<Arc<rustls::ServerConfig>, CertError> {
     let read = |path: &Path, what: &'static str| {
         std::fs::read(path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => CertError::Missing {
@@ -266,6 +322,7 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerC
         &key_pem,
         &cert.display().to_string(),
         &key.display().to_string(),
+        ciphers,
     )
 }
 
@@ -274,6 +331,7 @@ fn build(
     key_pem: &[u8],
     cert_origin: &str,
     key_origin: &str,
+    ciphers: Ciphers,
 ) -> Result<Arc<rustls::ServerConfig>, CertError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
@@ -310,7 +368,7 @@ fn build(
             source,
         },
     };
-    let mut config = rustls::ServerConfig::builder_with_provider(egress::crypto_provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(ciphers.provider())
         .with_safe_default_protocol_versions()
         .map_err(tls)?
         .with_no_client_auth()
@@ -330,8 +388,26 @@ mod tests {
     }
 
     async fn handshake(pki: &TrialPki, server_name: &str) -> Result<(), String> {
-        let server = server_config_from_pem(pki.cert_pem.as_bytes(), pki.key_pem.as_bytes())
-            .map_err(|e| e.to_string())?;
+        let suite = handshake_with(pki, server_name, Ciphers::Default).await?;
+        // Our client and the DMZ agree on AES-128-GCM (egress::crypto_provider's order).
+        assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+        Ok(())
+    }
+
+    /// A handshake between our client config and the DMZ's, and one echo; the suite they agreed.
+    async fn handshake_with(
+        pki: &TrialPki,
+        server_name: &str,
+        ciphers: Ciphers,
+    ) -> Result<Option<rustls::CipherSuite>, String> {
+        let server = build(
+            pki.cert_pem.as_bytes(),
+            pki.key_pem.as_bytes(),
+            "cert",
+            "key",
+            ciphers,
+        )
+        .map_err(|e| e.to_string())?;
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(pki.ca_cert_pem.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
@@ -353,7 +429,9 @@ mod tests {
             s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
             s.write_all(&buf).await.map_err(|e| e.to_string())?;
             s.flush().await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(s.get_ref().1.alpn_protocol().map(|p| p.to_vec()))
+            let conn = s.get_ref().1;
+            let suite = conn.negotiated_cipher_suite().map(|c| c.suite());
+            Ok::<_, String>((conn.alpn_protocol().map(|p| p.to_vec()), suite))
         };
         let client_side = async move {
             let mut c = connector
@@ -367,10 +445,20 @@ mod tests {
             Ok::<_, String>(buf)
         };
         let (s, c) = tokio::join!(server_side, client_side);
-        let (alpn, echoed) = (s?, c?);
+        let ((alpn, suite), echoed) = (s?, c?);
         assert_eq!(&echoed, b"ping");
         assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
-        Ok(())
+        Ok(suite)
+    }
+
+    #[tokio::test]
+    async fn a_dmz_set_to_aes_256_gcm_gets_it_from_our_clients_that_prefer_aes_128() {
+        let pki = trial_pki(&names(&["gw.example"])).unwrap();
+        let suite = handshake_with(&pki, "gw.example", Ciphers::Aes256Gcm).await;
+        assert_eq!(
+            suite.unwrap(),
+            Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
+        );
     }
 
     #[tokio::test]
@@ -417,7 +505,12 @@ mod tests {
             assert_eq!(mode("ca.key"), 0o600);
             assert_eq!(mode("gateway.key"), 0o600);
         }
-        load_server_config(&dir.join("gateway.crt"), &dir.join("gateway.key")).unwrap();
+        load_server_config(
+            &dir.join("gateway.crt"),
+            &dir.join("gateway.key"),
+            Ciphers::Default,
+        )
+        .unwrap();
         let e = write_trial_pki(&pki, &dir).unwrap_err().to_string();
         assert!(e.contains("ca.crt") && e.contains("already exists"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
@@ -443,21 +536,25 @@ mod tests {
         let other_key = write("b.key", &b.key_pem);
         let empty = write("empty.pem", "nothing here\n");
 
-        let e = load_server_config(&dir.join("missing.crt"), &key)
+        let e = load_server_config(&dir.join("missing.crt"), &key, Ciphers::Default)
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.crt") && e.contains("not found"), "{e}");
-        let e = load_server_config(&empty, &key).unwrap_err().to_string();
+        let e = load_server_config(&empty, &key, Ciphers::Default)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("empty.pem") && e.contains("no certificate"),
             "{e}"
         );
-        let e = load_server_config(&cert, &empty).unwrap_err().to_string();
+        let e = load_server_config(&cert, &empty, Ciphers::Default)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("empty.pem") && e.contains("no private key"),
             "{e}"
         );
-        let e = load_server_config(&cert, &other_key).unwrap_err();
+        let e = load_server_config(&cert, &other_key, Ciphers::Default).unwrap_err();
         assert!(matches!(e, CertError::KeyMismatch { .. }), "{e}");
         assert!(e.to_string().contains("b.key") && e.to_string().contains("a.crt"));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -82,6 +82,8 @@ pub struct DmzFile {
     pub listen: Option<SocketAddr>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// `"default"` or `"aes-256-gcm"` (`certs::Ciphers`).
+    pub tls_ciphers: Option<String>,
     #[serde(default)]
     pub plain: bool,
     pub prefix: Option<String>,
@@ -419,10 +421,19 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
         let der = CertificateDer::pem_file_iter(c).ok()?.next()?.ok()?;
         egress::cert::key_pin(&der)
     });
+    let ciphers: crate::certs::Ciphers = match &file.tls_ciphers {
+        Some(c) if plain => {
+            return Err(invalid(format!(
+                "tls_ciphers = {c:?} with --plain: the load balancer's TLS settings choose the ciphers; remove tls_ciphers"
+            )))
+        }
+        Some(c) => c.parse().map_err(invalid)?,
+        None => crate::certs::Ciphers::Default,
+    };
     let tls = match (plain, cert, key) {
         (true, None, None) => None,
         (true, _, _) => return Err(invalid("--plain and --tls-cert/--tls-key exclude each other: pick one")),
-        (false, Some(c), Some(k)) => Some(crate::certs::load_server_config(&c, &k).map_err(|e| invalid(e.to_string()))?),
+        (false, Some(c), Some(k)) => Some(crate::certs::load_server_config(&c, &k, ciphers).map_err(|e| invalid(e.to_string()))?),
         (false, _, _) => {
             return Err(invalid(
                 "TLS needs both --tls-cert and --tls-key (or tls_cert/tls_key in the config); use --plain behind a TLS-terminating load balancer",
@@ -1010,6 +1021,46 @@ mod tests {
         let s = e.to_string();
         assert!(s.contains("dmz.toml line 2"), "{s}");
         assert!(s.contains("bogus"), "{s}");
+    }
+
+    fn dmz_with(toml: &str) -> Result<DmzConfig, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "sp-dmz-config-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dmz.toml");
+        std::fs::write(&path, toml).unwrap();
+        let r = dmz_config(DmzArgs {
+            config: Some(path),
+            ..DmzArgs::default()
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    #[test]
+    fn tls_ciphers_is_default_or_aes_256_gcm_and_never_with_plain() {
+        let e = dmz_with("tls_ciphers = \"aes128\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tls_ciphers = \"aes128\"") && e.contains("\"aes-256-gcm\""),
+            "{e}"
+        );
+        let e = dmz_with("plain = true\ntls_ciphers = \"aes-256-gcm\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--plain") && e.contains("remove tls_ciphers"),
+            "{e}"
+        );
+        // A valid value gets past the check, to the next thing the file lacks.
+        let e = dmz_with("tls_ciphers = \"aes-256-gcm\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("tls_ciphers"), "{e}");
     }
 
     #[test]
