@@ -63,11 +63,11 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Puts the AES-128-GCM suites first, each protocol version's before its AES-256-GCM and
 /// ChaCha20 ones (the providers list AES-256 first), keeping every suite: our agent and
-/// connector offer it first, and the DMZ, which follows the client's order, picks it. It is TLS
-/// 1.3's mandatory suite and what Chrome and Go prefer, and the session's strength does not
-/// rest on AES-256's larger key: the key exchange (X25519, P-256, P-384) is the weaker part
-/// (docs/protocol.md, "Transport"). AES-128 runs 10 rounds where AES-256 runs 14, and every byte
-/// is sealed or opened four times along the chain (docs/benchmarks.md, "AES-128-GCM first").
+/// connector offer it first, and the DMZ, which follows the client's order, picks it. Today
+/// X25519 and AES-128 are both about 128-bit; against a quantum attacker the classical key
+/// exchange falls first, so AES-256 adds nothing while it stays classical (docs/protocol.md,
+/// "Transport"). AES-128 runs 10 rounds where AES-256 runs 14, and every byte is sealed or
+/// opened four times along the chain (docs/benchmarks.md, "AES-128-GCM first").
 fn aes128_first(suites: &mut [rustls::SupportedCipherSuite]) {
     use rustls::CipherSuite as C;
     suites.sort_by_key(|s| {

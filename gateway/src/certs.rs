@@ -70,8 +70,9 @@ pub enum Ciphers {
     /// follows the client's order, and our agents and connectors put AES-128-GCM first.
     #[default]
     Default,
-    /// Only the AES-256-GCM suites (`"aes-256-gcm"`), for a policy that asks for 256-bit keys on
-    /// the wire: every client then negotiates AES-256-GCM, or no session.
+    /// Only the AES-256-GCM suites (`"aes-256-gcm"`), for a policy that asks for a 256-bit bulk
+    /// cipher: every client whose TLS the DMZ terminates negotiates AES-256-GCM, or gets no
+    /// session. The key exchange is unchanged (X25519 first).
     Aes256Gcm,
 }
 
@@ -388,17 +389,34 @@ mod tests {
     }
 
     async fn handshake(pki: &TrialPki, server_name: &str) -> Result<(), String> {
-        let suite = handshake_with(pki, server_name, Ciphers::Default).await?;
+        let suite = handshake_with(
+            pki,
+            server_name,
+            Ciphers::Default,
+            client_provider(&[]),
+            false,
+        )
+        .await?;
         // Our client and the DMZ agree on AES-128-GCM (egress::crypto_provider's order).
         assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
         Ok(())
     }
 
-    /// A handshake between our client config and the DMZ's, and one echo; the suite they agreed.
+    /// Our client's provider, less the suites in `without`.
+    fn client_provider(without: &[rustls::CipherSuite]) -> Arc<rustls::crypto::CryptoProvider> {
+        let mut p = (*egress::crypto_provider()).clone();
+        p.cipher_suites.retain(|s| !without.contains(&s.suite()));
+        Arc::new(p)
+    }
+
+    /// A handshake between a client config on `provider` (TLS 1.2 only when `tls12`) and the
+    /// DMZ's, and one echo; the suite they agreed.
     async fn handshake_with(
         pki: &TrialPki,
         server_name: &str,
         ciphers: Ciphers,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        tls12: bool,
     ) -> Result<Option<rustls::CipherSuite>, String> {
         let server = build(
             pki.cert_pem.as_bytes(),
@@ -412,8 +430,13 @@ mod tests {
         for c in CertificateDer::pem_slice_iter(pki.ca_cert_pem.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
         }
-        let mut client = rustls::ClientConfig::builder_with_provider(egress::crypto_provider())
-            .with_safe_default_protocol_versions()
+        let builder = rustls::ClientConfig::builder_with_provider(provider);
+        let builder = if tls12 {
+            builder.with_protocol_versions(&[&rustls::version::TLS12])
+        } else {
+            builder.with_safe_default_protocol_versions()
+        };
+        let mut client = builder
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
@@ -453,12 +476,47 @@ mod tests {
 
     #[tokio::test]
     async fn a_dmz_set_to_aes_256_gcm_gets_it_from_our_clients_that_prefer_aes_128() {
+        use rustls::CipherSuite as C;
         let pki = trial_pki(&names(&["gw.example"])).unwrap();
-        let suite = handshake_with(&pki, "gw.example", Ciphers::Aes256Gcm).await;
-        assert_eq!(
-            suite.unwrap(),
-            Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
-        );
+        // TLS 1.3, then a client that speaks only TLS 1.2.
+        for (tls12, want) in [
+            (false, C::TLS13_AES_256_GCM_SHA384),
+            (true, C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384),
+        ] {
+            let provider = client_provider(&[]);
+            let suite = handshake_with(&pki, "gw.example", Ciphers::Aes256Gcm, provider, tls12);
+            assert_eq!(suite.await.unwrap(), Some(want), "tls12: {tls12}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dmz_set_to_aes_256_gcm_refuses_a_client_without_it() {
+        use rustls::CipherSuite as C;
+        let pki = trial_pki(&names(&["gw.example"])).unwrap();
+        let without_aes256 = [
+            C::TLS13_AES_256_GCM_SHA384,
+            C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        ];
+        let r = handshake_with(
+            &pki,
+            "gw.example",
+            Ciphers::Aes256Gcm,
+            client_provider(&without_aes256),
+            false,
+        )
+        .await;
+        assert!(r.is_err(), "{r:?}");
+        // The same client gets a session from a DMZ on the default.
+        let r = handshake_with(
+            &pki,
+            "gw.example",
+            Ciphers::Default,
+            client_provider(&without_aes256),
+            false,
+        )
+        .await;
+        assert_eq!(r.unwrap(), Some(C::TLS13_AES_128_GCM_SHA256));
     }
 
     #[tokio::test]

@@ -424,7 +424,7 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     let ciphers: crate::certs::Ciphers = match &file.tls_ciphers {
         Some(c) if plain => {
             return Err(invalid(format!(
-                "tls_ciphers = {c:?} with --plain: the load balancer's TLS settings choose the ciphers; remove tls_ciphers"
+                "tls_ciphers = {c:?} with plain (--plain or plain = true): the load balancer's TLS settings choose the ciphers; remove tls_ciphers"
             )))
         }
         Some(c) => c.parse().map_err(invalid)?,
@@ -1061,6 +1061,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("tls_ciphers"), "{e}");
+    }
+
+    #[test]
+    fn tls_ciphers_reaches_the_listener() {
+        let dir = std::env::temp_dir().join(format!("sp-dmz-ciphers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = crate::certs::trial_pki(&["gw.example".to_string()]).unwrap();
+        crate::certs::write_trial_pki(&pki, &dir).unwrap();
+        std::fs::write(dir.join("agents.toml"), "").unwrap();
+        std::fs::write(dir.join("connectors.toml"), "").unwrap();
+        let suites = |ciphers: &str| {
+            let path = dir.join("dmz.toml");
+            std::fs::write(
+                &path,
+                format!(
+                    "tls_cert = \"gateway.crt\"\ntls_key = \"gateway.key\"\n{ciphers}\n\
+                     agent_tokens = \"agents.toml\"\nconnector_tokens = \"connectors.toml\"\n"
+                ),
+            )
+            .unwrap();
+            let cfg = dmz_config(DmzArgs {
+                config: Some(path),
+                ..DmzArgs::default()
+            })
+            .unwrap();
+            let tls = cfg.tls.expect("a TLS listener");
+            tls.crypto_provider()
+                .cipher_suites
+                .iter()
+                .map(|s| format!("{:?}", s.suite()))
+                .collect::<Vec<_>>()
+        };
+        let narrowed = suites("tls_ciphers = \"aes-256-gcm\"");
+        let all = suites("");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!narrowed.is_empty());
+        assert!(
+            narrowed.iter().all(|s| s.contains("AES_256_GCM")),
+            "{narrowed:?}"
+        );
+        assert!(all.iter().any(|s| s.contains("AES_128_GCM")), "{all:?}");
     }
 
     #[test]
