@@ -32,6 +32,7 @@ printed side by side. A failed measurement is a `failed` cell; the run goes on.
 """
 
 import argparse
+import json
 import os
 import platform
 import socket
@@ -131,13 +132,14 @@ def cpu_per(peer, n, run):
 BATCHES = 8
 
 
-def new_connections(port, echo_port, n, socks_target=None):
+def new_connections(port, echo_port, n, socks_target=None, batches=None):
     """n new connections through `port` in BATCHES batches, each after as many straight to the
     echo server (`echo_port`): (median ms through the peer, median ms direct), None where one
     failed. The direct figure taken beside the peer's is its reference: over the minutes between
     two peers of a round the machine drifts by up to ±30 % (seen: the direct peer's own figure
     went from 0.16 to 0.59 ms between rounds), which a reference taken minutes apart puts into
-    the ratio."""
+    the ratio. `batches`, a list: each batch's (direct median, peer median) is appended to it,
+    for the raw results (independent.json)."""
     per = max(1, n // BATCHES)
     ours, direct = [], []
     for _ in range(BATCHES):
@@ -145,6 +147,8 @@ def new_connections(port, echo_port, n, socks_target=None):
         o = bench.latency_times(port, per, socks_target)
         if d is None or o is None:
             return (None if o is None else bench.med(ours + o)), (None if d is None else bench.med(direct + d))
+        if batches is not None:
+            batches.append((round(bench.med(d), 4), round(bench.med(o), 4)))
         direct += d
         ours += o
     return bench.med(ours), bench.med(direct)
@@ -173,12 +177,13 @@ def measure(peer, a, echo_port):
     out["mem"] = sum(p.hwm_mib() for p in peer.procs) if peer.procs else None
     # The chain's CPU over the interleaved run is the peer's connections' (the direct ones do
     # not touch it).
+    out["conn_batches"], out["socks_batches"] = [], []
     out["conn_cpu"], (out["conn"], out["conn_ref"]) = cpu_per(
-        peer, a.latency_n, lambda: new_connections(peer.echo, echo_port, a.latency_n))
+        peer, a.latency_n, lambda: new_connections(peer.echo, echo_port, a.latency_n, batches=out["conn_batches"]))
     if out["conn"] is None:
         out["conn_cpu"] = None
     if peer.socks:
-        out["socks"], out["socks_ref"] = new_connections(peer.socks, echo_port, a.latency_n,
+        out["socks"], out["socks_ref"] = new_connections(peer.socks, echo_port, a.latency_n, batches=out["socks_batches"],
                                                          socks_target=("127.0.0.1", peer.echo_target))
     if hasattr(peer, "cold_start"):
         out["cold"] = bench.med([peer.cold_start() for _ in range(a.cold_n)])
@@ -211,8 +216,10 @@ def main(argv):
     res = {p: [] for p in peers}
     tmp = Path(tempfile.mkdtemp(prefix=f"sallyport-bench-{bench.MARK}-"))
     print(f"independent harness: {a.rounds} rounds of {a.seconds} s tests, peers {', '.join(peers)}", file=sys.stderr)
+    rounds = []
     for rnd in range(a.rounds):
         order = bench.rotated(peers, rnd)
+        rounds.append({"order": order, "start_utc": time.strftime("%H:%M:%S", time.gmtime())})
         rt = tmp / f"round{rnd + 1}"
         rt.mkdir()
         iperf_port, echo_port = bench.free_port(), bench.free_port()
@@ -253,6 +260,12 @@ def main(argv):
               file=sys.stderr)
     a.load_end = os.getloadavg()[0]
     bench.write_table(table(res, peers, a, wst), a.out)
+    # The raw figures beside the table: every peer's per-round values, with each new-connection
+    # batch's medians (direct, peer) and the round's order and start time, to look into a round
+    # that stands out.
+    raw = Path(a.out).with_suffix(".json")
+    raw.write_text(json.dumps({"rounds": rounds, "results": res}, indent=1) + "\n")
+    print(f"raw figures in {raw}", file=sys.stderr)
 
 
 def series(res, peer, key):
