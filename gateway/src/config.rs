@@ -1023,25 +1023,27 @@ mod tests {
         assert!(s.contains("bogus"), "{s}");
     }
 
-    fn dmz_with(toml: &str) -> Result<DmzConfig, ConfigError> {
-        let dir = std::env::temp_dir().join(format!(
-            "sp-dmz-config-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
+    /// A fresh directory for one test (`tag` tells the tests of one run apart).
+    fn test_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sp-dmz-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// The DMZ's configuration from `toml`, written as `dir/dmz.toml`.
+    fn dmz_in(dir: &Path, toml: &str) -> Result<DmzConfig, ConfigError> {
         let path = dir.join("dmz.toml");
         std::fs::write(&path, toml).unwrap();
-        let r = dmz_config(DmzArgs {
+        dmz_config(DmzArgs {
             config: Some(path),
             ..DmzArgs::default()
-        });
-        let _ = std::fs::remove_dir_all(&dir);
-        r
+        })
     }
 
     #[test]
     fn tls_ciphers_is_default_or_aes_256_gcm_and_never_with_plain() {
+        let dir = test_dir("config");
+        let dmz_with = |toml: &str| dmz_in(&dir, toml);
         let e = dmz_with("tls_ciphers = \"aes128\"\n")
             .unwrap_err()
             .to_string();
@@ -1061,31 +1063,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("tls_ciphers"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn tls_ciphers_reaches_the_listener() {
-        let dir = std::env::temp_dir().join(format!("sp-dmz-ciphers-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = test_dir("ciphers");
         let pki = crate::certs::trial_pki(&["gw.example".to_string()]).unwrap();
         crate::certs::write_trial_pki(&pki, &dir).unwrap();
         std::fs::write(dir.join("agents.toml"), "").unwrap();
         std::fs::write(dir.join("connectors.toml"), "").unwrap();
         let suites = |ciphers: &str| {
-            let path = dir.join("dmz.toml");
-            std::fs::write(
-                &path,
-                format!(
-                    "tls_cert = \"gateway.crt\"\ntls_key = \"gateway.key\"\n{ciphers}\n\
-                     agent_tokens = \"agents.toml\"\nconnector_tokens = \"connectors.toml\"\n"
-                ),
-            )
-            .unwrap();
-            let cfg = dmz_config(DmzArgs {
-                config: Some(path),
-                ..DmzArgs::default()
-            })
-            .unwrap();
+            let toml = format!(
+                "tls_cert = \"gateway.crt\"\ntls_key = \"gateway.key\"\n{ciphers}\n\
+                 agent_tokens = \"agents.toml\"\nconnector_tokens = \"connectors.toml\"\n"
+            );
+            let cfg = dmz_in(&dir, &toml).unwrap();
             let tls = cfg.tls.expect("a TLS listener");
             tls.crypto_provider()
                 .cipher_suites
