@@ -36,9 +36,10 @@ def rss_kib(proc):
     return bench.status_of(proc.p.pid, "VmRSS")
 
 
-def measure(label, gw, t, steps, idle, settle, threads, burst):
+def measure(label, gw, t, steps, idle, settle, threads, burst, quiet_wait):
     """One gateway binary: RSS before and at each step, CPU over `idle` s at the last one, RSS
-    after one burst per session (`burst` bytes echoed; 0: none)."""
+    after one burst per session (`burst` bytes echoed; 0: none), `settle` s after it and again
+    `quiet_wait` s later (0: not again)."""
     d = t / label
     d.mkdir()
     bench.run([str(gw), "cert", "--name", "127.0.0.1", "--out", str(d)])
@@ -47,7 +48,8 @@ def measure(label, gw, t, steps, idle, settle, threads, burst):
     bench.run([str(gw), "token", "new", "--kind", "connector", "--id", "site", "--route", "127.0.0.1/32:*",
          "--tokens", str(d / "connectors.toml"), "--out", str(d / "connector.token")])
     # One token for every session (per-token state is counted once, not per session): its
-    # session limit and the address's handshake rate are raised, nothing else.
+    # session limit, its rate of new streams (every session's burst opens one at once) and the
+    # address's handshake rate are raised, nothing else.
     (d / "dmz.toml").write_text(f"""listen = "127.0.0.1:0"
 tls_cert = "gateway.crt"
 tls_key = "gateway.key"
@@ -55,6 +57,7 @@ agent_tokens = "agents.toml"
 connector_tokens = "connectors.toml"
 [limits]
 sessions_per_agent_token = 100000
+opens_per_token = 100000.0
 handshakes_per_ip = 100000.0
 max_connections = {max(steps) + 1000}
 """)
@@ -112,6 +115,13 @@ max_connections = {max(steps) + 1000}
         n = rows[-1]["sessions"]
         after = {"ok": b.get("ok"), "failed": b.get("failed"), "took_s": b.get("took_s"), "rss_kib": rss,
                  "kib_per_session": (rss - base) / max(1, n)}
+        if b.get("failed"):
+            print(f"  {label}: {b['failed']} bursts failed; sp-idle said:\n" + client.log_path.read_text()[-1500:],
+                  file=sys.stderr, flush=True)
+        if quiet_wait:
+            time.sleep(quiet_wait)
+            rss = rss_kib(dmz)
+            after.update({"quiet_rss_kib": rss, "quiet_kib_per_session": (rss - base) / max(1, n)})
         print(f"  {label} after a burst of {burst} bytes per session: {json.dumps(after)}", flush=True)
         client.p.stdin.write("next\n")
         client.p.stdin.flush()
@@ -131,6 +141,9 @@ def main():
     ap.add_argument("--settle", type=float, default=3, help="seconds before each RSS reading")
     ap.add_argument("--burst", type=int, default=256 * 1024,
                     help="bytes each session echoes after the last step, then RSS again (0: no burst)")
+    ap.add_argument("--quiet-wait", type=float, default=35,
+                    help="seconds after the burst's first RSS reading before a second one: the gateway gives freed "
+                         "memory back at its first 15 s quiet check after a transfer (0: no second reading)")
     ap.add_argument("--threads", type=int, default=0, help="DMZ worker threads (0: its default)")
     ap.add_argument("--gateway-bin", action="append", default=[], metavar="LABEL=PATH",
                     help="another sallyport-gateway to measure in the same run")
@@ -156,7 +169,8 @@ def main():
     results = []
     with tempfile.TemporaryDirectory(prefix="sp-idle-") as tmp:
         for i, (label, gw) in enumerate(bins):
-            results.append(measure(f"{i}", gw, Path(tmp), steps, a.idle, a.settle, a.threads, a.burst))
+            results.append(measure(f"{i}", gw, Path(tmp), steps, a.idle, a.settle, a.threads, a.burst,
+                                   a.quiet_wait))
             results[-1]["label"] = label
     out = ["# Idle sessions", "",
            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, loopback, "
@@ -172,13 +186,18 @@ def main():
                        f"| {row['rss_kib'] / 1024:.1f} MiB | {row['kib_per_session']:.1f} | {cpu} | {gb:.2f} GiB |")
     if a.burst:
         out += ["", f"After one burst per session ({a.burst} bytes echoed through the connector), idle again:", "",
-                "| gateway | sessions | bursts ok | DMZ RSS | KiB / session | 50,000 sessions |", "|---|---|---|---|---|---|"]
+                f"| gateway | sessions | bursts ok | DMZ RSS, {a.settle:g} s after | KiB / session "
+                f"| DMZ RSS, {a.settle + a.quiet_wait:g} s after | KiB / session | 50,000 sessions, the latter |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in results:
             b = r["after_burst"]
             if b:
-                gb = b["kib_per_session"] * 50000 / 1024 / 1024
+                last = b.get("quiet_kib_per_session", b["kib_per_session"])
+                gb = last * 50000 / 1024 / 1024
+                quiet = (f"{b['quiet_rss_kib'] / 1024:.1f} MiB | {b['quiet_kib_per_session']:.1f}"
+                         if "quiet_rss_kib" in b else "– | –")
                 out.append(f"| {r['label']} | {r['rows'][-1]['sessions']} | {b['ok']} | {b['rss_kib'] / 1024:.1f} MiB "
-                           f"| {b['kib_per_session']:.1f} | {gb:.2f} GiB |")
+                           f"| {b['kib_per_session']:.1f} | {quiet} | {gb:.2f} GiB |")
     text = "\n".join(out) + "\n"
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text)

@@ -99,7 +99,10 @@ impl Agent {
             shutdown.clone(),
         ));
         tracker.spawn(netwatch::react::run(pool.clone(), shutdown.clone()));
-        tracker.spawn(give_back_when_quiet(shutdown.clone()));
+        tracker.spawn(uplink::cli::give_back_when_quiet(
+            uplink::cli::AGENT_TRANSFER,
+            shutdown.clone(),
+        ));
         let pages: Arc<dyn socks::LocalPages> = Arc::new(pages::Pages {
             config: self.config.clone(),
             pool: pool.clone(),
@@ -148,33 +151,6 @@ impl Agent {
         tracker.close();
         shutdown.cancelled().await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), tracker.wait()).await;
-    }
-}
-
-/// How often the agent looks whether it went quiet.
-const QUIET_CHECK: std::time::Duration = std::time::Duration::from_secs(15);
-
-/// Read buffers ([`tunnel::splice::activity`]) that make a transfer (about 1 MiB of bytes):
-/// fewer in a [`QUIET_CHECK`] is quiet (a session's pings take one every 20 s).
-const TRANSFER_BUFFERS: u64 = 16;
-
-/// The agent keeps the memory it freed while bytes flow (`keep_freed_memory`: no page faults
-/// per read buffer); after a transfer, once a [`QUIET_CHECK`] passes nearly without reads, it
-/// gives that memory back to the system, so an idle desktop agent holds no more than before.
-async fn give_back_when_quiet(shutdown: CancellationToken) {
-    let mut last = tunnel::splice::activity();
-    let mut given_back_at = last;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(QUIET_CHECK) => {}
-        }
-        let now = tunnel::splice::activity();
-        if now - last < TRANSFER_BUFFERS && now - given_back_at >= TRANSFER_BUFFERS {
-            uplink::cli::give_back_freed_memory();
-            given_back_at = now;
-        }
-        last = now;
     }
 }
 

@@ -147,6 +147,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// The gateway roles keep freed memory while bytes flow and give it back once quiet after a
+/// transfer (`uplink::cli::give_back_when_quiet`); ends with `shutdown`.
+fn give_back_when_quiet(shutdown: &CancellationToken) {
+    tokio::spawn(uplink::cli::give_back_when_quiet(
+        uplink::cli::GATEWAY_TRANSFER,
+        shutdown.clone(),
+    ));
+}
+
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     if matches!(cli.command, Command::Dmz(_) | Command::Connector(_)) {
         uplink::cli::keep_freed_memory();
@@ -159,6 +168,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 let cfg = config::dmz_config(args)?;
                 let shutdown = CancellationToken::new();
                 uplink::cli::shutdown_on_signal(shutdown.clone());
+                give_back_when_quiet(&shutdown);
                 gateway::dmz::run(cfg, shutdown)
                     .await
                     .map_err(anyhow::Error::from)
@@ -170,6 +180,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 uplink::cli::shutdown_on_signal(shutdown.clone());
+                give_back_when_quiet(&shutdown);
                 gateway::admin::connector::start(&cfg, shutdown.clone()).await?;
                 gateway::connector::run(cfg, shutdown).await;
                 Ok(())

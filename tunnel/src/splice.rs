@@ -96,27 +96,39 @@ const SPARE_MAX: usize = 8;
 /// headers (the WebSocket reader's room at a frame boundary).
 pub const SPARE_SIZE: usize = BUF_SIZE + 1024;
 
-/// Read buffers taken, and HTTP fallback messages received, since start (see [`activity`]).
-static TAKEN: AtomicU64 = AtomicU64::new(0);
+/// Bytes read from a socket or received by the HTTP fallback transport since start (see
+/// [`activity`]).
+static ARRIVED: AtomicU64 = AtomicU64::new(0);
 
-/// A count that moves whenever a copy loop or a WebSocket reader takes a read buffer, or the
-/// HTTP fallback transport receives a message (`note_arrival`), i.e. when bytes arrive after a
-/// quiet spell and all through a transfer: a caller that sees it stand still knows the process
-/// went quiet (the agent then gives freed memory back).
+/// A count of the bytes that arrived: read by a copy loop or a WebSocket reader, or received
+/// by the HTTP fallback transport (`note_arrival`). It moves with the data, not with the
+/// number of sessions: a thousand idle sessions' pings move it by a few dozen bytes each, a
+/// transfer by all its bytes, so a caller that sees it nearly stand still knows the process
+/// went quiet (every role then gives freed memory back: `uplink::cli::give_back_when_quiet`).
 pub fn activity() -> u64 {
-    TAKEN.load(Ordering::Relaxed)
+    ARRIVED.load(Ordering::Relaxed)
 }
 
-/// Moves [`activity`]: a read buffer taken from the pool ([`spare_bytes`]), or bytes that arrived
-/// without one (the HTTP fallback transport's messages, which hyper reads into its own buffers;
-/// without it a download over that transport looked like a quiet process).
-pub(crate) fn note_arrival() {
-    TAKEN.fetch_add(1, Ordering::Relaxed);
+/// Moves [`activity`] by `n` bytes that arrived: read by a copy loop or a WebSocket reader, or
+/// received by the HTTP fallback transport (hyper reads those into its own buffers).
+pub(crate) fn note_arrival(n: usize) {
+    ARRIVED.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// Frees the read buffers kept for reuse (those [`take_buffer`] and the readers hand out): for
+/// a process that went quiet, before it hands freed memory back (up to 4.5 MiB that no reader
+/// holds).
+pub fn release_spares() {
+    if let Ok(mut p) = POOL.lock() {
+        *p = Vec::new();
+    }
+    if let Ok(mut s) = SPARE.lock() {
+        *s = Vec::new();
+    }
 }
 
 /// An empty buffer with room for at least `room` bytes: a spare one if there is one.
 pub(crate) fn spare_bytes(room: usize) -> BytesMut {
-    note_arrival();
     let spare = SPARE.lock().ok().and_then(|mut s| s.pop());
     match spare {
         Some(b) if b.capacity() >= room => b,
@@ -264,6 +276,7 @@ impl ToChunks {
             if std::mem::take(&mut self.try_first) {
                 match try_first_read(tcp) {
                     Some(Ok((buf, n))) => {
+                        note_arrival(n);
                         self.out = Bytes::copy_from_slice(&buf[..n]);
                         give(buf);
                         self.read_done = n == 0;
@@ -287,7 +300,10 @@ impl ToChunks {
             let mut room = (&mut self.buf).limit(BUF_SIZE);
             match tokio_util::io::poll_read_buf(Pin::new(&mut *tcp), cx, &mut room) {
                 Poll::Ready(Ok(0)) => self.read_done = true,
-                Poll::Ready(Ok(_)) => self.out = take_read(&mut self.buf),
+                Poll::Ready(Ok(n)) => {
+                    note_arrival(n);
+                    self.out = take_read(&mut self.buf);
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
                     // Nothing waits: no buffer is held while the app is quiet.
@@ -477,6 +493,7 @@ impl Half {
                         // As after any read: end of input (0), or read on while there is room
                         // (a full buffer has none); the write below hands the buffer back.
                         Some(Ok((buf, n))) => {
+                            note_arrival(n);
                             self.buf = Some(buf);
                             self.end = n;
                             self.read_done = n == 0;
@@ -498,6 +515,7 @@ impl Half {
                 match Pin::new(&mut *r).poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
+                        note_arrival(n);
                         if n == 0 {
                             self.read_done = true;
                         } else {
@@ -618,6 +636,41 @@ mod tests {
 
     /// The tests below count the process-wide buffers in use: one at a time.
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// After a transfer the pools kept up to 4.5 MiB of read buffers for good, even once the
+    /// process had gone quiet and handed its other free memory back.
+    #[tokio::test]
+    async fn a_quiet_process_frees_the_read_buffers_kept_for_reuse() {
+        let _one = ONE_AT_A_TIME.lock().await;
+        give_buffer(take_buffer());
+        keep_spare(spare_bytes(BUF_SIZE));
+        assert!(!POOL.lock().unwrap().is_empty() && !SPARE.lock().unwrap().is_empty());
+        release_spares();
+        assert_eq!(POOL.lock().unwrap().capacity(), 0);
+        assert_eq!(SPARE.lock().unwrap().capacity(), 0);
+    }
+
+    /// The agent gives freed memory back when `activity` stands still; reads by the copy loop
+    /// must move it by what they read (a transfer through a forward is all copy loop).
+    #[tokio::test]
+    async fn bytes_read_by_the_copy_loop_count_as_activity() {
+        let _one = ONE_AT_A_TIME.lock().await;
+        let (mut app, mut ours) = pair().await;
+        let (mut peer, mut theirs) = pair().await;
+        let before = activity();
+        let copy = tokio::spawn(async move { splice(&mut ours, &mut theirs).await });
+        app.write_all(&[7u8; 300_000]).await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), 300_000);
+        assert!(
+            activity() - before >= 300_000,
+            "moved by {}",
+            activity() - before
+        );
+        copy.abort();
+    }
 
     /// An app's first bytes, already in the socket when the copy starts, go on in the copy's
     /// first poll, before tokio's event loop has learnt the socket is readable: in the agent

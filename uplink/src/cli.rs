@@ -97,6 +97,52 @@ pub fn default_threads(cores: usize) -> usize {
     (cores / 2).max(1)
 }
 
+/// How often a process looks whether it went quiet ([`give_back_when_quiet`]).
+pub const QUIET_CHECK: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// What the desktop agent counts as a transfer: 1 MiB arrived in a [`QUIET_CHECK`] (a
+/// session's pings are a few dozen bytes every 20 s).
+pub const AGENT_TRANSFER: u64 = 1 << 20;
+
+/// What a gateway role counts as a transfer: 16 MiB arrived in a [`QUIET_CHECK`]. The pings of
+/// its idle sessions move [`tunnel::splice::activity`] by about 30 bytes per session per check,
+/// 1.5 MB for 50,000 desktops: still quiet.
+pub const GATEWAY_TRANSFER: u64 = 16 << 20;
+
+/// Whether to give freed memory back now: this [`QUIET_CHECK`] saw less than `transfer` bytes
+/// arrive (`now - last`), and at least `transfer` arrived since the last time it was given back
+/// (once after each transfer, not at every quiet check).
+pub fn quiet_after_transfer(last: u64, now: u64, given_back_at: u64, transfer: u64) -> bool {
+    now.wrapping_sub(last) < transfer && now.wrapping_sub(given_back_at) >= transfer
+}
+
+/// Every role keeps the memory it freed while bytes flow ([`keep_freed_memory`]: no page
+/// faults per read buffer); after a transfer, once a [`QUIET_CHECK`] passes with less than
+/// `transfer` bytes arriving, it frees the read buffers kept for reuse
+/// ([`tunnel::splice::release_spares`]) and gives the free memory back to the system
+/// ([`give_back_freed_memory`]): an idle desktop agent holds no more than before its transfer,
+/// and a DMZ whose desktops went idle after the day's work no more than before it (45 against
+/// 31 KiB per idle session without this: docs/benchmarks.md, "Idle sessions").
+pub async fn give_back_when_quiet(transfer: u64, shutdown: CancellationToken) {
+    let mut last = tunnel::splice::activity();
+    let mut given_back_at = last;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(QUIET_CHECK) => {}
+        }
+        let now = tunnel::splice::activity();
+        if quiet_after_transfer(last, now, given_back_at, transfer) {
+            tunnel::splice::release_spares();
+            // malloc_trim walks the heap under the allocator's locks: off the runtime's
+            // workers, so a large heap does not hold up their tasks while it is walked.
+            let _ = tokio::task::spawn_blocking(give_back_freed_memory).await;
+            given_back_at = now;
+        }
+        last = now;
+    }
+}
+
 /// Cancels `token` on Ctrl-C or SIGTERM (call inside the runtime).
 pub fn shutdown_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
@@ -130,5 +176,31 @@ mod tests {
     fn the_gateway_default_leaves_half_the_cores_to_the_kernel() {
         let d: Vec<usize> = [1, 2, 3, 4, 16].map(super::default_threads).to_vec();
         assert_eq!(d, vec![1, 1, 1, 2, 8]);
+    }
+
+    /// A DMZ with thousands of idle desktops counted their pings as activity (a read buffer
+    /// taken per ping) and would never have looked quiet: the count is bytes now, and a
+    /// gateway's threshold stays above 50,000 sessions' pings.
+    #[test]
+    fn pings_of_idle_sessions_are_quiet_and_a_transfer_is_given_back_once() {
+        use super::{quiet_after_transfer as give_back, GATEWAY_TRANSFER as T};
+        let pings = 50_000 * 30;
+        // Idle from the start: nothing to give back.
+        assert!(!give_back(0, pings, 0, T));
+        // A check that saw a transfer: busy, not now.
+        assert!(!give_back(pings, pings + 64 * T, 0, T));
+        // The next check saw only pings: give back.
+        let after = pings + 64 * T;
+        assert!(give_back(after, after + pings, 0, T));
+        // Given back at `after + pings`: later quiet checks do nothing...
+        let at = after + pings;
+        assert!(!give_back(at, at + pings, at, T));
+        assert!(!give_back(at + pings, at + 2 * pings, at, T));
+        // ...until pings alone add up to a transfer since (hours of them): once more, harmless.
+        assert!(give_back(at + 11 * pings, at + 12 * pings, at, T));
+        // The agent's threshold is lower (its own pings are a few dozen bytes): a 2 MiB
+        // download is a transfer for it, and pings alone for a gateway.
+        let agent = super::AGENT_TRANSFER;
+        assert!(give_back(2 << 20, 2 << 20, 0, agent) && !give_back(2 << 20, 2 << 20, 0, T));
     }
 }

@@ -560,6 +560,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TransportRx for WsRx<S>
             })
             .await
             .map_err(io_err)?;
+            crate::splice::note_arrival(n);
             if n == 0 {
                 return Err(TransportError::Io(
                     "connection closed without a WebSocket close".into(),

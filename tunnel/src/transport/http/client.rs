@@ -693,7 +693,7 @@ async fn read_down(
                         return Err(Down::Closed);
                     }
                     s.received.fetch_add(1, Ordering::Relaxed);
-                    crate::splice::note_arrival();
+                    crate::splice::note_arrival(n);
                     if s.unacked.fetch_add(n, Ordering::Relaxed) + n >= ACK_BYTES {
                         s.unacked.store(0, Ordering::Relaxed);
                         s.ack_wanted.notify_one();

@@ -347,6 +347,7 @@ impl Handle {
         if !self.ack(q.ack) {
             return text(StatusCode::CONFLICT, "ack beyond what was sent");
         }
+        crate::splice::note_arrival(body.len());
         let msgs = match parse_records(body) {
             Ok(m) => m,
             Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
