@@ -38,11 +38,6 @@ pub const MAX_PEER_ROUTES: usize = 65_536;
 /// cores' scheduling) is cut off.
 pub const MAX_PINGS_PER_SECOND: u32 = 50;
 
-/// The side that accepted the session (the DMZ) sends its own `PING` at least once in this
-/// many ping ticks, to keep its round-trip time fresh; at the other ticks it sends none if the
-/// peer's `PING` arrived since the last one ([`State::tick`]).
-pub const OWN_PING_EVERY: u32 = 8;
-
 /// Most bytes of route text kept from a peer's route list.
 pub const MAX_PEER_ROUTE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -125,10 +120,6 @@ pub(crate) struct State {
     ping_counter: u64,
     ping_sent: Option<(u64, Instant)>,
     pub(crate) rtt: Option<Duration>,
-    /// A `PING` from the peer arrived since our last ping tick.
-    peer_pinged: bool,
-    /// Ping ticks since our own last `PING`.
-    ticks_since_ping: u32,
     /// Our graceful `GOAWAY` ([`State::go_away`]): the `PING` sent right after it, and whether
     /// a `PONG` for it (or a later one) came back.
     drain_ping: Option<u64>,
@@ -201,8 +192,6 @@ impl State {
             pings_since: now,
             ping_counter: 0,
             ping_sent: None,
-            peer_pinged: false,
-            ticks_since_ping: 0,
             drain_ping: None,
             drain_heard: false,
             rtt: None,
@@ -444,7 +433,6 @@ impl State {
                         format!("more than {MAX_PINGS_PER_SECOND} PINGs in a second"),
                     ));
                 }
-                self.peer_pinged = true;
                 // Only the latest PING is answered: a flood queues one PONG, not one per PING.
                 self.pong = Some(v);
                 self.wake_writer = true;
@@ -1130,26 +1118,11 @@ impl State {
     }
 
     /// The ping interval elapsed at `now`: `Err` when nothing at all arrived for `dead_after`
-    /// (the peer is gone); else a `PING` is queued, except by the side that accepted the
-    /// session when the peer's own `PING` arrived since the last tick and a round trip was
-    /// measured in the last [`OWN_PING_EVERY`] ticks. Both sides ping every interval, so one
-    /// `PING` and its `PONG` per interval already show each side the other is alive and keep
-    /// both directions busy for the middleboxes: a second pair cost an idle desktop's DMZ
-    /// half its ping CPU for nothing.
+    /// (the peer is gone); else a `PING` is queued.
     pub(crate) fn tick(&mut self, now: Instant, dead_after: Duration) -> Result<(), SessionError> {
         if now.saturating_duration_since(self.last_recv) > dead_after {
             return Err(SessionError::Unresponsive(dead_after));
         }
-        let peer_pinged = std::mem::take(&mut self.peer_pinged);
-        self.ticks_since_ping += 1;
-        if !self.rules.initiator
-            && peer_pinged
-            && self.rtt.is_some()
-            && self.ticks_since_ping < OWN_PING_EVERY
-        {
-            return Ok(());
-        }
-        self.ticks_since_ping = 0;
         self.ping_counter += 1;
         self.ping_sent = Some((self.ping_counter, now));
         self.push_control(Frame::Ping(self.ping_counter));
@@ -1683,73 +1656,6 @@ mod tests {
         st.tick(t + Duration::from_secs(60), dead_after).unwrap();
         assert_eq!(
             st.tick(t + Duration::from_secs(61), dead_after),
-            Err(SessionError::Unresponsive(dead_after))
-        );
-    }
-
-    /// Our pings at each of `ticks` ping ticks 20 s apart, the peer's `PING` (when
-    /// `peer_pings`) and our `PONG`'s answer arriving between them; `st` started at `t`.
-    fn own_pings(st: &mut State, t: Instant, ticks: u64, peer_pings: bool) -> Vec<bool> {
-        let dead_after = Duration::from_secs(40);
-        (1..=ticks)
-            .map(|i| {
-                let at = t + Duration::from_secs(20 * i);
-                if peer_pings {
-                    st.on_frame(at - Duration::from_secs(10), Frame::Ping(i), 9)
-                        .unwrap();
-                }
-                st.tick(at, dead_after).unwrap();
-                let ping = sent(st).into_iter().find_map(|f| match f {
-                    Frame::Ping(v) => Some(v),
-                    _ => None,
-                });
-                if let Some(v) = ping {
-                    let back = at + Duration::from_millis(30);
-                    st.on_frame(back, Frame::Pong(v), 9).unwrap();
-                } else if !peer_pings {
-                    // Something else arrived (the peer's frames): it is alive.
-                    st.on_frame(at + Duration::from_millis(30), Frame::Pong(0), 9)
-                        .unwrap();
-                }
-                ping.is_some()
-            })
-            .collect()
-    }
-
-    /// Both ends pinged every 20 s: four frames per interval where two show each side the
-    /// other is alive, half of an idle desktop's ping CPU at the DMZ spent for nothing.
-    #[test]
-    fn the_accepting_side_skips_its_ping_while_the_peer_pings_and_refreshes_its_rtt() {
-        let t = Instant::now();
-        let mut dmz = State::new(rules(false), t);
-        let pinged = own_pings(&mut dmz, t, 17, true);
-        // The first tick pings (no round trip known yet); then one in OWN_PING_EVERY.
-        let expected: Vec<bool> = (0..17).map(|i| i % OWN_PING_EVERY as usize == 0).collect();
-        assert_eq!(pinged, expected);
-        assert_eq!(dmz.rtt, Some(Duration::from_millis(30)));
-        // The dialling side pings at every tick, whatever the peer does.
-        let mut agent = State::new(rules(true), t);
-        assert!(own_pings(&mut agent, t, 17, true).iter().all(|p| *p));
-    }
-
-    /// A peer that stops pinging (an old agent, or one whose timer drifted) gets our `PING`
-    /// at every tick again, and a silent one is still declared dead on time.
-    #[test]
-    fn the_accepting_side_pings_when_the_peer_does_not_and_still_finds_a_silent_one() {
-        let t = Instant::now();
-        let mut dmz = State::new(rules(false), t);
-        own_pings(&mut dmz, t, 3, true);
-        assert!(own_pings(&mut dmz, t + Duration::from_secs(60), 4, false)
-            .iter()
-            .all(|p| *p));
-        // The peer went silent after its PING at 145 s; our ticks stop answering at 40 s.
-        let dead_after = Duration::from_secs(40);
-        let last = t + Duration::from_secs(145);
-        dmz.on_frame(last, Frame::Ping(99), 9).unwrap();
-        assert!(dmz.tick(last + Duration::from_secs(15), dead_after).is_ok());
-        assert!(dmz.tick(last + Duration::from_secs(35), dead_after).is_ok());
-        assert_eq!(
-            dmz.tick(last + Duration::from_secs(55), dead_after),
             Err(SessionError::Unresponsive(dead_after))
         );
     }
