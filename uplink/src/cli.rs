@@ -109,11 +109,40 @@ pub const AGENT_TRANSFER: u64 = 1 << 20;
 /// 1.5 MB for 50,000 desktops: still quiet.
 pub const GATEWAY_TRANSFER: u64 = 16 << 20;
 
-/// Whether to give freed memory back now: this [`QUIET_CHECK`] saw less than `transfer` bytes
-/// arrive (`now - last`), and at least `transfer` arrived since the last time it was given back
-/// (once after each transfer, not at every quiet check).
-pub fn quiet_after_transfer(last: u64, now: u64, given_back_at: u64, transfer: u64) -> bool {
-    now.wrapping_sub(last) < transfer && now.wrapping_sub(given_back_at) >= transfer
+/// The rule of [`give_back_when_quiet`], without a clock: fed [`tunnel::splice::activity`] at
+/// each [`QUIET_CHECK`], it says to give freed memory back at the first quiet check (less than
+/// `transfer` bytes arrived since the one before) after a busy one (at least `transfer`), and
+/// then not again until another busy check. Pings never make a check busy, however long they
+/// go on: a DMZ with 50,000 idle desktops does not walk its heap again and again for them
+/// (3.4 ms per walk at 2,000 sessions, so about 85 ms at 50,000, with the worker's allocations
+/// waiting on it).
+#[derive(Debug)]
+pub struct QuietCheck {
+    transfer: u64,
+    last: u64,
+    busy: bool,
+}
+
+impl QuietCheck {
+    /// `transfer`: bytes per check that make it busy; `now`: the count at the start.
+    pub fn new(transfer: u64, now: u64) -> QuietCheck {
+        QuietCheck {
+            transfer,
+            last: now,
+            busy: false,
+        }
+    }
+
+    /// A check with the count at `now`: whether to give freed memory back.
+    pub fn check(&mut self, now: u64) -> bool {
+        let arrived = now.wrapping_sub(self.last);
+        self.last = now;
+        if arrived >= self.transfer {
+            self.busy = true;
+            return false;
+        }
+        std::mem::take(&mut self.busy)
+    }
 }
 
 /// Every role keeps the memory it freed while bytes flow ([`keep_freed_memory`]: no page
@@ -124,22 +153,20 @@ pub fn quiet_after_transfer(last: u64, now: u64, given_back_at: u64, transfer: u
 /// and a DMZ whose desktops went idle after the day's work no more than before it (45 against
 /// 31 KiB per idle session without this: docs/benchmarks.md, "Idle sessions").
 pub async fn give_back_when_quiet(transfer: u64, shutdown: CancellationToken) {
-    let mut last = tunnel::splice::activity();
-    let mut given_back_at = last;
+    let mut rule = QuietCheck::new(transfer, tunnel::splice::activity());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(QUIET_CHECK) => {}
         }
-        let now = tunnel::splice::activity();
-        if quiet_after_transfer(last, now, given_back_at, transfer) {
+        if rule.check(tunnel::splice::activity()) {
             tunnel::splice::release_spares();
             // malloc_trim walks the heap under the allocator's locks: off the runtime's
-            // workers, so a large heap does not hold up their tasks while it is walked.
+            // workers, so the tasks that do not allocate meanwhile go on.
+            let started = std::time::Instant::now();
             let _ = tokio::task::spawn_blocking(give_back_freed_memory).await;
-            given_back_at = now;
+            tracing::debug!(took = ?started.elapsed(), "quiet after a transfer: freed memory given back");
         }
-        last = now;
     }
 }
 
@@ -180,27 +207,32 @@ mod tests {
 
     /// A DMZ with thousands of idle desktops counted their pings as activity (a read buffer
     /// taken per ping) and would never have looked quiet: the count is bytes now, and a
-    /// gateway's threshold stays above 50,000 sessions' pings.
+    /// gateway's threshold stays above 50,000 sessions' pings, which never make a check busy
+    /// however long they go on (each would walk the heap again).
     #[test]
     fn pings_of_idle_sessions_are_quiet_and_a_transfer_is_given_back_once() {
-        use super::{quiet_after_transfer as give_back, GATEWAY_TRANSFER as T};
+        use super::{QuietCheck, GATEWAY_TRANSFER as T};
         let pings = 50_000 * 30;
-        // Idle from the start: nothing to give back.
-        assert!(!give_back(0, pings, 0, T));
-        // A check that saw a transfer: busy, not now.
-        assert!(!give_back(pings, pings + 64 * T, 0, T));
-        // The next check saw only pings: give back.
-        let after = pings + 64 * T;
-        assert!(give_back(after, after + pings, 0, T));
-        // Given back at `after + pings`: later quiet checks do nothing...
-        let at = after + pings;
-        assert!(!give_back(at, at + pings, at, T));
-        assert!(!give_back(at + pings, at + 2 * pings, at, T));
-        // ...until pings alone add up to a transfer since (hours of them): once more, harmless.
-        assert!(give_back(at + 11 * pings, at + 12 * pings, at, T));
+        let mut rule = QuietCheck::new(T, 0);
+        let mut count = 0;
+        let mut at = |arrived: u64| {
+            count += arrived;
+            rule.check(count)
+        };
+        // Idle from the start: nothing to give back, for a day of checks.
+        assert!((0..5760).all(|_| !at(pings)));
+        // A check that saw a transfer: busy, not now; the next quiet one gives back, once.
+        assert!(!at(64 * T));
+        assert!(at(pings));
+        assert!((0..5760).all(|_| !at(pings)));
+        // A transfer spread over checks: given back after its last busy one.
+        assert!(!at(T) && !at(2 * T));
+        assert!(at(0) && !at(0));
         // The agent's threshold is lower (its own pings are a few dozen bytes): a 2 MiB
-        // download is a transfer for it, and pings alone for a gateway.
-        let agent = super::AGENT_TRANSFER;
-        assert!(give_back(2 << 20, 2 << 20, 0, agent) && !give_back(2 << 20, 2 << 20, 0, T));
+        // download makes its check busy, and a gateway's not.
+        let mut agent = QuietCheck::new(super::AGENT_TRANSFER, 0);
+        let mut gateway = QuietCheck::new(T, 0);
+        assert!(!agent.check(2 << 20) && agent.check(2 << 20));
+        assert!(!gateway.check(2 << 20) && !gateway.check(2 << 20));
     }
 }
