@@ -52,6 +52,8 @@ impl Association {
     /// Queues one datagram to (or, answering, from) `addr`; never waits. `Err` says why it was
     /// dropped.
     pub fn send(&self, addr: &Dest, payload: &[u8]) -> Result<(), Dropped> {
+        // Read from an app's or a service's UDP socket: arrived bytes, like a copy loop's.
+        crate::splice::note_arrival(payload.len());
         self.shared.lock().send_datagram(self.id, addr, payload)
     }
 

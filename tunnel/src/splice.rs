@@ -100,11 +100,14 @@ pub const SPARE_SIZE: usize = BUF_SIZE + 1024;
 /// [`activity`]).
 static ARRIVED: AtomicU64 = AtomicU64::new(0);
 
-/// A count of the bytes that arrived: read by a copy loop or a WebSocket reader, or received
-/// by the HTTP fallback transport (`note_arrival`). It moves with the data, not with the
-/// number of sessions: a thousand idle sessions' pings move it by a few dozen bytes each, a
-/// transfer by all its bytes, so a caller that sees it nearly stand still knows the process
-/// went quiet (every role then gives freed memory back: `uplink::cli::give_back_when_quiet`).
+/// A count of the bytes that arrived: read by a copy loop or a WebSocket reader, received by
+/// the HTTP fallback transport, or datagrams handed to an association (`note_arrival`). It
+/// moves with the data, not with the number of sessions: a thousand idle sessions' pings move
+/// it by a few dozen bytes each, a transfer by all its bytes, so a caller that sees it nearly
+/// stand still knows the process went quiet (every role then gives freed memory back:
+/// `uplink::cli::give_back_when_quiet`). A byte may count twice in one process (an agent's
+/// SOCKS5 download is read by the WebSocket reader, then by the copy loop to the app): it errs
+/// towards busy only.
 pub fn activity() -> u64 {
     ARRIVED.load(Ordering::Relaxed)
 }
@@ -117,15 +120,18 @@ pub(crate) fn note_arrival(n: usize) {
 
 /// Frees the read buffers kept for reuse (those [`take_buffer`] and the readers hand out): for
 /// a process that went quiet, before it hands freed memory back (up to 4.5 MiB that no reader
-/// holds).
-pub fn release_spares() {
-    if let Ok(mut p) = POOL.lock() {
-        *p = Vec::new();
-    }
-    if let Ok(mut s) = SPARE.lock() {
-        *s = Vec::new();
-    }
+/// holds). Returns how many it freed.
+pub fn release_spares() -> usize {
+    // Taken out under the lock, freed after it.
+    let pool = POOL.lock().map(|mut p| std::mem::take(&mut *p));
+    let spare = SPARE.lock().map(|mut s| std::mem::take(&mut *s));
+    pool.map_or(0, |p| p.len()) + spare.map_or(0, |s| s.len())
 }
+
+/// Serializes the unit tests that move [`activity`] or use the pools (this file's and the
+/// WebSocket transport's): both are process-wide.
+#[cfg(test)]
+pub(crate) static TEST_SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// An empty buffer with room for at least `room` bytes: a spare one if there is one.
 pub(crate) fn spare_bytes(room: usize) -> BytesMut {
@@ -635,7 +641,7 @@ mod tests {
     }
 
     /// The tests below count the process-wide buffers in use: one at a time.
-    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    use super::TEST_SERIAL as ONE_AT_A_TIME;
 
     /// After a transfer the pools kept up to 4.5 MiB of read buffers for good, even once the
     /// process had gone quiet and handed its other free memory back.
@@ -644,8 +650,7 @@ mod tests {
         let _one = ONE_AT_A_TIME.lock().await;
         give_buffer(take_buffer());
         keep_spare(spare_bytes(BUF_SIZE));
-        assert!(!POOL.lock().unwrap().is_empty() && !SPARE.lock().unwrap().is_empty());
-        release_spares();
+        assert!(release_spares() >= 2);
         assert_eq!(POOL.lock().unwrap().capacity(), 0);
         assert_eq!(SPARE.lock().unwrap().capacity(), 0);
     }
@@ -800,10 +805,29 @@ mod tests {
         }
     }
 
+    /// The chunk copy (a forward's or a SOCKS5 app's bytes into its stream) counts what it
+    /// reads, past the first read too.
+    #[tokio::test]
+    async fn bytes_read_by_the_chunk_copy_count_as_activity() {
+        let _one = ONE_AT_A_TIME.lock().await;
+        let (mut app, mut a) = pair().await;
+        let before = activity();
+        let mut stream = Mem::default();
+        let big = vec![3u8; 200_000];
+        let (copied, _) = tokio::join!(splice_chunks(&mut a, &mut stream, false), async {
+            app.write_all(&big).await.unwrap();
+            app.shutdown().await.unwrap();
+        });
+        copied.unwrap();
+        assert_eq!(stream.got.iter().map(|c| c.len()).sum::<usize>(), big.len());
+        assert_eq!(activity() - before, big.len() as u64);
+    }
+
     /// A forward's first bytes go with its `OPEN` in the chunk copy too.
     #[tokio::test]
     async fn chunks_take_the_first_bytes_already_in_the_socket_in_the_first_poll() {
         let _one = ONE_AT_A_TIME.lock().await;
+        let before = activity();
         let (_app, mut a) = app_that_wrote(b"hello");
         // Nothing to hand out and no end of input yet: a stream that never answers.
         let mut quiet = Mem {
@@ -817,6 +841,11 @@ mod tests {
         }
         assert_eq!(quiet.got, vec![Bytes::from_static(b"hello")]);
         assert_eq!(buffers_in_use(), 0, "the first read's buffer went back");
+        assert_eq!(
+            activity() - before,
+            5,
+            "the first read counts as arrived bytes"
+        );
     }
 
     /// Bytes both ways, half-close passed on, and no buffer held while the pair is idle.

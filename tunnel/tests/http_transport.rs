@@ -254,9 +254,23 @@ fn spawn_peer(mut incoming: Incoming, down: Arc<Vec<u8>>, got: oneshot::Sender<(
     });
 }
 
+/// The bulk transfers of this binary, one at a time: `tunnel::splice::activity` is
+/// process-wide, and the test that checks what one transfer moves it by must see its own.
+static BULK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Opens a session over HTTP through `via`, moves 8 MiB each way on one stream and checks
 /// both arrive intact (length and SHA-256).
 async fn eight_mib_each_way(
+    server: &mut TestServer,
+    via: SocketAddr,
+    mode: Option<DownMode>,
+) -> usize {
+    let _one = BULK.lock().await;
+    eight_mib_each_way_alone(server, via, mode).await
+}
+
+/// [`eight_mib_each_way`], for a caller that holds [`BULK`].
+async fn eight_mib_each_way_alone(
     server: &mut TestServer,
     via: SocketAddr,
     mode: Option<DownMode>,
@@ -336,10 +350,11 @@ async fn eight_mib_each_way_arrive_intact_over_a_streamed_get() {
 async fn a_download_over_the_http_fallback_counts_as_activity() {
     let mut server = test_server().await;
     let via = server.addr;
+    let _one = BULK.lock().await;
     let before = tunnel::splice::activity();
     timed(
         "activity",
-        eight_mib_each_way(&mut server, via, Some(DownMode::Stream)),
+        eight_mib_each_way_alone(&mut server, via, Some(DownMode::Stream)),
     )
     .await;
     let moved = tunnel::splice::activity() - before;

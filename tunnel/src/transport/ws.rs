@@ -661,6 +661,35 @@ mod tests {
         raw
     }
 
+    /// The WebSocket reader is how a DMZ's bytes arrive: if it did not count them, a DMZ
+    /// under a transfer would look quiet, and one after it would never give memory back.
+    #[tokio::test]
+    async fn bytes_the_websocket_reader_reads_count_as_activity() {
+        let _serial = crate::splice::TEST_SERIAL.lock().await;
+        let (mut tx, mut rx) = pair();
+        let before = crate::splice::activity();
+        let msg = Bytes::from(vec![5u8; 60_000]);
+        let (sent, got) = tokio::join!(
+            async {
+                for _ in 0..5 {
+                    tx.send(msg.clone()).await.unwrap();
+                    tx.flush().await.unwrap();
+                }
+            },
+            async {
+                let mut got = Vec::new();
+                for _ in 0..5 {
+                    got.push(rx.recv().await.unwrap().unwrap());
+                }
+                got
+            }
+        );
+        let () = sent;
+        assert!(got.iter().all(|m| *m == msg));
+        let moved = crate::splice::activity() - before;
+        assert!(moved >= 300_000, "moved by {moved}");
+    }
+
     /// A client's frames carry a fresh random key unless told that masks protect nothing there;
     /// then the mask bit and a zero key, and the payload as it is. Either way a strict server
     /// (ours, or an intermediary that checks) reads the same message.
@@ -703,6 +732,7 @@ mod tests {
     /// kept while more are read, into reused buffers, stay as they were.
     #[tokio::test]
     async fn an_idle_reader_holds_no_buffer_and_kept_messages_stay_intact() {
+        let _serial = crate::splice::TEST_SERIAL.lock().await;
         let (mut tx, mut rx) = pair();
         let mut kept = Vec::new();
         for i in 0..40u8 {
