@@ -96,8 +96,7 @@ const SPARE_MAX: usize = 8;
 /// headers (the WebSocket reader's room at a frame boundary).
 pub const SPARE_SIZE: usize = BUF_SIZE + 1024;
 
-/// Bytes read from a socket or received by the HTTP fallback transport since start (see
-/// [`activity`]).
+/// Bytes that arrived since start (see [`activity`]).
 static ARRIVED: AtomicU64 = AtomicU64::new(0);
 
 /// A count of the bytes that arrived: read by a copy loop or a WebSocket reader, received by
@@ -112,8 +111,9 @@ pub fn activity() -> u64 {
     ARRIVED.load(Ordering::Relaxed)
 }
 
-/// Moves [`activity`] by `n` bytes that arrived: read by a copy loop or a WebSocket reader, or
-/// received by the HTTP fallback transport (hyper reads those into its own buffers).
+/// Moves [`activity`] by `n` bytes that arrived: read by a copy loop or a WebSocket reader,
+/// received by the HTTP fallback transport (hyper reads those into its own buffers), or a
+/// datagram handed to an association.
 pub(crate) fn note_arrival(n: usize) {
     ARRIVED.fetch_add(n as u64, Ordering::Relaxed);
 }
