@@ -338,6 +338,7 @@ pub struct LimitsFile {
     pub udp_associations: Option<usize>,
     pub udp_datagrams_per_token: Option<f64>,
     pub udp_datagrams: Option<f64>,
+    pub route_wait_at_start: Option<String>,
 }
 
 /// `[tunnel]`, one struct for every role (`uplink::tuning`).
@@ -483,6 +484,9 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     }
     if let Some(v) = &l.head_timeout {
         limits.head_timeout = duration(v, "limits.head_timeout")?;
+    }
+    if let Some(v) = &l.route_wait_at_start {
+        limits.route_wait_at_start = duration(v, "limits.route_wait_at_start")?;
     }
     if let Some(v) = l.unauth_per_addr {
         limits.unauth_per_addr = v.max(1);

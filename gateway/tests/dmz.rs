@@ -127,6 +127,15 @@ async fn connector(gw: &Gw, routes: &[&str]) -> (Session, Incoming) {
     (s, inc)
 }
 
+/// An agent session's open to `host:port`.
+async fn open_as_agent(gw: &Gw, host: &str, port: u16) -> (Session, tunnel::Stream) {
+    let (agent, _) = session(gw, "agent", &gw.agent_token, Role::Agent)
+        .await
+        .unwrap();
+    let s = agent.open(Dest::new(host, port), Meta::default()).unwrap();
+    (agent, s)
+}
+
 async fn raw_request(addr: SocketAddr, req: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(req).await.unwrap();
@@ -245,12 +254,7 @@ async fn the_dmz_stamps_the_authenticated_identity_whatever_the_agent_claims() {
 async fn a_connector_cannot_attract_routes_its_credential_was_not_issued_for() {
     let gw = gateway(&["db.internal:5432"], |_| {}).await;
     let (_c, mut incoming) = connector(&gw, &["*:*", "db.internal:5432"]).await;
-    let (agent, _) = session(&gw, "agent", &gw.agent_token, Role::Agent)
-        .await
-        .unwrap();
-    let s = agent
-        .open(Dest::new("mail.example.com", 443), Meta::default())
-        .unwrap();
+    let (agent, s) = open_as_agent(&gw, "mail.example.com", 443).await;
     let err = s.opened().await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::NoRoute);
     assert!(
@@ -264,6 +268,38 @@ async fn a_connector_cannot_attract_routes_its_credential_was_not_issued_for() {
     let got = incoming.accept().await.unwrap();
     got.accept();
     s.opened().await.unwrap();
+}
+
+/// A rolling restart, as a CI run once caught it: an agent reconnected to a restarted instance
+/// 15 ms after it listened, ~100 ms before its connectors came back, and its new connections
+/// were refused `no-route` meanwhile. A young instance holds such streams until a connector
+/// serves them; once its connectors have settled, a destination nobody serves is refused
+/// promptly again.
+#[tokio::test]
+async fn an_agent_on_a_restarted_instance_is_not_refused_before_its_connectors_are_back() {
+    let gw = gateway(&["db.internal:5432"], |_| {}).await;
+    let (agent, s) = open_as_agent(&gw, "db.internal", 5432).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_c, mut incoming) = connector(&gw, &["db.internal:5432"]).await;
+    let got = tokio::time::timeout(Duration::from_secs(5), incoming.accept())
+        .await
+        .expect("the stream reached the connector that attached after it was opened")
+        .unwrap();
+    got.accept();
+    s.opened().await.unwrap();
+    // After the settling time, no more waiting.
+    tokio::time::sleep(gateway::dmz::limits::ROUTES_SETTLE).await;
+    let asked = std::time::Instant::now();
+    let s = agent
+        .open(Dest::new("mail.example.com", 443), Meta::default())
+        .unwrap();
+    let err = s.opened().await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NoRoute);
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "refused after {:?}",
+        asked.elapsed()
+    );
 }
 
 #[tokio::test]

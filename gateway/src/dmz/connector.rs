@@ -24,6 +24,9 @@ pub(crate) async fn connector_session<T: tunnel::Transport>(
         return;
     };
     let key = shared.router.add(&id.token_id, session.clone());
+    shared
+        .first_connector
+        .get_or_init(tokio::time::Instant::now);
     info!(connector = %id.token_id, instance = %Clean(&session.peer().instance_id), %client, "connector session up");
     let _up = shared.ops.up(
         crate::metrics::Role::Connector,

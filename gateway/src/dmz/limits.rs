@@ -65,6 +65,16 @@ pub struct Limits {
     pub udp_datagrams_per_token: f64,
     /// Datagrams per second through the whole gateway (burst 2×); over it, dropped.
     pub udp_datagrams: f64,
+    /// For at most this long after the instance starts, a stream that no connector serves yet
+    /// waits for one to attach, instead of being refused `no-route` at once. A restarted
+    /// instance is ready for agents the moment it listens, before the connectors' backoff
+    /// brings them back; an agent that lands on it in between would otherwise see its new
+    /// connections refused. The window closes [`ROUTES_SETTLE`] after the first connector
+    /// session attaches (the others of a rolling restart come back with it), so a destination
+    /// nobody serves is refused promptly once connectors are there. A waiting stream holds its
+    /// stream slots. The default covers a connector's longest backoff wait (15 s).
+    /// `Duration::ZERO`: never wait.
+    pub route_wait_at_start: Duration,
 }
 
 impl Default for Limits {
@@ -89,7 +99,25 @@ impl Default for Limits {
             udp_associations: 4_096,
             udp_datagrams_per_token: 2_000.0,
             udp_datagrams: 50_000.0,
+            route_wait_at_start: Duration::from_secs(15),
         }
+    }
+}
+
+/// How long after the first connector session attaches the other connectors still have to
+/// bring their routes, while streams wait (see [`Limits::route_wait_at_start`]).
+pub const ROUTES_SETTLE: Duration = Duration::from_secs(2);
+
+/// Until when a stream no connector serves yet waits for one: `window` after `started`, or
+/// [`ROUTES_SETTLE`] after the first connector session attached, whichever is sooner.
+pub fn route_wait_until<I>(started: I, window: Duration, first_connector: Option<I>) -> I
+where
+    I: Copy + Ord + std::ops::Add<Duration, Output = I>,
+{
+    let end = started + window;
+    match first_connector {
+        Some(at) => end.min(at + ROUTES_SETTLE.min(window)),
+        None => end,
     }
 }
 
@@ -229,6 +257,19 @@ mod tests {
             b.allow(&i);
         }
         assert!(b.map.lock().unwrap().len() <= 100);
+    }
+
+    #[test]
+    fn streams_wait_for_routes_only_until_the_first_connector_has_settled_or_the_window_ends() {
+        let s = std::time::Instant::now();
+        let w = Duration::from_secs(15);
+        assert_eq!(route_wait_until(s, w, None), s + w);
+        let early = s + Duration::from_millis(300);
+        assert_eq!(route_wait_until(s, w, Some(early)), early + ROUTES_SETTLE);
+        let late = s + Duration::from_secs(14);
+        assert_eq!(route_wait_until(s, w, Some(late)), s + w);
+        assert_eq!(route_wait_until(s, Duration::ZERO, None), s);
+        assert_eq!(route_wait_until(s, Duration::ZERO, Some(s)), s);
     }
 
     #[test]

@@ -183,6 +183,10 @@ pub(crate) struct Shared {
     pub(crate) ops: ops::Ops,
     /// Set on shutdown: `/readyz` answers 503.
     pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// When the instance started, and when its first connector session attached: a stream
+    /// no connector serves yet waits for one until [`limits::route_wait_until`].
+    pub(crate) started: tokio::time::Instant,
+    pub(crate) first_connector: std::sync::OnceLock<tokio::time::Instant>,
 }
 
 /// A bound DMZ gateway, not yet serving.
@@ -246,6 +250,8 @@ impl Dmz {
             tracker: TaskTracker::new(),
             shutdown: stop.clone(),
             draining: Default::default(),
+            started: tokio::time::Instant::now(),
+            first_connector: Default::default(),
             ops: ops::Ops::new(),
             config,
         });

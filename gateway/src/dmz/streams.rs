@@ -56,6 +56,40 @@ struct Passed {
     to_connector: u64,
 }
 
+/// A young instance's wait for a route (see `Limits::route_wait_at_start`): re-`pick`s each
+/// time the routes change until one serves the stream, the window closes, or the gateway shuts
+/// down. `None` at once after the window, so a destination nobody serves is refused without
+/// delay for the rest of the instance's life.
+async fn route_at_start<T>(shared: &Shared, pick: impl Fn() -> Option<T>) -> Option<T> {
+    let until = || {
+        super::limits::route_wait_until(
+            shared.started,
+            shared.config.limits.route_wait_at_start,
+            shared.first_connector.get().copied(),
+        )
+    };
+    if tokio::time::Instant::now() >= until() {
+        return None;
+    }
+    // Subscribed before the next pick: a connector that attaches in between still wakes us.
+    let mut changes = shared.router.changes();
+    loop {
+        if let Some(c) = pick() {
+            return Some(c);
+        }
+        // Recomputed: the first connector's arrival closes the window sooner.
+        let until = until();
+        if tokio::time::Instant::now() >= until {
+            return None;
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return None },
+            _ = tokio::time::sleep_until(until) => {}
+            _ = shared.shutdown.cancelled() => return None,
+        }
+    }
+}
+
 /// Passes each side's latest `ACK` to the other, until neither side can send more, or (with
 /// `until`) once both have acknowledged at least that much.
 async fn relay_acks(
@@ -226,7 +260,7 @@ pub(crate) async fn route_stream(
             "gateway is at its stream limit".into(),
         );
     };
-    let chosen = match &resume {
+    let pick = || match &resume {
         Resume::Of {
             connector,
             resume_id,
@@ -234,6 +268,10 @@ pub(crate) async fn route_stream(
         } => shared.router.holder(connector, resume_id),
         Resume::New => shared.router.pick_resumable(&host, dest.port),
         Resume::No => shared.router.pick(&host, dest.port),
+    };
+    let chosen = match pick() {
+        Some(c) => Some(c),
+        None => route_at_start(&shared, pick).await,
     };
     let Some(chosen) = chosen else {
         if let Resume::Of { .. } = resume {
