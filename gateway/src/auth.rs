@@ -310,6 +310,11 @@ fn key_on_line(text: &str, line: usize) -> Option<String> {
 }
 
 impl TokenStore {
+    /// Every token of the file (a connector credential's routes say what it may serve).
+    pub fn identities(&self) -> impl Iterator<Item = &Identity> {
+        self.tokens.values()
+    }
+
     /// An empty store (no token is accepted).
     pub fn empty(origin: &str) -> TokenStore {
         TokenStore {

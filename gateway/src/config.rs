@@ -487,6 +487,13 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
     }
     if let Some(v) = &l.route_wait_at_start {
         limits.route_wait_at_start = duration(v, "limits.route_wait_at_start")?;
+        let max = crate::dmz::limits::ROUTE_WAIT_MAX;
+        if limits.route_wait_at_start > max {
+            return Err(invalid(format!(
+                "limits.route_wait_at_start: `{v}` is over {}s (an agent gives up on a new connection after 30 s by default)",
+                max.as_secs()
+            )));
+        }
     }
     if let Some(v) = l.unauth_per_addr {
         limits.unauth_per_addr = v.max(1);
@@ -1042,6 +1049,26 @@ mod tests {
             config: Some(path),
             ..DmzArgs::default()
         })
+    }
+
+    #[test]
+    fn a_route_wait_longer_than_an_agent_waits_for_its_open_is_refused() {
+        let dir = test_dir("config-route-wait");
+        std::fs::write(dir.join("agents.toml"), "").unwrap();
+        std::fs::write(dir.join("connectors.toml"), "").unwrap();
+        let toml = |wait: &str| {
+            format!(
+                "plain = true\nagent_tokens = \"agents.toml\"\nconnector_tokens = \"connectors.toml\"\n\
+                 [limits]\nroute_wait_at_start = \"{wait}\"\n"
+            )
+        };
+        let cfg = dmz_in(&dir, &toml("25s")).unwrap();
+        assert_eq!(cfg.limits.route_wait_at_start, Duration::from_secs(25));
+        let e = dmz_in(&dir, &toml("40s")).unwrap_err().to_string();
+        assert!(
+            e.contains("limits.route_wait_at_start") && e.contains("over 25s"),
+            "{e}"
+        );
     }
 
     #[test]

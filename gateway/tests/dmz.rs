@@ -136,6 +136,16 @@ async fn open_as_agent(gw: &Gw, host: &str, port: u16) -> (Session, tunnel::Stre
     (agent, s)
 }
 
+/// `s` is refused `no-route` within a second of `asked`: not held for a connector.
+async fn refused_at_once(s: &tunnel::Stream, asked: std::time::Instant) {
+    assert_eq!(s.opened().await.unwrap_err().code(), ErrorCode::NoRoute);
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "refused after {:?}",
+        asked.elapsed()
+    );
+}
+
 async fn raw_request(addr: SocketAddr, req: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(req).await.unwrap();
@@ -272,9 +282,9 @@ async fn a_connector_cannot_attract_routes_its_credential_was_not_issued_for() {
 
 /// A rolling restart, as a CI run once caught it: an agent reconnected to a restarted instance
 /// 15 ms after it listened, ~100 ms before its connectors came back, and its new connections
-/// were refused `no-route` meanwhile. A young instance holds such streams until a connector
-/// serves them; once its connectors have settled, a destination nobody serves is refused
-/// promptly again.
+/// were refused `no-route` meanwhile. A young instance holds a stream while a connector
+/// credential that may serve it has no session yet; once it is there, a destination nobody
+/// serves is refused promptly again.
 #[tokio::test]
 async fn an_agent_on_a_restarted_instance_is_not_refused_before_its_connectors_are_back() {
     let gw = gateway(&["db.internal:5432"], |_| {}).await;
@@ -287,19 +297,99 @@ async fn an_agent_on_a_restarted_instance_is_not_refused_before_its_connectors_a
         .unwrap();
     got.accept();
     s.opened().await.unwrap();
-    // After the settling time, no more waiting.
-    tokio::time::sleep(gateway::dmz::limits::ROUTES_SETTLE).await;
     let asked = std::time::Instant::now();
     let s = agent
-        .open(Dest::new("mail.example.com", 443), Meta::default())
+        .open(Dest::new("db.internal", 5433), Meta::default())
         .unwrap();
-    let err = s.opened().await.unwrap_err();
+    refused_at_once(&s, asked).await;
+}
+
+/// No connector credential may serve the destination: nothing is to come, so even a young
+/// instance refuses at once.
+#[tokio::test]
+async fn a_destination_no_connector_credential_may_serve_is_refused_at_once_on_a_young_instance() {
+    let gw = gateway(&["db.internal:5432"], |_| {}).await;
+    let asked = std::time::Instant::now();
+    let (_agent, s) = open_as_agent(&gw, "mail.example.com", 443).await;
+    refused_at_once(&s, asked).await;
+}
+
+/// The wait ends with the window: a connector that never comes is `no-route`, not a hang.
+#[tokio::test]
+async fn a_stream_waits_for_its_connector_no_longer_than_the_window() {
+    let gw = gateway(&["db.internal:5432"], |c| {
+        c.limits.route_wait_at_start = Duration::from_millis(400)
+    })
+    .await;
+    let (_agent, s) = open_as_agent(&gw, "db.internal", 5432).await;
+    let err = tokio::time::timeout(Duration::from_secs(5), s.opened())
+        .await
+        .expect("refused when the window closed")
+        .unwrap_err();
     assert_eq!(err.code(), ErrorCode::NoRoute);
+}
+
+/// An app that gives up while its stream waits (the agent resets it) must not leave the stream
+/// holding its slot, nor have it forwarded to the connector when one attaches (the connector
+/// would dial the service for nobody; a stale resume attempt could end a live one).
+#[tokio::test]
+async fn a_stream_given_up_while_it_waits_frees_its_slot_and_is_never_forwarded() {
+    let gw = gateway(&["db.internal:5432"], |c| c.limits.streams_per_token = 1).await;
+    let (agent, gone) = open_as_agent(&gw, "db.internal", 5432).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let s = agent
+        .open(Dest::new("db.internal", 5432), Meta::default())
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_c, mut incoming) = connector(&gw, &["db.internal:5432"]).await;
+    let got = tokio::time::timeout(Duration::from_secs(5), incoming.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    got.accept();
+    s.opened()
+        .await
+        .expect("the live stream had the token's one slot");
     assert!(
-        asked.elapsed() < Duration::from_secs(1),
-        "refused after {:?}",
-        asked.elapsed()
+        tokio::time::timeout(Duration::from_millis(500), incoming.accept())
+            .await
+            .is_err(),
+        "the stream given up was forwarded too"
     );
+}
+
+/// One token cannot park thousands of streams on a young instance (each is woken by every
+/// change of the routes): past its share, streams are refused at once.
+#[tokio::test]
+async fn a_flood_of_streams_waiting_for_a_connector_is_bounded_per_token() {
+    let gw = gateway(&["db.internal:5432"], |_| {}).await;
+    let (agent, _) = session(&gw, "agent", &gw.agent_token, Role::Agent)
+        .await
+        .unwrap();
+    let share = gateway::dmz::limits::WAITING_PER_TOKEN;
+    let mut waiting = Vec::new();
+    for _ in 0..share {
+        waiting.push(
+            agent
+                .open(Dest::new("db.internal", 5432), Meta::default())
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asked = std::time::Instant::now();
+    let over = agent
+        .open(Dest::new("db.internal", 5432), Meta::default())
+        .unwrap();
+    refused_at_once(&over, asked).await;
+    for s in &waiting {
+        let answer = tokio::time::timeout(Duration::from_millis(1), s.opened()).await;
+        assert!(
+            answer.is_err(),
+            "a stream within the share was answered: {answer:?}"
+        );
+    }
 }
 
 #[tokio::test]

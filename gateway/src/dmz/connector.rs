@@ -24,9 +24,6 @@ pub(crate) async fn connector_session<T: tunnel::Transport>(
         return;
     };
     let key = shared.router.add(&id.token_id, session.clone());
-    shared
-        .first_connector
-        .get_or_init(tokio::time::Instant::now);
     info!(connector = %id.token_id, instance = %Clean(&session.peer().instance_id), %client, "connector session up");
     let _up = shared.ops.up(
         crate::metrics::Role::Connector,
@@ -97,7 +94,9 @@ pub(crate) async fn connector_session<T: tunnel::Transport>(
                 }
                 info!(connector = %id.token_id, count = accepted.len(), routes = %text, "connector routes");
             }
-            shared.router.set_routes(key, accepted);
+            shared
+                .router
+                .set_routes(key, accepted, !advertised.is_empty());
             if routes.changed().await.is_err() {
                 // The session (and its sender) is gone.
                 std::future::pending::<()>().await;

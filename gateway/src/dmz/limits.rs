@@ -65,15 +65,16 @@ pub struct Limits {
     pub udp_datagrams_per_token: f64,
     /// Datagrams per second through the whole gateway (burst 2×); over it, dropped.
     pub udp_datagrams: f64,
-    /// For at most this long after the instance starts, a stream that no connector serves yet
-    /// waits for one to attach, instead of being refused `no-route` at once. A restarted
-    /// instance is ready for agents the moment it listens, before the connectors' backoff
-    /// brings them back; an agent that lands on it in between would otherwise see its new
-    /// connections refused. The window closes [`ROUTES_SETTLE`] after the first connector
-    /// session attaches (the others of a rolling restart come back with it), so a destination
-    /// nobody serves is refused promptly once connectors are there. A waiting stream holds its
-    /// stream slots. The default covers a connector's longest backoff wait (15 s).
-    /// `Duration::ZERO`: never wait.
+    /// For at most this long after the instance's first authenticated session, a stream that
+    /// no connector serves *yet* waits for one, instead of being refused `no-route` at once:
+    /// only when a connector credential of the token file that may serve its destination has
+    /// no session with routes here yet. A restarted instance is ready for agents the moment it
+    /// listens, before the connectors' backoff brings them back; an agent that lands on it in
+    /// between would otherwise see its new connections refused. A destination no credential
+    /// may serve, or whose connectors are all here, is refused at once. Waiting streams hold
+    /// their stream slots and are bounded ([`WAITING_PER_TOKEN`], [`WAITING`]); a resume never
+    /// waits (the agent asks again by itself). At most [`ROUTE_WAIT_MAX`]; `Duration::ZERO`:
+    /// never wait.
     pub route_wait_at_start: Duration,
 }
 
@@ -104,22 +105,17 @@ impl Default for Limits {
     }
 }
 
-/// How long after the first connector session attaches the other connectors still have to
-/// bring their routes, while streams wait (see [`Limits::route_wait_at_start`]).
-pub const ROUTES_SETTLE: Duration = Duration::from_secs(2);
+/// The longest `route_wait_at_start`: below the agents' default `open_timeout` (30 s), so an
+/// agent hears the DMZ's answer rather than its own timeout.
+pub const ROUTE_WAIT_MAX: Duration = Duration::from_secs(25);
 
-/// Until when a stream no connector serves yet waits for one: `window` after `started`, or
-/// [`ROUTES_SETTLE`] after the first connector session attached, whichever is sooner.
-pub fn route_wait_until<I>(started: I, window: Duration, first_connector: Option<I>) -> I
-where
-    I: Copy + Ord + std::ops::Add<Duration, Output = I>,
-{
-    let end = started + window;
-    match first_connector {
-        Some(at) => end.min(at + ROUTES_SETTLE.min(window)),
-        None => end,
-    }
-}
+/// Streams of one agent token that may wait for a connector at once (see
+/// [`Limits::route_wait_at_start`]); beyond it, refused `no-route` at once.
+pub const WAITING_PER_TOKEN: usize = 256;
+
+/// Streams of all tokens that may wait for a connector at once: every change of the routes
+/// wakes each of them to look again, so their number bounds that work.
+pub const WAITING: usize = 4096;
 
 /// Token buckets keyed by `K`, at most `cap` keys (full buckets are forgotten first).
 pub struct Buckets<K> {
@@ -257,19 +253,6 @@ mod tests {
             b.allow(&i);
         }
         assert!(b.map.lock().unwrap().len() <= 100);
-    }
-
-    #[test]
-    fn streams_wait_for_routes_only_until_the_first_connector_has_settled_or_the_window_ends() {
-        let s = std::time::Instant::now();
-        let w = Duration::from_secs(15);
-        assert_eq!(route_wait_until(s, w, None), s + w);
-        let early = s + Duration::from_millis(300);
-        assert_eq!(route_wait_until(s, w, Some(early)), early + ROUTES_SETTLE);
-        let late = s + Duration::from_secs(14);
-        assert_eq!(route_wait_until(s, w, Some(late)), s + w);
-        assert_eq!(route_wait_until(s, Duration::ZERO, None), s);
-        assert_eq!(route_wait_until(s, Duration::ZERO, Some(s)), s);
     }
 
     #[test]

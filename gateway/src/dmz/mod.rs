@@ -183,10 +183,12 @@ pub(crate) struct Shared {
     pub(crate) ops: ops::Ops,
     /// Set on shutdown: `/readyz` answers 503.
     pub(crate) draining: std::sync::atomic::AtomicBool,
-    /// When the instance started, and when its first connector session attached: a stream
-    /// no connector serves yet waits for one until [`limits::route_wait_until`].
-    pub(crate) started: tokio::time::Instant,
-    pub(crate) first_connector: std::sync::OnceLock<tokio::time::Instant>,
+    /// When the first session authenticated: from then on, for `limits.route_wait_at_start`,
+    /// a stream that no connector serves *yet* may wait for one (see `streams`).
+    pub(crate) first_session: std::sync::OnceLock<tokio::time::Instant>,
+    /// Streams waiting so, per agent token and in all.
+    pub(crate) waiting: Arc<Counts<String>>,
+    pub(crate) waiting_all: Arc<Semaphore>,
 }
 
 /// A bound DMZ gateway, not yet serving.
@@ -250,8 +252,9 @@ impl Dmz {
             tracker: TaskTracker::new(),
             shutdown: stop.clone(),
             draining: Default::default(),
-            started: tokio::time::Instant::now(),
-            first_connector: Default::default(),
+            first_session: Default::default(),
+            waiting: Arc::new(Counts::new(limits::WAITING_PER_TOKEN)),
+            waiting_all: Arc::new(Semaphore::new(limits::WAITING)),
             ops: ops::Ops::new(),
             config,
         });

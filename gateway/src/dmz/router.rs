@@ -15,6 +15,9 @@ struct Entry {
     connector: String,
     session: Session,
     routes: Vec<Route>,
+    /// The connector has advertised its routes (a `ROUTES` frame, even one whose routes were
+    /// all refused): until then, its credential's destinations are still to come.
+    heard: bool,
 }
 
 /// A chosen connector session.
@@ -49,13 +52,17 @@ impl Router {
             connector: connector.to_string(),
             session,
             routes: Vec::new(),
+            heard: false,
         });
         id
     }
 
-    pub fn set_routes(&self, id: u64, routes: Vec<Route>) {
+    /// The routes kept of what session `id` advertised; `heard`: it has advertised (an empty
+    /// list before its first `ROUTES` is not yet its answer).
+    pub fn set_routes(&self, id: u64, routes: Vec<Route>, heard: bool) {
         if let Some(e) = self.lock().iter_mut().find(|e| e.id == id) {
             e.routes = routes;
+            e.heard |= heard;
         }
         self.version.send_modify(|v| *v += 1);
     }
@@ -138,6 +145,26 @@ impl Router {
             .map(|e| Chosen {
                 connector: e.connector.clone(),
                 session: e.session.clone(),
+            })
+    }
+
+    /// Whether a connector credential that may serve `host:port` (one of `credentials`: its id
+    /// and the routes it was issued for) has no session here that advertised its routes yet:
+    /// a stream to that destination may be served soon (see `Limits::route_wait_at_start`).
+    pub fn awaits<'a>(
+        &self,
+        credentials: impl IntoIterator<Item = (&'a str, &'a [Route])>,
+        host: &Host,
+        port: u16,
+    ) -> bool {
+        let entries = self.lock();
+        credentials
+            .into_iter()
+            .filter(|(_, routes)| routes.iter().any(|r| r.matches(host, port)))
+            .any(|(id, _)| {
+                !entries
+                    .iter()
+                    .any(|e| e.connector == id && e.heard && !e.session.is_going_away())
             })
     }
 

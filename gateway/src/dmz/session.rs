@@ -21,7 +21,10 @@ pub(crate) async fn start_session<T: tunnel::Transport>(
     cfg.accept_streams = accept_streams;
     cfg.max_incoming_streams = shared.config.limits.streams_per_session;
     match tokio::time::timeout_at(deadline, Session::start(transport, cfg)).await {
-        Ok(Ok(s)) => Some(s),
+        Ok(Ok(s)) => {
+            shared.first_session.get_or_init(tokio::time::Instant::now);
+            Some(s)
+        }
         Ok(Err(e)) => {
             info!(error = %e, "tunnel hello failed");
             None

@@ -56,36 +56,68 @@ struct Passed {
     to_connector: u64,
 }
 
-/// A young instance's wait for a route (see `Limits::route_wait_at_start`): re-`pick`s each
-/// time the routes change until one serves the stream, the window closes, or the gateway shuts
-/// down. `None` at once after the window, so a destination nobody serves is refused without
-/// delay for the rest of the instance's life.
-async fn route_at_start<T>(shared: &Shared, pick: impl Fn() -> Option<T>) -> Option<T> {
-    let until = || {
-        super::limits::route_wait_until(
-            shared.started,
-            shared.config.limits.route_wait_at_start,
-            shared.first_connector.get().copied(),
-        )
+/// How a stream's wait for its connector ended (see [`route_at_start`]).
+enum Waited<T> {
+    Routed(T),
+    /// Not waited (not a young instance, no connector credential to come, too many waiting),
+    /// or waited in vain.
+    NoRoute,
+    /// The agent reset the stream, or lost its session, while it waited: nothing to forward.
+    Abandoned,
+    ShuttingDown,
+}
+
+/// A young instance's wait for a connector (see `Limits::route_wait_at_start`): while a
+/// connector credential that may serve `host:port` has no session with routes here yet, and
+/// for at most the window after the first authenticated session, re-`pick`s each time the
+/// routes change. Bounded per token and in all; ends at once when the agent gives the stream
+/// up or the gateway shuts down.
+async fn route_at_start<T>(
+    shared: &Shared,
+    stream: &Stream,
+    token: &str,
+    host: &policy::Host,
+    port: u16,
+    pick: impl Fn() -> Option<T>,
+) -> Waited<T> {
+    let Some(first) = shared.first_session.get().copied() else {
+        return Waited::NoRoute;
     };
-    if tokio::time::Instant::now() >= until() {
-        return None;
+    let until = first + shared.config.limits.route_wait_at_start;
+    let awaited = || {
+        let store = shared.config.connector_tokens.current();
+        let credentials = store
+            .identities()
+            .map(|c| (c.token_id.as_str(), c.routes.as_slice()));
+        shared.router.awaits(credentials, host, port)
+    };
+    if tokio::time::Instant::now() >= until || !awaited() {
+        return Waited::NoRoute;
     }
+    let Some(_one) = shared.waiting.acquire(&token.to_string()) else {
+        return Waited::NoRoute;
+    };
+    let Ok(_all) = shared.waiting_all.clone().try_acquire_owned() else {
+        return Waited::NoRoute;
+    };
+    let since = tokio::time::Instant::now();
     // Subscribed before the next pick: a connector that attaches in between still wakes us.
     let mut changes = shared.router.changes();
+    let failed = stream.failure();
+    tokio::pin!(failed);
     loop {
         if let Some(c) = pick() {
-            return Some(c);
+            info!(token = %token, waited_ms = since.elapsed().as_millis() as u64, "stream waited for its connector to attach");
+            return Waited::Routed(c);
         }
-        // Recomputed: the first connector's arrival closes the window sooner.
-        let until = until();
-        if tokio::time::Instant::now() >= until {
-            return None;
+        if !awaited() {
+            return Waited::NoRoute;
         }
         tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return None },
-            _ = tokio::time::sleep_until(until) => {}
-            _ = shared.shutdown.cancelled() => return None,
+            changed = changes.changed() => if changed.is_err() { return Waited::NoRoute },
+            _ = tokio::time::sleep_until(until) => return Waited::NoRoute,
+            _ = &mut failed => return Waited::Abandoned,
+            _ = shared.shutdown.cancelled() => return Waited::ShuttingDown,
         }
     }
 }
@@ -271,7 +303,27 @@ pub(crate) async fn route_stream(
     };
     let chosen = match pick() {
         Some(c) => Some(c),
-        None => route_at_start(&shared, pick).await,
+        // A resume does not wait: the agent asks again every second on `no-route`, each attempt
+        // given 3 s, and attempts held here would reach the holder beside the live one (a stale
+        // one, reset by the agent, can end the stream being resumed).
+        None if matches!(resume, Resume::Of { .. }) => None,
+        None => {
+            match route_at_start(&shared, &stream, &id.token_id, &host, dest.port, pick).await {
+                Waited::Routed(c) => Some(c),
+                Waited::NoRoute => None,
+                Waited::Abandoned => {
+                    info!(target: "audit", event = "abandoned", token = %id.token_id, name = %id.name, client = %client_ip, %agent, dest = %dest_text, "stream given up by the agent while it waited for a connector");
+                    return;
+                }
+                Waited::ShuttingDown => {
+                    return refuse(
+                        stream,
+                        ErrorCode::Shutdown,
+                        "the gateway is shutting down".into(),
+                    )
+                }
+            }
+        }
     };
     let Some(chosen) = chosen else {
         if let Resume::Of { .. } = resume {
