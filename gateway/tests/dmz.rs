@@ -304,6 +304,46 @@ async fn an_agent_on_a_restarted_instance_is_not_refused_before_its_connectors_a
     refused_at_once(&s, asked).await;
 }
 
+/// A connector whose allow-list leaves none of its credential's routes advertises an empty
+/// list: that is its answer, and a destination under its credential is refused at once, not
+/// held for the whole window as if the connector were still to come.
+#[tokio::test]
+async fn a_connector_that_advertises_no_routes_is_heard_and_nothing_waits_for_it() {
+    let gw = gateway(&["*.internal:*"], |_| {}).await;
+    let (_c, _incoming) = connector(&gw, &[]).await;
+    let asked = std::time::Instant::now();
+    let (_agent, s) = open_as_agent(&gw, "web.internal", 80).await;
+    refused_at_once(&s, asked).await;
+}
+
+/// Two sites: site A's connector is back, site B's not yet. A stream to site B waits for B,
+/// not only for the first connector to come back.
+#[tokio::test]
+async fn a_stream_to_a_second_site_waits_for_that_sites_connector() {
+    let gw = gateway(&["a.internal:*"], |_| {}).await;
+    let site_b = token(
+        &gw._dir.0.join("connectors.toml"),
+        "site-b",
+        "site-b",
+        &["b.internal:*"],
+    );
+    // The token file is reloaded every 200 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_a, _) = connector(&gw, &["a.internal:22"]).await;
+    let (_agent, s) = open_as_agent(&gw, "b.internal", 22).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (b, mut incoming) = session(&gw, "connector", &site_b, Role::Connector)
+        .await
+        .unwrap();
+    b.advertise_routes(vec!["b.internal:22".into()]);
+    let got = tokio::time::timeout(Duration::from_secs(5), incoming.accept())
+        .await
+        .expect("the stream waited for site B's connector")
+        .unwrap();
+    got.accept();
+    s.opened().await.unwrap();
+}
+
 /// No connector credential may serve the destination: nothing is to come, so even a young
 /// instance refuses at once.
 #[tokio::test]

@@ -227,6 +227,9 @@ pub(crate) struct Shared {
     /// Cancelled when the peer's `GOAWAY` arrives (the session may still carry its streams).
     peer_goaway: CancellationToken,
     routes_tx: watch::Sender<Vec<String>>,
+    /// A `ROUTES` frame has arrived (an empty list too: the watch alone cannot tell one sent
+    /// before anyone subscribed from none at all).
+    routes_heard: std::sync::atomic::AtomicBool,
 }
 
 /// The session state under its lock; dropping it wakes the writer when the state queued
@@ -445,6 +448,7 @@ impl Session {
             cancel: CancellationToken::new(),
             peer_goaway: CancellationToken::new(),
             routes_tx: watch::Sender::new(Vec::new()),
+            routes_heard: Default::default(),
         });
         tokio::spawn(run_writer(shared.clone(), tx));
         tokio::spawn(run_reader(shared.clone(), rx));
@@ -489,6 +493,13 @@ impl Session {
     /// The routes the peer advertised; changes whenever it sends `ROUTES` again.
     pub fn peer_routes(&self) -> watch::Receiver<Vec<String>> {
         self.shared.routes_tx.subscribe()
+    }
+
+    /// Whether the peer has advertised its routes (sent `ROUTES`, even an empty list).
+    pub fn peer_routes_heard(&self) -> bool {
+        self.shared
+            .routes_heard
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Closes the session: sends `GOAWAY(code, reason)` and fails every stream.
@@ -772,6 +783,10 @@ async fn run_reader<Rx: TransportRx>(shared: Arc<Shared>, mut rx: Rx) {
                 match applied {
                     Ok(None) => {}
                     Ok(Some(routes)) => {
+                        // Before the watch wakes anyone: a woken reader sees it heard.
+                        shared
+                            .routes_heard
+                            .store(true, std::sync::atomic::Ordering::Release);
                         shared.routes_tx.send_replace(routes);
                     }
                     Err((code, reason)) => {

@@ -94,9 +94,10 @@ pub(crate) async fn connector_session<T: tunnel::Transport>(
                 }
                 info!(connector = %id.token_id, count = accepted.len(), routes = %text, "connector routes");
             }
+            // `heard` from the session, not from the list: an empty `ROUTES` is an answer too.
             shared
                 .router
-                .set_routes(key, accepted, !advertised.is_empty());
+                .set_routes(key, accepted, session.peer_routes_heard());
             if routes.changed().await.is_err() {
                 // The session (and its sender) is gone.
                 std::future::pending::<()>().await;

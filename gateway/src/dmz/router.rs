@@ -58,13 +58,20 @@ impl Router {
     }
 
     /// The routes kept of what session `id` advertised; `heard`: it has advertised (an empty
-    /// list before its first `ROUTES` is not yet its answer).
+    /// list before its first `ROUTES` is not yet its answer). Wakes the watchers only when
+    /// something changed (a connector may repeat its `ROUTES` at will).
     pub fn set_routes(&self, id: u64, routes: Vec<Route>, heard: bool) {
-        if let Some(e) = self.lock().iter_mut().find(|e| e.id == id) {
-            e.routes = routes;
-            e.heard |= heard;
+        let changed = match self.lock().iter_mut().find(|e| e.id == id) {
+            Some(e) if e.routes != routes || (heard && !e.heard) => {
+                e.routes = routes;
+                e.heard |= heard;
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            self.version.send_modify(|v| *v += 1);
         }
-        self.version.send_modify(|v| *v += 1);
     }
 
     pub fn remove(&self, id: u64) {
@@ -148,24 +155,16 @@ impl Router {
             })
     }
 
-    /// Whether a connector credential that may serve `host:port` (one of `credentials`: its id
-    /// and the routes it was issued for) has no session here that advertised its routes yet:
-    /// a stream to that destination may be served soon (see `Limits::route_wait_at_start`).
-    pub fn awaits<'a>(
-        &self,
-        credentials: impl IntoIterator<Item = (&'a str, &'a [Route])>,
-        host: &Host,
-        port: u16,
-    ) -> bool {
+    /// Whether one of `credentials` (connector credential ids, those that may serve a
+    /// destination) has no session here that advertised its routes yet: a stream to that
+    /// destination may be served soon (see `Limits::route_wait_at_start`).
+    pub fn awaits(&self, credentials: &[String]) -> bool {
         let entries = self.lock();
-        credentials
-            .into_iter()
-            .filter(|(_, routes)| routes.iter().any(|r| r.matches(host, port)))
-            .any(|(id, _)| {
-                !entries
-                    .iter()
-                    .any(|e| e.connector == id && e.heard && !e.session.is_going_away())
-            })
+        credentials.iter().any(|id| {
+            !entries
+                .iter()
+                .any(|e| &e.connector == id && e.heard && !e.session.is_going_away())
+        })
     }
 
     /// Every route some live connector session serves (for telling agents what they can reach).

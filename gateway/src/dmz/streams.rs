@@ -59,19 +59,21 @@ struct Passed {
 /// How a stream's wait for its connector ended (see [`route_at_start`]).
 enum Waited<T> {
     Routed(T),
-    /// Not waited (not a young instance, no connector credential to come, too many waiting),
-    /// or waited in vain.
+    /// Not waited (not a young instance, no connector credential to come), or waited in vain.
     NoRoute,
+    /// Too many streams wait already (per token or in all).
+    Crowded,
     /// The agent reset the stream, or lost its session, while it waited: nothing to forward.
     Abandoned,
     ShuttingDown,
 }
 
 /// A young instance's wait for a connector (see `Limits::route_wait_at_start`): while a
-/// connector credential that may serve `host:port` has no session with routes here yet, and
-/// for at most the window after the first authenticated session, re-`pick`s each time the
-/// routes change. Bounded per token and in all; ends at once when the agent gives the stream
-/// up or the gateway shuts down.
+/// connector credential that may serve `host:port` (and can still authenticate) has no
+/// session with routes here yet, and for at most the window after the first authenticated
+/// session, re-`pick`s each time the routes or the connector token file change. Bounded per
+/// token and in all; ends at once when the agent gives the stream up or the gateway shuts
+/// down.
 async fn route_at_start<T>(
     shared: &Shared,
     stream: &Stream,
@@ -84,21 +86,29 @@ async fn route_at_start<T>(
         return Waited::NoRoute;
     };
     let until = first + shared.config.limits.route_wait_at_start;
-    let awaited = || {
-        let store = shared.config.connector_tokens.current();
-        let credentials = store
+    if tokio::time::Instant::now() >= until {
+        return Waited::NoRoute;
+    }
+    // Worked out once per version of the token file, outside the router's lock.
+    let covering = |store: &crate::auth::TokenStore| -> Vec<String> {
+        let now = std::time::SystemTime::now();
+        store
             .identities()
-            .map(|c| (c.token_id.as_str(), c.routes.as_slice()));
-        shared.router.awaits(credentials, host, port)
+            .filter(|c| c.routes.iter().any(|r| r.matches(host, port)))
+            .filter(|c| shared.config.v2.may_authenticate(c, now))
+            .map(|c| c.token_id.clone())
+            .collect()
     };
-    if tokio::time::Instant::now() >= until || !awaited() {
+    let mut tokens = shared.config.connector_tokens.subscribe();
+    let mut credentials = covering(&tokens.borrow_and_update().clone());
+    if !shared.router.awaits(&credentials) {
         return Waited::NoRoute;
     }
     let Some(_one) = shared.waiting.acquire(&token.to_string()) else {
-        return Waited::NoRoute;
+        return Waited::Crowded;
     };
     let Ok(_all) = shared.waiting_all.clone().try_acquire_owned() else {
-        return Waited::NoRoute;
+        return Waited::Crowded;
     };
     let since = tokio::time::Instant::now();
     // Subscribed before the next pick: a connector that attaches in between still wakes us.
@@ -110,11 +120,15 @@ async fn route_at_start<T>(
             info!(token = %token, waited_ms = since.elapsed().as_millis() as u64, "stream waited for its connector to attach");
             return Waited::Routed(c);
         }
-        if !awaited() {
+        if !shared.router.awaits(&credentials) {
             return Waited::NoRoute;
         }
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return Waited::NoRoute },
+            changed = tokens.changed() => match changed {
+                Ok(()) => credentials = covering(&tokens.borrow_and_update().clone()),
+                Err(_) => return Waited::NoRoute,
+            },
             _ = tokio::time::sleep_until(until) => return Waited::NoRoute,
             _ = &mut failed => return Waited::Abandoned,
             _ = shared.shutdown.cancelled() => return Waited::ShuttingDown,
@@ -301,16 +315,24 @@ pub(crate) async fn route_stream(
         Resume::New => shared.router.pick_resumable(&host, dest.port),
         Resume::No => shared.router.pick(&host, dest.port),
     };
-    let chosen = match pick() {
-        Some(c) => Some(c),
-        // A resume does not wait: the agent asks again every second on `no-route`, each attempt
-        // given 3 s, and attempts held here would reach the holder beside the live one (a stale
-        // one, reset by the agent, can end the stream being resumed).
-        None if matches!(resume, Resume::Of { .. }) => None,
-        None => {
-            match route_at_start(&shared, &stream, &id.token_id, &host, dest.port, pick).await {
+    let chosen =
+        match pick() {
+            Some(c) => Some(c),
+            // A resume does not wait: the agent asks again every second on `no-route`, each attempt
+            // given 3 s, and attempts held here would reach the holder beside the live one (a stale
+            // one, reset by the agent, can end the stream being resumed).
+            None if matches!(resume, Resume::Of { .. }) => None,
+            None => {
+                match route_at_start(&shared, &stream, &id.token_id, &host, dest.port, pick).await {
                 Waited::Routed(c) => Some(c),
                 Waited::NoRoute => None,
+                Waited::Crowded => {
+                    return refuse(
+                        stream,
+                        ErrorCode::NoRoute,
+                        format!("no connector serves {dest_text} yet, and too many streams wait for one on this just-started gateway"),
+                    )
+                }
                 Waited::Abandoned => {
                     info!(target: "audit", event = "abandoned", token = %id.token_id, name = %id.name, client = %client_ip, %agent, dest = %dest_text, "stream given up by the agent while it waited for a connector");
                     return;
@@ -323,8 +345,8 @@ pub(crate) async fn route_stream(
                     )
                 }
             }
-        }
-    };
+            }
+        };
     let Some(chosen) = chosen else {
         if let Resume::Of { .. } = resume {
             return refuse(

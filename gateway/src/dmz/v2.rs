@@ -107,6 +107,18 @@ impl V2Config {
             .unwrap_or(UNIX_EPOCH)
     }
 
+    /// Whether the token-file entry `c` can still authenticate at `now`: not expired, not a
+    /// version 1 token past the cut-off, not on the revocation list.
+    pub fn may_authenticate(&self, c: &crate::auth::Identity, now: SystemTime) -> bool {
+        let expired = matches!(c.expires, Some(e) if e <= now);
+        let revoked = c.v2
+            && self
+                .revoked
+                .as_ref()
+                .is_some_and(|r| r.current().revokes(&c.token_id, c.issued_at));
+        !expired && !revoked && (c.v2 || self.v1_open(now))
+    }
+
     /// Whether version 1 is still accepted at `now`.
     pub fn v1_open(&self, now: SystemTime) -> bool {
         now < self.accept_v1_until
