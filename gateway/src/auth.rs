@@ -195,6 +195,11 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// Whether the token has expired at `now`.
+    pub fn expired(&self, now: SystemTime) -> bool {
+        matches!(self.expires, Some(e) if e <= now)
+    }
+
     /// The identity of a v2 token accepted by its signed claims alone (not in a token file).
     pub fn from_claims(c: &tunnel::token::Claims) -> Result<Identity, String> {
         // The name and groups go into logs and into every OPEN: no control characters, even
@@ -543,8 +548,7 @@ impl TokenStore {
     pub fn is_valid(&self, identity: &Identity, now: SystemTime) -> bool {
         match self.tokens.get(&identity.token_id) {
             Some(stored) => {
-                bool::from(stored.sha256.ct_eq(&identity.sha256))
-                    && !matches!(stored.expires, Some(e) if e <= now)
+                bool::from(stored.sha256.ct_eq(&identity.sha256)) && !stored.expired(now)
             }
             None => false,
         }

@@ -118,7 +118,12 @@ async fn session(
 }
 
 async fn connector(gw: &Gw, routes: &[&str]) -> (Session, Incoming) {
-    let (s, inc) = session(gw, "connector", &gw.connector_token, Role::Connector)
+    connector_as(gw, &gw.connector_token, routes).await
+}
+
+/// [`connector`] with another connector credential's token.
+async fn connector_as(gw: &Gw, token: &str, routes: &[&str]) -> (Session, Incoming) {
+    let (s, inc) = session(gw, "connector", token, Role::Connector)
         .await
         .unwrap();
     s.advertise_routes(routes.iter().map(|r| r.to_string()).collect());
@@ -134,6 +139,17 @@ async fn open_as_agent(gw: &Gw, host: &str, port: u16) -> (Session, tunnel::Stre
         .unwrap();
     let s = agent.open(Dest::new(host, port), Meta::default()).unwrap();
     (agent, s)
+}
+
+/// The connector behind `incoming` is handed the stream `s` within 5 s (`what` says why it
+/// should be), accepts it, and the agent's open completes.
+async fn served(incoming: &mut Incoming, s: &tunnel::Stream, what: &str) {
+    let got = tokio::time::timeout(Duration::from_secs(5), incoming.accept())
+        .await
+        .expect(what)
+        .unwrap();
+    got.accept();
+    s.opened().await.unwrap();
 }
 
 /// `s` is refused `no-route` within a second of `asked`: not held for a connector.
@@ -291,12 +307,12 @@ async fn an_agent_on_a_restarted_instance_is_not_refused_before_its_connectors_a
     let (agent, s) = open_as_agent(&gw, "db.internal", 5432).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_c, mut incoming) = connector(&gw, &["db.internal:5432"]).await;
-    let got = tokio::time::timeout(Duration::from_secs(5), incoming.accept())
-        .await
-        .expect("the stream reached the connector that attached after it was opened")
-        .unwrap();
-    got.accept();
-    s.opened().await.unwrap();
+    served(
+        &mut incoming,
+        &s,
+        "the stream reached the connector that attached after it was opened",
+    )
+    .await;
     let asked = std::time::Instant::now();
     let s = agent
         .open(Dest::new("db.internal", 5433), Meta::default())
@@ -332,16 +348,13 @@ async fn a_stream_to_a_second_site_waits_for_that_sites_connector() {
     let (_a, _) = connector(&gw, &["a.internal:22"]).await;
     let (_agent, s) = open_as_agent(&gw, "b.internal", 22).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (b, mut incoming) = session(&gw, "connector", &site_b, Role::Connector)
-        .await
-        .unwrap();
-    b.advertise_routes(vec!["b.internal:22".into()]);
-    let got = tokio::time::timeout(Duration::from_secs(5), incoming.accept())
-        .await
-        .expect("the stream waited for site B's connector")
-        .unwrap();
-    got.accept();
-    s.opened().await.unwrap();
+    let (_b, mut incoming) = connector_as(&gw, &site_b, &["b.internal:22"]).await;
+    served(
+        &mut incoming,
+        &s,
+        "the stream waited for site B's connector",
+    )
+    .await;
 }
 
 /// No connector credential may serve the destination: nothing is to come, so even a young
@@ -384,14 +397,12 @@ async fn a_stream_given_up_while_it_waits_frees_its_slot_and_is_never_forwarded(
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (_c, mut incoming) = connector(&gw, &["db.internal:5432"]).await;
-    let got = tokio::time::timeout(Duration::from_secs(5), incoming.accept())
-        .await
-        .unwrap()
-        .unwrap();
-    got.accept();
-    s.opened()
-        .await
-        .expect("the live stream had the token's one slot");
+    served(
+        &mut incoming,
+        &s,
+        "the live stream had the token's one slot and reached the connector",
+    )
+    .await;
     assert!(
         tokio::time::timeout(Duration::from_millis(500), incoming.accept())
             .await

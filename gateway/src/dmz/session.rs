@@ -66,8 +66,7 @@ pub(crate) async fn guard_session(
     id: &Identity,
 ) {
     let mut changes = store.subscribe();
-    let revoked = shared.config.v2.revoked.clone();
-    let mut revocations = revoked.as_ref().map(|r| r.subscribe());
+    let mut revocations = shared.config.v2.revoked.as_ref().map(|r| r.subscribe());
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     loop {
         let revocation = async {
@@ -91,14 +90,9 @@ pub(crate) async fn guard_session(
             store.current().is_valid(id, now)
         } else {
             // Accepted by its signed claims: only its expiry and the revocation list end it.
-            !matches!(id.expires, Some(e) if e <= now)
+            !id.expired(now)
         };
-        // The revocation list is version 2's (version 1 tokens leave their token file).
-        let on_list = id.v2
-            && revoked
-                .as_ref()
-                .is_some_and(|r| r.current().revokes(&id.token_id, id.issued_at));
-        if !valid || on_list {
+        if !valid || shared.config.v2.on_list(id) {
             warn!(token = %id.token_id, "token revoked or expired: cutting its session");
             session.close(ErrorCode::Unauthorized, "token revoked or expired");
             return;

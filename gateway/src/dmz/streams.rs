@@ -315,38 +315,34 @@ pub(crate) async fn route_stream(
         Resume::New => shared.router.pick_resumable(&host, dest.port),
         Resume::No => shared.router.pick(&host, dest.port),
     };
-    let chosen =
-        match pick() {
-            Some(c) => Some(c),
-            // A resume does not wait: the agent asks again every second on `no-route`, each attempt
-            // given 3 s, and attempts held here would reach the holder beside the live one (a stale
-            // one, reset by the agent, can end the stream being resumed).
-            None if matches!(resume, Resume::Of { .. }) => None,
-            None => {
-                match route_at_start(&shared, &stream, &id.token_id, &host, dest.port, pick).await {
-                Waited::Routed(c) => Some(c),
-                Waited::NoRoute => None,
-                Waited::Crowded => {
-                    return refuse(
-                        stream,
-                        ErrorCode::NoRoute,
-                        format!("no connector serves {dest_text} yet, and too many streams wait for one on this just-started gateway"),
-                    )
-                }
-                Waited::Abandoned => {
-                    info!(target: "audit", event = "abandoned", token = %id.token_id, name = %id.name, client = %client_ip, %agent, dest = %dest_text, "stream given up by the agent while it waited for a connector");
-                    return;
-                }
-                Waited::ShuttingDown => {
-                    return refuse(
-                        stream,
-                        ErrorCode::Shutdown,
-                        "the gateway is shutting down".into(),
-                    )
-                }
+    let mut chosen = pick();
+    // A resume does not wait: the agent asks again every second on `no-route`, each attempt
+    // given 3 s, and attempts held here would reach the holder beside the live one (a stale
+    // one, reset by the agent, can end the stream being resumed).
+    if chosen.is_none() && !matches!(resume, Resume::Of { .. }) {
+        chosen = match route_at_start(&shared, &stream, &id.token_id, &host, dest.port, pick).await
+        {
+            Waited::Routed(c) => Some(c),
+            Waited::NoRoute => None,
+            Waited::Crowded => {
+                let reason = format!(
+                    "no connector serves {dest_text} yet, and too many streams wait for one on this just-started gateway"
+                );
+                return refuse(stream, ErrorCode::NoRoute, reason);
             }
+            Waited::Abandoned => {
+                info!(target: "audit", event = "abandoned", token = %id.token_id, name = %id.name, client = %client_ip, %agent, dest = %dest_text, "stream given up by the agent while it waited for a connector");
+                return;
+            }
+            Waited::ShuttingDown => {
+                return refuse(
+                    stream,
+                    ErrorCode::Shutdown,
+                    "the gateway is shutting down".into(),
+                )
             }
         };
+    }
     let Some(chosen) = chosen else {
         if let Resume::Of { .. } = resume {
             return refuse(

@@ -110,13 +110,20 @@ impl V2Config {
     /// Whether the token-file entry `c` can still authenticate at `now`: not expired, not a
     /// version 1 token past the cut-off, not on the revocation list.
     pub fn may_authenticate(&self, c: &crate::auth::Identity, now: SystemTime) -> bool {
-        let expired = matches!(c.expires, Some(e) if e <= now);
-        let revoked = c.v2
-            && self
-                .revoked
-                .as_ref()
-                .is_some_and(|r| r.current().revokes(&c.token_id, c.issued_at));
-        !expired && !revoked && (c.v2 || self.v1_open(now))
+        !c.expired(now) && !self.on_list(c) && (c.v2 || self.v1_open(now))
+    }
+
+    /// Whether the signed revocation list (if any) revokes token `id` issued at `issued_at`.
+    pub fn revokes(&self, id: &str, issued_at: u64) -> bool {
+        self.revoked
+            .as_ref()
+            .is_some_and(|r| r.current().revokes(id, issued_at))
+    }
+
+    /// Whether the revocation list revokes the identity `c`: only version 2 tokens are on it
+    /// (version 1 tokens leave their token file).
+    pub fn on_list(&self, c: &crate::auth::Identity) -> bool {
+        c.v2 && self.revokes(&c.token_id, c.issued_at)
     }
 
     /// Whether version 1 is still accepted at `now`.
@@ -200,14 +207,12 @@ pub(crate) fn verify(
         shared.config.connector_tokens.current()
     };
     let v2 = &shared.config.v2;
-    if let Some(revoked) = &v2.revoked {
-        if revoked.current().revokes(&c.id, c.issued_at) {
-            return Err((
-                401,
-                "token revoked or unknown here",
-                format!("token {:?} is on the revocation list", c.id),
-            ));
-        }
+    if v2.revokes(&c.id, c.issued_at) {
+        return Err((
+            401,
+            "token revoked or unknown here",
+            format!("token {:?} is on the revocation list", c.id),
+        ));
     }
     let id = match store.verify_v2(&c.id, &hello.remote_static, SystemTime::now()) {
         // The signed issue time, so that the list's `revoke ID before T` reaches it too.
