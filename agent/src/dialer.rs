@@ -2,6 +2,7 @@
 //! opens a stream on the gateway session and maps tunnel errors onto the front ends' error
 //! kinds (and so onto SOCKS5 reply codes and HTTP statuses).
 
+use crate::known::KnownTargets;
 use crate::pool::Pool;
 use bytes::Bytes;
 use socks::{BoxIo, DialError, DialErrorKind, DialFuture, Dialer, OpenMode, Target};
@@ -26,6 +27,9 @@ pub struct TunnelDialer {
     pub open_timeout: Duration,
     /// How long a stream whose session was lost keeps trying to resume.
     pub resume_grace: Duration,
+    /// The destinations that opened lately (one set for all the agent's front ends): a SOCKS5
+    /// or `CONNECT` client to one of them is answered at once ([`Dialer::known`]).
+    pub known: Arc<KnownTargets>,
 }
 
 /// How a resumable stream of the agent asks for a new attachment: on whatever session the pool
@@ -184,12 +188,25 @@ impl Dialer for TunnelDialer {
             session_wait: self.session_wait,
             open_timeout: self.open_timeout,
             resume_grace: self.resume_grace,
+            known: self.known.clone(),
         };
         Box::pin(async move {
             let confirm = mode == OpenMode::Confirmed;
             // `resume_grace = 0s` turns resumable streams off (plain streams, as before).
             let resumable = !this.resume_grace.is_zero();
-            let stream = this.open_as(&target, confirm, resumable).await?;
+            let stream = match this.open_as(&target, confirm, resumable).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    this.known.failed(&target);
+                    return Err(e);
+                }
+            };
+            if confirm {
+                this.known.opened(&target, std::time::Instant::now());
+            }
+            // A refusal that comes after the app was answered (an early open) is seen by the
+            // stream: the destination is forgotten there.
+            let forget = Some((this.known.clone(), target.clone()));
             let asked = resumable && stream.resume_negotiated();
             Ok(match (asked, confirm) {
                 (true, _) => {
@@ -214,28 +231,48 @@ impl Dialer for TunnelDialer {
                     if confirm {
                         Box::new(end) as BoxIo
                     } else {
-                        Box::new(EarlyStream(end)) as BoxIo
+                        Box::new(EarlyStream { inner: end, forget }) as BoxIo
                     }
                 }
                 (false, true) => Box::new(stream) as BoxIo,
-                (false, false) => Box::new(EarlyStream(stream)) as BoxIo,
+                (false, false) => Box::new(EarlyStream {
+                    inner: stream,
+                    forget,
+                }) as BoxIo,
             })
         })
+    }
+
+    fn known(&self, target: &Target) -> bool {
+        self.known.is_known(target, std::time::Instant::now())
     }
 }
 
 /// A stream opened without waiting: a later refusal surfaces as an I/O error that carries the
-/// [`DialError`], so the HTTP front end still answers 403/502/504 with the reason.
-pub struct EarlyStream<S = Stream>(pub S);
+/// [`DialError`], so the HTTP front end still answers 403/502/504 with the reason, and the
+/// destination is no longer [known](KnownTargets) to open.
+pub struct EarlyStream<S = Stream> {
+    inner: S,
+    forget: Option<(Arc<KnownTargets>, Target)>,
+}
 
-fn map_io(e: io::Error) -> io::Error {
-    let dial = e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<StreamError>())
-        .map(dial_error);
-    match dial {
-        Some(d) => io::Error::other(d),
-        None => e,
+impl<S> EarlyStream<S> {
+    /// The stream's I/O error, with a tunnel error turned into the [`DialError`] the front ends
+    /// read; a refused open (`OPEN_ERR`) forgets its destination.
+    fn map_io(&mut self, e: io::Error) -> io::Error {
+        let stream_error = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<StreamError>());
+        if matches!(stream_error, Some(StreamError::Refused { .. })) {
+            if let Some((known, target)) = self.forget.take() {
+                known.failed(&target);
+            }
+        }
+        let dial = stream_error.map(dial_error);
+        match dial {
+            Some(d) => io::Error::other(d),
+            None => e,
+        }
     }
 }
 
@@ -245,22 +282,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for EarlyStream<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0)
+        let this = self.get_mut();
+        Pin::new(&mut this.inner)
             .poll_read(cx, buf)
-            .map_err(map_io)
+            .map_err(|e| this.map_io(e))
     }
 }
 
 impl<S: tunnel::Chunks> tunnel::Chunks for EarlyStream<S> {
     fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
-        self.0.poll_read_chunk(cx).map_err(map_io)
+        let r = self.inner.poll_read_chunk(cx);
+        r.map_err(|e| self.map_io(e))
     }
     fn poll_write_chunk(
         &mut self,
         cx: &mut Context<'_>,
         data: &mut Bytes,
     ) -> Poll<io::Result<usize>> {
-        self.0.poll_write_chunk(cx, data).map_err(map_io)
+        let r = self.inner.poll_write_chunk(cx, data);
+        r.map_err(|e| self.map_io(e))
     }
 }
 
@@ -299,14 +339,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for EarlyStream<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0)
+        let this = self.get_mut();
+        Pin::new(&mut this.inner)
             .poll_write(cx, buf)
-            .map_err(map_io)
+            .map_err(|e| this.map_io(e))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

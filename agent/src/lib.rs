@@ -26,6 +26,7 @@ pub mod demo;
 pub mod dialer;
 pub mod doctor;
 pub mod enroll;
+pub mod known;
 pub mod listen;
 pub mod netwatch;
 pub mod pages;
@@ -118,6 +119,8 @@ impl Agent {
                 shutdown.clone(),
             ));
         }
+        // One set of destinations known to open, for every front end.
+        let known = Arc::new(crate::known::KnownTargets::default());
         for l in self.listeners {
             let addr = l
                 .listener
@@ -137,6 +140,7 @@ impl Agent {
                 session_wait: self.config.session_wait,
                 open_timeout: self.config.open_timeout,
                 resume_grace: self.config.resume_grace,
+                known: known.clone(),
             });
             tracker.spawn(listen::serve(
                 l,

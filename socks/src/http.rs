@@ -6,7 +6,10 @@
 //! - `CONNECT host:port` — dial with [`OpenMode::Confirmed`]; on success
 //!   answer `200`, let hyper hand over the raw connection ("upgrade"), and
 //!   splice it with the dialed stream. This is how HTTPS and most other
-//!   protocols travel through an HTTP proxy.
+//!   protocols travel through an HTTP proxy. A destination the dialer
+//!   [knows](crate::Dialer::known) to open is dialed with [`OpenMode::Early`]
+//!   and answered `200` at once; if it fails after all, the connection is
+//!   reset.
 //! - `GET http://host:port/path` (any method, absolute-form) — dial with
 //!   [`OpenMode::Early`], speak HTTP/1.1 to the origin over the dialed
 //!   stream, send the request in origin-form without hop-by-hop headers, and
@@ -132,13 +135,25 @@ where
         target,
         on_upgrade,
         mut stream,
+        early,
     }) = tunnel
     {
         let mut client = TokioIo::new(on_upgrade.await?);
-        let (up, down) = tunnel::splice(&mut client, &mut stream)
-            .await
-            .inspect_err(|e| debug!(%target, error = %e, "CONNECT relay ended with an error"))?;
-        debug!(%target, up, down, "CONNECT relay finished");
+        match tunnel::splice(&mut client, &mut stream).await {
+            Ok((up, down)) => debug!(%target, up, down, "CONNECT relay finished"),
+            Err(e) => {
+                debug!(%target, error = %e, "CONNECT relay ended with an error");
+                if early && crate::dial_error_of(&e).is_some() {
+                    // Answered 200 before the far end confirmed, and the stream failed: reset
+                    // the app's connection rather than close it (see `serve_socks5_with`).
+                    if let Ok(parts) = client.into_inner().downcast::<TokioIo<S>>() {
+                        let mut io = parts.io.into_inner();
+                        crate::socks5::reset_on_close(&mut io);
+                    }
+                }
+                return Err(e.into());
+            }
+        }
     }
     Ok(())
 }
@@ -165,6 +180,8 @@ struct Tunnel {
     target: Target,
     on_upgrade: OnUpgrade,
     stream: BoxIo,
+    /// Answered before the far end confirmed ([`Dialer::known`]).
+    early: bool,
 }
 
 impl Proxy {
@@ -240,13 +257,21 @@ impl Proxy {
         let Some(target) = target_of(req.uri(), None) else {
             return text(StatusCode::BAD_REQUEST, "CONNECT needs a host:port target");
         };
-        match self.dialer.dial(target.clone(), OpenMode::Confirmed).await {
+        // A destination that opened lately is answered at once (see `Dialer::known`).
+        let early = self.dialer.known(&target);
+        let mode = if early {
+            OpenMode::Early
+        } else {
+            OpenMode::Confirmed
+        };
+        match self.dialer.dial(target.clone(), mode).await {
             Ok(stream) => {
                 let on_upgrade = hyper::upgrade::on(&mut req);
                 *lock(&self.tunnel) = Some(Tunnel {
                     target,
                     on_upgrade,
                     stream,
+                    early,
                 });
                 Response::new(Empty::new().map_err(|never| match never {}).boxed())
             }

@@ -121,10 +121,25 @@ pub type BoxIo = Box<dyn AsyncIo>;
 /// The future a [`Dialer`] returns.
 pub type DialFuture = Pin<Box<dyn Future<Output = Result<BoxIo, DialError>> + Send>>;
 
+/// The [`DialError`] an [`OpenMode::Early`] stream reported through an I/O error, if any.
+pub fn dial_error_of(e: &std::io::Error) -> Option<&DialError> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<DialError>())
+}
+
 /// Opens streams to targets. The agent implements this over its tunnel
 /// sessions; tests implement it over loopback TCP.
 pub trait Dialer: Send + Sync + 'static {
     fn dial(&self, target: Target, mode: OpenMode) -> DialFuture;
+
+    /// Whether an open to `target` is known to succeed (the far end confirmed one lately and
+    /// refused none since). A SOCKS5 or `CONNECT` front end then dials with
+    /// [`OpenMode::Early`] and answers its client at once, saving the round trip to the far end
+    /// before the client's first bytes; should the open fail after all, the client's
+    /// connection is reset instead of answered with the reason. The default knows nothing.
+    fn known(&self, _target: &Target) -> bool {
+        false
+    }
 }
 
 /// Why a dial failed, with a one-line human reason (shown to the user in

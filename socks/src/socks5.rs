@@ -12,7 +12,12 @@
 //!   comparison is constant time and the password is never logged (the
 //!   library's stock method logs the credential bytes at debug level);
 //! - the dial uses [`OpenMode::Confirmed`], so a refusal on the far side
-//!   becomes the matching SOCKS5 reply code instead of a dead stream.
+//!   becomes the matching SOCKS5 reply code instead of a dead stream;
+//!   except for a destination the dialer [knows](crate::Dialer::known) to
+//!   open: it is dialed with [`OpenMode::Early`] and the success reply goes
+//!   at once, saving the app a round trip to the far end before its first
+//!   bytes. Should that open fail after all, the app's connection is reset
+//!   (not closed: an app must not take it for an empty answer).
 //!
 //! After a success reply the two streams are joined by `tunnel::splice`,
 //! which forwards EOF as a write shutdown in each direction independently
@@ -91,7 +96,13 @@ where
         }
     };
 
-    let mut upstream = match dialer.dial(target.clone(), OpenMode::Confirmed).await {
+    let early = dialer.known(&target);
+    let mode = if early {
+        OpenMode::Early
+    } else {
+        OpenMode::Confirmed
+    };
+    let mut upstream = match dialer.dial(target.clone(), mode).await {
         Ok(stream) => stream,
         Err(source) => {
             debug!(%target, kind = %source.kind, reason = %source, "socks5 dial failed");
@@ -107,15 +118,32 @@ where
         .reply_success(UNSPECIFIED)
         .await
         .map_err(protocol_error)?;
-    let (up, down) = tunnel::splice(&mut client, &mut upstream)
-        .await
-        .inspect_err(|e| debug!(%target, error = %e, "socks5 relay ended with an error"))?;
+    let (up, down) = match tunnel::splice(&mut client, &mut upstream).await {
+        Ok(counts) => counts,
+        Err(e) => {
+            debug!(%target, error = %e, "socks5 relay ended with an error");
+            if early && crate::dial_error_of(&e).is_some() {
+                // Answered before the far end confirmed, and the stream failed (typically the
+                // open was refused after all): a reset tells the app that this connection
+                // failed, where a plain close would read as an empty answer.
+                reset_on_close(&mut client);
+            }
+            return Err(e.into());
+        }
+    };
     debug!(%target, up, down, "socks5 relay finished");
     Ok(RelayStats {
         target: Some(target),
         up,
         down,
     })
+}
+
+/// Makes closing `client` send a reset (`SO_LINGER` 0), when it is a TCP socket.
+pub(crate) fn reset_on_close<S: 'static>(client: &mut S) {
+    if let Some(tcp) = (client as &mut dyn std::any::Any).downcast_mut::<tokio::net::TcpStream>() {
+        let _ = socket2::SockRef::from(&*tcp).set_linger(Some(Duration::ZERO));
+    }
 }
 
 /// `UDP ASSOCIATE`: the associator's relay, the success reply with its address, then relay

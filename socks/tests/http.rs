@@ -7,7 +7,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use common::{echo_server, origin_server, Behaviour, FakeDialer};
+use common::{
+    echo_server, expect_reset, origin_server, refused_after_answer, serve_one_tcp, Behaviour,
+    FakeDialer,
+};
 use socks::{serve_http, DialErrorKind, FrontError, LocalAuth, OpenMode, Target};
 use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::task::JoinHandle;
@@ -110,12 +113,15 @@ fn basic(user: &str, pass: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
 }
 
-#[tokio::test]
-async fn connect_answers_200_then_relays_bytes_both_ways() {
+/// A CONNECT to `echo.internal:443` (vouched for by the dialer when `known`), bytes both ways
+/// through it; the dialer's calls.
+async fn relay_through(known: bool) -> Vec<(Target, OpenMode)> {
     let echo = echo_server().await;
-    let dialer = FakeDialer::new().route("echo.internal", Behaviour::Connect(echo));
+    let mut dialer = FakeDialer::new().route("echo.internal", Behaviour::Connect(echo));
+    if known {
+        dialer = dialer.know("echo.internal");
+    }
     let (mut client, task) = start(dialer.clone(), None);
-
     let reply = client
         .send("CONNECT echo.internal:443 HTTP/1.1\r\nHost: echo.internal:443\r\n\r\n")
         .await;
@@ -125,14 +131,56 @@ async fn connect_answers_200_then_relays_bytes_both_ways() {
     let mut back = [0u8; 18];
     client.io.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"through the tunnel");
-
     client.io.shutdown().await.unwrap();
     drop(client);
     task.await.unwrap().unwrap();
+    dialer.calls()
+}
+
+#[tokio::test]
+async fn connect_answers_200_then_relays_bytes_both_ways() {
     assert_eq!(
-        dialer.calls(),
+        relay_through(false).await,
         vec![(Target::new("echo.internal", 443), OpenMode::Confirmed)]
     );
+}
+
+#[tokio::test]
+async fn a_connect_to_a_destination_known_to_open_is_answered_before_the_far_end_confirms() {
+    assert_eq!(
+        relay_through(true).await,
+        vec![(Target::new("echo.internal", 443), OpenMode::Early)]
+    );
+}
+
+/// As for SOCKS5: an app answered `200` before the far end confirmed, whose open is refused
+/// after all, must see its connection fail, not end cleanly.
+#[tokio::test]
+async fn an_early_answered_connect_that_is_refused_resets_the_app_connection_instead_of_closing_it()
+{
+    let (mut client, task) =
+        serve_one_tcp(|tcp| serve_http(tcp, refused_after_answer(), None)).await;
+    client
+        .write_all(b"CONNECT gone.internal:443 HTTP/1.1\r\nHost: gone.internal:443\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(
+            client.read(&mut b).await.unwrap(),
+            1,
+            "closed before the answer"
+        );
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    assert!(task.await.unwrap().is_err());
+    expect_reset(&mut client).await;
 }
 
 #[tokio::test]

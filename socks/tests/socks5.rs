@@ -4,7 +4,10 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{echo_server, shout_server, Behaviour, FakeDialer};
+use common::{
+    echo_server, expect_reset, refused_after_answer, serve_one_tcp, shout_server, Behaviour,
+    FakeDialer,
+};
 use socks::{serve_socks5, DialErrorKind, FrontError, LocalAuth, OpenMode, RelayStats, Target};
 use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::task::JoinHandle;
@@ -43,12 +46,15 @@ async fn no_auth_request(client: &mut DuplexStream, req: &[u8]) -> [u8; 10] {
     reply
 }
 
-#[tokio::test]
-async fn domain_name_reaches_dialer_unresolved_and_confirmed() {
+/// A CONNECT to `db.sallyport.invalid:5432` (vouched for by the dialer when `known`), a ping
+/// through it; the dialer's calls.
+async fn ping_through(known: bool) -> Vec<(Target, OpenMode)> {
     let echo = echo_server().await;
-    let dialer = FakeDialer::new().route("db.sallyport.invalid", Behaviour::Connect(echo));
+    let mut dialer = FakeDialer::new().route("db.sallyport.invalid", Behaviour::Connect(echo));
+    if known {
+        dialer = dialer.know("db.sallyport.invalid");
+    }
     let (mut client, task) = start(dialer.clone(), None);
-
     let reply = no_auth_request(
         &mut client,
         &request(1, &domain("db.sallyport.invalid", 5432)),
@@ -61,13 +67,25 @@ async fn domain_name_reaches_dialer_unresolved_and_confirmed() {
     assert_eq!(&pong, b"ping");
     drop(client);
     task.await.unwrap().unwrap();
+    dialer.calls()
+}
 
+#[tokio::test]
+async fn domain_name_reaches_dialer_unresolved_and_confirmed() {
     assert_eq!(
-        dialer.calls(),
+        ping_through(false).await,
         vec![(
             Target::new("db.sallyport.invalid", 5432),
             OpenMode::Confirmed
         )]
+    );
+}
+
+#[tokio::test]
+async fn a_destination_known_to_open_is_answered_before_the_far_end_confirms() {
+    assert_eq!(
+        ping_through(true).await,
+        vec![(Target::new("db.sallyport.invalid", 5432), OpenMode::Early)]
     );
 }
 
@@ -193,6 +211,26 @@ async fn each_dial_error_kind_becomes_its_reply_code() {
             other => panic!("{kind:?}: unexpected {other:?}"),
         }
     }
+}
+
+/// An app answered early whose open is refused after all must see its connection fail: a
+/// plain close (EOF) right after a success reply reads as a service that had nothing to say.
+#[tokio::test]
+async fn an_early_answered_open_that_is_refused_resets_the_app_connection_instead_of_closing_it() {
+    let (mut client, task) =
+        serve_one_tcp(|tcp| serve_socks5(tcp, refused_after_answer(), None)).await;
+    client.write_all(&[5, 1, 0]).await.unwrap();
+    let mut choice = [0u8; 2];
+    client.read_exact(&mut choice).await.unwrap();
+    client
+        .write_all(&request(1, &domain("gone.internal", 443)))
+        .await
+        .unwrap();
+    let mut reply = [0u8; 10];
+    client.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[1], 0x00, "answered early");
+    assert!(task.await.unwrap().is_err());
+    expect_reset(&mut client).await;
 }
 
 #[tokio::test]

@@ -1289,6 +1289,24 @@ pub fn corp_ca(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((cert, key))
 }
 
+/// [`socks5_connect`], tried every 100 ms until it succeeds (panics after `within`): for a
+/// system whose connector may not have attached yet.
+pub fn socks5_connect_within(
+    socks: SocketAddr,
+    host: &str,
+    port: u16,
+    within: Duration,
+) -> TcpStream {
+    let started = Instant::now();
+    loop {
+        match socks5_connect(socks, host, port) {
+            Ok(s) => return s,
+            Err(e) => assert!(started.elapsed() < within, "never connected: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// SOCKS5 (no authentication) `CONNECT host:port` by name through `socks`; the stream after a
 /// success reply, or the reply code as an error.
 pub fn socks5_connect(socks: SocketAddr, host: &str, port: u16) -> Result<TcpStream> {

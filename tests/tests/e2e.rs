@@ -1595,17 +1595,7 @@ fn a_client_that_never_speaks_is_given_up_and_a_server_first_banner_never_reache
         .extend(["--protocol-timeout".to_string(), "1s".to_string()]);
     sys.restart_connector().unwrap();
     // Until the DMZ has the restarted connector, an OPEN may fail: try again.
-    let started = Instant::now();
-    let mut s = loop {
-        match socks5_connect(sys.socks, "backend.internal", port) {
-            Ok(s) => break s,
-            Err(e) => assert!(
-                started.elapsed() < Duration::from_secs(15),
-                "never connected: {e}"
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut s = socks5_connect_within(sys.socks, "backend.internal", port, Duration::from_secs(15));
     // Say nothing: the connector gives up after 1 s. Until then, and after, not a byte of the
     // server's greeting arrives.
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -1918,4 +1908,49 @@ fn a_new_default_route_ends_the_session_and_reconnects_without_the_backoff_wait(
         line.contains("route 10.88.0.0/16") && line.contains("kept the session"),
         "{out}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Destinations known to open: a SOCKS5 client to one is answered before the connector confirms.
+
+/// A destination that opened is answered at once the next time; once it refuses, the app
+/// whose early answer turned out wrong sees its connection reset (not an empty answer), and
+/// the next app gets the reply code that names why, as before.
+#[test]
+fn a_socks5_destination_that_stopped_answering_resets_one_early_client_then_gets_its_reply_code() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let sys = System::start(
+        "known",
+        &allow_backend(port),
+        &["backend.internal=127.0.0.1"],
+        &[],
+    )
+    .unwrap();
+    // First contact: confirmed (the connector dials the service before the reply).
+    let mut s = socks5_connect_within(sys.socks, "backend.internal", port, Duration::from_secs(15));
+    let (mut served, _) = l.accept().unwrap();
+    s.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    served.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+    drop((s, served));
+    // The service goes away: its port now refuses.
+    drop(l);
+    // Known to open: answered at once, then reset when the connector's dial is refused.
+    let mut early = socks5_connect(sys.socks, "backend.internal", port)
+        .expect("a destination that opened is answered before the connector confirms");
+    early
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let err = early
+        .read_to_end(&mut rest)
+        .expect_err("the early-answered client must see its connection fail");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    // Forgotten: the next client is confirmed first and told why (5: connection refused).
+    match socks5_connect(sys.socks, "backend.internal", port) {
+        Ok(_) => panic!("a refused destination was answered as open"),
+        Err(e) => assert!(e.to_string().contains("SOCKS5 reply 5"), "{e}"),
+    }
 }

@@ -78,6 +78,8 @@ impl tokio::io::AsyncWrite for FailingIo {
 pub struct FakeDialer {
     routes: Mutex<HashMap<String, Behaviour>>,
     calls: Mutex<Vec<(Target, OpenMode)>>,
+    /// Hosts [`Dialer::known`] vouches for.
+    known: Mutex<Vec<String>>,
 }
 
 impl FakeDialer {
@@ -93,12 +95,22 @@ impl FakeDialer {
         self.clone()
     }
 
+    /// Makes [`Dialer::known`] say that `host` opens.
+    pub fn know(self: &Arc<Self>, host: &str) -> Arc<Self> {
+        self.known.lock().unwrap().push(host.to_string());
+        self.clone()
+    }
+
     pub fn calls(&self) -> Vec<(Target, OpenMode)> {
         self.calls.lock().unwrap().clone()
     }
 }
 
 impl Dialer for FakeDialer {
+    fn known(&self, target: &Target) -> bool {
+        self.known.lock().unwrap().contains(&target.host)
+    }
+
     fn dial(&self, target: Target, mode: OpenMode) -> DialFuture {
         self.calls.lock().unwrap().push((target.clone(), mode));
         let behaviour = self.routes.lock().unwrap().get(&target.host).copied();
@@ -122,6 +134,44 @@ impl Dialer for FakeDialer {
             }
         })
     }
+}
+
+/// A dialer that vouches for `gone.internal` ([`Dialer::known`]) and whose open to it is
+/// refused after the app was answered (an early open the far end refused).
+pub fn refused_after_answer() -> Arc<FakeDialer> {
+    FakeDialer::new()
+        .route(
+            "gone.internal",
+            Behaviour::FailLater(DialErrorKind::Refused),
+        )
+        .know("gone.internal")
+}
+
+/// A real TCP client of `serve`, which gets the accepted socket: the client and the server's
+/// task.
+pub async fn serve_one_tcp<F, Fut, T>(serve: F) -> (TcpStream, tokio::task::JoinHandle<T>)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send,
+    T: Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        serve(tcp).await
+    });
+    (TcpStream::connect(addr).await.unwrap(), task)
+}
+
+/// The rest of `client` must fail with a reset: a clean close would read as an empty answer.
+pub async fn expect_reset(client: &mut TcpStream) {
+    let mut rest = Vec::new();
+    let err = client
+        .read_to_end(&mut rest)
+        .await
+        .expect_err("the connection must be reset, not closed");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
 
 /// Reads until EOF, then writes everything back upper-cased and closes.
