@@ -231,14 +231,11 @@ impl Dialer for TunnelDialer {
                     if confirm {
                         Box::new(end) as BoxIo
                     } else {
-                        Box::new(EarlyStream { inner: end, forget }) as BoxIo
+                        Box::new(EarlyStream::new(end, forget)) as BoxIo
                     }
                 }
                 (false, true) => Box::new(stream) as BoxIo,
-                (false, false) => Box::new(EarlyStream {
-                    inner: stream,
-                    forget,
-                }) as BoxIo,
+                (false, false) => Box::new(EarlyStream::new(stream, forget)) as BoxIo,
             })
         })
     }
@@ -248,15 +245,35 @@ impl Dialer for TunnelDialer {
     }
 }
 
-/// A stream opened without waiting: a later refusal surfaces as an I/O error that carries the
-/// [`DialError`], so the HTTP front end still answers 403/502/504 with the reason, and the
-/// destination is no longer [known](KnownTargets) to open.
+/// A stream opened without waiting. A failure before the far end sent a byte (a refused
+/// open, typically) surfaces as an I/O error that carries the [`DialError`] itself
+/// ([`socks::dial_error_of`]): the HTTP front end answers 403/502/504 with the reason, and a
+/// SOCKS5 or `CONNECT` client answered early has its connection reset. A failure after the far
+/// end answered carries it one level down ([`AfterAnswer`]), as a stream that failed, not an
+/// open. A refused open (`OPEN_ERR`) also forgets its destination ([`KnownTargets`]).
 pub struct EarlyStream<S = Stream> {
     inner: S,
     forget: Option<(Arc<KnownTargets>, Target)>,
+    /// The far end sent bytes: the open went through.
+    answered: bool,
 }
 
+/// The failure of an early stream after the far end answered: the [`DialError`] is its source
+/// (the HTTP front end still finds it), but [`socks::dial_error_of`] does not take it for a
+/// failed open.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AfterAnswer(#[source] DialError);
+
 impl<S> EarlyStream<S> {
+    fn new(inner: S, forget: Option<(Arc<KnownTargets>, Target)>) -> EarlyStream<S> {
+        EarlyStream {
+            inner,
+            forget,
+            answered: false,
+        }
+    }
+
     /// The stream's I/O error, with a tunnel error turned into the [`DialError`] the front ends
     /// read; a refused open (`OPEN_ERR`) forgets its destination.
     fn map_io(&mut self, e: io::Error) -> io::Error {
@@ -268,8 +285,8 @@ impl<S> EarlyStream<S> {
                 known.failed(&target);
             }
         }
-        let dial = stream_error.map(dial_error);
-        match dial {
+        match stream_error.map(dial_error) {
+            Some(d) if self.answered => io::Error::other(AfterAnswer(d)),
             Some(d) => io::Error::other(d),
             None => e,
         }
@@ -283,15 +300,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for EarlyStream<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        Pin::new(&mut this.inner)
-            .poll_read(cx, buf)
-            .map_err(|e| this.map_io(e))
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.answered |= buf.filled().len() > before;
+        r.map_err(|e| this.map_io(e))
     }
 }
 
 impl<S: tunnel::Chunks> tunnel::Chunks for EarlyStream<S> {
     fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         let r = self.inner.poll_read_chunk(cx);
+        self.answered |= matches!(&r, Poll::Ready(Ok(Some(b))) if !b.is_empty());
         r.map_err(|e| self.map_io(e))
     }
     fn poll_write_chunk(
@@ -344,10 +363,123 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for EarlyStream<S> {
             .poll_write(cx, buf)
             .map_err(|e| this.map_io(e))
     }
+    // A refusal may show first here (a resumable stream waiting for credit): mapped the same.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        Pin::new(&mut this.inner)
+            .poll_flush(cx)
+            .map_err(|e| this.map_io(e))
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        Pin::new(&mut this.inner)
+            .poll_shutdown(cx)
+            .map_err(|e| this.map_io(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A stream whose reads and writes hold `data`/succeed, and whose flush and shutdown fail
+    /// with `error` (as a resumable stream waiting for credit reports a refusal).
+    struct Scripted {
+        data: &'static [u8],
+        error: fn() -> StreamError,
+    }
+
+    impl AsyncRead for Scripted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.data.is_empty() {
+                return Poll::Ready(Err(io::Error::other((self.error)())));
+            }
+            buf.put_slice(self.data);
+            self.data = &[];
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Scripted {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::Error::other((self.error)())))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::Error::other((self.error)())))
+        }
+    }
+
+    fn refused() -> StreamError {
+        StreamError::Refused {
+            code: ErrorCode::Refused,
+            reason: "connection refused by db.internal:5432".into(),
+        }
+    }
+
+    fn reset() -> StreamError {
+        StreamError::Reset {
+            code: ErrorCode::Refused,
+            reason: "reset by the service".into(),
+        }
+    }
+
+    fn known_db() -> (Arc<KnownTargets>, Target) {
+        let known = Arc::new(KnownTargets::default());
+        let t = Target::new("db.internal", 5432);
+        known.opened(&t, std::time::Instant::now());
+        (known, t)
+    }
+
+    #[tokio::test]
+    async fn a_refusal_that_shows_first_in_a_flush_still_forgets_the_destination_and_names_the_open(
+    ) {
+        let (known, t) = known_db();
+        let mut s = EarlyStream::new(
+            Scripted {
+                data: b"",
+                error: refused,
+            },
+            Some((known.clone(), t.clone())),
+        );
+        s.write_all(b"hello").await.unwrap();
+        let e = s.flush().await.unwrap_err();
+        assert!(socks::dial_error_of(&e).is_some(), "{e}");
+        assert!(!known.is_known(&t, std::time::Instant::now()));
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_fails_after_the_far_end_answered_is_not_taken_for_a_failed_open() {
+        use tokio::io::AsyncReadExt;
+        let (known, t) = known_db();
+        let mut s = EarlyStream::new(
+            Scripted {
+                data: b"220 ready",
+                error: reset,
+            },
+            Some((known.clone(), t.clone())),
+        );
+        let mut got = Vec::new();
+        let e = s.read_to_end(&mut got).await.unwrap_err();
+        assert_eq!(got, b"220 ready");
+        assert!(socks::dial_error_of(&e).is_none(), "{e}");
+        // The HTTP front end still finds the reason one level down.
+        let source = std::error::Error::source(e.get_ref().unwrap()).unwrap();
+        assert!(source.downcast_ref::<DialError>().is_some());
+        assert!(
+            known.is_known(&t, std::time::Instant::now()),
+            "a reset is no refusal"
+        );
     }
 }
