@@ -168,6 +168,28 @@ pub async fn serve(
     }
 }
 
+/// The dialer a SOCKS5 or HTTP client at `peer` gets: the agent's, except for a client on
+/// another host (`--allow-remote-clients`), which is never answered before the far end confirms
+/// ([`Unvouched`]).
+fn dialer_for<D: Dialer>(peer: SocketAddr, dialer: Arc<D>) -> Arc<dyn Dialer> {
+    if peer::is_loopback(peer) {
+        dialer
+    } else {
+        Arc::new(Unvouched(dialer))
+    }
+}
+
+/// A dialer that vouches for no destination ([`Dialer::known`] is false): a client on another
+/// host cannot learn from how fast its reply comes which destinations the desktop's user opened
+/// lately.
+struct Unvouched<D>(Arc<D>);
+
+impl<D: Dialer> Dialer for Unvouched<D> {
+    fn dial(&self, target: Target, mode: OpenMode) -> socks::DialFuture {
+        self.0.dial(target, mode)
+    }
+}
+
 async fn handle(
     tcp: TcpStream,
     front: Front,
@@ -177,16 +199,21 @@ async fn handle(
     udp: socks::UdpFront,
 ) {
     match front {
-        Front::Socks5 => match socks::serve_socks5_with(tcp, dialer, auth, Some(udp)).await {
-            Ok(stats) => {
-                debug!(target = ?stats.target.map(|t| t.to_string()), up = stats.up, down = stats.down, "socks5 connection done")
+        Front::Socks5 => {
+            match socks::serve_socks5_with(tcp, dialer_for(udp.client, dialer), auth, Some(udp))
+                .await
+            {
+                Ok(stats) => {
+                    debug!(target = ?stats.target.map(|t| t.to_string()), up = stats.up, down = stats.down, "socks5 connection done")
+                }
+                Err(socks::FrontError::Dial { target, source }) => {
+                    info!(%target, kind = %source.kind, reason = %source, "socks5 connection refused")
+                }
+                Err(e) => debug!(error = %e, "socks5 connection ended"),
             }
-            Err(socks::FrontError::Dial { target, source }) => {
-                info!(%target, kind = %source.kind, reason = %source, "socks5 connection refused")
-            }
-            Err(e) => debug!(error = %e, "socks5 connection ended"),
-        },
+        }
         Front::Http => {
+            let dialer = dialer_for(udp.client, dialer);
             if let Err(e) = socks::serve_http_with(tcp, dialer, auth, pages).await {
                 debug!(error = %e, "http proxy connection ended");
             }
@@ -206,5 +233,41 @@ async fn handle(
                 Err(e) => info!(%target, kind = %e.kind, reason = %e, "forward refused"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod early_answer_tests {
+    use super::*;
+
+    /// Vouches for every destination; never dials.
+    struct Knows;
+
+    impl Dialer for Knows {
+        fn dial(&self, _: Target, _: OpenMode) -> socks::DialFuture {
+            Box::pin(async {
+                Err(socks::DialError::new(
+                    socks::DialErrorKind::Other,
+                    "not in this test",
+                ))
+            })
+        }
+        fn known(&self, _: &Target) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_client_on_another_host_is_never_answered_before_the_far_end_confirms() {
+        let t = Target::new("db.internal", 5432);
+        let local = dialer_for("127.0.0.1:40000".parse().unwrap(), Arc::new(Knows));
+        assert!(local.known(&t));
+        let mapped = dialer_for("[::ffff:127.0.0.1]:40000".parse().unwrap(), Arc::new(Knows));
+        assert!(mapped.known(&t));
+        let remote = dialer_for("192.0.2.7:40000".parse().unwrap(), Arc::new(Knows));
+        assert!(
+            !remote.known(&t),
+            "another host learns nothing from the reply's speed"
+        );
     }
 }

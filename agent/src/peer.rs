@@ -203,6 +203,12 @@ pub fn my_uid() -> Option<u32> {
     *UID.get_or_init(|| std::fs::metadata("/proc/self").ok().map(|m| m.uid()))
 }
 
+/// Whether `addr` is a loopback address (IPv4, IPv6, or IPv4 mapped into IPv6).
+pub fn is_loopback(addr: SocketAddr) -> bool {
+    addr.ip().is_loopback()
+        || matches!(addr.ip(), IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
+}
+
 /// Whether the connection from `peer` to our `local` listening address may be served, whatever
 /// the peer's source address: a local process binding a LAN address (`curl --interface`) is still
 /// a local process. `Err` carries the reason to log when it may not.
@@ -221,8 +227,7 @@ pub fn admit<T: PartialEq + fmt::Display>(
     me: Option<T>,
     owner: Option<T>,
 ) -> Result<(), String> {
-    let loopback = peer.ip().is_loopback()
-        || matches!(peer.ip(), IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
+    let loopback = is_loopback(peer);
     let me = me.ok_or("cannot determine our own user")?;
     match owner {
         Some(user) if user != me => Err(format!(
