@@ -64,20 +64,17 @@ impl KnownTargets {
         map.insert(k, now);
     }
 
-    /// An open to `t` failed (refused, timed out, or its stream failed before the far end
-    /// confirmed it): the next client to `t` is confirmed first, and gets the reply code.
+    /// An open to `t` failed (the dial itself, or its `OPEN` was refused afterwards): the next
+    /// client to `t` is confirmed first, and gets the reply code.
     pub fn failed(&self, t: &Target) {
         let mut map = self.opened.lock().unwrap_or_else(|e| e.into_inner());
         map.remove(&key(t));
     }
 
-    /// How many destinations are remembered (for tests).
-    pub fn len(&self) -> usize {
+    /// How many destinations are remembered.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.opened.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

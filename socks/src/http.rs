@@ -143,12 +143,10 @@ where
             Ok((up, down)) => debug!(%target, up, down, "CONNECT relay finished"),
             Err(e) => {
                 debug!(%target, error = %e, "CONNECT relay ended with an error");
-                if early && crate::dial_error_of(&e).is_some() {
-                    // Answered 200 before the far end confirmed, and the stream failed: reset
-                    // the app's connection rather than close it (see `serve_socks5_with`).
+                if crate::failed_early(early, &e) {
                     if let Ok(parts) = client.into_inner().downcast::<TokioIo<S>>() {
                         let mut io = parts.io.into_inner();
-                        crate::socks5::reset_on_close(&mut io);
+                        crate::reset_on_close(&mut io);
                     }
                 }
                 return Err(e.into());
@@ -257,13 +255,8 @@ impl Proxy {
         let Some(target) = target_of(req.uri(), None) else {
             return text(StatusCode::BAD_REQUEST, "CONNECT needs a host:port target");
         };
-        // A destination that opened lately is answered at once (see `Dialer::known`).
-        let early = self.dialer.known(&target);
-        let mode = if early {
-            OpenMode::Early
-        } else {
-            OpenMode::Confirmed
-        };
+        let mode = crate::answer_mode(&*self.dialer, &target);
+        let early = mode == OpenMode::Early;
         match self.dialer.dial(target.clone(), mode).await {
             Ok(stream) => {
                 let on_upgrade = hyper::upgrade::on(&mut req);
@@ -452,8 +445,7 @@ fn classify(err: &hyper::Error) -> (DialErrorKind, String) {
         // `io::Error::source` skips the wrapped error itself; look inside.
         if let Some(dial) = e
             .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<DialError>())
+            .and_then(crate::dial_error_of)
         {
             return (dial.kind, dial.message.clone());
         }

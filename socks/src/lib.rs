@@ -127,6 +127,31 @@ pub fn dial_error_of(e: &std::io::Error) -> Option<&DialError> {
         .and_then(|inner| inner.downcast_ref::<DialError>())
 }
 
+/// How a SOCKS5 or `CONNECT` front end opens `target`: [`OpenMode::Early`], answering its
+/// client at once, when the dialer [knows](Dialer::known) the destination opens; else
+/// [`OpenMode::Confirmed`], answering with the far end's verdict.
+pub(crate) fn answer_mode(dialer: &dyn Dialer, target: &Target) -> OpenMode {
+    if dialer.known(target) {
+        OpenMode::Early
+    } else {
+        OpenMode::Confirmed
+    }
+}
+
+/// Whether a relay that ended with `e` was answered early (`early`) and its stream failed before
+/// the far end sent a byte (typically the open was refused after all): the app's connection is
+/// then reset ([`reset_on_close`]), since a plain close would read as an empty answer.
+pub(crate) fn failed_early(early: bool, e: &std::io::Error) -> bool {
+    early && dial_error_of(e).is_some()
+}
+
+/// Makes closing `client` send a reset (`SO_LINGER` 0), when it is a TCP socket.
+pub(crate) fn reset_on_close<S: 'static>(client: &mut S) {
+    if let Some(tcp) = (client as &mut dyn std::any::Any).downcast_mut::<tokio::net::TcpStream>() {
+        let _ = socket2::SockRef::from(&*tcp).set_linger(Some(std::time::Duration::ZERO));
+    }
+}
+
 /// Opens streams to targets. The agent implements this over its tunnel
 /// sessions; tests implement it over loopback TCP.
 pub trait Dialer: Send + Sync + 'static {

@@ -96,12 +96,8 @@ where
         }
     };
 
-    let early = dialer.known(&target);
-    let mode = if early {
-        OpenMode::Early
-    } else {
-        OpenMode::Confirmed
-    };
+    let mode = crate::answer_mode(&*dialer, &target);
+    let early = mode == OpenMode::Early;
     let mut upstream = match dialer.dial(target.clone(), mode).await {
         Ok(stream) => stream,
         Err(source) => {
@@ -122,11 +118,8 @@ where
         Ok(counts) => counts,
         Err(e) => {
             debug!(%target, error = %e, "socks5 relay ended with an error");
-            if early && crate::dial_error_of(&e).is_some() {
-                // Answered before the far end confirmed, and the stream failed (typically the
-                // open was refused after all): a reset tells the app that this connection
-                // failed, where a plain close would read as an empty answer.
-                reset_on_close(&mut client);
+            if crate::failed_early(early, &e) {
+                crate::reset_on_close(&mut client);
             }
             return Err(e.into());
         }
@@ -137,13 +130,6 @@ where
         up,
         down,
     })
-}
-
-/// Makes closing `client` send a reset (`SO_LINGER` 0), when it is a TCP socket.
-pub(crate) fn reset_on_close<S: 'static>(client: &mut S) {
-    if let Some(tcp) = (client as &mut dyn std::any::Any).downcast_mut::<tokio::net::TcpStream>() {
-        let _ = socket2::SockRef::from(&*tcp).set_linger(Some(Duration::ZERO));
-    }
 }
 
 /// `UDP ASSOCIATE`: the associator's relay, the success reply with its address, then relay
