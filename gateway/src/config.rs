@@ -339,6 +339,8 @@ pub struct LimitsFile {
     pub udp_datagrams_per_token: Option<f64>,
     pub udp_datagrams: Option<f64>,
     pub route_wait_at_start: Option<String>,
+    pub route_waiting_per_token: Option<usize>,
+    pub route_waiting: Option<usize>,
 }
 
 /// `[tunnel]`, one struct for every role (`uplink::tuning`).
@@ -494,6 +496,12 @@ pub fn dmz_config(args: DmzArgs) -> Result<DmzConfig, ConfigError> {
                 max.as_secs()
             )));
         }
+    }
+    if let Some(v) = l.route_waiting_per_token {
+        limits.route_waiting_per_token = v;
+    }
+    if let Some(v) = l.route_waiting {
+        limits.route_waiting = v;
     }
     if let Some(v) = l.unauth_per_addr {
         limits.unauth_per_addr = v.max(1);

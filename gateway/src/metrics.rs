@@ -176,6 +176,8 @@ pub struct Metrics {
     handshake_sum_micros: AtomicU64,
     egress: [AtomicI64; 4],
     resumes: AtomicU64,
+    /// Streams that wait on a young DMZ instance for their connector to attach.
+    waiting: AtomicI64,
     /// The signed revocation list in force: when it was signed (Unix seconds; 0: no list).
     revocation_signed_at: AtomicU64,
     recent: Mutex<VecDeque<Refusal>>,
@@ -211,6 +213,7 @@ impl Metrics {
             handshake_sum_micros: AtomicU64::new(0),
             egress: Default::default(),
             resumes: AtomicU64::new(0),
+            waiting: AtomicI64::new(0),
             revocation_signed_at: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_REFUSALS)),
             udp: UdpMetrics::default(),
@@ -281,11 +284,17 @@ impl Metrics {
         Gauge::new(&self.egress[path as usize])
     }
 
-    /// The hook for resumable streams: call it when a stream survives a lost session on a new
-    /// one. Nothing resumes yet, so `sallyport_stream_resumes_total` stays 0 (it is exported
-    /// now so dashboards and alerts need no change when it starts counting).
+    /// The DMZ passed a resume on and the connector holding the stream took it: a stream
+    /// survived a lost session on a new one. (A connector counts the resumes its streams take
+    /// in `tunnel::resumable::stats`, which its `/metrics` reads.)
     pub fn resumed(&self) {
         self.resumes.fetch_add(1, Relaxed);
+    }
+
+    /// A stream waits for its connector on a young DMZ instance (`limits.route_wait_at_start`);
+    /// counted until the guard drops.
+    pub fn waiting_for_connector(&self) -> Gauge<'_> {
+        Gauge::new(&self.waiting)
     }
 
     /// Sessions of `role` up now.
@@ -457,17 +466,62 @@ impl Metrics {
                 );
             }
         }
+        let resumable = tunnel::resumable::stats();
         family(
             &mut o,
             "sallyport_stream_resumes_total",
             "counter",
-            "Streams resumed on a new session after a lost one (always 0 until resumable streams exist).",
+            if self.dmz {
+                "Resumes this instance passed on that the connector holding the stream took: streams that survived a lost session."
+            } else {
+                "Resumes this connector's streams took: streams that survived a lost session."
+            },
         );
-        let _ = writeln!(
-            o,
-            "sallyport_stream_resumes_total {}",
+        let resumes = if self.dmz {
             self.resumes.load(Relaxed)
-        );
+        } else {
+            resumable.resumed
+        };
+        let _ = writeln!(o, "sallyport_stream_resumes_total {resumes}");
+        if self.dmz {
+            family(
+                &mut o,
+                "sallyport_streams_waiting_for_connector",
+                "gauge",
+                "New streams waiting now, on an instance started less than limits.route_wait_at_start ago, for a connector that may serve them to attach.",
+            );
+            let _ = writeln!(
+                o,
+                "sallyport_streams_waiting_for_connector {}",
+                self.waiting.load(Relaxed)
+            );
+        } else {
+            family(
+                &mut o,
+                "sallyport_streams_suspended",
+                "gauge",
+                "Resumable streams whose agent lost its session, held now for the grace while it comes back.",
+            );
+            let _ = writeln!(o, "sallyport_streams_suspended {}", resumable.suspended);
+            family(
+                &mut o,
+                "sallyport_stream_resume_expired_total",
+                "counter",
+                "Resumable streams ended because their agent did not come back within the grace.",
+            );
+            let _ = writeln!(
+                o,
+                "sallyport_stream_resume_expired_total {}",
+                resumable.expired
+            );
+            family(
+                &mut o,
+                "sallyport_resume_retained_bytes",
+                "gauge",
+                "Bytes resumable streams keep now until the agent acknowledges them (bounded by the resume budget).",
+            );
+            let _ = writeln!(o, "sallyport_resume_retained_bytes {}", resumable.retained);
+        }
         let signed = self.revocation_signed_at.load(Relaxed);
         if self.dmz {
             family(
@@ -538,7 +592,15 @@ mod tests {
                 "{text}"
             );
             assert!(text.contains("sallyport_streams_open 1"), "{text}");
+            let _w = m.waiting_for_connector();
+            m.resumed();
+            let text = m.render();
+            assert!(text.contains("sallyport_streams_waiting_for_connector 1"));
+            assert!(text.contains("sallyport_stream_resumes_total 1"));
         }
+        assert!(m
+            .render()
+            .contains("sallyport_streams_waiting_for_connector 0"));
         let text = m.render();
         assert!(
             text.contains("sallyport_sessions{role=\"agent\"} 0"),

@@ -15,6 +15,8 @@ use tunnel::{meta, Dest, ErrorCode, Frame, Incoming, Meta, Role, Session};
 
 struct Gw {
     addr: SocketAddr,
+    /// The admin listener (`/metrics`).
+    admin: SocketAddr,
     agent_token: String,
     connector_token: String,
     _dir: TempDir,
@@ -82,16 +84,23 @@ async fn gateway(connector_routes: &[&str], tweak: impl FnOnce(&mut DmzConfig)) 
         inner_key: Some(inner_key.clone()),
         tls_key_pin: None,
         v2: gateway::dmz::v2::V2Config::new(inner_key),
-        admin: None,
+        admin: Some(gateway::admin::AdminConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token: None,
+            networks: gateway::admin::AdminConfig::loopback(),
+            hosts: vec![],
+        }),
     };
     cfg.limits.handshake_timeout = Duration::from_millis(500);
     tweak(&mut cfg);
     let dmz = Dmz::bind(cfg).await.unwrap();
     let addr = dmz.local_addr();
+    let admin = dmz.admin_addr().unwrap();
     let shutdown = CancellationToken::new();
     tokio::spawn(dmz.serve(shutdown.clone()));
     Gw {
         addr,
+        admin,
         agent_token,
         connector_token,
         _dir: TempDir(dir),
@@ -160,6 +169,24 @@ async fn refused_at_once(s: &tunnel::Stream, asked: std::time::Instant) {
         "refused after {:?}",
         asked.elapsed()
     );
+}
+
+/// The value of `series` on the DMZ's `/metrics`.
+async fn metric(gw: &Gw, series: &str) -> f64 {
+    let page = raw_request(
+        gw.admin,
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    page.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
 }
 
 async fn raw_request(addr: SocketAddr, req: &[u8]) -> String {
@@ -415,11 +442,14 @@ async fn a_stream_given_up_while_it_waits_frees_its_slot_and_is_never_forwarded(
 /// change of the routes): past its share, streams are refused at once.
 #[tokio::test]
 async fn a_flood_of_streams_waiting_for_a_connector_is_bounded_per_token() {
-    let gw = gateway(&["db.internal:5432"], |_| {}).await;
+    let share = 16;
+    let gw = gateway(&["db.internal:5432"], |c| {
+        c.limits.route_waiting_per_token = share
+    })
+    .await;
     let (agent, _) = session(&gw, "agent", &gw.agent_token, Role::Agent)
         .await
         .unwrap();
-    let share = gateway::dmz::limits::WAITING_PER_TOKEN;
     let mut waiting = Vec::new();
     for _ in 0..share {
         waiting.push(
@@ -441,6 +471,56 @@ async fn a_flood_of_streams_waiting_for_a_connector_is_bounded_per_token() {
             "a stream within the share was answered: {answer:?}"
         );
     }
+}
+
+/// Many tokens, each within its share, cannot add up to more waiting streams than the
+/// instance's cap: the stream over it is refused at once, whichever token asks, and the
+/// waiting ones show on `/metrics` until they end.
+#[tokio::test]
+async fn a_flood_of_waiting_streams_spread_over_many_tokens_is_bounded_in_all() {
+    let gw = gateway(&["db.internal:5432"], |c| c.limits.route_waiting = 3).await;
+    let bob = token(&gw._dir.0.join("agents.toml"), "bob-laptop", "bob", &[]);
+    // The token file is reloaded every 200 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (alice, _) = session(&gw, "agent", &gw.agent_token, Role::Agent)
+        .await
+        .unwrap();
+    let (bob, _) = session(&gw, "agent", &bob, Role::Agent).await.unwrap();
+    let open = |s: &Session| {
+        s.open(Dest::new("db.internal", 5432), Meta::default())
+            .unwrap()
+    };
+    let waiting = [open(&alice), open(&alice), open(&bob)];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        metric(&gw, "sallyport_streams_waiting_for_connector").await,
+        3.0
+    );
+    for who in [&bob, &alice] {
+        let asked = std::time::Instant::now();
+        refused_at_once(&open(who), asked).await;
+    }
+    for s in &waiting {
+        let answer = tokio::time::timeout(Duration::from_millis(1), s.opened()).await;
+        assert!(answer.is_err(), "a waiting stream was answered: {answer:?}");
+    }
+    let (_c, mut incoming) = connector(&gw, &["db.internal:5432"]).await;
+    let mut served = Vec::new();
+    for _ in &waiting {
+        let got = tokio::time::timeout(Duration::from_secs(5), incoming.accept())
+            .await
+            .expect("every waiting stream reached the connector")
+            .unwrap();
+        got.accept();
+        served.push(got);
+    }
+    for s in &waiting {
+        s.opened().await.unwrap();
+    }
+    assert_eq!(
+        metric(&gw, "sallyport_streams_waiting_for_connector").await,
+        0.0
+    );
 }
 
 #[tokio::test]

@@ -147,10 +147,15 @@ impl Ops {
 
     /// An agent (SOCKS5 on a free port), connected.
     fn agent(&self) -> (Proc, SocketAddr) {
+        self.agent_to(&self.gw_url)
+    }
+
+    /// [`Ops::agent`] that reaches the DMZ at `gw_url` (a relay in front of it).
+    fn agent_to(&self, gw_url: &str) -> (Proc, SocketAddr) {
         let agent = Proc::spawn(
             "agent",
             Command::new(bin("sallyport"))
-                .args(["run", "--gateway", &self.gw_url, "--token-file"])
+                .args(["run", "--gateway", gw_url, "--token-file"])
                 .arg(self.pki.p("alice-laptop.token"))
                 .args([
                     "--socks",
@@ -313,6 +318,88 @@ fn promtool_accepts_the_metrics_scraped_from_a_running_dmz_and_connector() {
             );
         }
     }
+}
+
+/// A TCP relay whose connections the test cuts at once, as a load balancer's idle cut or a
+/// proxy's restart does; it keeps accepting new ones.
+struct Cutter {
+    addr: SocketAddr,
+    live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Cutter {
+    fn to(target: SocketAddr) -> Cutter {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = live.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let (Ok(c), Ok(up)) = (c, TcpStream::connect(target)) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (c.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up.try_clone().unwrap(), c.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                kept.lock().unwrap().extend([c, up]);
+            }
+        });
+        Cutter { addr, live }
+    }
+
+    /// Cuts every connection relayed so far.
+    fn cut(&self) {
+        for s in self.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Resumable streams shipped while `sallyport_stream_resumes_total` stayed the placeholder it
+/// was (always 0): a stream that survived a cut session showed on no dashboard. Now the DMZ
+/// counts the resume it passed on, and the connector the resume its stream took, with the
+/// stream suspended meanwhile.
+#[test]
+fn a_stream_that_survives_a_cut_session_is_counted_as_resumed_by_the_dmz_and_the_connector() {
+    let ops = Ops::start("ops-resume", &[]);
+    let echo = echo_service().unwrap();
+    let gw: SocketAddr = ops
+        .gw_url
+        .trim_start_matches("wss://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let relay = Cutter::to(gw);
+    let (agent, socks) = ops.agent_to(&format!("wss://{}/", relay.addr));
+    let mut s = socks5_connect(socks, "backend.internal", echo.port()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let echoed = |s: &mut TcpStream, msg: &[u8]| {
+        s.write_all(msg).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg, "{}", agent.log());
+    };
+    echoed(&mut s, b"before the cut\n");
+    let conn = metrics(ops.connector_admin);
+    assert_eq!(value(&conn, "sallyport_stream_resumes_total"), 0.0);
+    assert_eq!(value(&conn, "sallyport_streams_suspended"), 0.0);
+    relay.cut();
+    echoed(&mut s, b"after the cut\n");
+    let dmz = wait_metric(ops.dmz_admin, "sallyport_stream_resumes_total", 1.0);
+    assert_eq!(dmz, 1.0);
+    let conn = metrics_when(
+        ops.connector_admin,
+        &[("sallyport_stream_resumes_total", 1.0)],
+    );
+    assert_eq!(value(&conn, "sallyport_stream_resumes_total"), 1.0);
+    assert_eq!(value(&conn, "sallyport_streams_suspended"), 0.0);
+    assert_eq!(value(&conn, "sallyport_stream_resume_expired_total"), 0.0);
 }
 
 #[test]

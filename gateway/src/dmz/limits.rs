@@ -72,10 +72,17 @@ pub struct Limits {
     /// listens, before the connectors' backoff brings them back; an agent that lands on it in
     /// between would otherwise see its new connections refused. A destination no credential
     /// may serve, or whose connectors are all here, is refused at once. Waiting streams hold
-    /// their stream slots and are bounded ([`WAITING_PER_TOKEN`], [`WAITING`]); a resume never
-    /// waits (the agent asks again by itself). At most [`ROUTE_WAIT_MAX`]; `Duration::ZERO`:
-    /// never wait.
+    /// their stream slots and are bounded ([`Limits::route_waiting_per_token`],
+    /// [`Limits::route_waiting`]); a resume never waits (the agent asks again by itself). At
+    /// most [`ROUTE_WAIT_MAX`]; `Duration::ZERO`: never wait.
     pub route_wait_at_start: Duration,
+    /// Streams of one agent token that may wait for a connector at once (see
+    /// [`Limits::route_wait_at_start`]); beyond it, refused `no-route` at once.
+    pub route_waiting_per_token: usize,
+    /// Streams of all tokens that may wait for a connector at once: every change of the routes
+    /// wakes each of them to look again, so their number bounds that work, whatever the number
+    /// of tokens.
+    pub route_waiting: usize,
 }
 
 impl Default for Limits {
@@ -101,6 +108,8 @@ impl Default for Limits {
             udp_datagrams_per_token: 2_000.0,
             udp_datagrams: 50_000.0,
             route_wait_at_start: Duration::from_secs(15),
+            route_waiting_per_token: 256,
+            route_waiting: 4_096,
         }
     }
 }
@@ -108,14 +117,6 @@ impl Default for Limits {
 /// The longest `route_wait_at_start`: below the agents' default `open_timeout` (30 s), so an
 /// agent hears the DMZ's answer rather than its own timeout.
 pub const ROUTE_WAIT_MAX: Duration = Duration::from_secs(25);
-
-/// Streams of one agent token that may wait for a connector at once (see
-/// [`Limits::route_wait_at_start`]); beyond it, refused `no-route` at once.
-pub const WAITING_PER_TOKEN: usize = 256;
-
-/// Streams of all tokens that may wait for a connector at once: every change of the routes
-/// wakes each of them to look again, so their number bounds that work.
-pub const WAITING: usize = 4096;
 
 /// Token buckets keyed by `K`, at most `cap` keys (full buckets are forgotten first).
 pub struct Buckets<K> {

@@ -221,6 +221,11 @@ impl Dmz {
         self.listener.local_addr().unwrap_or(self.config.listen)
     }
 
+    /// Where the admin listener (`/metrics`, the admin page) listens, if there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown`; then drains: `/readyz` answers 503 for the drain delay while
     /// everything is still served, then the listener closes and every session gets
     /// `GOAWAY(shutdown)` (agents and connectors move to other instances) and is closed once its
@@ -243,7 +248,9 @@ impl Dmz {
             routes_uncovered: Default::default(),
             agent_sessions: Arc::new(Counts::new(limits.sessions_per_agent_token)),
             connector_sessions: Arc::new(Counts::new(limits.sessions_per_connector_token)),
-            streams: Arc::new(Semaphore::new(limits.max_streams)),
+            streams: Arc::new(Semaphore::new(
+                limits.max_streams.min(Semaphore::MAX_PERMITS),
+            )),
             http_sessions: tunnel::http::server::Registry::with_pending(
                 limits.max_connections,
                 limits.pending_inner_sessions,
@@ -253,8 +260,10 @@ impl Dmz {
             shutdown: stop.clone(),
             draining: Default::default(),
             first_session: Default::default(),
-            waiting: Arc::new(Counts::new(limits::WAITING_PER_TOKEN)),
-            waiting_all: Arc::new(Semaphore::new(limits::WAITING)),
+            waiting: Arc::new(Counts::new(limits.route_waiting_per_token)),
+            waiting_all: Arc::new(Semaphore::new(
+                limits.route_waiting.min(Semaphore::MAX_PERMITS),
+            )),
             ops: ops::Ops::new(),
             config,
         });

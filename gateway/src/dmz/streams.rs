@@ -110,6 +110,7 @@ async fn route_at_start<T>(
     let Ok(_all) = shared.waiting_all.clone().try_acquire_owned() else {
         return Waited::Crowded;
     };
+    let _counted = shared.ops.metrics.waiting_for_connector();
     let since = tokio::time::Instant::now();
     // Subscribed before the next pick: a connector that attaches in between still wakes us.
     let mut changes = shared.router.changes();
@@ -412,6 +413,7 @@ pub(crate) async fn route_stream(
                         }
                     }
                     Resume::Of { .. } => {
+                        shared.ops.metrics.resumed();
                         if let Some(r) = theirs.get(keys::RECV) {
                             answer.set(keys::RECV, r);
                         }
