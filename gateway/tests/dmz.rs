@@ -150,6 +150,19 @@ async fn open_as_agent(gw: &Gw, host: &str, port: u16) -> (Session, tunnel::Stre
     (agent, s)
 }
 
+/// A second connector credential, for site B (`b.internal:*`), listed and loaded: its token.
+async fn site_b(gw: &Gw) -> String {
+    let t = token(
+        &gw._dir.0.join("connectors.toml"),
+        "site-b",
+        "site-b",
+        &["b.internal:*"],
+    );
+    // The token file is reloaded every 200 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    t
+}
+
 /// The connector behind `incoming` is handed the stream `s` within 5 s (`what` says why it
 /// should be), accepts it, and the agent's open completes.
 async fn served(incoming: &mut Incoming, s: &tunnel::Stream, what: &str) {
@@ -364,14 +377,7 @@ async fn a_connector_that_advertises_no_routes_is_heard_and_nothing_waits_for_it
 #[tokio::test]
 async fn a_stream_to_a_second_site_waits_for_that_sites_connector() {
     let gw = gateway(&["a.internal:*"], |_| {}).await;
-    let site_b = token(
-        &gw._dir.0.join("connectors.toml"),
-        "site-b",
-        "site-b",
-        &["b.internal:*"],
-    );
-    // The token file is reloaded every 200 ms.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let site_b = site_b(&gw).await;
     let (_a, _) = connector(&gw, &["a.internal:22"]).await;
     let (_agent, s) = open_as_agent(&gw, "b.internal", 22).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -380,6 +386,32 @@ async fn a_stream_to_a_second_site_waits_for_that_sites_connector() {
         &mut incoming,
         &s,
         "the stream waited for site B's connector",
+    )
+    .await;
+}
+
+/// A cluster that accepts tokens by their signature alone (`[v2] require_listed = false`) need
+/// not list its connectors' credentials: a restarted instance could not know which connector
+/// was still to come, and refused `no-route` every stream that reached it before its
+/// connectors did. It holds them for the window now, as for listed credentials.
+#[tokio::test]
+async fn a_restarted_instance_of_a_cluster_without_listed_tokens_waits_for_connectors_it_cannot_know(
+) {
+    let gw = gateway(&["a.internal:*"], |c| c.v2.require_listed = false).await;
+    let (_agent, s) = open_as_agent(&gw, "b.internal", 22).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = tokio::time::timeout(Duration::from_millis(1), s.opened()).await;
+    assert!(
+        answer.is_err(),
+        "answered before a connector could come: {answer:?}"
+    );
+    // Site B's connector arrives, with a credential the instance knew nothing of before.
+    let site_b = site_b(&gw).await;
+    let (_b, mut incoming) = connector_as(&gw, &site_b, &["b.internal:22"]).await;
+    served(
+        &mut incoming,
+        &s,
+        "the stream waited for a connector no list named",
     )
     .await;
 }

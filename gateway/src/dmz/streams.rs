@@ -71,9 +71,11 @@ enum Waited<T> {
 /// A young instance's wait for a connector (see `Limits::route_wait_at_start`): while a
 /// connector credential that may serve `host:port` (and can still authenticate) has no
 /// session with routes here yet, and for at most the window after the first authenticated
-/// session, re-`pick`s each time the routes or the connector token file change. Bounded per
-/// token and in all; ends at once when the agent gives the stream up or the gateway shuts
-/// down.
+/// session, re-`pick`s each time the routes or the connector token file change. Where tokens
+/// are accepted unlisted (`[v2] require_listed = false`), a connector credential this instance
+/// has never seen may serve any destination, so every stream no connector serves yet waits,
+/// for the window at most. Bounded per token and in all; ends at once when the agent gives the
+/// stream up or the gateway shuts down.
 async fn route_at_start<T>(
     shared: &Shared,
     stream: &Stream,
@@ -101,7 +103,11 @@ async fn route_at_start<T>(
     };
     let mut tokens = shared.config.connector_tokens.subscribe();
     let mut credentials = covering(&tokens.borrow_and_update().clone());
-    if !shared.router.awaits(&credentials) {
+    // An unlisted connector credential (accepted by its signature alone) is known only once
+    // its connector is here: one may still come for any destination.
+    let unlisted = !shared.config.v2.require_listed;
+    let awaited = |credentials: &[String]| unlisted || shared.router.awaits(credentials);
+    if !awaited(&credentials) {
         return Waited::NoRoute;
     }
     let Some(_one) = shared.waiting.acquire(&token.to_string()) else {
@@ -121,7 +127,7 @@ async fn route_at_start<T>(
             info!(token = %token, waited_ms = since.elapsed().as_millis() as u64, "stream waited for its connector to attach");
             return Waited::Routed(c);
         }
-        if !shared.router.awaits(&credentials) {
+        if !awaited(&credentials) {
             return Waited::NoRoute;
         }
         tokio::select! {
