@@ -11,12 +11,15 @@ use std::time::Duration;
 const LAN: &str = "10.77.0.1";
 const OTHER_HOST: &str = "10.77.0.2";
 
-/// Gateway, connector, agent and the backend, all inside a fresh namespace that has a LAN
+/// Gateway, connector, agent and two backends, all inside a fresh namespace that has a LAN
 /// address (and another host, in a second namespace, at [`OTHER_HOST`]).
 struct Lan {
     sys: System,
     url: String,
-    _backend: Proc,
+    backend: Proc,
+    /// A second service (`backend.internal` on another port).
+    url2: String,
+    backend2: Proc,
     other_host: Namespace,
     host: Namespace,
 }
@@ -32,15 +35,22 @@ fn lan(tag: &str) -> Lan {
         &format!("{OTHER_HOST}/24"),
     )
     .unwrap();
-    let backend = Proc::spawn(
-        "backend",
-        host.cmd(bin("sp-testsvc")).args(["http", "127.0.0.1:0"]),
-    )
-    .unwrap();
-    let port = backend.addr(&["listening"]).unwrap().port();
+    let service = |name: &str| {
+        let p = Proc::spawn(
+            name,
+            host.cmd(bin("sp-testsvc")).args(["http", "127.0.0.1:0"]),
+        )
+        .unwrap();
+        let port = p.addr(&["listening"]).unwrap().port();
+        (p, port)
+    };
+    let (backend, port) = service("backend");
+    let (backend2, port2) = service("backend2");
+    let mut allow = allow_backend(port);
+    allow.extend(allow_backend(port2));
     let sys = System::start_opts(
         tag,
-        &allow_backend(port),
+        &allow,
         &["backend.internal=127.0.0.1"],
         &[],
         &[],
@@ -54,7 +64,9 @@ fn lan(tag: &str) -> Lan {
     Lan {
         sys,
         url: format!("http://backend.internal:{port}/"),
-        _backend: backend,
+        backend,
+        url2: format!("http://backend.internal:{port2}/"),
+        backend2,
         other_host,
         host,
     }
@@ -112,10 +124,9 @@ fn another_local_user_via_a_lan_source_address_is_refused() {
     assert_eq!((code, out.as_str()), (0, HELLO), "{err}");
 }
 
-#[test]
-fn another_local_user_with_the_local_password_via_a_lan_address_is_refused() {
-    let l = lan("lanpass");
-    // An agent open to other hosts (--allow-remote-clients, local authentication).
+/// An agent open to other hosts (`--allow-remote-clients`, local authentication as `lan-user`
+/// with the password `lan-pass`), connected: its SOCKS5 port.
+fn open_agent(l: &Lan) -> (Proc, u16) {
     let mut cmd = l.sys.agent_command(
         "run",
         &[
@@ -133,6 +144,50 @@ fn another_local_user_with_the_local_password_via_a_lan_address_is_refused() {
     let port = open.addr(&["listening", "socks5"]).unwrap().port();
     open.wait_for(&["connected to the gateway"], Duration::from_secs(15))
         .unwrap();
+    (open, port)
+}
+
+/// The attack: a client on another host, let in with the local password, times the agent's
+/// SOCKS5 answers to learn which destinations the desktop's user opened lately (the agent
+/// answers those at once, before the connector confirms). A client on another host is always
+/// confirmed: for a destination that opened lately and then stopped answering, it gets the
+/// SOCKS5 reply code, where a client on the agent's own loopback is answered at once and then
+/// reset.
+#[test]
+fn a_client_on_another_host_cannot_tell_which_destinations_the_user_opened_lately() {
+    let mut l = lan("lanearly");
+    let (open, port) = open_agent(&l);
+    let local = format!("socks5h://lan-user:lan-pass@127.0.0.1:{port}");
+    let remote = format!("socks5h://lan-user:lan-pass@{LAN}:{port}");
+    // Two services, both opened by the desktop's user: both are known now.
+    for url in [&l.url, &l.url2] {
+        let (code, out, err) = curl_in(&l.host, None, None, &local, url);
+        assert_eq!((code, out.as_str()), (0, HELLO), "{url}: {err}");
+    }
+    l.backend.kill();
+    l.backend2.kill();
+    // The control: the desktop's own client is answered at once, then reset.
+    let (code, _, err) = curl_in(&l.host, None, None, &local, &l.url2);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("reset"),
+        "a known destination was not answered early on loopback: {err}\n{}",
+        open.log()
+    );
+    // The client on another host is confirmed, and told why.
+    let (code, _, err) = curl_in(&l.other_host, None, None, &remote, &l.url);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("SOCKS5") && !err.contains("reset"),
+        "a client on another host was answered before the connector confirmed: {err}\n{}",
+        open.log()
+    );
+}
+
+#[test]
+fn another_local_user_with_the_local_password_via_a_lan_address_is_refused() {
+    let l = lan("lanpass");
+    let (open, port) = open_agent(&l);
     let with_password = format!("socks5h://lan-user:lan-pass@{LAN}:{port}");
     // The attack: another user on the agent's own machine, who learnt the shared password.
     let (code, out, err) = curl_in(&l.host, Some("65534"), None, &with_password, &l.url);
