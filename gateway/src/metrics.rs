@@ -472,9 +472,9 @@ impl Metrics {
             "sallyport_stream_resumes_total",
             "counter",
             if self.dmz {
-                "Resumes this instance passed on that the connector holding the stream took: streams that survived a lost session."
+                "Resumes (new attachments of a stream after its path was lost) this instance passed on and the connector holding the stream accepted; the connectors count the same resumes, so do not add the two jobs."
             } else {
-                "Resumes this connector's streams took: streams that survived a lost session."
+                "Resumes (new attachments of a stream after its path was lost) this connector's streams accepted."
             },
         );
         let resumes = if self.dmz {
@@ -488,7 +488,7 @@ impl Metrics {
                 &mut o,
                 "sallyport_streams_waiting_for_connector",
                 "gauge",
-                "New streams waiting now, on an instance started less than limits.route_wait_at_start ago, for a connector that may serve them to attach.",
+                "New streams waiting now for a connector that may serve them to attach (only within limits.route_wait_at_start of the instance's first authenticated session).",
             );
             let _ = writeln!(
                 o,
@@ -500,27 +500,31 @@ impl Metrics {
                 &mut o,
                 "sallyport_streams_suspended",
                 "gauge",
-                "Resumable streams whose agent lost its session, held now for the grace while it comes back.",
+                "Resumable streams held now after their path (the agent's session or this connector's) was lost, for the grace, until a resume arrives.",
             );
             let _ = writeln!(o, "sallyport_streams_suspended {}", resumable.suspended);
             family(
                 &mut o,
-                "sallyport_stream_resume_expired_total",
+                "sallyport_stream_resumes_expired_total",
                 "counter",
-                "Resumable streams ended because their agent did not come back within the grace.",
+                "Resumable streams ended because no resume arrived within the grace.",
             );
             let _ = writeln!(
                 o,
-                "sallyport_stream_resume_expired_total {}",
+                "sallyport_stream_resumes_expired_total {}",
                 resumable.expired
             );
             family(
                 &mut o,
-                "sallyport_resume_retained_bytes",
+                "sallyport_stream_resume_retained_bytes",
                 "gauge",
                 "Bytes resumable streams keep now until the agent acknowledges them (bounded by the resume budget).",
             );
-            let _ = writeln!(o, "sallyport_resume_retained_bytes {}", resumable.retained);
+            let _ = writeln!(
+                o,
+                "sallyport_stream_resume_retained_bytes {}",
+                resumable.retained
+            );
         }
         let signed = self.revocation_signed_at.load(Relaxed);
         if self.dmz {

@@ -202,6 +202,22 @@ async fn metric(gw: &Gw, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {series} in\n{page}"))
 }
 
+/// Polls `series` on the DMZ's `/metrics` until it reads `want` (10 s at most).
+async fn metric_reaches(gw: &Gw, series: &str, want: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = metric(gw, series).await;
+        if v == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} stayed {v}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn raw_request(addr: SocketAddr, req: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(req).await.unwrap();
@@ -505,6 +521,24 @@ async fn a_flood_of_streams_waiting_for_a_connector_is_bounded_per_token() {
     }
 }
 
+/// A cap of 0 waiting streams means "never wait": refused at once, and not as a crowd.
+#[tokio::test]
+async fn a_cap_of_no_waiting_streams_is_never_waiting_not_a_crowd() {
+    for cap in ["per token", "in all"] {
+        let gw = gateway(&["db.internal:5432"], |c| match cap {
+            "per token" => c.limits.route_waiting_per_token = 0,
+            _ => c.limits.route_waiting = 0,
+        })
+        .await;
+        let asked = std::time::Instant::now();
+        let (_agent, s) = open_as_agent(&gw, "db.internal", 5432).await;
+        let err = s.opened().await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::NoRoute, "{cap}");
+        assert!(asked.elapsed() < Duration::from_secs(1), "{cap}");
+        assert!(!err.to_string().contains("too many"), "{cap}: {err}");
+    }
+}
+
 /// Many tokens, each within its share, cannot add up to more waiting streams than the
 /// instance's cap: the stream over it is refused at once, whichever token asks, and the
 /// waiting ones show on `/metrics` until they end.
@@ -512,22 +546,24 @@ async fn a_flood_of_streams_waiting_for_a_connector_is_bounded_per_token() {
 async fn a_flood_of_waiting_streams_spread_over_many_tokens_is_bounded_in_all() {
     let gw = gateway(&["db.internal:5432"], |c| c.limits.route_waiting = 3).await;
     let bob = token(&gw._dir.0.join("agents.toml"), "bob-laptop", "bob", &[]);
-    // The token file is reloaded every 200 ms.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let (alice, _) = session(&gw, "agent", &gw.agent_token, Role::Agent)
         .await
         .unwrap();
-    let (bob, _) = session(&gw, "agent", &bob, Role::Agent).await.unwrap();
+    // Bob's token is known once the token file is reloaded (every 200 ms).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (bob, _) = loop {
+        match session(&gw, "agent", &bob, Role::Agent).await {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() > deadline => panic!("bob's session: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
     let open = |s: &Session| {
         s.open(Dest::new("db.internal", 5432), Meta::default())
             .unwrap()
     };
     let waiting = [open(&alice), open(&alice), open(&bob)];
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        metric(&gw, "sallyport_streams_waiting_for_connector").await,
-        3.0
-    );
+    metric_reaches(&gw, "sallyport_streams_waiting_for_connector", 3.0).await;
     for who in [&bob, &alice] {
         let asked = std::time::Instant::now();
         refused_at_once(&open(who), asked).await;
@@ -547,12 +583,12 @@ async fn a_flood_of_waiting_streams_spread_over_many_tokens_is_bounded_in_all() 
         served.push(got);
     }
     for s in &waiting {
-        s.opened().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.opened())
+            .await
+            .expect("the connector's answer reached the agent")
+            .unwrap();
     }
-    assert_eq!(
-        metric(&gw, "sallyport_streams_waiting_for_connector").await,
-        0.0
-    );
+    metric_reaches(&gw, "sallyport_streams_waiting_for_connector", 0.0).await;
 }
 
 #[tokio::test]

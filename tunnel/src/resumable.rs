@@ -136,11 +136,15 @@ pub struct Stats {
 
 pub fn stats() -> Stats {
     let g = |a: &AtomicI64| a.load(Ordering::Relaxed).max(0) as u64;
+    // The counts first: a resume leaves `SUSPENDED` before it counts in `RESUMED`, so one
+    // reading never shows it in both.
+    let resumed = RESUMED.load(Ordering::Relaxed);
+    let expired = EXPIRED.load(Ordering::Relaxed);
     Stats {
         live: g(&LIVE),
         suspended: g(&SUSPENDED),
-        resumed: RESUMED.load(Ordering::Relaxed),
-        expired: EXPIRED.load(Ordering::Relaxed),
+        resumed,
+        expired,
         retained: g(&RETAINED),
     }
 }

@@ -77,11 +77,11 @@ pub struct Limits {
     /// most [`ROUTE_WAIT_MAX`]; `Duration::ZERO`: never wait.
     pub route_wait_at_start: Duration,
     /// Streams of one agent token that may wait for a connector at once (see
-    /// [`Limits::route_wait_at_start`]); beyond it, refused `no-route` at once.
+    /// [`Limits::route_wait_at_start`]); beyond it, refused `no-route` at once. 0: never wait.
     pub route_waiting_per_token: usize,
     /// Streams of all tokens that may wait for a connector at once: every change of the routes
     /// wakes each of them to look again, so their number bounds that work, whatever the number
-    /// of tokens.
+    /// of tokens. 0: never wait.
     pub route_waiting: usize,
 }
 

@@ -310,7 +310,9 @@ impl Dmz {
             );
             shared.tracker.spawn(watch_revocation_list(shared.clone()));
         }
-        let permits = Arc::new(Semaphore::new(limits.max_connections));
+        let permits = Arc::new(Semaphore::new(
+            limits.max_connections.min(Semaphore::MAX_PERMITS),
+        ));
         info!(
             addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             tls = shared.tls.is_some(),

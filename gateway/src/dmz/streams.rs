@@ -87,8 +87,13 @@ async fn route_at_start<T>(
     let Some(first) = shared.first_session.get().copied() else {
         return Waited::NoRoute;
     };
-    let until = first + shared.config.limits.route_wait_at_start;
-    if tokio::time::Instant::now() >= until {
+    let limits = &shared.config.limits;
+    let until = first + limits.route_wait_at_start;
+    // A cap of 0 waiting streams is "never wait", not a crowd.
+    if tokio::time::Instant::now() >= until
+        || limits.route_waiting_per_token == 0
+        || limits.route_waiting == 0
+    {
         return Waited::NoRoute;
     }
     // Worked out once per version of the token file, outside the router's lock.
