@@ -62,46 +62,47 @@ impl Reopen for AgentReopen {
                 .session(SESSION_WAIT)
                 .await
                 .map_err(ReopenError::Retry)?;
-            let attempt = async {
-                if !session.resume_negotiated() {
-                    return Err(ReopenError::Retry(
-                        "this gateway does not resume streams (an older version)".into(),
-                    ));
+            if !session.resume_negotiated() {
+                return Err(ReopenError::Retry(
+                    "this gateway does not resume streams (an older version)".into(),
+                ));
+            }
+            let mut m = Meta::default();
+            m.set(meta::FRONT, front);
+            m.set(keys::RESUME, ticket);
+            m.set(keys::ATTACH, attach.to_string());
+            m.set(keys::RECV, recv.to_string());
+            let stream = session
+                .open(dest, m)
+                .map_err(|e| ReopenError::Retry(e.to_string()))?;
+            match tokio::time::timeout(ATTEMPT, stream.opened()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(StreamError::Refused { code, reason })) => {
+                    return Err(match code {
+                        ErrorCode::NoRoute | ErrorCode::Limit | ErrorCode::TimedOut => {
+                            ReopenError::Retry(reason)
+                        }
+                        _ => ReopenError::Gone(reason),
+                    })
                 }
-                let mut m = Meta::default();
-                m.set(meta::FRONT, front);
-                m.set(keys::RESUME, ticket);
-                m.set(keys::ATTACH, attach.to_string());
-                m.set(keys::RECV, recv.to_string());
-                let stream = session
-                    .open(dest, m)
-                    .map_err(|e| ReopenError::Retry(e.to_string()))?;
-                match stream.opened().await {
-                    Ok(()) => {}
-                    Err(StreamError::Refused { code, reason }) => {
-                        return Err(match code {
-                            ErrorCode::NoRoute | ErrorCode::Limit | ErrorCode::TimedOut => {
-                                ReopenError::Retry(reason)
-                            }
-                            _ => ReopenError::Gone(reason),
-                        })
-                    }
-                    Err(e) => return Err(ReopenError::Retry(e.to_string())),
+                Ok(Err(e)) => return Err(ReopenError::Retry(e.to_string())),
+                Err(_) => {
+                    // Not `cancelled`: the connector may have taken this attempt after all
+                    // (slow under a reconnect storm), and a cancel of its current attachment
+                    // would end the stream before the next attempt arrives.
+                    let why = format!("no answer within {ATTEMPT:?}");
+                    stream.reset(ErrorCode::Abandoned, &why);
+                    return Err(ReopenError::Retry(why));
                 }
-                let peer_recv = stream
-                    .open_meta()
-                    .get(keys::RECV)
-                    .and_then(tunnel::resume::parse_offset)
-                    .ok_or_else(|| {
-                        ReopenError::Gone("the gateway's answer carries no offset".into())
-                    })?;
-                Ok(Reattached { stream, peer_recv })
-            };
-            tokio::time::timeout(ATTEMPT, attempt)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(ReopenError::Retry(format!("no answer within {ATTEMPT:?}")))
-                })
+            }
+            let peer_recv = stream
+                .open_meta()
+                .get(keys::RECV)
+                .and_then(tunnel::resume::parse_offset)
+                .ok_or_else(|| {
+                    ReopenError::Gone("the gateway's answer carries no offset".into())
+                })?;
+            Ok(Reattached { stream, peer_recv })
         })
     }
 }

@@ -28,12 +28,30 @@ async fn pair() -> ((Session, Incoming), (Session, Incoming)) {
 
 struct TestReopen {
     session: watch::Receiver<Option<Session>>,
+    /// Resets the first attempt with this code once the holder has taken it, and tries again:
+    /// an agent that stopped waiting for an answer the connector then gave.
+    abandon_first: Option<tunnel::ErrorCode>,
+    attempts: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl TestReopen {
+    fn new(session: watch::Receiver<Option<Session>>) -> TestReopen {
+        TestReopen {
+            session,
+            abandon_first: None,
+            attempts: Default::default(),
+        }
+    }
 }
 
 impl Reopen for TestReopen {
     fn reopen(&self, ticket: &str, attach: u32, recv: u64) -> ReopenFuture {
         let mut rx = self.session.clone();
         let ticket = ticket.to_string();
+        let n = self
+            .attempts
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let abandon = self.abandon_first.filter(|_| n == 0);
         Box::pin(async move {
             let session = loop {
                 if let Some(s) = rx.borrow_and_update().clone() {
@@ -56,6 +74,10 @@ impl Reopen for TestReopen {
                 .opened()
                 .await
                 .map_err(|e| ReopenError::Retry(e.to_string()))?;
+            if let Some(code) = abandon {
+                stream.reset(code, "no answer within 3s");
+                return Err(ReopenError::Retry("abandoned".into()));
+            }
             let peer_recv = stream
                 .open_meta()
                 .get(keys::RECV)
@@ -128,11 +150,7 @@ async fn an_echo_survives_two_dropped_sessions_byte_for_byte() {
     let mut m = Meta::default();
     m.set(keys::RESUME, "new");
     let stream = client.open(Dest::new("echo", 7), m).unwrap();
-    let mut end = Resumable::opener(
-        stream,
-        Box::new(TestReopen { session: rx }),
-        settings(grace),
-    );
+    let mut end = Resumable::opener(stream, Box::new(TestReopen::new(rx)), settings(grace));
     let (mut near, app) = tokio::io::duplex(64 * 1024);
     tokio::spawn(async move { tunnel::splice(&mut near, &mut end).await });
     let (mut r, mut w) = tokio::io::split(app);
@@ -173,6 +191,51 @@ async fn an_echo_survives_two_dropped_sessions_byte_for_byte() {
     assert!(tunnel::resumable::stats().resumed >= 2);
 }
 
+/// The agent gives each resume attempt 3 s; one slow under a reconnect storm can still reach
+/// the connector and be taken there after the agent stopped waiting. The agent reset it
+/// `cancelled`, which ended the connector's stream (its current attachment reset by the far
+/// end), so the next attempt found it gone. Reset `abandoned`, the holder waits for the next.
+#[tokio::test]
+async fn an_attempt_the_agent_abandoned_after_the_connector_took_it_leaves_the_stream_waiting() {
+    assert!(echo_survives_an_abandoned_attempt(tunnel::ErrorCode::Abandoned).await);
+    // The control: the same with `cancelled` ends the stream.
+    assert!(!echo_survives_an_abandoned_attempt(tunnel::ErrorCode::Cancel).await);
+}
+
+/// An echo through a resumable stream whose session is dropped; the first resume attempt is
+/// taken by the holder, then reset with `code` by the opener, which tries again. Whether the
+/// echo works after it.
+async fn echo_survives_an_abandoned_attempt(code: tunnel::ErrorCode) -> bool {
+    let grace = Duration::from_secs(6);
+    let holders = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let ((client, _ci), (_server, si)) = pair().await;
+    serve(si, holders.clone(), grace);
+    let (tx, rx) = watch::channel(Some(client.clone()));
+    let mut m = Meta::default();
+    m.set(keys::RESUME, "new");
+    let stream = client.open(Dest::new("echo", 7), m).unwrap();
+    stream.opened().await.unwrap();
+    let mut reopen = TestReopen::new(rx);
+    reopen.abandon_first = Some(code);
+    let mut end = Resumable::opener(stream, Box::new(reopen), settings(grace));
+    end.write_all(b"before").await.unwrap();
+    let mut got = [0u8; 6];
+    end.read_exact(&mut got).await.unwrap();
+    client.close(tunnel::ErrorCode::Shutdown, "test drops the session");
+    let ((c, _ci), (_s, si)) = pair().await;
+    serve(si, holders.clone(), grace);
+    tx.send(Some(c)).unwrap();
+    let echoed = async {
+        end.write_all(b"after!").await?;
+        end.read_exact(&mut got).await?;
+        Ok::<_, std::io::Error>(got == *b"after!")
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), echoed).await,
+        Ok(Ok(true))
+    )
+}
+
 /// A new resumable stream to the echo, opened and answered: the opener knows its ticket
 /// before it writes.
 async fn opened_resumable(
@@ -184,7 +247,7 @@ async fn opened_resumable(
     m.set(keys::RESUME, "new");
     let stream = client.open(Dest::new("echo", 7), m).unwrap();
     stream.opened().await.unwrap();
-    Resumable::opener(stream, Box::new(TestReopen { session }), settings(grace))
+    Resumable::opener(stream, Box::new(TestReopen::new(session)), settings(grace))
 }
 
 /// The connector's side of one new resumable stream, accepted with a ticket.
