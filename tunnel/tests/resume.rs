@@ -140,16 +140,42 @@ fn serve(
     });
 }
 
+/// A session pair whose far side serves echoing holders ([`serve`]), and the first stream
+/// opened on it as resumable.
+struct EchoSite {
+    client: Session,
+    _server: Session,
+    holders: Arc<std::sync::Mutex<Vec<tunnel::resumable::RequestTx>>>,
+    /// The session a resume attempt should use (the test replaces it).
+    sessions: watch::Sender<Option<Session>>,
+    rx: watch::Receiver<Option<Session>>,
+}
+
+impl EchoSite {
+    async fn start(grace: Duration) -> (EchoSite, tunnel::Stream) {
+        let holders = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let ((client, _ci), (server, si)) = pair().await;
+        serve(si, holders.clone(), grace);
+        let (sessions, rx) = watch::channel(Some(client.clone()));
+        let mut m = Meta::default();
+        m.set(keys::RESUME, "new");
+        let stream = client.open(Dest::new("echo", 7), m).unwrap();
+        let site = EchoSite {
+            client,
+            _server: server,
+            holders,
+            sessions,
+            rx,
+        };
+        (site, stream)
+    }
+}
+
 #[tokio::test]
 async fn an_echo_survives_two_dropped_sessions_byte_for_byte() {
     let grace = Duration::from_secs(10);
-    let holders = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let ((client, _ci), (_server, si)) = pair().await;
-    serve(si, holders.clone(), grace);
-    let (tx, rx) = watch::channel(Some(client.clone()));
-    let mut m = Meta::default();
-    m.set(keys::RESUME, "new");
-    let stream = client.open(Dest::new("echo", 7), m).unwrap();
+    let (echo, stream) = EchoSite::start(grace).await;
+    let (client, holders, tx, rx) = (echo.client, echo.holders, echo.sessions, echo.rx);
     let mut end = Resumable::opener(stream, Box::new(TestReopen::new(rx)), settings(grace));
     let (mut near, app) = tokio::io::duplex(64 * 1024);
     tokio::spawn(async move { tunnel::splice(&mut near, &mut end).await });
@@ -207,13 +233,8 @@ async fn an_attempt_the_agent_abandoned_after_the_connector_took_it_leaves_the_s
 /// echo works after it.
 async fn echo_survives_an_abandoned_attempt(code: tunnel::ErrorCode) -> bool {
     let grace = Duration::from_secs(6);
-    let holders = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let ((client, _ci), (_server, si)) = pair().await;
-    serve(si, holders.clone(), grace);
-    let (tx, rx) = watch::channel(Some(client.clone()));
-    let mut m = Meta::default();
-    m.set(keys::RESUME, "new");
-    let stream = client.open(Dest::new("echo", 7), m).unwrap();
+    let (echo, stream) = EchoSite::start(grace).await;
+    let (client, holders, tx, rx) = (echo.client, echo.holders, echo.sessions, echo.rx);
     stream.opened().await.unwrap();
     let mut reopen = TestReopen::new(rx);
     reopen.abandon_first = Some(code);
