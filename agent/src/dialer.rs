@@ -38,6 +38,32 @@ struct AgentReopen {
     pool: Arc<Pool>,
     target: Target,
     front: &'static str,
+    /// Attempts that got no answer within [`ATTEMPT`], kept open: the connector may have taken
+    /// one after all (slow under a reconnect storm), and a reset of its current attachment
+    /// would end the stream there. The next attempt supersedes it (the connector accepts only
+    /// a higher attachment). They are let go once an attempt is answered (the connector then
+    /// holds that one, and refuses a lower one that arrives late), or when the stream ends.
+    unanswered: Arc<std::sync::Mutex<Vec<Stream>>>,
+}
+
+impl AgentReopen {
+    fn new(pool: Arc<Pool>, target: Target, front: &'static str) -> AgentReopen {
+        AgentReopen {
+            pool,
+            target,
+            front,
+            unanswered: Default::default(),
+        }
+    }
+}
+
+/// Keeps `stream`, an attempt that got no answer in time, among `kept`, and lets go of those
+/// that have ended since (refused, superseded, or their session lost).
+fn keep_unanswered(kept: &std::sync::Mutex<Vec<Stream>>, stream: Stream) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+    kept.retain(|s| s.poll_failed(&mut cx).is_pending());
+    kept.push(stream);
 }
 
 /// One resume attempt gets this long once it has a session (a path that died without a word
@@ -54,6 +80,7 @@ impl Reopen for AgentReopen {
         let dest = Dest::new(self.target.host.clone(), self.target.port);
         let front = self.front;
         let ticket = ticket.to_string();
+        let unanswered = self.unanswered.clone();
         Box::pin(async move {
             // Waiting for a session is not the attempt's time: after a lost session the pool
             // spreads its first reconnect over up to `Backoff::SPREAD`, and a resume that gave up
@@ -87,12 +114,9 @@ impl Reopen for AgentReopen {
                 }
                 Ok(Err(e)) => return Err(ReopenError::Retry(e.to_string())),
                 Err(_) => {
-                    // Not `cancelled`: the connector may have taken this attempt after all
-                    // (slow under a reconnect storm), and a cancel of its current attachment
-                    // would end the stream before the next attempt arrives.
-                    let why = format!("no answer within {ATTEMPT:?}");
-                    stream.reset(ErrorCode::Abandoned, &why);
-                    return Err(ReopenError::Retry(why));
+                    // Not reset: see `AgentReopen::unanswered`.
+                    keep_unanswered(&unanswered, stream);
+                    return Err(ReopenError::Retry(format!("no answer within {ATTEMPT:?}")));
                 }
             }
             let peer_recv = stream
@@ -102,6 +126,7 @@ impl Reopen for AgentReopen {
                 .ok_or_else(|| {
                     ReopenError::Gone("the gateway's answer carries no offset".into())
                 })?;
+            unanswered.lock().unwrap_or_else(|e| e.into_inner()).clear();
             Ok(Reattached { stream, peer_recv })
         })
     }
@@ -215,11 +240,7 @@ impl Dialer for TunnelDialer {
                         stream.window_max(),
                         stream.max_frame() as u32,
                     );
-                    let reopen = AgentReopen {
-                        pool: this.pool.clone(),
-                        target: target.clone(),
-                        front: this.front,
-                    };
+                    let reopen = AgentReopen::new(this.pool.clone(), target.clone(), this.front);
                     let end = Resumable::opener(
                         stream,
                         Box::new(reopen),

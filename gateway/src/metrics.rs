@@ -29,9 +29,9 @@ const BUCKETS: [f64; 13] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Number of [`ErrorCode`] values (`to_u8` is 0..=16). Was 15 while `suspended` (15) existed:
+/// Number of [`ErrorCode`] values (`to_u8` is 0..=15). Was 15 after `suspended` (15) came:
 /// its refusals counted as `cancelled`.
-const CODES: usize = 17;
+const CODES: usize = 16;
 
 /// A session's role, the `role` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

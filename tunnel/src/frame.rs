@@ -142,10 +142,6 @@ pub enum ErrorCode {
     /// The path to the other end of a resumable stream broke (its session was lost): the stream
     /// waits to be resumed instead of ending. Only on streams opened as resumable.
     Suspended,
-    /// The agent gave up waiting for the answer to one resume attempt: should the connector
-    /// have taken that attempt as the stream's attachment, the stream waits for the next one
-    /// instead of ending (docs/protocol.md, "Resuming").
-    Abandoned,
 }
 
 impl ErrorCode {
@@ -167,7 +163,6 @@ impl ErrorCode {
             ErrorCode::Version => 13,
             ErrorCode::Shutdown => 14,
             ErrorCode::Suspended => 15,
-            ErrorCode::Abandoned => 16,
         }
     }
 
@@ -189,7 +184,6 @@ impl ErrorCode {
             13 => ErrorCode::Version,
             14 => ErrorCode::Shutdown,
             15 => ErrorCode::Suspended,
-            16 => ErrorCode::Abandoned,
             _ => ErrorCode::Internal,
         }
     }
@@ -213,7 +207,6 @@ impl ErrorCode {
             ErrorCode::Version => "version",
             ErrorCode::Shutdown => "shutdown",
             ErrorCode::Suspended => "suspended",
-            ErrorCode::Abandoned => "abandoned",
         }
     }
 }
@@ -1063,7 +1056,7 @@ mod tests {
     #[test]
     fn unknown_error_codes_read_as_internal() {
         assert_eq!(ErrorCode::from_u8(200), ErrorCode::Internal);
-        for c in 0..=16u8 {
+        for c in 0..=14u8 {
             if c != 11 {
                 assert_eq!(ErrorCode::from_u8(c).to_u8(), c);
             }

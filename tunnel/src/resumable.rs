@@ -400,15 +400,12 @@ impl std::fmt::Debug for Resumable {
 }
 
 /// Whether losing an attachment this way leaves the stream resumable: the path broke (the
-/// session dropped, timed out, was drained, or the DMZ says the far side's did), or the agent
-/// abandoned the attempt that carried it. A reset by the far end, a refusal, or a session ended
-/// for a revoked token or a broken peer is final.
+/// session dropped, timed out, was drained, or the DMZ says the far side's did). A reset by the
+/// far end, a refusal, or a session ended for a revoked token or a broken peer is final.
 pub fn suspends(e: &StreamError) -> bool {
     match e {
-        // `abandoned`: the agent gave up on the attempt that carried this attachment (it may
-        // have been taken here after the agent stopped waiting); its next attempt follows.
         StreamError::Reset {
-            code: ErrorCode::Suspended | ErrorCode::Abandoned,
+            code: ErrorCode::Suspended,
             ..
         } => true,
         StreamError::SessionLost(s) => match s {

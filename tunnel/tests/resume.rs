@@ -28,10 +28,20 @@ async fn pair() -> ((Session, Incoming), (Session, Incoming)) {
 
 struct TestReopen {
     session: watch::Receiver<Option<Session>>,
-    /// Resets the first attempt with this code once the holder has taken it, and tries again:
-    /// an agent that stopped waiting for an answer the connector then gave.
-    abandon_first: Option<tunnel::ErrorCode>,
+    /// Gives up on the first attempt once the holder has taken it, and tries again: an agent
+    /// that stopped waiting for an answer the connector then gave.
+    abandon_first: Option<GiveUp>,
     attempts: Arc<std::sync::atomic::AtomicU32>,
+    kept: Arc<std::sync::Mutex<Vec<tunnel::Stream>>>,
+}
+
+/// What an opener does with an attempt it gives up on.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum GiveUp {
+    /// Keeps it open until a later attempt is answered (the agent's way).
+    Keep,
+    /// Resets it `cancelled`.
+    Reset,
 }
 
 impl TestReopen {
@@ -40,6 +50,7 @@ impl TestReopen {
             session,
             abandon_first: None,
             attempts: Default::default(),
+            kept: Default::default(),
         }
     }
 }
@@ -52,6 +63,7 @@ impl Reopen for TestReopen {
             .attempts
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let abandon = self.abandon_first.filter(|_| n == 0);
+        let kept = self.kept.clone();
         Box::pin(async move {
             let session = loop {
                 if let Some(s) = rx.borrow_and_update().clone() {
@@ -74,10 +86,18 @@ impl Reopen for TestReopen {
                 .opened()
                 .await
                 .map_err(|e| ReopenError::Retry(e.to_string()))?;
-            if let Some(code) = abandon {
-                stream.reset(code, "no answer within 3s");
-                return Err(ReopenError::Retry("abandoned".into()));
+            match abandon {
+                Some(GiveUp::Keep) => {
+                    kept.lock().unwrap().push(stream);
+                    return Err(ReopenError::Retry("given up".into()));
+                }
+                Some(GiveUp::Reset) => {
+                    stream.reset(tunnel::ErrorCode::Cancel, "given up");
+                    return Err(ReopenError::Retry("given up".into()));
+                }
+                None => {}
             }
+            kept.lock().unwrap().clear();
             let peer_recv = stream
                 .open_meta()
                 .get(keys::RECV)
@@ -219,25 +239,26 @@ async fn an_echo_survives_two_dropped_sessions_byte_for_byte() {
 
 /// The agent gives each resume attempt 3 s; one slow under a reconnect storm can still reach
 /// the connector and be taken there after the agent stopped waiting. The agent reset it
-/// `cancelled`, which ended the connector's stream (its current attachment reset by the far
-/// end), so the next attempt found it gone. Reset `abandoned`, the holder waits for the next.
+/// (`cancelled`, as dropping a stream does), which ended the connector's stream (its current
+/// attachment reset by the far end), so the next attempt found it gone. Kept open instead, it
+/// is superseded by the next attempt, and the stream goes on.
 #[tokio::test]
-async fn an_attempt_the_agent_abandoned_after_the_connector_took_it_leaves_the_stream_waiting() {
-    assert!(echo_survives_an_abandoned_attempt(tunnel::ErrorCode::Abandoned).await);
-    // The control: the same with `cancelled` ends the stream.
-    assert!(!echo_survives_an_abandoned_attempt(tunnel::ErrorCode::Cancel).await);
+async fn an_attempt_the_agent_gave_up_on_after_the_connector_took_it_does_not_end_the_stream() {
+    assert!(echo_survives_a_given_up_attempt(GiveUp::Keep).await);
+    // The control: reset, it ends the stream.
+    assert!(!echo_survives_a_given_up_attempt(GiveUp::Reset).await);
 }
 
 /// An echo through a resumable stream whose session is dropped; the first resume attempt is
-/// taken by the holder, then reset with `code` by the opener, which tries again. Whether the
+/// taken by the holder, then given up on by the opener (`how`), which tries again. Whether the
 /// echo works after it.
-async fn echo_survives_an_abandoned_attempt(code: tunnel::ErrorCode) -> bool {
+async fn echo_survives_a_given_up_attempt(how: GiveUp) -> bool {
     let grace = Duration::from_secs(6);
     let (echo, stream) = EchoSite::start(grace).await;
     let (client, holders, tx, rx) = (echo.client, echo.holders, echo.sessions, echo.rx);
     stream.opened().await.unwrap();
     let mut reopen = TestReopen::new(rx);
-    reopen.abandon_first = Some(code);
+    reopen.abandon_first = Some(how);
     let mut end = Resumable::opener(stream, Box::new(reopen), settings(grace));
     end.write_all(b"before").await.unwrap();
     let mut got = [0u8; 6];

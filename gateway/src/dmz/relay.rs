@@ -100,30 +100,22 @@ fn relay_code(e: &StreamError, resumable: bool) -> ErrorCode {
 mod tests {
     use super::*;
 
-    fn reset(code: ErrorCode) -> StreamError {
-        StreamError::Reset {
+    /// A peer's `suspended` would park the far end's streams at will: it is passed on as
+    /// `cancelled`; other codes go on as they are.
+    #[test]
+    fn a_peers_suspended_is_passed_on_as_cancelled() {
+        let reset = |code| StreamError::Reset {
             code,
             reason: "test".into(),
-        }
-    }
-
-    /// A peer's `suspended` could park the far end's streams; an agent's `abandoned` (a resume
-    /// attempt it gave up on) must reach the connector as it is, or the connector would end a
-    /// stream it took that attempt for.
-    #[test]
-    fn a_peers_suspended_becomes_cancelled_and_an_abandoned_attempt_passes_as_it_is() {
+        };
         for resumable in [false, true] {
             assert_eq!(
                 relay_code(&reset(ErrorCode::Suspended), resumable),
                 ErrorCode::Cancel
             );
             assert_eq!(
-                relay_code(&reset(ErrorCode::Abandoned), resumable),
-                ErrorCode::Abandoned
-            );
-            assert_eq!(
-                relay_code(&reset(ErrorCode::Cancel), resumable),
-                ErrorCode::Cancel
+                relay_code(&reset(ErrorCode::Refused), resumable),
+                ErrorCode::Refused
             );
         }
     }
