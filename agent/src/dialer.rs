@@ -60,9 +60,8 @@ impl AgentReopen {
 /// Keeps `stream`, an attempt that got no answer in time, among `kept`, and lets go of those
 /// that have ended since (refused, superseded, or their session lost).
 fn keep_unanswered(kept: &std::sync::Mutex<Vec<Stream>>, stream: Stream) {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
-    kept.retain(|s| s.poll_failed(&mut cx).is_pending());
+    kept.retain(|s| !s.has_failed());
     kept.push(stream);
 }
 

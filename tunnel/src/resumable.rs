@@ -545,6 +545,11 @@ impl Resumable {
 
     /// A resume the connector's accept loop delivered (holder side).
     fn take_request(&mut self, req: ResumeRequest) {
+        // An attempt its agent reset before it got here (the app gave up) is nothing to attach:
+        // taken, it would supersede the current attachment and move the offsets for nobody.
+        if req.stream.has_failed() {
+            return;
+        }
         if matches!(self.link, Link::Failed(_)) {
             req.stream.reject(ErrorCode::SessionLost, "stream is gone");
             return;

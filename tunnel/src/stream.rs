@@ -526,6 +526,13 @@ impl Stream {
         }
     }
 
+    /// Whether the stream has failed already (as [`Stream::poll_failed`] would say), without
+    /// taking the place of the waker a relay may have left there.
+    pub fn has_failed(&self) -> bool {
+        let st = self.shared.lock();
+        st.streams.get(&self.id).is_none_or(|s| s.error.is_some())
+    }
+
     /// A future that resolves when the stream fails, usable while the stream itself is
     /// borrowed by a copy loop.
     pub fn failure(&self) -> Failure {

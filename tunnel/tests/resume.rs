@@ -116,6 +116,25 @@ fn settings(grace: Duration) -> Settings {
     }
 }
 
+/// Accepts `s` as a new resumable stream (ticket `ticket-1`) and echoes through its holder end,
+/// which takes its resumes from `requests`.
+fn echo_holder(s: tunnel::Stream, requests: tunnel::resumable::RequestRx, grace: Duration) {
+    let mut m = Meta::default();
+    m.set(keys::RESUME, "ticket-1");
+    s.accept_with(m);
+    let mut end = Resumable::holder(s, requests, settings(grace));
+    // One task polls a resumable end (as `splice` does): here an echo.
+    let (mut near, far) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let _ = tunnel::splice(&mut end, &mut near).await;
+    });
+    tokio::spawn(async move {
+        let (mut r, mut w) = tokio::io::split(far);
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    });
+}
+
 /// The connector's side: new streams become echoing holders; resumes go to their holder.
 fn serve(
     mut incoming: Incoming,
@@ -128,21 +147,8 @@ fn serve(
             match meta.get(keys::RESUME) {
                 Some("new") => {
                     let (tx, rx) = tunnel::resumable::requests();
-                    let mut m = Meta::default();
-                    m.set(keys::RESUME, "ticket-1");
-                    s.accept_with(m);
                     holders.lock().unwrap().push(tx);
-                    let mut end = Resumable::holder(s, rx, settings(grace));
-                    // One task polls a resumable end (as `splice` does): here an echo.
-                    let (mut near, far) = tokio::io::duplex(64 * 1024);
-                    tokio::spawn(async move {
-                        let _ = tunnel::splice(&mut end, &mut near).await;
-                    });
-                    tokio::spawn(async move {
-                        let (mut r, mut w) = tokio::io::split(far);
-                        let _ = tokio::io::copy(&mut r, &mut w).await;
-                        let _ = w.shutdown().await;
-                    });
+                    echo_holder(s, rx, grace);
                 }
                 Some(_) => {
                     let attach = meta.get(keys::ATTACH).unwrap().parse().unwrap();
@@ -276,6 +282,49 @@ async fn echo_survives_a_given_up_attempt(how: GiveUp) -> bool {
         tokio::time::timeout(Duration::from_secs(5), echoed).await,
         Ok(Ok(true))
     )
+}
+
+/// A resume whose agent reset it before the holder took it (an app that gave up while the
+/// attempt was on its way) was still attached: it superseded the live attachment, which the
+/// holder reset, and the stream ended for an attempt nobody wanted.
+#[tokio::test]
+async fn a_resume_reset_before_the_holder_takes_it_leaves_the_live_attachment_alone() {
+    let grace = Duration::from_secs(10);
+    let ((client, _ci), (_server, mut si)) = pair().await;
+    let (_tx, rx) = watch::channel(Some(client.clone()));
+    let (req_tx, req_rx) = tunnel::resumable::requests();
+    let (taken_tx, taken) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        echo_holder(si.accept().await.unwrap(), req_rx, grace);
+        // The stale attempt, on the same session, handed over once its reset is in.
+        let stale = si.accept().await.unwrap();
+        while !stale.has_failed() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = req_tx.try_send(ResumeRequest {
+            stream: stale,
+            attach: 1,
+            peer_recv: 0,
+        });
+        let _ = taken_tx.send(());
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    });
+    let mut end = opened_resumable(&client, rx, grace).await;
+    let mut m = Meta::default();
+    m.set(keys::RESUME, "ticket-1");
+    m.set(keys::ATTACH, "1");
+    m.set(keys::RECV, "0");
+    let stale = client.open(Dest::new("echo", 7), m).unwrap();
+    stale.reset(tunnel::ErrorCode::Cancel, "the app gave up");
+    taken.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    end.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), end.read_exact(&mut got))
+        .await
+        .expect("the echo stalled")
+        .expect("the live attachment was superseded by the stale attempt");
+    assert_eq!(&got, b"ping");
 }
 
 /// A new resumable stream to the echo, opened and answered: the opener knows its ticket

@@ -9,7 +9,7 @@ use crate::policy::{self};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
-use tracing::info;
+use tracing::{debug, info};
 use tunnel::resumable::{is_hex32, keys, Ticket};
 use tunnel::{meta, ErrorCode, Meta, Stream};
 
@@ -388,6 +388,12 @@ pub(crate) async fn route_stream(
     m.set(meta::GROUPS, id.groups.join(","));
     m.set(meta::CLIENT_ADDR, client_ip.to_string());
     m.set(meta::DMZ_INSTANCE, shared.config.instance_id.clone());
+    // An agent that reset its stream while it was being routed (an app that gave up, under a
+    // reconnect storm) gets nothing opened for it at the connector.
+    if stream.has_failed() {
+        debug!(token = %id.token_id, dest = %dest_text, "stream reset by the agent before it was forwarded");
+        return;
+    }
     let upstream = match chosen.session.open(dest.clone(), m) {
         Ok(s) => s,
         Err(e @ tunnel::StreamError::OpenTooLarge { .. }) => {
@@ -435,11 +441,14 @@ pub(crate) async fn route_stream(
                 Ok(pump(&upstream, &stream, resumable).await)
             }
             Err(e) => {
-                let reason = Clean(&e.to_string()).to_string();
-                shared
-                    .ops
-                    .metrics
-                    .refused(e.code(), &id.token_id, &dest_text, &reason);
+                // The agent's own reset, passed on by the pump, is not a refusal.
+                if !stream.has_failed() {
+                    let reason = Clean(&e.to_string()).to_string();
+                    shared
+                        .ops
+                        .metrics
+                        .refused(e.code(), &id.token_id, &dest_text, &reason);
+                }
                 stream.refuse(e.code(), &e.to_string());
                 Err(e)
             }
