@@ -57,12 +57,22 @@ impl AgentReopen {
     }
 }
 
+/// Unanswered attempts kept per stream ([`AgentReopen::unanswered`]). Each holds a stream at
+/// the DMZ (its per-token and global stream limits) until it is answered or its path fails; a
+/// storm of resumes must not multiply that by the attempts of a whole grace (about 15). Past
+/// it the oldest is reset: it could still be the connector's attachment only if the connector
+/// took it and none of the newer ones it was sent before, seconds apart.
+const MAX_UNANSWERED: usize = 2;
+
 /// Keeps `stream`, an attempt that got no answer in time, among `kept`, and lets go of those
-/// that have ended since (refused, superseded, or their session lost).
+/// that have ended since (refused, superseded, or their session lost), and of the oldest past
+/// [`MAX_UNANSWERED`].
 fn keep_unanswered(kept: &std::sync::Mutex<Vec<Stream>>, stream: Stream) {
     let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
     kept.retain(|s| !s.has_failed());
     kept.push(stream);
+    let over = kept.len().saturating_sub(MAX_UNANSWERED);
+    kept.drain(..over);
 }
 
 /// One resume attempt gets this long once it has a session (a path that died without a word
@@ -403,6 +413,43 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for EarlyStream<S> {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    /// A storm of slow resumes: each attempt given up on holds a stream at the DMZ until it is
+    /// answered; a stream's attempts over a whole grace (about 15) must not all be kept.
+    #[tokio::test]
+    async fn attempts_given_up_on_are_kept_two_at_most_the_newest() {
+        let (a, b) = tunnel::memory_pair(64);
+        let (agent, connector) = tokio::join!(
+            tunnel::Session::start(a, tunnel::Config::new(tunnel::Role::Agent, true)),
+            tunnel::Session::start(b, {
+                let mut c = tunnel::Config::new(tunnel::Role::Connector, false);
+                c.accept_streams = true;
+                c
+            })
+        );
+        let (agent, _) = agent.unwrap();
+        let (_connector, mut incoming) = connector.unwrap();
+        let kept = std::sync::Mutex::new(Vec::new());
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let s = agent
+                .open(Dest::new("db.internal", 5432), Meta::default())
+                .unwrap();
+            ids.push(s.id());
+            keep_unanswered(&kept, s);
+        }
+        let kept: Vec<u32> = kept.lock().unwrap().iter().map(|s| s.id()).collect();
+        assert_eq!(kept, ids[3..]);
+        // The three let go were reset (the far end sees them fail); the two kept were not.
+        let mut failed = 0;
+        for _ in 0..5 {
+            let s = incoming.accept().await.unwrap();
+            tokio::task::yield_now().await;
+            let t = tokio::time::timeout(std::time::Duration::from_millis(200), s.failure()).await;
+            failed += usize::from(t.is_ok());
+        }
+        assert_eq!(failed, 3);
+    }
 
     /// A stream whose reads and writes hold `data`/succeed, and whose flush and shutdown fail
     /// with `error` (as a resumable stream waiting for credit reports a refusal).

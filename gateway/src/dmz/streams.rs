@@ -9,7 +9,7 @@ use crate::policy::{self};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
-use tracing::{debug, info};
+use tracing::info;
 use tunnel::resumable::{is_hex32, keys, Ticket};
 use tunnel::{meta, ErrorCode, Meta, Stream};
 
@@ -391,7 +391,7 @@ pub(crate) async fn route_stream(
     // An agent that reset its stream while it was being routed (an app that gave up, under a
     // reconnect storm) gets nothing opened for it at the connector.
     if stream.has_failed() {
-        debug!(token = %id.token_id, dest = %dest_text, "stream reset by the agent before it was forwarded");
+        info!(target: "audit", event = "abandoned", token = %id.token_id, name = %id.name, client = %client_ip, %agent, dest = %dest_text, "stream given up by the agent before it was forwarded");
         return;
     }
     let upstream = match chosen.session.open(dest.clone(), m) {
@@ -441,15 +441,23 @@ pub(crate) async fn route_stream(
                 Ok(pump(&upstream, &stream, resumable).await)
             }
             Err(e) => {
-                // The agent's own reset, passed on by the pump, is not a refusal.
-                if !stream.has_failed() {
+                // A resume whose connector session was lost on the way is asked again (the
+                // connector still holds the stream, and comes back): `session-lost` would
+                // read as "stream is gone" and end it at the agent.
+                let code = match (&resume, &e) {
+                    (Resume::Of { .. }, tunnel::StreamError::SessionLost(_)) => ErrorCode::NoRoute,
+                    _ => e.code(),
+                };
+                // The agent's own reset, passed on by the pump (a local reset of this side),
+                // is not a refusal.
+                if !matches!(e, tunnel::StreamError::LocalReset { .. }) {
                     let reason = Clean(&e.to_string()).to_string();
                     shared
                         .ops
                         .metrics
-                        .refused(e.code(), &id.token_id, &dest_text, &reason);
+                        .refused(code, &id.token_id, &dest_text, &reason);
                 }
-                stream.refuse(e.code(), &e.to_string());
+                stream.refuse(code, &e.to_string());
                 Err(e)
             }
         }
