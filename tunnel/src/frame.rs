@@ -1056,7 +1056,7 @@ mod tests {
     #[test]
     fn unknown_error_codes_read_as_internal() {
         assert_eq!(ErrorCode::from_u8(200), ErrorCode::Internal);
-        for c in 0..=14u8 {
+        for c in 0..=15u8 {
             if c != 11 {
                 assert_eq!(ErrorCode::from_u8(c).to_u8(), c);
             }
