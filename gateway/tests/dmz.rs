@@ -114,6 +114,17 @@ async fn session(
     token: &str,
     role: Role,
 ) -> Result<(Session, Incoming), String> {
+    session_with(gw, path, token, role, |_| {}).await
+}
+
+/// [`session`] with its tunnel configuration changed by `tweak` (e.g. resume negotiated).
+async fn session_with(
+    gw: &Gw,
+    path: &str,
+    token: &str,
+    role: Role,
+    tweak: impl FnOnce(&mut tunnel::Config),
+) -> Result<(Session, Incoming), String> {
     let tcp = TcpStream::connect(gw.addr)
         .await
         .map_err(|e| e.to_string())?;
@@ -123,6 +134,7 @@ async fn session(
         .map_err(|e| e.to_string())?;
     let mut cfg = tunnel::Config::new(role, true);
     cfg.accept_streams = role == Role::Connector;
+    tweak(&mut cfg);
     Session::start(t, cfg).await.map_err(|e| e.to_string())
 }
 
@@ -589,6 +601,56 @@ async fn a_flood_of_waiting_streams_spread_over_many_tokens_is_bounded_in_all() 
             .unwrap();
     }
     metric_reaches(&gw, "sallyport_streams_waiting_for_connector", 0.0).await;
+}
+
+/// A resume whose connector session broke while it was on its way was answered
+/// `session-lost`, which the agent reads as "stream is gone": the stream ended although the
+/// connector still held it and was coming back. Now `no-route`, which the agent asks again.
+#[tokio::test]
+async fn a_resume_whose_connector_session_breaks_on_the_way_is_asked_again_not_ended() {
+    use tunnel::resumable::keys;
+    let gw = gateway(&["db.internal:5432"], |c| c.session.resume = true).await;
+    let (conn, mut incoming) = session_with(
+        &gw,
+        "connector",
+        &gw.connector_token,
+        Role::Connector,
+        |c| {
+            c.resume = true;
+            c.resume_id = "0123456789abcdef0123456789abcdef".into();
+        },
+    )
+    .await
+    .unwrap();
+    conn.advertise_routes(vec!["db.internal:5432".into()]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (agent, _) = session_with(&gw, "agent", &gw.agent_token, Role::Agent, |c| {
+        c.resume = true
+    })
+    .await
+    .unwrap();
+    let mut m = Meta::default();
+    m.set(keys::RESUME, "new");
+    let first = agent.open(Dest::new("db.internal", 5432), m).unwrap();
+    let held = incoming.accept().await.unwrap();
+    let mut answer = Meta::default();
+    answer.set(keys::KEY, "fedcba9876543210fedcba9876543210");
+    held.accept_with(answer);
+    first.opened().await.unwrap();
+    let ticket = first.open_meta().get(keys::RESUME).unwrap().to_string();
+    // The resume reaches the connector, whose session then breaks before it answers.
+    let mut m = Meta::default();
+    m.set(keys::RESUME, ticket);
+    m.set(keys::ATTACH, "1");
+    m.set(keys::RECV, "0");
+    let resume = agent.open(Dest::new("db.internal", 5432), m).unwrap();
+    let _arrived = incoming.accept().await.unwrap();
+    conn.close(ErrorCode::SessionLost, "the connector's network changed");
+    let err = tokio::time::timeout(Duration::from_secs(5), resume.opened())
+        .await
+        .expect("the resume was answered")
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NoRoute, "{err}");
 }
 
 #[tokio::test]

@@ -77,7 +77,7 @@ fn dest_failed(src: &Stream, e: StreamError, resumable: bool) -> PumpEnd {
 /// or "cancelled by the app" reaches the far end as such. On a resumable path, a side whose
 /// session was lost makes the other suspend; `suspended` itself is the DMZ's word only: a
 /// peer that sends it is passed on as `cancelled` (it cannot park streams at the far end).
-fn relay_code(e: &StreamError, resumable: bool) -> ErrorCode {
+pub(crate) fn relay_code(e: &StreamError, resumable: bool) -> ErrorCode {
     match e {
         StreamError::Reset {
             code: ErrorCode::Suspended,

@@ -1,7 +1,7 @@
 //! One agent stream: checks (token routes, metadata, limits), routing to a connector,
 //! identity stamping, the relay, and the audit lines.
 
-use super::relay::{pump, PumpEnd};
+use super::relay::{pump, relay_code, PumpEnd};
 use super::Shared;
 use crate::auth::Identity;
 use crate::logsafe::Clean;
@@ -441,11 +441,14 @@ pub(crate) async fn route_stream(
                 Ok(pump(&upstream, &stream, resumable).await)
             }
             Err(e) => {
-                // A resume whose connector session was lost on the way is asked again (the
-                // connector still holds the stream, and comes back): `session-lost` would
+                // A resume whose connector session broke on the way (a loss that suspends the
+                // connector's streams, not its `GOAWAY(shutdown)`) is asked again: the
+                // connector still holds the stream and comes back, and `session-lost` would
                 // read as "stream is gone" and end it at the agent.
-                let code = match (&resume, &e) {
-                    (Resume::Of { .. }, tunnel::StreamError::SessionLost(_)) => ErrorCode::NoRoute,
+                let code = match &resume {
+                    Resume::Of { .. } if relay_code(&e, true) == ErrorCode::Suspended => {
+                        ErrorCode::NoRoute
+                    }
                     _ => e.code(),
                 };
                 // The agent's own reset, passed on by the pump (a local reset of this side),
