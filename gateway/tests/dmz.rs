@@ -186,6 +186,12 @@ async fn served(incoming: &mut Incoming, s: &tunnel::Stream, what: &str) {
     s.opened().await.unwrap();
 }
 
+/// `s` has no answer yet (it waits at the DMZ); `what` says what went wrong if it has one.
+async fn still_waiting(s: &tunnel::Stream, what: &str) {
+    let answer = tokio::time::timeout(Duration::from_millis(1), s.opened()).await;
+    assert!(answer.is_err(), "{what}: {answer:?}");
+}
+
 /// `s` is refused `no-route` within a second of `asked`: not held for a connector.
 async fn refused_at_once(s: &tunnel::Stream, asked: std::time::Instant) {
     assert_eq!(s.opened().await.unwrap_err().code(), ErrorCode::NoRoute);
@@ -428,11 +434,7 @@ async fn a_restarted_instance_of_a_cluster_without_listed_tokens_waits_for_conne
     let gw = gateway(&["a.internal:*"], |c| c.v2.require_listed = false).await;
     let (_agent, s) = open_as_agent(&gw, "b.internal", 22).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let answer = tokio::time::timeout(Duration::from_millis(1), s.opened()).await;
-    assert!(
-        answer.is_err(),
-        "answered before a connector could come: {answer:?}"
-    );
+    still_waiting(&s, "answered before a connector could come").await;
     // Site B's connector arrives, with a credential the instance knew nothing of before.
     let site_b = site_b(&gw).await;
     let (_b, mut incoming) = connector_as(&gw, &site_b, &["b.internal:22"]).await;
@@ -525,11 +527,7 @@ async fn a_flood_of_streams_waiting_for_a_connector_is_bounded_per_token() {
         .unwrap();
     refused_at_once(&over, asked).await;
     for s in &waiting {
-        let answer = tokio::time::timeout(Duration::from_millis(1), s.opened()).await;
-        assert!(
-            answer.is_err(),
-            "a stream within the share was answered: {answer:?}"
-        );
+        still_waiting(s, "a stream within the share was answered").await;
     }
 }
 
@@ -581,8 +579,7 @@ async fn a_flood_of_waiting_streams_spread_over_many_tokens_is_bounded_in_all() 
         refused_at_once(&open(who), asked).await;
     }
     for s in &waiting {
-        let answer = tokio::time::timeout(Duration::from_millis(1), s.opened()).await;
-        assert!(answer.is_err(), "a waiting stream was answered: {answer:?}");
+        still_waiting(s, "a waiting stream was answered").await;
     }
     let (_c, mut incoming) = connector(&gw, &["db.internal:5432"]).await;
     let mut served = Vec::new();
